@@ -1,0 +1,43 @@
+"""hf_ext: drop-in components from recent systems papers for the Hugging Face stack.
+
+Importing ``hf_ext`` is cheap: it registers names (attention implementations, Auto classes,
+schedulers) with the libraries that are already imported or cheap to import, and loads every
+component lazily on first attribute access.
+
+Example:
+    >>> import hf_ext
+    >>> sorted(c.name for c in hf_ext.registry.COMPONENTS)[:2]
+    ['adaspa', 'autoparallel']
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public lazy attributes: name -> "module:attribute".  Components add their one-line entry here.
+_LAZY: dict[str, str] = {
+    "registry": "hf_ext.registry:",
+}
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'hf_ext' has no attribute {name!r}")
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    value = getattr(module, attr) if attr else module
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+from hf_ext import _register  # noqa: E402
+
+_register.register_all()

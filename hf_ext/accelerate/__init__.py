@@ -1,0 +1,1 @@
+"""Accelerate-facing distributed components: FSEP and automatic parallelism."""

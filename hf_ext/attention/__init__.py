@@ -1,0 +1,1 @@
+"""Attention implementations: SALE (transformers) and AdaSpa (diffusers)."""

@@ -1,0 +1,4 @@
+"""AdaSpa sparse attention processors for diffusers video transformers. Not built yet.
+
+This package is a home for the component; it exports nothing until the component is built.
+"""

@@ -1,0 +1,4 @@
+"""PBKV workflow-aware agent KV caching. Not built yet.
+
+This package is a home for the component; it exports nothing until the component is built.
+"""

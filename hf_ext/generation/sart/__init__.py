@@ -1,0 +1,4 @@
+"""SART branch-level scheduling for reasoning. Not built yet.
+
+This package is a home for the component; it exports nothing until the component is built.
+"""

@@ -1,0 +1,57 @@
+"""Core types of the simulator that policies (TIE, SART, PBKV, rollout shaping) code against.
+
+The engine knows no policy: a scheduler is any object with the :class:`Scheduler` protocol.
+
+Example:
+    >>> r = Request(id=0, arrival=0.0, prompt_len=12, output_len=40)
+    >>> r.meta["pred_len"] = 35.0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass
+class Request:
+    """One generation request.
+
+    Attributes:
+        id: unique id within a workload.
+        arrival: arrival time in seconds.
+        prompt_len: prompt tokens.
+        output_len: true output tokens the request will generate (hidden from non-oracle policies).
+        prompt: optional prompt text (length predictors read it).
+        max_new_tokens: generation cap (``output_len`` never exceeds it).
+        meta: free-form per-request data for policies (e.g. ``pred_len``, ``pred_mu``, ``pred_sigma``,
+            ``prefix_id``, ``workflow_id``, ``group_id``).
+    """
+
+    id: int
+    arrival: float
+    prompt_len: int
+    output_len: int
+    prompt: str | None = None
+    max_new_tokens: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Scheduler(Protocol):
+    """Admission-order policy for waiting requests (no preemption implied).
+
+    The engine calls :meth:`add` when a request arrives (or is preempted back to waiting),
+    and :meth:`pop_next` whenever it can admit one more request; ``None`` means "admit nothing now".
+    :meth:`peek_next` lets the engine check memory before committing.
+    """
+
+    name: str
+
+    def add(self, req: Request, now: float) -> None: ...
+
+    def peek_next(self, now: float) -> Request | None: ...
+
+    def pop_next(self, now: float) -> Request | None: ...
+
+    def __len__(self) -> int: ...

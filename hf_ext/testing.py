@@ -1,0 +1,261 @@
+"""Test and demo fixtures: tiny random models, a locally built tokenizer, a 2-process gloo runner.
+
+Nothing here downloads anything: models are built from configs with random weights, the
+tokenizer is trained on an embedded corpus.
+
+Example:
+    >>> tok = tiny_tokenizer()
+    >>> model = tiny_llama()
+    >>> ids = tok("hello world", return_tensors="pt").input_ids
+    >>> model(ids).logits.shape[-1] == model.config.vocab_size
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+VOCAB_SIZE = 512
+
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+Attention is all you need. Sparse attention skips blocks whose scores are small.
+Write a short poem about the sea. Explain the proof step by step. Summarize the following article.
+Translate this sentence into French. List three reasons why the sky is blue. What is 12 times 7?
+Solve for x: 3x + 5 = 20. Give a one-word answer. Write a detailed essay about the history of Rome.
+def add(a, b): return a + b. for i in range(10): print(i). import torch; x = torch.zeros(3)
+Video frames and audio segments are encoded into latent tokens. The model reasons in latent space.
+Experts in a mixture of experts layer receive tokens from a router. Pipelines, tensors and data parallel.
+""".strip()
+
+
+@functools.lru_cache(maxsize=4)
+def tiny_tokenizer(vocab_size: int = VOCAB_SIZE, extra_special_tokens: tuple[str, ...] = ()) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on an embedded corpus.
+
+    Has ``<s>`` (bos), ``</s>`` (eos), ``<pad>`` (pad), ``<unk>``; left padding is not set by default.
+    Every byte is covered, so any text tokenizes. Cached: do not mutate the returned object in tests
+    (``copy.deepcopy`` it first).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>", *extra_special_tokens]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    return fast
+
+
+def _seeded(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def tiny_llama_config(**overrides: Any) -> Any:
+    """``LlamaConfig`` with 2 layers, hidden 64, 4 query heads and 2 KV heads (GQA)."""
+    from transformers import LlamaConfig
+
+    kw: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
+    """A random tiny ``LlamaForCausalLM`` (fp32, eval mode)."""
+    from transformers import LlamaForCausalLM
+
+    _seeded(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def tiny_qwen2(seed: int = 0, **overrides: Any) -> Any:
+    """A random tiny ``Qwen2ForCausalLM`` (GQA 4/2, qkv bias)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _seeded(seed)
+    kw: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    kw.update(overrides)
+    return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+
+
+def tiny_qwen3(seed: int = 0, **overrides: Any) -> Any:
+    """A random tiny ``Qwen3ForCausalLM`` (GQA 4/2, head_dim 16, q/k norm)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    _seeded(seed)
+    kw: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    kw.update(overrides)
+    return Qwen3ForCausalLM(Qwen3Config(**kw)).eval()
+
+
+def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:
+    """A random tiny MoE causal LM: ``kind`` in ``{"qwen2_moe", "mixtral", "olmoe", "qwen3_moe"}``.
+
+    4 experts, top-2 routing, 2 layers, hidden 64.
+    """
+    import transformers as tf
+
+    _seeded(seed)
+    common: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if kind == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(
+            **common, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+        )
+        cls = tf.Qwen2MoeForCausalLM
+    elif kind == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(
+            **common, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+            decoder_sparse_step=1, head_dim=16,
+        )
+        cls = tf.Qwen3MoeForCausalLM
+    elif kind == "mixtral":
+        cfg = tf.MixtralConfig(**common, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+        cls = tf.MixtralForCausalLM
+    elif kind == "olmoe":
+        cfg = tf.OlmoeConfig(**common, intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        cls = tf.OlmoeForCausalLM
+    else:
+        raise ValueError(f"kind={kind!r} is not supported; choose one of qwen2_moe, qwen3_moe, mixtral, olmoe")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cls(cfg).eval()
+
+
+def tiny_wan_transformer(seed: int = 0) -> Any:
+    """A random tiny diffusers ``WanTransformer3DModel`` (2 heads x 16, 1 layer)."""
+    from diffusers import WanTransformer3DModel
+
+    _seeded(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def tiny_wan_pipeline(seed: int = 0) -> Any:
+    """A full tiny ``WanPipeline``: tiny UMT5 text encoder, local tokenizer, tiny ``AutoencoderKLWan``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    _seeded(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=VOCAB_SIZE, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    ).eval()
+    tok = tiny_tokenizer()
+    return WanPipeline(
+        tokenizer=tok, text_encoder=text_encoder, transformer=tiny_wan_transformer(seed), vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+# --------------------------------------------------------------------------------------- triton
+@contextlib.contextmanager
+def triton_interpret() -> Iterator[None]:
+    """Set ``TRITON_INTERPRET=1`` while the block runs (for Triton kernels on CPU).
+
+    Triton reads the variable when a kernel is first launched/compiled; kernels defined with
+    ``@triton.jit`` before entering still pick it up at launch in current releases.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+# -------------------------------------------------------------------------------------- gloo x 2
+def free_port() -> int:
+    """A free TCP port on localhost."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, outdir: str) -> None:
+    import pickle
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 300.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes on CPU.
+
+    ``fn`` must be importable (module level) and its return value picklable. Returns the per-rank
+    results in rank order; raises ``RuntimeError`` if any rank failed.
+    """
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_dist_entry, args=(r, world_size, port, fn, args, outdir)) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        if bad:
+            raise RuntimeError(f"distributed ranks failed (rank, exitcode): {bad}")
+        out = []
+        for r in range(world_size):
+            with open(os.path.join(outdir, f"rank{r}.pkl"), "rb") as f:
+                out.append(pickle.load(f))
+        return out

@@ -1,0 +1,1 @@
+"""Helpers shared by two or more components (no component imports another)."""

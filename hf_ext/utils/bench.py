@@ -1,0 +1,258 @@
+"""Benchmark harness shared by all components.
+
+Times callables with ``triton.testing.do_bench`` on CUDA (median, ms) and with a wall-clock
+loop on CPU; appends rows with the foundation schema to ``benchmarks/results/<component>.csv``
+and draws one PNG plot per component beside it.
+
+Schema (one row per measured comparison)::
+
+    component,case,device,metric,ours,baseline,baseline_value,ratio,
+    quality_name,quality_value,versions,date,commit,command
+
+``ratio`` > 1 means ours is better: for a time ``baseline_value / ours``; for a throughput
+``ours / baseline_value`` (pass ``higher_is_better=True``).
+
+Example:
+    >>> t = time_fn(lambda: sum(range(1000)), warmup=1, rep=3)
+    >>> t > 0
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+COLUMNS = [
+    "component",
+    "case",
+    "device",
+    "metric",
+    "ours",
+    "baseline",
+    "baseline_value",
+    "ratio",
+    "quality_name",
+    "quality_value",
+    "versions",
+    "date",
+    "commit",
+    "command",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def results_dir() -> Path:
+    """``benchmarks/results`` of the checkout (or ``$HF_EXT_RESULTS_DIR``)."""
+    env = os.environ.get("HF_EXT_RESULTS_DIR")
+    d = Path(env) if env else REPO_ROOT / "benchmarks" / "results"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def device_name() -> str:
+    """GPU name when CUDA is available, else ``cpu-<machine>``."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # pragma: no cover
+        pass
+    return f"cpu-{platform.machine()}"
+
+
+def versions() -> str:
+    """``name=version`` pairs of the libraries that matter, ``;``-separated."""
+    from importlib import metadata
+
+    out = [f"python={platform.python_version()}"]
+    for pkg in ("torch", "triton", "transformers", "diffusers", "trl", "accelerate", "peft", "datasets"):
+        try:
+            out.append(f"{pkg}={metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import torch
+
+        if torch.version.cuda:
+            out.append(f"cuda={torch.version.cuda}")
+    except Exception:  # pragma: no cover
+        pass
+    return ";".join(out)
+
+
+def git_commit() -> str:
+    """Short commit of the checkout, ``+dirty`` when there are changes, or ``$HF_EXT_COMMIT``."""
+    if os.environ.get("HF_EXT_COMMIT"):
+        return os.environ["HF_EXT_COMMIT"]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 3, rep: int = 10, device: str | None = None) -> float:
+    """Median time of ``fn()`` in milliseconds.
+
+    On CUDA uses ``triton.testing.do_bench`` (``warmup``/``rep`` are then milliseconds of
+    warm-up and measurement, at least 25/100); elsewhere a wall-clock loop of ``warmup`` +
+    ``rep`` calls.
+    """
+    if device is None:
+        device = "cuda" if _cuda() else "cpu"
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=max(25, warmup), rep=max(100, rep), return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, rep)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(statistics.median(times))
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+@dataclass
+class Row:
+    """One result row (see the module docstring for the schema)."""
+
+    component: str
+    case: str
+    metric: str
+    ours: float
+    baseline: str
+    baseline_value: float
+    ratio: float | None = None
+    quality_name: str = ""
+    quality_value: float | str = ""
+    device: str = field(default_factory=device_name)
+    versions: str = field(default_factory=versions)
+    date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    commit: str = field(default_factory=git_commit)
+    command: str = field(default_factory=lambda: " ".join(sys.argv))
+
+    @classmethod
+    def make(
+        cls, component: str, case: str, metric: str, ours: float, baseline: str, baseline_value: float,
+        *, higher_is_better: bool = False, **kw: object,
+    ) -> Row:
+        """Build a row, computing ``ratio`` so that > 1 means ours is better."""
+        if higher_is_better:
+            ratio = ours / baseline_value if baseline_value else float("nan")
+        else:
+            ratio = baseline_value / ours if ours else float("nan")
+        return cls(component, case, metric, ours, baseline, baseline_value, ratio, **kw)  # type: ignore[arg-type]
+
+
+def append_rows(component: str, rows: Sequence[Row], path: Path | None = None) -> Path:
+    """Append rows to ``benchmarks/results/<component>.csv`` (header written once)."""
+    path = path or results_dir() / f"{component}.csv"
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            d = asdict(r)
+            w.writerow({k: d.get(k, "") for k in COLUMNS})
+    return path
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a results CSV as dicts."""
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_results(component: str, path: Path | None = None, out: Path | None = None) -> Path:
+    """Draw ``<component>.png`` beside the CSV: ratio per case, one bar group per baseline/metric.
+
+    Only the latest row of each (case, metric, baseline, device) is drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = path or results_dir() / f"{component}.csv"
+    out = out or path.with_suffix(".png")
+    latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
+    for r in read_rows(path):
+        latest[(r["case"], r["metric"], r["baseline"], r["device"])] = r
+    series: dict[str, dict[str, float]] = {}
+    cases: list[str] = []
+    for (case, metric, baseline, device), r in latest.items():
+        try:
+            ratio = float(r["ratio"])
+        except (TypeError, ValueError):
+            continue
+        key = f"{metric} vs {baseline} ({device})"
+        series.setdefault(key, {})[case] = ratio
+        if case not in cases:
+            cases.append(case)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cases) * max(1, len(series))), 4.5))
+    width = 0.8 / max(1, len(series))
+    for i, (key, vals) in enumerate(series.items()):
+        xs = [j + i * width for j, c in enumerate(cases) if c in vals]
+        ys = [vals[c] for c in cases if c in vals]
+        ax.bar(xs, ys, width=width, label=key)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("ratio (>1: hf_ext better)")
+    ax.set_title(f"hf_ext {component}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def print_rows(rows: Sequence[Row], title: str = "") -> None:
+    """Print rows as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title or None)
+    for c in ("case", "metric", "ours", "baseline", "baseline_value", "ratio", "quality_name", "quality_value"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(
+            r.case, r.metric, _fmt(r.ours), r.baseline, _fmt(r.baseline_value), _fmt(r.ratio),
+            r.quality_name, _fmt(r.quality_value),
+        )
+    Console().print(t)
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

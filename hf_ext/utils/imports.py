@@ -1,0 +1,40 @@
+"""Lazy optional-dependency imports with errors that name the extra to install."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+# module name -> pip extra that provides it
+_EXTRAS = {"diffusers": "diffusers", "trl": "trl", "triton": "gpu"}
+
+
+def is_available(module: str) -> bool:
+    """True when ``module`` can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
+def require(module: str, feature: str = "") -> ModuleType:
+    """Import an optional dependency or raise an ``ImportError`` naming the extra.
+
+    Example:
+        >>> require("json").dumps([1])
+        '[1]'
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = _EXTRAS.get(module, "all")
+        what = f" for {feature}" if feature else ""
+        raise ImportError(
+            f"{module!r} is needed{what} but is not installed; install it with "
+            f"`pip install 'hf-ext[{extra}]'` (or `pip install {module}`)."
+        ) from exc
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA device."""
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,1 @@
+"""MoE kernels (token permutation / grouped expert GEMM) used by FSEP."""

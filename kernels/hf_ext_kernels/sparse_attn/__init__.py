@@ -1,0 +1,1 @@
+"""Block-sparse attention kernels (SALE estimate + block-sparse FlashAttention forward)."""
