@@ -43,7 +43,17 @@ def doctor_report() -> dict[str, Any]:
     from hf_ext.utils.imports import is_available
 
     vers: dict[str, str] = {}
-    for pkg in ("hf-ext", "torch", "triton", "transformers", "diffusers", "trl", "accelerate", "peft", "datasets"):
+    for pkg in (
+        "hf-ext",
+        "torch",
+        "triton",
+        "transformers",
+        "diffusers",
+        "trl",
+        "accelerate",
+        "peft",
+        "datasets",
+    ):
         try:
             vers[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -165,7 +175,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-ext", description="hf_ext: systems-paper components for the HF stack")
+    p = argparse.ArgumentParser(
+        prog="hf-ext", description="hf_ext: systems-paper components for the HF stack"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("doctor", help="versions, devices, and which components can run here")
     d.set_defaults(func=cmd_doctor)

@@ -74,9 +74,17 @@ def tiny_llama_config(**overrides: Any) -> Any:
     from transformers import LlamaConfig
 
     kw: dict[str, Any] = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
     )
     kw.update(overrides)
     return LlamaConfig(**kw)
@@ -96,9 +104,16 @@ def tiny_qwen2(seed: int = 0, **overrides: Any) -> Any:
 
     _seeded(seed)
     kw: dict[str, Any] = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     kw.update(overrides)
     return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
@@ -110,9 +125,17 @@ def tiny_qwen3(seed: int = 0, **overrides: Any) -> Any:
 
     _seeded(seed)
     kw: dict[str, Any] = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     kw.update(overrides)
     return Qwen3ForCausalLM(Qwen3Config(**kw)).eval()
@@ -127,19 +150,36 @@ def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:
 
     _seeded(seed)
     common: dict[str, Any] = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     if kind == "qwen2_moe":
         cfg = tf.Qwen2MoeConfig(
-            **common, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-            num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+            **common,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
         )
         cls = tf.Qwen2MoeForCausalLM
     elif kind == "qwen3_moe":
         cfg = tf.Qwen3MoeConfig(
-            **common, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-            decoder_sparse_step=1, head_dim=16,
+            **common,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            head_dim=16,
         )
         cls = tf.Qwen3MoeForCausalLM
     elif kind == "mixtral":
@@ -149,7 +189,9 @@ def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:
         cfg = tf.OlmoeConfig(**common, intermediate_size=32, num_experts=4, num_experts_per_tok=2)
         cls = tf.OlmoeForCausalLM
     else:
-        raise ValueError(f"kind={kind!r} is not supported; choose one of qwen2_moe, qwen3_moe, mixtral, olmoe")
+        raise ValueError(
+            f"kind={kind!r} is not supported; choose one of qwen2_moe, qwen3_moe, mixtral, olmoe"
+        )
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cls(cfg).eval()
@@ -161,8 +203,17 @@ def tiny_wan_transformer(seed: int = 0) -> Any:
 
     _seeded(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=1,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     ).eval()
 
@@ -173,14 +224,29 @@ def tiny_wan_pipeline(seed: int = 0) -> Any:
     from transformers import UMT5Config, UMT5EncoderModel
 
     _seeded(seed)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
     text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=VOCAB_SIZE, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+        UMT5Config(
+            vocab_size=VOCAB_SIZE,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
+        )
     ).eval()
     tok = tiny_tokenizer()
     return WanPipeline(
-        tokenizer=tok, text_encoder=text_encoder, transformer=tiny_wan_transformer(seed), vae=vae,
+        tokenizer=tok,
+        text_encoder=text_encoder,
+        transformer=tiny_wan_transformer(seed),
+        vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
 
@@ -212,14 +278,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _dist_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, outdir: str) -> None:
+def _dist_entry(
+    rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, outdir: str
+) -> None:
     import pickle
 
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -230,7 +303,9 @@ def _dist_entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], a
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 300.0) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 300.0
+) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes on CPU.
 
     ``fn`` must be importable (module level) and its return value picklable. Returns the per-rank
@@ -243,7 +318,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, tim
     port = free_port()
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_dist_entry, args=(r, world_size, port, fn, args, outdir)) for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_dist_entry, args=(r, world_size, port, fn, args, outdir))
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         for p in procs:

@@ -63,8 +63,19 @@ def test_registry_complete_and_consistent():
 
     names = registry.names()
     assert len(names) == len(set(names))
-    expected = {"simulate", "sale", "adaspa", "rollout_shaping", "fsep", "autoparallel", "dataflex", "sart",
-                "tie", "pbkv", "latent_omni"}
+    expected = {
+        "simulate",
+        "sale",
+        "adaspa",
+        "rollout_shaping",
+        "fsep",
+        "autoparallel",
+        "dataflex",
+        "sart",
+        "tie",
+        "pbkv",
+        "latent_omni",
+    }
     assert expected <= set(names)
     for c in registry.COMPONENTS:
         assert c.status in ("built", "planned"), c

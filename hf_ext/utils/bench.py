@@ -101,7 +101,10 @@ def git_commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except Exception:
@@ -155,14 +158,24 @@ class Row:
     quality_value: float | str = ""
     device: str = field(default_factory=device_name)
     versions: str = field(default_factory=versions)
-    date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    date: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
     commit: str = field(default_factory=git_commit)
     command: str = field(default_factory=lambda: " ".join(sys.argv))
 
     @classmethod
     def make(
-        cls, component: str, case: str, metric: str, ours: float, baseline: str, baseline_value: float,
-        *, higher_is_better: bool = False, **kw: object,
+        cls,
+        component: str,
+        case: str,
+        metric: str,
+        ours: float,
+        baseline: str,
+        baseline_value: float,
+        *,
+        higher_is_better: bool = False,
+        **kw: object,
     ) -> Row:
         """Build a row, computing ``ratio`` so that > 1 means ours is better."""
         if higher_is_better:
@@ -242,12 +255,27 @@ def print_rows(rows: Sequence[Row], title: str = "") -> None:
     from rich.table import Table
 
     t = Table(title=title or None)
-    for c in ("case", "metric", "ours", "baseline", "baseline_value", "ratio", "quality_name", "quality_value"):
+    for c in (
+        "case",
+        "metric",
+        "ours",
+        "baseline",
+        "baseline_value",
+        "ratio",
+        "quality_name",
+        "quality_value",
+    ):
         t.add_column(c)
     for r in rows:
         t.add_row(
-            r.case, r.metric, _fmt(r.ours), r.baseline, _fmt(r.baseline_value), _fmt(r.ratio),
-            r.quality_name, _fmt(r.quality_value),
+            r.case,
+            r.metric,
+            _fmt(r.ours),
+            r.baseline,
+            _fmt(r.baseline_value),
+            _fmt(r.ratio),
+            r.quality_name,
+            _fmt(r.quality_value),
         )
     Console().print(t)
 
