@@ -1,0 +1,308 @@
+"""Runtime: apply a :class:`Plan` to a transformers model with torch's own engines.
+
+* data parallel ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (tp == 1, pp == 1) with bf16 autocast;
+* data parallel ``fsdp``: FSDP2 ``fully_shard`` per decoder layer on the data-parallel mesh, with
+  ``reshard_after_forward=True`` for zero3 layers and ``False`` for zero2 layers, then on the root
+  (embedding / head), with ``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)``;
+* tensor parallel: DTensor ``parallelize_module`` with the colwise / rowwise plan of the Llama family
+  (q/k/v/gate/up colwise, o/down rowwise) on the ``tp`` mesh dimension; sequence parallelism is not
+  applied at runtime (the layers run plain TP and a warning says so);
+* activation checkpointing: per layer through transformers' own ``GradientCheckpointingLayer`` switch
+  (``layer.gradient_checkpointing`` + ``torch.utils.checkpoint`` non-reentrant);
+* pipeline: ``torch.distributed.pipelining.PipelineStage`` + ``Schedule1F1B`` over a stage module that
+  reuses the model's embedding, decoder layers, norm and head (sdpa attention required).
+
+The mesh is ``(pp, dp, tp)`` (tp innermost, as the cost model assumes).
+
+Example (single process, world size 1):
+    >>> import os, torch.distributed as dist
+    >>> from hf_ext.testing import tiny_llama, free_port
+    >>> os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    >>> dist.init_process_group("gloo", rank=0, world_size=1)
+    >>> plan = Plan.uniform("tiny", gpus=1, dp_type="fsdp", ckpt=True, global_batch=2, seq_len=8)
+    >>> runner = apply_plan(tiny_llama().train(), plan, param_dtype=None)
+    >>> ids = torch.randint(0, 500, (2, 8))
+    >>> runner.train_step(ids) > 0
+    True
+    >>> dist.destroy_process_group()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Any
+
+import torch
+
+from hf_ext.accelerate.autoparallel.plan import Plan
+from hf_ext.accelerate.autoparallel.profiler import _find_layers
+
+
+class AppliedPlan:
+    """A model prepared by :func:`apply_plan`, with a micro-batched training step.
+
+    Attributes:
+        module: the prepared module (DDP wrapper, FSDP2-sharded model, or this rank's pipeline stage).
+        plan: the plan.
+        mesh: the ``DeviceMesh`` (dims ``pp``, ``dp``, ``tp``).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        plan: Plan,
+        mesh: Any,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        schedule: Any = None,
+        stage_module: Any = None,
+    ) -> None:
+        self.module, self.plan, self.mesh, self.device = module, plan, mesh, device
+        self.autocast_dtype, self.schedule, self.stage_module = autocast_dtype, schedule, stage_module
+
+    def parameters(self) -> Any:
+        """Parameters to give the optimizer (this rank's shard / stage)."""
+        return (self.stage_module or self.module).parameters()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank()
+
+    def local_batch(self, global_batch: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a ``[global_batch, seq]`` tensor (split over the dp dimension)."""
+        per = global_batch.shape[0] // self.plan.dp
+        return global_batch[self.dp_rank * per : (self.dp_rank + 1) * per]
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+        """Forward + backward of this rank's local batch ``[micro_batch * num_micro_batches, seq]``.
+
+        Gradients are accumulated over the plan's micro-batches (averaged) and synchronised over the
+        data-parallel group (DDP: once, on the last micro-batch; FSDP2: reduce-scattered every
+        micro-batch, as the cost model assumes); returns the mean loss of the local batch (the caller steps the optimizer).
+        """
+        plan = self.plan
+        labels = input_ids if labels is None else labels
+        want = plan.micro_batch * plan.num_micro_batches
+        if input_ids.shape[0] != want:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[0]} rows; the plan's local batch is "
+                f"micro_batch*num_micro_batches = {want}"
+            )
+        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        if self.schedule is not None:
+            return self._pipeline_step(input_ids, labels)
+        m = plan.num_micro_batches
+        total = 0.0
+        for i, (x, y) in enumerate(zip(input_ids.chunk(m), labels.chunk(m))):
+            last = i == m - 1
+            ctx = (
+                self.module.no_sync()
+                if (hasattr(self.module, "no_sync") and not last)
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                with self._autocast():
+                    loss = self.module(input_ids=x, labels=y, use_cache=False).loss
+                (loss / m).backward()
+            total += float(loss.detach())
+        return total / m
+
+    def _pipeline_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+        pp_rank = self.mesh["pp"].get_local_rank()
+        losses: list[torch.Tensor] = []
+        with self._autocast():
+            if pp_rank == 0:
+                self.schedule.step(input_ids, target=labels, losses=losses)
+            elif pp_rank == self.plan.pp - 1:
+                self.schedule.step(target=labels, losses=losses)
+            else:
+                self.schedule.step()
+        t = torch.tensor(
+            [float(torch.stack([x.detach() for x in losses]).mean()) if losses else 0.0], device=self.device
+        )
+        # The last stage holds the loss: broadcast it along the pipeline.
+        torch.distributed.all_reduce(t, group=self.mesh["pp"].get_group())
+        return float(t.item())
+
+
+class _PipelineStageModule(torch.nn.Module):
+    """Layers ``[start, end)`` of a Llama-style causal LM, plus the embedding (first) / norm + head (last)."""
+
+    def __init__(self, model: torch.nn.Module, start: int, end: int, first: bool, last: bool) -> None:
+        super().__init__()
+        inner = model.model
+        self.embed_tokens = inner.embed_tokens if first else None
+        self.layers = torch.nn.ModuleList(list(_find_layers(model))[start:end])
+        self.rotary_emb = inner.rotary_emb
+        self.norm = inner.norm if last else None
+        self.lm_head = model.get_output_embeddings() if last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        pe = self.rotary_emb(h, pos)
+        for layer in self.layers:
+            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=False)
+            h = out[0] if isinstance(out, tuple) else out
+        if self.lm_head is not None:
+            h = self.lm_head(self.norm(h))
+        return h
+
+
+def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+    )
+
+
+def _set_checkpointing(layers: Any, flags: list[bool]) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    fn = functools.partial(checkpoint, use_reentrant=False)
+    for layer, on in zip(layers, flags):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise ValueError(f"{type(layer).__name__} is not a transformers GradientCheckpointingLayer")
+        layer.gradient_checkpointing = bool(on)
+        if on:
+            layer._gradient_checkpointing_func = fn
+
+
+_LLAMA_TP = {
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",
+    "self_attn.v_proj": "colwise",
+    "self_attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
+}
+
+
+def _apply_tp(layers: Any, tp_mesh: Any) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    for layer in layers:
+        names = {n for n, _ in layer.named_modules()}
+        missing = [k for k in _LLAMA_TP if k not in names]
+        if missing:
+            raise ValueError(
+                f"tensor parallelism supports Llama-style layers; {type(layer).__name__} lacks {missing}"
+            )
+        parallelize_module(layer, tp_mesh, {k: styles[v]() for k, v in _LLAMA_TP.items()})
+
+
+def apply_plan(
+    model: torch.nn.Module,
+    plan: Plan,
+    *,
+    device: str | torch.device | None = None,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+) -> AppliedPlan:
+    """Prepare ``model`` for training with ``plan`` on the current ``torch.distributed`` world.
+
+    Args:
+        model: a transformers causal LM with ``model.layers`` (Llama family for tp / pp).
+        plan: from :func:`~hf_ext.accelerate.autoparallel.search.search` or :meth:`Plan.uniform`;
+            ``plan.gpus`` must equal the world size.
+        device: where to run (default: ``cuda:<local rank>`` with NCCL, else ``cpu``).
+        param_dtype: compute dtype (bf16 autocast for ddp, FSDP2 ``param_dtype``); ``None`` keeps fp32.
+
+    Returns:
+        An :class:`AppliedPlan` (``.module``, ``.parameters()``, ``.train_step(ids)``).
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise RuntimeError("apply_plan needs torch.distributed initialised (torchrun / accelerate launch)")
+    world = dist.get_world_size()
+    if world != plan.gpus:
+        raise ValueError(f"plan.gpus={plan.gpus} but the torch.distributed world size is {world}")
+    layers = _find_layers(model)
+    if len(layers) != len(plan.layers):
+        raise ValueError(f"the plan has {len(plan.layers)} layers, the model has {len(layers)}")
+    if device is None:
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    mesh = init_device_mesh(device.type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
+    model.to(device)
+    strategies = plan.layer_strategies()
+    _set_checkpointing(layers, [s.ckpt for s in strategies])
+    if plan.tp > 1:
+        if plan.sp:
+            warnings.warn(
+                "apply_plan: sequence parallelism is not applied at runtime; running plain tensor "
+                "parallelism (activation memory will exceed the plan's prediction)",
+                stacklevel=2,
+            )
+        _apply_tp(layers, mesh["tp"])
+
+    autocast = None
+    schedule = stage_module = None
+    if plan.pp > 1:
+        if getattr(model.config, "_attn_implementation", "sdpa") not in (
+            "sdpa",
+            "flash_attention_2",
+            "flash_attention_3",
+        ):
+            raise ValueError(
+                "pipeline plans need attn_implementation='sdpa' (the stages pass no attention mask)"
+            )
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+        pp_rank = mesh["pp"].get_local_rank()
+        a, b = plan.stages[pp_rank]
+        stage_module = _PipelineStageModule(model, a, b, pp_rank == 0, pp_rank == plan.pp - 1)
+        local_strats = strategies[a:b]
+        if plan.dp_type == "ddp" and plan.dp > 1:
+            raise NotImplementedError("pipeline + ddp: use dp_type='fsdp' for pipeline plans")
+        _wrap_dp(stage_module, list(stage_module.layers), local_strats, plan, mesh, param_dtype)
+        stage = PipelineStage(stage_module, pp_rank, plan.pp, device, group=mesh["pp"].get_group())
+        schedule = Schedule1F1B(stage, n_microbatches=plan.num_micro_batches, loss_fn=_causal_lm_loss)
+        module = stage_module
+        if plan.dp_type == "ddp" and param_dtype is not None:
+            autocast = param_dtype
+    elif plan.dp_type == "ddp":
+        if plan.dp > 1 and plan.tp > 1:
+            raise NotImplementedError("ddp with tensor parallelism: use dp_type='fsdp' (HSDP) for tp plans")
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        kwargs: dict[str, Any] = {"gradient_as_bucket_view": True}
+        if device.type == "cuda":
+            kwargs["device_ids"] = [device.index]
+        module = DDP(model, process_group=mesh["dp"].get_group(), **kwargs) if plan.tp == 1 else model
+        autocast = param_dtype
+    else:
+        _wrap_dp(model, list(layers), strategies, plan, mesh, param_dtype)
+        module = model
+    return AppliedPlan(module, plan, mesh, device, autocast, schedule, stage_module)
+
+
+def _wrap_dp(
+    root: torch.nn.Module,
+    layers: list,
+    strategies: list,
+    plan: Plan,
+    mesh: Any,
+    param_dtype: torch.dtype | None,
+) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if plan.dp_type != "fsdp":
+        return
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    dp_mesh = mesh["dp"]
+    for layer, st in zip(layers, strategies):
+        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=st.zero != 2, mp_policy=mp)
+    fully_shard(root, mesh=dp_mesh, mp_policy=mp)

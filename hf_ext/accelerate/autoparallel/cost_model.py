@@ -1,0 +1,388 @@
+"""Cost model: time and memory of a training step under a hybrid-parallel plan.
+
+Strategy space (per plan / per layer):
+
+* plan level (:class:`ParallelConfig`): pipeline degree ``pp``, tensor-parallel degree ``tp`` with optional
+  Megatron sequence parallelism ``sp``, data-parallel degree ``dp = gpus / (pp * tp)``, data-parallel
+  family ``dp_type`` (``"ddp"``: replicated states, one gradient all-reduce per step; ``"fsdp"``:
+  FSDP2-sharded states), micro-batch size ``b`` and micro-batch count ``m``;
+* layer level (:class:`LayerStrategy`): ZeRO stage (0 for ddp; 2 = FSDP2 ``reshard_after_forward=False``,
+  3 = ``reshard_after_forward=True``) and activation checkpointing.
+
+Time (ms) of one layer for one micro-batch: ``fwd + bwd (+ fwd again if checkpointed)`` from the
+(profiled) achieved TFLOP/s, plus tensor-parallel collectives (4 all-reduce-sized collectives per layer,
+6 with recomputation; *not* overlapped), plus FSDP all-gathers / reduce-scatters of every micro-batch
+(zero3: 2 all-gathers + 1 reduce-scatter; zero2: 1 + 1) *overlapped* with the layer's compute:
+``exposed = max(0, comm - overlap * compute) + overlap_penalty * min(comm, overlap * compute)``. DDP's
+gradient all-reduce happens once per step, overlapped the same way with the last micro-batch's backward.
+
+Pipeline (1F1B): with per-micro-batch stage times ``t_i`` and per-step tails ``e_i`` (exposed
+gradient sync), ``T = sum(t_i) + (m - 1) * max(t_i) + max(e_i) + optimizer``; the bubble is
+``sum(t_i) - max(t_i)``. p2p activation/gradient sends are added to every stage's ``t_i``.
+
+Memory (bytes per GPU) of stage ``i``: model states (``state_bytes`` = 16 B/param: fp32 master weights,
+fp32 grads, Adam m and v; divided by ``tp``, and by ``dp`` when sharded; zero2 also keeps the bf16
+unsharded weights), activations of ``min(m, pp - i)`` in-flight micro-batches (analytic Llama formula,
+scaled by a profiled calibration; checkpointed layers keep only their input), and transients
+(one layer's full activations for recompute/backward, two unsharded FSDP layers, the LM-head logits).
+The usable memory is ``memory * usable_fraction - reserved`` (allocator fragmentation, CUDA context).
+
+Example:
+    >>> from hf_ext.accelerate.autoparallel.shapes import get_shape
+    >>> cm = CostModel(get_shape("llama3-8b"), HardwareProfile.h100(), TrainingSpec(global_batch=64, seq_len=4096))
+    >>> cfg = ParallelConfig(gpus=8, pp=1, tp=1, sp=False, micro_batch=1, num_micro_batches=8, dp_type="fsdp")
+    >>> c = cm.evaluate(cfg, [[LayerStrategy(3, True)] * 32])
+    >>> 0 < c.step_ms and c.max_memory_gb < 80
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, ModelProfile, analytic_layer_act_bytes
+from hf_ext.accelerate.autoparallel.shapes import ModelShape
+
+DP_TYPES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class LayerStrategy:
+    """Per-layer choice: ZeRO stage (0, 2 or 3) and activation checkpointing."""
+
+    zero: int = 3
+    ckpt: bool = False
+
+    def __post_init__(self) -> None:
+        if self.zero not in (0, 2, 3):
+            raise ValueError(f"LayerStrategy.zero must be one of 0, 2, 3, got {self.zero!r}")
+
+    @property
+    def label(self) -> str:
+        return f"z{self.zero}" + ("+ckpt" if self.ckpt else "")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Plan-level parallel degrees (see the module docstring)."""
+
+    gpus: int
+    pp: int
+    tp: int
+    sp: bool
+    micro_batch: int
+    num_micro_batches: int
+    dp_type: str
+
+    def __post_init__(self) -> None:
+        for f in ("gpus", "pp", "tp", "micro_batch", "num_micro_batches"):
+            if int(getattr(self, f)) < 1:
+                raise ValueError(f"ParallelConfig.{f} must be >= 1, got {getattr(self, f)!r}")
+        if self.gpus % (self.pp * self.tp):
+            raise ValueError(
+                f"ParallelConfig: gpus={self.gpus} must be divisible by pp*tp={self.pp * self.tp}"
+            )
+        if self.dp_type not in DP_TYPES:
+            raise ValueError(f"ParallelConfig.dp_type must be one of {DP_TYPES}, got {self.dp_type!r}")
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.pp * self.tp)
+
+    def layer_strategies(self) -> list[LayerStrategy]:
+        """The per-layer strategies this config allows."""
+        if self.dp_type == "ddp" or self.dp == 1:
+            zs = (0,)
+        else:
+            zs = (2, 3)
+        return [LayerStrategy(z, c) for z in zs for c in (False, True)]
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What is trained: global batch (sequences), sequence length and byte sizes."""
+
+    global_batch: int
+    seq_len: int
+    state_bytes_per_param: float = field(
+        default=16.0, metadata={"help": "fp32 master + fp32 grad + Adam m, v"}
+    )
+    compute_bytes_per_param: float = field(default=2.0, metadata={"help": "bf16 compute copy of a weight"})
+    grad_reduce_bytes: float = field(default=4.0, metadata={"help": "bytes per gradient element reduced"})
+    act_bytes_per_elem: float = field(default=2.0, metadata={"help": "activation dtype size (bf16)"})
+    logit_bytes: float = field(
+        default=10.0, metadata={"help": "bytes per logit: bf16 + fp32 upcast + fp32 grad"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.global_batch < 1:
+            raise ValueError(f"TrainingSpec.global_batch must be >= 1, got {self.global_batch}")
+        if self.seq_len < 1:
+            raise ValueError(f"TrainingSpec.seq_len must be >= 1, got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class LayerTerms:
+    """Cost contributions of one layer: per micro-batch time, per step time, static and per-micro-batch memory."""
+
+    mb_ms: float
+    step_ms: float
+    static_bytes: float
+    act_bytes: float
+
+
+@dataclass
+class PlanCost:
+    """Result of :meth:`CostModel.evaluate`."""
+
+    step_ms: float
+    stage_mb_ms: list[float]
+    stage_step_ms: list[float]
+    stage_memory_bytes: list[float]
+    usable_bytes: float
+    tokens_per_s: float
+    mfu: float
+    bubble_ms: float
+    optimizer_ms: float
+
+    @property
+    def max_memory_gb(self) -> float:
+        return max(self.stage_memory_bytes) / 2**30
+
+    @property
+    def feasible(self) -> bool:
+        return max(self.stage_memory_bytes) <= self.usable_bytes
+
+
+class CostModel:
+    """Step time / memory of plans for one model shape on one hardware profile.
+
+    Args:
+        shape: the model.
+        hardware: device + interconnect (use ``profile.calibrate(hw)`` to use measured compute).
+        spec: global batch and sequence length.
+        profile: optional measured :class:`ModelProfile` (activation calibration, head activations).
+        overlap: fraction of a layer's compute that can hide data-parallel communication.
+        overlap_penalty: slowdown of overlapped communication (shared SMs / memory bandwidth).
+        usable_fraction, reserved_gb: usable memory = ``memory * usable_fraction - reserved_gb``.
+    """
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        hardware: HardwareProfile,
+        spec: TrainingSpec,
+        profile: ModelProfile | None = None,
+        *,
+        overlap: float = 1.0,
+        overlap_penalty: float = 0.1,
+        usable_fraction: float = 0.92,
+        reserved_gb: float = 1.0,
+    ) -> None:
+        if not 0.0 <= overlap <= 1.0:
+            raise ValueError(f"overlap must be in [0, 1], got {overlap}")
+        self.shape, self.hw, self.spec, self.profile = shape, hardware, spec, profile
+        self.overlap, self.overlap_penalty = overlap, overlap_penalty
+        self.usable_fraction, self.reserved_gb = usable_fraction, reserved_gb
+        self.act_calibration = profile.act_calibration if profile is not None else 1.0
+        self.layer_params = [float(shape.layer_params())] * shape.num_layers
+        if profile is not None and len(profile.layers) == shape.num_layers:
+            self.layer_params = [float(lp.params) for lp in profile.layers]
+
+    # -------------------------------------------------------------------------------- primitives
+    def usable_bytes(self, memory_gb: float) -> float:
+        return memory_gb * 2**30 * self.usable_fraction - self.reserved_gb * 2**30
+
+    def _tp_eff(self, tp: int) -> float:
+        # Smaller GEMMs per GPU run less efficiently: -5% per doubling of tp (assumption).
+        return 1.0 - 0.05 * math.log2(tp)
+
+    def layer_fwd_ms(self, b: int, tp: int) -> float:
+        s = self.spec.seq_len
+        flops = self.shape.layer_flops_fwd(b * s, s) / tp
+        return (
+            self.hw.per_layer_overhead_ms + flops / (self.hw.achieved_tflops * 1e12 * self._tp_eff(tp)) * 1e3
+        )
+
+    def head_fwd_ms(self, b: int, tp: int) -> float:
+        flops = self.shape.head_flops_fwd(b * self.spec.seq_len) / tp
+        return flops / (self.hw.achieved_tflops * 1e12 * self._tp_eff(tp)) * 1e3
+
+    def _crosses(self, span: int) -> bool:
+        return span > self.hw.gpus_per_node
+
+    def _exposed(self, comm: float, compute: float) -> float:
+        hidden = min(comm, self.overlap * compute)
+        return comm - hidden + self.overlap_penalty * hidden
+
+    def layer_act_bytes(self, cfg: ParallelConfig, ckpt: bool) -> float:
+        """Saved activation bytes of one layer for one micro-batch under ``cfg``."""
+        tokens = cfg.micro_batch * self.spec.seq_len
+        if ckpt:
+            return self.shape.hidden_size * tokens * self.spec.act_bytes_per_elem / (cfg.tp if cfg.sp else 1)
+        rep, shd = analytic_layer_act_bytes(self.shape, tokens)
+        return self.act_calibration * (rep / (cfg.tp if cfg.sp else 1) + shd / cfg.tp)
+
+    def layer_terms(self, cfg: ParallelConfig, strat: LayerStrategy, layer: int = 0) -> LayerTerms:
+        """Costs of decoder layer ``layer`` under ``cfg`` and ``strat``."""
+        sp_, t, d, b = self.spec, cfg.tp, cfg.dp, cfg.micro_batch
+        p_local = self.layer_params[layer] / t
+        fwd = self.layer_fwd_ms(b, t)
+        bwd = fwd * self.hw.bwd_fwd_ratio
+        comp = fwd + bwd + (fwd if strat.ckpt else 0.0)
+        mb = comp
+        if t > 1:
+            msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem
+            n = 4 + (2 if strat.ckpt else 0)
+            mb += n * self.hw.collective_ms("all_reduce", msg, t, self._crosses(t))
+        step = 0.0
+        dp_cross = self._crosses(t * d)
+        if strat.zero == 0:
+            static = sp_.state_bytes_per_param * p_local
+            act = self.layer_act_bytes(cfg, strat.ckpt)
+            if not strat.ckpt:  # autocast keeps a bf16 copy of each weight for the backward
+                act += sp_.compute_bytes_per_param * p_local
+            if d > 1:
+                ar = self.hw.collective_ms("all_reduce", sp_.grad_reduce_bytes * p_local, d, dp_cross)
+                step = self._exposed(ar, bwd)
+        else:
+            static = sp_.state_bytes_per_param * p_local / d
+            if strat.zero == 2:
+                static += sp_.compute_bytes_per_param * p_local
+            act = self.layer_act_bytes(cfg, strat.ckpt)
+            if d > 1:
+                ag = self.hw.collective_ms("all_gather", sp_.compute_bytes_per_param * p_local, d, dp_cross)
+                rs = self.hw.collective_ms("reduce_scatter", sp_.grad_reduce_bytes * p_local, d, dp_cross)
+                comm = (2 if strat.zero == 3 else 1) * ag + rs
+                mb += self._exposed(comm, comp)
+        return LayerTerms(mb, step, static, act)
+
+    def stage_constant(self, cfg: ParallelConfig, stage: int, stage_layers: list[int]) -> LayerTerms:
+        """Costs of stage ``stage`` that do not depend on per-layer choices (embedding, head, p2p, transients)."""
+        sp_, t, d, b, p = self.spec, cfg.tp, cfg.dp, cfg.micro_batch, cfg.pp
+        first, last = stage == 0, stage == p - 1
+        ve = self.shape.vocab_size * self.shape.hidden_size
+        params = 0.0
+        if first:
+            params += ve
+        if last:
+            if not (first and self.shape.tie_word_embeddings):
+                params += ve
+            params += self.shape.hidden_size
+        p_local = params / t
+        zero = 0 if cfg.dp_type == "ddp" or d == 1 else 3
+        mb = step = 0.0
+        static = sp_.state_bytes_per_param * p_local / (1 if zero == 0 else d)
+        transient = 0.0
+        if last:
+            prof = self.profile
+            if (
+                prof is not None
+                and prof.seq_len == sp_.seq_len
+                and prof.shape.vocab_size == self.shape.vocab_size
+            ):
+                head_comp = (prof.head.fwd_ms(b) + prof.head.bwd_ms(b)) / (t * self._tp_eff(t))
+            else:
+                head_comp = self.head_fwd_ms(b, t) * (1 + self.hw.bwd_fwd_ratio)
+            mb += head_comp
+            logits = b * sp_.seq_len * self.shape.vocab_size / t
+            if self.profile is not None and self.profile.seq_len == sp_.seq_len:
+                transient += self.profile.head.act_bytes_per_sample * b / t
+            else:
+                transient += logits * sp_.logit_bytes
+            if t > 1:  # vocab-parallel loss: small all-reduces of max / sum-exp, and the input all-reduce
+                msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem
+                mb += 2 * self.hw.collective_ms("all_reduce", msg, t, self._crosses(t))
+        else:
+            head_comp = 0.0
+        if d > 1 and params:
+            cross = self._crosses(t * d)
+            if zero == 0:
+                ar = self.hw.collective_ms("all_reduce", sp_.grad_reduce_bytes * p_local, d, cross)
+                step += self._exposed(ar, head_comp * 0.67)
+            else:
+                ag = self.hw.collective_ms("all_gather", sp_.compute_bytes_per_param * p_local, d, cross)
+                rs = self.hw.collective_ms("reduce_scatter", sp_.grad_reduce_bytes * p_local, d, cross)
+                mb += self._exposed(2 * ag + rs, head_comp)
+        if zero == 0:
+            transient += sp_.compute_bytes_per_param * p_local  # autocast copy of embedding / head
+        if p > 1:
+            msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem / (t if cfg.sp else 1)
+            mb += 2 * self.hw.collective_ms("p2p", msg, 2, self._crosses(t * d * 2))
+        # Transients: one layer's full activations (recompute / backward), two unsharded FSDP layers.
+        if stage_layers:
+            transient += self.layer_act_bytes(cfg, False)
+            if zero == 3:
+                pl = max(self.layer_params[i] for i in stage_layers) / t
+                transient += 2 * pl * (sp_.compute_bytes_per_param + sp_.grad_reduce_bytes)
+        return LayerTerms(mb, step, static + transient, 0.0)
+
+    def optimizer_ms(
+        self, cfg: ParallelConfig, stage_layers: list[int], strategies: list[LayerStrategy]
+    ) -> float:
+        """Adam step on the local shard: ~28 bytes of HBM traffic per fp32 parameter."""
+        local = 0.0
+        for i, st in zip(stage_layers, strategies):
+            local += self.layer_params[i] / cfg.tp / (1 if st.zero == 0 else cfg.dp)
+        return local * 28.0 / (self.hw.hbm_GBps * 1e9) * 1e3
+
+    @staticmethod
+    def inflight(cfg: ParallelConfig, stage: int) -> int:
+        """Micro-batches whose activations stage ``stage`` holds at once under 1F1B."""
+        return min(cfg.num_micro_batches, cfg.pp - stage)
+
+    @staticmethod
+    def pipeline_ms(stage_mb: list[float], stage_step: list[float], m: int) -> tuple[float, float]:
+        """1F1B step time and bubble from per-micro-batch stage times and per-step tails."""
+        busy = sum(stage_mb) + (m - 1) * max(stage_mb)
+        return busy + max(stage_step), sum(stage_mb) - max(stage_mb)
+
+    # ----------------------------------------------------------------------------------- evaluate
+    def evaluate(
+        self, cfg: ParallelConfig, stages: list[list[LayerStrategy]], memory_gb: float | None = None
+    ) -> PlanCost:
+        """Cost of a full plan: ``stages[i]`` lists the strategies of the consecutive layers of stage ``i``."""
+        if len(stages) != cfg.pp:
+            raise ValueError(f"stages has {len(stages)} entries but pp={cfg.pp}")
+        if sum(len(s) for s in stages) != self.shape.num_layers:
+            raise ValueError(
+                f"stages cover {sum(len(s) for s in stages)} layers, model has {self.shape.num_layers}"
+            )
+        memory_gb = self.hw.memory_gb if memory_gb is None else memory_gb
+        start = 0
+        mb_ms, step_ms, mem, opt = [], [], [], []
+        for i, strs in enumerate(stages):
+            idx = list(range(start, start + len(strs)))
+            start += len(strs)
+            const = self.stage_constant(cfg, i, idx)
+            k = self.inflight(cfg, i)
+            t_mb, t_step, m_b = const.mb_ms, const.step_ms, const.static_bytes
+            for li, st in zip(idx, strs):
+                lt = self.layer_terms(cfg, st, li)
+                t_mb += lt.mb_ms
+                t_step += lt.step_ms
+                m_b += lt.static_bytes + k * lt.act_bytes
+            mb_ms.append(t_mb)
+            step_ms.append(t_step)
+            mem.append(m_b)
+            opt.append(self.optimizer_ms(cfg, idx, strs))
+        pipe, bubble = self.pipeline_ms(mb_ms, step_ms, cfg.num_micro_batches)
+        total = pipe + max(opt)
+        tokens = self.spec.global_batch * self.spec.seq_len
+        flops = 3 * (
+            self.shape.layer_flops_fwd(tokens, self.spec.seq_len) * self.shape.num_layers
+            + self.shape.head_flops_fwd(tokens)
+        )
+        mfu = flops / (total * 1e-3) / (cfg.gpus * self.hw.peak_tflops * 1e12)
+        return PlanCost(
+            total,
+            mb_ms,
+            step_ms,
+            mem,
+            self.usable_bytes(memory_gb),
+            tokens / (total * 1e-3),
+            mfu,
+            bubble,
+            max(opt),
+        )

@@ -1,0 +1,239 @@
+"""The plan: a JSON-serialisable hybrid-parallel strategy produced by the search.
+
+Example:
+    >>> p = Plan.uniform("tiny", gpus=2, dp_type="fsdp", zero=3, ckpt=True, global_batch=4, seq_len=16)
+    >>> Plan.from_json(p.to_json()) == p
+    True
+    >>> p.describe()
+    'pp1 tp1 dp2 fsdp b2x1 zero3 ckpt 2/2'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hf_ext.accelerate.autoparallel.cost_model import LayerStrategy, ParallelConfig
+from hf_ext.accelerate.autoparallel.shapes import ModelShape, get_shape
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Plan:
+    """A complete plan.
+
+    Attributes:
+        model: the :class:`ModelShape` as a dict.
+        gpus, pp, tp, sp, dp_type, micro_batch, num_micro_batches: see :class:`ParallelConfig`.
+        global_batch, seq_len: the training step the plan was made for.
+        stages: ``[start, end)`` decoder-layer ranges of the pipeline stages.
+        layers: per decoder layer ``{"zero": 0|2|3, "ckpt": bool}``.
+        predicted: cost-model figures (``step_ms``, ``tokens_per_s``, ``mfu``, ``memory_gb`` per stage, ...).
+        hardware: name and memory of the device the plan was made for.
+    """
+
+    model: dict[str, Any]
+    gpus: int
+    pp: int
+    tp: int
+    sp: bool
+    dp_type: str
+    micro_batch: int
+    num_micro_batches: int
+    global_batch: int
+    seq_len: int
+    stages: list[list[int]]
+    layers: list[dict[str, Any]]
+    predicted: dict[str, Any] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        self.config  # validates degrees  # noqa: B018
+        n = self.shape.num_layers
+        if len(self.layers) != n:
+            raise ValueError(f"Plan.layers has {len(self.layers)} entries, the model has {n} layers")
+        if len(self.stages) != self.pp:
+            raise ValueError(f"Plan.stages has {len(self.stages)} ranges but pp={self.pp}")
+        pos = 0
+        for a, b in self.stages:
+            if a != pos or b <= a:
+                raise ValueError(
+                    f"Plan.stages must be consecutive non-empty [start, end) ranges, got {self.stages}"
+                )
+            pos = b
+        if pos != n:
+            raise ValueError(f"Plan.stages end at layer {pos}, the model has {n} layers")
+        if self.dp * self.micro_batch * self.num_micro_batches != self.global_batch:
+            raise ValueError(
+                f"Plan: dp*micro_batch*num_micro_batches = {self.dp}*{self.micro_batch}*{self.num_micro_batches}"
+                f" must equal global_batch={self.global_batch}"
+            )
+
+    # ------------------------------------------------------------------------------------- views
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape.from_dict(self.model)
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.pp * self.tp)
+
+    @property
+    def config(self) -> ParallelConfig:
+        return ParallelConfig(
+            self.gpus, self.pp, self.tp, self.sp, self.micro_batch, self.num_micro_batches, self.dp_type
+        )
+
+    def layer_strategies(self) -> list[LayerStrategy]:
+        return [LayerStrategy(int(x["zero"]), bool(x["ckpt"])) for x in self.layers]
+
+    def stage_strategies(self) -> list[list[LayerStrategy]]:
+        ls = self.layer_strategies()
+        return [ls[a:b] for a, b in self.stages]
+
+    def describe(self) -> str:
+        """One-line summary, e.g. ``pp2 tp4+sp dp16 fsdp b1x32 zero3 ckpt 40/80``."""
+        ls = self.layer_strategies()
+        zs = sorted({s.zero for s in ls})
+        nck = sum(s.ckpt for s in ls)
+        tp = f"tp{self.tp}" + ("+sp" if self.sp else "")
+        z = "/".join(f"zero{z}" for z in zs) if self.dp_type == "fsdp" and self.dp > 1 else "zero0"
+        return (
+            f"pp{self.pp} {tp} dp{self.dp} {self.dp_type} b{self.micro_batch}x{self.num_micro_batches} "
+            f"{z} ckpt {nck}/{len(ls)}"
+        )
+
+    # -------------------------------------------------------------------------------------- json
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if int(d.get("version", PLAN_VERSION)) > PLAN_VERSION:
+            raise ValueError(f"plan version {d['version']} is newer than supported ({PLAN_VERSION})")
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["stages"] = [list(map(int, s)) for s in known["stages"]]
+        known["layers"] = [{"zero": int(x["zero"]), "ckpt": bool(x["ckpt"])} for x in known["layers"]]
+        return cls(**known)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str) -> str:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> Plan:
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+    # ------------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_config(
+        cls,
+        shape: ModelShape,
+        cfg: ParallelConfig,
+        stages: list[list[LayerStrategy]],
+        *,
+        global_batch: int,
+        seq_len: int,
+        predicted: dict[str, Any] | None = None,
+        hardware: dict[str, Any] | None = None,
+    ) -> Plan:
+        ranges, pos = [], 0
+        for s in stages:
+            ranges.append([pos, pos + len(s)])
+            pos += len(s)
+        layers = [{"zero": st.zero, "ckpt": st.ckpt} for s in stages for st in s]
+        return cls(
+            shape.to_dict(),
+            cfg.gpus,
+            cfg.pp,
+            cfg.tp,
+            cfg.sp,
+            cfg.dp_type,
+            cfg.micro_batch,
+            cfg.num_micro_batches,
+            global_batch,
+            seq_len,
+            ranges,
+            layers,
+            predicted or {},
+            hardware or {},
+        )
+
+    @classmethod
+    def uniform(
+        cls,
+        model: str | ModelShape | Any,
+        *,
+        gpus: int,
+        dp_type: str = "fsdp",
+        zero: int = 3,
+        ckpt: bool = False,
+        tp: int = 1,
+        pp: int = 1,
+        sp: bool = False,
+        global_batch: int,
+        seq_len: int,
+        micro_batch: int | None = None,
+    ) -> Plan:
+        """A hand-written plan with the same strategy on every layer (e.g. the DDP / FSDP baselines)."""
+        shape = get_shape(model)
+        dp = gpus // (pp * tp)
+        if micro_batch is None:
+            micro_batch = max(1, global_batch // dp)
+        if global_batch % (dp * micro_batch):
+            raise ValueError(
+                f"global_batch={global_batch} must be divisible by dp*micro_batch={dp * micro_batch}"
+            )
+        cfg = ParallelConfig(gpus, pp, tp, sp, micro_batch, global_batch // (dp * micro_batch), dp_type)
+        z = 0 if dp_type == "ddp" or dp == 1 else zero
+        n = shape.num_layers
+        per = [n // pp + (1 if i < n % pp else 0) for i in range(pp)]
+        stages = [[LayerStrategy(z, ckpt)] * k for k in per]
+        return cls.from_config(shape, cfg, stages, global_batch=global_batch, seq_len=seq_len)
+
+    # ------------------------------------------------------------------------------- integration
+    def to_parallelism_config(self) -> Any:
+        """An Accelerate ``ParallelismConfig`` for plans it can express (pp == 1, fsdp or ddp).
+
+        Accelerate has no pipeline dimension and applies one FSDP setting to all layers: per-layer
+        zero2/zero3 mixes and per-layer checkpointing are applied by :func:`apply_plan` instead.
+        """
+        if self.pp > 1:
+            raise ValueError(
+                f"Accelerate ParallelismConfig has no pipeline dimension (plan has pp={self.pp})"
+            )
+        from accelerate.parallelism_config import ParallelismConfig
+
+        if self.dp_type == "ddp":
+            return ParallelismConfig(dp_replicate_size=self.dp, dp_shard_size=1, tp_size=self.tp)
+        return ParallelismConfig(dp_replicate_size=1, dp_shard_size=self.dp, tp_size=self.tp)
+
+    def table(self, title: str | None = None) -> Any:
+        """A ``rich.table.Table`` of the plan (one row per stage)."""
+        from rich.table import Table
+
+        t = Table(title=title or f"plan: {self.describe()}")
+        for c in ("stage", "layers", "strategies", "pred. memory GB"):
+            t.add_column(c)
+        mem = self.predicted.get("memory_gb", [None] * self.pp)
+        for i, ((a, b), strs) in enumerate(zip(self.stages, self.stage_strategies())):
+            counts: dict[str, int] = {}
+            for s in strs:
+                counts[s.label] = counts.get(s.label, 0) + 1
+            desc = ", ".join(f"{v}x {k}" for k, v in counts.items())
+            t.add_row(str(i), f"{a}-{b - 1}", desc, "" if mem[i] is None else f"{mem[i]:.1f}")
+        return t

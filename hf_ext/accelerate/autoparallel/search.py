@@ -1,0 +1,455 @@
+"""Search: the fastest hybrid-parallel plan under a per-GPU memory budget (Galvatron-style).
+
+For every plan-level configuration -- tensor-parallel degree (powers of two inside a node, dividing the
+KV heads), pipeline degree, data-parallel family (ddp / fsdp), micro-batch size and so micro-batch count,
+sequence parallelism -- and every candidate split of the layers into pipeline stages, a dynamic program
+over the layers of each stage picks one :class:`LayerStrategy` per layer (ZeRO 2/3, checkpointing) that
+minimises the stage's busy time ``m * t_i + e_i`` subject to the stage's memory, discretised in
+buckets of ``granularity`` bytes (rounded *up*, so a DP-feasible plan is feasible for the cost model).
+
+Pruning (the decision tree): degrees that do not divide the GPUs / heads / batch are never built; a
+1F1B pipeline needs ``m >= pp``; sequence parallelism is always taken when ``tp > 1`` (same traffic,
+less memory: it dominates); ``dp == 1`` collapses ddp and fsdp; a configuration whose lowest-memory
+assignment exceeds the budget is skipped before its DP; a configuration whose compute-only lower
+bound cannot beat the k-th best plan found so far is skipped (branch and bound).
+
+For ``pp == 1`` the search is exact for the cost model. For ``pp > 1`` each stage is solved exactly
+for its own busy time and the step time is evaluated with the 1F1B formula; stage splits are
+the even split and its shifts around the embedding / head stages (all splits with
+``exhaustive_partitions=True``).
+
+Example:
+    >>> res = search("llama3-8b", SearchConfig(gpus=8, memory_gb=80, global_batch=64, seq_len=4096))
+    >>> res.best.predicted["step_ms"] > 0 and res.best.gpus == 8
+    True
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hf_ext.accelerate.autoparallel.cost_model import (
+    DP_TYPES,
+    CostModel,
+    LayerStrategy,
+    ParallelConfig,
+    PlanCost,
+    TrainingSpec,
+)
+from hf_ext.accelerate.autoparallel.plan import Plan
+from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, ModelProfile
+from hf_ext.accelerate.autoparallel.shapes import ModelShape, get_shape
+
+
+class NoFeasiblePlanError(ValueError):
+    """No plan fits the memory budget; ``min_memory_gb`` is the smallest per-GPU memory that would."""
+
+    def __init__(self, memory_gb: float, min_memory_gb: float, detail: str = "") -> None:
+        self.memory_gb, self.min_memory_gb = memory_gb, min_memory_gb
+        msg = (
+            f"no feasible plan: gpu_memory={memory_gb:g} GB is too small; the smallest per-GPU memory "
+            f"that fits any plan in the search space is {min_memory_gb:.2f} GB"
+        )
+        super().__init__(msg + (f" ({detail})" if detail else ""))
+
+
+@dataclass
+class SearchConfig:
+    """What to search over. Every field has a default except ``gpus``."""
+
+    gpus: int = field(metadata={"help": "number of GPUs (world size)"})
+    memory_gb: float = field(default=80.0, metadata={"help": "memory per GPU in GiB"})
+    global_batch: int | None = field(
+        default=None, metadata={"help": "sequences per step (default max(64, gpus))"}
+    )
+    seq_len: int = field(default=4096, metadata={"help": "tokens per sequence"})
+    micro_batch_sizes: tuple[int, ...] = field(
+        default=(1, 2, 4, 8), metadata={"help": "micro-batch sizes tried"}
+    )
+    tp_sizes: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "tp degrees (default: powers of 2 in a node)"}
+    )
+    pp_sizes: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "pp degrees (default: all that divide)"}
+    )
+    dp_types: tuple[str, ...] = field(
+        default=DP_TYPES, metadata={"help": "data-parallel families: ddp, fsdp"}
+    )
+    sequence_parallel: str = field(default="auto", metadata={"help": "auto (with tp>1) | on | off | both"})
+    allow_ckpt: bool = field(default=True, metadata={"help": "allow activation checkpointing"})
+    top_k: int = field(default=10, metadata={"help": "how many ranked plans to keep"})
+    exhaustive_partitions: bool = field(default=False, metadata={"help": "try every pipeline stage split"})
+    granularity_bytes: float | None = field(
+        default=None, metadata={"help": "DP memory bucket (default: params*16/65536)"}
+    )
+
+    def __post_init__(self) -> None:
+        if int(self.gpus) < 1:
+            raise ValueError(f"SearchConfig.gpus must be >= 1, got {self.gpus!r}")
+        if not self.memory_gb > 0:
+            raise ValueError(f"SearchConfig.memory_gb must be > 0, got {self.memory_gb!r}")
+        if self.global_batch is None:
+            self.global_batch = max(64, self.gpus)
+        if int(self.global_batch) < 1:
+            raise ValueError(f"SearchConfig.global_batch must be >= 1, got {self.global_batch!r}")
+        if int(self.seq_len) < 1:
+            raise ValueError(f"SearchConfig.seq_len must be >= 1, got {self.seq_len!r}")
+        bad = [d for d in self.dp_types if d not in DP_TYPES]
+        if bad or not self.dp_types:
+            raise ValueError(
+                f"SearchConfig.dp_types must be a non-empty subset of {DP_TYPES}, got {self.dp_types!r}"
+            )
+        if self.sequence_parallel not in ("auto", "on", "off", "both"):
+            raise ValueError(
+                f"SearchConfig.sequence_parallel must be auto, on, off or both, got {self.sequence_parallel!r}"
+            )
+        if not self.micro_batch_sizes or any(int(b) < 1 for b in self.micro_batch_sizes):
+            raise ValueError(
+                f"SearchConfig.micro_batch_sizes must be positive, got {self.micro_batch_sizes!r}"
+            )
+        if self.top_k < 1:
+            raise ValueError(f"SearchConfig.top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class SearchResult:
+    """Best plan, ranked alternatives (best first) and search statistics."""
+
+    best: Plan
+    ranked: list[Plan]
+    evaluated: int
+    pruned: int
+    seconds: float
+
+
+def dp_over_layers(costs: np.ndarray, mems: np.ndarray, budget: int) -> tuple[float, list[int]] | None:
+    """Min-cost choice of one strategy per layer with total memory <= ``budget``.
+
+    Args:
+        costs: ``[L, S]`` cost of strategy ``s`` on layer ``l``.
+        mems: ``[L, S]`` non-negative integer memory (buckets).
+        budget: integer memory budget (buckets).
+
+    Returns:
+        ``(cost, choices)`` or ``None`` when infeasible. ``O(L * S * budget)`` with numpy.
+    """
+    n_l, n_s = costs.shape
+    if budget < 0:
+        return None
+    f = np.zeros(budget + 1)
+    arg = np.zeros((n_l, budget + 1), dtype=np.int16)
+    for li in range(n_l):
+        new = np.full(budget + 1, np.inf)
+        for s in range(n_s):
+            m = int(mems[li, s])
+            if m > budget:
+                continue
+            cand = f[: budget + 1 - m] + costs[li, s]
+            better = cand < new[m:]
+            new[m:][better] = cand[better]
+            arg[li, m:][better] = s
+        f = new
+    if not np.isfinite(f[budget]):
+        return None
+    choices = [0] * n_l
+    v = budget
+    for li in range(n_l - 1, -1, -1):
+        s = int(arg[li, v])
+        choices[li] = s
+        v -= int(mems[li, s])
+    return float(f[budget]), choices
+
+
+def candidate_partitions(
+    n_layers: int, pp: int, exhaustive: bool = False, head_layers: float = 0.0
+) -> list[list[int]]:
+    """Stage sizes to try: even split, shifts of up to 2 layers off the first/last stage, a head-balanced split."""
+    if pp == 1:
+        return [[n_layers]]
+    if exhaustive:
+        out = []
+        for cuts in itertools.combinations(range(1, n_layers), pp - 1):
+            b = (0, *cuts, n_layers)
+            out.append([b[i + 1] - b[i] for i in range(pp)])
+        return out
+    cands: set[tuple[int, ...]] = set()
+
+    def spread(total: int, k: int) -> list[int]:
+        return [total // k + (1 if i < total % k else 0) for i in range(k)]
+
+    base = spread(n_layers, pp)
+    cands.add(tuple(base))
+    for a in range(3):
+        for c in range(3):
+            first, last = base[0] - a, base[-1] - c
+            if first < 1 or last < 1:
+                continue
+            rest = n_layers - first - last
+            if pp == 2:
+                if rest == 0:
+                    cands.add((first, last))
+                continue
+            mid = spread(rest, pp - 2)
+            if min(mid) >= 1:
+                cands.add((first, *mid, last))
+    if head_layers > 0:  # balance compute counting the head as extra layers on the last stage
+        tot = n_layers + head_layers
+        per = tot / pp
+        sizes = [max(1, round(per))] * (pp - 1)
+        last = n_layers - sum(sizes)
+        while last < 1:
+            sizes[sizes.index(max(sizes))] -= 1
+            last += 1
+        cands.add((*sizes, last))
+    return [list(c) for c in sorted(cands) if min(c) >= 1 and sum(c) == n_layers]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(
+    model: str | ModelShape | Any,
+    config: SearchConfig,
+    *,
+    hardware: HardwareProfile | None = None,
+    profile: ModelProfile | None = None,
+    cost_kwargs: dict[str, Any] | None = None,
+) -> SearchResult:
+    """Search the best plan for ``model`` (shape name, config.json path, transformers config or shape).
+
+    Raises:
+        NoFeasiblePlanError: nothing fits ``config.memory_gb`` (the message gives the smallest memory needed).
+        ValueError: unknown model shape or inconsistent settings.
+    """
+    t0 = time.perf_counter()
+    shape = get_shape(model)
+    hw = hardware or HardwareProfile.h100()
+    if profile is not None:
+        hw = profile.calibrate(hw)
+    spec = TrainingSpec(global_batch=int(config.global_batch), seq_len=int(config.seq_len))
+    cm = CostModel(shape, hw, spec, profile, **(cost_kwargs or {}))
+    n_layers, gpus = shape.num_layers, config.gpus
+    usable = cm.usable_bytes(config.memory_gb)
+    gran = config.granularity_bytes or max(1.0, shape.num_params() * 16.0 / 65536)
+
+    if config.tp_sizes is not None:
+        tps = sorted({int(t) for t in config.tp_sizes})
+    else:
+        tps = [t for t in (1, 2, 4, 8, 16) if t <= hw.gpus_per_node and shape.num_kv_heads % t == 0]
+    tps = [t for t in tps if gpus % t == 0 and shape.num_heads % t == 0]
+    heap: list[tuple[float, int, Plan]] = []  # max-heap by -step_ms of the top_k
+    counter = itertools.count()
+    evaluated = pruned = 0
+    min_need = math.inf
+    stage_cache: dict[tuple, tuple[float, list[LayerStrategy], float] | None] = {}
+
+    def kth_best() -> float:
+        return -heap[0][0] if len(heap) >= config.top_k else math.inf
+
+    for tp in tps:
+        pps = config.pp_sizes if config.pp_sizes is not None else _divisors(gpus // tp)
+        for pp in sorted({int(p) for p in pps}):
+            if (gpus // tp) % pp or pp > n_layers:
+                continue
+            dp = gpus // (tp * pp)
+            dtypes = ("ddp",) if dp == 1 else tuple(config.dp_types)
+            if dp == 1 and "ddp" not in config.dp_types:
+                dtypes = ("fsdp",)
+            sps = {"auto": (tp > 1,), "on": (True,), "off": (False,), "both": (False, True)}[
+                config.sequence_parallel
+            ]
+            for dtype, b, sp in itertools.product(
+                dtypes, sorted(set(config.micro_batch_sizes)), sorted(set(sps))
+            ):
+                if sp and tp == 1:
+                    continue
+                if spec.global_batch % (dp * b):
+                    continue
+                m = spec.global_batch // (dp * b)
+                if pp > 1 and m < pp:
+                    continue
+                cfg = ParallelConfig(gpus, pp, tp, sp, b, m, dtype)
+                strats = [s for s in cfg.layer_strategies() if config.allow_ckpt or not s.ckpt]
+                terms = _layer_terms(cm, cfg, strats)
+                head_layers = cm.head_fwd_ms(b, tp) * 3 / max(terms[0][0][0].mb_ms, 1e-12) if pp > 1 else 0.0
+                for sizes in candidate_partitions(n_layers, pp, config.exhaustive_partitions, head_layers):
+                    res = _solve_partition(
+                        cm, cfg, strats, terms, sizes, usable, gran, stage_cache, kth_best()
+                    )
+                    kind = res[0]
+                    if kind == "infeasible":
+                        min_need = min(min_need, res[1])
+                        pruned += 1
+                        continue
+                    if kind == "bound":
+                        pruned += 1
+                        continue
+                    stages = res[1]
+                    evaluated += 1
+                    cost = cm.evaluate(cfg, stages, config.memory_gb)
+                    if not cost.feasible:  # cannot happen: buckets round up
+                        continue
+                    plan = _make_plan(shape, cfg, stages, cost, spec, hw, config.memory_gb)
+                    item = (-cost.step_ms, next(counter), plan)
+                    if len(heap) < config.top_k:
+                        heapq.heappush(heap, item)
+                    elif cost.step_ms < -heap[0][0]:
+                        heapq.heapreplace(heap, item)
+    if not heap:
+        if not math.isfinite(min_need):
+            raise ValueError(
+                f"no configuration in the search space: gpus={gpus}, global_batch={spec.global_batch}, "
+                f"micro_batch_sizes={config.micro_batch_sizes}, tp_sizes={tps}; make global_batch a multiple of "
+                "the data-parallel degree times a micro-batch size"
+            )
+        need_gb = (min_need + cm.reserved_gb * 2**30) / cm.usable_fraction / 2**30
+        raise NoFeasiblePlanError(
+            config.memory_gb,
+            need_gb,
+            f"{shape.name} on {gpus} GPUs, global_batch={spec.global_batch}, seq_len={spec.seq_len}",
+        )
+    ranked = [p for _, _, p in sorted(heap, key=lambda x: -x[0])]
+    return SearchResult(ranked[0], ranked, evaluated, pruned, time.perf_counter() - t0)
+
+
+def _layer_terms(cm: CostModel, cfg: ParallelConfig, strats: list[LayerStrategy]) -> list[list[list[Any]]]:
+    """terms[layer][strategy] = [LayerTerms]; layers with equal parameter counts share entries."""
+    by_params: dict[float, list[Any]] = {}
+    out = []
+    for li, p in enumerate(cm.layer_params):
+        if p not in by_params:
+            by_params[p] = [[cm.layer_terms(cfg, s, li)] for s in strats]
+        out.append(by_params[p])
+    return out
+
+
+def _solve_partition(
+    cm: CostModel,
+    cfg: ParallelConfig,
+    strats: list[LayerStrategy],
+    terms: list,
+    sizes: list[int],
+    usable: float,
+    gran: float,
+    cache: dict,
+    bound: float,
+) -> tuple:
+    m = cfg.num_micro_batches
+    # Lower bounds first: min time and min memory per stage ignoring the coupling.
+    start = 0
+    lb_mb, lb_step, need = [], [], 0.0
+    consts = []
+    for i, n in enumerate(sizes):
+        idx = list(range(start, start + n))
+        start += n
+        c = cm.stage_constant(cfg, i, idx)
+        consts.append((idx, c))
+        k = cm.inflight(cfg, i)
+        lb_mb.append(c.mb_ms + sum(min(t[0].mb_ms for t in terms[li]) for li in idx))
+        lb_step.append(c.step_ms + sum(min(t[0].step_ms for t in terms[li]) for li in idx))
+        need = max(
+            need,
+            c.static_bytes
+            + sum(min(t[0].static_bytes + k * t[0].act_bytes for t in terms[li]) for li in idx),
+        )
+    if need > usable:
+        return ("infeasible", need)
+    lb, _ = cm.pipeline_ms(lb_mb, lb_step, m)
+    if lb >= bound:
+        return ("bound",)
+    stages = []
+    for i, (idx, c) in enumerate(consts):
+        k = cm.inflight(cfg, i)
+        key = (cfg, idx[0], idx[-1], k)
+        if key not in cache:
+            budget = int(math.floor((usable - c.static_bytes) / gran))
+            costs = np.array([[m * t[0].mb_ms + t[0].step_ms for t in terms[li]] for li in idx])
+            mems = np.array(
+                [
+                    [math.ceil((t[0].static_bytes + k * t[0].act_bytes) / gran) for t in terms[li]]
+                    for li in idx
+                ]
+            )
+            budget = min(budget, int(mems.max(axis=1).sum()))  # a larger budget changes nothing
+            sol = dp_over_layers(costs, mems, budget)
+            cache[key] = None if sol is None else [strats[s] for s in sol[1]]
+        if cache[key] is None:
+            return ("infeasible", need)
+        stages.append(cache[key])
+    return ("ok", stages)
+
+
+def _make_plan(
+    shape: ModelShape,
+    cfg: ParallelConfig,
+    stages: list[list[LayerStrategy]],
+    cost: PlanCost,
+    spec: TrainingSpec,
+    hw: HardwareProfile,
+    memory_gb: float,
+) -> Plan:
+    predicted = {
+        "step_ms": cost.step_ms,
+        "tokens_per_s": cost.tokens_per_s,
+        "tokens_per_s_per_gpu": cost.tokens_per_s / cfg.gpus,
+        "mfu": cost.mfu,
+        "bubble_ms": cost.bubble_ms,
+        "optimizer_ms": cost.optimizer_ms,
+        "memory_gb": [m / 2**30 for m in cost.stage_memory_bytes],
+        "usable_memory_gb": cost.usable_bytes / 2**30,
+    }
+    hardware = {"name": hw.name, "memory_gb": memory_gb, "achieved_tflops": hw.achieved_tflops}
+    return Plan.from_config(
+        shape,
+        cfg,
+        stages,
+        global_batch=spec.global_batch,
+        seq_len=spec.seq_len,
+        predicted=predicted,
+        hardware=hardware,
+    )
+
+
+search_plans = search  # package-level name (``autoparallel.search`` is this module)
+
+
+def search_plan(
+    model: str | ModelShape | Any,
+    gpus: int,
+    memory_gb: float = 80.0,
+    *,
+    hardware: HardwareProfile | None = None,
+    profile: ModelProfile | None = None,
+    **config: Any,
+) -> Plan:
+    """Convenience: the best :class:`Plan` (``config`` are :class:`SearchConfig` fields)."""
+    return search(
+        model, SearchConfig(gpus=gpus, memory_gb=memory_gb, **config), hardware=hardware, profile=profile
+    ).best
+
+
+def predict(
+    plan: Plan,
+    *,
+    hardware: HardwareProfile | None = None,
+    profile: ModelProfile | None = None,
+    memory_gb: float | None = None,
+    cost_kwargs: dict[str, Any] | None = None,
+) -> PlanCost:
+    """Cost-model prediction for any plan (e.g. a hand-written baseline)."""
+    hw = hardware or HardwareProfile.h100()
+    if profile is not None:
+        hw = profile.calibrate(hw)
+    spec = TrainingSpec(global_batch=plan.global_batch, seq_len=plan.seq_len)
+    cm = CostModel(plan.shape, hw, spec, profile, **(cost_kwargs or {}))
+    return cm.evaluate(
+        plan.config, plan.stage_strategies(), memory_gb if memory_gb is not None else hw.memory_gb
+    )

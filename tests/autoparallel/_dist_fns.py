@@ -1,0 +1,83 @@
+"""Functions run in 2 gloo processes by tests/autoparallel (must be importable at module level)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GLOBAL_BATCH, SEQ = 4, 16
+
+
+def _batch() -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, 500, (GLOBAL_BATCH, SEQ), generator=g)
+
+
+def reference_losses() -> tuple[float, float]:
+    """Single-process loss before and after one SGD step on the global batch."""
+    import torch
+
+    from hf_ext.testing import tiny_llama
+
+    model = tiny_llama(seed=0).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = _batch()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        loss1 = model(input_ids=ids, labels=ids).loss
+    return float(loss.detach()), float(loss1)
+
+
+def _plans() -> dict[str, Any]:
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama_config
+
+    cfg = tiny_llama_config()
+    kw = dict(gpus=2, global_batch=GLOBAL_BATCH, seq_len=SEQ)
+    plans = {
+        "ddp_m2": Plan.uniform(cfg, dp_type="ddp", micro_batch=1, **kw),
+        "fsdp_z3": Plan.uniform(cfg, dp_type="fsdp", zero=3, **kw),
+        "fsdp_ckpt": Plan.uniform(cfg, dp_type="fsdp", zero=3, ckpt=True, micro_batch=1, **kw),
+        "tp2": Plan.uniform(cfg, dp_type="fsdp", tp=2, **kw),
+        "pp2": Plan.uniform(cfg, dp_type="fsdp", pp=2, micro_batch=2, **kw),
+    }
+    mixed = Plan.uniform(cfg, dp_type="fsdp", **kw)
+    mixed.layers = [{"zero": 2, "ckpt": False}, {"zero": 3, "ckpt": True}]
+    plans["fsdp_mixed"] = mixed
+    return plans
+
+
+def apply_all(rank: int, world_size: int) -> dict[str, Any]:
+    """Apply every plan on 2 ranks; return the dp-averaged loss before/after one SGD step."""
+    import torch
+    import torch.distributed as dist
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.profiler import profile_collectives
+    from hf_ext.testing import tiny_llama
+
+    out: dict[str, Any] = {}
+    ids = _batch()
+    for name, plan in _plans().items():
+        model = tiny_llama(seed=0, attn_implementation="sdpa").train()
+        runner = apply_plan(model, plan, param_dtype=None)
+        opt = torch.optim.SGD(runner.parameters(), lr=0.5)
+        local = runner.local_batch(ids)
+        losses = []
+        for step in range(2):
+            loss = runner.train_step(local)
+            if step == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            t = torch.tensor([loss])
+            dist.all_reduce(t)
+            losses.append(float(t) / world_size)  # tp / pp ranks of one replica hold the same loss
+        out[name] = losses
+        flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in model.model.layers]
+        out[name + ":ckpt"] = flags
+        del runner, model, opt
+    out["collectives"] = profile_collectives((1 << 12, 1 << 16), repeats=1)
+    return out

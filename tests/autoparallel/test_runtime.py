@@ -1,0 +1,61 @@
+"""Profiler and runtime (apply_plan on 2 gloo processes) tests."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, ModelProfile, profile_model
+from tests.autoparallel import _dist_fns
+
+
+def test_profile_model_and_cache(tmp_path, tiny_llama):
+    kw = dict(seq_len=32, micro_batches=(1, 2), repeats=1, max_layers=1, cache_dir=str(tmp_path))
+    prof = profile_model(tiny_llama, **kw)
+    assert len(prof.layers) == 2 and prof.layers[0].params == sum(
+        p.numel() for p in tiny_llama.model.layers[0].parameters()
+    )
+    lp = prof.layers[0]
+    assert lp.fwd_ms(2) > 0 and lp.bwd_ms(2) > 0
+    # fp32 layer saves at least its input and the 4 SwiGLU intermediates (bytes per sample).
+    h, f = 64, 128
+    assert lp.act_bytes_per_sample >= 4 * 32 * (h + 4 * f)
+    assert 0.3 < prof.act_calibration < 5
+    # logits [32, 512] in fp32 at least once
+    assert prof.head.act_bytes_per_sample >= 32 * 512 * 4
+    files = list(tmp_path.glob("model_*.json"))
+    assert len(files) == 1
+    t0 = time.perf_counter()
+    again = profile_model(tiny_llama, **kw)
+    assert time.perf_counter() - t0 < 0.5 and again == ModelProfile.load(str(files[0]))
+    hw = prof.calibrate(HardwareProfile.h100())
+    assert hw.achieved_tflops == prof.achieved_tflops and HardwareProfile.from_dict(hw.to_dict()) == hw
+
+
+def test_collective_time_model():
+    hw = HardwareProfile.h100()
+    n = 1 << 30
+    assert hw.collective_ms("all_reduce", n, 1) == 0.0
+    assert hw.collective_ms("all_reduce", n, 8) > hw.collective_ms("all_gather", n, 8)
+    assert hw.collective_ms("all_gather", n, 16, crosses_nodes=True) > hw.collective_ms("all_gather", n, 16)
+    with pytest.raises(ValueError, match="collective"):
+        hw.collective_ms("broadcast", n, 2)
+
+
+def test_apply_plan_two_gloo_ranks_reproduce_single_process(run_distributed):
+    ref0, ref1 = _dist_fns.reference_losses()
+    out = run_distributed(_dist_fns.apply_all, 2)
+    r0 = out[0]
+    for name in ("ddp_m2", "fsdp_z3", "fsdp_ckpt", "fsdp_mixed", "tp2", "pp2"):
+        l0, l1 = r0[name]
+        assert l0 == pytest.approx(ref0, rel=1e-5), name
+        # After one SGD step the loss matches too: gradients were averaged correctly.
+        assert l1 == pytest.approx(ref1, rel=1e-4), name
+        assert out[1][name] == r0[name]
+    assert r0["fsdp_ckpt:ckpt"] == [True, True]
+    assert r0["fsdp_mixed:ckpt"] == [False, True]
+    assert r0["ddp_m2:ckpt"] == [False, False]
+    coll = r0["collectives"]
+    assert set(coll) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"}
+    assert all(v["2"][1] > 0 for v in coll.values())
