@@ -256,8 +256,9 @@ def tiny_wan_pipeline(seed: int = 0) -> Any:
 def triton_interpret() -> Iterator[None]:
     """Set ``TRITON_INTERPRET=1`` while the block runs (for Triton kernels on CPU).
 
-    Triton reads the variable when a kernel is first launched/compiled; kernels defined with
-    ``@triton.jit`` before entering still pick it up at launch in current releases.
+    Triton 3.8 reads the variable when ``triton`` is first imported: this only helps in a process
+    that has not imported triton yet (tests/conftest.py sets it at start-up on machines without CUDA;
+    otherwise run the kernel in a fresh subprocess with the variable set).
     """
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
