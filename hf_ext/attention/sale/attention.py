@@ -1,0 +1,523 @@
+"""The ``"sale"`` attention function for ``transformers.AttentionInterface``.
+
+``sale_attention_forward(module, query, key, value, attention_mask, *, scaling, dropout, **kwargs)``
+takes ``query [B, H, Sq, D]`` and ``key``/``value`` ``[B, Hkv, Sk, D]`` (GQA not repeated) and returns
+``(out [B, Sq, H, D], None)``.
+
+Routing (per call):
+
+* decode steps and prompts shorter than ``SALEConfig.min_seq_len`` -> transformers' dense sdpa (GQA-aware);
+* otherwise the SALE sparse prefill: quantised score estimate -> Relative-Attention-Score block selection
+  -> block-sparse attention (``hf_ext_kernels.sparse_attn.ops.sale_attention``; Triton on CUDA, the torch
+  reference on CPU). The kernels are imported on the first sparse call, never at registration.
+
+Masks: the mask builder registered for ``"sale"`` is transformers' ``sdpa_mask``, so this function receives
+``None`` (plain causal, no padding) or a 4-D boolean/additive mask. A 4-D mask is decoded into a key-padding
+mask and checked to be exactly ``causal & key_padding``; rows with one contiguous run of real tokens (left or
+right padding) are computed on that run alone, so a left-padded batch gives the same result as unpadded
+single runs (the SALE block grid starts at the first real token). Any other structure (packed sequences,
+custom masks, sliding windows) cannot be honoured by the sparse kernel: the call falls back to dense
+attention with a one-time warning (or raises, with ``on_unsupported="error"``). Outputs at padded query
+positions are zeros on the sparse path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hf_ext.attention.sale.config import SALEConfig
+
+__all__ = [
+    "sale_attention_forward",
+    "config_of",
+    "sale_stats",
+    "SALEStats",
+    "reset_warnings",
+    "decode_mask",
+    "sparse_attention",
+]
+
+_DEFAULT = SALEConfig()
+_WARNED: set[str] = set()
+_CFG_CACHE: dict[int, tuple[Any, Any, SALEConfig]] = {}
+_STATE = threading.local()
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _warn_once(key: str, msg: str) -> None:
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(f"hf_ext SALE: {msg}", UserWarning, stacklevel=4)
+
+
+def reset_warnings() -> None:
+    """Forget which one-time warnings were already shown (tests)."""
+    _WARNED.clear()
+
+
+def _ops() -> Any:
+    """The kernel ops module, imported on first use (imports triton on CUDA machines)."""
+    try:
+        return importlib.import_module("hf_ext_kernels.sparse_attn.ops")
+    except ImportError as exc:  # pragma: no cover - packaging problem
+        raise ImportError(
+            "hf_ext SALE needs hf_ext_kernels.sparse_attn.ops (shipped with hf-ext); "
+            "reinstall hf-ext or put the repo's kernels/ folder on PYTHONPATH"
+        ) from exc
+
+
+def config_of(module: Any) -> SALEConfig:
+    """The :class:`SALEConfig` of an attention module: ``module.config.sale_config`` or the defaults.
+
+    The parsed config is cached per dict object (re-parsed when the dict's content changes).
+    """
+    raw = getattr(getattr(module, "config", None), "sale_config", None)
+    if raw is None:
+        return _DEFAULT
+    if isinstance(raw, SALEConfig):
+        return raw
+    hit = _CFG_CACHE.get(id(raw))
+    if hit is not None and hit[0] is raw and hit[1] == raw:
+        return hit[2]
+    cfg = SALEConfig.from_dict(raw)
+    if len(_CFG_CACHE) > 64:
+        _CFG_CACHE.clear()
+    _CFG_CACHE[id(raw)] = (raw, copy.deepcopy(raw), cfg)
+    return cfg
+
+
+@dataclass
+class SALEStats:
+    """Per-call records collected inside :func:`sale_stats`.
+
+    Attributes:
+        calls: one dict per attention call: ``layer_idx``, ``path`` (``"sparse"``, ``"dense"``, or
+            ``"fallback:<reason>"``), ``q_len`` and, on the sparse path, ``kept``/``valid`` block counts.
+    """
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def density(self) -> float:
+        """Kept / causally valid (query-block, key-block) pairs over all sparse calls (1.0 when none)."""
+        kept = sum(c.get("kept", 0) for c in self.calls)
+        valid = sum(c.get("valid", 0) for c in self.calls)
+        return kept / valid if valid else 1.0
+
+    @property
+    def sparse_calls(self) -> int:
+        """How many attention calls took the sparse path."""
+        return sum(1 for c in self.calls if c["path"] == "sparse")
+
+
+@contextlib.contextmanager
+def sale_stats() -> Iterator[SALEStats]:
+    """Collect routing and kept-block density of every ``"sale"`` attention call inside the block.
+
+    Example:
+        >>> from hf_ext.attention.sale.attention import sale_stats
+        >>> with sale_stats() as st:
+        ...     pass
+        >>> st.density
+        1.0
+    """
+    st = SALEStats()
+    old = getattr(_STATE, "stats", None)
+    _STATE.stats = st
+    try:
+        yield st
+    finally:
+        _STATE.stats = old
+
+
+def _record(**kw: Any) -> None:
+    st = getattr(_STATE, "stats", None)
+    if st is not None:
+        st.calls.append(kw)
+
+
+# --------------------------------------------------------------------------------------- dense path
+def _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs) -> tuple:
+    """transformers' own dense attention: sdpa, or the model's eager path when sdpa cannot (softcap)."""
+    if kwargs.get("softcap") is not None:
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise ValueError(
+                f"{type(module).__name__} uses attention logit softcapping, which neither SALE nor sdpa supports, "
+                "and its modeling file has no eager_attention_forward; use attn_implementation='eager'"
+            )
+        # Eager paths add the mask to the scores: turn the sdpa-style mask (None = causal, bool) additive.
+        sq, sk = query.shape[2], key.shape[2]
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if attention_mask is None and causal and sq > 1:
+            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)[
+                None, None
+            ]
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            attention_mask = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not hasattr(module, "num_key_value_groups") and key.shape[1] != query.shape[1]:
+        rep = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
+    extra = {} if is_causal is None else {"is_causal": is_causal}
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **extra, **kwargs
+    )
+
+
+def _dense_slice(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool
+) -> torch.Tensor:
+    """Dense attention on one sequence slice, bottom-right causal, GQA without repeating K/V. [1,H,Sq,D]."""
+    sq, sk = q.shape[2], k.shape[2]
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    if not causal or sq == 1:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, **gqa)
+    if sq == sk:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=True, **gqa)
+    mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+
+
+# ------------------------------------------------------------------------------------- mask decoding
+def _bool_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """4-D bool (True = attend) from a bool or additive float mask; None if the float mask carries a bias."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        return None
+    allowed = mask > torch.finfo(mask.dtype).min / 2
+    if bool((mask[allowed] != 0).any()):
+        return None  # a real additive bias (ALiBi-like): not expressible as a key-padding mask
+    return allowed
+
+
+def _expected_rows(kpm: torch.Tensor, r0: int, r1: int, sq: int, sk: int, causal: bool) -> torch.Tensor:
+    """``causal & key_padding`` for query rows [r0, r1): [B, r1-r0, Sk] bool (bottom-right causal)."""
+    if not causal:
+        return kpm[:, None, :].expand(-1, r1 - r0, -1)
+    rows = torch.arange(r0, r1, device=kpm.device)[:, None] + (sk - sq)
+    cols = torch.arange(sk, device=kpm.device)[None, :]
+    return (cols <= rows)[None] & kpm[:, None, :]
+
+
+def decode_mask(
+    attention_mask: torch.Tensor | None, batch: int, sq: int, sk: int, causal: bool, chunk_rows: int = 1024
+) -> tuple[torch.Tensor | None, str | None]:
+    """Turn the mask transformers hands the attention function into a key-padding mask.
+
+    Args:
+        attention_mask: ``None`` or a 4-D mask ``[B, 1 or H, Sq, Sk]`` (bool True = attend, or additive float).
+        batch, sq, sk: batch size, query and key lengths.
+        causal: whether the layer is causal (bottom-right aligned).
+
+    Returns:
+        ``(key_padding_mask [B, Sk] bool or None, None)`` when the mask is exactly ``causal & key_padding``,
+        else ``(None, reason)`` naming why the sparse kernel cannot honour it.
+    """
+    if attention_mask is None:
+        return None, None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        return None, f"attention mask of type {type(attention_mask).__name__} / shape is not a 4-D tensor"
+    m = _bool_mask(attention_mask)
+    if m is None:
+        return None, "additive attention mask carries a bias (not a padding/causal mask)"
+    if m.shape[-2] != sq or m.shape[-1] < sk:
+        return None, f"attention mask shape {tuple(m.shape)} does not match query/key lengths ({sq}, {sk})"
+    m = m[..., :sk]
+    if m.shape[0] not in (1, batch):
+        return None, f"attention mask batch {m.shape[0]} does not match batch {batch}"
+    m = m.expand(batch, -1, -1, -1)
+    # The last query row sees every real key under a bottom-right causal mask (and in a non-causal one).
+    kpm = m[:, 0, -1, :].clone()
+    for r0 in range(0, sq, chunk_rows):
+        r1 = min(sq, r0 + chunk_rows)
+        exp = _expected_rows(kpm, r0, r1, sq, sk, causal)
+        if not torch.equal(m[:, :, r0:r1, :], exp[:, None].expand(-1, m.shape[1], -1, -1)):
+            return None, "attention mask is not causal + key padding (packed sequences or a custom mask)"
+    if bool(kpm.all()):
+        return None, None
+    return kpm, None
+
+
+def _spans(kpm: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per row (start, end) of the real keys when each row is one contiguous run; None otherwise."""
+    counts = kpm.sum(-1).tolist()
+    idx = torch.arange(kpm.shape[-1], device=kpm.device)
+    first = torch.where(kpm, idx, kpm.shape[-1]).min(-1).values.tolist()
+    last = torch.where(kpm, idx, -1).max(-1).values.tolist()
+    spans = []
+    for c, s, e in zip(counts, first, last):
+        if c == 0:
+            spans.append((0, 0))
+        elif e - s + 1 != c:
+            return None
+        else:
+            spans.append((s, e + 1))
+    return spans
+
+
+# ----------------------------------------------------------------------------------- sparse path
+def _unsupported_reason(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    kwargs: dict,
+    cfg: SALEConfig,
+) -> tuple[str, str] | None:
+    """(kind, message) when the sparse kernel cannot take this call."""
+    dev = query.device.type
+    if kwargs.get("softcap") is not None:
+        return (
+            "softcap",
+            f"attention logit softcapping (softcap={kwargs['softcap']}) is not supported by SALE",
+        )
+    if kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None:
+        return "bias", "attention biases / sink logits (position_bias, s_aux) are not supported by SALE"
+    sw = kwargs.get("sliding_window")
+    if sw is not None and key.shape[2] > int(sw):
+        return "sliding_window", (
+            f"sliding-window layers (sliding_window={sw} < key length {key.shape[2]}) are not supported by SALE"
+        )
+    if (dropout and dropout > 0.0) or (torch.is_grad_enabled() and query.requires_grad):
+        return (
+            "training",
+            "SALE is an inference (prefill) method; training / dropout / autograd use dense attention",
+        )
+    if query.shape[-1] != key.shape[-1] or key.shape[-1] != value.shape[-1]:
+        return "head_dim", (
+            f"query/key/value head dims {query.shape[-1]}/{key.shape[-1]}/{value.shape[-1]} differ; SALE needs equal dims"
+        )
+    if query.shape[1] % key.shape[1]:
+        return "gqa", f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} key/value heads"
+    if dev not in ("cuda", "cpu"):
+        return "device", f"device {dev!r} is not supported by SALE (supported: cuda, cpu)"
+    backend = cfg.backend
+    uses_triton = backend == "triton" or (backend == "auto" and dev == "cuda")
+    if backend == "triton" and dev != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            "device",
+            f"backend='triton' needs a CUDA tensor, got device {dev!r} (use backend='auto' or 'torch')",
+        )
+    ops = _ops()
+    if query.dtype not in ops.SUPPORTED_DTYPES:
+        return (
+            "dtype",
+            f"dtype {query.dtype} is not supported by the SALE kernels (supported: {ops.SUPPORTED_DTYPES})",
+        )
+    if uses_triton and query.shape[-1] not in ops.TRITON_HEAD_DIMS:
+        return "head_dim", (
+            f"head dim {query.shape[-1]} is not supported by the SALE Triton kernel "
+            f"(supported: {ops.TRITON_HEAD_DIMS}; the torch reference takes any)"
+        )
+    return None
+
+
+def _valid_blocks(sq: int, sk: int, bq: int, bk: int, causal: bool) -> int:
+    """Number of (query-block, key-block) pairs holding at least one allowed (bottom-right causal) pair."""
+    nqb = -(-sq // bq)
+    nkb = -(-sk // bk)
+    if not causal:
+        return nqb * nkb
+    total = 0
+    for i in range(nqb):
+        last = min((i + 1) * bq, sq) - 1 + (sk - sq)
+        total += min(nkb, last // bk + 1) if last >= 0 else 0
+    return total
+
+
+def _block_sizes(cfg: SALEConfig) -> tuple[int, int]:
+    if cfg.block_q is not None and cfg.block_k is not None:
+        return cfg.block_q, cfg.block_k
+    ops = _ops()
+    return cfg.block_q or ops.DEFAULT_BLOCK_Q, cfg.block_k or ops.DEFAULT_BLOCK_K
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    taus: torch.Tensor,
+    cfg: SALEConfig,
+    *,
+    scale: float | None,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    want_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SALE on one batch: ``q [B,H,Sq,D]``, ``k/v [B,Hkv,Sk,D]``, ``taus [H]`` -> ``(out [B,H,Sq,D], mask)``.
+
+    A ``tau`` of 0 (a calibrated "dense" head) keeps every visible block. ``mask`` is the kept-block mask
+    ``[B,H,nQb,nKb]`` when ``want_mask``.
+    """
+    bq, bk = _block_sizes(cfg)
+    res = _ops().sale_attention(
+        q,
+        k,
+        v,
+        tau=taus.to(device=q.device, dtype=torch.float32),
+        causal=causal,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        block_q=bq,
+        block_k=bk,
+        sink_blocks=cfg.sink_blocks,
+        local_window=cfg.local_window,
+        bits=cfg.bits,
+        backend=cfg.backend,
+        return_mask=want_mask,
+    )
+    if want_mask:
+        out, mask = res
+        return out, mask
+    return res, None
+
+
+def _run_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kpm: torch.Tensor | None,
+    taus: torch.Tensor,
+    cfg: SALEConfig,
+    scale: float | None,
+    causal: bool,
+    want_mask: bool,
+    force_sparse: bool = False,
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Sparse attention over a batch, honouring key padding. Returns (out [B,H,Sq,D], per-part records)."""
+    b, _, sq, _ = query.shape
+    sk = key.shape[2]
+    bq, bk = _block_sizes(cfg)
+    recs: list[dict[str, Any]] = []
+
+    def one(q, k, v, pad):
+        n = q.shape[2]
+        if not force_sparse and n < cfg.min_seq_len:
+            recs.append({"path": "dense", "q_len": n})
+            return _dense_slice(q, k, v, scale, causal)
+        out, mask = sparse_attention(
+            q, k, v, taus, cfg, scale=scale, causal=causal, key_padding_mask=pad, want_mask=want_mask
+        )
+        rec: dict[str, Any] = {"path": "sparse", "q_len": n}
+        if mask is not None:
+            rec["kept"] = int(mask.sum())
+            rec["valid"] = _valid_blocks(n, k.shape[2], bq, bk, causal) * q.shape[0] * q.shape[1]
+        recs.append(rec)
+        return out
+
+    spans = None if kpm is None else _spans(kpm)
+    if kpm is None or spans is None:
+        return one(query, key, value, kpm), recs
+    out = query.new_zeros(query.shape)
+    off = sk - sq  # position of query row 0
+    for i, (s, e) in enumerate(spans):
+        if e <= s:
+            continue  # a row without real keys: zeros
+        if causal:  # query rows whose own token is real: positions [max(s, off), e)
+            qs, qe = max(s - off, 0), e - off
+            if qe <= qs:
+                continue
+        else:  # non-causal: every query row attends to the real keys
+            qs, qe = 0, sq
+        out[i : i + 1, :, qs:qe] = one(
+            query[i : i + 1, :, qs:qe], key[i : i + 1, :, s:e], value[i : i + 1, :, s:e], None
+        )
+    return out, recs
+
+
+def sale_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SALE attention with transformers' ``AttentionInterface`` signature.
+
+    Args:
+        module: the attention module (reads ``module.config.sale_config``, ``module.layer_idx``,
+            ``module.is_causal``).
+        query: ``[B, H, Sq, D]``; key, value: ``[B, Hkv, Sk, D]`` (GQA not repeated).
+        attention_mask: ``None`` or the 4-D mask from the registered mask builder (``sdpa_mask``).
+        dropout, scaling, is_causal: as for sdpa.
+        **kwargs: model extras (``sliding_window``, ``softcap``, ...), checked and passed to the dense path.
+
+    Returns:
+        ``(out [B, Sq, H, D], None)``.
+    """
+    sq = query.shape[2]
+    layer_idx = getattr(module, "layer_idx", None)
+    if sq == 1:  # decode step: dense, without touching the config
+        _record(layer_idx=layer_idx, path="dense", q_len=sq)
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    cfg = config_of(module)
+    calib = getattr(_STATE, "calibrator", None)
+    if calib is not None and sq > 1:
+        out = _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+        calib.observe(module, query, key, value, attention_mask, out[0], scaling, is_causal, kwargs, dropout)
+        return out
+    if sq < 2 or sq < cfg.min_seq_len:
+        _record(layer_idx=layer_idx, path="dense", q_len=sq)
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+
+    plan = _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs, cfg)
+    if isinstance(plan, str):
+        _record(layer_idx=layer_idx, path=f"fallback:{plan}", q_len=sq)
+        return _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    key, value, kpm, causal = plan
+    taus = torch.tensor(cfg.tau_for(layer_idx, query.shape[1]), dtype=torch.float32)
+    want_mask = getattr(_STATE, "stats", None) is not None
+    out, recs = _run_rows(query, key, value, kpm, taus, cfg, scaling, causal, want_mask)
+    for r in recs:
+        _record(layer_idx=layer_idx, **r)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs, cfg):
+    """Check a call for the sparse path: ``(key, value, key_padding_mask, causal)`` or a fallback kind."""
+    reason = _unsupported_reason(module, query, key, value, dropout, kwargs, cfg)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    sq, sk = query.shape[2], key.shape[2]
+    kpm = None
+    if reason is None:
+        if attention_mask is None:
+            # Mirror sdpa: no mask + causal + longer keys = prefill into an empty static cache -> first Sq keys.
+            if causal and sk > sq:
+                key, value = key[:, :, :sq], value[:, :, :sq]
+        else:
+            kpm, why = decode_mask(attention_mask, query.shape[0], sq, sk, causal)
+            if why is not None:
+                reason = ("mask", why)
+    if reason is None:
+        return key, value, kpm, causal
+    kind, msg = reason
+    if cfg.on_unsupported == "error":
+        raise ValueError(
+            f"hf_ext SALE cannot run this attention call: {msg} (set on_unsupported='fallback' "
+            "in SALEConfig for dense attention instead)"
+        )
+    _warn_once(kind, f"{msg}; using dense attention for such calls (this warning is shown once).")
+    return kind

@@ -1,0 +1,254 @@
+"""Per-(layer, head) threshold calibration for SALE, as in the reference implementation.
+
+For every attention layer and query head: start at ``tau = tau_init`` (0.008) and halve it until the L1
+error of the head's sparse output against the dense output on a calibration prompt is below ``theta * N``
+(``N`` = number of real query tokens of that prompt; the error sums ``|sparse - dense|`` over the prompt's
+tokens and the head dimension). A tau that falls to ``tau_min`` (1e-4) or below becomes 0, which keeps every
+block of that head (dense). Prompts are processed in turn and a head's tau only ever decreases, so the
+final tau satisfies the criterion on the prompts it was tightened on. This follows BirdChristopher/SALE's
+``kv_retrieve_calib.py`` (``--threshold 0.008``, ``--error`` = theta, halving, zero below 1e-4).
+
+The per-layer q/k/v are captured inside the ``"sale"`` attention function (after RoPE / q-k norms, exactly
+what the kernel sees); the model keeps running on the dense outputs so later layers see exact activations.
+The result is written to ``model.config.sale_config["taus"]`` (a nested list ``[num_layers][num_heads]``),
+so ``save_pretrained`` / ``from_pretrained`` keep it.
+
+Example:
+    >>> import torch
+    >>> from hf_ext.testing import tiny_llama
+    >>> from hf_ext.attention.sale import SALEConfig, calibrate
+    >>> model = tiny_llama()
+    >>> ids = torch.randint(3, 500, (1, 96))
+    >>> cfg = calibrate(model, ids, theta=0.4, config=SALEConfig(block_q=16, block_k=16, local_window=16))
+    >>> len(cfg.taus), len(cfg.taus[0])
+    (2, 4)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from hf_ext.attention.sale import attention as _attn
+from hf_ext.attention.sale.config import SALEConfig
+from hf_ext.attention.sale.integration import set_sale_config
+
+__all__ = ["calibrate", "Calibrator"]
+
+
+class Calibrator:
+    """Collects per-(layer, head) thresholds while a model runs dense under :func:`calibrating`.
+
+    Attributes:
+        taus: ``{layer_idx: tensor [H]}`` current thresholds.
+        skipped: ``{layer_idx: reason}`` for layers the sparse path cannot take (they stay dense at run time).
+        steps: number of (layer, prompt) observations.
+    """
+
+    def __init__(self, cfg: SALEConfig, theta: float, tau_init: float, tau_min: float) -> None:
+        self.cfg = cfg
+        self.theta = theta
+        self.tau_init = tau_init
+        self.tau_min = tau_min
+        self.taus: dict[int, torch.Tensor] = {}
+        self.skipped: dict[int, str] = {}
+        self.steps = 0
+
+    @torch.no_grad()
+    def observe(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dense_out: torch.Tensor,
+        scaling: float | None,
+        is_causal: bool | None,
+        kwargs: dict,
+        dropout: float,
+    ) -> None:
+        """Tighten the thresholds of ``module.layer_idx`` on one prompt batch.
+
+        ``query [B,H,Sq,D]``, ``key``/``value`` ``[B,Hkv,Sk,D]``, ``dense_out [B,Sq,H,D]`` (the dense result).
+        """
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            return
+        reason = _attn._unsupported_reason(module, query, key, value, dropout, kwargs, self.cfg)
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        sq, sk = query.shape[2], key.shape[2]
+        kpm = None
+        if reason is None:
+            if attention_mask is None:
+                if causal and sk > sq:
+                    key, value, sk = key[:, :, :sq], value[:, :, :sq], sq
+            else:
+                kpm, why = _attn.decode_mask(attention_mask, query.shape[0], sq, sk, causal)
+                if why is not None:
+                    reason = ("mask", why)
+        if reason is not None:
+            self.skipped[layer] = reason[1]
+            return
+        h = query.shape[1]
+        taus = self.taus.setdefault(layer, torch.full((h,), float(self.tau_init), dtype=torch.float64))
+        ref = dense_out.transpose(1, 2).float()  # [B,H,Sq,D]
+        if kpm is None:
+            valid = torch.ones(query.shape[0], sq, dtype=torch.bool, device=query.device)
+        else:
+            valid = kpm[:, sk - sq :]  # a query row counts when its own token is real
+        n = valid.sum(-1).float()  # [B]
+        w = valid[:, None, :, None].float()
+        while True:
+            out, _ = _attn._run_rows(
+                query, key, value, kpm, taus, self.cfg, scaling, causal, False, force_sparse=True
+            )
+            err = ((out.float() - ref).abs() * w).sum(dim=(2, 3))  # [B,H]
+            fail = (err >= self.theta * n[:, None]).any(dim=0).cpu() & (taus > 0)
+            if not bool(fail.any()):
+                break
+            taus[fail] = taus[fail] / 2
+            taus[taus <= self.tau_min] = 0.0
+        self.steps += 1
+
+
+@contextlib.contextmanager
+def calibrating(calibrator: Calibrator) -> Iterator[Calibrator]:
+    """Route every ``"sale"`` prefill call inside the block to ``calibrator`` (outputs stay dense)."""
+    old = getattr(_attn._STATE, "calibrator", None)
+    _attn._STATE.calibrator = calibrator
+    try:
+        yield calibrator
+    finally:
+        _attn._STATE.calibrator = old
+
+
+def _batches(inputs: Any) -> list[dict[str, torch.Tensor]]:
+    def one(x: Any) -> dict[str, torch.Tensor]:
+        if isinstance(x, torch.Tensor):
+            if x.dim() == 1:
+                x = x[None]
+            if x.dim() != 2 or x.is_floating_point():
+                raise ValueError(
+                    f"inputs: a tensor must be integer token ids [B, S] or [S], got dtype {x.dtype} shape {tuple(x.shape)}"
+                )
+            return {"input_ids": x}
+        if hasattr(x, "keys") and "input_ids" in x:
+            out = one(x["input_ids"])
+            am = x.get("attention_mask")
+            if am is not None:
+                out["attention_mask"] = am[None] if am.dim() == 1 else am
+            return out
+        raise ValueError(
+            "inputs must be token ids (tensor [B, S]), a dict / BatchEncoding with 'input_ids' "
+            f"(and optional 'attention_mask'), or a list of those; got {type(x).__name__}"
+        )
+
+    if isinstance(inputs, torch.Tensor) or (hasattr(inputs, "keys") and "input_ids" in inputs):
+        items = [inputs]
+    elif isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes)):
+        items = list(inputs)
+    else:
+        items = [inputs]
+    if not items:
+        raise ValueError("inputs is empty: give at least one calibration prompt")
+    return [one(x) for x in items]
+
+
+def calibrate(
+    model: Any,
+    inputs: Any,
+    theta: float = 0.4,
+    *,
+    tau_init: float = 0.008,
+    tau_min: float = 1e-4,
+    config: SALEConfig | dict | None = None,
+    progress: bool = False,
+) -> SALEConfig:
+    """Calibrate per-(layer, head) SALE thresholds on ``inputs`` and store them on the model config.
+
+    Args:
+        model: a transformers causal LM (any attention implementation; ``"sale"`` is used during the run and
+            the previous implementation restored afterwards).
+        inputs: token ids ``[B, S]``, a dict/``BatchEncoding`` with ``input_ids`` (+ ``attention_mask``), or a
+            list of those (each one forward pass). Long, representative prompts give the best thresholds.
+        theta: error budget per token: a head passes when ``sum |sparse - dense| < theta * N`` (> 0).
+        tau_init: starting threshold, in (0, 1) (the reference uses 0.008).
+        tau_min: thresholds at or below this become 0 (dense head), in [0, tau_init).
+        config: block sizes etc. to calibrate for (default: the model's stored config or the defaults);
+            ``min_seq_len`` does not apply during calibration.
+        progress: show a progress bar over the prompts.
+
+    Returns:
+        The new :class:`SALEConfig`, with ``taus`` ``[num_layers][num_heads]``; also written to
+        ``model.config.sale_config``.
+    """
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ValueError(f"theta={theta!r} is invalid: it must be a positive float (the reference uses 0.4)")
+    if not 0.0 < tau_init < 1.0:
+        raise ValueError(f"tau_init={tau_init!r} is invalid: it must be in (0, 1)")
+    if not 0.0 <= tau_min < tau_init:
+        raise ValueError(f"tau_min={tau_min!r} is invalid: it must be in [0, tau_init)")
+    if config is None:
+        config = getattr(model.config, "sale_config", None)
+    cfg = SALEConfig.from_dict(config)
+    batches = _batches(inputs)
+
+    from hf_ext.attention.sale._registration import register_now
+
+    register_now()
+    prev = getattr(model.config, "_attn_implementation", None)
+    cal = Calibrator(cfg, float(theta), float(tau_init), float(tau_min))
+    device = next(model.parameters()).device
+    set_sale_config(model, cfg)
+    try:
+        if prev != "sale":
+            model.set_attn_implementation("sale")
+        it = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(batches, desc="SALE calibration")
+        with calibrating(cal), torch.no_grad():
+            for b in it:
+                model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
+    finally:
+        if prev != "sale" and prev is not None:
+            model.set_attn_implementation(prev)
+    if not cal.taus:
+        raise RuntimeError(
+            "calibration observed no attention layer: the model does not dispatch through transformers' "
+            "AttentionInterface, or every layer is unsupported by SALE "
+            f"(skipped: {cal.skipped or 'none'})"
+        )
+
+    layers = [getattr(m, "layer_idx", None) for m in model.modules() if hasattr(m, "layer_idx")]
+    n_layers = max([i for i in layers if isinstance(i, int)] + list(cal.taus)) + 1
+    n_heads = len(next(iter(cal.taus.values())))
+    table: list[list[float]] = []
+    for li in range(n_layers):
+        if li in cal.taus:
+            table.append([float(t) for t in cal.taus[li].tolist()])
+        elif cfg.taus is not None and li < len(cfg.taus) and len(cfg.taus[li]) == n_heads:
+            table.append(list(cfg.taus[li]))
+        else:
+            table.append([cfg.tau] * n_heads)
+    new = replace(cfg, taus=table)
+    set_sale_config(model, new)
+    return new
+
+
+class _CallableModule(types.ModuleType):
+    """``hf_ext.attention.sale.calibrate`` is both this module and the function: calling the module calls it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SALEConfig:
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,201 @@
+"""Configuration of SALE sparse prefill attention.
+
+The config is stored on ``model.config.sale_config`` as a plain dict (``SALEConfig.to_dict()``), so
+``save_pretrained`` writes it into ``config.json`` and ``from_pretrained`` restores it; the attention
+function reads it back with :meth:`SALEConfig.from_dict`.
+
+This module imports nothing heavy (no torch), so it is safe to import from ``import hf_ext``.
+
+Example:
+    >>> cfg = SALEConfig(tau=0.002, min_seq_len=256, block_q=16, block_k=16)
+    >>> SALEConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    >>> cfg.tau_for(layer_idx=0, num_heads=2)
+    [0.002, 0.002]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+_BACKENDS = ("auto", "triton", "torch")
+_ON_UNSUPPORTED = ("fallback", "error")
+_BITS = (4, 8)
+_BLOCKS = (16, 32, 64, 128)
+
+
+@dataclass
+class SALEConfig:
+    """Settings of the ``"sale"`` attention implementation.
+
+    A (query-block, key-block) pair is computed when some query row of the block gives one of the block's
+    keys an (estimated) softmax weight above ``tau`` (the Relative Attention Score test). Smaller ``tau``
+    keeps more blocks (more accurate, slower); ``tau -> 0`` is dense attention.
+    """
+
+    tau: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Default Relative-Attention-Score threshold, in (0, 1). Used for every (layer, head) "
+            "that has no calibrated value in `taus`."
+        },
+    )
+    taus: list[list[float]] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-layer, per-query-head thresholds [num_layers][num_heads] (written by "
+            "`calibrate`); each value in [0, 1), 0 keeps every block of that head (dense). None: use `tau`."
+        },
+    )
+    block_q: int | None = field(
+        default=None,
+        metadata={
+            "help": "Query block size (16, 32, 64 or 128); None: the kernel default (DEFAULT_BLOCK_Q)."
+        },
+    )
+    block_k: int | None = field(
+        default=None,
+        metadata={"help": "Key block size (16, 32, 64 or 128); None: the kernel default (DEFAULT_BLOCK_K)."},
+    )
+    sink_blocks: int = field(
+        default=1, metadata={"help": "Leading key blocks always kept (attention sinks), >= 0."}
+    )
+    local_window: int = field(
+        default=128, metadata={"help": "Keys before the diagonal that are always kept (local window), >= 0."}
+    )
+    min_seq_len: int = field(
+        default=4096,
+        metadata={
+            "help": "Prompts (query length) shorter than this use dense sdpa; decode steps always do. >= 2."
+        },
+    )
+    bits: int = field(default=8, metadata={"help": "Quantisation bits of the Q/K score estimate: 8 or 4."})
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Kernel backend: 'auto' (Triton on CUDA, torch reference elsewhere), 'triton', 'torch'."
+        },
+    )
+    on_unsupported: str = field(
+        default="fallback",
+        metadata={
+            "help": "What to do on an input the sparse kernel cannot take (dtype, head dim, device, "
+            "softcap, sliding window, custom mask): 'fallback' = dense attention with a one-time "
+            "warning, 'error' = raise ValueError."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.tau, bool)
+            or not isinstance(self.tau, (int, float))
+            or not 0.0 < float(self.tau) < 1.0
+        ):
+            raise ValueError(f"tau={self.tau!r} is invalid: it must be a float in the open interval (0, 1)")
+        self.tau = float(self.tau)
+        if self.taus is not None:
+            self.taus = self._check_taus(self.taus)
+        for name in ("block_q", "block_k"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or v not in _BLOCKS:
+                raise ValueError(
+                    f"{name}={v!r} is invalid: allowed values are None (kernel default) or {list(_BLOCKS)}"
+                )
+        for name, lo in (("sink_blocks", 0), ("local_window", 0), ("min_seq_len", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}={v!r} is invalid: it must be an integer >= {lo}")
+        if self.bits not in _BITS or isinstance(self.bits, bool):
+            raise ValueError(f"bits={self.bits!r} is invalid: allowed values are {list(_BITS)}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is invalid: allowed values are {list(_BACKENDS)}")
+        if self.on_unsupported not in _ON_UNSUPPORTED:
+            raise ValueError(
+                f"on_unsupported={self.on_unsupported!r} is invalid: allowed values are {list(_ON_UNSUPPORTED)}"
+            )
+
+    @staticmethod
+    def _check_taus(taus: Any) -> list[list[float]]:
+        if not isinstance(taus, (list, tuple)) or not taus:
+            raise ValueError(
+                "taus is invalid: it must be None or a non-empty nested list [num_layers][num_heads]"
+            )
+        out: list[list[float]] = []
+        width = None
+        for li, row in enumerate(taus):
+            if not isinstance(row, (list, tuple)) or not row:
+                raise ValueError(
+                    f"taus[{li}] is invalid: each layer needs a non-empty list of per-head values"
+                )
+            if width is None:
+                width = len(row)
+            elif len(row) != width:
+                raise ValueError(
+                    f"taus[{li}] has {len(row)} heads but taus[0] has {width}: rows must be equal length"
+                )
+            vals = []
+            for hi, t in enumerate(row):
+                if (
+                    isinstance(t, bool)
+                    or not isinstance(t, (int, float))
+                    or not 0.0 <= float(t) < 1.0
+                    or math.isnan(t)
+                ):
+                    raise ValueError(f"taus[{li}][{hi}]={t!r} is invalid: per-head tau must be in [0, 1)")
+                vals.append(float(t))
+            out.append(vals)
+        return out
+
+    # ------------------------------------------------------------------------------ lookup
+    def tau_for(self, layer_idx: int | None, num_heads: int) -> list[float]:
+        """Per-query-head thresholds of one layer (``len == num_heads``).
+
+        Raises ``ValueError`` when ``taus`` was calibrated for a different head count or has no row for
+        ``layer_idx``.
+        """
+        if self.taus is None or layer_idx is None:
+            return [self.tau] * num_heads
+        if not 0 <= layer_idx < len(self.taus):
+            raise ValueError(
+                f"sale_config.taus has {len(self.taus)} layers but layer_idx={layer_idx} was requested; "
+                "re-run calibrate() for this model or set taus=None"
+            )
+        row = self.taus[layer_idx]
+        if len(row) != num_heads:
+            raise ValueError(
+                f"sale_config.taus[{layer_idx}] has {len(row)} heads but the layer has {num_heads} query heads; "
+                "re-run calibrate() for this model or set taus=None"
+            )
+        return list(row)
+
+    # ------------------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (what is stored on ``model.config.sale_config``)."""
+        d = asdict(self)
+        if d["taus"] is not None:
+            d["taus"] = [list(r) for r in d["taus"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | SALEConfig | None) -> SALEConfig:
+        """Inverse of :meth:`to_dict`; ``None`` gives the defaults. Unknown keys raise ``ValueError``."""
+        if d is None:
+            return cls()
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"sale_config must be a dict or SALEConfig, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"sale_config has unknown keys {unknown}; allowed keys are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> help text (used by the docs table)."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

@@ -1,0 +1,88 @@
+"""Switching SALE on and off on a loaded transformers model.
+
+Example:
+    >>> from hf_ext.testing import tiny_llama
+    >>> from hf_ext.attention.sale import SALEConfig, enable_sale, disable_sale
+    >>> model = enable_sale(tiny_llama(), SALEConfig(min_seq_len=256, block_q=16, block_k=16))
+    >>> model.config._attn_implementation, model.config.sale_config["block_q"]
+    ('sale', 16)
+    >>> disable_sale(model).config._attn_implementation
+    'sdpa'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hf_ext.attention.sale.config import SALEConfig
+
+_PREV_ATTR = "_hf_ext_sale_previous_attn"
+
+
+def _attention_configs(model: Any) -> list[Any]:
+    """``model.config`` plus every distinct config object held by an attention module (sub-configs)."""
+    out = [model.config]
+    seen = {id(model.config)}
+    for mod in model.modules():
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and hasattr(mod, "layer_idx") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+def set_sale_config(model: Any, config: SALEConfig | dict | None) -> SALEConfig:
+    """Validate ``config`` and store it as a plain dict on ``model.config.sale_config`` (and sub-configs).
+
+    A plain dict survives ``save_pretrained`` / ``from_pretrained`` in ``config.json``.
+    """
+    cfg = SALEConfig.from_dict(config)
+    for c in _attention_configs(model):
+        c.sale_config = cfg.to_dict()
+    return cfg
+
+
+def get_sale_config(model: Any) -> SALEConfig:
+    """The model's :class:`SALEConfig` (defaults when none is stored)."""
+    return SALEConfig.from_dict(getattr(model.config, "sale_config", None))
+
+
+def enable_sale(model: Any, config: SALEConfig | dict | None = None) -> Any:
+    """Switch ``model`` to the ``"sale"`` attention implementation (in place; returns ``model``).
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose attention uses ``AttentionInterface``
+            (Llama, Qwen2/3, Mistral, Gemma family, ...).
+        config: a :class:`SALEConfig` (or its dict); ``None`` keeps the config already stored on the model
+            (e.g. calibrated thresholds loaded by ``from_pretrained``) or uses the defaults.
+
+    The previous implementation is remembered; :func:`disable_sale` restores it.
+    """
+    from hf_ext.attention.sale._registration import register_now
+
+    register_now()
+    if config is None:
+        config = getattr(model.config, "sale_config", None)
+    set_sale_config(model, config)
+    prev = getattr(model.config, "_attn_implementation", None)
+    if prev != "sale":
+        setattr(model, _PREV_ATTR, prev)
+    model.set_attn_implementation("sale")
+    if getattr(model.config, "_attn_implementation", None) != "sale":
+        raise ValueError(
+            f"{type(model).__name__} refused attn_implementation='sale' (it does not dispatch through "
+            "transformers' AttentionInterface); SALE supports models that do (Llama, Qwen2/3, Mistral, Gemma, ...)"
+        )
+    return model
+
+
+def disable_sale(model: Any) -> Any:
+    """Restore the attention implementation that was active before :func:`enable_sale` (``"sdpa"`` if unknown).
+
+    The stored ``sale_config`` is kept, so calibrated thresholds survive a disable/enable cycle.
+    """
+    prev = getattr(model, _PREV_ATTR, None) or "sdpa"
+    model.set_attn_implementation(prev)
+    if hasattr(model, _PREV_ATTR):
+        delattr(model, _PREV_ATTR)
+    return model

@@ -1,0 +1,102 @@
+"""Calibration: the reference's halving criterion per (layer, head), stored in the config, round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_ext.attention.sale import SALEConfig, calibrate, enable_sale, sale_stats
+from hf_ext.attention.sale.calibrate import Calibrator, calibrating
+from tests.sale._models import rand_ids, tiny_family
+
+CFG = SALEConfig(block_q=16, block_k=16, local_window=32, min_seq_len=64)
+
+
+def _model_with_distinct_heads():
+    """Tiny Llama whose query heads differ in sharpness, so calibrated thresholds differ per head."""
+    model = tiny_family("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.self_attn.q_proj.weight.view(4, 16, -1)
+            for h, f in enumerate((0.5, 1.0, 4.0, 12.0)):
+                w[h] *= f
+    return model
+
+
+class _Recorder(Calibrator):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen = {}
+
+    def observe(self, module, query, key, value, attention_mask, dense_out, *rest):
+        self.seen[module.layer_idx] = (query.clone(), key.clone(), value.clone(), dense_out.clone())
+
+
+def _head_errors(q, k, v, dense, taus):
+    from hf_ext_kernels.sparse_attn import ops
+
+    out = ops.sale_attention(
+        q, k, v, tau=torch.tensor(taus), block_q=16, block_k=16, local_window=32, backend="torch"
+    )
+    return (out.float() - dense.transpose(1, 2).float()).abs().sum(dim=(0, 2, 3))  # [H]
+
+
+def test_calibrate_follows_the_reference_criterion_per_head():
+    model = _model_with_distinct_heads()
+    ids = rand_ids(256)
+    theta = 0.05
+    new = calibrate(model, ids, theta=theta, config=CFG)
+    assert len(new.taus) == 2 and all(len(r) == 4 for r in new.taus)
+    assert len({t for row in new.taus for t in row}) >= 2, new.taus  # per-head values differ
+    allowed = {0.008 / 2**i for i in range(7)} | {0.0}
+    assert all(min(abs(t - a) for a in allowed) < 1e-12 for row in new.taus for t in row), new.taus
+    assert model.config.sale_config["taus"] == new.taus
+
+    rec = _Recorder(CFG, theta, 0.008, 1e-4)
+    model.set_attn_implementation("sale")
+    with calibrating(rec), torch.no_grad():
+        model(ids, use_cache=False)
+    n = ids.shape[1]
+    for layer, (q, k, v, dense) in rec.seen.items():
+        taus = new.taus[layer]
+        err = _head_errors(q, k, v, dense, taus)
+        assert bool((err < theta * n).all()), (layer, err, taus)  # the calibrated tau meets the budget
+        looser = [min(2 * t, 0.008) if t > 0 else 0.0 for t in taus]
+        err2 = _head_errors(q, k, v, dense, looser)
+        for h, t in enumerate(taus):
+            if 0 < t < 0.008:  # it was halved, so the previous (doubled) value broke the budget
+                assert err2[h] >= theta * n, (layer, h, float(err2[h]), t)
+
+
+def test_calibrated_taus_round_trip_and_are_used(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _model_with_distinct_heads()
+    new = calibrate(model, [rand_ids(200), {"input_ids": rand_ids(150, seed=3)}], theta=0.05, config=CFG)
+    assert model.config._attn_implementation == "sdpa"  # restored after calibration
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sale").eval()
+    assert SALEConfig.from_dict(loaded.config.sale_config).taus == new.taus
+    # the loaded thresholds drive the kernel: all-zero taus (dense heads) reproduce sdpa exactly
+    ids = rand_ids(256, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+    enable_sale(
+        loaded, SALEConfig.from_dict({**loaded.config.sale_config, "taus": [[0.0] * 4] * 2, "tau": 0.5})
+    )
+    with torch.no_grad(), sale_stats() as st:
+        out = loaded(ids).logits
+    assert st.sparse_calls == 2
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_calibrate_bad_arguments():
+    model = tiny_family("llama")
+    with pytest.raises(ValueError, match="theta"):
+        calibrate(model, rand_ids(64), theta=0)
+    with pytest.raises(ValueError, match="tau_init"):
+        calibrate(model, rand_ids(64), tau_init=1.5)
+    with pytest.raises(ValueError, match="inputs"):
+        calibrate(model, [], theta=0.4)
+    with pytest.raises(ValueError, match="inputs"):
+        calibrate(model, torch.randn(1, 8), theta=0.4)
