@@ -1,4 +1,45 @@
-"""LatentOmni interleaved latent reasoning model (issue #10).
+"""LatentOmni interleaved text / audio-visual latent reasoning model (issue #10, arXiv 2605.22012).
 
-This package is a home for the component; it exports nothing until the component is built.
+Importing this package is cheap: the classes load on first attribute access.
+
+Example:
+    >>> from hf_ext.models.latent_omni import LatentOmniConfig
+    >>> LatentOmniConfig().num_latents
+    40
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "LatentOmniConfig": "configuration_latent_omni",
+    "LatentOmniForConditionalGeneration": "modeling_latent_omni",
+    "LatentOmniCausalLMOutput": "modeling_latent_omni",
+    "LatentOmniGenerateOutput": "modeling_latent_omni",
+    "energy_pool": "modeling_latent_omni",
+    "ospe_position_ids": "modeling_latent_omni",
+    "LatentOmniProcessor": "processing_latent_omni",
+    "LatentOmniDataCollator": "collator",
+    "load_jsonl": "collator",
+    "make_synthetic_records": "collator",
+    "LatentOmniTrainer": "training",
+    "LatentOmniLossLogger": "training",
+    "register_now": "_auto",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,196 @@
+"""``LatentOmniConfig``: a Qwen2.5-Omni thinker config plus the latent-reasoning settings.
+
+The class extends transformers' ``Qwen2_5OmniThinkerConfig`` (so every thinker field, sub-config and
+checkpoint keeps working) with the LatentOmni fields: latent token ids, the number of visual / audio
+latent steps per block (K = 32 + 8 by default), the OSPE settings and the loss weights (λ1 = 0.005
+for the latent MSE, λ2 = 1.0 for the audio-visual sync InfoNCE), all from arXiv 2605.22012.
+
+Example:
+    >>> from hf_ext.models.latent_omni.configuration_latent_omni import LatentOmniConfig
+    >>> cfg = LatentOmniConfig()
+    >>> cfg.num_latents, cfg.latent_loss_weight
+    (40, 0.005)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import field
+from typing import Any
+
+from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniThinkerConfig
+
+LATENT_START_TOKEN = "<Unified_Latent>"
+LATENT_END_TOKEN = "</Unified_Latent>"
+LATENT_PAD_TOKEN = "<Unified_Latent_pad>"
+
+SYNC_SOURCES = ("latents", "features")
+
+
+class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
+    """Configuration of :class:`LatentOmniForConditionalGeneration` (``model_type="latent_omni"``).
+
+    All Qwen2.5-Omni thinker arguments (``text_config``, ``vision_config``, ``audio_config``, media
+    token ids, ``position_id_per_seconds`` ...) are accepted unchanged. The default token ids are the
+    first free ids of the Qwen2.5-Omni vocabulary (151665-151667); the processor adds the three tokens
+    to the tokenizer and :meth:`LatentOmniProcessor.update_config` writes the ids it got.
+    """
+
+    model_type = "latent_omni"
+
+    vision_start_token_id: int = field(
+        default=151652, metadata={"help": "Id of `<|vision_bos|>` (read by the thinker's get_rope_index)."}
+    )
+    vision_end_token_id: int = field(default=151653, metadata={"help": "Id of `<|vision_eos|>`."})
+    latent_start_token_id: int = field(
+        default=151665, metadata={"help": "Id of `<Unified_Latent>`, the trigger the model learns to emit."}
+    )
+    latent_end_token_id: int = field(
+        default=151666, metadata={"help": "Id of `</Unified_Latent>`, forced after the K latent steps."}
+    )
+    latent_pad_token_id: int = field(
+        default=151667, metadata={"help": "Id of `<Unified_Latent_pad>`, one per latent slot in a block."}
+    )
+    num_visual_latents: int = field(
+        default=32, metadata={"help": "Visual latent steps per block (first in the block). Paper: 32."}
+    )
+    num_audio_latents: int = field(
+        default=8, metadata={"help": "Audio latent steps per block (after the visual ones). Paper: 8."}
+    )
+    use_ospe: bool = field(
+        default=True,
+        metadata={
+            "help": "Omni-Sync Position Embedding: visual latent i gets (t,h,w)=(B+i)x3, audio latent j gets "
+            "(B+stride*j, 0, 0). False gives plain sequential text positions. Used in training and generation."
+        },
+    )
+    ospe_audio_time_stride: int = field(
+        default=4,
+        metadata={
+            "help": "OSPE: audio latent j shares its time with visual latent stride*j. Paper: 4 (=32/8)."
+        },
+    )
+    latent_loss_weight: float = field(
+        default=0.005, metadata={"help": "λ1: weight of the latent next-feature MSE. Paper: 0.005."}
+    )
+    sync_loss_weight: float = field(
+        default=1.0, metadata={"help": "λ2: weight of the symmetric audio-visual InfoNCE. Paper: 1.0."}
+    )
+    sync_source: str = field(
+        default="latents",
+        metadata={
+            "help": "What the sync InfoNCE compares: 'latents' (the model's predicted visual/audio latent "
+            "states; trains the LM) or 'features' (the segment encoder features before detaching; trains the "
+            "encoders and heads only)."
+        },
+    )
+    sync_projection_dim: int = field(default=256, metadata={"help": "Output size of the two sync heads."})
+    sync_head_hidden_size: int | None = field(
+        default=None, metadata={"help": "Hidden size of the sync heads (None: the LM hidden size)."}
+    )
+    sync_temperature: float = field(
+        default=0.07, metadata={"help": "Initial InfoNCE temperature (learnable, clamped to >= 0.01)."}
+    )
+    energy_pool_eps: float = field(
+        default=1e-6,
+        metadata={"help": "ε of the energy weights w = ||x||² + ε used to pool segment features."},
+    )
+    controlled_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Training mask: from the first `<Unified_Latent>` on, text queries cannot attend to the "
+            "question's audio/video tokens (latent trigger and pad queries can)."
+        },
+    )
+    max_latent_blocks: int = field(
+        default=3, metadata={"help": "Generation: most latent blocks per sequence (paper trajectories: 1-3)."}
+    )
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self._validate_latent_fields()
+
+    # ------------------------------------------------------------------------------------ helpers
+    @property
+    def num_latents(self) -> int:
+        """K: latent slots per block (visual + audio)."""
+        return int(self.num_visual_latents) + int(self.num_audio_latents)
+
+    def _validate_latent_fields(self) -> None:
+        for name in ("num_visual_latents", "num_audio_latents"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}={v!r} is invalid; expected an int >= 0")
+        if self.num_latents == 0:
+            raise ValueError(
+                "num_visual_latents + num_audio_latents must be > 0 (got 0 latent slots per block)"
+            )
+        if not isinstance(self.ospe_audio_time_stride, int) or self.ospe_audio_time_stride < 1:
+            raise ValueError(
+                f"ospe_audio_time_stride={self.ospe_audio_time_stride!r} is invalid; expected an int >= 1"
+            )
+        if (
+            self.use_ospe
+            and self.num_visual_latents > 0
+            and self.num_audio_latents > 0
+            and self.ospe_audio_time_stride * (self.num_audio_latents - 1) > self.num_visual_latents - 1
+        ):
+            raise ValueError(
+                f"ospe_audio_time_stride={self.ospe_audio_time_stride} with num_audio_latents="
+                f"{self.num_audio_latents} places audio latents after the last visual latent "
+                f"(num_visual_latents={self.num_visual_latents}); need stride*(num_audio_latents-1) < "
+                "num_visual_latents"
+            )
+        ids = {
+            "latent_start_token_id": self.latent_start_token_id,
+            "latent_end_token_id": self.latent_end_token_id,
+            "latent_pad_token_id": self.latent_pad_token_id,
+        }
+        vocab = getattr(self.get_text_config(), "vocab_size", None)
+        for name, v in ids.items():
+            if not isinstance(v, int) or v < 0 or (vocab is not None and v >= vocab):
+                raise ValueError(f"{name}={v!r} is invalid; expected an int in [0, vocab_size={vocab})")
+        if len(set(ids.values())) != 3:
+            raise ValueError(f"latent token ids must be distinct, got {ids}")
+        for name in ("latent_loss_weight", "sync_loss_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
+                raise ValueError(f"{name}={v!r} is invalid; expected a float >= 0")
+        if self.sync_source not in SYNC_SOURCES:
+            raise ValueError(
+                f"sync_source={self.sync_source!r} is invalid; allowed values: {', '.join(SYNC_SOURCES)}"
+            )
+        if not self.sync_temperature > 0:
+            raise ValueError(f"sync_temperature={self.sync_temperature!r} is invalid; expected a float > 0")
+        if not isinstance(self.sync_projection_dim, int) or self.sync_projection_dim < 1:
+            raise ValueError(
+                f"sync_projection_dim={self.sync_projection_dim!r} is invalid; expected an int >= 1"
+            )
+        if self.sync_head_hidden_size is not None and (
+            not isinstance(self.sync_head_hidden_size, int) or self.sync_head_hidden_size < 1
+        ):
+            raise ValueError(
+                f"sync_head_hidden_size={self.sync_head_hidden_size!r} is invalid; expected None or an int >= 1"
+            )
+        if not isinstance(self.max_latent_blocks, int) or self.max_latent_blocks < 0:
+            raise ValueError(f"max_latent_blocks={self.max_latent_blocks!r} is invalid; expected an int >= 0")
+
+    @classmethod
+    def from_thinker_config(cls, thinker_config: Any, **latent_kwargs: Any) -> LatentOmniConfig:
+        """Build a LatentOmni config from a ``Qwen2_5OmniThinkerConfig`` (e.g. Qwen2.5-Omni-7B's thinker).
+
+        ``latent_kwargs`` set the LatentOmni fields (token ids, K, λ1, λ2, ...).
+        """
+        d = thinker_config.to_dict()
+        for k in ("model_type", "architectures", "transformers_version", "auto_map"):
+            d.pop(k, None)
+        d.update(latent_kwargs)
+        return cls(**d)
+
+
+__all__ = ["LatentOmniConfig", "LATENT_START_TOKEN", "LATENT_END_TOKEN", "LATENT_PAD_TOKEN"]
+
+# Finish any Auto registration deferred while this module was importing (see _auto.py).
+from ._auto import retry as _retry_registration  # noqa: E402
+
+_retry_registration()

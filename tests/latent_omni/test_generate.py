@@ -1,0 +1,125 @@
+"""LatentOmni generation: latent feedback (hooks), cache equivalence, text-only parity with HF generate."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .test_model import _Capture
+
+
+class _ForceToken(LogitsProcessor):
+    """Forces ``token`` at text steps whose index is in ``steps`` (counted per call)."""
+
+    def __init__(self, token: int, steps: set[int]):
+        self.token, self.steps, self.i = token, steps, 0
+
+    def __call__(self, input_ids, scores):
+        if self.i in self.steps:
+            scores = torch.full_like(scores, -1e9)
+            scores[:, self.token] = 0.0
+        self.i += 1
+        return scores
+
+
+def test_latent_steps_feed_hidden_state_back(model, cfg):
+    k = cfg.num_latents
+    prompt = torch.tensor([[1, 30, 31, 32, cfg.latent_start_token_id]])
+    cap = _Capture(model._text_model())
+    head_calls = []
+    hh = model.lm_head.register_forward_hook(lambda m, a, o: head_calls.append(a[0].shape[0]))
+    out = model.generate(prompt, max_new_tokens=k + 4, return_dict_in_generate=True, output_latents=True)
+    cap.remove()
+    hh.remove()
+    calls = cap.calls  # 0 = prefill, then one per step
+    assert len(calls) == 1 + k + 4
+    emb = model.get_input_embeddings()
+    for i in range(k):  # step i (call i + 1) consumes the last hidden state of call i
+        fed = calls[i + 1]["embeds"][0, 0]
+        prev = calls[i]["hidden"][0, -1]
+        assert torch.equal(fed, prev), i
+        assert not torch.allclose(fed, emb.weight[cfg.latent_pad_token_id])
+        torch.testing.assert_close(out.latent_states[0][i], prev)
+    # after K latent steps the end marker is forced (token embedding), then text resumes
+    assert torch.equal(calls[k + 1]["embeds"][0, 0], emb.weight[cfg.latent_end_token_id])
+    seq = out.sequences[0, prompt.shape[1] :].tolist()
+    assert seq[:k] == [cfg.latent_pad_token_id] * k and seq[k] == cfg.latent_end_token_id
+    assert all(t not in (cfg.latent_pad_token_id, cfg.latent_end_token_id) for t in seq[k + 1 :])
+    # the LM head ran only for text steps: none during the K latent steps or the forced end marker
+    assert len(head_calls) == 3
+
+
+def test_generate_without_latents_matches_hf_generate(model):
+    prompt = torch.tensor([[1, 30, 31, 32, 33], [0, 0, 1, 40, 41]])
+    am = (prompt != 0).long()
+    ours = model.generate(prompt, attention_mask=am, max_new_tokens=10, eos_token_id=[])
+    hf = model.generate(
+        prompt,
+        attention_mask=am,
+        max_new_tokens=10,
+        latent_reasoning=False,
+        do_sample=False,
+        eos_token_id=None,
+        min_new_tokens=10,
+    )
+    assert torch.equal(ours, hf)
+    assert not torch.isin(ours, torch.tensor([model.config.latent_start_token_id])).any()
+
+
+def test_generate_model_emitted_trigger_cache_equals_no_cache(model, cfg):
+    k = cfg.num_latents
+    prompt = torch.tensor([[0, 1, 30, 31], [1, 50, 51, 52]])
+    am = (prompt != 0).long()
+    outs = {}
+    for use_cache in (True, False):
+        lp = LogitsProcessorList(
+            [_ForceToken(cfg.latent_start_token_id, {2, 9})]
+        )  # trigger at text steps 2 and 9
+        outs[use_cache] = model.generate(
+            prompt,
+            attention_mask=am,
+            max_new_tokens=2 * k + 14,
+            use_cache=use_cache,
+            logits_processor=lp,
+            max_latent_blocks=2,
+            eos_token_id=[],
+            return_dict_in_generate=True,
+            output_latents=True,
+        )
+    a, b = outs[True], outs[False]
+    assert torch.equal(a.sequences, b.sequences)
+    for la, lb in zip(a.latent_states, b.latent_states):
+        assert la.shape == (2 * k, 64)
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    for row in a.sequences.tolist():
+        assert row.count(cfg.latent_start_token_id) == 2  # max_latent_blocks respected
+        assert row.count(cfg.latent_pad_token_id) == 2 * k
+        assert row.count(cfg.latent_end_token_id) == 2
+
+
+def test_batched_generate_matches_single_rows(model, cfg):
+    k = cfg.num_latents
+    p1 = [1, 30, 31, cfg.latent_start_token_id]
+    p2 = [1, 40]
+    batch = torch.tensor([p1, [0, 0] + p2])
+    am = (batch != 0).long()
+    out = model.generate(batch, attention_mask=am, max_new_tokens=k + 4, eos_token_id=[])
+    s1 = model.generate(torch.tensor([p1]), max_new_tokens=k + 4, eos_token_id=[])
+    s2 = model.generate(torch.tensor([p2]), max_new_tokens=k + 4, eos_token_id=[])
+    assert out[0, 4:].tolist() == s1[0, 4:].tolist()
+    assert out[1, 4:].tolist() == s2[0, 2:].tolist()
+
+
+def test_generate_stops_at_eos_and_samples(model, cfg):
+    lp = LogitsProcessorList([_ForceToken(2, {3})])
+    out = model.generate(torch.tensor([[1, 30]]), max_new_tokens=20, logits_processor=lp, eos_token_id=2)
+    assert out.shape[1] == 2 + 4 and out[0, -1] == 2
+    torch.manual_seed(0)
+    a = model.generate(
+        torch.tensor([[1, 30]]), max_new_tokens=6, do_sample=True, top_k=5, temperature=0.7, eos_token_id=[]
+    )
+    torch.manual_seed(0)
+    b = model.generate(
+        torch.tensor([[1, 30]]), max_new_tokens=6, do_sample=True, top_k=5, temperature=0.7, eos_token_id=[]
+    )
+    assert torch.equal(a, b) and a.shape == (1, 8)
