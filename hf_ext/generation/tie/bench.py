@@ -1,0 +1,579 @@
+"""TIE benchmark: Azure-trace replay in the shared simulator, offline batch throughput, real CB on a tiny model.
+
+Run (CPU is fine; ~3-6 minutes, predictors are cached)::
+
+    python -m hf_ext bench tie                 # full
+    python -m hf_ext bench tie -- --quick      # ~1 minute smoke run
+
+Pipeline:
+
+1. Three predictors with the same small BERT-shaped encoder (TIE log-t NLL, SSJF log-length MSE,
+   LTR ListMLE) are trained on a synthetic split of the text workload (:mod:`.data`) and cached.
+   Their quality on a held-out split: log-t NLL vs the best constant log-t, coverage of the 50/90 %
+   central intervals, PIT histogram (``benchmarks/results/tie_calibration.png``), rank correlation.
+2. Azure LLM inference trace 2023 (conversation; CC-BY 4.0, Patel et al., Splitwise, ISCA 2024):
+   the first ``--minutes`` of the trace at its own arrival times and compressed ``--loads`` times; output
+   lengths and prompt token counts from the trace, prompt *texts* from a fresh synthetic pool matched to
+   those lengths (:func:`.data.match_to_lengths`). Policies: FCFS, SJF with oracle lengths, SSJF, LTR, TIE.
+   The engine is the shared simulator (:mod:`hf_ext.simulate`) with a cost model from
+   ``hf_ext/simulate/calibrations`` (a measured GPU calibration when present, else the GPU.md-derived fit).
+3. Offline batch job: ``--offline-n`` prompts at t=0 under a KV-memory cap; throughput = requests
+   finished by a deadline (half of FCFS's makespan) per second — the data-generation goodput of the TIE/LTR
+   papers (the full-batch makespan is order-insensitive to first order and is printed for reference).
+4. Real continuous batching on a tiny random Llama (CPU): a burst of prompts with lengths forced per request
+   (EOS disabled), FIFO vs ``scheduler_type="tie"``; per-token latency from wall-clock timestamps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COMPONENT = "tie"
+POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie", "tie_no_aging")
+BASELINES = ("fcfs", "ssjf", "ltr", "sjf_oracle")
+ATTRIBUTION = (
+    "Azure LLM inference trace 2023 (conversation), Azure Public Dataset, CC-BY 4.0; "
+    "Patel et al., Splitwise, ISCA 2024"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-ext bench tie", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small, fast settings (smoke test)")
+    p.add_argument("--n-train", type=int, default=6000, help="synthetic training prompts per predictor")
+    p.add_argument("--epochs", type=int, default=4, help="predictor training epochs")
+    p.add_argument("--minutes", type=float, default=20.0, help="minutes of the Azure trace to replay")
+    p.add_argument(
+        "--loads", default="0.5,1,2,4", help="time-compression factors of the trace (1 = own arrivals)"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256, help="simulated engine: max running sequences")
+    p.add_argument(
+        "--kv-tokens", type=int, default=450_000, help="online KV capacity in tokens (H100 80GB, 8B)"
+    )
+    p.add_argument("--offline-n", type=int, default=2000, help="requests in the offline batch job")
+    p.add_argument("--offline-kv-tokens", type=int, default=120_000, help="offline KV cap (memory-bound)")
+    p.add_argument("--calibration", default=None, help="cost-model JSON name/path (default: best available)")
+    p.add_argument(
+        "--no-real-cb", action="store_true", help="skip the real tiny-model continuous batching run"
+    )
+    p.add_argument("--cache-dir", default=None, help="predictor cache (default ~/.cache/hf_ext/tie)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-write", action="store_true", help="do not append to benchmarks/results/tie.csv")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def load_cost_model(name: str | None) -> Any:
+    """A measured GPU calibration if shipped (name without 'gpu_md'/'cpu'), else the GPU.md-derived fit."""
+    from hf_ext.simulate import CostModel
+    from hf_ext.simulate.cost_model import available_calibrations
+
+    if name:
+        return CostModel.load(name)
+    avail = available_calibrations()
+    measured = [a for a in avail if "h100" in a.lower() and not a.startswith(("gpu_md", "cpu"))]
+    for cand in [*measured, "gpu_md-h100-llama3.1-8b"]:
+        if cand in avail:
+            return CostModel.load(cand)
+    from hf_ext.simulate.cost_model import gpu_md_h100_llama8b
+
+    return gpu_md_h100_llama8b()
+
+
+def _cache_dir(arg: str | None) -> Path:
+    d = Path(arg or os.environ.get("HF_EXT_CACHE", Path.home() / ".cache" / "hf_ext")) / "tie"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def train_predictors(
+    train: dict[str, list], cfg_kw: dict[str, Any], cache: Path, progress: bool = True
+) -> dict[str, Any]:
+    """Train (or load from ``cache``) the logt / point / ltr predictors on the same data."""
+    from hf_ext.generation.tie.config import PredictorConfig
+    from hf_ext.generation.tie.predictor import LengthPredictor
+
+    out = {}
+    digest = hashlib.sha1(
+        json.dumps(
+            [train["prompt"][:50], len(train["prompt"]), sum(train["output_len"]), cfg_kw], sort_keys=True
+        ).encode()
+    ).hexdigest()[:12]
+    for kind in ("logt", "point", "ltr"):
+        path = cache / f"{kind}-{digest}"
+        if (path / "tie_predictor.json").exists():
+            out[kind] = LengthPredictor.from_pretrained(path)
+            continue
+        t0 = time.perf_counter()
+        pred = LengthPredictor(PredictorConfig(kind=kind, **cfg_kw))
+        pred.fit(train, progress=progress)
+        pred.save_pretrained(path)
+        print(f"  trained {kind} predictor in {time.perf_counter() - t0:.1f}s -> {path}")
+        out[kind] = pred
+    return out
+
+
+def _annotate(reqs: list[Any], preds: dict[str, Any]) -> None:
+    from hf_ext.generation.tie.scheduler import annotate_requests
+
+    for kind in ("logt", "point", "ltr"):
+        annotate_requests(reqs, preds[kind])
+
+
+def _schedulers(tie_cfg: Any) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from hf_ext.generation.tie.scheduler import TIEScheduler
+    from hf_ext.simulate import FCFS, SSJF, ScoreScheduler, SJFOracle
+
+    return {
+        "fcfs": FCFS(),
+        "sjf_oracle": SJFOracle(),
+        "ssjf": SSJF(),
+        "ltr": ScoreScheduler(lambda r, now: r.meta["ltr_score"], name="ltr"),
+        "tie": TIEScheduler(tie_cfg),
+        # variant for the report only (not a CSV row): the same score without the starvation guard
+        "tie_no_aging": TIEScheduler(replace(tie_cfg, aging="none"), name="tie_no_aging"),
+    }
+
+
+def _clone(reqs: list[Any]) -> list[Any]:
+    from dataclasses import replace
+
+    return [replace(r, meta=dict(r.meta)) for r in reqs]
+
+
+def predictor_quality(
+    preds: dict[str, Any], test: dict[str, list], train_lengths: list[int], png: Path
+) -> dict[str, float]:
+    """NLL / coverage / PIT of the log-t predictor vs the best constant log-t; rank quality of all three."""
+    import torch
+
+    from hf_ext.generation.tie.distribution import interval_coverage, pit
+    from hf_ext.generation.tie.predictor import constant_logt_baseline, logt_nll
+
+    q: dict[str, float] = {}
+    ev = preds["logt"].evaluate(test)
+    q.update({f"tie_{k}": v for k, v in ev.items()})
+    for kind in ("point", "ltr"):
+        q.update({f"{kind}_{k}": v for k, v in preds[kind].evaluate(test).items()})
+    lens = np.asarray(test["output_len"], dtype=np.float64)
+    mu0, s0, nu0 = constant_logt_baseline(train_lengths)
+    q["const_nll"] = float(
+        logt_nll(torch.tensor(np.log(lens)), torch.tensor(mu0), torch.tensor(s0), torch.tensor(nu0)).mean()
+    )
+    q["const_coverage90"] = interval_coverage(lens, mu0, s0, nu0, 0.9)
+    p = preds["logt"].predict(test["prompt"])
+    u = pit(lens, p["mu"], p["sigma"], p["nu"], rng=np.random.default_rng(0))
+    u0 = pit(lens, mu0, s0, nu0, rng=np.random.default_rng(0))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        axes[0].hist(u, bins=20, range=(0, 1), density=True, alpha=0.8, label="TIE log-t predictor")
+        axes[0].hist(u0, bins=20, range=(0, 1), density=True, histtype="step", lw=1.5, label="constant log-t")
+        axes[0].axhline(1.0, color="k", ls="--", lw=0.8)
+        axes[0].set_title("PIT histogram (uniform = calibrated)")
+        axes[0].legend(fontsize=8)
+        levels = np.linspace(0.1, 0.95, 18)
+        cov = [interval_coverage(lens, p["mu"], p["sigma"], p["nu"], lv) for lv in levels]
+        cov0 = [interval_coverage(lens, mu0, s0, nu0, lv) for lv in levels]
+        axes[1].plot(levels, cov, "o-", label="TIE log-t predictor")
+        axes[1].plot(levels, cov0, "s--", label="constant log-t")
+        axes[1].plot([0, 1], [0, 1], "k:", lw=0.8)
+        axes[1].set_xlabel("nominal central-interval level")
+        axes[1].set_ylabel("empirical coverage")
+        axes[1].set_title(f"coverage: 50% -> {ev['coverage50']:.2f}, 90% -> {ev['coverage90']:.2f}")
+        axes[1].legend(fontsize=8)
+        axes[2].scatter(np.exp(p["mu"]), lens, s=3, alpha=0.3)
+        axes[2].set_xscale("log")
+        axes[2].set_yscale("log")
+        axes[2].set_xlabel("predicted median exp(mu)")
+        axes[2].set_ylabel("observed output tokens")
+        axes[2].set_title(f"NLL {ev['nll']:.3f} vs constant {q['const_nll']:.3f} (nats, log length)")
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+    except Exception as exc:  # pragma: no cover - plotting is optional
+        print(f"  calibration plot skipped: {exc}")
+    return q
+
+
+# ----------------------------------------------------------------------------------------- sections
+def trace_replay(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_cfg: Any) -> dict[str, dict]:
+    from hf_ext.generation.tie.data import generate_workload, load_azure_trace, match_to_lengths
+    from hf_ext.generation.tie.scheduler import precompute_scores
+    from hf_ext.simulate import Request, SimConfig, Simulator
+
+    tr = load_azure_trace()
+    keep = tr["arrival"] <= args.minutes * 60.0
+    arr, plen, olen = tr["arrival"][keep], tr["prompt_len"][keep], tr["output_len"][keep]
+    pool = generate_workload(4000 if not args.quick else 1500, seed=args.seed + 300, max_new_tokens=1000)
+    rows = match_to_lengths(olen, pool, seed=args.seed + 1)
+    base = [
+        Request(
+            id=i,
+            arrival=float(arr[i]),
+            prompt_len=int(plen[i]),
+            output_len=int(olen[i]),
+            prompt=rows[i]["prompt"],
+            max_new_tokens=1000,
+        )
+        for i in range(len(arr))
+    ]
+    _annotate(base, preds)
+    precompute_scores(base, tie_cfg)
+    print(
+        f"  trace window: {len(base)} requests over {arr[-1]:.0f}s ({len(base) / max(arr[-1], 1):.2f} req/s), "
+        f"output median {np.median(olen):.0f}, p99 {np.percentile(olen, 99):.0f}"
+    )
+    out: dict[str, dict] = {}
+    for load in [float(x) for x in args.loads.split(",")]:
+        case = f"azure2023conv_{int(args.minutes)}min_x{load:g}"
+        res = {}
+        for name, sch in _schedulers(tie_cfg).items():
+            reqs = _clone(base)
+            for r in reqs:
+                r.arrival = r.arrival / load
+            t0 = time.perf_counter()
+            sim = Simulator(
+                cm,
+                sch,
+                SimConfig(
+                    max_num_seqs=args.max_num_seqs, kv_capacity_tokens=args.kv_tokens, record_timeline=False
+                ),
+            )
+            s = sim.run(reqs).summary()
+            s["sim_seconds"] = time.perf_counter() - t0
+            res[name] = s
+        out[case] = res
+        print(f"  {case}: " + ", ".join(f"{k} {v['per_token_mean'] * 1e3:.1f}ms/tok" for k, v in res.items()))
+    return out
+
+
+def offline_batch(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_cfg: Any) -> dict[str, dict]:
+    from hf_ext.generation.tie.data import generate_workload, load_azure_trace
+    from hf_ext.generation.tie.scheduler import precompute_scores
+    from hf_ext.simulate import Request, SimConfig, Simulator
+
+    rng = np.random.default_rng(args.seed + 7)
+    rows = generate_workload(args.offline_n, seed=args.seed + 500, max_new_tokens=1000)
+    tr_plen = load_azure_trace()["prompt_len"]
+    plen = rng.choice(tr_plen[tr_plen <= 2048], size=len(rows))
+    base = [
+        Request(
+            id=i,
+            arrival=0.0,
+            prompt_len=int(plen[i]),
+            output_len=int(r["output_len"]),
+            prompt=r["prompt"],
+            max_new_tokens=1000,
+        )
+        for i, r in enumerate(rows)
+    ]
+    _annotate(base, preds)
+    precompute_scores(base, tie_cfg)
+    res: dict[str, dict] = {}
+    sims = {}
+    for name, sch in _schedulers(tie_cfg).items():
+        sim = Simulator(
+            cm,
+            sch,
+            SimConfig(
+                max_num_seqs=args.max_num_seqs,
+                kv_capacity_tokens=args.offline_kv_tokens,
+                record_timeline=False,
+            ),
+        )
+        sims[name] = sim.run(_clone(base))
+    deadline = 0.5 * sims["fcfs"].makespan
+    for name, r in sims.items():
+        fin = r.cols["finish"]
+        done = int(np.sum(np.isfinite(fin) & (fin <= deadline)))
+        s = r.summary()
+        res[name] = {
+            "goodput_req_s": done / deadline,
+            "done_by_deadline": done,
+            "deadline_s": deadline,
+            "makespan_s": s["makespan_s"],
+            "throughput_tok_s": s["throughput_tok_s"],
+            "preemptions": s["preemptions"],
+        }
+    print(
+        f"  offline ({len(base)} requests, KV cap {args.offline_kv_tokens} tokens, deadline {deadline:.0f}s): "
+        + ", ".join(f"{k} {v['goodput_req_s']:.2f} req/s" for k, v in res.items())
+    )
+    return {f"offline_batch{len(base)}_kv{args.offline_kv_tokens // 1000}k": res}
+
+
+def real_cb(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
+    """Real transformers continuous batching on a tiny random Llama (CPU): FIFO vs TIE on a burst."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from hf_ext.generation.tie.cb import CONTEXT, clear_length_hints, enable_tie_scheduler, set_length_hints
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.data import generate_workload
+    from hf_ext.testing import tiny_llama, tiny_tokenizer
+
+    n, cap = (16, 48) if args.quick else (40, 96)
+    rows = generate_workload(n, seed=args.seed + 900, max_new_tokens=1000)
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    ids = [tok(r["prompt"]).input_ids for r in rows]
+    lens = [max(1, min(cap, int(round(r["output_len"] * cap / 1000 * 4)))) for r in rows]  # scaled to the cap
+    gc = GenerationConfig(max_new_tokens=cap, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    p = preds["logt"].predict([r["prompt"] for r in rows])
+    scale = math.log(cap / 1000 * 4)  # same scaling in log space as the lengths
+    enable_tie_scheduler(config=TIEConfig(max_new_tokens=cap, use_request_cap=False))
+
+    def run(kind: str) -> dict[str, float]:
+        cb = ContinuousBatchingConfig(
+            num_blocks=64, page_size=16, max_batch_tokens=256, max_requests_per_batch=4, scheduler_type=kind
+        )
+        mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+        t_submit = time.perf_counter()
+        rids = [mgr.add_request(x, max_new_tokens=L) for x, L in zip(ids, lens)]
+        mgr.start()
+        done: dict[str, Any] = {}
+        try:
+            while len(done) < len(rids):
+                r = mgr.get_result(timeout=60)
+                if r is None:
+                    raise RuntimeError("continuous batching stalled")
+                if r.is_finished():
+                    done[r.request_id] = (time.perf_counter(), r)
+        finally:
+            mgr.stop(block=True)
+        ptl = np.array([(done[rid][0] - t_submit) / L for rid, L in zip(rids, lens)])
+        first = np.array([done[rid][1].lifespan[0] - t_submit for rid in rids])
+        ok = all(len(done[rid][1].generated_tokens) == L for rid, L in zip(rids, lens))
+        return {
+            "per_token_mean": float(ptl.mean()),
+            "per_token_p99": float(np.percentile(ptl, 99)),
+            "start_mean": float(first.mean()),
+            "lengths_ok": float(ok),
+        }
+
+    set_length_hints(ids, p["mu"] + scale, p["sigma"], p["nu"])
+    try:
+        tie = run("tie")
+    finally:
+        clear_length_hints()
+    fifo = run("fifo")
+    CONTEXT.config = TIEConfig()
+    print(
+        f"  real CB tiny Llama ({n} burst requests, lengths <= {cap}): fifo {fifo['per_token_mean'] * 1e3:.2f}"
+        f" ms/tok, tie {tie['per_token_mean'] * 1e3:.2f} ms/tok"
+    )
+    return {f"real_cb_tiny_llama_cpu_burst{n}": {"fcfs": fifo, "tie": tie}}
+
+
+# -------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.data import generate_workload
+    from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows, results_dir
+
+    args = _parser().parse_args(argv or [])
+    if args.quick:
+        args.n_train, args.epochs, args.minutes, args.offline_n = 1500, 3, 5.0, 600
+    for name in ("n_train", "epochs", "max_num_seqs", "kv_tokens", "offline_n", "offline_kv_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.minutes <= 0:
+        raise ValueError("--minutes must be > 0")
+    import torch
+
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // 2)))
+    t_start = time.perf_counter()
+    cm = load_cost_model(args.calibration)
+    print(f"TIE bench: cost model {cm.name} ({cm.source or 'n/a'}); data: {ATTRIBUTION}")
+    train_rows = generate_workload(args.n_train, seed=args.seed + 100, max_new_tokens=1000)
+    test_rows = generate_workload(1500 if not args.quick else 600, seed=args.seed + 200, max_new_tokens=1000)
+    train = {"prompt": [r["prompt"] for r in train_rows], "output_len": [r["output_len"] for r in train_rows]}
+    test = {"prompt": [r["prompt"] for r in test_rows], "output_len": [r["output_len"] for r in test_rows]}
+    cfg_kw = dict(epochs=args.epochs, seed=args.seed)
+    print("[1/4] predictors (same encoder; cached)")
+    preds = train_predictors(train, cfg_kw, _cache_dir(args.cache_dir))
+    rdir = results_dir()
+    png = (
+        rdir / "tie_calibration.png"
+        if not args.no_write
+        else Path(tempfile.mkdtemp()) / "tie_calibration.png"
+    )
+    quality = predictor_quality(preds, test, train["output_len"], png)
+    print(
+        f"  log-t NLL {quality['tie_nll']:.3f} (constant {quality['const_nll']:.3f}); coverage 50% "
+        f"{quality['tie_coverage50']:.3f}, 90% {quality['tie_coverage90']:.3f}; Spearman tie/ssjf/ltr "
+        f"{quality['tie_spearman']:.3f}/{quality['point_spearman']:.3f}/{quality['ltr_spearman']:.3f}"
+    )
+    tie_cfg = TIEConfig(max_new_tokens=1000, batch_max=args.max_num_seqs)
+    print("[2/4] Azure trace replay (simulator)")
+    online = trace_replay(args, cm, preds, tie_cfg)
+    print("[3/4] offline batch job (simulator, memory cap)")
+    offline = offline_batch(args, cm, preds, tie_cfg)
+    real = {}
+    if not args.no_real_cb:
+        print("[4/4] real continuous batching, tiny Llama on CPU")
+        real = real_cb(args, preds)
+
+    dev = f"sim:{cm.name}"
+    cmd = "python -m hf_ext bench tie" + (" " + " ".join(argv) if argv else "")
+    qual = ("predictor_nll_logt_vs_const", f"{quality['tie_nll']:.3f}/{quality['const_nll']:.3f}")
+    rows: list[Any] = []
+    for case, res in online.items():
+        for metric, key in (
+            ("per_token_latency_mean", "per_token_mean"),
+            ("per_token_latency_p99", "per_token_p99"),
+            ("ttft", "ttft_mean"),
+        ):
+            for b in BASELINES:
+                rows.append(
+                    Row.make(
+                        COMPONENT,
+                        case,
+                        metric,
+                        res["tie"][key],
+                        b,
+                        res[b][key],
+                        device=dev,
+                        quality_name=qual[0],
+                        quality_value=qual[1],
+                        command=cmd,
+                    )
+                )
+    for case, res in offline.items():
+        for b in BASELINES:
+            rows.append(
+                Row.make(
+                    COMPONENT,
+                    case,
+                    "offline_throughput",
+                    res["tie"]["goodput_req_s"],
+                    b,
+                    res[b]["goodput_req_s"],
+                    higher_is_better=True,
+                    device=dev,
+                    quality_name="deadline_s",
+                    quality_value=f"{res['tie']['deadline_s']:.1f}",
+                    command=cmd,
+                )
+            )
+    for case, res in real.items():
+        from hf_ext.utils.bench import device_name
+
+        for metric, key in (
+            ("per_token_latency_mean", "per_token_mean"),
+            ("per_token_latency_p99", "per_token_p99"),
+        ):
+            rows.append(
+                Row.make(
+                    COMPONENT,
+                    case,
+                    metric,
+                    res["tie"][key],
+                    "fcfs",
+                    res["fcfs"][key],
+                    device=device_name(),
+                    quality_name="all_lengths_exact",
+                    quality_value=str(bool(res["tie"]["lengths_ok"] and res["fcfs"]["lengths_ok"])),
+                    command=cmd,
+                )
+            )
+    rows.append(
+        Row.make(
+            COMPONENT,
+            "synthetic_heldout",
+            "predictor_nll",
+            quality["tie_nll"],
+            "constant_logt",
+            quality["const_nll"],
+            device="cpu",
+            quality_name="coverage50/90",
+            quality_value=f"{quality['tie_coverage50']:.3f}/{quality['tie_coverage90']:.3f}",
+            command=cmd,
+        )
+    )
+    print_rows(rows, title="TIE (ours) vs baselines — ratio > 1: TIE better")
+    _print_tables(online, offline)
+    if not args.no_write:
+        path = append_rows(COMPONENT, rows)
+        plot_results(COMPONENT, path)
+        with open(rdir / "tie_details.json", "w") as f:
+            json.dump(
+                {
+                    "command": cmd,
+                    "cost_model": cm.name,
+                    "quality": quality,
+                    "online": online,
+                    "offline": offline,
+                    "real_cb": real,
+                    "attribution": ATTRIBUTION,
+                },
+                f,
+                indent=1,
+                default=float,
+            )
+        print(
+            f"wrote {path}, {path.with_suffix('.png')}, {rdir / 'tie_calibration.png'}, {rdir / 'tie_details.json'}"
+        )
+    print(f"TIE bench done in {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+def _print_tables(online: dict[str, dict], offline: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Per-policy results (simulator)")
+    for c in (
+        "case",
+        "policy",
+        "per-token mean (ms)",
+        "per-token p99 (ms)",
+        "TTFT mean (s)",
+        "latency mean (s)",
+    ):
+        t.add_column(c)
+    for case, res in online.items():
+        for pol in POLICIES:
+            s = res[pol]
+            t.add_row(
+                case,
+                pol,
+                f"{s['per_token_mean'] * 1e3:.1f}",
+                f"{s['per_token_p99'] * 1e3:.1f}",
+                f"{s['ttft_mean']:.2f}",
+                f"{s['latency_mean']:.2f}",
+            )
+    for case, res in offline.items():
+        for pol in POLICIES:
+            s = res[pol]
+            t.add_row(
+                case,
+                pol,
+                f"goodput {s['goodput_req_s']:.2f} req/s",
+                f"makespan {s['makespan_s']:.0f}s",
+                f"{s['throughput_tok_s']:.0f} tok/s",
+                f"preempt {s['preemptions']:.0f}",
+            )
+    Console().print(t)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,284 @@
+"""TIE as a transformers continuous-batching scheduler (``ContinuousBatchingConfig(scheduler_type="tie")``).
+
+:class:`TIECBScheduler` subclasses transformers' ``FIFOScheduler`` (itself the ``Scheduler`` ABC of
+``transformers.generation.continuous_batching.scheduler``) and changes one thing: the order in which
+*waiting* requests are offered for admission. Running requests keep FIFO's priorities (decoding
+first, then split prefills), CPU-offloaded requests are restored first (they are cheap to resume),
+and fresh requests go by ascending aged TIE score. No preemption is added.
+
+Transformers builds the scheduler itself (``cls(cache, safety_margin, max_requests_per_batch)``), so
+the length information reaches it through a module-level context set by :func:`enable_tie_scheduler`
+or :func:`tie_generate_batch`:
+
+* per-prompt hints (``(μ, σ, ν)`` keyed by the prompt token ids), computed in one batched predictor
+  call by :func:`tie_generate_batch`;
+* else a ``predictor`` plus the LLM ``tokenizer`` (prompt ids are decoded to text and predicted in
+  one batch per scheduling step for the newly arrived requests);
+* else the prompt-length heuristic, with a warning.
+
+``B_max`` in β is the batch's ``max_requests_per_batch``; aging uses wall-clock seconds.
+
+Example:
+    >>> from hf_ext.generation.tie.cb import enable_tie_scheduler
+    >>> cls = enable_tie_scheduler()
+    >>> cls.__name__
+    'TIECBScheduler'
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from transformers.generation.continuous_batching import scheduler as _cb_sched
+from transformers.generation.continuous_batching.requests import RequestState
+
+from hf_ext.generation.tie.config import TIEConfig
+from hf_ext.generation.tie.scheduler import FALLBACK_WARNING, heuristic_prediction, tie_components
+
+SCHEDULER_NAME = "tie"
+
+
+class _Context:
+    """What the scheduler instances read: predictor, tokenizer, config and per-prompt hints."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.predictor: Any = None
+        self.tokenizer: Any = None
+        self.config = TIEConfig()
+        self.hints: dict[tuple[int, ...], tuple[float, float, float]] = {}
+        self.last_scheduler: TIECBScheduler | None = None
+
+
+CONTEXT = _Context()
+
+
+class TIECBScheduler(_cb_sched.FIFOScheduler):
+    """FIFO for running requests, TIE order for waiting ones (see the module docstring).
+
+    Attributes:
+        admission_order: request ids in the order they left the waiting queue (for inspection/tests).
+        scores: request id -> un-aged TIE score.
+    """
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores: dict[str, float] = {}
+        self._t0: dict[str, float] = {}
+        self._last_fresh: list[str] = []
+        self.admission_order: list[str] = []
+        self._warned = False
+        CONTEXT.last_scheduler = self
+
+    # ----------------------------------------------------------------------------- scoring
+    def _score_new(self, states: list[RequestState]) -> None:
+        new = [s for s in states if s.request_id not in self.scores]
+        if not new:
+            return
+        cfg = CONTEXT.config
+        mu = np.empty(len(new))
+        sigma = np.empty(len(new))
+        nu = np.empty(len(new))
+        missing: list[int] = []
+        for i, s in enumerate(new):
+            hint = CONTEXT.hints.get(tuple(s.initial_tokens))
+            if hint is None:
+                missing.append(i)
+            else:
+                mu[i], sigma[i], nu[i] = hint
+        if missing:
+            if CONTEXT.predictor is not None and CONTEXT.tokenizer is not None:
+                texts = [
+                    CONTEXT.tokenizer.decode(new[i].initial_tokens, skip_special_tokens=True) or " "
+                    for i in missing
+                ]
+                out = CONTEXT.predictor.predict([t if t.strip() else "<empty>" for t in texts])
+                mu[missing], sigma[missing], nu[missing] = out["mu"], out["sigma"], out["nu"]
+            else:
+                if not self._warned:
+                    warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
+                    self._warned = True
+                caps = [self._cap(new[i]) for i in missing]
+                h = heuristic_prediction([len(new[i].initial_tokens) for i in missing], max(caps))
+                mu[missing], sigma[missing], nu[missing] = h["mu"], h["sigma"], h["nu"]
+        caps = np.asarray([self._cap(s) for s in new], dtype=np.float64)
+        e, c = tie_components(mu, sigma, nu, cfg, caps)
+        beta = cfg.beta(len(self.waiting_requests), max(1, self.max_requests_per_batch))
+        now = time.perf_counter()
+        for i, s in enumerate(new):
+            self.scores[s.request_id] = float(e[i] + beta * c[i])
+            self._t0[s.request_id] = now
+
+    @staticmethod
+    def _cap(state: RequestState) -> int:
+        m = state.max_new_tokens if CONTEXT.config.use_request_cap else None
+        return int(m) if m is not None and m >= 1 else CONTEXT.config.max_new_tokens
+
+    def _aged(self, rid: str, now: float) -> float:
+        cfg = CONTEXT.config
+        wait = max(0.0, now - self._t0[rid])
+        if cfg.aging == "none":
+            k = 0.0
+        elif cfg.aging == "step":
+            k = math.floor(wait / cfg.aging_tau)
+        else:
+            k = wait / cfg.aging_tau
+        return self.scores[rid] * cfg.aging_gamma**k
+
+    def _get_waiting_candidates(self) -> list[RequestState]:
+        offloaded: list[RequestState] = []
+        fresh: list[RequestState] = []
+        for req_id in self.waiting_requests_order:
+            state = self.waiting_requests[req_id]
+            (offloaded if state.is_cpu_offloaded else fresh).append(state)
+        self._score_new(fresh)
+        now = time.perf_counter()
+        fresh.sort(key=lambda s: self._aged(s.request_id, now))  # stable: FIFO among equal scores
+        self._last_fresh = [s.request_id for s in fresh]
+        return offloaded + fresh
+
+    def schedule_batch(self, token_budget: int, cache_budget: int) -> Any:
+        self._last_fresh = []
+        out = super().schedule_batch(token_budget, cache_budget)
+        for rid in self._last_fresh:
+            if rid not in self.waiting_requests:
+                self.admission_order.append(rid)
+                self.scores.pop(rid, None)
+                self._t0.pop(rid, None)
+        return out
+
+    def clear_cancelled_requests(self) -> list[RequestState]:
+        cancelled = super().clear_cancelled_requests()
+        for s in cancelled:
+            self.scores.pop(s.request_id, None)
+            self._t0.pop(s.request_id, None)
+        return cancelled
+
+
+# ------------------------------------------------------------------------------------ public API
+def register() -> type[TIECBScheduler]:
+    """Add ``"tie"`` to transformers' ``SCHEDULER_MAPPING`` (idempotent)."""
+    _cb_sched.SCHEDULER_MAPPING[SCHEDULER_NAME] = TIECBScheduler
+    return TIECBScheduler
+
+
+def enable_tie_scheduler(
+    predictor: Any = None, tokenizer: Any = None, config: TIEConfig | None = None
+) -> type[TIECBScheduler]:
+    """Register ``"tie"`` and set what it scores with; then use ``ContinuousBatchingConfig(scheduler_type="tie")``.
+
+    Args:
+        predictor: a ``logt`` :class:`~hf_ext.generation.tie.predictor.LengthPredictor` (``None``: hints or
+            the prompt-length heuristic with a warning).
+        tokenizer: the served model's tokenizer, used to turn prompt ids back into text for ``predictor``.
+        config: :class:`TIEConfig` (α, β bounds, aging, support).
+    """
+    if predictor is not None and getattr(predictor, "kind", "logt") != "logt":
+        raise ValueError(f"predictor must be a 'logt' LengthPredictor, got kind={predictor.kind!r}")
+    if predictor is not None and tokenizer is None:
+        raise ValueError("tokenizer (of the served model) is required with predictor= to decode prompt ids")
+    with CONTEXT.lock:
+        CONTEXT.predictor = predictor
+        CONTEXT.tokenizer = tokenizer
+        CONTEXT.config = config or TIEConfig()
+    return register()
+
+
+def set_length_hints(
+    prompt_ids: Sequence[Sequence[int]],
+    mu: Sequence[float],
+    sigma: Sequence[float],
+    nu: Sequence[float] | float = 3.5,
+) -> None:
+    """Give the scheduler log-t parameters for exact prompts (token id lists); NaN/inf raise ``ValueError``."""
+    n = len(prompt_ids)
+    mu_a = np.asarray(mu, dtype=np.float64)
+    sigma_a = np.asarray(sigma, dtype=np.float64)
+    nu_a = np.broadcast_to(np.asarray(nu, dtype=np.float64), (n,))
+    if mu_a.shape != (n,) or sigma_a.shape != (n,):
+        raise ValueError(
+            f"mu and sigma must have one value per prompt ({n}), got {mu_a.shape}, {sigma_a.shape}"
+        )
+    for name, a in (("mu", mu_a), ("sigma", sigma_a), ("nu", nu_a)):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains NaN/inf; TIE needs finite length predictions")
+    if np.any(sigma_a <= 0) or np.any(nu_a <= 0):
+        raise ValueError("sigma and nu must be > 0")
+    with CONTEXT.lock:
+        for ids, m, s, v in zip(prompt_ids, mu_a, sigma_a, nu_a):
+            CONTEXT.hints[tuple(int(t) for t in ids)] = (float(m), float(s), float(v))
+
+
+def clear_length_hints() -> None:
+    """Forget all per-prompt hints."""
+    with CONTEXT.lock:
+        CONTEXT.hints.clear()
+
+
+def tie_generate_batch(
+    model: Any,
+    prompts: Sequence[str],
+    tokenizer: Any,
+    predictor: Any = None,
+    generation_config: Any = None,
+    continuous_batching_config: Any = None,
+    config: TIEConfig | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """``model.generate_batch`` with the TIE scheduler, predicting all prompt lengths in one batch first.
+
+    Args:
+        model: a transformers causal LM.
+        prompts: N non-empty prompt strings.
+        tokenizer: the model's tokenizer.
+        predictor: ``logt`` length predictor (``None``: prompt-length heuristic with a warning).
+        generation_config / continuous_batching_config: as for ``generate_batch``; the latter's
+            ``scheduler_type`` is set to ``"tie"`` (a copy is made).
+        config: :class:`TIEConfig`.
+
+    Returns:
+        ``generate_batch``'s dict ``request_id -> GenerationOutput`` (``req_<i>`` is prompt ``i``).
+    """
+    import copy
+
+    from transformers import ContinuousBatchingConfig
+
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts[{i}] is empty; every prompt must be non-empty text")
+    mnt = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+    if mnt is not None and (not isinstance(mnt, int) or mnt <= 0):
+        raise ValueError(f"max_new_tokens must be an int > 0, got {mnt!r}")
+    ids = [tokenizer(p).input_ids for p in prompts]
+    enable_tie_scheduler(None, None, config)
+    if predictor is not None:
+        out = predictor.predict(list(prompts))
+        if "sigma" not in out:
+            raise ValueError(f"predictor must be a 'logt' LengthPredictor, got kind={predictor.kind!r}")
+    else:
+        warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
+        out = heuristic_prediction([len(x) for x in ids], mnt or CONTEXT.config.max_new_tokens)
+    set_length_hints(ids, out["mu"], out["sigma"], out["nu"])
+    cb = (
+        copy.deepcopy(continuous_batching_config)
+        if continuous_batching_config is not None
+        else ContinuousBatchingConfig()
+    )
+    cb.scheduler_type = SCHEDULER_NAME
+    try:
+        return model.generate_batch(
+            ids, generation_config=generation_config, continuous_batching_config=cb, **kwargs
+        )
+    finally:
+        clear_length_hints()
+
+
+register()  # importing this module means transformers' CB scheduler module is loaded: add "tie"

@@ -1,0 +1,168 @@
+"""Configuration dataclasses of TIE (tail-inflated-expectation scheduling).
+
+Defaults follow the TIE paper: log-t output lengths with ν = 3.5, score
+``E[X̃] + β·CVaR_0.9[X̃]`` with ``β = min(0.5, max(0.1, 0.1·L_queue/B_max))`` and aging of waiting
+scores by ``γ = 0.9`` every ``τ = 30`` seconds.
+
+Example:
+    >>> cfg = TIEConfig(max_new_tokens=512)
+    >>> cfg.beta(queue_len=64, batch_max=32)
+    0.2
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SUPPORT_MODES = ("clip", "truncate")
+AGING_MODES = ("continuous", "step", "none")
+PREDICTOR_KINDS = ("logt", "point", "ltr")
+LTR_LOSSES = ("listmle", "pairwise")
+
+
+def _check_pos(name: str, value: float, *, strict: bool = True) -> None:
+    ok = value > 0 if strict else value >= 0
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+        rel = "> 0" if strict else ">= 0"
+        raise ValueError(f"{name} must be a finite number {rel}, got {value!r}")
+
+
+@dataclass
+class TIEConfig:
+    """Scoring and queueing parameters of the TIE scheduler."""
+
+    nu: float = field(
+        default=3.5, metadata={"help": "Student-t degrees of freedom of log(length) (paper: 3.5)."}
+    )
+    alpha: float = field(
+        default=0.9, metadata={"help": "Tail level of CVaR_alpha in the score (paper: 0.9)."}
+    )
+    beta_coef: float = field(
+        default=0.1, metadata={"help": "beta = clip(beta_coef * L_queue / B_max, beta_min, beta_max)."}
+    )
+    beta_min: float = field(default=0.1, metadata={"help": "Lower bound of the dynamic tail weight beta."})
+    beta_max: float = field(default=0.5, metadata={"help": "Upper bound of the dynamic tail weight beta."})
+    batch_max: int = field(
+        default=32,
+        metadata={
+            "help": "B_max: maximum running batch, used in beta (the CB scheduler uses max_requests_per_batch)."
+        },
+    )
+    aging_gamma: float = field(
+        default=0.9,
+        metadata={"help": "Multiplicative aging factor applied to a waiting score every tau seconds."},
+    )
+    aging_tau: float = field(default=30.0, metadata={"help": "Aging period tau in seconds."})
+    aging: str = field(
+        default="continuous",
+        metadata={
+            "help": "'continuous': score*gamma**(wait/tau) (exact O(log n) heap); 'step': score*gamma**floor(wait/tau)"
+            " (O(n) per pop); 'none': no aging."
+        },
+    )
+    max_new_tokens: int = field(
+        default=1024,
+        metadata={"help": "Upper end of the truncated support [1, max_new_tokens] of the score."},
+    )
+    use_request_cap: bool = field(
+        default=True,
+        metadata={
+            "help": "Use each request's own max_new_tokens as M when it has one (False: always max_new_tokens)."
+        },
+    )
+    support: str = field(
+        default="clip",
+        metadata={
+            "help": "'clip': X~=min(max(X,1),M), what generation cut at M produces (monotone in mu); 'truncate': "
+            "X conditioned on 1<=X<=M (not monotone in mu when mu is far outside [0, log M])."
+        },
+    )
+    quad_nodes: int = field(
+        default=24, metadata={"help": "Gauss-Legendre nodes per sub-interval for E and CVaR."}
+    )
+
+    def __post_init__(self) -> None:
+        _check_pos("nu", self.nu)
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha!r}")
+        _check_pos("beta_coef", self.beta_coef, strict=False)
+        _check_pos("beta_min", self.beta_min, strict=False)
+        _check_pos("beta_max", self.beta_max, strict=False)
+        if self.beta_min > self.beta_max:
+            raise ValueError(f"beta_min ({self.beta_min}) must be <= beta_max ({self.beta_max})")
+        if not isinstance(self.batch_max, int) or self.batch_max < 1:
+            raise ValueError(f"batch_max must be an int >= 1, got {self.batch_max!r}")
+        if not 0.0 < self.aging_gamma <= 1.0:
+            raise ValueError(f"aging_gamma must be in (0, 1], got {self.aging_gamma!r}")
+        _check_pos("aging_tau", self.aging_tau)
+        if self.aging not in AGING_MODES:
+            raise ValueError(f"aging must be one of {AGING_MODES}, got {self.aging!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if self.support not in SUPPORT_MODES:
+            raise ValueError(f"support must be one of {SUPPORT_MODES}, got {self.support!r}")
+        if not isinstance(self.quad_nodes, int) or self.quad_nodes < 4:
+            raise ValueError(f"quad_nodes must be an int >= 4, got {self.quad_nodes!r}")
+
+    def beta(self, queue_len: int, batch_max: int | None = None) -> float:
+        """Dynamic tail weight ``min(beta_max, max(beta_min, beta_coef * queue_len / B_max))``."""
+        b = batch_max or self.batch_max
+        return float(min(self.beta_max, max(self.beta_min, self.beta_coef * queue_len / b)))
+
+
+@dataclass
+class PredictorConfig:
+    """Architecture and training parameters of a length predictor (encoder + MLP heads)."""
+
+    kind: str = field(
+        default="logt",
+        metadata={
+            "help": "'logt': (mu, sigma) by log-t NLL (TIE); 'point': log-length regression (SSJF); "
+            "'ltr': ranking score (LTR, Fu et al. 2024)."
+        },
+    )
+    hidden_size: int = field(default=64, metadata={"help": "Encoder hidden size (BERT-shaped encoder)."})
+    num_layers: int = field(default=2, metadata={"help": "Encoder layers."})
+    num_heads: int = field(default=4, metadata={"help": "Encoder attention heads."})
+    intermediate_size: int = field(default=128, metadata={"help": "Encoder MLP width."})
+    max_length: int = field(default=96, metadata={"help": "Prompt tokens kept (truncation from the right)."})
+    nu: float = field(default=3.5, metadata={"help": "Fixed Student-t degrees of freedom (logt)."})
+    learn_nu: bool = field(default=False, metadata={"help": "Learn a global nu instead of keeping it fixed."})
+    min_sigma: float = field(default=0.05, metadata={"help": "Lower bound on the predicted log-scale sigma."})
+    ltr_loss: str = field(
+        default="listmle", metadata={"help": "Ranking loss of the ltr kind: listmle or pairwise."}
+    )
+    epochs: int = field(default=4, metadata={"help": "Training epochs of fit()."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Training batch size (also the ranking list size)."}
+    )
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation and shuffling."})
+
+    def __post_init__(self) -> None:
+        if self.kind not in PREDICTOR_KINDS:
+            raise ValueError(f"kind must be one of {PREDICTOR_KINDS}, got {self.kind!r}")
+        if self.ltr_loss not in LTR_LOSSES:
+            raise ValueError(f"ltr_loss must be one of {LTR_LOSSES}, got {self.ltr_loss!r}")
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "max_length",
+            "epochs",
+            "batch_size",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        _check_pos("nu", self.nu)
+        _check_pos("min_sigma", self.min_sigma)
+        _check_pos("lr", self.lr)
+        _check_pos("weight_decay", self.weight_decay, strict=False)

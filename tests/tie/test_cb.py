@@ -1,0 +1,143 @@
+"""TIE as a transformers continuous-batching scheduler: real generate_batch on a tiny Llama."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+PROMPTS = [
+    "Write a detailed essay about the history of Rome.",
+    "What is 12 times 7?",
+    "hello world",
+    "Translate this sentence into French.",
+    "Solve for x: 3x + 5 = 20.",
+    "List three reasons why the sky is blue.",
+]
+
+
+def _cb(scheduler_type: str):
+    from transformers import ContinuousBatchingConfig
+
+    # CPU: a small paged cache and 2 requests per batch so that the admission order matters
+    return ContinuousBatchingConfig(
+        num_blocks=16,
+        page_size=16,
+        max_batch_tokens=64,
+        max_requests_per_batch=2,
+        scheduler_type=scheduler_type,
+    )
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import GenerationConfig
+
+    from hf_ext.testing import tiny_llama, tiny_tokenizer
+
+    torch.set_num_threads(1)
+    tok = tiny_tokenizer()
+    ids = [tok(p).input_ids for p in PROMPTS]
+    gc = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=0)
+    return tiny_llama(), tok, ids, gc
+
+
+def test_tie_is_registered_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hf_ext; assert 'transformers.generation.continuous_batching.scheduler' not in sys.modules;"
+        "from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING as M;"
+        "print(M['tie'].__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("TIECBScheduler")
+
+
+def _run_manager(model, ids, gc, scheduler_type):
+    """Queue every request before the loop starts, so the first scheduling step sees all of them."""
+    mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=_cb(scheduler_type))
+    rids = mgr.add_requests(ids)
+    mgr.start()
+    out = {}
+    try:
+        while len(out) < len(ids):
+            r = mgr.get_result(timeout=30)
+            assert r is not None, "continuous batching stalled"
+            if r.is_finished():
+                assert r.error is None, r.error
+                out[r.request_id] = list(r.generated_tokens)
+    finally:
+        mgr.stop(block=True)
+    return rids, out
+
+
+def test_generate_batch_same_tokens_as_fifo_and_tie_order(setup):
+    from hf_ext.generation.tie.cb import (
+        CONTEXT,
+        TIECBScheduler,
+        clear_length_hints,
+        enable_tie_scheduler,
+        set_length_hints,
+    )
+
+    model, tok, ids, gc = setup
+    # real generate_batch with scheduler_type="tie" (prompt-length heuristic: warns) == FIFO tokens
+    fifo = model.generate_batch(ids, generation_config=gc, continuous_batching_config=_cb("fifo"))
+    enable_tie_scheduler()
+    with pytest.warns(UserWarning, match="heuristic"):
+        tie = model.generate_batch(ids, generation_config=gc, continuous_batching_config=_cb("tie"))
+    assert isinstance(CONTEXT.last_scheduler, TIECBScheduler)
+    assert list(tie) == list(fifo) and len(tie) == len(ids)
+    for rid, out in fifo.items():
+        assert tie[rid].generated_tokens == out.generated_tokens, rid
+        assert len(out.generated_tokens) > 0
+
+    # with predicted lengths, admission follows the TIE order exactly; tokens still equal FIFO's
+    mu = [6.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # request 1 shortest ... request 0 longest
+    set_length_hints(ids, mu, [0.5] * len(ids))
+    try:
+        rids, tie_out = _run_manager(model, ids, gc, "tie")
+    finally:
+        clear_length_hints()
+    sched = CONTEXT.last_scheduler
+    assert sched.admission_order == [rids[i] for i in np.argsort(mu)]
+    _, fifo_out = _run_manager(model, ids, gc, "fifo")
+    assert tie_out == fifo_out == {k: v.generated_tokens for k, v in fifo.items()}
+
+
+def test_tie_generate_batch_with_predictor_and_bad_input(setup):
+    from hf_ext.generation.tie.cb import tie_generate_batch
+
+    model, tok, ids, gc = setup
+
+    class FakePredictor:
+        kind = "logt"
+
+        def predict(self, prompts, batch_size=256):
+            mu = np.array([len(p) / 10 for p in prompts], dtype=np.float64)
+            return {"mu": mu, "sigma": np.full_like(mu, 0.5), "nu": np.full_like(mu, 3.5)}
+
+    out = tie_generate_batch(
+        model, PROMPTS, tok, FakePredictor(), generation_config=gc, continuous_batching_config=_cb("fifo")
+    )
+    assert len(out) == len(PROMPTS) and all(len(o.generated_tokens) > 0 for o in out.values())
+    with pytest.raises(ValueError, match="empty"):
+        tie_generate_batch(model, ["ok", ""], tok, FakePredictor(), generation_config=gc)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tie_generate_batch(model, ["ok"], tok, FakePredictor(), generation_config=gc, max_new_tokens=0)
+
+    class NaNPredictor(FakePredictor):
+        def predict(self, prompts, batch_size=256):
+            out = super().predict(prompts)
+            out["mu"][0] = np.nan
+            return out
+
+    with pytest.raises(ValueError, match="NaN"):
+        tie_generate_batch(model, PROMPTS[:2], tok, NaNPredictor(), generation_config=gc)
+    with pytest.warns(UserWarning, match="heuristic"):
+        tie_generate_batch(
+            model, PROMPTS[:2], tok, None, generation_config=gc, continuous_batching_config=_cb("fifo")
+        )
