@@ -20,6 +20,19 @@ __version__ = "0.1.0"
 # Public lazy attributes: name -> "module:attribute".  Components add their one-line entry here.
 _LAZY: dict[str, str] = {
     "registry": "hf_ext.registry:",
+    "DataFlexConfig": "hf_ext.callbacks.dataflex.config:DataFlexConfig",
+    "DataFlexCallback": "hf_ext.callbacks.dataflex.callback:DataFlexCallback",
+    "DataFlexTrainer": "hf_ext.callbacks.dataflex.trainer:DataFlexTrainer",
+    "FSEPConfig": "hf_ext.accelerate.fsep.config:FSEPConfig",
+    "FSEPPlugin": "hf_ext.accelerate.fsep.plugin:FSEPPlugin",
+    "prepare_fsep": "hf_ext.accelerate.fsep.plugin:prepare_fsep",
+    "apply_plan": "hf_ext.accelerate.autoparallel.apply:apply_plan",
+    "search_plan": "hf_ext.accelerate.autoparallel.search:search_plan",
+    "SALEConfig": "hf_ext.attention.sale.config:SALEConfig",
+    "enable_sale": "hf_ext.attention.sale.integration:enable_sale",
+    "disable_sale": "hf_ext.attention.sale.integration:disable_sale",
+    "TIEConfig": "hf_ext.generation.tie.config:TIEConfig",
+    "enable_tie_scheduler": "hf_ext.generation.tie.cb:enable_tie_scheduler",
 }
 
 

@@ -28,5 +28,29 @@ def register_all() -> None:
             logger.warning("hf_ext: registration %s failed: %s", fn.__name__, exc)
 
 
+def _register_sale() -> None:
+    """SALE: ``"sale"`` in transformers' AttentionInterface + AttentionMaskInterface (deferred, cheap)."""
+    from hf_ext.attention.sale._registration import install
+
+    install()
+
+
+def _register_tie() -> None:
+    """TIE: ``"tie"`` in transformers' continuous-batching SCHEDULER_MAPPING, via a one-shot post-import hook
+    (transformers.generation.continuous_batching takes ~2 s to import, so it is never imported here)."""
+    from hf_ext.generation.tie import install_import_hook
+
+    install_import_hook()
+
+
+def _register_latent_omni() -> None:
+    """LatentOmni: ``model_type="latent_omni"`` in AutoConfig / AutoModelForMultimodalLM /
+    AutoModelForImageTextToText / AutoProcessor, registered when transformers' auto modules are first
+    imported (a post-import hook; nothing heavy is imported here)."""
+    from hf_ext.models.latent_omni._auto import install
+
+    install()
+
+
 # Components append their registration functions to this list (one line each).
-_REGISTRATIONS: list = []
+_REGISTRATIONS: list = [_register_sale, _register_tie, _register_latent_omni]

@@ -49,7 +49,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="simulate",
         title="Serving / rollout simulator (shared core)",
-        status="planned",
+        status="built",
         demo="hf_ext.simulate.demo:run_demo",
         bench="hf_ext.simulate.bench:main",
         switch_on="from hf_ext.simulate import Simulator",
@@ -58,7 +58,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="sale",
         title="SALE sparse prefill attention",
-        status="planned",
+        status="built",
         demo="hf_ext.attention.sale.demo:run_demo",
         bench="hf_ext.attention.sale.bench:main",
         switch_on='AutoModelForCausalLM.from_pretrained(name, attn_implementation="sale")',
@@ -84,7 +84,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="fsep",
         title="FSEP fully sharded expert parallelism (LAER-MoE)",
-        status="planned",
+        status="built",
         demo="hf_ext.accelerate.fsep.demo:run_demo",
         bench="hf_ext.accelerate.fsep.bench:main",
         switch_on="model = prepare_fsep(model, FSEPConfig())",
@@ -94,19 +94,19 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="autoparallel",
         title="Galvatron-style automatic parallelism",
-        status="planned",
+        status="built",
         demo="hf_ext.accelerate.autoparallel.demo:run_demo",
         bench="hf_ext.accelerate.autoparallel.bench:main",
-        switch_on="model = apply_plan(model, search_plan(model.config, gpus=8))",
+        switch_on="runner = apply_plan(model, search_plan(model.config, gpus=8))",
         example="examples/autoparallel_plan_and_train.py",
     ),
     Component(
         name="dataflex",
         title="DataFlex dynamic data selection / mixture / reweighting",
-        status="planned",
+        status="built",
         demo="hf_ext.callbacks.dataflex.demo:run_demo",
         bench="hf_ext.callbacks.dataflex.bench:main",
-        switch_on='Trainer(..., callbacks=[DataFlexCallback.from_config("dataflex.yaml")])',
+        switch_on='DataFlexTrainer(model, args, train_dataset=ds, dataflex="dataflex.yaml")',
         example="examples/dataflex_sft.py",
     ),
     Component(
@@ -118,7 +118,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="tie",
         title="TIE tail-aware SJF scheduling",
-        status="planned",
+        status="built",
         demo="hf_ext.generation.tie.demo:run_demo",
         bench="hf_ext.generation.tie.bench:main",
         switch_on='ContinuousBatchingConfig(scheduler_type="tie")',
@@ -133,7 +133,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         name="latent_omni",
         title="LatentOmni interleaved latent reasoning model",
-        status="planned",
+        status="built",
         demo="hf_ext.models.latent_omni.demo:run_demo",
         bench="hf_ext.models.latent_omni.bench:main",
         switch_on='AutoModelForMultimodalLM.from_pretrained("path/to/latent-omni")',

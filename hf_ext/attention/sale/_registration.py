@@ -2,19 +2,19 @@
 
 ``transformers.modeling_utils`` (home of ``AttentionInterface``) takes seconds to import, far over the
 0.5 s budget of ``import hf_ext``. So :func:`install` registers at once when that module is already
-loaded, and otherwise installs a one-shot post-import hook on ``sys.meta_path`` that registers right
-after transformers finishes importing it — before any ``from_pretrained(..., attn_implementation="sale")``
+loaded, and otherwise registers through :func:`hf_ext.utils.import_hooks.when_imported` right after
+transformers finishes importing it — before any ``from_pretrained(..., attn_implementation="sale")``
 can look the name up. Nothing here imports torch, transformers or triton at module import time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.abc
 import importlib.util
 import logging
 import sys
 import threading
+
+from hf_ext.utils.import_hooks import when_imported
 
 logger = logging.getLogger("hf_ext")
 
@@ -45,49 +45,6 @@ def register_now() -> None:
         _REGISTERED = True
 
 
-class _AfterImportFinder(importlib.abc.MetaPathFinder):
-    """Runs :func:`register_now` right after ``transformers.modeling_utils`` has been executed."""
-
-    def __init__(self) -> None:
-        self._busy = False
-
-    def find_spec(self, fullname, path=None, target=None):  # noqa: D102
-        if fullname != _TARGET or self._busy:
-            return None
-        self._busy = True
-        try:
-            spec = None
-            for finder in sys.meta_path:
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-        finally:
-            self._busy = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        loader = spec.loader
-        original_exec = loader.exec_module
-        finder = self
-
-        def exec_module(module):
-            original_exec(module)
-            loader.exec_module = original_exec
-            finder.remove()
-            try:
-                register_now()
-            except Exception as exc:  # pragma: no cover - depends on installed versions
-                logger.warning("hf_ext: registering the 'sale' attention failed: %s", exc)
-
-        loader.exec_module = exec_module
-        return spec
-
-    def remove(self) -> None:
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)
-
-
 def install() -> None:
     """Register now if transformers' modeling utilities are loaded, else on their first import."""
     if _REGISTERED:
@@ -97,5 +54,4 @@ def install() -> None:
         return
     if importlib.util.find_spec("transformers") is None:  # transformers not installed: nothing to register
         return
-    if not any(isinstance(f, _AfterImportFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImportFinder())
+    when_imported(_TARGET, lambda _module: register_now())

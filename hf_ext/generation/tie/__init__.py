@@ -21,12 +21,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import importlib.abc
 import logging
 import sys
 from typing import Any
+
+from hf_ext.utils.import_hooks import cancel, when_imported
 
 logger = logging.getLogger("hf_ext")
 
@@ -75,51 +75,11 @@ def _register_now() -> None:
         logger.warning("hf_ext: could not register the 'tie' continuous-batching scheduler: %s", exc)
 
 
-class _PostImportHook(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of transformers' CB scheduler module to register "tie" after it runs."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _CB_SCHEDULER_MODULE:
-            return None
-        remove_import_hook()  # one shot; also avoids recursion below
-        spec = None
-        for finder in sys.meta_path:
-            fs = getattr(finder, "find_spec", None)
-            if fs is not None:
-                spec = fs(fullname, path, target)
-                if spec is not None:
-                    break
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        loader = spec.loader
-        original = loader.exec_module
-
-        def exec_module(module: Any) -> None:
-            original(module)
-            _register_now()
-
-        loader.exec_module = exec_module  # instance attribute of this module's own loader
-        return spec
-
-
-_HOOK: _PostImportHook | None = None
-
-
 def install_import_hook() -> None:
     """Register "tie" now if transformers' CB scheduler module is loaded, else when it gets imported (cheap)."""
-    global _HOOK
-    if _CB_SCHEDULER_MODULE in sys.modules:
-        _register_now()
-        return
-    if _HOOK is None:
-        _HOOK = _PostImportHook()
-        sys.meta_path.insert(0, _HOOK)
+    when_imported(_CB_SCHEDULER_MODULE, lambda _module: _register_now())
 
 
 def remove_import_hook() -> None:
-    """Uninstall the post-import hook (the "tie" entry, if already added, stays)."""
-    global _HOOK
-    if _HOOK is not None:
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(_HOOK)
-        _HOOK = None
+    """Forget the pending registration (the "tie" entry, if already added, stays)."""
+    cancel(_CB_SCHEDULER_MODULE)
