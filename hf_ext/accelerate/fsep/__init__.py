@@ -1,4 +1,43 @@
-"""FSEP fully sharded expert parallelism (LAER-MoE) (issue #7).
+"""FSEP fully sharded expert parallelism with load-aware re-layout (LAER-MoE) (issue #7).
 
-This package is a home for the component; it exports nothing until the component is built.
+Example (inside ``torchrun --nproc_per_node 2``)::
+
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep
+    model = prepare_fsep(model, FSEPConfig())
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "FSEPConfig": "hf_ext.accelerate.fsep.config",
+    "FSEPExperts": "hf_ext.accelerate.fsep.layer",
+    "FSEPState": "hf_ext.accelerate.fsep.layer",
+    "Layout": "hf_ext.accelerate.fsep.planner",
+    "LoadPlanner": "hf_ext.accelerate.fsep.planner",
+    "FSEPPlugin": "hf_ext.accelerate.fsep.plugin",
+    "prepare_fsep": "hf_ext.accelerate.fsep.plugin",
+    "remove_fsep": "hf_ext.accelerate.fsep.plugin",
+    "save_fsep_pretrained": "hf_ext.accelerate.fsep.plugin",
+    "load_fsep_state_dict": "hf_ext.accelerate.fsep.plugin",
+    "fsep_full_state_dict": "hf_ext.accelerate.fsep.plugin",
+    "fsep_layers": "hf_ext.accelerate.fsep.plugin",
+    "average_dense_gradients": "hf_ext.accelerate.fsep.plugin",
+    "SUPPORTED_MODEL_TYPES": "hf_ext.accelerate.fsep.plugin",
+    "MoEShape": "hf_ext.accelerate.fsep.cost_model",
+    "Hardware": "hf_ext.accelerate.fsep.cost_model",
+    "layer_cost": "hf_ext.accelerate.fsep.cost_model",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'hf_ext.accelerate.fsep' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value

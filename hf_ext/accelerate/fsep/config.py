@@ -1,0 +1,154 @@
+"""Configuration of FSEP (fully sharded expert parallelism, LAER-MoE).
+
+Example:
+    >>> cfg = FSEPConfig(mode="fsep", history=5)
+    >>> cfg.layout_policy
+    'planner'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("fsep", "static_ep")
+LAYOUT_POLICIES = ("planner", "identity", "fsdp")
+ROUTING_POLICIES = ("uniform", "local_first", "node_first", "auto")
+HARDWARE_PRESETS = ("auto", "h100", "a100_ref", "cpu")
+
+
+@dataclass
+class FSEPConfig:
+    """Switches and planner settings of :func:`hf_ext.accelerate.fsep.prepare_fsep`.
+
+    Defaults follow the LAER-MoE paper / reference: re-plan every step from the token counts
+    of the last 5 steps, cost = 4 x all-to-all + 3 x max-rank expert compute.
+    """
+
+    mode: str = field(
+        default="fsep",
+        metadata={
+            "help": "'fsep': every rank keeps 1/N of every expert and gathers whole experts per step by "
+            "all-to-all; 'static_ep': classic expert parallelism (E/N resident experts per rank, "
+            "identity layout) on the same dispatch/combine code path (the baseline)."
+        },
+    )
+    layout_policy: str = field(
+        default="planner",
+        metadata={
+            "help": "FSEP only. 'planner': load-aware re-layout every step (replicas + placement + "
+            "routing); 'identity': the static-EP placement (rank r gathers experts r*E/N..); "
+            "'fsdp': every rank gathers all experts and computes its own tokens (FSDP-style)."
+        },
+    )
+    capacity: int | None = field(
+        default=None,
+        metadata={
+            "help": "Experts a rank may materialise per layer (memory bound of the layout, C >= E/N). "
+            "None: ceil(E/N) + extra_capacity."
+        },
+    )
+    extra_capacity: int = field(
+        default=1,
+        metadata={"help": "Spare expert slots per rank used for replicas when capacity is None."},
+    )
+    history: int = field(
+        default=5, metadata={"help": "Planner input: per-expert token counts of the last k training steps."}
+    )
+    history_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight decay**age of older steps' counts (1.0: plain sum of the last `history` steps, "
+            "as in the paper; e.g. 0.5 follows drifting routing a little faster)."
+        },
+    )
+    replan_interval: int = field(
+        default=1, metadata={"help": "Re-plan the layout every this many training steps (1 = every step)."}
+    )
+    routing_policy: str = field(
+        default="auto",
+        metadata={
+            "help": "How a rank splits its tokens of an expert among the expert's replicas: 'uniform', "
+            "'local_first' (keep tokens on the own replica), 'node_first' (replicas in the own node "
+            "first), or 'auto' (the cost model picks per step)."
+        },
+    )
+    num_perturbations: int = field(
+        default=4,
+        metadata={"help": "Extra replica vectors (local moves of the greedy one) the planner scores."},
+    )
+    hardware: str = field(
+        default="auto",
+        metadata={
+            "help": "Cost-model preset used by the planner: 'auto' (cpu on CPU tensors, h100 on CUDA), "
+            "'h100', 'a100_ref' (the reference's measured bandwidths) or 'cpu'."
+        },
+    )
+    prefetch: bool = field(
+        default=True,
+        metadata={"help": "Start the next MoE layer's expert gather (async all-to-all) during this layer."},
+    )
+    async_grad_reduce: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the backward reduce-scatter (all-to-all) of expert gradients asynchronously and "
+            "accumulate into .grad at the end of backward (overlaps with earlier layers' backward). "
+            "Set False when using torch.autograd.grad."
+        },
+    )
+    average_grads: bool = field(
+        default=True,
+        metadata={"help": "Divide expert gradients by the world size (the DDP / FSDP averaging convention)."},
+    )
+    broadcast_from_rank0: bool = field(
+        default=True,
+        metadata={"help": "Broadcast the full expert weights from rank 0 before sharding (ranks agree)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"FSEPConfig.mode={self.mode!r} is not supported; choose one of {MODES}")
+        if self.layout_policy not in LAYOUT_POLICIES:
+            raise ValueError(
+                f"FSEPConfig.layout_policy={self.layout_policy!r} is not supported; choose one of {LAYOUT_POLICIES}"
+            )
+        if self.routing_policy not in ROUTING_POLICIES:
+            raise ValueError(
+                f"FSEPConfig.routing_policy={self.routing_policy!r} is not supported; "
+                f"choose one of {ROUTING_POLICIES}"
+            )
+        if self.hardware not in HARDWARE_PRESETS:
+            raise ValueError(
+                f"FSEPConfig.hardware={self.hardware!r} is not supported; choose one of {HARDWARE_PRESETS}"
+            )
+        if self.capacity is not None and self.capacity < 1:
+            raise ValueError(f"FSEPConfig.capacity={self.capacity} must be None or an integer >= 1")
+        if self.extra_capacity < 0:
+            raise ValueError(f"FSEPConfig.extra_capacity={self.extra_capacity} must be >= 0")
+        if self.history < 1:
+            raise ValueError(f"FSEPConfig.history={self.history} must be >= 1")
+        if not 0.0 < self.history_decay <= 1.0:
+            raise ValueError(f"FSEPConfig.history_decay={self.history_decay} must be in (0, 1]")
+        if self.replan_interval < 1:
+            raise ValueError(f"FSEPConfig.replan_interval={self.replan_interval} must be >= 1")
+        if self.num_perturbations < 0:
+            raise ValueError(f"FSEPConfig.num_perturbations={self.num_perturbations} must be >= 0")
+        if self.mode == "static_ep" and self.layout_policy != "planner" and self.layout_policy != "identity":
+            raise ValueError(
+                f"FSEPConfig.layout_policy={self.layout_policy!r} needs mode='fsep'; static_ep always uses "
+                "the identity layout"
+            )
+
+    def resolved_capacity(self, num_experts: int, world_size: int) -> int:
+        """Expert slots per rank (``C``) for ``num_experts`` experts over ``world_size`` ranks."""
+        base = -(-num_experts // world_size)
+        if self.mode == "static_ep" or self.layout_policy == "identity":
+            return base
+        if self.layout_policy == "fsdp":
+            return num_experts
+        cap = self.capacity if self.capacity is not None else base + self.extra_capacity
+        if cap < base:
+            raise ValueError(
+                f"FSEPConfig.capacity={cap} is too small: {num_experts} experts over {world_size} ranks need "
+                f"capacity >= ceil(num_experts / world_size) = {base}"
+            )
+        return min(cap, num_experts)

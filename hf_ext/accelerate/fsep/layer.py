@@ -1,0 +1,467 @@
+"""The FSEP experts layer: 1/N of every expert per rank, whole experts gathered per step by all-to-all.
+
+:class:`FSEPExperts` replaces a transformers fused-experts module (``gate_up_proj [E, 2I, H]``,
+``down_proj [E, H, I]``, ``act_fn``; Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3) and keeps
+its call signature ``forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``,
+so the model's router, shared experts and aux losses are untouched.
+
+One forward, per rank ``me`` of ``N`` (layout from :mod:`hf_ext.accelerate.fsep.planner`):
+
+1. ``all_gather`` of per-expert token counts ``[E]`` -> ``counts [N, E]`` (also the planner's input);
+   every rank derives the same split ``shares[src, e, dst]`` of tokens among replicas.
+2. Expert gather (FSEP mode): one ``all_to_all_single`` sends, to each rank ``r``, this rank's
+   shard of every expert in ``slots[r]``; the received ``N`` shards form ``C_me`` full experts
+   (started asynchronously, or prefetched by the previous MoE layer).
+3. Token dispatch: pairs (token, expert) sorted by destination (rank, slot), ``all_to_all_single``
+   with uneven splits; compute one SwiGLU MLP per materialised expert; combine by the reverse
+   all-to-all, weight by the router probabilities and ``index_add`` into the output.
+4. Backward: the all-to-alls are autograd Functions (their backward is the reverse all-to-all);
+   the expert gather's backward sends gradient chunk ``q`` of each materialised expert to rank
+   ``q`` and sums the replicas' chunks (a reduce-scatter through all-to-all), asynchronously by
+   default, accumulating into ``expert_shards.grad`` at the end of backward.
+
+Static EP (``mode="static_ep"``) keeps ``E/N`` full experts resident (identity layout, no gather)
+and runs the same dispatch / compute / combine code.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from hf_ext.accelerate.fsep.config import FSEPConfig
+from hf_ext.accelerate.fsep.cost_model import PRESETS, MoEShape
+from hf_ext.accelerate.fsep.planner import Layout, LoadPlanner
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+# ------------------------------------------------------------------------------ autograd collectives
+class _AllToAll(torch.autograd.Function):
+    """Differentiable ``all_to_all_single`` along dim 0 with uneven splits."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any
+    ) -> torch.Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return out, None, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad * ctx.scale, None
+
+
+class _GatherExperts(torch.autograd.Function):
+    """Forward: finish (or run) the expert gather -> full experts ``[C_me, P]``.
+
+    Backward: reduce-scatter of the full-expert gradient back to the shards via all-to-all
+    (async: accumulated into ``shards.grad`` at the end of backward).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, shards: torch.Tensor, layer: FSEPExperts, pending: _PendingGather) -> torch.Tensor:
+        ctx.layer, ctx.layout = layer, pending.layout
+        return pending.result()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        layer: FSEPExperts = ctx.layer
+        lay: Layout = ctx.layout
+        n, me, s = layer.world_size, layer.rank, layer.shard_size
+        c_me = len(lay.slots[me])
+        g = grad.contiguous()
+        if g.shape[1] < n * s:
+            g = F.pad(g, (0, n * s - g.shape[1]))
+        send = g.view(c_me, n, s).transpose(0, 1).reshape(n * c_me, s).contiguous()
+        out_splits = [len(lay.slots[r]) for r in range(n)]
+        recv = g.new_empty((sum(out_splits), s))
+        index = torch.tensor([e for sl in lay.slots for e in sl], dtype=torch.long, device=g.device)
+        scale = 1.0 / n if layer.config.average_grads else 1.0
+        if layer.config.async_grad_reduce:
+            work = dist.all_to_all_single(
+                recv, send, out_splits, [c_me] * n, group=layer.group, async_op=True
+            )
+            layer._state.add_pending_grad(layer, work, recv, index, scale)
+            return None, None, None
+        dist.all_to_all_single(recv, send, out_splits, [c_me] * n, group=layer.group)
+        out = torch.zeros_like(layer.expert_shards).index_add_(0, index, recv.to(layer.expert_shards.dtype))
+        return out.mul_(scale), None, None
+
+
+class _PendingGather:
+    """An expert gather in flight (``all_to_all_single(async_op=True)``) for one layout."""
+
+    def __init__(self, layer: FSEPExperts, layout: Layout, async_op: bool) -> None:
+        self.layout = layout
+        self.layer = layer
+        self.version = layer.expert_shards._version
+        n, me, s = layer.world_size, layer.rank, layer.shard_size
+        self.c_me = len(layout.slots[me])
+        with torch.no_grad():
+            shards = layer.expert_shards.detach()
+            idx = torch.tensor([e for sl in layout.slots for e in sl], dtype=torch.long, device=shards.device)
+            send = shards.index_select(0, idx).to(layer.comm_dtype)
+            self.recv = shards.new_empty((n * self.c_me, s), dtype=layer.comm_dtype)
+            in_splits = [len(layout.slots[r]) for r in range(n)]
+            self.work = dist.all_to_all_single(
+                self.recv, send, [self.c_me] * n, in_splits, group=layer.group, async_op=async_op
+            )
+
+    def valid_for(self, layout: Layout) -> bool:
+        return layout is self.layout and self.layer.expert_shards._version == self.version
+
+    def result(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        n, s, p = self.layer.world_size, self.layer.shard_size, self.layer.expert_numel
+        full = self.recv.view(n, self.c_me, s).transpose(0, 1).reshape(self.c_me, n * s)[:, :p]
+        return full.to(self.layer.expert_shards.dtype).contiguous()
+
+
+class FSEPState:
+    """What the FSEP layers of one model share: step counter, pending async gradient reductions."""
+
+    def __init__(self) -> None:
+        self.layers: list[FSEPExperts] = []
+        self.step = 0
+        self._pending: list[tuple[FSEPExperts, Any, torch.Tensor, torch.Tensor, float]] = []
+        self._callback_queued = False
+
+    def add_pending_grad(
+        self, layer: FSEPExperts, work: Any, recv: torch.Tensor, index: torch.Tensor, scale: float
+    ) -> None:
+        self._pending.append((layer, work, recv, index, scale))
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish_grads)
+
+    def finish_grads(self) -> None:
+        """Wait for the async gradient all-to-alls and accumulate into ``expert_shards.grad``."""
+        pending, self._pending = self._pending, []
+        self._callback_queued = False
+        for layer, work, recv, index, scale in pending:
+            work.wait()
+            p = layer.expert_shards
+            g = torch.zeros_like(p).index_add_(0, index, recv.to(p.dtype)).mul_(scale)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+
+    def begin_step(self) -> None:
+        """Called before each training forward of the root model: re-plan layouts."""
+        self.step += 1
+        for layer in self.layers:
+            layer.replan(self.step)
+        if self.layers and self.layers[0].config.prefetch:
+            self.layers[0].prefetch()  # overlaps with the embedding and the first attention block
+
+
+# ---------------------------------------------------------------------------------------- the layer
+class FSEPExperts(nn.Module):
+    """Fully sharded experts (or static-EP experts) of one MoE layer.
+
+    Args:
+        gate_up_proj: ``[E, 2I, H]`` full weights (identical on all ranks).
+        down_proj: ``[E, H, I]``.
+        act_fn: the expert activation (``act_fn(gate) * up``).
+        config: :class:`FSEPConfig`.
+        group: the process group of the expert-parallel ranks (default: WORLD).
+        state: shared :class:`FSEPState` (one per model).
+        top_k: router top-k (cost model input).
+
+    Parameters (what the optimizer sees):
+        ``expert_shards [E, ceil(3*I*H / N)]`` in FSEP mode: rank ``q`` holds elements
+        ``q*S .. (q+1)*S`` of every expert's flattened ``(gate_up, down)``;
+        ``expert_weights [E/N, 3*I*H]`` in static-EP mode (rank ``r``'s resident experts).
+    """
+
+    def __init__(
+        self,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        config: FSEPConfig,
+        group: Any = None,
+        state: FSEPState | None = None,
+        top_k: int = 2,
+    ) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "FSEPExperts needs torch.distributed initialised (torchrun / accelerate launch)"
+            )
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        e, two_i, h = gate_up_proj.shape
+        self.num_experts, self.hidden, self.intermediate = e, h, two_i // 2
+        if tuple(down_proj.shape) != (e, h, self.intermediate):
+            raise ValueError(
+                f"down_proj has shape {tuple(down_proj.shape)}, expected {(e, h, self.intermediate)} "
+                "(transposed expert layouts are not supported)"
+            )
+        self.config = config
+        self.act_fn = act_fn
+        self.expert_numel = 3 * h * self.intermediate
+        self.top_k = top_k
+        self._state = state if state is not None else FSEPState()
+        self._state.layers.append(self)
+        self._next: list[FSEPExperts] = []  # plain list: not a registered submodule
+        self._prefetched: _PendingGather | None = None
+        n = self.world_size
+        flat = torch.cat([gate_up_proj.detach().reshape(e, -1), down_proj.detach().reshape(e, -1)], dim=1)
+        self.capacity = config.resolved_capacity(e, n)
+        if config.mode == "static_ep":
+            c = e // n
+            self.shard_size = 0
+            self.expert_weights = nn.Parameter(flat[self.rank * c : (self.rank + 1) * c].clone())
+            self.layout = Layout.identity(e, n)
+            self.planner = None
+        else:
+            self.shard_size = math.ceil(self.expert_numel / n)
+            pad = self.shard_size * n - self.expert_numel
+            if pad:
+                flat = F.pad(flat, (0, pad))
+            q = self.rank
+            self.expert_shards = nn.Parameter(
+                flat[:, q * self.shard_size : (q + 1) * self.shard_size].clone()
+            )
+            if config.layout_policy == "fsdp":
+                self.layout = Layout.fsdp(e, n)
+            else:
+                self.layout = Layout.identity(e, n)
+            hw_name = config.hardware
+            if hw_name == "auto":
+                hw_name = "h100" if gate_up_proj.is_cuda else "cpu"
+            self.planner = (
+                LoadPlanner(
+                    e,
+                    n,
+                    self.capacity,
+                    history=config.history,
+                    routing_policy=config.routing_policy,
+                    num_perturbations=config.num_perturbations,
+                    hardware=PRESETS[hw_name],
+                    history_decay=config.history_decay,
+                    shape=MoEShape(
+                        h,
+                        self.intermediate,
+                        e,
+                        top_k,
+                        tokens_per_rank=4096,
+                        dtype_bytes=gate_up_proj.element_size(),
+                    ),
+                )
+                if config.layout_policy == "planner"
+                else None
+            )
+        self.last_counts: np.ndarray | None = None
+        self.last_compute_cpu_s = float("nan")
+        self.last_tokens = 0
+
+    @property
+    def comm_dtype(self) -> torch.dtype:
+        """dtype of the expert weights on the wire (the parameter dtype)."""
+        p = self.expert_weights if self.config.mode == "static_ep" else self.expert_shards
+        return p.dtype
+
+    # ------------------------------------------------------------------ layout
+    def set_layout(self, layout: Layout) -> None:
+        """Use ``layout`` from the next forward on (FSEP mode; all ranks must pass the same one)."""
+        if self.config.mode == "static_ep":
+            raise ValueError("set_layout: static_ep keeps the identity layout; use mode='fsep'")
+        if layout.num_experts != self.num_experts or layout.world_size != self.world_size:
+            raise ValueError(
+                f"layout is for {layout.num_experts} experts x {layout.world_size} ranks, layer has "
+                f"{self.num_experts} x {self.world_size}"
+            )
+        layout.validate(max(self.capacity, layout.max_slots))
+        self.layout = layout
+        self._prefetched = None
+
+    def replan(self, step: int) -> None:
+        """Re-plan from the planner's history (called at the start of each training step)."""
+        if self.planner is None or not self.planner.history:
+            return
+        if step % self.config.replan_interval:
+            return
+        self.layout = self.planner.plan()
+        self._prefetched = None
+
+    # ------------------------------------------------------------------ gather
+    def prefetch(self) -> None:
+        """Start this layer's expert gather for the current layout (async all-to-all)."""
+        if self.config.mode == "static_ep" or self._prefetched is not None:
+            return
+        self._prefetched = _PendingGather(self, self.layout, async_op=True)
+
+    def _full_weights(self) -> torch.Tensor:
+        """``[C_me, 3*I*H]`` full weights of this rank's materialised experts (autograd-tracked)."""
+        if self.config.mode == "static_ep":
+            return _ScaleGrad.apply(
+                self.expert_weights, 1.0 / self.world_size if self.config.average_grads else 1.0
+            )
+        pending = self._prefetched
+        self._prefetched = None
+        if pending is None or not pending.valid_for(self.layout):
+            pending = _PendingGather(self, self.layout, async_op=False)
+        return _GatherExperts.apply(self.expert_shards, self, pending)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``hidden_states [T, H]``, ``top_k_index [T, K]`` (ids >= E are ignored), ``top_k_weights [T, K]``
+        -> ``[T, H]`` = sum_k weight_k * expert_{index_k}(hidden)."""
+        n, me, e = self.world_size, self.rank, self.num_experts
+        t, h = hidden_states.shape
+        k = top_k_index.shape[1]
+        dev = hidden_states.device
+        layout = self.layout
+        if self.config.mode == "fsep" and self._prefetched is None:
+            self.prefetch()  # overlap the gather with the count exchange and token dispatch
+        flat_e = top_k_index.reshape(-1).long()
+        pair_ids = torch.arange(flat_e.numel(), device=dev)
+        valid = flat_e < e
+        if not bool(valid.all()):
+            flat_e, pair_ids = flat_e[valid], pair_ids[valid]
+        local_counts = torch.bincount(flat_e, minlength=e)
+        gathered = local_counts.new_empty((n * e,))
+        _all_gather_single(gathered, local_counts, group=self.group)
+        counts = gathered.view(n, e).cpu().numpy()
+        self.last_counts = counts
+        if self.planner is not None and self.training and torch.is_grad_enabled():
+            self.planner.observe(counts)
+        shares = layout.token_shares(counts)  # [N(src), E, N(dst)]
+        slot_of = torch.as_tensor(layout.slot_index(), device=dev)
+        c_max = max(1, layout.max_slots)
+
+        # ---- send side: destination (rank, slot) of each of my pairs
+        mine = shares[me]  # [E, N]
+        in_splits = mine.sum(axis=0).tolist()
+        order = torch.argsort(flat_e, stable=True)
+        e_sorted = flat_e[order]
+        offsets = torch.cumsum(local_counts, 0) - local_counts
+        pos = torch.arange(e_sorted.numel(), device=dev) - offsets[e_sorted]
+        cum = torch.as_tensor(np.cumsum(mine, axis=1), device=dev)  # [E, N]
+        dest = torch.searchsorted(cum[e_sorted], pos.unsqueeze(1), right=True).squeeze(1)
+        key = dest * c_max + slot_of[dest, e_sorted]
+        order2 = torch.argsort(key, stable=True)
+        send_pairs = pair_ids[order[order2]]
+        token_idx = torch.div(send_pairs, k, rounding_mode="floor")
+        x_send = hidden_states.index_select(0, token_idx)
+
+        # ---- receive side: rows arrive grouped by source, then by my slot
+        my_slots = list(layout.slots[me])
+        c_me = len(my_slots)
+        cnt = shares[:, my_slots, me] if c_me else np.zeros((n, 0), dtype=np.int64)  # [N, C_me]
+        out_splits = cnt.sum(axis=1).tolist()
+        x_recv = _AllToAll.apply(x_send, out_splits, in_splits, self.group)
+        labels = np.repeat(np.tile(np.arange(c_me), n), cnt.reshape(-1))
+        perm = torch.as_tensor(np.argsort(labels, kind="stable"), device=dev)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=dev)
+        xg = x_recv.index_select(0, perm)
+
+        # ---- prefetch the next MoE layer while this one computes
+        if self.config.prefetch and self._next:
+            self._next[0].prefetch()
+
+        # ---- expert compute, one SwiGLU MLP per materialised expert
+        w = self._full_weights()  # [C_me, 3*I*H]
+        i_sz = self.intermediate
+        # split / unbind (not slicing): their backward is one cat / stack instead of a zero-filled
+        # full-size gradient per slice
+        w_gu_all, w_d_all = w.split([2 * i_sz * h, i_sz * h], dim=1)
+        w_gu_list = w_gu_all.reshape(c_me, 2 * i_sz, h).unbind(0)
+        w_d_list = w_d_all.reshape(c_me, h, i_sz).unbind(0)
+        per_slot = cnt.sum(axis=0).tolist()
+        ys = []
+        c0 = time.thread_time() if not xg.is_cuda else 0.0
+        for xs, w_gu, w_d in zip(xg.split(per_slot, dim=0), w_gu_list, w_d_list):
+            gate, up = F.linear(xs, w_gu).chunk(2, dim=-1)
+            ys.append(F.linear(self.act_fn(gate) * up, w_d))
+        # CPU time of this rank's expert forward (CPU tensors only; immune to an oversubscribed machine)
+        self.last_compute_cpu_s = time.thread_time() - c0 if not xg.is_cuda else float("nan")
+        self.last_tokens = int(sum(per_slot))
+        yg = torch.cat(ys, 0) if ys else xg.new_zeros((0, h)) + 0.0 * w.sum()
+        y_recv = yg.index_select(0, inv)
+
+        # ---- combine
+        y_send = _AllToAll.apply(y_recv, in_splits, out_splits, self.group)
+        wts = top_k_weights.reshape(-1).index_select(0, send_pairs)
+        contrib = (y_send * wts.unsqueeze(1)).to(hidden_states.dtype)
+        return torch.zeros_like(hidden_states).index_add(0, token_idx, contrib)
+
+    # ------------------------------------------------------------------ checkpoint helpers
+    @torch.no_grad()
+    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collective: gather the full ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` on every rank."""
+        n, e, h, i = self.world_size, self.num_experts, self.hidden, self.intermediate
+        if self.config.mode == "static_ep":
+            local = self.expert_weights.detach().contiguous()
+            out = local.new_empty((n * local.shape[0], local.shape[1]))
+            _all_gather_single(out, local, group=self.group)
+            flat = out
+        else:
+            local = self.expert_shards.detach().contiguous()
+            out = local.new_empty((n * e, self.shard_size))
+            _all_gather_single(out, local, group=self.group)
+            flat = (
+                out.view(n, e, self.shard_size)
+                .permute(1, 0, 2)
+                .reshape(e, n * self.shard_size)[:, : self.expert_numel]
+            )
+        gu = flat[:, : 2 * i * h].reshape(e, 2 * i, h).clone()
+        dn = flat[:, 2 * i * h :].reshape(e, h, i).clone()
+        return gu, dn
+
+    @torch.no_grad()
+    def load_full_weights(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+        """Load full expert weights (same on all ranks) into this rank's shard / resident experts."""
+        e = self.num_experts
+        flat = torch.cat([gate_up_proj.reshape(e, -1), down_proj.reshape(e, -1)], dim=1)
+        if self.config.mode == "static_ep":
+            c = e // self.world_size
+            self.expert_weights.copy_(flat[self.rank * c : (self.rank + 1) * c])
+        else:
+            pad = self.shard_size * self.world_size - self.expert_numel
+            if pad:
+                flat = F.pad(flat, (0, pad))
+            q = self.rank
+            self.expert_shards.copy_(flat[:, q * self.shard_size : (q + 1) * self.shard_size])
+        self._prefetched = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"mode={self.config.mode}, experts={self.num_experts}, hidden={self.hidden}, "
+            f"intermediate={self.intermediate}, world_size={self.world_size}, capacity={self.capacity}"
+        )

@@ -1,0 +1,320 @@
+"""Switching FSEP on for transformers MoE models, and saving / loading in the original HF format.
+
+``prepare_fsep(model, FSEPConfig())`` swaps the fused experts module inside every MoE block of a
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or DeepSeek-V3 model for an :class:`FSEPExperts` layer (the
+router, shared experts and aux losses are kept). Call it after ``torch.distributed`` is initialised
+(``torchrun`` / ``accelerate launch``) and before ``accelerator.prepare``: the expert parameters are
+registered in ``model._ddp_params_and_buffers_to_ignore`` so DDP does not all-reduce shards, and
+:meth:`FSEPPlugin.apply_fsdp2` shards the dense part with FSDP2 leaving the experts to FSEP.
+
+Example (2 processes)::
+
+    model = AutoModelForCausalLM.from_pretrained("mistralai/Mixtral-8x7B-v0.1")
+    model = prepare_fsep(model, FSEPConfig())
+    ...train...
+    save_fsep_pretrained(model, "out")          # collective; rank 0 writes an ordinary HF checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hf_ext.accelerate.fsep.config import FSEPConfig
+from hf_ext.accelerate.fsep.layer import FSEPExperts, FSEPState
+
+# model_type -> the experts class name transformers uses (all: gate_up_proj [E, 2I, H], down_proj [E, H, I])
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "mixtral": "MixtralExperts",
+    "qwen2_moe": "Qwen2MoeExperts",
+    "qwen3_moe": "Qwen3MoeExperts",
+    "olmoe": "OlmoeExperts",
+    "deepseek_v3": "DeepseekV3Experts",
+}
+
+
+def _find_experts(model: nn.Module, class_name: str) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """``(qualified_name, parent, attr, experts_module)`` of every experts module of ``class_name``."""
+    out = []
+    for name, mod in model.named_modules():
+        for attr, child in mod.named_children():
+            if type(child).__name__ == class_name:
+                out.append((f"{name}.{attr}" if name else attr, mod, attr, child))
+    return out
+
+
+def _top_k(config: Any) -> int:
+    return int(getattr(config, "num_experts_per_tok", 2) or 2)
+
+
+def _validate(model: nn.Module, config: FSEPConfig, group: Any) -> tuple[str, int]:
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"prepare_fsep: model_type={mt!r} is not a supported MoE architecture; supported: "
+            f"{sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "prepare_fsep needs torch.distributed initialised with world_size >= 2 "
+            "(launch with `torchrun --nproc_per_node 2` or `accelerate launch`)"
+        )
+    ws = dist.get_world_size(group)
+    if ws < 2:
+        raise ValueError(
+            f"prepare_fsep: world_size={ws}; FSEP shards experts over ranks and needs world_size >= 2 "
+            "(a single process should use the model unchanged)"
+        )
+    return mt, ws
+
+
+def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any = None) -> nn.Module:
+    """Replace the experts of every MoE block of ``model`` by FSEP layers (in place; returns ``model``).
+
+    Args:
+        model: a transformers Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3 model (any head),
+            with the same weights on every rank (or ``config.broadcast_from_rank0``).
+        config: :class:`FSEPConfig` (``mode="static_ep"`` gives the static expert-parallel baseline).
+        group: expert-parallel process group (default: WORLD).
+
+    Raises:
+        ValueError: unknown architecture, world size 1, expert count not divisible as required.
+    """
+    config = config or FSEPConfig()
+    if getattr(model, "_fsep_state", None) is not None:
+        raise ValueError("prepare_fsep: model is already prepared (call remove_fsep first)")
+    mt, ws = _validate(model, config, group)
+    found = _find_experts(model, SUPPORTED_MODEL_TYPES[mt])
+    if not found:
+        raise ValueError(f"prepare_fsep: no {SUPPORTED_MODEL_TYPES[mt]} modules found in the {mt} model")
+    for qname, _, _, mod in found:
+        gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+        if gu is None or dn is None or gu.dim() != 3 or dn.dim() != 3 or getattr(mod, "has_bias", False):
+            raise ValueError(f"prepare_fsep: {qname} is not a fused 3-D gate_up/down experts module")
+        e = gu.shape[0]
+        if config.mode == "static_ep" and e % ws:
+            raise ValueError(
+                f"prepare_fsep: num_experts={e} is not divisible by world_size={ws}; mode='static_ep' needs "
+                "num_experts % world_size == 0"
+            )
+        if config.mode == "fsep" and e % ws and ws % e:
+            raise ValueError(
+                f"prepare_fsep: num_experts={e} and world_size={ws}: mode='fsep' needs num_experts % world_size "
+                "== 0 or world_size % num_experts == 0"
+            )
+    state = FSEPState()
+    layers: list[FSEPExperts] = []
+    templates: dict[str, nn.Module] = {}
+    ignore: list[str] = []
+    top_k = _top_k(model.config)
+    for qname, parent, attr, mod in found:
+        gu, dn = mod.gate_up_proj.detach(), mod.down_proj.detach()
+        if config.broadcast_from_rank0:
+            src = dist.get_global_rank(group, 0) if group is not None else 0
+            gu, dn = gu.contiguous().clone(), dn.contiguous().clone()
+            dist.broadcast(gu, src, group=group)
+            dist.broadcast(dn, src, group=group)
+        layer = FSEPExperts(gu, dn, mod.act_fn, config, group=group, state=state, top_k=top_k)
+        layer.to(gu.device)
+        if layers:
+            layers[-1]._next.append(layer)
+        layers.append(layer)
+        templates[qname] = copy.deepcopy(mod).to("meta")
+        setattr(parent, attr, layer)
+        pname = "expert_weights" if config.mode == "static_ep" else "expert_shards"
+        ignore.append(f"{qname}.{pname}")
+    hook = model.register_forward_pre_hook(_begin_step_hook)
+    model._fsep_state = state
+    model._fsep_templates = templates
+    model._fsep_hook = hook
+    model._fsep_config = config
+    prev = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = prev + ignore
+    return model
+
+
+def _begin_step_hook(module: nn.Module, args: Any) -> None:
+    if module.training and torch.is_grad_enabled():
+        module._fsep_state.begin_step()
+
+
+def fsep_layers(model: nn.Module) -> list[FSEPExperts]:
+    """The FSEP layers of a prepared model, in forward order."""
+    state = getattr(model, "_fsep_state", None)
+    if state is None:
+        raise ValueError("model has no FSEP layers; call prepare_fsep(model) first")
+    return list(state.layers)
+
+
+def fsep_expert_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """Expert shard / resident parameters (for FSDP2 ``ignored_params`` or separate optimizer groups)."""
+    out = set()
+    for layer in fsep_layers(model):
+        out.update(layer.parameters())
+    return out
+
+
+def average_dense_gradients(model: nn.Module, group: Any = None) -> None:
+    """All-reduce (mean) the gradients of every non-expert parameter: the data-parallel step for the
+    dense part when neither DDP nor FSDP2 wraps the model. Expert shards are left alone (their
+    reduce-scatter already happened in backward)."""
+    skip = {id(p) for p in fsep_expert_parameters(model)}
+    ws = dist.get_world_size(group)
+    for p in model.parameters():
+        if id(p) in skip or p.grad is None:
+            continue
+        dist.all_reduce(p.grad, group=group)
+        p.grad.div_(ws)
+
+
+def _layer_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules() if isinstance(m, FSEPExperts)}
+
+
+def fsep_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the model's state dict with every FSEP layer as the original HF
+    ``<prefix>.gate_up_proj [E, 2I, H]`` / ``<prefix>.down_proj [E, H, I]`` (the module state-dict
+    keys of the unconverted model)."""
+    names = _layer_names(model)
+    sd = {}
+    for k, v in model.state_dict().items():
+        full_tensor = getattr(v, "full_tensor", None)  # DTensor (FSDP2 dense part): collective
+        sd[k] = full_tensor() if callable(full_tensor) else v
+    for layer in fsep_layers(model):
+        prefix = names[id(layer)]
+        for k in list(sd):
+            if k.startswith(prefix + "."):
+                del sd[k]
+        gu, dn = layer.full_weights()
+        sd[f"{prefix}.gate_up_proj"] = gu
+        sd[f"{prefix}.down_proj"] = dn
+    return sd
+
+
+@contextlib.contextmanager
+def _hf_modules_restored(model: nn.Module, full: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily put the original HF experts modules (with full weights) back into ``model``."""
+    swapped = []
+    for qname, tmpl in model._fsep_templates.items():
+        parent_name, _, attr = qname.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        fsep = getattr(parent, attr)
+        orig = copy.deepcopy(tmpl).to_empty(device=full[f"{qname}.gate_up_proj"].device)
+        with torch.no_grad():
+            orig.gate_up_proj.copy_(full[f"{qname}.gate_up_proj"])
+            orig.down_proj.copy_(full[f"{qname}.down_proj"])
+        setattr(parent, attr, orig)
+        swapped.append((parent, attr, fsep))
+    try:
+        yield
+    finally:
+        for parent, attr, fsep in swapped:
+            setattr(parent, attr, fsep)
+
+
+def save_fsep_pretrained(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
+    """Collective: gather the expert shards and write an ordinary HF checkpoint from rank 0
+    (``model.save_pretrained`` with the original experts modules); loads with ``from_pretrained``."""
+    full = fsep_full_state_dict(model)
+    if dist.get_rank() == 0:
+        hook_attrs = {}
+        with _hf_modules_restored(model, full):
+            # the DDP ignore list names FSEP parameters that do not exist in the HF modules
+            hook_attrs["_ddp_params_and_buffers_to_ignore"] = model.__dict__.pop(
+                "_ddp_params_and_buffers_to_ignore", None
+            )
+            try:
+                model.save_pretrained(save_directory, **kwargs)
+            finally:
+                if hook_attrs["_ddp_params_and_buffers_to_ignore"] is not None:
+                    model._ddp_params_and_buffers_to_ignore = hook_attrs["_ddp_params_and_buffers_to_ignore"]
+    dist.barrier()
+
+
+def load_fsep_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load an HF-format state dict (full expert tensors) into a prepared model (each rank keeps its shard)."""
+    names = _layer_names(model)
+    rest = dict(state_dict)
+    for layer in fsep_layers(model):
+        prefix = names[id(layer)]
+        try:
+            gu, dn = rest.pop(f"{prefix}.gate_up_proj"), rest.pop(f"{prefix}.down_proj")
+        except KeyError as exc:
+            raise KeyError(f"load_fsep_state_dict: {exc.args[0]} missing from the state dict") from None
+        layer.load_full_weights(gu.to(layer.comm_dtype), dn.to(layer.comm_dtype))
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    fsep_keys = {k for k in missing if any(k.startswith(names[id(lay)] + ".") for lay in fsep_layers(model))}
+    missing = [k for k in missing if k not in fsep_keys]
+    if strict and (missing or unexpected):
+        raise KeyError(f"load_fsep_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+
+def remove_fsep(model: nn.Module) -> nn.Module:
+    """Collective: undo :func:`prepare_fsep` (original HF experts modules with the full weights)."""
+    full = fsep_full_state_dict(model)
+    for qname in model._fsep_templates:
+        parent_name, _, attr = qname.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        tmpl = model._fsep_templates[qname]
+        orig = copy.deepcopy(tmpl).to_empty(device=full[f"{qname}.gate_up_proj"].device)
+        with torch.no_grad():
+            orig.gate_up_proj.copy_(full[f"{qname}.gate_up_proj"])
+            orig.down_proj.copy_(full[f"{qname}.down_proj"])
+        setattr(parent, attr, orig)
+    model._fsep_hook.remove()
+    ignore = set(model._ddp_params_and_buffers_to_ignore)
+    fsep_names = {f"{q}.{p}" for q in model._fsep_templates for p in ("expert_shards", "expert_weights")}
+    model._ddp_params_and_buffers_to_ignore = [n for n in ignore if n not in fsep_names]
+    for attr in ("_fsep_state", "_fsep_templates", "_fsep_hook", "_fsep_config"):
+        delattr(model, attr)
+    return model
+
+
+@dataclass
+class FSEPPlugin:
+    """Accelerate-facing wrapper: ``model = FSEPPlugin(FSEPConfig()).prepare_model(model)`` before
+    ``accelerator.prepare(model, optimizer)``.
+
+    Accelerate has no third-party plugin registry; this object carries the config and offers the
+    FSEP-aware steps (prepare, FSDP2 for the dense part, HF-format save).
+    """
+
+    config: FSEPConfig = field(default_factory=FSEPConfig)
+
+    def prepare_model(self, model: nn.Module, accelerator: Any = None, group: Any = None) -> nn.Module:
+        """:func:`prepare_fsep` (DDP launched by ``accelerator.prepare`` will skip the expert params)."""
+        return prepare_fsep(model, self.config, group=group)
+
+    def apply_fsdp2(
+        self, model: nn.Module, mesh: Any = None, layer_attr: str = "layers", **kwargs: Any
+    ) -> nn.Module:
+        """Shard the dense part with FSDP2 ``fully_shard`` (each decoder layer, then the root), leaving
+        the FSEP expert parameters to FSEP (``ignored_params``)."""
+        from torch.distributed.fsdp import fully_shard
+
+        ignored = fsep_expert_parameters(model)
+        inner = getattr(model, "model", model)
+        for block in getattr(inner, layer_attr, []):
+            fully_shard(block, mesh=mesh, ignored_params=ignored, **kwargs)
+        fully_shard(model, mesh=mesh, ignored_params=ignored, **kwargs)
+        return model
+
+    def save_pretrained(self, model: nn.Module, save_directory: str, **kwargs: Any) -> None:
+        """Collective HF-format save (see :func:`save_fsep_pretrained`)."""
+        save_fsep_pretrained(model, save_directory, **kwargs)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Collective HF-format state dict (see :func:`fsep_full_state_dict`)."""
+        return fsep_full_state_dict(model)
+
+    @staticmethod
+    def layouts(model: nn.Module) -> list[Any]:
+        """The current layout of every FSEP layer."""
+        return [layer.layout for layer in fsep_layers(model)]

@@ -1,0 +1,295 @@
+"""Functions run in 2 gloo processes by tests/fsep (module level so spawned ranks can import them)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _batch(seed: int, rows: int, seq: int = 6, vocab: int = 512) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (rows, seq), generator=g)
+
+
+def _loss(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(ids, labels=ids)
+    return out.loss, out.logits
+
+
+def _full_expert_grads(model: Any) -> dict[str, torch.Tensor]:
+    """Gather the full-expert gradients of every FSEP layer (HF layout), keyed by module prefix."""
+    from hf_ext.accelerate.fsep.plugin import _layer_names, fsep_layers
+
+    names = _layer_names(model)
+    out = {}
+    for layer in fsep_layers(model):
+        p = layer.expert_shards if layer.config.mode == "fsep" else layer.expert_weights
+        saved = p.data.clone()
+        p.data.copy_(p.grad if p.grad is not None else torch.zeros_like(p))
+        gu, dn = layer.full_weights()
+        p.data.copy_(saved)
+        out[names[id(layer)]] = (gu, dn)
+    return out
+
+
+def _compare_grads(ref: Any, model: Any) -> float:
+    """Max abs difference between the reference model's grads and the FSEP model's grads."""
+    egrads = _full_expert_grads(model)
+    worst = 0.0
+    mparams = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.grad is None:
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        if prefix in egrads and leaf in ("gate_up_proj", "down_proj"):
+            g = egrads[prefix][0 if leaf == "gate_up_proj" else 1]
+        else:
+            g = mparams[name].grad
+            if g is None:
+                g = torch.zeros_like(p.grad)
+        worst = max(worst, float((g - p.grad).abs().max()) / (float(p.grad.abs().max()) + 1e-8))
+    return worst
+
+
+def _tiny(kind: str) -> Any:
+    """A tiny random model of ``kind`` (the hf_ext.testing ones plus DeepSeek-V3)."""
+    if kind != "deepseek_v3":
+        from hf_ext.testing import tiny_moe
+
+        return tiny_moe(kind, seed=0)
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.DeepseekV3Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=256,
+    )
+    return tf.DeepseekV3ForCausalLM(cfg).eval()
+
+
+def equivalence(
+    rank: int, world_size: int, kinds: list[str], modes: list[str], only: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """For each model kind: forward outputs and gradients under several layouts vs the single-process model."""
+    from hf_ext.accelerate.fsep import FSEPConfig, Layout, prepare_fsep
+    from hf_ext.accelerate.fsep.plugin import average_dense_gradients, fsep_layers
+
+    res: dict[str, Any] = {}
+    ids = _batch(1, 2 * world_size)
+    mine = ids[rank * 2 : (rank + 1) * 2]
+    for kind in kinds:
+        ref = _tiny(kind).train()
+        base = copy.deepcopy(ref)
+        ref_losses, ref_logits = [], []
+        for r in range(world_size):
+            loss, logits = _loss(ref, ids[r * 2 : (r + 1) * 2])
+            ref_losses.append(loss)
+            ref_logits.append(logits.detach())
+        (sum(ref_losses) / world_size).backward()
+        for mode in modes:
+            if mode == "static_ep":
+                cfg = FSEPConfig(mode="static_ep")
+                layouts = {"static_ep": None}
+            else:
+                cfg = FSEPConfig(
+                    mode="fsep", layout_policy="identity", async_grad_reduce=(mode == "fsep_async")
+                )
+                e = (
+                    base.config.num_experts
+                    if hasattr(base.config, "num_experts")
+                    else base.config.num_local_experts
+                )
+                layouts = {
+                    "identity": Layout.identity(e, world_size),
+                    "replicas_uniform": Layout.from_slots([[0, 1, 3], [2, 3, 0]], e, "uniform"),
+                    "replicas_local": Layout.from_slots([[3, 0, 2], [1, 2, 0]], e, "local_first"),
+                    "fsdp": Layout.fsdp(e, world_size),
+                    "uneven": Layout.from_slots([[0, 1, 2, 3], [1]], e, "uniform"),
+                }
+                if only:
+                    layouts = {k: v for k, v in layouts.items() if k in only}
+            model = prepare_fsep(copy.deepcopy(base).train(), cfg)
+            for lname, lay in layouts.items():
+                if lay is not None:
+                    for layer in fsep_layers(model):
+                        layer.set_layout(lay)
+                model.zero_grad(set_to_none=True)
+                loss, logits = _loss(model, mine)
+                loss.backward()
+                average_dense_gradients(model)
+                fwd = float((logits.detach() - ref_logits[rank]).abs().max())
+                grad = _compare_grads(ref, model)
+                used = sum(int((layer.last_counts.sum(0) > 0).sum()) for layer in fsep_layers(model))
+                res[f"{kind}/{mode}/{lname}"] = (fwd, grad, used)
+    return res
+
+
+def training(rank: int, world_size: int, kind: str, outdir: str, steps: int = 3) -> dict[str, Any]:
+    """A few AdamW steps under FSEP (planner layouts, DDP for the dense part) vs single-process
+    training; then HF-format save / load round trips."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import AutoModelForCausalLM
+
+    from hf_ext.accelerate.fsep import (
+        FSEPConfig,
+        fsep_full_state_dict,
+        load_fsep_state_dict,
+        prepare_fsep,
+        save_fsep_pretrained,
+    )
+    from hf_ext.accelerate.fsep.plugin import fsep_layers
+    from hf_ext.testing import tiny_moe
+
+    res: dict[str, Any] = {}
+    orig = tiny_moe(kind, seed=0)
+    orig_dir = f"{outdir}/orig"
+    if rank == 0:
+        orig.save_pretrained(orig_dir)
+    dist.barrier()
+    # ---- round trip without training: load HF -> prepare -> save -> identical checkpoint
+    m = AutoModelForCausalLM.from_pretrained(orig_dir)
+    m = prepare_fsep(m, FSEPConfig())
+    rt_dir = f"{outdir}/roundtrip"
+    save_fsep_pretrained(m, rt_dir)
+    if rank == 0:
+        back = AutoModelForCausalLM.from_pretrained(rt_dir)
+        a, b = orig.state_dict(), back.state_dict()
+        res["roundtrip_keys_equal"] = sorted(a) == sorted(b)
+        res["roundtrip_max_diff"] = max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    # ---- training: reference single process vs FSEP (planner) + DDP dense part
+    ref = copy.deepcopy(orig).train()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    model = prepare_fsep(copy.deepcopy(orig).train(), FSEPConfig(history=2))
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    replicas_seen = []
+    for step in range(steps):
+        ids = _batch(100 + step, 2 * world_size)
+        opt_ref.zero_grad()
+        losses = [
+            ref(ids[r * 2 : (r + 1) * 2], labels=ids[r * 2 : (r + 1) * 2]).loss for r in range(world_size)
+        ]
+        (sum(losses) / world_size).backward()
+        opt_ref.step()
+        opt.zero_grad()
+        mine = ids[rank * 2 : (rank + 1) * 2]
+        ddp(mine, labels=mine).loss.backward()
+        opt.step()
+        replicas_seen.append([lay.layout.replicas().tolist() for lay in fsep_layers(model)])
+    full = fsep_full_state_dict(model)
+    rsd = ref.state_dict()
+    res["train_max_diff"] = max(float((full[k] - rsd[k]).abs().max()) for k in rsd)
+    res["train_max_update"] = max(float((rsd[k] - orig.state_dict()[k]).abs().max()) for k in rsd)
+    res["replicas_seen"] = replicas_seen
+    # ---- save the trained FSEP model in HF format, reload single-process
+    tr_dir = f"{outdir}/trained"
+    save_fsep_pretrained(model, tr_dir)
+    if rank == 0:
+        back = AutoModelForCausalLM.from_pretrained(tr_dir)
+        bsd = back.state_dict()
+        res["trained_reload_max_diff"] = max(float((bsd[k] - rsd[k]).abs().max()) for k in rsd)
+    # ---- load an HF state dict into the prepared model: outputs equal the original model's
+    load_fsep_state_dict(model, orig.state_dict())
+    model.eval()
+    ids = _batch(7, 2 * world_size)[rank * 2 : (rank + 1) * 2]
+    with torch.no_grad():
+        res["load_state_dict_fwd_diff"] = float((model(ids).logits - orig(ids).logits).abs().max())
+    return res
+
+
+def bad_inputs(rank: int, world_size: int) -> dict[str, str]:
+    """Error messages for unsupported inputs (collected, not raised)."""
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep
+    from hf_ext.testing import tiny_llama, tiny_moe
+
+    out = {}
+    try:
+        prepare_fsep(tiny_llama(), FSEPConfig())
+    except ValueError as exc:
+        out["unknown_arch"] = str(exc)
+    m = tiny_moe("olmoe", num_experts=3)
+    try:
+        prepare_fsep(m, FSEPConfig(mode="static_ep"))
+    except ValueError as exc:
+        out["not_divisible"] = str(exc)
+    try:
+        prepare_fsep(m, FSEPConfig(mode="fsep"))
+    except ValueError as exc:
+        out["not_divisible_fsep"] = str(exc)
+    return out
+
+
+def fsdp2_training(rank: int, world_size: int, kind: str = "qwen3_moe", steps: int = 2) -> float:
+    """FSDP2 (fully_shard) on the dense part + FSEP experts: SGD steps match single-process training."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_ext.accelerate.fsep import FSEPConfig, FSEPPlugin, fsep_full_state_dict
+    from hf_ext.testing import tiny_moe
+
+    orig = tiny_moe(kind, seed=0).train()
+    ref = copy.deepcopy(orig)
+    plugin = FSEPPlugin(FSEPConfig())
+    model = plugin.prepare_model(copy.deepcopy(orig))
+    plugin.apply_fsdp2(model, mesh=init_device_mesh("cpu", (world_size,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(steps):
+        ids = _batch(200 + step, 2 * world_size)
+        opt_ref.zero_grad()
+        losses = [
+            ref(ids[r * 2 : (r + 1) * 2], labels=ids[r * 2 : (r + 1) * 2]).loss for r in range(world_size)
+        ]
+        (sum(losses) / world_size).backward()
+        opt_ref.step()
+        opt.zero_grad()
+        mine = ids[rank * 2 : (rank + 1) * 2]
+        model(mine, labels=mine).loss.backward()
+        opt.step()
+    full = fsep_full_state_dict(model)
+    rsd = ref.state_dict()
+    return max(float((full[k] - rsd[k]).abs().max()) for k in rsd)
+
+
+def suite_a(rank: int, world_size: int) -> dict[str, Any]:
+    """Equivalence over model kinds and layouts, plus bad-input errors (one spawn)."""
+    out: dict[str, Any] = {}
+    out.update(equivalence(rank, world_size, ["qwen2_moe"], ["fsep_sync", "fsep_async", "static_ep"]))
+    out.update(
+        equivalence(
+            rank,
+            world_size,
+            ["mixtral", "olmoe", "qwen3_moe", "deepseek_v3"],
+            ["fsep_async"],
+            ("replicas_uniform",),
+        )
+    )
+    out["errors"] = bad_inputs(rank, world_size)
+    return out
+
+
+def suite_b(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
+    """Optimizer steps (DDP + planner; FSDP2) and HF-format save / load (one spawn)."""
+    out = training(rank, world_size, "mixtral", outdir)
+    out["fsdp2_max_diff"] = fsdp2_training(rank, world_size)
+    return out
