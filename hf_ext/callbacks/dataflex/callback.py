@@ -1,0 +1,454 @@
+"""``DataFlexCallback``: schedules DataFlex updates inside a transformers ``Trainer``.
+
+The callback owns the methods (selector / mixer / weighter), the :class:`DataFlexSampler` and
+the schedule. At ``on_step_end`` of an update step (``warmup_step``, then every ``update_step``
+steps, at most ``update_times`` times) it builds an :class:`UpdateContext`, asks the selector
+for a subset or the mixer for domain weights, agrees on the result across ranks (rank 0's
+plan is broadcast) and hands the new plan to the sampler. ``on_save`` writes
+``dataflex_state.json`` into the checkpoint folder; ``on_train_begin`` of a resumed run reads it
+back, so a resumed run continues with the same data state.
+
+Two ways to switch it on:
+
+* ``DataFlexTrainer(..., dataflex=cfg)`` (recommended): the trainer's ``_get_train_sampler``
+  returns the sampler and its loss hook reports per-sample losses (weighters, ODM).
+* ``Trainer(..., callbacks=[DataFlexCallback(cfg, train_dataset=raw_ds)])``: the callback swaps
+  the sampler into the prepared DataLoader at train begin. Selectors and mixers work (ODM then
+  probes losses itself); weighters need ``DataFlexTrainer``.
+
+Example:
+    >>> cb = DataFlexCallback({"selector": "random", "update_step": 5}, train_dataset=[{"input_ids": [1, 2]}] * 4)
+    >>> len(cb.sampler)
+    4
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from hf_ext.callbacks.dataflex.base import UpdateContext, normalize_weights
+from hf_ext.callbacks.dataflex.config import DataFlexConfig
+from hf_ext.callbacks.dataflex.ops import dist_info
+from hf_ext.callbacks.dataflex.registry import build
+from hf_ext.callbacks.dataflex.sampler import DataFlexSampler
+
+logger = logging.getLogger("hf_ext.dataflex")
+
+STATE_FILE = "dataflex_state.json"
+INDEX_KEY = "dataflex_index"
+
+
+def read_domains(dataset: Any, column: str) -> tuple[np.ndarray, list[str]]:
+    """Domain id per sample and the sorted domain names, from a dataset column.
+
+    Works for ``datasets.Dataset`` (column access) and any indexable dataset of mappings.
+    Raises ``ValueError`` naming the column and the available ones when it is missing.
+    """
+    cols = getattr(dataset, "column_names", None)
+    if cols is not None:
+        if column not in cols:
+            raise ValueError(
+                f"domain_column={column!r} is not a column of the training dataset; available columns: {list(cols)}. "
+                "Set domain_column in the DataFlex config or pass domains=[...]"
+            )
+        values = list(dataset[column])
+    else:
+        if len(dataset) == 0:
+            raise ValueError("the training dataset is empty")
+        first = dataset[0]
+        if not isinstance(first, dict) or column not in first:
+            keys = list(first) if isinstance(first, dict) else type(first).__name__
+            raise ValueError(
+                f"domain_column={column!r} is not a key of the training samples; sample keys: {keys}. "
+                "Set domain_column in the DataFlex config or pass domains=[...]"
+            )
+        values = [dataset[i][column] for i in range(len(dataset))]
+    return encode_domains(values)
+
+
+def encode_domains(values: list[Any]) -> tuple[np.ndarray, list[str]]:
+    names = sorted({str(v) for v in values})
+    lookup = {n: i for i, n in enumerate(names)}
+    return np.array([lookup[str(v)] for v in values], dtype=np.int64), names
+
+
+class DataFlexCallback(TrainerCallback):
+    """Dynamic data selection / mixing / reweighting for a ``Trainer`` (see the module docstring).
+
+    Args:
+        config: a :class:`DataFlexConfig`, a mapping, or a YAML/JSON path.
+        train_dataset: the dataset whose domain column is read (callback-only mode: the raw one,
+            before the Trainer drops unused columns).
+        domains: domain label per training sample (instead of a column).
+        target_dataset: target/validation set for less, nice, near, cluster_less.
+        reference_model: DoReMi's reference model.
+        reward_fn: NICE's ``reward_fn(prompt_ids, completion_ids) -> float``.
+        collate_fn: batches dataset items for the scoring passes (default: pad ``input_ids``).
+    """
+
+    def __init__(
+        self,
+        config: DataFlexConfig | dict | str | os.PathLike,
+        *,
+        train_dataset: Any = None,
+        domains: list[Any] | None = None,
+        target_dataset: Any = None,
+        reference_model: torch.nn.Module | None = None,
+        reward_fn: Any = None,
+        collate_fn: Any = None,
+    ) -> None:
+        self.config = DataFlexConfig.coerce(config)
+        c = self.config
+        self.selector = build("selector", c.selector, **c.selector_args) if c.selector else None
+        self.mixer = build("mixer", c.mixer, **c.mixer_args) if c.mixer else None
+        self.weighter = build("weighter", c.weighter, **c.weighter_args) if c.weighter else None
+        self.target_dataset = target_dataset
+        self.reference_model = reference_model
+        self.reward_fn = reward_fn
+        self.collate_fn = collate_fn
+        self.dataset: Any = None
+        self.domain_ids: np.ndarray | None = None
+        self.domain_names: list[str] = []
+        self.sampler: DataFlexSampler | None = None
+        self.weights: np.ndarray | None = None
+        self.updates_done = 0
+        self.log_history: list[dict[str, Any]] = []
+        self.trainer_mode = False
+        self.resumed_from: str | None = None
+        self._resume_path: str | None = None
+        self._model: torch.nn.Module | None = None
+        self._optimizer: Any = None
+        self._obs_loss: np.ndarray | None = None
+        self._obs_count: np.ndarray | None = None
+        self._check_static_needs()
+        if train_dataset is not None or domains is not None:
+            self.set_domains(train_dataset, domains)
+            if train_dataset is not None:
+                self.bind_dataset(train_dataset)
+
+    @classmethod
+    def from_config(
+        cls, config: DataFlexConfig | dict | str | os.PathLike, **kwargs: Any
+    ) -> DataFlexCallback:
+        """Build from a config object, mapping or YAML/JSON file (kwargs as in the constructor)."""
+        return cls(config, **kwargs)
+
+    # ----------------------------------------------------------------------------- set-up
+    def _check_static_needs(self) -> None:
+        name = self.config.selector
+        if name in ("less", "nice", "near", "cluster_less") and self.target_dataset is None:
+            raise ValueError(f"selector {name!r} needs target_dataset=... (the target/validation set)")
+        if name == "nice" and self.reward_fn is None:
+            raise ValueError(
+                "selector 'nice' needs reward_fn=... (reward_fn(prompt_ids, completion_ids) -> float)"
+            )
+        if self.config.mixer == "doremi" and self.reference_model is None:
+            raise ValueError(
+                "mixer 'doremi' needs reference_model=... (a model trained on the default mixture)"
+            )
+
+    def set_domains(self, dataset: Any = None, domains: list[Any] | None = None) -> None:
+        """Read the domains (from ``domains`` or the dataset's ``domain_column``); mixers require them."""
+        if domains is not None:
+            self.domain_ids, self.domain_names = encode_domains(list(domains))
+        elif dataset is not None:
+            try:
+                self.domain_ids, self.domain_names = read_domains(dataset, self.config.domain_column)
+            except ValueError:
+                if self.mixer is not None:
+                    raise
+                self.domain_ids, self.domain_names = None, []
+        if self.mixer is not None and self.domain_ids is None:
+            raise ValueError(
+                f"mixer {self.config.mixer!r} needs domains: the training dataset needs the column "
+                f"domain_column={self.config.domain_column!r} (or pass domains=[...])"
+            )
+        if self.mixer is not None:
+            self.weights = self.mixer.init_weights(self.domain_names)  # validates initial weights/schedule
+
+    def bind_dataset(self, dataset: Any) -> None:
+        """Use ``dataset`` (indexable, items with ``input_ids``) for scoring and build the sampler."""
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "DataFlex needs a map-style training dataset with __len__ (not an IterableDataset)"
+            )
+        n = len(dataset)
+        if self.domain_ids is not None and len(self.domain_ids) != n:
+            raise ValueError(
+                f"{len(self.domain_ids)} domain labels for {n} training samples: the dataset changed length after the "
+                "domains were read (packing is not supported with DataFlex domains)"
+            )
+        self.dataset = dataset
+        if self.sampler is None:
+            self.sampler = DataFlexSampler(
+                self.config.num_samples or n,
+                seed=self.config.seed,
+                domain_ids=self.domain_ids,
+                dataset_size=n,
+            )
+        else:
+            self.sampler.set_domains(self.domain_ids)
+
+    @property
+    def needs_loss_hook(self) -> bool:
+        """Whether per-sample training losses must be reported (weighters, ODM)."""
+        return self.weighter is not None or bool(self.mixer is not None and self.mixer.needs_observations)
+
+    def resume_from(self, checkpoint: str | None) -> None:
+        """Tell the callback which checkpoint the next ``train()`` resumes from."""
+        self._resume_path = checkpoint
+
+    # ---------------------------------------------------------------------------- hooks
+    def on_train_begin(
+        self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs
+    ):
+        self._model, self._optimizer = model, optimizer
+        if self.sampler is None:
+            if train_dataloader is None:
+                raise ValueError(
+                    "DataFlexCallback could not find the training dataset; pass train_dataset=..."
+                )
+            if self.mixer is not None and self.domain_ids is None:
+                self.set_domains(train_dataloader.dataset)
+            self.bind_dataset(train_dataloader.dataset)
+        if not self.trainer_mode:
+            if self.weighter is not None:
+                raise ValueError(
+                    f"weighter {self.config.weighter!r} needs per-sample losses: use DataFlexTrainer (or the SFT mixin) "
+                    "instead of a plain Trainer with DataFlexCallback"
+                )
+            if train_dataloader is not None:
+                install_sampler(train_dataloader, self.sampler)
+        if self._obs_loss is None:
+            d = max(1, len(self.domain_names))
+            self._obs_loss, self._obs_count = np.zeros(d), np.zeros(d)
+        path = self._resume_path
+        if path is None and state.global_step > 0:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if path is not None and os.path.exists(os.path.join(path, STATE_FILE)):
+            self.load_state(path)
+            return
+        if path is not None and state.global_step > 0:
+            logger.warning("DataFlex: no %s in %s; the data state restarts from scratch", STATE_FILE, path)
+        if self.mixer is not None:
+            self.weights = self.mixer.init_weights(self.domain_names)
+            self.sampler.set_plan({"kind": "mixture", "weights": self.weights.tolist()})
+        if self.selector is not None and hasattr(self.selector, "on_train_begin"):
+            self.selector.on_train_begin(self._context(state.global_step), len(self.dataset))
+        if self.config.is_update_step(state.global_step, self.updates_done) and state.global_step == 0:
+            self.update(0)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.sampler is not None:
+            self.sampler.set_epoch(int(math.floor(state.epoch + 1e-9)) if state.epoch else 0)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None:
+            self._model = model
+        if optimizer is not None:
+            self._optimizer = optimizer
+        if self.config.is_update_step(state.global_step, self.updates_done) and (
+            self.selector is not None or self.mixer is not None
+        ):
+            self.update(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        loss, count = self._reduced_observations()  # collective: every rank takes part
+        if not state.is_world_process_zero:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            self.save_state(folder, observed=(loss, count))
+
+    # --------------------------------------------------------------------------- update
+    def _context(self, step: int) -> UpdateContext:
+        return UpdateContext(
+            model=self._model,
+            dataset=self.dataset,
+            step=step,
+            seed=self.config.seed,
+            domain_ids=self.domain_ids,
+            domain_names=self.domain_names,
+            target_dataset=self.target_dataset,
+            reference_model=self.reference_model,
+            reward_fn=self.reward_fn,
+            optimizer=self._optimizer,
+            collate_fn=self.collate_fn,
+            batch_size=self.config.ops_batch_size,
+            weights=self.weights,
+        )
+
+    def update(self, step: int) -> dict[str, Any]:
+        """Run one selection / mixing update now (normally called by the schedule)."""
+        t0 = time.perf_counter()
+        ctx = self._context(step)
+        loss, count = self._reduced_observations()
+        ctx.observed_loss, ctx.observed_count = loss, count
+        plan: dict[str, Any]
+        entry: dict[str, Any] = {"step": step}
+        if self.selector is not None:
+            chosen = self.selector.run(ctx, len(self.dataset))
+            plan = {"kind": "subset", "indices": chosen.tolist()}
+            entry["selected"] = len(chosen)
+            if self.domain_ids is not None:
+                entry["selected_per_domain"] = np.bincount(
+                    self.domain_ids[chosen], minlength=len(self.domain_names)
+                ).tolist()
+        elif self.mixer is not None:
+            w = normalize_weights(self.mixer.update(ctx, self.weights))
+            plan = {"kind": "mixture", "weights": w.tolist()}
+        else:
+            return {}
+        plan = _broadcast(plan)
+        self.sampler.set_plan(plan)
+        if plan["kind"] == "mixture":
+            self.weights = np.asarray(plan["weights"])
+            entry["weights"] = dict(zip(self.domain_names, [round(x, 6) for x in plan["weights"]]))
+        self.updates_done += 1
+        if self._obs_loss is not None:
+            self._obs_loss[:] = 0
+            self._obs_count[:] = 0
+        entry["seconds"] = time.perf_counter() - t0
+        self.log_history.append(entry)
+        logger.info("DataFlex update: %s", entry)
+        return entry
+
+    def _reduced_observations(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if self._obs_loss is None or not self.domain_names:
+            return None, None
+        rank, world = dist_info()
+        if world > 1:
+            import torch.distributed as dist
+
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor(
+                np.concatenate([self._obs_loss, self._obs_count]), dtype=torch.float64, device=dev
+            )
+            dist.all_reduce(t)
+            t = t.cpu().numpy()
+            d = len(self._obs_loss)
+            return t[:d], t[d:]
+        return self._obs_loss.copy(), self._obs_count.copy()
+
+    # ---------------------------------------------------------------- per-batch (trainer mode)
+    def observe(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record per-sample training losses ``[B]`` of samples ``indices`` ``[B]`` (ODM rewards)."""
+        if self.domain_ids is None or self._obs_loss is None:
+            return
+        d = self.domain_ids[indices.detach().cpu().numpy()]
+        np.add.at(self._obs_loss, d, losses.detach().float().cpu().numpy())
+        np.add.at(self._obs_count, d, 1)
+
+    def weigh(self, losses: torch.Tensor, indices: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Per-sample loss weights ``[B]`` (mean 1) or None before ``warmup_step`` / without a weighter."""
+        if self.weighter is None or step < self.config.warmup_step:
+            return None
+        dom = None
+        if self.domain_ids is not None:
+            dom = torch.as_tensor(self.domain_ids[indices.detach().cpu().numpy()])
+        return self.weighter.weights(losses.detach(), indices, dom, step).to(losses.device, losses.dtype)
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self, observed: tuple[Any, Any] | None = None) -> dict[str, Any]:
+        obs_loss, obs_count = observed if observed is not None else (self._obs_loss, self._obs_count)
+        return {
+            "format": 1,
+            "config": self.config.to_dict(),
+            "updates_done": self.updates_done,
+            "weights": None if self.weights is None else list(map(float, self.weights)),
+            "domain_names": self.domain_names,
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "selector": self.selector.state_dict() if self.selector is not None else None,
+            "mixer": self.mixer.state_dict() if self.mixer is not None else None,
+            "weighter": self.weighter.state_dict() if self.weighter is not None else None,
+            "log_history": self.log_history[-100:],
+            "observed_loss": None if obs_loss is None else list(map(float, obs_loss)),
+            "observed_count": None if obs_count is None else list(map(float, obs_count)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        cfg = state.get("config", {})
+        for k in ("selector", "mixer", "weighter"):
+            if cfg.get(k) != getattr(self.config, k):
+                raise ValueError(
+                    f"checkpoint DataFlex state was written with {k}={cfg.get(k)!r} but this run uses "
+                    f"{k}={getattr(self.config, k)!r}"
+                )
+        if state.get("domain_names") and self.domain_names and state["domain_names"] != self.domain_names:
+            raise ValueError(
+                f"checkpoint domains {state['domain_names']} differ from this run's {self.domain_names}"
+            )
+        self.updates_done = int(state.get("updates_done", 0))
+        w = state.get("weights")
+        self.weights = None if w is None else np.asarray(w, dtype=np.float64)
+        if state.get("sampler") is not None and self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        for k in ("selector", "mixer", "weighter"):
+            obj = getattr(self, k)
+            if obj is not None and state.get(k) is not None:
+                obj.load_state_dict(state[k])
+        self.log_history = list(state.get("log_history", []))
+        if state.get("observed_loss") is not None:
+            # the saved observations are summed over ranks: rank 0 carries them, the others restart at zero
+            keep = dist_info()[0] == 0
+            self._obs_loss = np.asarray(state["observed_loss"], dtype=np.float64) * keep
+            self._obs_count = np.asarray(state["observed_count"], dtype=np.float64) * keep
+
+    def save_state(self, folder: str, observed: tuple[Any, Any] | None = None) -> str:
+        path = os.path.join(folder, STATE_FILE)
+        with open(path, "w") as f:
+            json.dump(self.state_dict(observed), f)
+        return path
+
+    def load_state(self, folder_or_file: str) -> None:
+        path = folder_or_file
+        if os.path.isdir(path):
+            path = os.path.join(path, STATE_FILE)
+        with open(path) as f:
+            self.load_state_dict(json.load(f))
+        self.resumed_from = path
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's object on every rank (identity without torch.distributed)."""
+    _, world = dist_info()
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def install_sampler(dataloader: Any, sampler: DataFlexSampler) -> None:
+    """Swap ``sampler`` into a (prepared) DataLoader's innermost batch sampler (callback-only mode)."""
+    obj = getattr(dataloader, "batch_sampler", None)
+    for _ in range(6):
+        inner = getattr(obj, "batch_sampler", None)
+        if inner is None or inner is obj:
+            break
+        obj = inner
+    if obj is None or not hasattr(obj, "sampler") or isinstance(obj.sampler, torch.utils.data.BatchSampler):
+        raise ValueError(
+            "DataFlexCallback could not find the training DataLoader's sampler; use DataFlexTrainer instead"
+        )
+    if len(obj.sampler) != len(sampler):
+        raise ValueError(
+            f"the Trainer's sampler yields {len(obj.sampler)} samples per epoch but DataFlex's yields {len(sampler)}; "
+            "with a plain Trainer leave num_samples unset"
+        )
+    obj.sampler = sampler

@@ -1,0 +1,201 @@
+"""``DataFlexTrainer`` and the mixin that makes any ``Trainer`` subclass (e.g. TRL's ``SFTTrainer``) dynamic.
+
+The mixin
+
+* reads the domains from the raw ``train_dataset`` column before the parent's ``__init__``
+  (TRL may drop columns while tokenising) and builds a :class:`DataFlexCallback`;
+* returns the DataFlex sampler from ``_get_train_sampler``;
+* tags every training sample with its dataset index (a wrapper dataset + collator; the key is
+  kept through ``remove_unused_columns`` and popped before the model sees the batch);
+* when a weighter or ODM is configured, installs a ``compute_loss_func`` computing per-sample
+  losses (reported to the callback) and the weighted loss
+  ``sum_i w_i * loss_sum_i / num_items_in_batch`` — with all ``w_i = 1`` exactly the stock loss.
+
+Example (see ``examples/dataflex_sft.py``)::
+
+    trainer = DataFlexTrainer(model=model, args=TrainingArguments("out", max_steps=100), train_dataset=ds,
+                              data_collator=default_collate, dataflex="examples/dataflex.yaml")
+    trainer.train()
+    trainer.dataflex.weights      # current domain weights (mixers)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from hf_ext.callbacks.dataflex.callback import INDEX_KEY, DataFlexCallback
+from hf_ext.callbacks.dataflex.config import DataFlexConfig
+from hf_ext.callbacks.dataflex.ops import default_collate, sequence_loss_terms
+
+__all__ = [
+    "DataFlexMixin",
+    "DataFlexTrainer",
+    "IndexCollator",
+    "IndexedDataset",
+    "default_collate",
+    "make_dataflex_trainer",
+]
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Adds ``dataflex_index`` (the sample's position) to every mapping item of ``dataset``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.dataset[i]
+        if not isinstance(item, dict):
+            raise TypeError(f"DataFlex needs dataset items that are mappings, got {type(item).__name__}")
+        out = dict(item)
+        out[INDEX_KEY] = int(i)
+        return out
+
+
+class IndexCollator:
+    """Pops ``dataflex_index`` from the features, calls the wrapped collator, adds a ``[B]`` index tensor."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        idx = [f.pop(INDEX_KEY) for f in features]
+        batch = self.inner(features)
+        batch[INDEX_KEY] = torch.tensor(idx, dtype=torch.long)
+        return batch
+
+
+class DataFlexMixin:
+    """Mixin for ``Trainer`` subclasses; put it first: ``class T(DataFlexMixin, SFTTrainer)``.
+
+    Extra keyword arguments: ``dataflex`` (config / mapping / YAML-JSON path / a ready
+    :class:`DataFlexCallback`), ``target_dataset``, ``reference_model``, ``reward_fn``,
+    ``domains`` (labels instead of a column), ``dataflex_collate_fn`` (batches items for scoring).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        dataflex: DataFlexConfig | dict | str | os.PathLike | DataFlexCallback | None = None,
+        target_dataset: Any = None,
+        reference_model: torch.nn.Module | None = None,
+        reward_fn: Any = None,
+        domains: list[Any] | None = None,
+        dataflex_collate_fn: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if dataflex is None:
+            raise ValueError(
+                "DataFlexTrainer needs dataflex=... (a DataFlexConfig, a mapping or a YAML/JSON path)"
+            )
+        if isinstance(dataflex, DataFlexCallback):
+            cb = dataflex
+        else:
+            cb = DataFlexCallback(
+                dataflex,
+                target_dataset=target_dataset,
+                reference_model=reference_model,
+                reward_fn=reward_fn,
+                collate_fn=dataflex_collate_fn,
+            )
+        raw = kwargs.get("train_dataset")
+        if raw is None and len(args) > 3:
+            raw = args[3]
+        if raw is None:
+            raise ValueError("DataFlexTrainer needs a train_dataset")
+        cb.set_domains(raw, domains)  # clear error (missing column) before any work
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        super().__init__(*args, callbacks=[*callbacks, cb], **kwargs)  # type: ignore[call-arg]
+        cb.trainer_mode = True
+        cb.bind_dataset(self.train_dataset)  # type: ignore[attr-defined]
+        self.dataflex = cb
+        self._dataflex_batch_index: torch.Tensor | None = None
+        if cb.needs_loss_hook:
+            if self.compute_loss_func is not None:  # type: ignore[has-type]
+                raise ValueError(
+                    "a DataFlex weighter/ODM needs its own per-sample loss; do not pass compute_loss_func together "
+                    f"with weighter={cb.config.weighter!r} / mixer={cb.config.mixer!r}"
+                )
+            self.compute_loss_func = self._dataflex_loss
+
+    # ------------------------------------------------------------------------------ data
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        return self.dataflex.sampler
+
+    def get_train_dataloader(self) -> Any:
+        ds, coll = self.train_dataset, self.data_collator  # type: ignore[has-type]
+        self.train_dataset, self.data_collator = IndexedDataset(ds), IndexCollator(coll)
+        try:
+            return super().get_train_dataloader()  # type: ignore[misc]
+        finally:
+            self.train_dataset, self.data_collator = ds, coll
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        cols = self._signature_columns  # type: ignore[has-type]
+        if cols is not None and INDEX_KEY not in cols:
+            self._signature_columns = [*cols, INDEX_KEY]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        path = resume_from_checkpoint
+        if path is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            path = get_last_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
+        self.dataflex.resume_from(path if isinstance(path, str) else None)
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    # ------------------------------------------------------------------------------ loss
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        self._dataflex_batch_index = inputs.pop(INDEX_KEY, None)
+        return super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
+
+    def _dataflex_loss(
+        self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """Per-sample losses -> observations + weights -> weighted loss normalised like the stock loss."""
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss_sum, count = sequence_loss_terms(logits, labels)  # [B], [B]
+        idx = self._dataflex_batch_index
+        w = None
+        if idx is not None and self.model.training:  # type: ignore[attr-defined]
+            per = (loss_sum / count.clamp(min=1)).detach()
+            self.dataflex.observe(idx, per)
+            w = self.dataflex.weigh(per, idx, self.state.global_step)  # type: ignore[attr-defined]
+        total = (loss_sum * w).sum() if w is not None else loss_sum.sum()
+        if num_items_in_batch is not None:
+            denom = torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
+        else:  # the Trainer will not divide by the accumulation steps when compute_loss_func is set
+            denom = count.sum().clamp(min=1) * getattr(self, "current_gradient_accumulation_steps", 1)
+        return total / denom
+
+
+class DataFlexTrainer(DataFlexMixin, Trainer):
+    """``transformers.Trainer`` with DataFlex: ``DataFlexTrainer(model, args, train_dataset=..., dataflex=cfg)``."""
+
+
+def make_dataflex_trainer(base: type) -> type:
+    """A DataFlex version of any ``Trainer`` subclass (``make_dataflex_trainer(SFTTrainer)``)."""
+    if not (isinstance(base, type) and issubclass(base, Trainer)):
+        raise ValueError(f"base must be a transformers.Trainer subclass, got {base!r}")
+    return type(
+        f"DataFlex{base.__name__}", (DataFlexMixin, base), {"__doc__": f"{base.__name__} with DataFlex."}
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DataFlexSFTTrainer":
+        from hf_ext.utils.imports import require
+
+        trl = require("trl", "DataFlexSFTTrainer")
+        cls = make_dataflex_trainer(trl.SFTTrainer)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

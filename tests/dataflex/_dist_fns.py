@@ -1,0 +1,93 @@
+"""Functions run in 2 gloo processes by the distributed DataFlex test (must be importable)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _data():
+    from hf_ext.callbacks.dataflex.synthetic import make_mixture
+
+    return make_mixture({"clean": 5, "hard": 4, "noisy": 4}, seed=0)  # 13 samples: uneven shards
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+
+
+def _ops_results(m, proj_dim: int) -> dict:
+    from hf_ext.callbacks.dataflex import ops
+
+    data = _data()
+    idx = list(range(len(data)))
+    return {
+        "loss": ops.per_sample_loss(m, data, idx, batch_size=4).numpy(),
+        "emb": ops.embeddings(m, data, idx, batch_size=4).numpy(),
+        "grad": ops.grad_features(m, data, idx, proj_dim=proj_dim, seed=3).numpy(),
+    }
+
+
+def reference(proj_dim: int = 32) -> dict:
+    """Single-process results (plain model and LoRA model) to compare with."""
+    from hf_ext.callbacks.dataflex import ops
+    from hf_ext.callbacks.dataflex.synthetic import tiny_model
+
+    torch.manual_seed(0)
+    out = {"plain": _ops_results(tiny_model(), proj_dim)}
+    torch.manual_seed(0)
+    lora = _lora(tiny_model())
+    data = _data()
+    out["lora_grad"] = ops.grad_features(
+        lora, data, list(range(len(data))), proj_dim=proj_dim, seed=3
+    ).numpy()
+    return out
+
+
+def all_checks(rank: int, world_size: int, proj_dim: int = 32) -> dict:
+    """DDP, FSDP2 (fully_shard) and DDP+LoRA ops, plus a callback update, on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_ext.callbacks.dataflex import ops
+    from hf_ext.callbacks.dataflex.callback import DataFlexCallback
+    from hf_ext.callbacks.dataflex.synthetic import tiny_model
+
+    out: dict = {}
+    torch.manual_seed(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(tiny_model())
+    out["ddp"] = _ops_results(ddp, proj_dim)
+
+    torch.manual_seed(0)
+    fs = tiny_model()
+    for layer in fs.model.layers:
+        fully_shard(layer)
+    fully_shard(fs)
+    out["fsdp_sharded"] = ops.is_sharded(fs)
+    out["fsdp"] = _ops_results(fs, proj_dim)
+
+    torch.manual_seed(0)
+    lora = torch.nn.parallel.DistributedDataParallel(_lora(tiny_model()))
+    data = _data()
+    out["lora_grad"] = ops.grad_features(
+        lora, data, list(range(len(data))), proj_dim=proj_dim, seed=3
+    ).numpy()
+
+    # selector update: identical plan on both ranks (rank 0's plan is broadcast)
+    cb = DataFlexCallback(
+        {"selector": "loss", "selector_args": {"budget": 0.5}, "update_step": 1}, train_dataset=data
+    )
+    cb._model = ddp
+    cb._obs_loss, cb._obs_count = np.zeros(3), np.zeros(3)
+    cb.update(1)
+    out["plan"] = cb.sampler.plan
+    # ODM observations are summed over ranks at the update
+    cb2 = DataFlexCallback({"mixer": "odm", "update_step": 1}, train_dataset=data)
+    cb2._obs_loss, cb2._obs_count = np.zeros(3), np.zeros(3)
+    cb2.observe(torch.tensor([rank, 5 + rank]), torch.tensor([1.0, 2.0]))
+    loss, count = cb2._reduced_observations()
+    out["obs"] = (loss.tolist(), count.tolist())
+    return out

@@ -1,0 +1,136 @@
+"""Registry, config files, schedule, sampler, and bad input (errors raised before any work)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_ext.callbacks.dataflex.callback import DataFlexCallback
+from hf_ext.callbacks.dataflex.config import DataFlexConfig
+from hf_ext.callbacks.dataflex.registry import build, names
+from hf_ext.callbacks.dataflex.sampler import DataFlexSampler
+from hf_ext.callbacks.dataflex.synthetic import make_mixture
+
+DATA = make_mixture({"clean": 4, "noisy": 4}, seed=0)
+
+
+def test_registry_lists_every_method():
+    assert names("selector") == ["cluster_less", "delta_loss", "less", "loss", "near", "nice", "random"]
+    assert names("mixer") == ["doremi", "dynamic", "odm"]
+    assert names("weighter") == ["adapt", "loss"]
+
+
+def test_unknown_name_lists_registered_names():
+    with pytest.raises(
+        ValueError, match=r"unknown DataFlex selector 'lesss'.*cluster_less, delta_loss, less, loss"
+    ):
+        build("selector", "lesss")
+    with pytest.raises(ValueError, match="registered mixers: doremi, dynamic, odm"):
+        DataFlexConfig(mixer="doremy")
+    with pytest.raises(ValueError, match="kind='sampler'.*selector, mixer, weighter"):
+        build("sampler", "x")
+    with pytest.raises(
+        ValueError, match=r"unknown config field\(s\) \['budgett'\]; allowed fields: \['budget'"
+    ):
+        build("selector", "random", budgett=0.5)
+    with pytest.raises(ValueError, match="focus='mid'.*high, low, medium"):
+        build("selector", "loss", focus="mid")
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5])
+def test_update_step_must_be_positive_int(bad):
+    with pytest.raises(ValueError, match="update_step must be a positive integer"):
+        DataFlexConfig(selector="random", update_step=bad)
+
+
+def test_other_config_errors():
+    with pytest.raises(ValueError, match="choose one of them"):
+        DataFlexConfig(selector="random", mixer="odm")
+    with pytest.raises(ValueError, match="at least one of selector, mixer or weighter"):
+        DataFlexConfig()
+    with pytest.raises(ValueError, match="unknown DataFlex config key"):
+        DataFlexConfig.from_dict({"selector": "random", "update_every": 3})
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        build("selector", "random", budget=0)
+    with pytest.raises(ValueError, match="needs target_dataset"):
+        DataFlexCallback({"selector": "less"})
+    with pytest.raises(ValueError, match="needs reference_model"):
+        DataFlexCallback({"mixer": "doremi"})
+
+
+def test_missing_domain_column_is_a_clear_error():
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"input_ids": d["input_ids"], "source": d["domain"]} for d in DATA])
+    with pytest.raises(
+        ValueError, match=r"domain_column='domain' is not a column.*\['input_ids', 'source'\]"
+    ):
+        DataFlexCallback({"mixer": "odm"}, train_dataset=ds)
+    with pytest.raises(ValueError, match=r"domain_column='topic' is not a key of the training samples"):
+        DataFlexCallback({"mixer": "odm", "domain_column": "topic"}, train_dataset=DATA)
+    # trainer: raised in __init__, before any training work
+    from transformers import TrainingArguments
+
+    from hf_ext.callbacks.dataflex.ops import default_collate
+    from hf_ext.callbacks.dataflex.synthetic import tiny_model
+    from hf_ext.callbacks.dataflex.trainer import DataFlexTrainer
+
+    with pytest.raises(ValueError, match="domain_column='domain' is not a column"):
+        DataFlexTrainer(
+            model=tiny_model(),
+            args=TrainingArguments("/tmp/df_bad", use_cpu=True, report_to=[]),
+            train_dataset=ds,
+            data_collator=default_collate,
+            dataflex={"mixer": "odm"},
+        )
+    # selectors do not need domains
+    assert DataFlexCallback({"selector": "random"}, train_dataset=ds).domain_ids is None
+    cb = DataFlexCallback({"mixer": "odm"}, train_dataset=ds.rename_column("source", "domain"))
+    assert cb.domain_names == ["clean", "noisy"]
+
+
+def test_yaml_and_json_round_trip(tmp_path):
+    y = tmp_path / "df.yaml"
+    y.write_text(
+        "dataflex:\n  selector: {name: less, budget: 0.3, proj_dim: 64}\n  warmup_step: 5\n"
+        "  update_step: 10\n  update_times: 2\n"
+    )
+    cfg = DataFlexConfig.from_file(y)
+    assert (cfg.selector, cfg.selector_args, cfg.update_times) == ("less", {"budget": 0.3, "proj_dim": 64}, 2)
+    j = tmp_path / "df.json"
+    cfg.save(j)
+    assert DataFlexConfig.from_file(j) == cfg
+    assert json.loads(j.read_text())["warmup_step"] == 5
+    with pytest.raises(ValueError, match=r"must end in \.yaml, \.yml or \.json"):
+        DataFlexConfig.from_file(tmp_path / "df.toml")
+
+
+def test_schedule():
+    cfg = DataFlexConfig(selector="random", warmup_step=5, update_step=10, update_times=2)
+    steps = [s for s in range(60) if cfg.is_update_step(s, sum(cfg.is_update_step(t, 0) for t in range(s)))]
+    assert steps == [5, 15]
+    unlimited = DataFlexConfig(selector="random", warmup_step=0, update_step=7)
+    assert [s for s in range(30) if unlimited.is_update_step(s, 0)] == [0, 7, 14, 21, 28]
+
+
+def test_sampler_mixture_and_resume_replay():
+    dom = [0] * 50 + [1] * 50
+    s = DataFlexSampler(100, seed=1, domain_ids=dom)
+    s.set_plan({"kind": "mixture", "weights": [0.9, 0.1]})
+    first = list(s)
+    assert 0.8 < sum(i < 50 for i in first) / 100 < 0.97
+    s.set_epoch(1)
+    it = iter(s)
+    head = [next(it) for _ in range(30)]
+    state = s.state_dict()
+    s.set_plan({"kind": "subset", "indices": [7, 8]})  # takes effect at position 30
+    tail = [next(it) for _ in range(20)]
+    assert set(tail) <= {7, 8}
+    # a resumed sampler (state saved before the new plan) replays positions < drawn, then uses the newest plan
+    r = DataFlexSampler(100, seed=1, domain_ids=dom)
+    r.load_state_dict(state)
+    r.plans[max(r.plans) + 1] = {"kind": "subset", "indices": [7, 8]}
+    r.current = max(r.plans)
+    r.set_epoch(1)
+    again = list(r)[:50]
+    assert again[:30] == head and again[30:] == tail

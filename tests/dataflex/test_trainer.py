@@ -1,0 +1,172 @@
+"""DataFlexTrainer / callback integration: sampler, loss hook, checkpoint resume, plain Trainer, TRL SFT."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer
+
+from hf_ext.callbacks.dataflex.callback import STATE_FILE, DataFlexCallback
+from hf_ext.callbacks.dataflex.ops import default_collate, sequence_loss_terms
+from hf_ext.callbacks.dataflex.trainer import DataFlexTrainer
+from tests.dataflex._common import Recorder, args, make_mixture, tiny_model
+
+DATA = make_mixture({"clean": 24, "noisy": 24, "hard": 24}, seed=0)
+TARGET = make_mixture({"clean": 8}, seed=1)
+
+
+def _trainer(out, cfg, *, rec=None, **kw):
+    t = DataFlexTrainer(
+        model=tiny_model(),
+        args=args(out, **kw.pop("targs", {})),
+        train_dataset=DATA,
+        data_collator=default_collate,
+        dataflex=cfg,
+        callbacks=[rec] if rec else None,
+        **kw,
+    )
+    if rec is not None:
+        rec.trainer = t
+    return t
+
+
+def test_selection_restricts_sampler(tmp_path):
+    rec = Recorder()
+    cfg = {"selector": "random", "selector_args": {"budget": 0.25}, "warmup_step": 2, "update_step": 100}
+    t = _trainer(str(tmp_path), cfg, rec=rec)
+    t.train()
+    (entry,) = t.dataflex.log_history
+    chosen = set(t.dataflex.sampler.plan["indices"])
+    assert entry["step"] == 2 and len(chosen) == 18
+    # batches after the update (plus the prefetch lag of 2 batches) only contain chosen samples
+    late = [i for s, b in rec.batches.items() if s >= 5 for i in b]
+    assert late and set(late) <= chosen
+    early = [i for s, b in rec.batches.items() if s <= 2 for i in b]
+    assert not set(early) <= chosen  # before the update: the whole dataset
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"mixer": "odm", "warmup_step": 2, "update_step": 3, "mixer_args": {"alpha": 0.5}},
+        {"selector": "delta_loss", "selector_args": {"budget": 0.5}, "warmup_step": 3, "update_step": 4},
+        {"weighter": "adapt", "warmup_step": 2},
+    ],
+    ids=["odm", "delta_loss", "adapt"],
+)
+def test_resume_continues_with_same_data_state(tmp_path, cfg):
+    out_a, out_b = str(tmp_path / "a"), str(tmp_path / "b")
+    rec_a = Recorder()
+    a = _trainer(out_a, cfg, rec=rec_a, targs=dict(save_strategy="steps", save_steps=6))
+    a.train()
+    assert os.path.exists(os.path.join(out_a, "checkpoint-6", STATE_FILE))
+    with open(os.path.join(out_a, "checkpoint-6", STATE_FILE)) as f:
+        state = json.load(f)
+    rec_b = Recorder()
+    b = _trainer(out_b, cfg, rec=rec_b, targs=dict(save_strategy="no"))
+    b.train(resume_from_checkpoint=os.path.join(out_a, "checkpoint-6"))
+    assert b.dataflex.resumed_from is not None
+    assert b.dataflex.updates_done == a.dataflex.updates_done
+    for step in range(7, 13):
+        assert rec_b.batches[step] == rec_a.batches[step], step
+    if cfg.get("mixer"):
+        assert state["updates_done"] == 2
+        np.testing.assert_allclose(b.dataflex.weights, a.dataflex.weights, rtol=1e-6)
+    if cfg.get("weighter"):
+        assert state["weighter"]["keys"]
+
+
+def test_weighted_loss_matches_manual(tmp_path):
+    """The installed loss equals sum_i w_i * loss_sum_i / num_items with the weighter's weights."""
+    t = _trainer(str(tmp_path), {"weighter": "loss", "weighter_args": {"temperature": 0.5}, "warmup_step": 0})
+    batch = default_collate([DATA[i] for i in (0, 30, 60, 61)])
+    idx = torch.tensor([0, 30, 60, 61])
+    model = t.model.train()
+    t._dataflex_batch_index = idx
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    got = t._dataflex_loss(out, batch["labels"], num_items_in_batch=torch.tensor(40))
+    s, c = sequence_loss_terms(out.logits, batch["labels"])
+    per = (s / c).detach()
+    w = torch.softmax(per / 0.5, 0) * 4
+    torch.testing.assert_close(got, (s * w).sum() / 40)
+    assert not torch.allclose(got, s.sum() / 40)  # weighting changes the loss
+    # without a weighter the loss is the stock token-mean loss
+    t2 = _trainer(str(tmp_path / "2"), {"mixer": "odm", "update_step": 5})
+    t2._dataflex_batch_index = idx
+    torch.testing.assert_close(t2._dataflex_loss(out, batch["labels"]), s.sum() / c.sum())
+
+
+def test_plain_trainer_with_callback_only(tmp_path):
+    cb = DataFlexCallback(
+        {
+            "mixer": "dynamic",
+            "mixer_args": {"schedule": [{"step": 0, "weights": {"clean": 1.0}}]},
+            "update_step": 2,
+        },
+        train_dataset=DATA,
+    )
+    seen = []
+
+    def collate(feats):
+        seen.extend(f["domain"] for f in feats)
+        return default_collate(feats)
+
+    t = Trainer(
+        model=tiny_model(),
+        args=args(str(tmp_path), max_steps=4, remove_unused_columns=False),
+        train_dataset=DATA,
+        data_collator=collate,
+        callbacks=[cb],
+    )
+    t.train()
+    assert cb.weights.tolist() == [1.0, 0.0, 0.0]
+    assert set(seen) == {"clean"}
+
+
+def test_plain_trainer_rejects_weighter(tmp_path):
+    cb = DataFlexCallback({"weighter": "loss"}, train_dataset=DATA)
+    t = Trainer(
+        model=tiny_model(),
+        args=args(str(tmp_path), max_steps=2),
+        train_dataset=DATA,
+        data_collator=default_collate,
+        callbacks=[cb],
+    )
+    with pytest.raises(ValueError, match="DataFlexTrainer"):
+        t.train()
+
+
+def test_trl_sft_mixin(tmp_path, tokenizer):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from hf_ext.callbacks.dataflex.trainer import DataFlexSFTTrainer
+    from hf_ext.testing import tiny_llama
+
+    texts = ["The quick brown fox jumps.", "Sparse attention skips blocks."] * 8
+    ds = datasets.Dataset.from_dict({"text": texts, "domain": ["fox", "attn"] * 8})
+    cfg = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        max_length=32,
+    )
+    t = DataFlexSFTTrainer(
+        model=tiny_llama(),
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        dataflex={"mixer": "odm", "warmup_step": 1, "update_step": 1},
+    )
+    t.train()
+    assert t.dataflex.updates_done == 4
+    assert t.dataflex._obs_count is not None and t.dataflex.log_history[-1]["weights"]
+    assert isinstance(t, trl.SFTTrainer)
