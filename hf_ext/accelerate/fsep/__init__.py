@@ -8,8 +8,7 @@ Example (inside ``torchrun --nproc_per_node 2``)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hf_ext.utils.lazy import lazy_exports
 
 _LAZY = {
     "FSEPConfig": "hf_ext.accelerate.fsep.config",
@@ -34,10 +33,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'hf_ext.accelerate.fsep' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

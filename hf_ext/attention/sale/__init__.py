@@ -14,8 +14,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hf_ext.utils.lazy import lazy_exports
 
 _LAZY = {
     "SALEConfig": "hf_ext.attention.sale.config",
@@ -26,21 +25,10 @@ _LAZY = {
     "calibrate": "hf_ext.attention.sale.calibrate",
     "sale_attention_forward": "hf_ext.attention.sale.attention",
     "sale_stats": "hf_ext.attention.sale.attention",
-    "register_sale": "hf_ext.attention.sale._registration",
+    "register_sale": "hf_ext.attention.sale._registration:register_now",
 }
 
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'hf_ext.attention.sale' has no attribute {name!r}")
-    attr = "register_now" if name == "register_sale" else name
-    value = getattr(importlib.import_module(mod), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

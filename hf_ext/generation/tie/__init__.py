@@ -21,12 +21,11 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
-from typing import Any
 
 from hf_ext.utils.import_hooks import cancel, when_imported
+from hf_ext.utils.lazy import lazy_exports
 
 logger = logging.getLogger("hf_ext")
 
@@ -55,13 +54,7 @@ __all__ = [*_LAZY, "install_import_hook", "remove_import_hook"]
 _CB_SCHEDULER_MODULE = "transformers.generation.continuous_batching.scheduler"
 
 
-def __getattr__(name: str) -> Any:
-    sub = _LAZY.get(name)
-    if sub is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{sub}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 def _register_now() -> None:
