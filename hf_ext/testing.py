@@ -295,7 +295,8 @@ def _dist_entry(
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    init = "file://" + os.path.join(outdir, "rendezvous")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
