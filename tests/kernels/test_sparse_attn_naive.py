@@ -142,8 +142,10 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         block_sparse_attention(q, k, v, torch.ones(1, 4, 3, 3, dtype=torch.bool), backend="torch")
     with pytest.raises(ValueError, match="device"):
         sale_attention(q, k.to("meta"), v, tau=0.0, backend="torch")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # conftest turns the interpreter on for CPU runs
+    q64, k64, v64 = (torch.randn(1, h, 64, 64) for h in (4, 2, 2))
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        sale_attention(q, k, v, tau=0.0, backend="triton")
+        sale_attention(q64, k64, v64, tau=0.0, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="head_dim 32 .*supported: \\(64, 128\\)"):
         sale_attention(q, k, v, tau=0.0, backend="triton")  # raised before any Triton work
