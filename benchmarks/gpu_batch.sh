@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the GPU benchmarks of the built components in one go on a CUDA machine (from a checkout,
+# without installing): results go to $HF_EXT_RESULTS_DIR (default benchmarks/results), logs beside them.
+# Usage: bash benchmarks/gpu_batch.sh [part ...]   parts: doctor simulate sale latent_omni autoparallel fsep dataflex
+set -u
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+RES=${HF_EXT_RESULTS_DIR:-benchmarks/results}
+mkdir -p "$RES/logs"
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(doctor simulate sale latent_omni autoparallel fsep dataflex)
+run() {  # name, limit in seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name: $* (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$RES/logs/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s"
+  tail -n 25 "$RES/logs/$name.log"
+}
+for p in "${parts[@]}"; do
+  case $p in
+    doctor) run doctor 120 $PY -m hf_ext doctor ;;
+    simulate) run simulate 240 $PY -m hf_ext.simulate.calibrate --device cuda --shape llama3.1-8b --out "$RES/" ;;
+    sale) run sale_e2e 300 $PY -m hf_ext bench sale --e2e --lengths 32768 65536 ;;
+    latent_omni) run latent_omni 240 $PY -m hf_ext bench latent_omni --mode gpu ;;
+    autoparallel) run autoparallel 300 $PY -m hf_ext bench autoparallel ;;
+    fsep) run fsep 240 $PY -m hf_ext bench fsep --calibrate --skip-gloo --no-plot ;;
+    dataflex) run dataflex 300 $PY -m hf_ext bench dataflex -- --device cuda --preset small ;;
+    *) echo "unknown part $p" ;;
+  esac
+done
