@@ -205,11 +205,17 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def plot_results(component: str, path: Path | None = None, out: Path | None = None) -> Path:
-    """Draw ``<component>.png`` beside the CSV: ratio per case, one bar group per baseline/metric.
+def plot_results(
+    component: str, path: Path | None = None, out: Path | None = None, max_cases: int = 40
+) -> Path:
+    """Draw ``<component>.png`` beside the CSV: one panel per metric, a horizontal bar per
+    (case, baseline) with the ratio (> 1: hf_ext better), log-scaled when ratios span a wide range.
 
-    Only the latest row of each (case, metric, baseline, device) is drawn.
+    Only the latest row of each (case, metric, baseline, device) is drawn, and at most ``max_cases``
+    cases per metric (the most recent ones).
     """
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,32 +225,54 @@ def plot_results(component: str, path: Path | None = None, out: Path | None = No
     out = out or path.with_suffix(".png")
     latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
     for r in read_rows(path):
-        latest[(r["case"], r["metric"], r["baseline"], r["device"])] = r
-    series: dict[str, dict[str, float]] = {}
-    cases: list[str] = []
+        key = (r["case"], r["metric"], r["baseline"], r["device"])
+        latest.pop(key, None)  # keep insertion order = recency
+        latest[key] = r
+    panels: dict[str, dict[str, dict[str, float]]] = {}  # metric -> series -> case -> ratio
     for (case, metric, baseline, device), r in latest.items():
         try:
             ratio = float(r["ratio"])
         except (TypeError, ValueError):
             continue
-        key = f"{metric} vs {baseline} ({device})"
-        series.setdefault(key, {})[case] = ratio
-        if case not in cases:
-            cases.append(case)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cases) * max(1, len(series))), 4.5))
-    width = 0.8 / max(1, len(series))
-    for i, (key, vals) in enumerate(series.items()):
-        xs = [j + i * width for j, c in enumerate(cases) if c in vals]
-        ys = [vals[c] for c in cases if c in vals]
-        ax.bar(xs, ys, width=width, label=key)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("ratio (>1: hf_ext better)")
-    ax.set_title(f"hf_ext {component}")
-    ax.legend(fontsize=7)
+        if not math.isfinite(ratio) or ratio <= 0:
+            continue
+        series = f"vs {baseline} ({device})"
+        panels.setdefault(metric, {}).setdefault(series, {})[case] = ratio
+    if not panels:
+        panels = {"(no finite ratios)": {}}
+    heights = []
+    for series in panels.values():
+        cases = {c for vals in series.values() for c in vals}
+        heights.append(max(1.5, 0.28 * min(len(cases), max_cases) * max(1, len(series)) ** 0.5 + 1.0))
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(11, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
+    for ax, (metric, series) in zip(axes[:, 0], panels.items()):
+        cases: list[str] = []
+        for vals in series.values():
+            for c in vals:
+                if c not in cases:
+                    cases.append(c)
+        cases = cases[-max_cases:]
+        n = max(1, len(series))
+        h = 0.8 / n
+        all_vals = [v for vals in series.values() for c, v in vals.items() if c in cases]
+        for i, (name, vals) in enumerate(series.items()):
+            ys = [j + i * h for j, c in enumerate(cases) if c in vals]
+            xs = [vals[c] for c in cases if c in vals]
+            ax.barh(ys, xs, height=h, label=name)
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+        if all_vals and max(all_vals) / min(all_vals) > 30:
+            ax.set_xscale("log")
+        ax.set_yticks([j + 0.4 - h / 2 for j in range(len(cases))])
+        ax.set_yticklabels(cases, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{metric}: ratio (> 1 means hf_ext better)", fontsize=9)
+        if series:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"hf_ext {component}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
