@@ -100,9 +100,9 @@ def _brute_force(shape: ModelShape, sc: SearchConfig, hw: HardwareProfile) -> fl
     return best
 
 
-@pytest.mark.parametrize("memory_gb", [1.6, 1.8, 2.5, 4.0])
+@pytest.mark.parametrize("memory_gb", [1.7, 1.8, 2.5, 4.0])
 def test_search_finds_brute_force_optimum(memory_gb):
-    # 1.6 / 1.8 GB force pipeline + tensor parallel plans, 2.5 GB mixes zero2/zero3/ckpt per layer.
+    # 1.7 / 1.8 GB force pipeline + tensor parallel plans, 2.5 GB mixes zero2/zero3/ckpt per layer.
     hw = HardwareProfile.h100()
     sc = SearchConfig(
         gpus=4,
@@ -237,3 +237,30 @@ def test_config_json_path(tmp_path, tiny_llama):
     s = get_shape(str(tmp_path))
     assert s.num_layers == 2 and s.hidden_size == 64
     assert set(BUILTIN_SHAPES) >= {"llama3-8b", "llama3-70b", "llama3.2-1b"}
+
+
+def test_plan_whose_logits_do_not_fit_is_rejected():
+    # A 262k vocabulary on a tiny trunk: the LM head + loss peak (bf16 logits, fp32 upcast, fp32
+    # log-softmax and its gradients: 12 bytes per logit) dominates, so only small micro-batches fit.
+    shape = ModelShape("bigvocab", 2, 256, 512, 4, 4, 262144)
+    spec = TrainingSpec(global_batch=8, seq_len=1024)
+    cm = CostModel(shape, HardwareProfile.h100(), spec)
+    mem = {}
+    for b in (1, 2, 4, 8):
+        cfg = ParallelConfig(
+            gpus=1, pp=1, tp=1, sp=False, micro_batch=b, num_micro_batches=8 // b, dp_type="ddp"
+        )
+        c = cm.evaluate(cfg, [[LayerStrategy(0, True)] * 2], memory_gb=12)
+        mem[b] = c.max_memory_gb
+        assert c.max_memory_gb * 2**30 >= 12 * b * 1024 * 262144  # the logits peak is counted
+    assert mem[8] > mem[4] > mem[2] > mem[1]
+    assert not predict(
+        Plan.uniform(shape, gpus=1, dp_type="ddp", ckpt=True, global_batch=8, seq_len=1024, micro_batch=8),
+        memory_gb=12,
+    ).feasible
+    res = search(shape, SearchConfig(gpus=1, memory_gb=12, global_batch=8, seq_len=1024))
+    assert res.best.micro_batch <= 2 and res.best.predicted["memory_gb"][0] <= 12
+    with pytest.raises(NoFeasiblePlanError):
+        search(
+            shape, SearchConfig(gpus=1, memory_gb=4, global_batch=8, seq_len=1024, micro_batch_sizes=(4, 8))
+        )

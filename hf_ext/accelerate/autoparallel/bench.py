@@ -78,7 +78,12 @@ def _model_config(args: argparse.Namespace) -> Any:
 def _measure(
     cfg: Any, plan: Any, args: argparse.Namespace, device: Any, dtype: Any
 ) -> tuple[float, float, str]:
-    """Median step time (ms) and peak memory (GB) of ``plan``; ``(nan, nan, error)`` on OOM."""
+    """Median step time (ms) and peak memory (GiB) of ``plan``; ``(nan, nan, error)`` on OOM.
+
+    The peak is ``max_memory_allocated`` minus what was allocated before the model was built, so memory
+    left behind by an earlier configuration (e.g. tensors pinned by an OOM traceback) is not billed to
+    this one; the OOM is handled outside the ``except`` clause so its traceback is released first.
+    """
     import torch
     from transformers import LlamaForCausalLM
 
@@ -86,6 +91,8 @@ def _measure(
 
     torch.manual_seed(0)
     model = runner = opt = None
+    err = ""
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     try:
         with torch.device(device):
             model = LlamaForCausalLM(cfg)
@@ -109,15 +116,24 @@ def _measure(
                 torch.cuda.synchronize()
             if step >= args.warmup:
                 times.append((time.perf_counter() - t0) * 1e3)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        return float(statistics.median(times)), peak, ""
+        peak = (
+            (torch.cuda.max_memory_allocated(device) - base) / 2**30
+            if device.type == "cuda"
+            else float("nan")
+        )
+        note = f"({base / 2**30:.1f} GiB already allocated before build, excluded)" if base > 2**29 else ""
+        return float(statistics.median(times)), peak, note
     except torch.OutOfMemoryError as exc:
-        return float("nan"), float("nan"), f"OOM: {str(exc)[:80]}"
+        err = f"OOM: {str(exc)[:80]}"
     finally:
         del model, runner, opt
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return float("nan"), float("nan"), err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None, help="profile JSON cache directory")
     args = ap.parse_args(argv)
     con = Console()
+    # Big transient blocks (fp32 logits of several GiB) fragment the caching allocator; expandable
+    # segments (same setting for every configuration) keep the measured peak close to what is allocated.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.quick:
         args.seq_len, args.global_batch, args.steps, args.warmup, args.hand_micro_batch = 64, 4, 2, 1, 1
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -184,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     con.print(
         f"profiled {shape.name} ({shape.num_params() / 1e9:.2f}B) at s={s} in {time.perf_counter() - t0:.1f}s: "
         f"{prof.achieved_tflops:.1f} TFLOP/s per layer, bwd/fwd {prof.bwd_fwd_ratio:.2f}, "
-        f"activation calibration {prof.act_calibration:.2f}"
+        f"activation calibration {prof.act_calibration:.2f}; embed {prof.embed.fwd_ms(1) + prof.embed.bwd_ms(1):.2f}"
+        f" ms/seq, head {prof.head.fwd_ms(1) + prof.head.bwd_ms(1):.2f} ms/seq, AdamW "
+        f"{prof.optimizer_ns_per_param:.3f} ns/param, autocast {prof.autocast_ns_per_param:.4f} ns/param "
+        f"(act x{prof.autocast_act_ratio:.2f}), FSDP {prof.fsdp_layer_overhead_ms:.2f} ms/layer/micro-batch"
     )
 
     # 2. search with the measured profile ----------------------------------------------------------
@@ -221,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     predicted: dict[str, float] = {}
     for name in track(list(configs), description="measuring configurations"):
         plan = configs[name]
-        predicted[name] = predict(plan, hardware=hw, profile=prof, memory_gb=mem_gb).step_ms
+        pc = predict(plan, hardware=hw, profile=prof, memory_gb=mem_gb)
+        predicted[name] = pc.step_ms
         measured[name] = _measure(cfg, plan, args, device, dtype)
         con.print(
             f"  {name:15s} {plan.describe():45s} measured {measured[name][0]:9.1f} ms  "
-            f"predicted {predicted[name]:9.1f} ms  peak {measured[name][1]:.1f} GB {measured[name][2]}"
+            f"predicted {predicted[name]:9.1f} ms  peak {measured[name][1]:.1f} GiB "
+            f"(predicted {pc.max_memory_gb:.1f} of {pc.usable_bytes / 2**30:.1f} usable) {measured[name][2]}"
         )
 
     # 4. rows ------------------------------------------------------------------------------------

@@ -24,7 +24,11 @@ Memory (bytes per GPU) of stage ``i``: model states (``state_bytes`` = 16 B/para
 fp32 grads, Adam m and v; divided by ``tp``, and by ``dp`` when sharded; zero2 also keeps the bf16
 unsharded weights), activations of ``min(m, pp - i)`` in-flight micro-batches (analytic Llama formula,
 scaled by a profiled calibration; checkpointed layers keep only their input), and transients
-(one layer's full activations for recompute/backward, two unsharded FSDP layers, the LM-head logits).
+(one layer's full activations for recompute/backward, two unsharded FSDP layers, and the LM head + loss
+peak of ``logit_bytes`` = 12 bytes per logit: bf16 logits, their fp32 upcast and the fp32 log-softmax and
+its gradients). Measured step costs outside the layers (embedding, AdamW per parameter, autocast or FSDP2
+per-micro-batch weight handling, whole-model wrapper overhead; see :class:`ModelProfile`) are added when
+the profile has them.
 The usable memory is ``memory * usable_fraction - reserved`` (allocator fragmentation, CUDA context).
 
 Example:
@@ -112,7 +116,15 @@ class TrainingSpec:
     grad_reduce_bytes: float = field(default=4.0, metadata={"help": "bytes per gradient element reduced"})
     act_bytes_per_elem: float = field(default=2.0, metadata={"help": "activation dtype size (bf16)"})
     logit_bytes: float = field(
-        default=10.0, metadata={"help": "bytes per logit: bf16 + fp32 upcast + fp32 grad"}
+        default=12.0,
+        metadata={
+            "help": "peak bytes per logit of the LM head + loss: forward bf16 logits + fp32 upcast + fp32 "
+            "log-softmax (10), backward saved log-softmax + fp32 NLL grad + fp32 log-softmax grad (12)"
+        },
+    )
+    optimizer_bytes_per_param: float = field(
+        default=80.0,
+        metadata={"help": "HBM traffic of a foreach AdamW step per fp32 parameter when not profiled"},
     )
 
     def __post_init__(self) -> None:
@@ -186,6 +198,14 @@ class CostModel:
         self.overlap, self.overlap_penalty = overlap, overlap_penalty
         self.usable_fraction, self.reserved_gb = usable_fraction, reserved_gb
         self.act_calibration = profile.act_calibration if profile is not None else 1.0
+        # Measured step costs outside the layers' compute (0 = not measured; see ModelProfile).
+        prof = profile
+        self.optimizer_ns = getattr(prof, "optimizer_ns_per_param", 0.0) if prof is not None else 0.0
+        self.autocast_ns = getattr(prof, "autocast_ns_per_param", 0.0) if prof is not None else 0.0
+        self.autocast_act = getattr(prof, "autocast_act_ratio", 1.0) if prof is not None else 1.0
+        self.fsdp_ms = getattr(prof, "fsdp_layer_overhead_ms", 0.0) if prof is not None else 0.0
+        self.fsdp_ref_params = float(prof.layers[0].params) if prof is not None and prof.layers else 1.0
+        self.mb_overhead = getattr(prof, "micro_batch_overhead_ms", 0.0) if prof is not None else 0.0
         self.layer_params = [float(shape.layer_params())] * shape.num_layers
         if profile is not None and len(profile.layers) == shape.num_layers:
             self.layer_params = [float(lp.params) for lp in profile.layers]
@@ -217,12 +237,32 @@ class CostModel:
         return comm - hidden + self.overlap_penalty * hidden
 
     def layer_act_bytes(self, cfg: ParallelConfig, ckpt: bool) -> float:
-        """Saved activation bytes of one layer for one micro-batch under ``cfg``."""
+        """Saved activation bytes of one layer for one micro-batch under ``cfg``.
+
+        ``ddp`` runs bf16 autocast over fp32 weights (fp32 residual stream, per-op casts): its activations
+        are scaled by the profiled ``autocast_act_ratio``; checkpointed layers keep only their input.
+        """
         tokens = cfg.micro_batch * self.spec.seq_len
+        ac = self.autocast_act if cfg.dp_type == "ddp" else 1.0
         if ckpt:
-            return self.shape.hidden_size * tokens * self.spec.act_bytes_per_elem / (cfg.tp if cfg.sp else 1)
+            x = self.shape.hidden_size * tokens * self.spec.act_bytes_per_elem / (cfg.tp if cfg.sp else 1)
+            return x * (2.0 if ac > 1.0 else 1.0)  # autocast keeps the residual stream in fp32
         rep, shd = analytic_layer_act_bytes(self.shape, tokens)
-        return self.act_calibration * (rep / (cfg.tp if cfg.sp else 1) + shd / cfg.tp)
+        return ac * self.act_calibration * (rep / (cfg.tp if cfg.sp else 1) + shd / cfg.tp)
+
+    def mixed_precision_ms(self, cfg: ParallelConfig, params: float, unit_zero: int = 3) -> float:
+        """Per-micro-batch weight-handling time of ``params`` local parameters (profiled; 0 if not).
+
+        ``ddp``: autocast casts every fp32 weight to bf16 and accumulates fp32 gradients each micro-batch
+        (``autocast_ns_per_param``). ``fsdp``: FSDP2 copy-in/out of the all-gathers, the reduce-scatter
+        copy, gradient accumulation and hooks, scaled from the profiled layer by parameter count
+        (``fsdp_layer_overhead_ms`` is for ``reshard_after_forward=True``: 2 all-gathers + 1
+        reduce-scatter; units without reshard do 1 + 1, i.e. 2/3 of it).
+        """
+        if cfg.dp_type == "ddp":
+            return params * self.autocast_ns * 1e-6
+        frac = 1.0 if unit_zero != 2 else 2.0 / 3.0
+        return self.fsdp_ms * frac * params / max(self.fsdp_ref_params, 1.0)
 
     def layer_terms(self, cfg: ParallelConfig, strat: LayerStrategy, layer: int = 0) -> LayerTerms:
         """Costs of decoder layer ``layer`` under ``cfg`` and ``strat``."""
@@ -231,7 +271,7 @@ class CostModel:
         fwd = self.layer_fwd_ms(b, t)
         bwd = fwd * self.hw.bwd_fwd_ratio
         comp = fwd + bwd + (fwd if strat.ckpt else 0.0)
-        mb = comp
+        mb = comp + self.mixed_precision_ms(cfg, p_local, strat.zero)
         if t > 1:
             msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem
             n = 4 + (2 if strat.ckpt else 0)
@@ -241,7 +281,7 @@ class CostModel:
         if strat.zero == 0:
             static = sp_.state_bytes_per_param * p_local
             act = self.layer_act_bytes(cfg, strat.ckpt)
-            if not strat.ckpt:  # autocast keeps a bf16 copy of each weight for the backward
+            if not strat.ckpt and cfg.dp_type == "ddp":  # autocast keeps a bf16 copy of each weight
                 act += sp_.compute_bytes_per_param * p_local
             if d > 1:
                 ar = self.hw.collective_ms("all_reduce", sp_.grad_reduce_bytes * p_local, d, dp_cross)
@@ -275,22 +315,31 @@ class CostModel:
         mb = step = 0.0
         static = sp_.state_bytes_per_param * p_local / (1 if zero == 0 else d)
         transient = 0.0
+        prof = self.profile
+        same = (
+            prof is not None
+            and prof.seq_len == sp_.seq_len
+            and prof.shape.vocab_size == self.shape.vocab_size
+        )
+        if first and same and prof.embed is not None:  # dense [V, h] embedding gradient every micro-batch
+            mb += (prof.embed.fwd_ms(b) + prof.embed.bwd_ms(b)) / t
+        if first and same:
+            # Whole-model wrapper overhead per micro-batch; a negative value (isolated-layer launch overhead
+            # hidden in the full model) may cancel at most the fitted per-layer fixed overhead.
+            cap = self.hw.per_layer_overhead_ms * (1 + self.hw.bwd_fwd_ratio) * self.shape.num_layers / p
+            mb += max(self.mb_overhead, -cap)
         if last:
-            prof = self.profile
-            if (
-                prof is not None
-                and prof.seq_len == sp_.seq_len
-                and prof.shape.vocab_size == self.shape.vocab_size
-            ):
+            if same:
                 head_comp = (prof.head.fwd_ms(b) + prof.head.bwd_ms(b)) / (t * self._tp_eff(t))
             else:
                 head_comp = self.head_fwd_ms(b, t) * (1 + self.hw.bwd_fwd_ratio)
             mb += head_comp
-            logits = b * sp_.seq_len * self.shape.vocab_size / t
-            if self.profile is not None and self.profile.seq_len == sp_.seq_len:
-                transient += self.profile.head.act_bytes_per_sample * b / t
-            else:
-                transient += logits * sp_.logit_bytes
+            # LM head + loss peak, live on top of every saved activation: logits in bf16, their fp32
+            # upcast and the fp32 log-softmax / gradients (``logit_bytes`` per logit), plus the head input.
+            tokens = b * sp_.seq_len
+            logits = tokens * self.shape.vocab_size / t
+            transient += logits * sp_.logit_bytes
+            transient += tokens * self.shape.hidden_size * 6.0 / (t if cfg.sp else 1)
             if t > 1:  # vocab-parallel loss: small all-reduces of max / sum-exp, and the input all-reduce
                 msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem
                 mb += 2 * self.hw.collective_ms("all_reduce", msg, t, self._crosses(t))
@@ -305,27 +354,48 @@ class CostModel:
                 ag = self.hw.collective_ms("all_gather", sp_.compute_bytes_per_param * p_local, d, cross)
                 rs = self.hw.collective_ms("reduce_scatter", sp_.grad_reduce_bytes * p_local, d, cross)
                 mb += self._exposed(2 * ag + rs, head_comp)
-        if zero == 0:
-            transient += sp_.compute_bytes_per_param * p_local  # autocast copy of embedding / head
+        if zero == 0:  # autocast copy (ddp) / unsharded root (fsdp, not resharded) of embedding / head
+            transient += sp_.compute_bytes_per_param * p_local
+        mb += self.mixed_precision_ms(cfg, p_local, 2)
         if p > 1:
             msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem / (t if cfg.sp else 1)
             mb += 2 * self.hw.collective_ms("p2p", msg, 2, self._crosses(t * d * 2))
         # Transients: one layer's full activations (recompute / backward), two unsharded FSDP layers.
         if stage_layers:
             transient += self.layer_act_bytes(cfg, False)
-            if zero == 3:
+            if cfg.dp_type == "fsdp":
                 pl = max(self.layer_params[i] for i in stage_layers) / t
                 transient += 2 * pl * (sp_.compute_bytes_per_param + sp_.grad_reduce_bytes)
         return LayerTerms(mb, step, static + transient, 0.0)
 
     def optimizer_ms(
-        self, cfg: ParallelConfig, stage_layers: list[int], strategies: list[LayerStrategy]
+        self,
+        cfg: ParallelConfig,
+        stage_layers: list[int],
+        strategies: list[LayerStrategy],
+        stage: int | None = None,
     ) -> float:
-        """Adam step on the local shard: ~28 bytes of HBM traffic per fp32 parameter."""
+        """AdamW step on the local shard (layers, plus embedding / head on the first / last stage).
+
+        Uses the profiled ``optimizer_ns_per_param`` (a timed ``AdamW(foreach=True)`` step) when
+        available, else ``optimizer_bytes_per_param`` of HBM traffic (the foreach kernels read and write
+        parameters, gradients, both moments and a temporary: ~80 bytes per fp32 parameter).
+        """
         local = 0.0
         for i, st in zip(stage_layers, strategies):
             local += self.layer_params[i] / cfg.tp / (1 if st.zero == 0 else cfg.dp)
-        return local * 28.0 / (self.hw.hbm_GBps * 1e9) * 1e3
+        if stage is not None:
+            ve = self.shape.vocab_size * self.shape.hidden_size
+            extra = (ve if stage == 0 else 0.0) + (
+                (0.0 if stage == 0 and self.shape.tie_word_embeddings else ve) + self.shape.hidden_size
+                if stage == cfg.pp - 1
+                else 0.0
+            )
+            shard = 1 if cfg.dp_type == "ddp" or cfg.dp == 1 else cfg.dp
+            local += extra / cfg.tp / shard
+        if self.optimizer_ns > 0:
+            return local * self.optimizer_ns * 1e-6
+        return local * self.spec.optimizer_bytes_per_param / (self.hw.hbm_GBps * 1e9) * 1e3
 
     @staticmethod
     def inflight(cfg: ParallelConfig, stage: int) -> int:
@@ -366,7 +436,7 @@ class CostModel:
             mb_ms.append(t_mb)
             step_ms.append(t_step)
             mem.append(m_b)
-            opt.append(self.optimizer_ms(cfg, idx, strs))
+            opt.append(self.optimizer_ms(cfg, idx, strs, i))
         pipe, bubble = self.pipeline_ms(mb_ms, step_ms, cfg.num_micro_batches)
         total = pipe + max(opt)
         tokens = self.spec.global_batch * self.spec.seq_len

@@ -34,6 +34,7 @@ from typing import Any
 
 from hf_ext.accelerate.autoparallel.shapes import ModelShape, get_shape
 
+_PROFILE_VERSION = 2  # bump when profile_model measures something new (invalidates caches)
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 
 
@@ -172,7 +173,26 @@ class LayerProfile:
 
 @dataclass
 class ModelProfile:
-    """Measured per-layer profile of a model at one sequence length (see :func:`profile_model`)."""
+    """Measured per-layer profile of a model at one sequence length (see :func:`profile_model`).
+
+    Besides the decoder layers and the head (final norm + LM head + fp32 cross-entropy) it holds the
+    measured step costs outside the layers' own compute (0 / ``None`` when not measured; the cost model
+    then falls back to analytic estimates):
+
+    * ``embed``: input-embedding forward + backward (the backward writes a dense ``[V, h]`` gradient);
+    * ``optimizer_ns_per_param``: one ``torch.optim.AdamW(foreach=True)`` step per fp32 parameter;
+    * ``autocast_ns_per_param`` / ``autocast_act_ratio``: extra time per parameter per micro-batch and
+      extra saved activations of a layer run with fp32 master weights under bf16 autocast (the DDP runtime:
+      weight casts every micro-batch, fp32 gradient accumulation, fp32 residual stream) relative to the
+      bf16-parameter layer the per-layer times are fitted on;
+    * ``fsdp_layer_overhead_ms``: extra time per micro-batch of one FSDP2 ``fully_shard`` layer
+      (``reshard_after_forward=True``, bf16 ``param_dtype``, fp32 ``reduce_dtype``) on a one-rank mesh:
+      all-gather copy-in/out twice, reduce-scatter copy, gradient accumulation and the hook overheads;
+    * ``micro_batch_overhead_ms``: a whole-model forward + backward at ``b=1`` (gradients accumulating)
+      minus the sum of its profiled parts (layers, head, embedding): the per-micro-batch cost of the
+      model wrapper (rotary tables, masks, output objects, gradient accumulation). It may be negative
+      when the isolated layers' fixed launch overhead is hidden in the full model.
+    """
 
     shape: ModelShape
     seq_len: int
@@ -185,6 +205,12 @@ class ModelProfile:
     bwd_fwd_ratio: float
     act_calibration: float
     per_layer_overhead_ms: float
+    embed: LayerProfile | None = None
+    optimizer_ns_per_param: float = 0.0
+    autocast_ns_per_param: float = 0.0
+    autocast_act_ratio: float = 1.0
+    fsdp_layer_overhead_ms: float = 0.0
+    micro_batch_overhead_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -193,10 +219,12 @@ class ModelProfile:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelProfile:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["shape"] = ModelShape.from_dict(d["shape"])
         d["layers"] = [LayerProfile(**x) for x in d["layers"]]
         d["head"] = LayerProfile(**d["head"])
+        if d.get("embed") is not None:
+            d["embed"] = LayerProfile(**d["embed"])
         return cls(**d)
 
     def save(self, path: str) -> None:
@@ -350,7 +378,17 @@ def profile_model(
     dtype = dtype or p0.dtype
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}c"
     key = hashlib.sha1(
-        json.dumps([shape.to_dict(), seq_len, list(micro_batches), str(dtype), dev_name, max_layers]).encode()
+        json.dumps(
+            [
+                shape.to_dict(),
+                seq_len,
+                list(micro_batches),
+                str(dtype),
+                dev_name,
+                max_layers,
+                _PROFILE_VERSION,
+            ]
+        ).encode()
     ).hexdigest()[:16]
     cache_path = os.path.join(cache_dir, f"model_{key}.json") if cache_dir else None
     if cache_path and os.path.exists(cache_path):
@@ -447,6 +485,33 @@ def profile_model(
     head = LayerProfile(
         "head", sum(p.numel() for p in head_mod.parameters()), hff, hfs, hbf, hbs, float(statistics.mean(ha))
     )
+    emb_mod = model.get_input_embeddings()
+    ef, eb = [], []
+    for b in micro_batches:
+        f, bw = _time_embedding(emb_mod, int(b), seq_len, shape.vocab_size, device, warmup, repeats)
+        ef.append(f)
+        eb.append(bw)
+    eff, efs = _fit(list(micro_batches), ef)
+    ebf, ebs = _fit(list(micro_batches), eb)
+    embed = LayerProfile("embed", sum(p.numel() for p in emb_mod.parameters()), eff, efs, ebf, ebs, 0.0)
+    plain_b1 = profs[0].fwd_ms(1) + profs[0].bwd_ms(1)
+    extras = _measure_step_extras(
+        layers[0], kwargs, shape, seq_len, device, dtype, warmup, repeats, plain_b1, param_ptrs
+    )
+    ids1 = torch.randint(0, shape.vocab_size, (1, seq_len), device=device)
+
+    def full_step() -> None:
+        model(input_ids=ids1, labels=ids1, use_cache=False).loss.backward()
+
+    try:
+        t_full = _median_ms(full_step, device, max(1, warmup), repeats)
+        parts = sum(p.fwd_ms(1) + p.bwd_ms(1) for p in profs) + head.fwd_ms(1) + head.bwd_ms(1)
+        extras["micro_batch_overhead_ms"] = t_full - parts - embed.fwd_ms(1) - embed.bwd_ms(1)
+    except Exception as exc:  # pragma: no cover - best effort (e.g. out of memory)
+        import warnings
+
+        warnings.warn(f"profile_model: whole-model timing failed ({exc})", stacklevel=2)
+    model.zero_grad(set_to_none=True)
     model.train(was_training)
 
     timed = profs[:n_prof]
@@ -473,10 +538,154 @@ def profile_model(
         float(ratio),
         float(calib),
         float(overhead),
+        embed,
+        **extras,
     )
     if cache_path:
         prof.save(cache_path)
     return prof
+
+
+def _time_embedding(
+    emb: Any, b: int, seq_len: int, vocab: int, device: Any, warmup: int, repeats: int
+) -> tuple[float, float]:
+    """Forward and backward ms of the input embedding for ``[b, seq_len]`` token ids."""
+    import torch
+
+    ids = torch.randint(0, vocab, (b, seq_len), device=device)
+
+    def fwd() -> Any:
+        return emb(ids)
+
+    def fwd_bwd() -> None:
+        out = emb(ids)
+        out.backward(torch.ones_like(out))
+        emb.zero_grad(set_to_none=True)
+
+    t_f = _median_ms(fwd, device, warmup, repeats)
+    t_fb = _median_ms(fwd_bwd, device, warmup, repeats)
+    return t_f, max(t_fb - t_f, 0.0)
+
+
+def _measure_step_extras(
+    layer: Any,
+    kwargs: dict[str, Any],
+    shape: ModelShape,
+    seq_len: int,
+    device: Any,
+    dtype: Any,
+    warmup: int,
+    repeats: int,
+    plain_b1_ms: float,
+    param_ptrs: set[int],
+) -> dict[str, float]:
+    """Optimizer step, autocast and FSDP2 per-layer overheads, measured on a copy of one decoder layer.
+
+    Each measurement is independent and best effort: a failure leaves its field at the neutral value
+    (and the cost model falls back to its analytic estimate).
+    """
+    import copy
+    import warnings
+
+    import torch
+
+    out: dict[str, float] = {}
+    n_params = sum(p.numel() for p in layer.parameters())
+    low = dtype in (torch.bfloat16, torch.float16)
+
+    # 1. AdamW (foreach) step over fp32 master copies of the layer's parameters.
+    try:
+        ps = [p.detach().float().clone().requires_grad_(True) for p in layer.parameters()]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(ps, lr=1e-5, foreach=True)
+        t = _median_ms(opt.step, device, max(1, warmup), repeats)
+        out["optimizer_ns_per_param"] = t * 1e6 / n_params
+        del opt, ps
+    except Exception as exc:  # pragma: no cover - best effort
+        warnings.warn(f"profile_model: optimizer timing failed ({exc})", stacklevel=2)
+
+    # 2. bf16 autocast over fp32 weights (what DDP runs), gradients accumulating into fp32 .grad.
+    if low:
+        try:
+            l32 = copy.deepcopy(layer).float()
+            kw32 = {
+                k: (
+                    tuple(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in v)
+                    if isinstance(v, tuple)
+                    else v
+                )
+                for k, v in kwargs.items()
+            }
+            x = torch.randn(1, seq_len, shape.hidden_size, device=device, requires_grad=True)
+
+            def fwd() -> Any:
+                with torch.autocast(device.type, dtype=dtype):
+                    o = l32(x, **kw32)
+                return o[0] if isinstance(o, tuple) else o
+
+            def fwd_bwd() -> None:
+                o = fwd()
+                o.backward(torch.ones_like(o))
+                x.grad = None
+
+            t = _median_ms(fwd_bwd, device, max(1, warmup), repeats)
+            out["autocast_ns_per_param"] = max(0.0, t - plain_b1_ms) * 1e6 / n_params
+            ptrs = param_ptrs | {p.untyped_storage().data_ptr() for p in l32.parameters()}
+            plain = _saved_bytes(lambda: _layer_out(layer, _rand_like_x(x, dtype), kwargs), ptrs)
+            ac = _saved_bytes(fwd, ptrs)
+            if plain > 0:
+                out["autocast_act_ratio"] = max(1.0, ac / plain)
+            del l32
+        except Exception as exc:  # pragma: no cover - best effort
+            warnings.warn(f"profile_model: autocast timing failed ({exc})", stacklevel=2)
+
+    # 3. FSDP2 on a one-rank mesh (only where this process is the whole world).
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+        try:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            class _Root(torch.nn.Module):
+                def __init__(self, inner: Any) -> None:
+                    super().__init__()
+                    self.inner = inner
+
+                def forward(self, x: Any) -> Any:
+                    o = self.inner(x, **kwargs)
+                    return o[0] if isinstance(o, tuple) else o
+
+            mesh = init_device_mesh(device.type, (1,))
+            mp = MixedPrecisionPolicy(param_dtype=dtype if low else None, reduce_dtype=torch.float32)
+            root = _Root(copy.deepcopy(layer).float())
+            fully_shard(root.inner, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+            fully_shard(root, mesh=mesh, mp_policy=mp)
+            x = torch.randn(1, seq_len, shape.hidden_size, device=device, dtype=dtype, requires_grad=True)
+
+            def fsdp_fb() -> None:
+                o = root(x)
+                o.backward(torch.ones_like(o))
+                x.grad = None
+
+            t = _median_ms(fsdp_fb, device, max(1, warmup), repeats)
+            out["fsdp_layer_overhead_ms"] = max(0.0, t - plain_b1_ms)
+            del root
+        except Exception as exc:  # pragma: no cover - best effort
+            warnings.warn(f"profile_model: FSDP overhead timing failed ({exc})", stacklevel=2)
+    return out
+
+
+def _rand_like_x(x: Any, dtype: Any) -> Any:
+    import torch
+
+    return torch.randn(x.shape, device=x.device, dtype=dtype, requires_grad=True)
+
+
+def _layer_out(layer: Any, x: Any, kwargs: dict[str, Any]) -> Any:
+    o = layer(x, **kwargs)
+    return o[0] if isinstance(o, tuple) else o
 
 
 # ----------------------------------------------------------------------------------- collectives
