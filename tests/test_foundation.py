@@ -166,3 +166,17 @@ def test_unknown_moe_kind_is_clear_error():
 
     with pytest.raises(ValueError, match="kind='nope'.*qwen2_moe"):
         tiny_moe("nope")
+
+
+def test_demo_of_every_built_component_passes():
+    # What `make demo` runs: every built component end to end on tiny CPU models; exit 0 only if all pass.
+    from hf_ext import registry
+    from hf_ext.cli import run_demos
+
+    recs = run_demos([])
+    by = {r["component"]: r for r in recs}
+    for c in registry.COMPONENTS:
+        if c.status == "built":
+            assert by[c.name]["status"] == "pass", by[c.name]
+        else:
+            assert by[c.name]["status"] == "not built"
