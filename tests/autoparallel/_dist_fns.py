@@ -81,3 +81,37 @@ def apply_all(rank: int, world_size: int) -> dict[str, Any]:
         del runner, model, opt
     out["collectives"] = profile_collectives((1 << 12, 1 << 16), repeats=1)
     return out
+
+
+def profile_runtime(rank: int, world_size: int) -> dict[str, Any]:
+    """profile_model with its whole-runtime probe (needs a one-rank group) and the cost model on top."""
+    import dataclasses
+
+    import torch
+
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, profile_model
+    from hf_ext.accelerate.autoparallel.search import predict
+    from hf_ext.accelerate.autoparallel.shapes import get_shape
+    from hf_ext.testing import tiny_llama
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = tiny_llama()
+    prof = profile_model(model, seq_len=32, micro_batches=(1, 2), repeats=2, max_layers=1)
+    shape = get_shape(model.config)
+    plan = Plan.uniform(shape, gpus=1, dp_type="ddp", global_batch=2, seq_len=32, micro_batch=1)
+    hw = HardwareProfile.cpu()
+    with_step = predict(plan, hardware=hw, profile=prof, memory_gb=16).step_ms
+    bumped = dataclasses.replace(prof, step_overhead_ms={"ddp": 7.0})
+    return {
+        "runtime": prof.runtime,
+        "step_overhead_ms": prof.step_overhead_ms,
+        "notes": prof.probe_notes,
+        "optimizer_ns_per_param": prof.optimizer_ns_per_param,
+        "predicted_ms": with_step,
+        "bumped_delta": predict(plan, hardware=hw, profile=bumped, memory_gb=16).step_ms
+        - predict(
+            plan, hardware=hw, profile=dataclasses.replace(prof, step_overhead_ms={}), memory_gb=16
+        ).step_ms,
+    }

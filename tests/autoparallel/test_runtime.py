@@ -59,3 +59,29 @@ def test_apply_plan_two_gloo_ranks_reproduce_single_process(run_distributed):
     coll = r0["collectives"]
     assert set(coll) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"}
     assert all(v["2"][1] > 0 for v in coll.values())
+
+
+def test_probe_failures_are_recorded(tiny_llama):
+    """Without a process group the FSDP and runtime probes are skipped visibly, not left silently at 0."""
+    prof = profile_model(tiny_llama, seq_len=16, micro_batches=(1,), repeats=1, max_layers=1)
+    assert "skipped" in prof.probe_notes["runtime"] and "skipped" in prof.probe_notes["fsdp"]
+    assert prof.runtime == {} and prof.step_overhead_ms == {}
+    assert ModelProfile.from_dict(prof.to_dict()).probe_notes == prof.probe_notes
+
+
+def test_runtime_probe_one_rank():
+    """The whole-runtime probe times DDP and FSDP2 steps; the cost model adds the per-step remainder."""
+    from hf_ext.testing import run_distributed
+
+    (r,) = run_distributed(_dist_fns.profile_runtime, 1)
+    for dp in ("ddp", "fsdp"):
+        rt = r["runtime"][dp]
+        assert rt["mb_ms"] > 0 and rt["opt_ms"] > 0
+        assert abs(rt["step1_ms"] - (rt["fixed_ms"] + rt["mb_ms"])) < 1e-6
+        assert r["step_overhead_ms"][dp] >= 0
+    assert r["optimizer_ns_per_param"] == pytest.approx(r["runtime"]["ddp"]["optimizer_ns_per_param"])
+    # a b=1 x 2 DDP step vs the probe's own fit (fixed + 2 micro-batches + optimizer), noisy CPU: factor 2
+    rt = r["runtime"]["ddp"]
+    measured = rt["fixed_ms"] + 2 * rt["mb_ms"] + rt["opt_ms"]
+    assert 0.5 < r["predicted_ms"] / measured < 2.0, (r["predicted_ms"], measured)
+    assert r["bumped_delta"] == pytest.approx(7.0)

@@ -206,8 +206,17 @@ def main(argv: list[str] | None = None) -> int:
         f"activation calibration {prof.act_calibration:.2f}; embed {prof.embed.fwd_ms(1) + prof.embed.bwd_ms(1):.2f}"
         f" ms/seq, head {prof.head.fwd_ms(1) + prof.head.bwd_ms(1):.2f} ms/seq, AdamW "
         f"{prof.optimizer_ns_per_param:.3f} ns/param, autocast {prof.autocast_ns_per_param:.4f} ns/param "
-        f"(act x{prof.autocast_act_ratio:.2f}), FSDP {prof.fsdp_layer_overhead_ms:.2f} ms/layer/micro-batch"
+        f"(act x{prof.autocast_act_ratio:.2f}), FSDP {prof.fsdp_layer_overhead_ms:.2f} ms/layer/micro-batch, "
+        f"whole-model overhead {prof.micro_batch_overhead_ms:.2f} ms/micro-batch, per-step overhead "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in prof.step_overhead_ms.items())
     )
+    for k, r in prof.runtime.items():
+        con.print(
+            f"  runtime probe {k}: train_step(b=1) = {r['fixed_ms']:.2f} + m x {r['mb_ms']:.2f} ms, "
+            f"AdamW {r['opt_ms']:.2f} ms"
+        )
+    for k, v in prof.probe_notes.items():
+        con.print(f"  [yellow]profile probe {k}: {v}[/yellow]")
 
     # 2. search with the measured profile ----------------------------------------------------------
     if cuda:

@@ -206,6 +206,7 @@ class CostModel:
         self.fsdp_ms = getattr(prof, "fsdp_layer_overhead_ms", 0.0) if prof is not None else 0.0
         self.fsdp_ref_params = float(prof.layers[0].params) if prof is not None and prof.layers else 1.0
         self.mb_overhead = getattr(prof, "micro_batch_overhead_ms", 0.0) if prof is not None else 0.0
+        self.step_overhead = dict(getattr(prof, "step_overhead_ms", {}) or {}) if prof is not None else {}
         self.layer_params = [float(shape.layer_params())] * shape.num_layers
         if profile is not None and len(profile.layers) == shape.num_layers:
             self.layer_params = [float(lp.params) for lp in profile.layers]
@@ -438,7 +439,8 @@ class CostModel:
             mem.append(m_b)
             opt.append(self.optimizer_ms(cfg, idx, strs, i))
         pipe, bubble = self.pipeline_ms(mb_ms, step_ms, cfg.num_micro_batches)
-        total = pipe + max(opt)
+        # Profiled per-step runtime cost that does not grow with micro-batches (0 if not measured).
+        total = pipe + max(opt) + self.step_overhead.get(cfg.dp_type, 0.0)
         tokens = self.spec.global_batch * self.spec.seq_len
         flops = 3 * (
             self.shape.layer_flops_fwd(tokens, self.spec.seq_len) * self.shape.num_layers

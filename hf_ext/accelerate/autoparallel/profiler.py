@@ -34,7 +34,7 @@ from typing import Any
 
 from hf_ext.accelerate.autoparallel.shapes import ModelShape, get_shape
 
-_PROFILE_VERSION = 2  # bump when profile_model measures something new (invalidates caches)
+_PROFILE_VERSION = 3  # bump when profile_model measures something new (invalidates caches)
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 
 
@@ -192,6 +192,15 @@ class ModelProfile:
       minus the sum of its profiled parts (layers, head, embedding): the per-micro-batch cost of the
       model wrapper (rotary tables, masks, output objects, gradient accumulation). It may be negative
       when the isolated layers' fixed launch overhead is hidden in the full model.
+    * ``runtime`` / ``step_overhead_ms``: the whole model trained through :func:`apply_plan` (fp32 master
+      weights; DDP with bf16 autocast, FSDP2 with bf16 ``param_dtype``) at ``b=1`` for 1 and 3
+      micro-batches, optimizer step separate (see :func:`_measure_runtime`). Where it succeeds it
+      replaces the per-layer probes above: ``autocast_ns_per_param`` / ``fsdp_layer_overhead_ms`` come
+      from the measured per-micro-batch cost minus the plain whole-model forward + backward,
+      ``optimizer_ns_per_param`` from the real AdamW step, and ``step_overhead_ms[dp_type]`` is the
+      per-step cost that does not grow with micro-batches (DDP bucket copy, first-micro-batch gradient
+      allocation, DTensor optimizer dispatch).
+    * ``probe_notes``: one line per probe that failed, was skipped or was clamped (also warned).
     """
 
     shape: ModelShape
@@ -211,6 +220,9 @@ class ModelProfile:
     autocast_act_ratio: float = 1.0
     fsdp_layer_overhead_ms: float = 0.0
     micro_batch_overhead_ms: float = 0.0
+    step_overhead_ms: dict[str, float] = field(default_factory=dict)
+    runtime: dict[str, dict[str, float]] = field(default_factory=dict)
+    probe_notes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -351,6 +363,7 @@ def profile_model(
     max_layers: int | None = 2,
     cache_dir: str | None = None,
     shape: ModelShape | None = None,
+    runtime_probe: bool = True,
 ) -> ModelProfile:
     """Measure per-layer forward/backward time and saved-activation memory of a decoder model.
 
@@ -365,6 +378,10 @@ def profile_model(
         micro_batches: sequences per micro-batch to fit ``t(b) = fixed + slope * b``.
         device, dtype: where/how to run (default: the model's own).
         cache_dir: if set, reuse/write ``<cache_dir>/model_<hash>.json``.
+        runtime_probe: also train the whole model through :func:`apply_plan` (DDP and FSDP2, ``b=1``,
+            1 and 3 micro-batches) to measure the runtime's own per-micro-batch and per-step costs.
+            Needs an initialised one-rank process group (skipped, with a note, otherwise); it holds
+            an fp32 copy of the model with gradients and AdamW states (16 bytes per parameter).
     """
     import torch
 
@@ -386,6 +403,7 @@ def profile_model(
                 str(dtype),
                 dev_name,
                 max_layers,
+                runtime_probe,
                 _PROFILE_VERSION,
             ]
         ).encode()
@@ -495,23 +513,27 @@ def profile_model(
     ebf, ebs = _fit(list(micro_batches), eb)
     embed = LayerProfile("embed", sum(p.numel() for p in emb_mod.parameters()), eff, efs, ebf, ebs, 0.0)
     plain_b1 = profs[0].fwd_ms(1) + profs[0].bwd_ms(1)
-    extras = _measure_step_extras(
-        layers[0], kwargs, shape, seq_len, device, dtype, warmup, repeats, plain_b1, param_ptrs
+    notes: dict[str, str] = {}
+    extras: dict[str, Any] = _measure_step_extras(
+        layers[0], kwargs, shape, seq_len, device, dtype, warmup, repeats, plain_b1, param_ptrs, notes
     )
     ids1 = torch.randint(0, shape.vocab_size, (1, seq_len), device=device)
 
     def full_step() -> None:
         model(input_ids=ids1, labels=ids1, use_cache=False).loss.backward()
 
+    t_full = None
+    parts = sum(p.fwd_ms(1) + p.bwd_ms(1) for p in profs) + head.fwd_ms(1) + head.bwd_ms(1)
+    parts += embed.fwd_ms(1) + embed.bwd_ms(1)
     try:
         t_full = _median_ms(full_step, device, max(1, warmup), repeats)
-        parts = sum(p.fwd_ms(1) + p.bwd_ms(1) for p in profs) + head.fwd_ms(1) + head.bwd_ms(1)
-        extras["micro_batch_overhead_ms"] = t_full - parts - embed.fwd_ms(1) - embed.bwd_ms(1)
+        extras["micro_batch_overhead_ms"] = t_full - parts
     except Exception as exc:  # pragma: no cover - best effort (e.g. out of memory)
-        import warnings
-
-        warnings.warn(f"profile_model: whole-model timing failed ({exc})", stacklevel=2)
+        _note(notes, "whole_model", f"failed: {type(exc).__name__}: {exc}")
     model.zero_grad(set_to_none=True)
+    if runtime_probe and t_full is not None:
+        _runtime_extras(model, shape, seq_len, device, dtype, warmup, repeats, t_full, profs, extras, notes)
+    extras["probe_notes"] = notes
     model.train(was_training)
 
     timed = profs[:n_prof]
@@ -578,14 +600,14 @@ def _measure_step_extras(
     repeats: int,
     plain_b1_ms: float,
     param_ptrs: set[int],
+    notes: dict[str, str],
 ) -> dict[str, float]:
     """Optimizer step, autocast and FSDP2 per-layer overheads, measured on a copy of one decoder layer.
 
     Each measurement is independent and best effort: a failure leaves its field at the neutral value
-    (and the cost model falls back to its analytic estimate).
+    (and the cost model falls back to its analytic estimate) and is warned and recorded in ``notes``.
     """
     import copy
-    import warnings
 
     import torch
 
@@ -603,7 +625,7 @@ def _measure_step_extras(
         out["optimizer_ns_per_param"] = t * 1e6 / n_params
         del opt, ps
     except Exception as exc:  # pragma: no cover - best effort
-        warnings.warn(f"profile_model: optimizer timing failed ({exc})", stacklevel=2)
+        _note(notes, "optimizer", f"failed: {type(exc).__name__}: {exc}")
 
     # 2. bf16 autocast over fp32 weights (what DDP runs), gradients accumulating into fp32 .grad.
     if low:
@@ -630,6 +652,8 @@ def _measure_step_extras(
                 x.grad = None
 
             t = _median_ms(fwd_bwd, device, max(1, warmup), repeats)
+            if t < plain_b1_ms:
+                _note(notes, "autocast", f"clamped to 0: {t:.3f} ms < plain layer {plain_b1_ms:.3f} ms")
             out["autocast_ns_per_param"] = max(0.0, t - plain_b1_ms) * 1e6 / n_params
             ptrs = param_ptrs | {p.untyped_storage().data_ptr() for p in l32.parameters()}
             plain = _saved_bytes(lambda: _layer_out(layer, _rand_like_x(x, dtype), kwargs), ptrs)
@@ -638,7 +662,7 @@ def _measure_step_extras(
                 out["autocast_act_ratio"] = max(1.0, ac / plain)
             del l32
         except Exception as exc:  # pragma: no cover - best effort
-            warnings.warn(f"profile_model: autocast timing failed ({exc})", stacklevel=2)
+            _note(notes, "autocast", f"failed: {type(exc).__name__}: {exc}")
 
     # 3. FSDP2 on a one-rank mesh (only where this process is the whole world).
     import torch.distributed as dist
@@ -670,11 +694,156 @@ def _measure_step_extras(
                 x.grad = None
 
             t = _median_ms(fsdp_fb, device, max(1, warmup), repeats)
+            if t < plain_b1_ms:
+                _note(notes, "fsdp", f"clamped to 0: {t:.3f} ms < plain layer {plain_b1_ms:.3f} ms")
             out["fsdp_layer_overhead_ms"] = max(0.0, t - plain_b1_ms)
             del root
         except Exception as exc:  # pragma: no cover - best effort
-            warnings.warn(f"profile_model: FSDP overhead timing failed ({exc})", stacklevel=2)
+            _note(notes, "fsdp", f"failed: {type(exc).__name__}: {exc}")
+    else:
+        notes.setdefault("fsdp", "skipped: needs an initialised one-rank torch.distributed process group")
     return out
+
+
+def _note(notes: dict[str, str], key: str, msg: str) -> None:
+    """Record a probe problem in the profile (``probe_notes``) and warn about it."""
+    import warnings
+
+    notes[key] = msg
+    warnings.warn(f"profile_model: {key} probe {msg}", stacklevel=3)
+
+
+def _measure_runtime(
+    model: Any,
+    shape: ModelShape,
+    seq_len: int,
+    device: Any,
+    dtype: Any,
+    dp_type: str,
+    warmup: int,
+    repeats: int,
+) -> dict[str, float]:
+    """Time the whole model trained through :func:`apply_plan` exactly as a one-GPU plan runs it.
+
+    An fp32 copy of ``model`` (master weights) is wrapped with ``dp_type`` (``ddp``: DDP + bf16 autocast;
+    ``fsdp``: FSDP2 per layer, bf16 ``param_dtype``, fp32 reduce) and trained at ``b=1`` with 1 and 3
+    micro-batches, alternating, each step followed by ``AdamW(foreach=True).step()`` and
+    ``zero_grad(set_to_none=True)`` (timed separately). Fits ``train_step(m) = fixed + m * mb``.
+
+    Returns ``{"mb_ms", "fixed_ms", "opt_ms", "step1_ms", "step3_ms"}`` (medians, ms; ``max(3, repeats)``).
+    """
+    import copy
+
+    import torch
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+
+    low = dtype in (torch.bfloat16, torch.float16)
+    m32 = copy.deepcopy(model).float()
+    runner = opt = None
+    try:
+        plans = {
+            m: Plan.uniform(shape, gpus=1, dp_type=dp_type, global_batch=m, seq_len=seq_len, micro_batch=1)
+            for m in (1, 3)
+        }
+        runner = apply_plan(m32, plans[3], device=device, param_dtype=dtype if low else None)
+        opt = torch.optim.AdamW(runner.parameters(), lr=1e-5, foreach=True)
+        ids = {m: torch.randint(0, shape.vocab_size, (m, seq_len), device=device) for m in (1, 3)}
+        train: dict[int, list[float]] = {1: [], 3: []}
+        opt_t: list[float] = []
+        for it in range(max(1, warmup) + max(3, repeats)):
+            for m in (1, 3):
+                runner.plan = plans[m]
+                _sync(device)
+                t0 = time.perf_counter()
+                runner.train_step(ids[m])
+                _sync(device)
+                t1 = time.perf_counter()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                _sync(device)
+                t2 = time.perf_counter()
+                if it >= max(1, warmup):
+                    train[m].append((t1 - t0) * 1e3)
+                    opt_t.append((t2 - t1) * 1e3)
+        s1, s3 = statistics.median(train[1]), statistics.median(train[3])
+        mb = (s3 - s1) / 2
+        return {
+            "mb_ms": float(mb),
+            "fixed_ms": float(s1 - mb),
+            "opt_ms": float(statistics.median(opt_t)),
+            "step1_ms": float(s1),
+            "step3_ms": float(s3),
+        }
+    finally:
+        del m32, runner, opt
+        if getattr(device, "type", str(device)) == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _runtime_extras(
+    model: Any,
+    shape: ModelShape,
+    seq_len: int,
+    device: Any,
+    dtype: Any,
+    warmup: int,
+    repeats: int,
+    t_full: float,
+    profs: list[LayerProfile],
+    extras: dict[str, Any],
+    notes: dict[str, str],
+) -> None:
+    """Replace the per-layer probes with whole-runtime measurements (see :class:`ModelProfile`).
+
+    ``t_full`` is the plain whole-model forward + backward at ``b=1`` (what the cost model's layer, head,
+    embedding and ``micro_batch_overhead_ms`` terms add up to); the runtime's per-micro-batch excess
+    over it is spread over the parameters (``ddp``: per parameter; ``fsdp``: per layer parameter, the
+    embedding / head units counting 2/3 as the cost model does), its per-step excess goes to
+    ``step_overhead_ms``.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1):
+        notes["runtime"] = "skipped: needs an initialised one-rank torch.distributed process group"
+        return
+    n_total = sum(p.numel() for p in model.parameters())
+    n_layers = sum(p.params for p in profs)
+    runtime: dict[str, dict[str, float]] = {}
+    step_over: dict[str, float] = {}
+    for dp_type in ("ddp", "fsdp"):
+        try:
+            r = _measure_runtime(model, shape, seq_len, device, dtype, dp_type, warmup, repeats)
+        except Exception as exc:
+            _note(notes, f"runtime_{dp_type}", f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        runtime[dp_type] = r
+        extra = r["mb_ms"] - t_full
+        if extra < 0:
+            _note(
+                notes,
+                f"runtime_{dp_type}",
+                f"per-micro-batch {r['mb_ms']:.3f} ms below the plain model's {t_full:.3f} ms; clamped to 0",
+            )
+        extra = max(0.0, extra)
+        if dp_type == "ddp" or "optimizer_ns_per_param" not in runtime.get("ddp", {}):
+            opt_ns = r["opt_ms"] * 1e6 / n_total
+            runtime[dp_type]["optimizer_ns_per_param"] = opt_ns
+        if dp_type == "ddp":
+            extras["optimizer_ns_per_param"] = runtime["ddp"]["optimizer_ns_per_param"]
+            extras["autocast_ns_per_param"] = extra * 1e6 / n_total
+        else:
+            rate = extra / max(n_layers + 2.0 / 3.0 * (n_total - n_layers), 1.0)
+            extras["fsdp_layer_overhead_ms"] = rate * profs[0].params
+        # per-step remainder: the fixed part of train_step plus the optimizer beyond the modelled one
+        opt_pred = extras.get("optimizer_ns_per_param", 0.0) * n_total * 1e-6
+        fixed = r["fixed_ms"] + (r["opt_ms"] - opt_pred if opt_pred > 0 else 0.0)
+        if fixed < 0:
+            _note(notes, f"runtime_{dp_type}_step", f"per-step remainder {fixed:.3f} ms clamped to 0")
+        step_over[dp_type] = max(0.0, fixed)
+    extras["runtime"] = runtime
+    extras["step_overhead_ms"] = step_over
 
 
 def _rand_like_x(x: Any, dtype: Any) -> Any:
