@@ -69,25 +69,26 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: The dense tiny-LM shape shared by every fixture (2 layers, hidden 64, 4 query / 2 KV heads).
+TINY_LM_KWARGS: dict[str, Any] = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def tiny_llama_config(**overrides: Any) -> Any:
     """``LlamaConfig`` with 2 layers, hidden 64, 4 query heads and 2 KV heads (GQA)."""
     from transformers import LlamaConfig
 
-    kw: dict[str, Any] = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    kw.update(overrides)
-    return LlamaConfig(**kw)
+    return LlamaConfig(**{**TINY_LM_KWARGS, "tie_word_embeddings": False, **overrides})
 
 
 def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
@@ -103,20 +104,7 @@ def tiny_qwen2(seed: int = 0, **overrides: Any) -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     _seeded(seed)
-    kw: dict[str, Any] = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    kw.update(overrides)
-    return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**{**TINY_LM_KWARGS, **overrides})).eval()
 
 
 def tiny_qwen3(seed: int = 0, **overrides: Any) -> Any:
@@ -124,21 +112,7 @@ def tiny_qwen3(seed: int = 0, **overrides: Any) -> Any:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     _seeded(seed)
-    kw: dict[str, Any] = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    kw.update(overrides)
-    return Qwen3ForCausalLM(Qwen3Config(**kw)).eval()
+    return Qwen3ForCausalLM(Qwen3Config(**{**TINY_LM_KWARGS, "head_dim": 16, **overrides})).eval()
 
 
 def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:

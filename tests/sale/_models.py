@@ -6,18 +6,9 @@ from typing import Any
 
 import torch
 
-COMMON: dict[str, Any] = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+from hf_ext.testing import TINY_LM_KWARGS
+
+COMMON: dict[str, Any] = dict(TINY_LM_KWARGS)
 
 
 def tiny_family(name: str, seed: int = 0) -> Any:
