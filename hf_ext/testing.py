@@ -275,18 +275,39 @@ def _dist_entry(
         result = fn(rank, world_size, *args)
         with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        # No rank tears the group down while another still communicates.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
+class _RankCrashed(RuntimeError):
+    """A rank died from a signal (e.g. an abort inside gloo teardown), not from a Python exception."""
+
+
 def run_distributed(
-    fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 300.0
+    fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout: float = 300.0, retries: int = 1
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes on CPU.
 
     ``fn`` must be importable (module level) and its return value picklable. Returns the per-rank
-    results in rank order; raises ``RuntimeError`` if any rank failed.
+    results in rank order; raises ``RuntimeError`` if any rank failed. A run in which a rank died from a
+    signal (a native abort, e.g. inside gloo; its peers then fail too) is retried up to ``retries`` times
+    with a warning; a run where every failing rank raised a Python exception is never retried.
     """
+    import warnings
+
+    for attempt in range(retries + 1):
+        try:
+            return _run_distributed_once(fn, world_size, args, timeout)
+        except _RankCrashed as exc:
+            if attempt == retries:
+                raise RuntimeError(str(exc)) from None
+            warnings.warn(f"run_distributed: {exc}; retrying ({attempt + 1}/{retries})", stacklevel=2)
+    raise AssertionError("unreachable")
+
+
+def _run_distributed_once(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float) -> list[Any]:
     import pickle
 
     import torch.multiprocessing as mp
@@ -302,12 +323,16 @@ def run_distributed(
             p.start()
         for p in procs:
             p.join(timeout)
+        timed_out = [i for i, p in enumerate(procs) if p.is_alive()]
         bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
         for p in procs:
             if p.is_alive():
                 p.kill()
         if bad:
-            raise RuntimeError(f"distributed ranks failed (rank, exitcode): {bad}")
+            msg = f"distributed ranks failed (rank, exitcode): {bad}"
+            if not timed_out and any(code is not None and code < 0 for _, code in bad):
+                raise _RankCrashed(msg)
+            raise RuntimeError(msg)
         out = []
         for r in range(world_size):
             with open(os.path.join(outdir, f"rank{r}.pkl"), "rb") as f:

@@ -180,3 +180,12 @@ def test_demo_of_every_built_component_passes():
             assert by[c.name]["status"] == "pass", by[c.name]
         else:
             assert by[c.name]["status"] == "not built"
+
+
+def test_run_distributed_retries_native_crash_but_not_python_errors(run_distributed, tmp_path):
+    from tests._dist_helpers import abort_once, raise_on_rank1
+
+    with pytest.warns(UserWarning, match="retrying"):
+        assert run_distributed(abort_once, 2, str(tmp_path / "marker")) == [0, 1]
+    with pytest.raises(RuntimeError, match=r"\(1, 1\)"):
+        run_distributed(raise_on_rank1, 2, retries=3)
