@@ -218,12 +218,29 @@ def sale_block_mask(
     _check_qk(q, k, None, "torch")
     backend = _resolve_backend(backend, q.device)
     _check_qk(q, k, None, backend)
+    kpm, scale, taus = _check_selection(
+        q, k, tau, block_q, block_k, sink_blocks, local_window, bits, row_stride, key_padding_mask, scale
+    )
+    return _select(
+        q, k, taus, block_q, block_k, sink_blocks, local_window, causal, scale, bits, kpm, row_stride, backend
+    )
+
+
+def _check_selection(q, k, tau, block_q, block_k, sink_blocks, local_window, bits, row_stride, kpm, scale):
+    """Validate the estimate's arguments (shared by :func:`sale_block_mask` and :func:`sale_attention`)."""
     _check_blocks(block_q, block_k)
     _check_sel(sink_blocks, local_window, bits)
     _check_stride(row_stride, block_q)
-    kpm = _check_kpm(key_padding_mask, q, k)
+    kpm = _check_kpm(kpm, q, k)
     scale = _check_scale(scale, q.shape[-1])
     taus = _check_tau(tau, q.shape[1], q.device)
+    return kpm, scale, taus
+
+
+def _select(
+    q, k, taus, block_q, block_k, sink_blocks, local_window, causal, scale, bits, kpm, row_stride, backend
+):
+    """The block mask from already validated arguments: torch reference or the Triton estimate."""
     if backend == "torch":
         return _mask_torch(
             q, k, taus, block_q, block_k, sink_blocks, local_window, causal, scale, bits, kpm, row_stride
@@ -304,6 +321,11 @@ def block_sparse_attention(
     kpm = _check_kpm(key_padding_mask, q, k)
     scale = _check_scale(scale, q.shape[-1])
     mask = _check_mask(block_mask, q, k, block_q, block_k)
+    return _compute(q, k, v, mask, block_q, block_k, causal, scale, kpm, backend)
+
+
+def _compute(q, k, v, mask, block_q, block_k, causal, scale, kpm, backend):
+    """Block-sparse attention over ``mask`` from already validated arguments (torch or Triton)."""
     if backend == "torch":
         return _attn_torch(q, k, v, mask, block_q, block_k, causal, scale, kpm)
     from .block_sparse import block_sparse_attn_fwd, compact_block_mask
@@ -374,49 +396,11 @@ def sale_attention(
     _check_qk(q, k, v, "torch")
     backend = _resolve_backend(backend, q.device)
     _check_qk(q, k, v, backend)
-    _check_blocks(block_q, block_k)
-    _check_sel(sink_blocks, local_window, bits)
-    _check_stride(row_stride, block_q)
-    kpm = _check_kpm(key_padding_mask, q, k)
-    scale = _check_scale(scale, q.shape[-1])
-    taus = _check_tau(tau, q.shape[1], q.device)
-    if backend == "torch":
-        mask = _mask_torch(
-            q, k, taus, block_q, block_k, sink_blocks, local_window, causal, scale, bits, kpm, row_stride
-        )
-        out = _attn_torch(q, k, v, mask, block_q, block_k, causal, scale, kpm)
-    else:
-        from .block_sparse import block_sparse_attn_fwd, compact_block_mask
-        from .quant_score import sale_estimate
-
-        mask, _ = sale_estimate(
-            q,
-            k,
-            taus,
-            block_q=block_q,
-            block_k=block_k,
-            sink_blocks=sink_blocks,
-            local_window=local_window,
-            causal=causal,
-            scale=scale,
-            bits=bits,
-            key_padding_mask=kpm,
-            row_stride=row_stride,
-        )
-        idx, cnt, nfull = compact_block_mask(
-            mask, q.shape[2], k.shape[2], block_q, block_k, causal=causal, has_kpm=kpm is not None
-        )
-        out = block_sparse_attn_fwd(
-            q,
-            k,
-            v,
-            idx,
-            cnt,
-            nfull,
-            block_q=block_q,
-            block_k=block_k,
-            causal=causal,
-            scale=scale,
-            key_padding_mask=kpm,
-        )
+    kpm, scale, taus = _check_selection(
+        q, k, tau, block_q, block_k, sink_blocks, local_window, bits, row_stride, key_padding_mask, scale
+    )
+    mask = _select(
+        q, k, taus, block_q, block_k, sink_blocks, local_window, causal, scale, bits, kpm, row_stride, backend
+    )
+    out = _compute(q, k, v, mask, block_q, block_k, causal, scale, kpm, backend)
     return (out, mask) if return_mask else out
