@@ -9,6 +9,19 @@ import torch
 import torch.distributed as dist
 
 
+def _step_both(ref, opt_ref, dist_model, opt, ids, rank: int, world_size: int) -> None:
+    """One optimizer step of the single-process reference on the whole batch (mean of the per-rank
+    losses) and of the distributed model on this rank's 2-row share."""
+    opt_ref.zero_grad()
+    losses = [ref(ids[r * 2 : (r + 1) * 2], labels=ids[r * 2 : (r + 1) * 2]).loss for r in range(world_size)]
+    (sum(losses) / world_size).backward()
+    opt_ref.step()
+    opt.zero_grad()
+    mine = ids[rank * 2 : (rank + 1) * 2]
+    dist_model(mine, labels=mine).loss.backward()
+    opt.step()
+
+
 def _batch(seed: int, rows: int, seq: int = 6, vocab: int = 512) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (rows, seq), generator=g)
@@ -186,16 +199,7 @@ def training(rank: int, world_size: int, kind: str, outdir: str, steps: int = 3)
     replicas_seen = []
     for step in range(steps):
         ids = _batch(100 + step, 2 * world_size)
-        opt_ref.zero_grad()
-        losses = [
-            ref(ids[r * 2 : (r + 1) * 2], labels=ids[r * 2 : (r + 1) * 2]).loss for r in range(world_size)
-        ]
-        (sum(losses) / world_size).backward()
-        opt_ref.step()
-        opt.zero_grad()
-        mine = ids[rank * 2 : (rank + 1) * 2]
-        ddp(mine, labels=mine).loss.backward()
-        opt.step()
+        _step_both(ref, opt_ref, ddp, opt, ids, rank, world_size)
         replicas_seen.append([lay.layout.replicas().tolist() for lay in fsep_layers(model)])
     full = fsep_full_state_dict(model)
     rsd = ref.state_dict()
@@ -256,16 +260,7 @@ def fsdp2_training(rank: int, world_size: int, kind: str = "qwen3_moe", steps: i
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step in range(steps):
         ids = _batch(200 + step, 2 * world_size)
-        opt_ref.zero_grad()
-        losses = [
-            ref(ids[r * 2 : (r + 1) * 2], labels=ids[r * 2 : (r + 1) * 2]).loss for r in range(world_size)
-        ]
-        (sum(losses) / world_size).backward()
-        opt_ref.step()
-        opt.zero_grad()
-        mine = ids[rank * 2 : (rank + 1) * 2]
-        model(mine, labels=mine).loss.backward()
-        opt.step()
+        _step_both(ref, opt_ref, model, opt, ids, rank, world_size)
     full = fsep_full_state_dict(model)
     rsd = ref.state_dict()
     return max(float((full[k] - rsd[k]).abs().max()) for k in rsd)
