@@ -7,7 +7,9 @@ Public names load lazily (this module imports neither torch nor transformers):
 * :class:`LengthPredictor` — encoder + heads, ``fit`` / ``predict`` / ``save_pretrained``;
 * :class:`TIEScheduler`, :func:`order_batch`, :func:`annotate_requests` — simulator scheduler and offline order;
 * :func:`enable_tie_scheduler`, :func:`tie_generate_batch`, :class:`TIECBScheduler` — transformers
-  continuous batching (``ContinuousBatchingConfig(scheduler_type="tie")``).
+  continuous batching (``ContinuousBatchingConfig(scheduler_type="tie")``);
+* :func:`run_cb_replay` — timed arrivals into real transformers continuous batching, one policy per run
+  (FCFS, SJF-oracle, SSJF, LTR, TIE), for benchmarks.
 
 ``import hf_ext`` installs a post-import hook (:func:`install_import_hook`) that adds ``"tie"`` to
 transformers' ``SCHEDULER_MAPPING`` as soon as transformers loads its continuous-batching scheduler
@@ -45,6 +47,11 @@ _LAZY = {
     "tie_generate_batch": "cb",
     "set_length_hints": "cb",
     "TIECBScheduler": "cb",
+    "PriorityCBScheduler": "cb",
+    "set_priority_keys": "cb",
+    "ReplayRequest": "replay",
+    "run_cb_replay": "replay",
+    "summarize_replay": "replay",
     "generate_workload": "data",
     "match_to_lengths": "data",
 }

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="predictor cache (default ~/.cache/hf_ext/tie)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="do not append to benchmarks/results/tie.csv")
+    p.add_argument(
+        "--export-replay", default=None, help="also write the trace window with predictions to this JSON"
+    )
     return p
 
 
@@ -213,10 +216,11 @@ def predictor_quality(
 
 
 # ----------------------------------------------------------------------------------------- sections
-def trace_replay(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_cfg: Any) -> dict[str, dict]:
+def trace_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: Any) -> list[Any]:
+    """The first ``--minutes`` of the Azure trace as simulator requests with matched prompts and predictions."""
     from hf_ext.generation.tie.data import generate_workload, load_azure_trace, match_to_lengths
     from hf_ext.generation.tie.scheduler import precompute_scores
-    from hf_ext.simulate import Request, SimConfig, Simulator
+    from hf_ext.simulate import Request
 
     tr = load_azure_trace()
     keep = tr["arrival"] <= args.minutes * 60.0
@@ -240,6 +244,40 @@ def trace_replay(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_c
         f"  trace window: {len(base)} requests over {arr[-1]:.0f}s ({len(base) / max(arr[-1], 1):.2f} req/s), "
         f"output median {np.median(olen):.0f}, p99 {np.percentile(olen, 99):.0f}"
     )
+    return base
+
+
+def export_replay(path: str | Path, base: list[Any], limit: int = 2000) -> None:
+    """Write the first ``limit`` requests of the trace window (arrival, token counts, all three predictors'
+    outputs) as JSON for a real-CB replay elsewhere (``benchmarks/tie_real_cb.py`` on the GPU machine,
+    which has no predictors)."""
+    rows = [
+        {
+            "arrival": round(r.arrival, 3),
+            "prompt_len": r.prompt_len,
+            "output_len": r.output_len,
+            "mu": round(r.meta["pred_mu"], 5),
+            "sigma": round(r.meta["pred_sigma"], 5),
+            "nu": round(r.meta["pred_nu"], 4),
+            "pred_len": round(r.meta["pred_len"], 3),
+            "ltr_score": round(r.meta["ltr_score"], 5),
+        }
+        for r in base[:limit]
+    ]
+    meta = {
+        "source": ATTRIBUTION,
+        "n": len(rows),
+        "note": "predictions from the cached synthetic-text predictors",
+    }
+    Path(path).write_text(json.dumps({"meta": meta, "requests": rows}, separators=(",", ":")))
+    print(f"  wrote {len(rows)} requests to {path}")
+
+
+def trace_replay(
+    args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_cfg: Any, base: list[Any]
+) -> dict[str, dict]:
+    from hf_ext.simulate import SimConfig, Simulator
+
     out: dict[str, dict] = {}
     for load in [float(x) for x in args.loads.split(",")]:
         case = f"azure2023conv_{int(args.minutes)}min_x{load:g}"
@@ -320,65 +358,94 @@ def offline_batch(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_
 
 
 def real_cb(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
-    """Real transformers continuous batching on a tiny random Llama (CPU): FIFO vs TIE on a burst."""
+    """Real transformers continuous batching on a tiny random Llama (CPU): all five policies on one burst.
+
+    Output lengths are forced per request (EOS disabled) and scaled to ``cap``; the predictions are scaled
+    the same way (log-t μ and SSJF length by the factor, LTR rank scores unchanged).
+    """
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    from hf_ext.generation.tie.cb import CONTEXT, clear_length_hints, enable_tie_scheduler, set_length_hints
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.data import generate_workload
+    from hf_ext.generation.tie.replay import POLICIES as CB_POLICIES
+    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay, summarize_replay
     from hf_ext.testing import tiny_llama, tiny_tokenizer
 
     n, cap = (16, 48) if args.quick else (40, 96)
     rows = generate_workload(n, seed=args.seed + 900, max_new_tokens=1000)
     tok = tiny_tokenizer()
     model = tiny_llama()
-    ids = [tok(r["prompt"]).input_ids for r in rows]
-    lens = [max(1, min(cap, int(round(r["output_len"] * cap / 1000 * 4)))) for r in rows]  # scaled to the cap
-    gc = GenerationConfig(max_new_tokens=cap, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    p = preds["logt"].predict([r["prompt"] for r in rows])
-    scale = math.log(cap / 1000 * 4)  # same scaling in log space as the lengths
-    enable_tie_scheduler(config=TIEConfig(max_new_tokens=cap, use_request_cap=False))
-
-    def run(kind: str) -> dict[str, float]:
-        cb = ContinuousBatchingConfig(
-            num_blocks=64, page_size=16, max_batch_tokens=256, max_requests_per_batch=4, scheduler_type=kind
+    prompts = [r["prompt"] for r in rows]
+    factor = cap / 1000 * 4
+    lens = [max(1, min(cap, int(round(r["output_len"] * factor)))) for r in rows]
+    p = preds["logt"].predict(prompts)
+    pt = preds["point"].predict(prompts)
+    lt = preds["ltr"].predict(prompts)
+    reqs = [
+        ReplayRequest(
+            request_id=f"burst{i}",
+            arrival=0.0,
+            prompt_ids=tok(prompts[i]).input_ids,
+            output_len=lens[i],
+            mu=float(p["mu"][i] + math.log(factor)),
+            sigma=float(p["sigma"][i]),
+            nu=float(p["nu"][i]),
+            pred_len=float(math.exp(pt["mu"][i]) * factor),
+            ltr_score=float(lt["score"][i]),
         )
-        mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
-        t_submit = time.perf_counter()
-        rids = [mgr.add_request(x, max_new_tokens=L) for x, L in zip(ids, lens)]
-        mgr.start()
-        done: dict[str, Any] = {}
-        try:
-            while len(done) < len(rids):
-                r = mgr.get_result(timeout=60)
-                if r is None:
-                    raise RuntimeError("continuous batching stalled")
-                if r.is_finished():
-                    done[r.request_id] = (time.perf_counter(), r)
-        finally:
-            mgr.stop(block=True)
-        ptl = np.array([(done[rid][0] - t_submit) / L for rid, L in zip(rids, lens)])
-        first = np.array([done[rid][1].lifespan[0] - t_submit for rid in rids])
-        ok = all(len(done[rid][1].generated_tokens) == L for rid, L in zip(rids, lens))
-        return {
-            "per_token_mean": float(ptl.mean()),
-            "per_token_p99": float(np.percentile(ptl, 99)),
-            "start_mean": float(first.mean()),
-            "lengths_ok": float(ok),
-        }
-
-    set_length_hints(ids, p["mu"] + scale, p["sigma"], p["nu"])
-    try:
-        tie = run("tie")
-    finally:
-        clear_length_hints()
-    fifo = run("fifo")
-    CONTEXT.config = TIEConfig()
+        for i in range(n)
+    ]
+    gc = GenerationConfig(max_new_tokens=cap, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(num_blocks=64, page_size=16, max_batch_tokens=256, max_requests_per_batch=4)
+    tie_cfg = TIEConfig(max_new_tokens=cap, use_request_cap=False)
+    res = {}
+    for pol in CB_POLICIES:
+        recs = run_cb_replay(
+            model,
+            reqs,
+            pol,
+            generation_config=gc,
+            continuous_batching_config=cb,
+            tie_config=tie_cfg,
+            time_scale=0,
+        )
+        res[pol] = summarize_replay(recs)
     print(
-        f"  real CB tiny Llama ({n} burst requests, lengths <= {cap}): fifo {fifo['per_token_mean'] * 1e3:.2f}"
-        f" ms/tok, tie {tie['per_token_mean'] * 1e3:.2f} ms/tok"
+        f"  real CB tiny Llama ({n} burst requests, lengths <= {cap}): "
+        + ", ".join(f"{k} {v['per_token_mean'] * 1e3:.2f} ms/tok" for k, v in res.items())
     )
-    return {f"real_cb_tiny_llama_cpu_burst{n}": {"fcfs": fifo, "tie": tie}}
+    return {f"real_cb_tiny_llama_cpu_burst{n}": res}
+
+
+def real_cb_rows(real: dict[str, dict], device: str, cmd: str) -> list[Any]:
+    """Result rows (TIE vs each baseline; mean/p99 per-token latency and mean TTFT) of real-CB replays."""
+    from hf_ext.utils.bench import Row
+
+    rows = []
+    for case, res in real.items():
+        exact = all(bool(v["lengths_ok"]) for v in res.values())
+        for metric, key in (
+            ("per_token_latency_mean", "per_token_mean"),
+            ("per_token_latency_p99", "per_token_p99"),
+            ("ttft", "ttft_mean"),
+        ):
+            for b in BASELINES:
+                if b in res:
+                    rows.append(
+                        Row.make(
+                            COMPONENT,
+                            case,
+                            metric,
+                            res["tie"][key],
+                            b,
+                            res[b][key],
+                            device=device,
+                            quality_name="all_lengths_exact",
+                            quality_value=str(exact),
+                            command=cmd,
+                        )
+                    )
+    return rows
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -422,7 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     tie_cfg = TIEConfig(max_new_tokens=1000, batch_max=args.max_num_seqs)
     print("[2/4] Azure trace replay (simulator)")
-    online = trace_replay(args, cm, preds, tie_cfg)
+    base = trace_requests(args, preds, tie_cfg)
+    if args.export_replay:
+        export_replay(args.export_replay, base)
+    online = trace_replay(args, cm, preds, tie_cfg, base)
     print("[3/4] offline batch job (simulator, memory cap)")
     offline = offline_batch(args, cm, preds, tie_cfg)
     real = {}
@@ -472,27 +542,10 @@ def main(argv: list[str] | None = None) -> int:
                     command=cmd,
                 )
             )
-    for case, res in real.items():
+    if real:
         from hf_ext.utils.bench import device_name
 
-        for metric, key in (
-            ("per_token_latency_mean", "per_token_mean"),
-            ("per_token_latency_p99", "per_token_p99"),
-        ):
-            rows.append(
-                Row.make(
-                    COMPONENT,
-                    case,
-                    metric,
-                    res["tie"][key],
-                    "fcfs",
-                    res["fcfs"][key],
-                    device=device_name(),
-                    quality_name="all_lengths_exact",
-                    quality_value=str(bool(res["tie"]["lengths_ok"] and res["fcfs"]["lengths_ok"])),
-                    command=cmd,
-                )
-            )
+        rows += real_cb_rows(real, device_name(), cmd)
     rows.append(
         Row.make(
             COMPONENT,

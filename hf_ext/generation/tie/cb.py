@@ -4,14 +4,16 @@
 ``transformers.generation.continuous_batching.scheduler``) and changes one thing: the order in which
 *waiting* requests are offered for admission. Running requests keep FIFO's priorities (decoding
 first, then split prefills), CPU-offloaded requests are restored first (they are cheap to resume),
-and fresh requests go by ascending aged TIE score. No preemption is added.
+and fresh requests go by ascending aged TIE score. No preemption is added. :class:`PriorityCBScheduler`
+(``scheduler_type="hf_ext_priority"``) is the same machinery with a fixed key per request, for the
+comparison baselines (SSJF, LTR, SJF with oracle lengths; keys from :func:`set_priority_keys`).
 
 Transformers builds the scheduler itself (``cls(cache, safety_margin, max_requests_per_batch)``), so
 the length information reaches it through a module-level context set by :func:`enable_tie_scheduler`
 or :func:`tie_generate_batch`:
 
-* per-prompt hints (``(μ, σ, ν)`` keyed by the prompt token ids), computed in one batched predictor
-  call by :func:`tie_generate_batch`;
+* hints (``(μ, σ, ν)`` keyed by request id or by the prompt token ids), computed in one batched
+  predictor call by :func:`tie_generate_batch`;
 * else a ``predictor`` plus the LLM ``tokenizer`` (prompt ids are decoded to text and predicted in
   one batch per scheduling step for the newly arrived requests);
 * else the prompt-length heuristic, with a warning.
@@ -42,10 +44,11 @@ from hf_ext.generation.tie.config import TIEConfig
 from hf_ext.generation.tie.scheduler import FALLBACK_WARNING, heuristic_prediction, tie_components
 
 SCHEDULER_NAME = "tie"
+PRIORITY_SCHEDULER_NAME = "hf_ext_priority"
 
 
 class _Context:
-    """What the scheduler instances read: predictor, tokenizer, config and per-prompt hints."""
+    """What the scheduler instances read: predictor, tokenizer, config, per-prompt hints and baseline keys."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -53,41 +56,99 @@ class _Context:
         self.tokenizer: Any = None
         self.config = TIEConfig()
         self.hints: dict[tuple[int, ...], tuple[float, float, float]] = {}
-        self.last_scheduler: TIECBScheduler | None = None
+        self.rid_hints: dict[str, tuple[float, float, float]] = {}
+        self.keys: dict[tuple[int, ...], float] = {}
+        self.rid_keys: dict[str, float] = {}
+        self.last_scheduler: _WaitingOrderScheduler | None = None
 
 
 CONTEXT = _Context()
 
 
-class TIECBScheduler(_cb_sched.FIFOScheduler):
-    """FIFO for running requests, TIE order for waiting ones (see the module docstring).
+def _lookup(by_rid: dict[str, Any], by_ids: dict[tuple[int, ...], Any], state: RequestState) -> Any:
+    hit = by_rid.get(state.request_id)
+    return hit if hit is not None else by_ids.get(tuple(state.initial_tokens))
+
+
+class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
+    """FIFO for running requests; *fresh waiting* requests offered for admission by ascending key.
+
+    Subclasses give ``_prepare(new_states)`` (compute what the key needs, once per request) and
+    ``_key(request_id, now)``. CPU-offloaded requests are restored first (cheap to resume), as in FIFO.
 
     Attributes:
         admission_order: request ids in the order they left the waiting queue (for inspection/tests).
-        scores: request id -> un-aged TIE score.
+    """
+
+    def reset(self) -> None:
+        super().reset()
+        self._known: set[str] = set()
+        self._last_fresh: list[str] = []
+        self.admission_order: list[str] = []
+        CONTEXT.last_scheduler = self
+
+    def _prepare(self, new: list[RequestState]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _key(self, rid: str, now: float) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _forget(self, rid: str) -> None:
+        self._known.discard(rid)
+
+    def _get_waiting_candidates(self) -> list[RequestState]:
+        offloaded: list[RequestState] = []
+        fresh: list[RequestState] = []
+        for req_id in self.waiting_requests_order:
+            state = self.waiting_requests[req_id]
+            (offloaded if state.is_cpu_offloaded else fresh).append(state)
+        new = [s for s in fresh if s.request_id not in self._known]
+        if new:
+            self._prepare(new)
+            self._known.update(s.request_id for s in new)
+        now = time.perf_counter()
+        fresh.sort(key=lambda s: self._key(s.request_id, now))  # stable: FIFO among equal keys
+        self._last_fresh = [s.request_id for s in fresh]
+        return offloaded + fresh
+
+    def schedule_batch(self, token_budget: int, cache_budget: int) -> Any:
+        self._last_fresh = []
+        out = super().schedule_batch(token_budget, cache_budget)
+        for rid in self._last_fresh:
+            if rid not in self.waiting_requests:
+                self.admission_order.append(rid)
+                self._forget(rid)
+        return out
+
+    def clear_cancelled_requests(self) -> list[RequestState]:
+        cancelled = super().clear_cancelled_requests()
+        for s in cancelled:
+            self._forget(s.request_id)
+        return cancelled
+
+
+class TIECBScheduler(_WaitingOrderScheduler):
+    """FIFO for running requests, aged TIE order for waiting ones (see the module docstring).
+
+    Attributes:
+        admission_order: request ids in the order they left the waiting queue (for inspection/tests).
+        scores: request id -> un-aged TIE score (while waiting).
     """
 
     def reset(self) -> None:
         super().reset()
         self.scores: dict[str, float] = {}
         self._t0: dict[str, float] = {}
-        self._last_fresh: list[str] = []
-        self.admission_order: list[str] = []
         self._warned = False
-        CONTEXT.last_scheduler = self
 
-    # ----------------------------------------------------------------------------- scoring
-    def _score_new(self, states: list[RequestState]) -> None:
-        new = [s for s in states if s.request_id not in self.scores]
-        if not new:
-            return
+    def _prepare(self, new: list[RequestState]) -> None:
         cfg = CONTEXT.config
         mu = np.empty(len(new))
         sigma = np.empty(len(new))
         nu = np.empty(len(new))
         missing: list[int] = []
         for i, s in enumerate(new):
-            hint = CONTEXT.hints.get(tuple(s.initial_tokens))
+            hint = _lookup(CONTEXT.rid_hints, CONTEXT.hints, s)
             if hint is None:
                 missing.append(i)
             else:
@@ -120,7 +181,7 @@ class TIECBScheduler(_cb_sched.FIFOScheduler):
         m = state.max_new_tokens if CONTEXT.config.use_request_cap else None
         return int(m) if m is not None and m >= 1 else CONTEXT.config.max_new_tokens
 
-    def _aged(self, rid: str, now: float) -> float:
+    def _key(self, rid: str, now: float) -> float:
         cfg = CONTEXT.config
         wait = max(0.0, now - self._t0[rid])
         if cfg.aging == "none":
@@ -131,41 +192,53 @@ class TIECBScheduler(_cb_sched.FIFOScheduler):
             k = wait / cfg.aging_tau
         return self.scores[rid] * cfg.aging_gamma**k
 
-    def _get_waiting_candidates(self) -> list[RequestState]:
-        offloaded: list[RequestState] = []
-        fresh: list[RequestState] = []
-        for req_id in self.waiting_requests_order:
-            state = self.waiting_requests[req_id]
-            (offloaded if state.is_cpu_offloaded else fresh).append(state)
-        self._score_new(fresh)
-        now = time.perf_counter()
-        fresh.sort(key=lambda s: self._aged(s.request_id, now))  # stable: FIFO among equal scores
-        self._last_fresh = [s.request_id for s in fresh]
-        return offloaded + fresh
+    def _forget(self, rid: str) -> None:
+        super()._forget(rid)
+        self.scores.pop(rid, None)
+        self._t0.pop(rid, None)
 
-    def schedule_batch(self, token_budget: int, cache_budget: int) -> Any:
-        self._last_fresh = []
-        out = super().schedule_batch(token_budget, cache_budget)
-        for rid in self._last_fresh:
-            if rid not in self.waiting_requests:
-                self.admission_order.append(rid)
-                self.scores.pop(rid, None)
-                self._t0.pop(rid, None)
-        return out
 
-    def clear_cancelled_requests(self) -> list[RequestState]:
-        cancelled = super().clear_cancelled_requests()
-        for s in cancelled:
-            self.scores.pop(s.request_id, None)
-            self._t0.pop(s.request_id, None)
-        return cancelled
+class PriorityCBScheduler(_WaitingOrderScheduler):
+    """Baseline admission orders for comparisons (SSJF, LTR, SJF with oracle lengths): a fixed key per request,
+    lower first, no aging; keys come from :func:`set_priority_keys`. A waiting request without a key is an
+    error (``KeyError`` naming it), never silently put last."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.keys: dict[str, float] = {}
+
+    def _prepare(self, new: list[RequestState]) -> None:
+        for s in new:
+            k = _lookup(CONTEXT.rid_keys, CONTEXT.keys, s)
+            if k is None:
+                raise KeyError(
+                    f"{PRIORITY_SCHEDULER_NAME!r} scheduler: no priority key for request {s.request_id!r}; "
+                    "call set_priority_keys(...) with its request id or prompt ids first"
+                )
+            self.keys[s.request_id] = k
+
+    def _key(self, rid: str, now: float) -> float:
+        return self.keys[rid]
+
+    def _forget(self, rid: str) -> None:
+        super()._forget(rid)
+        self.keys.pop(rid, None)
 
 
 # ------------------------------------------------------------------------------------ public API
 def register() -> type[TIECBScheduler]:
-    """Add ``"tie"`` to transformers' ``SCHEDULER_MAPPING`` (idempotent)."""
+    """Add ``"tie"`` (and the comparison baseline ``"hf_ext_priority"``) to transformers' ``SCHEDULER_MAPPING``
+    (idempotent; :func:`unregister` removes both)."""
     _cb_sched.SCHEDULER_MAPPING[SCHEDULER_NAME] = TIECBScheduler
+    _cb_sched.SCHEDULER_MAPPING[PRIORITY_SCHEDULER_NAME] = PriorityCBScheduler
     return TIECBScheduler
+
+
+def unregister() -> None:
+    """Remove the names :func:`register` added (only where they still point to our classes)."""
+    for name, cls in ((SCHEDULER_NAME, TIECBScheduler), (PRIORITY_SCHEDULER_NAME, PriorityCBScheduler)):
+        if _cb_sched.SCHEDULER_MAPPING.get(name) is cls:
+            del _cb_sched.SCHEDULER_MAPPING[name]
 
 
 def enable_tie_scheduler(
@@ -190,18 +263,43 @@ def enable_tie_scheduler(
     return register()
 
 
+def _targets(
+    who: str, n_values: int, prompt_ids: Sequence[Sequence[int]] | None, request_ids: Sequence[str] | None
+) -> tuple[str, list[Any]]:
+    if (prompt_ids is None) == (request_ids is None):
+        raise ValueError(f"{who}: give exactly one of prompt_ids or request_ids")
+    if request_ids is not None:
+        if isinstance(request_ids, str) or any(not isinstance(r, str) or not r for r in request_ids):
+            raise ValueError(f"{who}: request_ids must be a sequence of non-empty strings")
+        keys: list[Any] = list(request_ids)
+        kind = "rid"
+    else:
+        keys = [tuple(int(t) for t in ids) for ids in prompt_ids]  # type: ignore[union-attr]
+        kind = "ids"
+    if len(keys) != n_values:
+        raise ValueError(f"{who}: {len(keys)} prompts/request ids but {n_values} values")
+    return kind, keys
+
+
 def set_length_hints(
-    prompt_ids: Sequence[Sequence[int]],
+    prompt_ids: Sequence[Sequence[int]] | None,
     mu: Sequence[float],
     sigma: Sequence[float],
     nu: Sequence[float] | float = 3.5,
+    *,
+    request_ids: Sequence[str] | None = None,
 ) -> None:
-    """Give the scheduler log-t parameters for exact prompts (token id lists); NaN/inf raise ``ValueError``."""
-    n = len(prompt_ids)
-    mu_a = np.asarray(mu, dtype=np.float64)
+    """Give the TIE scheduler log-t parameters per prompt (token id lists) or per request id.
+
+    Pass ``prompt_ids`` (then ``request_ids=None``) or ``prompt_ids=None, request_ids=[...]`` (ids given to
+    ``add_request``; looked up first). NaN/inf or non-positive σ/ν raise ``ValueError``.
+    """
+    mu_a = np.asarray(mu, dtype=np.float64).reshape(-1)
+    n = mu_a.shape[0]
+    kind, keys = _targets("set_length_hints", n, prompt_ids, request_ids)
     sigma_a = np.asarray(sigma, dtype=np.float64)
     nu_a = np.broadcast_to(np.asarray(nu, dtype=np.float64), (n,))
-    if mu_a.shape != (n,) or sigma_a.shape != (n,):
+    if sigma_a.shape != (n,):
         raise ValueError(
             f"mu and sigma must have one value per prompt ({n}), got {mu_a.shape}, {sigma_a.shape}"
         )
@@ -210,15 +308,42 @@ def set_length_hints(
             raise ValueError(f"{name} contains NaN/inf; TIE needs finite length predictions")
     if np.any(sigma_a <= 0) or np.any(nu_a <= 0):
         raise ValueError("sigma and nu must be > 0")
+    table = CONTEXT.rid_hints if kind == "rid" else CONTEXT.hints
     with CONTEXT.lock:
-        for ids, m, s, v in zip(prompt_ids, mu_a, sigma_a, nu_a):
-            CONTEXT.hints[tuple(int(t) for t in ids)] = (float(m), float(s), float(v))
+        for k, m, s, v in zip(keys, mu_a, sigma_a, nu_a):
+            table[k] = (float(m), float(s), float(v))
+
+
+def set_priority_keys(
+    values: Sequence[float],
+    *,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
+    request_ids: Sequence[str] | None = None,
+) -> None:
+    """Fixed admission keys (lower first) for ``scheduler_type="hf_ext_priority"``, the comparison baselines:
+    SSJF (predicted length), LTR (rank score), SJF with oracle lengths. Finite floats only."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    kind, keys = _targets("set_priority_keys", v.shape[0], prompt_ids, request_ids)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("set_priority_keys: values contain NaN/inf")
+    table = CONTEXT.rid_keys if kind == "rid" else CONTEXT.keys
+    with CONTEXT.lock:
+        for k, x in zip(keys, v):
+            table[k] = float(x)
+
+
+def clear_priority_keys() -> None:
+    """Forget all baseline priority keys."""
+    with CONTEXT.lock:
+        CONTEXT.keys.clear()
+        CONTEXT.rid_keys.clear()
 
 
 def clear_length_hints() -> None:
-    """Forget all per-prompt hints."""
+    """Forget all per-prompt and per-request length hints."""
     with CONTEXT.lock:
         CONTEXT.hints.clear()
+        CONTEXT.rid_hints.clear()
 
 
 def tie_generate_batch(

@@ -1,0 +1,184 @@
+"""TIE on a real engine: Azure-trace replay into transformers continuous batching, five admission policies.
+
+Not the simulator: every request goes through ``ContinuousBatchingManager`` of a random-weight model at its
+(scaled) trace arrival time, with its trace output length forced (EOS disabled) and its trace prompt length
+(random token ids: content does not matter to a random model; the *predictions* come from the synthetic
+prompt texts matched to the trace lengths, exported by ``python -m hf_ext bench tie --export-replay``).
+
+Load is set relative to the engine's measured capacity: a burst of ``--probe-n`` requests under FCFS gives
+requests/s; arrivals are then scaled so that the offered rate is ``rho`` times that. Every policy of one
+``rho`` replays the same requests at the same times on the same warm model.
+
+Run on the GPU machine (numbers go to ``$HF_EXT_RESULTS_DIR`` or ``benchmarks/results/tie.csv``)::
+
+    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/tie_real_cb.py --shape llama3.1-8b --n 400 --loads 0.9,1.3
+
+CPU smoke run (tiny model, seconds)::
+
+    python benchmarks/tie_real_cb.py --shape tiny --device cpu --n 12 --loads 1.0 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORKLOAD = ROOT / "benchmarks" / "data" / "tie_azure_replay.json"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", default=str(DEFAULT_WORKLOAD), help="JSON from bench tie --export-replay")
+    p.add_argument(
+        "--shape", default="llama3.1-8b", help="random-weight model shape (tiny, small, llama3.1-8b)"
+    )
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--n", type=int, default=400, help="requests replayed per policy (first n of the window)")
+    p.add_argument("--loads", default="0.9,1.3", help="offered load rho, relative to measured burst capacity")
+    p.add_argument("--capacity", type=float, default=None, help="requests/s (skip the probe)")
+    p.add_argument("--probe-n", type=int, default=160, help="burst size of the capacity probe")
+    p.add_argument("--policies", default="fcfs,sjf_oracle,ssjf,ltr,tie")
+    p.add_argument("--max-new-tokens", type=int, default=1000, help="output lengths are clipped to this")
+    p.add_argument("--max-prompt", type=int, default=4096, help="prompt lengths are clipped to this")
+    p.add_argument("--cuda-graph", action="store_true", help="let transformers use CUDA graphs (default off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-write", action="store_true")
+    return p
+
+
+def load_requests(path: str, n: int, max_new: int, max_prompt: int, vocab: int, seed: int) -> list[Any]:
+    from hf_ext.generation.tie.replay import ReplayRequest
+
+    data = json.loads(Path(path).read_text())
+    rows = sorted(data["requests"], key=lambda r: r["arrival"])[:n]
+    if len(rows) < n:
+        raise ValueError(f"--n {n} exceeds the {len(rows)} requests in {path}")
+    rng = np.random.default_rng(seed)
+    t0 = rows[0]["arrival"]
+    out = []
+    for i, r in enumerate(rows):
+        plen = int(max(1, min(r["prompt_len"], max_prompt)))
+        out.append(
+            ReplayRequest(
+                request_id=f"az{i}",
+                arrival=float(r["arrival"] - t0),
+                prompt_ids=rng.integers(100, vocab - 100, size=plen).tolist(),
+                output_len=int(max(1, min(r["output_len"], max_new))),
+                mu=float(r["mu"]),
+                sigma=float(r["sigma"]),
+                nu=float(r["nu"]),
+                pred_len=float(r["pred_len"]),
+                ltr_score=float(r["ltr_score"]),
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.n < 2 or args.probe_n < 1:
+        raise ValueError("--n must be >= 2 and --probe-n >= 1")
+    loads = [float(x) for x in args.loads.split(",")]
+    if any(not math.isfinite(x) or x <= 0 for x in loads):
+        raise ValueError(f"--loads must be positive numbers, got {args.loads!r}")
+    import torch
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from hf_ext.generation.tie.bench import COMPONENT, real_cb_rows
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.replay import POLICIES, run_cb_replay, summarize_replay
+    from hf_ext.simulate.calibrate import model_for_shape
+    from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows, results_dir
+
+    policies = [p for p in args.policies.split(",") if p]
+    bad = [p for p in policies if p not in POLICIES]
+    if bad or "tie" not in policies:
+        raise ValueError(f"--policies must include 'tie' and only use {POLICIES}, got {args.policies!r}")
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    t_start = time.perf_counter()
+    model = model_for_shape(args.shape, args.device, seed=args.seed)
+    vocab = model.config.vocab_size
+    reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, vocab, args.seed)
+    gc = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0
+    )
+    cb_kw: dict[str, Any] = {"use_cuda_graph": bool(args.cuda_graph)}
+    if args.device == "cpu":
+        cb_kw.update(num_blocks=256, page_size=16, max_batch_tokens=256, max_requests_per_batch=8)
+    cb = ContinuousBatchingConfig(**cb_kw)
+    tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens)
+    dev = device_name()
+    print(f"model {args.shape} on {dev}; {len(reqs)} requests; built in {time.perf_counter() - t_start:.1f}s")
+
+    def replay(rs: list[Any], policy: str, scale: float) -> dict[str, float]:
+        recs = run_cb_replay(
+            model,
+            rs,
+            policy,
+            generation_config=gc,
+            continuous_batching_config=cb,
+            tie_config=tie_cfg,
+            time_scale=scale,
+            progress=True,
+        )
+        return summarize_replay(recs)
+
+    replay(reqs[:8], "fcfs", 0.0)  # warm-up (kernels, allocator)
+    cap = args.capacity
+    if cap is None:
+        probe = reqs[: min(args.probe_n, len(reqs))]
+        s = replay(probe, "fcfs", 0.0)
+        cap = len(probe) / s["makespan_s"]
+        print(f"capacity probe: {len(probe)} burst requests in {s['makespan_s']:.1f}s -> {cap:.2f} req/s")
+    span = reqs[-1].arrival - reqs[0].arrival
+    trace_rate = (len(reqs) - 1) / max(span, 1e-9)
+    real: dict[str, dict] = {}
+    for rho in loads:
+        scale = trace_rate / (rho * cap)
+        case = f"real_cb_{args.shape}_azure2023conv_n{len(reqs)}_rho{rho:g}"
+        res = {}
+        for pol in policies:
+            t0 = time.perf_counter()
+            res[pol] = replay(reqs, pol, scale)
+            res[pol]["wall_s"] = time.perf_counter() - t0
+            print(
+                f"  {case} {pol:10s}: per-token {res[pol]['per_token_mean'] * 1e3:8.1f} ms "
+                f"(p99 {res[pol]['per_token_p99'] * 1e3:8.1f}), TTFT {res[pol]['ttft_mean']:6.2f}s, "
+                f"lengths exact {bool(res[pol]['lengths_ok'])}, {res[pol]['wall_s']:.0f}s"
+            )
+        real[case] = res
+    cmd = "python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = real_cb_rows(real, dev, cmd.strip())
+    print_rows(rows, title="TIE on real continuous batching — ratio > 1: TIE better")
+    if not args.no_write:
+        path = append_rows(COMPONENT, rows)
+        plot_results(COMPONENT, path)
+        details = results_dir() / "tie_real_cb_details.json"
+        details.write_text(
+            json.dumps(
+                {
+                    "command": cmd,
+                    "device": dev,
+                    "capacity_req_s": cap,
+                    "trace_rate": trace_rate,
+                    "real_cb": real,
+                },
+                indent=1,
+            )
+        )
+        print(f"wrote {path}, {details}")
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

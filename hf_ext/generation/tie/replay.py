@@ -1,0 +1,288 @@
+"""Replay timed requests into real transformers continuous batching, one admission policy per run.
+
+This is how TIE and its baselines are measured on a real engine rather than the simulator: requests are
+submitted to a ``ContinuousBatchingManager`` at their arrival times (scaled by ``time_scale``), each with
+a forced output length (``max_new_tokens`` and EOS disabled by the caller's generation config), and the
+wall-clock first-token and finish times come back from transformers' own per-request timestamps.
+
+Policies (all use the same manager and engine; only the waiting-queue order differs):
+
+=============  ===================================  ==========================================
+policy         scheduler_type                       key (lower admitted first)
+=============  ===================================  ==========================================
+``fcfs``       ``"fifo"`` (transformers' own)       arrival order
+``sjf_oracle`` ``"hf_ext_priority"``                the true output length (upper bound)
+``ssjf``       ``"hf_ext_priority"``                ``pred_len`` (point predictor)
+``ltr``        ``"hf_ext_priority"``                ``ltr_score`` (learning-to-rank predictor)
+``tie``        ``"tie"``                            aged TIE score from ``(mu, sigma, nu)``
+=============  ===================================  ==========================================
+
+Example (CPU, tiny random model; all arrive at once)::
+
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay, summarize_replay
+    from hf_ext.testing import tiny_llama
+
+    reqs = [ReplayRequest(f"r{i}", 0.0, [5 + i] * 8, n, mu=float(np.log(n)), sigma=0.3, pred_len=n, ltr_score=n)
+            for i, n in enumerate([12, 3, 7])]
+    gc = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(num_blocks=16, page_size=16, max_batch_tokens=64, max_requests_per_batch=1)
+    recs = run_cb_replay(tiny_llama(), reqs, "tie", generation_config=gc, continuous_batching_config=cb)
+    print(summarize_replay(recs)["per_token_mean"])
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")
+
+
+@dataclass
+class ReplayRequest:
+    """One request of a replay.
+
+    Attributes:
+        request_id: unique id given to ``add_request``.
+        arrival: seconds after the replay starts (before ``time_scale``).
+        prompt_ids: prompt token ids (non-empty).
+        output_len: tokens to generate (``max_new_tokens`` of this request; the generation config must disable
+            EOS for the length to be exact).
+        mu, sigma, nu: log-t length prediction (``tie``).
+        pred_len: point prediction (``ssjf``).
+        ltr_score: rank score, lower = shorter (``ltr``).
+    """
+
+    request_id: str
+    arrival: float
+    prompt_ids: list[int]
+    output_len: int
+    mu: float = math.nan
+    sigma: float = math.nan
+    nu: float = 3.5
+    pred_len: float = math.nan
+    ltr_score: float = math.nan
+
+
+_NEEDS = {
+    "fcfs": (),
+    "sjf_oracle": (),
+    "ssjf": ("pred_len",),
+    "ltr": ("ltr_score",),
+    "tie": ("mu", "sigma", "nu"),
+}
+
+
+def validate_replay(requests: Sequence[ReplayRequest], policy: str, time_scale: float = 1.0) -> None:
+    """Raise ``ValueError`` (naming the field and request) on anything :func:`run_cb_replay` cannot honour."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not (isinstance(time_scale, (int, float)) and math.isfinite(time_scale) and time_scale >= 0):
+        raise ValueError(f"time_scale must be a finite number >= 0, got {time_scale!r}")
+    if not requests:
+        raise ValueError("requests is empty")
+    seen: set[str] = set()
+    for r in requests:
+        if not isinstance(r.request_id, str) or not r.request_id or r.request_id in seen:
+            raise ValueError(f"request_id must be a unique non-empty string, got {r.request_id!r}")
+        seen.add(r.request_id)
+        if not r.prompt_ids:
+            raise ValueError(f"request {r.request_id}: prompt_ids is empty")
+        if not isinstance(r.output_len, (int, np.integer)) or r.output_len < 1:
+            raise ValueError(f"request {r.request_id}: output_len must be an int >= 1, got {r.output_len!r}")
+        if not (math.isfinite(r.arrival) and r.arrival >= 0):
+            raise ValueError(f"request {r.request_id}: arrival must be finite and >= 0, got {r.arrival!r}")
+        for name in _NEEDS[policy]:
+            v = getattr(r, name)
+            if not math.isfinite(v):
+                raise ValueError(
+                    f"request {r.request_id}: policy {policy!r} needs a finite {name}, got {v!r}"
+                )
+        if policy == "tie" and (r.sigma <= 0 or r.nu <= 0):
+            raise ValueError(f"request {r.request_id}: sigma and nu must be > 0, got {r.sigma}, {r.nu}")
+
+
+def _install(policy: str, requests: Sequence[ReplayRequest], tie_config: Any) -> str:
+    """Register our schedulers, give them the keys/hints of this run; returns the ``scheduler_type``."""
+    from hf_ext.generation.tie.cb import (
+        PRIORITY_SCHEDULER_NAME,
+        SCHEDULER_NAME,
+        enable_tie_scheduler,
+        register,
+        set_length_hints,
+        set_priority_keys,
+    )
+
+    ids = [r.request_id for r in requests]
+    if policy == "fcfs":
+        return "fifo"
+    if policy == "tie":
+        enable_tie_scheduler(config=tie_config)
+        set_length_hints(
+            None,
+            [r.mu for r in requests],
+            [r.sigma for r in requests],
+            [r.nu for r in requests],
+            request_ids=ids,
+        )
+        return SCHEDULER_NAME
+    register()
+    key = {"sjf_oracle": "output_len", "ssjf": "pred_len", "ltr": "ltr_score"}[policy]
+    set_priority_keys([float(getattr(r, key)) for r in requests], request_ids=ids)
+    return PRIORITY_SCHEDULER_NAME
+
+
+def run_cb_replay(
+    model: Any,
+    requests: Sequence[ReplayRequest],
+    policy: str,
+    *,
+    generation_config: Any,
+    continuous_batching_config: Any,
+    tie_config: Any = None,
+    time_scale: float = 1.0,
+    stall_timeout: float = 120.0,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Submit ``requests`` at ``arrival * time_scale`` seconds into one real CB manager run with ``policy``.
+
+    Args:
+        model: a transformers causal LM (``init_continuous_batching``).
+        requests: the workload (validated first; nothing starts on bad input).
+        policy: one of :data:`POLICIES`.
+        generation_config: shared by all requests; disable EOS (e.g. ``eos_token_id=-1``) so that each request
+            produces exactly ``output_len`` tokens.
+        continuous_batching_config: copied; its ``scheduler_type`` is set from ``policy``.
+        tie_config: :class:`~hf_ext.generation.tie.config.TIEConfig` for ``tie`` (default ``TIEConfig()``).
+        time_scale: multiplies arrival times (``0`` = everything at once; ``1/k`` = k times the load).
+        stall_timeout: seconds without any finished request after which the run is aborted.
+        progress: show a tqdm bar of finished requests.
+
+    Returns:
+        One dict per request (input order): ``request_id``, ``submit`` / ``first_token`` / ``finish`` (seconds
+        after the replay start), ``n_tokens``, ``output_len``, ``error``.
+    """
+    from hf_ext.generation.tie.cb import clear_length_hints, clear_priority_keys
+
+    validate_replay(requests, policy, time_scale)
+    cb = copy.deepcopy(continuous_batching_config)
+    try:
+        cb.scheduler_type = _install(policy, requests, tie_config)
+        mgr = model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=cb
+        )
+        results: dict[str, tuple[float, Any]] = {}
+        lock = threading.Lock()
+        stop = threading.Event()
+        n = len(requests)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=f"replay {policy}", leave=False)
+
+        def collect() -> None:
+            while not stop.is_set():
+                r = mgr.get_result(timeout=0.5)
+                if r is None or not r.is_finished():
+                    continue
+                with lock:
+                    results[r.request_id] = (time.perf_counter(), r)
+                    done = len(results)
+                if bar is not None:
+                    bar.update(1)
+                if done >= n:
+                    return
+
+        collector = threading.Thread(target=collect, name="hf_ext-replay-collector", daemon=True)
+        submit: dict[str, float] = {}
+
+        def add(r: ReplayRequest) -> None:
+            submit[r.request_id] = time.perf_counter()
+            mgr.add_request(
+                list(r.prompt_ids),
+                request_id=r.request_id,
+                max_new_tokens=int(r.output_len),
+                record_timestamps=True,
+            )
+
+        ordered = sorted(requests, key=lambda x: x.arrival)
+        t0 = time.perf_counter()
+        try:
+            if time_scale == 0:  # a burst: queue everything before the loop starts (its first step sees all)
+                for r in ordered:
+                    add(r)
+            mgr.start()
+            collector.start()
+            if time_scale > 0:
+                for r in ordered:
+                    delay = t0 + r.arrival * time_scale - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    add(r)
+            last, last_count = time.perf_counter(), 0
+            while collector.is_alive():
+                collector.join(timeout=0.5)
+                with lock:
+                    count = len(results)
+                if count != last_count:
+                    last, last_count = time.perf_counter(), count
+                elif time.perf_counter() - last > stall_timeout:
+                    raise RuntimeError(
+                        f"continuous batching stalled: {count}/{n} requests finished, none in {stall_timeout:.0f}s"
+                    )
+            if len(results) < n:
+                raise RuntimeError(f"continuous batching ended with {len(results)}/{n} requests finished")
+        finally:
+            stop.set()
+            mgr.stop(block=True)
+            if bar is not None:
+                bar.close()
+    finally:
+        clear_length_hints()
+        clear_priority_keys()
+    out = []
+    for r in requests:
+        t_recv, g = results[r.request_id]
+        ts = list(g.timestamps or [])
+        finish = g.lifespan[1] if g.lifespan[1] > 0 else t_recv
+        out.append(
+            {
+                "request_id": r.request_id,
+                "submit": submit[r.request_id] - t0,
+                "first_token": (ts[0] if ts else finish) - t0,
+                "finish": finish - t0,
+                "n_tokens": len(g.generated_tokens),
+                "output_len": int(r.output_len),
+                "error": g.error,
+            }
+        )
+    return out
+
+
+def summarize_replay(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per-token latency ((finish - submit) / output_len), TTFT, latency (mean, p50, p99), makespan, tok/s."""
+    sub = np.array([r["submit"] for r in records])
+    fin = np.array([r["finish"] for r in records])
+    first = np.array([r["first_token"] for r in records])
+    n = np.array([r["output_len"] for r in records], dtype=np.float64)
+    lat = fin - sub
+    ptl = lat / n
+    ttft = first - sub
+    out: dict[str, float] = {"n_requests": float(len(records))}
+    for name, a in (("per_token", ptl), ("ttft", ttft), ("latency", lat)):
+        out[f"{name}_mean"] = float(a.mean())
+        out[f"{name}_p50"] = float(np.percentile(a, 50))
+        out[f"{name}_p99"] = float(np.percentile(a, 99))
+    out["makespan_s"] = float(fin.max() - sub.min())
+    out["throughput_tok_s"] = float(n.sum() / max(out["makespan_s"], 1e-9))
+    out["lengths_ok"] = float(all(r["n_tokens"] == r["output_len"] and r["error"] is None for r in records))
+    return out
