@@ -5,17 +5,17 @@ Not the simulator: every request goes through ``ContinuousBatchingManager`` of a
 (random token ids: content does not matter to a random model; the *predictions* come from the synthetic
 prompt texts matched to the trace lengths, exported by ``python -m hf_ext bench tie --export-replay``).
 
-Load is set relative to the engine's measured capacity: a burst of ``--probe-n`` requests under FCFS gives
-requests/s; arrivals are then scaled so that the offered rate is ``rho`` times that. Every policy of one
-``rho`` replays the same requests at the same times on the same warm model.
+Load is set like the simulator's: ``--speeds`` compresses the trace's own arrival times (``x4`` = four
+times its request rate); ``0`` means a burst (everything queued at once). Every policy of one speed replays
+the same requests at the same times on the same warm model.
 
 Run on the GPU machine (numbers go to ``$HF_EXT_RESULTS_DIR`` or ``benchmarks/results/tie.csv``)::
 
-    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/tie_real_cb.py --shape llama3.1-8b --n 400 --loads 0.9,1.3
+    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/tie_real_cb.py --shape llama3.1-8b --n 200 --speeds 4 --cuda-graph
 
 CPU smoke run (tiny model, seconds)::
 
-    python benchmarks/tie_real_cb.py --shape tiny --device cpu --n 12 --loads 1.0 --no-write
+    python benchmarks/tie_real_cb.py --shape tiny --device cpu --n 12 --speeds 1,0 --no-write
 """
 
 from __future__ import annotations
@@ -42,9 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cuda")
     p.add_argument("--n", type=int, default=400, help="requests replayed per policy (first n of the window)")
-    p.add_argument("--loads", default="0.9,1.3", help="offered load rho, relative to measured burst capacity")
-    p.add_argument("--capacity", type=float, default=None, help="requests/s (skip the probe)")
-    p.add_argument("--probe-n", type=int, default=160, help="burst size of the capacity probe")
+    p.add_argument("--speeds", default="4", help="trace time-compression factors (0 = burst)")
     p.add_argument("--policies", default="fcfs,sjf_oracle,ssjf,ltr,tie")
     p.add_argument("--max-new-tokens", type=int, default=1000, help="output lengths are clipped to this")
     p.add_argument("--max-prompt", type=int, default=4096, help="prompt lengths are clipped to this")
@@ -84,11 +82,11 @@ def load_requests(path: str, n: int, max_new: int, max_prompt: int, vocab: int, 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.n < 2 or args.probe_n < 1:
-        raise ValueError("--n must be >= 2 and --probe-n >= 1")
-    loads = [float(x) for x in args.loads.split(",")]
-    if any(not math.isfinite(x) or x <= 0 for x in loads):
-        raise ValueError(f"--loads must be positive numbers, got {args.loads!r}")
+    if args.n < 2:
+        raise ValueError("--n must be >= 2")
+    speeds = [float(x) for x in args.speeds.split(",")]
+    if any(not math.isfinite(x) or x < 0 for x in speeds):
+        raise ValueError(f"--speeds must be numbers >= 0, got {args.speeds!r}")
     import torch
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
@@ -132,19 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return summarize_replay(recs)
 
-    replay(reqs[:8], "fcfs", 0.0)  # warm-up (kernels, allocator)
-    cap = args.capacity
-    if cap is None:
-        probe = reqs[: min(args.probe_n, len(reqs))]
-        s = replay(probe, "fcfs", 0.0)
-        cap = len(probe) / s["makespan_s"]
-        print(f"capacity probe: {len(probe)} burst requests in {s['makespan_s']:.1f}s -> {cap:.2f} req/s")
-    span = reqs[-1].arrival - reqs[0].arrival
-    trace_rate = (len(reqs) - 1) / max(span, 1e-9)
+    t0 = time.perf_counter()
+    replay(reqs[:8], "fcfs", 0.0)  # warm-up (kernels, graphs, allocator)
+    print(f"warm-up {time.perf_counter() - t0:.1f}s")
     real: dict[str, dict] = {}
-    for rho in loads:
-        scale = trace_rate / (rho * cap)
-        case = f"real_cb_{args.shape}_azure2023conv_n{len(reqs)}_rho{rho:g}"
+    for speed in speeds:
+        scale = 0.0 if speed == 0 else 1.0 / speed
+        case = f"real_cb_{args.shape}_azure2023conv_n{len(reqs)}_" + (
+            "burst" if speed == 0 else f"x{speed:g}"
+        )
         res = {}
         for pol in policies:
             t0 = time.perf_counter()
@@ -168,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "command": cmd,
                     "device": dev,
-                    "capacity_req_s": cap,
-                    "trace_rate": trace_rate,
                     "real_cb": real,
                 },
                 indent=1,
