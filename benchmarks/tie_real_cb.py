@@ -21,6 +21,7 @@ CPU smoke run (tiny model, seconds)::
 from __future__ import annotations
 
 import argparse
+import gc as gc_mod
 import json
 import math
 import sys
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0
     )
     cb_kw: dict[str, Any] = {"use_cuda_graph": bool(args.cuda_graph)}
+    if args.device.startswith("cuda"):
+        cb_kw["max_memory_percent"] = 0.75  # headroom for CUDA-graph pools next to the paged KV cache
     if args.device == "cpu":
         cb_kw.update(num_blocks=256, page_size=16, max_batch_tokens=256, max_requests_per_batch=8)
     cb = ContinuousBatchingConfig(**cb_kw)
@@ -128,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             time_scale=scale,
             progress=True,
         )
+        gc_mod.collect()  # the manager (and its paged KV cache) is gone: give the memory back before the next
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            print(
+                f"    cuda memory after {policy}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated"
+            )
         return summarize_replay(recs)
 
     t0 = time.perf_counter()

@@ -59,7 +59,10 @@ class _Context:
         self.rid_hints: dict[str, tuple[float, float, float]] = {}
         self.keys: dict[tuple[int, ...], float] = {}
         self.rid_keys: dict[str, float] = {}
-        self.last_scheduler: _WaitingOrderScheduler | None = None
+        # what the newest of our schedulers did, for inspection; never the scheduler itself, which holds the
+        # paged KV cache (a strong reference would keep GPU memory alive after the manager is gone)
+        self.last_scheduler_type: type | None = None
+        self.admission_order: list[str] = []
 
 
 CONTEXT = _Context()
@@ -85,7 +88,8 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
         self._known: set[str] = set()
         self._last_fresh: list[str] = []
         self.admission_order: list[str] = []
-        CONTEXT.last_scheduler = self
+        CONTEXT.last_scheduler_type = type(self)
+        CONTEXT.admission_order = self.admission_order
 
     def _prepare(self, new: list[RequestState]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
