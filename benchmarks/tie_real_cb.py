@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", default="fcfs,sjf_oracle,ssjf,ltr,tie")
     p.add_argument("--max-new-tokens", type=int, default=1000, help="output lengths are clipped to this")
     p.add_argument("--max-prompt", type=int, default=4096, help="prompt lengths are clipped to this")
+    p.add_argument(
+        "--max-requests-per-batch",
+        type=int,
+        default=None,
+        help="cap on concurrently running requests (vLLM's max_num_seqs; default: transformers' own)",
+    )
     p.add_argument("--cuda-graph", action="store_true", help="let transformers use CUDA graphs (default off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true")
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0
     )
     cb_kw: dict[str, Any] = {"use_cuda_graph": bool(args.cuda_graph)}
+    if args.max_requests_per_batch is not None:
+        cb_kw["max_requests_per_batch"] = args.max_requests_per_batch
     if args.device.startswith("cuda"):
         cb_kw["max_memory_percent"] = 0.75  # headroom for CUDA-graph pools next to the paged KV cache
     if args.device == "cpu":
