@@ -117,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0
     )
     cb_kw: dict[str, Any] = {"use_cuda_graph": bool(args.cuda_graph)}
+    if args.device == "cpu":  # small paged cache for the tiny CPU smoke run
+        cb_kw.update(num_blocks=256, page_size=16, max_batch_tokens=256, max_requests_per_batch=8)
+    else:
+        cb_kw["max_memory_percent"] = 0.75  # headroom for CUDA-graph pools next to the paged KV cache
     if args.max_requests_per_batch is not None:
         cb_kw["max_requests_per_batch"] = args.max_requests_per_batch
-    if args.device.startswith("cuda"):
-        cb_kw["max_memory_percent"] = 0.75  # headroom for CUDA-graph pools next to the paged KV cache
-    if args.device == "cpu":
-        cb_kw.update(num_blocks=256, page_size=16, max_batch_tokens=256, max_requests_per_batch=8)
     cb = ContinuousBatchingConfig(**cb_kw)
     tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens)
     dev = device_name()
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         case = f"real_cb_{args.shape}_azure2023conv_n{len(reqs)}_" + (
             "burst" if speed == 0 else f"x{speed:g}"
         )
+        if args.max_requests_per_batch is not None:
+            case += f"_maxseqs{args.max_requests_per_batch}"
         res = {}
         for pol in policies:
             t0 = time.perf_counter()
