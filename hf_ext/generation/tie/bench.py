@@ -39,7 +39,13 @@ from typing import Any
 import numpy as np
 
 COMPONENT = "tie"
-POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie", "tie_no_aging")
+POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie", "tie_no_aging", "tie_no_tail", "tie_truncate")
+# TIE with one part changed, for the report only (never CSV rows): which part helps which metric
+ABLATIONS = {
+    "tie_no_aging": "without the starvation guard (aging='none')",
+    "tie_no_tail": "without the CVaR term (beta = 0): expectation + aging",
+    "tie_truncate": "E and CVaR on the truncated support X | 1 <= X <= M instead of clipping",
+}
 BASELINES = ("fcfs", "ssjf", "ltr", "sjf_oracle")
 ATTRIBUTION = (
     "Azure LLM inference trace 2023 (conversation), Azure Public Dataset, CC-BY 4.0; "
@@ -145,8 +151,9 @@ def _schedulers(tie_cfg: Any) -> dict[str, Any]:
         "ssjf": SSJF(),
         "ltr": ScoreScheduler(lambda r, now: r.meta["ltr_score"], name="ltr"),
         "tie": TIEScheduler(tie_cfg),
-        # variant for the report only (not a CSV row): the same score without the starvation guard
         "tie_no_aging": TIEScheduler(replace(tie_cfg, aging="none"), name="tie_no_aging"),
+        "tie_no_tail": TIEScheduler(replace(tie_cfg, beta_min=0.0, beta_max=0.0), name="tie_no_tail"),
+        "tie_truncate": TIEScheduler(replace(tie_cfg, support="truncate"), name="tie_truncate"),
     }
 
 
@@ -417,6 +424,41 @@ def real_cb(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
     return {f"real_cb_tiny_llama_cpu_burst{n}": res}
 
 
+def policy_figure(groups: dict[str, dict[str, dict]], png: Path) -> None:
+    """Grouped bars: mean and p99 per-token latency of every policy in every case (log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # pragma: no cover - plotting is optional
+        print(f"  policy figure skipped: {exc}")
+        return
+    cases = [c for c, res in groups.items() if "per_token_mean" in next(iter(res.values()))]
+    pols = [p for p in POLICIES if any(p in groups[c] for c in cases)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.9 * len(cases) + 3), 7), sharex=True)
+    width = 0.8 / len(pols)
+    for ax, key, title in (
+        (axes[0], "per_token_mean", "mean per-token latency (s/token)"),
+        (axes[1], "per_token_p99", "p99 per-token latency (s/token)"),
+    ):
+        for j, pol in enumerate(pols):
+            xs = [i + (j - (len(pols) - 1) / 2) * width for i, c in enumerate(cases) if pol in groups[c]]
+            ys = [groups[c][pol][key] for c in cases if pol in groups[c]]
+            ax.bar(xs, ys, width, label=pol, hatch="//" if pol in ABLATIONS else None, alpha=0.9)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(range(len(cases)))
+    axes[1].set_xticklabels(
+        [c.replace("azure2023conv_", "").replace("_", "\n", 1) for c in cases], fontsize=8
+    )
+    axes[0].legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def real_cb_rows(real: dict[str, dict], device: str, cmd: str) -> list[Any]:
     """Result rows (TIE vs each baseline; mean/p99 per-token latency and mean TTFT) of real-CB replays."""
     from hf_ext.utils.bench import Row
@@ -561,10 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print_rows(rows, title="TIE (ours) vs baselines — ratio > 1: TIE better")
-    _print_tables(online, offline)
+    _print_tables(online, offline, real)
     if not args.no_write:
         path = append_rows(COMPONENT, rows)
         plot_results(COMPONENT, path)
+        policy_figure({**online, **real}, rdir / "tie_policies.png")
         with open(rdir / "tie_details.json", "w") as f:
             json.dump(
                 {
@@ -581,28 +624,33 @@ def main(argv: list[str] | None = None) -> int:
                 default=float,
             )
         print(
-            f"wrote {path}, {path.with_suffix('.png')}, {rdir / 'tie_calibration.png'}, {rdir / 'tie_details.json'}"
+            f"wrote {path}, {path.with_suffix('.png')}, {rdir / 'tie_calibration.png'}, "
+            f"{rdir / 'tie_policies.png'}, {rdir / 'tie_details.json'}"
         )
     print(f"TIE bench done in {time.perf_counter() - t_start:.0f}s")
     return 0
 
 
-def _print_tables(online: dict[str, dict], offline: dict[str, dict]) -> None:
+def _print_tables(
+    online: dict[str, dict], offline: dict[str, dict], real: dict[str, dict] | None = None
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="Per-policy results (simulator)")
+    t = Table(title="Per-policy results (simulator; real_cb_* rows: real transformers continuous batching)")
     for c in (
         "case",
         "policy",
         "per-token mean (ms)",
         "per-token p99 (ms)",
         "TTFT mean (s)",
-        "latency mean (s)",
+        "latency mean / p99 (s)",
     ):
         t.add_column(c)
-    for case, res in online.items():
+    for case, res in {**online, **(real or {})}.items():
         for pol in POLICIES:
+            if pol not in res:
+                continue
             s = res[pol]
             t.add_row(
                 case,
@@ -610,7 +658,7 @@ def _print_tables(online: dict[str, dict], offline: dict[str, dict]) -> None:
                 f"{s['per_token_mean'] * 1e3:.1f}",
                 f"{s['per_token_p99'] * 1e3:.1f}",
                 f"{s['ttft_mean']:.2f}",
-                f"{s['latency_mean']:.2f}",
+                f"{s['latency_mean']:.2f} / {s['latency_p99']:.2f}",
             )
     for case, res in offline.items():
         for pol in POLICIES:
@@ -623,7 +671,10 @@ def _print_tables(online: dict[str, dict], offline: dict[str, dict]) -> None:
                 f"{s['throughput_tok_s']:.0f} tok/s",
                 f"preempt {s['preemptions']:.0f}",
             )
-    Console().print(t)
+    con = Console()
+    con.print(t)
+    for name, what in ABLATIONS.items():
+        con.print(f"  {name}: TIE {what}")
 
 
 if __name__ == "__main__":  # pragma: no cover
