@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    from hf_ext.generation.tie.bench import COMPONENT, real_cb_rows
+    from hf_ext.generation.tie.bench import COMPONENT, policy_figure, real_cb_rows
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.replay import POLICIES, run_cb_replay, summarize_replay
     from hf_ext.simulate.calibrate import model_for_shape
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         path = append_rows(COMPONENT, rows)
         plot_results(COMPONENT, path)
+        policy_figure(real, results_dir() / "tie_real_cb.png")
         details = results_dir() / "tie_real_cb_details.json"
         details.write_text(
             json.dumps(

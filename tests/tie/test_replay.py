@@ -1,0 +1,190 @@
+"""Baseline CB scheduler, per-request hints and the real-CB replay harness (tiny Llama on CPU)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+LENS = [12, 3, 7, 20, 5, 9]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from hf_ext.testing import tiny_llama
+
+    torch.set_num_threads(1)
+    gc = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    # one running request at a time: the admission order is the whole schedule
+    cb = ContinuousBatchingConfig(num_blocks=16, page_size=16, max_batch_tokens=64, max_requests_per_batch=1)
+    return tiny_llama(), gc, cb
+
+
+def _reqs(**over):
+    from hf_ext.generation.tie.replay import ReplayRequest
+
+    out = []
+    for i, n in enumerate(LENS):
+        kw = dict(mu=math.log(n), sigma=0.3, pred_len=float(n), ltr_score=float(n))
+        kw.update(over)
+        out.append(ReplayRequest(f"r{i}", 0.0, [5 + i] * 8, n, **kw))
+    return out
+
+
+@pytest.mark.parametrize("policy", ["sjf_oracle", "ssjf", "ltr", "tie"])
+def test_policies_admit_in_key_order_and_keep_exact_lengths(setup, policy):
+    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.replay import run_cb_replay, summarize_replay
+
+    model, gc, cb = setup
+    recs = run_cb_replay(
+        model, _reqs(), policy, generation_config=gc, continuous_batching_config=cb, time_scale=0
+    )
+    assert CONTEXT.admission_order == [f"r{i}" for i in np.argsort(LENS, kind="stable")]
+    assert [r["n_tokens"] for r in recs] == LENS
+    s = summarize_replay(recs)
+    assert s["lengths_ok"] == 1.0 and s["n_requests"] == len(LENS)
+    # one at a time, shortest first: finish order is the sorted order
+    finish = [r["finish"] for r in recs]
+    assert list(np.argsort(finish)) == list(np.argsort(LENS, kind="stable"))
+    # keys and hints are cleared after the run
+    assert not CONTEXT.rid_keys and not CONTEXT.rid_hints
+
+
+def test_shortest_first_beats_fifo_on_per_token_latency(setup):
+    from hf_ext.generation.tie.replay import run_cb_replay, summarize_replay
+
+    model, gc, cb = setup
+    out = {
+        p: summarize_replay(
+            run_cb_replay(
+                model, _reqs(), p, generation_config=gc, continuous_batching_config=cb, time_scale=0
+            )
+        )
+        for p in ("fcfs", "sjf_oracle")
+    }
+    assert out["sjf_oracle"]["per_token_mean"] < out["fcfs"]["per_token_mean"]
+
+
+def test_timed_arrivals_are_respected(setup):
+    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay
+
+    model, gc, cb = setup
+    reqs = [
+        ReplayRequest(f"t{i}", 0.15 * i, [7 + i] * 6, 3, mu=1.0, sigma=0.5, pred_len=3.0) for i in range(3)
+    ]
+    recs = run_cb_replay(
+        model, reqs, "ssjf", generation_config=gc, continuous_batching_config=cb, time_scale=1.0
+    )
+    subs = [r["submit"] for r in recs]
+    assert subs[1] >= 0.14 and subs[2] >= 0.29
+    assert all(r["first_token"] >= r["submit"] and r["finish"] >= r["first_token"] for r in recs)
+
+
+def test_bad_replay_input_is_refused_before_any_work(setup):
+    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay
+
+    model, gc, cb = setup
+    kw = dict(generation_config=gc, continuous_batching_config=cb)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        run_cb_replay(model, _reqs(), "srpt", **kw)
+    with pytest.raises(ValueError, match="finite pred_len"):
+        run_cb_replay(model, _reqs(pred_len=math.nan), "ssjf", **kw)
+    with pytest.raises(ValueError, match="finite mu"):
+        run_cb_replay(model, _reqs(mu=math.inf), "tie", **kw)
+    with pytest.raises(ValueError, match="sigma and nu must be > 0"):
+        run_cb_replay(model, _reqs(sigma=-1.0), "tie", **kw)
+    with pytest.raises(ValueError, match="output_len"):
+        run_cb_replay(model, [ReplayRequest("x", 0.0, [1, 2], 0)], "fcfs", **kw)
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        run_cb_replay(model, [ReplayRequest("x", 0.0, [], 2)], "fcfs", **kw)
+    with pytest.raises(ValueError, match="unique"):
+        run_cb_replay(model, [ReplayRequest("x", 0.0, [1], 2), ReplayRequest("x", 0.0, [2], 2)], "fcfs", **kw)
+    with pytest.raises(ValueError, match="time_scale"):
+        run_cb_replay(model, _reqs(), "fcfs", time_scale=-1.0, **kw)
+
+
+def test_key_and_hint_setters_validate():
+    from hf_ext.generation.tie.cb import (
+        CONTEXT,
+        clear_length_hints,
+        clear_priority_keys,
+        set_length_hints,
+        set_priority_keys,
+    )
+
+    with pytest.raises(ValueError, match="exactly one of"):
+        set_priority_keys([1.0])
+    with pytest.raises(ValueError, match="exactly one of"):
+        set_priority_keys([1.0], prompt_ids=[[1]], request_ids=["a"])
+    with pytest.raises(ValueError, match="NaN"):
+        set_priority_keys([math.nan], request_ids=["a"])
+    with pytest.raises(ValueError, match="2 prompts/request ids but 1 values"):
+        set_priority_keys([1.0], request_ids=["a", "b"])
+    with pytest.raises(ValueError, match="non-empty strings"):
+        set_length_hints(None, [1.0], [0.5], request_ids=[""])
+    set_priority_keys([2.0], prompt_ids=[[4, 5]])
+    set_length_hints(None, [1.0], [0.5], request_ids=["a"])
+    assert CONTEXT.keys[(4, 5)] == 2.0 and CONTEXT.rid_hints["a"] == (1.0, 0.5, 3.5)
+    clear_priority_keys()
+    clear_length_hints()
+    assert not CONTEXT.keys and not CONTEXT.rid_hints
+
+
+def test_priority_scheduler_without_a_key_fails_loudly(setup):
+    from transformers import ContinuousBatchingConfig
+
+    from hf_ext.generation.tie.cb import PRIORITY_SCHEDULER_NAME, clear_priority_keys, register
+
+    model, gc, _ = setup
+    register()
+    clear_priority_keys()
+    cb = ContinuousBatchingConfig(
+        num_blocks=16,
+        page_size=16,
+        max_batch_tokens=64,
+        max_requests_per_batch=1,
+        scheduler_type=PRIORITY_SCHEDULER_NAME,
+    )
+    mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+    mgr.add_request([3, 4, 5], request_id="nokey", max_new_tokens=2)
+    mgr.start()
+    try:
+        r = mgr.get_result(timeout=30)
+    finally:
+        mgr.stop(block=True)
+    assert r is not None and r.error is not None and "no priority key" in r.error
+
+
+def test_register_and_unregister_are_revertible():
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    from hf_ext.generation.tie.cb import PriorityCBScheduler, TIECBScheduler, register, unregister
+
+    register()
+    assert SCHEDULER_MAPPING["tie"] is TIECBScheduler
+    assert SCHEDULER_MAPPING["hf_ext_priority"] is PriorityCBScheduler
+    unregister()
+    assert "tie" not in SCHEDULER_MAPPING and "hf_ext_priority" not in SCHEDULER_MAPPING
+    register()  # leave it as importing hf_ext would
+
+
+def test_gpu_replay_script_smoke(tmp_path):
+    """benchmarks/tie_real_cb.py end to end on the tiny CPU model (burst and timed arrivals)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
+    cmd += ["--n", "6", "--speeds", "0,50", "--no-write", "--max-new-tokens", "24"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for case in ("burst", "x50"):
+        for pol in ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie"):
+            assert re.search(rf"_{case} {pol}\s*: per-token .* lengths exact True", out.stdout), (case, pol)
