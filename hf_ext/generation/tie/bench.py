@@ -33,6 +33,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -459,18 +460,27 @@ def policy_figure(groups: dict[str, dict[str, dict]], png: Path) -> None:
     plt.close(fig)
 
 
-def real_cb_rows(real: dict[str, dict], device: str, cmd: str) -> list[Any]:
-    """Result rows (TIE vs each baseline; mean/p99 per-token latency and mean TTFT) of real-CB replays."""
+LATENCY_METRICS = (
+    ("per_token_latency_mean", "per_token_mean"),
+    ("per_token_latency_p99", "per_token_p99"),
+    ("ttft", "ttft_mean"),
+)
+
+
+def latency_rows(
+    results: dict[str, dict], device: str, cmd: str, quality: Callable[[dict[str, dict]], tuple[str, str]]
+) -> list[Any]:
+    """Result rows, TIE vs each baseline present, for every case and latency metric.
+
+    ``results``: case -> policy -> summary (simulator or real CB); ``quality(policy_results)`` gives the row's
+    ``(quality_name, quality_value)``.
+    """
     from hf_ext.utils.bench import Row
 
     rows = []
-    for case, res in real.items():
-        exact = all(bool(v["lengths_ok"]) for v in res.values())
-        for metric, key in (
-            ("per_token_latency_mean", "per_token_mean"),
-            ("per_token_latency_p99", "per_token_p99"),
-            ("ttft", "ttft_mean"),
-        ):
+    for case, res in results.items():
+        qname, qvalue = quality(res)
+        for metric, key in LATENCY_METRICS:
             for b in BASELINES:
                 if b in res:
                     rows.append(
@@ -482,12 +492,22 @@ def real_cb_rows(real: dict[str, dict], device: str, cmd: str) -> list[Any]:
                             b,
                             res[b][key],
                             device=device,
-                            quality_name="all_lengths_exact",
-                            quality_value=str(exact),
+                            quality_name=qname,
+                            quality_value=qvalue,
                             command=cmd,
                         )
                     )
     return rows
+
+
+def real_cb_rows(real: dict[str, dict], device: str, cmd: str) -> list[Any]:
+    """Rows of real-CB replays; quality = whether every request produced exactly its forced length."""
+    return latency_rows(
+        real,
+        device,
+        cmd,
+        lambda res: ("all_lengths_exact", str(all(bool(v["lengths_ok"]) for v in res.values()))),
+    )
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -545,28 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = f"sim:{cm.name}"
     cmd = "python -m hf_ext bench tie" + (" " + " ".join(argv) if argv else "")
     qual = ("predictor_nll_logt_vs_const", f"{quality['tie_nll']:.3f}/{quality['const_nll']:.3f}")
-    rows: list[Any] = []
-    for case, res in online.items():
-        for metric, key in (
-            ("per_token_latency_mean", "per_token_mean"),
-            ("per_token_latency_p99", "per_token_p99"),
-            ("ttft", "ttft_mean"),
-        ):
-            for b in BASELINES:
-                rows.append(
-                    Row.make(
-                        COMPONENT,
-                        case,
-                        metric,
-                        res["tie"][key],
-                        b,
-                        res[b][key],
-                        device=dev,
-                        quality_name=qual[0],
-                        quality_value=qual[1],
-                        command=cmd,
-                    )
-                )
+    rows: list[Any] = latency_rows(online, dev, cmd, lambda res: qual)
     for case, res in offline.items():
         for b in BASELINES:
             rows.append(
