@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cuda-graph", action="store_true", help="let transformers use CUDA graphs (default off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="no model: run the same requests, speeds and concurrency cap in the shared simulator (CPU)",
+    )
+    p.add_argument("--calibration", default=None, help="simulator cost model (default: bench tie's choice)")
+    p.add_argument("--sim-kv-tokens", type=int, default=450_000, help="simulator KV capacity in tokens")
     p.add_argument("--no-write", action="store_true")
     return p
 
@@ -87,6 +94,62 @@ def load_requests(path: str, n: int, max_new: int, max_prompt: int, vocab: int, 
     return out
 
 
+def simulate_same(
+    args: argparse.Namespace, reqs: list[Any], speeds: list[float], policies: list[str]
+) -> tuple:
+    """The replay's requests, speeds and concurrency cap in the shared simulator: does it rank like the engine?"""
+    from hf_ext.generation.tie.bench import clone_requests, load_cost_model, make_schedulers
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.scheduler import precompute_scores
+    from hf_ext.simulate import Request, SimConfig, Simulator
+
+    cm = load_cost_model(args.calibration)
+    max_seqs = args.max_requests_per_batch or 1024  # transformers' fallback for max_requests_per_batch
+    cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=max_seqs)
+    base = [
+        Request(
+            id=i,
+            arrival=r.arrival,
+            prompt_len=len(r.prompt_ids),
+            output_len=r.output_len,
+            max_new_tokens=args.max_new_tokens,
+            meta={
+                "pred_mu": r.mu,
+                "pred_sigma": r.sigma,
+                "pred_nu": r.nu,
+                "pred_len": r.pred_len,
+                "ltr_score": r.ltr_score,
+            },
+        )
+        for i, r in enumerate(reqs)
+    ]
+    precompute_scores(base, cfg)
+    out: dict[str, dict] = {}
+    for speed in speeds:
+        res = {}
+        for pol in policies:
+            rs = clone_requests(base)
+            for r in rs:
+                r.arrival = 0.0 if speed == 0 else r.arrival / speed
+            sim = Simulator(
+                cm,
+                make_schedulers(cfg)[pol],
+                SimConfig(
+                    max_num_seqs=max_seqs, kv_capacity_tokens=args.sim_kv_tokens, record_timeline=False
+                ),
+            )
+            res[pol] = sim.run(rs).summary()
+        out[_case(args, len(reqs), speed) + "_sim"] = res
+    return out, f"sim:{cm.name}"
+
+
+def _case(args: argparse.Namespace, n: int, speed: float) -> str:
+    case = f"real_cb_{args.shape}_azure2023conv_n{n}_" + ("burst" if speed == 0 else f"x{speed:g}")
+    if args.max_requests_per_batch is not None:
+        case += f"_maxseqs{args.max_requests_per_batch}"
+    return case
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.n < 2:
@@ -97,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    from hf_ext.generation.tie.bench import COMPONENT, policy_figure, real_cb_rows
+    from hf_ext.generation.tie.bench import COMPONENT, latency_rows, policy_figure, real_cb_rows
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.replay import POLICIES, run_cb_replay, summarize_replay
     from hf_ext.simulate.calibrate import model_for_shape
@@ -107,6 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     bad = [p for p in policies if p not in POLICIES]
     if bad or "tie" not in policies:
         raise ValueError(f"--policies must include 'tie' and only use {POLICIES}, got {args.policies!r}")
+    cmd = ("python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.simulate:
+        reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
+        sim, sim_dev = simulate_same(args, reqs, speeds, policies)
+        for case, res in sim.items():
+            for pol, v in res.items():
+                print(
+                    f"  {case} {pol:10s}: per-token {v['per_token_mean'] * 1e3:8.1f} ms "
+                    f"(p99 {v['per_token_p99'] * 1e3:8.1f}), TTFT {v['ttft_mean']:6.2f}s"
+                )
+        rows = latency_rows(sim, sim_dev, cmd, lambda res: ("simulated_same_requests", "True"))
+        print_rows(rows, title=f"The same replay in the simulator ({sim_dev}) — ratio > 1: TIE better")
+        if not args.no_write:
+            path = append_rows(COMPONENT, rows)
+            plot_results(COMPONENT, path)
+            policy_figure(sim, results_dir() / "tie_real_cb_sim.png")
+        return 0
     if args.device == "cpu":
         torch.set_num_threads(2)
     t_start = time.perf_counter()
@@ -153,11 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     real: dict[str, dict] = {}
     for speed in speeds:
         scale = 0.0 if speed == 0 else 1.0 / speed
-        case = f"real_cb_{args.shape}_azure2023conv_n{len(reqs)}_" + (
-            "burst" if speed == 0 else f"x{speed:g}"
-        )
-        if args.max_requests_per_batch is not None:
-            case += f"_maxseqs{args.max_requests_per_batch}"
+        case = _case(args, len(reqs), speed)
         res = {}
         for pol in policies:
             t0 = time.perf_counter()
@@ -169,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"lengths exact {bool(res[pol]['lengths_ok'])}, {res[pol]['wall_s']:.0f}s"
             )
         real[case] = res
-    cmd = "python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows = real_cb_rows(real, dev, cmd.strip())
+    rows = real_cb_rows(real, dev, cmd)
     print_rows(rows, title="TIE on real continuous batching — ratio > 1: TIE better")
     if not args.no_write:
         path = append_rows(COMPONENT, rows)

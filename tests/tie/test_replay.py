@@ -188,3 +188,20 @@ def test_gpu_replay_script_smoke(tmp_path):
     for case in ("burst", "x50"):
         for pol in ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie"):
             assert re.search(rf"_{case} {pol}\s*: per-token .* lengths exact True", out.stdout), (case, pol)
+
+
+def test_gpu_replay_script_simulate_mode(capsys):
+    """--simulate: the same requests, speed and concurrency cap in the shared simulator (no model)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["--simulate", "--n", "40", "--speeds", "4,0", "--max-requests-per-batch", "4", "--no-write"]
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("_maxseqs4_sim ") == 10  # 5 policies x 2 speeds
+    with pytest.raises(ValueError, match="--speeds"):
+        mod.main(["--simulate", "--speeds", "-1", "--no-write"])

@@ -145,7 +145,8 @@ def _annotate(reqs: list[Any], preds: dict[str, Any]) -> None:
         annotate_requests(reqs, preds[kind])
 
 
-def _schedulers(tie_cfg: Any) -> dict[str, Any]:
+def make_schedulers(tie_cfg: Any) -> dict[str, Any]:
+    """Fresh simulator schedulers for every policy of :data:`POLICIES` (TIE variants from ``tie_cfg``)."""
     from dataclasses import replace
 
     from hf_ext.generation.tie.scheduler import TIEScheduler
@@ -163,7 +164,8 @@ def _schedulers(tie_cfg: Any) -> dict[str, Any]:
     }
 
 
-def _clone(reqs: list[Any]) -> list[Any]:
+def clone_requests(reqs: list[Any]) -> list[Any]:
+    """Copies of simulator requests (own ``meta``) so that runs do not share state."""
     from dataclasses import replace
 
     return [replace(r, meta=dict(r.meta)) for r in reqs]
@@ -295,8 +297,8 @@ def trace_replay(
     for load in [float(x) for x in args.loads.split(",")]:
         case = f"azure2023conv_{int(args.minutes)}min_x{load:g}"
         res = {}
-        for name, sch in _schedulers(tie_cfg).items():
-            reqs = _clone(base)
+        for name, sch in make_schedulers(tie_cfg).items():
+            reqs = clone_requests(base)
             for r in reqs:
                 r.arrival = r.arrival / load
             t0 = time.perf_counter()
@@ -339,7 +341,7 @@ def offline_batch(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_
     precompute_scores(base, tie_cfg)
     res: dict[str, dict] = {}
     sims = {}
-    for name, sch in _schedulers(tie_cfg).items():
+    for name, sch in make_schedulers(tie_cfg).items():
         sim = Simulator(
             cm,
             sch,
@@ -349,7 +351,7 @@ def offline_batch(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_
                 record_timeline=False,
             ),
         )
-        sims[name] = sim.run(_clone(base))
+        sims[name] = sim.run(clone_requests(base))
     deadline = 0.5 * sims["fcfs"].makespan
     for name, r in sims.items():
         fin = r.cols["finish"]
