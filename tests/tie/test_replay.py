@@ -205,3 +205,33 @@ def test_gpu_replay_script_simulate_mode(capsys):
     assert out.count("_maxseqs4_sim ") == 10  # 5 policies x 2 speeds
     with pytest.raises(ValueError, match="--speeds"):
         mod.main(["--simulate", "--speeds", "-1", "--no-write"])
+
+
+@pytest.mark.parametrize("aging", ["continuous", "step", "none"])
+def test_cb_aging_lets_a_long_waiting_request_overtake(aging):
+    """A long request that has waited many aging periods goes before a fresh short one (not with aging='none')."""
+    import time
+
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    from hf_ext.generation.tie.cb import (
+        TIECBScheduler,
+        clear_length_hints,
+        enable_tie_scheduler,
+        set_length_hints,
+    )
+    from hf_ext.generation.tie.config import TIEConfig
+
+    enable_tie_scheduler(config=TIEConfig(max_new_tokens=1000, aging=aging, aging_gamma=0.5, aging_tau=0.01))
+    set_length_hints(None, [6.5, 1.0], [0.3, 0.3], request_ids=["long", "short"])
+    try:
+        sch = TIECBScheduler(cache=None, safety_margin=0.1, max_requests_per_batch=4)
+        sch.add_waiting_request(RequestState(request_id="long", initial_tokens=[1, 2], max_new_tokens=1000))
+        assert [s.request_id for s in sch._get_waiting_candidates()] == ["long"]
+        time.sleep(0.3)  # 30 aging periods: the long request's score shrinks by 0.5**30
+        sch.add_waiting_request(RequestState(request_id="short", initial_tokens=[3, 4], max_new_tokens=1000))
+        order = [s.request_id for s in sch._get_waiting_candidates()]
+    finally:
+        clear_length_hints()
+        enable_tie_scheduler()
+    assert order == (["short", "long"] if aging == "none" else ["long", "short"])

@@ -385,6 +385,60 @@ def offline_batch(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_
     return {f"offline_batch{len(base)}_kv{args.offline_kv_tokens // 1000}k": res}
 
 
+def scheduler_overhead(sizes: tuple[int, ...] = (100, 1000, 5000), reps: int = 20) -> dict[str, dict]:
+    """CPU time of one admission-ordering call of the CB schedulers with ``N`` waiting requests.
+
+    transformers calls ``_get_waiting_candidates`` once per step; FIFO is its own scheduler, the others are ours
+    (keys/hints by request id; the first call scores the new requests, later ones re-age and sort).
+    """
+    from transformers.generation.continuous_batching.requests import RequestState
+    from transformers.generation.continuous_batching.scheduler import FIFOScheduler
+
+    from hf_ext.generation.tie.cb import (
+        PriorityCBScheduler,
+        TIECBScheduler,
+        clear_length_hints,
+        clear_priority_keys,
+        set_length_hints,
+        set_priority_keys,
+    )
+
+    out: dict[str, dict] = {}
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        rids = [f"w{i}" for i in range(n)]
+        set_length_hints(None, rng.normal(5.0, 1.0, n), np.full(n, 0.6), request_ids=rids)
+        set_priority_keys(rng.random(n), request_ids=rids)
+        res = {}
+        try:
+            for name, cls in (
+                ("fcfs", FIFOScheduler),
+                ("ssjf", PriorityCBScheduler),
+                ("tie", TIECBScheduler),
+            ):
+                sch = cls(cache=None, safety_margin=0.1, max_requests_per_batch=32)
+                for rid in rids:
+                    sch.add_waiting_request(
+                        RequestState(request_id=rid, initial_tokens=[1, 2, 3], max_new_tokens=1000)
+                    )
+                t0 = time.perf_counter()
+                sch._get_waiting_candidates()
+                first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    sch._get_waiting_candidates()
+                res[name] = {"first_ms": first * 1e3, "step_ms": (time.perf_counter() - t0) / reps * 1e3}
+        finally:
+            clear_length_hints()
+            clear_priority_keys()
+        out[f"cb_scheduler_overhead_waiting{n}"] = res
+        print(
+            f"  {n} waiting: per-step ordering "
+            + ", ".join(f"{k} {v['step_ms']:.2f} ms (first {v['first_ms']:.2f})" for k, v in res.items())
+        )
+    return out
+
+
 def real_cb(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
     """Real transformers continuous batching on a tiny random Llama (CPU): all five policies on one burst.
 
@@ -577,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     online = trace_replay(args, cm, preds, tie_cfg, base)
     print("[3/4] offline batch job (simulator, memory cap)")
     offline = offline_batch(args, cm, preds, tie_cfg)
+    print("[+] CB scheduler overhead (CPU)")
+    overhead = scheduler_overhead()
     real = {}
     if not args.no_real_cb:
         print("[4/4] real continuous batching, tiny Llama on CPU")
@@ -619,10 +675,26 @@ def main(argv: list[str] | None = None) -> int:
                     command=cmd,
                 )
             )
-    if real:
-        from hf_ext.utils.bench import device_name
+    from hf_ext.utils.bench import device_name
 
+    if real:
         rows += real_cb_rows(real, device_name(), cmd)
+    for case, res in overhead.items():
+        rows += [
+            Row.make(
+                COMPONENT,
+                case,
+                "scheduler_step_ms",
+                res["tie"]["step_ms"],
+                b,
+                res[b]["step_ms"],
+                device=device_name(),
+                quality_name="first_call_ms",
+                quality_value=f"{res['tie']['first_ms']:.2f}",
+                command=cmd,
+            )
+            for b in ("fcfs", "ssjf")
+        ]
     rows.append(
         Row.make(
             COMPONENT,
@@ -652,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
                     "online": online,
                     "offline": offline,
                     "real_cb": real,
+                    "scheduler_overhead": overhead,
                     "attribution": ATTRIBUTION,
                 },
                 f,

@@ -143,6 +143,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
         super().reset()
         self.scores: dict[str, float] = {}
         self._t0: dict[str, float] = {}
+        self._static: dict[str, float] = {}
         self._warned = False
 
     def _prepare(self, new: list[RequestState]) -> None:
@@ -176,9 +177,14 @@ class TIECBScheduler(_WaitingOrderScheduler):
         e, c = tie_components(mu, sigma, nu, cfg, caps)
         beta = cfg.beta(len(self.waiting_requests), max(1, self.max_requests_per_batch))
         now = time.perf_counter()
+        log_g = math.log(cfg.aging_gamma)
         for i, s in enumerate(new):
-            self.scores[s.request_id] = float(e[i] + beta * c[i])
+            score = float(e[i] + beta * c[i])
+            self.scores[s.request_id] = score
             self._t0[s.request_id] = now
+            # continuous aging keeps the order of the static key log(score) - (t0/tau)*log(gamma) (see
+            # scheduler.py): no per-step re-aging, and the sort sees an almost sorted list
+            self._static[s.request_id] = math.log(score) - (now / cfg.aging_tau) * log_g
 
     @staticmethod
     def _cap(state: RequestState) -> int:
@@ -187,19 +193,18 @@ class TIECBScheduler(_WaitingOrderScheduler):
 
     def _key(self, rid: str, now: float) -> float:
         cfg = CONTEXT.config
-        wait = max(0.0, now - self._t0[rid])
+        if cfg.aging == "continuous":
+            return self._static[rid]
         if cfg.aging == "none":
-            k = 0.0
-        elif cfg.aging == "step":
-            k = math.floor(wait / cfg.aging_tau)
-        else:
-            k = wait / cfg.aging_tau
+            return self.scores[rid]
+        k = math.floor(max(0.0, now - self._t0[rid]) / cfg.aging_tau)
         return self.scores[rid] * cfg.aging_gamma**k
 
     def _forget(self, rid: str) -> None:
         super()._forget(rid)
         self.scores.pop(rid, None)
         self._t0.pop(rid, None)
+        self._static.pop(rid, None)
 
 
 class PriorityCBScheduler(_WaitingOrderScheduler):
