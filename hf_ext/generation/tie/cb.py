@@ -144,6 +144,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
         self.scores: dict[str, float] = {}
         self._t0: dict[str, float] = {}
         self._static: dict[str, float] = {}
+        self._epoch = time.perf_counter()  # keeps the static keys small (precision)
         self._warned = False
 
     def _prepare(self, new: list[RequestState]) -> None:
@@ -184,7 +185,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
             self._t0[s.request_id] = now
             # continuous aging keeps the order of the static key log(score) - (t0/tau)*log(gamma) (see
             # scheduler.py): no per-step re-aging, and the sort sees an almost sorted list
-            self._static[s.request_id] = math.log(score) - (now / cfg.aging_tau) * log_g
+            self._static[s.request_id] = math.log(score) - ((now - self._epoch) / cfg.aging_tau) * log_g
 
     @staticmethod
     def _cap(state: RequestState) -> int:
