@@ -52,8 +52,36 @@ def test_policies_admit_in_key_order_and_keep_exact_lengths(setup, policy):
     # one at a time, shortest first: finish order is the sorted order
     finish = [r["finish"] for r in recs]
     assert list(np.argsort(finish)) == list(np.argsort(LENS, kind="stable"))
-    # keys and hints are cleared after the run
-    assert not CONTEXT.rid_keys and not CONTEXT.rid_hints
+    # this run's keys and hints are gone after it
+    assert not any(k.startswith("r") for k in CONTEXT.rid_keys) and not any(
+        k.startswith("r") for k in CONTEXT.rid_hints
+    )
+
+
+def test_replay_restores_what_the_user_had_set(setup):
+    from hf_ext.generation.tie.cb import CONTEXT, clear_length_hints, enable_tie_scheduler, set_length_hints
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.replay import run_cb_replay
+
+    model, gc, cb = setup
+
+    class Pred:
+        kind = "logt"
+
+    user_cfg = TIEConfig(max_new_tokens=77)
+    enable_tie_scheduler(Pred(), object(), user_cfg)
+    set_length_hints(None, [2.0], [0.5], request_ids=["user-req"])
+    set_length_hints([[9, 9, 9]], [3.0], [0.5])
+    try:
+        run_cb_replay(
+            model, _reqs(), "tie", generation_config=gc, continuous_batching_config=cb, time_scale=0
+        )
+        assert isinstance(CONTEXT.predictor, Pred) and CONTEXT.config is user_cfg
+        assert CONTEXT.rid_hints == {"user-req": (2.0, 0.5, 3.5)}
+        assert CONTEXT.hints[(9, 9, 9)] == (3.0, 0.5, 3.5)
+    finally:
+        clear_length_hints()
+        enable_tie_scheduler()
 
 
 def test_shortest_first_beats_fifo_on_per_token_latency(setup):

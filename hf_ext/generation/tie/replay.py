@@ -166,14 +166,25 @@ def run_cb_replay(
         stall_timeout: seconds without any finished request after which the run is aborted.
         progress: show a tqdm bar of finished requests.
 
+    The TIE context (predictor, tokenizer, config, per-request hints and keys) is restored afterwards: a replay
+    never changes what the caller had set for ``scheduler_type="tie"``.
+
     Returns:
         One dict per request (input order): ``request_id``, ``submit`` / ``first_token`` / ``finish`` (seconds
         after the replay start), ``n_tokens``, ``output_len``, ``error``.
     """
-    from hf_ext.generation.tie.cb import clear_length_hints, clear_priority_keys
+    from hf_ext.generation.tie.cb import CONTEXT
 
     validate_replay(requests, policy, time_scale)
     cb = copy.deepcopy(continuous_batching_config)
+    with CONTEXT.lock:  # what the user had set (predictor, config, hints, keys) comes back afterwards
+        saved = (
+            CONTEXT.predictor,
+            CONTEXT.tokenizer,
+            CONTEXT.config,
+            dict(CONTEXT.rid_hints),
+            dict(CONTEXT.rid_keys),
+        )
     try:
         cb.scheduler_type = _install(policy, requests, tie_config)
         mgr = model.init_continuous_batching(
@@ -247,8 +258,12 @@ def run_cb_replay(
             if bar is not None:
                 bar.close()
     finally:
-        clear_length_hints()
-        clear_priority_keys()
+        with CONTEXT.lock:
+            CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.config = saved[:3]
+            CONTEXT.rid_hints.clear()
+            CONTEXT.rid_hints.update(saved[3])
+            CONTEXT.rid_keys.clear()
+            CONTEXT.rid_keys.update(saved[4])
     out = []
     for r in requests:
         t_recv, g = results[r.request_id]
