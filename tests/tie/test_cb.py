@@ -140,3 +140,35 @@ def test_tie_generate_batch_with_predictor_and_bad_input(setup):
         tie_generate_batch(
             model, PROMPTS[:2], tok, None, generation_config=gc, continuous_batching_config=_cb("fifo")
         )
+
+
+def test_tie_generate_batch_leaves_the_callers_context(setup):
+    from hf_ext.generation.tie.cb import (
+        CONTEXT,
+        clear_length_hints,
+        enable_tie_scheduler,
+        set_length_hints,
+        tie_generate_batch,
+    )
+
+    model, tok, ids, gc = setup
+
+    class P:
+        kind = "logt"
+
+        def predict(self, prompts, batch_size=256):
+            mu = np.array([len(p) / 10 for p in prompts], dtype=np.float64)
+            return {"mu": mu, "sigma": np.full_like(mu, 0.5), "nu": np.full_like(mu, 3.5)}
+
+    pred = P()
+    enable_tie_scheduler(pred, tok)
+    set_length_hints([[7, 7]], [1.0], [0.5])
+    try:
+        tie_generate_batch(
+            model, PROMPTS[:3], tok, pred, generation_config=gc, continuous_batching_config=_cb("fifo")
+        )
+        assert CONTEXT.predictor is pred and CONTEXT.tokenizer is tok
+        assert CONTEXT.hints == {(7, 7): (1.0, 0.5, 3.5)}  # the batch's own hints are gone, the caller's stay
+    finally:
+        clear_length_hints()
+        enable_tie_scheduler()

@@ -29,11 +29,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -393,27 +394,42 @@ def tie_generate_batch(
     if mnt is not None and (not isinstance(mnt, int) or mnt <= 0):
         raise ValueError(f"max_new_tokens must be an int > 0, got {mnt!r}")
     ids = [tokenizer(p).input_ids for p in prompts]
-    enable_tie_scheduler(None, None, config)
     if predictor is not None:
         out = predictor.predict(list(prompts))
         if "sigma" not in out:
             raise ValueError(f"predictor must be a 'logt' LengthPredictor, got kind={predictor.kind!r}")
     else:
         warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
-        out = heuristic_prediction([len(x) for x in ids], mnt or CONTEXT.config.max_new_tokens)
-    set_length_hints(ids, out["mu"], out["sigma"], out["nu"])
+        out = heuristic_prediction([len(x) for x in ids], mnt or (config or TIEConfig()).max_new_tokens)
     cb = (
         copy.deepcopy(continuous_batching_config)
         if continuous_batching_config is not None
         else ContinuousBatchingConfig()
     )
     cb.scheduler_type = SCHEDULER_NAME
-    try:
+    with preserved_context():
+        enable_tie_scheduler(None, None, config)
+        set_length_hints(ids, out["mu"], out["sigma"], out["nu"])
         return model.generate_batch(
             ids, generation_config=generation_config, continuous_batching_config=cb, **kwargs
         )
+
+
+@contextlib.contextmanager
+def preserved_context() -> Iterator[None]:
+    """Run a block that sets its own predictor/config/hints/keys, then put back what the caller had set."""
+    with CONTEXT.lock:
+        saved = (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.config)
+        tables = (CONTEXT.hints, CONTEXT.rid_hints, CONTEXT.keys, CONTEXT.rid_keys)
+        copies = [dict(t) for t in tables]
+    try:
+        yield
     finally:
-        clear_length_hints()
+        with CONTEXT.lock:
+            CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.config = saved
+            for table, old in zip(tables, copies):
+                table.clear()
+                table.update(old)
 
 
 register()  # importing this module means transformers' CB scheduler module is loaded: add "tie"

@@ -173,19 +173,13 @@ def run_cb_replay(
         One dict per request (input order): ``request_id``, ``submit`` / ``first_token`` / ``finish`` (seconds
         after the replay start), ``n_tokens``, ``output_len``, ``error``.
     """
-    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.cb import preserved_context
 
     validate_replay(requests, policy, time_scale)
     cb = copy.deepcopy(continuous_batching_config)
-    with CONTEXT.lock:  # what the user had set (predictor, config, hints, keys) comes back afterwards
-        saved = (
-            CONTEXT.predictor,
-            CONTEXT.tokenizer,
-            CONTEXT.config,
-            dict(CONTEXT.rid_hints),
-            dict(CONTEXT.rid_keys),
-        )
-    try:
+    with (
+        preserved_context()
+    ):  # what the caller had set (predictor, config, hints, keys) comes back afterwards
         cb.scheduler_type = _install(policy, requests, tie_config)
         mgr = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb
@@ -257,13 +251,6 @@ def run_cb_replay(
             mgr.stop(block=True)
             if bar is not None:
                 bar.close()
-    finally:
-        with CONTEXT.lock:
-            CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.config = saved[:3]
-            CONTEXT.rid_hints.clear()
-            CONTEXT.rid_hints.update(saved[3])
-            CONTEXT.rid_keys.clear()
-            CONTEXT.rid_keys.update(saved[4])
     out = []
     for r in requests:
         t_recv, g = results[r.request_id]
