@@ -9,9 +9,13 @@ Load is set like the simulator's: ``--speeds`` compresses the trace's own arriva
 times its request rate); ``0`` means a burst (everything queued at once). Every policy of one speed replays
 the same requests at the same times on the same warm model.
 
+TIE runs first; each baseline's rows are appended as soon as it finishes, so a run cut short (``--budget-s`` or a
+killed job) keeps every comparison it completed.
+
 Run on the GPU machine (numbers go to ``$HF_EXT_RESULTS_DIR`` or ``benchmarks/results/tie.csv``)::
 
-    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/tie_real_cb.py --shape llama3.1-8b --n 200 --speeds 4 --cuda-graph
+    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/tie_real_cb.py --shape llama3.1-8b --n 150 --speeds 4 \
+        --max-requests-per-batch 32 --cuda-graph --budget-s 480
 
 CPU smoke run (tiny model, seconds)::
 
@@ -44,7 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda")
     p.add_argument("--n", type=int, default=400, help="requests replayed per policy (first n of the window)")
     p.add_argument("--speeds", default="4", help="trace time-compression factors (0 = burst)")
-    p.add_argument("--policies", default="fcfs,sjf_oracle,ssjf,ltr,tie")
+    p.add_argument(
+        "--policies", default="tie,fcfs,ssjf,ltr,sjf_oracle", help="run in this order; must include tie"
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="start no new policy run after this many seconds (0 = no limit)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=1000, help="output lengths are clipped to this")
     p.add_argument("--max-prompt", type=int, default=4096, help="prompt lengths are clipped to this")
     p.add_argument(
@@ -231,11 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     replay(reqs[:8], "fcfs", 0.0)  # warm-up (kernels, graphs, allocator)
     print(f"warm-up {time.perf_counter() - t0:.1f}s")
     real: dict[str, dict] = {}
+    all_rows: list[Any] = []
+    details = results_dir() / "tie_real_cb_details.json"
     for speed in speeds:
         scale = 0.0 if speed == 0 else 1.0 / speed
         case = _case(args, len(reqs), speed)
-        res = {}
-        for pol in policies:
+        res: dict[str, dict] = {}
+        real[case] = res
+        for pol in policies:  # TIE first: a run cut short still compares it with what finished
+            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                print(f"  --budget-s {args.budget_s:.0f} spent: skipping {case} {pol} and the rest")
+                break
             t0 = time.perf_counter()
             res[pol] = replay(reqs, pol, scale)
             res[pol]["wall_s"] = time.perf_counter() - t0
@@ -244,24 +262,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"(p99 {res[pol]['per_token_p99'] * 1e3:8.1f}), TTFT {res[pol]['ttft_mean']:6.2f}s, "
                 f"lengths exact {bool(res[pol]['lengths_ok'])}, {res[pol]['wall_s']:.0f}s"
             )
-        real[case] = res
-    rows = real_cb_rows(real, dev, cmd)
-    print_rows(rows, title="TIE on real continuous batching — ratio > 1: TIE better")
-    if not args.no_write:
-        path = append_rows(COMPONENT, rows)
+            if pol == "tie" or "tie" not in res:
+                continue
+            rows = real_cb_rows({case: {"tie": res["tie"], pol: res[pol]}}, dev, cmd)
+            all_rows += rows
+            if not args.no_write:  # written as soon as a comparison exists: a killed run keeps its numbers
+                append_rows(COMPONENT, rows)
+                details.write_text(json.dumps({"command": cmd, "device": dev, "real_cb": real}, indent=1))
+    print_rows(all_rows, title="TIE on real continuous batching — ratio > 1: TIE better")
+    if not args.no_write and all_rows:
+        path = results_dir() / f"{COMPONENT}.csv"
         plot_results(COMPONENT, path)
         policy_figure(real, results_dir() / "tie_real_cb.png")
-        details = results_dir() / "tie_real_cb_details.json"
-        details.write_text(
-            json.dumps(
-                {
-                    "command": cmd,
-                    "device": dev,
-                    "real_cb": real,
-                },
-                indent=1,
-            )
-        )
         print(f"wrote {path}, {details}")
     print(f"total {time.perf_counter() - t_start:.0f}s")
     return 0
