@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 import warnings
@@ -42,7 +41,12 @@ from transformers.generation.continuous_batching import scheduler as _cb_sched
 from transformers.generation.continuous_batching.requests import RequestState
 
 from hf_ext.generation.tie.config import TIEConfig
-from hf_ext.generation.tie.scheduler import FALLBACK_WARNING, heuristic_prediction, tie_components
+from hf_ext.generation.tie.scheduler import (
+    FALLBACK_WARNING,
+    aging_order_key,
+    heuristic_prediction,
+    tie_components,
+)
 
 SCHEDULER_NAME = "tie"
 PRIORITY_SCHEDULER_NAME = "hf_ext_priority"
@@ -145,7 +149,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
         self.scores: dict[str, float] = {}
         self._t0: dict[str, float] = {}
         self._static: dict[str, float] = {}
-        self._epoch = time.perf_counter()  # keeps the static keys small (precision)
+        self._epoch = time.perf_counter()
         self._warned = False
 
     def _prepare(self, new: list[RequestState]) -> None:
@@ -178,15 +182,13 @@ class TIECBScheduler(_WaitingOrderScheduler):
         caps = np.asarray([self._cap(s) for s in new], dtype=np.float64)
         e, c = tie_components(mu, sigma, nu, cfg, caps)
         beta = cfg.beta(len(self.waiting_requests), max(1, self.max_requests_per_batch))
-        now = time.perf_counter()
-        log_g = math.log(cfg.aging_gamma)
+        t0 = time.perf_counter() - self._epoch  # from the scheduler's start: keeps the keys small (precision)
         for i, s in enumerate(new):
             score = float(e[i] + beta * c[i])
             self.scores[s.request_id] = score
-            self._t0[s.request_id] = now
-            # continuous aging keeps the order of the static key log(score) - (t0/tau)*log(gamma) (see
-            # scheduler.py): no per-step re-aging, and the sort sees an almost sorted list
-            self._static[s.request_id] = math.log(score) - ((now - self._epoch) / cfg.aging_tau) * log_g
+            self._t0[s.request_id] = t0
+            if cfg.aging == "continuous":  # its key does not change while waiting: computed once
+                self._static[s.request_id] = aging_order_key(cfg, score, t0, t0)
 
     @staticmethod
     def _cap(state: RequestState) -> int:
@@ -197,10 +199,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
         cfg = CONTEXT.config
         if cfg.aging == "continuous":
             return self._static[rid]
-        if cfg.aging == "none":
-            return self.scores[rid]
-        k = math.floor(max(0.0, now - self._t0[rid]) / cfg.aging_tau)
-        return self.scores[rid] * cfg.aging_gamma**k
+        return aging_order_key(cfg, self.scores[rid], self._t0[rid], now - self._epoch)
 
     def _forget(self, rid: str) -> None:
         super()._forget(rid)

@@ -156,6 +156,20 @@ def precompute_scores(requests: Sequence[Any], config: TIEConfig) -> None:
         r.meta["tie_cache_key"] = _cache_key(config, r)
 
 
+def aging_order_key(config: TIEConfig, score: float, t0: float, now: float) -> float:
+    """Sort key (lower first) of a waiting request with un-aged ``score`` queued at ``t0``, at time ``now``.
+
+    ``aging="continuous"``: ``log(score) - (t0/τ)·log γ``, which orders like ``score·γ^((now-t0)/τ)`` and does
+    not depend on ``now`` (a heap stays valid); ``"step"``: ``score·γ^⌊(now-t0)/τ⌋``; ``"none"``: ``score``.
+    ``t0`` and ``now`` may be measured from any common origin.
+    """
+    if config.aging == "continuous":
+        return math.log(score) - (t0 / config.aging_tau) * math.log(config.aging_gamma)
+    if config.aging == "none":
+        return score
+    return score * config.aging_gamma ** math.floor(max(0.0, now - t0) / config.aging_tau)
+
+
 class TIEScheduler:
     """TIE admission order for the shared simulator (:class:`hf_ext.simulate.types.Scheduler` protocol).
 
@@ -178,7 +192,6 @@ class TIEScheduler:
         self._items: list[tuple[float, float, int, Any]] = []  # step mode: (score, t0, seq, req)
         self._seq = itertools.count()
         self._warned = False
-        self._log_g = math.log(self.config.aging_gamma)
 
     # ------------------------------------------------------------------------------- scoring
     def _params(self, req: Any) -> tuple[float, float, float]:
@@ -221,20 +234,17 @@ class TIEScheduler:
         score = self.score_of(req, len(self))
         req.meta["tie_score"] = score
         t0 = float(now)
-        mode = self.config.aging
-        if mode == "step":
+        if self.config.aging == "step":
             self._items.append((score, t0, next(self._seq), req))
             return
-        key = math.log(score) - (t0 / self.config.aging_tau) * self._log_g if mode == "continuous" else score
-        heapq.heappush(self._heap, (key, next(self._seq), req))
+        heapq.heappush(self._heap, (aging_order_key(self.config, score, t0, t0), next(self._seq), req))
 
     def _step_best(self, now: float) -> int | None:
         if not self._items:
             return None
-        cfg = self.config
         best, best_key = 0, math.inf
         for i, (score, t0, seq, _) in enumerate(self._items):
-            k = score * cfg.aging_gamma ** math.floor(max(0.0, now - t0) / cfg.aging_tau)
+            k = aging_order_key(self.config, score, t0, now)
             if k < best_key or (k == best_key and seq < self._items[best][2]):
                 best, best_key = i, k
         return best
