@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -177,37 +176,18 @@ def run_cb_replay(
 
     validate_replay(requests, policy, time_scale)
     cb = copy.deepcopy(continuous_batching_config)
-    with (
-        preserved_context()
-    ):  # what the caller had set (predictor, config, hints, keys) comes back afterwards
+    # what the caller had set (predictor, config, hints, keys) comes back afterwards
+    with preserved_context():
         cb.scheduler_type = _install(policy, requests, tie_config)
         mgr = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb
         )
-        results: dict[str, tuple[float, Any]] = {}
-        lock = threading.Lock()
-        stop = threading.Event()
         n = len(requests)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n, desc=f"replay {policy}", leave=False)
-
-        def collect() -> None:
-            while not stop.is_set():
-                r = mgr.get_result(timeout=0.5)
-                if r is None or not r.is_finished():
-                    continue
-                with lock:
-                    results[r.request_id] = (time.perf_counter(), r)
-                    done = len(results)
-                if bar is not None:
-                    bar.update(1)
-                if done >= n:
-                    return
-
-        collector = threading.Thread(target=collect, name="hf_ext-replay-collector", daemon=True)
         submit: dict[str, float] = {}
 
         def add(r: ReplayRequest) -> None:
@@ -220,34 +200,35 @@ def run_cb_replay(
             )
 
         ordered = sorted(requests, key=lambda x: x.arrival)
+        results: dict[str, tuple[float, Any]] = {}
         t0 = time.perf_counter()
         try:
             if time_scale == 0:  # a burst: queue everything before the loop starts (its first step sees all)
                 for r in ordered:
                     add(r)
             mgr.start()
-            collector.start()
             if time_scale > 0:
                 for r in ordered:
                     delay = t0 + r.arrival * time_scale - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
                     add(r)
-            last, last_count = time.perf_counter(), 0
-            while collector.is_alive():
-                collector.join(timeout=0.5)
-                with lock:
-                    count = len(results)
-                if count != last_count:
-                    last, last_count = time.perf_counter(), count
-                elif time.perf_counter() - last > stall_timeout:
+            # outputs queue up inside the manager meanwhile; times come from transformers' own stamps
+            last = time.perf_counter()
+            while len(results) < n:
+                g = mgr.get_result(timeout=0.5)
+                now = time.perf_counter()
+                if g is not None and g.is_finished():
+                    results[g.request_id] = (now, g)
+                    last = now
+                    if bar is not None:
+                        bar.update(1)
+                elif now - last > stall_timeout:
                     raise RuntimeError(
-                        f"continuous batching stalled: {count}/{n} requests finished, none in {stall_timeout:.0f}s"
+                        f"continuous batching stalled: {len(results)}/{n} requests finished, "
+                        f"none in {stall_timeout:.0f}s"
                     )
-            if len(results) < n:
-                raise RuntimeError(f"continuous batching ended with {len(results)}/{n} requests finished")
         finally:
-            stop.set()
             mgr.stop(block=True)
             if bar is not None:
                 bar.close()
