@@ -110,10 +110,10 @@ def simulate_same(
     args: argparse.Namespace, reqs: list[Any], speeds: list[float], policies: list[str]
 ) -> tuple:
     """The replay's requests, speeds and concurrency cap in the shared simulator: does it rank like the engine?"""
-    from hf_ext.generation.tie.bench import clone_requests, load_cost_model, make_schedulers
+    from hf_ext.generation.tie.bench import load_cost_model, simulate_policies
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.scheduler import precompute_scores
-    from hf_ext.simulate import Request, SimConfig, Simulator
+    from hf_ext.simulate import Request
 
     cm = load_cost_model(args.calibration)
     max_seqs = args.max_requests_per_batch or 1024  # transformers' fallback for max_requests_per_batch
@@ -138,21 +138,17 @@ def simulate_same(
     precompute_scores(base, cfg)
     out: dict[str, dict] = {}
     for speed in speeds:
-        res = {}
-        for pol in policies:
-            rs = clone_requests(base)
-            for r in rs:
-                r.arrival = 0.0 if speed == 0 else r.arrival / speed
-            sim = Simulator(
-                cm,
-                make_schedulers(cfg)[pol],
-                SimConfig(
-                    max_num_seqs=max_seqs, kv_capacity_tokens=args.sim_kv_tokens, record_timeline=False
-                ),
-            )
-            res[pol] = sim.run(rs).summary()
-        out[_case(args, len(reqs), speed) + "_sim"] = res
+        sims = simulate_policies(cm, base, cfg, max_seqs, args.sim_kv_tokens, speed=speed, policies=policies)
+        out[_case(args, len(reqs), speed) + "_sim"] = {pol: r.summary() for pol, r in sims.items()}
     return out, f"sim:{cm.name}"
+
+
+def _report(case: str, policy: str, s: dict[str, float]) -> None:
+    extra = f", lengths exact {bool(s['lengths_ok'])}, {s['wall_s']:.0f}s" if "wall_s" in s else ""
+    print(
+        f"  {case} {policy:10s}: per-token {s['per_token_mean'] * 1e3:8.1f} ms "
+        f"(p99 {s['per_token_p99'] * 1e3:8.1f}), TTFT {s['ttft_mean']:6.2f}s{extra}"
+    )
 
 
 def _case(args: argparse.Namespace, n: int, speed: float) -> str:
@@ -188,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         sim, sim_dev = simulate_same(args, reqs, speeds, policies)
         for case, res in sim.items():
             for pol, v in res.items():
-                print(
-                    f"  {case} {pol:10s}: per-token {v['per_token_mean'] * 1e3:8.1f} ms "
-                    f"(p99 {v['per_token_p99'] * 1e3:8.1f}), TTFT {v['ttft_mean']:6.2f}s"
-                )
+                _report(case, pol, v)
         rows = latency_rows(sim, sim_dev, cmd, lambda res: ("simulated_same_requests", "True"))
         print_rows(rows, title=f"The same replay in the simulator ({sim_dev}) — ratio > 1: TIE better")
         if not args.no_write:
@@ -257,14 +250,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             res[pol] = replay(reqs, pol, scale)
             res[pol]["wall_s"] = time.perf_counter() - t0
-            print(
-                f"  {case} {pol:10s}: per-token {res[pol]['per_token_mean'] * 1e3:8.1f} ms "
-                f"(p99 {res[pol]['per_token_p99'] * 1e3:8.1f}), TTFT {res[pol]['ttft_mean']:6.2f}s, "
-                f"lengths exact {bool(res[pol]['lengths_ok'])}, {res[pol]['wall_s']:.0f}s"
-            )
-            if pol == "tie" or "tie" not in res:
+            _report(case, pol, res[pol])
+            if "tie" not in res:
+                continue  # compared once TIE has run
+            done = [p for p in res if p != "tie"] if pol == "tie" else [pol]
+            if not done:
                 continue
-            rows = real_cb_rows({case: {"tie": res["tie"], pol: res[pol]}}, dev, cmd)
+            rows = real_cb_rows({case: {"tie": res["tie"], **{p: res[p] for p in done}}}, dev, cmd)
             all_rows += rows
             if not args.no_write:  # written as soon as a comparison exists: a killed run keeps its numbers
                 append_rows(COMPONENT, rows)

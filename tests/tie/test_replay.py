@@ -263,3 +263,22 @@ def test_cb_aging_lets_a_long_waiting_request_overtake(aging):
         clear_length_hints()
         enable_tie_scheduler()
     assert order == (["short", "long"] if aging == "none" else ["long", "short"])
+
+
+def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
+    """With TIE last, the baselines that finished first are still compared with it once it has run."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
+    cmd += ["--n", "4", "--speeds", "0", "--max-new-tokens", "12", "--policies", "fcfs,ssjf,tie"]
+    env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    assert {r["baseline"] for r in rows} == {"fcfs", "ssjf"}
+    assert len(rows) == 2 * 3  # two baselines x (mean, p99, TTFT)
