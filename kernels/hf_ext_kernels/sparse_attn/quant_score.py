@@ -516,168 +516,34 @@ def _estimate_kernel(
     l_i = tl.zeros([R], tl.float32)
 
     # ---- phase 1: forced blocks (sink, then local window + diagonal, ascending) at full resolution
-    fargs = (qi, kq_base, ks_base, kpm_base, mask_base, mask_hi_off, offs_nb, offs_d, offs_m, stride_ks)
-    m_i, l_i = _forced(
-        m_i,
-        l_i,
-        s0,
-        tl.minimum(s1, kb_vis + 1),
-        *fargs,
-        row_ok,
-        row_scale,
-        SK,
-        OFF,
-        CAUSAL,
-        HAS_KPM,
-        HPC,
-        BLOCK_N,
-        INTERP,
-    )
-    m_i, l_i = _forced(
-        m_i,
-        l_i,
-        kb_lo,
-        tl.minimum(kb_hi + 1, s0),
-        *fargs,
-        row_ok,
-        row_scale,
-        SK,
-        OFF,
-        CAUSAL,
-        HAS_KPM,
-        HPC,
-        BLOCK_N,
-        INTERP,
-    )
-    m_i, l_i = _forced(
-        m_i,
-        l_i,
-        tl.maximum(kb_lo, s1),
-        kb_hi + 1,
-        *fargs,
-        row_ok,
-        row_scale,
-        SK,
-        OFF,
-        CAUSAL,
-        HAS_KPM,
-        HPC,
-        BLOCK_N,
-        INTERP,
-    )
+    # (the arguments every call shares go in one tuple, splat once per call as the GPU-verified version did;
+    # the constexprs stay explicit)
+    fargs = (qi, kq_base, ks_base, kpm_base, mask_base, mask_hi_off, offs_nb, offs_d, offs_m, stride_ks, row_ok,
+             row_scale, SK, OFF)  # fmt: skip
+    f_sink = tl.minimum(s1, kb_vis + 1)
+    m_i, l_i = _forced(m_i, l_i, s0, f_sink, *fargs, CAUSAL, HAS_KPM, HPC, BLOCK_N, INTERP)
+    f_hi = tl.minimum(kb_hi + 1, s0)
+    m_i, l_i = _forced(m_i, l_i, kb_lo, f_hi, *fargs, CAUSAL, HAS_KPM, HPC, BLOCK_N, INTERP)
+    f_lo = tl.maximum(kb_lo, s1)
+    m_i, l_i = _forced(m_i, l_i, f_lo, kb_hi + 1, *fargs, CAUSAL, HAS_KPM, HPC, BLOCK_N, INTERP)
 
     # ---- phase 2: other visible blocks, ascending, sink excluded; exp-light statistics for dropped
     # blocks. causal: [0, kb_lo) (fully below the diagonal, no causal test); non-causal also (kb_hi, NKB).
+    sargs = (kq_base, ks_base, kpm_base, mask_base, mask_hi_off, offs_nb, offs_d, stride_ks, row_ok, is_hi,
+             row_scale, log2_tau, SK)  # fmt: skip
     n_lo = tl.minimum(kb_lo, kb_vis + 1)
-    m_i, l_i = _scan(
-        qi,
-        m_i,
-        l_i,
-        0,
-        tl.minimum(n_lo, s0),
-        kq_base,
-        ks_base,
-        kpm_base,
-        mask_base,
-        mask_hi_off,
-        offs_nb,
-        offs_d,
-        stride_ks,
-        row_ok,
-        is_hi,
-        row_scale,
-        log2_tau,
-        SK,
-        HAS_KPM,
-        COLMASK,
-        HPC,
-        PAIR,
-        BLOCK_N,
-        HEAD_DIM,
-        INTERP,
-    )
-    m_i, l_i = _scan(
-        qi,
-        m_i,
-        l_i,
-        s1,
-        n_lo,
-        kq_base,
-        ks_base,
-        kpm_base,
-        mask_base,
-        mask_hi_off,
-        offs_nb,
-        offs_d,
-        stride_ks,
-        row_ok,
-        is_hi,
-        row_scale,
-        log2_tau,
-        SK,
-        HAS_KPM,
-        COLMASK,
-        HPC,
-        PAIR,
-        BLOCK_N,
-        HEAD_DIM,
-        INTERP,
-    )
+    s_hi = tl.minimum(n_lo, s0)
+    m_i, l_i = _scan(qi, m_i, l_i, 0, s_hi, *sargs, HAS_KPM, COLMASK, HPC, PAIR, BLOCK_N, HEAD_DIM, INTERP)
+    m_i, l_i = _scan(qi, m_i, l_i, s1, n_lo, *sargs, HAS_KPM, COLMASK, HPC, PAIR, BLOCK_N, HEAD_DIM, INTERP)
     if not CAUSAL:
         t0 = kb_hi + 1
+        t_hi = tl.minimum(NKB, s0)
         m_i, l_i = _scan(
-            qi,
-            m_i,
-            l_i,
-            t0,
-            tl.minimum(NKB, s0),
-            kq_base,
-            ks_base,
-            kpm_base,
-            mask_base,
-            mask_hi_off,
-            offs_nb,
-            offs_d,
-            stride_ks,
-            row_ok,
-            is_hi,
-            row_scale,
-            log2_tau,
-            SK,
-            HAS_KPM,
-            COLMASK,
-            HPC,
-            PAIR,
-            BLOCK_N,
-            HEAD_DIM,
-            INTERP,
+            qi, m_i, l_i, t0, t_hi, *sargs, HAS_KPM, COLMASK, HPC, PAIR, BLOCK_N, HEAD_DIM, INTERP
         )
+        t_lo = tl.maximum(t0, s1)
         m_i, l_i = _scan(
-            qi,
-            m_i,
-            l_i,
-            tl.maximum(t0, s1),
-            NKB,
-            kq_base,
-            ks_base,
-            kpm_base,
-            mask_base,
-            mask_hi_off,
-            offs_nb,
-            offs_d,
-            stride_ks,
-            row_ok,
-            is_hi,
-            row_scale,
-            log2_tau,
-            SK,
-            HAS_KPM,
-            COLMASK,
-            HPC,
-            PAIR,
-            BLOCK_N,
-            HEAD_DIM,
-            INTERP,
+            qi, m_i, l_i, t_lo, NKB, *sargs, HAS_KPM, COLMASK, HPC, PAIR, BLOCK_N, HEAD_DIM, INTERP
         )
 
 
