@@ -241,31 +241,15 @@ def _bsa_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    bargs = (offs_m, offs_nb, SK, OFF, kpm_base, qk_scale)  # what every block call shares (constexprs apart)
+    # full blocks first (no bounds/causal/padding test), then the edge blocks that need one
     for it in range(0, nfull):
         kb = tl.load(idx_base + it)
         offs_n = (kb * BLOCK_N + offs_nb).to(tl.int64)
         k_ptrs = k_base + offs_n[:, None] * stride_ks
         v_ptrs = v_base + offs_n[:, None] * stride_vs
         acc, m_i, l_i = _attn_block(
-            q,
-            acc,
-            m_i,
-            l_i,
-            k_ptrs,
-            v_ptrs,
-            kb,
-            offs_m,
-            offs_nb,
-            SK,
-            OFF,
-            kpm_base,
-            qk_scale,
-            False,
-            CAUSAL,
-            HAS_KPM,
-            BLOCK_N,
-            INTERP,
-            IEEE,
+            q, acc, m_i, l_i, k_ptrs, v_ptrs, kb, *bargs, False, CAUSAL, HAS_KPM, BLOCK_N, INTERP, IEEE
         )
     for it in range(nfull, cnt):
         kb = tl.load(idx_base + it)
@@ -273,25 +257,7 @@ def _bsa_fwd_kernel(
         k_ptrs = k_base + offs_n[:, None] * stride_ks
         v_ptrs = v_base + offs_n[:, None] * stride_vs
         acc, m_i, l_i = _attn_block(
-            q,
-            acc,
-            m_i,
-            l_i,
-            k_ptrs,
-            v_ptrs,
-            kb,
-            offs_m,
-            offs_nb,
-            SK,
-            OFF,
-            kpm_base,
-            qk_scale,
-            True,
-            CAUSAL,
-            HAS_KPM,
-            BLOCK_N,
-            INTERP,
-            IEEE,
+            q, acc, m_i, l_i, k_ptrs, v_ptrs, kb, *bargs, True, CAUSAL, HAS_KPM, BLOCK_N, INTERP, IEEE
         )
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
