@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -518,51 +519,27 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         d = cfg.get_text_config().hidden_size
         ctx = torch.enable_grad() if with_grad else torch.no_grad()
 
-        vis: list[torch.Tensor] | None = None
+        vis = aud = None
         if cfg.num_visual_latents > 0:
-            if segment_visual_features is not None:
-                vis = list(segment_visual_features)
-            elif segment_pixel_values_videos is not None:
-                if segment_video_grid_thw is None:
-                    raise ValueError(
-                        "segment_pixel_values_videos needs segment_video_grid_thw (one row per segment)"
-                    )
-                with ctx:
-                    vis = list(
-                        self.get_video_features(
-                            segment_pixel_values_videos, segment_video_grid_thw, return_dict=True
-                        ).pooler_output
-                    )
-            n_vis = 0 if vis is None else len(vis)
-            if n_vis != n_blocks:
-                raise ValueError(
-                    f"missing modality features for a latent segment: input_ids contain {n_blocks} latent "
-                    f"block(s) but {n_vis} visual segment(s) were given (pass segment_visual_features=[...] or "
-                    "segment_pixel_values_videos + segment_video_grid_thw, one segment per block)"
-                )
-        aud: list[torch.Tensor] | None = None
+            vis = self._segment_modality(
+                n_blocks,
+                ctx,
+                "visual",
+                ("segment_visual_features", segment_visual_features),
+                ("segment_pixel_values_videos", segment_pixel_values_videos),
+                ("segment_video_grid_thw", segment_video_grid_thw),
+                self._encode_segment_videos,
+            )
         if cfg.num_audio_latents > 0:
-            if segment_audio_features is not None:
-                aud = list(segment_audio_features)
-            elif segment_input_features is not None:
-                if segment_feature_attention_mask is None:
-                    raise ValueError(
-                        "segment_input_features needs segment_feature_attention_mask (one row per segment)"
-                    )
-                lengths = segment_feature_attention_mask.sum(-1)
-                with ctx:
-                    flat = self.get_audio_features(
-                        segment_input_features, segment_feature_attention_mask, return_dict=True
-                    ).last_hidden_state
-                _, out_lens = self._audio_tower()._get_feat_extract_output_lengths(lengths)
-                aud = list(torch.split(flat, out_lens.tolist()))
-            n_aud = 0 if aud is None else len(aud)
-            if n_aud != n_blocks:
-                raise ValueError(
-                    f"missing modality features for a latent segment: input_ids contain {n_blocks} latent "
-                    f"block(s) but {n_aud} audio segment(s) were given (pass segment_audio_features=[...] or "
-                    "segment_input_features + segment_feature_attention_mask, one segment per block)"
-                )
+            aud = self._segment_modality(
+                n_blocks,
+                ctx,
+                "audio",
+                ("segment_audio_features", segment_audio_features),
+                ("segment_input_features", segment_input_features),
+                ("segment_feature_attention_mask", segment_feature_attention_mask),
+                self._encode_segment_audio,
+            )
         for name, feats in (("segment_visual_features", vis), ("segment_audio_features", aud)):
             for i, f in enumerate(feats or []):
                 if f.dim() != 2 or f.shape[0] < 1 or f.shape[1] != d:
@@ -570,6 +547,48 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                         f"{name}[{i}] has shape {tuple(f.shape)}; expected [N >= 1, hidden_size={d}]"
                     )
         return vis, aud
+
+    @staticmethod
+    def _segment_modality(
+        n_blocks: int,
+        ctx: Any,
+        label: str,
+        given: tuple[str, list[torch.Tensor] | None],
+        raw: tuple[str, torch.Tensor | None],
+        aux: tuple[str, torch.Tensor | None],
+        encode: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],
+    ) -> list[torch.Tensor] | None:
+        """One modality's per-block features: the given list, else ``encode(raw, aux)``; one per latent block."""
+        feats = None
+        if given[1] is not None:
+            feats = list(given[1])
+        elif raw[1] is not None:
+            if aux[1] is None:
+                raise ValueError(f"{raw[0]} needs {aux[0]} (one row per segment)")
+            with ctx:
+                feats = encode(raw[1], aux[1])
+        n = 0 if feats is None else len(feats)
+        if n != n_blocks:
+            raise ValueError(
+                f"missing modality features for a latent segment: input_ids contain {n_blocks} latent "
+                f"block(s) but {n} {label} segment(s) were given (pass {given[0]}=[...] or "
+                f"{raw[0]} + {aux[0]}, one segment per block)"
+            )
+        return feats
+
+    def _encode_segment_videos(
+        self, pixel_values_videos: torch.Tensor, grid_thw: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Video tower, pooled to LLM space: one ``[N_i, D]`` per segment (a row of ``grid_thw``)."""
+        return list(self.get_video_features(pixel_values_videos, grid_thw, return_dict=True).pooler_output)
+
+    def _encode_segment_audio(
+        self, input_features: torch.Tensor, attention_mask: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Audio tower: one ``[N_i, D]`` per segment (a row of ``input_features`` / ``attention_mask``)."""
+        flat = self.get_audio_features(input_features, attention_mask, return_dict=True).last_hidden_state
+        _, out_lens = self._audio_tower()._get_feat_extract_output_lengths(attention_mask.sum(-1))
+        return list(torch.split(flat, out_lens.tolist()))
 
     def pool_segment_targets(
         self, visual: list[torch.Tensor] | None, audio: list[torch.Tensor] | None, n_blocks: int
