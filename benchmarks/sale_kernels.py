@@ -126,15 +126,8 @@ def _check_kernels(dev: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901
     args = _parser().parse_args(argv)
-    from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows, time_fn
-    from hf_ext_kernels.sparse_attn import (
-        DEFAULT_BLOCK_K,
-        DEFAULT_BLOCK_Q,
-        block_sparse_attention,
-        sale_attention,
-        sale_block_mask,
-    )
-    from hf_ext_kernels.sparse_attn.inputs import random_qkv, structured_qkv
+    from hf_ext.utils.bench import append_rows, plot_results, print_rows, time_fn
+    from hf_ext_kernels.sparse_attn import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 
     cuda = torch.cuda.is_available() and not args.quick
     dev = "cuda" if cuda else "cpu"
@@ -145,16 +138,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         args.heads, args.kv_heads, args.head_dim = 4, 2, 64
         args.no_flex = True
         bq, bk = args.block_q or 64, args.block_k or 64
-    backend = "triton" if cuda else "torch"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    h, hkv, d = args.heads, args.kv_heads, args.head_dim
-    g = h // hkv
+    args.block_q, args.block_k = bq, bk  # resolved: _run_case reads them from args
+    h = args.heads
     t0 = time.time()
 
     if cuda and not args.no_check:
         print(_check_kernels(dev), flush=True)
 
-    sdpa = torch.nn.functional.scaled_dot_product_attention
     flex = None
     if cuda and not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention
@@ -166,28 +156,6 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
 
     rows: list = []
     extra_lines: list[str] = []
-    ctx = (
-        args,
-        cuda,
-        dev,
-        dtype,
-        h,
-        hkv,
-        d,
-        g,
-        bq,
-        bk,
-        backend,
-        sdpa,
-        flex,
-        bench,
-        random_qkv,
-        structured_qkv,
-        sale_attention,
-        sale_block_mask,
-        block_sparse_attention,
-        Row,
-    )
     try:
         from tqdm import tqdm
 
@@ -198,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         vis_pairs = _visible_pairs(n, bq, bk) * h
         dense_t: dict[str, float] = {}
         for kind in args.inputs:
-            _run_case(ctx, n, kind, vis_pairs, dense_t, rows, extra_lines)
+            _run_case(args, cuda, flex, bench, n, kind, vis_pairs, dense_t, rows, extra_lines)
             if cuda:
                 torch.cuda.empty_cache()
     print_rows(rows, title=f"SALE kernels (block {bq}x{bk}, tau={args.tau}, {time.time() - t0:.0f}s)")
@@ -211,30 +179,27 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     return 0
 
 
-def _run_case(ctx, n: int, kind: str, vis_pairs: int, dense_t: dict, rows: list, extra_lines: list) -> None:
+def _run_case(
+    args,
+    cuda: bool,
+    flex,
+    bench,
+    n: int,
+    kind: str,
+    vis_pairs: int,
+    dense_t: dict,
+    rows: list,
+    extra_lines: list,
+) -> None:
     """Measure one (length, input kind): appends result rows and printed lines."""
-    (
-        args,
-        cuda,
-        dev,
-        dtype,
-        h,
-        hkv,
-        d,
-        g,
-        bq,
-        bk,
-        backend,
-        sdpa,
-        flex,
-        bench,
-        random_qkv,
-        structured_qkv,
-        sale_attention,
-        sale_block_mask,
-        block_sparse_attention,
-        Row,
-    ) = ctx
+    from hf_ext.utils.bench import Row
+    from hf_ext_kernels.sparse_attn import block_sparse_attention, sale_attention, sale_block_mask
+    from hf_ext_kernels.sparse_attn.inputs import random_qkv, structured_qkv
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    h, hkv, d, bq, bk = args.heads, args.kv_heads, args.head_dim, args.block_q, args.block_k
+    g = h // hkv
+    dev, dtype, backend = ("cuda", torch.bfloat16, "triton") if cuda else ("cpu", torch.float32, "torch")
     gen = structured_qkv if kind == "structured" else random_qkv
     q, k, v = gen(1, h, hkv, n, d, seed=n, dtype=dtype, device=dev)
     kr, vr = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)

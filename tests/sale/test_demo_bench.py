@@ -54,3 +54,17 @@ def test_bench_kernels_delegation_reports_missing_file(tmp_path, monkeypatch, ca
     monkeypatch.setattr(bench, "_KERNEL_BENCH", tmp_path / "nope.py")
     assert bench.main(["--kernels", "--quick"]) == 1
     assert "missing" in capsys.readouterr().out
+
+
+def test_kernel_bench_quick_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    """benchmarks/sale_kernels.py end to end on CPU (torch backends, tiny shape): rows per dense baseline."""
+    from hf_ext.attention.sale import bench
+
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    assert bench.main(["--kernels", "--quick"]) == 0
+    with (tmp_path / "sale.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    metrics = {r["metric"] for r in rows}
+    assert {"attn_time_ms", "estimate_time_ms", "kept_block_density"} <= metrics
+    assert all(r["case"].startswith("quick_causal_512") for r in rows)
+    assert "relL1=" in capsys.readouterr().out
