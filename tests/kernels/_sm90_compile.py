@@ -17,84 +17,70 @@ from typing import Any
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-# (kernel, pointer arguments -> element type, float scalars, constexprs, num_warps, num_stages, maxnreg)
+
+def _case(
+    kernel: str, ptrs: dict[str, str], warps: int, stages: int, maxnreg: int | None = None, **const: Any
+):
+    """(kernel, pointer argument -> element type, constexprs, num_warps, num_stages, maxnreg); other
+    arguments are i32 except the float scalars in :data:`_FLOATS`."""
+    return kernel, ptrs, const, warps, stages, maxnreg
+
+
+_FLOATS = ("qk_scale", "sm_scale_log2")
+_BSA = "block_sparse._bsa_fwd_kernel"
+_EST = "quant_score._estimate_kernel"
 _BSA_PTRS = {"Q": "bf16", "K": "bf16", "V": "bf16", "O": "bf16", "IDX": "i32", "CNT": "i32", "NFULL": "i32"}
 _EST_PTRS = {"QI": "i8", "QSC": "fp32", "KQ": "i8", "KS": "fp32", "FIRST": "i32", "TAU": "fp32", "MASK": "i8"}
-_BSA = dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, INTERP=False)
-_EST = dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, INTERP=False)
-CASES: dict[str, tuple[str, dict[str, str], tuple[str, ...], dict[str, Any], int, int, int | None]] = {
-    # the launch configurations the host code uses on H100 (block_sparse._launch_cfg, quant_score._TUNED)
-    "bsa_causal_bf16": (
-        "block_sparse._bsa_fwd_kernel",
-        {**_BSA_PTRS, "KPM": "i32"},
-        ("qk_scale",),
-        dict(_BSA, CAUSAL=True, HAS_KPM=False, IEEE=False),
-        4,
-        2,
-        None,
+_EST_PTRS["KPM"] = "i8"
+_TILE = dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, INTERP=False)
+_FP32 = {**{x: "fp32" for x in "QKVO"}, "IDX": "i32", "CNT": "i32", "NFULL": "i32", "KPM": "i32"}
+_EST_CAUSAL = dict(_TILE, CAUSAL=True, HAS_KPM=False, COLMASK=False, PAIR=0)
+# the launch configurations the host code uses on H100 (block_sparse._launch_cfg, quant_score._TUNED)
+CASES: dict[str, tuple[str, dict[str, str], dict[str, Any], int, int, int | None]] = {
+    "bsa_causal_bf16": _case(
+        _BSA, {**_BSA_PTRS, "KPM": "i32"}, 4, 2, **_TILE, CAUSAL=True, HAS_KPM=False, IEEE=False
     ),
-    "bsa_noncausal_padded_bf16": (
-        "block_sparse._bsa_fwd_kernel",
-        {**_BSA_PTRS, "KPM": "i8"},
-        ("qk_scale",),
-        dict(_BSA, CAUSAL=False, HAS_KPM=True, IEEE=False),
-        4,
-        2,
-        None,
+    "bsa_noncausal_padded_bf16": _case(
+        _BSA, {**_BSA_PTRS, "KPM": "i8"}, 4, 2, **_TILE, CAUSAL=False, HAS_KPM=True, IEEE=False
     ),
-    "bsa_causal_fp32_128x128": (
-        "block_sparse._bsa_fwd_kernel",
-        {**{k: "fp32" for k in "QKVO"}, "IDX": "i32", "CNT": "i32", "NFULL": "i32", "KPM": "i32"},
-        ("qk_scale",),
-        dict(_BSA, BLOCK_N=128, HEAD_DIM=64, CAUSAL=True, HAS_KPM=False, IEEE=True),
-        8,
-        2,
-        None,
+    "bsa_causal_fp32_128x128": _case(
+        _BSA, _FP32, 8, 2, **{**_TILE, "BLOCK_N": 128, "HEAD_DIM": 64}, CAUSAL=True, HAS_KPM=False, IEEE=True
     ),
-    "estimate_rows128_causal": (
-        "quant_score._estimate_kernel",
-        {**_EST_PTRS, "KPM": "i8"},
-        ("sm_scale_log2",),
-        dict(_EST, CAUSAL=True, HAS_KPM=False, COLMASK=False, ROW_STRIDE=1, HPC=1, PAIR=0),
-        4,
-        3,
-        128,
-    ),
-    "estimate_rows64_gqa_pairs_causal": (
-        "quant_score._estimate_kernel",
-        {**_EST_PTRS, "KPM": "i8"},
-        ("sm_scale_log2",),
-        dict(_EST, CAUSAL=True, HAS_KPM=False, COLMASK=False, ROW_STRIDE=2, HPC=2, PAIR=0),
-        4,
-        3,
-        128,
-    ),
-    "estimate_noncausal_padded": (
-        "quant_score._estimate_kernel",
-        {**_EST_PTRS, "KPM": "i8"},
-        ("sm_scale_log2",),
-        dict(_EST, CAUSAL=False, HAS_KPM=True, COLMASK=True, ROW_STRIDE=1, HPC=1, PAIR=1),
+    "estimate_rows128_causal": _case(_EST, _EST_PTRS, 4, 3, 128, **_EST_CAUSAL, ROW_STRIDE=1, HPC=1),
+    "estimate_rows64_gqa_pairs_causal": _case(_EST, _EST_PTRS, 4, 3, 128, **_EST_CAUSAL, ROW_STRIDE=2, HPC=2),
+    "estimate_noncausal_padded": _case(
+        _EST,
+        _EST_PTRS,
         4,
         3,
         None,
+        **_TILE,
+        CAUSAL=False,
+        HAS_KPM=True,
+        COLMASK=True,
+        ROW_STRIDE=1,
+        HPC=1,
+        PAIR=1,
     ),
-    "quant_k": (
+    "quant_k": _case(
         "quant_score._quant_k_kernel",
         {"K": "bf16", "MEAN": "fp32", "KPM": "i8", "KQ": "i8", "KS": "fp32"},
-        (),
-        dict(QMAX=7, HAS_KPM=True, BLOCK_N=64, HEAD_DIM=128),
         4,
         2,
-        None,
+        QMAX=7,
+        HAS_KPM=True,
+        BLOCK_N=64,
+        HEAD_DIM=128,
     ),
-    "quant_q": (
+    "quant_q": _case(
         "quant_score._quant_q_kernel",
         {"Q": "bf16", "QI": "i8", "QSC": "fp32"},
-        (),
-        dict(QMAX=7, BLOCK_M=128, ROW_STRIDE=2, HEAD_DIM=128),
         4,
         2,
-        None,
+        QMAX=7,
+        BLOCK_M=128,
+        ROW_STRIDE=2,
+        HEAD_DIM=128,
     ),
 }
 
@@ -112,7 +98,7 @@ def compile_case(name: str) -> dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    path, ptrs, floats, const, warps, stages, maxnreg = CASES[name]
+    path, ptrs, const, warps, stages, maxnreg = CASES[name]
     mod, attr = path.split(".")
     fn = getattr(importlib.import_module(f"hf_ext_kernels.sparse_attn.{mod}"), attr)
     sig = {}
@@ -122,7 +108,7 @@ def compile_case(name: str) -> dict[str, Any]:
         elif arg in ptrs:
             sig[arg] = "*" + ptrs[arg]
         else:
-            sig[arg] = "fp32" if arg in floats else "i32"
+            sig[arg] = "fp32" if arg in _FLOATS else "i32"
     opts: dict[str, Any] = dict(num_warps=warps, num_stages=stages)
     if maxnreg is not None:
         opts["maxnreg"] = maxnreg

@@ -6,39 +6,17 @@ interpreter must be enabled before Triton is first imported (see that module).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
 from tests.kernels._interp_cases import CASES, case_id  # noqa: E402
-
-_ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels._subprocess import run_case_module  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def interp_results() -> dict:
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=os.pathsep.join([str(_ROOT), str(_ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.kernels._interp_cases"],
-        cwd=_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    line = [x for x in proc.stdout.splitlines() if x.startswith("@@RESULT@@")]
-    assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    return json.loads(line[-1][len("@@RESULT@@") :])
+    return run_case_module("tests.kernels._interp_cases", interpret=True, timeout=300)
 
 
 @pytest.mark.parametrize("name", [case_id(c) for c in CASES] + ["tau0-padding"])
