@@ -48,6 +48,9 @@ CASES: dict[str, tuple[str, dict[str, str], dict[str, Any], int, int, int | None
     ),
     "estimate_rows128_causal": _case(_EST, _EST_PTRS, 4, 3, 128, **_EST_CAUSAL, ROW_STRIDE=1, HPC=1),
     "estimate_rows64_gqa_pairs_causal": _case(_EST, _EST_PTRS, 4, 3, 128, **_EST_CAUSAL, ROW_STRIDE=2, HPC=2),
+    "estimate_wide_dot_causal": _case(
+        _EST, _EST_PTRS, 4, 3, None, **{**_EST_CAUSAL, "PAIR": 2}, ROW_STRIDE=1, HPC=1
+    ),
     "estimate_noncausal_padded": _case(
         _EST,
         _EST_PTRS,

@@ -270,30 +270,13 @@ def _scan(
     ``PAIR`` 0: one key block per iteration; 1: two adjacent blocks per iteration (two dots, then the
     two blocks' decisions in order); 2: one ``2*BLOCK_N``-wide dot split into the two blocks.
     """
+    # what every _step call shares (constexprs apart)
+    st = (row_scale, ks_base, kpm_base, mask_base, mask_hi_off, offs_nb, row_ok, is_hi, log2_tau, SK)
     if PAIR == 0:
         for kb in range(kb_start, kb_end):
             ki = _load_kblock(kq_base, kb * BLOCK_N, offs_nb, offs_d, stride_ks, SK, COLMASK)
             acc = _int_dot(qi, ki, INTERP)
-            m_i, l_i = _step(
-                acc,
-                kb,
-                m_i,
-                l_i,
-                row_scale,
-                ks_base,
-                kpm_base,
-                mask_base,
-                mask_hi_off,
-                offs_nb,
-                row_ok,
-                is_hi,
-                log2_tau,
-                SK,
-                HAS_KPM,
-                COLMASK,
-                HPC,
-                BLOCK_N,
-            )
+            m_i, l_i = _step(acc, kb, m_i, l_i, *st, HAS_KPM, COLMASK, HPC, BLOCK_N)
     else:
         n = tl.maximum(kb_end - kb_start, 0)
         for p in range(0, n // 2):
@@ -308,70 +291,13 @@ def _scan(
                 kk = _load_kblock(kq_base, kb * BLOCK_N, offs_2n, offs_d, stride_ks, SK, COLMASK)
                 a = _int_dot(qi, kk, INTERP)  # [R, 2*BLOCK_N]
                 a0, a1 = tl.split(tl.permute(tl.reshape(a, [a.shape[0], 2, BLOCK_N]), [0, 2, 1]))
-            m_i, l_i = _step(
-                a0,
-                kb,
-                m_i,
-                l_i,
-                row_scale,
-                ks_base,
-                kpm_base,
-                mask_base,
-                mask_hi_off,
-                offs_nb,
-                row_ok,
-                is_hi,
-                log2_tau,
-                SK,
-                HAS_KPM,
-                COLMASK,
-                HPC,
-                BLOCK_N,
-            )
-            m_i, l_i = _step(
-                a1,
-                kb + 1,
-                m_i,
-                l_i,
-                row_scale,
-                ks_base,
-                kpm_base,
-                mask_base,
-                mask_hi_off,
-                offs_nb,
-                row_ok,
-                is_hi,
-                log2_tau,
-                SK,
-                HAS_KPM,
-                COLMASK,
-                HPC,
-                BLOCK_N,
-            )
+            m_i, l_i = _step(a0, kb, m_i, l_i, *st, HAS_KPM, COLMASK, HPC, BLOCK_N)
+            m_i, l_i = _step(a1, kb + 1, m_i, l_i, *st, HAS_KPM, COLMASK, HPC, BLOCK_N)
         if n % 2 == 1:
             kb = kb_end - 1
             ki = _load_kblock(kq_base, kb * BLOCK_N, offs_nb, offs_d, stride_ks, SK, COLMASK)
             acc = _int_dot(qi, ki, INTERP)
-            m_i, l_i = _step(
-                acc,
-                kb,
-                m_i,
-                l_i,
-                row_scale,
-                ks_base,
-                kpm_base,
-                mask_base,
-                mask_hi_off,
-                offs_nb,
-                row_ok,
-                is_hi,
-                log2_tau,
-                SK,
-                HAS_KPM,
-                COLMASK,
-                HPC,
-                BLOCK_N,
-            )
+            m_i, l_i = _step(acc, kb, m_i, l_i, *st, HAS_KPM, COLMASK, HPC, BLOCK_N)
     return m_i, l_i
 
 
