@@ -8,6 +8,8 @@ Public names load lazily (this module imports neither torch nor transformers):
 * :class:`TIEScheduler`, :func:`order_batch`, :func:`annotate_requests` — simulator scheduler and offline order;
 * :func:`enable_tie_scheduler`, :func:`tie_generate_batch`, :class:`TIECBScheduler` — transformers
   continuous batching (``ContinuousBatchingConfig(scheduler_type="tie")``);
+* :func:`tie_batched_generate` — an offline job as ``generate`` over static (padded) batches cut from the TIE
+  order (:mod:`.offline`: planning, simulator timing, forced-length real runs for benchmarks);
 * :func:`run_cb_replay` — timed arrivals into real transformers continuous batching, one policy per run
   (FCFS, SJF-oracle, SSJF, LTR, TIE), for benchmarks.
 
@@ -52,6 +54,12 @@ _LAZY = {
     "ReplayRequest": "replay",
     "run_cb_replay": "replay",
     "summarize_replay": "replay",
+    "tie_batched_generate": "offline",
+    "policy_order": "offline",
+    "static_batches": "offline",
+    "batch_size_for_memory": "offline",
+    "simulate_static_batches": "offline",
+    "run_static_generate": "offline",
     "generate_workload": "data",
     "match_to_lengths": "data",
 }

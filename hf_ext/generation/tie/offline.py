@@ -1,0 +1,374 @@
+"""Offline batch jobs with static batches: transformers ``generate`` on padded batches, in TIE order.
+
+Synthetic-data generation is often a loop of ``model.generate`` over padded batches. Such a batch runs
+until its *longest* member finishes; the other rows are padded (their decode steps are computed and
+thrown away). Which prompts share a batch therefore sets the job's time: a heavy-tailed length
+distribution puts a long request into almost every batch of a random (FCFS) order. Sorting the job by
+the TIE score before cutting it into batches groups requests of similar predicted length (and similar
+tail risk), so fewer steps are wasted on padding.
+
+* :func:`tie_batched_generate` — the user API: order the prompts by TIE (:func:`.scheduler.order_batch`),
+  run ``generate`` batch by batch, return the outputs in the caller's order.
+* :func:`policy_order`, :func:`static_batches`, :func:`batch_size_for_memory` — the planning pieces
+  (FCFS / SJF-oracle / SSJF / LTR / TIE orders of simulator requests).
+* :func:`simulate_static_batches` — the job in the shared simulator's cost model.
+* :func:`run_static_generate` — the job on a real model with forced per-request output lengths
+  (:func:`forced_lengths_processor`, for random-weight benchmark models), wall-clock timed.
+
+Example:
+    >>> static_batches([3, 0, 2, 1], 3)
+    [[3, 0, 2], [1]]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hf_ext.generation.tie.config import TIEConfig
+
+OFFLINE_POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")
+
+
+# ------------------------------------------------------------------------------------------ planning
+def policy_order(policy: str, requests: Sequence[Any], config: TIEConfig | None = None) -> list[int]:
+    """Indices of ``requests`` (simulator :class:`~hf_ext.simulate.Request`) in ``policy``'s job order.
+
+    ``fcfs``: by ``arrival`` then position; ``sjf_oracle``: true ``output_len``; ``ssjf``: ``meta["pred_len"]``;
+    ``ltr``: ``meta["ltr_score"]``; ``tie``: ``E[X̃] + β·CVaR`` with β for the whole job queued at once
+    (``meta["pred_mu"]``/``["pred_sigma"]``, see :func:`.scheduler.annotate_requests`). Ties keep input order.
+    """
+    if policy not in OFFLINE_POLICIES:
+        raise ValueError(f"policy must be one of {OFFLINE_POLICIES}, got {policy!r}")
+    reqs = list(requests)
+    if policy == "fcfs":
+        key = np.asarray([float(r.arrival) for r in reqs], dtype=np.float64)
+    elif policy == "sjf_oracle":
+        key = np.asarray([float(r.output_len) for r in reqs], dtype=np.float64)
+    elif policy == "tie":
+        from hf_ext.generation.tie.scheduler import TIEScheduler
+
+        cfg = config or TIEConfig()
+        sched = TIEScheduler(cfg)
+        key = np.asarray([sched.score_of(r, len(reqs)) for r in reqs], dtype=np.float64)
+    else:
+        name = "pred_len" if policy == "ssjf" else "ltr_score"
+        missing = [r.id for r in reqs if name not in r.meta]
+        if missing:
+            raise ValueError(
+                f"policy {policy!r} needs meta[{name!r}] on every request; missing on {missing[:5]}"
+            )
+        key = np.asarray([float(r.meta[name]) for r in reqs], dtype=np.float64)
+    if not np.all(np.isfinite(key)):
+        raise ValueError(f"policy {policy!r}: non-finite sort keys (NaN/inf predictions?)")
+    return [int(i) for i in np.argsort(key, kind="stable")]
+
+
+def static_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Cut a job order into consecutive batches of ``batch_size`` (the last may be smaller)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    order = [int(i) for i in order]
+    if len(set(order)) != len(order):
+        raise ValueError("order must not repeat an index")
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def batch_size_for_memory(kv_tokens: int, max_prompt_len: int, max_new_tokens: int) -> int:
+    """Largest static batch whose KV cache fits ``kv_tokens`` in the worst case (every row padded to
+    ``max_prompt_len`` and generating ``max_new_tokens``) — what a ``generate`` user must provision."""
+    for name, v in (
+        ("kv_tokens", kv_tokens),
+        ("max_prompt_len", max_prompt_len),
+        ("max_new_tokens", max_new_tokens),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    b = kv_tokens // (max_prompt_len + max_new_tokens)
+    if b < 1:
+        raise ValueError(
+            f"kv_tokens={kv_tokens} cannot hold one sequence of {max_prompt_len} + {max_new_tokens} tokens"
+        )
+    return int(b)
+
+
+# ---------------------------------------------------------------------------------------- results
+@dataclass
+class StaticBatchResult:
+    """One static-batch job: per-batch and whole-job figures (times in seconds)."""
+
+    policy: str
+    batch_size: int
+    makespan_s: float
+    tokens: int  # useful generated tokens (sum of the requests' output lengths)
+    n_requests: int
+    decode_steps: int  # sum over batches of the longest output (the steps every row pays)
+    batch_times: list[float] = field(default_factory=list)
+    finish: list[float] = field(default_factory=list)  # per request (input order): end of its batch
+
+    @property
+    def padding_share(self) -> float:
+        """Share of computed row-steps that were padding (a finished row still in its batch)."""
+        done = self.decode_steps * self.batch_size
+        return 0.0 if done == 0 else max(0.0, 1.0 - self.tokens / done)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "makespan_s": self.makespan_s,
+            "throughput_tok_s": self.tokens / self.makespan_s if self.makespan_s > 0 else math.inf,
+            "requests_per_s": self.n_requests / self.makespan_s if self.makespan_s > 0 else math.inf,
+            "decode_steps": float(self.decode_steps),
+            "padding_share": self.padding_share,
+            "batch_size": float(self.batch_size),
+        }
+
+
+def _lengths(name: str, values: Sequence[int], n: int | None = None) -> np.ndarray:
+    a = np.asarray(values)
+    if a.ndim != 1 or (n is not None and len(a) != n):
+        raise ValueError(f"{name} must be a 1-D sequence of {n if n is not None else 'N'} ints")
+    if len(a) and (not np.issubdtype(a.dtype, np.integer) or a.min() < 1):
+        raise ValueError(f"{name} must hold ints >= 1")
+    return a.astype(np.int64)
+
+
+def simulate_static_batches(
+    cost_model: Any,
+    prompt_lens: Sequence[int],
+    output_lens: Sequence[int],
+    order: Sequence[int],
+    batch_size: int,
+    policy: str = "",
+) -> StaticBatchResult:
+    """Time a static-batch job with a :class:`~hf_ext.simulate.CostModel`.
+
+    Each batch (``B`` rows, prompts left-padded to the batch's longest ``P``, outputs up to its longest ``L``):
+    one prefill of ``B × P`` tokens (which yields the first token), then ``L - 1`` decode steps of all ``B``
+    rows (finished rows are padding but still computed, as in ``generate``), the context growing by one a step.
+    """
+    plen = _lengths("prompt_lens", prompt_lens)
+    out = _lengths("output_lens", output_lens, len(plen))
+    batches = static_batches(order, batch_size)
+    if sorted(i for b in batches for i in b) != list(range(len(plen))):
+        raise ValueError("order must be a permutation of range(len(prompt_lens))")
+    t, steps, times = 0.0, 0, []
+    finish = [0.0] * len(plen)
+    for b in batches:
+        n, p, longest = len(b), int(plen[b].max()), int(out[b].max())
+        dt = cost_model.prefill_time(p, batch=n) + cost_model.decode_span(n, n * (p + 1), longest - 1)
+        t += dt
+        steps += longest
+        times.append(dt)
+        for i in b:
+            finish[i] = t
+    return StaticBatchResult(policy, batch_size, t, int(out.sum()), len(plen), steps, times, finish)
+
+
+# --------------------------------------------------------------------------------- real generate
+def forced_lengths_processor(targets: Sequence[int], prompt_len: int, eos_token_id: int) -> Any:
+    """A ``LogitsProcessor`` making row ``i`` of a batch emit EOS as its ``targets[i]``-th new token and
+    never before (benchmarks with random-weight models, whose EOS timing means nothing).
+
+    ``prompt_len`` is the padded prompt width of the batch (``input_ids.shape[1]`` at the first step).
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    tgt = torch.as_tensor([int(x) for x in targets], dtype=torch.long)
+    if tgt.numel() == 0 or int(tgt.min()) < 1:
+        raise ValueError("targets must be ints >= 1")
+
+    class _Forced(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            made = input_ids.shape[1] - prompt_len  # tokens generated so far
+            t = tgt.to(scores.device)
+            scores = scores.clone()
+            scores[:, eos_token_id] = torch.where(
+                t > made + 1, torch.full_like(t, float("-inf"), dtype=scores.dtype), scores[:, eos_token_id]
+            )
+            stop = t == made + 1
+            if bool(stop.any()):
+                scores[stop] = float("-inf")
+                scores[stop, eos_token_id] = 0.0
+            return scores
+
+    return _Forced()
+
+
+def run_static_generate(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    output_lens: Sequence[int],
+    order: Sequence[int],
+    batch_size: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    policy: str = "",
+    progress: bool = False,
+) -> StaticBatchResult:
+    """The job on a real model: ``generate`` per batch (greedy, left padding), each row forced to its
+    ``output_lens[i]`` tokens (EOS last). Wall-clock times; the generated lengths are checked."""
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    out = _lengths("output_lens", output_lens, len(prompt_ids))
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt must have at least one token")
+    batches = static_batches(order, batch_size)
+    if sorted(i for b in batches for i in b) != list(range(len(prompt_ids))):
+        raise ValueError("order must be a permutation of range(len(prompt_ids))")
+    device = next(model.parameters()).device
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), desc=f"static {policy}", leave=False)
+    t_all, steps, times = 0.0, 0, []
+    finish = [0.0] * len(prompt_ids)
+    for b in batches:
+        width = max(len(prompt_ids[i]) for i in b)
+        ids = torch.full((len(b), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(b), width), dtype=torch.long)
+        for r, i in enumerate(b):
+            p = list(prompt_ids[i])
+            ids[r, width - len(p) :] = torch.as_tensor(p)
+            mask[r, width - len(p) :] = 1
+        longest = int(out[b].max())
+        gc = GenerationConfig(
+            max_new_tokens=longest, do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+        )
+        proc = forced_lengths_processor(out[b].tolist(), width, eos_token_id)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            seq = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=gc,
+                logits_processor=LogitsProcessorList([proc]),
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        new = seq[:, width:].cpu()
+        for r, i in enumerate(b):
+            row = new[r].tolist()
+            got = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
+            if got != int(out[i]):
+                raise RuntimeError(f"request {i}: generated {got} tokens, forced {int(out[i])}")
+        t_all += dt
+        steps += longest
+        times.append(dt)
+        for i in b:
+            finish[i] = t_all
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return StaticBatchResult(policy, batch_size, t_all, int(out.sum()), len(prompt_ids), steps, times, finish)
+
+
+# ------------------------------------------------------------------------------------- user API
+def tie_batched_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    predictor: Any = None,
+    *,
+    batch_size: int,
+    generation_config: Any = None,
+    config: TIEConfig | None = None,
+    progress: bool = False,
+    **generate_kwargs: Any,
+) -> list[list[int]]:
+    """``model.generate`` over ``prompts`` in static batches of ``batch_size``, cut from the TIE order.
+
+    Args:
+        model: a transformers causal LM.
+        tokenizer: its tokenizer (needs a pad token); prompts are left-padded per batch (the tokenizer's own
+            ``padding_side`` is not changed).
+        prompts: N non-empty strings.
+        predictor: ``logt`` :class:`~hf_ext.generation.tie.predictor.LengthPredictor`; ``None`` uses the
+            prompt-length heuristic with a warning.
+        batch_size: rows per ``generate`` call (from your memory budget, e.g. :func:`batch_size_for_memory`).
+        generation_config / generate_kwargs: passed to every ``generate`` call; ``max_new_tokens`` (here
+            or in the config) is also the cap of the length distribution.
+        config: :class:`TIEConfig` (β, ν, α; ``max_new_tokens`` when the generation config has none).
+
+    Returns:
+        For each prompt, in the order given, its new token ids (up to and including EOS, no padding).
+    """
+    import torch
+
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts[{i}] is empty; every prompt must be non-empty text")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    cfg = config or TIEConfig()
+    gen_cap = generate_kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+    cap = gen_cap if gen_cap is not None else cfg.max_new_tokens
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {cap!r}")
+    from hf_ext.generation.tie.scheduler import order_batch
+
+    enc = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    order = order_batch(
+        list(prompts), predictor, cfg, max_new_tokens=cap, prompt_tokens=[len(e) for e in enc]
+    )
+    if gen_cap is None:
+        generate_kwargs["max_new_tokens"] = cap
+    if getattr(generation_config, "pad_token_id", None) is None:
+        generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    results: list[list[int]] = [[] for _ in prompts]
+    batches = static_batches(order, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="tie_batched_generate")
+    for b in batches:
+        width = max(len(enc[i]) for i in b)
+        ids = torch.full((len(b), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(b):
+            ids[r, width - len(enc[i]) :] = torch.as_tensor(enc[i])
+            mask[r, width - len(enc[i]) :] = 1
+        with torch.inference_mode():
+            seq = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=generation_config,
+                **generate_kwargs,
+            )
+        for r, i in enumerate(b):
+            row = seq[r, width:].tolist()
+            if eos is not None and eos in row:
+                row = row[: row.index(eos) + 1]
+            results[i] = row
+    return results
+
+
+__all__ = [
+    "OFFLINE_POLICIES",
+    "StaticBatchResult",
+    "batch_size_for_memory",
+    "forced_lengths_processor",
+    "policy_order",
+    "run_static_generate",
+    "simulate_static_batches",
+    "static_batches",
+    "tie_batched_generate",
+]
