@@ -20,8 +20,12 @@ Pipeline:
 3. Offline batch job: ``--offline-n`` prompts at t=0 under a KV-memory cap; throughput = requests
    finished by a deadline (half of FCFS's makespan) per second — the data-generation goodput of the TIE/LTR
    papers (the full-batch makespan is order-insensitive to first order and is printed for reference).
+   The same job as ``generate`` over static (padded) batches cut from each policy's order
+   (:mod:`.offline`): a batch runs to its longest row, so the order sets the whole job's tokens/s; batch
+   size from the KV cap with worst-case reservation, and 16 / 64.
 4. Real continuous batching on a tiny random Llama (CPU): a burst of prompts with lengths forced per request
-   (EOS disabled), FIFO vs ``scheduler_type="tie"``; per-token latency from wall-clock timestamps.
+   (EOS disabled), all five policies; per-token latency from wall-clock timestamps. Then real static batches
+   (``generate`` with forced lengths) in each policy's order; tokens/s from wall clock.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ ABLATIONS = {
 BASELINES = ("fcfs", "ssjf", "ltr", "sjf_oracle")
 # offline time budgets, as fractions of FCFS's makespan; the headline one names the plain offline case
 OFFLINE_BUDGETS = (0.25, 0.5, 0.75)
+# static-batch sizes simulated beside the one the offline KV cap gives
+STATIC_BATCH_SIZES = (16, 64)
 HEADLINE_BUDGET = 0.5
 ATTRIBUTION = (
     "Azure LLM inference trace 2023 (conversation), Azure Public Dataset, CC-BY 4.0; "
@@ -329,7 +335,9 @@ def trace_replay(
     return out
 
 
-def offline_batch(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_cfg: Any) -> dict[str, dict]:
+def offline_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: Any) -> list[Any]:
+    """The offline batch job: ``--offline-n`` synthetic prompts at t=0, prompt lengths drawn from the Azure
+    trace (<= 2,048), predictions of all three predictors and TIE scores attached."""
     from hf_ext.generation.tie.data import generate_workload, load_azure_trace
     from hf_ext.generation.tie.scheduler import precompute_scores
     from hf_ext.simulate import Request
@@ -351,6 +359,11 @@ def offline_batch(args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_
     ]
     _annotate(base, preds)
     precompute_scores(base, tie_cfg)
+    return base
+
+
+def offline_batch(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: Any) -> dict[str, dict]:
+    """The offline job under continuous batching with a KV cap: requests finished within time budgets."""
     res: dict[str, dict] = {}
     sims = simulate_policies(cm, base, tie_cfg, args.max_num_seqs, args.offline_kv_tokens)
     budgets = {f: f * sims["fcfs"].makespan for f in OFFLINE_BUDGETS}
@@ -438,31 +451,23 @@ def scheduler_overhead(sizes: tuple[int, ...] = (100, 1000, 5000), reps: int = 2
     return out
 
 
-def real_cb(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
-    """Real transformers continuous batching on a tiny random Llama (CPU): all five policies on one burst.
-
-    Output lengths are forced per request (EOS disabled) and scaled to ``cap``; the predictions are scaled
-    the same way (log-t μ and SSJF length by the factor, LTR rank scores unchanged).
-    """
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-
-    from hf_ext.generation.tie.config import TIEConfig
+def _scaled_burst(args: argparse.Namespace, preds: dict[str, Any], n: int, cap: int) -> list[Any]:
+    """``n`` synthetic prompts for a real tiny-model run: token ids from the tiny tokenizer, output lengths
+    scaled to ``<= cap`` (factor ``cap/1000·4``) and the predictions scaled the same way (log-t μ and SSJF
+    length by the factor, LTR rank scores unchanged); as :class:`ReplayRequest`."""
     from hf_ext.generation.tie.data import generate_workload
-    from hf_ext.generation.tie.replay import POLICIES as CB_POLICIES
-    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay, summarize_replay
-    from hf_ext.testing import tiny_llama, tiny_tokenizer
+    from hf_ext.generation.tie.replay import ReplayRequest
+    from hf_ext.testing import tiny_tokenizer
 
-    n, cap = (16, 48) if args.quick else (40, 96)
     rows = generate_workload(n, seed=args.seed + 900, max_new_tokens=1000)
     tok = tiny_tokenizer()
-    model = tiny_llama()
     prompts = [r["prompt"] for r in rows]
     factor = cap / 1000 * 4
     lens = [max(1, min(cap, int(round(r["output_len"] * factor)))) for r in rows]
     p = preds["logt"].predict(prompts)
     pt = preds["point"].predict(prompts)
     lt = preds["ltr"].predict(prompts)
-    reqs = [
+    return [
         ReplayRequest(
             request_id=f"burst{i}",
             arrival=0.0,
@@ -476,6 +481,23 @@ def real_cb(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
         )
         for i in range(n)
     ]
+
+
+def real_cb(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
+    """Real transformers continuous batching on a tiny random Llama (CPU): all five policies on one burst.
+
+    Output lengths are forced per request (EOS disabled) and scaled to ``cap`` (:func:`_scaled_burst`).
+    """
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.replay import POLICIES as CB_POLICIES
+    from hf_ext.generation.tie.replay import run_cb_replay, summarize_replay
+    from hf_ext.testing import tiny_llama
+
+    n, cap = (16, 48) if args.quick else (40, 96)
+    reqs = _scaled_burst(args, preds, n, cap)
+    model = tiny_llama()
     gc = GenerationConfig(max_new_tokens=cap, do_sample=False, eos_token_id=-1, pad_token_id=0)
     cb = ContinuousBatchingConfig(num_blocks=64, page_size=16, max_batch_tokens=256, max_requests_per_batch=4)
     tie_cfg = TIEConfig(max_new_tokens=cap, use_request_cap=False)
@@ -496,6 +518,81 @@ def real_cb(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
         + ", ".join(f"{k} {v['per_token_mean'] * 1e3:.2f} ms/tok" for k, v in res.items())
     )
     return {f"real_cb_tiny_llama_cpu_burst{n}": res}
+
+
+def real_static(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
+    """Static batches on a real model: ``generate`` on padded batches of a tiny random Llama (CPU), the
+    job cut from each policy's order; output lengths forced per request (:func:`.offline.run_static_generate`)."""
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.offline import OFFLINE_POLICIES, policy_order, run_static_generate
+    from hf_ext.simulate import Request
+    from hf_ext.testing import tiny_llama
+
+    n, cap, bs = (24, 48, 8) if args.quick else (96, 96, 8)
+    burst = _scaled_burst(args, preds, n, cap)
+    reqs = [
+        Request(
+            id=i,
+            arrival=float(i),
+            prompt_len=len(r.prompt_ids),
+            output_len=r.output_len,
+            max_new_tokens=cap,
+            meta={
+                "pred_mu": r.mu,
+                "pred_sigma": r.sigma,
+                "pred_nu": r.nu,
+                "pred_len": r.pred_len,
+                "ltr_score": r.ltr_score,
+            },
+        )
+        for i, r in enumerate(burst)
+    ]
+    tie_cfg = TIEConfig(max_new_tokens=cap, use_request_cap=False)
+    model = tiny_llama()
+    ids, lens = [r.prompt_ids for r in burst], [r.output_len for r in burst]
+    run_static_generate(
+        model, ids[:bs], lens[:bs], list(range(bs)), bs, eos_token_id=2, pad_token_id=0
+    )  # warm-up
+    res = {}
+    for pol in OFFLINE_POLICIES:
+        order = policy_order(pol, reqs, tie_cfg)
+        r = run_static_generate(model, ids, lens, order, bs, eos_token_id=2, pad_token_id=0, policy=pol)
+        res[pol] = r.summary()
+    print(
+        f"  real static batches, tiny Llama ({n} requests, batch {bs}, lengths <= {cap}): "
+        + ", ".join(f"{k} {v['throughput_tok_s']:.0f} tok/s" for k, v in res.items())
+    )
+    return {f"real_static_tiny_llama_cpu_n{n}_b{bs}": res}
+
+
+def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: Any) -> dict[str, dict]:
+    """The offline job as ``generate`` over static (padded) batches, in the simulator's cost model.
+
+    Batch sizes: the largest that fits ``--offline-kv-tokens`` with every row reserved at 2,048 prompt +
+    1,000 new tokens (what a ``generate`` user provisions; case suffix ``_kvcap``), and 16 / 64 beside it.
+    """
+    from hf_ext.generation.tie.offline import (
+        OFFLINE_POLICIES,
+        batch_size_for_memory,
+        policy_order,
+        simulate_static_batches,
+    )
+
+    mem_b = batch_size_for_memory(args.offline_kv_tokens, 2048, 1000)
+    plen, out = [r.prompt_len for r in base], [r.output_len for r in base]
+    orders = {p: policy_order(p, base, tie_cfg) for p in OFFLINE_POLICIES}
+    res: dict[str, dict] = {}
+    for b in sorted({mem_b, *STATIC_BATCH_SIZES}):
+        case = f"offline_static{len(base)}_b{b}" + ("_kvcap" if b == mem_b else "")
+        res[case] = {
+            p: simulate_static_batches(cm, plen, out, orders[p], b, p).summary() for p in OFFLINE_POLICIES
+        }
+        f0 = res[case]["fcfs"]["throughput_tok_s"]
+        print(
+            f"  {case}: tokens/s vs FCFS "
+            + ", ".join(f"{k} {v['throughput_tok_s'] / f0:.2f}x" for k, v in res[case].items() if k != "fcfs")
+        )
+    return res
 
 
 def policy_figure(groups: dict[str, dict[str, dict]], png: Path) -> None:
@@ -573,6 +670,29 @@ def latency_rows(
     return rows
 
 
+def static_rows(static: dict[str, dict], sim_dev: str, real_dev: str, cmd: str) -> list[Any]:
+    """``offline_throughput_tokens`` rows of the static-batch jobs (whole job: generated tokens / makespan)."""
+    from hf_ext.utils.bench import Row
+
+    return [
+        Row.make(
+            COMPONENT,
+            case,
+            "offline_throughput_tokens",
+            res["tie"]["throughput_tok_s"],
+            b,
+            res[b]["throughput_tok_s"],
+            higher_is_better=True,
+            device=real_dev if case.startswith("real_") else sim_dev,
+            quality_name="padding_share_tie/base",
+            quality_value=f"{res['tie']['padding_share']:.3f}/{res[b]['padding_share']:.3f}",
+            command=cmd,
+        )
+        for case, res in static.items()
+        for b in BASELINES
+    ]
+
+
 def real_cb_rows(real: dict[str, dict], device: str, cmd: str) -> list[Any]:
     """Rows of real-CB replays; quality = whether every request produced exactly its forced length."""
     return latency_rows(
@@ -628,14 +748,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_replay:
         export_replay(args.export_replay, base)
     online = trace_replay(args, cm, preds, tie_cfg, base)
-    print("[3/4] offline batch job (simulator, memory cap)")
-    offline = offline_batch(args, cm, preds, tie_cfg)
+    print("[3/4] offline batch job (simulator, memory cap): continuous batching, then static batches")
+    off_base = offline_requests(args, preds, tie_cfg)
+    offline = offline_batch(args, cm, off_base, tie_cfg)
+    static = offline_static(args, cm, off_base, tie_cfg)
     print("[+] CB scheduler overhead (CPU)")
     overhead = scheduler_overhead()
     real = {}
     if not args.no_real_cb:
-        print("[4/4] real continuous batching, tiny Llama on CPU")
+        print("[4/4] real continuous batching and static batches, tiny Llama on CPU")
         real = real_cb(args, preds)
+        static.update(real_static(args, preds))
 
     dev = f"sim:{cm.name}"
     cmd = "python -m hf_ext bench tie" + (" " + " ".join(argv) if argv else "")
@@ -676,6 +799,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     from hf_ext.utils.bench import device_name
 
+    rows += static_rows(static, dev, device_name(), cmd)
     if real:
         rows += real_cb_rows(real, device_name(), cmd)
     for case, res in overhead.items():
@@ -722,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
                     "quality": quality,
                     "online": online,
                     "offline": offline,
+                    "offline_static": static,
                     "real_cb": real,
                     "scheduler_overhead": overhead,
                     "attribution": ATTRIBUTION,
