@@ -113,28 +113,11 @@ def simulate_same(
     from hf_ext.generation.tie.bench import load_cost_model, simulate_policies
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.scheduler import precompute_scores
-    from hf_ext.simulate import Request
 
     cm = load_cost_model(args.calibration)
     max_seqs = args.max_requests_per_batch or 1024  # transformers' fallback for max_requests_per_batch
     cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=max_seqs)
-    base = [
-        Request(
-            id=i,
-            arrival=r.arrival,
-            prompt_len=len(r.prompt_ids),
-            output_len=r.output_len,
-            max_new_tokens=args.max_new_tokens,
-            meta={
-                "pred_mu": r.mu,
-                "pred_sigma": r.sigma,
-                "pred_nu": r.nu,
-                "pred_len": r.pred_len,
-                "ltr_score": r.ltr_score,
-            },
-        )
-        for i, r in enumerate(reqs)
-    ]
+    base = [r.to_sim_request(i, args.max_new_tokens) for i, r in enumerate(reqs)]
     precompute_scores(base, cfg)
     out: dict[str, dict] = {}
     for speed in speeds:

@@ -16,9 +16,29 @@ def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "azure2023conv_5min_x4" in out and "real CB tiny Llama" in out
+    assert "azure2023conv_5min_x4" in out and "real CB tiny Llama" in out and "real static batches" in out
     assert out.count("budget ") >= len(OFFLINE_BUDGETS)
     csv = (tmp_path / "tie.csv").read_text()
-    for needle in ("offline_throughput_tokens", "_budget0.25", "real_cb_tiny_llama_cpu_burst16", "ttft"):
+    needles = ("offline_throughput_tokens", "_budget0.25", "real_cb_tiny_llama_cpu_burst16", "ttft")
+    for needle in (*needles, "offline_static600_b39_kvcap", "real_static_tiny_llama_cpu_n24_b8"):
         assert needle in csv
     assert (tmp_path / "tie_policies.png").stat().st_size > 0 and export.stat().st_size > 0
+
+
+def test_static_rows_compare_tie_with_every_baseline():
+    from hf_ext.generation.tie.bench import BASELINES, static_rows
+
+    pol = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")
+    static = {
+        "offline_static10_b4_kvcap": {
+            p: {"throughput_tok_s": 100.0 + i, "padding_share": 0.5} for i, p in enumerate(pol)
+        },
+        "real_static_tiny_llama_cpu_n10_b4": {
+            p: {"throughput_tok_s": 50.0, "padding_share": 0.2} for p in pol
+        },
+    }
+    rows = static_rows(static, "sim:x", "cpu-x", "cmd")
+    assert len(rows) == 2 * len(BASELINES)
+    sim = {r.baseline: r for r in rows if r.case.startswith("offline")}
+    assert sim["fcfs"].ratio == pytest.approx(104 / 100) and sim["fcfs"].device == "sim:x"
+    assert all(r.device == "cpu-x" for r in rows if r.case.startswith("real"))

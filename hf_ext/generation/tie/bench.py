@@ -525,28 +525,11 @@ def real_static(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, di
     job cut from each policy's order; output lengths forced per request (:func:`.offline.run_static_generate`)."""
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.offline import OFFLINE_POLICIES, policy_order, run_static_generate
-    from hf_ext.simulate import Request
     from hf_ext.testing import tiny_llama
 
     n, cap, bs = (24, 48, 8) if args.quick else (96, 96, 8)
     burst = _scaled_burst(args, preds, n, cap)
-    reqs = [
-        Request(
-            id=i,
-            arrival=float(i),
-            prompt_len=len(r.prompt_ids),
-            output_len=r.output_len,
-            max_new_tokens=cap,
-            meta={
-                "pred_mu": r.mu,
-                "pred_sigma": r.sigma,
-                "pred_nu": r.nu,
-                "pred_len": r.pred_len,
-                "ltr_score": r.ltr_score,
-            },
-        )
-        for i, r in enumerate(burst)
-    ]
+    reqs = [r.to_sim_request(i, cap) for i, r in enumerate(burst)]  # all at t=0: FCFS keeps this order
     tie_cfg = TIEConfig(max_new_tokens=cap, use_request_cap=False)
     model = tiny_llama()
     ids, lens = [r.prompt_ids for r in burst], [r.output_len for r in burst]

@@ -70,6 +70,21 @@ class ReplayRequest:
     pred_len: float = math.nan
     ltr_score: float = math.nan
 
+    def to_sim_request(self, id: int, max_new_tokens: int) -> Any:
+        """The same request for the shared simulator / offline planner (predictions in ``meta``)."""
+        from hf_ext.simulate import Request
+
+        meta = {"pred_mu": self.mu, "pred_sigma": self.sigma, "pred_nu": self.nu}
+        meta.update(pred_len=self.pred_len, ltr_score=self.ltr_score)
+        return Request(
+            id=id,
+            arrival=self.arrival,
+            prompt_len=len(self.prompt_ids),
+            output_len=self.output_len,
+            max_new_tokens=max_new_tokens,
+            meta=meta,
+        )
+
 
 _NEEDS = {
     "fcfs": (),
