@@ -17,6 +17,10 @@ Run on the GPU machine (numbers go to ``$HF_EXT_RESULTS_DIR`` or ``benchmarks/re
     PYTHONPATH=$PWD:$PWD/kernels python benchmarks/tie_real_cb.py --shape llama3.1-8b --n 150 --speeds 4 \
         --max-requests-per-batch 32 --cuda-graph --budget-s 480
 
+``--static-batch B`` measures the offline job instead: the requests as ``generate`` calls on padded batches of
+``B`` cut from each policy's order (lengths forced; whole-job tokens/s), e.g.
+``--shape llama3.1-8b --n 160 --static-batch 32 --budget-s 480``.
+
 CPU smoke run (tiny model, seconds)::
 
     python benchmarks/tie_real_cb.py --shape tiny --device cpu --n 12 --speeds 1,0 --no-write
@@ -71,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         "--simulate",
         action="store_true",
         help="no model: run the same requests, speeds and concurrency cap in the shared simulator (CPU)",
+    )
+    p.add_argument(
+        "--static-batch",
+        type=int,
+        default=0,
+        help="instead of CB: the requests as one offline job of generate calls on padded batches of this size, "
+        "cut from each policy's order (0 = off)",
     )
     p.add_argument("--calibration", default=None, help="simulator cost model (default: bench tie's choice)")
     p.add_argument("--sim-kv-tokens", type=int, default=450_000, help="simulator KV capacity in tokens")
@@ -141,10 +152,61 @@ def _case(args: argparse.Namespace, n: int, speed: float) -> str:
     return case
 
 
+def run_static(
+    args: argparse.Namespace, model: Any, reqs: list[Any], policies: list[str], cmd: str, t_start: float
+) -> int:
+    """The requests as one offline job: ``generate`` on padded batches of ``--static-batch`` in each policy's
+    order, lengths forced (:func:`hf_ext.generation.tie.offline.run_static_generate`); whole-job tokens/s."""
+    from hf_ext.generation.tie.bench import COMPONENT, static_rows
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.offline import policy_order, run_static_generate
+    from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows, results_dir
+
+    bs, dev = args.static_batch, device_name()
+    sim_reqs = [r.to_sim_request(i, args.max_new_tokens) for i, r in enumerate(reqs)]
+    cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=bs)
+    ids, lens = [r.prompt_ids for r in reqs], [r.output_len for r in reqs]
+    kw = dict(eos_token_id=2, pad_token_id=0)  # a random model: EOS is forced at each row's length
+    k = min(bs, len(reqs))
+    run_static_generate(model, ids[:k], [min(x, 8) for x in lens[:k]], list(range(k)), bs, **kw)  # warm-up
+    case = f"real_static_{args.shape}_azure2023conv_n{len(reqs)}_b{bs}"
+    res: dict[str, dict] = {}
+    all_rows: list[Any] = []
+    for pol in policies:  # TIE first: a run cut short still compares it with what finished
+        if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+            print(f"  --budget-s {args.budget_s:.0f} spent: skipping {pol} and the rest")
+            break
+        order = policy_order(pol, sim_reqs, cfg)
+        r = run_static_generate(model, ids, lens, order, bs, policy=pol, progress=True, **kw)
+        res[pol] = r.summary()
+        print(
+            f"  {case} {pol:<10}: {res[pol]['throughput_tok_s']:.0f} tok/s, {r.decode_steps} decode steps, "
+            f"padding {res[pol]['padding_share']:.1%}, {r.makespan_s:.1f}s"
+        )
+        if "tie" not in res:
+            continue
+        done = [p for p in res if p != "tie"] if pol == "tie" else [pol]
+        rows = static_rows({case: {"tie": res["tie"], **{p: res[p] for p in done}}}, "", dev, cmd)
+        all_rows += rows
+        if rows and not args.no_write:  # written as soon as a comparison exists
+            append_rows(COMPONENT, rows)
+            details = results_dir() / "tie_real_static_details.json"
+            details.write_text(
+                json.dumps({"command": cmd, "device": dev, "real_static": {case: res}}, indent=1)
+            )
+    print_rows(all_rows, title="TIE order for static generate batches — ratio > 1: TIE better")
+    if not args.no_write and all_rows:
+        plot_results(COMPONENT, results_dir() / f"{COMPONENT}.csv")
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.n < 2:
         raise ValueError("--n must be >= 2")
+    if args.static_batch < 0:
+        raise ValueError(f"--static-batch must be >= 0, got {args.static_batch}")
     speeds = [float(x) for x in args.speeds.split(",")]
     if any(not math.isfinite(x) or x < 0 for x in speeds):
         raise ValueError(f"--speeds must be numbers >= 0, got {args.speeds!r}")
@@ -181,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     model = model_for_shape(args.shape, args.device, seed=args.seed)
     vocab = model.config.vocab_size
     reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, vocab, args.seed)
+    if args.static_batch:
+        return run_static(args, model, reqs, policies, cmd, t_start)
     gc = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0
     )

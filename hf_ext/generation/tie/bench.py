@@ -654,7 +654,8 @@ def latency_rows(
 
 
 def static_rows(static: dict[str, dict], sim_dev: str, real_dev: str, cmd: str) -> list[Any]:
-    """``offline_throughput_tokens`` rows of the static-batch jobs (whole job: generated tokens / makespan)."""
+    """``offline_throughput_tokens`` rows of the static-batch jobs (whole job: generated tokens / makespan), TIE
+    against each baseline present; ``real_*`` cases get ``real_dev``, the others ``sim_dev``."""
     from hf_ext.utils.bench import Row
 
     return [
@@ -673,6 +674,7 @@ def static_rows(static: dict[str, dict], sim_dev: str, real_dev: str, cmd: str) 
         )
         for case, res in static.items()
         for b in BASELINES
+        if b in res
     ]
 
 
