@@ -42,3 +42,23 @@ def test_static_rows_compare_tie_with_every_baseline():
     sim = {r.baseline: r for r in rows if r.case.startswith("offline")}
     assert sim["fcfs"].ratio == pytest.approx(104 / 100) and sim["fcfs"].device == "sim:x"
     assert all(r.device == "cpu-x" for r in rows if r.case.startswith("real"))
+
+
+def test_serving_example_runs_on_cpu():
+    """examples/tie_serving.py as a user runs it (small settings): CB FIFO vs TIE, then the offline job."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "examples" / "tie_serving.py"), "--n-train", "300", "--epochs", "1"]
+    cmd += ["--n-prompts", "8", "--max-new-tokens", "16", "--offline-batch", "4"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fifo: 8 requests" in out.stdout and " tie: 8 requests" in out.stdout
+    toks = [
+        line.split(": ")[1].split(" tokens")[0]
+        for line in out.stdout.splitlines()
+        if line.startswith("offline")
+    ]
+    assert len(toks) == 2 and all(0 < int(t) <= 8 * 16 for t in toks)

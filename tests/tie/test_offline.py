@@ -178,3 +178,13 @@ def test_tie_batched_generate_refuses_bad_input(model):
         tie_batched_generate(model, tok, ["a"], batch_size=0)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         tie_batched_generate(model, tok, ["a"], batch_size=1, max_new_tokens=0)
+
+
+def test_trim_at_eos_keeps_the_first_eos_and_drops_the_padding():
+    from hf_ext.generation.tie.offline import _eos_ids, trim_at_eos
+
+    assert trim_at_eos([5, 6, 2, 0, 0], {2}) == [5, 6, 2]
+    assert trim_at_eos([5, 6, 7], {2}) == [5, 6, 7]
+    assert trim_at_eos([5, 9, 2], {9, 2}) == [5, 9]
+    assert _eos_ids(None) is None and _eos_ids(2) == {2} and _eos_ids([2, 7]) == {2, 7}
+    assert _eos_ids(torch.tensor([-1])) == set()  # "never stop" markers are not token ids

@@ -331,7 +331,14 @@ def tie_batched_generate(
         generate_kwargs["max_new_tokens"] = cap
     if getattr(generation_config, "pad_token_id", None) is None:
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    eos = tokenizer.eos_token_id
+    # the EOS generate stops at: the call's, else the config's, else the model's defaults (generate merges them)
+    eos = None
+    for src in (generate_kwargs.get("eos_token_id"), getattr(generation_config, "eos_token_id", None)):
+        eos = eos if eos is not None else _eos_ids(src)
+    if eos is None:
+        eos = _eos_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    if eos is None:
+        eos = _eos_ids(tokenizer.eos_token_id) or set()
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
     batches = static_batches(order, batch_size)
@@ -354,11 +361,27 @@ def tie_batched_generate(
                 **generate_kwargs,
             )
         for r, i in enumerate(b):
-            row = seq[r, width:].tolist()
-            if eos is not None and eos in row:
-                row = row[: row.index(eos) + 1]
-            results[i] = row
+            results[i] = trim_at_eos(seq[r, width:].tolist(), eos)
     return results
+
+
+def _eos_ids(value: Any) -> set[int] | None:
+    """EOS ids of a generation config / tokenizer value (int, list or tensor); ``None`` if unset."""
+    if value is None:
+        return None
+    vals = value.tolist() if hasattr(value, "tolist") else value
+    vals = vals if isinstance(vals, (list, tuple)) else [vals]
+    return {int(v) for v in vals if int(v) >= 0}
+
+
+def trim_at_eos(row: Sequence[int], eos: set[int]) -> list[int]:
+    """``row`` up to and including its first EOS (the padding ``generate`` adds after it dropped)."""
+    out = []
+    for t in row:
+        out.append(int(t))
+        if t in eos:
+            break
+    return out
 
 
 __all__ = [
@@ -371,4 +394,5 @@ __all__ = [
     "simulate_static_batches",
     "static_batches",
     "tie_batched_generate",
+    "trim_at_eos",
 ]
