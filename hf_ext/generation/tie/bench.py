@@ -554,6 +554,8 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
     Batch sizes: the largest that fits ``--offline-kv-tokens`` with every row reserved at 2,048 prompt +
     1,000 new tokens (what a ``generate`` user provisions; case suffix ``_kvcap``), and 16 / 64 beside it.
     """
+    from dataclasses import replace
+
     from hf_ext.generation.tie.offline import (
         OFFLINE_POLICIES,
         batch_size_for_memory,
@@ -564,12 +566,12 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
     mem_b = batch_size_for_memory(args.offline_kv_tokens, 2048, 1000)
     plen, out = [r.prompt_len for r in base], [r.output_len for r in base]
     orders = {p: policy_order(p, base, tie_cfg) for p in OFFLINE_POLICIES}
+    # ablation (report / details only, never CSV rows): the same order without the CVaR term
+    orders["tie_no_tail"] = policy_order("tie", base, replace(tie_cfg, beta_min=0.0, beta_max=0.0))
     res: dict[str, dict] = {}
     for b in sorted({mem_b, *STATIC_BATCH_SIZES}):
         case = f"offline_static{len(base)}_b{b}" + ("_kvcap" if b == mem_b else "")
-        res[case] = {
-            p: simulate_static_batches(cm, plen, out, orders[p], b, p).summary() for p in OFFLINE_POLICIES
-        }
+        res[case] = {p: simulate_static_batches(cm, plen, out, o, b, p).summary() for p, o in orders.items()}
         f0 = res[case]["fcfs"]["throughput_tok_s"]
         print(
             f"  {case}: tokens/s vs FCFS "
