@@ -16,17 +16,6 @@ from hf_ext.generation.tie.predictor import (
     pairwise_loss,
 )
 
-SMALL = dict(
-    hidden_size=32,
-    num_heads=2,
-    intermediate_size=64,
-    num_layers=1,
-    max_length=48,
-    epochs=3,
-    batch_size=32,
-    lr=3e-3,
-)
-
 
 @pytest.fixture(scope="module")
 def splits():
@@ -36,7 +25,7 @@ def splits():
 @pytest.fixture(scope="module")
 def logt_predictor(splits):
     torch.set_num_threads(1)
-    p = LengthPredictor(PredictorConfig(kind="logt", **SMALL))
+    p = LengthPredictor(PredictorConfig.tiny(kind="logt"))
     p.fit(splits[0])
     return p
 
@@ -64,7 +53,7 @@ def test_save_and_load_roundtrip(logt_predictor, tmp_path):
 @pytest.mark.parametrize("kind", ["point", "ltr"])
 def test_baseline_predictors_learn_the_order(kind, splits):
     torch.set_num_threads(1)
-    p = LengthPredictor(PredictorConfig(kind=kind, **SMALL))
+    p = LengthPredictor(PredictorConfig.tiny(kind=kind))
     p.fit(splits[0])
     ev = p.evaluate(splits[1])
     assert ev["spearman"] > 0.4, ev
@@ -96,7 +85,7 @@ def test_workload_has_no_numeric_label_leak_and_heavy_tail():
 
 
 def test_bad_input():
-    p = LengthPredictor(PredictorConfig(kind="logt", **SMALL))
+    p = LengthPredictor(PredictorConfig.tiny(kind="logt"))
     with pytest.raises(ValueError, match="empty"):
         p.predict(["fine", ""])
     with pytest.raises(ValueError, match="output_len"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 SUPPORT_MODES = ("clip", "truncate")
 AGING_MODES = ("continuous", "step", "none")
@@ -140,6 +141,15 @@ class PredictorConfig:
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation and shuffling."})
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> PredictorConfig:
+        """A 1-layer, 32-wide encoder that trains in seconds on a CPU (tests, demos, docs); fields overridable."""
+        kw: dict[str, Any] = dict(
+            hidden_size=32, num_heads=2, intermediate_size=64, num_layers=1, max_length=48
+        )
+        kw.update(epochs=3, batch_size=32, lr=3e-3)
+        return cls(**{**kw, **overrides})
 
     def __post_init__(self) -> None:
         if self.kind not in PREDICTOR_KINDS:

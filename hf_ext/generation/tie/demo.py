@@ -28,18 +28,7 @@ def run_demo() -> DemoResult:
 
     torch.set_num_threads(1)
     train, test = generate_workload(640, seed=1), generate_workload(300, seed=2)
-    pred = LengthPredictor(
-        PredictorConfig(
-            hidden_size=32,
-            num_heads=2,
-            intermediate_size=64,
-            num_layers=1,
-            max_length=48,
-            epochs=3,
-            batch_size=32,
-            lr=3e-3,
-        )
-    )
+    pred = LengthPredictor(PredictorConfig.tiny())
     pred.fit({"prompt": [r["prompt"] for r in train], "output_len": [r["output_len"] for r in train]})
     nll = pred.evaluate(
         {"prompt": [r["prompt"] for r in test], "output_len": [r["output_len"] for r in test]}
