@@ -6,25 +6,12 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainingArguments
 
-from hf_ext.callbacks.dataflex.synthetic import make_mixture, tiny_model  # noqa: F401
+from hf_ext.callbacks.dataflex.synthetic import cpu_training_args, make_mixture, tiny_model  # noqa: F401
 
 
 def args(out: str, **kw: Any) -> TrainingArguments:
-    base = dict(
-        output_dir=out,
-        max_steps=12,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    base = dict(max_steps=12, per_device_train_batch_size=4, seed=0, dataloader_num_workers=0)
+    return cpu_training_args(out, **{**base, **kw})
 
 
 class Recorder(TrainerCallback):

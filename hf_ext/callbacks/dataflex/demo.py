@@ -14,27 +14,16 @@ def run_demo() -> DemoResult:
     mixture; after warm-up the selection must keep (almost) no noisy-label samples."""
     import numpy as np
     import torch
-    from transformers import TrainingArguments
 
     from hf_ext.callbacks.dataflex.ops import default_collate
-    from hf_ext.callbacks.dataflex.synthetic import make_mixture, tiny_model
+    from hf_ext.callbacks.dataflex.synthetic import cpu_training_args, make_mixture, tiny_model
     from hf_ext.callbacks.dataflex.trainer import DataFlexTrainer
 
     torch.manual_seed(0)
     data = make_mixture({"clean": 64, "hard": 64, "noisy": 64}, seed=0)
     cfg = {"selector": "delta_loss", "selector_args": {"budget": 0.5}, "warmup_step": 30, "update_step": 100}
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        args = TrainingArguments(
-            out,
-            max_steps=40,
-            per_device_train_batch_size=16,
-            learning_rate=3e-3,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-        )
+        args = cpu_training_args(out, max_steps=40, per_device_train_batch_size=16)
         trainer = DataFlexTrainer(
             model=tiny_model(), args=args, train_dataset=data, data_collator=default_collate, dataflex=cfg
         )

@@ -69,6 +69,15 @@ def tiny_model(seed: int = 0, **overrides: Any) -> Any:
     return tiny_llama(seed, **kw).train()
 
 
+def cpu_training_args(output_dir: str, **overrides: Any) -> Any:
+    """Quiet CPU ``TrainingArguments`` for the tiny runs (demo, tests): no saving, logging, reporting or bars."""
+    from transformers import TrainingArguments
+
+    kw: dict[str, Any] = dict(output_dir=output_dir, learning_rate=3e-3, report_to=[], use_cpu=True)
+    kw.update(save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    return TrainingArguments(**{**kw, **overrides})
+
+
 def train_steps(
     model: Any,
     data: list[dict[str, Any]],
