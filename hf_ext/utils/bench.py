@@ -283,16 +283,8 @@ def print_rows(rows: Sequence[Row], title: str = "") -> None:
     from rich.table import Table
 
     t = Table(title=title or None)
-    for c in (
-        "case",
-        "metric",
-        "ours",
-        "baseline",
-        "baseline_value",
-        "ratio",
-        "quality_name",
-        "quality_value",
-    ):
+    hidden = ("component", "device", "versions", "date", "commit", "command")  # same for every row of a run
+    for c in (c for c in COLUMNS if c not in hidden):
         t.add_column(c)
     for r in rows:
         t.add_row(
