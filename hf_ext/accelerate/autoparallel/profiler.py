@@ -50,8 +50,20 @@ class LinkProfile:
         return self.latency_us * 1e-3 + bus_bytes / (self.bus_bandwidth_GBps * 1e9) * 1e3
 
 
+class _JsonFile:
+    """``save(path)`` / ``load(path)`` through the class's ``to_dict`` / ``from_dict`` (atomic write)."""
+
+    def save(self, path: str) -> None:
+        _write_json(path, self.to_dict())  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls, path: str) -> Any:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))  # type: ignore[attr-defined]
+
+
 @dataclass
-class HardwareProfile:
+class HardwareProfile(_JsonFile):
     """Device and interconnect characteristics used by the cost model.
 
     ``intra`` / ``inter`` give a :class:`LinkProfile` per collective name (see ``COLLECTIVES``) for
@@ -139,14 +151,6 @@ class HardwareProfile:
         d["inter"] = {k: LinkProfile(**v) for k, v in d.get("inter", {}).items()}
         return cls(**d)
 
-    def save(self, path: str) -> None:
-        _write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str) -> HardwareProfile:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
 
 # ------------------------------------------------------------------------------------------- model
 @dataclass
@@ -172,7 +176,7 @@ class LayerProfile:
 
 
 @dataclass
-class ModelProfile:
+class ModelProfile(_JsonFile):
     """Measured per-layer profile of a model at one sequence length (see :func:`profile_model`).
 
     Besides the decoder layers and the head (final norm + LM head + fp32 cross-entropy) it holds the
@@ -238,14 +242,6 @@ class ModelProfile:
         if d.get("embed") is not None:
             d["embed"] = LayerProfile(**d["embed"])
         return cls(**d)
-
-    def save(self, path: str) -> None:
-        _write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str) -> ModelProfile:
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     def calibrate(self, hw: HardwareProfile) -> HardwareProfile:
         """A copy of ``hw`` whose compute numbers come from this measured profile."""
