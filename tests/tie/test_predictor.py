@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,51 @@ def test_bad_input():
     p.fitted = True
     with pytest.raises(ValueError, match="non-finite"):
         p.predict(["a prompt"])
+
+
+def test_student_t_log_sf_matches_scipy_with_gradients():
+    from scipy import stats
+
+    from hf_ext.generation.tie.predictor import student_t_log_sf
+
+    for nu in (2.0, 3.5, 8.0, 30.0):
+        z = torch.linspace(-30, 60, 91, dtype=torch.float64)
+        got = student_t_log_sf(z, torch.tensor(nu, dtype=torch.float64)).numpy()
+        np.testing.assert_allclose(np.exp(got), stats.t.sf(z.numpy(), nu), rtol=1e-6)
+    z = torch.tensor([-1.0, 0.3, 2.0], dtype=torch.float64, requires_grad=True)
+    student_t_log_sf(z, torch.tensor(3.5, dtype=torch.float64)).sum().backward()
+    want = -np.exp(stats.t.logpdf([-1.0, 0.3, 2.0], 3.5) - stats.t.logsf([-1.0, 0.3, 2.0], 3.5))
+    np.testing.assert_allclose(z.grad.numpy(), want, rtol=1e-6)
+
+
+def test_censored_training_keeps_the_tail_of_capped_lengths():
+    """Half the long answers hit the cap: treated as exact lengths the fitted spread collapses; as right-censored
+    (censor_at) the predictor keeps the true spread and the chance of reaching the cap."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    topics = ["rome", "paris", "cats", "rivers", "music", "trains", "stars", "bread"]
+    prompts, lens, long_capped = [], [], []
+    for k in rng.integers(0, 2, 400):
+        t = topics[rng.integers(0, len(topics))]
+        short = k == 0
+        prompts.append(
+            f"Answer briefly: what is {t}?" if short else f"Write a detailed long essay about {t}."
+        )
+        x = math.exp(math.log(20 if short else 300) + 0.4 * rng.standard_t(3.5))
+        lens.append(int(min(max(1, round(x)), 300)))
+        if not short:
+            long_capped.append(lens[-1] >= 300)
+    data = {"prompt": prompts, "output_len": lens}
+    fits = {}
+    for cens in (None, 300):
+        p = LengthPredictor(PredictorConfig.tiny(epochs=6, censor_at=cens))
+        p.fit(data)
+        fits[cens] = p.predict(["Write a detailed long essay about rome."])
+    assert fits[None]["sigma"][0] < 0.25  # the cap squeezed the spread (true 0.4)
+    got = fits[300]
+    assert 0.3 < got["sigma"][0] < 0.6
+    p_cap = stats.t.sf((math.log(300) - got["mu"][0]) / got["sigma"][0], got["nu"][0])
+    assert abs(p_cap - np.mean(long_capped)) < 0.15
+    with pytest.raises(ValueError, match="censor_at must be None or an int >= 2"):
+        PredictorConfig(censor_at=1)

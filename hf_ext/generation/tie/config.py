@@ -134,6 +134,13 @@ class PredictorConfig:
     ltr_loss: str = field(
         default="listmle", metadata={"help": "Ranking loss of the ltr kind: listmle or pairwise."}
     )
+    censor_at: int | None = field(
+        default=None,
+        metadata={
+            "help": "Generation cap of the training data: lengths >= censor_at were cut there, so the log-t "
+            "NLL (kind='logt') uses log P(X >= censor_at) for them instead of the density. None: no censoring."
+        },
+    )
     epochs: int = field(default=4, metadata={"help": "Training epochs of fit()."})
     batch_size: int = field(
         default=64, metadata={"help": "Training batch size (also the ranking list size)."}
@@ -176,3 +183,7 @@ class PredictorConfig:
         _check_pos("min_sigma", self.min_sigma)
         _check_pos("lr", self.lr)
         _check_pos("weight_decay", self.weight_decay, strict=False)
+        if self.censor_at is not None and (
+            isinstance(self.censor_at, bool) or not isinstance(self.censor_at, int) or self.censor_at < 2
+        ):
+            raise ValueError(f"censor_at must be None or an int >= 2 (a token count), got {self.censor_at!r}")
