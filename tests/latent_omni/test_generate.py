@@ -123,3 +123,15 @@ def test_generate_stops_at_eos_and_samples(model, cfg):
         torch.tensor([[1, 30]]), max_new_tokens=6, do_sample=True, top_k=5, temperature=0.7, eos_token_id=[]
     )
     assert torch.equal(a, b) and a.shape == (1, 8)
+
+
+def test_generate_forwards_every_media_argument():
+    """generate passes the prompt's media by name lists; they must cover the helpers' keyword arguments."""
+    import inspect
+
+    from hf_ext.models.latent_omni import modeling_latent_omni as m
+
+    cls = m.LatentOmniForConditionalGeneration
+    embed = set(inspect.signature(cls._embed_prompt).parameters) - {"self", "input_ids"}
+    rope = set(inspect.signature(cls._rope_positions).parameters) - {"self", "input_ids", "attention_mask"}
+    assert set(m._EMBED_MEDIA) == embed and set(m._ROPE_MEDIA) == rope

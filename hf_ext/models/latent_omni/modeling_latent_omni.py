@@ -52,6 +52,25 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniTh
 
 from .configuration_latent_omni import LatentOmniConfig
 
+# the media keyword arguments of _embed_prompt and _rope_positions (generate passes them from one dict)
+_EMBED_MEDIA = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "input_features",
+    "feature_attention_mask",
+    "audio_feature_lengths",
+)
+_ROPE_MEDIA = (
+    "image_grid_thw",
+    "video_grid_thw",
+    "feature_attention_mask",
+    "audio_feature_lengths",
+    "use_audio_in_video",
+    "video_second_per_grid",
+)
+
 # ------------------------------------------------------------------------------------ pure helpers
 
 
@@ -831,26 +850,8 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 "<Unified_Latent> to let the model produce the latents"
             )
         _, open_rows = find_latent_blocks(input_ids, attention_mask, cfg, allow_open_end=True)
-        embeds = self._embed_prompt(
-            input_ids,
-            pixel_values=media.get("pixel_values"),
-            image_grid_thw=media.get("image_grid_thw"),
-            pixel_values_videos=media.get("pixel_values_videos"),
-            video_grid_thw=media.get("video_grid_thw"),
-            input_features=media.get("input_features"),
-            feature_attention_mask=media.get("feature_attention_mask"),
-            audio_feature_lengths=media.get("audio_feature_lengths"),
-        )
-        pos = self._rope_positions(
-            input_ids,
-            attention_mask,
-            image_grid_thw=media.get("image_grid_thw"),
-            video_grid_thw=media.get("video_grid_thw"),
-            feature_attention_mask=media.get("feature_attention_mask"),
-            audio_feature_lengths=media.get("audio_feature_lengths"),
-            use_audio_in_video=media.get("use_audio_in_video"),
-            video_second_per_grid=media.get("video_second_per_grid"),
-        )
+        embeds = self._embed_prompt(input_ids, **{k: media.get(k) for k in _EMBED_MEDIA})
+        pos = self._rope_positions(input_ids, attention_mask, **{k: media.get(k) for k in _ROPE_MEDIA})
         cache = DynamicCache(config=self._text_model().config) if use_cache else None
         hidden = self._run_text_model(embeds, pos, attention_mask, cache)
         bsz = input_ids.shape[0]
