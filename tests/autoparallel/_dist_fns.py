@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# timing repeats of the profiler probes here (2 was too few: a busy CI box put prediction and fit 2.1x apart)
+REPEATS = 5
+
 GLOBAL_BATCH, SEQ = 4, 16
 
 
@@ -98,7 +101,7 @@ def profile_runtime(rank: int, world_size: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = tiny_llama()
-    prof = profile_model(model, seq_len=32, micro_batches=(1, 2), repeats=2, max_layers=1)
+    prof = profile_model(model, seq_len=32, micro_batches=(1, 2), repeats=REPEATS, max_layers=1)
     shape = get_shape(model.config)
     plan = Plan.uniform(shape, gpus=1, dp_type="ddp", global_batch=2, seq_len=32, micro_batch=1)
     hw = HardwareProfile.cpu()
