@@ -46,6 +46,7 @@ from hf_ext.generation.tie.scheduler import (
     aging_order_key,
     heuristic_prediction,
     tie_components,
+    validate_prompts,
 )
 
 SCHEDULER_NAME = "tie"
@@ -384,11 +385,9 @@ def tie_generate_batch(
 
     from transformers import ContinuousBatchingConfig
 
-    if isinstance(prompts, str) or not prompts:
+    if isinstance(prompts, str):
         raise ValueError("prompts must be a non-empty list of strings")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompts[{i}] is empty; every prompt must be non-empty text")
+    prompts = validate_prompts(prompts, non_empty=True)
     mnt = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
     if mnt is not None and (not isinstance(mnt, int) or mnt <= 0):
         raise ValueError(f"max_new_tokens must be an int > 0, got {mnt!r}")

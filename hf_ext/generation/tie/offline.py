@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from hf_ext.generation.tie.config import TIEConfig
+from hf_ext.generation.tie.scheduler import order_batch, validate_prompts
 
 OFFLINE_POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")
 
@@ -69,13 +70,16 @@ def policy_order(policy: str, requests: Sequence[Any], config: TIEConfig | None 
     return [int(i) for i in np.argsort(key, kind="stable")]
 
 
-def static_batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Cut a job order into consecutive batches of ``batch_size`` (the last may be smaller)."""
+def static_batches(order: Sequence[int], batch_size: int, n: int | None = None) -> list[list[int]]:
+    """Cut a job order into consecutive batches of ``batch_size`` (the last may be smaller); with ``n``,
+    ``order`` must be a permutation of ``range(n)`` (every request of the job exactly once)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     order = [int(i) for i in order]
     if len(set(order)) != len(order):
         raise ValueError("order must not repeat an index")
+    if n is not None and sorted(order) != list(range(n)):
+        raise ValueError(f"order must be a permutation of range({n}) (one entry per request)")
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
@@ -153,9 +157,7 @@ def simulate_static_batches(
     """
     plen = _lengths("prompt_lens", prompt_lens)
     out = _lengths("output_lens", output_lens, len(plen))
-    batches = static_batches(order, batch_size)
-    if sorted(i for b in batches for i in b) != list(range(len(plen))):
-        raise ValueError("order must be a permutation of range(len(prompt_lens))")
+    batches = static_batches(order, batch_size, len(plen))
     t, steps, times = 0.0, 0, []
     finish = [0.0] * len(plen)
     for b in batches:
@@ -200,6 +202,19 @@ def forced_lengths_processor(targets: Sequence[int], prompt_len: int, eos_token_
     return _Forced()
 
 
+def _left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Any, Any]:
+    """``input_ids`` / ``attention_mask`` ``[len(rows), longest]`` (long), each row right-aligned (left padding)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, row in enumerate(rows):
+        ids[j, width - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[j, width - len(row) :] = 1
+    return ids, mask
+
+
 def run_static_generate(
     model: Any,
     prompt_ids: Sequence[Sequence[int]],
@@ -220,25 +235,18 @@ def run_static_generate(
     out = _lengths("output_lens", output_lens, len(prompt_ids))
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt must have at least one token")
-    batches = static_batches(order, batch_size)
-    if sorted(i for b in batches for i in b) != list(range(len(prompt_ids))):
-        raise ValueError("order must be a permutation of range(len(prompt_ids))")
+    batches = static_batches(order, batch_size, len(prompt_ids))
     device = next(model.parameters()).device
-    bar = None
+    t_all, steps, times = 0.0, 0, []
+    finish = [0.0] * len(prompt_ids)
+    it: Any = batches
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batches), desc=f"static {policy}", leave=False)
-    t_all, steps, times = 0.0, 0, []
-    finish = [0.0] * len(prompt_ids)
-    for b in batches:
-        width = max(len(prompt_ids[i]) for i in b)
-        ids = torch.full((len(b), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(b), width), dtype=torch.long)
-        for r, i in enumerate(b):
-            p = list(prompt_ids[i])
-            ids[r, width - len(p) :] = torch.as_tensor(p)
-            mask[r, width - len(p) :] = 1
+        it = tqdm(batches, desc=f"static {policy}", leave=False)
+    for b in it:
+        ids, mask = _left_pad([prompt_ids[i] for i in b], pad_token_id)
+        width = ids.shape[1]
         longest = int(out[b].max())
         gc = GenerationConfig(
             max_new_tokens=longest, do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id
@@ -259,8 +267,7 @@ def run_static_generate(
         dt = time.perf_counter() - t0
         new = seq[:, width:].cpu()
         for r, i in enumerate(b):
-            row = new[r].tolist()
-            got = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)
+            got = len(trim_at_eos(new[r].tolist(), {eos_token_id}))
             if got != int(out[i]):
                 raise RuntimeError(f"request {i}: generated {got} tokens, forced {int(out[i])}")
         t_all += dt
@@ -268,10 +275,6 @@ def run_static_generate(
         times.append(dt)
         for i in b:
             finish[i] = t_all
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     return StaticBatchResult(policy, batch_size, t_all, int(out.sum()), len(prompt_ids), steps, times, finish)
 
 
@@ -307,11 +310,9 @@ def tie_batched_generate(
     """
     import torch
 
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a non-empty list of strings")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompts[{i}] is empty; every prompt must be non-empty text")
+    prompts = validate_prompts(prompts, non_empty=True)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if tokenizer.pad_token_id is None:
@@ -321,8 +322,6 @@ def tie_batched_generate(
     cap = gen_cap if gen_cap is not None else cfg.max_new_tokens
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {cap!r}")
-    from hf_ext.generation.tie.scheduler import order_batch
-
     enc = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = order_batch(
         list(prompts), predictor, cfg, max_new_tokens=cap, prompt_tokens=[len(e) for e in enc]
@@ -331,14 +330,15 @@ def tie_batched_generate(
         generate_kwargs["max_new_tokens"] = cap
     if getattr(generation_config, "pad_token_id", None) is None:
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    # the EOS generate stops at: the call's, else the config's, else the model's defaults (generate merges them)
-    eos = None
-    for src in (generate_kwargs.get("eos_token_id"), getattr(generation_config, "eos_token_id", None)):
-        eos = eos if eos is not None else _eos_ids(src)
-    if eos is None:
-        eos = _eos_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
-    if eos is None:
-        eos = _eos_ids(tokenizer.eos_token_id) or set()
+    # the EOS generate stops at: the call's, else the config's, else the model's defaults (generate merges them),
+    # else the tokenizer's
+    sources = (
+        generate_kwargs.get("eos_token_id"),
+        getattr(generation_config, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        tokenizer.eos_token_id,
+    )
+    eos = next((e for e in map(_eos_ids, sources) if e is not None), set())
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
     batches = static_batches(order, batch_size)
@@ -347,12 +347,8 @@ def tie_batched_generate(
 
         batches = tqdm(batches, desc="tie_batched_generate")
     for b in batches:
-        width = max(len(enc[i]) for i in b)
-        ids = torch.full((len(b), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(b):
-            ids[r, width - len(enc[i]) :] = torch.as_tensor(enc[i])
-            mask[r, width - len(enc[i]) :] = 1
+        ids, mask = _left_pad([enc[i] for i in b], tokenizer.pad_token_id)
+        width = ids.shape[1]
         with torch.inference_mode():
             seq = model.generate(
                 input_ids=ids.to(device),

@@ -37,7 +37,10 @@ from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 
 from hf_ext.generation.tie.config import PredictorConfig
-from hf_ext.generation.tie.scheduler import heuristic_prediction  # noqa: F401  (re-export)
+from hf_ext.generation.tie.scheduler import (
+    heuristic_prediction,  # noqa: F401  (re-export)
+    validate_prompts,
+)
 
 
 class LengthPredictorConfig(PretrainedConfig):
@@ -186,16 +189,6 @@ def pairwise_loss(score: torch.Tensor, y: torch.Tensor, margin: float = 0.05) ->
 
 
 # -------------------------------------------------------------------------------------- predictor
-def _validate_prompts(prompts: Sequence[str]) -> list[str]:
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a sequence of strings, got a single str")
-    out = list(prompts)
-    for i, p in enumerate(out):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompts[{i}] is empty or not a string; every prompt must be non-empty text")
-    return out
-
-
 class LengthPredictor:
     """Prompt text → output-length prediction, with ``fit``, ``predict``, ``evaluate`` and save/load.
 
@@ -270,7 +263,7 @@ class LengthPredictor:
 
         Returns ``{"loss": [per-epoch mean loss]}``.
         """
-        prompts = _validate_prompts(dataset[prompt_column])
+        prompts = validate_prompts(dataset[prompt_column])
         lengths = np.asarray(dataset[length_column], dtype=np.float64)
         if lengths.shape != (len(prompts),) or not np.all(np.isfinite(lengths)) or np.any(lengths < 1):
             raise ValueError(f"{length_column} must hold one finite length >= 1 per prompt")
@@ -348,7 +341,7 @@ class LengthPredictor:
         ``logt``: ``mu``, ``sigma``, ``nu``; ``point``: ``mu`` (log of the point estimate);
         ``ltr``: ``score``. Raises ``ValueError`` on empty prompts or non-finite outputs.
         """
-        prompts = _validate_prompts(prompts)
+        prompts = validate_prompts(prompts)
         if not self.fitted:
             warnings.warn("LengthPredictor.predict called on an untrained predictor", stacklevel=2)
         keys: dict[str, list[np.ndarray]] = {}
@@ -375,7 +368,7 @@ class LengthPredictor:
 
         from hf_ext.generation.tie.distribution import interval_coverage
 
-        prompts = _validate_prompts(dataset[prompt_column])
+        prompts = validate_prompts(dataset[prompt_column])
         lengths = np.asarray(dataset[length_column], dtype=np.float64)
         pred = self.predict(prompts)
         y = np.log(lengths)

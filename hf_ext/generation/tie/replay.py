@@ -74,8 +74,13 @@ class ReplayRequest:
         """The same request for the shared simulator / offline planner (predictions in ``meta``)."""
         from hf_ext.simulate import Request
 
-        meta = {"pred_mu": self.mu, "pred_sigma": self.sigma, "pred_nu": self.nu}
-        meta.update(pred_len=self.pred_len, ltr_score=self.ltr_score)
+        meta = dict(
+            pred_mu=self.mu,
+            pred_sigma=self.sigma,
+            pred_nu=self.nu,
+            pred_len=self.pred_len,
+            ltr_score=self.ltr_score,
+        )
         return Request(
             id=id,
             arrival=self.arrival,

@@ -46,6 +46,20 @@ FALLBACK_WARNING = (
 )
 
 
+def validate_prompts(prompts: Any, *, non_empty: bool = False) -> list[str]:
+    """``prompts`` as a list of non-empty strings; ``ValueError`` naming the bad entry otherwise (call before any
+    work). ``non_empty``: an empty list is an error too."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a sequence of strings, got a single str")
+    out = list(prompts)
+    if non_empty and not out:
+        raise ValueError("prompts must be a non-empty list of strings")
+    for i, p in enumerate(out):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompts[{i}] is empty or not a string; every prompt must be non-empty text")
+    return out
+
+
 def heuristic_prediction(
     prompt_tokens: Sequence[int] | np.ndarray, max_new_tokens: int = 1024
 ) -> dict[str, np.ndarray]:
@@ -285,14 +299,9 @@ def order_batch(
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     cap = max_new_tokens or cfg.max_new_tokens
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a sequence of strings, got a single str")
-    prompts = list(prompts)
+    prompts = validate_prompts(prompts)
     if not prompts:
         return []
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompts[{i}] is empty; every prompt must be non-empty text")
     if predictor is not None:
         out = predictor.predict(prompts)
         if "sigma" not in out:
