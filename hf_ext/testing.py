@@ -123,17 +123,9 @@ def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:
     import transformers as tf
 
     _seeded(seed)
-    common: dict[str, Any] = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    # the dense tiny shape without its FFN width (each MoE sets its own), 2048 positions
+    common = {k: v for k, v in TINY_LM_KWARGS.items() if k != "intermediate_size"}
+    common["max_position_embeddings"] = 2048
     if kind == "qwen2_moe":
         cfg = tf.Qwen2MoeConfig(
             **common,

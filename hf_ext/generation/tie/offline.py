@@ -115,6 +115,26 @@ class StaticBatchResult:
     batch_times: list[float] = field(default_factory=list)
     finish: list[float] = field(default_factory=list)  # per request (input order): end of its batch
 
+    @classmethod
+    def from_batches(
+        cls,
+        policy: str,
+        batch_size: int,
+        batches: Sequence[Sequence[int]],
+        batch_times: Sequence[float],
+        output_lens: np.ndarray,
+    ) -> StaticBatchResult:
+        """The job's figures from its batches (request indices) and their times, in running order."""
+        ends = np.cumsum(batch_times) if len(batch_times) else np.zeros(0)
+        finish = [0.0] * len(output_lens)
+        for b, end in zip(batches, ends):
+            for i in b:
+                finish[i] = float(end)
+        steps = sum(int(output_lens[list(b)].max()) for b in batches)
+        makespan = float(ends[-1]) if len(ends) else 0.0
+        tokens, n = int(output_lens.sum()), len(output_lens)
+        return cls(policy, batch_size, makespan, tokens, n, steps, [float(t) for t in batch_times], finish)
+
     @property
     def padding_share(self) -> float:
         """Share of computed row-steps that were padding (a finished row still in its batch)."""
@@ -158,17 +178,13 @@ def simulate_static_batches(
     plen = _lengths("prompt_lens", prompt_lens)
     out = _lengths("output_lens", output_lens, len(plen))
     batches = static_batches(order, batch_size, len(plen))
-    t, steps, times = 0.0, 0, []
-    finish = [0.0] * len(plen)
+    times = []
     for b in batches:
         n, p, longest = len(b), int(plen[b].max()), int(out[b].max())
-        dt = cost_model.prefill_time(p, batch=n) + cost_model.decode_span(n, n * (p + 1), longest - 1)
-        t += dt
-        steps += longest
-        times.append(dt)
-        for i in b:
-            finish[i] = t
-    return StaticBatchResult(policy, batch_size, t, int(out.sum()), len(plen), steps, times, finish)
+        times.append(
+            cost_model.prefill_time(p, batch=n) + cost_model.decode_span(n, n * (p + 1), longest - 1)
+        )
+    return StaticBatchResult.from_batches(policy, batch_size, batches, times, out)
 
 
 # --------------------------------------------------------------------------------- real generate
@@ -237,8 +253,7 @@ def run_static_generate(
         raise ValueError("every prompt must have at least one token")
     batches = static_batches(order, batch_size, len(prompt_ids))
     device = next(model.parameters()).device
-    t_all, steps, times = 0.0, 0, []
-    finish = [0.0] * len(prompt_ids)
+    times: list[float] = []
     it: Any = batches
     if progress:
         from tqdm.auto import tqdm
@@ -270,12 +285,8 @@ def run_static_generate(
             got = len(trim_at_eos(new[r].tolist(), {eos_token_id}))
             if got != int(out[i]):
                 raise RuntimeError(f"request {i}: generated {got} tokens, forced {int(out[i])}")
-        t_all += dt
-        steps += longest
         times.append(dt)
-        for i in b:
-            finish[i] = t_all
-    return StaticBatchResult(policy, batch_size, t_all, int(out.sum()), len(prompt_ids), steps, times, finish)
+    return StaticBatchResult.from_batches(policy, batch_size, batches, times, out)
 
 
 # ------------------------------------------------------------------------------------- user API
