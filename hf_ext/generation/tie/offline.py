@@ -333,7 +333,7 @@ def tie_batched_generate(
     cap = gen_cap if gen_cap is not None else cfg.max_new_tokens
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {cap!r}")
-    enc = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]  # one batched call
     order = order_batch(
         list(prompts), predictor, cfg, max_new_tokens=cap, prompt_tokens=[len(e) for e in enc]
     )
