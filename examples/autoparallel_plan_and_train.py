@@ -110,7 +110,7 @@ def main() -> None:
         plan.save("autoparallel_plan.json")
     # 3. apply it with FSDP2 / DDP / DTensor TP / torch pipelining and train
     runner = apply_plan(model, plan, device=device, param_dtype=torch.bfloat16 if cuda else None)
-    opt = torch.optim.AdamW(runner.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(runner.param_groups(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     for step in range(args.steps):
         ids = torch.randint(0, shape.vocab_size, (gb, seq), generator=g)

@@ -45,6 +45,7 @@ def _plans() -> dict[str, Any]:
         "fsdp_z3": Plan.uniform(cfg, dp_type="fsdp", zero=3, **kw),
         "fsdp_ckpt": Plan.uniform(cfg, dp_type="fsdp", zero=3, ckpt=True, micro_batch=1, **kw),
         "tp2": Plan.uniform(cfg, dp_type="fsdp", tp=2, **kw),
+        "tp2_ddp": Plan.uniform(cfg, dp_type="ddp", tp=2, **kw),  # plain norms beside DTensor projections
         "pp2": Plan.uniform(cfg, dp_type="fsdp", pp=2, micro_batch=2, **kw),
     }
     mixed = Plan.uniform(cfg, dp_type="fsdp", **kw)
@@ -67,7 +68,8 @@ def apply_all(rank: int, world_size: int) -> dict[str, Any]:
     for name, plan in _plans().items():
         model = tiny_llama(seed=0, attn_implementation="sdpa").train()
         runner = apply_plan(model, plan, param_dtype=None)
-        opt = torch.optim.SGD(runner.parameters(), lr=0.5)
+        # foreach=True as on CUDA: one group mixing DTensor and plain parameters would be refused
+        opt = torch.optim.SGD(runner.param_groups(), lr=0.5, foreach=True)
         local = runner.local_batch(ids)
         losses = []
         for step in range(2):

@@ -47,7 +47,7 @@ def test_apply_plan_two_gloo_ranks_reproduce_single_process(run_distributed):
     ref0, ref1 = _dist_fns.reference_losses()
     out = run_distributed(_dist_fns.apply_all, 2)
     r0 = out[0]
-    for name in ("ddp_m2", "fsdp_z3", "fsdp_ckpt", "fsdp_mixed", "tp2", "pp2"):
+    for name in ("ddp_m2", "fsdp_z3", "fsdp_ckpt", "fsdp_mixed", "tp2", "tp2_ddp", "pp2"):
         l0, l1 = r0[name]
         assert l0 == pytest.approx(ref0, rel=1e-5), name
         # After one SGD step the loss matches too: gradients were averaged correctly.

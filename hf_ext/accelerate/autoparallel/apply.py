@@ -63,8 +63,21 @@ class AppliedPlan:
         self.autocast_dtype, self.schedule, self.stage_module = autocast_dtype, schedule, stage_module
 
     def parameters(self) -> Any:
-        """Parameters to give the optimizer (this rank's shard / stage)."""
+        """This rank's parameters (its shard / stage). With tensor parallelism some are DTensors and some
+        plain tensors; give the optimizer :meth:`param_groups` instead."""
         return (self.stage_module or self.module).parameters()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: DTensor and plain-tensor parameters in separate groups.
+
+        A tensor-parallel plan without FSDP leaves norms / embeddings as plain tensors beside the DTensor
+        projections; a ``foreach`` optimizer (the default on CUDA) refuses one group mixing both."""
+        from torch.distributed.tensor import DTensor
+
+        groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
+        for p in self.parameters():
+            groups[isinstance(p, DTensor)].append(p)
+        return [{"params": ps} for ps in groups.values() if ps]
 
     @property
     def dp_rank(self) -> int:
@@ -216,7 +229,7 @@ def apply_plan(
         param_dtype: compute dtype (bf16 autocast for ddp, FSDP2 ``param_dtype``); ``None`` keeps fp32.
 
     Returns:
-        An :class:`AppliedPlan` (``.module``, ``.parameters()``, ``.train_step(ids)``).
+        An :class:`AppliedPlan` (``.module``, ``.param_groups()`` for the optimizer, ``.train_step(ids)``).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

@@ -41,7 +41,7 @@ def run_demo() -> DemoResult:
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         runner = apply_plan(model, plan, param_dtype=None)
-        opt = torch.optim.AdamW(runner.parameters(), lr=3e-3)
+        opt = torch.optim.AdamW(runner.param_groups(), lr=3e-3)
         ids = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
         losses = []
         for _ in range(4):
