@@ -158,6 +158,27 @@ def test_cost_model_basic_directions():
     assert cm.pipeline_ms([1.0, 1.0], [0.0, 0.0], 4) == (5.0, 1.0)
 
 
+def test_replicated_vocab_under_tp_costs_what_one_gpu_pays():
+    """vocab_parallel=False (apply_plan's TP: embedding / head whole on each tp rank): the head's time,
+    its optimizer shard and its logits stay at their tp=1 size; with Megatron's vocab-parallel head they
+    shrink with tp."""
+    shape, spec = get_shape("llama3.2-1b"), TrainingSpec(8, 2048)
+    split = CostModel(shape, HardwareProfile.h100(), spec)
+    whole = CostModel(shape, HardwareProfile.h100(), spec, vocab_parallel=False)
+    tp1, tp2 = ParallelConfig(2, 1, 1, False, 4, 2, "ddp"), ParallelConfig(2, 1, 2, False, 8, 1, "ddp")
+    last = shape.num_layers - 1
+    c_tp1 = whole.stage_constant(tp1, 0, [last])
+    c_whole, c_split = whole.stage_constant(tp2, 0, [last]), split.stage_constant(tp2, 0, [last])
+    assert c_whole.mb_ms > c_split.mb_ms and c_whole.static_bytes > c_split.static_bytes
+    # tp=2 without vocab parallelism: the head of a micro-batch twice as large costs about twice as much
+    assert c_whole.mb_ms == pytest.approx(2 * c_tp1.mb_ms, rel=0.35)
+    assert whole.optimizer_ms(tp2, [], [], 0) == pytest.approx(2 * split.optimizer_ms(tp2, [], [], 0))
+    # a tp=2 plan gets slower, a tp=1 plan is unchanged
+    strat = [[LayerStrategy(0, False)] * shape.num_layers]
+    assert whole.evaluate(tp2, strat).step_ms > split.evaluate(tp2, strat).step_ms
+    assert whole.evaluate(tp1, strat).step_ms == split.evaluate(tp1, strat).step_ms
+
+
 def test_70b_on_1024_gpus_is_fast():
     res = search("llama3-70b", SearchConfig(gpus=1024, memory_gb=80, global_batch=2048, seq_len=8192))
     assert res.seconds < 60

@@ -178,6 +178,10 @@ class CostModel:
         overlap: fraction of a layer's compute that can hide data-parallel communication.
         overlap_penalty: slowdown of overlapped communication (shared SMs / memory bandwidth).
         usable_fraction, reserved_gb: usable memory = ``memory * usable_fraction - reserved_gb``.
+        vocab_parallel: under ``tp > 1`` the embedding and LM head are split over the tp ranks (Megatron's
+            vocab-parallel head and loss). ``False``: every tp rank holds and computes them whole, as
+            :func:`~hf_ext.accelerate.autoparallel.apply.apply_plan` runs them (it shards the decoder layers
+            only).
     """
 
     def __init__(
@@ -191,12 +195,14 @@ class CostModel:
         overlap_penalty: float = 0.1,
         usable_fraction: float = 0.92,
         reserved_gb: float = 1.0,
+        vocab_parallel: bool = True,
     ) -> None:
         if not 0.0 <= overlap <= 1.0:
             raise ValueError(f"overlap must be in [0, 1], got {overlap}")
         self.shape, self.hw, self.spec, self.profile = shape, hardware, spec, profile
         self.overlap, self.overlap_penalty = overlap, overlap_penalty
         self.usable_fraction, self.reserved_gb = usable_fraction, reserved_gb
+        self.vocab_parallel = vocab_parallel
         self.act_calibration = profile.act_calibration if profile is not None else 1.0
         # Measured step costs outside the layers' compute (0 = not measured; see ModelProfile).
         prof = profile
@@ -214,6 +220,10 @@ class CostModel:
     # -------------------------------------------------------------------------------- primitives
     def usable_bytes(self, memory_gb: float) -> float:
         return memory_gb * 2**30 * self.usable_fraction - self.reserved_gb * 2**30
+
+    def _vocab_tp(self, tp: int) -> int:
+        """How many ways the embedding / LM head are split under tensor parallelism ``tp``."""
+        return tp if self.vocab_parallel else 1
 
     def _tp_eff(self, tp: int) -> float:
         # Smaller GEMMs per GPU run less efficiently: -5% per doubling of tp (assumption).
@@ -311,7 +321,8 @@ class CostModel:
             if not (first and self.shape.tie_word_embeddings):
                 params += ve
             params += self.shape.hidden_size
-        p_local = params / t
+        vt = self._vocab_tp(t)
+        p_local = params / vt
         zero = 0 if cfg.dp_type == "ddp" or d == 1 else 3
         mb = step = 0.0
         static = sp_.state_bytes_per_param * p_local / (1 if zero == 0 else d)
@@ -323,7 +334,7 @@ class CostModel:
             and prof.shape.vocab_size == self.shape.vocab_size
         )
         if first and same and prof.embed is not None:  # dense [V, h] embedding gradient every micro-batch
-            mb += (prof.embed.fwd_ms(b) + prof.embed.bwd_ms(b)) / t
+            mb += (prof.embed.fwd_ms(b) + prof.embed.bwd_ms(b)) / vt
         if first and same:
             # Whole-model wrapper overhead per micro-batch; a negative value (isolated-layer launch overhead
             # hidden in the full model) may cancel at most the fitted per-layer fixed overhead.
@@ -331,17 +342,17 @@ class CostModel:
             mb += max(self.mb_overhead, -cap)
         if last:
             if same:
-                head_comp = (prof.head.fwd_ms(b) + prof.head.bwd_ms(b)) / (t * self._tp_eff(t))
+                head_comp = (prof.head.fwd_ms(b) + prof.head.bwd_ms(b)) / (vt * self._tp_eff(vt))
             else:
-                head_comp = self.head_fwd_ms(b, t) * (1 + self.hw.bwd_fwd_ratio)
+                head_comp = self.head_fwd_ms(b, vt) * (1 + self.hw.bwd_fwd_ratio)
             mb += head_comp
             # LM head + loss peak, live on top of every saved activation: logits in bf16, their fp32
             # upcast and the fp32 log-softmax / gradients (``logit_bytes`` per logit), plus the head input.
             tokens = b * sp_.seq_len
-            logits = tokens * self.shape.vocab_size / t
+            logits = tokens * self.shape.vocab_size / vt
             transient += logits * sp_.logit_bytes
             transient += tokens * self.shape.hidden_size * 6.0 / (t if cfg.sp else 1)
-            if t > 1:  # vocab-parallel loss: small all-reduces of max / sum-exp, and the input all-reduce
+            if vt > 1:  # vocab-parallel loss: small all-reduces of max / sum-exp, and the input all-reduce
                 msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem
                 mb += 2 * self.hw.collective_ms("all_reduce", msg, t, self._crosses(t))
         else:
@@ -393,7 +404,7 @@ class CostModel:
                 else 0.0
             )
             shard = 1 if cfg.dp_type == "ddp" or cfg.dp == 1 else cfg.dp
-            local += extra / cfg.tp / shard
+            local += extra / self._vocab_tp(cfg.tp) / shard
         if self.optimizer_ns > 0:
             return local * self.optimizer_ns * 1e-6
         return local * self.spec.optimizer_bytes_per_param / (self.hw.hbm_GBps * 1e9) * 1e3
