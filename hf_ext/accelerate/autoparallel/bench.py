@@ -1,26 +1,36 @@
 """Benchmark: searched plan vs hand-picked DDP / FSDP / FSDP+checkpointing, and prediction error.
 
-On one GPU (world size 1, NCCL) it: builds a random ~1B Llama (Llama-3.2-1B shape), profiles its layers,
-searches a plan with the measured profile, trains a few steps with the searched plan and three
-hand-picked configurations through :func:`apply_plan`, and writes to ``autoparallel.csv``:
+On N GPUs (world size N, NCCL; N = 1 as a plain process, N > 1 under ``torchrun``) it: builds a random
+~1B Llama (Llama-3.2-1B shape), profiles its layers on rank 0 (with N > 1 under torchrun, in a private
+one-rank process group before joining the world, so the whole-runtime and FSDP probes run as on one GPU),
+measures the collectives at group size N when N > 1, searches a plan for N GPUs with the measured
+profile, trains a few steps with the searched plan and three hand-picked configurations through
+:func:`apply_plan` on all ranks (a step's time is the slowest rank's; the median over steps is
+reported), and writes (rank 0) to ``autoparallel.csv`` with case ``<model>-s<seq>-gb<batch>-<N>gpu``:
 
 * ``metric=step_time``: ``ours`` = searched plan (ms), ``baseline`` = ``hand_ddp`` / ``hand_fsdp`` /
-  ``hand_fsdp_ckpt`` (ratio > 1: the searched plan is faster);
+  ``hand_fsdp_ckpt`` (ratio > 1: the searched plan is faster). If the searched plan is one
+  :func:`apply_plan` cannot run, the best-ranked plan it can run is measured instead (said in the
+  output and in ``quality_value``);
 * ``metric=prediction_error``: ``ours`` = predicted ms, ``baseline_value`` = measured ms,
   ``ratio = predicted / measured`` (one row per configuration);
 * rows whose case ends in ``[predicted]`` (``quality_name=source``) are cost-model predictions for
-  ``--predict-gpus`` GPUs (default 2), NOT measurements.
+  ``--predict-gpus`` GPUs (default 2; skipped when it equals N), NOT measurements.
 
-``--quick`` runs a tiny model on CPU (gloo) in seconds to check the pipeline end to end.
+``--quick`` runs a tiny model on CPU (gloo) in seconds to check the pipeline end to end (also with
+several processes).
 
-Command (GPU box)::
+Commands (GPU box)::
 
     PYTHONPATH=$PWD:$PWD/kernels python -m hf_ext bench autoparallel
+    PYTHONPATH=$PWD:$PWD/kernels python -m torch.distributed.run --standalone --nproc-per-node 2 \\
+        -m hf_ext.accelerate.autoparallel.bench
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import os
 import statistics
@@ -28,6 +38,12 @@ import time
 from typing import Any
 
 COMPONENT = "autoparallel"
+# What apply_plan runs, told to the cost model: tensor parallelism shards the decoder layers only (the
+# embedding / LM head stay whole on every tp rank) and sequence parallelism is not applied.
+RUNTIME_COST_KWARGS: dict[str, Any] = {"vocab_parallel": False}
+RUNTIME_SP = "off"
+# Generous: with N > 1 the other ranks wait in their first collective while rank 0 profiles alone.
+_PG_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def _init_dist(backend: str) -> None:
@@ -41,7 +57,9 @@ def _init_dist(backend: str) -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(
+        backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=_PG_TIMEOUT
+    )
 
 
 def _model_config(args: argparse.Namespace) -> Any:
@@ -75,16 +93,64 @@ def _model_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _profile(cfg: Any, args: argparse.Namespace, device: Any, dtype: Any, shape: Any) -> Any:
+    """``profile_model`` of a freshly built random model (run by rank 0 only)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from hf_ext.accelerate.autoparallel.profiler import profile_model
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        pm = LlamaForCausalLM(cfg)
+    prof = profile_model(
+        pm,
+        seq_len=args.seq_len,
+        micro_batches=(1, 2) if args.quick else (1, 2, 4),
+        device=device,
+        dtype=dtype or torch.float32,
+        repeats=2 if args.quick else 5,
+        max_layers=2,
+        cache_dir=args.cache_dir,
+        shape=shape,
+    )
+    del pm
+    gc.collect()
+    return prof
+
+
+def _unsupported(plan: Any) -> str:
+    """Why :func:`apply_plan` cannot run ``plan`` (``""`` when it can); mirrors its checks."""
+    if plan.dp_type == "ddp" and plan.dp > 1 and plan.pp > 1:
+        return "pipeline + ddp is not supported by apply_plan"
+    if plan.dp_type == "ddp" and plan.dp > 1 and plan.tp > 1:
+        return "ddp + tensor parallelism is not supported by apply_plan"
+    return ""
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _measure(
     cfg: Any, plan: Any, args: argparse.Namespace, device: Any, dtype: Any
 ) -> tuple[float, float, str]:
-    """Median step time (ms) and peak memory (GiB) of ``plan``; ``(nan, nan, error)`` on OOM.
+    """Median step time (ms) and peak memory (GiB) of ``plan`` on all ranks; ``(nan, nan, error)`` on OOM.
+
+    Collective: every rank calls it. Each step starts after a barrier; its time is the slowest rank's
+    (all-reduce MAX), the peak memory is the largest rank's. An OOM on any rank makes every rank return
+    the error (the ranks agree through an all-reduce after the steps; an OOM that strikes one rank in
+    the middle of a collective can still stall the others until the process-group timeout).
 
     The peak is ``max_memory_allocated`` minus what was allocated before the model was built, so memory
     left behind by an earlier configuration (e.g. tensors pinned by an OOM traceback) is not billed to
     this one; the OOM is handled outside the ``except`` clause so its traceback is released first.
     """
     import torch
+    import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
     from hf_ext.accelerate.autoparallel.apply import apply_plan
@@ -92,37 +158,33 @@ def _measure(
     torch.manual_seed(0)
     model = runner = opt = None
     err = ""
+    times: list[float] = []
+    peak_bytes = 0.0
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     try:
         with torch.device(device):
             model = LlamaForCausalLM(cfg)
         model.train()
         runner = apply_plan(model, plan, device=device, param_dtype=dtype)
-        opt = torch.optim.AdamW(runner.parameters(), lr=1e-5, foreach=True)
+        opt = torch.optim.AdamW(runner.param_groups(), lr=1e-5, foreach=True)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, cfg.vocab_size, (plan.global_batch, plan.seq_len), generator=g)
         local = runner.local_batch(ids).to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = []
         for step in range(args.warmup + args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
+            dist.barrier()
+            _sync(device)
             t0 = time.perf_counter()
             runner.train_step(local)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             if step >= args.warmup:
                 times.append((time.perf_counter() - t0) * 1e3)
-        peak = (
-            (torch.cuda.max_memory_allocated(device) - base) / 2**30
-            if device.type == "cuda"
-            else float("nan")
-        )
-        note = f"({base / 2**30:.1f} GiB already allocated before build, excluded)" if base > 2**29 else ""
-        return float(statistics.median(times)), peak, note
+        if device.type == "cuda":
+            peak_bytes = float(torch.cuda.max_memory_allocated(device) - base)
     except torch.OutOfMemoryError as exc:
         err = f"OOM: {str(exc)[:80]}"
     finally:
@@ -133,18 +195,31 @@ def _measure(
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return float("nan"), float("nan"), err
+    # [step times..., peak bytes, OOM flag], maximum over ranks
+    red = torch.zeros(args.steps + 2, dtype=torch.float64, device=device)
+    if err:
+        red[-1] = 1.0
+    else:
+        red[: args.steps] = torch.tensor(times, dtype=torch.float64)
+        red[-2] = peak_bytes
+    dist.all_reduce(red, op=dist.ReduceOp.MAX)
+    vals = red.tolist()
+    if vals[-1]:
+        return float("nan"), float("nan"), err or "OOM on another rank"
+    peak = vals[-2] / 2**30 if device.type == "cuda" else float("nan")
+    note = f"({base / 2**30:.1f} GiB already allocated before build, excluded)" if base > 2**29 else ""
+    return float(statistics.median(vals[: args.steps])), peak, note
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark (see the module docstring); returns 0 on success."""
+    """Run the benchmark (see the module docstring) on every rank; returns 0 on success."""
     import torch
+    import torch.distributed as dist
     from rich.console import Console
     from rich.progress import track
-    from transformers import LlamaForCausalLM
 
     from hf_ext.accelerate.autoparallel.plan import Plan
-    from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, profile_model
+    from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, profile_collectives
     from hf_ext.accelerate.autoparallel.search import SearchConfig, predict, search
     from hf_ext.accelerate.autoparallel.shapes import get_shape
     from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows
@@ -152,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-ext bench autoparallel", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3.2-1b", help="built-in shape to build randomly (GPU mode)")
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--global-batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--global-batch", type=int, default=8, help="sequences per step (all ranks)")
     ap.add_argument(
         "--hand-micro-batch", type=int, default=2, help="micro-batch of the DDP / FSDP hand configs"
     )
@@ -164,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU (seconds)")
     ap.add_argument("--cache-dir", default=None, help="profile JSON cache directory")
     args = ap.parse_args(argv)
-    con = Console()
     # Big transient blocks (fp32 logits of several GiB) fragment the caching allocator; expandable
     # segments (same setting for every configuration) keep the measured peak close to what is allocated.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -175,170 +249,228 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    _init_dist("nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
     dtype = torch.bfloat16 if cuda else None
     cfg = _model_config(args)
     shape = get_shape(cfg)
     gb, s = args.global_batch, args.seq_len
+    owns_pg = not dist.is_initialized()
+    world = dist.get_world_size() if not owns_pg else int(os.environ.get("WORLD_SIZE", "1"))
+    if gb % world:
+        raise SystemExit(f"--global-batch {gb} must be divisible by the world size {world}")
 
-    # 1. profile (bf16 on GPU) -------------------------------------------------------------------
+    # 1. profile (bf16 on GPU) on rank 0 ------------------------------------------------------------
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(device):
-        pm = LlamaForCausalLM(cfg)
-    mbs = (1, 2) if args.quick else (1, 2, 4)
-    prof = profile_model(
-        pm,
-        seq_len=s,
-        micro_batches=mbs,
-        device=device,
-        dtype=dtype or torch.float32,
-        repeats=2 if args.quick else 5,
-        max_layers=2,
-        cache_dir=args.cache_dir,
-        shape=shape,
-    )
-    del pm
-    gc.collect()
-    con.print(
-        f"profiled {shape.name} ({shape.num_params() / 1e9:.2f}B) at s={s} in {time.perf_counter() - t0:.1f}s: "
-        f"{prof.achieved_tflops:.1f} TFLOP/s per layer, bwd/fwd {prof.bwd_fwd_ratio:.2f}, "
-        f"activation calibration {prof.act_calibration:.2f}; embed {prof.embed.fwd_ms(1) + prof.embed.bwd_ms(1):.2f}"
-        f" ms/seq, head {prof.head.fwd_ms(1) + prof.head.bwd_ms(1):.2f} ms/seq, AdamW "
-        f"{prof.optimizer_ns_per_param:.3f} ns/param, autocast {prof.autocast_ns_per_param:.4f} ns/param "
-        f"(act x{prof.autocast_act_ratio:.2f}), FSDP {prof.fsdp_layer_overhead_ms:.2f} ms/layer/micro-batch, "
-        f"whole-model overhead {prof.micro_batch_overhead_ms:.2f} ms/micro-batch, per-step overhead "
-        + ", ".join(f"{k} {v:.1f} ms" for k, v in prof.step_overhead_ms.items())
-    )
-    for k, r in prof.runtime.items():
-        con.print(
-            f"  runtime probe {k}: train_step(b=1) = {r['fixed_ms']:.2f} + m x {r['mb_ms']:.2f} ms, "
-            f"AdamW {r['opt_ms']:.2f} ms"
-        )
-    for k, v in prof.probe_notes.items():
-        con.print(f"  [yellow]profile probe {k}: {v}[/yellow]")
-
-    # 2. search with the measured profile ----------------------------------------------------------
-    if cuda:
-        mem_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
-        hw = HardwareProfile.h100()
-        hw.memory_gb = mem_gb
-        hw.name = torch.cuda.get_device_name(device)
+    prof = None
+    if owns_pg and world > 1:
+        # The whole-runtime and FSDP probes need a one-rank world: rank 0 profiles in a private group
+        # before joining the others, which wait in their first collective meanwhile.
+        if int(os.environ.get("RANK", "0")) == 0:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            try:
+                prof = _profile(cfg, args, device, dtype, shape)
+            finally:
+                dist.destroy_process_group()
+        _init_dist(backend)
     else:
-        hw = HardwareProfile.cpu()
-        mem_gb = hw.memory_gb
-    if not cuda:  # fp32 on CPU: 4-byte activations and compute copies
-        cost_kwargs: dict[str, Any] = {}
-    else:
-        cost_kwargs = {}
-    sc = SearchConfig(gpus=1, memory_gb=mem_gb, global_batch=gb, seq_len=s, micro_batch_sizes=(1, 2, 4, 8))
-    res = search(shape, sc, hardware=hw, profile=prof, cost_kwargs=cost_kwargs)
-    best = res.best
-    hb = args.hand_micro_batch
-    configs: dict[str, Plan] = {
-        "searched": best,
-        "hand_ddp": Plan.uniform(shape, gpus=1, dp_type="ddp", global_batch=gb, seq_len=s, micro_batch=hb),
-        "hand_fsdp": Plan.uniform(
-            shape, gpus=1, dp_type="fsdp", zero=3, global_batch=gb, seq_len=s, micro_batch=hb
-        ),
-        "hand_fsdp_ckpt": Plan.uniform(
-            shape, gpus=1, dp_type="fsdp", zero=3, ckpt=True, global_batch=gb, seq_len=s, micro_batch=gb
-        ),
-    }
-    con.print(f"searched plan: {best.describe()} (predicted {best.predicted['step_ms']:.1f} ms)")
-
-    # 3. measure every configuration ---------------------------------------------------------------
-    measured: dict[str, tuple[float, float, str]] = {}
-    predicted: dict[str, float] = {}
-    for name in track(list(configs), description="measuring configurations"):
-        plan = configs[name]
-        pc = predict(plan, hardware=hw, profile=prof, memory_gb=mem_gb)
-        predicted[name] = pc.step_ms
-        measured[name] = _measure(cfg, plan, args, device, dtype)
+        _init_dist(backend)
+        if dist.get_rank() == 0:
+            prof = _profile(cfg, args, device, dtype, shape)
+    rank = dist.get_rank()
+    con = Console(quiet=rank != 0)
+    if prof is not None:
         con.print(
-            f"  {name:15s} {plan.describe():45s} measured {measured[name][0]:9.1f} ms  "
-            f"predicted {predicted[name]:9.1f} ms  peak {measured[name][1]:.1f} GiB "
-            f"(predicted {pc.max_memory_gb:.1f} of {pc.usable_bytes / 2**30:.1f} usable) {measured[name][2]}"
+            f"profiled {shape.name} ({shape.num_params() / 1e9:.2f}B) at s={s} in {time.perf_counter() - t0:.1f}s: "
+            f"{prof.achieved_tflops:.1f} TFLOP/s per layer, bwd/fwd {prof.bwd_fwd_ratio:.2f}, "
+            f"activation calibration {prof.act_calibration:.2f}; embed {prof.embed.fwd_ms(1) + prof.embed.bwd_ms(1):.2f}"
+            f" ms/seq, head {prof.head.fwd_ms(1) + prof.head.bwd_ms(1):.2f} ms/seq, AdamW "
+            f"{prof.optimizer_ns_per_param:.3f} ns/param, autocast {prof.autocast_ns_per_param:.4f} ns/param "
+            f"(act x{prof.autocast_act_ratio:.2f}), FSDP {prof.fsdp_layer_overhead_ms:.2f} ms/layer/micro-batch, "
+            f"whole-model overhead {prof.micro_batch_overhead_ms:.2f} ms/micro-batch, per-step overhead "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in prof.step_overhead_ms.items())
         )
+        for k, r in prof.runtime.items():
+            con.print(
+                f"  runtime probe {k}: train_step(b=1) = {r['fixed_ms']:.2f} + m x {r['mb_ms']:.2f} ms, "
+                f"AdamW {r['opt_ms']:.2f} ms"
+            )
+        for k, v in prof.probe_notes.items():
+            con.print(f"  [yellow]profile probe {k}: {v}[/yellow]")
 
-    # 4. rows ------------------------------------------------------------------------------------
-    case = f"{shape.name}-s{s}-gb{gb}-1gpu"
-    ours = measured["searched"][0]
-    rows: list[Row] = []
-    for name in ("hand_ddp", "hand_fsdp", "hand_fsdp_ckpt"):
-        rows.append(
-            Row.make(
-                COMPONENT,
-                case,
-                "step_time",
-                ours,
-                name,
-                measured[name][0],
-                quality_name="plan",
-                quality_value=best.describe() + (f" | {measured[name][2]}" if measured[name][2] else ""),
+    # 2. collectives at group size W (all ranks), then search on rank 0 ---------------------------
+    coll: dict[str, dict[str, list[float]]] = {}
+    if world > 1:
+        sizes = (1 << 16, 1 << 20) if args.quick else (1 << 20, 1 << 24, 1 << 27)
+        coll = profile_collectives(sizes, repeats=2 if args.quick else 5, device=device)
+        for op, per_group in coll.items():
+            for g_, (lat, bw) in per_group.items():
+                con.print(f"  collective {op} (group {g_}): {lat:.1f} us + bus bytes / {bw:.2f} GB/s")
+    configs: dict[str, Plan] = {}
+    plan_note = ""  # why the measured "searched" plan differs from the search's own best / its runtime
+    if rank == 0:
+        if cuda:
+            mem_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+            hw = HardwareProfile.h100()
+            hw.memory_gb = mem_gb
+            hw.name = torch.cuda.get_device_name(device)
+        else:
+            hw = HardwareProfile.cpu()
+            mem_gb = hw.memory_gb
+        hw.measured = coll
+        sc = SearchConfig(
+            gpus=world,
+            memory_gb=mem_gb,
+            global_batch=gb,
+            seq_len=s,
+            micro_batch_sizes=(1, 2, 4, 8),
+            sequence_parallel=RUNTIME_SP,
+        )
+        res = search(shape, sc, hardware=hw, profile=prof, cost_kwargs=RUNTIME_COST_KWARGS)
+        best = next((p for p in res.ranked if not _unsupported(p)), None)
+        if best is None:
+            raise SystemExit(
+                f"no plan among the {len(res.ranked)} best for {world} GPU(s) can be run by apply_plan "
+                f"(best: {res.best.describe()}: {_unsupported(res.best)})"
             )
-        )
-    for name in configs:
-        m = measured[name][0]
-        rows.append(
-            Row(
-                COMPONENT,
-                case,
-                "prediction_error",
-                predicted[name],
-                name if name != "searched" else "searched_plan",
-                m,
-                predicted[name] / m if m == m and m else float("nan"),
-                quality_name="abs_error",
-                quality_value=abs(predicted[name] / m - 1) if m == m and m else "",
+        notes = []
+        if best is not res.best:
+            notes.append(
+                f"fallback: searched best {res.best.describe()} not measurable ({_unsupported(res.best)}); "
+                f"measured rank-{res.ranked.index(best) + 1} plan"
             )
-        )
-    # 5. predictions for more GPUs (cost model only; compute calibrated by this run's profile) --------
-    g = args.predict_gpus
-    if g > 1:
-        hw_g = HardwareProfile.h100()
-        hw_g.memory_gb = mem_gb
-        res_g = search(
-            shape,
-            SearchConfig(gpus=g, memory_gb=mem_gb, global_batch=gb, seq_len=s),
-            hardware=hw_g,
-            profile=prof,
-        )
-        pcase = f"{shape.name}-s{s}-gb{gb}-{g}gpu [predicted]"
-        pbest = res_g.best.predicted["step_ms"]
-        hands = {
+        plan_note = "; ".join(notes)
+        hb = args.hand_micro_batch
+        configs = {
+            "searched": best,
             "hand_ddp": Plan.uniform(
-                shape, gpus=g, dp_type="ddp", global_batch=gb, seq_len=s, micro_batch=hb
+                shape, gpus=world, dp_type="ddp", global_batch=gb, seq_len=s, micro_batch=hb
             ),
             "hand_fsdp": Plan.uniform(
-                shape, gpus=g, dp_type="fsdp", global_batch=gb, seq_len=s, micro_batch=hb
+                shape, gpus=world, dp_type="fsdp", zero=3, global_batch=gb, seq_len=s, micro_batch=hb
             ),
             "hand_fsdp_ckpt": Plan.uniform(
-                shape, gpus=g, dp_type="fsdp", ckpt=True, global_batch=gb, seq_len=s, micro_batch=gb // g
+                shape,
+                gpus=world,
+                dp_type="fsdp",
+                zero=3,
+                ckpt=True,
+                global_batch=gb,
+                seq_len=s,
+                micro_batch=gb // world,
             ),
         }
-        for name, plan in hands.items():
-            c = predict(plan, hardware=hw_g, profile=prof, memory_gb=mem_gb)
-            val = c.step_ms if c.feasible else float("nan")
+        con.print(
+            f"searched plan for {world} GPU(s): {best.describe()} (predicted {best.predicted['step_ms']:.1f} ms)"
+        )
+        if plan_note:
+            con.print(f"[yellow]{plan_note}[/yellow]")
+    box: list[Any] = [configs]
+    dist.broadcast_object_list(box, src=0)
+    configs = box[0]
+
+    # 3. measure every configuration (all ranks) ----------------------------------------------------
+    measured: dict[str, tuple[float, float, str]] = {}
+    predicted: dict[str, float] = {}
+    for name in track(list(configs), description="measuring configurations", disable=rank != 0):
+        plan = configs[name]
+        measured[name] = _measure(cfg, plan, args, device, dtype)
+        if rank == 0:
+            pc = predict(plan, hardware=hw, profile=prof, memory_gb=mem_gb, cost_kwargs=RUNTIME_COST_KWARGS)
+            predicted[name] = pc.step_ms
+            con.print(
+                f"  {name:15s} {plan.describe():45s} measured {measured[name][0]:9.1f} ms  "
+                f"predicted {predicted[name]:9.1f} ms  peak {measured[name][1]:.1f} GiB "
+                f"(predicted {pc.max_memory_gb:.1f} of {pc.usable_bytes / 2**30:.1f} usable) {measured[name][2]}"
+            )
+    if rank == 0:
+        # 4. rows (rank 0) -------------------------------------------------------------------------
+        best = configs["searched"]
+        plan_desc = best.describe() + (f" | {plan_note}" if plan_note else "")
+        case = f"{shape.name}-s{s}-gb{gb}-{world}gpu"
+        ours = measured["searched"][0]
+        rows: list[Row] = []
+        for name in ("hand_ddp", "hand_fsdp", "hand_fsdp_ckpt"):
             rows.append(
                 Row.make(
                     COMPONENT,
-                    pcase,
+                    case,
                     "step_time",
-                    pbest,
+                    ours,
                     name,
-                    val,
-                    quality_name="source",
-                    quality_value=f"cost-model prediction, not measured; plan {res_g.best.describe()}",
+                    measured[name][0],
+                    quality_name="plan",
+                    quality_value=plan_desc + (f" | {measured[name][2]}" if measured[name][2] else ""),
                 )
             )
-    print_rows(rows, title=f"autoparallel on {rows[0].device}")
-    path = append_rows(COMPONENT, rows)
-    try:
-        png = plot_results(COMPONENT, path)
-        con.print(f"wrote {path} and {png}")
-    except Exception as exc:  # plotting is best effort
-        con.print(f"wrote {path} (plot failed: {exc})")
+        for name in configs:
+            m = measured[name][0]
+            rows.append(
+                Row(
+                    COMPONENT,
+                    case,
+                    "prediction_error",
+                    predicted[name],
+                    name if name != "searched" else "searched_plan",
+                    m,
+                    predicted[name] / m if m == m and m else float("nan"),
+                    quality_name="abs_error",
+                    quality_value=abs(predicted[name] / m - 1) if m == m and m else "",
+                )
+            )
+        # 5. predictions for another GPU count (cost model only; compute calibrated by this run's
+        # profile, collectives measured at group size W where a group has W ranks) -----------------
+        g = args.predict_gpus
+        if g > 1 and g != world:
+            res_g = search(
+                shape,
+                SearchConfig(
+                    gpus=g, memory_gb=mem_gb, global_batch=gb, seq_len=s, sequence_parallel=RUNTIME_SP
+                ),
+                hardware=hw,
+                profile=prof,
+                cost_kwargs=RUNTIME_COST_KWARGS,
+            )
+            pcase = f"{shape.name}-s{s}-gb{gb}-{g}gpu [predicted]"
+            pbest = res_g.best.predicted["step_ms"]
+            hb = args.hand_micro_batch
+            hands = {
+                "hand_ddp": Plan.uniform(
+                    shape, gpus=g, dp_type="ddp", global_batch=gb, seq_len=s, micro_batch=hb
+                ),
+                "hand_fsdp": Plan.uniform(
+                    shape, gpus=g, dp_type="fsdp", global_batch=gb, seq_len=s, micro_batch=hb
+                ),
+                "hand_fsdp_ckpt": Plan.uniform(
+                    shape, gpus=g, dp_type="fsdp", ckpt=True, global_batch=gb, seq_len=s, micro_batch=gb // g
+                ),
+            }
+            for name, plan in hands.items():
+                c = predict(
+                    plan, hardware=hw, profile=prof, memory_gb=mem_gb, cost_kwargs=RUNTIME_COST_KWARGS
+                )
+                val = c.step_ms if c.feasible else float("nan")
+                rows.append(
+                    Row.make(
+                        COMPONENT,
+                        pcase,
+                        "step_time",
+                        pbest,
+                        name,
+                        val,
+                        quality_name="source",
+                        quality_value=f"cost-model prediction, not measured; plan {res_g.best.describe()}",
+                    )
+                )
+        print_rows(rows, title=f"autoparallel on {world} x {rows[0].device}")
+        path = append_rows(COMPONENT, rows)
+        try:
+            png = plot_results(COMPONENT, path)
+            con.print(f"wrote {path} and {png}")
+        except Exception as exc:  # plotting is best effort
+            con.print(f"wrote {path} (plot failed: {exc})")
+    if owns_pg:
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

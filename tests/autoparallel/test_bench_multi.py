@@ -1,0 +1,49 @@
+"""``python -m hf_ext bench autoparallel --quick`` on 1 and 2 gloo processes (the N-GPU path on CPU)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import pytest
+
+
+def bench_quick(rank: int, world_size: int, results_dir: str) -> int:
+    """Run in each child process: the quick benchmark with results under ``results_dir``."""
+    os.environ["HF_EXT_RESULTS_DIR"] = results_dir
+    from hf_ext.accelerate.autoparallel import bench
+
+    return bench.main(["--quick"])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_bench_quick_ranks(tmp_path, world):
+    from hf_ext.testing import run_distributed
+
+    assert run_distributed(bench_quick, world, str(tmp_path)) == [0] * world
+    with (tmp_path / "autoparallel.csv").open() as f:
+        all_rows = list(csv.DictReader(f))  # written by rank 0 only: one set of rows
+    rows = [r for r in all_rows if not r["case"].endswith("[predicted]")]
+    assert rows and all(r["case"].endswith(f"-{world}gpu") for r in rows)
+    # cost-model rows for --predict-gpus (default 2) only where it differs from the world size
+    predicted = [r for r in all_rows if r["case"].endswith("-2gpu [predicted]")]
+    assert len(predicted) == (3 if world == 1 else 0)
+    step = {r["baseline"]: r for r in rows if r["metric"] == "step_time"}
+    assert sorted(step) == ["hand_ddp", "hand_fsdp", "hand_fsdp_ckpt"]
+    assert all(float(r["ours"]) > 0 and float(r["baseline_value"]) > 0 for r in step.values())
+    err = {r["baseline"]: float(r["ratio"]) for r in rows if r["metric"] == "prediction_error"}
+    assert sorted(err) == ["hand_ddp", "hand_fsdp", "hand_fsdp_ckpt", "searched_plan"]
+    assert all(math.isfinite(v) and v > 0 for v in err.values())
+
+
+def test_unsupported_plans_are_named():
+    """The bench falls back from plans apply_plan refuses (pipeline + ddp, ddp + tp with dp > 1)."""
+    from hf_ext.accelerate.autoparallel.bench import _unsupported
+    from hf_ext.accelerate.autoparallel.plan import Plan
+
+    kw = dict(gpus=4, dp_type="ddp", global_batch=4, seq_len=8)
+    assert "pipeline" in _unsupported(Plan.uniform("tiny", pp=2, **kw))
+    assert "tensor" in _unsupported(Plan.uniform("tiny", tp=2, **kw))
+    assert _unsupported(Plan.uniform("tiny", gpus=2, dp_type="ddp", pp=2, global_batch=4, seq_len=8)) == ""
+    assert _unsupported(Plan.uniform("tiny", tp=2, **{**kw, "dp_type": "fsdp"})) == ""
