@@ -110,8 +110,8 @@ class _GatherExperts(torch.autograd.Function):
             layer._state.add_pending_grad(layer, work, recv, index, scale)
             return None, None, None
         dist.all_to_all_single(recv, send, out_splits, [c_me] * n, group=layer.group)
-        out = torch.zeros_like(layer.expert_shards).index_add_(0, index, recv.to(layer.expert_shards.dtype))
-        return out.mul_(scale), None, None
+        p = layer.expert_shards
+        return torch.zeros_like(p).index_add_(0, index, recv.to(p.dtype), alpha=scale), None, None
 
 
 class _PendingGather:
@@ -169,11 +169,9 @@ class FSEPState:
         for layer, work, recv, index, scale in pending:
             work.wait()
             p = layer.expert_shards
-            g = torch.zeros_like(p).index_add_(0, index, recv.to(p.dtype)).mul_(scale)
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
+            if p.grad is None:  # accumulate in place: no full-size temporary per layer
+                p.grad = torch.zeros_like(p)
+            p.grad.index_add_(0, index, recv.to(p.dtype), alpha=scale)
 
     def begin_step(self) -> None:
         """Called before each training forward of the root model: re-plan layouts."""
