@@ -2,6 +2,8 @@
 # Runs the GPU benchmarks of the built components in one go on a CUDA machine (from a checkout,
 # without installing): results go to $HF_EXT_RESULTS_DIR (default benchmarks/results), logs beside them.
 # Usage: bash benchmarks/gpu_batch.sh [part ...]   parts: doctor simulate sale latent_omni autoparallel fsep dataflex
+#   (default: those, one GPU) and, on a 2-GPU machine: fsep2 autoparallel2 (torchrun, NCCL);
+#   tie_static, tie_cb: the TIE real-engine jobs (benchmarks/tie_real_cb.py) on one GPU.
 set -u
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -27,6 +29,14 @@ for p in "${parts[@]}"; do
     autoparallel) run autoparallel 300 $PY -m hf_ext bench autoparallel ;;
     fsep) run fsep 240 $PY -m hf_ext bench fsep --calibrate --skip-gloo --no-plot ;;
     dataflex) run dataflex 300 $PY -m hf_ext bench dataflex -- --device cuda --preset small ;;
+    fsep2) run fsep2 200 $PY -m torch.distributed.run --standalone --nproc-per-node 2 \
+      -m hf_ext.accelerate.fsep.bench --torchrun --no-plot ;;
+    autoparallel2) run autoparallel2 380 $PY -m torch.distributed.run --standalone --nproc-per-node 2 \
+      -m hf_ext.accelerate.autoparallel.bench ;;
+    tie_static) run tie_static 320 $PY benchmarks/tie_real_cb.py --shape llama3.1-8b --n 96 --static-batch 32 \
+      --max-new-tokens 600 --policies tie,fcfs,ssjf,ltr --budget-s 220 ;;
+    tie_cb) run tie_cb 540 $PY benchmarks/tie_real_cb.py --shape llama3.1-8b --n 150 --speeds 4 \
+      --max-requests-per-batch 32 --cuda-graph --budget-s 420 ;;
     *) echo "unknown part $p" ;;
   esac
 done

@@ -24,6 +24,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -97,7 +98,7 @@ def fit_compute(
     return flops, max(a, 0.0) / 3.0, pts
 
 
-# ----------------------------------------------------------------------------- gloo measurement
+# ------------------------------------------------------------------- measured step times (N ranks)
 def _zipf_topk(tokens: int, k: int, probs: np.ndarray, gen: Any) -> Any:
     import torch
 
@@ -105,16 +106,50 @@ def _zipf_topk(tokens: int, k: int, probs: np.ndarray, gen: Any) -> Any:
     return torch.multinomial(p, k, replacement=False, generator=gen)
 
 
-def gloo_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """Measured in each of the 2 gloo processes: step time of a stack of MoE layers per layout policy."""
+def _case_probs(regime: str, alpha: float, experts: int, steps: int, drift: float) -> list[np.ndarray]:
+    """Per-step expert popularity of one case (identical on every rank: fixed seeds).
+
+    ``balanced`` (alpha 0), ``skew`` (Zipf(alpha) over a random expert order), ``skew_colocated`` (the
+    hottest experts sit together on rank 0 under the static placement) and ``skew_drift`` (Zipf(alpha)
+    whose log-popularities follow a random walk of std ``drift`` per step, so the hot experts move)."""
+    from hf_ext.accelerate.fsep.cost_model import zipf_probs
+
+    rng = np.random.default_rng(1)
+    if regime == "skew_colocated":
+        return [zipf_probs(experts, alpha, perm=np.arange(experts))] * steps
+    base = zipf_probs(experts, alpha, rng)
+    if regime != "skew_drift":
+        return [base] * steps
+    logp, out = np.log(base), []
+    for _ in range(steps):
+        p = np.exp(logp - logp.max())
+        out.append(p / p.sum())
+        logp = logp + rng.normal(0.0, drift, size=experts)
+    return out
+
+
+def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Measured in each rank (gloo on CPU, NCCL on GPUs): step time of a stack of MoE layers per layout.
+
+    ``spec``: ``hidden, inter, experts, top_k, tokens`` (per rank), ``layers, steps, warmup``,
+    ``cases`` (list of ``(regime, alpha)``, see :func:`_case_probs`), optional ``device`` (``"cpu"`` or
+    ``"cuda"``: this rank's current CUDA device), ``dtype`` (``"float32"`` / ``"bfloat16"``), ``drift``.
+    The three layouts run interleaved step by step on the same inputs: ``fsep`` (planner, history 5),
+    ``static_ep`` (E/N resident experts) and ``fsdp`` (every rank gathers every expert). Returns, per
+    ``<case>/<mode>``: (best step ms, max |out - dense| at step 0), ``/median`` ms, ``/compute`` (slowest
+    rank's expert-forward CPU ms; NaN on GPU) and ``/max_tokens`` (slowest rank's expert rows per step).
+    """
     import torch
-    import torch.distributed as dist
 
     from hf_ext.accelerate.fsep.config import FSEPConfig
-    from hf_ext.accelerate.fsep.cost_model import zipf_probs
     from hf_ext.accelerate.fsep.layer import FSEPExperts, FSEPState
 
-    torch.set_num_threads(1)
+    cuda = spec.get("device") == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    if not cuda:
+        torch.set_num_threads(1)
+
     h, i, e, k, t, layers = (
         spec["hidden"],
         spec["inter"],
@@ -123,9 +158,10 @@ def gloo_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, A
         spec["tokens"],
         spec["layers"],
     )
-    g = torch.Generator().manual_seed(0)
-    gu = [torch.randn(e, 2 * i, h, generator=g) * 0.05 for _ in range(layers)]
-    dn = [torch.randn(e, h, i, generator=g) * 0.05 for _ in range(layers)]
+    # the same weights on every rank (a CUDA generator gives the same stream on every GPU of one type)
+    g = torch.Generator(device=device).manual_seed(0)
+    gu = [(torch.randn(e, 2 * i, h, generator=g, device=device) * 0.02).to(dtype) for _ in range(layers)]
+    dn = [(torch.randn(e, h, i, generator=g, device=device) * 0.02).to(dtype) for _ in range(layers)]
     act = torch.nn.functional.silu
     results: dict[str, Any] = {}
     modes = {
@@ -134,9 +170,7 @@ def gloo_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, A
         "fsdp": FSEPConfig(mode="fsep", layout_policy="fsdp"),
     }
     for case, alpha in spec["cases"]:
-        rng = np.random.default_rng(1)
-        # "..._colocated": the hottest experts sit together on rank 0 under the static placement
-        probs = zipf_probs(e, alpha, perm=np.arange(e)) if "colocated" in case else zipf_probs(e, alpha, rng)
+        probs = _case_probs(case, alpha, e, spec["steps"], spec.get("drift", 0.3))
         stacks, states = {}, {}
         for mname, cfg in modes.items():
             states[mname] = FSEPState()
@@ -145,44 +179,44 @@ def gloo_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, A
             ).train()
             for j in range(layers - 1):
                 stacks[mname][j]._next.append(stacks[mname][j + 1])
+
         gen = torch.Generator().manual_seed(100 + rank)
         times: dict[str, list[float]] = {m: [] for m in modes}
         comp: dict[str, list[float]] = {m: [] for m in modes}
+        rows_max: dict[str, list[float]] = {m: [] for m in modes}
         errs: dict[str, float] = {}
         for step in range(spec["steps"]):
-            x0 = torch.randn(t, h, generator=gen)
-            idx = [_zipf_topk(t, k, probs, gen) for _ in range(layers)]
-            wts = [torch.softmax(torch.randn(t, k, generator=gen), -1) for _ in range(layers)]
+            x0 = torch.randn(t, h, generator=gen).to(device, dtype)
+            idx = [_zipf_topk(t, k, probs[step], gen).to(device) for _ in range(layers)]
+            wts = [
+                torch.softmax(torch.randn(t, k, generator=gen), -1).to(device, dtype) for _ in range(layers)
+            ]
             # modes interleaved step by step, so machine-load noise hits all of them alike
             for mname in modes:
-                stack, state = stacks[mname], states[mname]
-                x = x0.clone().requires_grad_()
-                state.begin_step()
-                dist.barrier()
-                t0 = time.perf_counter()
-                y = x
-                for j in range(layers):
-                    y = y + stack[j](y, idx[j], wts[j])
-                y.square().mean().backward()
-                dt = torch.tensor([time.perf_counter() - t0, sum(lay.last_compute_cpu_s for lay in stack)])
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+                y, dt = _timed_step(stacks[mname], states[mname], x0, idx, wts)
                 if step >= spec["warmup"]:
                     times[mname].append(float(dt[0]) * 1e3)
                     comp[mname].append(float(dt[1]) * 1e3)
+                    rows_max[mname].append(float(dt[2]))
                 if step == 0:  # check the output against the dense single-process computation
                     with torch.no_grad():
                         ref = x0
                         for j in range(layers):
                             ref = ref + _dense_moe(ref, idx[j], wts[j], gu[j], dn[j], act)
                         errs[mname] = float((y.detach() - ref).abs().max())
-                for p in stack.parameters():
-                    p.grad = None
+        if spec.get("profile") and case == spec["profile"]:
+            _profile_modes(rank, stacks, states, x0, idx, wts)
         for mname in modes:
+            key = f"{_case(case, alpha)}/{mname}"
             # best of N: the least disturbed step (the CPU box is shared; the median is kept for reference)
-            results[f"{_case(case, alpha)}/{mname}"] = (float(min(times[mname])), errs[mname])
-            results[f"{_case(case, alpha)}/{mname}/median"] = float(statistics.median(times[mname]))
+            results[key] = (float(min(times[mname])), errs[mname])
+            results[f"{key}/median"] = float(statistics.median(times[mname]))
             # slowest rank's expert-forward CPU time (sum over layers): the load balance itself
-            results[f"{_case(case, alpha)}/{mname}/compute"] = float(statistics.median(comp[mname]))
+            results[f"{key}/compute"] = float(statistics.median(comp[mname]))
+            results[f"{key}/max_tokens"] = float(statistics.mean(rows_max[mname]))
+        del stacks, states
+        if cuda:
+            torch.cuda.empty_cache()
     return results
 
 
@@ -338,6 +372,177 @@ def layer_step_vs_hf(
             dist.destroy_process_group()
 
 
+def _timed_step(stack: Any, state: Any, x0: Any, idx: list, wts: list) -> tuple[Any, Any]:
+    """One forward + backward of a layer stack -> (output, ``[wall s, expert CPU s, max expert rows]``,
+    each the max over ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    def sync() -> None:
+        if x0.is_cuda:
+            torch.cuda.synchronize(x0.device)
+
+    x = x0.clone().requires_grad_()
+    sync()
+    dist.barrier()
+    t0 = time.perf_counter()
+    state.begin_step()
+    y = x
+    for j, layer in enumerate(stack):
+        y = y + layer(y, idx[j], wts[j])
+    y.float().square().mean().backward()
+    sync()
+    dt = torch.tensor(
+        [
+            time.perf_counter() - t0,
+            sum(lay.last_compute_cpu_s for lay in stack),
+            max(lay.last_tokens for lay in stack),
+        ],
+        dtype=torch.float64,
+        device=x0.device,
+    )
+    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+    for p in stack.parameters():
+        p.grad = None
+    return y, dt
+
+
+def _profile_modes(rank: int, stacks: dict, states: dict, x0: Any, idx: list, wts: list) -> None:
+    """One extra step per mode under ``torch.profiler`` (all ranks); rank 0 prints the top device ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x0.is_cuda else [])
+    for mname in stacks:
+        with profile(activities=acts) as prof:
+            _timed_step(stacks[mname], states[mname], x0, idx, wts)
+        if rank == 0:
+            key = "device_time_total" if x0.is_cuda else "cpu_time_total"
+            try:
+                table = prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=48)
+            except Exception:  # older torch: the CUDA column is called cuda_time_total
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+            print(f"--- profile of one {mname} step (rank 0)\n{table}", flush=True)
+
+
+def measured_rows(
+    res: dict[str, Any], cases: list[tuple[str, float]], dev: str, suffix: str, cmd: str
+) -> list[Any]:
+    """CSV rows of one :func:`stack_worker` result: ``step_time`` (best step, FSEP vs ``static_ep`` /
+    ``fsdp``), ``max_rank_expert_rows`` (load balance) and, on CPU, ``max_rank_expert_cpu_ms``."""
+    from hf_ext.utils.bench import Row
+
+    rows = []
+    for case, alpha in cases:
+        c = _case(case, alpha)
+        f_ms, f_err = res[f"{c}/fsep"]
+        metrics = [("step_time", ""), ("max_rank_expert_rows", "/max_tokens")]
+        if math.isfinite(res[f"{c}/fsep/compute"]):
+            metrics.append(("max_rank_expert_cpu_ms", "/compute"))
+        for base in ("static_ep", "fsdp"):
+            for metric, key in metrics:
+                ours = f_ms if not key else res[f"{c}/fsep{key}"]
+                theirs = res[f"{c}/{base}"][0] if not key else res[f"{c}/{base}{key}"]
+                rows.append(
+                    Row.make(
+                        COMPONENT,
+                        f"{c}_{suffix}",
+                        metric,
+                        ours,
+                        base,
+                        theirs,
+                        quality_name="max_abs_diff_vs_dense",
+                        quality_value=f_err,
+                        device=dev,
+                        command=cmd,
+                    )
+                )
+    return rows
+
+
+# ------------------------------------------------------------------------- measured on N ranks
+# name: (layers, tokens per rank) of the stacks measured by --torchrun at the MODEL_SHAPES sizes
+MEASURE_SPECS: dict[str, tuple[int, int]] = {"mixtral8x7b": (2, 8192), "olmoe_1b_7b": (2, 8192)}
+MEASURE_CASES = [
+    ("balanced", 0.0),
+    ("skew", 0.5),
+    ("skew", 1.0),
+    ("skew", 1.5),
+    ("skew_drift", 1.0),
+    ("skew_colocated", 1.5),
+]
+
+
+def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
+    """``--torchrun``: every launched rank runs :func:`stack_worker` per model shape; rank 0 writes rows.
+
+    On GPUs (NCCL, bf16) the stacks have the real expert sizes of ``MODEL_SHAPES``; on CPU (gloo, fp32)
+    ``--quick``-sized ones, to check the launch path."""
+    import torch
+    import torch.distributed as dist
+
+    from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows
+
+    if "RANK" not in os.environ:
+        raise SystemExit(
+            "--torchrun: launch with `torchrun --nproc-per-node N -m hf_ext.accelerate.fsep.bench`"
+        )
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world < 2:
+        raise SystemExit(f"--torchrun needs at least 2 ranks, got world size {world}")
+    unknown = sorted(set(args.models) - set(MODEL_SHAPES))
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(MODEL_SHAPES)}")
+    backend = "nccl" if cuda else "gloo"
+    rows = []
+    try:
+        for model in args.models:
+            h, i, e, k = MODEL_SHAPES[model][:4]
+            layers, tokens = MEASURE_SPECS.get(model, (2, 8192))
+            spec: dict[str, Any] = dict(
+                hidden=h,
+                inter=i,
+                experts=e,
+                top_k=k,
+                tokens=tokens,
+                layers=layers,
+                steps=11,
+                warmup=3,
+                cases=MEASURE_CASES,
+                device="cuda" if cuda else "cpu",
+                dtype="bfloat16" if cuda else "float32",
+                drift=0.3,
+                profile="skew_colocated" if args.profile and model == args.models[0] else None,
+            )
+            if not cuda or args.quick:
+                spec.update(hidden=64, inter=64, tokens=128, steps=3, warmup=1)
+                spec["cases"] = MEASURE_CASES[:1] + MEASURE_CASES[-2:]
+            t0 = time.perf_counter()
+            res = stack_worker(rank, world, spec)
+            if rank == 0:
+                print(f"{model}: {len(spec['cases'])} cases in {time.perf_counter() - t0:.1f}s", flush=True)
+                size = f"{model}_L{layers}_T{spec['tokens']}"
+                dev = f"{device_name()} x{world} {backend}"
+                rows += measured_rows(res, spec["cases"], dev, f"{size}_{backend}{world}", cmd)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    path = append_rows(COMPONENT, rows)
+    print_rows(rows, title=f"FSEP measured on {world} ranks ({backend}); ratio > 1: FSEP faster")
+    if not args.no_plot:
+        try:
+            plot_results(COMPONENT, path)
+        except Exception as exc:  # plotting must not fail the benchmark
+            print(f"plot skipped: {exc}")
+    print(f"wrote {path}")
+    return 0 if rows and all(math.isfinite(r.ours) for r in rows) else 1
+
+
 # ------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hf-ext bench fsep", description=__doc__.split("\n\n")[0])
@@ -352,7 +557,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 1.5], help="Zipf skews")
     p.add_argument("--hardware", default="h100", choices=["h100", "a100_ref"], help="cost-model preset")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--torchrun",
+        action="store_true",
+        help="measure FSEP vs static EP vs FSDP on the launched ranks (NCCL on GPUs, gloo on CPU); run "
+        "under `torchrun --nproc-per-node N`; only the measured rows are written",
+    )
+    p.add_argument("--models", nargs="+", default=list(MEASURE_SPECS), help="shapes measured by --torchrun")
+    p.add_argument(
+        "--profile", action="store_true", help="--torchrun: print a torch.profiler table of one step per mode"
+    )
     args = p.parse_args(argv)
+    if args.torchrun:
+        given = sys.argv[1:] if argv is None else argv
+        return torchrun_main(args, "torchrun -m hf_ext.accelerate.fsep.bench " + " ".join(given))
 
     import torch
     from rich.progress import track
@@ -456,40 +674,8 @@ def main(argv: list[str] | None = None) -> int:
             f"gloo: 2 processes on CPU, {spec['layers']} MoE layers, E={spec['experts']}, "
             f"H={spec['hidden']}, I={spec['inter']}, {spec['tokens']} tokens/rank ..."
         )
-        res = run_distributed(gloo_worker, 2, spec)[0]
-        dev = f"{device_name()}-gloo-2proc"
-        for case, alpha in spec["cases"]:
-            f_ms, f_err = res[f"{_case(case, alpha)}/fsep"]
-            for base in ("static_ep", "fsdp"):
-                b_ms, _ = res[f"{_case(case, alpha)}/{base}"]
-                rows.append(
-                    Row.make(
-                        COMPONENT,
-                        f"{_case(case, alpha)}_gloo2cpu",
-                        "step_time",
-                        f_ms,
-                        base,
-                        b_ms,
-                        quality_name="max_abs_diff_vs_dense",
-                        quality_value=f_err,
-                        device=dev,
-                        command=cmd,
-                    )
-                )
-                rows.append(
-                    Row.make(
-                        COMPONENT,
-                        f"{_case(case, alpha)}_gloo2cpu",
-                        "max_rank_expert_cpu_ms",
-                        res[f"{_case(case, alpha)}/fsep/compute"],
-                        base,
-                        res[f"{_case(case, alpha)}/{base}/compute"],
-                        quality_name="max_abs_diff_vs_dense",
-                        quality_value=f_err,
-                        device=dev,
-                        command=cmd,
-                    )
-                )
+        res = run_distributed(stack_worker, 2, spec)[0]
+        rows += measured_rows(res, spec["cases"], f"{device_name()}-gloo-2proc", "gloo2cpu", cmd)
 
     # 4) predictions (cost model)
     models = list(MODEL_SHAPES) if not args.quick else ["mixtral8x7b"]
