@@ -502,6 +502,7 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
         for model in args.models:
             h, i, e, k = MODEL_SHAPES[model][:4]
             layers, tokens = MEASURE_SPECS.get(model, (2, 8192))
+            tokens = args.tokens or tokens
             spec: dict[str, Any] = dict(
                 hidden=h,
                 inter=i,
@@ -564,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         "under `torchrun --nproc-per-node N`; only the measured rows are written",
     )
     p.add_argument("--models", nargs="+", default=list(MEASURE_SPECS), help="shapes measured by --torchrun")
+    p.add_argument(
+        "--tokens", type=int, default=0, help="--torchrun: tokens per rank (default: MEASURE_SPECS' 8192)"
+    )
     p.add_argument(
         "--profile", action="store_true", help="--torchrun: print a torch.profiler table of one step per mode"
     )
