@@ -288,3 +288,50 @@ def suite_b(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
     out = training(rank, world_size, "mixtral", outdir)
     out["fsdp2_max_diff"] = fsdp2_training(rank, world_size)
     return out
+
+
+def grads_with_replicas(rank: int, ws: int) -> dict[str, float]:
+    """FSEP expert-shard gradients (replicas on every rank, sync and async reduce) vs dense autograd over
+    all ranks' tokens: max relative error of this rank's shard."""
+    import torch
+    import torch.distributed as dist
+
+    from hf_ext.accelerate.fsep.bench import _dense_moe
+    from hf_ext.accelerate.fsep.config import FSEPConfig
+    from hf_ext.accelerate.fsep.layer import FSEPExperts
+    from hf_ext.accelerate.fsep.planner import Layout
+
+    e, h, i, t, k = 2 * ws, 16, 24, 64, 2
+    g = torch.Generator().manual_seed(0)
+    gu = torch.randn(e, 2 * i, h, generator=g) * 0.1
+    dn = torch.randn(e, h, i, generator=g) * 0.1
+    out = {}
+    # replicas: rank r holds experts r, r+ws and (r+1)%e as a replica
+    slots = [[r, r + ws, (r + 1) % e] for r in range(ws)]
+    for name, asyncg in (("sync", False), ("async", True)):
+        cfg = FSEPConfig(mode="fsep", layout_policy="identity", async_grad_reduce=asyncg, average_grads=False)
+        lay = FSEPExperts(gu, dn, torch.nn.functional.silu, cfg, top_k=k)
+        lay.set_layout(Layout.from_slots(slots, e, "uniform"))
+        gx = torch.Generator().manual_seed(10 + rank)
+        x = torch.randn(t, h, generator=gx)
+        idx = torch.stack([torch.randperm(e, generator=gx)[:k] for _ in range(t)])
+        w = torch.softmax(torch.randn(t, k, generator=gx), -1)
+        y = lay(x, idx, w)
+        y.square().sum().backward()
+        # dense reference over all ranks' tokens
+        xs = [torch.empty_like(x) for _ in range(ws)]
+        ids = [torch.empty_like(idx) for _ in range(ws)]
+        ws_ = [torch.empty_like(w) for _ in range(ws)]
+        dist.all_gather(xs, x)
+        dist.all_gather(ids, idx)
+        dist.all_gather(ws_, w)
+        gu_r, dn_r = gu.clone().requires_grad_(), dn.clone().requires_grad_()
+        act = torch.nn.functional.silu
+        loss = sum(_dense_moe(a, b, c, gu_r, dn_r, act).square().sum() for a, b, c in zip(xs, ids, ws_))
+        loss.backward()
+        flat = torch.cat([gu_r.grad.reshape(e, -1), dn_r.grad.reshape(e, -1)], 1)
+        s = lay.shard_size
+        flat = torch.nn.functional.pad(flat, (0, s * ws - flat.shape[1]))
+        ref = flat[:, rank * s : (rank + 1) * s]
+        out[name] = float((lay.expert_shards.grad - ref).abs().max() / ref.abs().max())
+    return out

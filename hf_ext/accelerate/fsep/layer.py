@@ -1,4 +1,4 @@
-"""The FSEP experts layer: 1/N of every expert per rank, whole experts gathered per step by all-to-all.
+"""The FSEP experts layer: 1/N of every expert per rank, whole experts gathered per step from the shards.
 
 :class:`FSEPExperts` replaces a transformers fused-experts module (``gate_up_proj [E, 2I, H]``,
 ``down_proj [E, H, I]``, ``act_fn``; Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3) and keeps
@@ -9,16 +9,18 @@ One forward, per rank ``me`` of ``N`` (layout from :mod:`hf_ext.accelerate.fsep.
 
 1. ``all_gather`` of per-expert token counts ``[E]`` -> ``counts [N, E]`` (also the planner's input);
    every rank derives the same split ``shares[src, e, dst]`` of tokens among replicas.
-2. Expert gather (FSEP mode): one ``all_to_all_single`` sends, to each rank ``r``, this rank's
-   shard of every expert in ``slots[r]``; the received ``N`` shards form ``C_me`` full experts
-   (started asynchronously, or prefetched by the previous MoE layer).
+2. Expert gather (FSEP mode): this rank's shard of each expert in ``slots[me]`` is copied in place and
+   the other ``N - 1`` shards are received straight into ``[C_me, N * S]`` by point-to-point receives,
+   while every rank sends rows of its shard parameter as they are (one ``batch_isend_irecv`` group, no
+   send buffer or re-order copy; started asynchronously, or prefetched by the previous MoE layer).
 3. Token dispatch: pairs (token, expert) sorted by destination (rank, slot), ``all_to_all_single``
    with uneven splits; compute one SwiGLU MLP per materialised expert; combine by the reverse
    all-to-all, weight by the router probabilities and ``index_add`` into the output.
-4. Backward: the all-to-alls are autograd Functions (their backward is the reverse all-to-all);
-   the expert gather's backward sends gradient chunk ``q`` of each materialised expert to rank
-   ``q`` and sums the replicas' chunks (a reduce-scatter through all-to-all), asynchronously by
-   default, accumulating into ``expert_shards.grad`` at the end of backward.
+4. Backward: the token all-to-alls are autograd Functions (their backward is the reverse all-to-all);
+   the expert gather's backward sends chunk ``q`` of each materialised expert's gradient to rank ``q``
+   (point-to-point, straight from the gradient rows) and each rank adds the chunks of all replicas into
+   its shard gradient (a reduce-scatter), asynchronously by default, in place into
+   ``expert_shards.grad`` at the end of backward.
 
 Static EP (``mode="static_ep"``) keeps ``E/N`` full experts resident (identity layout, no gather)
 and runs the same dispatch / compute / combine code.
@@ -77,11 +79,18 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def _peer(layer: FSEPExperts, q: int) -> int:
+    """Global rank of rank ``q`` of the layer's expert-parallel group."""
+    return dist.get_global_rank(layer.group, q) if layer.group is not None else q
+
+
 class _GatherExperts(torch.autograd.Function):
     """Forward: finish (or run) the expert gather -> full experts ``[C_me, P]``.
 
-    Backward: reduce-scatter of the full-expert gradient back to the shards via all-to-all
-    (async: accumulated into ``shards.grad`` at the end of backward).
+    Backward: reduce-scatter of the full-expert gradient back to the shards: chunk ``q`` of every
+    materialised expert goes to rank ``q`` by point-to-point sends straight from the gradient rows (no
+    re-ordered send buffer), one NCCL group for the whole exchange; the receiver adds the chunks of all
+    replicas into its shard gradient (async: at the end of backward).
     """
 
     @staticmethod
@@ -94,55 +103,88 @@ class _GatherExperts(torch.autograd.Function):
         layer: FSEPExperts = ctx.layer
         lay: Layout = ctx.layout
         n, me, s = layer.world_size, layer.rank, layer.shard_size
-        c_me = len(lay.slots[me])
-        g = grad.contiguous()
-        if g.shape[1] < n * s:
-            g = F.pad(g, (0, n * s - g.shape[1]))
-        send = g.view(c_me, n, s).transpose(0, 1).reshape(n * c_me, s).contiguous()
-        out_splits = [len(lay.slots[r]) for r in range(n)]
-        recv = g.new_empty((sum(out_splits), s))
-        index = torch.tensor([e for sl in lay.slots for e in sl], dtype=torch.long, device=g.device)
+        mine = list(lay.slots[me])
+        g = grad if grad.shape[1] == n * s else F.pad(grad, (0, n * s - grad.shape[1]))
+        g = g.contiguous()
+        # per peer pair the order of sends and receives is the slot order on both sides
+        ops = [
+            dist.P2POp(dist.isend, g[j, q * s : (q + 1) * s], _peer(layer, q), layer.group)
+            for j in range(len(mine))
+            for q in range(n)
+            if q != me
+        ]
+        remote = [(r, e) for r in range(n) if r != me for e in lay.slots[r]]
+        recv = g.new_empty((len(remote), s))
+        ops += [
+            dist.P2POp(dist.irecv, recv[k], _peer(layer, r), layer.group) for k, (r, _) in enumerate(remote)
+        ]
+        works = dist.batch_isend_irecv(ops) if ops else []
+        dev = g.device
+        local_idx = torch.tensor(mine, dtype=torch.long, device=dev)
+        remote_idx = torch.tensor([e for _, e in remote], dtype=torch.long, device=dev)
         scale = 1.0 / n if layer.config.average_grads else 1.0
+
+        def finish(out: torch.Tensor) -> None:
+            """Wait for the exchange and add this rank's chunks of every replica into ``out [E, S]``."""
+            for w in works:
+                w.wait()
+            if mine:
+                out.index_add_(0, local_idx, g[:, me * s : (me + 1) * s].to(out.dtype), alpha=scale)
+            if remote:
+                out.index_add_(0, remote_idx, recv.to(out.dtype), alpha=scale)
+
         if layer.config.async_grad_reduce:
-            work = dist.all_to_all_single(
-                recv, send, out_splits, [c_me] * n, group=layer.group, async_op=True
-            )
-            layer._state.add_pending_grad(layer, work, recv, index, scale)
+            layer._state.add_pending_grad(layer, finish)
             return None, None, None
-        dist.all_to_all_single(recv, send, out_splits, [c_me] * n, group=layer.group)
-        p = layer.expert_shards
-        return torch.zeros_like(p).index_add_(0, index, recv.to(p.dtype), alpha=scale), None, None
+        out = torch.zeros_like(layer.expert_shards)
+        finish(out)
+        return out, None, None
 
 
 class _PendingGather:
-    """An expert gather in flight (``all_to_all_single(async_op=True)``) for one layout."""
+    """An expert gather in flight for one layout: this rank's shard of each of its experts copied in
+    place, the other ranks' shards received straight into ``[C_me, N * S]`` by point-to-point receives
+    (one NCCL group; the senders send rows of their shard parameter as they are, no send buffer)."""
 
     def __init__(self, layer: FSEPExperts, layout: Layout, async_op: bool) -> None:
         self.layout = layout
         self.layer = layer
         self.version = layer.expert_shards._version
         n, me, s = layer.world_size, layer.rank, layer.shard_size
-        self.c_me = len(layout.slots[me])
+        mine = list(layout.slots[me])
         with torch.no_grad():
             shards = layer.expert_shards.detach()
-            idx = torch.tensor([e for sl in layout.slots for e in sl], dtype=torch.long, device=shards.device)
-            send = shards.index_select(0, idx).to(layer.comm_dtype)
-            self.recv = shards.new_empty((n * self.c_me, s), dtype=layer.comm_dtype)
-            in_splits = [len(layout.slots[r]) for r in range(n)]
-            self.work = dist.all_to_all_single(
-                self.recv, send, [self.c_me] * n, in_splits, group=layer.group, async_op=async_op
-            )
+            self.full = shards.new_empty((len(mine), n * s))
+            ops = []
+            for j, e in enumerate(mine):
+                self.full[j, me * s : (me + 1) * s].copy_(shards[e])
+                ops += [
+                    dist.P2POp(dist.irecv, self.full[j, q * s : (q + 1) * s], _peer(layer, q), layer.group)
+                    for q in range(n)
+                    if q != me
+                ]
+            for r in range(n):
+                if r != me:
+                    ops += [
+                        dist.P2POp(dist.isend, shards[e], _peer(layer, r), layer.group)
+                        for e in layout.slots[r]
+                    ]
+            self.works = dist.batch_isend_irecv(ops) if ops else []
+        if not async_op:
+            self._wait()
+
+    def _wait(self) -> None:
+        for w in self.works:
+            w.wait()
+        self.works = []
 
     def valid_for(self, layout: Layout) -> bool:
         return layout is self.layout and self.layer.expert_shards._version == self.version
 
     def result(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-        n, s, p = self.layer.world_size, self.layer.shard_size, self.layer.expert_numel
-        full = self.recv.view(n, self.c_me, s).transpose(0, 1).reshape(self.c_me, n * s)[:, :p]
-        return full.to(self.layer.expert_shards.dtype).contiguous()
+        self._wait()
+        p = self.layer.expert_numel
+        return self.full if self.full.shape[1] == p else self.full[:, :p].contiguous()
 
 
 class FSEPState:
@@ -151,27 +193,25 @@ class FSEPState:
     def __init__(self) -> None:
         self.layers: list[FSEPExperts] = []
         self.step = 0
-        self._pending: list[tuple[FSEPExperts, Any, torch.Tensor, torch.Tensor, float]] = []
+        self._pending: list[tuple[FSEPExperts, Callable[[torch.Tensor], None]]] = []
         self._callback_queued = False
 
-    def add_pending_grad(
-        self, layer: FSEPExperts, work: Any, recv: torch.Tensor, index: torch.Tensor, scale: float
-    ) -> None:
-        self._pending.append((layer, work, recv, index, scale))
+    def add_pending_grad(self, layer: FSEPExperts, finish: Callable[[torch.Tensor], None]) -> None:
+        """Queue ``finish(expert_shards.grad)`` (waits for the layer's gradient exchange) for the end of backward."""
+        self._pending.append((layer, finish))
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish_grads)
 
     def finish_grads(self) -> None:
-        """Wait for the async gradient all-to-alls and accumulate into ``expert_shards.grad``."""
+        """Wait for the async gradient exchanges and accumulate into ``expert_shards.grad`` in place."""
         pending, self._pending = self._pending, []
         self._callback_queued = False
-        for layer, work, recv, index, scale in pending:
-            work.wait()
+        for layer, finish in pending:
             p = layer.expert_shards
-            if p.grad is None:  # accumulate in place: no full-size temporary per layer
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad.index_add_(0, index, recv.to(p.dtype), alpha=scale)
+            finish(p.grad)
 
     def begin_step(self) -> None:
         """Called before each training forward of the root model: re-plan layouts."""
