@@ -124,8 +124,12 @@ def equivalence(
                 cfg = FSEPConfig(mode="static_ep")
                 layouts = {"static_ep": None}
             else:
+                # both weight exchanges: all-to-all (sync grads) and point-to-point (async grads)
                 cfg = FSEPConfig(
-                    mode="fsep", layout_policy="identity", async_grad_reduce=(mode == "fsep_async")
+                    mode="fsep",
+                    layout_policy="identity",
+                    async_grad_reduce=(mode == "fsep_async"),
+                    gather="p2p" if mode == "fsep_async" else "all_to_all",
                 )
                 e = (
                     base.config.num_experts
@@ -290,7 +294,7 @@ def suite_b(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
     return out
 
 
-def grads_with_replicas(rank: int, ws: int) -> dict[str, float]:
+def grads_with_replicas(rank: int, ws: int) -> dict[str, Any]:
     """FSEP expert-shard gradients (replicas on every rank, sync and async reduce) vs dense autograd over
     all ranks' tokens: max relative error of this rank's shard."""
     import torch
@@ -308,8 +312,19 @@ def grads_with_replicas(rank: int, ws: int) -> dict[str, float]:
     out = {}
     # replicas: rank r holds experts r, r+ws and (r+1)%e as a replica
     slots = [[r, r + ws, (r + 1) % e] for r in range(ws)]
-    for name, asyncg in (("sync", False), ("async", True)):
-        cfg = FSEPConfig(mode="fsep", layout_policy="identity", async_grad_reduce=asyncg, average_grads=False)
+    runs = [
+        (f"{sync}_{gather}", sync == "async", gather)
+        for sync in ("sync", "async")
+        for gather in ("p2p", "all_to_all")
+    ]
+    for name, asyncg, gather in runs:
+        cfg = FSEPConfig(
+            mode="fsep",
+            layout_policy="identity",
+            async_grad_reduce=asyncg,
+            average_grads=False,
+            gather=gather,
+        )
         lay = FSEPExperts(gu, dn, torch.nn.functional.silu, cfg, top_k=k)
         lay.set_layout(Layout.from_slots(slots, e, "uniform"))
         gx = torch.Generator().manual_seed(10 + rank)
@@ -334,4 +349,9 @@ def grads_with_replicas(rank: int, ws: int) -> dict[str, float]:
         flat = torch.nn.functional.pad(flat, (0, s * ws - flat.shape[1]))
         ref = flat[:, rank * s : (rank + 1) * s]
         out[name] = float((lay.expert_shards.grad - ref).abs().max() / ref.abs().max())
+    # gather="auto" picks the exchange by shard size (these shards are a few hundred bytes)
+    act = torch.nn.functional.silu
+    small = FSEPExperts(gu, dn, act, FSEPConfig(mode="fsep"), top_k=k).use_p2p
+    low = FSEPExperts(gu, dn, act, FSEPConfig(mode="fsep", gather_p2p_min_bytes=0), top_k=k).use_p2p
+    out["auto_picks_p2p"] = (small, low)
     return out

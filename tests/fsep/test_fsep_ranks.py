@@ -1,7 +1,9 @@
-"""FSEP gradients with replicas on 3 gloo ranks (the point-to-point exchange pairs sends and receives per
-peer in slot order; 2 ranks cannot catch a mismatched pairing)."""
+"""FSEP gradients with replicas on 3 gloo ranks, both weight exchanges (the point-to-point one pairs sends
+and receives per peer in slot order; 2 ranks cannot catch a mismatched pairing)."""
 
 from __future__ import annotations
+
+import pytest
 
 from hf_ext.testing import run_distributed
 from tests.fsep._dist_fns import grads_with_replicas
@@ -9,4 +11,15 @@ from tests.fsep._dist_fns import grads_with_replicas
 
 def test_shard_gradients_match_dense_on_three_ranks():
     for rank_res in run_distributed(grads_with_replicas, 3):
-        assert rank_res["sync"] < 1e-5 and rank_res["async"] < 1e-5, rank_res
+        assert rank_res.pop("auto_picks_p2p") == (False, True)
+        assert set(rank_res) == {"sync_p2p", "sync_all_to_all", "async_p2p", "async_all_to_all"}
+        assert max(rank_res.values()) < 1e-5, rank_res
+
+
+def test_gather_option_is_validated():
+    from hf_ext.accelerate.fsep import FSEPConfig
+
+    with pytest.raises(ValueError, match="gather='nccl'.*'p2p'"):
+        FSEPConfig(gather="nccl")
+    with pytest.raises(ValueError, match="gather_p2p_min_bytes=-1"):
+        FSEPConfig(gather_p2p_min_bytes=-1)

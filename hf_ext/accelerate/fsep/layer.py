@@ -102,37 +102,11 @@ class _GatherExperts(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         layer: FSEPExperts = ctx.layer
         lay: Layout = ctx.layout
-        n, me, s = layer.world_size, layer.rank, layer.shard_size
-        mine = list(lay.slots[me])
+        n, s = layer.world_size, layer.shard_size
         g = grad if grad.shape[1] == n * s else F.pad(grad, (0, n * s - grad.shape[1]))
-        g = g.contiguous()
-        # per peer pair the order of sends and receives is the slot order on both sides
-        ops = [
-            dist.P2POp(dist.isend, g[j, q * s : (q + 1) * s], _peer(layer, q), layer.group)
-            for j in range(len(mine))
-            for q in range(n)
-            if q != me
-        ]
-        remote = [(r, e) for r in range(n) if r != me for e in lay.slots[r]]
-        recv = g.new_empty((len(remote), s))
-        ops += [
-            dist.P2POp(dist.irecv, recv[k], _peer(layer, r), layer.group) for k, (r, _) in enumerate(remote)
-        ]
-        works = dist.batch_isend_irecv(ops) if ops else []
-        dev = g.device
-        local_idx = torch.tensor(mine, dtype=torch.long, device=dev)
-        remote_idx = torch.tensor([e for _, e in remote], dtype=torch.long, device=dev)
-        scale = 1.0 / n if layer.config.average_grads else 1.0
-
-        def finish(out: torch.Tensor) -> None:
-            """Wait for the exchange and add this rank's chunks of every replica into ``out [E, S]``."""
-            for w in works:
-                w.wait()
-            if mine:
-                out.index_add_(0, local_idx, g[:, me * s : (me + 1) * s].to(out.dtype), alpha=scale)
-            if remote:
-                out.index_add_(0, remote_idx, recv.to(out.dtype), alpha=scale)
-
+        finish = (_grad_exchange_p2p if layer.use_p2p else _grad_exchange_all_to_all)(
+            layer, lay, g.contiguous()
+        )
         if layer.config.async_grad_reduce:
             layer._state.add_pending_grad(layer, finish)
             return None, None, None
@@ -141,10 +115,66 @@ class _GatherExperts(torch.autograd.Function):
         return out, None, None
 
 
+def _grad_exchange_p2p(layer: FSEPExperts, lay: Layout, g: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """Start the gradient reduce-scatter of ``g [C_me, N*S]`` by point-to-point ops; returns ``finish(out)``
+    that waits and adds this rank's chunks of every replica into ``out [E, S]``."""
+    n, me, s = layer.world_size, layer.rank, layer.shard_size
+    mine = list(lay.slots[me])
+    # per peer pair the order of sends and receives is the slot order on both sides
+    ops = [
+        dist.P2POp(dist.isend, g[j, q * s : (q + 1) * s], _peer(layer, q), layer.group)
+        for j in range(len(mine))
+        for q in range(n)
+        if q != me
+    ]
+    remote = [(r, e) for r in range(n) if r != me for e in lay.slots[r]]
+    recv = g.new_empty((len(remote), s))
+    ops += [dist.P2POp(dist.irecv, recv[k], _peer(layer, r), layer.group) for k, (r, _) in enumerate(remote)]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    local_idx = torch.tensor(mine, dtype=torch.long, device=g.device)
+    remote_idx = torch.tensor([e for _, e in remote], dtype=torch.long, device=g.device)
+    scale = 1.0 / n if layer.config.average_grads else 1.0
+
+    def finish(out: torch.Tensor) -> None:
+        for w in works:
+            w.wait()
+        if mine:
+            out.index_add_(0, local_idx, g[:, me * s : (me + 1) * s].to(out.dtype), alpha=scale)
+        if remote:
+            out.index_add_(0, remote_idx, recv.to(out.dtype), alpha=scale)
+
+    return finish
+
+
+def _grad_exchange_all_to_all(
+    layer: FSEPExperts, lay: Layout, g: torch.Tensor
+) -> Callable[[torch.Tensor], None]:
+    """The same reduce-scatter as one ``all_to_all_single`` (chunks re-ordered by destination first)."""
+    n, me, s = layer.world_size, layer.rank, layer.shard_size
+    c_me = len(lay.slots[me])
+    send = g.view(c_me, n, s).transpose(0, 1).reshape(n * c_me, s).contiguous()
+    out_splits = [len(lay.slots[r]) for r in range(n)]
+    recv = g.new_empty((sum(out_splits), s))
+    index = torch.tensor([e for sl in lay.slots for e in sl], dtype=torch.long, device=g.device)
+    work = dist.all_to_all_single(recv, send, out_splits, [c_me] * n, group=layer.group, async_op=True)
+    scale = 1.0 / n if layer.config.average_grads else 1.0
+
+    def finish(out: torch.Tensor) -> None:
+        work.wait()
+        out.index_add_(0, index, recv.to(out.dtype), alpha=scale)
+
+    return finish
+
+
 class _PendingGather:
-    """An expert gather in flight for one layout: this rank's shard of each of its experts copied in
-    place, the other ranks' shards received straight into ``[C_me, N * S]`` by point-to-point receives
-    (one NCCL group; the senders send rows of their shard parameter as they are, no send buffer)."""
+    """An expert gather in flight for one layout -> full experts ``[C_me, N * S]``.
+
+    ``p2p``: this rank's shard of each of its experts is copied in place and the other shards are received
+    straight into their rows by point-to-point receives, while every rank sends rows of its shard
+    parameter as they are (one ``batch_isend_irecv`` group, no send buffer). ``all_to_all``: the shards
+    for each destination are gathered into a send buffer, exchanged by one ``all_to_all_single`` and
+    re-ordered from ``[N, C_me, S]`` to ``[C_me, N * S]`` when the result is taken.
+    """
 
     def __init__(self, layer: FSEPExperts, layout: Layout, async_op: bool) -> None:
         self.layout = layout
@@ -152,24 +182,38 @@ class _PendingGather:
         self.version = layer.expert_shards._version
         n, me, s = layer.world_size, layer.rank, layer.shard_size
         mine = list(layout.slots[me])
+        self.c_me = len(mine)
+        self.p2p = layer.use_p2p
         with torch.no_grad():
             shards = layer.expert_shards.detach()
-            self.full = shards.new_empty((len(mine), n * s))
-            ops = []
-            for j, e in enumerate(mine):
-                self.full[j, me * s : (me + 1) * s].copy_(shards[e])
-                ops += [
-                    dist.P2POp(dist.irecv, self.full[j, q * s : (q + 1) * s], _peer(layer, q), layer.group)
-                    for q in range(n)
-                    if q != me
-                ]
-            for r in range(n):
-                if r != me:
+            if self.p2p:
+                self.buf = shards.new_empty((self.c_me, n * s))
+                ops = []
+                for j, e in enumerate(mine):
+                    self.buf[j, me * s : (me + 1) * s].copy_(shards[e])
                     ops += [
-                        dist.P2POp(dist.isend, shards[e], _peer(layer, r), layer.group)
-                        for e in layout.slots[r]
+                        dist.P2POp(dist.irecv, self.buf[j, q * s : (q + 1) * s], _peer(layer, q), layer.group)
+                        for q in range(n)
+                        if q != me
                     ]
-            self.works = dist.batch_isend_irecv(ops) if ops else []
+                for r in range(n):
+                    if r != me:
+                        ops += [
+                            dist.P2POp(dist.isend, shards[e], _peer(layer, r), layer.group)
+                            for e in layout.slots[r]
+                        ]
+                self.works = dist.batch_isend_irecv(ops) if ops else []
+            else:
+                idx = torch.tensor(
+                    [e for sl in layout.slots for e in sl], dtype=torch.long, device=shards.device
+                )
+                send = shards.index_select(0, idx)
+                self.buf = shards.new_empty((n * self.c_me, s))
+                in_splits = [len(layout.slots[r]) for r in range(n)]
+                work = dist.all_to_all_single(
+                    self.buf, send, [self.c_me] * n, in_splits, group=layer.group, async_op=True
+                )
+                self.works = [work]
         if not async_op:
             self._wait()
 
@@ -183,8 +227,11 @@ class _PendingGather:
 
     def result(self) -> torch.Tensor:
         self._wait()
-        p = self.layer.expert_numel
-        return self.full if self.full.shape[1] == p else self.full[:, :p].contiguous()
+        n, s, p = self.layer.world_size, self.layer.shard_size, self.layer.expert_numel
+        full = (
+            self.buf if self.p2p else self.buf.view(n, self.c_me, s).transpose(0, 1).reshape(self.c_me, n * s)
+        )
+        return full if full.shape[1] == p else full[:, :p].contiguous()
 
 
 class FSEPState:
@@ -280,11 +327,16 @@ class FSEPExperts(nn.Module):
         if config.mode == "static_ep":
             c = e // n
             self.shard_size = 0
+            self.use_p2p = False  # no weight exchange
             self.expert_weights = nn.Parameter(flat[self.rank * c : (self.rank + 1) * c].clone())
             self.layout = Layout.identity(e, n)
             self.planner = None
         else:
             self.shard_size = math.ceil(self.expert_numel / n)
+            shard_bytes = self.shard_size * gate_up_proj.element_size()
+            self.use_p2p = config.gather == "p2p" or (
+                config.gather == "auto" and shard_bytes >= config.gather_p2p_min_bytes
+            )
             pad = self.shard_size * n - self.expert_numel
             if pad:
                 flat = F.pad(flat, (0, pad))
