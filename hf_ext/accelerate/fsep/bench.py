@@ -179,6 +179,7 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
             ).train()
             for j in range(layers - 1):
                 stacks[mname][j]._next.append(stacks[mname][j + 1])
+        results["fsep_gather"] = "p2p" if stacks["fsep"][0].use_p2p else "all_to_all"
 
         gen = torch.Generator().manual_seed(100 + rank)
         times: dict[str, list[float]] = {m: [] for m in modes}
@@ -527,7 +528,8 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
                 print(f"{model}: {len(spec['cases'])} cases in {time.perf_counter() - t0:.1f}s", flush=True)
                 size = f"{model}_L{layers}_T{spec['tokens']}"
                 dev = f"{device_name()} x{world} {backend}"
-                rows += measured_rows(res, spec["cases"], dev, f"{size}_{backend}{world}", cmd)
+                suffix = f"{size}_{res['fsep_gather']}_{backend}{world}"  # the weight exchange FSEP used
+                rows += measured_rows(res, spec["cases"], dev, suffix, cmd)
         dist.barrier()
     finally:
         dist.destroy_process_group()
