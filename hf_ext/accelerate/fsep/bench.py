@@ -481,7 +481,7 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows
+    from hf_ext.utils.bench import device_name
 
     if "RANK" not in os.environ:
         raise SystemExit(
@@ -535,15 +535,9 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    path = append_rows(COMPONENT, rows)
-    print_rows(rows, title=f"FSEP measured on {world} ranks ({backend}); ratio > 1: FSEP faster")
-    if not args.no_plot:
-        try:
-            plot_results(COMPONENT, path)
-        except Exception as exc:  # plotting must not fail the benchmark
-            print(f"plot skipped: {exc}")
-    print(f"wrote {path}")
-    return 0 if rows and all(math.isfinite(r.ours) for r in rows) else 1
+    return _write_rows(
+        rows, f"FSEP measured on {world} ranks ({backend}); ratio > 1: FSEP faster", args.no_plot
+    )
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -583,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_ext.accelerate.fsep.cost_model import PRESETS
     from hf_ext.testing import run_distributed
-    from hf_ext.utils.bench import Row, append_rows, device_name, plot_results, print_rows
+    from hf_ext.utils.bench import Row, device_name
 
     rows: list[Row] = []
     cmd = "python -m hf_ext bench fsep " + " ".join(argv or [])
@@ -726,11 +720,20 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-    path = append_rows(COMPONENT, rows)
-    print_rows(
-        rows, title="hf_ext fsep benchmark (ratio > 1: FSEP better; *_predicted rows are cost-model output)"
+    return _write_rows(
+        rows,
+        "hf_ext fsep benchmark (ratio > 1: FSEP better; *_predicted rows are cost-model output)",
+        args.no_plot,
     )
-    if not args.no_plot:
+
+
+def _write_rows(rows: list, title: str, no_plot: bool) -> int:
+    """Append ``rows`` to the results CSV, print them as a table, plot; 0 when every row is finite."""
+    from hf_ext.utils.bench import append_rows, plot_results, print_rows
+
+    path = append_rows(COMPONENT, rows)
+    print_rows(rows, title=title)
+    if not no_plot:
         try:
             plot_results(COMPONENT, path)
         except Exception as exc:  # plotting must not fail the benchmark
