@@ -1,0 +1,62 @@
+"""Two-GPU (NCCL) runs of the distributed benchmarks, launched with torchrun as a user would.
+
+Skipped by default (marker ``multi_gpu``); on the device machine:
+``python -m pytest -m multi_gpu tests/test_multi_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.multi_gpu
+
+
+def _torchrun(module: str, args: list[str], results: Path, timeout: float) -> list[dict[str, str]]:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    env = dict(
+        os.environ, HF_EXT_RESULTS_DIR=str(results), PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        module,
+    ]
+    proc = subprocess.run(cmd + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (csv_path,) = results.glob("*.csv")
+    with csv_path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_fsep_layouts_on_two_gpus(tmp_path):
+    rows = _torchrun("hf_ext.accelerate.fsep.bench", ["--torchrun", "--quick", "--no-plot"], tmp_path, 300)
+    steps = [r for r in rows if r["metric"] == "step_time"]
+    assert steps and all(r["case"].endswith("_nccl2") for r in steps)
+    assert {r["baseline"] for r in steps} == {"static_ep", "fsdp"}
+    # bf16 outputs of every layout against the dense computation
+    assert all(math.isfinite(float(r["ours"])) and float(r["quality_value"]) < 0.1 for r in steps)
+
+
+def test_autoparallel_searched_plan_on_two_gpus(tmp_path):
+    rows = _torchrun("hf_ext.accelerate.autoparallel.bench", ["--steps", "2", "--warmup", "1"], tmp_path, 600)
+    err = {r["baseline"]: float(r["ratio"]) for r in rows if r["metric"] == "prediction_error"}
+    assert sorted(err) == ["hand_ddp", "hand_fsdp", "hand_fsdp_ckpt", "searched_plan"]
+    assert all(r["case"].endswith("-2gpu") for r in rows if r["metric"] == "step_time")
+    assert all(0.5 < v < 2.0 for v in err.values()), err
