@@ -552,7 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gpus", type=int, nargs="+", default=[2, 8, 32, 128], help="GPU counts to predict")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 1.5], help="Zipf skews")
-    p.add_argument("--hardware", default="h100", choices=["h100", "a100_ref"], help="cost-model preset")
+    p.add_argument(
+        "--hardware",
+        default="h100",
+        choices=["h100", "h100_2gpu_fit", "a100_ref"],
+        help="cost-model preset (h100_2gpu_fit: fitted to the measured 2 x H100 runs)",
+    )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
         "--torchrun",

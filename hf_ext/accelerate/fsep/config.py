@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 MODES = ("fsep", "static_ep")
 LAYOUT_POLICIES = ("planner", "identity", "fsdp")
 ROUTING_POLICIES = ("uniform", "local_first", "node_first", "auto")
-HARDWARE_PRESETS = ("auto", "h100", "a100_ref", "cpu")
+HARDWARE_PRESETS = ("auto", "h100", "h100_2gpu_fit", "a100_ref", "cpu")
 GATHER_METHODS = ("auto", "p2p", "all_to_all")
 
 
@@ -81,7 +81,8 @@ class FSEPConfig:
         default="auto",
         metadata={
             "help": "Cost-model preset used by the planner: 'auto' (cpu on CPU tensors, h100 on CUDA), "
-            "'h100', 'a100_ref' (the reference's measured bandwidths) or 'cpu'."
+            "'h100', 'h100_2gpu_fit' (fitted to the measured 2 x H100 runs: weight traffic not hidden), "
+            "'a100_ref' (the reference's measured bandwidths) or 'cpu'."
         },
     )
     gather: str = field(
