@@ -131,6 +131,21 @@ def test_bench_harness_rows_csv_and_plot(tmp_path, monkeypatch):
     assert png.exists() and png.stat().st_size > 1000
 
 
+def test_rows_record_the_torchrun_launch(monkeypatch):
+    from hf_ext.utils import bench
+
+    monkeypatch.setattr("sys.argv", ["/x/hf_ext/accelerate/fsep/bench.py", "--torchrun"])
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert (
+        bench.Row.make("d", "c", "m", 1.0, "b", 1.0).command
+        == "/x/hf_ext/accelerate/fsep/bench.py --torchrun"
+    )
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cmd = bench.Row.make("d", "c", "m", 1.0, "b", 1.0).command
+    assert cmd == "torchrun --nproc-per-node 2 /x/hf_ext/accelerate/fsep/bench.py --torchrun"
+
+
 def test_tiny_models_and_tokenizer(tokenizer, tiny_llama):
     import torch
 

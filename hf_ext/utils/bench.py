@@ -143,6 +143,14 @@ def _cuda() -> bool:
         return False
 
 
+def run_command() -> str:
+    """How this process was started: ``sys.argv``, prefixed by the torchrun launch when run under torchrun."""
+    cmd = " ".join(sys.argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
+        return f"torchrun --nproc-per-node {os.environ['LOCAL_WORLD_SIZE']} {cmd}"
+    return cmd
+
+
 @dataclass
 class Row:
     """One result row (see the module docstring for the schema)."""
@@ -162,7 +170,7 @@ class Row:
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     )
     commit: str = field(default_factory=git_commit)
-    command: str = field(default_factory=lambda: " ".join(sys.argv))
+    command: str = field(default_factory=lambda: run_command())
 
     @classmethod
     def make(
