@@ -355,3 +355,31 @@ def grads_with_replicas(rank: int, ws: int) -> dict[str, Any]:
     low = FSEPExperts(gu, dn, act, FSEPConfig(mode="fsep", gather_p2p_min_bytes=0), top_k=k).use_p2p
     out["auto_picks_p2p"] = (small, low)
     return out
+
+
+def checkpointed_training(rank: int, world_size: int, steps: int = 3) -> dict[str, Any]:
+    """AdamW steps with HF activation checkpointing on the FSEP model (its MoE blocks are recomputed in
+    backward) vs single-process training; and the planner history length (one entry per step)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from hf_ext.accelerate.fsep import FSEPConfig, fsep_full_state_dict, prepare_fsep
+    from hf_ext.accelerate.fsep.plugin import fsep_layers
+    from hf_ext.testing import tiny_moe
+
+    orig = tiny_moe("mixtral", seed=0)
+    ref = copy.deepcopy(orig).train()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    model = prepare_fsep(copy.deepcopy(orig).train(), FSEPConfig(history=10))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        ids = _batch(200 + step, 2 * world_size)
+        _step_both(ref, opt_ref, ddp, opt, ids, rank, world_size)
+    full = fsep_full_state_dict(model)
+    rsd = ref.state_dict()
+    return {
+        "train_max_diff": max(float((full[k] - rsd[k]).abs().max()) for k in rsd),
+        "history_lengths": [len(lay.planner.history) for lay in fsep_layers(model)],
+        "checkpointing": bool(model.model.layers[0].gradient_checkpointing),
+    }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hf_ext.testing import run_distributed
-from tests.fsep._dist_fns import grads_with_replicas
+from tests.fsep._dist_fns import checkpointed_training, grads_with_replicas
 
 
 def test_shard_gradients_match_dense_on_three_ranks():
@@ -23,3 +23,11 @@ def test_gather_option_is_validated():
         FSEPConfig(gather="nccl")
     with pytest.raises(ValueError, match="gather_p2p_min_bytes=-1"):
         FSEPConfig(gather_p2p_min_bytes=-1)
+
+
+def test_activation_checkpointing_trains_like_one_process_and_observes_each_step_once():
+    for res in run_distributed(checkpointed_training, 2):
+        assert res["checkpointing"]
+        assert res["train_max_diff"] < 1e-4, res
+        # the recompute in backward does not enter the planner history a second time
+        assert res["history_lengths"] and all(n == 3 for n in res["history_lengths"]), res

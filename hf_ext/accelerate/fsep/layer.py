@@ -448,7 +448,9 @@ class FSEPExperts(nn.Module):
         _all_gather_single(gathered, local_counts, group=self.group)
         counts = gathered.view(n, e).cpu().numpy()
         self.last_counts = counts
-        if self.planner is not None and self.training and torch.is_grad_enabled():
+        # inside backward = the recompute of activation checkpointing: this step was already observed
+        recompute = torch._C._current_graph_task_id() != -1
+        if self.planner is not None and self.training and torch.is_grad_enabled() and not recompute:
             self.planner.observe(counts)
         shares = layout.token_shares(counts)  # [N(src), E, N(dst)]
         slot_of = torch.as_tensor(layout.slot_index(), device=dev)
@@ -482,7 +484,7 @@ class FSEPExperts(nn.Module):
         xg = x_recv.index_select(0, perm)
 
         # ---- prefetch the next MoE layer while this one computes
-        if self.config.prefetch and self._next:
+        if self.config.prefetch and self._next and not recompute:  # no next layer runs during backward
             self._next[0].prefetch()
 
         # ---- expert compute, one SwiGLU MLP per materialised expert
