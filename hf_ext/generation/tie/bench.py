@@ -44,11 +44,22 @@ from typing import Any
 import numpy as np
 
 COMPONENT = "tie"
-POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie", "tie_no_aging", "tie_no_tail", "tie_truncate")
+POLICIES = (
+    "fcfs",
+    "sjf_oracle",
+    "ssjf",
+    "ltr",
+    "tie",
+    "tie_no_aging",
+    "tie_no_tail",
+    "tie_expect_only",
+    "tie_truncate",
+)
 # TIE with one part changed, for the report only (never CSV rows): which part helps which metric
 ABLATIONS = {
     "tie_no_aging": "without the starvation guard (aging='none')",
     "tie_no_tail": "without the CVaR term (beta = 0): expectation + aging",
+    "tie_expect_only": "the log-t expectation alone (beta = 0, no aging): the predictor's ranking vs SSJF's",
     "tie_truncate": "E and CVaR on the truncated support X | 1 <= X <= M instead of clipping",
 }
 BASELINES = ("fcfs", "ssjf", "ltr", "sjf_oracle")
@@ -166,6 +177,9 @@ def make_schedulers(tie_cfg: Any) -> dict[str, Any]:
         "tie": TIEScheduler(tie_cfg),
         "tie_no_aging": TIEScheduler(replace(tie_cfg, aging="none"), name="tie_no_aging"),
         "tie_no_tail": TIEScheduler(replace(tie_cfg, beta_min=0.0, beta_max=0.0), name="tie_no_tail"),
+        "tie_expect_only": TIEScheduler(
+            replace(tie_cfg, beta_min=0.0, beta_max=0.0, aging="none"), name="tie_expect_only"
+        ),
         "tie_truncate": TIEScheduler(replace(tie_cfg, support="truncate"), name="tie_truncate"),
     }
 
