@@ -39,11 +39,13 @@ def test_bench_quick_ranks(tmp_path, world):
 
 def test_unsupported_plans_are_named():
     """The bench falls back from plans apply_plan refuses (pipeline + ddp, ddp + tp with dp > 1)."""
-    from hf_ext.accelerate.autoparallel.bench import _unsupported
+    from hf_ext.accelerate.autoparallel.apply import unsupported_reason
     from hf_ext.accelerate.autoparallel.plan import Plan
 
     kw = dict(gpus=4, dp_type="ddp", global_batch=4, seq_len=8)
-    assert "pipeline" in _unsupported(Plan.uniform("tiny", pp=2, **kw))
-    assert "tensor" in _unsupported(Plan.uniform("tiny", tp=2, **kw))
-    assert _unsupported(Plan.uniform("tiny", gpus=2, dp_type="ddp", pp=2, global_batch=4, seq_len=8)) == ""
-    assert _unsupported(Plan.uniform("tiny", tp=2, **{**kw, "dp_type": "fsdp"})) == ""
+    assert "pipeline" in unsupported_reason(Plan.uniform("tiny", pp=2, **kw))
+    assert "tensor" in unsupported_reason(Plan.uniform("tiny", tp=2, **kw))
+    assert (
+        unsupported_reason(Plan.uniform("tiny", gpus=2, dp_type="ddp", pp=2, global_batch=4, seq_len=8)) == ""
+    )
+    assert unsupported_reason(Plan.uniform("tiny", tp=2, **{**kw, "dp_type": "fsdp"})) == ""

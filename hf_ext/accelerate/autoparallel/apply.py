@@ -212,6 +212,15 @@ def _apply_tp(layers: Any, tp_mesh: Any) -> None:
         parallelize_module(layer, tp_mesh, {k: styles[v]() for k, v in _LLAMA_TP.items()})
 
 
+def unsupported_reason(plan: Plan) -> str:
+    """Why :func:`apply_plan` cannot run ``plan`` (``""`` when it can)."""
+    if plan.dp_type == "ddp" and plan.dp > 1 and plan.pp > 1:
+        return "pipeline + ddp: use dp_type='fsdp' for pipeline plans"
+    if plan.dp_type == "ddp" and plan.dp > 1 and plan.tp > 1:
+        return "ddp with tensor parallelism: use dp_type='fsdp' (HSDP) for tp plans"
+    return ""
+
+
 def apply_plan(
     model: torch.nn.Module,
     plan: Plan,
@@ -242,6 +251,9 @@ def apply_plan(
     layers = _find_layers(model)
     if len(layers) != len(plan.layers):
         raise ValueError(f"the plan has {len(plan.layers)} layers, the model has {len(layers)}")
+    reason = unsupported_reason(plan)
+    if reason:
+        raise NotImplementedError(reason)
     if device is None:
         if dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
@@ -278,8 +290,6 @@ def apply_plan(
         a, b = plan.stages[pp_rank]
         stage_module = _PipelineStageModule(model, a, b, pp_rank == 0, pp_rank == plan.pp - 1)
         local_strats = strategies[a:b]
-        if plan.dp_type == "ddp" and plan.dp > 1:
-            raise NotImplementedError("pipeline + ddp: use dp_type='fsdp' for pipeline plans")
         _wrap_dp(stage_module, list(stage_module.layers), local_strats, plan, mesh, param_dtype)
         stage = PipelineStage(stage_module, pp_rank, plan.pp, device, group=mesh["pp"].get_group())
         schedule = Schedule1F1B(stage, n_microbatches=plan.num_micro_batches, loss_fn=_causal_lm_loss)
@@ -287,8 +297,6 @@ def apply_plan(
         if plan.dp_type == "ddp" and param_dtype is not None:
             autocast = param_dtype
     elif plan.dp_type == "ddp":
-        if plan.dp > 1 and plan.tp > 1:
-            raise NotImplementedError("ddp with tensor parallelism: use dp_type='fsdp' (HSDP) for tp plans")
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         kwargs: dict[str, Any] = {"gradient_as_bucket_view": True}

@@ -119,15 +119,6 @@ def _profile(cfg: Any, args: argparse.Namespace, device: Any, dtype: Any, shape:
     return prof
 
 
-def _unsupported(plan: Any) -> str:
-    """Why :func:`apply_plan` cannot run ``plan`` (``""`` when it can); mirrors its checks."""
-    if plan.dp_type == "ddp" and plan.dp > 1 and plan.pp > 1:
-        return "pipeline + ddp is not supported by apply_plan"
-    if plan.dp_type == "ddp" and plan.dp > 1 and plan.tp > 1:
-        return "ddp + tensor parallelism is not supported by apply_plan"
-    return ""
-
-
 def _sync(device: Any) -> None:
     import torch
 
@@ -218,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import track
 
+    from hf_ext.accelerate.autoparallel.apply import unsupported_reason
     from hf_ext.accelerate.autoparallel.plan import Plan
     from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, profile_collectives
     from hf_ext.accelerate.autoparallel.search import SearchConfig, predict, search
@@ -326,16 +318,16 @@ def main(argv: list[str] | None = None) -> int:
             sequence_parallel=RUNTIME_SP,
         )
         res = search(shape, sc, hardware=hw, profile=prof, cost_kwargs=RUNTIME_COST_KWARGS)
-        best = next((p for p in res.ranked if not _unsupported(p)), None)
+        best = next((p for p in res.ranked if not unsupported_reason(p)), None)
         if best is None:
             raise SystemExit(
                 f"no plan among the {len(res.ranked)} best for {world} GPU(s) can be run by apply_plan "
-                f"(best: {res.best.describe()}: {_unsupported(res.best)})"
+                f"(best: {res.best.describe()}: {unsupported_reason(res.best)})"
             )
         notes = []
         if best is not res.best:
             notes.append(
-                f"fallback: searched best {res.best.describe()} not measurable ({_unsupported(res.best)}); "
+                f"fallback: searched best {res.best.describe()} not measurable ({unsupported_reason(res.best)}); "
                 f"measured rank-{res.ranked.index(best) + 1} plan"
             )
         plan_note = "; ".join(notes)
