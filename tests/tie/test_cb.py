@@ -29,6 +29,16 @@ def _cb(scheduler_type: str):
     )
 
 
+class FakePredictor:
+    """log-t predictor stand-in: longer prompt, longer expected answer."""
+
+    kind = "logt"
+
+    def predict(self, prompts, batch_size=256):
+        mu = np.array([len(p) / 10 for p in prompts], dtype=np.float64)
+        return {"mu": mu, "sigma": np.full_like(mu, 0.5), "nu": np.full_like(mu, 3.5)}
+
+
 @pytest.fixture(scope="module")
 def setup():
     from transformers import GenerationConfig
@@ -112,13 +122,6 @@ def test_tie_generate_batch_with_predictor_and_bad_input(setup):
 
     model, tok, ids, gc = setup
 
-    class FakePredictor:
-        kind = "logt"
-
-        def predict(self, prompts, batch_size=256):
-            mu = np.array([len(p) / 10 for p in prompts], dtype=np.float64)
-            return {"mu": mu, "sigma": np.full_like(mu, 0.5), "nu": np.full_like(mu, 3.5)}
-
     out = tie_generate_batch(
         model, PROMPTS, tok, FakePredictor(), generation_config=gc, continuous_batching_config=_cb("fifo")
     )
@@ -153,14 +156,7 @@ def test_tie_generate_batch_leaves_the_callers_context(setup):
 
     model, tok, ids, gc = setup
 
-    class P:
-        kind = "logt"
-
-        def predict(self, prompts, batch_size=256):
-            mu = np.array([len(p) / 10 for p in prompts], dtype=np.float64)
-            return {"mu": mu, "sigma": np.full_like(mu, 0.5), "nu": np.full_like(mu, 3.5)}
-
-    pred = P()
+    pred = FakePredictor()
     enable_tie_scheduler(pred, tok)
     set_length_hints([[7, 7]], [1.0], [0.5])
     try:
