@@ -133,7 +133,7 @@ def _grad_exchange_p2p(layer: FSEPExperts, lay: Layout, g: torch.Tensor) -> Call
     works = dist.batch_isend_irecv(ops) if ops else []
     local_idx = torch.tensor(mine, dtype=torch.long, device=g.device)
     remote_idx = torch.tensor([e for _, e in remote], dtype=torch.long, device=g.device)
-    scale = 1.0 / n if layer.config.average_grads else 1.0
+    scale = layer.grad_scale
 
     def finish(out: torch.Tensor) -> None:
         for w in works:
@@ -157,7 +157,7 @@ def _grad_exchange_all_to_all(
     recv = g.new_empty((sum(out_splits), s))
     index = torch.tensor([e for sl in lay.slots for e in sl], dtype=torch.long, device=g.device)
     work = dist.all_to_all_single(recv, send, out_splits, [c_me] * n, group=layer.group, async_op=True)
-    scale = 1.0 / n if layer.config.average_grads else 1.0
+    scale = layer.grad_scale
 
     def finish(out: torch.Tensor) -> None:
         work.wait()
@@ -378,6 +378,11 @@ class FSEPExperts(nn.Module):
         self.last_tokens = 0
 
     @property
+    def grad_scale(self) -> float:
+        """Factor on the expert gradients: 1/N with ``average_grads`` (the DDP / FSDP convention), else 1."""
+        return 1.0 / self.world_size if self.config.average_grads else 1.0
+
+    @property
     def comm_dtype(self) -> torch.dtype:
         """dtype of the expert weights on the wire (the parameter dtype)."""
         p = self.expert_weights if self.config.mode == "static_ep" else self.expert_shards
@@ -416,9 +421,7 @@ class FSEPExperts(nn.Module):
     def _full_weights(self) -> torch.Tensor:
         """``[C_me, 3*I*H]`` full weights of this rank's materialised experts (autograd-tracked)."""
         if self.config.mode == "static_ep":
-            return _ScaleGrad.apply(
-                self.expert_weights, 1.0 / self.world_size if self.config.average_grads else 1.0
-            )
+            return _ScaleGrad.apply(self.expert_weights, self.grad_scale)
         pending = self._prefetched
         self._prefetched = None
         if pending is None or not pending.valid_for(self.layout):
