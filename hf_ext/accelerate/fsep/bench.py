@@ -488,16 +488,16 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
             "--torchrun: launch with `torchrun --nproc-per-node N -m hf_ext.accelerate.fsep.bench`"
         )
     cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world < 2:
         raise SystemExit(f"--torchrun needs at least 2 ranks, got world size {world}")
     unknown = sorted(set(args.models) - set(MODEL_SHAPES))
     if unknown:
         raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(MODEL_SHAPES)}")
-    backend = "nccl" if cuda else "gloo"
     rows = []
     try:
         for model in args.models:
