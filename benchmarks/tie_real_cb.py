@@ -149,7 +149,7 @@ def _case(args: argparse.Namespace, n: int, speed: float) -> str:
     case = f"real_cb_{args.shape}_azure2023conv_n{n}_" + ("burst" if speed == 0 else f"x{speed:g}")
     if args.max_requests_per_batch is not None:
         case += f"_maxseqs{args.max_requests_per_batch}"
-    return case
+    return case + (f"_seed{args.seed}" if args.seed else "")
 
 
 def run_static(
@@ -169,7 +169,9 @@ def run_static(
     kw = dict(eos_token_id=2, pad_token_id=0)  # a random model: EOS is forced at each row's length
     k = min(bs, len(reqs))
     run_static_generate(model, ids[:k], [min(x, 8) for x in lens[:k]], list(range(k)), bs, **kw)  # warm-up
-    case = f"real_static_{args.shape}_azure2023conv_n{len(reqs)}_b{bs}"
+    case = f"real_static_{args.shape}_azure2023conv_n{len(reqs)}_b{bs}" + (
+        f"_seed{args.seed}" if args.seed else ""
+    )
     res: dict[str, dict] = {}
     all_rows: list[Any] = []
     for pol in policies:  # TIE first: a run cut short still compares it with what finished
