@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 
@@ -17,7 +19,7 @@ def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
     assert rc == 0
     out = capsys.readouterr().out
     assert "azure2023conv_5min_x4" in out and "real CB tiny Llama" in out and "real static batches" in out
-    assert out.count("budget ") >= len(OFFLINE_BUDGETS)
+    assert out.count("budget ") >= len(OFFLINE_BUDGETS) and "tie_true_dist" in out
     csv = (tmp_path / "tie.csv").read_text()
     needles = ("offline_throughput_tokens", "_budget0.25", "real_cb_tiny_llama_cpu_burst16", "ttft")
     for needle in (*needles, "offline_static600_b39_kvcap", "real_static_tiny_llama_cpu_n24_b8"):
@@ -62,3 +64,45 @@ def test_serving_example_runs_on_cpu():
         if line.startswith("offline")
     ]
     assert len(toks) == 2 and all(0 < int(t) <= 8 * 16 for t in toks)
+
+
+def test_true_distribution_ceiling_feeds_every_policy_the_generator_parameters():
+    """The perfect-predictor copies carry the generator's (mu, sigma, nu) for TIE, SSJF and LTR, recompute TIE's
+    cached score, leave the originals alone, and make SSJF order by the true median."""
+    from hf_ext.generation.tie.bench import with_true_distribution
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.offline import policy_order
+    from hf_ext.generation.tie.scheduler import precompute_scores
+    from hf_ext.simulate import Request
+
+    cfg = TIEConfig(max_new_tokens=1000)
+    truth = [(5.0, 0.3, 4.0), (2.0, 1.0, 3.5), (3.5, 0.5, 6.0)]
+    reqs = [
+        Request(
+            id=i,
+            arrival=0.0,
+            prompt_len=8,
+            output_len=10,
+            prompt="p",
+            meta={
+                "true_mu": m,
+                "true_sigma": s,
+                "true_nu": n,
+                "pred_mu": 0.0,
+                "pred_sigma": 1.0,
+                "pred_len": 1.0,
+                "ltr_score": 0.0,
+            },
+        )
+        for i, (m, s, n) in enumerate(truth)
+    ]
+    precompute_scores(reqs, cfg)
+    before = [dict(r.meta) for r in reqs]
+    ceil = with_true_distribution(reqs, cfg)
+    assert [r.meta for r in reqs] == before  # originals untouched
+    for r, (m, s, n) in zip(ceil, truth):
+        assert (r.meta["pred_mu"], r.meta["pred_sigma"], r.meta["pred_nu"]) == (m, s, n)
+        assert r.meta["pred_len"] == pytest.approx(math.exp(m)) and r.meta["ltr_score"] == m
+    assert policy_order("ssjf", ceil) == [1, 2, 0] == policy_order("ltr", ceil)
+    assert policy_order("tie", ceil, cfg) == [1, 2, 0]
+    assert ceil[0].meta["tie_expect"] > 100 > reqs[0].meta["tie_expect"]  # re-scored from the true law

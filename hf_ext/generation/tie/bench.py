@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 
 COMPONENT = "tie"
-POLICIES = (
+# policies simulated with the trained predictors
+SIM_POLICIES = (
     "fcfs",
     "sjf_oracle",
     "ssjf",
@@ -55,12 +56,21 @@ POLICIES = (
     "tie_expect_only",
     "tie_truncate",
 )
+# the predictor ceiling: these policies again, fed the generator's own (mu, sigma, nu) of each prompt (a perfect
+# length-distribution predictor; report only). Shows whether a better predictor would close TIE's gap.
+TRUE_DIST_POLICIES = ("ssjf", "tie", "tie_expect_only")
+TRUE_DIST = "_true_dist"
+POLICIES = SIM_POLICIES + tuple(p + TRUE_DIST for p in TRUE_DIST_POLICIES)
 # TIE with one part changed, for the report only (never CSV rows): which part helps which metric
 ABLATIONS = {
-    "tie_no_aging": "without the starvation guard (aging='none')",
-    "tie_no_tail": "without the CVaR term (beta = 0): expectation + aging",
-    "tie_expect_only": "the log-t expectation alone (beta = 0, no aging): the predictor's ranking vs SSJF's",
-    "tie_truncate": "E and CVaR on the truncated support X | 1 <= X <= M instead of clipping",
+    "tie_no_aging": "TIE without the starvation guard (aging='none')",
+    "tie_no_tail": "TIE without the CVaR term (beta = 0): expectation + aging",
+    "tie_expect_only": "TIE with the log-t expectation alone (beta = 0, no aging): the predictor's ranking vs SSJF's",
+    "tie_truncate": "TIE with E and CVaR on the truncated support X | 1 <= X <= M instead of clipping",
+    **{
+        p + TRUE_DIST: f"{p} fed each prompt's true generative (mu, sigma, nu): a perfect predictor"
+        for p in TRUE_DIST_POLICIES
+    },
 }
 BASELINES = ("fcfs", "ssjf", "ltr", "sjf_oracle")
 # offline time budgets, as fractions of FCFS's makespan; the headline one names the plain offline case
@@ -83,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=4, help="predictor training epochs")
     p.add_argument("--minutes", type=float, default=20.0, help="minutes of the Azure trace to replay")
     p.add_argument(
-        "--loads", default="0.5,1,2,4", help="time-compression factors of the trace (1 = own arrivals)"
+        "--loads", default="1,2,4,5,6,8", help="time-compression factors of the trace (1 = own arrivals)"
     )
     p.add_argument("--max-num-seqs", type=int, default=256, help="simulated engine: max running sequences")
     p.add_argument(
@@ -163,7 +173,7 @@ def _annotate(reqs: list[Any], preds: dict[str, Any]) -> None:
 
 
 def make_schedulers(tie_cfg: Any) -> dict[str, Any]:
-    """Fresh simulator schedulers for every policy of :data:`POLICIES` (TIE variants from ``tie_cfg``)."""
+    """Fresh simulator schedulers for every policy of :data:`SIM_POLICIES` (TIE variants from ``tie_cfg``)."""
     from dataclasses import replace
 
     from hf_ext.generation.tie.scheduler import TIEScheduler
@@ -189,6 +199,25 @@ def clone_requests(reqs: list[Any]) -> list[Any]:
     from dataclasses import replace
 
     return [replace(r, meta=dict(r.meta)) for r in reqs]
+
+
+def with_true_distribution(reqs: list[Any], tie_cfg: Any) -> list[Any]:
+    """Copies of ``reqs`` whose predictions are the generator's own ``(mu, sigma, nu)`` of each prompt
+    (``meta["true_mu"]``, ...): TIE gets the true log-t law, SSJF ``exp(true_mu)`` (the median), LTR ``true_mu``."""
+    from hf_ext.generation.tie.scheduler import precompute_scores
+
+    out = clone_requests(reqs)
+    for r in out:
+        m = r.meta
+        m.update(pred_mu=m["true_mu"], pred_sigma=m["true_sigma"], pred_nu=m["true_nu"])
+        m.update(pred_len=math.exp(m["true_mu"]), ltr_score=m["true_mu"])
+    precompute_scores(out, tie_cfg)
+    return out
+
+
+def _true_params(rows: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    """The hidden generative parameters of synthetic workload rows, as ``meta`` entries."""
+    return [{"true_mu": r["mu"], "true_sigma": r["sigma"], "true_nu": r["nu"]} for r in rows]
 
 
 def predictor_quality(
@@ -270,8 +299,9 @@ def trace_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: Any
             output_len=int(olen[i]),
             prompt=rows[i]["prompt"],
             max_new_tokens=1000,
+            meta=truth,
         )
-        for i in range(len(arr))
+        for i, truth in enumerate(_true_params(rows[: len(arr)]))
     ]
     _annotate(base, preds)
     precompute_scores(base, tie_cfg)
@@ -317,7 +347,7 @@ def simulate_policies(
     speed: float = 1.0,
     policies: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Run each policy (default: all of :data:`POLICIES`) on its own copy of ``base`` in the simulator.
+    """Run each policy (default: all of :data:`SIM_POLICIES`) on its own copy of ``base`` in the simulator.
 
     ``speed`` compresses arrival times (``arrival / speed``; ``0`` = everything at t=0). Returns policy ->
     simulation result; ``result.counters["sim_seconds"]`` is the wall time of that run.
@@ -326,7 +356,7 @@ def simulate_policies(
 
     schedulers = make_schedulers(tie_cfg)
     out = {}
-    for name in policies or POLICIES:
+    for name in policies or SIM_POLICIES:
         reqs = clone_requests(base)
         for r in reqs:
             r.arrival = 0.0 if speed == 0 else r.arrival / speed
@@ -342,9 +372,14 @@ def trace_replay(
     args: argparse.Namespace, cm: Any, preds: dict[str, Any], tie_cfg: Any, base: list[Any]
 ) -> dict[str, dict]:
     out: dict[str, dict] = {}
+    true_base = with_true_distribution(base, tie_cfg)
     for load in [float(x) for x in args.loads.split(",")]:
         case = f"azure2023conv_{int(args.minutes)}min_x{load:g}"
         sims = simulate_policies(cm, base, tie_cfg, args.max_num_seqs, args.kv_tokens, speed=load)
+        truth = simulate_policies(
+            cm, true_base, tie_cfg, args.max_num_seqs, args.kv_tokens, speed=load, policies=TRUE_DIST_POLICIES
+        )
+        sims.update({name + TRUE_DIST: r for name, r in truth.items()})
         res = {name: {**r.summary(), "sim_seconds": r.counters["sim_seconds"]} for name, r in sims.items()}
         out[case] = res
         print(f"  {case}: " + ", ".join(f"{k} {v['per_token_mean'] * 1e3:.1f}ms/tok" for k, v in res.items()))
@@ -370,8 +405,9 @@ def offline_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: A
             output_len=int(r["output_len"]),
             prompt=r["prompt"],
             max_new_tokens=1000,
+            meta=truth,
         )
-        for i, r in enumerate(rows)
+        for i, (r, truth) in enumerate(zip(rows, _true_params(rows)))
     ]
     _annotate(base, preds)
     precompute_scores(base, tie_cfg)
@@ -592,6 +628,8 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
     orders = {p: policy_order(p, base, tie_cfg) for p in OFFLINE_POLICIES}
     # ablation (report / details only, never CSV rows): the same order without the CVaR term
     orders["tie_no_tail"] = policy_order("tie", base, replace(tie_cfg, beta_min=0.0, beta_max=0.0))
+    true_base = with_true_distribution(base, tie_cfg)  # the predictor ceiling (report only)
+    orders.update({p + TRUE_DIST: policy_order(p, true_base, tie_cfg) for p in ("ssjf", "tie")})
     res: dict[str, dict] = {}
     for b in sorted({mem_b, *STATIC_BATCH_SIZES}):
         case = f"offline_static{len(base)}_b{b}" + ("_kvcap" if b == mem_b else "")
@@ -904,7 +942,7 @@ def _print_tables(
                 f"{s['latency_mean']:.2f} / {s['latency_p99']:.2f}",
             )
     for case, res in offline.items():
-        for pol in POLICIES:
+        for pol in SIM_POLICIES:
             s = res[pol]
             t.add_row(
                 case,
@@ -917,7 +955,7 @@ def _print_tables(
     con = Console()
     con.print(t)
     for name, what in ABLATIONS.items():
-        con.print(f"  {name}: TIE {what}")
+        con.print(f"  {name}: {what}")
 
 
 if __name__ == "__main__":  # pragma: no cover
