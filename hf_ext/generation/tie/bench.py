@@ -663,7 +663,8 @@ def policy_figure(groups: dict[str, dict[str, dict]], png: Path) -> None:
         for j, pol in enumerate(pols):
             xs = [i + (j - (len(pols) - 1) / 2) * width for i, c in enumerate(cases) if pol in groups[c]]
             ys = [groups[c][pol][key] for c in cases if pol in groups[c]]
-            ax.bar(xs, ys, width, label=pol, hatch="//" if pol in ABLATIONS else None, alpha=0.9)
+            color = plt.cm.tab20(j % 20)  # more policies than the default 10-colour cycle
+            ax.bar(xs, ys, width, label=pol, color=color, hatch="//" if pol in ABLATIONS else None, alpha=0.9)
         ax.set_yscale("log")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
