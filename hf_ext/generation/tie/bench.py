@@ -670,7 +670,14 @@ def policy_figure(groups: dict[str, dict[str, dict]], png: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(len(cases)))
     axes[1].set_xticklabels(
-        [c.replace("azure2023conv_", "").replace("_", "\n", 1) for c in cases], fontsize=8
+        [
+            c.replace("azure2023conv_", "")
+            .replace("_maxseqs", "\nmaxseqs")
+            .replace("_seed", " seed")
+            .replace("_", "\n", 1)
+            for c in cases
+        ],
+        fontsize=8,
     )
     axes[0].legend(ncol=4, fontsize=8)
     fig.tight_layout()
