@@ -310,3 +310,22 @@ def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
     rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf"}
     assert len(rows) == 2 * 3  # two baselines x (mean, p99, TTFT)
+
+
+def test_gpu_replay_case_names_carry_a_nonzero_seed():
+    """Repeats with --seed N get their own case (rows of different repeats never share a name); seed 0 keeps the
+    plain name of the earlier rows."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = ["--shape", "tiny", "--max-requests-per-batch", "32"]
+    plain = mod._case(mod._parser().parse_args(base), 150, 4.0)
+    assert plain == "real_cb_tiny_azure2023conv_n150_x4_maxseqs32"
+    assert mod._case(mod._parser().parse_args([*base, "--seed", "2"]), 150, 4.0) == plain + "_seed2"
+    assert mod._case(mod._parser().parse_args(["--shape", "tiny", "--seed", "1"]), 8, 0.0).endswith(
+        "burst_seed1"
+    )
