@@ -12,6 +12,7 @@ import torch
 from hf_ext.generation.tie.offline import (
     batch_size_for_memory,
     forced_lengths_processor,
+    memory_batches,
     policy_order,
     run_static_generate,
     simulate_static_batches,
@@ -42,6 +43,31 @@ def test_batch_size_for_memory_is_the_worst_case_fit():
         batch_size_for_memory(3000, 2048, 1000)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         batch_size_for_memory(1000, 10, 0)
+
+
+def test_memory_batches_fill_the_kv_budget_per_batch_and_never_exceed_it():
+    rng = np.random.default_rng(3)
+    plen = rng.integers(1, 300, size=200)
+    order = list(rng.permutation(200))
+    kv, m = 4000, 100
+    batches = memory_batches(order, plen, kv, m)
+    assert [i for b in batches for i in b] == order  # consecutive cuts of the order
+    for k, b in enumerate(batches):
+        assert len(b) * (int(plen[b].max()) + m) <= kv  # fits whatever the rows generate
+        if k + 1 < len(batches):  # and is as wide as it can be: the next row would not fit
+            nxt = batches[k + 1][0]
+            assert (len(b) + 1) * (max(int(plen[b].max()), int(plen[nxt])) + m) > kv
+    # short prompts get wider batches than the worst-case size for the longest prompt
+    assert max(len(b) for b in batches) > batch_size_for_memory(kv, int(plen.max()), m)
+    assert memory_batches([], [], 10, 1) == []
+    with pytest.raises(ValueError, match="cannot hold request 1 alone"):
+        memory_batches([0, 1], [5, 50], 40, 10)
+    with pytest.raises(ValueError, match="must not repeat"):
+        memory_batches([0, 0], [5, 5], 40, 10)
+    with pytest.raises(ValueError, match="permutation"):
+        memory_batches([0, 2], [5, 5], 40, 10)
+    with pytest.raises(ValueError, match="kv_tokens must be an int >= 1"):
+        memory_batches([0], [5], 0, 10)
 
 
 def test_policy_orders():
@@ -81,6 +107,22 @@ def test_simulated_time_is_prefill_plus_the_longest_rows_steps():
         simulate_static_batches(cm, [4, 6], [1, 2], [0, 5], 2)
     with pytest.raises(ValueError, match="output_lens must hold ints >= 1"):
         simulate_static_batches(cm, [4, 6], [0, 2], [0, 1], 2)
+
+
+def test_simulated_memory_sized_batches():
+    cm = CostModel.constant(0.01)
+    plen, out = [10, 10, 50, 10], [3, 5, 2, 4]
+    res = simulate_static_batches(cm, plen, out, [0, 1, 2, 3], kv_tokens=100, max_new_tokens=10)
+    # batches [0, 1], [2], [3] (memory_batches): prefill + 4, prefill + 1, prefill + 3 steps
+    assert res.makespan_s == pytest.approx(0.01 * (1 + 4 + 1 + 1 + 1 + 3))
+    assert res.batch_size == 2 and res.decode_steps == 5 + 2 + 4
+    assert res.padding_share == pytest.approx(1 - 14 / (2 * 5 + 2 + 4))
+    with pytest.raises(ValueError, match="exactly one of batch_size"):
+        simulate_static_batches(cm, plen, out, [0, 1, 2, 3], 2, kv_tokens=100, max_new_tokens=10)
+    with pytest.raises(ValueError, match="exactly one of batch_size"):
+        simulate_static_batches(cm, plen, out, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="max_new_tokens >= every output length"):
+        simulate_static_batches(cm, plen, out, [0, 1, 2, 3], kv_tokens=100, max_new_tokens=4)
 
 
 def test_true_length_order_minimises_padding_against_random_orders():
@@ -164,6 +206,40 @@ def test_tie_batched_generate_returns_plain_generate_outputs_in_input_order(mode
         two = tie_batched_generate(model, tok, prompts, batch_size=2, max_new_tokens=5, do_sample=False)
     assert [len(x) for x in two] == [5, 5, 5]
     assert tok.padding_side == "right"  # the caller's tokenizer is left as it was
+
+
+def test_tie_batched_generate_sizes_batches_from_a_kv_budget(model, monkeypatch):
+    from hf_ext.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    prompts = ["hi", "hello world", "a b c d e f g h i j k l m n o p", "ok", "yes", "one two three"]
+    kv, m = 60, 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = tie_batched_generate(model, tok, prompts, batch_size=1, max_new_tokens=m, do_sample=False)
+    shapes = []
+    real = model.generate
+
+    def spy(*args, **kw):
+        shapes.append(tuple(kw["input_ids"].shape))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = tie_batched_generate(model, tok, prompts, kv_tokens=kv, max_new_tokens=m, do_sample=False)
+    assert got == want  # same outputs as one prompt per call, in the order given
+    assert all(b * (w + m) <= kv for b, w in shapes) and max(b for b, _ in shapes) > 1
+    assert sum(b for b, _ in shapes) == len(prompts)
+    shapes.clear()
+    with pytest.raises(ValueError, match=r"kv_tokens=12 cannot hold request \d+ alone"):
+        tie_batched_generate(model, tok, prompts, kv_tokens=12, max_new_tokens=m)
+    assert shapes == []  # refused before any generate call
+    for kw in ({}, {"batch_size": 2, "kv_tokens": 60}):
+        with pytest.raises(ValueError, match="exactly one of batch_size"):
+            tie_batched_generate(model, tok, prompts, max_new_tokens=m, **kw)
+    with pytest.raises(ValueError, match="kv_tokens must be an int >= 1"):
+        tie_batched_generate(model, tok, prompts, kv_tokens=0, max_new_tokens=m)
 
 
 def test_tie_batched_generate_refuses_bad_input(model):

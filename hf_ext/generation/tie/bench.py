@@ -612,7 +612,8 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
     """The offline job as ``generate`` over static (padded) batches, in the simulator's cost model.
 
     Batch sizes: the largest that fits ``--offline-kv-tokens`` with every row reserved at 2,048 prompt +
-    1,000 new tokens (what a ``generate`` user provisions; case suffix ``_kvcap``), and 16 / 64 beside it.
+    1,000 new tokens (what a ``generate`` user provisions; case suffix ``_kvcap``), 16 / 64 beside it, and batches
+    each as wide as the KV cap allows for its own padded prompts + 1,000 (``memory_batches``; suffix ``_membatch``).
     """
     from dataclasses import replace
 
@@ -631,9 +632,18 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
     true_base = with_true_distribution(base, tie_cfg)  # the predictor ceiling (report only)
     orders.update({p + TRUE_DIST: policy_order(p, true_base, tie_cfg) for p in ("ssjf", "tie")})
     res: dict[str, dict] = {}
-    for b in sorted({mem_b, *STATIC_BATCH_SIZES}):
-        case = f"offline_static{len(base)}_b{b}" + ("_kvcap" if b == mem_b else "")
-        res[case] = {p: simulate_static_batches(cm, plen, out, o, b, p).summary() for p, o in orders.items()}
+    kv = args.offline_kv_tokens
+    sizes: list[Any] = [*sorted({mem_b, *STATIC_BATCH_SIZES}), "kv"]
+    for b in sizes:
+        if b == "kv":  # every batch as wide as the KV cap allows for its own prompts (memory_batches)
+            case = f"offline_static{len(base)}_kv{kv // 1000}k_membatch"
+            kw: dict[str, Any] = {"kv_tokens": kv, "max_new_tokens": 1000}
+        else:
+            case = f"offline_static{len(base)}_b{b}" + ("_kvcap" if b == mem_b else "")
+            kw = {"batch_size": b}
+        res[case] = {
+            p: simulate_static_batches(cm, plen, out, o, policy=p, **kw).summary() for p, o in orders.items()
+        }
         f0 = res[case]["fcfs"]["throughput_tok_s"]
         print(
             f"  {case}: tokens/s vs FCFS "

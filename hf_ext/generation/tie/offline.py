@@ -75,12 +75,18 @@ def static_batches(order: Sequence[int], batch_size: int, n: int | None = None) 
     ``order`` must be a permutation of ``range(n)`` (every request of the job exactly once)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    order = _checked_order(order, n)
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _checked_order(order: Sequence[int], n: int | None) -> list[int]:
+    """``order`` as ints; ``ValueError`` if it repeats an index or (with ``n``) is not a permutation of ``range(n)``."""
     order = [int(i) for i in order]
     if len(set(order)) != len(order):
         raise ValueError("order must not repeat an index")
     if n is not None and sorted(order) != list(range(n)):
         raise ValueError(f"order must be a permutation of range({n}) (one entry per request)")
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    return order
 
 
 def batch_size_for_memory(kv_tokens: int, max_prompt_len: int, max_new_tokens: int) -> int:
@@ -101,6 +107,47 @@ def batch_size_for_memory(kv_tokens: int, max_prompt_len: int, max_new_tokens: i
     return int(b)
 
 
+def memory_batches(
+    order: Sequence[int], prompt_lens: Sequence[int], kv_tokens: int, max_new_tokens: int
+) -> list[list[int]]:
+    """Cut a job order into consecutive batches, each as wide as the KV budget allows for *its own* prompts.
+
+    A padded batch of ``B`` rows whose longest prompt has ``P`` tokens needs at most ``B × (P + max_new_tokens)``
+    KV tokens, whatever the rows generate, so every batch fits ``kv_tokens`` with no prediction involved: rows are
+    added along ``order`` while ``(B + 1) × (max(P, p_next) + max_new_tokens) <= kv_tokens``. Batches of short
+    prompts get wider than the one size :func:`batch_size_for_memory` gives for the longest prompt of the job.
+
+    Example:
+        >>> memory_batches([0, 1, 2, 3], [10, 10, 50, 10], kv_tokens=100, max_new_tokens=10)
+        [[0, 1], [2], [3]]
+    """
+    for name, v in (("kv_tokens", kv_tokens), ("max_new_tokens", max_new_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    plen = _lengths("prompt_lens", prompt_lens)
+    order = _checked_order(order, len(plen))
+    too_long = [i for i in order if plen[i] + max_new_tokens > kv_tokens]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(
+            f"kv_tokens={kv_tokens} cannot hold request {i} alone ({int(plen[i])} prompt + {max_new_tokens} new "
+            "tokens); raise kv_tokens or lower max_new_tokens"
+        )
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, int(plen[i]))
+        if cur and (len(cur) + 1) * (w + max_new_tokens) > kv_tokens:
+            batches.append(cur)
+            cur, w = [], int(plen[i])
+        cur.append(i)
+        width = w
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 # ---------------------------------------------------------------------------------------- results
 @dataclass
 class StaticBatchResult:
@@ -112,6 +159,7 @@ class StaticBatchResult:
     tokens: int  # useful generated tokens (sum of the requests' output lengths)
     n_requests: int
     decode_steps: int  # sum over batches of the longest output (the steps every row pays)
+    row_steps: int = 0  # sum over batches of rows x longest output (computed row-steps, padding included)
     batch_times: list[float] = field(default_factory=list)
     finish: list[float] = field(default_factory=list)  # per request (input order): end of its batch
 
@@ -130,16 +178,17 @@ class StaticBatchResult:
         for b, end in zip(batches, ends):
             for i in b:
                 finish[i] = float(end)
-        steps = sum(int(output_lens[list(b)].max()) for b in batches)
+        longest = [int(output_lens[list(b)].max()) for b in batches]
         makespan = float(ends[-1]) if len(ends) else 0.0
         tokens, n = int(output_lens.sum()), len(output_lens)
-        return cls(policy, batch_size, makespan, tokens, n, steps, [float(t) for t in batch_times], finish)
+        row_steps = sum(len(b) * m for b, m in zip(batches, longest))
+        times = [float(t) for t in batch_times]
+        return cls(policy, batch_size, makespan, tokens, n, sum(longest), row_steps, times, finish)
 
     @property
     def padding_share(self) -> float:
         """Share of computed row-steps that were padding (a finished row still in its batch)."""
-        done = self.decode_steps * self.batch_size
-        return 0.0 if done == 0 else max(0.0, 1.0 - self.tokens / done)
+        return 0.0 if self.row_steps == 0 else max(0.0, 1.0 - self.tokens / self.row_steps)
 
     def summary(self) -> dict[str, float]:
         return {
@@ -166,18 +215,36 @@ def simulate_static_batches(
     prompt_lens: Sequence[int],
     output_lens: Sequence[int],
     order: Sequence[int],
-    batch_size: int,
+    batch_size: int | None = None,
     policy: str = "",
+    *,
+    kv_tokens: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> StaticBatchResult:
     """Time a static-batch job with a :class:`~hf_ext.simulate.CostModel`.
 
-    Each batch (``B`` rows, prompts left-padded to the batch's longest ``P``, outputs up to its longest ``L``):
-    one prefill of ``B × P`` tokens (which yields the first token), then ``L - 1`` decode steps of all ``B``
-    rows (finished rows are padding but still computed, as in ``generate``), the context growing by one a step.
+    Batches are ``batch_size`` rows cut from ``order`` or, with ``kv_tokens`` (and ``max_new_tokens``), as wide
+    as :func:`memory_batches` allows; give exactly one of ``batch_size`` / ``kv_tokens``. Each batch (``B`` rows,
+    prompts left-padded to the batch's longest ``P``, outputs up to its longest ``L``): one prefill of ``B × P``
+    tokens (which yields the first token), then ``L - 1`` decode steps of all ``B`` rows (finished rows are
+    padding but still computed, as in ``generate``), the context growing by one a step.
     """
     plen = _lengths("prompt_lens", prompt_lens)
     out = _lengths("output_lens", output_lens, len(plen))
-    batches = static_batches(order, batch_size, len(plen))
+    if (batch_size is None) == (kv_tokens is None):
+        raise ValueError(
+            "give exactly one of batch_size (fixed batches) and kv_tokens (memory-sized batches)"
+        )
+    if kv_tokens is not None:
+        if max_new_tokens is None or (len(out) and max_new_tokens < int(out.max())):
+            raise ValueError(
+                f"kv_tokens needs max_new_tokens >= every output length (got {max_new_tokens!r}, longest "
+                f"output {int(out.max()) if len(out) else 0})"
+            )
+        batches = memory_batches(order, plen, kv_tokens, max_new_tokens)
+        batch_size = max((len(b) for b in batches), default=0)
+    else:
+        batches = static_batches(order, batch_size, len(plen))
     times = []
     for b in batches:
         n, p, longest = len(b), int(plen[b].max()), int(out[b].max())
@@ -296,13 +363,14 @@ def tie_batched_generate(
     prompts: Sequence[str],
     predictor: Any = None,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
+    kv_tokens: int | None = None,
     generation_config: Any = None,
     config: TIEConfig | None = None,
     progress: bool = False,
     **generate_kwargs: Any,
 ) -> list[list[int]]:
-    """``model.generate`` over ``prompts`` in static batches of ``batch_size``, cut from the TIE order.
+    """``model.generate`` over ``prompts`` in static batches cut from the TIE order.
 
     Args:
         model: a transformers causal LM.
@@ -312,6 +380,9 @@ def tie_batched_generate(
         predictor: ``logt`` :class:`~hf_ext.generation.tie.predictor.LengthPredictor`; ``None`` uses the
             prompt-length heuristic with a warning.
         batch_size: rows per ``generate`` call (from your memory budget, e.g. :func:`batch_size_for_memory`).
+        kv_tokens: instead of ``batch_size``, the KV-cache budget in tokens: each batch is as wide as fits it with
+            its own padded prompt width plus ``max_new_tokens`` per row (:func:`memory_batches`; never exceeded,
+            whatever the rows generate). Give exactly one of the two.
         generation_config / generate_kwargs: passed to every ``generate`` call; ``max_new_tokens`` (here
             or in the config) is also the cap of the length distribution.
         config: :class:`TIEConfig` (β, ν, α; ``max_new_tokens`` when the generation config has none).
@@ -324,8 +395,16 @@ def tie_batched_generate(
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a non-empty list of strings")
     prompts = validate_prompts(prompts, non_empty=True)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (batch_size is None) == (kv_tokens is None):
+        raise ValueError("give exactly one of batch_size (rows per generate call) and kv_tokens (KV budget)")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if kv_tokens is not None and (
+        isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int) or kv_tokens < 1
+    ):
+        raise ValueError(f"kv_tokens must be an int >= 1, got {kv_tokens!r}")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     cfg = config or TIEConfig()
@@ -334,6 +413,8 @@ def tie_batched_generate(
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {cap!r}")
     enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]  # one batched call
+    if kv_tokens is not None:  # fails here, before any work, if one prompt alone does not fit
+        memory_batches(range(len(enc)), [len(e) for e in enc], kv_tokens, cap)
     order = order_batch(
         list(prompts), predictor, cfg, max_new_tokens=cap, prompt_tokens=[len(e) for e in enc]
     )
@@ -352,7 +433,10 @@ def tie_batched_generate(
     eos = next((e for e in map(_eos_ids, sources) if e is not None), set())
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
-    batches = static_batches(order, batch_size)
+    if kv_tokens is not None:
+        batches = memory_batches(order, [len(e) for e in enc], kv_tokens, cap)
+    else:
+        batches = static_batches(order, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
@@ -399,6 +483,7 @@ __all__ = [
     "policy_order",
     "run_static_generate",
     "simulate_static_batches",
+    "memory_batches",
     "static_batches",
     "tie_batched_generate",
     "trim_at_eos",
