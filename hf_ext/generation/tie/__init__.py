@@ -58,6 +58,7 @@ _LAZY = {
     "policy_order": "offline",
     "static_batches": "offline",
     "batch_size_for_memory": "offline",
+    "memory_batches": "offline",
     "simulate_static_batches": "offline",
     "run_static_generate": "offline",
     "generate_workload": "data",
