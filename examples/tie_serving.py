@@ -11,7 +11,8 @@ Real model (GPU; the predictor is still trained on the synthetic workload unless
 
 The script compares FIFO with ``scheduler_type="tie"`` on the same burst and prints the mean per-token
 latency of each (end-to-end latency / generated tokens). Then it runs the prompts as an offline job of
-``generate`` calls on padded batches (``--offline-batch``), in the given order and cut from the TIE order
+``generate`` calls on padded batches (``--offline-batch`` rows, or ``--offline-kv-tokens``: each batch as wide as
+that KV budget allows), in the given order and cut from the TIE order
 (``tie_batched_generate``), and prints tokens/s of each. The tiny random model meets EOS by chance, so there
 its lengths carry no signal for the predictor; with a real model the TIE order wastes fewer padded steps.
 """
@@ -35,6 +36,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--save", default=None, help="directory to save the trained predictor")
     ap.add_argument("--offline-batch", type=int, default=8, help="rows per generate call in the offline job")
+    ap.add_argument(
+        "--offline-kv-tokens",
+        type=int,
+        default=0,
+        help="size every offline batch from this KV budget in tokens instead of --offline-batch (0 = off)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -45,6 +52,7 @@ def main() -> None:
         PredictorConfig,
         TIEConfig,
         generate_workload,
+        memory_batches,
         static_batches,
         tie_batched_generate,
     )
@@ -118,15 +126,21 @@ def main() -> None:
 
     gc_off = _GC(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or 0)
     stop = {tok.eos_token_id}  # generate stops at the model's EOS (random models sample it by chance)
+    kv = args.offline_kv_tokens
+    sizing = {"kv_tokens": kv} if kv else {"batch_size": args.offline_batch}  # the same for both orders
+    given = list(range(len(prompts)))
+    if kv:
+        plen = [len(ids) for ids in tok(prompts)["input_ids"]]
+        given_batches = memory_batches(given, plen, kv, args.max_new_tokens)
+    else:
+        given_batches = static_batches(given, args.offline_batch)
     for name in ("given order", "TIE order"):
         t0 = time.perf_counter()
         if name == "TIE order":
-            outs = tie_batched_generate(
-                model, tok, prompts, pred, batch_size=args.offline_batch, generation_config=gc_off
-            )
+            outs = tie_batched_generate(model, tok, prompts, pred, generation_config=gc_off, **sizing)
         else:
             outs, tok.padding_side = [], "left"
-            for b in static_batches(list(range(len(prompts))), args.offline_batch):
+            for b in given_batches:
                 enc = tok([prompts[i] for i in b], return_tensors="pt", padding=True).to(model.device)
                 seq = model.generate(**enc, generation_config=gc_off)
                 outs += [trim_at_eos(row, stop) for row in seq[:, enc["input_ids"].shape[1] :].tolist()]

@@ -46,15 +46,17 @@ def test_static_rows_compare_tie_with_every_baseline():
     assert all(r.device == "cpu-x" for r in rows if r.case.startswith("real"))
 
 
-def test_serving_example_runs_on_cpu():
-    """examples/tie_serving.py as a user runs it (small settings): CB FIFO vs TIE, then the offline job."""
+@pytest.mark.parametrize("sizing", [["--offline-batch", "4"], ["--offline-kv-tokens", "300"]])
+def test_serving_example_runs_on_cpu(sizing):
+    """examples/tie_serving.py as a user runs it (small settings): CB FIFO vs TIE, then the offline job with fixed
+    batches or batches sized from a KV budget."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, str(root / "examples" / "tie_serving.py"), "--n-train", "300", "--epochs", "1"]
-    cmd += ["--n-prompts", "8", "--max-new-tokens", "16", "--offline-batch", "4"]
+    cmd += ["--n-prompts", "8", "--max-new-tokens", "16", *sizing]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fifo: 8 requests" in out.stdout and " tie: 8 requests" in out.stdout
