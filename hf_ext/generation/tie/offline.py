@@ -73,10 +73,15 @@ def policy_order(policy: str, requests: Sequence[Any], config: TIEConfig | None 
 def static_batches(order: Sequence[int], batch_size: int, n: int | None = None) -> list[list[int]]:
     """Cut a job order into consecutive batches of ``batch_size`` (the last may be smaller); with ``n``,
     ``order`` must be a permutation of ``range(n)`` (every request of the job exactly once)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _check_int("batch_size", batch_size)
     order = _checked_order(order, n)
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _check_int(name: str, value: Any) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (``bool`` is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _checked_order(order: Sequence[int], n: int | None) -> list[int]:
@@ -97,8 +102,7 @@ def batch_size_for_memory(kv_tokens: int, max_prompt_len: int, max_new_tokens: i
         ("max_prompt_len", max_prompt_len),
         ("max_new_tokens", max_new_tokens),
     ):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        _check_int(name, v)
     b = kv_tokens // (max_prompt_len + max_new_tokens)
     if b < 1:
         raise ValueError(
@@ -121,18 +125,11 @@ def memory_batches(
         >>> memory_batches([0, 1, 2, 3], [10, 10, 50, 10], kv_tokens=100, max_new_tokens=10)
         [[0, 1], [2], [3]]
     """
-    for name, v in (("kv_tokens", kv_tokens), ("max_new_tokens", max_new_tokens)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    _check_int("kv_tokens", kv_tokens)
+    _check_int("max_new_tokens", max_new_tokens)
     plen = _lengths("prompt_lens", prompt_lens)
     order = _checked_order(order, len(plen))
-    too_long = [i for i in order if plen[i] + max_new_tokens > kv_tokens]
-    if too_long:
-        i = too_long[0]
-        raise ValueError(
-            f"kv_tokens={kv_tokens} cannot hold request {i} alone ({int(plen[i])} prompt + {max_new_tokens} new "
-            "tokens); raise kv_tokens or lower max_new_tokens"
-        )
+    _check_each_fits(order, plen, kv_tokens, max_new_tokens)
     batches: list[list[int]] = []
     cur: list[int] = []
     width = 0
@@ -146,6 +143,18 @@ def memory_batches(
     if cur:
         batches.append(cur)
     return batches
+
+
+def _check_each_fits(order: Sequence[int], plen: np.ndarray, kv_tokens: int, max_new_tokens: int) -> None:
+    """``ValueError`` unless every request of ``order`` fits ``kv_tokens`` alone (its prompt + ``max_new_tokens``);
+    the first one in ``order`` that does not is named."""
+    too_long = [i for i in order if plen[i] + max_new_tokens > kv_tokens]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(
+            f"kv_tokens={kv_tokens} cannot hold request {i} alone ({int(plen[i])} prompt + {max_new_tokens} new "
+            "tokens); raise kv_tokens or lower max_new_tokens"
+        )
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -397,27 +406,21 @@ def tie_batched_generate(
     prompts = validate_prompts(prompts, non_empty=True)
     if (batch_size is None) == (kv_tokens is None):
         raise ValueError("give exactly one of batch_size (rows per generate call) and kv_tokens (KV budget)")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if kv_tokens is not None and (
-        isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int) or kv_tokens < 1
-    ):
-        raise ValueError(f"kv_tokens must be an int >= 1, got {kv_tokens!r}")
+    if batch_size is not None:
+        _check_int("batch_size", batch_size)
+    if kv_tokens is not None:
+        _check_int("kv_tokens", kv_tokens)
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     cfg = config or TIEConfig()
     gen_cap = generate_kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
     cap = gen_cap if gen_cap is not None else cfg.max_new_tokens
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {cap!r}")
+    _check_int("max_new_tokens", cap)
     enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]  # one batched call
-    if kv_tokens is not None:  # fails here, before any work, if one prompt alone does not fit
-        memory_batches(range(len(enc)), [len(e) for e in enc], kv_tokens, cap)
-    order = order_batch(
-        list(prompts), predictor, cfg, max_new_tokens=cap, prompt_tokens=[len(e) for e in enc]
-    )
+    plen = [len(e) for e in enc]
+    if kv_tokens is not None:  # before any prediction or generate: one prompt alone must fit
+        _check_each_fits(range(len(enc)), np.asarray(plen), kv_tokens, cap)
+    order = order_batch(list(prompts), predictor, cfg, max_new_tokens=cap, prompt_tokens=plen)
     if gen_cap is None:
         generate_kwargs["max_new_tokens"] = cap
     if getattr(generation_config, "pad_token_id", None) is None:
@@ -434,7 +437,7 @@ def tie_batched_generate(
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
     if kv_tokens is not None:
-        batches = memory_batches(order, [len(e) for e in enc], kv_tokens, cap)
+        batches = memory_batches(order, plen, kv_tokens, cap)
     else:
         batches = static_batches(order, batch_size)
     if progress:
@@ -480,10 +483,10 @@ __all__ = [
     "StaticBatchResult",
     "batch_size_for_memory",
     "forced_lengths_processor",
+    "memory_batches",
     "policy_order",
     "run_static_generate",
     "simulate_static_batches",
-    "memory_batches",
     "static_batches",
     "tie_batched_generate",
     "trim_at_eos",
