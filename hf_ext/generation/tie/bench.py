@@ -633,14 +633,15 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
     orders.update({p + TRUE_DIST: policy_order(p, true_base, tie_cfg) for p in ("ssjf", "tie")})
     res: dict[str, dict] = {}
     kv = args.offline_kv_tokens
-    sizes: list[Any] = [*sorted({mem_b, *STATIC_BATCH_SIZES}), "kv"]
-    for b in sizes:
-        if b == "kv":  # every batch as wide as the KV cap allows for its own prompts (memory_batches)
-            case = f"offline_static{len(base)}_kv{kv // 1000}k_membatch"
-            kw: dict[str, Any] = {"kv_tokens": kv, "max_new_tokens": 1000}
-        else:
-            case = f"offline_static{len(base)}_b{b}" + ("_kvcap" if b == mem_b else "")
-            kw = {"batch_size": b}
+    plans: list[tuple[str, dict[str, Any]]] = [
+        (f"offline_static{len(base)}_b{b}" + ("_kvcap" if b == mem_b else ""), {"batch_size": b})
+        for b in sorted({mem_b, *STATIC_BATCH_SIZES})
+    ]
+    # every batch as wide as the KV cap allows for its own prompts (memory_batches)
+    plans.append(
+        (f"offline_static{len(base)}_kv{kv // 1000}k_membatch", {"kv_tokens": kv, "max_new_tokens": 1000})
+    )
+    for case, kw in plans:
         res[case] = {
             p: simulate_static_batches(cm, plen, out, o, policy=p, **kw).summary() for p, o in orders.items()
         }
