@@ -119,13 +119,6 @@ def _profile(cfg: Any, args: argparse.Namespace, device: Any, dtype: Any, shape:
     return prof
 
 
-def _sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _measure(
     cfg: Any, plan: Any, args: argparse.Namespace, device: Any, dtype: Any
 ) -> tuple[float, float, str]:
@@ -145,6 +138,7 @@ def _measure(
     from transformers import LlamaForCausalLM
 
     from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.profiler import _sync
 
     torch.manual_seed(0)
     model = runner = opt = None

@@ -296,10 +296,11 @@ def _find_layers(model: Any) -> Any:
 
 
 def _sync(device: Any) -> None:
+    """Wait for ``device``'s queued kernels (a ``torch.device`` or a device string; no-op off CUDA)."""
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def _median_ms(fn: Any, device: Any, warmup: int, repeats: int) -> float:
