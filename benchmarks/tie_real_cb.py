@@ -29,6 +29,7 @@ CPU smoke run (tiny model, seconds)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc as gc_mod
 import json
 import math
@@ -83,8 +84,33 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of CB: the requests as one offline job of generate calls on padded batches of this size, "
         "cut from each policy's order (0 = off)",
     )
+    p.add_argument(
+        "--record-steps",
+        action="store_true",
+        help="time every engine iteration and note its make-up (hf_ext.simulate.cb_steps); writes "
+        "tie_real_cb_steps.json beside the results",
+    )
+    p.add_argument(
+        "--fit-steps",
+        default=None,
+        metavar="JSON",
+        help="no model: fit the simulator's cost model to the steps recorded in JSON (--record-steps) and save it "
+        "as a calibration (transformers_cb-<device>-<shape>); --fit-policies' steps fit, the others are held out",
+    )
+    p.add_argument("--fit-policies", default="fcfs,ssjf", help="with --fit-steps: the runs the fit uses")
     p.add_argument("--calibration", default=None, help="simulator cost model (default: bench tie's choice)")
-    p.add_argument("--sim-kv-tokens", type=int, default=450_000, help="simulator KV capacity in tokens")
+    p.add_argument(
+        "--sim-kv-tokens",
+        type=int,
+        default=None,
+        help="simulator KV capacity in tokens (default: the engine's, if the calibration recorded it, else 450000)",
+    )
+    p.add_argument(
+        "--sim-max-batch-tokens",
+        type=int,
+        default=None,
+        help="simulator token budget per step (default: the engine's, if the calibration recorded it, else 8192)",
+    )
     p.add_argument("--no-write", action="store_true")
     return p
 
@@ -120,21 +146,110 @@ def load_requests(path: str, n: int, max_new: int, max_prompt: int, vocab: int, 
 def simulate_same(
     args: argparse.Namespace, reqs: list[Any], speeds: list[float], policies: list[str]
 ) -> tuple:
-    """The replay's requests, speeds and concurrency cap in the shared simulator: does it rank like the engine?"""
+    """The replay's requests, speeds and concurrency cap in the shared simulator: does it rank like the engine?
+
+    With a calibration fit to the engine's own steps (``--fit-steps``), its recorded token budget and KV capacity
+    are the simulator's too, unless ``--sim-max-batch-tokens`` / ``--sim-kv-tokens`` say otherwise."""
     from hf_ext.generation.tie.bench import load_cost_model, simulate_policies
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.scheduler import precompute_scores
 
     cm = load_cost_model(args.calibration)
+    limits = cm.extra.get("engine_limits", {})
+    kv_tokens = args.sim_kv_tokens or limits.get("kv_tokens") or 450_000
+    budget = args.sim_max_batch_tokens or limits.get("max_batch_tokens") or 8192
     max_seqs = args.max_requests_per_batch or 1024  # transformers' fallback for max_requests_per_batch
     cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=max_seqs)
     base = [r.to_sim_request(i, args.max_new_tokens) for i, r in enumerate(reqs)]
     precompute_scores(base, cfg)
+    print(f"simulator: {cm.name}, token budget {budget}, KV {kv_tokens} tokens, max {max_seqs} running")
     out: dict[str, dict] = {}
+    suffix = "_sim_cbfit" if cm.name.startswith("transformers_cb") else "_sim"
     for speed in speeds:
-        sims = simulate_policies(cm, base, cfg, max_seqs, args.sim_kv_tokens, speed=speed, policies=policies)
-        out[_case(args, len(reqs), speed) + "_sim"] = {pol: r.summary() for pol, r in sims.items()}
+        sims = simulate_policies(
+            cm, base, cfg, max_seqs, kv_tokens, speed=speed, policies=policies, max_num_batched_tokens=budget
+        )
+        out[_case(args, len(reqs), speed) + suffix] = {pol: r.summary() for pol, r in sims.items()}
     return out, f"sim:{cm.name}"
+
+
+def _steps_columns(log: Any) -> dict[str, Any]:
+    """A recorded run's steps as compact columns (times in µs) plus the engine's limits."""
+    cols = log.arrays()
+    return {
+        "limits": log.limits[0] if log.limits else {},
+        "steps": {
+            k: [round(float(x) * 1e6) if k == "dt" else round(float(x), 1) for x in v]
+            for k, v in cols.items()
+        },
+    }
+
+
+def _steps_list(rec: dict[str, Any]) -> list[dict[str, float]]:
+    cols = rec["steps"]
+    n = len(cols["dt"])
+    return [{k: (cols[k][i] * 1e-6 if k == "dt" else float(cols[k][i])) for k in cols} for i in range(n)]
+
+
+def fit_recorded_steps(args: argparse.Namespace, cmd: str) -> int:
+    """``--fit-steps``: cost model fit to the engine's recorded steps, held-out check, saved as a calibration."""
+    from hf_ext.simulate.cb_steps import fit_steps, steps_summary
+    from hf_ext.simulate.cost_model import CALIBRATION_DIR
+    from hf_ext.utils.bench import Row, append_rows, print_rows, results_dir
+
+    data = json.loads(Path(args.fit_steps).read_text())
+    fit_pols = [p for p in args.fit_policies.split(",") if p]
+    train: list[dict[str, float]] = []
+    held: list[dict[str, float]] = []
+    limits: dict[str, Any] = {}
+    runs = data["runs"]
+    for run in runs:
+        for pols in run["cases"].values():
+            for pol, rec in pols.items():
+                (train if pol in fit_pols else held).extend(_steps_list(rec))
+                limits = limits or rec["limits"]
+    if not train or not held:
+        raise ValueError(
+            f"--fit-policies {args.fit_policies!r} must leave steps both to fit ({len(train)}) and to hold out "
+            f"({len(held)}) in {args.fit_steps}"
+        )
+    first = runs[0]
+    name = f"transformers_cb-{first['device_slug']}-{first['shape']}"
+    cm = fit_steps(
+        train,
+        name=name,
+        source=f"measured: transformers continuous batching steps ({first['device']})",
+        kv_bytes_per_token=float(first.get("kv_bytes_per_token", 0.0)),
+    )
+    cm.extra["heldout"] = steps_summary(cm, held)
+    cm.extra["engine_limits"] = limits
+    cm.extra["fit_policies"] = fit_pols
+    cm.extra["recorded_by"] = sorted({r["command"] for r in runs})
+    cm.extra["fit_command"] = cmd
+    # --no-write keeps the shipped calibrations as they are: the fit goes beside the results instead
+    path = cm.save((results_dir() if args.no_write else CALIBRATION_DIR) / f"{name}.json")
+    rows = []
+    for split, summ in (("fit", cm.extra["fit"]), ("heldout", cm.extra["heldout"])):
+        for kind, v in summ.items():
+            rows.append(
+                Row.make(
+                    "simulator",
+                    f"{name} {split} {kind} steps ({v['steps']})",
+                    "step_time_sum_s",
+                    v["sum_ratio"],
+                    "measured",
+                    1.0,
+                    device=first["device"],
+                    quality_name="median_abs_rel_err",
+                    quality_value=round(v["median_abs_rel_err"], 4),
+                    command=cmd,
+                )
+            )
+    print_rows(rows, title=f"{name}: simulated / measured step time (ours = ratio of sums)")
+    print(f"saved {path}")
+    if not args.no_write:
+        append_rows("simulator", rows)
+    return 0
 
 
 def _report(case: str, policy: str, s: dict[str, float]) -> None:
@@ -218,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     from hf_ext.generation.tie.bench import COMPONENT, latency_rows, policy_figure, real_cb_rows
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.replay import POLICIES, run_cb_replay, summarize_replay
-    from hf_ext.simulate.calibrate import model_for_shape
+    from hf_ext.simulate.calibrate import device_slug, model_for_shape
+    from hf_ext.simulate.cb_steps import record_cb_steps
+    from hf_ext.simulate.cost_model import CostModel
     from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows, results_dir
 
     policies = [p for p in args.policies.split(",") if p]
@@ -226,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad or "tie" not in policies:
         raise ValueError(f"--policies must include 'tie' and only use {POLICIES}, got {args.policies!r}")
     cmd = ("python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.fit_steps:
+        return fit_recorded_steps(args, cmd)
     if args.simulate:
         reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
         sim, sim_dev = simulate_same(args, reqs, speeds, policies)
@@ -262,17 +381,32 @@ def main(argv: list[str] | None = None) -> int:
     dev = device_name()
     print(f"model {args.shape} on {dev}; {len(reqs)} requests; built in {time.perf_counter() - t_start:.1f}s")
 
-    def replay(rs: list[Any], policy: str, scale: float) -> dict[str, float]:
-        recs = run_cb_replay(
-            model,
-            rs,
-            policy,
-            generation_config=gc,
-            continuous_batching_config=cb,
-            tie_config=tie_cfg,
-            time_scale=scale,
-            progress=True,
-        )
+    steps_path = results_dir() / "tie_real_cb_steps.json"
+    steps_run: dict[str, Any] = {
+        "command": cmd,
+        "device": dev,
+        "device_slug": device_slug(args.device),
+        "shape": args.shape,
+        "kv_bytes_per_token": CostModel.kv_bytes_from_config(model.config, 2),
+        "cases": {},
+    }
+    earlier_runs = json.loads(steps_path.read_text())["runs"] if steps_path.exists() else []
+
+    def replay(rs: list[Any], policy: str, scale: float, case: str | None = None) -> dict[str, float]:
+        with record_cb_steps() if case and args.record_steps else contextlib.nullcontext() as log:
+            recs = run_cb_replay(
+                model,
+                rs,
+                policy,
+                generation_config=gc,
+                continuous_batching_config=cb,
+                tie_config=tie_cfg,
+                time_scale=scale,
+                progress=True,
+            )
+        if log is not None and not args.no_write:  # appended to the file's runs as soon as each policy ends
+            steps_run["cases"].setdefault(case, {})[policy] = _steps_columns(log)
+            steps_path.write_text(json.dumps({"runs": [*earlier_runs, steps_run]}))
         gc_mod.collect()  # the manager (and its paged KV cache) is gone: give the memory back before the next
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -297,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  --budget-s {args.budget_s:.0f} spent: skipping {case} {pol} and the rest")
                 break
             t0 = time.perf_counter()
-            res[pol] = replay(reqs, pol, scale)
+            res[pol] = replay(reqs, pol, scale, case)
             res[pol]["wall_s"] = time.perf_counter() - t0
             _report(case, pol, res[pol])
             if "tie" not in res:

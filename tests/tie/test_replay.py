@@ -263,6 +263,48 @@ def test_gpu_replay_script_simulate_mode(capsys):
         mod.main(["--simulate", "--speeds", "-1", "--no-write"])
 
 
+def test_gpu_replay_script_records_steps_fits_and_simulates(tmp_path, monkeypatch, capsys):
+    """--record-steps on the tiny CPU engine, --fit-steps on what it wrote, then --simulate with that fit: the
+    simulator takes the engine's recorded token budget and KV capacity."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / "tie_real_cb.py"
+    cmd = [sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--n", "8", "--speeds", "0"]
+    cmd += ["--record-steps", "--policies", "tie,fcfs,ssjf", "--max-new-tokens", "24"]
+    env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = json.loads((tmp_path / "tie_real_cb_steps.json").read_text())["runs"]
+    (case,) = runs[0]["cases"]
+    assert set(runs[0]["cases"][case]) == {"tie", "fcfs", "ssjf"}  # not the warm-up
+    rec = runs[0]["cases"][case]["fcfs"]
+    assert rec["limits"]["max_batch_tokens"] == 256 and len(rec["steps"]["dt"]) > 10
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tie_real_cb", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="hold out"):
+        mod.main(["--fit-steps", str(tmp_path / "tie_real_cb_steps.json"), "--fit-policies", "tie,fcfs,ssjf"])
+    assert mod.main(["--fit-steps", str(tmp_path / "tie_real_cb_steps.json"), "--no-write"]) == 0
+    (cal,) = tmp_path.glob("transformers_cb-*-tiny.json")  # --no-write: beside the results, not shipped
+    fitted = json.loads(cal.read_text())
+    assert fitted["extra"]["engine_limits"]["max_batch_tokens"] == 256
+    assert fitted["extra"]["heldout"]["all"]["steps"] == len(runs[0]["cases"][case]["tie"]["steps"]["dt"])
+    capsys.readouterr()
+    argv = ["--simulate", "--calibration", str(cal), "--n", "8", "--speeds", "0", "--shape", "tiny"]
+    assert mod.main([*argv, "--max-requests-per-batch", "8", "--no-write"]) == 0
+    got = capsys.readouterr().out
+    assert "token budget 256," in got and got.count("_maxseqs8_sim_cbfit ") == 5
+
+
 @pytest.mark.parametrize("aging", ["continuous", "step", "none"])
 def test_cb_aging_lets_a_long_waiting_request_overtake(aging):
     """A long request that has waited many aging periods goes before a fresh short one (not with aging='none')."""

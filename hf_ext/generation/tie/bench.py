@@ -116,14 +116,18 @@ def _parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ helpers
 def load_cost_model(name: str | None) -> Any:
-    """A measured GPU calibration if shipped (name without 'gpu_md'/'cpu'), else the GPU.md-derived fit."""
+    """A measured GPU calibration if shipped (name without 'gpu_md'/'cpu'/'transformers_cb'), else the GPU.md-derived
+    fit."""
     from hf_ext.simulate import CostModel
     from hf_ext.simulate.cost_model import available_calibrations
 
     if name:
         return CostModel.load(name)
     avail = available_calibrations()
-    measured = [a for a in avail if "h100" in a.lower() and not a.startswith(("gpu_md", "cpu"))]
+    # transformers_cb-*: fit to transformers' own CB engine, for replays of that engine (tie_real_cb.py)
+    measured = [
+        a for a in avail if "h100" in a.lower() and not a.startswith(("gpu_md", "cpu", "transformers_cb"))
+    ]
     for cand in [*measured, "gpu_md-h100-llama3.1-8b"]:
         if cand in avail:
             return CostModel.load(cand)
@@ -346,11 +350,13 @@ def simulate_policies(
     kv_tokens: int,
     speed: float = 1.0,
     policies: Sequence[str] | None = None,
+    max_num_batched_tokens: int | None = 8192,
 ) -> dict[str, Any]:
     """Run each policy (default: all of :data:`SIM_POLICIES`) on its own copy of ``base`` in the simulator.
 
-    ``speed`` compresses arrival times (``arrival / speed``; ``0`` = everything at t=0). Returns policy ->
-    simulation result; ``result.counters["sim_seconds"]`` is the wall time of that run.
+    ``speed`` compresses arrival times (``arrival / speed``; ``0`` = everything at t=0); ``max_num_batched_tokens``
+    is the engine's token budget per step (``SimConfig``'s). Returns policy -> simulation result;
+    ``result.counters["sim_seconds"]`` is the wall time of that run.
     """
     from hf_ext.simulate import SimConfig, Simulator
 
@@ -361,7 +367,12 @@ def simulate_policies(
         for r in reqs:
             r.arrival = 0.0 if speed == 0 else r.arrival / speed
         t0 = time.perf_counter()
-        cfg = SimConfig(max_num_seqs=max_num_seqs, kv_capacity_tokens=kv_tokens, record_timeline=False)
+        cfg = SimConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_capacity_tokens=kv_tokens,
+            record_timeline=False,
+        )
         res = Simulator(cm, schedulers[name], cfg).run(reqs)
         res.counters["sim_seconds"] = time.perf_counter() - t0
         out[name] = res
