@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_requests_per_batch is not None:
         cb_kw["max_requests_per_batch"] = args.max_requests_per_batch
     cb = ContinuousBatchingConfig(**cb_kw)
-    tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens)
+    # a request's max_new_tokens is its forced (true) length here: TIE must not truncate its law there
+    tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens, use_request_cap=False)
     dev = device_name()
     print(f"model {args.shape} on {dev}; {len(reqs)} requests; built in {time.perf_counter() - t_start:.1f}s")
 

@@ -10,7 +10,8 @@ bookkeeping on the host. This module measures that engine directly:
   context, prefill tokens and their attention work), plus the engine's limits (token budget, KV pages,
   requests per batch). Patches two methods of the processor class and restores them on exit.
 * :func:`fit_steps` — least-squares fit (relative errors, robust loss) of the cost model's iteration time to
-  the recorded steps; decode-only steps fit the decode terms, steps with prefill the prefill terms.
+  the recorded steps; decode-only steps fit the decode terms, steps with prefill the prefill terms; then each
+  kind's terms are scaled so that the model spends the measured total time on those steps (stalls included).
 * :func:`steps_summary` — the fit's error on held-out steps, per kind of step.
 
 A step's time is the interval between the starts of two consecutive busy iterations, so host work
@@ -21,7 +22,7 @@ Example:
     ...           "prefill_attn": 0.0} for n in (1, 4, 8, 16, 32)]
     >>> steps += [{"dt": 0.03 + 2e-5 * p, "n_decode": 0, "ctx_decode": 0.0, "prefill_tokens": p,
     ...            "prefill_attn": p * p / 2.0} for p in (64, 256, 512, 1024)]
-    >>> cm = fit_steps(steps)
+    >>> cm = fit_steps(steps, match_total=False)
     >>> round(cm.decode_time(8, 100), 4), round(cm.prefill_time(512), 4)
     (0.0208, 0.0402)
 """
@@ -216,13 +217,19 @@ def fit_steps(
     name: str = "transformers-cb",
     source: str = "measured: transformers continuous batching steps",
     kv_bytes_per_token: float = 0.0,
+    match_total: bool = True,
 ) -> CostModel:
     """Fit the :class:`CostModel` iteration time to recorded steps (relative residuals, soft-L1 loss).
 
     Stage 1: decode-only steps give ``decode_floor_s, base_s, per_seq_s, per_ctx_token_s``. Stage 2: steps with
     prefill tokens give ``prefill_floor_s, prefill_base_s, per_prefill_token_s, per_prefill_attn_s`` with stage 1
-    held fixed. Steps need the keys of :data:`STEP_KEYS`; both kinds must be present (``ValueError`` otherwise,
-    also for non-positive or non-finite times).
+    held fixed. The robust loss follows the typical step; an engine also stalls now and then (a CUDA-graph
+    capture for a new padded shape, an allocation), and those stalls are part of what a request waits for. With
+    ``match_total`` each stage's terms are then scaled so that the summed model time of its steps equals the
+    summed measured time (factors in ``extra["total_scale"]``); the simulator then spends a run's time right.
+
+    Steps need the keys of :data:`STEP_KEYS`; both kinds must be present (``ValueError`` otherwise, also for
+    non-positive or non-finite times).
     """
     if not steps:
         raise ValueError("fit_steps needs recorded steps, got none")
@@ -250,6 +257,8 @@ def fit_steps(
         return np.asarray([f, 0.0, b0, 0.0, b, c, 0.0, 0.0])
 
     zd = dec_params(_robust_lsq(lambda z: _iter_times(dec_params(z), ad) / ad["dt"] - 1.0, 4))
+    k_dec = float(ad["dt"].sum() / _iter_times(zd, ad).sum()) if match_total else 1.0
+    zd[[0, 2, 4, 5]] *= k_dec
 
     def all_params(z: np.ndarray) -> np.ndarray:
         f, pb, p, q = np.abs(z) * mag_p
@@ -258,10 +267,37 @@ def fit_steps(
         return out
 
     zp = all_params(_robust_lsq(lambda z: _iter_times(all_params(z), ap) / ap["dt"] - 1.0, 4))
+    k_pre = _total_scale(zp, ap) if match_total else 1.0
+    zp[[1, 3, 6, 7]] *= k_pre
     cm = CostModel(**dict(zip(_PARAMS, (float(x) for x in zp), strict=True)))
     cm.name, cm.source, cm.kv_bytes_per_token = name, source, float(kv_bytes_per_token)
-    cm.extra = {"fit": steps_summary(cm, steps), "n_steps": len(steps)}
+    cm.extra = {
+        "fit": steps_summary(cm, steps),
+        "n_steps": len(steps),
+        "total_scale": {"decode": k_dec, "prefill": k_pre},
+    }
     return cm
+
+
+def _total_scale(z: np.ndarray, a: dict[str, np.ndarray]) -> float:
+    """Factor ``k`` on the prefill terms (indices 1, 3, 6, 7) with summed model time = summed measured time on
+    the steps ``a`` (bisection: the sum is non-decreasing in ``k``)."""
+
+    def total(k: float) -> float:
+        zk = z.copy()
+        zk[[1, 3, 6, 7]] *= k
+        return float(_iter_times(zk, a).sum())
+
+    target = float(a["dt"].sum())
+    lo, hi = 0.0, 1.0
+    while total(hi) < target and hi < 1e6:
+        hi *= 2.0
+    if total(lo) >= target:  # the decode terms alone already exceed it: keep the robust fit
+        return 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
+    return (lo + hi) / 2.0
 
 
 def steps_summary(cm: CostModel, steps: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:

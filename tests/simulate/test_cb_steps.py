@@ -98,13 +98,14 @@ def test_fit_recovers_a_known_cost_model():
         per_prefill_attn_s=4e-10,
     )
     steps = _synthetic_steps(truth)
-    cm = fit_steps(steps, name="t")
+    cm = fit_steps(steps, name="t")  # noiseless: matching the totals changes nothing
     summ = steps_summary(cm, _synthetic_steps(truth, seed=1))
     assert summ["all"]["median_abs_rel_err"] < 0.01
     assert abs(summ["all"]["sum_ratio"] - 1.0) < 0.01
     assert cm.per_seq_s == pytest.approx(truth.per_seq_s, rel=0.05)
     assert cm.per_prefill_token_s == pytest.approx(truth.per_prefill_token_s, rel=0.05)
     assert cm.extra["n_steps"] == len(steps) and cm.name == "t"
+    assert cm.extra["total_scale"]["decode"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_fit_is_robust_to_a_few_outlier_steps():
@@ -112,8 +113,14 @@ def test_fit_is_robust_to_a_few_outlier_steps():
     steps = _synthetic_steps(truth, noise=0.02)
     for s in steps[::50]:  # a stalled step now and then (GC, a graph capture)
         s["dt"] *= 20
-    cm = fit_steps(steps)
+    cm = fit_steps(steps, match_total=False)
     assert steps_summary(cm, _synthetic_steps(truth, seed=2))["all"]["median_abs_rel_err"] < 0.03
+    # match_total: the same shape, scaled so that each kind of step sums to its measured time (stalls included)
+    cm2 = fit_steps(steps)
+    summ = steps_summary(cm2, steps)
+    assert summ["decode"]["sum_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert summ["prefill"]["sum_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert cm2.extra["total_scale"]["decode"] > 1.0 and cm2.per_seq_s > cm.per_seq_s
 
 
 def test_fit_rejects_bad_input():

@@ -58,6 +58,26 @@ def test_policies_admit_in_key_order_and_keep_exact_lengths(setup, policy):
     )
 
 
+def test_tie_replay_never_sees_the_forced_true_length(setup):
+    """A replay forces each request's length through its max_new_tokens; TIE must not read that as the request's
+    cap (it would truncate the length law at the true length: an oracle leak). Equal predictions, different true
+    lengths: TIE admits in arrival order; a config that would read the cap is refused before any work."""
+    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.replay import run_cb_replay
+
+    model, gc, cb = setup
+    reqs = _reqs([20, 2, 9], mu=math.log(8.0), sigma=1.0)
+    kw = dict(generation_config=gc, continuous_batching_config=cb, time_scale=0)
+    recs = run_cb_replay(model, reqs, "tie", **kw)
+    assert CONTEXT.admission_order == ["r0", "r1", "r2"]
+    assert [r["n_tokens"] for r in recs] == [20, 2, 9]
+    with pytest.raises(ValueError, match="use_request_cap must be False"):
+        run_cb_replay(model, reqs, "tie", tie_config=TIEConfig(max_new_tokens=32), **kw)
+    run_cb_replay(model, reqs, "tie", tie_config=TIEConfig(max_new_tokens=32, use_request_cap=False), **kw)
+    assert CONTEXT.admission_order == ["r0", "r1", "r2"]
+
+
 def test_replay_restores_what_the_user_had_set(setup):
     from hf_ext.generation.tie.cb import CONTEXT, clear_length_hints, enable_tie_scheduler, set_length_hints
     from hf_ext.generation.tie.config import TIEConfig

@@ -100,10 +100,18 @@ _NEEDS = {
 }
 
 
-def validate_replay(requests: Sequence[ReplayRequest], policy: str, time_scale: float = 1.0) -> None:
+def validate_replay(
+    requests: Sequence[ReplayRequest], policy: str, time_scale: float = 1.0, tie_config: Any = None
+) -> None:
     """Raise ``ValueError`` (naming the field and request) on anything :func:`run_cb_replay` cannot honour."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "tie" and tie_config is not None and tie_config.use_request_cap:
+        raise ValueError(
+            "tie_config.use_request_cap must be False in a replay: each request's max_new_tokens is set to its "
+            "true output_len (that is how its length is forced), and TIE would truncate its length law there, "
+            "i.e. see the answer; pass TIEConfig(..., use_request_cap=False) or leave tie_config=None"
+        )
     if not (isinstance(time_scale, (int, float)) and math.isfinite(time_scale) and time_scale >= 0):
         raise ValueError(f"time_scale must be a finite number >= 0, got {time_scale!r}")
     if not requests:
@@ -180,7 +188,9 @@ def run_cb_replay(
         generation_config: shared by all requests; disable EOS (e.g. ``eos_token_id=-1``) so that each request
             produces exactly ``output_len`` tokens.
         continuous_batching_config: copied; its ``scheduler_type`` is set from ``policy``.
-        tie_config: :class:`~hf_ext.generation.tie.config.TIEConfig` for ``tie`` (default ``TIEConfig()``).
+        tie_config: :class:`~hf_ext.generation.tie.config.TIEConfig` for ``tie``; its ``use_request_cap`` must be
+            False (a request's ``max_new_tokens`` here is its true length). Default: ``TIEConfig`` with
+            ``max_new_tokens`` from ``generation_config`` and ``use_request_cap=False``.
         time_scale: multiplies arrival times (``0`` = everything at once; ``1/k`` = k times the load).
         stall_timeout: seconds without any finished request after which the run is aborted.
         progress: show a tqdm bar of finished requests.
@@ -194,7 +204,12 @@ def run_cb_replay(
     """
     from hf_ext.generation.tie.cb import preserved_context
 
-    validate_replay(requests, policy, time_scale)
+    validate_replay(requests, policy, time_scale, tie_config)
+    if tie_config is None:
+        from hf_ext.generation.tie.config import TIEConfig
+
+        cap = getattr(generation_config, "max_new_tokens", None) or max(int(r.output_len) for r in requests)
+        tie_config = TIEConfig(max_new_tokens=int(cap), use_request_cap=False)
     cb = copy.deepcopy(continuous_batching_config)
     # what the caller had set (predictor, config, hints, keys) comes back afterwards
     with preserved_context():
