@@ -148,8 +148,9 @@ def simulate_same(
 ) -> tuple:
     """The replay's requests, speeds and concurrency cap in the shared simulator: does it rank like the engine?
 
-    With a calibration fit to the engine's own steps (``--fit-steps``), its recorded token budget and KV capacity
-    are the simulator's too, unless ``--sim-max-batch-tokens`` / ``--sim-kv-tokens`` say otherwise."""
+    With a calibration fit to the engine's own steps (``--fit-steps``), its recorded token budget, KV capacity and
+    requests per batch are the simulator's too, unless ``--sim-max-batch-tokens`` / ``--sim-kv-tokens`` /
+    ``--max-requests-per-batch`` say otherwise."""
     from hf_ext.generation.tie.bench import load_cost_model, simulate_policies
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.scheduler import precompute_scores
@@ -158,7 +159,8 @@ def simulate_same(
     limits = cm.extra.get("engine_limits", {})
     kv_tokens = args.sim_kv_tokens or limits.get("kv_tokens") or 450_000
     budget = args.sim_max_batch_tokens or limits.get("max_batch_tokens") or 8192
-    max_seqs = args.max_requests_per_batch or 1024  # transformers' fallback for max_requests_per_batch
+    # transformers' fallback for max_requests_per_batch is 1024; a CB-step calibration knows the engine's own
+    max_seqs = args.max_requests_per_batch or limits.get("max_requests_per_batch") or 1024
     cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=max_seqs)
     base = [r.to_sim_request(i, args.max_new_tokens) for i, r in enumerate(reqs)]
     precompute_scores(base, cfg)
@@ -171,6 +173,35 @@ def simulate_same(
         )
         out[_case(args, len(reqs), speed) + suffix] = {pol: r.summary() for pol, r in sims.items()}
     return out, f"sim:{cm.name}"
+
+
+def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
+    """Engine runs of the simulated cases (latest valid run of each, from ``tie_real_cb_details.json``) side by side
+    with the simulation: prints mean per-token latency per policy and returns ``{case engine: .., case sim: ..}``."""
+    from hf_ext.utils.bench import results_dir
+
+    path = results_dir() / "tie_real_cb_details.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    runs = data.get("runs", [data])  # a run writes itself; the committed file collects runs under "runs"
+    engine: dict[str, dict] = {}
+    for run in runs:  # later runs of a case replace earlier ones; withdrawn runs never count
+        if "withdrawn" not in run:
+            engine.update(run.get("real_cb", {}))
+    out: dict[str, dict] = {}
+    for case, res in sim.items():
+        base = case.rsplit("_sim", 1)[0]
+        if base not in engine:
+            continue
+        real = engine[base]
+        out[f"{base} engine"], out[f"{base} sim"] = real, res
+        print(f"  {base}: mean per-token latency, engine vs simulator (ms)")
+        for pol in res:
+            if pol in real:
+                e, m = real[pol]["per_token_mean"] * 1e3, res[pol]["per_token_mean"] * 1e3
+                print(f"    {pol:10s} {e:8.1f} {m:8.1f}  sim/engine {m / e:5.2f}")
+    return out
 
 
 def _steps_columns(log: Any) -> dict[str, Any]:
@@ -353,10 +384,16 @@ def main(argv: list[str] | None = None) -> int:
                 _report(case, pol, v)
         rows = latency_rows(sim, sim_dev, cmd, lambda res: ("simulated_same_requests", "True"))
         print_rows(rows, title=f"The same replay in the simulator ({sim_dev}) — ratio > 1: TIE better")
+        pairs = engine_vs_sim(sim)
         if not args.no_write:
             path = append_rows(COMPONENT, rows)
             plot_results(COMPONENT, path)
-            policy_figure(sim, results_dir() / "tie_real_cb_sim.png")
+            cbfit = any(c.endswith("_sim_cbfit") for c in sim)
+            policy_figure(
+                sim, results_dir() / ("tie_real_cb_sim_cbfit.png" if cbfit else "tie_real_cb_sim.png")
+            )
+            if pairs:
+                policy_figure(pairs, results_dir() / "tie_real_cb_vs_sim.png")
         return 0
     if args.device == "cpu":
         torch.set_num_threads(2)

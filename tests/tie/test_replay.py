@@ -320,9 +320,12 @@ def test_gpu_replay_script_records_steps_fits_and_simulates(tmp_path, monkeypatc
     assert fitted["extra"]["heldout"]["all"]["steps"] == len(runs[0]["cases"][case]["tie"]["steps"]["dt"])
     capsys.readouterr()
     argv = ["--simulate", "--calibration", str(cal), "--n", "8", "--speeds", "0", "--shape", "tiny"]
-    assert mod.main([*argv, "--max-requests-per-batch", "8", "--no-write"]) == 0
+    assert mod.main([*argv, "--no-write"]) == 0
     got = capsys.readouterr().out
-    assert "token budget 256," in got and got.count("_maxseqs8_sim_cbfit ") == 5
+    assert "token budget 256, KV 4096 tokens, max 8 running" in got and got.count("_burst_sim_cbfit ") == 5
+    # the engine's run of the same case (written by the subprocess) is compared policy by policy
+    assert "real_cb_tiny_azure2023conv_n8_burst: mean per-token latency, engine vs simulator" in got
+    assert len(re.findall(r"^ +(tie|fcfs|ssjf) +[\d.]+ +[\d.]+ +sim/engine", got, flags=re.M)) == 3
 
 
 @pytest.mark.parametrize("aging", ["continuous", "step", "none"])
