@@ -267,18 +267,22 @@ def _lm(resid: Any, z0: np.ndarray, iters: int = 300) -> tuple[np.ndarray, float
     return z, cost / 2
 
 
-def _lsq(resid: Any, n: int, seed: int = 0) -> np.ndarray:
+def _lsq(resid: Any, n: int, seed: int = 0, loss: str = "linear", f_scale: float = 1.0) -> np.ndarray:
+    """Multi-start least squares of ``resid`` over ``n`` parameters; returns them non-negative. ``loss`` /
+    ``f_scale`` as in ``scipy.optimize.least_squares`` (a robust loss needs scipy)."""
     rng = np.random.default_rng(seed)
     starts = [np.full(n, 0.5), np.r_[1.0, np.full(n - 1, 0.1)], np.r_[0.0, np.full(n - 1, 0.5)]]
     starts += [rng.uniform(0, 1.5, n) for _ in range(8)]
     try:
         from scipy.optimize import least_squares
     except ImportError:  # the GPU box may lack scipy
+        if loss != "linear":
+            raise
         least_squares = None
     best_x, best_cost = None, math.inf
     for z0 in starts:
         if least_squares is not None:
-            r = least_squares(resid, z0, max_nfev=3000)
+            r = least_squares(resid, z0, loss=loss, f_scale=f_scale, max_nfev=3000)
             x, cost = r.x, float(r.cost)
         else:
             x, cost = _lm(resid, z0)

@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_ext.simulate.calibrate import _lsq
 from hf_ext.simulate.cost_model import CostModel
 
 STEP_KEYS = ("dt", "n_decode", "ctx_decode", "prefill_tokens", "prefill_attn")
@@ -193,23 +193,11 @@ _PARAMS = (
 )
 
 
+_ROBUST = {"loss": "soft_l1", "f_scale": 0.1}  # a stalled step (graph capture, GC) must not pull the fit
+
+
 def _subset(a: dict[str, np.ndarray], m: np.ndarray) -> dict[str, np.ndarray]:
     return {k: v[m] for k, v in a.items()}
-
-
-def _robust_lsq(resid: Any, n: int, seed: int = 0) -> np.ndarray:
-    """Multi-start robust (soft-L1) least squares; parameters come back non-negative."""
-    from scipy.optimize import least_squares
-
-    rng = np.random.default_rng(seed)
-    starts = [np.full(n, 0.5), np.r_[1.0, np.full(n - 1, 0.1)]] + [rng.uniform(0, 1.5, n) for _ in range(6)]
-    best_x, best_cost = None, math.inf
-    for z0 in starts:
-        r = least_squares(resid, z0, loss="soft_l1", f_scale=0.1, max_nfev=2000)
-        if r.cost < best_cost:
-            best_x, best_cost = r.x, float(r.cost)
-    assert best_x is not None
-    return np.abs(best_x)
 
 
 def fit_steps(
@@ -256,7 +244,7 @@ def fit_steps(
         f, b0, b, c = np.abs(z) * mag_d
         return np.asarray([f, 0.0, b0, 0.0, b, c, 0.0, 0.0])
 
-    zd = dec_params(_robust_lsq(lambda z: _iter_times(dec_params(z), ad) / ad["dt"] - 1.0, 4))
+    zd = dec_params(_lsq(lambda z: _iter_times(dec_params(z), ad) / ad["dt"] - 1.0, 4, **_ROBUST))
     k_dec = float(ad["dt"].sum() / _iter_times(zd, ad).sum()) if match_total else 1.0
     zd[[0, 2, 4, 5]] *= k_dec
 
@@ -266,7 +254,7 @@ def fit_steps(
         out[[1, 3, 6, 7]] = [f, pb, p, q]
         return out
 
-    zp = all_params(_robust_lsq(lambda z: _iter_times(all_params(z), ap) / ap["dt"] - 1.0, 4))
+    zp = all_params(_lsq(lambda z: _iter_times(all_params(z), ap) / ap["dt"] - 1.0, 4, **_ROBUST))
     k_pre = _total_scale(zp, ap) if match_total else 1.0
     zp[[1, 3, 6, 7]] *= k_pre
     cm = CostModel(**dict(zip(_PARAMS, (float(x) for x in zp), strict=True)))
