@@ -15,7 +15,10 @@ bookkeeping on the host. This module measures that engine directly:
 * :func:`steps_summary` — the fit's error on held-out steps, per kind of step.
 
 A step's time is the interval between the starts of two consecutive busy iterations, so host work
-(scheduling, tensor preparation, output handling) is part of it, as it is for a request in the engine.
+(scheduling, tensor preparation, output handling) is part of it, as it is for a request in the engine. That is
+exact for synchronous batching (what the recorded runs used). With ``use_async_batching`` the host prepares a
+batch while the device runs the previous one: the intervals still add up to the engine's time, but a step's
+make-up and its interval may be one iteration apart (``StepLog.limits[i]["async"]`` says which mode ran).
 
 Example:
     >>> steps = [{"dt": 0.02 + 1e-4 * n, "n_decode": n, "ctx_decode": 100.0 * n, "prefill_tokens": 0,
