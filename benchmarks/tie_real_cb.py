@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         "as a calibration (transformers_cb-<device>-<shape>); --fit-policies' steps fit, the others are held out",
     )
     p.add_argument("--fit-policies", default="fcfs,ssjf", help="with --fit-steps: the runs the fit uses")
+    p.add_argument(
+        "--heldout-steps",
+        default=None,
+        metavar="JSON",
+        help="with --fit-steps: steps of other runs, all held out (checked, never fit)",
+    )
     p.add_argument("--calibration", default=None, help="simulator cost model (default: bench tie's choice)")
     p.add_argument(
         "--sim-kv-tokens",
@@ -253,6 +259,17 @@ def fit_recorded_steps(args: argparse.Namespace, cmd: str) -> int:
         kv_bytes_per_token=float(first.get("kv_bytes_per_token", 0.0)),
     )
     cm.extra["heldout"] = steps_summary(cm, held)
+    other_runs = json.loads(Path(args.heldout_steps).read_text())["runs"] if args.heldout_steps else []
+    other = [
+        s
+        for run in other_runs
+        for pols in run["cases"].values()
+        for rec in pols.values()
+        for s in _steps_list(rec)
+    ]
+    if other:
+        cm.extra["heldout_runs"] = steps_summary(cm, other)
+        cm.extra["heldout_runs_recorded_by"] = sorted({r["command"] for r in other_runs})
     cm.extra["engine_limits"] = limits
     cm.extra["fit_policies"] = fit_pols
     cm.extra["recorded_by"] = sorted({r["command"] for r in runs})
@@ -260,7 +277,10 @@ def fit_recorded_steps(args: argparse.Namespace, cmd: str) -> int:
     # --no-write keeps the shipped calibrations as they are: the fit goes beside the results instead
     path = cm.save((results_dir() if args.no_write else CALIBRATION_DIR) / f"{name}.json")
     rows = []
-    for split, summ in (("fit", cm.extra["fit"]), ("heldout", cm.extra["heldout"])):
+    splits = [("fit", cm.extra["fit"]), ("heldout", cm.extra["heldout"])]
+    if other:
+        splits.append(("heldout-runs", cm.extra["heldout_runs"]))
+    for split, summ in splits:
         for kind, v in summ.items():
             rows.append(
                 Row.make(
