@@ -313,10 +313,14 @@ def test_gpu_replay_script_records_steps_fits_and_simulates(tmp_path, monkeypatc
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="hold out"):
         mod.main(["--fit-steps", str(tmp_path / "tie_real_cb_steps.json"), "--fit-policies", "tie,fcfs,ssjf"])
-    assert mod.main(["--fit-steps", str(tmp_path / "tie_real_cb_steps.json"), "--no-write"]) == 0
+    steps_json = str(tmp_path / "tie_real_cb_steps.json")
+    assert mod.main(["--fit-steps", steps_json, "--heldout-steps", steps_json, "--no-write"]) == 0
     (cal,) = tmp_path.glob("transformers_cb-*-tiny.json")  # --no-write: beside the results, not shipped
     fitted = json.loads(cal.read_text())
     assert fitted["extra"]["engine_limits"]["max_batch_tokens"] == 256
+    assert fitted["extra"]["heldout_runs"]["all"]["steps"] == sum(
+        len(rec["steps"]["dt"]) for rec in runs[0]["cases"][case].values()
+    )
     assert fitted["extra"]["heldout"]["all"]["steps"] == len(runs[0]["cases"][case]["tie"]["steps"]["dt"])
     capsys.readouterr()
     argv = ["--simulate", "--calibration", str(cal), "--n", "8", "--speeds", "0", "--shape", "tiny"]
