@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,18 +125,19 @@ def record_cb_steps() -> Iterator[StepLog]:
     from transformers.generation.continuous_batching import continuous_api
 
     proc_cls = continuous_api.ContinuousBatchProcessor
+    orig_prepare = proc_cls.__dict__["prepare_next_batch"]
     if not _LOCK.acquire(blocking=False):
         raise RuntimeError("record_cb_steps is already active (not re-entrant)")
     log = StepLog()
-    orig_prepare = proc_cls.__dict__["prepare_next_batch"]
-    runs: dict[int, int] = {}  # id(processor) -> run index
-    last: dict[int, tuple[float, dict[str, float]] | None] = {}
+    # per processor (weak: a finished manager's paged cache must stay free to go): run index, pending step
+    runs: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+    last: weakref.WeakKeyDictionary[Any, tuple[float, dict[str, float]] | None] = weakref.WeakKeyDictionary()
 
     def prepare_next_batch(self: Any) -> bool:
         t0 = time.perf_counter()
-        key = id(self)
+        key = self
         if key not in runs:
-            runs[key] = len(runs)
+            runs[key] = len(log.limits)
             log.limits.append(_engine_limits(self))
         sched = self.scheduler
         chosen: list[dict[str, float] | None] = []

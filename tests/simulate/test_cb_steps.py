@@ -56,6 +56,21 @@ def test_records_each_step_make_up_exactly():
     assert set(log.arrays()) == set(STEP_KEYS)
 
 
+def test_two_runs_in_one_block_are_kept_apart():
+    """Each processor is its own run (index, limits); no step spans from one run into the next."""
+    import time
+
+    with record_cb_steps() as log:
+        _generate([list(range(5, 45))], new_tokens=4)
+        time.sleep(1.0)
+        _generate([list(range(7, 17))], new_tokens=3)
+    assert len(log.limits) == 2
+    assert [s["run"] for s in log.steps] == [0.0] * 5 + [
+        1.0
+    ] * 3  # 40-token prompt in 2 chunks + 3 decodes; 1 + 2
+    assert max(s["dt"] for s in log.steps) < 1.0  # the pause between the runs is in no step
+
+
 def test_patch_is_put_back_on_error_and_not_reentrant():
     from transformers.generation.continuous_batching import continuous_api
 
