@@ -445,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         "device": dev,
         "device_slug": device_slug(args.device),
         "shape": args.shape,
-        "kv_bytes_per_token": CostModel.kv_bytes_from_config(model.config, 2),
+        "kv_bytes_per_token": CostModel.kv_bytes_from_config(
+            model.config, 2 if args.device.startswith("cuda") else 4
+        ),
         "cases": {},
     }
     earlier_runs = json.loads(steps_path.read_text())["runs"] if steps_path.exists() else []
