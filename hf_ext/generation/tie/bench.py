@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="do not append to benchmarks/results/tie.csv")
     p.add_argument(
+        "--tag",
+        default=None,
+        help="suffix of this run's figures and details JSON (tie_policies_TAG.png, ...); default: none, or "
+        "'transformers_cb' with such a calibration, so that it never overwrites the headline run's files",
+    )
+    p.add_argument(
         "--export-replay", default=None, help="also write the trace window with predictions to this JSON"
     )
     return p
@@ -810,8 +816,14 @@ def main(argv: list[str] | None = None) -> int:
     print("[1/4] predictors (same encoder; cached)")
     preds = train_predictors(train, cfg_kw, _cache_dir(args.cache_dir))
     rdir = results_dir()
+    tag = (
+        args.tag
+        if args.tag is not None
+        else ("transformers_cb" if cm.name.startswith("transformers_cb") else "")
+    )
+    tag = f"_{tag}" if tag else ""
     png = (
-        rdir / "tie_calibration.png"
+        rdir / f"tie_calibration{tag}.png"
         if not args.no_write
         else Path(tempfile.mkdtemp()) / "tie_calibration.png"
     )
@@ -916,8 +928,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         path = append_rows(COMPONENT, rows)
         plot_results(COMPONENT, path)
-        policy_figure({**online, **real}, rdir / "tie_policies.png")
-        with open(rdir / "tie_details.json", "w") as f:
+        policy_figure({**online, **real}, rdir / f"tie_policies{tag}.png")
+        with open(rdir / f"tie_details{tag}.json", "w") as f:
             json.dump(
                 {
                     "command": cmd,
@@ -935,8 +947,8 @@ def main(argv: list[str] | None = None) -> int:
                 default=float,
             )
         print(
-            f"wrote {path}, {path.with_suffix('.png')}, {rdir / 'tie_calibration.png'}, "
-            f"{rdir / 'tie_policies.png'}, {rdir / 'tie_details.json'}"
+            f"wrote {path}, {path.with_suffix('.png')}, {png}, {rdir / f'tie_policies{tag}.png'}, "
+            f"{rdir / f'tie_details{tag}.json'}"
         )
     print(f"TIE bench done in {time.perf_counter() - t_start:.0f}s")
     return 0
