@@ -15,6 +15,7 @@ def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
     export = tmp_path / "replay.json"
     rc = main(
         ["--quick", "--loads", "4", "--cache-dir", str(tmp_path / "cache"), "--export-replay", str(export)]
+        + ["--tag", "qa"]
     )
     assert rc == 0
     out = capsys.readouterr().out
@@ -24,7 +25,8 @@ def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
     needles = ("offline_throughput_tokens", "_budget0.25", "real_cb_tiny_llama_cpu_burst16", "ttft")
     for needle in (*needles, "offline_static600_b39_kvcap", "real_static_tiny_llama_cpu_n24_b8"):
         assert needle in csv
-    assert (tmp_path / "tie_policies.png").stat().st_size > 0 and export.stat().st_size > 0
+    assert (tmp_path / "tie_policies_qa.png").stat().st_size > 0 and export.stat().st_size > 0
+    assert (tmp_path / "tie_details_qa.json").exists() and not (tmp_path / "tie_details.json").exists()
 
 
 def test_static_rows_compare_tie_with_every_baseline():
