@@ -36,7 +36,7 @@ for p in "${parts[@]}"; do
     tie_static) run tie_static 320 $PY benchmarks/tie_real_cb.py --shape llama3.1-8b --n 96 --static-batch 32 \
       --max-new-tokens 600 --policies tie,fcfs,ssjf,ltr --budget-s 220 ;;
     tie_cb) run tie_cb 540 $PY benchmarks/tie_real_cb.py --shape llama3.1-8b --n 150 --speeds 4 \
-      --max-requests-per-batch 32 --cuda-graph --budget-s 420 ;;
+      --max-requests-per-batch 32 --cuda-graph --record-steps --budget-s 420 ;;
     *) echo "unknown part $p" ;;
   esac
 done
