@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--calibration", default=None, help="simulator cost model (default: bench tie's choice)")
     p.add_argument(
+        "--aging-tau",
+        type=float,
+        default=None,
+        help="TIE's aging period in seconds (default: TIEConfig's, the spec's 30 s); cases get a _tauX suffix",
+    )
+    p.add_argument(
         "--sim-kv-tokens",
         type=int,
         default=None,
@@ -167,7 +173,8 @@ def simulate_same(
     budget = args.sim_max_batch_tokens or limits.get("max_batch_tokens") or 8192
     # transformers' fallback for max_requests_per_batch is 1024; a CB-step calibration knows the engine's own
     max_seqs = args.max_requests_per_batch or limits.get("max_requests_per_batch") or 1024
-    cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=max_seqs)
+    tau = {} if args.aging_tau is None else {"aging_tau": args.aging_tau}
+    cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=max_seqs, **tau)
     base = [r.to_sim_request(i, args.max_new_tokens) for i, r in enumerate(reqs)]
     precompute_scores(base, cfg)
     print(f"simulator: {cm.name}, token budget {budget}, KV {kv_tokens} tokens, max {max_seqs} running")
@@ -315,6 +322,7 @@ def _case(args: argparse.Namespace, n: int, speed: float) -> str:
     case = f"real_cb_{args.shape}_azure2023conv_n{n}_" + ("burst" if speed == 0 else f"x{speed:g}")
     if args.max_requests_per_batch is not None:
         case += f"_maxseqs{args.max_requests_per_batch}"
+    case += f"_tau{args.aging_tau:g}" if getattr(args, "aging_tau", None) is not None else ""
     return case + (f"_seed{args.seed}" if args.seed else "")
 
 
@@ -409,9 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             path = append_rows(COMPONENT, rows)
             plot_results(COMPONENT, path)
             cbfit = any(c.endswith("_sim_cbfit") for c in sim)
-            policy_figure(
-                sim, results_dir() / ("tie_real_cb_sim_cbfit.png" if cbfit else "tie_real_cb_sim.png")
-            )
+            tau = "" if args.aging_tau is None else f"_tau{args.aging_tau:g}"
+            policy_figure(sim, results_dir() / f"tie_real_cb_sim{'_cbfit' if cbfit else ''}{tau}.png")
             if pairs:
                 policy_figure(pairs, results_dir() / "tie_real_cb_vs_sim.png")
         return 0
@@ -435,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         cb_kw["max_requests_per_batch"] = args.max_requests_per_batch
     cb = ContinuousBatchingConfig(**cb_kw)
     # a request's max_new_tokens is its forced (true) length here: TIE must not truncate its law there
-    tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens, use_request_cap=False)
+    tau = {} if args.aging_tau is None else {"aging_tau": args.aging_tau}
+    tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens, use_request_cap=False, **tau)
     dev = device_name()
     print(f"model {args.shape} on {dev}; {len(reqs)} requests; built in {time.perf_counter() - t_start:.1f}s")
 

@@ -279,6 +279,9 @@ def test_gpu_replay_script_simulate_mode(capsys):
     assert mod.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("_maxseqs4_sim ") == 10  # 5 policies x 2 speeds
+    # another aging period for TIE: its own case names
+    assert mod.main([*argv, "--aging-tau", "60"]) == 0
+    assert capsys.readouterr().out.count("_maxseqs4_tau60_sim ") == 10
     with pytest.raises(ValueError, match="--speeds"):
         mod.main(["--simulate", "--speeds", "-1", "--no-write"])
 
