@@ -145,6 +145,29 @@ def memory_batches(
     return batches
 
 
+def _check_sizing(batch_size: int | None, kv_tokens: int | None) -> None:
+    """``ValueError`` unless exactly one of ``batch_size`` / ``kv_tokens`` is given."""
+    if (batch_size is None) == (kv_tokens is None):
+        raise ValueError(
+            "give exactly one of batch_size (rows per batch) and kv_tokens (KV budget: memory-sized batches)"
+        )
+
+
+def _cut_batches(
+    order: Sequence[int],
+    plen: np.ndarray,
+    batch_size: int | None,
+    kv_tokens: int | None,
+    max_new_tokens: int | None,
+) -> list[list[int]]:
+    """The job's batches along ``order``: :func:`memory_batches` with ``kv_tokens``, else :func:`static_batches`."""
+    if kv_tokens is not None:
+        assert max_new_tokens is not None
+        return memory_batches(order, plen, kv_tokens, max_new_tokens)
+    assert batch_size is not None
+    return static_batches(order, batch_size, len(plen))
+
+
 def _check_each_fits(order: Sequence[int], plen: np.ndarray, kv_tokens: int, max_new_tokens: int) -> None:
     """``ValueError`` unless every request of ``order`` fits ``kv_tokens`` alone (its prompt + ``max_new_tokens``);
     the first one in ``order`` that does not is named."""
@@ -240,20 +263,15 @@ def simulate_static_batches(
     """
     plen = _lengths("prompt_lens", prompt_lens)
     out = _lengths("output_lens", output_lens, len(plen))
-    if (batch_size is None) == (kv_tokens is None):
+    _check_sizing(batch_size, kv_tokens)
+    if kv_tokens is not None and (max_new_tokens is None or (len(out) and max_new_tokens < int(out.max()))):
         raise ValueError(
-            "give exactly one of batch_size (fixed batches) and kv_tokens (memory-sized batches)"
+            f"kv_tokens needs max_new_tokens >= every output length (got {max_new_tokens!r}, longest "
+            f"output {int(out.max()) if len(out) else 0})"
         )
+    batches = _cut_batches(order, plen, batch_size, kv_tokens, max_new_tokens)
     if kv_tokens is not None:
-        if max_new_tokens is None or (len(out) and max_new_tokens < int(out.max())):
-            raise ValueError(
-                f"kv_tokens needs max_new_tokens >= every output length (got {max_new_tokens!r}, longest "
-                f"output {int(out.max()) if len(out) else 0})"
-            )
-        batches = memory_batches(order, plen, kv_tokens, max_new_tokens)
         batch_size = max((len(b) for b in batches), default=0)
-    else:
-        batches = static_batches(order, batch_size, len(plen))
     times = []
     for b in batches:
         n, p, longest = len(b), int(plen[b].max()), int(out[b].max())
@@ -404,8 +422,7 @@ def tie_batched_generate(
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a non-empty list of strings")
     prompts = validate_prompts(prompts, non_empty=True)
-    if (batch_size is None) == (kv_tokens is None):
-        raise ValueError("give exactly one of batch_size (rows per generate call) and kv_tokens (KV budget)")
+    _check_sizing(batch_size, kv_tokens)
     if batch_size is not None:
         _check_int("batch_size", batch_size)
     if kv_tokens is not None:
@@ -436,10 +453,7 @@ def tie_batched_generate(
     eos = next((e for e in map(_eos_ids, sources) if e is not None), set())
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
-    if kv_tokens is not None:
-        batches = memory_batches(order, plen, kv_tokens, cap)
-    else:
-        batches = static_batches(order, batch_size)
+    batches = _cut_batches(order, np.asarray(plen), batch_size, kv_tokens, cap)
     if progress:
         from tqdm.auto import tqdm
 
