@@ -155,6 +155,11 @@ def load_requests(path: str, n: int, max_new: int, max_prompt: int, vocab: int, 
     return out
 
 
+def _aging(args: argparse.Namespace) -> dict[str, float]:
+    """TIEConfig keywords for ``--aging-tau`` (none: the config's default period)."""
+    return {} if args.aging_tau is None else {"aging_tau": args.aging_tau}
+
+
 def simulate_same(
     args: argparse.Namespace, reqs: list[Any], speeds: list[float], policies: list[str]
 ) -> tuple:
@@ -166,6 +171,7 @@ def simulate_same(
     from hf_ext.generation.tie.bench import load_cost_model, simulate_policies
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.scheduler import precompute_scores
+    from hf_ext.simulate.cb_steps import is_cb_calibration
 
     cm = load_cost_model(args.calibration)
     limits = cm.extra.get("engine_limits", {})
@@ -173,13 +179,12 @@ def simulate_same(
     budget = args.sim_max_batch_tokens or limits.get("max_batch_tokens") or 8192
     # transformers' fallback for max_requests_per_batch is 1024; a CB-step calibration knows the engine's own
     max_seqs = args.max_requests_per_batch or limits.get("max_requests_per_batch") or 1024
-    tau = {} if args.aging_tau is None else {"aging_tau": args.aging_tau}
-    cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=max_seqs, **tau)
+    cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=max_seqs, **_aging(args))
     base = [r.to_sim_request(i, args.max_new_tokens) for i, r in enumerate(reqs)]
     precompute_scores(base, cfg)
     print(f"simulator: {cm.name}, token budget {budget}, KV {kv_tokens} tokens, max {max_seqs} running")
     out: dict[str, dict] = {}
-    suffix = "_sim_cbfit" if cm.name.startswith("transformers_cb") else "_sim"
+    suffix = "_sim_cbfit" if is_cb_calibration(cm.name) else "_sim"
     for speed in speeds:
         sims = simulate_policies(
             cm, base, cfg, max_seqs, kv_tokens, speed=speed, policies=policies, max_num_batched_tokens=budget
@@ -237,7 +242,7 @@ def _steps_list(rec: dict[str, Any]) -> list[dict[str, float]]:
 
 def fit_recorded_steps(args: argparse.Namespace, cmd: str) -> int:
     """``--fit-steps``: cost model fit to the engine's recorded steps, held-out check, saved as a calibration."""
-    from hf_ext.simulate.cb_steps import fit_steps, steps_summary
+    from hf_ext.simulate.cb_steps import CALIBRATION_PREFIX, fit_steps, steps_summary
     from hf_ext.simulate.cost_model import CALIBRATION_DIR
     from hf_ext.utils.bench import Row, append_rows, print_rows, results_dir
 
@@ -258,7 +263,7 @@ def fit_recorded_steps(args: argparse.Namespace, cmd: str) -> int:
             f"({len(held)}) in {args.fit_steps}"
         )
     first = runs[0]
-    name = f"transformers_cb-{first['device_slug']}-{first['shape']}"
+    name = f"{CALIBRATION_PREFIX}-{first['device_slug']}-{first['shape']}"
     cm = fit_steps(
         train,
         name=name,
@@ -442,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         cb_kw["max_requests_per_batch"] = args.max_requests_per_batch
     cb = ContinuousBatchingConfig(**cb_kw)
     # a request's max_new_tokens is its forced (true) length here: TIE must not truncate its law there
-    tau = {} if args.aging_tau is None else {"aging_tau": args.aging_tau}
-    tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens, use_request_cap=False, **tau)
+    tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens, use_request_cap=False, **_aging(args))
     dev = device_name()
     print(f"model {args.shape} on {dev}; {len(reqs)} requests; built in {time.perf_counter() - t_start:.1f}s")
 

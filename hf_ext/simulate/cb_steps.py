@@ -46,6 +46,13 @@ from hf_ext.simulate.calibrate import _lsq
 from hf_ext.simulate.cost_model import CostModel
 
 STEP_KEYS = ("dt", "n_decode", "ctx_decode", "prefill_tokens", "prefill_attn")
+# calibrations fit to an engine's own steps are named "<prefix>-<device>-<shape>"
+CALIBRATION_PREFIX = "transformers_cb"
+
+
+def is_cb_calibration(name: str) -> bool:
+    """Whether the calibration ``name`` was fit to transformers CB steps (:func:`fit_steps`), not to ``generate``."""
+    return name.startswith(CALIBRATION_PREFIX)
 
 
 @dataclass

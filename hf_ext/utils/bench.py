@@ -170,7 +170,7 @@ class Row:
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     )
     commit: str = field(default_factory=git_commit)
-    command: str = field(default_factory=lambda: run_command())
+    command: str = field(default_factory=run_command)
 
     @classmethod
     def make(

@@ -125,14 +125,17 @@ def load_cost_model(name: str | None) -> Any:
     """A measured GPU calibration if shipped (name without 'gpu_md'/'cpu'/'transformers_cb'), else the GPU.md-derived
     fit."""
     from hf_ext.simulate import CostModel
+    from hf_ext.simulate.cb_steps import is_cb_calibration
     from hf_ext.simulate.cost_model import available_calibrations
 
     if name:
         return CostModel.load(name)
     avail = available_calibrations()
-    # transformers_cb-*: fit to transformers' own CB engine, for replays of that engine (tie_real_cb.py)
+    # a CB-step fit is transformers' own CB engine, for replays of that engine (tie_real_cb.py)
     measured = [
-        a for a in avail if "h100" in a.lower() and not a.startswith(("gpu_md", "cpu", "transformers_cb"))
+        a
+        for a in avail
+        if "h100" in a.lower() and not a.startswith(("gpu_md", "cpu")) and not is_cb_calibration(a)
     ]
     for cand in [*measured, "gpu_md-h100-llama3.1-8b"]:
         if cand in avail:
@@ -816,11 +819,9 @@ def main(argv: list[str] | None = None) -> int:
     print("[1/4] predictors (same encoder; cached)")
     preds = train_predictors(train, cfg_kw, _cache_dir(args.cache_dir))
     rdir = results_dir()
-    tag = (
-        args.tag
-        if args.tag is not None
-        else ("transformers_cb" if cm.name.startswith("transformers_cb") else "")
-    )
+    from hf_ext.simulate.cb_steps import CALIBRATION_PREFIX, is_cb_calibration
+
+    tag = args.tag if args.tag is not None else (CALIBRATION_PREFIX if is_cb_calibration(cm.name) else "")
     tag = f"_{tag}" if tag else ""
     png = (
         rdir / f"tie_calibration{tag}.png"
