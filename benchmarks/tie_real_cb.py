@@ -19,7 +19,8 @@ Run on the GPU machine (numbers go to ``$HF_EXT_RESULTS_DIR`` or ``benchmarks/re
 
 ``--static-batch B`` measures the offline job instead: the requests as ``generate`` calls on padded batches of
 ``B`` cut from each policy's order (lengths forced; whole-job tokens/s), e.g.
-``--shape llama3.1-8b --n 160 --static-batch 32 --budget-s 480``.
+``--shape llama3.1-8b --n 160 --static-batch 32 --budget-s 480``; ``--static-kv-tokens K`` instead sizes each
+batch from a KV budget of ``K`` tokens (its own padded prompts + ``--max-new-tokens`` per row).
 
 CPU smoke run (tiny model, seconds)::
 
@@ -83,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="instead of CB: the requests as one offline job of generate calls on padded batches of this size, "
         "cut from each policy's order (0 = off)",
+    )
+    p.add_argument(
+        "--static-kv-tokens",
+        type=int,
+        default=0,
+        help="instead of --static-batch: batches as wide as this KV budget (tokens) allows for their own padded "
+        "prompts + --max-new-tokens per row (hf_ext.generation.tie.offline.memory_batches; 0 = off)",
     )
     p.add_argument(
         "--record-steps",
@@ -334,23 +342,28 @@ def _case(args: argparse.Namespace, n: int, speed: float) -> str:
 def run_static(
     args: argparse.Namespace, model: Any, reqs: list[Any], policies: list[str], cmd: str, t_start: float
 ) -> int:
-    """The requests as one offline job: ``generate`` on padded batches of ``--static-batch`` in each policy's
-    order, lengths forced (:func:`hf_ext.generation.tie.offline.run_static_generate`); whole-job tokens/s."""
+    """The requests as one offline job: ``generate`` on padded batches of ``--static-batch`` rows, or as wide as
+    ``--static-kv-tokens`` allows, cut from each policy's order, lengths forced
+    (:func:`hf_ext.generation.tie.offline.run_static_generate`); whole-job tokens/s."""
     from hf_ext.generation.tie.bench import COMPONENT, static_rows
     from hf_ext.generation.tie.config import TIEConfig
-    from hf_ext.generation.tie.offline import policy_order, run_static_generate
+    from hf_ext.generation.tie.offline import batch_size_for_memory, policy_order, run_static_generate
     from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows, results_dir
 
-    bs, dev = args.static_batch, device_name()
-    sim_reqs = [r.to_sim_request(i, args.max_new_tokens) for i, r in enumerate(reqs)]
-    cfg = TIEConfig(max_new_tokens=args.max_new_tokens, batch_max=bs)
+    dev, kv, cap = device_name(), args.static_kv_tokens, args.max_new_tokens
     ids, lens = [r.prompt_ids for r in reqs], [r.output_len for r in reqs]
+    if kv:  # memory-sized batches; TIE's β sees the worst-case batch (longest prompt of the job + the cap)
+        sizing: dict[str, Any] = {"kv_tokens": kv, "max_new_tokens": cap}
+        bs = batch_size_for_memory(kv, max(len(x) for x in ids), cap)
+    else:
+        sizing, bs = {"batch_size": args.static_batch}, args.static_batch
+    sim_reqs = [r.to_sim_request(i, cap) for i, r in enumerate(reqs)]
+    cfg = TIEConfig(max_new_tokens=cap, batch_max=bs)
     kw = dict(eos_token_id=2, pad_token_id=0)  # a random model: EOS is forced at each row's length
     k = min(bs, len(reqs))
-    run_static_generate(model, ids[:k], [min(x, 8) for x in lens[:k]], list(range(k)), bs, **kw)  # warm-up
-    case = f"real_static_{args.shape}_azure2023conv_n{len(reqs)}_b{bs}" + (
-        f"_seed{args.seed}" if args.seed else ""
-    )
+    run_static_generate(model, ids[:k], [min(x, 8) for x in lens[:k]], list(range(k)), k, **kw)  # warm-up
+    case = f"real_static_{args.shape}_azure2023conv_n{len(reqs)}_" + (f"kv{kv // 1000}k" if kv else f"b{bs}")
+    case += f"_seed{args.seed}" if args.seed else ""
     res: dict[str, dict] = {}
     all_rows: list[Any] = []
     for pol in policies:  # TIE first: a run cut short still compares it with what finished
@@ -358,11 +371,11 @@ def run_static(
             print(f"  --budget-s {args.budget_s:.0f} spent: skipping {pol} and the rest")
             break
         order = policy_order(pol, sim_reqs, cfg)
-        r = run_static_generate(model, ids, lens, order, bs, policy=pol, progress=True, **kw)
-        res[pol] = r.summary()
+        r = run_static_generate(model, ids, lens, order, policy=pol, progress=True, **sizing, **kw)
+        res[pol] = {**r.summary(), "batches": len(r.batch_times)}
         print(
             f"  {case} {pol:<10}: {res[pol]['throughput_tok_s']:.0f} tok/s, {r.decode_steps} decode steps, "
-            f"padding {res[pol]['padding_share']:.1%}, {r.makespan_s:.1f}s"
+            f"{len(r.batch_times)} batches, padding {res[pol]['padding_share']:.1%}, {r.makespan_s:.1f}s"
         )
         if "tie" not in res:
             continue
@@ -386,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.n < 2:
         raise ValueError("--n must be >= 2")
-    if args.static_batch < 0:
-        raise ValueError(f"--static-batch must be >= 0, got {args.static_batch}")
+    for name in ("static_batch", "static_kv_tokens"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.static_batch and args.static_kv_tokens:
+        raise ValueError("give at most one of --static-batch and --static-kv-tokens")
     speeds = [float(x) for x in args.speeds.split(",")]
     if any(not math.isfinite(x) or x < 0 for x in speeds):
         raise ValueError(f"--speeds must be numbers >= 0, got {args.speeds!r}")
@@ -433,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model_for_shape(args.shape, args.device, seed=args.seed)
     vocab = model.config.vocab_size
     reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, vocab, args.seed)
-    if args.static_batch:
+    if args.static_batch or args.static_kv_tokens:
         return run_static(args, model, reqs, policies, cmd, t_start)
     gc = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0

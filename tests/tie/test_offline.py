@@ -190,6 +190,28 @@ def test_forced_lengths_on_real_generate(model):
         forced_lengths_processor([0, 2], 4, 2)
 
 
+def test_real_static_job_under_a_kv_budget_runs_the_memory_batches(model):
+    lens = [30, 2, 3, 28, 2, 4, 25, 3]
+    prompts = [[5 + i] * (3 + i) for i in range(len(lens))]  # prompt lengths 3..10
+    kw = dict(eos_token_id=2, pad_token_id=0)
+    order = list(np.argsort(lens, kind="stable"))
+    plen = [len(p) for p in prompts]
+    want = memory_batches(order, plen, kv_tokens=120, max_new_tokens=32)
+    assert 1 < len(want) < len(lens)  # the budget binds and the batches differ in width
+    r = run_static_generate(
+        model, prompts, lens, order, kv_tokens=120, max_new_tokens=32, policy="oracle", **kw
+    )
+    assert len(r.batch_times) == len(want) and r.batch_size == max(len(b) for b in want)
+    assert r.decode_steps == sum(max(lens[i] for i in b) for b in want) and r.tokens == sum(lens)
+    # the reservation must cover every forced length, and exactly one sizing is given; nothing runs before
+    with pytest.raises(ValueError, match="max_new_tokens >= every output length"):
+        run_static_generate(model, prompts, lens, order, kv_tokens=120, max_new_tokens=16, **kw)
+    with pytest.raises(ValueError, match="exactly one of batch_size"):
+        run_static_generate(model, prompts, lens, order, 4, kv_tokens=120, max_new_tokens=32, **kw)
+    with pytest.raises(ValueError, match="cannot hold request"):
+        run_static_generate(model, prompts, lens, order, kv_tokens=40, max_new_tokens=32, **kw)
+
+
 def test_tie_batched_generate_returns_plain_generate_outputs_in_input_order(model):
     from hf_ext.testing import tiny_tokenizer
 

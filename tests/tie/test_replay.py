@@ -245,8 +245,13 @@ def test_gpu_replay_script_smoke(tmp_path):
             assert re.search(rf"_{case} {pol}\s*: per-token .* lengths exact True", out.stdout), (case, pol)
 
 
-def test_gpu_replay_script_static_batch_mode(tmp_path):
-    """--static-batch: the requests as one offline job of padded generate batches per policy, rows per baseline."""
+@pytest.mark.parametrize(
+    ("sizing", "suffix"),
+    [(["--static-batch", "4"], "_n8_b4"), (["--static-kv-tokens", "20000"], "_n8_kv20k")],
+)
+def test_gpu_replay_script_static_batch_mode(tmp_path, sizing, suffix):
+    """--static-batch / --static-kv-tokens: the requests as one offline job of padded generate batches per policy
+    (fixed rows, or as wide as the KV budget allows), rows per baseline."""
     import csv
     import os
     import subprocess
@@ -255,12 +260,12 @@ def test_gpu_replay_script_static_batch_mode(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
-    cmd += ["--n", "8", "--static-batch", "4", "--max-new-tokens", "16"]
+    cmd += ["--n", "8", *sizing, "--max-new-tokens", "16"]
     env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     for pol in ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie"):
-        assert re.search(rf"_n8_b4 {pol}\s*: \d+ tok/s, \d+ decode steps", out.stdout), pol
+        assert re.search(rf"{suffix} {pol}\s*: \d+ tok/s, \d+ decode steps, \d+ batches", out.stdout), pol
     rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf", "ltr", "sjf_oracle"}
     assert {r["metric"] for r in rows} == {"offline_throughput_tokens"}

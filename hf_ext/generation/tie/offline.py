@@ -168,6 +168,15 @@ def _cut_batches(
     return static_batches(order, batch_size, len(plen))
 
 
+def _check_reservation(kv_tokens: int | None, max_new_tokens: int | None, out: np.ndarray) -> None:
+    """With ``kv_tokens``: ``ValueError`` unless ``max_new_tokens`` (each row's reservation) covers every output."""
+    if kv_tokens is not None and (max_new_tokens is None or (len(out) and max_new_tokens < int(out.max()))):
+        raise ValueError(
+            f"kv_tokens needs max_new_tokens >= every output length (got {max_new_tokens!r}, longest "
+            f"output {int(out.max()) if len(out) else 0})"
+        )
+
+
 def _check_each_fits(order: Sequence[int], plen: np.ndarray, kv_tokens: int, max_new_tokens: int) -> None:
     """``ValueError`` unless every request of ``order`` fits ``kv_tokens`` alone (its prompt + ``max_new_tokens``);
     the first one in ``order`` that does not is named."""
@@ -264,11 +273,7 @@ def simulate_static_batches(
     plen = _lengths("prompt_lens", prompt_lens)
     out = _lengths("output_lens", output_lens, len(plen))
     _check_sizing(batch_size, kv_tokens)
-    if kv_tokens is not None and (max_new_tokens is None or (len(out) and max_new_tokens < int(out.max()))):
-        raise ValueError(
-            f"kv_tokens needs max_new_tokens >= every output length (got {max_new_tokens!r}, longest "
-            f"output {int(out.max()) if len(out) else 0})"
-        )
+    _check_reservation(kv_tokens, max_new_tokens, out)
     batches = _cut_batches(order, plen, batch_size, kv_tokens, max_new_tokens)
     if kv_tokens is not None:
         batch_size = max((len(b) for b in batches), default=0)
@@ -330,22 +335,35 @@ def run_static_generate(
     prompt_ids: Sequence[Sequence[int]],
     output_lens: Sequence[int],
     order: Sequence[int],
-    batch_size: int,
+    batch_size: int | None = None,
     *,
     eos_token_id: int,
     pad_token_id: int,
+    kv_tokens: int | None = None,
+    max_new_tokens: int | None = None,
     policy: str = "",
     progress: bool = False,
 ) -> StaticBatchResult:
     """The job on a real model: ``generate`` per batch (greedy, left padding), each row forced to its
-    ``output_lens[i]`` tokens (EOS last). Wall-clock times; the generated lengths are checked."""
+    ``output_lens[i]`` tokens (EOS last). Wall-clock times; the generated lengths are checked.
+
+    Batches are ``batch_size`` rows cut from ``order`` or, with ``kv_tokens`` and ``max_new_tokens`` (the
+    reservation per row, >= every output length), as wide as :func:`memory_batches` allows under that KV budget,
+    as in :func:`simulate_static_batches`; give exactly one of ``batch_size`` / ``kv_tokens``.
+    """
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
     out = _lengths("output_lens", output_lens, len(prompt_ids))
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt must have at least one token")
-    batches = static_batches(order, batch_size, len(prompt_ids))
+    _check_sizing(batch_size, kv_tokens)
+    _check_reservation(kv_tokens, max_new_tokens, out)
+    plen = np.asarray([len(p) for p in prompt_ids], dtype=np.int64)
+    batches = _cut_batches(order, plen, batch_size, kv_tokens, max_new_tokens)
+    if kv_tokens is not None:
+        batch_size = max((len(b) for b in batches), default=0)
+    assert batch_size is not None
     device = next(model.parameters()).device
     times: list[float] = []
     it: Any = batches
