@@ -339,6 +339,22 @@ def _case(args: argparse.Namespace, n: int, speed: float) -> str:
     return case + (f"_seed{args.seed}" if args.seed else "")
 
 
+def burst_goodput_rows(case: str, res: dict[str, dict], written: set[str], dev: str, cmd: str) -> list[Any]:
+    """A burst replay as the offline job of ``bench tie``: per policy, requests finished within each budget (a
+    fraction of FCFS's makespan in this run) per second (:func:`hf_ext.generation.tie.bench.budget_goodput`,
+    stored in ``res``) and whole-job tokens/s. Returns the rows of TIE against the baselines in ``res`` not yet in
+    ``written`` (which it updates); none before TIE and FCFS have both run (FCFS's makespan sets the budgets)."""
+    from hf_ext.generation.tie.bench import budget_goodput, offline_rows
+
+    if "fcfs" not in res or "tie" not in res:
+        return []
+    for v in res.values():
+        v.update(budget_goodput(v["finish_s"], res["fcfs"]["makespan_s"]))
+    new = {p for p in res if p != "tie"} - written
+    written |= new
+    return [r for r in offline_rows({case: res}, dev, cmd) if r.baseline in new]
+
+
 def run_static(
     args: argparse.Namespace, model: Any, reqs: list[Any], policies: list[str], cmd: str, t_start: float
 ) -> int:
@@ -501,7 +517,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"    cuda memory after {policy}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated"
             )
-        return summarize_replay(recs)
+        out = summarize_replay(recs)
+        if scale == 0:  # a burst is an offline job: each request's finish, seconds after the job's start
+            start = min(r["submit"] for r in recs)
+            out["finish_s"] = [r["finish"] - start for r in recs]
+        return out
 
     t0 = time.perf_counter()
     replay(reqs[:8], "fcfs", 0.0)  # warm-up (kernels, graphs, allocator)
@@ -514,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         case = _case(args, len(reqs), speed)
         res: dict[str, dict] = {}
         real[case] = res
+        goodput_written: set[str] = set()
         for pol in policies:  # TIE first: a run cut short still compares it with what finished
             if args.budget_s and time.perf_counter() - t_start > args.budget_s:
                 print(f"  --budget-s {args.budget_s:.0f} spent: skipping {case} {pol} and the rest")
@@ -528,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
             if not done:
                 continue
             rows = real_cb_rows({case: {"tie": res["tie"], **{p: res[p] for p in done}}}, dev, cmd)
+            if speed == 0:  # the burst as an offline job: goodput within budgets set by FCFS's makespan
+                rows += burst_goodput_rows(case, res, goodput_written, dev, cmd)
             all_rows += rows
             if not args.no_write:  # written as soon as a comparison exists: a killed run keeps its numbers
                 append_rows(COMPONENT, rows)

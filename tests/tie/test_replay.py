@@ -406,3 +406,36 @@ def test_gpu_replay_case_names_carry_a_nonzero_seed():
     assert mod._case(mod._parser().parse_args(["--shape", "tiny", "--seed", "1"]), 8, 0.0).endswith(
         "burst_seed1"
     )
+
+
+def test_gpu_replay_script_burst_goodput_rows():
+    """A burst replay is also scored as the offline job: requests done within budgets of FCFS's makespan."""
+    import importlib.util
+    from pathlib import Path
+
+    from hf_ext.generation.tie.bench import budget_goodput
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = {"tie": {"finish_s": [1.0, 2.0, 3.0, 10.0], "makespan_s": 10.0, "throughput_tok_s": 5.0}}
+    written: set[str] = set()
+    assert mod.burst_goodput_rows("c", res, written, "dev", "cmd") == []  # no FCFS yet: no budgets
+    res["fcfs"] = {"finish_s": [2.4, 5.0, 8.0, 10.0], "makespan_s": 10.0, "throughput_tok_s": 4.0}
+    rows = mod.burst_goodput_rows("c", res, written, "dev", "cmd")
+    got = {(r.case, r.metric): (r.ours, r.baseline_value) for r in rows}
+    # budgets 2.5 / 5 / 7.5 s: TIE has 2 / 3 / 3 done, FCFS 1 / 2 / 2
+    assert got[("c_budget0.25", "offline_throughput")] == pytest.approx((2 / 2.5, 1 / 2.5))
+    assert got[("c", "offline_throughput")] == pytest.approx((3 / 5, 2 / 5))
+    assert got[("c_budget0.75", "offline_throughput")] == pytest.approx((3 / 7.5, 2 / 7.5))
+    assert got[("c_whole_job", "offline_throughput_tokens")] == (5.0, 4.0)
+    assert {r.baseline for r in rows} == {"fcfs"} and written == {"fcfs"}
+    res["ssjf"] = {"finish_s": [1.0, 9.0, 9.5, 10.0], "makespan_s": 10.0, "throughput_tok_s": 4.5}
+    rows = mod.burst_goodput_rows("c", res, written, "dev", "cmd")
+    assert {r.baseline for r in rows} == {"ssjf"} and len(rows) == 4  # FCFS's rows are not written twice
+    assert res["ssjf"]["done_by_deadline"] == 1 and res["ssjf"]["deadline_s"] == 5.0
+    assert budget_goodput([float("inf"), 1.0], 4.0)["done_by_deadline"] == 1  # never finished: not counted
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="fcfs_makespan must be a finite number > 0"):
+            budget_goodput([1.0], bad)

@@ -434,26 +434,39 @@ def offline_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: A
     return base
 
 
+def budget_goodput(finish: Any, fcfs_makespan: float) -> dict[str, Any]:
+    """Requests of a job queued at t=0 finished within each time budget (:data:`OFFLINE_BUDGETS`, fractions of
+    FCFS's makespan), per second: ``goodput_req_s`` at the headline budget (``deadline_s``), and
+    ``goodput_by_budget`` — the ratio between policies depends on the budget.
+
+    ``finish``: ``[N]`` finish times in seconds after the job's start (``inf``/NaN: never finished)."""
+    if not (math.isfinite(fcfs_makespan) and fcfs_makespan > 0):
+        raise ValueError(f"fcfs_makespan must be a finite number > 0, got {fcfs_makespan!r}")
+    fin = np.asarray(finish, dtype=np.float64)
+    budgets = {f: f * fcfs_makespan for f in OFFLINE_BUDGETS}
+    done = {f: int(np.sum(np.isfinite(fin) & (fin <= t))) for f, t in budgets.items()}
+    deadline = budgets[HEADLINE_BUDGET]
+    return {
+        "goodput_req_s": done[HEADLINE_BUDGET] / deadline,
+        "done_by_deadline": done[HEADLINE_BUDGET],
+        "deadline_s": deadline,
+        "goodput_by_budget": {f: done[f] / t for f, t in budgets.items()},
+    }
+
+
 def offline_batch(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: Any) -> dict[str, dict]:
     """The offline job under continuous batching with a KV cap: requests finished within time budgets."""
     res: dict[str, dict] = {}
     sims = simulate_policies(cm, base, tie_cfg, args.max_num_seqs, args.offline_kv_tokens)
-    budgets = {f: f * sims["fcfs"].makespan for f in OFFLINE_BUDGETS}
-    deadline = budgets[HEADLINE_BUDGET]
     for name, r in sims.items():
-        fin = r.cols["finish"]
         s = r.summary()
-        done = {f: int(np.sum(np.isfinite(fin) & (fin <= t))) for f, t in budgets.items()}
         res[name] = {
-            "goodput_req_s": done[HEADLINE_BUDGET] / deadline,
-            "done_by_deadline": done[HEADLINE_BUDGET],
-            "deadline_s": deadline,
-            # the same with other time budgets (fractions of FCFS's makespan): the ratio depends on the budget
-            "goodput_by_budget": {f: done[f] / t for f, t in budgets.items()},
+            **budget_goodput(r.cols["finish"], sims["fcfs"].makespan),
             "makespan_s": s["makespan_s"],
             "throughput_tok_s": s["throughput_tok_s"],
             "preemptions": s["preemptions"],
         }
+    deadline = res["fcfs"]["deadline_s"]
     print(
         f"  offline ({len(base)} requests, KV cap {args.offline_kv_tokens} tokens, deadline {deadline:.0f}s): "
         + ", ".join(f"{k} {v['goodput_req_s']:.2f} req/s" for k, v in res.items())
@@ -781,6 +794,50 @@ def static_rows(static: dict[str, dict], sim_dev: str, real_dev: str, cmd: str) 
     ]
 
 
+def offline_rows(offline: dict[str, dict], device: str, cmd: str) -> list[Any]:
+    """Rows of offline jobs queued at t=0 (each policy's :func:`budget_goodput` + ``makespan_s`` /
+    ``throughput_tok_s``): ``offline_throughput`` (requests finished within each budget per second; the headline
+    budget names the plain case, the others ``_budget<f>``) and ``offline_throughput_tokens`` of the whole job
+    (``_whole_job``), TIE against each baseline present."""
+    from hf_ext.utils.bench import Row
+
+    rows: list[Any] = []
+    for case, res in offline.items():
+        for b in (b for b in BASELINES if b in res):
+            for frac in OFFLINE_BUDGETS:  # requests finished within the budget per second
+                rows.append(
+                    Row.make(
+                        COMPONENT,
+                        case if frac == HEADLINE_BUDGET else f"{case}_budget{frac:g}",
+                        "offline_throughput",
+                        res["tie"]["goodput_by_budget"][frac],
+                        b,
+                        res[b]["goodput_by_budget"][frac],
+                        higher_is_better=True,
+                        device=device,
+                        quality_name="budget_s",
+                        quality_value=f"{frac * res['fcfs']['makespan_s']:.1f}",
+                        command=cmd,
+                    )
+                )
+            rows.append(  # the whole job: generated tokens over its makespan
+                Row.make(
+                    COMPONENT,
+                    f"{case}_whole_job",
+                    "offline_throughput_tokens",
+                    res["tie"]["throughput_tok_s"],
+                    b,
+                    res[b]["throughput_tok_s"],
+                    higher_is_better=True,
+                    device=device,
+                    quality_name="makespan_s",
+                    quality_value=f"{res['tie']['makespan_s']:.1f}",
+                    command=cmd,
+                )
+            )
+    return rows
+
+
 def real_cb_rows(real: dict[str, dict], device: str, cmd: str) -> list[Any]:
     """Rows of real-CB replays; quality = whether every request produced exactly its forced length."""
     return latency_rows(
@@ -856,39 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python -m hf_ext bench tie" + (" " + " ".join(argv) if argv else "")
     qual = ("predictor_nll_logt_vs_const", f"{quality['tie_nll']:.3f}/{quality['const_nll']:.3f}")
     rows: list[Any] = latency_rows(online, dev, cmd, lambda res: qual)
-    for case, res in offline.items():
-        for b in BASELINES:
-            for frac in OFFLINE_BUDGETS:  # requests finished within the budget per second
-                rows.append(
-                    Row.make(
-                        COMPONENT,
-                        case if frac == HEADLINE_BUDGET else f"{case}_budget{frac:g}",
-                        "offline_throughput",
-                        res["tie"]["goodput_by_budget"][frac],
-                        b,
-                        res[b]["goodput_by_budget"][frac],
-                        higher_is_better=True,
-                        device=dev,
-                        quality_name="budget_s",
-                        quality_value=f"{frac * res['fcfs']['makespan_s']:.1f}",
-                        command=cmd,
-                    )
-                )
-            rows.append(  # the whole job: generated tokens over its makespan
-                Row.make(
-                    COMPONENT,
-                    f"{case}_whole_job",
-                    "offline_throughput_tokens",
-                    res["tie"]["throughput_tok_s"],
-                    b,
-                    res[b]["throughput_tok_s"],
-                    higher_is_better=True,
-                    device=dev,
-                    quality_name="makespan_s",
-                    quality_value=f"{res['tie']['makespan_s']:.1f}",
-                    command=cmd,
-                )
-            )
+    rows += offline_rows(offline, dev, cmd)
     from hf_ext.utils.bench import device_name
 
     rows += static_rows(static, dev, device_name(), cmd)
