@@ -386,7 +386,11 @@ def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf"}
-    assert len(rows) == 2 * 3  # two baselines x (mean, p99, TTFT)
+    latency = [r for r in rows if not r["metric"].startswith("offline")]
+    assert len(latency) == 2 * 3  # two baselines x (mean, p99, TTFT)
+    # a burst is also the offline job: two baselines x (three budgets + whole job), each written once
+    assert len(rows) - len(latency) == 2 * 4
+    assert len({(r["case"], r["metric"], r["baseline"]) for r in rows}) == len(rows)
 
 
 def test_gpu_replay_case_names_carry_a_nonzero_seed():
