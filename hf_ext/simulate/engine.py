@@ -428,6 +428,7 @@ class Simulator:
         cost = self.cost
         pol = self.cache_policy
         pol_arrival = getattr(pol, "on_request_arrival", None)
+        add_many = getattr(sched, "add_many", None)
         pol_prefetch = getattr(pol, "prefetch", None)
         bp = self.branch_policy
         on_check = getattr(bp, "on_check", None) if bp is not None else None
@@ -445,6 +446,7 @@ class Simulator:
         while True:
             self.n_events += 1
             now = self.now
+            arrived: list[Request] = []
             while True:
                 if i_arr < n_req and arrivals[i_arr] <= now and (not late or arrivals[i_arr] <= late[0][0]):
                     r = reqs[i_arr]
@@ -455,7 +457,14 @@ class Simulator:
                     break
                 if pol_arrival is not None:
                     pol_arrival(r, now)
-                sched.add(r, now)
+                arrived.append(r)
+            if (
+                len(arrived) > 1 and add_many is not None
+            ):  # arrived together: the scheduler sees them together
+                add_many(arrived, now)
+            else:
+                for r in arrived:
+                    sched.add(r, now)
             next_arr = arrivals[i_arr] if i_arr < n_req else inf
             if late and late[0][0] < next_arr:
                 next_arr = late[0][0]

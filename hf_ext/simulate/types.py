@@ -43,7 +43,9 @@ class Scheduler(Protocol):
 
     The engine calls :meth:`add` when a request arrives (or is preempted back to waiting),
     and :meth:`pop_next` whenever it can admit one more request; ``None`` means "admit nothing now".
-    :meth:`peek_next` lets the engine check memory before committing.
+    :meth:`peek_next` lets the engine check memory before committing. A scheduler may also have
+    ``add_many(requests, now)``: the engine then hands it requests that arrive at the same instant together
+    (in arrival order), e.g. to score each against the queue they all join.
     """
 
     name: str

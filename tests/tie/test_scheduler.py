@@ -54,6 +54,28 @@ def test_dynamic_beta_bounds():
     assert cfg.beta(10_000) == 0.5
 
 
+def test_simultaneous_arrivals_share_the_queue_length_of_their_beta():
+    """Requests arriving at the same instant (a burst) are scored against the queue they all join, as the
+    transformers CB scheduler scores a step's new requests: not β rising with their position in the burst."""
+    from hf_ext.simulate import CostModel, SimConfig, Simulator
+
+    cfg = TIEConfig(max_new_tokens=1000, batch_max=1, aging="none")  # beta = clip(0.1 * L, 0.1, 0.5)
+    burst = [_req(i, 3.0 + 0.1 * i, sigma=0.4 + 0.1 * i) for i in range(6)]
+    late = _req(6, 3.0, arrival=5.0)
+    Simulator(CostModel.constant(0.01), TIEScheduler(cfg), SimConfig(max_num_seqs=1)).run([*burst, late])
+    ref = TIEScheduler(cfg)
+    for r in burst:  # each sees the 5 others queued: beta 0.5 for all six
+        want = ref.score_of(_req(0, r.meta["pred_mu"], r.meta["pred_sigma"]), queue_len=5)
+        assert r.meta["tie_score"] == pytest.approx(want, rel=1e-12)
+    # one at a time (add), the first of them would have had beta 0.1: the test tells the two apart
+    assert ref.score_of(_req(0, 3.0, 0.4), 0) < ref.score_of(_req(0, 3.0, 0.4), 5)
+    # a lone later arrival still sees the queue as it is then (nothing waiting at t=5: 10 ms steps)
+    assert late.meta["tie_score"] == pytest.approx(ref.score_of(_req(0, 3.0), queue_len=0), rel=1e-12)
+    s = TIEScheduler(cfg)
+    s.add_many([_req(10, 4.0), _req(11, 2.0), _req(12, 3.0)], 0.0)
+    assert [s.pop_next(0.0).id for _ in range(3)] == [11, 12, 10] and len(s) == 0
+
+
 @pytest.mark.parametrize("mode", ["continuous", "step"])
 def test_aging_prevents_starvation(mode):
     """A long job under a never-ending stream of short ones: starves without aging, runs with it."""

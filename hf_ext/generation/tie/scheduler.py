@@ -245,7 +245,18 @@ class TIEScheduler:
 
     # ------------------------------------------------------------------------ protocol
     def add(self, req: Any, now: float) -> None:
-        score = self.score_of(req, len(self))
+        self._push(req, now, len(self))
+
+    def add_many(self, reqs: Sequence[Any], now: float) -> None:
+        """Requests arriving at the same instant: each is scored with β for the queue they all join (the others
+        of the group included), not for the queue as it was part-way through adding them one by one — as the
+        transformers CB scheduler scores a step's new requests (:mod:`.cb`)."""
+        queue_len = len(self) + len(reqs) - 1
+        for r in reqs:
+            self._push(r, now, queue_len)
+
+    def _push(self, req: Any, now: float, queue_len: int) -> None:
+        score = self.score_of(req, queue_len)
         req.meta["tie_score"] = score
         t0 = float(now)
         if self.config.aging == "step":
