@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
         "--heldout-steps",
         default=None,
         metavar="JSON",
-        help="with --fit-steps: steps of other runs, all held out (checked, never fit)",
+        help="with --fit-steps: steps of other runs, all held out (checked, never fit); comma-separated files are "
+        "checked together and each on its own",
     )
     p.add_argument("--calibration", default=None, help="simulator cost model (default: bench tie's choice)")
     p.add_argument(
@@ -279,17 +280,25 @@ def fit_recorded_steps(args: argparse.Namespace, cmd: str) -> int:
         kv_bytes_per_token=float(first.get("kv_bytes_per_token", 0.0)),
     )
     cm.extra["heldout"] = steps_summary(cm, held)
-    other_runs = json.loads(Path(args.heldout_steps).read_text())["runs"] if args.heldout_steps else []
-    other = [
-        s
-        for run in other_runs
-        for pols in run["cases"].values()
-        for rec in pols.values()
-        for s in _steps_list(rec)
-    ]
+    files = [f for f in (args.heldout_steps or "").split(",") if f]
+    by_file = {Path(f).stem: json.loads(Path(f).read_text())["runs"] for f in files}
+    other_runs = [run for runs_ in by_file.values() for run in runs_]
+
+    def steps_of(runs_: list[dict[str, Any]]) -> list[dict[str, float]]:
+        return [
+            s
+            for run in runs_
+            for pols in run["cases"].values()
+            for rec in pols.values()
+            for s in _steps_list(rec)
+        ]
+
+    other = steps_of(other_runs)
     if other:
-        cm.extra["heldout_runs"] = steps_summary(cm, other)
+        cm.extra["heldout_runs"] = steps_summary(cm, other)  # all held-out files together
         cm.extra["heldout_runs_recorded_by"] = sorted({r["command"] for r in other_runs})
+        if len(by_file) > 1:
+            cm.extra["heldout_runs_by_file"] = {k: steps_summary(cm, steps_of(v)) for k, v in by_file.items()}
     cm.extra["engine_limits"] = limits
     cm.extra["fit_policies"] = fit_pols
     cm.extra["recorded_by"] = sorted({r["command"] for r in runs})
@@ -300,6 +309,7 @@ def fit_recorded_steps(args: argparse.Namespace, cmd: str) -> int:
     splits = [("fit", cm.extra["fit"]), ("heldout", cm.extra["heldout"])]
     if other:
         splits.append(("heldout-runs", cm.extra["heldout_runs"]))
+        splits += [(f"heldout {k}", v) for k, v in cm.extra.get("heldout_runs_by_file", {}).items()]
     for split, summ in splits:
         for kind, v in summ.items():
             rows.append(

@@ -330,6 +330,19 @@ def test_gpu_replay_script_records_steps_fits_and_simulates(tmp_path, monkeypatc
         len(rec["steps"]["dt"]) for rec in runs[0]["cases"][case].values()
     )
     assert fitted["extra"]["heldout"]["all"]["steps"] == len(runs[0]["cases"][case]["tie"]["steps"]["dt"])
+    assert "heldout_runs_by_file" not in fitted["extra"]  # one file: the combined check is that file's
+    copy = tmp_path / "copy_steps.json"
+    copy.write_text(Path(steps_json).read_text())
+    assert mod.main(["--fit-steps", steps_json, "--heldout-steps", f"{steps_json},{copy}", "--no-write"]) == 0
+    two = json.loads(cal.read_text())["extra"]
+    n_all = fitted["extra"]["heldout_runs"]["all"]["steps"]
+    assert two["heldout_runs"]["all"]["steps"] == 2 * n_all  # checked together ...
+    assert {
+        k: v["all"]["steps"] for k, v in two["heldout_runs_by_file"].items()
+    } == {  # ... and each on its own
+        "tie_real_cb_steps": n_all,
+        "copy_steps": n_all,
+    }
     capsys.readouterr()
     argv = ["--simulate", "--calibration", str(cal), "--n", "8", "--speeds", "0", "--shape", "tiny"]
     assert mod.main([*argv, "--no-write"]) == 0
