@@ -203,7 +203,7 @@ def simulate_same(
 
 
 def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
-    """Engine runs of the simulated cases (latest valid run of each, from ``tie_real_cb_details.json``) side by side
+    """Engine runs of the simulated cases (latest valid run of each policy, from ``tie_real_cb_details.json``) side by side
     with the simulation: prints mean per-token latency per policy and returns ``{case engine: .., case sim: ..}``."""
     from hf_ext.utils.bench import results_dir
 
@@ -213,9 +213,10 @@ def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
     data = json.loads(path.read_text())
     runs = data.get("runs", [data])  # a run writes itself; the committed file collects runs under "runs"
     engine: dict[str, dict] = {}
-    for run in runs:  # later runs of a case replace earlier ones; withdrawn runs never count
+    for run in runs:  # a later run of a case's policy replaces the earlier one; withdrawn runs never count
         if "withdrawn" not in run:
-            engine.update(run.get("real_cb", {}))
+            for case, res in run.get("real_cb", {}).items():
+                engine.setdefault(case, {}).update(res)
     out: dict[str, dict] = {}
     for case, res in sim.items():
         base = case.rsplit("_sim", 1)[0]

@@ -456,3 +456,37 @@ def test_gpu_replay_script_burst_goodput_rows():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="fcfs_makespan must be a finite number > 0"):
             budget_goodput([1.0], bad)
+
+
+def test_gpu_replay_script_engine_vs_sim_merges_runs_per_policy(tmp_path, monkeypatch, capsys):
+    """A case run over several calls (TIE in each) is compared policy by policy with the latest valid run of each;
+    withdrawn runs never count."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def pol(ms):
+        return {"per_token_mean": ms / 1e3}
+
+    runs = [
+        {"real_cb": {"c_burst": {"tie": pol(330), "fcfs": pol(370)}}},
+        {"real_cb": {"c_burst": {"tie": pol(324), "ltr": pol(320)}}},
+        {"real_cb": {"c_burst": {"tie": pol(999), "fcfs": pol(999)}}, "withdrawn": "leak"},
+    ]
+    (tmp_path / "tie_real_cb_details.json").write_text(json.dumps({"runs": runs}))
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    sim = {"c_burst_sim_cbfit": {"tie": pol(326), "fcfs": pol(365), "ltr": pol(323)}}
+    out = mod.engine_vs_sim(sim)
+    engine = out["c_burst engine"]
+    assert {k: round(v["per_token_mean"] * 1e3) for k, v in engine.items()} == {
+        "tie": 324,
+        "fcfs": 370,
+        "ltr": 320,
+    }
+    assert out["c_burst sim"] is sim["c_burst_sim_cbfit"]
+    assert "ltr" in capsys.readouterr().out
