@@ -203,8 +203,9 @@ def simulate_same(
 
 
 def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
-    """Engine runs of the simulated cases (latest valid run of each policy, from ``tie_real_cb_details.json``) side by side
-    with the simulation: prints mean per-token latency per policy and returns ``{case engine: .., case sim: ..}``."""
+    """Engine runs of the simulated cases (latest valid run of each policy, from ``tie_real_cb_details.json``) side
+    by side with the simulation: prints mean per-token latency per policy and returns
+    ``{case engine: .., case sim: ..}``."""
     from hf_ext.utils.bench import results_dir
 
     path = results_dir() / "tie_real_cb_details.json"
