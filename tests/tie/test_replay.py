@@ -383,6 +383,52 @@ def test_cb_aging_lets_a_long_waiting_request_overtake(aging):
     assert order == (["short", "long"] if aging == "none" else ["long", "short"])
 
 
+def test_cb_scheduler_scores_a_step_of_new_requests_like_the_simulator():
+    """The requests the CB scheduler first sees in one step get the same scores as the simulator's TIEScheduler
+    gives requests arriving together (beta for the queue they join, each excluding itself)."""
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    from hf_ext.generation.tie.cb import (
+        TIECBScheduler,
+        clear_length_hints,
+        enable_tie_scheduler,
+        set_length_hints,
+    )
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.scheduler import TIEScheduler
+    from hf_ext.simulate.types import Request
+
+    cfg = TIEConfig(max_new_tokens=1000, batch_max=2, aging="none")  # beta = clip(0.05 * L, 0.1, 0.5)
+    mus, sigmas = [3.0 + 0.2 * i for i in range(5)], [0.3 + 0.2 * i for i in range(5)]
+    ids = [f"r{i}" for i in range(5)]
+    enable_tie_scheduler(config=cfg)
+    set_length_hints(None, mus, sigmas, request_ids=ids)
+    try:
+        sch = TIECBScheduler(cache=None, safety_margin=0.1, max_requests_per_batch=2)
+        sch.add_waiting_request(RequestState(request_id="old", initial_tokens=[9], max_new_tokens=1000))
+        set_length_hints(None, [4.0], [0.5], request_ids=["old"])
+        sch._get_waiting_candidates()  # "old" is scored alone first
+        for i, rid in enumerate(ids):
+            sch.add_waiting_request(RequestState(request_id=rid, initial_tokens=[i + 1], max_new_tokens=1000))
+        sch._get_waiting_candidates()
+        got = [sch.scores[rid] for rid in ids]
+    finally:
+        clear_length_hints()
+        enable_tie_scheduler()
+    sim = TIEScheduler(cfg)
+    sim.add(
+        Request(id=-1, arrival=0.0, prompt_len=1, output_len=1, meta={"pred_mu": 4.0, "pred_sigma": 0.5}), 0.0
+    )
+    reqs = [
+        Request(id=i, arrival=1.0, prompt_len=1, output_len=1, meta={"pred_mu": m, "pred_sigma": s})
+        for i, (m, s) in enumerate(zip(mus, sigmas))
+    ]
+    sim.add_many(reqs, 1.0)  # joins a queue of 1: each sees 5 others, beta 0.25 (not 0.3 counting itself)
+    assert got == pytest.approx([r.meta["tie_score"] for r in reqs], rel=1e-9)
+    assert got[0] == pytest.approx(sim.score_of(reqs[0], 5), rel=1e-12)
+    assert got[0] != pytest.approx(sim.score_of(reqs[0], 6), rel=1e-6)
+
+
 def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
     """With TIE last, the baselines that finished first are still compared with it once it has run."""
     import csv

@@ -18,7 +18,9 @@ or :func:`tie_generate_batch`:
   one batch per scheduling step for the newly arrived requests);
 * else the prompt-length heuristic, with a warning.
 
-``B_max`` in β is the batch's ``max_requests_per_batch``; aging uses wall-clock seconds.
+``B_max`` in β is the batch's ``max_requests_per_batch`` and ``L_queue`` the waiting queue a new request joins,
+itself excluded (the requests first seen in one step are scored together, as the simulator's
+:meth:`~hf_ext.generation.tie.scheduler.TIEScheduler.add_many` does); aging uses wall-clock seconds.
 
 Example:
     >>> from hf_ext.generation.tie.cb import enable_tie_scheduler
@@ -182,7 +184,8 @@ class TIECBScheduler(_WaitingOrderScheduler):
                 mu[missing], sigma[missing], nu[missing] = h["mu"], h["sigma"], h["nu"]
         caps = np.asarray([self._cap(s) for s in new], dtype=np.float64)
         e, c = tie_components(mu, sigma, nu, cfg, caps)
-        beta = cfg.beta(len(self.waiting_requests), max(1, self.max_requests_per_batch))
+        # L_queue: the waiting queue each new request joins, itself excluded (TIEScheduler.add / add_many's count)
+        beta = cfg.beta(max(0, len(self.waiting_requests) - 1), max(1, self.max_requests_per_batch))
         t0 = time.perf_counter() - self._epoch  # from the scheduler's start: keeps the keys small (precision)
         for i, s in enumerate(new):
             score = float(e[i] + beta * c[i])
