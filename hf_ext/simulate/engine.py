@@ -458,9 +458,8 @@ class Simulator:
                 if pol_arrival is not None:
                     pol_arrival(r, now)
                 arrived.append(r)
-            if (
-                len(arrived) > 1 and add_many is not None
-            ):  # arrived together: the scheduler sees them together
+            # requests that arrived together reach a scheduler with add_many together
+            if len(arrived) > 1 and add_many is not None:
                 add_many(arrived, now)
             else:
                 for r in arrived:

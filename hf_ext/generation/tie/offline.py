@@ -168,6 +168,25 @@ def _cut_batches(
     return static_batches(order, batch_size, len(plen))
 
 
+def _job_batches(
+    order: Sequence[int],
+    plen: np.ndarray,
+    out: np.ndarray,
+    batch_size: int | None,
+    kv_tokens: int | None,
+    max_new_tokens: int | None,
+) -> tuple[list[list[int]], int]:
+    """A job's batches (checked first: exactly one sizing; with ``kv_tokens`` a reservation covering every output)
+    and its batch size: ``batch_size``, or the widest memory-sized batch."""
+    _check_sizing(batch_size, kv_tokens)
+    _check_reservation(kv_tokens, max_new_tokens, out)
+    batches = _cut_batches(order, plen, batch_size, kv_tokens, max_new_tokens)
+    if kv_tokens is not None:
+        return batches, max((len(b) for b in batches), default=0)
+    assert batch_size is not None
+    return batches, batch_size
+
+
 def _check_reservation(kv_tokens: int | None, max_new_tokens: int | None, out: np.ndarray) -> None:
     """With ``kv_tokens``: ``ValueError`` unless ``max_new_tokens`` (each row's reservation) covers every output."""
     if kv_tokens is not None and (max_new_tokens is None or (len(out) and max_new_tokens < int(out.max()))):
@@ -272,11 +291,7 @@ def simulate_static_batches(
     """
     plen = _lengths("prompt_lens", prompt_lens)
     out = _lengths("output_lens", output_lens, len(plen))
-    _check_sizing(batch_size, kv_tokens)
-    _check_reservation(kv_tokens, max_new_tokens, out)
-    batches = _cut_batches(order, plen, batch_size, kv_tokens, max_new_tokens)
-    if kv_tokens is not None:
-        batch_size = max((len(b) for b in batches), default=0)
+    batches, batch_size = _job_batches(order, plen, out, batch_size, kv_tokens, max_new_tokens)
     times = []
     for b in batches:
         n, p, longest = len(b), int(plen[b].max()), int(out[b].max())
@@ -357,13 +372,8 @@ def run_static_generate(
     out = _lengths("output_lens", output_lens, len(prompt_ids))
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt must have at least one token")
-    _check_sizing(batch_size, kv_tokens)
-    _check_reservation(kv_tokens, max_new_tokens, out)
     plen = np.asarray([len(p) for p in prompt_ids], dtype=np.int64)
-    batches = _cut_batches(order, plen, batch_size, kv_tokens, max_new_tokens)
-    if kv_tokens is not None:
-        batch_size = max((len(b) for b in batches), default=0)
-    assert batch_size is not None
+    batches, batch_size = _job_batches(order, plen, out, batch_size, kv_tokens, max_new_tokens)
     device = next(model.parameters()).device
     times: list[float] = []
     it: Any = batches
