@@ -22,7 +22,13 @@ def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
     assert "azure2023conv_5min_x4" in out and "real CB tiny Llama" in out and "real static batches" in out
     assert out.count("budget ") >= len(OFFLINE_BUDGETS) and "tie_true_dist" in out
     csv = (tmp_path / "tie.csv").read_text()
-    needles = ("offline_throughput_tokens", "_budget0.25", "real_cb_tiny_llama_cpu_burst16", "ttft")
+    needles = (
+        "offline_throughput_tokens",
+        "_budget0.25",
+        "real_cb_tiny_llama_cpu_burst16",
+        "ttft",
+        "predictor_crps_tokens",
+    )
     for needle in (*needles, "offline_static600_b39_kvcap", "real_static_tiny_llama_cpu_n24_b8"):
         assert needle in csv
     assert (tmp_path / "tie_policies_qa.png").stat().st_size > 0 and export.stat().st_size > 0

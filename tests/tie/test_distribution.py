@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_ext.generation.tie.distribution import LogT, cvar_length, expected_length, interval_coverage, pit
+from hf_ext.generation.tie.distribution import (
+    LogT,
+    crps_length,
+    crps_log,
+    cvar_length,
+    expected_length,
+    interval_coverage,
+    pit,
+)
 
 
 @pytest.mark.parametrize("mu,sigma,nu", [(4.5, 0.9, 3.5), (2.5, 0.3, 6.0)])
@@ -116,3 +124,44 @@ def test_truncated_moments_far_outside_the_support_match_quadrature(mu, sigma, m
     mus = np.linspace(mu - 2, mu + 2, 9)
     assert np.all(np.diff(expected_length(mus, sigma, 3.5, m_val, "clip")) >= -1e-9)
     assert np.all(np.diff(cvar_length(mus, sigma, 3.5, 0.9, m_val, "clip")) >= -1e-9)
+
+
+@pytest.mark.parametrize(
+    "mu,sigma,nu,x",
+    [
+        (4.0, 0.8, 3.5, 30),
+        (5.0, 0.3, 5.0, 200),
+        (2.0, 1.2, 3.0, 900),
+        (6.5, 0.05, 8.0, 700),
+        (3.0, 0.6, 2.5, 1),
+    ],
+)
+def test_crps_matches_monte_carlo(mu, sigma, nu, x):
+    """CRPS = E|Y - y| - E|Y - Y'|/2, estimated from samples, in log space and in clipped tokens."""
+    rng = np.random.default_rng(5)
+    y = mu + sigma * rng.standard_t(nu, size=(2, 600_000))
+    mc_log = np.mean(np.abs(y[0] - np.log(x))) - 0.5 * np.mean(np.abs(y[0] - y[1]))
+    xs = np.exp(np.minimum(y, np.log(1000.0))).clip(1, 1000)
+    mc_tok = np.mean(np.abs(xs[0] - x)) - 0.5 * np.mean(np.abs(xs[0] - xs[1]))
+    assert float(crps_log(np.log(x), mu, sigma, nu)) == pytest.approx(mc_log, rel=0.01)
+    assert float(crps_length(x, mu, sigma, nu, 1000)) == pytest.approx(mc_tok, rel=0.02, abs=0.05)
+
+
+def test_crps_is_proper_and_limits():
+    """Averaged over draws of the true law, the true parameters score best (a proper score); a very
+    narrow forecast scores the absolute error, as a point forecast does."""
+    rng = np.random.default_rng(6)
+    x = np.round(LogT(4.0, 0.7, 3.5).sample(20_000, rng)).clip(1, 1000)
+    y = np.log(x)
+    true_log = crps_log(y, 4.0, 0.7, 3.5).mean()
+    true_tok = crps_length(x, 4.0, 0.7, 3.5, 1000).mean()
+    for mu, sigma in [(4.3, 0.7), (3.7, 0.7), (4.0, 0.35), (4.0, 1.4)]:
+        assert crps_log(y, mu, sigma, 3.5).mean() > true_log
+        assert crps_length(x, mu, sigma, 3.5, 1000).mean() > true_tok
+    assert float(crps_log(5.0, 4.0, 1e-6, 3.5)) == pytest.approx(1.0, rel=1e-4)
+    assert float(crps_length(300, np.log(100.0), 1e-5, 3.5, 1000)) == pytest.approx(200.0, rel=1e-3)
+    assert crps_length(np.array([10, 20]), np.array([[2.0], [3.0]]), 0.5, 3.5, 1000).shape == (2, 2)
+    with pytest.raises(ValueError, match="nu"):
+        crps_log(1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="max_value"):
+        crps_length(10, 1.0, 1.0, 3.5, 0)

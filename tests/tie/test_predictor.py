@@ -10,6 +10,7 @@ import torch
 
 from hf_ext.generation.tie.config import PredictorConfig
 from hf_ext.generation.tie.data import generate_workload, match_to_lengths, to_dataset
+from hf_ext.generation.tie.distribution import crps_length, crps_log
 from hf_ext.generation.tie.predictor import (
     LengthPredictor,
     constant_logt_baseline,
@@ -37,10 +38,15 @@ def test_logt_predictor_beats_constant_nll(logt_predictor, splits):
     mu0, s0, nu0 = constant_logt_baseline(train["output_len"])
     y = torch.tensor(np.log(np.asarray(test["output_len"], dtype=np.float64)))
     const_nll = float(logt_nll(y, torch.tensor(mu0), torch.tensor(s0), torch.tensor(nu0)).mean())
-    ev = logt_predictor.evaluate(test)
+    ev = logt_predictor.evaluate(test, max_new_tokens=1000)
     assert ev["nll"] < const_nll - 0.15, (ev, const_nll)
     assert ev["spearman"] > 0.4
     assert 0.3 < ev["coverage90"] <= 1.0
+    lens = np.asarray(test["output_len"], dtype=np.float64)
+    assert ev["crps_log"] < float(crps_log(np.log(lens), mu0, s0, nu0).mean())
+    assert ev["crps_tokens"] < float(crps_length(lens, mu0, s0, nu0, 1000).mean())
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        logt_predictor.evaluate(test, max_new_tokens=0)
 
 
 def test_save_and_load_roundtrip(logt_predictor, tmp_path):
@@ -57,8 +63,13 @@ def test_baseline_predictors_learn_the_order(kind, splits):
     torch.set_num_threads(1)
     p = LengthPredictor(PredictorConfig.tiny(kind=kind))
     p.fit(splits[0])
-    ev = p.evaluate(splits[1])
+    ev = p.evaluate(splits[1], max_new_tokens=1000)
     assert ev["spearman"] > 0.4, ev
+    if kind == "point":  # a point forecast's CRPS is its absolute error
+        assert ev["crps_log"] == ev["mae_log"]
+        lens = np.clip(np.asarray(splits[1]["output_len"], dtype=np.float64), 1, 1000)
+        mu = p.predict(splits[1]["prompt"])["mu"]
+        assert ev["crps_tokens"] == pytest.approx(float(np.mean(np.abs(np.clip(np.exp(mu), 1, 1000) - lens))))
     assert set(p.predict(["hello there"])) == ({"mu"} if kind == "point" else {"score"})
 
 

@@ -234,25 +234,34 @@ def _true_params(rows: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
 
 
 def predictor_quality(
-    preds: dict[str, Any], test: dict[str, list], train_lengths: list[int], png: Path
+    preds: dict[str, Any],
+    test: dict[str, list],
+    train_lengths: list[int],
+    png: Path,
+    max_new_tokens: int = 1000,
 ) -> dict[str, float]:
-    """NLL / coverage / PIT of the log-t predictor vs the best constant log-t; rank quality of all three."""
+    """NLL / CRPS / coverage / PIT of the log-t predictor vs the best constant log-t; rank quality of all
+    three; CRPS also of SSJF's point predictor (its absolute error), in log length and in clipped tokens."""
     import torch
 
-    from hf_ext.generation.tie.distribution import interval_coverage, pit
+    from hf_ext.generation.tie.distribution import crps_length, crps_log, interval_coverage, pit
     from hf_ext.generation.tie.predictor import constant_logt_baseline, logt_nll
 
     q: dict[str, float] = {}
-    ev = preds["logt"].evaluate(test)
+    ev = preds["logt"].evaluate(test, max_new_tokens=max_new_tokens)
     q.update({f"tie_{k}": v for k, v in ev.items()})
     for kind in ("point", "ltr"):
-        q.update({f"{kind}_{k}": v for k, v in preds[kind].evaluate(test).items()})
+        q.update(
+            {f"{kind}_{k}": v for k, v in preds[kind].evaluate(test, max_new_tokens=max_new_tokens).items()}
+        )
     lens = np.asarray(test["output_len"], dtype=np.float64)
     mu0, s0, nu0 = constant_logt_baseline(train_lengths)
     q["const_nll"] = float(
         logt_nll(torch.tensor(np.log(lens)), torch.tensor(mu0), torch.tensor(s0), torch.tensor(nu0)).mean()
     )
     q["const_coverage90"] = interval_coverage(lens, mu0, s0, nu0, 0.9)
+    q["const_crps_log"] = float(crps_log(np.log(lens), mu0, s0, nu0).mean())
+    q["const_crps_tokens"] = float(crps_length(lens, mu0, s0, nu0, max_new_tokens).mean())
     p = preds["logt"].predict(test["prompt"])
     u = pit(lens, p["mu"], p["sigma"], p["nu"], rng=np.random.default_rng(0))
     u0 = pit(lens, mu0, s0, nu0, rng=np.random.default_rng(0))
@@ -283,7 +292,12 @@ def predictor_quality(
         axes[2].set_yscale("log")
         axes[2].set_xlabel("predicted median exp(mu)")
         axes[2].set_ylabel("observed output tokens")
-        axes[2].set_title(f"NLL {ev['nll']:.3f} vs constant {q['const_nll']:.3f} (nats, log length)")
+        axes[2].set_title(
+            f"NLL {ev['nll']:.3f} vs constant {q['const_nll']:.3f} (nats, log length)\n"
+            f"CRPS {ev['crps_tokens']:.0f} tok vs constant {q['const_crps_tokens']:.0f}, "
+            f"SSJF point {q['point_crps_tokens']:.0f}",
+            fontsize=9,
+        )
         fig.tight_layout()
         fig.savefig(png, dpi=110)
         plt.close(fig)
@@ -889,7 +903,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  log-t NLL {quality['tie_nll']:.3f} (constant {quality['const_nll']:.3f}); coverage 50% "
         f"{quality['tie_coverage50']:.3f}, 90% {quality['tie_coverage90']:.3f}; Spearman tie/ssjf/ltr "
-        f"{quality['tie_spearman']:.3f}/{quality['point_spearman']:.3f}/{quality['ltr_spearman']:.3f}"
+        f"{quality['tie_spearman']:.3f}/{quality['point_spearman']:.3f}/{quality['ltr_spearman']:.3f}; CRPS "
+        f"log-t/point/constant {quality['tie_crps_tokens']:.1f}/{quality['point_crps_tokens']:.1f}/"
+        f"{quality['const_crps_tokens']:.1f} tokens"
     )
     tie_cfg = TIEConfig(max_new_tokens=1000, batch_max=args.max_num_seqs)
     print("[2/4] Azure trace replay (simulator)")
@@ -949,6 +965,22 @@ def main(argv: list[str] | None = None) -> int:
             command=cmd,
         )
     )
+    for unit in ("log", "tokens"):  # CRPS: the log-t predictor vs a constant log-t and SSJF's point forecast
+        rows += [
+            Row.make(
+                COMPONENT,
+                "synthetic_heldout",
+                f"predictor_crps_{unit}",
+                quality[f"tie_crps_{unit}"],
+                base,
+                quality[f"{key}_crps_{unit}"],
+                device="cpu",
+                quality_name="max_new_tokens",
+                quality_value="1000",
+                command=cmd,
+            )
+            for base, key in (("constant_logt", "const"), ("ssjf_point", "point"))
+        ]
     print_rows(rows, title="TIE (ours) vs baselines — ratio > 1: TIE better")
     _print_tables(online, offline, real)
     if not args.no_write:

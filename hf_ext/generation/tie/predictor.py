@@ -359,17 +359,29 @@ class LengthPredictor:
         return res
 
     def evaluate(
-        self, dataset: Any, prompt_column: str = "prompt", length_column: str = "output_len"
+        self,
+        dataset: Any,
+        prompt_column: str = "prompt",
+        length_column: str = "output_len",
+        max_new_tokens: int | None = None,
     ) -> dict[str, float]:
         """Quality on held-out pairs: ``nll`` (log-t, nats of log length; logt only; with ``censor_at`` also
         ``nll_censored``, capped lengths scored as ``log P(X >= cap)``), ``coverage50``,
-        ``coverage90``, ``mae_log`` (|μ - log L|, logt/point) and ``spearman`` / ``kendall`` rank correlation."""
+        ``coverage90``, ``mae_log`` (|μ - log L|, logt/point) and ``spearman`` / ``kendall`` rank correlation.
+
+        CRPS (logt/point; a point forecast's CRPS is its absolute error, so the two kinds compare):
+        ``crps_log`` (nats of log length) and, with ``max_new_tokens`` (the generation cap ``M``),
+        ``crps_tokens`` on lengths clipped to ``[1, M]``."""
         from scipy import stats
 
-        from hf_ext.generation.tie.distribution import interval_coverage
+        from hf_ext.generation.tie.distribution import crps_length, crps_log, interval_coverage
 
         prompts = validate_prompts(dataset[prompt_column])
         lengths = np.asarray(dataset[length_column], dtype=np.float64)
+        if max_new_tokens is not None and not (
+            isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 1
+        ):
+            raise ValueError(f"max_new_tokens must be None or an int >= 1, got {max_new_tokens!r}")
         pred = self.predict(prompts)
         y = np.log(lengths)
         key = pred.get("score", pred.get("mu"))
@@ -379,6 +391,11 @@ class LengthPredictor:
         }
         if "mu" in pred:
             res["mae_log"] = float(np.mean(np.abs(pred["mu"] - y)))
+            if self.kind == "point":
+                res["crps_log"] = res["mae_log"]
+                if max_new_tokens is not None:
+                    clip = np.clip(np.exp(pred["mu"]), 1, max_new_tokens)
+                    res["crps_tokens"] = float(np.mean(np.abs(clip - np.clip(lengths, 1, max_new_tokens))))
         if self.kind == "logt":
             nll = logt_nll(
                 torch.tensor(y),
@@ -394,6 +411,14 @@ class LengthPredictor:
                 res["nll_censored"] = float(torch.where(cens, -lsf, nll).mean())
             res["coverage50"] = interval_coverage(lengths, pred["mu"], pred["sigma"], pred["nu"], 0.5)
             res["coverage90"] = interval_coverage(lengths, pred["mu"], pred["sigma"], pred["nu"], 0.9)
+            heavy = bool(np.any(pred["nu"] <= 1.0))  # a learned nu <= 1: E|Y| and so the CRPS are infinite
+            res["crps_log"] = (
+                math.inf if heavy else float(np.mean(crps_log(y, pred["mu"], pred["sigma"], pred["nu"])))
+            )
+            if max_new_tokens is not None:
+                res["crps_tokens"] = float(
+                    np.mean(crps_length(lengths, pred["mu"], pred["sigma"], pred["nu"], max_new_tokens))
+                )
         return res
 
     # ---------------------------------------------------------------------------------- save/load
