@@ -102,6 +102,8 @@ def plot(rows: list[dict], png: Path) -> None:
         for name, style in (("true_law", "g--"), ("constant_logt", "r:")):
             ax.axhline(refs[name][key], color=style[0], ls=style[1:], label=name.replace("_", " "))
         ax.set_xscale("log")
+        ax.set_xticks(n, [f"{x // 1000}k" if x >= 1000 else str(x) for x in n])
+        ax.minorticks_off()
         ax.set_xlabel("synthetic training pairs")
         ax.set_title(label)
         ax.legend(fontsize=8)

@@ -89,7 +89,13 @@ ATTRIBUTION = (
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-ext bench tie", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small, fast settings (smoke test)")
-    p.add_argument("--n-train", type=int, default=6000, help="synthetic training prompts per predictor")
+    p.add_argument(
+        "--n-train",
+        type=int,
+        default=40000,
+        help="synthetic training prompts per predictor (benchmarks/tie_predictor_sweep.py: 6k -> 40k takes the "
+        "validation NLL from 1.19 to 1.07 nats, true law 1.04)",
+    )
     p.add_argument("--epochs", type=int, default=4, help="predictor training epochs")
     p.add_argument("--minutes", type=float, default=20.0, help="minutes of the Azure trace to replay")
     p.add_argument(
