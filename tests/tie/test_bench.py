@@ -116,3 +116,29 @@ def test_true_distribution_ceiling_feeds_every_policy_the_generator_parameters()
     assert policy_order("ssjf", ceil) == [1, 2, 0] == policy_order("ltr", ceil)
     assert policy_order("tie", ceil, cfg) == [1, 2, 0]
     assert ceil[0].meta["tie_expect"] > 100 > reqs[0].meta["tie_expect"]  # re-scored from the true law
+
+
+def test_predictor_sweep_script_writes_csv_and_plot(tmp_path):
+    """benchmarks/tie_predictor_sweep.py on tiny sizes: one row per size plus the constant and true-law references,
+    the true law scoring better than the constant; bad sizes are refused before any work."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "tie_predictor_sweep", root / "benchmarks" / "tie_predictor_sweep.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit, match="--sizes"):
+        mod.main(["--sizes", "10,abc"])
+    stem = tmp_path / "sweep"
+    assert mod.main(["--sizes", "96,128", "--epochs", "1", "--val-n", "120", "--out", str(stem)]) == 0
+    rows = list(csv.DictReader(stem.with_suffix(".csv").open()))
+    assert [r["predictor"] for r in rows] == ["constant_logt", "true_law", "logt", "logt"]
+    assert [r["n_train"] for r in rows[2:]] == ["96", "128"]
+    ref = {r["predictor"]: r for r in rows[:2]}
+    for key in ("nll", "crps_log", "crps_tokens"):
+        assert float(ref["true_law"][key]) < float(ref["constant_logt"][key])
+    assert stem.with_suffix(".png").stat().st_size > 0
