@@ -28,7 +28,8 @@ def run_demo(steps: int = 6) -> DemoResult:
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append((float(out.loss), float(out.text_loss), float(out.latent_loss), float(out.sync_loss)))
+        parts = (out.loss, out.text_loss, out.latent_loss, out.sync_loss)
+        losses.append(tuple(float(t.detach()) for t in parts))
     model.eval()
     rec = make_synthetic_records(1, seed=5, frames=4, size=8)[0]
     msgs = [
