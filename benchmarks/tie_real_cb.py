@@ -205,7 +205,8 @@ def simulate_same(
 def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
     """Engine runs of the simulated cases (latest valid run of each policy, from ``tie_real_cb_details.json``) side
     by side with the simulation: prints mean per-token latency per policy and returns
-    ``{case engine: .., case sim: ..}``."""
+    ``{case engine: .., case sim: ..}``. Runs on different GPUs are never merged: with several devices for a case,
+    each gets its own ``case engine (<device>)`` entry."""
     from hf_ext.utils.bench import results_dir
 
     path = results_dir() / "tie_real_cb_details.json"
@@ -213,23 +214,23 @@ def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
         return {}
     data = json.loads(path.read_text())
     runs = data.get("runs", [data])  # a run writes itself; the committed file collects runs under "runs"
-    engine: dict[str, dict] = {}
+    engine: dict[str, dict[str, dict]] = {}  # case -> device -> policy -> summary
     for run in runs:  # a later run of a case's policy replaces the earlier one; withdrawn runs never count
         if "withdrawn" not in run:
+            dev = str(run.get("device", "?"))
             for case, res in run.get("real_cb", {}).items():
-                engine.setdefault(case, {}).update(res)
+                engine.setdefault(case, {}).setdefault(dev, {}).update(res)
     out: dict[str, dict] = {}
     for case, res in sim.items():
         base = case.rsplit("_sim", 1)[0]
-        if base not in engine:
-            continue
-        real = engine[base]
-        out[f"{base} engine"], out[f"{base} sim"] = real, res
-        print(f"  {base}: mean per-token latency, engine vs simulator (ms)")
-        for pol in res:
-            if pol in real:
-                e, m = real[pol]["per_token_mean"] * 1e3, res[pol]["per_token_mean"] * 1e3
-                print(f"    {pol:10s} {e:8.1f} {m:8.1f}  sim/engine {m / e:5.2f}")
+        for dev, real in engine.get(base, {}).items():
+            label = f"{base} engine" if len(engine[base]) == 1 else f"{base} engine ({dev})"
+            out[label], out[f"{base} sim"] = real, res
+            print(f"  {base}: mean per-token latency, engine ({dev}) vs simulator (ms)")
+            for pol in res:
+                if pol in real:
+                    e, m = real[pol]["per_token_mean"] * 1e3, res[pol]["per_token_mean"] * 1e3
+                    print(f"    {pol:10s} {e:8.1f} {m:8.1f}  sim/engine {m / e:5.2f}")
     return out
 
 
@@ -343,11 +344,23 @@ def _report(case: str, policy: str, s: dict[str, float]) -> None:
     )
 
 
+def _workload_tag(path: str | Path) -> str:
+    """``""`` for the default replay file, else ``_replay-<name>`` (``tie_azure_replay_n40k.json`` -> ``_replay-n40k``):
+    replays with other predictions never share a case name."""
+    p = Path(path)
+    if p.resolve() == DEFAULT_WORKLOAD.resolve():
+        return ""
+    stem = p.stem
+    prefix = DEFAULT_WORKLOAD.stem + "_"
+    return "_replay-" + (stem[len(prefix) :] if stem.startswith(prefix) and len(stem) > len(prefix) else stem)
+
+
 def _case(args: argparse.Namespace, n: int, speed: float) -> str:
     case = f"real_cb_{args.shape}_azure2023conv_n{n}_" + ("burst" if speed == 0 else f"x{speed:g}")
     if args.max_requests_per_batch is not None:
         case += f"_maxseqs{args.max_requests_per_batch}"
     case += f"_tau{args.aging_tau:g}" if getattr(args, "aging_tau", None) is not None else ""
+    case += _workload_tag(args.workload)
     return case + (f"_seed{args.seed}" if args.seed else "")
 
 

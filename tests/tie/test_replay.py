@@ -469,6 +469,12 @@ def test_gpu_replay_case_names_carry_a_nonzero_seed():
     assert mod._case(mod._parser().parse_args(["--shape", "tiny", "--seed", "1"]), 8, 0.0).endswith(
         "burst_seed1"
     )
+    # a replay with other predictions gets its own case; the default file keeps the plain name
+    other = mod._parser().parse_args([*base, "--workload", "benchmarks/data/tie_azure_replay_n40k.json"])
+    assert mod._case(other, 150, 4.0) == plain + "_replay-n40k"
+    default = mod._parser().parse_args([*base, "--workload", str(mod.DEFAULT_WORKLOAD)])
+    assert mod._case(default, 150, 4.0) == plain
+    assert mod._workload_tag("/tmp/my_trace.json") == "_replay-my_trace"
 
 
 def test_gpu_replay_script_burst_goodput_rows():
@@ -536,3 +542,12 @@ def test_gpu_replay_script_engine_vs_sim_merges_runs_per_policy(tmp_path, monkey
     }
     assert out["c_burst sim"] is sim["c_burst_sim_cbfit"]
     assert "ltr" in capsys.readouterr().out
+    # runs of the same case on two GPUs are compared separately, never merged
+    for run in runs:
+        run["device"] = "H100"
+    runs.append({"device": "H200", "real_cb": {"c_burst": {"tie": pol(200), "ssjf": pol(190)}}})
+    (tmp_path / "tie_real_cb_details.json").write_text(json.dumps({"runs": runs}))
+    out = mod.engine_vs_sim(sim)
+    assert set(out) == {"c_burst engine (H100)", "c_burst engine (H200)", "c_burst sim"}
+    assert round(out["c_burst engine (H100)"]["tie"]["per_token_mean"] * 1e3) == 324
+    assert set(out["c_burst engine (H200)"]) == {"tie", "ssjf"}
