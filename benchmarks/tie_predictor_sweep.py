@@ -31,6 +31,7 @@ COLUMNS = [
     "predictor",
     "n_train",
     "epochs",
+    "censor_at",
     "nll",
     "crps_log",
     "crps_tokens",
@@ -120,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-n", type=int, default=3000)
     p.add_argument("--val-seed", type=int, default=4242)
     p.add_argument("--train-seed", type=int, default=100, help="the bench's training seed (--seed 0)")
+    p.add_argument(
+        "--censor-at",
+        type=int,
+        default=None,
+        help="train with lengths at this cap right-censored (PredictorConfig.censor_at; the workload's cap is 1000)",
+    )
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/tie_predictor_sweep)")
     args = p.parse_args(argv)
     sizes = _sizes(args.sizes)
@@ -147,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             rows = reference_rows(val, tr["output_len"], m_val)
         t0 = time.perf_counter()
-        pred = LengthPredictor(PredictorConfig(kind="logt", epochs=args.epochs, seed=0))
+        pred = LengthPredictor(
+            PredictorConfig(kind="logt", epochs=args.epochs, seed=0, censor_at=args.censor_at)
+        )
         pred.fit(tr)
         fit_s = time.perf_counter() - t0
         ev = pred.evaluate(vd, max_new_tokens=m_val)
