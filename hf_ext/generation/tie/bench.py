@@ -248,10 +248,8 @@ def predictor_quality(
 ) -> dict[str, float]:
     """NLL / CRPS / coverage / PIT of the log-t predictor vs the best constant log-t; rank quality of all
     three; CRPS also of SSJF's point predictor (its absolute error), in log length and in clipped tokens."""
-    import torch
-
-    from hf_ext.generation.tie.distribution import crps_length, crps_log, interval_coverage, pit
-    from hf_ext.generation.tie.predictor import constant_logt_baseline, logt_nll
+    from hf_ext.generation.tie.distribution import interval_coverage, pit
+    from hf_ext.generation.tie.predictor import constant_logt_baseline, logt_scores
 
     q: dict[str, float] = {}
     ev = preds["logt"].evaluate(test, max_new_tokens=max_new_tokens)
@@ -262,12 +260,8 @@ def predictor_quality(
         )
     lens = np.asarray(test["output_len"], dtype=np.float64)
     mu0, s0, nu0 = constant_logt_baseline(train_lengths)
-    q["const_nll"] = float(
-        logt_nll(torch.tensor(np.log(lens)), torch.tensor(mu0), torch.tensor(s0), torch.tensor(nu0)).mean()
-    )
-    q["const_coverage90"] = interval_coverage(lens, mu0, s0, nu0, 0.9)
-    q["const_crps_log"] = float(crps_log(np.log(lens), mu0, s0, nu0).mean())
-    q["const_crps_tokens"] = float(crps_length(lens, mu0, s0, nu0, max_new_tokens).mean())
+    const = logt_scores(lens, mu0, s0, nu0, max_new_tokens)
+    q.update({f"const_{k}": const[k] for k in ("nll", "coverage90", "crps_log", "crps_tokens")})
     p = preds["logt"].predict(test["prompt"])
     u = pit(lens, p["mu"], p["sigma"], p["nu"], rng=np.random.default_rng(0))
     u0 = pit(lens, mu0, s0, nu0, rng=np.random.default_rng(0))

@@ -22,6 +22,12 @@ PREDICTOR_KINDS = ("logt", "point", "ltr")
 LTR_LOSSES = ("listmle", "pairwise")
 
 
+def _check_int(name: str, value: Any) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (``bool`` is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def _check_pos(name: str, value: float, *, strict: bool = True) -> None:
     ok = value > 0 if strict else value >= 0
     if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):

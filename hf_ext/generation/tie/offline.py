@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_ext.generation.tie.config import TIEConfig
+from hf_ext.generation.tie.config import TIEConfig, _check_int
 from hf_ext.generation.tie.scheduler import order_batch, validate_prompts
 
 OFFLINE_POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")
@@ -76,12 +76,6 @@ def static_batches(order: Sequence[int], batch_size: int, n: int | None = None) 
     _check_int("batch_size", batch_size)
     order = _checked_order(order, n)
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-
-
-def _check_int(name: str, value: Any) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (``bool`` is refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _checked_order(order: Sequence[int], n: int | None) -> list[int]:

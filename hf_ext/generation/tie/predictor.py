@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel, PretrainedConfig, PreTrainedModel
 
-from hf_ext.generation.tie.config import PredictorConfig
+from hf_ext.generation.tie.config import PredictorConfig, _check_int
 from hf_ext.generation.tie.scheduler import (
     heuristic_prediction,  # noqa: F401  (re-export)
     validate_prompts,
@@ -374,14 +374,10 @@ class LengthPredictor:
         ``crps_tokens`` on lengths clipped to ``[1, M]``."""
         from scipy import stats
 
-        from hf_ext.generation.tie.distribution import crps_length, crps_log, interval_coverage
-
         prompts = validate_prompts(dataset[prompt_column])
         lengths = np.asarray(dataset[length_column], dtype=np.float64)
-        if max_new_tokens is not None and not (
-            isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 1
-        ):
-            raise ValueError(f"max_new_tokens must be None or an int >= 1, got {max_new_tokens!r}")
+        if max_new_tokens is not None:
+            _check_int("max_new_tokens", max_new_tokens)
         pred = self.predict(prompts)
         y = np.log(lengths)
         key = pred.get("score", pred.get("mu"))
@@ -397,28 +393,16 @@ class LengthPredictor:
                     clip = np.clip(np.exp(pred["mu"]), 1, max_new_tokens)
                     res["crps_tokens"] = float(np.mean(np.abs(clip - np.clip(lengths, 1, max_new_tokens))))
         if self.kind == "logt":
-            nll = logt_nll(
-                torch.tensor(y),
-                torch.tensor(pred["mu"]),
-                torch.tensor(pred["sigma"]),
-                torch.tensor(pred["nu"]),
-            )
-            res["nll"] = float(nll.mean())
-            if self.config.censor_at is not None:  # the training objective: capped lengths as "at least"
-                cens = torch.tensor(lengths >= self.config.censor_at)
-                z = (math.log(self.config.censor_at) - torch.tensor(pred["mu"])) / torch.tensor(pred["sigma"])
-                lsf = student_t_log_sf(z, torch.tensor(pred["nu"]))
-                res["nll_censored"] = float(torch.where(cens, -lsf, nll).mean())
-            res["coverage50"] = interval_coverage(lengths, pred["mu"], pred["sigma"], pred["nu"], 0.5)
-            res["coverage90"] = interval_coverage(lengths, pred["mu"], pred["sigma"], pred["nu"], 0.9)
-            heavy = bool(np.any(pred["nu"] <= 1.0))  # a learned nu <= 1: E|Y| and so the CRPS are infinite
-            res["crps_log"] = (
-                math.inf if heavy else float(np.mean(crps_log(y, pred["mu"], pred["sigma"], pred["nu"])))
-            )
-            if max_new_tokens is not None:
-                res["crps_tokens"] = float(
-                    np.mean(crps_length(lengths, pred["mu"], pred["sigma"], pred["nu"], max_new_tokens))
+            res.update(
+                logt_scores(
+                    lengths,
+                    pred["mu"],
+                    pred["sigma"],
+                    pred["nu"],
+                    max_new_tokens,
+                    censor_at=self.config.censor_at,
                 )
+            )
         return res
 
     # ---------------------------------------------------------------------------------- save/load
@@ -445,6 +429,40 @@ class LengthPredictor:
         obj = cls(PredictorConfig(**meta["predictor_config"]), tokenizer=tok, model=model)
         obj.fitted = bool(meta.get("fitted", True))
         return obj
+
+
+def logt_scores(
+    lengths: Any,
+    mu: Any,
+    sigma: Any,
+    nu: Any,
+    max_new_tokens: int | None = None,
+    censor_at: int | None = None,
+) -> dict[str, float]:
+    """How well log-t laws ``(μ, σ, ν)`` (each ``[N]`` or scalar) describe observed ``lengths[N]``: ``nll`` (nats of log
+    length), ``coverage50`` / ``coverage90`` (central intervals), ``crps_log`` (``inf`` if some ``ν <= 1``) and, with
+    ``max_new_tokens``, ``crps_tokens`` on lengths clipped to ``[1, M]``; with ``censor_at`` also ``nll_censored``
+    (lengths at the cap scored as ``log P(X >= cap)``). Shared by :meth:`LengthPredictor.evaluate` and the bench's
+    reference laws (constant, true)."""
+    from hf_ext.generation.tie.distribution import crps_length, crps_log, interval_coverage
+
+    lengths = np.asarray(lengths, dtype=np.float64)
+    mu, sigma, nu = (np.broadcast_to(np.asarray(a, dtype=np.float64), lengths.shape) for a in (mu, sigma, nu))
+    y = np.log(lengths)
+    t_mu, t_sigma, t_nu = torch.tensor(mu), torch.tensor(sigma), torch.tensor(nu)
+    nll = logt_nll(torch.tensor(y), t_mu, t_sigma, t_nu)
+    res = {"nll": float(nll.mean())}
+    if censor_at is not None:  # the training objective: capped lengths as "at least"
+        cens = torch.tensor(lengths >= censor_at)
+        lsf = student_t_log_sf((math.log(censor_at) - t_mu) / t_sigma, t_nu)
+        res["nll_censored"] = float(torch.where(cens, -lsf, nll).mean())
+    res["coverage50"] = interval_coverage(lengths, mu, sigma, nu, 0.5)
+    res["coverage90"] = interval_coverage(lengths, mu, sigma, nu, 0.9)
+    heavy = bool(np.any(nu <= 1.0))  # E|Y|, and so the CRPS, is infinite for nu <= 1 (e.g. a learned nu)
+    res["crps_log"] = math.inf if heavy else float(np.mean(crps_log(y, mu, sigma, nu)))
+    if max_new_tokens is not None:
+        res["crps_tokens"] = float(np.mean(crps_length(lengths, mu, sigma, nu, max_new_tokens)))
+    return res
 
 
 def constant_logt_baseline(train_lengths: Sequence[float], nu: float = 3.5) -> tuple[float, float, float]:
