@@ -80,6 +80,8 @@ STATIC_BATCH_SIZES = (16, 64)
 # rounds of the real tiny-model static job (every policy once per round; the median run is reported)
 REAL_STATIC_REPS = 5
 HEADLINE_BUDGET = 0.5
+# generation cap of the synthetic workload and the trace replay (every length lies in [1, MAX_NEW_TOKENS])
+MAX_NEW_TOKENS = 1000
 ATTRIBUTION = (
     "Azure LLM inference trace 2023 (conversation), Azure Public Dataset, CC-BY 4.0; "
     "Patel et al., Splitwise, ISCA 2024"
@@ -244,7 +246,7 @@ def predictor_quality(
     test: dict[str, list],
     train_lengths: list[int],
     png: Path,
-    max_new_tokens: int = 1000,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> dict[str, float]:
     """NLL / CRPS / coverage / PIT of the log-t predictor vs the best constant log-t; rank quality of all
     three; CRPS also of SSJF's point predictor (its absolute error), in log length and in clipped tokens."""
@@ -316,7 +318,9 @@ def trace_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: Any
     tr = load_azure_trace()
     keep = tr["arrival"] <= args.minutes * 60.0
     arr, plen, olen = tr["arrival"][keep], tr["prompt_len"][keep], tr["output_len"][keep]
-    pool = generate_workload(4000 if not args.quick else 1500, seed=args.seed + 300, max_new_tokens=1000)
+    pool = generate_workload(
+        4000 if not args.quick else 1500, seed=args.seed + 300, max_new_tokens=MAX_NEW_TOKENS
+    )
     rows = match_to_lengths(olen, pool, seed=args.seed + 1)
     base = [
         Request(
@@ -325,7 +329,7 @@ def trace_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: Any
             prompt_len=int(plen[i]),
             output_len=int(olen[i]),
             prompt=rows[i]["prompt"],
-            max_new_tokens=1000,
+            max_new_tokens=MAX_NEW_TOKENS,
             meta=truth,
         )
         for i, truth in enumerate(_true_params(rows[: len(arr)]))
@@ -428,7 +432,7 @@ def offline_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: A
     from hf_ext.simulate import Request
 
     rng = np.random.default_rng(args.seed + 7)
-    rows = generate_workload(args.offline_n, seed=args.seed + 500, max_new_tokens=1000)
+    rows = generate_workload(args.offline_n, seed=args.seed + 500, max_new_tokens=MAX_NEW_TOKENS)
     tr_plen = load_azure_trace()["prompt_len"]
     plen = rng.choice(tr_plen[tr_plen <= 2048], size=len(rows))
     base = [
@@ -438,7 +442,7 @@ def offline_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: A
             prompt_len=int(plen[i]),
             output_len=int(r["output_len"]),
             prompt=r["prompt"],
-            max_new_tokens=1000,
+            max_new_tokens=MAX_NEW_TOKENS,
             meta=truth,
         )
         for i, (r, truth) in enumerate(zip(rows, _true_params(rows)))
@@ -552,16 +556,16 @@ def scheduler_overhead(sizes: tuple[int, ...] = (100, 1000, 5000), reps: int = 2
 
 def _scaled_burst(args: argparse.Namespace, preds: dict[str, Any], n: int, cap: int) -> list[Any]:
     """``n`` synthetic prompts for a real tiny-model run: token ids from the tiny tokenizer, output lengths
-    scaled to ``<= cap`` (factor ``cap/1000·4``) and the predictions scaled the same way (log-t μ and SSJF
+    scaled to ``<= cap`` (factor ``cap/MAX_NEW_TOKENS·4``) and the predictions scaled the same way (log-t μ and SSJF
     length by the factor, LTR rank scores unchanged); as :class:`ReplayRequest`."""
     from hf_ext.generation.tie.data import generate_workload
     from hf_ext.generation.tie.replay import ReplayRequest
     from hf_ext.testing import tiny_tokenizer
 
-    rows = generate_workload(n, seed=args.seed + 900, max_new_tokens=1000)
+    rows = generate_workload(n, seed=args.seed + 900, max_new_tokens=MAX_NEW_TOKENS)
     tok = tiny_tokenizer()
     prompts = [r["prompt"] for r in rows]
-    factor = cap / 1000 * 4
+    factor = cap / MAX_NEW_TOKENS * 4
     lens = [max(1, min(cap, int(round(r["output_len"] * factor)))) for r in rows]
     p = preds["logt"].predict(prompts)
     pt = preds["point"].predict(prompts)
@@ -671,7 +675,7 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
         simulate_static_batches,
     )
 
-    mem_b = batch_size_for_memory(args.offline_kv_tokens, 2048, 1000)
+    mem_b = batch_size_for_memory(args.offline_kv_tokens, 2048, MAX_NEW_TOKENS)
     plen, out = [r.prompt_len for r in base], [r.output_len for r in base]
     orders = {p: policy_order(p, base, tie_cfg) for p in OFFLINE_POLICIES}
     # ablation (report / details only, never CSV rows): the same order without the CVaR term
@@ -686,7 +690,10 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
     ]
     # every batch as wide as the KV cap allows for its own prompts (memory_batches)
     plans.append(
-        (f"offline_static{len(base)}_kv{kv // 1000}k_membatch", {"kv_tokens": kv, "max_new_tokens": 1000})
+        (
+            f"offline_static{len(base)}_kv{kv // 1000}k_membatch",
+            {"kv_tokens": kv, "max_new_tokens": MAX_NEW_TOKENS},
+        )
     )
     for case, kw in plans:
         res[case] = {
@@ -882,8 +889,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     cm = load_cost_model(args.calibration)
     print(f"TIE bench: cost model {cm.name} ({cm.source or 'n/a'}); data: {ATTRIBUTION}")
-    train_rows = generate_workload(args.n_train, seed=args.seed + 100, max_new_tokens=1000)
-    test_rows = generate_workload(1500 if not args.quick else 600, seed=args.seed + 200, max_new_tokens=1000)
+    train_rows = generate_workload(args.n_train, seed=args.seed + 100, max_new_tokens=MAX_NEW_TOKENS)
+    test_rows = generate_workload(
+        1500 if not args.quick else 600, seed=args.seed + 200, max_new_tokens=MAX_NEW_TOKENS
+    )
     train = {"prompt": [r["prompt"] for r in train_rows], "output_len": [r["output_len"] for r in train_rows]}
     test = {"prompt": [r["prompt"] for r in test_rows], "output_len": [r["output_len"] for r in test_rows]}
     cfg_kw = dict(epochs=args.epochs, seed=args.seed)
@@ -907,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         f"log-t/point/constant {quality['tie_crps_tokens']:.1f}/{quality['point_crps_tokens']:.1f}/"
         f"{quality['const_crps_tokens']:.1f} tokens"
     )
-    tie_cfg = TIEConfig(max_new_tokens=1000, batch_max=args.max_num_seqs)
+    tie_cfg = TIEConfig(max_new_tokens=MAX_NEW_TOKENS, batch_max=args.max_num_seqs)
     print("[2/4] Azure trace replay (simulator)")
     base = trace_requests(args, preds, tie_cfg)
     if args.export_replay:
@@ -976,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
                 quality[f"{key}_crps_{unit}"],
                 device="cpu",
                 quality_name="max_new_tokens",
-                quality_value="1000",
+                quality_value=str(MAX_NEW_TOKENS),
                 command=cmd,
             )
             for base, key in (("constant_logt", "const"), ("ssjf_point", "point"))
