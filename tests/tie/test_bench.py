@@ -142,3 +142,41 @@ def test_predictor_sweep_script_writes_csv_and_plot(tmp_path):
     for key in ("nll", "crps_log", "crps_tokens"):
         assert float(ref["true_law"][key]) < float(ref["constant_logt"][key])
     assert stem.with_suffix(".png").stat().st_size > 0
+
+
+def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch):
+    """benchmarks/tie_regime.py on a tiny grid: loads are fractions of the measured saturated rate, every case gets
+    trained and true-law policies, rows go to tie.csv with the true-law comparison as quality; bad grids are
+    refused before any work."""
+    import csv
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("tie_regime", root / "benchmarks" / "tie_regime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for bad in (["--loads", "1,-2"], ["--caps", "x"], ["--kv-tokens", "10"], ["--n", "0"]):
+        with pytest.raises(SystemExit, match=bad[0]):
+            mod.main(bad)
+    # 90 % of 10 requests finished by the 0.9-quantile of their completion times
+    assert mod.saturated_rate(np.arange(1.0, 11.0)) == pytest.approx(
+        9 / np.quantile(np.arange(1.0, 11.0), 0.9)
+    )
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    argv = ["--caps", "1000", "--kv-tokens", "180000", "--loads", "1,1.3", "--n", "300", "--n-train", "96"]
+    assert mod.main([*argv, "--epochs", "1", "--cache-dir", str(tmp_path / "cache")]) == 0
+    rows = list(csv.DictReader((tmp_path / "tie.csv").open()))
+    cases = {r["case"] for r in rows}
+    assert cases == {"synthetic-cap1000_kv180k_load1", "synthetic-cap1000_kv180k_load1.3"}
+    assert {r["baseline"] for r in rows} == {"fcfs", "ssjf", "ltr", "sjf_oracle"}
+    assert {r["quality_name"] for r in rows} == {"true_law_ssjf_over_tie_mean"}
+    res = json.loads((tmp_path / "tie_regime.json").read_text())["cases"]
+    lo, hi = (res[c] for c in sorted(cases))
+    assert hi["fcfs"]["rate_req_s"] == pytest.approx(1.3 * lo["fcfs"]["rate_req_s"])
+    assert {"tie", "ltr", "tie_expect_only", "tie_true_dist", "ssjf_true_dist"} <= set(lo)
+    assert hi["fcfs"]["per_token_mean"] > lo["fcfs"]["per_token_mean"]  # more load, more waiting
+    assert (tmp_path / "tie_regime.png").stat().st_size > 0

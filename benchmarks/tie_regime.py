@@ -1,0 +1,272 @@
+"""Does TIE's tail term pay off in the paper's regime? Long generation caps, Poisson arrivals, memory-bound KV.
+
+The TIE paper serves LMSYS-Chat-1M prompts whose outputs were regenerated with caps of up to 8,192 tokens; its
+2.31x is against the best of SSJF / S3 / LTR (``design/WORKLOADS.md``). The bench's Azure replay
+(``python -m hf_ext bench tie``) uses the trace's own lengths, capped at 1,000 tokens (p99 about 600). Longer caps
+make the tails heavier in absolute terms, and a smaller KV pool makes a long request costlier (it grows and
+forces preemptions), which is where pricing the tail should help most. This script measures that regime in the
+shared simulator (H100-measured cost model, like the bench):
+
+* workload: the synthetic text workload (``hf_ext.generation.tie.data``) drawn with cap ``M`` (``--caps``), prompt
+  lengths from the Azure trace (at most 2,048), Poisson arrivals;
+* loads: fractions of the engine's saturated rate (FCFS with every request at t=0, same KV pool: 90 % of the
+  requests over the time they took to finish), so ``1.0`` is about the rate the engine can just sustain;
+* KV pools (``--kv-tokens``): 450k tokens (an 8B model on an 80 GB card, the bench's default) and 180k (an 8B
+  model on a 40 GB card: about 22.5 GB left for a 128 KiB-per-token KV cache, the LTR paper's A100-40GB);
+* policies: FCFS, SJF-oracle, SSJF, LTR, TIE and TIE with the expectation alone, with predictors trained as the
+  bench trains them but on lengths drawn with cap ``M`` (cached); and SSJF / TIE / TIE expectation-only fed each
+  prompt's true ``(μ, σ, ν)`` (``*_true_dist``: a perfect predictor).
+
+Appends rows to ``benchmarks/results/tie.csv`` (cases ``synthetic-cap{M}_kv{K}k_load{L}``; ``--no-write`` to
+skip) and writes ``benchmarks/results/tie_regime.png`` and ``tie_regime.json``::
+
+    python benchmarks/tie_regime.py                       # both caps, both pools, 5 loads (CPU; ~20 min untrained)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import numpy as np  # noqa: E402
+
+# trained-predictor policies, then the same scores fed the true law (bench.TRUE_DIST suffix)
+TRAINED = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie", "tie_expect_only")
+A40GB_KV_TOKENS = 180_000
+PLOT_POLICIES = (
+    "fcfs",
+    "ssjf",
+    "ltr",
+    "tie",
+    "tie_expect_only",
+    "ssjf_true_dist",
+    "tie_true_dist",
+    "sjf_oracle",
+)
+
+
+def _floats(text: str, name: str, *, lo: float = 0.0) -> list[float]:
+    try:
+        out = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        out = []
+    if not out or any(not math.isfinite(x) or x <= lo for x in out):
+        raise SystemExit(f"--{name} must be comma-separated numbers > {lo:g}, got {text!r}")
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--caps", default="1000,8192", help="generation caps M of the workload (comma-separated)")
+    p.add_argument("--kv-tokens", default=f"450000,{A40GB_KV_TOKENS}", help="KV pools in tokens")
+    p.add_argument(
+        "--loads", default="0.9,1.0,1.1,1.25,1.5", help="fractions of the saturated rate (FCFS, all at t=0)"
+    )
+    p.add_argument("--n", type=int, default=3000, help="requests per run")
+    p.add_argument("--n-train", type=int, default=40000, help="training pairs per predictor (the bench's)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--true-law-only", action="store_true", help="skip the trained predictors (no training)")
+    p.add_argument("--cache-dir", default=None, help="predictor cache (default ~/.cache/hf_ext/tie)")
+    p.add_argument("--no-write", action="store_true", help="do not append rows or write the figure")
+    return p
+
+
+def workload(cap: int, n: int, seed: int) -> tuple[list[dict], np.ndarray]:
+    """``n`` synthetic rows drawn with cap ``cap`` and prompt lengths resampled from the Azure trace (<= 2,048)."""
+    from hf_ext.generation.tie.data import generate_workload, load_azure_trace
+
+    rows = generate_workload(n, seed=seed + 500, max_new_tokens=cap)
+    plen = np.minimum(np.random.default_rng(seed + 501).choice(load_azure_trace()["prompt_len"], n), 2048)
+    return rows, plen
+
+
+def requests(rows: list[dict], plen: np.ndarray, cap: int, arrivals: np.ndarray) -> list[Any]:
+    from hf_ext.generation.tie.bench import _true_params
+    from hf_ext.simulate import Request
+
+    return [
+        Request(
+            id=i,
+            arrival=float(arrivals[i]),
+            prompt_len=int(plen[i]),
+            output_len=int(r["output_len"]),
+            prompt=r["prompt"],
+            max_new_tokens=cap,
+            meta=truth,
+        )
+        for i, (r, truth) in enumerate(zip(rows, _true_params(rows)))
+    ]
+
+
+def saturated_rate(latency: np.ndarray, q: float = 0.9) -> float:
+    """Requests per second an engine sustains, from a run with every request at t=0: the first ``q`` of the
+    requests over the time they took. (The whole makespan would understate it: the last few long requests decode
+    almost alone.)"""
+    return q * len(latency) / float(np.quantile(latency, q))
+
+
+def run_cap(
+    args: argparse.Namespace, cap: int, cm: Any, kvs: list[float], loads: list[float]
+) -> dict[str, dict]:
+    """Every (KV pool, load) case of one cap: case -> policy -> simulator summary (+ ``rate_req_s``)."""
+    from hf_ext.generation.tie.bench import (
+        TRUE_DIST,
+        TRUE_DIST_POLICIES,
+        _annotate,
+        _cache_dir,
+        simulate_policies,
+        train_predictors,
+        with_true_distribution,
+    )
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.data import generate_workload
+    from hf_ext.generation.tie.scheduler import precompute_scores
+
+    rows, plen = workload(cap, args.n, args.seed)
+    lens = np.asarray([r["output_len"] for r in rows])
+    print(
+        f"cap {cap}: output median {np.median(lens):.0f}, mean {lens.mean():.0f}, p99 "
+        f"{np.percentile(lens, 99):.0f}, {100 * np.mean(lens >= cap):.1f} % at the cap"
+    )
+    tie_cfg = TIEConfig(max_new_tokens=cap, batch_max=args.max_num_seqs)
+    base = requests(rows, plen, cap, np.zeros(args.n))
+    policies: tuple[str, ...] = ("fcfs", "sjf_oracle")
+    if not args.true_law_only:
+        train_rows = generate_workload(args.n_train, seed=args.seed + 100, max_new_tokens=cap)
+        train = {
+            "prompt": [r["prompt"] for r in train_rows],
+            "output_len": [r["output_len"] for r in train_rows],
+        }
+        preds = train_predictors(train, dict(epochs=args.epochs, seed=args.seed), _cache_dir(args.cache_dir))
+        _annotate(base, preds)
+        precompute_scores(base, tie_cfg)
+        policies = TRAINED
+    true_base = with_true_distribution(base, tie_cfg)
+    out: dict[str, dict] = {}
+    rng = np.random.default_rng(args.seed + 502)
+    gaps = rng.exponential(1.0, args.n)  # unit-rate Poisson gaps, scaled per load (same draws at every load)
+    for kv in kvs:
+        sat = simulate_policies(cm, base, tie_cfg, args.max_num_seqs, int(kv), speed=0, policies=["fcfs"])
+        capacity = saturated_rate(sat["fcfs"].latency)
+        for load in loads:
+            rate = load * capacity
+            arr = np.cumsum(gaps) / rate
+            for reqs in (base, true_base):
+                for r, a in zip(reqs, arr):
+                    r.arrival = float(a)
+            sims = simulate_policies(cm, base, tie_cfg, args.max_num_seqs, int(kv), policies=policies)
+            truth = simulate_policies(
+                cm, true_base, tie_cfg, args.max_num_seqs, int(kv), policies=TRUE_DIST_POLICIES
+            )
+            sims.update({name + TRUE_DIST: r for name, r in truth.items()})
+            case = f"synthetic-cap{cap}_kv{int(kv) // 1000}k_load{load:g}"
+            res = {name: r.summary() for name, r in sims.items()}
+            for s in res.values():
+                s.update(rate_req_s=rate, capacity_req_s=capacity)
+            out[case] = res
+            f = res["fcfs"]["per_token_mean"]
+            print(
+                f"  {case} ({rate:.2f} req/s): "
+                + ", ".join(
+                    f"{k} {v['per_token_mean'] * 1e3:.1f}ms [{f / v['per_token_mean']:.2f}x]"
+                    for k, v in res.items()
+                )
+            )
+    return out
+
+
+def figure(results: dict[str, dict], png: Path) -> None:
+    """Mean (top) and p99 (bottom) per-token latency vs load, one column per (cap, KV pool)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[tuple[float, dict]]] = {}
+    for case, res in results.items():
+        head, load = case.rsplit("_load", 1)
+        groups.setdefault(head, []).append((float(load), res))
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.4 * len(groups), 7.2), squeeze=False)
+    for col, (head, pts) in enumerate(sorted(groups.items())):
+        pts.sort(key=lambda t: t[0])
+        for row, (key, label) in enumerate((("per_token_mean", "mean"), ("per_token_p99", "p99"))):
+            ax = axes[row][col]
+            for pol in PLOT_POLICIES:
+                if pol in pts[0][1]:
+                    ax.plot(
+                        [x for x, _ in pts],
+                        [r[pol][key] * 1e3 for _, r in pts],
+                        "--" if pol.endswith("_true_dist") else "-",
+                        marker="o",
+                        ms=3,
+                        label=pol,
+                    )
+            ax.set_yscale("log")
+            ax.set_xlabel("load (fraction of the saturated rate)")
+            ax.set_ylabel(f"{label} per-token latency (ms)")
+            ax.set_title(head, fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("TIE in long-cap, memory-bound regimes (simulator; dashed: fed the true length law)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    caps = [int(c) for c in _floats(args.caps, "caps", lo=1)]
+    kvs = _floats(args.kv_tokens, "kv-tokens", lo=1000)
+    loads = _floats(args.loads, "loads")
+    for name in ("n", "n_train", "epochs", "max_num_seqs"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    import torch
+
+    from hf_ext.generation.tie.bench import COMPONENT, load_cost_model
+    from hf_ext.utils.bench import append_rows, results_dir, run_command
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    cm = load_cost_model(None)
+    print(f"cost model {cm.name}")
+    results: dict[str, dict] = {}
+    for cap in caps:
+        results.update(run_cap(args, cap, cm, kvs, loads))
+    print(f"done in {time.perf_counter() - t0:.0f}s")
+    if args.no_write:
+        return 0
+    from hf_ext.generation.tie.bench import latency_rows
+
+    def quality(res: dict[str, dict]) -> tuple[str, str]:
+        # the perfect-predictor comparison the regime question is about, kept beside every row
+        tie, ssjf = res["tie_true_dist"]["per_token_mean"], res["ssjf_true_dist"]["per_token_mean"]
+        return "true_law_ssjf_over_tie_mean", f"{ssjf / tie:.3f}"
+
+    cmd = run_command()
+    trained = {c: r for c, r in results.items() if "tie" in r}
+    rows = latency_rows(trained, f"sim:{cm.name}", cmd, quality)
+    if rows:
+        append_rows(COMPONENT, rows)
+    rdir = results_dir()
+    figure(results, rdir / "tie_regime.png")
+    keep = ("per_token_mean", "per_token_p99", "ttft_mean", "latency_p99", "preemptions", "rate_req_s")
+    slim = {c: {p: {k: s[k] for k in keep} for p, s in r.items()} for c, r in results.items()}
+    (rdir / "tie_regime.json").write_text(json.dumps({"command": cmd, "cases": slim}, indent=1))
+    print(f"wrote {len(rows)} rows, {rdir / 'tie_regime.png'}, {rdir / 'tie_regime.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
