@@ -18,7 +18,8 @@ shared simulator (H100-measured cost model, like the bench):
   prompt's true ``(μ, σ, ν)`` (``*_true_dist``: a perfect predictor).
 
 Appends rows to ``benchmarks/results/tie.csv`` (cases ``synthetic-cap{M}_kv{K}k_load{L}``; ``--no-write`` to
-skip) and writes ``benchmarks/results/tie_regime.png`` and ``tie_regime.json``::
+skip) and writes ``benchmarks/results/tie_regime.png`` and ``tie_regime.json`` (``--seed N``: cases and files
+suffixed ``_seedN``)::
 
     python benchmarks/tie_regime.py                       # both caps, both pools, 5 loads (CPU; ~20 min untrained)
 """
@@ -109,6 +110,11 @@ def requests(rows: list[dict], plen: np.ndarray, cap: int, arrivals: np.ndarray)
     ]
 
 
+def seed_suffix(seed: int) -> str:
+    """Case and file-name suffix of a run: none for the default seed 0, ``_seedN`` otherwise."""
+    return f"_seed{seed}" if seed else ""
+
+
 def saturated_rate(latency: np.ndarray, q: float = 0.9) -> float:
     """Requests per second an engine sustains, from a run with every request at t=0: the first ``q`` of the
     requests over the time they took. (The whole makespan would understate it: the last few long requests decode
@@ -170,7 +176,7 @@ def run_cap(
                 cm, true_base, tie_cfg, args.max_num_seqs, int(kv), policies=TRUE_DIST_POLICIES
             )
             sims.update({name + TRUE_DIST: r for name, r in truth.items()})
-            case = f"synthetic-cap{cap}_kv{int(kv) // 1000}k_load{load:g}"
+            case = f"synthetic-cap{cap}_kv{int(kv) // 1000}k_load{load:g}" + seed_suffix(args.seed)
             res = {name: r.summary() for name, r in sims.items()}
             for s in res.values():
                 s.update(rate_req_s=rate, capacity_req_s=capacity)
@@ -195,7 +201,7 @@ def figure(results: dict[str, dict], png: Path) -> None:
 
     groups: dict[str, list[tuple[float, dict]]] = {}
     for case, res in results.items():
-        head, load = case.rsplit("_load", 1)
+        head, load = case.rsplit("_seed", 1)[0].rsplit("_load", 1)
         groups.setdefault(head, []).append((float(load), res))
     fig, axes = plt.subplots(2, len(groups), figsize=(4.4 * len(groups), 7.2), squeeze=False)
     for col, (head, pts) in enumerate(sorted(groups.items())):
@@ -260,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         append_rows(COMPONENT, rows)
     rdir = results_dir()
-    figure(results, rdir / "tie_regime.png")
+    stem = rdir / f"tie_regime{seed_suffix(args.seed)}"
+    figure(results, stem.with_suffix(".png"))
     keep = ("per_token_mean", "per_token_p99", "ttft_mean", "latency_p99", "preemptions", "rate_req_s")
     slim = {c: {p: {k: s[k] for k in keep} for p, s in r.items()} for c, r in results.items()}
-    (rdir / "tie_regime.json").write_text(json.dumps({"command": cmd, "cases": slim}, indent=1))
-    print(f"wrote {len(rows)} rows, {rdir / 'tie_regime.png'}, {rdir / 'tie_regime.json'}")
+    stem.with_suffix(".json").write_text(json.dumps({"command": cmd, "cases": slim}, indent=1))
+    print(f"wrote {len(rows)} rows, {stem}.png, {stem}.json")
     return 0
 
 
