@@ -230,6 +230,34 @@ def figure(results: dict[str, dict], png: Path) -> None:
     plt.close(fig)
 
 
+def summary_table(results: dict[str, dict]) -> None:
+    """Mean per-token latency per case (ms) and TIE's ratio to each baseline (> 1: TIE better), as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="mean per-token latency, ms (ratio: baseline / TIE, > 1 = TIE better)")
+    for c in (
+        "case",
+        "req/s",
+        "FCFS",
+        "SSJF",
+        "LTR",
+        "TIE",
+        "vs FCFS",
+        "vs SSJF",
+        "vs LTR",
+        "true law: vs SSJF",
+    ):
+        t.add_column(c, justify="left" if c == "case" else "right")
+    for case, r in results.items():
+        ms = {k: v["per_token_mean"] * 1e3 for k, v in r.items()}
+        trained = [f"{ms[k]:.1f}" if k in ms else "-" for k in ("ssjf", "ltr", "tie")]
+        ratios = [f"{ms[b] / ms['tie']:.2f}x" if "tie" in ms else "-" for b in ("fcfs", "ssjf", "ltr")]
+        true = f"{ms['ssjf_true_dist'] / ms['tie_true_dist']:.2f}x"
+        t.add_row(case, f"{r['fcfs']['rate_req_s']:.1f}", f"{ms['fcfs']:.1f}", *trained, *ratios, true)
+    Console(width=160).print(t)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     caps = [int(c) for c in _floats(args.caps, "caps", lo=1)]
@@ -251,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     for cap in caps:
         results.update(run_cap(args, cap, cm, kvs, loads))
     print(f"done in {time.perf_counter() - t0:.0f}s")
+    summary_table(results)
     if args.no_write:
         return 0
     from hf_ext.generation.tie.bench import latency_rows

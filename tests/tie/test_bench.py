@@ -144,7 +144,7 @@ def test_predictor_sweep_script_writes_csv_and_plot(tmp_path):
     assert stem.with_suffix(".png").stat().st_size > 0
 
 
-def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch):
+def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys):
     """benchmarks/tie_regime.py on a tiny grid: loads are fractions of the measured saturated rate, every case gets
     trained and true-law policies, rows go to tie.csv with the true-law comparison as quality; bad grids are
     refused before any work."""
@@ -180,3 +180,5 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch):
     assert {"tie", "ltr", "tie_expect_only", "tie_true_dist", "ssjf_true_dist"} <= set(lo)
     assert hi["fcfs"]["per_token_mean"] > lo["fcfs"]["per_token_mean"]  # more load, more waiting
     assert (tmp_path / "tie_regime.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "true law: vs SSJF" in out and "synthetic-cap1000_kv180k_load1.3" in out  # the summary table
