@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--true-law-only", action="store_true", help="skip the trained predictors (no training)")
     p.add_argument("--cache-dir", default=None, help="predictor cache (default ~/.cache/hf_ext/tie)")
     p.add_argument("--no-write", action="store_true", help="do not append rows or write the figure")
+    p.add_argument(
+        "--export-replay",
+        default=None,
+        help="also write the largest cap's requests (unit-rate Poisson arrivals, trained predictions) as a replay "
+        "JSON for benchmarks/tie_real_cb.py (its --speeds is then the rate in req/s)",
+    )
     return p
 
 
@@ -123,9 +129,15 @@ def saturated_rate(latency: np.ndarray, q: float = 0.9) -> float:
 
 
 def run_cap(
-    args: argparse.Namespace, cap: int, cm: Any, kvs: list[float], loads: list[float]
+    args: argparse.Namespace,
+    cap: int,
+    cm: Any,
+    kvs: list[float],
+    loads: list[float],
+    export: str | None = None,
 ) -> dict[str, dict]:
-    """Every (KV pool, load) case of one cap: case -> policy -> simulator summary (+ ``rate_req_s``)."""
+    """Every (KV pool, load) case of one cap: case -> policy -> simulator summary (+ ``rate_req_s``). ``export``: also
+    write this cap's requests with unit-rate arrivals and the trained predictions there (a replay JSON)."""
     from hf_ext.generation.tie.bench import (
         TRUE_DIST,
         TRUE_DIST_POLICIES,
@@ -162,6 +174,12 @@ def run_cap(
     out: dict[str, dict] = {}
     rng = np.random.default_rng(args.seed + 502)
     gaps = rng.exponential(1.0, args.n)  # unit-rate Poisson gaps, scaled per load (same draws at every load)
+    if export:
+        from hf_ext.generation.tie.bench import export_replay
+
+        for r, a in zip(base, np.cumsum(gaps)):
+            r.arrival = float(a)
+        export_replay(export, base)
     for kv in kvs:
         sat = simulate_policies(cm, base, tie_cfg, args.max_num_seqs, int(kv), speed=0, policies=["fcfs"])
         capacity = saturated_rate(sat["fcfs"].latency)
@@ -266,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("n", "n_train", "epochs", "max_num_seqs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.export_replay and args.true_law_only:
+        raise SystemExit("--export-replay needs the trained predictions; drop --true-law-only")
     import torch
 
     from hf_ext.generation.tie.bench import COMPONENT, load_cost_model
@@ -277,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cost model {cm.name}")
     results: dict[str, dict] = {}
     for cap in caps:
-        results.update(run_cap(args, cap, cm, kvs, loads))
+        results.update(run_cap(args, cap, cm, kvs, loads, args.export_replay if cap == max(caps) else None))
     print(f"done in {time.perf_counter() - t0:.0f}s")
     summary_table(results)
     if args.no_write:

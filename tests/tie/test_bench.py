@@ -159,7 +159,8 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     spec = importlib.util.spec_from_file_location("tie_regime", root / "benchmarks" / "tie_regime.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    for bad in (["--loads", "1,-2"], ["--caps", "x"], ["--kv-tokens", "10"], ["--n", "0"]):
+    bads = (["--loads", "1,-2"], ["--caps", "x"], ["--kv-tokens", "10"], ["--n", "0"])
+    for bad in (*bads, ["--export-replay", "x.json", "--true-law-only"]):
         with pytest.raises(SystemExit, match=bad[0]):
             mod.main(bad)
     # 90 % of 10 requests finished by the 0.9-quantile of their completion times
@@ -168,7 +169,13 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     )
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
     argv = ["--caps", "1000", "--kv-tokens", "180000", "--loads", "1,1.3", "--n", "300", "--n-train", "96"]
-    assert mod.main([*argv, "--epochs", "1", "--cache-dir", str(tmp_path / "cache")]) == 0
+    replay = tmp_path / "replay.json"
+    assert (
+        mod.main(
+            [*argv, "--epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--export-replay", str(replay)]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((tmp_path / "tie.csv").open()))
     cases = {r["case"] for r in rows}
     assert cases == {"synthetic-cap1000_kv180k_load1", "synthetic-cap1000_kv180k_load1.3"}
@@ -180,5 +187,10 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     assert {"tie", "ltr", "tie_expect_only", "tie_true_dist", "ssjf_true_dist"} <= set(lo)
     assert hi["fcfs"]["per_token_mean"] > lo["fcfs"]["per_token_mean"]  # more load, more waiting
     assert (tmp_path / "tie_regime.png").stat().st_size > 0
+    exported = json.loads(replay.read_text())["requests"]  # tie_real_cb.py's format, unit-rate arrivals
+    assert len(exported) == 300 and {"arrival", "output_len", "mu", "sigma", "pred_len", "ltr_score"} <= set(
+        exported[0]
+    )
+    assert 0.7 < exported[-1]["arrival"] / 300 < 1.3
     out = capsys.readouterr().out
     assert "true law: vs SSJF" in out and "synthetic-cap1000_kv180k_load1.3" in out  # the summary table
