@@ -355,8 +355,15 @@ def _workload_tag(path: str | Path) -> str:
     return "_replay-" + (stem[len(prefix) :] if stem.startswith(prefix) and len(stem) > len(prefix) else stem)
 
 
+def _workload_name(path: str | Path) -> str:
+    """The replay's workload name for case names: its ``meta["workload"]``, or ``azure2023conv`` (older files)."""
+    return json.loads(Path(path).read_text()).get("meta", {}).get("workload", "azure2023conv")
+
+
 def _case(args: argparse.Namespace, n: int, speed: float) -> str:
-    case = f"real_cb_{args.shape}_azure2023conv_n{n}_" + ("burst" if speed == 0 else f"x{speed:g}")
+    case = f"real_cb_{args.shape}_{_workload_name(args.workload)}_n{n}_" + (
+        "burst" if speed == 0 else f"x{speed:g}"
+    )
     if args.max_requests_per_batch is not None:
         case += f"_maxseqs{args.max_requests_per_batch}"
     case += f"_tau{args.aging_tau:g}" if getattr(args, "aging_tau", None) is not None else ""
@@ -403,7 +410,9 @@ def run_static(
     kw = dict(eos_token_id=2, pad_token_id=0)  # a random model: EOS is forced at each row's length
     k = min(bs, len(reqs))
     run_static_generate(model, ids[:k], [min(x, 8) for x in lens[:k]], list(range(k)), k, **kw)  # warm-up
-    case = f"real_static_{args.shape}_azure2023conv_n{len(reqs)}_" + (f"kv{kv // 1000}k" if kv else f"b{bs}")
+    case = f"real_static_{args.shape}_{_workload_name(args.workload)}_n{len(reqs)}_" + (
+        f"kv{kv // 1000}k" if kv else f"b{bs}"
+    )
     case += f"_seed{args.seed}" if args.seed else ""
     res: dict[str, dict] = {}
     all_rows: list[Any] = []

@@ -43,6 +43,10 @@ import numpy as np  # noqa: E402
 # trained-predictor policies, then the same scores fed the true law (bench.TRUE_DIST suffix)
 TRAINED = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie", "tie_expect_only")
 A40GB_KV_TOKENS = 180_000
+REPLAY_SOURCE = (
+    "synthetic text workload (hf_ext.generation.tie.data) with prompt lengths resampled from the Azure LLM inference "
+    "trace 2023 (conversation; Azure Public Dataset, CC-BY 4.0) and Poisson arrivals at 1 request/s"
+)
 PLOT_POLICIES = (
     "fcfs",
     "ssjf",
@@ -179,7 +183,7 @@ def run_cap(
 
         for r, a in zip(base, np.cumsum(gaps)):
             r.arrival = float(a)
-        export_replay(export, base)
+        export_replay(export, base, workload=f"synthetic-cap{cap}-poisson", source=REPLAY_SOURCE)
     for kv in kvs:
         sat = simulate_policies(cm, base, tie_cfg, args.max_num_seqs, int(kv), speed=0, policies=["fcfs"])
         capacity = saturated_rate(sat["fcfs"].latency)

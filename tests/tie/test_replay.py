@@ -477,6 +477,11 @@ def test_gpu_replay_case_names_carry_a_nonzero_seed():
     default = mod._parser().parse_args([*base, "--workload", str(mod.DEFAULT_WORKLOAD)])
     assert mod._case(default, 150, 4.0) == plain
     assert mod._workload_tag("/tmp/my_trace.json") == "_replay-my_trace"
+    # a replay that names its workload (tie_regime.py --export-replay) is not labelled as the Azure trace
+    synth = mod._parser().parse_args([*base, "--workload", "benchmarks/data/tie_regime_cap8192.json"])
+    assert mod._case(synth, 150, 4.0) == (
+        "real_cb_tiny_synthetic-cap8192-poisson_n150_x4_maxseqs32_replay-tie_regime_cap8192"
+    )
 
 
 def test_gpu_replay_script_burst_goodput_rows():

@@ -343,10 +343,17 @@ def trace_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: Any
     return base
 
 
-def export_replay(path: str | Path, base: list[Any], limit: int = 2000) -> None:
+def export_replay(
+    path: str | Path,
+    base: list[Any],
+    limit: int = 2000,
+    workload: str = "azure2023conv",
+    source: str = ATTRIBUTION,
+) -> None:
     """Write the first ``limit`` requests of the trace window (arrival, token counts, all three predictors'
     outputs) as JSON for a real-CB replay elsewhere (``benchmarks/tie_real_cb.py`` on the GPU machine,
-    which has no predictors)."""
+    which has no predictors). ``workload`` names the workload in the replay's case names, ``source`` says where
+    its requests come from."""
     rows = [
         {
             "arrival": round(r.arrival, 3),
@@ -361,7 +368,8 @@ def export_replay(path: str | Path, base: list[Any], limit: int = 2000) -> None:
         for r in base[:limit]
     ]
     meta = {
-        "source": ATTRIBUTION,
+        "source": source,
+        "workload": workload,
         "n": len(rows),
         "note": "predictions from the cached synthetic-text predictors",
     }
