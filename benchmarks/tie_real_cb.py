@@ -489,9 +489,12 @@ def main(argv: list[str] | None = None) -> int:
             plot_results(COMPONENT, path)
             cbfit = any(c.endswith("_sim_cbfit") for c in sim)
             tau = "" if args.aging_tau is None else f"_tau{args.aging_tau:g}"
-            policy_figure(sim, results_dir() / f"tie_real_cb_sim{'_cbfit' if cbfit else ''}{tau}.png")
+            tag = _workload_tag(
+                args.workload
+            )  # another replay's figures never overwrite the default replay's
+            policy_figure(sim, results_dir() / f"tie_real_cb_sim{'_cbfit' if cbfit else ''}{tau}{tag}.png")
             if pairs:
-                policy_figure(pairs, results_dir() / "tie_real_cb_vs_sim.png")
+                policy_figure(pairs, results_dir() / f"tie_real_cb_vs_sim{tag}.png")
         return 0
     if args.device == "cpu":
         torch.set_num_threads(2)
@@ -593,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write and all_rows:
         path = results_dir() / f"{COMPONENT}.csv"
         plot_results(COMPONENT, path)
-        policy_figure(real, results_dir() / "tie_real_cb.png")
+        policy_figure(real, results_dir() / f"tie_real_cb{_workload_tag(args.workload)}.png")
         print(f"wrote {path}, {details}")
     print(f"total {time.perf_counter() - t_start:.0f}s")
     return 0
