@@ -17,6 +17,11 @@ shared simulator (H100-measured cost model, like the bench):
   bench trains them but on lengths drawn with cap ``M`` (cached); and SSJF / TIE / TIE expectation-only fed each
   prompt's true ``(μ, σ, ν)`` (``*_true_dist``: a perfect predictor).
 
+The offline job (``--offline-n`` of those requests at t=0, trained predictors) runs as static ``generate`` batches
+under each ``--offline-kv-tokens`` cap: batches of the size the cap allows with every row provisioned for
+2,048 + ``M`` tokens (``_kvcap``), and batches sized from each batch's own prompts (``_membatch``); whole-job tokens/s
+(rows ``offline_throughput_tokens``, cases ``synthetic-cap{M}_offline_static…``).
+
 Appends rows to ``benchmarks/results/tie.csv`` (cases ``synthetic-cap{M}_kv{K}k_load{L}``; ``--no-write`` to
 skip) and writes ``benchmarks/results/tie_regime.png`` and ``tie_regime.json`` (``--seed N``: cases and files
 suffixed ``_seedN``)::
@@ -31,6 +36,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=40000, help="training pairs per predictor (the bench's)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument(
+        "--offline-n", type=int, default=2000, help="requests in the offline static-batch job (0: skip it)"
+    )
+    p.add_argument(
+        "--offline-kv-tokens",
+        default=f"120000,{A40GB_KV_TOKENS}",
+        help="KV caps of the offline job (the bench's 120k, and a 40 GB card's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--true-law-only", action="store_true", help="skip the trained predictors (no training)")
     p.add_argument("--cache-dir", default=None, help="predictor cache (default ~/.cache/hf_ext/tie)")
@@ -139,9 +153,12 @@ def run_cap(
     kvs: list[float],
     loads: list[float],
     export: str | None = None,
-) -> dict[str, dict]:
-    """Every (KV pool, load) case of one cap: case -> policy -> simulator summary (+ ``rate_req_s``). ``export``: also
-    write this cap's requests with unit-rate arrivals and the trained predictions there (a replay JSON)."""
+    offline_kvs: Sequence[float] = (),
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Every (KV pool, load) case of one cap: case -> policy -> simulator summary (+ ``rate_req_s``); and the offline
+    job (the first ``--offline-n`` requests at t=0 as static ``generate`` batches under each of ``offline_kvs``, with
+    the trained predictors only): case -> policy -> summary. ``export``: also write this cap's requests with
+    unit-rate arrivals and the trained predictions there (a replay JSON)."""
     from hf_ext.generation.tie.bench import (
         TRUE_DIST,
         TRUE_DIST_POLICIES,
@@ -174,6 +191,17 @@ def run_cap(
         _annotate(base, preds)
         precompute_scores(base, tie_cfg)
         policies = TRAINED
+    offline: dict[str, dict] = {}
+    if policies == TRAINED and args.offline_n:
+        from hf_ext.generation.tie.bench import clone_requests, offline_static
+
+        job = clone_requests(base[: args.offline_n])
+        for kv in offline_kvs:
+            ns = argparse.Namespace(offline_kv_tokens=int(kv))
+            res = offline_static(
+                ns, cm, job, tie_cfg, max_new_tokens=cap, batch_sizes=(), prefix=f"synthetic-cap{cap}_"
+            )
+            offline.update({case + seed_suffix(args.seed): r for case, r in res.items()})
     true_base = with_true_distribution(base, tie_cfg)
     out: dict[str, dict] = {}
     rng = np.random.default_rng(args.seed + 502)
@@ -211,7 +239,7 @@ def run_cap(
                     for k, v in res.items()
                 )
             )
-    return out
+    return out, offline
 
 
 def figure(results: dict[str, dict], png: Path) -> None:
@@ -285,9 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     caps = [int(c) for c in _floats(args.caps, "caps", lo=1)]
     kvs = _floats(args.kv_tokens, "kv-tokens", lo=1000)
     loads = _floats(args.loads, "loads")
+    offline_kvs = _floats(args.offline_kv_tokens, "offline-kv-tokens", lo=1000)
     for name in ("n", "n_train", "epochs", "max_num_seqs"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.offline_n <= args.n:
+        raise SystemExit(f"--offline-n must be in [0, --n={args.n}], got {args.offline_n}")
     if args.export_replay and args.true_law_only:
         raise SystemExit("--export-replay needs the trained predictions; drop --true-law-only")
     import torch
@@ -300,13 +331,18 @@ def main(argv: list[str] | None = None) -> int:
     cm = load_cost_model(None)
     print(f"cost model {cm.name}")
     results: dict[str, dict] = {}
+    offline: dict[str, dict] = {}
     for cap in caps:
-        results.update(run_cap(args, cap, cm, kvs, loads, args.export_replay if cap == max(caps) else None))
+        online, off = run_cap(
+            args, cap, cm, kvs, loads, args.export_replay if cap == max(caps) else None, offline_kvs
+        )
+        results.update(online)
+        offline.update(off)
     print(f"done in {time.perf_counter() - t0:.0f}s")
     summary_table(results)
     if args.no_write:
         return 0
-    from hf_ext.generation.tie.bench import latency_rows
+    from hf_ext.generation.tie.bench import latency_rows, static_rows
 
     def quality(res: dict[str, dict]) -> tuple[str, str]:
         # the perfect-predictor comparison the regime question is about, kept beside every row
@@ -316,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = run_command()
     trained = {c: r for c, r in results.items() if "tie" in r}
     rows = latency_rows(trained, f"sim:{cm.name}", cmd, quality)
+    rows += static_rows(offline, f"sim:{cm.name}", f"sim:{cm.name}", cmd)
     if rows:
         append_rows(COMPONENT, rows)
     rdir = results_dir()
@@ -323,7 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     figure(results, stem.with_suffix(".png"))
     keep = ("per_token_mean", "per_token_p99", "ttft_mean", "latency_p99", "preemptions", "rate_req_s")
     slim = {c: {p: {k: s[k] for k in keep} for p, s in r.items()} for c, r in results.items()}
-    stem.with_suffix(".json").write_text(json.dumps({"command": cmd, "cases": slim}, indent=1))
+    off = {
+        c: {p: {k: s[k] for k in ("throughput_tok_s", "padding_share")} for p, s in r.items()}
+        for c, r in offline.items()
+    }
+    stem.with_suffix(".json").write_text(
+        json.dumps({"command": cmd, "cases": slim, "offline": off}, indent=1)
+    )
     print(f"wrote {len(rows)} rows, {stem}.png, {stem}.json")
     return 0
 

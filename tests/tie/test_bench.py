@@ -159,7 +159,7 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     spec = importlib.util.spec_from_file_location("tie_regime", root / "benchmarks" / "tie_regime.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    bads = (["--loads", "1,-2"], ["--caps", "x"], ["--kv-tokens", "10"], ["--n", "0"])
+    bads = (["--loads", "1,-2"], ["--caps", "x"], ["--kv-tokens", "10"], ["--n", "0"], ["--offline-n", "-1"])
     for bad in (*bads, ["--export-replay", "x.json", "--true-law-only"]):
         with pytest.raises(SystemExit, match=bad[0]):
             mod.main(bad)
@@ -169,6 +169,7 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     )
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
     argv = ["--caps", "1000", "--kv-tokens", "180000", "--loads", "1,1.3", "--n", "300", "--n-train", "96"]
+    argv += ["--offline-n", "200", "--offline-kv-tokens", "120000"]
     replay = tmp_path / "replay.json"
     assert (
         mod.main(
@@ -177,11 +178,19 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
         == 0
     )
     rows = list(csv.DictReader((tmp_path / "tie.csv").open()))
+    offline = [r for r in rows if r["metric"] == "offline_throughput_tokens"]
+    assert {r["case"] for r in offline} == {
+        "synthetic-cap1000_offline_static200_b39_kvcap",  # 120k / (2,048 + 1,000) rows
+        "synthetic-cap1000_offline_static200_kv120k_membatch",
+    }
+    rows = [r for r in rows if r not in offline]
     cases = {r["case"] for r in rows}
     assert cases == {"synthetic-cap1000_kv180k_load1", "synthetic-cap1000_kv180k_load1.3"}
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf", "ltr", "sjf_oracle"}
     assert {r["quality_name"] for r in rows} == {"true_law_ssjf_over_tie_mean"}
-    res = json.loads((tmp_path / "tie_regime.json").read_text())["cases"]
+    saved = json.loads((tmp_path / "tie_regime.json").read_text())
+    assert set(saved["offline"]) == {r["case"] for r in offline}
+    res = saved["cases"]
     lo, hi = (res[c] for c in sorted(cases))
     assert hi["fcfs"]["rate_req_s"] == pytest.approx(1.3 * lo["fcfs"]["rate_req_s"])
     assert {"tie", "ltr", "tie_expect_only", "tie_true_dist", "ssjf_true_dist"} <= set(lo)

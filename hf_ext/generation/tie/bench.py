@@ -667,12 +667,22 @@ def real_static(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, di
     return {f"real_static_tiny_llama_cpu_n{n}_b{bs}": res}
 
 
-def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: Any) -> dict[str, dict]:
+def offline_static(
+    args: argparse.Namespace,
+    cm: Any,
+    base: list[Any],
+    tie_cfg: Any,
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_sizes: Sequence[int] = STATIC_BATCH_SIZES,
+    prefix: str = "",
+) -> dict[str, dict]:
     """The offline job as ``generate`` over static (padded) batches, in the simulator's cost model.
 
     Batch sizes: the largest that fits ``--offline-kv-tokens`` with every row reserved at 2,048 prompt +
-    1,000 new tokens (what a ``generate`` user provisions; case suffix ``_kvcap``), 16 / 64 beside it, and batches
-    each as wide as the KV cap allows for its own padded prompts + 1,000 (``memory_batches``; suffix ``_membatch``).
+    ``max_new_tokens`` new tokens (what a ``generate`` user provisions; case suffix ``_kvcap``), ``batch_sizes``
+    beside it, and batches each as wide as the KV cap allows for its own padded prompts + ``max_new_tokens``
+    (``memory_batches``; suffix ``_membatch``). ``prefix`` starts every case name.
     """
     from dataclasses import replace
 
@@ -683,7 +693,7 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
         simulate_static_batches,
     )
 
-    mem_b = batch_size_for_memory(args.offline_kv_tokens, 2048, MAX_NEW_TOKENS)
+    mem_b = batch_size_for_memory(args.offline_kv_tokens, 2048, max_new_tokens)
     plen, out = [r.prompt_len for r in base], [r.output_len for r in base]
     orders = {p: policy_order(p, base, tie_cfg) for p in OFFLINE_POLICIES}
     # ablation (report / details only, never CSV rows): the same order without the CVaR term
@@ -693,14 +703,14 @@ def offline_static(args: argparse.Namespace, cm: Any, base: list[Any], tie_cfg: 
     res: dict[str, dict] = {}
     kv = args.offline_kv_tokens
     plans: list[tuple[str, dict[str, Any]]] = [
-        (f"offline_static{len(base)}_b{b}" + ("_kvcap" if b == mem_b else ""), {"batch_size": b})
-        for b in sorted({mem_b, *STATIC_BATCH_SIZES})
+        (f"{prefix}offline_static{len(base)}_b{b}" + ("_kvcap" if b == mem_b else ""), {"batch_size": b})
+        for b in sorted({mem_b, *batch_sizes})
     ]
     # every batch as wide as the KV cap allows for its own prompts (memory_batches)
     plans.append(
         (
-            f"offline_static{len(base)}_kv{kv // 1000}k_membatch",
-            {"kv_tokens": kv, "max_new_tokens": MAX_NEW_TOKENS},
+            f"{prefix}offline_static{len(base)}_kv{kv // 1000}k_membatch",
+            {"kv_tokens": kv, "max_new_tokens": max_new_tokens},
         )
     )
     for case, kw in plans:
