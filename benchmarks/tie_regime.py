@@ -116,24 +116,6 @@ def workload(cap: int, n: int, seed: int) -> tuple[list[dict], np.ndarray]:
     return rows, plen
 
 
-def requests(rows: list[dict], plen: np.ndarray, cap: int, arrivals: np.ndarray) -> list[Any]:
-    from hf_ext.generation.tie.bench import _true_params
-    from hf_ext.simulate import Request
-
-    return [
-        Request(
-            id=i,
-            arrival=float(arrivals[i]),
-            prompt_len=int(plen[i]),
-            output_len=int(r["output_len"]),
-            prompt=r["prompt"],
-            max_new_tokens=cap,
-            meta=truth,
-        )
-        for i, (r, truth) in enumerate(zip(rows, _true_params(rows)))
-    ]
-
-
 def seed_suffix(seed: int) -> str:
     """Case and file-name suffix of a run: none for the default seed 0, ``_seedN`` otherwise."""
     return f"_seed{seed}" if seed else ""
@@ -165,6 +147,7 @@ def run_cap(
         _annotate,
         _cache_dir,
         simulate_policies,
+        synthetic_requests,
         train_predictors,
         with_true_distribution,
     )
@@ -179,7 +162,7 @@ def run_cap(
         f"{np.percentile(lens, 99):.0f}, {100 * np.mean(lens >= cap):.1f} % at the cap"
     )
     tie_cfg = TIEConfig(max_new_tokens=cap, batch_max=args.max_num_seqs)
-    base = requests(rows, plen, cap, np.zeros(args.n))
+    base = synthetic_requests(rows, plen, np.zeros(args.n), cap)
     policies: tuple[str, ...] = ("fcfs", "sjf_oracle")
     if not args.true_law_only:
         train_rows = generate_workload(args.n_train, seed=args.seed + 100, max_new_tokens=cap)

@@ -432,29 +432,38 @@ def trace_replay(
     return out
 
 
+def synthetic_requests(
+    rows: Sequence[dict[str, Any]], prompt_lens: Sequence[int], arrivals: Sequence[float], max_new_tokens: int
+) -> list[Any]:
+    """Simulator requests of synthetic workload rows: their text and drawn length, ``prompt_lens[i]`` prompt tokens,
+    ``arrivals[i]`` seconds, and the generator's own law in ``meta`` (``true_mu`` / ``true_sigma`` / ``true_nu``)."""
+    from hf_ext.simulate import Request
+
+    return [
+        Request(
+            id=i,
+            arrival=float(arrivals[i]),
+            prompt_len=int(prompt_lens[i]),
+            output_len=int(r["output_len"]),
+            prompt=r["prompt"],
+            max_new_tokens=max_new_tokens,
+            meta=truth,
+        )
+        for i, (r, truth) in enumerate(zip(rows, _true_params(rows)))
+    ]
+
+
 def offline_requests(args: argparse.Namespace, preds: dict[str, Any], tie_cfg: Any) -> list[Any]:
     """The offline batch job: ``--offline-n`` synthetic prompts at t=0, prompt lengths drawn from the Azure
     trace (<= 2,048), predictions of all three predictors and TIE scores attached."""
     from hf_ext.generation.tie.data import generate_workload, load_azure_trace
     from hf_ext.generation.tie.scheduler import precompute_scores
-    from hf_ext.simulate import Request
 
     rng = np.random.default_rng(args.seed + 7)
     rows = generate_workload(args.offline_n, seed=args.seed + 500, max_new_tokens=MAX_NEW_TOKENS)
     tr_plen = load_azure_trace()["prompt_len"]
     plen = rng.choice(tr_plen[tr_plen <= 2048], size=len(rows))
-    base = [
-        Request(
-            id=i,
-            arrival=0.0,
-            prompt_len=int(plen[i]),
-            output_len=int(r["output_len"]),
-            prompt=r["prompt"],
-            max_new_tokens=MAX_NEW_TOKENS,
-            meta=truth,
-        )
-        for i, (r, truth) in enumerate(zip(rows, _true_params(rows)))
-    ]
+    base = synthetic_requests(rows, plen, np.zeros(len(rows)), MAX_NEW_TOKENS)
     _annotate(base, preds)
     precompute_scores(base, tie_cfg)
     return base
