@@ -168,6 +168,14 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
         9 / np.quantile(np.arange(1.0, 11.0), 0.9)
     )
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    # prompt lengths come from the Azure trace, which a clean clone lacks: a small stand-in in its format
+    trace = tmp_path / "trace.csv"
+    lens = np.random.default_rng(0).integers(20, 3000, size=(64, 2))
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        + "".join(f"2023-11-16 18:15:{i // 10:02d}.{i % 10}000000,{p},{o}\n" for i, (p, o) in enumerate(lens))
+    )
+    monkeypatch.setenv("HF_EXT_AZURE_TRACE", str(trace))
     argv = ["--caps", "1000", "--kv-tokens", "180000", "--loads", "1,1.3", "--n", "300", "--n-train", "96"]
     argv += ["--offline-n", "200", "--offline-kv-tokens", "120000"]
     replay = tmp_path / "replay.json"
