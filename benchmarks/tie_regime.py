@@ -26,7 +26,10 @@ Appends rows to ``benchmarks/results/tie.csv`` (cases ``synthetic-cap{M}_kv{K}k_
 skip) and writes ``benchmarks/results/tie_regime.png`` and ``tie_regime.json`` (``--seed N``: cases and files
 suffixed ``_seedN``)::
 
-    python benchmarks/tie_regime.py                       # both caps, both pools, 5 loads (CPU; ~20 min untrained)
+    python benchmarks/tie_regime.py     # both caps, both pools, 5 loads, offline job
+
+On a 2-core CPU a run takes ~30 s once the predictors are cached; training a cap's three predictors (40,000 pairs)
+takes 8-10 min the first time (the cap-1,000 ones are the bench's, shared through the cache).
 """
 
 from __future__ import annotations
