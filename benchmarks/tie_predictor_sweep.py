@@ -123,22 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from hf_ext.generation.tie.config import PredictorConfig
-    from hf_ext.generation.tie.data import generate_workload
+    from hf_ext.generation.tie.data import generate_workload, length_pairs
     from hf_ext.generation.tie.predictor import LengthPredictor
     from hf_ext.utils.bench import git_commit
 
     torch.set_num_threads(2)
     m_val = 1000
     val = generate_workload(args.val_n, seed=args.val_seed, max_new_tokens=m_val)
-    vd = {"prompt": [r["prompt"] for r in val], "output_len": [r["output_len"] for r in val]}
+    vd = length_pairs(val)
     rows: list[dict] = []
     for n in tqdm(sizes, desc="training-set sizes"):
         # the bench's own training set for --n-train n (the generator is not prefix-stable across sizes)
         train_rows = generate_workload(n, seed=args.train_seed, max_new_tokens=m_val)
-        tr = {
-            "prompt": [r["prompt"] for r in train_rows],
-            "output_len": [r["output_len"] for r in train_rows],
-        }
+        tr = length_pairs(train_rows)
         if not rows:
             rows = reference_rows(val, tr["output_len"], m_val)
         t0 = time.perf_counter()

@@ -155,7 +155,7 @@ def run_cap(
         with_true_distribution,
     )
     from hf_ext.generation.tie.config import TIEConfig
-    from hf_ext.generation.tie.data import generate_workload
+    from hf_ext.generation.tie.data import generate_workload, length_pairs
     from hf_ext.generation.tie.scheduler import precompute_scores
 
     rows, plen = workload(cap, args.n, args.seed)
@@ -169,11 +169,9 @@ def run_cap(
     policies: tuple[str, ...] = ("fcfs", "sjf_oracle")
     if not args.true_law_only:
         train_rows = generate_workload(args.n_train, seed=args.seed + 100, max_new_tokens=cap)
-        train = {
-            "prompt": [r["prompt"] for r in train_rows],
-            "output_len": [r["output_len"] for r in train_rows],
-        }
-        preds = train_predictors(train, dict(epochs=args.epochs, seed=args.seed), _cache_dir(args.cache_dir))
+        preds = train_predictors(
+            length_pairs(train_rows), dict(epochs=args.epochs, seed=args.seed), _cache_dir(args.cache_dir)
+        )
         _annotate(base, preds)
         precompute_scores(base, tie_cfg)
         policies = TRAINED

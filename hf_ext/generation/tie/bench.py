@@ -899,7 +899,7 @@ def real_cb_rows(real: dict[str, dict], device: str, cmd: str) -> list[Any]:
 # -------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     from hf_ext.generation.tie.config import TIEConfig
-    from hf_ext.generation.tie.data import generate_workload
+    from hf_ext.generation.tie.data import generate_workload, length_pairs
     from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows, results_dir
 
     args = _parser().parse_args(argv or [])
@@ -920,8 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     test_rows = generate_workload(
         1500 if not args.quick else 600, seed=args.seed + 200, max_new_tokens=MAX_NEW_TOKENS
     )
-    train = {"prompt": [r["prompt"] for r in train_rows], "output_len": [r["output_len"] for r in train_rows]}
-    test = {"prompt": [r["prompt"] for r in test_rows], "output_len": [r["output_len"] for r in test_rows]}
+    train, test = length_pairs(train_rows), length_pairs(test_rows)
     cfg_kw = dict(epochs=args.epochs, seed=args.seed)
     print("[1/4] predictors (same encoder; cached)")
     preds = train_predictors(train, cfg_kw, _cache_dir(args.cache_dir))

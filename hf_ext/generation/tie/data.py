@@ -327,6 +327,12 @@ def generate_workload(
     return rows
 
 
+def length_pairs(rows: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """The ``(prompt, output_len)`` columns of workload rows, as ``LengthPredictor.fit`` / ``evaluate`` take them
+    (a plain dict; :func:`to_dataset` gives a ``datasets.Dataset`` with every column)."""
+    return {"prompt": [r["prompt"] for r in rows], "output_len": [r["output_len"] for r in rows]}
+
+
 def to_dataset(rows: Sequence[dict[str, Any]]) -> Any:
     """A ``datasets.Dataset`` with columns ``prompt`` and ``output_len`` (plus the analysis columns)."""
     from datasets import Dataset

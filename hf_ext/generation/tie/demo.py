@@ -20,8 +20,8 @@ def run_demo() -> DemoResult:
 
     from hf_ext.generation.tie.cb import clear_length_hints, enable_tie_scheduler, set_length_hints
     from hf_ext.generation.tie.config import PredictorConfig, TIEConfig
-    from hf_ext.generation.tie.data import generate_workload
-    from hf_ext.generation.tie.predictor import LengthPredictor, constant_logt_baseline, logt_nll
+    from hf_ext.generation.tie.data import generate_workload, length_pairs
+    from hf_ext.generation.tie.predictor import LengthPredictor, constant_logt_baseline, logt_scores
     from hf_ext.generation.tie.scheduler import TIEScheduler, annotate_requests
     from hf_ext.simulate import FCFS, CostModel, Request, SimConfig, Simulator
     from hf_ext.testing import tiny_llama, tiny_tokenizer
@@ -29,13 +29,10 @@ def run_demo() -> DemoResult:
     torch.set_num_threads(1)
     train, test = generate_workload(640, seed=1), generate_workload(300, seed=2)
     pred = LengthPredictor(PredictorConfig.tiny())
-    pred.fit({"prompt": [r["prompt"] for r in train], "output_len": [r["output_len"] for r in train]})
-    nll = pred.evaluate(
-        {"prompt": [r["prompt"] for r in test], "output_len": [r["output_len"] for r in test]}
-    )["nll"]
+    pred.fit(length_pairs(train))
+    nll = pred.evaluate(length_pairs(test))["nll"]
     mu0, s0, nu0 = constant_logt_baseline([r["output_len"] for r in train])
-    y = torch.tensor(np.log([r["output_len"] for r in test]))
-    nll0 = float(logt_nll(y, torch.tensor(mu0), torch.tensor(s0), torch.tensor(nu0)).mean())
+    nll0 = logt_scores([r["output_len"] for r in test], mu0, s0, nu0)["nll"]
 
     # overloaded stream in the shared simulator (8 slots, 50 tokens/s each)
     rng = np.random.default_rng(0)
