@@ -489,9 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             plot_results(COMPONENT, path)
             cbfit = any(c.endswith("_sim_cbfit") for c in sim)
             tau = "" if args.aging_tau is None else f"_tau{args.aging_tau:g}"
-            tag = _workload_tag(
-                args.workload
-            )  # another replay's figures never overwrite the default replay's
+            # another replay's figures never overwrite the default replay's
+            tag = _workload_tag(args.workload)
             policy_figure(sim, results_dir() / f"tie_real_cb_sim{'_cbfit' if cbfit else ''}{tau}{tag}.png")
             if pairs:
                 policy_figure(pairs, results_dir() / f"tie_real_cb_vs_sim{tag}.png")
