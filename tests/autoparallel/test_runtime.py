@@ -81,15 +81,17 @@ def test_runtime_probe_one_rank():
         assert r["step_overhead_ms"][dp] >= 0
     assert r["optimizer_ns_per_param"] == pytest.approx(r["runtime"]["ddp"]["optimizer_ns_per_param"])
     assert r["bumped_delta"] == pytest.approx(7.0)
+
     # a b=1 x 2 DDP step vs the probe's own fit (fixed + 2 micro-batches + optimizer): two separately timed
     # estimates on a shared CPU. Medians of 5 (_dist_fns.REPEATS) gave 0.71-1.13 idle and with the cores busy;
     # medians of 2 once gave 2.1 on a clean-clone CI run, hence the repeats and a factor 2.5. A loaded machine once
     # put one pair 3.4x apart (50.4 vs 14.9 ms) in a clean-clone run: a pair outside the band is measured once more,
     # and the test fails only if the second pair is outside it too.
-    for attempt in range(2):
-        rt = r["runtime"]["ddp"]
-        measured = rt["fixed_ms"] + 2 * rt["mb_ms"] + rt["opt_ms"]
-        if 0.4 < r["predicted_ms"] / measured < 2.5 or attempt == 1:
-            break
-        (r,) = run_distributed(_dist_fns.profile_runtime, 1)
-    assert 0.4 < r["predicted_ms"] / measured < 2.5, (r["predicted_ms"], measured)
+    def predicted_and_measured(res: dict) -> tuple[float, float]:
+        rt = res["runtime"]["ddp"]
+        return res["predicted_ms"], rt["fixed_ms"] + 2 * rt["mb_ms"] + rt["opt_ms"]
+
+    predicted, measured = predicted_and_measured(r)
+    if not 0.4 < predicted / measured < 2.5:
+        predicted, measured = predicted_and_measured(run_distributed(_dist_fns.profile_runtime, 1)[0])
+    assert 0.4 < predicted / measured < 2.5, (predicted, measured)
