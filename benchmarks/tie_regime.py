@@ -176,7 +176,7 @@ def run_cap(
         precompute_scores(base, tie_cfg)
         policies = TRAINED
     offline: dict[str, dict] = {}
-    if policies == TRAINED and args.offline_n:
+    if not args.true_law_only and args.offline_n:
         from hf_ext.generation.tie.bench import clone_requests, offline_static
 
         job = clone_requests(base[: args.offline_n])
@@ -294,7 +294,10 @@ def summary_table(results: dict[str, dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    caps = [int(c) for c in _floats(args.caps, "caps", lo=1)]
+    cap_values = _floats(args.caps, "caps", lo=1)
+    if any(c != int(c) for c in cap_values):
+        raise SystemExit(f"--caps must be whole numbers of tokens, got {args.caps!r}")
+    caps = [int(c) for c in cap_values]
     kvs = _floats(args.kv_tokens, "kv-tokens", lo=1000)
     loads = _floats(args.loads, "loads")
     offline_kvs = _floats(args.offline_kv_tokens, "offline-kv-tokens", lo=1000)

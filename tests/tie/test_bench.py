@@ -159,7 +159,14 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     spec = importlib.util.spec_from_file_location("tie_regime", root / "benchmarks" / "tie_regime.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    bads = (["--loads", "1,-2"], ["--caps", "x"], ["--kv-tokens", "10"], ["--n", "0"], ["--offline-n", "-1"])
+    bads = (
+        ["--loads", "1,-2"],
+        ["--caps", "x"],
+        ["--caps", "1000.5"],
+        ["--kv-tokens", "10"],
+        ["--n", "0"],
+        ["--offline-n", "-1"],
+    )
     for bad in (*bads, ["--export-replay", "x.json", "--true-law-only"]):
         with pytest.raises(SystemExit, match=bad[0]):
             mod.main(bad)
