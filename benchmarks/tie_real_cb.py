@@ -198,7 +198,10 @@ def simulate_same(
         sims = simulate_policies(
             cm, base, cfg, max_seqs, kv_tokens, speed=speed, policies=policies, max_num_batched_tokens=budget
         )
-        out[_case(args, len(reqs), speed) + suffix] = {pol: r.summary() for pol, r in sims.items()}
+        out[_case(args, len(reqs), speed) + suffix] = {
+            pol: _with_top5(r.summary(), r.per_token_latency, [reqs[int(i)].request_id for i in r.cols["id"]])
+            for pol, r in sims.items()
+        }
     return out, f"sim:{cm.name}"
 
 
@@ -336,8 +339,28 @@ def fit_recorded_steps(args: argparse.Namespace, cmd: str) -> int:
     return 0
 
 
-def _report(case: str, policy: str, s: dict[str, float]) -> None:
+def _with_top5(summary: dict[str, Any], per_token: Any, request_ids: list[str]) -> dict[str, Any]:
+    """``summary`` plus how much of its mean per-token latency the five largest values carry (``top5_share``, s),
+    the mean without them and their request ids: a mean over a few hundred requests can turn on a handful of short
+    requests that waited (:func:`hf_ext.generation.tie.replay.top_contributors`)."""
+    from hf_ext.generation.tie.replay import top_contributors
+
+    top = top_contributors(per_token, min(5, len(request_ids) - 1))
+    summary.update(
+        top5_share=top["share"],
+        per_token_mean_without_top5=top["mean_without"],
+        top5_requests=[request_ids[i] for i in top["index"]],
+    )
+    return summary
+
+
+def _report(case: str, policy: str, s: dict[str, Any]) -> None:
     extra = f", lengths exact {bool(s['lengths_ok'])}, {s['wall_s']:.0f}s" if "wall_s" in s else ""
+    if "top5_share" in s:
+        extra += (
+            f", top-5 share {s['top5_share'] * 1e3:.1f} ms (mean without {s['per_token_mean_without_top5'] * 1e3:.1f}"
+            f"; {', '.join(s['top5_requests'])})"
+        )
     print(
         f"  {case} {policy:10s}: per-token {s['per_token_mean'] * 1e3:8.1f} ms "
         f"(p99 {s['per_token_p99'] * 1e3:8.1f}), TTFT {s['ttft_mean']:6.2f}s{extra}"
@@ -462,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_ext.generation.tie.bench import COMPONENT, latency_rows, policy_figure, real_cb_rows
     from hf_ext.generation.tie.config import TIEConfig
-    from hf_ext.generation.tie.replay import POLICIES, run_cb_replay, summarize_replay
+    from hf_ext.generation.tie.replay import POLICIES, request_columns, run_cb_replay, summarize_replay
     from hf_ext.simulate.calibrate import device_slug, model_for_shape
     from hf_ext.simulate.cb_steps import record_cb_steps
     from hf_ext.simulate.cost_model import CostModel
@@ -554,6 +577,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"    cuda memory after {policy}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated"
             )
         out = summarize_replay(recs)
+        out["requests"] = request_columns(recs)  # per request: which ones make the mean (read back later)
+        c = out["requests"]
+        per_token = (np.asarray(c["finish"]) - np.asarray(c["submit"])) / np.asarray(c["output_len"])
+        _with_top5(out, per_token, c["request_id"])
         if scale == 0:  # a burst is an offline job: each request's finish, seconds after the job's start
             start = min(r["submit"] for r in recs)
             out["finish_s"] = [r["finish"] - start for r in recs]

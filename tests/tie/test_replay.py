@@ -558,3 +558,47 @@ def test_gpu_replay_script_engine_vs_sim_merges_runs_per_policy(tmp_path, monkey
     assert set(out) == {"c_burst engine (H100)", "c_burst engine (H200)", "c_burst sim"}
     assert round(out["c_burst engine (H100)"]["tie"]["per_token_mean"] * 1e3) == 324
     assert set(out["c_burst engine (H200)"]) == {"tie", "ssjf"}
+
+
+def test_top_contributors_names_the_requests_that_carry_the_mean():
+    from hf_ext.generation.tie.replay import top_contributors
+
+    per_token = [1.0, 2.0, 40.0, 1.0, 20.0, 1.0]
+    top = top_contributors(per_token, k=2)
+    assert top["index"] == [2, 4]
+    assert top["share"] == pytest.approx(60.0 / 6)
+    assert top["mean"] == pytest.approx(65.0 / 6)
+    assert top["mean_without"] == pytest.approx(5.0 / 4)
+    assert top_contributors(per_token, k=0)["mean_without"] == pytest.approx(65.0 / 6)
+    for bad in (-1, 6, 1.5, True):
+        with pytest.raises(ValueError, match="k must be an int"):
+            top_contributors(per_token, k=bad)
+    with pytest.raises(ValueError, match="per_token"):
+        top_contributors([], k=0)
+
+
+def test_request_columns_keep_each_request_in_input_order():
+    from hf_ext.generation.tie.replay import REQUEST_COLUMNS, request_columns
+
+    recs = [
+        {
+            "request_id": "a",
+            "output_len": 3,
+            "submit": 0.0,
+            "first_token": 0.123456,
+            "finish": 1.5,
+            "n_tokens": 3,
+        },
+        {
+            "request_id": "b",
+            "output_len": 9,
+            "submit": 0.5,
+            "first_token": 0.7,
+            "finish": 2.000049,
+            "error": None,
+        },
+    ]
+    cols = request_columns(recs)
+    assert tuple(cols) == REQUEST_COLUMNS
+    assert cols["request_id"] == ["a", "b"] and cols["output_len"] == [3, 9]
+    assert cols["first_token"] == [0.1235, 0.7] and cols["finish"] == [1.5, 2.0]

@@ -304,3 +304,43 @@ def summarize_replay(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     out["throughput_tok_s"] = float(n.sum() / max(out["makespan_s"], 1e-9))
     out["lengths_ok"] = float(all(r["n_tokens"] == r["output_len"] and r["error"] is None for r in records))
     return out
+
+
+REQUEST_COLUMNS = ("request_id", "output_len", "submit", "first_token", "finish")
+
+
+def request_columns(records: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """A replay's per-request records as compact columns (times in seconds, rounded to 0.1 ms), for a details JSON:
+    which requests made a policy's mean can then be read back after the run (:func:`top_contributors`)."""
+    cols: dict[str, list[Any]] = {k: [] for k in REQUEST_COLUMNS}
+    for r in records:
+        for k in REQUEST_COLUMNS:
+            v = r[k]
+            cols[k].append(round(float(v), 4) if k in ("submit", "first_token", "finish") else v)
+    return cols
+
+
+def top_contributors(per_token: Sequence[float], k: int = 5) -> dict[str, Any]:
+    """How much of a mean per-token latency its ``k`` largest values carry.
+
+    A mean over a few hundred requests can turn on a handful of short requests that waited long (a 4-token request
+    waiting 40 s adds 10 s/token). Returns ``index`` (the ``k`` largest, largest first), ``share`` (their part of
+    the mean, in the mean's units: their sum / n), ``mean`` and ``mean_without`` (the mean over the other requests).
+
+    Example:
+        >>> top_contributors([1.0, 1.0, 1.0, 9.0], k=1)["mean_without"]
+        1.0
+    """
+    a = np.asarray(per_token, dtype=np.float64)
+    if a.ndim != 1 or len(a) == 0:
+        raise ValueError("per_token must be a non-empty 1-D sequence")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k < len(a):
+        raise ValueError(f"k must be an int in [0, {len(a) - 1}], got {k!r}")
+    idx = np.argsort(-a, kind="stable")[:k]
+    rest = np.delete(a, idx)
+    return {
+        "index": [int(i) for i in idx],
+        "share": float(a[idx].sum() / len(a)),
+        "mean": float(a.mean()),
+        "mean_without": float(rest.mean()),
+    }
