@@ -248,7 +248,14 @@ def free_port() -> int:
 def _dist_entry(
     rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, outdir: str
 ) -> None:
+    import faulthandler
     import pickle
+
+    # this rank's stderr (Python tracebacks, native messages such as gloo's, the faulthandler dump of a signal)
+    # goes to a file the parent quotes when the rank fails: a retried crash no longer loses its cause
+    log = open(os.path.join(outdir, f"rank{rank}.log"), "w")  # noqa: SIM115 - open until the process ends
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(all_threads=True)
 
     import torch
     import torch.distributed as dist
@@ -271,6 +278,19 @@ def _dist_entry(
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _log_tail(outdir: str, rank: int, chars: int = 2000) -> str:
+    """The end of a failed rank's stderr log (see :func:`_dist_entry`), as a block for an error message."""
+    path = os.path.join(outdir, f"rank{rank}.log")
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read().strip()
+    except OSError:
+        return ""
+    if not text:
+        return ""
+    return f"\n--- rank {rank} stderr (last {chars} chars) ---\n{text[-chars:]}"
 
 
 class _RankCrashed(RuntimeError):
@@ -321,7 +341,9 @@ def _run_distributed_once(fn: Callable[..., Any], world_size: int, args: tuple, 
             if p.is_alive():
                 p.kill()
         if bad:
-            msg = f"distributed ranks failed (rank, exitcode): {bad}"
+            msg = f"distributed ranks failed (rank, exitcode): {bad}" + "".join(
+                _log_tail(outdir, i) for i, _ in bad
+            )
             if not timed_out and any(code is not None and code < 0 for _, code in bad):
                 raise _RankCrashed(msg)
             raise RuntimeError(msg)

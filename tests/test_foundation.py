@@ -200,7 +200,10 @@ def test_demo_of_every_built_component_passes():
 def test_run_distributed_retries_native_crash_but_not_python_errors(run_distributed, tmp_path):
     from tests._dist_helpers import abort_once, raise_on_rank1
 
-    with pytest.warns(UserWarning, match="retrying"):
+    with pytest.warns(UserWarning, match="retrying") as caught:
         assert run_distributed(abort_once, 2, str(tmp_path / "marker")) == [0, 1]
-    with pytest.raises(RuntimeError, match=r"\(1, 1\)"):
+    # the crashed rank's own stderr (faulthandler's dump of the signal) comes with the warning
+    assert any("rank 1 stderr" in str(w.message) and "Aborted" in str(w.message) for w in caught)
+    with pytest.raises(RuntimeError, match=r"\(1, 1\)") as err:
         run_distributed(raise_on_rank1, 2, retries=3)
+    assert "ValueError: boom" in str(err.value)  # the failing rank's traceback
