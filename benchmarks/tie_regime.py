@@ -22,8 +22,8 @@ under each ``--offline-kv-tokens`` cap: batches of the size the cap allows with 
 2,048 + ``M`` tokens (``_kvcap``), and batches sized from each batch's own prompts (``_membatch``); whole-job tokens/s
 (rows ``offline_throughput_tokens``, cases ``synthetic-cap{M}_offline_static…``).
 
-Appends rows to ``benchmarks/results/tie.csv`` (cases ``synthetic-cap{M}_kv{K}k_load{L}``; ``--no-write`` to
-skip) and writes ``benchmarks/results/tie_regime.png`` and ``tie_regime.json`` (``--seed N``: cases and files
+Appends rows to ``benchmarks/results/tie.csv`` (cases ``synthetic-cap{M}_kv{K}k_load{L}``; the bench's latency
+metrics plus ``latency_mean``, mean end-to-end latency; ``--no-write`` to skip) and writes ``benchmarks/results/tie_regime.png`` and ``tie_regime.json`` (``--seed N``: cases and files
 suffixed ``_seedN``)::
 
     python benchmarks/tie_regime.py     # both caps, both pools, 5 loads, offline job
@@ -269,7 +269,9 @@ def summary_table(results: dict[str, dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="mean per-token latency, ms (ratio: baseline / TIE, > 1 = TIE better)")
+    t = Table(
+        title="mean per-token latency, ms (ratio: baseline / TIE, > 1 = TIE better); last two: mean end-to-end latency"
+    )
     for c in (
         "case",
         "req/s",
@@ -281,6 +283,8 @@ def summary_table(results: dict[str, dict]) -> None:
         "vs SSJF",
         "vs LTR",
         "true law: vs SSJF",
+        "latency: vs SSJF",
+        "vs LTR ",
     ):
         t.add_column(c, justify="left" if c == "case" else "right")
     for case, r in results.items():
@@ -288,7 +292,11 @@ def summary_table(results: dict[str, dict]) -> None:
         trained = [f"{ms[k]:.1f}" if k in ms else "-" for k in ("ssjf", "ltr", "tie")]
         ratios = [f"{ms[b] / ms['tie']:.2f}x" if "tie" in ms else "-" for b in ("fcfs", "ssjf", "ltr")]
         true = f"{ms['ssjf_true_dist'] / ms['tie_true_dist']:.2f}x"
-        t.add_row(case, f"{r['fcfs']['rate_req_s']:.1f}", f"{ms['fcfs']:.1f}", *trained, *ratios, true)
+        lat = [
+            f"{r[b]['latency_mean'] / r['tie']['latency_mean']:.2f}x" if "tie" in r else "-"
+            for b in ("ssjf", "ltr")
+        ]
+        t.add_row(case, f"{r['fcfs']['rate_req_s']:.1f}", f"{ms['fcfs']:.1f}", *trained, *ratios, true, *lat)
     Console(width=160).print(t)
 
 
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     summary_table(results)
     if args.no_write:
         return 0
-    from hf_ext.generation.tie.bench import latency_rows, static_rows
+    from hf_ext.generation.tie.bench import LATENCY_METRICS, latency_rows, static_rows
 
     def quality(res: dict[str, dict]) -> tuple[str, str]:
         # the perfect-predictor comparison the regime question is about, kept beside every row
@@ -338,14 +346,26 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = run_command()
     trained = {c: r for c, r in results.items() if "tie" in r}
-    rows = latency_rows(trained, f"sim:{cm.name}", cmd, quality)
+    # mean end-to-end latency too: what the score's expectation term orders for (per-token latency weighs short
+    # requests far more)
+    rows = latency_rows(
+        trained, f"sim:{cm.name}", cmd, quality, (*LATENCY_METRICS, ("latency_mean", "latency_mean"))
+    )
     rows += static_rows(offline, f"sim:{cm.name}", f"sim:{cm.name}", cmd)
     if rows:
         append_rows(COMPONENT, rows)
     rdir = results_dir()
     stem = rdir / f"tie_regime{seed_suffix(args.seed)}"
     figure(results, stem.with_suffix(".png"))
-    keep = ("per_token_mean", "per_token_p99", "ttft_mean", "latency_p99", "preemptions", "rate_req_s")
+    keep = (
+        "per_token_mean",
+        "per_token_p99",
+        "ttft_mean",
+        "latency_mean",
+        "latency_p99",
+        "preemptions",
+        "rate_req_s",
+    )
     slim = {c: {p: {k: s[k] for k in keep} for p, s in r.items()} for c, r in results.items()}
     off = {
         c: {p: {k: s[k] for k in ("throughput_tok_s", "padding_share")} for p, s in r.items()}

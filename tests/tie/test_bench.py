@@ -203,6 +203,12 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     assert cases == {"synthetic-cap1000_kv180k_load1", "synthetic-cap1000_kv180k_load1.3"}
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf", "ltr", "sjf_oracle"}
     assert {r["quality_name"] for r in rows} == {"true_law_ssjf_over_tie_mean"}
+    assert {r["metric"] for r in rows} == {
+        "per_token_latency_mean",
+        "per_token_latency_p99",
+        "ttft",
+        "latency_mean",
+    }
     saved = json.loads((tmp_path / "tie_regime.json").read_text())
     assert set(saved["offline"]) == {r["case"] for r in offline}
     res = saved["cases"]
@@ -210,6 +216,7 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     assert hi["fcfs"]["rate_req_s"] == pytest.approx(1.3 * lo["fcfs"]["rate_req_s"])
     assert {"tie", "ltr", "tie_expect_only", "tie_true_dist", "ssjf_true_dist"} <= set(lo)
     assert hi["fcfs"]["per_token_mean"] > lo["fcfs"]["per_token_mean"]  # more load, more waiting
+    assert hi["fcfs"]["latency_mean"] > lo["fcfs"]["latency_mean"]
     assert (tmp_path / "tie_regime.png").stat().st_size > 0
     exported = json.loads(replay.read_text())["requests"]  # tie_real_cb.py's format, unit-rate arrivals
     assert len(exported) == 300 and {"arrival", "output_len", "mu", "sigma", "pred_len", "ltr_score"} <= set(

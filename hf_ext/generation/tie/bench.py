@@ -785,19 +785,23 @@ LATENCY_METRICS = (
 
 
 def latency_rows(
-    results: dict[str, dict], device: str, cmd: str, quality: Callable[[dict[str, dict]], tuple[str, str]]
+    results: dict[str, dict],
+    device: str,
+    cmd: str,
+    quality: Callable[[dict[str, dict]], tuple[str, str]],
+    metrics: Sequence[tuple[str, str]] = LATENCY_METRICS,
 ) -> list[Any]:
     """Result rows, TIE vs each baseline present, for every case and latency metric.
 
     ``results``: case -> policy -> summary (simulator or real CB); ``quality(policy_results)`` gives the row's
-    ``(quality_name, quality_value)``.
+    ``(quality_name, quality_value)``; ``metrics``: (row metric, summary key) pairs.
     """
     from hf_ext.utils.bench import Row
 
     rows = []
     for case, res in results.items():
         qname, qvalue = quality(res)
-        for metric, key in LATENCY_METRICS:
+        for metric, key in metrics:
             for b in BASELINES:
                 if b in res:
                     rows.append(
