@@ -22,6 +22,11 @@ Run on the GPU machine (numbers go to ``$HF_EXT_RESULTS_DIR`` or ``benchmarks/re
 ``--shape llama3.1-8b --n 160 --static-batch 32 --budget-s 480``; ``--static-kv-tokens K`` instead sizes each
 batch from a KV budget of ``K`` tokens (its own padded prompts + ``--max-new-tokens`` per row).
 
+Engine runs keep every request's submit / first-token / finish times in ``tie_real_cb_details.json`` and print how
+much of each mean its five largest per-token latencies carry. ``--explain-gap`` (no model) reads them back and splits
+TIE's gap to each other policy by the request's predicted spread and output length, for the cases the other options
+name.
+
 CPU smoke run (tiny model, seconds)::
 
     python benchmarks/tie_real_cb.py --shape tiny --device cpu --n 12 --speeds 1,0 --no-write
@@ -132,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="simulator token budget per step (default: the engine's, if the calibration recorded it, else 8192)",
     )
+    p.add_argument(
+        "--explain-gap",
+        action="store_true",
+        help="no model: split TIE's per-token latency gap to the other policies of the recorded engine runs of these "
+        "cases by predicted spread and output length (runs that kept per-request times)",
+    )
     p.add_argument("--no-write", action="store_true")
     return p
 
@@ -205,11 +216,9 @@ def simulate_same(
     return out, f"sim:{cm.name}"
 
 
-def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
-    """Engine runs of the simulated cases (latest valid run of each policy, from ``tie_real_cb_details.json``) side
-    by side with the simulation: prints mean per-token latency per policy and returns
-    ``{case engine: .., case sim: ..}``. Runs on different GPUs are never merged: with several devices for a case,
-    each gets its own ``case engine (<device>)`` entry."""
+def _engine_runs() -> dict[str, dict[str, dict[str, dict]]]:
+    """Engine runs in ``tie_real_cb_details.json``: case -> device -> policy -> summary. A later run of a case's
+    policy replaces the earlier one; withdrawn runs never count."""
     from hf_ext.utils.bench import results_dir
 
     path = results_dir() / "tie_real_cb_details.json"
@@ -217,12 +226,82 @@ def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
         return {}
     data = json.loads(path.read_text())
     runs = data.get("runs", [data])  # a run writes itself; the committed file collects runs under "runs"
-    engine: dict[str, dict[str, dict]] = {}  # case -> device -> policy -> summary
-    for run in runs:  # a later run of a case's policy replaces the earlier one; withdrawn runs never count
+    engine: dict[str, dict[str, dict]] = {}
+    for run in runs:
         if "withdrawn" not in run:
             dev = str(run.get("device", "?"))
             for case, res in run.get("real_cb", {}).items():
                 engine.setdefault(case, {}).setdefault(dev, {}).update(res)
+    return engine
+
+
+SIGMA_GROUPS = ((0.5, "sigma < 0.5"), (0.8, "0.5 <= sigma < 0.8"), (math.inf, "sigma >= 0.8"))
+LENGTH_GROUPS = (
+    (20, "< 20 tokens"),
+    (100, "20-99 tokens"),
+    (300, "100-299 tokens"),
+    (math.inf, ">= 300 tokens"),
+)
+
+
+def _per_token(summary: dict[str, Any], ids: list[str]) -> np.ndarray:
+    """Per-token latency of each request of an engine run's per-request columns, checked to be in ``ids``' order."""
+    c = summary["requests"]
+    if c["request_id"] != ids:
+        raise ValueError("runs of one case must replay the same requests in the same order")
+    return (np.asarray(c["finish"]) - np.asarray(c["submit"])) / np.asarray(c["output_len"])
+
+
+def _group(value: float, groups: tuple[tuple[float, str], ...]) -> str:
+    return next(label for upper, label in groups if value < upper)
+
+
+def explain_gap(args: argparse.Namespace, reqs: list[Any], speeds: list[float]) -> int:
+    """No model: for every engine run of these cases that kept per-request times, split TIE's mean per-token latency
+    gap to each other policy by the request's predicted spread (σ) and by its output length, and print it
+    (:func:`hf_ext.generation.tie.replay.split_gap`; the contributions add up to the gap, in ms)."""
+    from hf_ext.generation.tie.replay import split_gap
+
+    engine = _engine_runs()
+    by_id = {r.request_id: r for r in reqs}
+    found = False
+    for speed in speeds:
+        case = _case(args, len(reqs), speed)
+        for dev, res in engine.get(case, {}).items():
+            if "requests" not in res.get("tie", {}):
+                continue
+            ids = res["tie"]["requests"]["request_id"]
+            tie = _per_token(res["tie"], ids)
+            for other in [p for p in res if p != "tie" and "requests" in res[p]]:
+                found = True
+                base = _per_token(res[other], ids)
+                print(
+                    f"{case} ({dev}): TIE {tie.mean() * 1e3:.1f} ms vs {other} {base.mean() * 1e3:.1f} ms mean "
+                    f"per-token latency; gap {(tie.mean() - base.mean()) * 1e3:+.1f} ms, by group:"
+                )
+                for name, groups, key in (
+                    ("predicted spread", SIGMA_GROUPS, lambda r: r.sigma),
+                    ("output length", LENGTH_GROUPS, lambda r: r.output_len),
+                ):
+                    labels = [_group(float(key(by_id[i])), groups) for i in ids]
+                    split = split_gap(tie, base, labels)
+                    parts = [
+                        f"{lab} ({split[lab]['n']:.0f}): {split[lab]['contribution'] * 1e3:+.1f}"
+                        for _, lab in groups
+                        if lab in split
+                    ]
+                    print(f"  {name}: " + "; ".join(parts))
+    if not found:
+        print("no engine run of these cases kept per-request times (tie_real_cb_details.json)")
+    return 0
+
+
+def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
+    """Engine runs of the simulated cases (latest valid run of each policy, from ``tie_real_cb_details.json``) side
+    by side with the simulation: prints mean per-token latency per policy and returns
+    ``{case engine: .., case sim: ..}``. Runs on different GPUs are never merged: with several devices for a case,
+    each gets its own ``case engine (<device>)`` entry."""
+    engine = _engine_runs()
     out: dict[str, dict] = {}
     for case, res in sim.items():
         base = case.rsplit("_sim", 1)[0]
@@ -498,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ("python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.fit_steps:
         return fit_recorded_steps(args, cmd)
+    if args.explain_gap:
+        reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
+        return explain_gap(args, reqs, speeds)
     if args.simulate:
         reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
         sim, sim_dev = simulate_same(args, reqs, speeds, policies)

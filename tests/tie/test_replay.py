@@ -602,3 +602,62 @@ def test_request_columns_keep_each_request_in_input_order():
     assert tuple(cols) == REQUEST_COLUMNS
     assert cols["request_id"] == ["a", "b"] and cols["output_len"] == [3, 9]
     assert cols["first_token"] == [0.1235, 0.7] and cols["finish"] == [1.5, 2.0]
+
+
+def test_split_gap_contributions_add_up_to_the_difference_of_means():
+    from hf_ext.generation.tie.replay import split_gap
+
+    ours, base = [5.0, 1.0, 2.0, 0.5], [1.0, 1.0, 1.0, 1.5]
+    got = split_gap(ours, base, ["wide", "narrow", "wide", "narrow"])
+    assert list(got) == ["wide", "narrow"]
+    assert got["wide"] == {"n": 2.0, "contribution": pytest.approx(5.0 / 4)}
+    assert got["narrow"]["contribution"] == pytest.approx(-1.0 / 4)
+    total = sum(g["contribution"] for g in got.values())
+    assert total == pytest.approx(sum(ours) / 4 - sum(base) / 4)
+    with pytest.raises(ValueError, match="one length"):
+        split_gap([1.0], [1.0, 2.0], ["a"])
+
+
+def test_gpu_replay_script_explain_gap_splits_tie_gap_by_sigma_and_length(tmp_path, monkeypatch, capsys):
+    """--explain-gap reads the recorded engine runs' per-request times and splits TIE's gap by predicted spread and
+    output length; the parts add up to the gap."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lens, sigmas = [10, 500, 50, 200], [1.2, 0.3, 0.9, 0.6]
+    reqs = [
+        {"arrival": float(i), "prompt_len": 8, "output_len": n, "mu": 4.0, "sigma": s, "nu": 3.5}
+        | {"pred_len": 50.0, "ltr_score": 1.0}
+        for i, (n, s) in enumerate(zip(lens, sigmas))
+    ]
+    workload = tmp_path / "w.json"
+    workload.write_text(json.dumps({"meta": {"workload": "toy"}, "requests": reqs}))
+    argv = ["--workload", str(workload), "--n", "4", "--speeds", "1", "--device", "cpu", "--explain-gap"]
+    case = mod._case(mod._parser().parse_args(argv), 4, 1.0)
+
+    def run(waits):  # per-request latency (s) -> the per-request columns an engine run keeps
+        return {
+            "requests": {
+                "request_id": [f"az{i}" for i in range(4)],
+                "output_len": lens,
+                "submit": [0.0] * 4,
+                "first_token": [0.1] * 4,
+                "finish": [w * n for w, n in zip(waits, lens)],
+            }
+        }
+
+    tie, ssjf = run([3.0, 0.5, 1.0, 1.0]), run([1.0, 1.0, 1.0, 1.0])  # per-token latencies
+    details = {"runs": [{"device": "H200", "real_cb": {case: {"tie": tie, "ssjf": ssjf, "fcfs": {"x": 1}}}}]}
+    (tmp_path / "tie_real_cb_details.json").write_text(json.dumps(details))
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "gap +375.0 ms" in out  # (2.0 - 0.5) / 4 s per token
+    assert "sigma < 0.5 (1): -125.0" in out and "sigma >= 0.8 (2): +500.0" in out
+    assert "< 20 tokens (1): +500.0" in out and ">= 300 tokens (1): -125.0" in out
+    assert "fcfs" not in out  # a policy without per-request times is skipped
