@@ -20,7 +20,11 @@ shared simulator (H100-measured cost model, like the bench):
 The offline job (``--offline-n`` of those requests at t=0, trained predictors) runs as static ``generate`` batches
 under each ``--offline-kv-tokens`` cap: batches of the size the cap allows with every row provisioned for
 2,048 + ``M`` tokens (``_kvcap``), and batches sized from each batch's own prompts (``_membatch``); whole-job tokens/s
-(rows ``offline_throughput_tokens``, cases ``synthetic-cap{M}_offline_static…``).
+(rows ``offline_throughput_tokens``, cases ``synthetic-cap{M}_offline_static…``). A what-if beside it
+(:func:`offline_chunked`) asks whether sizing static batches from predicted lengths would pay: batches that stop after
+a horizon and carry unfinished rows into later passes, with the same fixed chunks for every order (rows, cases
+``…offline_chunk{C}_…``) and with reservations from each policy's predictions (``offline_predsized`` in the JSON,
+``tie_regime_chunked[_seedN].png``).
 
 Appends rows to ``benchmarks/results/tie.csv`` (cases ``synthetic-cap{M}_kv{K}k_load{L}``; the bench's latency
 metrics plus ``latency_mean``, mean end-to-end latency; ``--no-write`` to skip) and writes ``benchmarks/results/tie_regime.png`` and ``tie_regime.json`` (``--seed N``: cases and files
@@ -176,6 +180,7 @@ def run_cap(
         precompute_scores(base, tie_cfg)
         policies = TRAINED
     offline: dict[str, dict] = {}
+    predsized: dict[str, dict] = {}
     if not args.true_law_only and args.offline_n:
         from hf_ext.generation.tie.bench import clone_requests, offline_static
 
@@ -186,6 +191,9 @@ def run_cap(
                 ns, cm, job, tie_cfg, max_new_tokens=cap, batch_sizes=(), prefix=f"synthetic-cap{cap}_"
             )
             offline.update({case + seed_suffix(args.seed): r for case, r in res.items()})
+            chunked, sized = offline_chunked(cm, job, tie_cfg, int(kv), cap, f"synthetic-cap{cap}_")
+            offline.update({case + seed_suffix(args.seed): r for case, r in chunked.items()})
+            predsized.update({case + seed_suffix(args.seed): r for case, r in sized.items()})
     true_base = with_true_distribution(base, tie_cfg)
     out: dict[str, dict] = {}
     rng = np.random.default_rng(args.seed + 502)
@@ -223,7 +231,121 @@ def run_cap(
                     for k, v in res.items()
                 )
             )
-    return out, offline
+    return out, offline, predsized
+
+
+CHUNKS = (128, 256)  # new tokens per pass of the chunked what-if
+
+
+def offline_chunked(
+    cm: Any, job: list[Any], tie_cfg: Any, kv: int, cap: int, prefix: str
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """What-if for the offline job: would sizing static batches from predicted lengths reach 1.4x FCFS, and how much
+    of that would be the prediction's? (``hf_ext.generation.tie.offline.simulate_chunked_batches``: batches stop
+    after their horizon and carry unfinished rows, re-prefilled, into later passes; no such engine is built.)
+
+    Returns (1) case -> policy -> summary for every order with the same prediction-free chunks of ``CHUNKS`` new
+    tokens (cases ``…offline_chunk{C}_{n}_kv{K}k``: the engine is the same for every policy, so these become rows);
+    (2) batches sized from predictions (JSON and printout only: each policy has its own engine there): TIE reserving
+    the median of its law conditioned on what a row has generated, SSJF twice the larger of its prediction and what
+    a row has generated, against the plain job (every row provisioned for ``cap``) and fixed 256-token chunks."""
+    from hf_ext.generation.tie.distribution import LogT
+    from hf_ext.generation.tie.offline import (
+        OFFLINE_POLICIES,
+        policy_order,
+        simulate_chunked_batches,
+    )
+
+    plen = [r.prompt_len for r in job]
+    out = [r.output_len for r in job]
+    orders = {p: policy_order(p, job, tie_cfg) for p in OFFLINE_POLICIES}
+    n = len(job)
+
+    def run(order: list[int], reserve: Any) -> dict[str, float]:
+        return simulate_chunked_batches(cm, plen, out, order, kv, reserve).summary()
+
+    def chunk(c: int) -> Any:
+        return lambda i, g: min(c, cap - g)
+
+    rows: dict[str, dict] = {}
+    for c in CHUNKS:
+        case = f"{prefix}offline_chunk{c}_{n}_kv{kv // 1000}k"
+        rows[case] = {p: run(o, chunk(c)) for p, o in orders.items()}
+    law = LogT(
+        np.asarray([r.meta["pred_mu"] for r in job]),
+        np.asarray([r.meta["pred_sigma"] for r in job]),
+        np.asarray([r.meta.get("pred_nu", tie_cfg.nu) for r in job]),
+    )
+    pred = np.asarray([r.meta["pred_len"] for r in job], dtype=np.float64)
+    start = law.ppf(np.full(n, 0.5))
+
+    def tie_median(i: int, g: int) -> int:  # median of X | X > g under the predicted law
+        if g == 0:
+            x = float(start[i])
+        else:
+            sub = LogT(law.mu[i], law.sigma[i], law.nu[i])
+            lo = float(sub.cdf(float(g)))
+            x = float(sub.ppf(min(lo + 0.5 * (1.0 - lo), 1.0 - 1e-12)))
+        return int(max(1, min(cap - g, math.ceil(x - g))))
+
+    def ssjf_double(i: int, g: int) -> int:
+        return int(max(1, min(cap - g, math.ceil(2.0 * max(pred[i], g) - g))))
+
+    sized = {
+        f"{prefix}offline_predsized_{n}_kv{kv // 1000}k": {
+            "fcfs_full": run(orders["fcfs"], lambda i, g: cap - g),
+            "tie_full": run(orders["tie"], lambda i, g: cap - g),
+            "fcfs_chunk256": rows[f"{prefix}offline_chunk256_{n}_kv{kv // 1000}k"]["fcfs"],
+            "tie_chunk256": rows[f"{prefix}offline_chunk256_{n}_kv{kv // 1000}k"]["tie"],
+            "ssjf_2x_pred": run(orders["ssjf"], ssjf_double),
+            "tie_cond_median": run(orders["tie"], tie_median),
+        }
+    }
+    for case, res in {**rows, **sized}.items():
+        ref = res["fcfs"] if "fcfs" in res else res["fcfs_full"]
+        print(
+            f"  {case}: tokens/s vs {'FCFS' if 'fcfs' in res else 'FCFS, every row provisioned for the cap'} "
+            + ", ".join(
+                f"{k} {v['throughput_tok_s'] / ref['throughput_tok_s']:.2f}x"
+                for k, v in res.items()
+                if v is not ref
+            )
+        )
+    return rows, sized
+
+
+def chunked_figure(predsized: dict[str, dict], png: Path) -> None:
+    """Offline tokens/s of the chunked what-if per job, relative to FCFS with every row provisioned for the cap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted(predsized)
+    if not cases:
+        return
+    pols = list(predsized[cases[0]])
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(cases) + 3), 4.2))
+    width = 0.8 / len(pols)
+    for j, pol in enumerate(pols):
+        xs = [i + (j - (len(pols) - 1) / 2) * width for i in range(len(cases))]
+        ys = [
+            predsized[c][pol]["throughput_tok_s"] / predsized[c]["fcfs_full"]["throughput_tok_s"]
+            for c in cases
+        ]
+        ax.bar(xs, ys, width, label=pol)
+    ax.axhline(1.4, color="k", ls=":", lw=1, label="1.4x target")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([c.replace("_offline_predsized_", "\n") for c in cases], fontsize=8)
+    ax.set_ylabel("tokens/s vs FCFS, rows provisioned for the cap")
+    ax.set_title(
+        "Offline job as chunked static batches (simulator what-if; no such engine is built)", fontsize=10
+    )
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def figure(results: dict[str, dict], png: Path) -> None:
@@ -327,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cost model {cm.name}")
     results: dict[str, dict] = {}
     offline: dict[str, dict] = {}
+    predsized: dict[str, dict] = {}
     for cap in caps:
-        online, off = run_cap(
+        online, off, sized = run_cap(
             args, cap, cm, kvs, loads, args.export_replay if cap == max(caps) else None, offline_kvs
         )
         results.update(online)
         offline.update(off)
+        predsized.update(sized)
     print(f"done in {time.perf_counter() - t0:.0f}s")
     summary_table(results)
     if args.no_write:
@@ -371,8 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         c: {p: {k: s[k] for k in ("throughput_tok_s", "padding_share")} for p, s in r.items()}
         for c, r in offline.items()
     }
+    chunked_figure(predsized, rdir / f"tie_regime_chunked{seed_suffix(args.seed)}.png")
     stem.with_suffix(".json").write_text(
-        json.dumps({"command": cmd, "cases": slim, "offline": off}, indent=1)
+        json.dumps({"command": cmd, "cases": slim, "offline": off, "offline_predsized": predsized}, indent=1)
     )
     print(f"wrote {len(rows)} rows, {stem}.png, {stem}.json")
     return 0

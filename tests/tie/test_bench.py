@@ -197,6 +197,8 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     assert {r["case"] for r in offline} == {
         "synthetic-cap1000_offline_static200_b39_kvcap",  # 120k / (2,048 + 1,000) rows
         "synthetic-cap1000_offline_static200_kv120k_membatch",
+        "synthetic-cap1000_offline_chunk128_200_kv120k",  # the chunked what-if: same chunks for every order
+        "synthetic-cap1000_offline_chunk256_200_kv120k",
     }
     rows = [r for r in rows if r not in offline]
     cases = {r["case"] for r in rows}
@@ -211,6 +213,20 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     }
     saved = json.loads((tmp_path / "tie_regime.json").read_text())
     assert set(saved["offline"]) == {r["case"] for r in offline}
+    sized = saved["offline_predsized"]["synthetic-cap1000_offline_predsized_200_kv120k"]
+    assert set(sized) == {
+        "fcfs_full",
+        "tie_full",
+        "fcfs_chunk256",
+        "tie_chunk256",
+        "ssjf_2x_pred",
+        "tie_cond_median",
+    }
+    # with every row provisioned for the cap the what-if is the plain memory-sized job
+    plain = saved["offline"]["synthetic-cap1000_offline_static200_kv120k_membatch"]
+    assert sized["fcfs_full"]["throughput_tok_s"] == pytest.approx(plain["fcfs"]["throughput_tok_s"])
+    assert sized["tie_full"]["throughput_tok_s"] == pytest.approx(plain["tie"]["throughput_tok_s"])
+    assert (tmp_path / "tie_regime_chunked.png").stat().st_size > 0
     res = saved["cases"]
     lo, hi = (res[c] for c in sorted(cases))
     assert hi["fcfs"]["rate_req_s"] == pytest.approx(1.3 * lo["fcfs"]["rate_req_s"])

@@ -15,6 +15,7 @@ from hf_ext.generation.tie.offline import (
     memory_batches,
     policy_order,
     run_static_generate,
+    simulate_chunked_batches,
     simulate_static_batches,
     static_batches,
     tie_batched_generate,
@@ -107,6 +108,36 @@ def test_simulated_time_is_prefill_plus_the_longest_rows_steps():
         simulate_static_batches(cm, [4, 6], [1, 2], [0, 5], 2)
     with pytest.raises(ValueError, match="output_lens must hold ints >= 1"):
         simulate_static_batches(cm, [4, 6], [0, 2], [0, 1], 2)
+
+
+def test_chunked_job_with_full_reservations_is_the_plain_memory_sized_job():
+    cm = CostModel.load("gpu_md-h100-llama3.1-8b")
+    rng = np.random.default_rng(0)
+    plen, out = rng.integers(1, 300, 60), rng.integers(1, 200, 60)
+    order = list(rng.permutation(60))
+    plain = simulate_static_batches(cm, plen, out, order, kv_tokens=9000, max_new_tokens=200)
+    got = simulate_chunked_batches(cm, plen, out, order, 9000, lambda i, g: 200 - g)
+    assert got.makespan_s == pytest.approx(plain.makespan_s)
+    assert (got.rounds, got.carried, got.reprefill_tokens, got.tokens) == (1, 0, 0, int(out.sum()))
+    assert got.throughput_tok_s == pytest.approx(plain.summary()["throughput_tok_s"])
+    assert got.summary()["padding_share"] == pytest.approx(plain.padding_share)
+
+
+def test_chunked_job_carries_unfinished_rows_and_reprefills_them():
+    cm = CostModel.constant(0.01)
+    # two rows, horizon 4: pass 1 runs both 4 steps (row 1 done at 3), row 0 (10 tokens) goes on from 4 then 8
+    got = simulate_chunked_batches(cm, [5, 5], [10, 3], [0, 1], 100, lambda i, g: 4)
+    assert (got.rounds, got.batches, got.carried) == (3, 3, 2)
+    assert got.reprefill_tokens == (5 + 4) + (5 + 8)
+    # each batch: one prefill (yields a token) + steps - 1 decode steps; steps 4, 4, 2
+    assert got.makespan_s == pytest.approx(0.01 * (4 + 4 + 2))
+    assert got.row_steps == 2 * 4 + 4 + 2 and got.summary()["padding_share"] == pytest.approx(1 - 13 / 14)
+    with pytest.raises(ValueError, match=r"reserve\(0, 0\) must be >= 1"):
+        simulate_chunked_batches(cm, [5], [3], [0], 100, lambda i, g: 0)
+    with pytest.raises(ValueError, match="cannot hold request 0 alone"):
+        simulate_chunked_batches(cm, [95], [3], [0], 100, lambda i, g: 10)
+    with pytest.raises(ValueError, match="must not repeat"):
+        simulate_chunked_batches(cm, [5, 5], [3, 3], [0, 0], 100, lambda i, g: 4)
 
 
 def test_simulated_memory_sized_batches():

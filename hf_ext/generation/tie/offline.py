@@ -295,6 +295,95 @@ def simulate_static_batches(
     return StaticBatchResult.from_batches(policy, batch_size, batches, times, out)
 
 
+@dataclass
+class ChunkedJobResult:
+    """A chunked static-batch job in the cost model (see :func:`simulate_chunked_batches`); times in seconds."""
+
+    makespan_s: float
+    tokens: int
+    rounds: int  # passes over the queue (1: no row was carried over)
+    batches: int
+    carried: int  # row continuations (a row cut at its batch's horizon and run again later)
+    reprefill_tokens: int  # prompt + generated tokens prefilled again for the continuations
+    row_steps: int  # sum over batches of rows x steps (computed row-steps, padding included)
+
+    @property
+    def throughput_tok_s(self) -> float:
+        return self.tokens / self.makespan_s if self.makespan_s > 0 else math.inf
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "makespan_s": self.makespan_s,
+            "throughput_tok_s": self.throughput_tok_s,
+            "padding_share": max(0.0, 1.0 - self.tokens / self.row_steps) if self.row_steps else 0.0,
+            "rounds": float(self.rounds),
+            "carried": float(self.carried),
+            "reprefill_tokens": float(self.reprefill_tokens),
+        }
+
+
+def simulate_chunked_batches(
+    cost_model: Any,
+    prompt_lens: Sequence[int],
+    output_lens: Sequence[int],
+    order: Sequence[int],
+    kv_tokens: int,
+    reserve: Any,
+) -> ChunkedJobResult:
+    """What-if, in the cost model only: a static-batch job whose batches stop at a horizon and carry unfinished rows.
+
+    There is no engine for this in the package; it answers whether sizing static batches from predicted lengths
+    (instead of the cap every ``generate`` user must provision) would pay, and how much of that is the prediction.
+    Each row ``i`` that has generated ``g`` tokens reserves ``reserve(i, g) >= 1`` more. Batches are cut along the
+    queue while ``rows × (widest prompt-plus-generated + largest reservation) <= kv_tokens``; a batch runs
+    ``min(largest reservation, longest remaining output)`` steps (one prefill of its padded width, which yields the
+    first token, then decode steps). Rows still unfinished are carried into the next pass, which re-prefills their
+    prompt plus what they generated, in order of their next reservation. ``reserve(i, g) = cap - g`` is the plain
+    static job (:func:`simulate_static_batches` with ``kv_tokens``), a constant is prediction-free chunking.
+    """
+    plen = _lengths("prompt_lens", prompt_lens)
+    out = _lengths("output_lens", output_lens, len(plen))
+    _check_int("kv_tokens", kv_tokens)
+    queue = [(i, 0) for i in _checked_order(order, len(plen))]
+    t, rounds, batches, carried, reprefill, row_steps = 0.0, 0, 0, 0, 0, 0
+    while queue:
+        rounds += 1
+        nxt: list[tuple[int, int]] = []
+        k = 0
+        while k < len(queue):
+            rows: list[tuple[int, int]] = []
+            width = horizon = 0
+            while k < len(queue):
+                i, g = queue[k]
+                r = int(reserve(i, g))
+                if r < 1:
+                    raise ValueError(f"reserve({i}, {g}) must be >= 1 token, got {r}")
+                w, h = max(width, int(plen[i]) + g), max(horizon, r)
+                if w + h > kv_tokens:
+                    raise ValueError(
+                        f"kv_tokens={kv_tokens} cannot hold request {i} alone ({w} context + {h} reserved tokens)"
+                    )
+                if rows and (len(rows) + 1) * (w + h) > kv_tokens:
+                    break
+                rows.append((i, g))
+                width, horizon = w, h
+                k += 1
+            steps = min(horizon, max(int(out[i]) - g for i, g in rows))
+            t += cost_model.prefill_time(width, batch=len(rows)) + cost_model.decode_span(
+                len(rows), len(rows) * (width + 1), steps - 1
+            )
+            batches += 1
+            row_steps += len(rows) * steps
+            for i, g in rows:
+                if out[i] - g > steps:
+                    nxt.append((i, g + steps))
+                    carried += 1
+                    reprefill += int(plen[i]) + g + steps
+        nxt.sort(key=lambda ig: reserve(*ig))
+        queue = nxt
+    return ChunkedJobResult(t, int(out.sum()), rounds, batches, carried, reprefill, row_steps)
+
+
 # --------------------------------------------------------------------------------- real generate
 def forced_lengths_processor(targets: Sequence[int], prompt_len: int, eos_token_id: int) -> Any:
     """A ``LogitsProcessor`` making row ``i`` of a batch emit EOS as its ``targets[i]``-th new token and
