@@ -136,6 +136,9 @@ def test_chunked_job_carries_unfinished_rows_and_reprefills_them():
         simulate_chunked_batches(cm, [5], [3], [0], 100, lambda i, g: 0)
     with pytest.raises(ValueError, match="cannot hold request 0 alone"):
         simulate_chunked_batches(cm, [95], [3], [0], 100, lambda i, g: 10)
+    # a short row after a wide one starts a batch of its own instead of being refused
+    got = simulate_chunked_batches(cm, [80, 5], [3, 3], [0, 1], 100, lambda i, g: 10)
+    assert got.batches == 2 and got.carried == 0
     with pytest.raises(ValueError, match="must not repeat"):
         simulate_chunked_batches(cm, [5, 5], [3, 3], [0, 0], 100, lambda i, g: 4)
 

@@ -358,11 +358,12 @@ def simulate_chunked_batches(
                 r = int(reserve(i, g))
                 if r < 1:
                     raise ValueError(f"reserve({i}, {g}) must be >= 1 token, got {r}")
-                w, h = max(width, int(plen[i]) + g), max(horizon, r)
-                if w + h > kv_tokens:
+                if int(plen[i]) + g + r > kv_tokens:
                     raise ValueError(
-                        f"kv_tokens={kv_tokens} cannot hold request {i} alone ({w} context + {h} reserved tokens)"
+                        f"kv_tokens={kv_tokens} cannot hold request {i} alone ({int(plen[i]) + g} context + {r} "
+                        "reserved tokens)"
                     )
+                w, h = max(width, int(plen[i]) + g), max(horizon, r)
                 if rows and (len(rows) + 1) * (w + h) > kv_tokens:
                     break
                 rows.append((i, g))
