@@ -27,8 +27,8 @@ a horizon and carry unfinished rows into later passes, with the same fixed chunk
 ``tie_regime_chunked[_seedN].png``).
 
 Appends rows to ``benchmarks/results/tie.csv`` (cases ``synthetic-cap{M}_kv{K}k_load{L}``; the bench's latency
-metrics plus ``latency_mean``, mean end-to-end latency; ``--no-write`` to skip) and writes ``benchmarks/results/tie_regime.png`` and ``tie_regime.json`` (``--seed N``: cases and files
-suffixed ``_seedN``)::
+metrics plus ``latency_mean``, mean end-to-end latency; ``--no-write`` to skip) and writes
+``benchmarks/results/tie_regime.png`` and ``tie_regime.json`` (``--seed N``: cases and files suffixed ``_seedN``)::
 
     python benchmarks/tie_regime.py     # both caps, both pools, 5 loads, offline job
 
@@ -143,11 +143,12 @@ def run_cap(
     loads: list[float],
     export: str | None = None,
     offline_kvs: Sequence[float] = (),
-) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Every (KV pool, load) case of one cap: case -> policy -> simulator summary (+ ``rate_req_s``); and the offline
+) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict]]:
+    """Every (KV pool, load) case of one cap: case -> policy -> simulator summary (+ ``rate_req_s``); the offline
     job (the first ``--offline-n`` requests at t=0 as static ``generate`` batches under each of ``offline_kvs``, with
-    the trained predictors only): case -> policy -> summary. ``export``: also write this cap's requests with
-    unit-rate arrivals and the trained predictions there (a replay JSON)."""
+    the trained predictors only, and its chunked what-if with the same chunks for every order): case -> policy ->
+    summary; and the what-if's prediction-sized batches (:func:`offline_chunked`). ``export``: also write this cap's
+    requests with unit-rate arrivals and the trained predictions there (a replay JSON)."""
     from hf_ext.generation.tie.bench import (
         TRUE_DIST,
         TRUE_DIST_POLICIES,
