@@ -235,15 +235,6 @@ def _engine_runs() -> dict[str, dict[str, dict[str, dict]]]:
     return engine
 
 
-SIGMA_GROUPS = ((0.5, "sigma < 0.5"), (0.8, "0.5 <= sigma < 0.8"), (math.inf, "sigma >= 0.8"))
-LENGTH_GROUPS = (
-    (20, "< 20 tokens"),
-    (100, "20-99 tokens"),
-    (300, "100-299 tokens"),
-    (math.inf, ">= 300 tokens"),
-)
-
-
 def _per_token(summary: dict[str, Any], ids: list[str]) -> np.ndarray:
     """Per-token latency of each request of an engine run's per-request columns, checked to be in ``ids``' order."""
     c = summary["requests"]
@@ -252,15 +243,11 @@ def _per_token(summary: dict[str, Any], ids: list[str]) -> np.ndarray:
     return (np.asarray(c["finish"]) - np.asarray(c["submit"])) / np.asarray(c["output_len"])
 
 
-def _group(value: float, groups: tuple[tuple[float, str], ...]) -> str:
-    return next(label for upper, label in groups if value < upper)
-
-
 def explain_gap(args: argparse.Namespace, reqs: list[Any], speeds: list[float]) -> int:
     """No model: for every engine run of these cases that kept per-request times, split TIE's mean per-token latency
     gap to each other policy by the request's predicted spread (σ) and by its output length, and print it
     (:func:`hf_ext.generation.tie.replay.split_gap`; the contributions add up to the gap, in ms)."""
-    from hf_ext.generation.tie.replay import split_gap
+    from hf_ext.generation.tie.replay import LENGTH_BINS, SIGMA_BINS, bin_label, split_gap
 
     engine = _engine_runs()
     by_id = {r.request_id: r for r in reqs}
@@ -280,10 +267,10 @@ def explain_gap(args: argparse.Namespace, reqs: list[Any], speeds: list[float]) 
                     f"per-token latency; gap {(tie.mean() - base.mean()) * 1e3:+.1f} ms, by group:"
                 )
                 for name, groups, key in (
-                    ("predicted spread", SIGMA_GROUPS, lambda r: r.sigma),
-                    ("output length", LENGTH_GROUPS, lambda r: r.output_len),
+                    ("predicted spread", SIGMA_BINS, lambda r: r.sigma),
+                    ("output length", LENGTH_BINS, lambda r: r.output_len),
                 ):
-                    labels = [_group(float(key(by_id[i])), groups) for i in ids]
+                    labels = [bin_label(float(key(by_id[i])), groups) for i in ids]
                     split = split_gap(tie, base, labels)
                     parts = [
                         f"{lab} ({split[lab]['n']:.0f}): {split[lab]['contribution'] * 1e3:+.1f}"

@@ -661,3 +661,18 @@ def test_gpu_replay_script_explain_gap_splits_tie_gap_by_sigma_and_length(tmp_pa
     assert "sigma < 0.5 (1): -125.0" in out and "sigma >= 0.8 (2): +500.0" in out
     assert "< 20 tokens (1): +500.0" in out and ">= 300 tokens (1): -125.0" in out
     assert "fcfs" not in out  # a policy without per-request times is skipped
+
+
+def test_bin_label_picks_the_first_bin_above_the_value():
+    from hf_ext.generation.tie.replay import LENGTH_BINS, SIGMA_BINS, bin_label
+
+    assert [bin_label(s, SIGMA_BINS) for s in (0.2, 0.5, 0.79, 0.8, 3.0)] == [
+        "sigma < 0.5",
+        "0.5 <= sigma < 0.8",
+        "0.5 <= sigma < 0.8",
+        "sigma >= 0.8",
+        "sigma >= 0.8",
+    ]
+    assert bin_label(19, LENGTH_BINS) == "< 20 tokens" and bin_label(300, LENGTH_BINS) == ">= 300 tokens"
+    with pytest.raises(ValueError, match="above every bin"):
+        bin_label(5.0, ((1.0, "small"),))

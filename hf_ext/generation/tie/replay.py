@@ -346,6 +346,29 @@ def top_contributors(per_token: Sequence[float], k: int = 5) -> dict[str, Any]:
     }
 
 
+# bins (upper bound, label) for splitting a latency gap by request: predicted spread, output length
+SIGMA_BINS = ((0.5, "sigma < 0.5"), (0.8, "0.5 <= sigma < 0.8"), (math.inf, "sigma >= 0.8"))
+LENGTH_BINS = (
+    (20, "< 20 tokens"),
+    (100, "20-99 tokens"),
+    (300, "100-299 tokens"),
+    (math.inf, ">= 300 tokens"),
+)
+
+
+def bin_label(value: float, bins: Sequence[tuple[float, str]]) -> str:
+    """Label of the first bin whose upper bound exceeds ``value`` (bins ascending, the last unbounded).
+
+    Example:
+        >>> bin_label(0.6, SIGMA_BINS)
+        '0.5 <= sigma < 0.8'
+    """
+    for upper, label in bins:
+        if value < upper:
+            return label
+    raise ValueError(f"{value!r} is above every bin (the last bin must be unbounded)")
+
+
 def split_gap(
     ours: Sequence[float], base: Sequence[float], labels: Sequence[str]
 ) -> dict[str, dict[str, float]]:
