@@ -223,6 +223,8 @@ def run_cap(
             res = {name: r.summary() for name, r in sims.items()}
             for s in res.values():
                 s.update(rate_req_s=rate, capacity_req_s=capacity)
+            if "tie" in sims and "ssjf" in sims:
+                res["tie"]["gap_vs_ssjf"] = gap_by_request(base, sims["tie"], sims["ssjf"])
             out[case] = res
             f = res["fcfs"]["per_token_mean"]
             print(
@@ -232,7 +234,38 @@ def run_cap(
                     for k, v in res.items()
                 )
             )
+            if "gap_vs_ssjf" in res["tie"]:
+                print(
+                    "    TIE - SSJF per-token gap (ms) by predicted spread: "
+                    + "; ".join(
+                        f"{lab} ({g['n']:.0f}) {g['contribution'] * 1e3:+.1f}"
+                        for lab, g in res["tie"]["gap_vs_ssjf"]["sigma"].items()
+                    )
+                )
     return out, offline, predsized
+
+
+def gap_by_request(base: list[Any], tie: Any, ssjf: Any) -> dict[str, dict[str, dict[str, float]]]:
+    """TIE's mean per-token latency gap to SSJF split by each request's predicted spread and by its output length
+    (``hf_ext.generation.tie.replay.split_gap``; per group ``n`` and ``contribution`` in seconds, adding up to the
+    gap): which requests TIE's score costs."""
+    from hf_ext.generation.tie.replay import LENGTH_BINS, SIGMA_BINS, bin_label, split_gap
+
+    def by_id(r: Any) -> np.ndarray:  # simulator results are per state; index them by request id
+        a = np.empty(len(base))
+        a[np.asarray(r.cols["id"], dtype=np.int64)] = r.per_token_latency
+        return a
+
+    a, b = by_id(tie), by_id(ssjf)
+    out = {}
+    for name, bins, key in (
+        ("sigma", SIGMA_BINS, lambda r: r.meta["pred_sigma"]),
+        ("length", LENGTH_BINS, lambda r: r.output_len),
+    ):
+        labels = [bin_label(float(key(r)), bins) for r in base]
+        split = split_gap(a, b, labels)
+        out[name] = {lab: split[lab] for _, lab in bins if lab in split}
+    return out
 
 
 CHUNKS = (128, 256)  # new tokens per pass of the chunked what-if
@@ -492,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         "rate_req_s",
     )
     slim = {c: {p: {k: s[k] for k in keep} for p, s in r.items()} for c, r in results.items()}
+    for c, r in results.items():  # which requests TIE's gap to SSJF sits in (trained policies only)
+        if "gap_vs_ssjf" in r.get("tie", {}):
+            slim[c]["tie"]["gap_vs_ssjf"] = r["tie"]["gap_vs_ssjf"]
     off = {
         c: {p: {k: s[k] for k in ("throughput_tok_s", "padding_share")} for p, s in r.items()}
         for c, r in offline.items()

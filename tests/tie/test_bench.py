@@ -233,6 +233,10 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     assert {"tie", "ltr", "tie_expect_only", "tie_true_dist", "ssjf_true_dist"} <= set(lo)
     assert hi["fcfs"]["per_token_mean"] > lo["fcfs"]["per_token_mean"]  # more load, more waiting
     assert hi["fcfs"]["latency_mean"] > lo["fcfs"]["latency_mean"]
+    for split in hi["tie"]["gap_vs_ssjf"].values():  # by sigma and by length: the parts add up to the gap
+        total = sum(g["contribution"] for g in split.values())
+        assert total == pytest.approx(hi["tie"]["per_token_mean"] - hi["ssjf"]["per_token_mean"], abs=1e-9)
+        assert sum(g["n"] for g in split.values()) == 300
     assert (tmp_path / "tie_regime.png").stat().st_size > 0
     exported = json.loads(replay.read_text())["requests"]  # tie_real_cb.py's format, unit-rate arrivals
     assert len(exported) == 300 and {"arrival", "output_len", "mu", "sigma", "pred_len", "ltr_score"} <= set(
