@@ -247,7 +247,7 @@ def explain_gap(args: argparse.Namespace, reqs: list[Any], speeds: list[float]) 
     """No model: for every engine run of these cases that kept per-request times, split TIE's mean per-token latency
     gap to each other policy by the request's predicted spread (σ) and by its output length, and print it
     (:func:`hf_ext.generation.tie.replay.split_gap`; the contributions add up to the gap, in ms)."""
-    from hf_ext.generation.tie.replay import LENGTH_BINS, SIGMA_BINS, bin_label, split_gap
+    from hf_ext.generation.tie.replay import split_gap_by_bins
 
     engine = _engine_runs()
     by_id = {r.request_id: r for r in reqs}
@@ -259,6 +259,7 @@ def explain_gap(args: argparse.Namespace, reqs: list[Any], speeds: list[float]) 
                 continue
             ids = res["tie"]["requests"]["request_id"]
             tie = _per_token(res["tie"], ids)
+            sigmas, lengths = [by_id[i].sigma for i in ids], [by_id[i].output_len for i in ids]
             for other in [p for p in res if p != "tie" and "requests" in res[p]]:
                 found = True
                 base = _per_token(res[other], ids)
@@ -266,16 +267,11 @@ def explain_gap(args: argparse.Namespace, reqs: list[Any], speeds: list[float]) 
                     f"{case} ({dev}): TIE {tie.mean() * 1e3:.1f} ms vs {other} {base.mean() * 1e3:.1f} ms mean "
                     f"per-token latency; gap {(tie.mean() - base.mean()) * 1e3:+.1f} ms, by group:"
                 )
-                for name, groups, key in (
-                    ("predicted spread", SIGMA_BINS, lambda r: r.sigma),
-                    ("output length", LENGTH_BINS, lambda r: r.output_len),
-                ):
-                    labels = [bin_label(float(key(by_id[i])), groups) for i in ids]
-                    split = split_gap(tie, base, labels)
+                splits = split_gap_by_bins(tie, base, sigmas, lengths)
+                for name, key in (("predicted spread", "sigma"), ("output length", "length")):
                     parts = [
-                        f"{lab} ({split[lab]['n']:.0f}): {split[lab]['contribution'] * 1e3:+.1f}"
-                        for _, lab in groups
-                        if lab in split
+                        f"{lab} ({g['n']:.0f}): {g['contribution'] * 1e3:+.1f}"
+                        for lab, g in splits[key].items()
                     ]
                     print(f"  {name}: " + "; ".join(parts))
     if not found:
@@ -647,9 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         out = summarize_replay(recs)
         out["requests"] = request_columns(recs)  # per request: which ones make the mean (read back later)
-        c = out["requests"]
-        per_token = (np.asarray(c["finish"]) - np.asarray(c["submit"])) / np.asarray(c["output_len"])
-        _with_top5(out, per_token, c["request_id"])
+        ids = out["requests"]["request_id"]
+        _with_top5(out, _per_token(out, ids), ids)
         if scale == 0:  # a burst is an offline job: each request's finish, seconds after the job's start
             start = min(r["submit"] for r in recs)
             out["finish_s"] = [r["finish"] - start for r in recs]

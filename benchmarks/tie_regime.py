@@ -249,23 +249,16 @@ def gap_by_request(base: list[Any], tie: Any, ssjf: Any) -> dict[str, dict[str, 
     """TIE's mean per-token latency gap to SSJF split by each request's predicted spread and by its output length
     (``hf_ext.generation.tie.replay.split_gap``; per group ``n`` and ``contribution`` in seconds, adding up to the
     gap): which requests TIE's score costs."""
-    from hf_ext.generation.tie.replay import LENGTH_BINS, SIGMA_BINS, bin_label, split_gap
+    from hf_ext.generation.tie.replay import split_gap_by_bins
 
     def by_id(r: Any) -> np.ndarray:  # simulator results are per state; index them by request id
         a = np.empty(len(base))
         a[np.asarray(r.cols["id"], dtype=np.int64)] = r.per_token_latency
         return a
 
-    a, b = by_id(tie), by_id(ssjf)
-    out = {}
-    for name, bins, key in (
-        ("sigma", SIGMA_BINS, lambda r: r.meta["pred_sigma"]),
-        ("length", LENGTH_BINS, lambda r: r.output_len),
-    ):
-        labels = [bin_label(float(key(r)), bins) for r in base]
-        split = split_gap(a, b, labels)
-        out[name] = {lab: split[lab] for _, lab in bins if lab in split}
-    return out
+    return split_gap_by_bins(
+        by_id(tie), by_id(ssjf), [r.meta["pred_sigma"] for r in base], [r.output_len for r in base]
+    )
 
 
 CHUNKS = (128, 256)  # new tokens per pass of the chunked what-if

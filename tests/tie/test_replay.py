@@ -676,3 +676,13 @@ def test_bin_label_picks_the_first_bin_above_the_value():
     assert bin_label(19, LENGTH_BINS) == "< 20 tokens" and bin_label(300, LENGTH_BINS) == ">= 300 tokens"
     with pytest.raises(ValueError, match="above every bin"):
         bin_label(5.0, ((1.0, "small"),))
+
+
+def test_split_gap_by_bins_orders_groups_by_bin_and_adds_up():
+    from hf_ext.generation.tie.replay import split_gap_by_bins
+
+    got = split_gap_by_bins([4.0, 1.0, 2.0], [1.0, 1.0, 1.0], [1.2, 0.3, 1.0], [500, 10, 50])
+    assert list(got["sigma"]) == ["sigma < 0.5", "sigma >= 0.8"]  # bin order, empty bin left out
+    assert got["sigma"]["sigma >= 0.8"] == {"n": 2.0, "contribution": pytest.approx(4.0 / 3)}
+    assert list(got["length"]) == ["< 20 tokens", "20-99 tokens", ">= 300 tokens"]
+    assert sum(g["contribution"] for g in got["length"].values()) == pytest.approx(4.0 / 3)

@@ -391,3 +391,15 @@ def split_gap(
         g["n"] += 1
         g["contribution"] += float(d) / len(a)
     return out
+
+
+def split_gap_by_bins(
+    ours: Sequence[float], base: Sequence[float], sigmas: Sequence[float], lengths: Sequence[int]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`split_gap` of the same requests twice: by predicted spread (``"sigma"``, :data:`SIGMA_BINS`) and by
+    output length (``"length"``, :data:`LENGTH_BINS`); groups in bin order, empty bins left out."""
+    out = {}
+    for name, bins, values in (("sigma", SIGMA_BINS, sigmas), ("length", LENGTH_BINS, lengths)):
+        split = split_gap(ours, base, [bin_label(float(v), bins) for v in values])
+        out[name] = {lab: split[lab] for _, lab in bins if lab in split}
+    return out
