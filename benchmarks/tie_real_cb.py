@@ -60,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=400, help="requests replayed per policy (first n of the window)")
     p.add_argument("--speeds", default="4", help="trace time-compression factors (0 = burst)")
     p.add_argument(
-        "--policies", default="tie,fcfs,ssjf,ltr,sjf_oracle", help="run in this order; must include tie"
+        "--policies",
+        default="tie,fcfs,ssjf,ltr,sjf_oracle",
+        help="run in this order; must include tie. Engine replays and --simulate also take TIE's ablations "
+        "(tie_no_aging, tie_no_tail, tie_expect_only, tie_truncate): reported and kept in the details, no rows",
     )
     p.add_argument(
         "--budget-s",
@@ -547,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hf_ext.generation.tie.bench import COMPONENT, latency_rows, policy_figure, real_cb_rows
     from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.offline import OFFLINE_POLICIES
     from hf_ext.generation.tie.replay import POLICIES, request_columns, run_cb_replay, summarize_replay
     from hf_ext.simulate.calibrate import device_slug, model_for_shape
     from hf_ext.simulate.cb_steps import record_cb_steps
@@ -554,9 +558,11 @@ def main(argv: list[str] | None = None) -> int:
     from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows, results_dir
 
     policies = [p for p in args.policies.split(",") if p]
-    bad = [p for p in policies if p not in POLICIES]
+    # engine replays also run TIE's ablations (report only, no rows); a static job orders by the five policies
+    allowed = OFFLINE_POLICIES if (args.static_batch or args.static_kv_tokens) else POLICIES
+    bad = [p for p in policies if p not in allowed]
     if bad or "tie" not in policies:
-        raise ValueError(f"--policies must include 'tie' and only use {POLICIES}, got {args.policies!r}")
+        raise ValueError(f"--policies must include 'tie' and only use {allowed}, got {args.policies!r}")
     cmd = ("python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.fit_steps:
         return fit_recorded_steps(args, cmd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -76,6 +77,36 @@ def test_tie_replay_never_sees_the_forced_true_length(setup):
         run_cb_replay(model, reqs, "tie", tie_config=TIEConfig(max_new_tokens=32), **kw)
     run_cb_replay(model, reqs, "tie", tie_config=TIEConfig(max_new_tokens=32, use_request_cap=False), **kw)
     assert CONTEXT.admission_order == ["r0", "r1", "r2"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "order"),
+    [
+        ("tie", ["r2", "r1", "r0"]),
+        ("tie_no_tail", ["r2", "r0", "r1"]),
+        ("tie_expect_only", ["r2", "r0", "r1"]),
+    ],
+)
+def test_tie_ablations_run_the_tie_scheduler_with_their_changed_score(setup, policy, order):
+    """r0's law (median 4, sigma 1) has a lower clipped expectation than r1's (median 8, sigma 0.1) but a far
+    heavier tail: the full score (beta >= 0.1) admits r1 first, the variants without the CVaR term admit r0 first.
+    The replay's own config must be the one changed, and the caller's context comes back afterwards."""
+    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay
+
+    model, gc, cb = setup
+    laws = [(4.0, 1.0), (8.0, 0.1), (2.0, 0.1)]
+    reqs = [
+        ReplayRequest(f"r{i}", 0.0, [5 + i] * 8, n, mu=math.log(m), sigma=s)
+        for i, ((m, s), n) in enumerate(zip(laws, [5, 8, 2], strict=True))
+    ]
+    before = CONTEXT.config
+    recs = run_cb_replay(
+        model, reqs, policy, generation_config=gc, continuous_batching_config=cb, time_scale=0
+    )
+    assert CONTEXT.admission_order == order
+    assert [r["n_tokens"] for r in recs] == [5, 8, 2]
+    assert CONTEXT.config is before
 
 
 def test_replay_restores_what_the_user_had_set(setup):
@@ -289,6 +320,11 @@ def test_gpu_replay_script_simulate_mode(capsys):
     assert capsys.readouterr().out.count("_maxseqs4_tau60_sim ") == 10
     with pytest.raises(ValueError, match="--speeds"):
         mod.main(["--simulate", "--speeds", "-1", "--no-write"])
+    # TIE's ablations: simulated (and replayed) beside TIE; a static job orders by the five policies only
+    assert mod.main([*argv[:-1], "--policies", "tie,tie_expect_only", "--no-write"]) == 0
+    assert capsys.readouterr().out.count("_maxseqs4_sim tie_expect_only") == 2
+    with pytest.raises(ValueError, match="--policies must include 'tie' and only use .*'ltr', 'tie'\\), got"):
+        mod.main(["--static-batch", "4", "--policies", "tie,tie_no_tail", "--no-write"])
 
 
 def test_gpu_replay_script_records_steps_fits_and_simulates(tmp_path, monkeypatch, capsys):
@@ -441,12 +477,25 @@ def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
-    cmd += ["--n", "4", "--speeds", "0", "--max-new-tokens", "12", "--policies", "fcfs,ssjf,tie"]
+    cmd += [
+        "--n",
+        "4",
+        "--speeds",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--policies",
+        "fcfs,ssjf,tie,tie_expect_only",
+    ]
     env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    # an ablation is reported (details, printed) but never a row
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf"}
+    assert re.search(r"_burst tie_expect_only\s*: per-token .* lengths exact True", out.stdout)
+    details = json.loads((tmp_path / "tie_real_cb_details.json").read_text())["real_cb"]
+    assert [set(res) for res in details.values()] == [{"fcfs", "ssjf", "tie", "tie_expect_only"}]
     latency = [r for r in rows if not r["metric"].startswith("offline")]
     assert len(latency) == 2 * 3  # two baselines x (mean, p99, TTFT)
     # a burst is also the offline job: two baselines x (three budgets + whole job), each written once

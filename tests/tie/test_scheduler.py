@@ -54,6 +54,26 @@ def test_dynamic_beta_bounds():
     assert cfg.beta(10_000) == 0.5
 
 
+def test_ablation_config_changes_exactly_its_part_of_the_score():
+    from dataclasses import asdict
+
+    from hf_ext.generation.tie.config import ABLATION_SETTINGS, ablation_config
+
+    base = TIEConfig(max_new_tokens=500, aging_tau=10.0)
+    assert ablation_config(base, "tie") is base
+    for name, settings in ABLATION_SETTINGS.items():
+        cfg = ablation_config(base, name)
+        changed = {k for k, v in asdict(cfg).items() if asdict(base)[k] != v}
+        assert changed == set(settings), name
+        assert cfg.max_new_tokens == 500 and cfg.aging_tau == 10.0
+    no_tail = ablation_config(base, "tie_no_tail")
+    assert no_tail.beta(queue_len=10_000) == 0.0 and no_tail.aging == base.aging
+    only = ablation_config(base, "tie_expect_only")
+    assert only.beta(queue_len=10_000) == 0.0 and only.aging == "none"
+    with pytest.raises(ValueError, match="name must be 'tie' or one of .*tie_expect_only.*got 'tie_fast'"):
+        ablation_config(base, "tie_fast")
+
+
 def test_simultaneous_arrivals_share_the_queue_length_of_their_beta():
     """Requests arriving at the same instant (a burst) are scored against the queue they all join, as the
     transformers CB scheduler scores a step's new requests: not β rising with their position in the burst."""

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from hf_ext.generation.tie.config import ABLATION_SETTINGS
+
 COMPONENT = "tie"
 # policies simulated with the trained predictors
 SIM_POLICIES = (
@@ -51,10 +53,7 @@ SIM_POLICIES = (
     "ssjf",
     "ltr",
     "tie",
-    "tie_no_aging",
-    "tie_no_tail",
-    "tie_expect_only",
-    "tie_truncate",
+    *ABLATION_SETTINGS,
 )
 # the predictor ceiling: these policies again, fed the generator's own (mu, sigma, nu) of each prompt (a perfect
 # length-distribution predictor; report only). Shows whether a better predictor would close TIE's gap.
@@ -195,8 +194,7 @@ def _annotate(reqs: list[Any], preds: dict[str, Any]) -> None:
 
 def make_schedulers(tie_cfg: Any) -> dict[str, Any]:
     """Fresh simulator schedulers for every policy of :data:`SIM_POLICIES` (TIE variants from ``tie_cfg``)."""
-    from dataclasses import replace
-
+    from hf_ext.generation.tie.config import ABLATION_SETTINGS, ablation_config
     from hf_ext.generation.tie.scheduler import TIEScheduler
     from hf_ext.simulate import FCFS, SSJF, ScoreScheduler, SJFOracle
 
@@ -206,12 +204,7 @@ def make_schedulers(tie_cfg: Any) -> dict[str, Any]:
         "ssjf": SSJF(),
         "ltr": ScoreScheduler(lambda r, now: r.meta["ltr_score"], name="ltr"),
         "tie": TIEScheduler(tie_cfg),
-        "tie_no_aging": TIEScheduler(replace(tie_cfg, aging="none"), name="tie_no_aging"),
-        "tie_no_tail": TIEScheduler(replace(tie_cfg, beta_min=0.0, beta_max=0.0), name="tie_no_tail"),
-        "tie_expect_only": TIEScheduler(
-            replace(tie_cfg, beta_min=0.0, beta_max=0.0, aging="none"), name="tie_expect_only"
-        ),
-        "tie_truncate": TIEScheduler(replace(tie_cfg, support="truncate"), name="tie_truncate"),
+        **{name: TIEScheduler(ablation_config(tie_cfg, name), name=name) for name in ABLATION_SETTINGS},
     }
 
 
@@ -693,8 +686,7 @@ def offline_static(
     beside it, and batches each as wide as the KV cap allows for its own padded prompts + ``max_new_tokens``
     (``memory_batches``; suffix ``_membatch``). ``prefix`` starts every case name.
     """
-    from dataclasses import replace
-
+    from hf_ext.generation.tie.config import ablation_config
     from hf_ext.generation.tie.offline import (
         OFFLINE_POLICIES,
         batch_size_for_memory,
@@ -706,7 +698,7 @@ def offline_static(
     plen, out = [r.prompt_len for r in base], [r.output_len for r in base]
     orders = {p: policy_order(p, base, tie_cfg) for p in OFFLINE_POLICIES}
     # ablation (report / details only, never CSV rows): the same order without the CVaR term
-    orders["tie_no_tail"] = policy_order("tie", base, replace(tie_cfg, beta_min=0.0, beta_max=0.0))
+    orders["tie_no_tail"] = policy_order("tie", base, ablation_config(tie_cfg, "tie_no_tail"))
     true_base = with_true_distribution(base, tie_cfg)  # the predictor ceiling (report only)
     orders.update({p + TRUE_DIST: policy_order(p, true_base, tie_cfg) for p in ("ssjf", "tie")})
     res: dict[str, dict] = {}

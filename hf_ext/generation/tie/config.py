@@ -118,6 +118,31 @@ class TIEConfig:
         return float(min(self.beta_max, max(self.beta_min, self.beta_coef * queue_len / b)))
 
 
+# TIE with one part of the score changed (benchmarks' ablations): which part helps which metric
+ABLATION_SETTINGS: dict[str, dict[str, Any]] = {
+    "tie_no_aging": {"aging": "none"},
+    "tie_no_tail": {"beta_min": 0.0, "beta_max": 0.0},
+    "tie_expect_only": {"beta_min": 0.0, "beta_max": 0.0, "aging": "none"},
+    "tie_truncate": {"support": "truncate"},
+}
+
+
+def ablation_config(config: TIEConfig, name: str) -> TIEConfig:
+    """``config`` with the settings of TIE variant ``name`` (``"tie"`` or a key of :data:`ABLATION_SETTINGS`).
+
+    Example:
+        >>> ablation_config(TIEConfig(), "tie_expect_only").beta(queue_len=1000)
+        0.0
+    """
+    from dataclasses import replace
+
+    if name == "tie":
+        return config
+    if name not in ABLATION_SETTINGS:
+        raise ValueError(f"name must be 'tie' or one of {tuple(ABLATION_SETTINGS)}, got {name!r}")
+    return replace(config, **ABLATION_SETTINGS[name])
+
+
 @dataclass
 class PredictorConfig:
     """Architecture and training parameters of a length predictor (encoder + MLP heads)."""

@@ -17,6 +17,10 @@ policy         scheduler_type                       key (lower admitted first)
 ``tie``        ``"tie"``                            aged TIE score from ``(mu, sigma, nu)``
 =============  ===================================  ==========================================
 
+The TIE ablations (``tie_no_aging``, ``tie_no_tail``, ``tie_expect_only``, ``tie_truncate``; see
+:data:`~hf_ext.generation.tie.config.ABLATION_SETTINGS`) run the ``"tie"`` scheduler with that part of
+``tie_config`` changed, for benchmark reports.
+
 Example (CPU, tiny random model; all arrive at once)::
 
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -42,7 +46,10 @@ from typing import Any
 
 import numpy as np
 
-POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")
+from hf_ext.generation.tie.config import ABLATION_SETTINGS
+
+TIE_POLICIES = ("tie", *ABLATION_SETTINGS)
+POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", *TIE_POLICIES)
 
 
 @dataclass
@@ -96,7 +103,7 @@ _NEEDS = {
     "sjf_oracle": (),
     "ssjf": ("pred_len",),
     "ltr": ("ltr_score",),
-    "tie": ("mu", "sigma", "nu"),
+    **dict.fromkeys(TIE_POLICIES, ("mu", "sigma", "nu")),
 }
 
 
@@ -106,7 +113,7 @@ def validate_replay(
     """Raise ``ValueError`` (naming the field and request) on anything :func:`run_cb_replay` cannot honour."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if policy == "tie" and tie_config is not None and tie_config.use_request_cap:
+    if policy in TIE_POLICIES and tie_config is not None and tie_config.use_request_cap:
         raise ValueError(
             "tie_config.use_request_cap must be False in a replay: each request's max_new_tokens is set to its "
             "true output_len (that is how its length is forced), and TIE would truncate its length law there, "
@@ -133,7 +140,7 @@ def validate_replay(
                 raise ValueError(
                     f"request {r.request_id}: policy {policy!r} needs a finite {name}, got {v!r}"
                 )
-        if policy == "tie" and (r.sigma <= 0 or r.nu <= 0):
+        if policy in TIE_POLICIES and (r.sigma <= 0 or r.nu <= 0):
             raise ValueError(f"request {r.request_id}: sigma and nu must be > 0, got {r.sigma}, {r.nu}")
 
 
@@ -147,12 +154,13 @@ def _install(policy: str, requests: Sequence[ReplayRequest], tie_config: Any) ->
         set_length_hints,
         set_priority_keys,
     )
+    from hf_ext.generation.tie.config import ablation_config
 
     ids = [r.request_id for r in requests]
     if policy == "fcfs":
         return "fifo"
-    if policy == "tie":
-        enable_tie_scheduler(config=tie_config)
+    if policy in TIE_POLICIES:
+        enable_tie_scheduler(config=ablation_config(tie_config, policy))
         set_length_hints(
             None,
             [r.mu for r in requests],
@@ -188,9 +196,9 @@ def run_cb_replay(
         generation_config: shared by all requests; disable EOS (e.g. ``eos_token_id=-1``) so that each request
             produces exactly ``output_len`` tokens.
         continuous_batching_config: copied; its ``scheduler_type`` is set from ``policy``.
-        tie_config: :class:`~hf_ext.generation.tie.config.TIEConfig` for ``tie``; its ``use_request_cap`` must be
-            False (a request's ``max_new_tokens`` here is its true length). Default: ``TIEConfig`` with
-            ``max_new_tokens`` from ``generation_config`` and ``use_request_cap=False``.
+        tie_config: :class:`~hf_ext.generation.tie.config.TIEConfig` for ``tie`` (its ablations change it); its
+            ``use_request_cap`` must be False (a request's ``max_new_tokens`` here is its true length). Default:
+            ``TIEConfig`` with ``max_new_tokens`` from ``generation_config`` and ``use_request_cap=False``.
         time_scale: multiplies arrival times (``0`` = everything at once; ``1/k`` = k times the load).
         stall_timeout: seconds without any finished request after which the run is aborted.
         progress: show a tqdm bar of finished requests.
