@@ -219,22 +219,27 @@ def simulate_same(
     return out, f"sim:{cm.name}"
 
 
-def _engine_runs() -> dict[str, dict[str, dict[str, dict]]]:
-    """Engine runs in ``tie_real_cb_details.json``: case -> device -> policy -> summary. A later run of a case's
-    policy replaces the earlier one; withdrawn runs never count."""
+def _engine_calls() -> list[dict[str, Any]]:
+    """The calls recorded in ``tie_real_cb_details.json`` (each: ``command``, ``device``, ``real_cb``: case ->
+    policy -> summary), oldest first; withdrawn calls left out."""
     from hf_ext.utils.bench import results_dir
 
     path = results_dir() / "tie_real_cb_details.json"
     if not path.exists():
-        return {}
+        return []
     data = json.loads(path.read_text())
     runs = data.get("runs", [data])  # a run writes itself; the committed file collects runs under "runs"
+    return [run for run in runs if "withdrawn" not in run]
+
+
+def _engine_runs() -> dict[str, dict[str, dict[str, dict]]]:
+    """Engine runs in ``tie_real_cb_details.json``: case -> device -> policy -> summary. A later run of a case's
+    policy replaces the earlier one; withdrawn runs never count."""
     engine: dict[str, dict[str, dict]] = {}
-    for run in runs:
-        if "withdrawn" not in run:
-            dev = str(run.get("device", "?"))
-            for case, res in run.get("real_cb", {}).items():
-                engine.setdefault(case, {}).setdefault(dev, {}).update(res)
+    for run in _engine_calls():
+        dev = str(run.get("device", "?"))
+        for case, res in run.get("real_cb", {}).items():
+            engine.setdefault(case, {}).setdefault(dev, {}).update(res)
     return engine
 
 
@@ -249,17 +254,20 @@ def _per_token(summary: dict[str, Any], ids: list[str]) -> np.ndarray:
 def explain_gap(args: argparse.Namespace, reqs: list[Any], speeds: list[float]) -> int:
     """No model: for every engine run of these cases that kept per-request times, split TIE's mean per-token latency
     gap to each other policy by the request's predicted spread (σ) and by its output length, and print it
-    (:func:`hf_ext.generation.tie.replay.split_gap`; the contributions add up to the gap, in ms)."""
+    (:func:`hf_ext.generation.tie.replay.split_gap`; the contributions add up to the gap, in ms). TIE is compared
+    only with policies of the same call (same card, same warm model), never across calls."""
     from hf_ext.generation.tie.replay import split_gap_by_bins
 
-    engine = _engine_runs()
+    calls = _engine_calls()
     by_id = {r.request_id: r for r in reqs}
     found = False
     for speed in speeds:
         case = _case(args, len(reqs), speed)
-        for dev, res in engine.get(case, {}).items():
+        for k, call in enumerate(calls):
+            res = call.get("real_cb", {}).get(case, {})
             if "requests" not in res.get("tie", {}):
                 continue
+            dev = f"{call.get('device', '?')}, call {k} of the details"
             ids = res["tie"]["requests"]["request_id"]
             tie = _per_token(res["tie"], ids)
             sigmas, lengths = [by_id[i].sigma for i in ids], [by_id[i].output_len for i in ids]

@@ -710,6 +710,15 @@ def test_gpu_replay_script_explain_gap_splits_tie_gap_by_sigma_and_length(tmp_pa
     assert "sigma < 0.5 (1): -125.0" in out and "sigma >= 0.8 (2): +500.0" in out
     assert "< 20 tokens (1): +500.0" in out and ">= 300 tokens (1): -125.0" in out
     assert "fcfs" not in out  # a policy without per-request times is skipped
+    # a later call of the same case on the same card: each call's TIE is compared with its own baselines only
+    later = {"device": "H200", "real_cb": {case: {"tie": run([2.0] * 4), "fcfs": run([4.0] * 4)}}}
+    details["runs"].append(later)
+    (tmp_path / "tie_real_cb_details.json").write_text(json.dumps(details))
+    assert mod.main(argv) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if " vs " in x]
+    assert len(lines) == 2
+    assert "(H200, call 0 of the details): TIE 1375.0 ms vs ssjf 1000.0 ms" in lines[0]
+    assert "(H200, call 1 of the details): TIE 2000.0 ms vs fcfs 4000.0 ms" in lines[1]
 
 
 def test_bin_label_picks_the_first_bin_above_the_value():
