@@ -306,7 +306,7 @@ def engine_vs_sim(sim: dict[str, dict]) -> dict[str, dict]:
             for pol in res:
                 if pol in real:
                     e, m = real[pol]["per_token_mean"] * 1e3, res[pol]["per_token_mean"] * 1e3
-                    print(f"    {pol:10s} {e:8.1f} {m:8.1f}  sim/engine {m / e:5.2f}")
+                    print(f"    {pol:16s} {e:8.1f} {m:8.1f}  sim/engine {m / e:5.2f}")
     return out
 
 
