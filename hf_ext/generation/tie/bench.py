@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_ext.generation.tie.config import ABLATION_SETTINGS
+from hf_ext.generation.tie.config import ABLATION_SETTINGS, ablation_config
 
 COMPONENT = "tie"
 # policies simulated with the trained predictors
@@ -194,7 +194,6 @@ def _annotate(reqs: list[Any], preds: dict[str, Any]) -> None:
 
 def make_schedulers(tie_cfg: Any) -> dict[str, Any]:
     """Fresh simulator schedulers for every policy of :data:`SIM_POLICIES` (TIE variants from ``tie_cfg``)."""
-    from hf_ext.generation.tie.config import ABLATION_SETTINGS, ablation_config
     from hf_ext.generation.tie.scheduler import TIEScheduler
     from hf_ext.simulate import FCFS, SSJF, ScoreScheduler, SJFOracle
 
@@ -686,7 +685,6 @@ def offline_static(
     beside it, and batches each as wide as the KV cap allows for its own padded prompts + ``max_new_tokens``
     (``memory_batches``; suffix ``_membatch``). ``prefix`` starts every case name.
     """
-    from hf_ext.generation.tie.config import ablation_config
     from hf_ext.generation.tie.offline import (
         OFFLINE_POLICIES,
         batch_size_for_memory,
