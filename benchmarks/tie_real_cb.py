@@ -574,11 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ("python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.fit_steps:
         return fit_recorded_steps(args, cmd)
-    if args.explain_gap:
+    if args.explain_gap or args.simulate:  # no model: prompt ids only need some vocabulary
         reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
+    if args.explain_gap:
         return explain_gap(args, reqs, speeds)
     if args.simulate:
-        reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
         sim, sim_dev = simulate_same(args, reqs, speeds, policies)
         for case, res in sim.items():
             for pol, v in res.items():

@@ -294,10 +294,10 @@ def offline_chunked(
     def chunk(c: int) -> Any:
         return lambda i, g: min(c, cap - g)
 
-    rows: dict[str, dict] = {}
-    for c in CHUNKS:
-        case = f"{prefix}offline_chunk{c}_{n}_kv{kv // 1000}k"
-        rows[case] = {p: run(o, chunk(c)) for p, o in orders.items()}
+    def chunk_case(c: int) -> str:
+        return f"{prefix}offline_chunk{c}_{n}_kv{kv // 1000}k"
+
+    rows = {chunk_case(c): {p: run(o, chunk(c)) for p, o in orders.items()} for c in CHUNKS}
     law = LogT(
         np.asarray([r.meta["pred_mu"] for r in job]),
         np.asarray([r.meta["pred_sigma"] for r in job]),
@@ -322,8 +322,8 @@ def offline_chunked(
         f"{prefix}offline_predsized_{n}_kv{kv // 1000}k": {
             "fcfs_full": run(orders["fcfs"], lambda i, g: cap - g),
             "tie_full": run(orders["tie"], lambda i, g: cap - g),
-            "fcfs_chunk256": rows[f"{prefix}offline_chunk256_{n}_kv{kv // 1000}k"]["fcfs"],
-            "tie_chunk256": rows[f"{prefix}offline_chunk256_{n}_kv{kv // 1000}k"]["tie"],
+            "fcfs_chunk256": rows[chunk_case(256)]["fcfs"],
+            "tie_chunk256": rows[chunk_case(256)]["tie"],
             "ssjf_2x_pred": run(orders["ssjf"], ssjf_double),
             "tie_cond_median": run(orders["tie"], tie_median),
         }

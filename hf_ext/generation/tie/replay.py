@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_ext.generation.tie.config import ABLATION_SETTINGS
+from hf_ext.generation.tie.config import ABLATION_SETTINGS, ablation_config
 
 TIE_POLICIES = ("tie", *ABLATION_SETTINGS)
 POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", *TIE_POLICIES)
@@ -154,7 +154,6 @@ def _install(policy: str, requests: Sequence[ReplayRequest], tie_config: Any) ->
         set_length_hints,
         set_priority_keys,
     )
-    from hf_ext.generation.tie.config import ablation_config
 
     ids = [r.request_id for r in requests]
     if policy == "fcfs":
