@@ -320,3 +320,56 @@ def test_trim_at_eos_keeps_the_first_eos_and_drops_the_padding():
     assert trim_at_eos([5, 9, 2], {9, 2}) == [5, 9]
     assert _eos_ids(None) is None and _eos_ids(2) == {2} and _eos_ids([2, 7]) == {2, 7}
     assert _eos_ids(torch.tensor([-1])) == set()  # "never stop" markers are not token ids
+
+
+def test_a_complete_plan_times_like_the_same_cut_and_is_checked():
+    cm = CostModel.constant(0.01)
+    plen, out = [10, 10, 50, 10], [3, 5, 2, 4]
+    cut = memory_batches([0, 1, 2, 3], plen, kv_tokens=100, max_new_tokens=10)
+    a = simulate_static_batches(cm, plen, out, [0, 1, 2, 3], kv_tokens=100, max_new_tokens=10)
+    b = simulate_static_batches(cm, plen, out, None, batches=cut)
+    assert b.makespan_s == pytest.approx(a.makespan_s) and b.finish == a.finish and b.batch_size == 2
+    with pytest.raises(ValueError, match="complete plan"):
+        simulate_static_batches(cm, plen, out, [0, 1, 2, 3], batches=cut)
+    with pytest.raises(ValueError, match="complete plan"):
+        simulate_static_batches(cm, plen, out, None, 2, batches=cut)
+    for bad in ([[0, 1], [2]], [[0, 1], [1, 2, 3]], [[0, 1, 2, 3], []]):
+        with pytest.raises(ValueError, match=r"partitioning range\(4\)"):
+            simulate_static_batches(cm, plen, out, None, batches=bad)
+    with pytest.raises(ValueError, match="give order"):
+        simulate_static_batches(cm, plen, out, None)
+
+
+def test_tie_batched_generate_expected_plan_keeps_outputs_and_the_kv_budget(model, monkeypatch):
+    from hf_ext.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    prompts = ["hi", "hello world", "a b c d e f g h i j k l m n o p", "ok", "yes", "one two three", "x y"]
+    kv, m = 60, 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = tie_batched_generate(model, tok, prompts, batch_size=1, max_new_tokens=m, do_sample=False)
+    shapes = []
+    real = model.generate
+
+    def spy(*args, **kw):
+        shapes.append(tuple(kw["input_ids"].shape))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    with pytest.warns(UserWarning, match="falling back"):  # no predictor: the heuristic laws, warned once
+        got = tie_batched_generate(
+            model, tok, prompts, kv_tokens=kv, max_new_tokens=m, do_sample=False, plan="expected"
+        )
+    assert got == want
+    assert all(b * (w + m) <= kv for b, w in shapes) and sum(b for b, _ in shapes) == len(prompts)
+    assert max(b for b, _ in shapes) > 1
+    shapes.clear()
+    for kw, msg in (
+        ({"plan": "best"}, "plan must be one of"),
+        ({"plan": "order", "prompt_buckets": 2}, "needs plan='expected'"),
+        ({"plan": "expected", "prompt_buckets": 0}, "prompt_buckets must be an int >= 1"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            tie_batched_generate(model, tok, prompts, kv_tokens=kv, max_new_tokens=m, **kw)
+    assert shapes == []  # refused before any generate call

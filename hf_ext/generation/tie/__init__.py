@@ -10,6 +10,7 @@ Public names load lazily (this module imports neither torch nor transformers):
   continuous batching (``ContinuousBatchingConfig(scheduler_type="tie")``);
 * :func:`tie_batched_generate` — an offline job as ``generate`` over static (padded) batches cut from the TIE
   order (:mod:`.offline`: planning, simulator timing, forced-length real runs for benchmarks);
+  :func:`plan_batches` — expected-cost batches from the predicted laws (``plan="expected"``, :mod:`.planner`);
 * :func:`run_cb_replay` — timed arrivals into real transformers continuous batching, one policy per run
   (FCFS, SJF-oracle, SSJF, LTR, TIE), for benchmarks.
 
@@ -45,6 +46,7 @@ _LAZY = {
     "order_batch": "scheduler",
     "annotate_requests": "scheduler",
     "heuristic_prediction": "scheduler",
+    "predict_laws": "scheduler",
     "enable_tie_scheduler": "cb",
     "tie_generate_batch": "cb",
     "set_length_hints": "cb",
@@ -61,6 +63,8 @@ _LAZY = {
     "memory_batches": "offline",
     "simulate_static_batches": "offline",
     "run_static_generate": "offline",
+    "plan_batches": "planner",
+    "BatchPlan": "planner",
     "generate_workload": "data",
     "match_to_lengths": "data",
 }

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from hf_ext.generation.tie.config import TIEConfig, _check_int
-from hf_ext.generation.tie.scheduler import order_batch, validate_prompts
+from hf_ext.generation.tie.scheduler import order_batch, predict_laws, validate_prompts
 
 OFFLINE_POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")
+PLANS = ("order", "expected")  # tie_batched_generate: cut the order as wide as allowed / expected-cost plan
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -163,22 +164,33 @@ def _cut_batches(
 
 
 def _job_batches(
-    order: Sequence[int],
+    order: Sequence[int] | None,
     plen: np.ndarray,
     out: np.ndarray,
     batch_size: int | None,
     kv_tokens: int | None,
     max_new_tokens: int | None,
+    batches: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[list[int]], int]:
     """A job's batches (checked first: exactly one sizing; with ``kv_tokens`` a reservation covering every output)
-    and its batch size: ``batch_size``, or the widest memory-sized batch."""
+    and its batch size: ``batch_size``, or the widest memory-sized batch. ``batches``: a complete plan instead
+    (e.g. :func:`.planner.plan_batches`), then ``order`` and the sizing must be ``None``."""
+    if batches is not None:
+        if order is not None or batch_size is not None or kv_tokens is not None:
+            raise ValueError("batches is a complete plan: give it without order, batch_size or kv_tokens")
+        plan = [[int(i) for i in b] for b in batches]
+        if any(not b for b in plan) or sorted(i for b in plan for i in b) != list(range(len(plen))):
+            raise ValueError(f"batches must be non-empty lists partitioning range({len(plen)})")
+        return plan, max((len(b) for b in plan), default=0)
+    if order is None:
+        raise ValueError("give order (with batch_size or kv_tokens) or batches")
     _check_sizing(batch_size, kv_tokens)
     _check_reservation(kv_tokens, max_new_tokens, out)
-    batches = _cut_batches(order, plen, batch_size, kv_tokens, max_new_tokens)
+    cut = _cut_batches(order, plen, batch_size, kv_tokens, max_new_tokens)
     if kv_tokens is not None:
-        return batches, max((len(b) for b in batches), default=0)
+        return cut, max((len(b) for b in cut), default=0)
     assert batch_size is not None
-    return batches, batch_size
+    return cut, batch_size
 
 
 def _check_reservation(kv_tokens: int | None, max_new_tokens: int | None, out: np.ndarray) -> None:
@@ -268,24 +280,26 @@ def simulate_static_batches(
     cost_model: Any,
     prompt_lens: Sequence[int],
     output_lens: Sequence[int],
-    order: Sequence[int],
+    order: Sequence[int] | None,
     batch_size: int | None = None,
     policy: str = "",
     *,
     kv_tokens: int | None = None,
     max_new_tokens: int | None = None,
+    batches: Sequence[Sequence[int]] | None = None,
 ) -> StaticBatchResult:
     """Time a static-batch job with a :class:`~hf_ext.simulate.CostModel`.
 
     Batches are ``batch_size`` rows cut from ``order`` or, with ``kv_tokens`` (and ``max_new_tokens``), as wide
-    as :func:`memory_batches` allows; give exactly one of ``batch_size`` / ``kv_tokens``. Each batch (``B`` rows,
+    as :func:`memory_batches` allows; give exactly one of ``batch_size`` / ``kv_tokens``. Or ``batches``, a complete
+    plan (:func:`.planner.plan_batches`; ``order=None``, no sizing). Each batch (``B`` rows,
     prompts left-padded to the batch's longest ``P``, outputs up to its longest ``L``): one prefill of ``B × P``
     tokens (which yields the first token), then ``L - 1`` decode steps of all ``B`` rows (finished rows are
     padding but still computed, as in ``generate``), the context growing by one a step.
     """
     plen = _lengths("prompt_lens", prompt_lens)
     out = _lengths("output_lens", output_lens, len(plen))
-    batches, batch_size = _job_batches(order, plen, out, batch_size, kv_tokens, max_new_tokens)
+    batches, batch_size = _job_batches(order, plen, out, batch_size, kv_tokens, max_new_tokens, batches)
     times = []
     for b in batches:
         n, p, longest = len(b), int(plen[b].max()), int(out[b].max())
@@ -433,13 +447,14 @@ def run_static_generate(
     model: Any,
     prompt_ids: Sequence[Sequence[int]],
     output_lens: Sequence[int],
-    order: Sequence[int],
+    order: Sequence[int] | None,
     batch_size: int | None = None,
     *,
     eos_token_id: int,
     pad_token_id: int,
     kv_tokens: int | None = None,
     max_new_tokens: int | None = None,
+    batches: Sequence[Sequence[int]] | None = None,
     policy: str = "",
     progress: bool = False,
 ) -> StaticBatchResult:
@@ -448,7 +463,8 @@ def run_static_generate(
 
     Batches are ``batch_size`` rows cut from ``order`` or, with ``kv_tokens`` and ``max_new_tokens`` (the
     reservation per row, >= every output length), as wide as :func:`memory_batches` allows under that KV budget,
-    as in :func:`simulate_static_batches`; give exactly one of ``batch_size`` / ``kv_tokens``.
+    as in :func:`simulate_static_batches`; give exactly one of ``batch_size`` / ``kv_tokens``, or ``batches`` (a
+    complete plan, ``order=None``).
     """
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
@@ -457,7 +473,7 @@ def run_static_generate(
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt must have at least one token")
     plen = np.asarray([len(p) for p in prompt_ids], dtype=np.int64)
-    batches, batch_size = _job_batches(order, plen, out, batch_size, kv_tokens, max_new_tokens)
+    batches, batch_size = _job_batches(order, plen, out, batch_size, kv_tokens, max_new_tokens, batches)
     device = next(model.parameters()).device
     times: list[float] = []
     it: Any = batches
@@ -506,6 +522,8 @@ def tie_batched_generate(
     kv_tokens: int | None = None,
     generation_config: Any = None,
     config: TIEConfig | None = None,
+    plan: str = "order",
+    prompt_buckets: int | None = None,
     progress: bool = False,
     **generate_kwargs: Any,
 ) -> list[list[int]]:
@@ -525,6 +543,11 @@ def tie_batched_generate(
         generation_config / generate_kwargs: passed to every ``generate`` call; ``max_new_tokens`` (here
             or in the config) is also the cap of the length distribution.
         config: :class:`TIEConfig` (β, ν, α; ``max_new_tokens`` when the generation config has none).
+        plan: ``"order"`` cuts the TIE order into batches as wide as the limit allows; ``"expected"`` groups the
+            prompts by length and cuts the order where the job's expected decode steps are least, from the
+            predicted laws (:func:`.planner.plan_batches`; same width limit, never exceeded).
+        prompt_buckets: with ``plan="expected"``, the number of prompt-length buckets (``None``: the planner
+            picks it by expected cost).
 
     Returns:
         For each prompt, in the order given, its new token ids (up to and including EOS, no padding).
@@ -539,6 +562,14 @@ def tie_batched_generate(
         _check_int("batch_size", batch_size)
     if kv_tokens is not None:
         _check_int("kv_tokens", kv_tokens)
+    if plan not in PLANS:
+        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+    if prompt_buckets is not None and (
+        plan != "expected" or not isinstance(prompt_buckets, int) or prompt_buckets < 1
+    ):
+        raise ValueError(
+            f"prompt_buckets must be an int >= 1 and needs plan='expected', got {prompt_buckets!r}"
+        )
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     cfg = config or TIEConfig()
@@ -549,7 +580,8 @@ def tie_batched_generate(
     plen = [len(e) for e in enc]
     if kv_tokens is not None:  # before any prediction or generate: one prompt alone must fit
         _check_each_fits(range(len(enc)), np.asarray(plen), kv_tokens, cap)
-    order = order_batch(list(prompts), predictor, cfg, max_new_tokens=cap, prompt_tokens=plen)
+    laws = predict_laws(list(prompts), predictor, cap, prompt_tokens=plen)
+    order = order_batch(list(prompts), predictor, cfg, max_new_tokens=cap, laws=laws)
     if gen_cap is None:
         generate_kwargs["max_new_tokens"] = cap
     if getattr(generation_config, "pad_token_id", None) is None:
@@ -565,7 +597,20 @@ def tie_batched_generate(
     eos = next((e for e in map(_eos_ids, sources) if e is not None), set())
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
-    batches = _cut_batches(order, np.asarray(plen), batch_size, kv_tokens, cap)
+    if plan == "expected":
+        from hf_ext.generation.tie.planner import plan_batches
+
+        batches = plan_batches(
+            order,
+            plen,
+            cap,
+            kv_tokens=kv_tokens,
+            batch_size=batch_size,
+            prompt_buckets=prompt_buckets,
+            **laws,
+        ).batches
+    else:
+        batches = _cut_batches(order, np.asarray(plen), batch_size, kv_tokens, cap)
     if progress:
         from tqdm.auto import tqdm
 
@@ -606,6 +651,7 @@ def trim_at_eos(row: Sequence[int], eos: set[int]) -> list[int]:
 
 __all__ = [
     "OFFLINE_POLICIES",
+    "PLANS",
     "StaticBatchResult",
     "batch_size_for_memory",
     "forced_lengths_processor",

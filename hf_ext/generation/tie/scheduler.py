@@ -290,17 +290,46 @@ class TIEScheduler:
         return len(self._items) if self.config.aging == "step" else len(self._heap)
 
 
+def predict_laws(
+    prompts: Sequence[str],
+    predictor: Any = None,
+    max_new_tokens: int = 1024,
+    prompt_tokens: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """``{"mu", "sigma", "nu"}`` (each ``[N]``) of the prompts' log-t length laws: from a ``logt`` predictor, or
+    the prompt-length heuristic (``prompt_tokens``, else whitespace word counts ×1.3) with a warning."""
+    if predictor is not None:
+        out = predictor.predict(list(prompts))
+        if "sigma" not in out:
+            raise ValueError(
+                f"predictor must be a 'logt' LengthPredictor for TIE, got kind={predictor.kind!r}"
+            )
+        mu, sigma, nu = out["mu"], out["sigma"], out["nu"]
+    else:
+        warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=3)
+        n_tok = prompt_tokens if prompt_tokens is not None else [1.3 * len(p.split()) for p in prompts]
+        h = heuristic_prediction(n_tok, max_new_tokens)
+        mu, sigma, nu = h["mu"], h["sigma"], h["nu"]
+    n = len(prompts)
+    return {
+        k: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)).copy()
+        for k, v in (("mu", mu), ("sigma", sigma), ("nu", nu))
+    }
+
+
 def order_batch(
     prompts: Sequence[str],
     predictor: Any = None,
     config: TIEConfig | None = None,
     max_new_tokens: int | None = None,
     prompt_tokens: Sequence[int] | None = None,
+    laws: dict[str, np.ndarray] | None = None,
 ) -> list[int]:
     """Offline TIE order of a batch job: indices of ``prompts`` sorted by ascending TIE score.
 
     β uses ``L_queue = len(prompts)`` (everything is queued at once). Without ``predictor`` the
     prompt-length heuristic is used (``prompt_tokens``, else whitespace word counts ×1.3) with a warning.
+    ``laws``: the prompts' laws from :func:`predict_laws` already (then ``predictor`` is not called again).
 
     Example:
         >>> order_batch(["Write a detailed essay about Rome.", "Hi"], max_new_tokens=256)  # doctest: +SKIP
@@ -313,18 +342,9 @@ def order_batch(
     prompts = validate_prompts(prompts)
     if not prompts:
         return []
-    if predictor is not None:
-        out = predictor.predict(prompts)
-        if "sigma" not in out:
-            raise ValueError(
-                f"predictor must be a 'logt' LengthPredictor for TIE, got kind={predictor.kind!r}"
-            )
-        mu, sigma, nu = out["mu"], out["sigma"], out["nu"]
-    else:
-        warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
-        n_tok = prompt_tokens if prompt_tokens is not None else [1.3 * len(p.split()) for p in prompts]
-        h = heuristic_prediction(n_tok, cap)
-        mu, sigma, nu = h["mu"], h["sigma"], h["nu"]
+    if laws is None:
+        laws = predict_laws(prompts, predictor, cap, prompt_tokens)
+    mu, sigma, nu = laws["mu"], laws["sigma"], laws["nu"]
     e, c = tie_components(mu, sigma, nu, cfg, cap)
     score = e + cfg.beta(len(prompts)) * c
     return [int(i) for i in np.argsort(score, kind="stable")]

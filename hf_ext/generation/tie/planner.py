@@ -1,0 +1,273 @@
+"""Expected-cost batch plans for offline static-batch jobs, from predicted length laws.
+
+A ``generate`` batch runs until its *longest* row is done, and its width is bounded by the KV budget for its
+*widest* prompt. Cutting one sorted order into batches as wide as memory allows (:func:`.offline.memory_batches`)
+ignores both facts. :func:`plan_batches` uses them:
+
+1. **Prompt buckets.** The requests are split into ``K`` buckets by prompt length (the job's own quantiles);
+   inside a bucket they keep the given order (TIE's, SSJF's, ...). Batches of short prompts can be wider.
+2. **Expected-cost cuts.** Along that order, a dynamic program picks where each batch ends so that the job's
+   *expected* time is least: a batch of rows ``S`` costs its prefill plus ``E[max_{i∈S} X_i] - 1`` decode steps
+   (with a :class:`~hf_ext.simulate.CostModel`; without one, ``E[max]`` decode steps), subject to the width
+   limit (``batch_size`` rows, or ``B × (widest prompt + max_new_tokens) <= kv_tokens``, never exceeded whatever
+   the rows generate). With log-t laws, ``E[max] = Σ_{t>=0} (1 - Π_i F_i(t))`` on ``[1, max_new_tokens]``; with
+   point predictions, the largest prediction.
+3. ``K`` (``prompt_buckets=None``) is the count in :data:`PLAN_BUCKETS` with the least expected cost — chosen from
+   the predictions only, never from the true lengths.
+
+The batch maximum is what a point estimate gets wrong: forty rows whose medians are all 100 tokens but whose
+laws are wide have an expected maximum far above 100. That is where a distribution predictor earns its keep
+offline.
+
+Example:
+    >>> plan = plan_batches([0, 1, 2], [10, 10, 10], max_new_tokens=100, batch_size=2, point=[5, 90, 80])
+    >>> plan.batches  # cutting every 2 rows would cost 90 + 80 steps; this costs 5 + 90
+    [[0], [1, 2]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hf_ext.generation.tie.config import _check_int
+
+PLAN_BUCKETS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12)
+GRID_POINTS = 192  # length grid for E[max] (log-spaced above 64 tokens)
+
+
+@dataclass
+class BatchPlan:
+    """A job's batches (request indices, in running order) and what the planner expected of them."""
+
+    batches: list[list[int]]
+    prompt_buckets: int
+    expected_cost: float  # seconds with a cost model, else expected decode steps
+    expected_steps: float  # sum over batches of the expected longest output
+    costs_by_buckets: dict[int, float]  # expected cost of the best plan for each bucket count tried
+
+
+def _length_grid(cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grid points ``t`` in ``[1, cap - 1]`` and weights such that ``Σ_{t=1}^{cap-1} f(t) ≈ Σ w_k f(t_k)``:
+    every integer up to 64, then log-spaced points with trapezoid weights."""
+    if cap <= 1:
+        return np.zeros(0), np.zeros(0)
+    dense = np.arange(1, min(cap - 1, 64) + 1, dtype=np.float64)
+    if cap - 1 <= 64:
+        return dense, np.ones_like(dense)
+    tail = np.unique(np.round(np.geomspace(65, cap - 1, GRID_POINTS - 64)))
+    pts = np.concatenate([dense, tail])
+    # trapezoid over the integers: each point stands for the integers half-way to its neighbours
+    edges = np.concatenate([[0.5], (pts[1:] + pts[:-1]) / 2, [cap - 0.5]])
+    return pts, np.diff(edges)
+
+
+def _log_cdf_grid(mu: np.ndarray, sigma: np.ndarray, nu: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """``[N, G]`` log ``P(X <= t)`` of the log-t laws on the grid (floored so sums stay finite)."""
+    from hf_ext.generation.tie.distribution import LogT
+
+    cdf = LogT(mu[:, None], sigma[:, None], nu[:, None]).cdf(pts[None, :])
+    return np.log(np.clip(cdf, 1e-300, 1.0))
+
+
+def expected_max(
+    mu: Sequence[float], sigma: Sequence[float], nu: float | Sequence[float], max_new_tokens: int
+) -> float:
+    """``E[max_i X_i]`` of independent log-t lengths on ``[1, max_new_tokens]`` (``X`` counted in whole tokens:
+    ``Σ_{t=0}^{cap-1} P(max > t)``, on the planner's grid) — the decode steps a batch of these rows runs.
+
+    Example:
+        >>> expected_max([2.0], [1e-6], 3.5, 100)  # one row of e^2 ≈ 7.4 tokens: 8 whole tokens
+        8.0
+    """
+    _check_int("max_new_tokens", max_new_tokens)
+    m, s = np.atleast_1d(np.asarray(mu, dtype=np.float64)), np.atleast_1d(np.asarray(sigma, dtype=np.float64))
+    v = np.broadcast_to(np.asarray(nu, dtype=np.float64), m.shape)
+    pts, w = _length_grid(max_new_tokens)
+    log_cdf = _log_cdf_grid(m, s, v, pts)
+    return float(np.clip(1.0 + (-np.expm1(log_cdf.sum(axis=0))) @ w, 1.0, max_new_tokens))
+
+
+def _bucketed(order: list[int], plen: np.ndarray, k: int) -> list[int]:
+    """``order`` regrouped into ``k`` prompt-length buckets (job quantiles), the order kept inside each."""
+    if k == 1:
+        return list(order)
+    edges = np.quantile(plen, np.arange(1, k) / k)
+    bucket = np.digitize(plen[order], edges, right=True)
+    return [order[j] for j in np.argsort(bucket, kind="stable")]
+
+
+def _segment_cost(cost_model: Any, rows: int, width: int, steps: float) -> float:
+    """Expected time of one batch: ``rows`` prompts padded to ``width``, ``steps`` expected longest output."""
+    if cost_model is None:
+        return steps
+    lo = int(math.floor(steps))
+    frac = steps - lo
+    ctx = rows * (width + 1)
+    d0 = cost_model.decode_span(rows, ctx, lo - 1)
+    d1 = cost_model.decode_span(rows, ctx, lo) if frac > 0 else d0
+    return cost_model.prefill_time(width, batch=rows) + d0 + frac * (d1 - d0)
+
+
+def _cut(
+    order: list[int],
+    plen: np.ndarray,
+    cap: int,
+    width_ok: Any,
+    log_cdf: np.ndarray | None,
+    weights: np.ndarray | None,
+    point: np.ndarray | None,
+    cost_model: Any,
+) -> tuple[list[list[int]], float, float]:
+    """Least-expected-cost split of ``order`` into consecutive batches (dynamic program over cut points)."""
+    n = len(order)
+    best = np.full(n + 1, np.inf)
+    steps_to = np.zeros(n + 1)
+    best[0] = 0.0
+    start = np.zeros(n + 1, dtype=np.int64)
+    idx = np.asarray(order, dtype=np.int64)
+    for a in range(n):
+        # the widest batch that may start at a
+        rows, widest = 0, 0
+        while a + rows < n:
+            w = max(widest, int(plen[idx[a + rows]]))
+            if not width_ok(rows + 1, w):
+                break
+            rows, widest = rows + 1, w
+        seg = idx[a : a + rows]
+        widths = np.maximum.accumulate(plen[seg])
+        if point is not None:
+            emax = np.maximum.accumulate(point[seg])
+        else:
+            assert log_cdf is not None and weights is not None
+            # P(max > t) for every prefix of the segment at once
+            surv = -np.expm1(np.cumsum(log_cdf[seg], axis=0))
+            emax = 1.0 + surv @ weights
+        emax = np.clip(emax, 1.0, cap)
+        for j in range(rows):
+            c = best[a] + _segment_cost(cost_model, j + 1, int(widths[j]), float(emax[j]))
+            if c < best[a + j + 1]:
+                best[a + j + 1] = c
+                start[a + j + 1] = a
+                steps_to[a + j + 1] = steps_to[a] + float(emax[j])
+    batches: list[list[int]] = []
+    end = n
+    while end > 0:
+        a = int(start[end])
+        batches.append([int(i) for i in idx[a:end]])
+        end = a
+    return batches[::-1], float(best[n]), float(steps_to[n])
+
+
+def plan_batches(
+    order: Sequence[int],
+    prompt_lens: Sequence[int],
+    max_new_tokens: int,
+    *,
+    kv_tokens: int | None = None,
+    batch_size: int | None = None,
+    mu: Sequence[float] | None = None,
+    sigma: Sequence[float] | None = None,
+    nu: float | Sequence[float] = 3.5,
+    point: Sequence[float] | None = None,
+    prompt_buckets: int | None = None,
+    cost_model: Any = None,
+) -> BatchPlan:
+    """Batches of a static-batch job with the least expected time (see the module docstring).
+
+    Args:
+        order: a permutation of ``range(N)`` — the policy's job order (e.g. :func:`.scheduler.order_batch`).
+        prompt_lens: ``[N]`` prompt tokens per request.
+        max_new_tokens: the generation cap (lengths live in ``[1, max_new_tokens]``; with ``kv_tokens`` it is
+            also each row's KV reservation).
+        kv_tokens / batch_size: the width limit, exactly one: a KV budget in tokens (``B × (widest prompt +
+            max_new_tokens) <= kv_tokens``) or a fixed row count.
+        mu, sigma, nu: ``[N]`` predicted log-t laws (``nu`` scalar or ``[N]``), or ``point``: ``[N]`` predicted
+            lengths (SSJF's point estimates; the expected batch maximum is then the largest prediction).
+        prompt_buckets: ``K`` prompt-length buckets; ``None`` tries :data:`PLAN_BUCKETS` and keeps the least
+            expected cost.
+        cost_model: a :class:`~hf_ext.simulate.CostModel` (prefill + decode time); ``None``: decode steps.
+
+    Returns:
+        :class:`BatchPlan`; ``batches`` partition ``range(N)``.
+    """
+    _check_int("max_new_tokens", max_new_tokens)
+    if (kv_tokens is None) == (batch_size is None):
+        raise ValueError(
+            "give exactly one of batch_size (rows per batch) and kv_tokens (KV budget in tokens)"
+        )
+    plen = np.asarray(prompt_lens)
+    if plen.ndim != 1 or (len(plen) and (not np.issubdtype(plen.dtype, np.integer) or plen.min() < 1)):
+        raise ValueError("prompt_lens must be a 1-D sequence of ints >= 1")
+    plen = plen.astype(np.int64)
+    n = len(plen)
+    idx = [int(i) for i in order]
+    if sorted(idx) != list(range(n)):
+        raise ValueError(f"order must be a permutation of range({n})")
+    if (point is None) == (mu is None or sigma is None):
+        raise ValueError(
+            "give either mu and sigma (log-t laws) or point (point predictions), not both or neither"
+        )
+    if prompt_buckets is not None and (not isinstance(prompt_buckets, int) or prompt_buckets < 1):
+        raise ValueError(f"prompt_buckets must be an int >= 1 or None (auto), got {prompt_buckets!r}")
+    log_cdf = weights = pt = None
+    if point is not None:
+        pt = np.asarray(point, dtype=np.float64)
+        if pt.shape != (n,) or not np.all(np.isfinite(pt)):
+            raise ValueError(f"point must hold {n} finite predicted lengths")
+        pt = np.clip(pt, 1.0, max_new_tokens)
+    else:
+        m, s = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+        v = (
+            np.broadcast_to(np.asarray(nu, dtype=np.float64), (n,))
+            if np.ndim(nu) == 0
+            else np.asarray(nu, float)
+        )
+        for name, a in (("mu", m), ("sigma", s), ("nu", v)):
+            if a.shape != (n,) or not np.all(np.isfinite(a)):
+                raise ValueError(f"{name} must hold {n} finite values (NaN predictions are not allowed)")
+        if np.any(s <= 0) or np.any(v <= 0):
+            raise ValueError("sigma and nu must be > 0")
+        pts, weights = _length_grid(max_new_tokens)
+        log_cdf = _log_cdf_grid(m, s, v, pts)
+    if kv_tokens is not None:
+        _check_int("kv_tokens", kv_tokens)
+        too_long = [i for i in range(n) if plen[i] + max_new_tokens > kv_tokens]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(
+                f"kv_tokens={kv_tokens} cannot hold request {i} alone ({int(plen[i])} prompt + {max_new_tokens} "
+                "new tokens); raise kv_tokens or lower max_new_tokens"
+            )
+
+        def width_ok(rows: int, widest: int) -> bool:
+            return rows * (widest + max_new_tokens) <= kv_tokens
+
+    else:
+        _check_int("batch_size", batch_size)
+
+        def width_ok(rows: int, widest: int) -> bool:
+            return rows <= batch_size  # type: ignore[operator]
+
+    if n == 0:
+        return BatchPlan([], prompt_buckets or 1, 0.0, 0.0, {})
+    tried = (prompt_buckets,) if prompt_buckets is not None else tuple(k for k in PLAN_BUCKETS if k <= n)
+    best: tuple[float, int, list[list[int]], float] | None = None
+    costs: dict[int, float] = {}
+    for k in tried:
+        batches, cost, steps = _cut(
+            _bucketed(idx, plen, k), plen, max_new_tokens, width_ok, log_cdf, weights, pt, cost_model
+        )
+        costs[k] = cost
+        if best is None or cost < best[0]:
+            best = (cost, k, batches, steps)
+    assert best is not None
+    cost, k, batches, steps = best
+    return BatchPlan(batches, k, cost, steps, costs)
+
+
+__all__ = ["PLAN_BUCKETS", "BatchPlan", "expected_max", "plan_batches"]
