@@ -29,7 +29,8 @@ def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
         "ttft",
         "predictor_crps_tokens",
     )
-    for needle in (*needles, "offline_static600_b39_kvcap", "real_static_tiny_llama_cpu_n24_b8"):
+    planned = ("offline_static600_kv120k_planned", "offline_static600_kv120k_planned_vs_membatch")
+    for needle in (*needles, "offline_static600_b39_kvcap", "real_static_tiny_llama_cpu_n24_b8", *planned):
         assert needle in csv
     assert (tmp_path / "tie_policies_qa.png").stat().st_size > 0 and export.stat().st_size > 0
     assert (tmp_path / "tie_details_qa.json").exists() and not (tmp_path / "tie_details.json").exists()
@@ -52,6 +53,58 @@ def test_static_rows_compare_tie_with_every_baseline():
     sim = {r.baseline: r for r in rows if r.case.startswith("offline")}
     assert sim["fcfs"].ratio == pytest.approx(104 / 100) and sim["fcfs"].device == "sim:x"
     assert all(r.device == "cpu-x" for r in rows if r.case.startswith("real"))
+
+
+def test_planned_offline_job_gives_each_policy_its_own_plan():
+    """``offline_planned``: TIE plans from its laws, SSJF / the oracle from point lengths, FCFS / LTR get their
+    fastest prompt-bucket count in hindsight; the second case holds the plain memory cuts."""
+    import numpy as np
+
+    from hf_ext.generation.tie.bench import offline_planned
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.offline import memory_batches, policy_order, simulate_static_batches
+    from hf_ext.generation.tie.planner import PLAN_BUCKETS, bucket_order
+    from hf_ext.generation.tie.scheduler import precompute_scores
+    from hf_ext.simulate import CostModel, Request
+
+    rng = np.random.default_rng(2)
+    n, cap, kv = 150, 400, 30_000
+    mu, sigma = rng.normal(4.0, 1.0, size=n), rng.uniform(0.2, 0.9, size=n)
+    out = np.clip(np.ceil(np.exp(mu + sigma * rng.standard_t(3.5, size=n))), 1, cap).astype(int)
+    plen = rng.integers(10, 1500, size=n)
+    base = []
+    for i in range(n):
+        m = {"pred_mu": mu[i], "pred_sigma": sigma[i], "pred_nu": 3.5, "pred_len": float(np.exp(mu[i]))}
+        m.update(ltr_score=mu[i], true_mu=mu[i], true_sigma=sigma[i], true_nu=3.5)
+        base.append(Request(id=i, arrival=0.0, prompt_len=int(plen[i]), output_len=int(out[i]), meta=m))
+    cfg = TIEConfig(max_new_tokens=cap)
+    precompute_scores(base, cfg)
+    cm = CostModel.constant(0.01)
+    res = offline_planned(cm, base, cfg, kv, max_new_tokens=cap, prefix="t_")
+    planned, plain = (
+        res["t_offline_static150_kv30k_planned"],
+        res["t_offline_static150_kv30k_planned_vs_membatch"],
+    )
+    assert {"tie", "fcfs", "ssjf", "ltr", "sjf_oracle", "tie_plan_1bucket", "tie_true_dist"} <= set(planned)
+    fcfs = policy_order("fcfs", base, cfg)
+    every_k = [
+        simulate_static_batches(cm, plen, out, bucket_order(fcfs, plen, k), kv_tokens=kv, max_new_tokens=cap)
+        for k in (*PLAN_BUCKETS, n)
+    ]
+    assert planned["fcfs"]["throughput_tok_s"] == pytest.approx(max(r.tokens / r.makespan_s for r in every_k))
+    cut = simulate_static_batches(cm, plen, out, fcfs, kv_tokens=kv, max_new_tokens=cap)
+    assert plain["fcfs"]["throughput_tok_s"] == pytest.approx(cut.tokens / cut.makespan_s)
+    assert (
+        plain["tie"] == planned["tie"]
+        and len(memory_batches(fcfs, plen, kv, cap)) == plain["fcfs"]["n_batches"]
+    )
+    # planning from the true lengths is the best of all; TIE's plan beats its own order cut as wide as memory allows
+    assert planned["sjf_oracle"]["throughput_tok_s"] > planned["tie"]["throughput_tok_s"]
+    tie_cut = simulate_static_batches(
+        cm, plen, out, policy_order("tie", base, cfg), kv_tokens=kv, max_new_tokens=cap
+    )
+    assert planned["tie"]["throughput_tok_s"] > tie_cut.tokens / tie_cut.makespan_s
+    assert planned["tie"]["prompt_buckets"] in PLAN_BUCKETS
 
 
 @pytest.mark.parametrize("sizing", [["--offline-batch", "4"], ["--offline-kv-tokens", "300"]])
@@ -245,3 +298,45 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     assert 0.7 < exported[-1]["arrival"] / 300 < 1.3
     out = capsys.readouterr().out
     assert "true law: vs SSJF" in out and "synthetic-cap1000_kv180k_load1.3" in out  # the summary table
+
+
+def test_offline_plan_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys):
+    """benchmarks/tie_offline_plan.py on a small job: both cases per seed become rows, TIE's plan is reported
+    with the bucket counts, and bad arguments are refused before any work."""
+    import csv
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "tie_offline_plan", root / "benchmarks" / "tie_offline_plan.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for bad in (["--seeds", "x"], ["--seeds", ","], ["--offline-n", "0"]):
+        with pytest.raises(SystemExit, match="--seeds|--offline-n"):
+            mod.main(bad)
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    trace = tmp_path / "trace.csv"  # prompt lengths come from the Azure trace: a stand-in in its format
+    lens = np.random.default_rng(0).integers(20, 3000, size=(64, 2))
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        + "".join(f"2023-11-16 18:15:{i // 10:02d}.{i % 10}000000,{p},{o}\n" for i, (p, o) in enumerate(lens))
+    )
+    monkeypatch.setenv("HF_EXT_AZURE_TRACE", str(trace))
+    argv = ["--seeds", "0", "--offline-n", "150", "--n-train", "96", "--epochs", "1"]
+    assert mod.main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 0
+    rows = list(csv.DictReader((tmp_path / "tie.csv").open()))
+    assert {r["case"] for r in rows} == {
+        "offline_static150_kv120k_planned_seed0",
+        "offline_static150_kv120k_planned_vs_membatch_seed0",
+    }
+    assert {r["baseline"] for r in rows} == {"fcfs", "ssjf", "ltr", "sjf_oracle"}
+    assert {r["metric"] for r in rows} == {"offline_throughput_tokens"}
+    saved = json.loads((tmp_path / "tie_offline_plan.json").read_text())
+    assert saved["simulated"]["offline_static150_kv120k_planned_seed0"]["tie"]["prompt_buckets"] >= 1
+    assert (tmp_path / "tie_offline_plan.png").stat().st_size > 0
+    assert "prompt buckets tie" in capsys.readouterr().out

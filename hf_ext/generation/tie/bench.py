@@ -22,7 +22,8 @@ Pipeline:
    papers (the full-batch makespan is order-insensitive to first order and is printed for reference).
    The same job as ``generate`` over static (padded) batches cut from each policy's order
    (:mod:`.offline`): a batch runs to its longest row, so the order sets the whole job's tokens/s; batch
-   size from the KV cap with worst-case reservation, and 16 / 64.
+   size from the KV cap with worst-case reservation, and 16 / 64; then with every policy's batches planned
+   (:func:`offline_planned`, :mod:`.planner`).
 4. Real continuous batching on a tiny random Llama (CPU): a burst of prompts with lengths forced per request
    (EOS disabled), all five policies; per-token latency from wall-clock timestamps. Then real static batches
    (``generate`` with forced lengths) in each policy's order; tokens/s from wall clock.
@@ -716,12 +717,83 @@ def offline_static(
         res[case] = {
             p: simulate_static_batches(cm, plen, out, o, policy=p, **kw).summary() for p, o in orders.items()
         }
-        f0 = res[case]["fcfs"]["throughput_tok_s"]
-        print(
-            f"  {case}: tokens/s vs FCFS "
-            + ", ".join(f"{k} {v['throughput_tok_s'] / f0:.2f}x" for k, v in res[case].items() if k != "fcfs")
-        )
+        _print_vs_fcfs(case, res[case])
     return res
+
+
+def _print_vs_fcfs(case: str, res: dict[str, dict]) -> None:
+    f0 = res["fcfs"]["throughput_tok_s"]
+    print(
+        f"  {case}: tokens/s vs FCFS "
+        + ", ".join(f"{k} {v['throughput_tok_s'] / f0:.2f}x" for k, v in res.items() if k != "fcfs")
+    )
+
+
+def offline_planned(
+    cm: Any, base: list[Any], tie_cfg: Any, kv: int, *, max_new_tokens: int = MAX_NEW_TOKENS, prefix: str = ""
+) -> dict[str, dict]:
+    """The offline job with batch *plans* (:func:`.planner.plan_batches`) under the KV cap, in the cost model.
+
+    Every policy plans with what it knows: TIE from its log-t laws, SSJF from its point predictions, the
+    SJF-oracle from the true lengths (each: prompt buckets chosen by its own expected cost, then least-expected-time
+    cuts). FCFS and LTR have no lengths: their order is regrouped into ``K`` prompt buckets and cut as wide as
+    memory allows, with the ``K`` of :data:`.planner.PLAN_BUCKETS` or ``K = N`` (the job sorted by prompt length)
+    that turned out fastest *in hindsight* (the true lengths pick it: a favour to those baselines). Cases:
+
+    * ``…_planned`` — every policy planned (TIE's rows against planned baselines: the fair comparison);
+    * ``…_planned_vs_membatch`` — TIE planned against the baselines' plain ``_membatch`` jobs (one order cut as
+      wide as memory allows): what a user of ``tie_batched_generate(plan="expected")`` gains over such a loop.
+
+    Report-only entries (never rows): ``tie_plan_1bucket`` (TIE's plan without prompt buckets) and
+    ``tie_true_dist`` (TIE planned with the true laws).
+    """
+    from hf_ext.generation.tie.offline import memory_batches, policy_order, simulate_static_batches
+    from hf_ext.generation.tie.planner import PLAN_BUCKETS, bucket_order, plan_batches
+
+    plen = np.asarray([r.prompt_len for r in base], dtype=np.int64)
+    out = np.asarray([r.output_len for r in base], dtype=np.int64)
+    cap = max_new_tokens
+
+    def sim(batches: list[list[int]], policy: str, **extra: Any) -> dict[str, Any]:
+        r = simulate_static_batches(cm, plen, out, None, policy=policy, batches=batches)
+        return {**r.summary(), "n_batches": len(batches), **extra}
+
+    def laws(reqs: list[Any]) -> dict[str, np.ndarray]:
+        return {
+            k: np.asarray([r.meta[f"pred_{k}"] for r in reqs], dtype=np.float64)
+            for k in ("mu", "sigma", "nu")
+        }
+
+    def planned(order: list[int], policy: str, buckets: int | None = None, **pred: Any) -> dict[str, Any]:
+        p = plan_batches(order, plen, cap, kv_tokens=kv, cost_model=cm, prompt_buckets=buckets, **pred)
+        return sim(p.batches, policy, prompt_buckets=p.prompt_buckets, expected_makespan_s=p.expected_cost)
+
+    def best_bucketed(order: list[int], policy: str) -> dict[str, Any]:
+        runs = [
+            sim(memory_batches(bucket_order(order, plen, k), plen, kv, cap), policy, prompt_buckets=k)
+            for k in (*PLAN_BUCKETS, len(base))
+        ]
+        return max(runs, key=lambda r: r["throughput_tok_s"])
+
+    orders = {p: policy_order(p, base, tie_cfg) for p in ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")}
+    res: dict[str, dict[str, Any]] = {
+        "tie": planned(orders["tie"], "tie", **laws(base)),
+        "fcfs": best_bucketed(orders["fcfs"], "fcfs"),
+        "ssjf": planned(orders["ssjf"], "ssjf", point=[r.meta["pred_len"] for r in base]),
+        "ltr": best_bucketed(orders["ltr"], "ltr"),
+        "sjf_oracle": planned(orders["sjf_oracle"], "sjf_oracle", point=out),
+        "tie_plan_1bucket": planned(orders["tie"], "tie", 1, **laws(base)),
+    }
+    true_base = with_true_distribution(base, tie_cfg)
+    res["tie" + TRUE_DIST] = planned(policy_order("tie", true_base, tie_cfg), "tie", **laws(true_base))
+    plain = {
+        p: sim(memory_batches(o, plen, kv, cap), p) for p, o in orders.items() if p != "tie"
+    }  # the _membatch jobs again
+    case = f"{prefix}offline_static{len(base)}_kv{kv // 1000}k_planned"
+    out_cases = {case: res, case + "_vs_membatch": {"tie": res["tie"], **plain}}
+    for c, r in out_cases.items():
+        _print_vs_fcfs(c, r)
+    return out_cases
 
 
 def policy_figure(groups: dict[str, dict[str, dict]], png: Path) -> None:
@@ -946,6 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
     off_base = offline_requests(args, preds, tie_cfg)
     offline = offline_batch(args, cm, off_base, tie_cfg)
     static = offline_static(args, cm, off_base, tie_cfg)
+    static.update(offline_planned(cm, off_base, tie_cfg, args.offline_kv_tokens))
     print("[+] CB scheduler overhead (CPU)")
     overhead = scheduler_overhead()
     real = {}

@@ -92,10 +92,18 @@ def expected_max(
     return float(np.clip(1.0 + (-np.expm1(log_cdf.sum(axis=0))) @ w, 1.0, max_new_tokens))
 
 
-def _bucketed(order: list[int], plen: np.ndarray, k: int) -> list[int]:
-    """``order`` regrouped into ``k`` prompt-length buckets (job quantiles), the order kept inside each."""
+def bucket_order(order: Sequence[int], prompt_lens: Sequence[int], k: int) -> list[int]:
+    """``order`` regrouped into ``k`` prompt-length buckets (the job's quantiles), shortest prompts first; inside
+    a bucket the order is kept.
+
+    Example:
+        >>> bucket_order([0, 1, 2, 3], [900, 10, 800, 20], 2)
+        [1, 3, 0, 2]
+    """
+    order = [int(i) for i in order]
     if k == 1:
-        return list(order)
+        return order
+    plen = np.asarray(prompt_lens)
     edges = np.quantile(plen, np.arange(1, k) / k)
     bucket = np.digitize(plen[order], edges, right=True)
     return [order[j] for j in np.argsort(bucket, kind="stable")]
@@ -260,7 +268,7 @@ def plan_batches(
     costs: dict[int, float] = {}
     for k in tried:
         batches, cost, steps = _cut(
-            _bucketed(idx, plen, k), plen, max_new_tokens, width_ok, log_cdf, weights, pt, cost_model
+            bucket_order(idx, plen, k), plen, max_new_tokens, width_ok, log_cdf, weights, pt, cost_model
         )
         costs[k] = cost
         if best is None or cost < best[0]:
@@ -270,4 +278,4 @@ def plan_batches(
     return BatchPlan(batches, k, cost, steps, costs)
 
 
-__all__ = ["PLAN_BUCKETS", "BatchPlan", "expected_max", "plan_batches"]
+__all__ = ["PLAN_BUCKETS", "BatchPlan", "bucket_order", "expected_max", "plan_batches"]
