@@ -20,7 +20,9 @@ Run on the GPU machine (numbers go to ``$HF_EXT_RESULTS_DIR`` or ``benchmarks/re
 ``--static-batch B`` measures the offline job instead: the requests as ``generate`` calls on padded batches of
 ``B`` cut from each policy's order (lengths forced; whole-job tokens/s), e.g.
 ``--shape llama3.1-8b --n 160 --static-batch 32 --budget-s 480``; ``--static-kv-tokens K`` instead sizes each
-batch from a KV budget of ``K`` tokens (its own padded prompts + ``--max-new-tokens`` per row).
+batch from a KV budget of ``K`` tokens (its own padded prompts + ``--max-new-tokens`` per row). With
+``--static-plan expected`` TIE's batches are planned from its predicted laws (prompt buckets + least expected
+time) and compared with the baselines' memory cuts and their own plans.
 
 Engine runs keep every request's submit / first-token / finish times in ``tie_real_cb_details.json`` and print how
 much of each mean its five largest per-token latencies carry. ``--explain-gap`` (no model) reads them back and splits
@@ -99,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="instead of --static-batch: batches as wide as this KV budget (tokens) allows for their own padded "
         "prompts + --max-new-tokens per row (hf_ext.generation.tie.offline.memory_batches; 0 = off)",
+    )
+    p.add_argument(
+        "--static-plan",
+        choices=("order", "expected"),
+        default="order",
+        help="with --static-batch / --static-kv-tokens: cut each policy's order as wide as allowed, or plan TIE's "
+        "batches from its laws (hf_ext.generation.tie.planner) against the baselines' cuts and plans",
     )
     p.add_argument(
         "--record-steps",
@@ -483,15 +492,72 @@ def burst_goodput_rows(case: str, res: dict[str, dict], written: set[str], dev: 
     return [r for r in offline_rows({case: res}, dev, cmd) if r.baseline in new]
 
 
+def static_plans(
+    args: argparse.Namespace,
+    sim_reqs: list[Any],
+    plen: list[int],
+    policies: list[str],
+    cfg: Any,
+    sizing: dict,
+) -> tuple[dict[str, list[list[int]]], dict[str, dict[str, str]]]:
+    """The static job's batch plans (run in this order) and the cases that compare them (role -> plan name).
+
+    ``--static-plan order``: each policy's order cut as wide as the limit allows; one case. ``expected``: TIE's
+    plan from its laws (:func:`hf_ext.generation.tie.planner.plan_batches`, the simulator's ``generate`` cost
+    model), against the memory cuts (``…_planned_vs_membatch``) and against what each baseline can plan with
+    what it knows (``…_planned``): FCFS its job sorted by prompt length (no lengths to plan with), SSJF its point
+    predictions, the SJF-oracle the true lengths. TIE's own memory cut runs too (``tie_membatch``, report only).
+    """
+    from hf_ext.generation.tie.offline import _cut_batches, policy_order
+    from hf_ext.generation.tie.planner import bucket_order, plan_batches
+
+    cap = args.max_new_tokens
+    kv, bs = sizing.get("kv_tokens"), sizing.get("batch_size")
+    orders = {p: policy_order(p, sim_reqs, cfg) for p in policies}
+
+    def cut(order: list[int]) -> list[list[int]]:
+        return _cut_batches(order, np.asarray(plen), bs, kv, cap)
+
+    if args.static_plan == "order":
+        return {p: cut(o) for p, o in orders.items()}, {"": {p: p for p in policies}}
+    from hf_ext.generation.tie.bench import load_cost_model
+
+    cm = load_cost_model(args.calibration)
+
+    def plan(order: list[int], **pred: Any) -> list[list[int]]:
+        return plan_batches(order, plen, cap, kv_tokens=kv, batch_size=bs, cost_model=cm, **pred).batches
+
+    law = {k: [r.meta[f"pred_{k}"] for r in sim_reqs] for k in ("mu", "sigma", "nu")}
+    plans = {"tie_planned": plan(orders["tie"], **law)}
+    vs_cut: dict[str, str] = {"tie": "tie_planned"}
+    vs_planned: dict[str, str] = {"tie": "tie_planned"}
+    if "fcfs" in orders:
+        plans["fcfs"] = cut(orders["fcfs"])
+        plans["fcfs_prompt_sorted"] = cut(bucket_order(orders["fcfs"], plen, len(plen)))
+        vs_cut["fcfs"], vs_planned["fcfs"] = "fcfs", "fcfs_prompt_sorted"
+    plans["tie_membatch"] = cut(orders["tie"])
+    if "ssjf" in orders:
+        plans["ssjf_planned"] = plan(orders["ssjf"], point=[r.meta["pred_len"] for r in sim_reqs])
+        vs_planned["ssjf"] = "ssjf_planned"
+    if "sjf_oracle" in orders:
+        plans["sjf_oracle_planned"] = plan(orders["sjf_oracle"], point=[r.output_len for r in sim_reqs])
+        vs_planned["sjf_oracle"] = "sjf_oracle_planned"
+    if "ltr" in orders:
+        plans["ltr"] = cut(orders["ltr"])
+        vs_cut["ltr"] = "ltr"
+    return plans, {"_planned_vs_membatch": vs_cut, "_planned": vs_planned}
+
+
 def run_static(
     args: argparse.Namespace, model: Any, reqs: list[Any], policies: list[str], cmd: str, t_start: float
 ) -> int:
     """The requests as one offline job: ``generate`` on padded batches of ``--static-batch`` rows, or as wide as
-    ``--static-kv-tokens`` allows, cut from each policy's order, lengths forced
-    (:func:`hf_ext.generation.tie.offline.run_static_generate`); whole-job tokens/s."""
+    ``--static-kv-tokens`` allows, cut from each policy's order or planned (``--static-plan``, see
+    :func:`static_plans`), lengths forced (:func:`hf_ext.generation.tie.offline.run_static_generate`); whole-job
+    tokens/s."""
     from hf_ext.generation.tie.bench import COMPONENT, static_rows
     from hf_ext.generation.tie.config import TIEConfig
-    from hf_ext.generation.tie.offline import batch_size_for_memory, policy_order, run_static_generate
+    from hf_ext.generation.tie.offline import batch_size_for_memory, run_static_generate
     from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows, results_dir
 
     dev, kv, cap = device_name(), args.static_kv_tokens, args.max_new_tokens
@@ -503,6 +569,7 @@ def run_static(
         sizing, bs = {"batch_size": args.static_batch}, args.static_batch
     sim_reqs = [r.to_sim_request(i, cap) for i, r in enumerate(reqs)]
     cfg = TIEConfig(max_new_tokens=cap, batch_max=bs)
+    plans, cases = static_plans(args, sim_reqs, [len(x) for x in ids], policies, cfg, sizing)
     kw = dict(eos_token_id=2, pad_token_id=0)  # a random model: EOS is forced at each row's length
     k = min(bs, len(reqs))
     run_static_generate(model, ids[:k], [min(x, 8) for x in lens[:k]], list(range(k)), k, **kw)  # warm-up
@@ -512,29 +579,35 @@ def run_static(
     case += f"_seed{args.seed}" if args.seed else ""
     res: dict[str, dict] = {}
     all_rows: list[Any] = []
-    for pol in policies:  # TIE first: a run cut short still compares it with what finished
+    for name, batches in plans.items():  # TIE first: a run cut short still compares it with what finished
         if args.budget_s and time.perf_counter() - t_start > args.budget_s:
-            print(f"  --budget-s {args.budget_s:.0f} spent: skipping {pol} and the rest")
+            print(f"  --budget-s {args.budget_s:.0f} spent: skipping {name} and the rest")
             break
-        order = policy_order(pol, sim_reqs, cfg)
-        r = run_static_generate(model, ids, lens, order, policy=pol, progress=True, **sizing, **kw)
-        res[pol] = {**r.summary(), "batches": len(r.batch_times)}
+        r = run_static_generate(model, ids, lens, None, batches=batches, policy=name, progress=True, **kw)
+        res[name] = {**r.summary(), "batches": len(r.batch_times)}
         print(
-            f"  {case} {pol:<10}: {res[pol]['throughput_tok_s']:.0f} tok/s, {r.decode_steps} decode steps, "
-            f"{len(r.batch_times)} batches, padding {res[pol]['padding_share']:.1%}, {r.makespan_s:.1f}s"
+            f"  {case} {name:<18}: {res[name]['throughput_tok_s']:.0f} tok/s, {r.decode_steps} decode steps, "
+            f"{len(r.batch_times)} batches, padding {res[name]['padding_share']:.1%}, {r.makespan_s:.1f}s"
         )
-        if "tie" not in res:
-            continue
-        done = [p for p in res if p != "tie"] if pol == "tie" else [pol]
-        rows = static_rows({case: {"tie": res["tie"], **{p: res[p] for p in done}}}, "", dev, cmd)
+        # rows as soon as a comparison exists: TIE's plan against each baseline plan that has finished
+        new: dict[str, dict] = {}
+        for suffix, roles in cases.items():
+            if roles["tie"] not in res:
+                continue
+            for b, plan_name in roles.items():
+                if b != "tie" and plan_name in res and name in (plan_name, roles["tie"]):
+                    new.setdefault(case + suffix, {"tie": res[roles["tie"]]})[b] = res[plan_name]
+        rows = static_rows(new, "", dev, cmd) if new else []
         all_rows += rows
-        if rows and not args.no_write:  # written as soon as a comparison exists
+        if rows and not args.no_write:
             append_rows(COMPONENT, rows)
             details = results_dir() / "tie_real_static_details.json"
             details.write_text(
-                json.dumps({"command": cmd, "device": dev, "real_static": {case: res}}, indent=1)
+                json.dumps(
+                    {"command": cmd, "device": dev, "real_static": {case: res}, "cases": cases}, indent=1
+                )
             )
-    print_rows(all_rows, title="TIE order for static generate batches — ratio > 1: TIE better")
+    print_rows(all_rows, title="TIE for static generate batches — ratio > 1: TIE better")
     if not args.no_write and all_rows:
         plot_results(COMPONENT, results_dir() / f"{COMPONENT}.csv")
     print(f"total {time.perf_counter() - t_start:.0f}s")

@@ -75,8 +75,8 @@ def test_the_plan_keeps_the_width_limits_and_partitions_the_job():
     plan = plan_batches(order, plen, cap, kv_tokens=kv, mu=mu, sigma=sigma)
     assert sorted(i for b in plan.batches for i in b) == list(range(n))
     assert all(len(b) * (int(plen[b].max()) + cap) <= kv for b in plan.batches)
-    # the chosen bucket count is the cheapest one tried, and every count in PLAN_BUCKETS was tried
-    assert set(plan.costs_by_buckets) == set(PLAN_BUCKETS)
+    # the chosen bucket count is the cheapest one tried, and every count in PLAN_BUCKETS (and N) was tried
+    assert set(plan.costs_by_buckets) == {*PLAN_BUCKETS, n}
     assert plan.prompt_buckets == min(plan.costs_by_buckets, key=plan.costs_by_buckets.get)
     assert plan.expected_cost == pytest.approx(min(plan.costs_by_buckets.values()))
     fixed = plan_batches(order, plen, cap, batch_size=7, mu=mu, sigma=sigma, prompt_buckets=3)

@@ -302,6 +302,50 @@ def test_gpu_replay_script_static_batch_mode(tmp_path, sizing, suffix):
     assert {r["metric"] for r in rows} == {"offline_throughput_tokens"}
 
 
+def test_gpu_replay_script_static_planned_mode(tmp_path):
+    """--static-plan expected: TIE's planned batches against the baselines' memory cuts and their own plans; each
+    row compares TIE's plan with one baseline plan, TIE's own memory cut is kept in the details only."""
+    import csv
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
+    cmd += ["--n", "10", "--static-kv-tokens", "20000", "--static-plan", "expected", "--max-new-tokens", "16"]
+    env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = (
+        "tie_planned",
+        "fcfs",
+        "fcfs_prompt_sorted",
+        "tie_membatch",
+        "ssjf_planned",
+        "sjf_oracle_planned",
+        "ltr",
+    )
+    for name in names:
+        assert re.search(rf"_n10_kv20k {name}\s*: \d+ tok/s", out.stdout), name
+    rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    got = {(r["case"].rsplit("kv20k", 1)[1], r["baseline"]) for r in rows}
+    assert got == {
+        ("_planned_vs_membatch", "fcfs"),
+        ("_planned_vs_membatch", "ltr"),
+        ("_planned", "fcfs"),
+        ("_planned", "ssjf"),
+        ("_planned", "sjf_oracle"),
+    }
+    assert len(rows) == len(got)  # one row per comparison, none repeated as later plans finish
+    details = json.loads((tmp_path / "tie_real_static_details.json").read_text())
+    (res,) = details["real_static"].values()
+    assert set(res) == set(names) and details["cases"]["_planned"]["fcfs"] == "fcfs_prompt_sorted"
+    tie = next(r for r in rows if r["baseline"] == "fcfs")
+    assert float(tie["ours"]) == pytest.approx(res["tie_planned"]["throughput_tok_s"])
+
+
 def test_gpu_replay_script_simulate_mode(capsys):
     """--simulate: the same requests, speed and concurrency cap in the shared simulator (no model)."""
     import importlib.util

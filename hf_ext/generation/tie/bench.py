@@ -743,6 +743,7 @@ def offline_planned(
     * ``…_planned`` — every policy planned (TIE's rows against planned baselines: the fair comparison);
     * ``…_planned_vs_membatch`` — TIE planned against the baselines' plain ``_membatch`` jobs (one order cut as
       wide as memory allows): what a user of ``tie_batched_generate(plan="expected")`` gains over such a loop.
+      ``tie_membatch`` (report only) is TIE's own order cut that way.
 
     Report-only entries (never rows): ``tie_plan_1bucket`` (TIE's plan without prompt buckets) and
     ``tie_true_dist`` (TIE planned with the true laws).
@@ -786,9 +787,8 @@ def offline_planned(
     }
     true_base = with_true_distribution(base, tie_cfg)
     res["tie" + TRUE_DIST] = planned(policy_order("tie", true_base, tie_cfg), "tie", **laws(true_base))
-    plain = {
-        p: sim(memory_batches(o, plen, kv, cap), p) for p, o in orders.items() if p != "tie"
-    }  # the _membatch jobs again
+    plain = {p: sim(memory_batches(o, plen, kv, cap), p) for p, o in orders.items() if p != "tie"}
+    plain["tie_membatch"] = sim(memory_batches(orders["tie"], plen, kv, cap), "tie")  # report only
     case = f"{prefix}offline_static{len(base)}_kv{kv // 1000}k_planned"
     out_cases = {case: res, case + "_vs_membatch": {"tie": res["tie"], **plain}}
     for c, r in out_cases.items():

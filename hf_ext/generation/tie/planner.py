@@ -12,8 +12,8 @@ ignores both facts. :func:`plan_batches` uses them:
    limit (``batch_size`` rows, or ``B × (widest prompt + max_new_tokens) <= kv_tokens``, never exceeded whatever
    the rows generate). With log-t laws, ``E[max] = Σ_{t>=0} (1 - Π_i F_i(t))`` on ``[1, max_new_tokens]``; with
    point predictions, the largest prediction.
-3. ``K`` (``prompt_buckets=None``) is the count in :data:`PLAN_BUCKETS` with the least expected cost — chosen from
-   the predictions only, never from the true lengths.
+3. ``K`` (``prompt_buckets=None``) is the count in :data:`PLAN_BUCKETS`, or ``N`` (the job sorted by prompt
+   length), with the least expected cost — chosen from the predictions only, never from the true lengths.
 
 The batch maximum is what a point estimate gets wrong: forty rows whose medians are all 100 tokens but whose
 laws are wide have an expected maximum far above 100. That is where a distribution predictor earns its keep
@@ -196,8 +196,8 @@ def plan_batches(
             max_new_tokens) <= kv_tokens``) or a fixed row count.
         mu, sigma, nu: ``[N]`` predicted log-t laws (``nu`` scalar or ``[N]``), or ``point``: ``[N]`` predicted
             lengths (SSJF's point estimates; the expected batch maximum is then the largest prediction).
-        prompt_buckets: ``K`` prompt-length buckets; ``None`` tries :data:`PLAN_BUCKETS` and keeps the least
-            expected cost.
+        prompt_buckets: ``K`` prompt-length buckets; ``None`` tries :data:`PLAN_BUCKETS` and ``N`` and keeps the
+            least expected cost.
         cost_model: a :class:`~hf_ext.simulate.CostModel` (prefill + decode time); ``None``: decode steps.
 
     Returns:
@@ -263,7 +263,9 @@ def plan_batches(
 
     if n == 0:
         return BatchPlan([], prompt_buckets or 1, 0.0, 0.0, {})
-    tried = (prompt_buckets,) if prompt_buckets is not None else tuple(k for k in PLAN_BUCKETS if k <= n)
+    # auto: the counts of PLAN_BUCKETS, and one bucket per request (the job sorted by prompt length; the order
+    # then only breaks ties) for when prompt widths matter more than the predictions can tell apart
+    tried = (prompt_buckets,) if prompt_buckets is not None else (*(k for k in PLAN_BUCKETS if k < n), n)
     best: tuple[float, int, list[list[int]], float] | None = None
     costs: dict[int, float] = {}
     for k in tried:
