@@ -599,8 +599,9 @@ def run_static(
                     new.setdefault(case + suffix, {"tie": res[roles["tie"]]})[b] = res[plan_name]
         rows = static_rows(new, "", dev, cmd) if new else []
         all_rows += rows
-        if rows and not args.no_write:
-            append_rows(COMPONENT, rows)
+        if not args.no_write:  # every finished plan is kept, report-only ones too
+            if rows:
+                append_rows(COMPONENT, rows)
             details = results_dir() / "tie_real_static_details.json"
             details.write_text(
                 json.dumps(

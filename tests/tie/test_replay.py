@@ -344,6 +344,16 @@ def test_gpu_replay_script_static_planned_mode(tmp_path):
     assert set(res) == set(names) and details["cases"]["_planned"]["fcfs"] == "fcfs_prompt_sorted"
     tie = next(r for r in rows if r["baseline"] == "fcfs")
     assert float(tie["ours"]) == pytest.approx(res["tie_planned"]["throughput_tok_s"])
+    # a run whose last plan is report-only (TIE's own memory cut) still keeps it in the details
+    res_dir = tmp_path / "two"
+    cmd[cmd.index("--n") + 1] = "6"
+    env["HF_EXT_RESULTS_DIR"] = str(res_dir)
+    out = subprocess.run(
+        [*cmd, "--policies", "tie,fcfs"], capture_output=True, text=True, timeout=300, cwd=root, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (res,) = json.loads((res_dir / "tie_real_static_details.json").read_text())["real_static"].values()
+    assert list(res) == ["tie_planned", "fcfs", "fcfs_prompt_sorted", "tie_membatch"]
 
 
 def test_gpu_replay_script_simulate_mode(capsys):
