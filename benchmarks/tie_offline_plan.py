@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         results.update(res)
         dev = f"sim:{cm_name}"
         if args.real_cpu:
-            real.update(real_cpu(preds, seed))
-            for c, r in real.items():
+            new = real_cpu(preds, seed)
+            real.update(new)
+            for c, r in new.items():
                 f0 = r["fcfs"]["throughput_tok_s"]
                 print(f"  {c}: " + ", ".join(f"{k} {v['throughput_tok_s'] / f0:.2f}x" for k, v in r.items()))
     rows = static_rows({**results, **real}, dev, device_name(), cmd)
