@@ -12,8 +12,9 @@ Real model (GPU; the predictor is still trained on the synthetic workload unless
 The script compares FIFO with ``scheduler_type="tie"`` on the same burst and prints the mean per-token
 latency of each (end-to-end latency / generated tokens). Then it runs the prompts as an offline job of
 ``generate`` calls on padded batches (``--offline-batch`` rows, or ``--offline-kv-tokens``: each batch as wide as
-that KV budget allows), in the given order and cut from the TIE order
-(``tie_batched_generate``), and prints tokens/s of each. The tiny random model meets EOS by chance, so there
+that KV budget allows), in the given order, cut from the TIE order (``tie_batched_generate``) and planned from the
+predicted laws (``plan="expected"``: prompts grouped by length, batches cut where the expected decode steps are
+least), and prints tokens/s of each. The tiny random model meets EOS by chance, so there
 its lengths carry no signal for the predictor; with a real model the TIE order wastes fewer padded steps.
 """
 
@@ -134,10 +135,13 @@ def main() -> None:
         given_batches = memory_batches(given, plen, kv, args.max_new_tokens)
     else:
         given_batches = static_batches(given, args.offline_batch)
-    for name in ("given order", "TIE order"):
+    for name in ("given order", "TIE order", "TIE planned"):
         t0 = time.perf_counter()
-        if name == "TIE order":
-            outs = tie_batched_generate(model, tok, prompts, pred, generation_config=gc_off, **sizing)
+        if name != "given order":
+            plan = "expected" if name == "TIE planned" else "order"
+            outs = tie_batched_generate(
+                model, tok, prompts, pred, generation_config=gc_off, plan=plan, **sizing
+            )
         else:
             outs, tok.padding_side = [], "left"
             for b in given_batches:

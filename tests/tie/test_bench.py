@@ -110,7 +110,7 @@ def test_planned_offline_job_gives_each_policy_its_own_plan():
 @pytest.mark.parametrize("sizing", [["--offline-batch", "4"], ["--offline-kv-tokens", "300"]])
 def test_serving_example_runs_on_cpu(sizing):
     """examples/tie_serving.py as a user runs it (small settings): CB FIFO vs TIE, then the offline job with fixed
-    batches or batches sized from a KV budget."""
+    batches or batches sized from a KV budget, in the given order, the TIE order and TIE's plan."""
     import subprocess
     import sys
     from pathlib import Path
@@ -126,7 +126,8 @@ def test_serving_example_runs_on_cpu(sizing):
         for line in out.stdout.splitlines()
         if line.startswith("offline")
     ]
-    assert len(toks) == 2 and all(0 < int(t) <= 8 * 16 for t in toks)
+    assert len(toks) == 3 and all(0 < int(t) <= 8 * 16 for t in toks)
+    assert "offline, TIE planned" in out.stdout
 
 
 def test_true_distribution_ceiling_feeds_every_policy_the_generator_parameters():
