@@ -264,12 +264,9 @@ def test_tie_batched_generate_returns_plain_generate_outputs_in_input_order(mode
     assert tok.padding_side == "right"  # the caller's tokenizer is left as it was
 
 
-def test_tie_batched_generate_sizes_batches_from_a_kv_budget(model, monkeypatch):
-    from hf_ext.testing import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    prompts = ["hi", "hello world", "a b c d e f g h i j k l m n o p", "ok", "yes", "one two three"]
-    kv, m = 60, 5
+def _one_row_calls_then_spy(model, tok, prompts, m, monkeypatch):
+    """The outputs of one prompt per ``generate`` call (the reference), then ``model.generate`` spied on: the list
+    it returns collects the ``(rows, width)`` of every later call."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         want = tie_batched_generate(model, tok, prompts, batch_size=1, max_new_tokens=m, do_sample=False)
@@ -281,6 +278,16 @@ def test_tie_batched_generate_sizes_batches_from_a_kv_budget(model, monkeypatch)
         return real(*args, **kw)
 
     monkeypatch.setattr(model, "generate", spy)
+    return want, shapes
+
+
+def test_tie_batched_generate_sizes_batches_from_a_kv_budget(model, monkeypatch):
+    from hf_ext.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    prompts = ["hi", "hello world", "a b c d e f g h i j k l m n o p", "ok", "yes", "one two three"]
+    kv, m = 60, 5
+    want, shapes = _one_row_calls_then_spy(model, tok, prompts, m, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = tie_batched_generate(model, tok, prompts, kv_tokens=kv, max_new_tokens=m, do_sample=False)
@@ -346,17 +353,7 @@ def test_tie_batched_generate_expected_plan_keeps_outputs_and_the_kv_budget(mode
     tok = tiny_tokenizer()
     prompts = ["hi", "hello world", "a b c d e f g h i j k l m n o p", "ok", "yes", "one two three", "x y"]
     kv, m = 60, 5
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = tie_batched_generate(model, tok, prompts, batch_size=1, max_new_tokens=m, do_sample=False)
-    shapes = []
-    real = model.generate
-
-    def spy(*args, **kw):
-        shapes.append(tuple(kw["input_ids"].shape))
-        return real(*args, **kw)
-
-    monkeypatch.setattr(model, "generate", spy)
+    want, shapes = _one_row_calls_then_spy(model, tok, prompts, m, monkeypatch)
     with pytest.warns(UserWarning, match="falling back"):  # no predictor: the heuristic laws, warned once
         got = tie_batched_generate(
             model, tok, prompts, kv_tokens=kv, max_new_tokens=m, do_sample=False, plan="expected"
