@@ -584,7 +584,15 @@ def run_static(
             print(f"  --budget-s {args.budget_s:.0f} spent: skipping {name} and the rest")
             break
         r = run_static_generate(model, ids, lens, None, batches=batches, policy=name, progress=True, **kw)
-        res[name] = {**r.summary(), "batches": len(r.batch_times)}
+        res[name] = {
+            **r.summary(),
+            "batches": len(r.batch_times),
+            # per batch, for fitting a cost model of padded generate batches: rows, padded prompt width, steps, time
+            "batch_shapes": [
+                [len(b), max(len(ids[i]) for i in b), max(lens[i] for i in b), t]
+                for b, t in zip(batches, r.batch_times)
+            ],
+        }
         print(
             f"  {case} {name:<18}: {res[name]['throughput_tok_s']:.0f} tok/s, {r.decode_steps} decode steps, "
             f"{len(r.batch_times)} batches, padding {res[name]['padding_share']:.1%}, {r.makespan_s:.1f}s"

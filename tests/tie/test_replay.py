@@ -354,6 +354,9 @@ def test_gpu_replay_script_static_planned_mode(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     (res,) = json.loads((res_dir / "tie_real_static_details.json").read_text())["real_static"].values()
     assert list(res) == ["tie_planned", "fcfs", "fcfs_prompt_sorted", "tie_membatch"]
+    shapes = res["fcfs"]["batch_shapes"]  # [rows, padded prompt width, longest output, seconds] per batch
+    assert len(shapes) == res["fcfs"]["batches"] and sum(b[0] for b in shapes) == 6
+    assert sum(b[3] for b in shapes) == pytest.approx(res["fcfs"]["makespan_s"])
 
 
 def test_gpu_replay_script_simulate_mode(capsys):
