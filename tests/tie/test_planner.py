@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hf_ext.generation.tie.offline import memory_batches, simulate_static_batches
-from hf_ext.generation.tie.planner import PLAN_BUCKETS, expected_max, plan_batches
+from hf_ext.generation.tie.planner import PLAN_BUCKETS, bucket_order, expected_max, plan_batches
 from hf_ext.simulate import CostModel
 
 
@@ -97,6 +97,14 @@ def test_prompt_buckets_group_prompt_widths_and_keep_the_order_inside():
     mixed = plan_batches(order, plen, 100, kv_tokens=2_200, point=[50] * 12, prompt_buckets=1)
     assert len(plan.batches) < len(mixed.batches)
     assert plan.expected_cost < mixed.expected_cost
+
+
+def test_bucket_order_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"k \(prompt buckets\) must be an int >= 1"):
+        bucket_order([0, 1], [5, 6], 0)
+    with pytest.raises(ValueError, match="order must be a permutation"):
+        bucket_order([0, 2], [5, 6], 2)
+    assert bucket_order([1, 0], [5, 6], 1) == [1, 0]
 
 
 def test_the_plan_beats_memory_cuts_on_a_heavy_tailed_job_in_the_cost_model():

@@ -100,10 +100,14 @@ def bucket_order(order: Sequence[int], prompt_lens: Sequence[int], k: int) -> li
         >>> bucket_order([0, 1, 2, 3], [900, 10, 800, 20], 2)
         [1, 3, 0, 2]
     """
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k (prompt buckets) must be an int >= 1, got {k!r}")
     order = [int(i) for i in order]
+    plen = np.asarray(prompt_lens)
+    if plen.ndim != 1 or sorted(order) != list(range(len(plen))):
+        raise ValueError(f"order must be a permutation of range(len(prompt_lens)) = range({len(plen)})")
     if k == 1:
         return order
-    plen = np.asarray(prompt_lens)
     edges = np.quantile(plen, np.arange(1, k) / k)
     bucket = np.digitize(plen[order], edges, right=True)
     return [order[j] for j in np.argsort(bucket, kind="stable")]
