@@ -3,7 +3,8 @@
 # without installing): results go to $HF_EXT_RESULTS_DIR (default benchmarks/results), logs beside them.
 # Usage: bash benchmarks/gpu_batch.sh [part ...]   parts: doctor simulate sale latent_omni autoparallel fsep dataflex
 #   (default: those, one GPU) and, on a 2-GPU machine: fsep2 autoparallel2 (torchrun, NCCL);
-#   tie_static, tie_cb: the TIE real-engine jobs (benchmarks/tie_real_cb.py) on one GPU.
+#   tie_static, tie_cb, tie_plan: the TIE real-engine jobs (benchmarks/tie_real_cb.py) on one GPU (tie_plan: TIE's
+#   planned offline batches, about 30 minutes on an H100).
 set -u
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -35,6 +36,9 @@ for p in "${parts[@]}"; do
       -m hf_ext.accelerate.autoparallel.bench ;;
     tie_static) run tie_static 320 $PY benchmarks/tie_real_cb.py --shape llama3.1-8b --n 96 --static-batch 32 \
       --max-new-tokens 600 --policies tie,fcfs,ssjf,ltr --budget-s 220 ;;
+    tie_plan) run tie_plan 2400 $PY benchmarks/tie_real_cb.py --workload benchmarks/data/tie_azure_replay_n40k.json \
+      --shape llama3.1-8b --n 400 --max-prompt 2048 --static-kv-tokens 120000 --static-plan expected \
+      --policies tie,fcfs,ssjf --budget-s 1500 ;;
     tie_cb) run tie_cb 540 $PY benchmarks/tie_real_cb.py --shape llama3.1-8b --n 150 --speeds 4 \
       --max-requests-per-batch 32 --cuda-graph --record-steps --budget-s 420 ;;
     *) echo "unknown part $p" ;;
