@@ -146,8 +146,10 @@ def test_the_plan_refuses_bad_input():
     with pytest.raises(ValueError, match="point must hold 3 finite"):
         plan_batches(order, plen, 10, batch_size=2, point=[1, 2])
     with pytest.raises(ValueError, match=r"order must be a permutation of range\(3\)"):
+        plan_batches([0, 1, 3], plen, 10, batch_size=2, point=[1, 2, 3])
+    with pytest.raises(ValueError, match="order must not repeat an index"):
         plan_batches([0, 0, 1], plen, 10, batch_size=2, point=[1, 2, 3])
-    with pytest.raises(ValueError, match="prompt_lens must be"):
+    with pytest.raises(ValueError, match="prompt_lens must hold ints >= 1"):
         plan_batches(order, [5, 0, 7], 10, batch_size=2, point=[1, 2, 3])
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         plan_batches(order, plen, 0, batch_size=2, point=[1, 2, 3])

@@ -564,12 +564,10 @@ def tie_batched_generate(
         _check_int("kv_tokens", kv_tokens)
     if plan not in PLANS:
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
-    if prompt_buckets is not None and (
-        plan != "expected" or not isinstance(prompt_buckets, int) or prompt_buckets < 1
-    ):
-        raise ValueError(
-            f"prompt_buckets must be an int >= 1 and needs plan='expected', got {prompt_buckets!r}"
-        )
+    if prompt_buckets is not None:
+        if plan != "expected":
+            raise ValueError(f"prompt_buckets needs plan='expected', got plan={plan!r}")
+        _check_int("prompt_buckets", prompt_buckets)
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     cfg = config or TIEConfig()

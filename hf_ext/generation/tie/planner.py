@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from hf_ext.generation.tie.config import _check_int
+from hf_ext.generation.tie.offline import _check_each_fits, _check_sizing, _checked_order, _lengths
 
 PLAN_BUCKETS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12)
 GRID_POINTS = 192  # length grid for E[max] (log-spaced above 64 tokens)
@@ -74,6 +75,11 @@ def _log_cdf_grid(mu: np.ndarray, sigma: np.ndarray, nu: np.ndarray, pts: np.nda
     return np.log(np.clip(cdf, 1e-300, 1.0))
 
 
+def _emax(cum_log_cdf: np.ndarray, weights: np.ndarray, cap: int) -> np.ndarray:
+    """``E[max]`` in whole tokens from ``Σ_i log F_i`` on the grid (last axis): ``1 + Σ_t P(max > t)``."""
+    return np.clip(1.0 + (-np.expm1(cum_log_cdf)) @ weights, 1.0, cap)
+
+
 def expected_max(
     mu: Sequence[float], sigma: Sequence[float], nu: float | Sequence[float], max_new_tokens: int
 ) -> float:
@@ -88,8 +94,7 @@ def expected_max(
     m, s = np.atleast_1d(np.asarray(mu, dtype=np.float64)), np.atleast_1d(np.asarray(sigma, dtype=np.float64))
     v = np.broadcast_to(np.asarray(nu, dtype=np.float64), m.shape)
     pts, w = _length_grid(max_new_tokens)
-    log_cdf = _log_cdf_grid(m, s, v, pts)
-    return float(np.clip(1.0 + (-np.expm1(log_cdf.sum(axis=0))) @ w, 1.0, max_new_tokens))
+    return float(_emax(_log_cdf_grid(m, s, v, pts).sum(axis=0), w, max_new_tokens))
 
 
 def bucket_order(order: Sequence[int], prompt_lens: Sequence[int], k: int) -> list[int]:
@@ -100,12 +105,9 @@ def bucket_order(order: Sequence[int], prompt_lens: Sequence[int], k: int) -> li
         >>> bucket_order([0, 1, 2, 3], [900, 10, 800, 20], 2)
         [1, 3, 0, 2]
     """
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k (prompt buckets) must be an int >= 1, got {k!r}")
-    order = [int(i) for i in order]
-    plen = np.asarray(prompt_lens)
-    if plen.ndim != 1 or sorted(order) != list(range(len(plen))):
-        raise ValueError(f"order must be a permutation of range(len(prompt_lens)) = range({len(plen)})")
+    _check_int("k (prompt buckets)", k)
+    plen = _lengths("prompt_lens", prompt_lens)
+    order = _checked_order(order, len(plen))
     if k == 1:
         return order
     edges = np.quantile(plen, np.arange(1, k) / k)
@@ -153,13 +155,10 @@ def _cut(
         seg = idx[a : a + rows]
         widths = np.maximum.accumulate(plen[seg])
         if point is not None:
-            emax = np.maximum.accumulate(point[seg])
+            emax = np.clip(np.maximum.accumulate(point[seg]), 1.0, cap)
         else:
             assert log_cdf is not None and weights is not None
-            # P(max > t) for every prefix of the segment at once
-            surv = -np.expm1(np.cumsum(log_cdf[seg], axis=0))
-            emax = 1.0 + surv @ weights
-        emax = np.clip(emax, 1.0, cap)
+            emax = _emax(np.cumsum(log_cdf[seg], axis=0), weights, cap)  # every prefix of the segment at once
         for j in range(rows):
             c = best[a] + _segment_cost(cost_model, j + 1, int(widths[j]), float(emax[j]))
             if c < best[a + j + 1]:
@@ -208,24 +207,16 @@ def plan_batches(
         :class:`BatchPlan`; ``batches`` partition ``range(N)``.
     """
     _check_int("max_new_tokens", max_new_tokens)
-    if (kv_tokens is None) == (batch_size is None):
-        raise ValueError(
-            "give exactly one of batch_size (rows per batch) and kv_tokens (KV budget in tokens)"
-        )
-    plen = np.asarray(prompt_lens)
-    if plen.ndim != 1 or (len(plen) and (not np.issubdtype(plen.dtype, np.integer) or plen.min() < 1)):
-        raise ValueError("prompt_lens must be a 1-D sequence of ints >= 1")
-    plen = plen.astype(np.int64)
+    _check_sizing(batch_size, kv_tokens)
+    plen = _lengths("prompt_lens", prompt_lens)
     n = len(plen)
-    idx = [int(i) for i in order]
-    if sorted(idx) != list(range(n)):
-        raise ValueError(f"order must be a permutation of range({n})")
+    idx = _checked_order(order, n)
     if (point is None) == (mu is None or sigma is None):
         raise ValueError(
             "give either mu and sigma (log-t laws) or point (point predictions), not both or neither"
         )
-    if prompt_buckets is not None and (not isinstance(prompt_buckets, int) or prompt_buckets < 1):
-        raise ValueError(f"prompt_buckets must be an int >= 1 or None (auto), got {prompt_buckets!r}")
+    if prompt_buckets is not None:
+        _check_int("prompt_buckets", prompt_buckets)
     log_cdf = weights = pt = None
     if point is not None:
         pt = np.asarray(point, dtype=np.float64)
@@ -248,13 +239,7 @@ def plan_batches(
         log_cdf = _log_cdf_grid(m, s, v, pts)
     if kv_tokens is not None:
         _check_int("kv_tokens", kv_tokens)
-        too_long = [i for i in range(n) if plen[i] + max_new_tokens > kv_tokens]
-        if too_long:
-            i = too_long[0]
-            raise ValueError(
-                f"kv_tokens={kv_tokens} cannot hold request {i} alone ({int(plen[i])} prompt + {max_new_tokens} "
-                "new tokens); raise kv_tokens or lower max_new_tokens"
-            )
+        _check_each_fits(idx, plen, kv_tokens, max_new_tokens)
 
         def width_ok(rows: int, widest: int) -> bool:
             return rows * (widest + max_new_tokens) <= kv_tokens
