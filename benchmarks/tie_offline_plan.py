@@ -96,18 +96,15 @@ def real_cpu(preds: dict[str, Any], seed: int, reps: int = 5) -> dict[str, dict]
     plen = [len(x) for x in ids]
     orders = {p: policy_order(p, reqs, cfg) for p in POLICY_ORDER}
     plans = {p: memory_batches(o, plen, kv, cap) for p, o in orders.items()}
-    law = {k: [r.meta[f"pred_{k}"] for r in reqs] for k in ("mu", "sigma", "nu")}
-    plans["tie_planned"] = plan_batches(orders["tie"], plen, cap, kv_tokens=kv, **law).batches
-    kw = dict(eos_token_id=2, pad_token_id=0)
-    run_static_generate(model, ids[:8], lens[:8], None, batches=[list(range(8))], **kw)  # warm-up
-    runs: dict[str, list[Any]] = {p: [] for p in plans}
-    for _ in range(reps):  # interleaved rounds: a slow spell of the shared CPU hits every plan alike
-        for p, b in plans.items():
-            runs[p].append(run_static_generate(model, ids, lens, None, batches=b, policy=p, **kw))
-    out = {}
-    for p, rs in runs.items():
-        med = sorted(rs, key=lambda r: r.makespan_s)[len(rs) // 2]
-        out[p] = {**med.summary(), "n_batches": len(plans[p]), "makespans_s": [r.makespan_s for r in rs]}
+    plans["tie_planned"] = plan_batches(
+        orders["tie"], plen, cap, kv_tokens=kv, **bench.request_laws(reqs)
+    ).batches
+    run_static_generate(
+        model, ids[:8], lens[:8], None, batches=[list(range(8))], eos_token_id=2, pad_token_id=0
+    )  # warm-up
+    out = bench.median_static_runs(model, ids, lens, plans, reps)
+    for p, b in plans.items():
+        out[p]["n_batches"] = len(b)
     res = {
         "tie": out.pop("tie_planned"),
         **{p: v for p, v in out.items() if p != "tie"},

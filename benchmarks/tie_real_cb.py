@@ -520,15 +520,14 @@ def static_plans(
 
     if args.static_plan == "order":
         return {p: cut(o) for p, o in orders.items()}, {"": {p: p for p in policies}}
-    from hf_ext.generation.tie.bench import load_cost_model
+    from hf_ext.generation.tie.bench import load_cost_model, request_laws
 
     cm = load_cost_model(args.calibration)
 
     def plan(order: list[int], **pred: Any) -> list[list[int]]:
         return plan_batches(order, plen, cap, kv_tokens=kv, batch_size=bs, cost_model=cm, **pred).batches
 
-    law = {k: [r.meta[f"pred_{k}"] for r in sim_reqs] for k in ("mu", "sigma", "nu")}
-    plans = {"tie_planned": plan(orders["tie"], **law)}
+    plans = {"tie_planned": plan(orders["tie"], **request_laws(sim_reqs))}
     vs_cut: dict[str, str] = {"tie": "tie_planned"}
     vs_planned: dict[str, str] = {"tie": "tie_planned"}
     if "fcfs" in orders:

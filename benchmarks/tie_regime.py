@@ -276,6 +276,7 @@ def offline_chunked(
     (2) batches sized from predictions (JSON and printout only: each policy has its own engine there): TIE reserving
     the median of its law conditioned on what a row has generated, SSJF twice the larger of its prediction and what
     a row has generated, against the plain job (every row provisioned for ``cap``) and fixed 256-token chunks."""
+    from hf_ext.generation.tie.bench import request_laws
     from hf_ext.generation.tie.distribution import LogT
     from hf_ext.generation.tie.offline import (
         OFFLINE_POLICIES,
@@ -298,11 +299,7 @@ def offline_chunked(
         return f"{prefix}offline_chunk{c}_{n}_kv{kv // 1000}k"
 
     rows = {chunk_case(c): {p: run(o, chunk(c)) for p, o in orders.items()} for c in CHUNKS}
-    law = LogT(
-        np.asarray([r.meta["pred_mu"] for r in job]),
-        np.asarray([r.meta["pred_sigma"] for r in job]),
-        np.asarray([r.meta.get("pred_nu", tie_cfg.nu) for r in job]),
-    )
+    law = LogT(**request_laws(job, tie_cfg.nu))
     pred = np.asarray([r.meta["pred_len"] for r in job], dtype=np.float64)
     start = law.ppf(np.full(n, 0.5))
 

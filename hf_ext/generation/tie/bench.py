@@ -186,6 +186,16 @@ def train_predictors(
     return out
 
 
+def request_laws(reqs: Sequence[Any], nu: float = 3.5) -> dict[str, np.ndarray]:
+    """``{"mu", "sigma", "nu"}`` (each ``[N]``) of the predicted log-t laws in the requests' ``meta``
+    (``pred_mu`` / ``pred_sigma`` / ``pred_nu``; ``nu`` where a request has no ``pred_nu``)."""
+    return {
+        "mu": np.asarray([r.meta["pred_mu"] for r in reqs], dtype=np.float64),
+        "sigma": np.asarray([r.meta["pred_sigma"] for r in reqs], dtype=np.float64),
+        "nu": np.asarray([r.meta.get("pred_nu", nu) for r in reqs], dtype=np.float64),
+    }
+
+
 def _annotate(reqs: list[Any], preds: dict[str, Any]) -> None:
     from hf_ext.generation.tie.scheduler import annotate_requests
 
@@ -633,11 +643,40 @@ def real_cb(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
     return {f"real_cb_tiny_llama_cpu_burst{n}": res}
 
 
+def median_static_runs(
+    model: Any, ids: list[list[int]], lens: list[int], plans: dict[str, list[list[int]]], reps: int
+) -> dict[str, dict]:
+    """Each plan (name -> batches of request indices) as a forced-length ``generate`` job on ``model``
+    (:func:`.offline.run_static_generate`; EOS 2, pad 0) in ``reps`` rounds that each run every plan once
+    (interleaved, so a slow spell of a shared CPU hits all plans alike); each plan reports its median-time run
+    and every run's makespan (``makespans_s``)."""
+    from hf_ext.generation.tie.offline import run_static_generate
+
+    runs: dict[str, list[Any]] = {p: [] for p in plans}
+    for _ in range(reps):
+        for p, batches in plans.items():
+            runs[p].append(
+                run_static_generate(
+                    model, ids, lens, None, batches=batches, eos_token_id=2, pad_token_id=0, policy=p
+                )
+            )
+    res = {}
+    for p, rs in runs.items():
+        med = sorted(rs, key=lambda r: r.makespan_s)[len(rs) // 2]
+        res[p] = {**med.summary(), "makespans_s": [r.makespan_s for r in rs]}
+    return res
+
+
 def real_static(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, dict]:
     """Static batches on a real model: ``generate`` on padded batches of a tiny random Llama (CPU), the
     job cut from each policy's order; output lengths forced per request (:func:`.offline.run_static_generate`)."""
     from hf_ext.generation.tie.config import TIEConfig
-    from hf_ext.generation.tie.offline import OFFLINE_POLICIES, policy_order, run_static_generate
+    from hf_ext.generation.tie.offline import (
+        OFFLINE_POLICIES,
+        policy_order,
+        run_static_generate,
+        static_batches,
+    )
     from hf_ext.testing import tiny_llama
 
     n, cap, bs = (24, 48, 8) if args.quick else (96, 96, 8)
@@ -649,22 +688,12 @@ def real_static(args: argparse.Namespace, preds: dict[str, Any]) -> dict[str, di
     run_static_generate(
         model, ids[:bs], lens[:bs], list(range(bs)), bs, eos_token_id=2, pad_token_id=0
     )  # warm-up
-    orders = {pol: policy_order(pol, reqs, tie_cfg) for pol in OFFLINE_POLICIES}
-    # REAL_STATIC_REPS rounds, each running every policy once (interleaved, so a slow spell of the shared CPU
-    # hits all policies alike); each policy reports its median-time run
-    runs: dict[str, list[Any]] = {pol: [] for pol in OFFLINE_POLICIES}
-    for _ in range(1 if args.quick else REAL_STATIC_REPS):
-        for pol, order in orders.items():
-            runs[pol].append(
-                run_static_generate(model, ids, lens, order, bs, eos_token_id=2, pad_token_id=0, policy=pol)
-            )
-    res = {}
-    for pol, rs in runs.items():
-        med = sorted(rs, key=lambda r: r.makespan_s)[len(rs) // 2]
-        res[pol] = {**med.summary(), "makespans_s": [r.makespan_s for r in rs]}
+    plans = {pol: static_batches(policy_order(pol, reqs, tie_cfg), bs) for pol in OFFLINE_POLICIES}
+    res = median_static_runs(model, ids, lens, plans, 1 if args.quick else REAL_STATIC_REPS)
     print(
         f"  real static batches, tiny Llama ({n} requests, batch {bs}, lengths <= {cap}, median of "
-        f"{len(runs['tie'])}): " + ", ".join(f"{k} {v['throughput_tok_s']:.0f} tok/s" for k, v in res.items())
+        f"{len(res['tie']['makespans_s'])}): "
+        + ", ".join(f"{k} {v['throughput_tok_s']:.0f} tok/s" for k, v in res.items())
     )
     return {f"real_static_tiny_llama_cpu_n{n}_b{bs}": res}
 
@@ -759,12 +788,6 @@ def offline_planned(
         r = simulate_static_batches(cm, plen, out, None, policy=policy, batches=batches)
         return {**r.summary(), "n_batches": len(batches), **extra}
 
-    def laws(reqs: list[Any]) -> dict[str, np.ndarray]:
-        return {
-            k: np.asarray([r.meta[f"pred_{k}"] for r in reqs], dtype=np.float64)
-            for k in ("mu", "sigma", "nu")
-        }
-
     def planned(order: list[int], policy: str, buckets: int | None = None, **pred: Any) -> dict[str, Any]:
         p = plan_batches(order, plen, cap, kv_tokens=kv, cost_model=cm, prompt_buckets=buckets, **pred)
         return sim(p.batches, policy, prompt_buckets=p.prompt_buckets, expected_makespan_s=p.expected_cost)
@@ -778,15 +801,17 @@ def offline_planned(
 
     orders = {p: policy_order(p, base, tie_cfg) for p in ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")}
     res: dict[str, dict[str, Any]] = {
-        "tie": planned(orders["tie"], "tie", **laws(base)),
+        "tie": planned(orders["tie"], "tie", **request_laws(base)),
         "fcfs": best_bucketed(orders["fcfs"], "fcfs"),
         "ssjf": planned(orders["ssjf"], "ssjf", point=[r.meta["pred_len"] for r in base]),
         "ltr": best_bucketed(orders["ltr"], "ltr"),
         "sjf_oracle": planned(orders["sjf_oracle"], "sjf_oracle", point=out),
-        "tie_plan_1bucket": planned(orders["tie"], "tie", 1, **laws(base)),
+        "tie_plan_1bucket": planned(orders["tie"], "tie", 1, **request_laws(base)),
     }
     true_base = with_true_distribution(base, tie_cfg)
-    res["tie" + TRUE_DIST] = planned(policy_order("tie", true_base, tie_cfg), "tie", **laws(true_base))
+    res["tie" + TRUE_DIST] = planned(
+        policy_order("tie", true_base, tie_cfg), "tie", **request_laws(true_base)
+    )
     plain = {p: sim(memory_batches(o, plen, kv, cap), p) for p, o in orders.items() if p != "tie"}
     plain["tie_membatch"] = sim(memory_batches(orders["tie"], plen, kv, cap), "tie")  # report only
     case = f"{prefix}offline_static{len(base)}_kv{kv // 1000}k_planned"
