@@ -370,3 +370,42 @@ def test_tie_batched_generate_expected_plan_keeps_outputs_and_the_kv_budget(mode
         with pytest.raises(ValueError, match=msg):
             tie_batched_generate(model, tok, prompts, kv_tokens=kv, max_new_tokens=m, **kw)
     assert shapes == []  # refused before any generate call
+
+
+def _spy_cudnn_flag(model, monkeypatch):
+    """``model.generate`` spied on: the list it returns collects whether SDPA could use cuDNN inside each call."""
+    seen = []
+    real = model.generate
+
+    def spy(*args, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return seen
+
+
+def test_generate_runs_off_cudnn_sdpa_unless_asked_and_the_outputs_agree(model, monkeypatch):
+    from hf_ext.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    prompts = ["hi", "hello world", "a b c d e f g", "ok"]
+    seen = _spy_cudnn_flag(model, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        off = tie_batched_generate(model, tok, prompts, batch_size=2, max_new_tokens=4, do_sample=False)
+        assert seen == [False, False] and torch.backends.cuda.cudnn_sdp_enabled()
+        on = tie_batched_generate(
+            model, tok, prompts, batch_size=2, max_new_tokens=4, do_sample=False, sdpa_cudnn=True
+        )
+    assert seen[2:] == [True, True] and on == off
+    with pytest.raises(ValueError, match="sdpa_cudnn must be True or False"):
+        tie_batched_generate(model, tok, prompts, batch_size=2, max_new_tokens=4, sdpa_cudnn="no")
+    lens, ids = [3, 2, 4], [[5, 6], [7], [8, 9, 10]]
+    kw = dict(eos_token_id=2, pad_token_id=0)
+    run_static_generate(model, ids, lens, [0, 1, 2], 3, **kw)
+    run_static_generate(model, ids, lens, [0, 1, 2], 3, sdpa_cudnn=True, **kw)
+    assert seen[4:] == [False, True]
+    with pytest.raises(ValueError, match="sdpa_cudnn must be True or False"):
+        run_static_generate(model, ids, lens, [0, 1, 2], 3, sdpa_cudnn=0, **kw)
+    assert len(seen) == 6  # refused before any generate call

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from hf_ext.generation.tie.config import TIEConfig, _check_int
 from hf_ext.generation.tie.scheduler import order_batch, predict_laws, validate_prompts
+from hf_ext.utils.sdpa import check_sdpa_cudnn, sdpa_without_cudnn
 
 OFFLINE_POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie")
 PLANS = ("order", "expected")  # tie_batched_generate: cut the order as wide as allowed / expected-cost plan
@@ -457,9 +459,11 @@ def run_static_generate(
     batches: Sequence[Sequence[int]] | None = None,
     policy: str = "",
     progress: bool = False,
+    sdpa_cudnn: bool = False,
 ) -> StaticBatchResult:
     """The job on a real model: ``generate`` per batch (greedy, left padding), each row forced to its
     ``output_lens[i]`` tokens (EOS last). Wall-clock times; the generated lengths are checked.
+    ``sdpa_cudnn=False`` (default) keeps SDPA off cuDNN's kernel, as :func:`tie_batched_generate` does.
 
     Batches are ``batch_size`` rows cut from ``order`` or, with ``kv_tokens`` and ``max_new_tokens`` (the
     reservation per row, >= every output length), as wide as :func:`memory_batches` allows under that KV budget,
@@ -469,6 +473,7 @@ def run_static_generate(
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
+    check_sdpa_cudnn(sdpa_cudnn)
     out = _lengths("output_lens", output_lens, len(prompt_ids))
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt must have at least one token")
@@ -492,7 +497,7 @@ def run_static_generate(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), _sdpa_scope(sdpa_cudnn):
             seq = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -525,6 +530,7 @@ def tie_batched_generate(
     plan: str = "order",
     prompt_buckets: int | None = None,
     progress: bool = False,
+    sdpa_cudnn: bool = False,
     **generate_kwargs: Any,
 ) -> list[list[int]]:
     """``model.generate`` over ``prompts`` in static batches cut from the TIE order.
@@ -548,6 +554,9 @@ def tie_batched_generate(
             predicted laws (:func:`.planner.plan_batches`; same width limit, never exceeded).
         prompt_buckets: with ``plan="expected"``, the number of prompt-length buckets (``None``: the planner
             picks it by expected cost).
+        sdpa_cudnn: allow PyTorch's cuDNN SDPA kernel in ``generate``. ``False`` (default) runs each call inside
+            :func:`hf_ext.utils.sdpa.sdpa_without_cudnn`: cuDNN plans its kernel per KV length, which changes
+            every step (2.4x slower on a fresh H100 job; see that module).
 
     Returns:
         For each prompt, in the order given, its new token ids (up to and including EOS, no padding).
@@ -564,6 +573,7 @@ def tie_batched_generate(
         _check_int("kv_tokens", kv_tokens)
     if plan not in PLANS:
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+    check_sdpa_cudnn(sdpa_cudnn)
     if prompt_buckets is not None:
         if plan != "expected":
             raise ValueError(f"prompt_buckets needs plan='expected', got plan={plan!r}")
@@ -616,7 +626,7 @@ def tie_batched_generate(
     for b in batches:
         ids, mask = _left_pad([enc[i] for i in b], tokenizer.pad_token_id)
         width = ids.shape[1]
-        with torch.inference_mode():
+        with torch.inference_mode(), _sdpa_scope(sdpa_cudnn):
             seq = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -626,6 +636,11 @@ def tie_batched_generate(
         for r, i in enumerate(b):
             results[i] = trim_at_eos(seq[r, width:].tolist(), eos)
     return results
+
+
+def _sdpa_scope(sdpa_cudnn: bool) -> Any:
+    """:func:`~hf_ext.utils.sdpa.sdpa_without_cudnn` unless ``sdpa_cudnn``; else a no-op context."""
+    return nullcontext() if sdpa_cudnn else sdpa_without_cudnn()
 
 
 def _eos_ids(value: Any) -> set[int] | None:

@@ -1,0 +1,40 @@
+"""Scoped choice of PyTorch's SDPA kernels around ``generate`` loops.
+
+PyTorch may run ``F.scaled_dot_product_attention`` with cuDNN's kernel (it prefers it on Hopper). cuDNN plans
+its kernel for each new input shape, and in ``generate`` the KV length grows by one every step: every step of a
+job whose shapes were not seen before pays for a new plan. Measured on an H100 (torch 2.11, transformers 5.24,
+Llama-3.1-8B shape, 60 left-padded rows of up to 1,000 prompt tokens, 272 new tokens; ``python
+benchmarks/tie_generate_sdpa.py``): the first such call took 20.7 s with cuDNN allowed and 8.5 s without; repeated
+with the same shapes, both take about 8.5 s. The flash and memory-efficient kernels need no plan.
+
+Example:
+    >>> import torch
+    >>> with sdpa_without_cudnn():
+    ...     torch.backends.cuda.cudnn_sdp_enabled()
+    False
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def sdpa_without_cudnn() -> Iterator[None]:
+    """Inside, SDPA may use the flash, memory-efficient and math kernels, not cuDNN's; the previous choice is
+    restored on exit (also on an exception). No effect on models whose attention does not call SDPA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
+def check_sdpa_cudnn(value: object) -> bool:
+    """``value`` if it is a bool, else a ``ValueError`` naming ``sdpa_cudnn``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"sdpa_cudnn must be True or False, got {value!r}")
+    return value
+
+
+__all__ = ["check_sdpa_cudnn", "sdpa_without_cudnn"]
