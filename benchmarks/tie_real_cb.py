@@ -110,6 +110,20 @@ def _parser() -> argparse.ArgumentParser:
         "batches from its laws (hf_ext.generation.tie.planner) against the baselines' cuts and plans",
     )
     p.add_argument(
+        "--static-rounds",
+        type=int,
+        default=1,
+        help="with --static-*: run every plan this many times, the order reversed every other round (the first "
+        "plan of a job pays for new shapes); each plan's figures are its median round (for an even count the "
+        "faster of the middle two)",
+    )
+    p.add_argument(
+        "--static-only",
+        default="",
+        help="with --static-*: run only these plans (comma-separated names as printed, e.g. "
+        "tie_planned,fcfs_prompt_sorted; default all)",
+    )
+    p.add_argument(
         "--record-steps",
         action="store_true",
         help="time every engine iteration and note its make-up (hf_ext.simulate.cb_steps); writes "
@@ -492,6 +506,31 @@ def burst_goodput_rows(case: str, res: dict[str, dict], written: set[str], dev: 
     return [r for r in offline_rows({case: res}, dev, cmd) if r.baseline in new]
 
 
+def static_plan_names(static_plan: str, policies: list[str]) -> list[str]:
+    """The names :func:`static_plans` gives this job's plans, in run order (checked before any work)."""
+    if static_plan == "order":
+        return list(policies)
+    names = ["tie_planned"]
+    names += ["fcfs", "fcfs_prompt_sorted"] if "fcfs" in policies else []
+    names += [f"{p}_planned" for p in ("ssjf", "sjf_oracle") if p in policies]
+    return names + (["ltr"] if "ltr" in policies else []) + ["tie_membatch"]
+
+
+def static_only(args: argparse.Namespace, policies: list[str]) -> list[str] | None:
+    """``--static-only`` as a list of this job's plan names (``None``: all); ``ValueError`` naming the flag and the
+    job's plans for an unknown name."""
+    if not args.static_only:
+        return None
+    names = static_plan_names(args.static_plan, policies)
+    keep = [x.strip() for x in args.static_only.split(",") if x.strip()]
+    bad = [x for x in keep if x not in names]
+    if bad or not keep:
+        raise ValueError(
+            f"--static-only: unknown plan(s) {bad or keep!r}; this job's plans: {', '.join(names)}"
+        )
+    return keep
+
+
 def static_plans(
     args: argparse.Namespace,
     sim_reqs: list[Any],
@@ -569,6 +608,8 @@ def run_static(
     sim_reqs = [r.to_sim_request(i, cap) for i, r in enumerate(reqs)]
     cfg = TIEConfig(max_new_tokens=cap, batch_max=bs)
     plans, cases = static_plans(args, sim_reqs, [len(x) for x in ids], policies, cfg, sizing)
+    keep = static_only(args, policies)
+    plans = {k: v for k, v in plans.items() if keep is None or k in keep}
     kw = dict(eos_token_id=2, pad_token_id=0)  # a random model: EOS is forced at each row's length
     k = min(bs, len(reqs))
     run_static_generate(model, ids[:k], [min(x, 8) for x in lens[:k]], list(range(k)), k, **kw)  # warm-up
@@ -578,11 +619,21 @@ def run_static(
     case += f"_seed{args.seed}" if args.seed else ""
     res: dict[str, dict] = {}
     all_rows: list[Any] = []
-    for name, batches in plans.items():  # TIE first: a run cut short still compares it with what finished
+    runs: dict[str, list[Any]] = {}
+    schedule = [
+        (rnd, name) for rnd in range(args.static_rounds) for name in (list(plans)[:: -1 if rnd % 2 else 1])
+    ]
+    for rnd, name in schedule:  # TIE first: a run cut short still compares it with what finished
         if args.budget_s and time.perf_counter() - t_start > args.budget_s:
-            print(f"  --budget-s {args.budget_s:.0f} spent: skipping {name} and the rest")
+            print(f"  --budget-s {args.budget_s:.0f} spent: skipping {name} (round {rnd + 1}) and the rest")
             break
-        r = run_static_generate(model, ids, lens, None, batches=batches, policy=name, progress=True, **kw)
+        batches = plans[name]
+        runs.setdefault(name, []).append(
+            run_static_generate(model, ids, lens, None, batches=batches, policy=name, progress=True, **kw)
+        )
+        if len(runs[name]) < args.static_rounds:
+            continue
+        r = sorted(runs[name], key=lambda x: x.makespan_s)[(args.static_rounds - 1) // 2]  # the median round
         res[name] = {
             **r.summary(),
             "batches": len(r.batch_times),
@@ -592,6 +643,8 @@ def run_static(
                 for b, t in zip(batches, r.batch_times)
             ],
         }
+        if args.static_rounds > 1:
+            res[name]["round_makespans_s"] = [x.makespan_s for x in runs[name]]
         print(
             f"  {case} {name:<18}: {res[name]['throughput_tok_s']:.0f} tok/s, {r.decode_steps} decode steps, "
             f"{len(r.batch_times)} batches, padding {res[name]['padding_share']:.1%}, {r.makespan_s:.1f}s"
@@ -631,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.static_batch and args.static_kv_tokens:
         raise ValueError("give at most one of --static-batch and --static-kv-tokens")
+    if args.static_rounds < 1:
+        raise ValueError(f"--static-rounds must be >= 1, got {args.static_rounds}")
     speeds = [float(x) for x in args.speeds.split(",")]
     if any(not math.isfinite(x) or x < 0 for x in speeds):
         raise ValueError(f"--speeds must be numbers >= 0, got {args.speeds!r}")
@@ -652,6 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [p for p in policies if p not in allowed]
     if bad or "tie" not in policies:
         raise ValueError(f"--policies must include 'tie' and only use {allowed}, got {args.policies!r}")
+    if args.static_batch or args.static_kv_tokens:
+        static_only(args, policies)  # an unknown plan name is refused before any work
+    elif args.static_only or args.static_rounds != 1:
+        raise ValueError("--static-only / --static-rounds need --static-batch or --static-kv-tokens")
     cmd = ("python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.fit_steps:
         return fit_recorded_steps(args, cmd)

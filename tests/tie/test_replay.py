@@ -359,6 +359,75 @@ def test_gpu_replay_script_static_planned_mode(tmp_path):
     assert sum(b[3] for b in shapes) == pytest.approx(res["fcfs"]["makespan_s"])
 
 
+def _real_cb_module():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_static_rounds_alternate_the_order_and_keep_each_plans_median_round(tmp_path):
+    """--static-rounds 2 --static-only: only the named plans, each run twice (the second round in reverse order);
+    the figures are the faster round's, both rounds are kept; bad values are refused before any work."""
+    import argparse
+    import csv
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mod = _real_cb_module()
+    root = Path(__file__).resolve().parents[2]
+    for pol in (["tie"], ["tie", "fcfs", "ssjf", "ltr", "sjf_oracle"], ["tie", "ssjf"]):
+        args = argparse.Namespace(max_new_tokens=16, static_plan="expected", calibration=None)
+        reqs = mod.load_requests(
+            str(root / "benchmarks/data/tie_azure_replay_n40k.json"), 12, 16, 64, 1000, 0
+        )
+        sim = [r.to_sim_request(i, 16) for i, r in enumerate(reqs)]
+        from hf_ext.generation.tie.config import TIEConfig
+
+        plans, _ = mod.static_plans(
+            args, sim, [len(r.prompt_ids) for r in reqs], pol, TIEConfig(max_new_tokens=16), {"batch_size": 4}
+        )
+        assert list(plans) == mod.static_plan_names("expected", pol)
+    assert mod.static_plan_names("order", ["tie", "fcfs"]) == ["tie", "fcfs"]
+    base = ["--shape", "tiny", "--device", "cpu", "--n", "6", "--static-kv-tokens", "20000", "--no-write"]
+    with pytest.raises(
+        ValueError, match=r"--static-only: unknown plan\(s\) \['ssjf_planned'\]; this job's plans"
+    ):
+        mod.main(
+            [*base, "--static-plan", "expected", "--policies", "tie,fcfs", "--static-only", "ssjf_planned"]
+        )
+    with pytest.raises(ValueError, match="--static-rounds must be >= 1"):
+        mod.main([*base, "--static-rounds", "0"])
+    with pytest.raises(ValueError, match="need --static-batch or --static-kv-tokens"):
+        mod.main(["--shape", "tiny", "--device", "cpu", "--static-rounds", "2"])
+    cmd = [
+        sys.executable,
+        str(root / "benchmarks" / "tie_real_cb.py"),
+        *base[:-1],
+        "--static-plan",
+        "expected",
+    ]
+    cmd += ["--max-new-tokens", "16", "--policies", "tie,fcfs", "--static-rounds", "2"]
+    cmd += ["--static-only", "tie_planned,fcfs_prompt_sorted"]
+    env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (res,) = json.loads((tmp_path / "tie_real_static_details.json").read_text())["real_static"].values()
+    assert list(res) == ["fcfs_prompt_sorted", "tie_planned"]  # round 2 runs in reverse: TIE finishes last
+    for v in res.values():
+        assert len(v["round_makespans_s"]) == 2 and v["makespan_s"] == min(v["round_makespans_s"])
+    rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    assert [(r["case"].rsplit("kv20k", 1)[1], r["baseline"]) for r in rows] == [("_planned", "fcfs")]
+    assert float(rows[0]["ours"]) == pytest.approx(res["tie_planned"]["throughput_tok_s"])
+
+
 def test_gpu_replay_script_simulate_mode(capsys):
     """--simulate: the same requests, speed and concurrency cap in the shared simulator (no model)."""
     import importlib.util
