@@ -341,3 +341,35 @@ def test_offline_plan_script_writes_rows_figure_and_json(tmp_path, monkeypatch, 
     assert saved["simulated"]["offline_static150_kv120k_planned_seed0"]["tie"]["prompt_buckets"] >= 1
     assert (tmp_path / "tie_offline_plan.png").stat().st_size > 0
     assert "prompt buckets tie" in capsys.readouterr().out
+
+
+def test_generate_sdpa_script_times_both_modes_in_fresh_processes(tmp_path, monkeypatch):
+    """benchmarks/tie_generate_sdpa.py on the tiny CPU model: a row per run (first / again), ours without cuDNN
+    against ``cudnn_sdpa``; bad sizes are refused before any work."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "tie_generate_sdpa", root / "benchmarks" / "tie_generate_sdpa.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit, match="--rows must be >= 1"):
+        mod.main(["--rows", "0"])
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    argv = ["--shape", "tiny", "--device", "cpu", "--rows", "3", "--max-prompt", "12", "--new", "5"]
+    assert mod.main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "tie.csv").open()))
+    assert [r["case"] for r in rows] == [
+        "generate_sdpa_tiny_3x12_new5_fresh",
+        "generate_sdpa_tiny_3x12_new5_repeat",
+    ]
+    assert {r["baseline"] for r in rows} == {"cudnn_sdpa"} and {r["metric"] for r in rows} == {
+        "generate_seconds"
+    }
+    assert all(float(r["ours"]) > 0 and float(r["baseline_value"]) > 0 for r in rows)
+    prompts, outs = mod.job(mod._parser().parse_args(argv), vocab=50)
+    assert len(prompts) == 3 and len(prompts[0]) == 12 and outs[0] == 5 and all(1 <= o <= 5 for o in outs)
+    assert all(3 <= len(p) <= 12 and max(p) < 50 for p in prompts)
