@@ -3,8 +3,11 @@
 # without installing): results go to $HF_EXT_RESULTS_DIR (default benchmarks/results), logs beside them.
 # Usage: bash benchmarks/gpu_batch.sh [part ...]   parts: doctor simulate sale latent_omni autoparallel fsep dataflex
 #   (default: those, one GPU) and, on a 2-GPU machine: fsep2 autoparallel2 (torchrun, NCCL);
-#   tie_static, tie_cb, tie_plan: the TIE real-engine jobs (benchmarks/tie_real_cb.py) on one GPU (tie_plan: TIE's
-#   planned offline batches, about 30 minutes on an H100).
+#   tie_static, tie_cb, tie_plan, tie_plan_rounds, tie_sdpa: the TIE real-engine jobs (benchmarks/tie_real_cb.py,
+#   benchmarks/tie_generate_sdpa.py) on one GPU (tie_plan: TIE's planned offline batches against every baseline plan,
+#   about 20 minutes on an H100; tie_plan_rounds: TIE's plan and FCFS sorted by prompt length, two rounds in
+#   alternating order, about 8 minutes; tie_sdpa: padded generate with and without cuDNN SDPA, about 3 minutes).
+#   The static jobs need transformers >= 5.24: older versions repeat the KV heads in every padded GQA decode step.
 set -u
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -38,7 +41,12 @@ for p in "${parts[@]}"; do
       --max-new-tokens 600 --policies tie,fcfs,ssjf,ltr --budget-s 220 ;;
     tie_plan) run tie_plan 2400 $PY benchmarks/tie_real_cb.py --workload benchmarks/data/tie_azure_replay_n40k.json \
       --shape llama3.1-8b --n 400 --max-prompt 2048 --static-kv-tokens 120000 --static-plan expected \
-      --policies tie,fcfs,ssjf --budget-s 1500 ;;
+      --policies tie,fcfs,ssjf,ltr,sjf_oracle --budget-s 1100 ;;
+    tie_plan_rounds) run tie_plan_rounds 900 $PY benchmarks/tie_real_cb.py \
+      --workload benchmarks/data/tie_azure_replay_n40k.json --shape llama3.1-8b --n 400 --max-prompt 2048 \
+      --static-kv-tokens 120000 --static-plan expected --policies tie,fcfs \
+      --static-only tie_planned,fcfs_prompt_sorted --static-rounds 2 --budget-s 900 ;;
+    tie_sdpa) run tie_sdpa 300 $PY benchmarks/tie_generate_sdpa.py ;;
     tie_cb) run tie_cb 540 $PY benchmarks/tie_real_cb.py --shape llama3.1-8b --n 150 --speeds 4 \
       --max-requests-per-batch 32 --cuda-graph --record-steps --budget-s 420 ;;
     *) echo "unknown part $p" ;;
