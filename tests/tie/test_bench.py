@@ -6,6 +6,8 @@ import math
 
 import pytest
 
+from tests.tie._scripts import load_script
+
 
 @pytest.mark.slow
 def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
@@ -176,15 +178,8 @@ def test_predictor_sweep_script_writes_csv_and_plot(tmp_path):
     """benchmarks/tie_predictor_sweep.py on tiny sizes: one row per size plus the constant and true-law references,
     the true law scoring better than the constant; bad sizes are refused before any work."""
     import csv
-    import importlib.util
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location(
-        "tie_predictor_sweep", root / "benchmarks" / "tie_predictor_sweep.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_predictor_sweep")
     with pytest.raises(SystemExit, match="--sizes"):
         mod.main(["--sizes", "10,abc"])
     stem = tmp_path / "sweep"
@@ -203,16 +198,11 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     trained and true-law policies, rows go to tie.csv with the true-law comparison as quality; bad grids are
     refused before any work."""
     import csv
-    import importlib.util
     import json
-    from pathlib import Path
 
     import numpy as np
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("tie_regime", root / "benchmarks" / "tie_regime.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_regime")
     bads = (
         ["--loads", "1,-2"],
         ["--caps", "x"],
@@ -305,18 +295,11 @@ def test_offline_plan_script_writes_rows_figure_and_json(tmp_path, monkeypatch, 
     """benchmarks/tie_offline_plan.py on a small job: both cases per seed become rows, TIE's plan is reported
     with the bucket counts, and bad arguments are refused before any work."""
     import csv
-    import importlib.util
     import json
-    from pathlib import Path
 
     import numpy as np
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location(
-        "tie_offline_plan", root / "benchmarks" / "tie_offline_plan.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_offline_plan")
     for bad in (["--seeds", "x"], ["--seeds", ","], ["--offline-n", "0"]):
         with pytest.raises(SystemExit, match="--seeds|--offline-n"):
             mod.main(bad)
@@ -347,15 +330,8 @@ def test_generate_sdpa_script_times_both_modes_in_fresh_processes(tmp_path, monk
     """benchmarks/tie_generate_sdpa.py on the tiny CPU model: a row per run (first / again), ours without cuDNN
     against ``cudnn_sdpa``; bad sizes are refused before any work."""
     import csv
-    import importlib.util
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location(
-        "tie_generate_sdpa", root / "benchmarks" / "tie_generate_sdpa.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_generate_sdpa")
     with pytest.raises(SystemExit, match="--rows must be >= 1"):
         mod.main(["--rows", "0"])
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.tie._scripts import load_script
+
 LENS = [12, 3, 7, 20, 5, 9]
 
 
@@ -359,17 +361,6 @@ def test_gpu_replay_script_static_planned_mode(tmp_path):
     assert sum(b[3] for b in shapes) == pytest.approx(res["fcfs"]["makespan_s"])
 
 
-def _real_cb_module():
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_static_rounds_alternate_the_order_and_keep_each_plans_median_round(tmp_path):
     """--static-rounds 2 --static-only: only the named plans, each run twice (the second round in reverse order);
     the figures are the faster round's, both rounds are kept; bad values are refused before any work."""
@@ -381,7 +372,7 @@ def test_static_rounds_alternate_the_order_and_keep_each_plans_median_round(tmp_
     import sys
     from pathlib import Path
 
-    mod = _real_cb_module()
+    mod = load_script("tie_real_cb")
     root = Path(__file__).resolve().parents[2]
     for pol in (["tie"], ["tie", "fcfs", "ssjf", "ltr", "sjf_oracle"], ["tie", "ssjf"]):
         args = argparse.Namespace(max_new_tokens=16, static_plan="expected", calibration=None)
@@ -430,13 +421,8 @@ def test_static_rounds_alternate_the_order_and_keep_each_plans_median_round(tmp_
 
 def test_gpu_replay_script_simulate_mode(capsys):
     """--simulate: the same requests, speed and concurrency cap in the shared simulator (no model)."""
-    import importlib.util
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_real_cb")
     argv = ["--simulate", "--n", "40", "--speeds", "4,0", "--max-requests-per-batch", "4", "--no-write"]
     assert mod.main(argv) == 0
     out = capsys.readouterr().out
@@ -475,11 +461,7 @@ def test_gpu_replay_script_records_steps_fits_and_simulates(tmp_path, monkeypatc
     rec = runs[0]["cases"][case]["fcfs"]
     assert rec["limits"]["max_batch_tokens"] == 256 and len(rec["steps"]["dt"]) > 10
 
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tie_real_cb", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_real_cb")
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="hold out"):
         mod.main(["--fit-steps", str(tmp_path / "tie_real_cb_steps.json"), "--fit-policies", "tie,fcfs,ssjf"])
@@ -632,13 +614,8 @@ def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
 def test_gpu_replay_case_names_carry_a_nonzero_seed():
     """Repeats with --seed N get their own case (rows of different repeats never share a name); seed 0 keeps the
     plain name of the earlier rows."""
-    import importlib.util
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_real_cb")
     base = ["--shape", "tiny", "--max-requests-per-batch", "32"]
     plain = mod._case(mod._parser().parse_args(base), 150, 4.0)
     assert plain == "real_cb_tiny_azure2023conv_n150_x4_maxseqs32"
@@ -661,15 +638,10 @@ def test_gpu_replay_case_names_carry_a_nonzero_seed():
 
 def test_gpu_replay_script_burst_goodput_rows():
     """A burst replay is also scored as the offline job: requests done within budgets of FCFS's makespan."""
-    import importlib.util
-    from pathlib import Path
 
     from hf_ext.generation.tie.bench import budget_goodput
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_real_cb")
     res = {"tie": {"finish_s": [1.0, 2.0, 3.0, 10.0], "makespan_s": 10.0, "throughput_tok_s": 5.0}}
     written: set[str] = set()
     assert mod.burst_goodput_rows("c", res, written, "dev", "cmd") == []  # no FCFS yet: no budgets
@@ -695,14 +667,9 @@ def test_gpu_replay_script_burst_goodput_rows():
 def test_gpu_replay_script_engine_vs_sim_merges_runs_per_policy(tmp_path, monkeypatch, capsys):
     """A case run over several calls (TIE in each) is compared policy by policy with the latest valid run of each;
     withdrawn runs never count."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_real_cb")
 
     def pol(ms):
         return {"per_token_mean": ms / 1e3}
@@ -796,14 +763,9 @@ def test_split_gap_contributions_add_up_to_the_difference_of_means():
 def test_gpu_replay_script_explain_gap_splits_tie_gap_by_sigma_and_length(tmp_path, monkeypatch, capsys):
     """--explain-gap reads the recorded engine runs' per-request times and splits TIE's gap by predicted spread and
     output length; the parts add up to the gap."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("tie_real_cb", root / "benchmarks" / "tie_real_cb.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("tie_real_cb")
     lens, sigmas = [10, 500, 50, 200], [1.2, 0.3, 0.9, 0.6]
     reqs = [
         {"arrival": float(i), "prompt_len": 8, "output_len": n, "mu": 4.0, "sigma": s, "nu": 3.5}
