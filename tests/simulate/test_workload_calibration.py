@@ -136,13 +136,18 @@ def test_calibration_tiny_cpu_within_20pct():
 
 def test_bridge_policy_order_on_real_decoding():
     from hf_ext.simulate.bridge import replay
+    from hf_ext.testing import tiny_llama
 
     outs = [80, 4, 6, 80, 3, 5, 8, 70, 4, 6]
     reqs = [Request(id=i, arrival=0.0, prompt_len=12 + i, output_len=o) for i, o in enumerate(outs)]
-    rep = replay(reqs, ("fcfs", "sjf"), max_batch=2)
+    model = tiny_llama()
+    reps = [replay(reqs, ("fcfs", "sjf"), max_batch=2, model=model) for _ in range(3)]
+    rep = reps[0]
     assert rep.real_tokens["fcfs"] == rep.real_tokens["sjf"] == sum(outs)
     # the simulator and real continuous batching agree on who finishes when ...
     assert rep.finish_order_tau["fcfs"] > 0.8 and rep.finish_order_tau["sjf"] > 0.8
-    # ... and SJF lowers mean latency on real decoding too
-    assert rep.real_mean_latency["sjf"] < rep.real_mean_latency["fcfs"]
+    # ... and SJF lowers mean latency on real decoding too (about 2x here). Each run takes ~0.1 s of wall time,
+    # which other test workers on a 2-core box can double, so each policy counts its fastest of three runs
+    best = {p: min(r.real_mean_latency[p] for r in reps) for p in ("fcfs", "sjf")}
+    assert best["sjf"] < best["fcfs"]
     assert rep.sim_mean_latency["sjf"] < rep.sim_mean_latency["fcfs"]
