@@ -556,7 +556,7 @@ def tie_batched_generate(
             picks it by expected cost).
         sdpa_cudnn: allow PyTorch's cuDNN SDPA kernel in ``generate``. ``False`` (default) runs each call inside
             :func:`hf_ext.utils.sdpa.sdpa_without_cudnn`: cuDNN plans its kernel per KV length, which changes
-            every step (2.4x slower on a fresh H100 job; see that module).
+            every step (2.8x slower on a fresh H100 job; see that module).
 
     Returns:
         For each prompt, in the order given, its new token ids (up to and including EOS, no padding).
