@@ -1,4 +1,5 @@
-"""hf_ext.utils.sdpa: SDPA kept off cuDNN's kernel inside the scope, the caller's choice restored after it."""
+"""hf_ext.utils.sdpa: SDPA kept off cuDNN's kernel inside the scope, the caller's other choices kept, cuDNN's flag
+restored after it."""
 
 from __future__ import annotations
 
@@ -29,14 +30,25 @@ def test_scope_disables_only_cudnn_and_restores_the_previous_choice():
     assert _flags() == before  # restored on an exception too
 
 
-def test_a_caller_that_already_disabled_a_kernel_keeps_that_after_the_scope():
-    torch.backends.cuda.enable_flash_sdp(False)
+def test_the_callers_choice_of_the_other_kernels_stands():
+    b = torch.backends.cuda
+    b.enable_flash_sdp(False)
     try:
         with sdpa_without_cudnn():
-            assert not torch.backends.cuda.cudnn_sdp_enabled()
-        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.cudnn_sdp_enabled()
+            assert _flags() == (False, False, True, True)  # flash stays off inside
+        assert _flags() == (True, False, True, True)
+        b.enable_mem_efficient_sdp(False)
+        b.enable_math_sdp(False)
+        with sdpa_without_cudnn():  # cuDNN is the only kernel the caller allowed: left as it is
+            assert _flags() == (True, False, False, False)
+        b.enable_cudnn_sdp(False)
+        b.enable_math_sdp(True)
+        with sdpa_without_cudnn():
+            assert _flags() == (False, False, False, True)
+        assert _flags() == (False, False, False, True)  # a caller who had cuDNN off keeps it off
     finally:
-        torch.backends.cuda.enable_flash_sdp(True)
+        for enable in (b.enable_flash_sdp, b.enable_mem_efficient_sdp, b.enable_math_sdp, b.enable_cudnn_sdp):
+            enable(True)
 
 
 def test_check_sdpa_cudnn_names_the_parameter():

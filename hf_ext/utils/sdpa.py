@@ -22,12 +22,19 @@ from contextlib import contextmanager
 
 @contextmanager
 def sdpa_without_cudnn() -> Iterator[None]:
-    """Inside, SDPA may use the flash, memory-efficient and math kernels, not cuDNN's; the previous choice is
-    restored on exit (also on an exception). No effect on models whose attention does not call SDPA."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Inside, SDPA may not use cuDNN's kernel; the caller's choice of the other kernels stands, and cuDNN's flag is
+    restored on exit (also on an exception). If the caller left no other kernel enabled, nothing changes. No effect
+    on models whose attention does not call SDPA. The flags are process-wide, as PyTorch's own ``sdpa_kernel``'s."""
+    import torch
 
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    b = torch.backends.cuda
+    prev = b.cudnn_sdp_enabled()
+    if b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.math_sdp_enabled():
+        b.enable_cudnn_sdp(False)
+    try:
         yield
+    finally:
+        b.enable_cudnn_sdp(prev)
 
 
 def check_sdpa_cudnn(value: object) -> bool:
