@@ -45,6 +45,7 @@ import numpy as np
 from hf_ext.simulate.cost_model import CALIBRATION_DIR, CostModel
 
 SHAPES = ("tiny", "small", "llama3.1-8b")
+STATIC_SUFFIX = "-generate-padded"  # calibrations fit to whole padded generate batches (fit_static_batches)
 
 # grids: (prefill (batch, tokens)), (decode batches), (decode contexts), (validation (batch, prompt, new))
 _GRIDS: dict[str, dict[str, Any]] = {
@@ -357,6 +358,71 @@ def predict_generate(cm: CostModel, batch: int, prompt: int, new: int) -> float:
     return t + cm.decode_span(batch, batch * (prompt + 1), new - 1)
 
 
+def _static_features(rows: float, width: float, steps: float) -> list[float]:
+    """Coefficients of (base, per_seq, per_ctx_token, prefill_base, per_prefill_token, per_prefill_attn) in
+    :func:`predict_generate` with zero floors: it is linear in those six parameters."""
+    k1 = steps - 1
+    return [
+        1 + k1,
+        k1 * rows,
+        rows * (width + 1) * k1 + rows * k1 * (k1 - 1) / 2,
+        1.0,
+        rows * width,
+        rows * width * width / 2,
+    ]
+
+
+def fit_static_batches(
+    batches: Sequence[Sequence[float]], name: str = "fitted-generate-padded", source: str = "measured"
+) -> CostModel:
+    """Cost model fit to whole padded ``generate`` calls, each ``(rows, padded prompt width, steps, seconds)``.
+
+    A padded batch runs one prefill of ``rows x width`` tokens and ``steps - 1`` decode steps of all its rows
+    (finished rows are not dropped), so its time is :func:`predict_generate` of ``(rows, width, steps)``. With
+    zero floors that is linear in six parameters, fit by non-negative least squares on relative error. Use it
+    where the decode steps of wide padded batches cost more than the short fixed-shape points of :func:`measure`
+    say (``run_static_generate`` and ``tie_real_cb.py --static-*`` record ``batch_shapes`` in this form).
+
+    Example:
+        >>> truth = CostModel(base_s=0.02, per_seq_s=1e-4, per_ctx_token_s=2e-8, per_prefill_token_s=2e-5)
+        >>> shapes = [(n, w, k) for n in (8, 40, 90) for w in (200, 1000, 2000) for k in (50, 300)]
+        >>> cm = fit_static_batches([(n, w, k, predict_generate(truth, n, w, k)) for n, w, k in shapes])
+        >>> round(predict_generate(cm, 60, 700, 400) / predict_generate(truth, 60, 700, 400), 6)
+        1.0
+    """
+    from scipy.optimize import nnls
+
+    rows = [tuple(float(v) for v in b) for b in batches]
+    bad = [b for b in rows if len(b) != 4 or min(b[:3]) < 1 or not b[3] > 0 or not all(map(math.isfinite, b))]
+    if bad or len(rows) < 6:
+        raise ValueError(
+            "batches must be at least 6 (rows >= 1, width >= 1, steps >= 1, seconds > 0) entries, got "
+            f"{len(rows)}" + (f" with {bad[0]!r}" if bad else "")
+        )
+    x = np.asarray([_static_features(*b[:3]) for b in rows])
+    y = np.asarray([b[3] for b in rows])
+    scale = np.maximum(x.max(axis=0), 1e-300)  # columns of one magnitude for the solver
+    z, _ = nnls((x / scale) / y[:, None], np.ones(len(y)))
+    a, b, c, ap, p, q = (float(v) for v in z / scale)
+    cm = CostModel(
+        base_s=a,
+        per_seq_s=b,
+        per_ctx_token_s=c,
+        prefill_base_s=ap,
+        per_prefill_token_s=p,
+        per_prefill_attn_s=q,
+        name=name,
+        source=source,
+    )
+    rel = np.asarray([predict_generate(cm, int(r[0]), int(r[1]), int(r[2])) / r[3] - 1 for r in rows])
+    cm.extra = {
+        "batches": [list(r) for r in rows],
+        "fit_mean_abs_rel_err": float(np.abs(rel).mean()),
+        "fit_max_abs_rel_err": float(np.abs(rel).max()),
+    }
+    return cm
+
+
 def validate(
     model: Any,
     cm: CostModel,
@@ -440,6 +506,11 @@ def device_slug(device: str) -> str:
         import platform
 
         name = f"cpu-{platform.machine()}"
+    return name_slug(name)
+
+
+def name_slug(name: str) -> str:
+    """A device name as calibration files spell it: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
 
 

@@ -151,3 +151,33 @@ def test_bridge_policy_order_on_real_decoding():
     best = {p: min(r.real_mean_latency[p] for r in reps) for p in ("fcfs", "sjf")}
     assert best["sjf"] < best["fcfs"]
     assert rep.sim_mean_latency["sjf"] < rep.sim_mean_latency["fcfs"]
+
+
+def test_fit_static_batches_recovers_a_padded_generate_model_and_checks_its_input():
+    from hf_ext.simulate.calibrate import fit_static_batches, predict_generate
+
+    truth = CostModel(
+        base_s=0.025, per_seq_s=6e-6, per_ctx_token_s=6e-8, prefill_base_s=0.4, per_prefill_attn_s=3e-8
+    )
+    shapes = [(n, w, k) for n in (10, 39, 91) for w in (218, 1000, 2048) for k in (100, 600)]
+    rng = np.random.default_rng(0)
+    noisy = [(n, w, k, predict_generate(truth, n, w, k) * rng.uniform(0.97, 1.03)) for n, w, k in shapes]
+    cm = fit_static_batches(noisy, name="x")
+    for n, w, k in ((60, 1000, 594), (29, 2048, 170), (91, 218, 253)):  # shapes not in the fit
+        assert predict_generate(cm, n, w, k) == pytest.approx(predict_generate(truth, n, w, k), rel=0.03)
+    assert cm.extra["fit_mean_abs_rel_err"] < 0.03 and cm.name == "x" and len(cm.extra["batches"]) == 18
+    # a model whose decode step ignores the batch (the shipped calibration's flat floor) misprices wide batches
+    flat = fit_static_batches([(n, w, k, 0.023 * k) for n, w, k in shapes])
+    assert predict_generate(flat, 91, 218, 253) == pytest.approx(0.023 * 253, rel=1e-6)
+    for bad in (noisy[:5], [*noisy, (0, 10, 10, 1.0)], [*noisy, (4, 10, 10, 0.0)], [*noisy, (4, 10, 1.0)]):
+        with pytest.raises(ValueError, match="batches must be at least 6"):
+            fit_static_batches(bad)
+
+
+def test_the_tie_benchs_default_cost_model_is_not_a_whole_batch_fit():
+    from hf_ext.generation.tie.bench import load_cost_model
+    from hf_ext.simulate.calibrate import STATIC_SUFFIX
+    from hf_ext.simulate.cost_model import available_calibrations, default_gpu_cost_model
+
+    assert any(c.endswith(STATIC_SUFFIX) for c in available_calibrations())  # shipped beside it
+    assert load_cost_model(None).name == default_gpu_cost_model().name == "nvidia-h100-80gb-hbm3-llama3.1-8b"

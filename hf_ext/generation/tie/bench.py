@@ -130,9 +130,10 @@ def _parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ helpers
 def load_cost_model(name: str | None) -> Any:
-    """A measured GPU calibration if shipped (name without 'gpu_md'/'cpu'/'transformers_cb'), else the GPU.md-derived
-    fit."""
+    """A measured GPU calibration if shipped (name without 'gpu_md'/'cpu'/'transformers_cb', not a whole-batch
+    fit), else the GPU.md-derived fit."""
     from hf_ext.simulate import CostModel
+    from hf_ext.simulate.calibrate import STATIC_SUFFIX
     from hf_ext.simulate.cb_steps import is_cb_calibration
     from hf_ext.simulate.cost_model import available_calibrations
 
@@ -143,7 +144,10 @@ def load_cost_model(name: str | None) -> Any:
     measured = [
         a
         for a in avail
-        if "h100" in a.lower() and not a.startswith(("gpu_md", "cpu")) and not is_cb_calibration(a)
+        if "h100" in a.lower()
+        and not a.startswith(("gpu_md", "cpu"))
+        and not is_cb_calibration(a)
+        and not a.endswith(STATIC_SUFFIX)
     ]
     for cand in [*measured, "gpu_md-h100-llama3.1-8b"]:
         if cand in avail:
