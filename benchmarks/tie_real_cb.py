@@ -144,6 +144,19 @@ def _parser() -> argparse.ArgumentParser:
         help="with --fit-steps: steps of other runs, all held out (checked, never fit); comma-separated files are "
         "checked together and each on its own",
     )
+    p.add_argument(
+        "--fit-static",
+        default=None,
+        metavar="JSON",
+        help="no model: fit a cost model to the padded generate batches recorded in a static details file "
+        "(batch_shapes of every plan; hf_ext.simulate.calibrate.fit_static_batches), each plan also left out in "
+        "turn, and save it as the calibration <device>-<shape>-generate-padded (for --static-plan expected)",
+    )
+    p.add_argument(
+        "--fit-static-match",
+        default="",
+        help="with --fit-static: only runs whose note or versions contain this text (default: every run)",
+    )
     p.add_argument("--calibration", default=None, help="simulator cost model (default: bench tie's choice)")
     p.add_argument(
         "--aging-tau",
@@ -240,6 +253,62 @@ def simulate_same(
             for pol, r in sims.items()
         }
     return out, f"sim:{cm.name}"
+
+
+def fit_static_details(args: argparse.Namespace, cmd: str) -> int:
+    """``--fit-static``: the planner's cost model fit to the padded ``generate`` batches of a static details file's
+    runs (those matching ``--fit-static-match``), with each plan's makespan predicted by a fit without it."""
+    from hf_ext.simulate.calibrate import STATIC_SUFFIX, fit_static_batches, name_slug, predict_generate
+    from hf_ext.simulate.cost_model import CALIBRATION_DIR
+    from hf_ext.utils.bench import results_dir
+
+    data = json.loads(Path(args.fit_static).read_text())
+    runs = [
+        r
+        for r in data.get("runs", [data])
+        if args.fit_static_match in f"{r.get('note', '')} {r.get('versions', '')}"
+    ]
+    groups: dict[str, list[list[float]]] = {}  # "<run>:<plan>" -> [rows, width, steps, seconds] per batch
+    for i, run in enumerate(runs):
+        for res in run.get("real_static", {}).values():
+            for plan, summary in res.items():
+                if summary.get("batch_shapes"):
+                    groups[f"{i}:{plan}"] = summary["batch_shapes"]
+    devices = sorted({str(r.get("device", "?")) for r in runs})
+    if len(groups) < 2 or len(devices) != 1:
+        raise ValueError(
+            f"--fit-static needs at least two plans with batch_shapes from one device in the runs of {args.fit_static}"
+            f" matching --fit-static-match {args.fit_static_match!r}; got {len(groups)} plan(s), devices {devices}"
+        )
+    name = f"{name_slug(devices[0])}-{args.shape}{STATIC_SUFFIX}"
+    batches = [b for shapes in groups.values() for b in shapes]
+    cm = fit_static_batches(batches, name=name, source=f"measured: padded generate batches ({devices[0]})")
+
+    def makespan(model: Any, shapes: list[list[float]]) -> float:
+        return sum(predict_generate(model, int(b[0]), int(b[1]), int(b[2])) for b in shapes)
+
+    held: dict[str, dict[str, float]] = {}
+    print(
+        f"{name}: {len(batches)} batches of {len(groups)} plans; fit error {cm.extra['fit_mean_abs_rel_err']:.1%}"
+    )
+    for key, shapes in groups.items():
+        rest = [b for other, s in groups.items() if other != key for b in s]
+        measured = sum(b[3] for b in shapes)
+        pred = makespan(fit_static_batches(rest), shapes)
+        held[key] = {"measured_s": measured, "predicted_s": pred, "rel_err": pred / measured - 1}
+        print(
+            f"  {key:<24} measured {measured:7.1f}s, fit without it {pred:7.1f}s ({pred / measured - 1:+.1%})"
+        )
+    cm.extra.update(
+        leave_one_plan_out=held,
+        runs_note=[r.get("note", "") for r in runs],
+        recorded_by=sorted({r["command"] for r in runs}),
+        fit_command=cmd,
+    )
+    # --no-write keeps the shipped calibrations as they are: the fit goes beside the results instead
+    path = cm.save((results_dir() if args.no_write else CALIBRATION_DIR) / f"{name}.json")
+    print(f"saved {path}")
+    return 0
 
 
 def _engine_calls() -> list[dict[str, Any]]:
@@ -714,6 +783,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ("python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.fit_steps:
         return fit_recorded_steps(args, cmd)
+    if args.fit_static:
+        return fit_static_details(args, cmd)
     if args.explain_gap or args.simulate:  # no model: prompt ids only need some vocabulary
         reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
     if args.explain_gap:

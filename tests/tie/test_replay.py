@@ -832,3 +832,46 @@ def test_split_gap_by_bins_orders_groups_by_bin_and_adds_up():
     assert got["sigma"]["sigma >= 0.8"] == {"n": 2.0, "contribution": pytest.approx(4.0 / 3)}
     assert list(got["length"]) == ["< 20 tokens", "20-99 tokens", ">= 300 tokens"]
     assert sum(g["contribution"] for g in got["length"].values()) == pytest.approx(4.0 / 3)
+
+
+def test_fit_static_fits_the_matching_runs_batches_and_leaves_each_plan_out(tmp_path, monkeypatch, capsys):
+    """--fit-static: a calibration from the batch shapes of the runs matching --fit-static-match (one device), each
+    plan's makespan also predicted by a fit without it; nothing matching is refused."""
+    import json
+
+    from hf_ext.simulate.calibrate import predict_generate
+    from hf_ext.simulate.cost_model import CostModel
+
+    truth = CostModel(
+        base_s=0.03, per_seq_s=1e-5, per_ctx_token_s=5e-8, prefill_base_s=0.3, per_prefill_token_s=2e-6
+    )
+
+    def plan(*shapes):
+        return {"batch_shapes": [[n, w, k, predict_generate(truth, n, w, k)] for n, w, k in shapes]}
+
+    good = {
+        "command": "c1",
+        "device": "NVIDIA H100 80GB HBM3",
+        "note": "clean engine",
+        "real_static": {
+            "case": {
+                "a": plan((90, 200, 250), (60, 1000, 600), (30, 2048, 170)),
+                "b": plan((40, 2048, 500), (40, 2048, 300), (20, 900, 100)),
+                "c": plan((70, 500, 400), (50, 1400, 560), (10, 300, 50)),
+            }
+        },
+    }
+    other = {**good, "note": "old engine", "real_static": {"case": {"a": plan((5, 10, 5), (6, 20, 7))}}}
+    path = tmp_path / "details.json"
+    path.write_text(json.dumps({"runs": [other, good]}))
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    mod = load_script("tie_real_cb")
+    argv = ["--fit-static", str(path), "--fit-static-match", "clean", "--shape", "llama3.1-8b", "--no-write"]
+    assert mod.main(argv) == 0
+    saved = json.loads((tmp_path / "nvidia-h100-80gb-hbm3-llama3.1-8b-generate-padded.json").read_text())
+    assert len(saved["extra"]["batches"]) == 9 and saved["extra"]["runs_note"] == ["clean engine"]
+    held = saved["extra"]["leave_one_plan_out"]
+    assert set(held) == {"0:a", "0:b", "0:c"} and all(abs(v["rel_err"]) < 1e-6 for v in held.values())
+    assert "fit without it" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--fit-static needs at least two plans"):
+        mod.main([*argv[:3], "nothing matches", "--no-write"])
