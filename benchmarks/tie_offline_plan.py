@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="predictor epochs (default: the bench's)")
     p.add_argument("--cache-dir", default=None, help="predictor cache (default ~/.cache/hf_ext/tie)")
     p.add_argument("--real-cpu", action="store_true", help="also run a small job on a tiny Llama (CPU)")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="figure / JSON tie_offline_plan_<tag> instead of tie_offline_plan (e.g. for another --calibration; "
+        "the rows tell cost models apart by their device column)",
+    )
     p.add_argument("--no-write", action="store_true")
     return p
 
@@ -164,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--seeds must be comma-separated ints, got {args.seeds!r}") from None
     if not seeds or args.offline_n < 1 or args.kv_tokens < 1:
         raise SystemExit("--seeds needs at least one seed; --offline-n and --kv-tokens must be >= 1")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        raise SystemExit(f"--tag may use letters, digits, '_', '-' and '.' only, got {args.tag!r}")
     cmd = "python benchmarks/tie_offline_plan.py" + (" " + " ".join(argv) if argv else "")
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
@@ -195,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         rdir = results_dir()
         path = append_rows(COMPONENT, rows)
         plot_results(COMPONENT, path)
-        figure(results, rdir / "tie_offline_plan.png")
-        with open(rdir / "tie_offline_plan.json", "w") as f:
+        stem = rdir / ("tie_offline_plan" + (f"_{args.tag}" if args.tag else ""))
+        figure(results, stem.with_suffix(".png"))
+        with open(stem.with_suffix(".json"), "w") as f:
             json.dump({"command": cmd, "simulated": results, "real_cpu": real}, f, indent=1, default=float)
-        print(f"wrote {path}, {rdir / 'tie_offline_plan.png'}, {rdir / 'tie_offline_plan.json'}")
+        print(f"wrote {path}, {stem.with_suffix('.png')}, {stem.with_suffix('.json')}")
     print(f"done in {time.perf_counter() - t0:.0f}s")
     return 0
 

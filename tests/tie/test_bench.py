@@ -300,8 +300,8 @@ def test_offline_plan_script_writes_rows_figure_and_json(tmp_path, monkeypatch, 
     import numpy as np
 
     mod = load_script("tie_offline_plan")
-    for bad in (["--seeds", "x"], ["--seeds", ","], ["--offline-n", "0"]):
-        with pytest.raises(SystemExit, match="--seeds|--offline-n"):
+    for bad in (["--seeds", "x"], ["--seeds", ","], ["--offline-n", "0"], ["--tag", "a/b"]):
+        with pytest.raises(SystemExit, match="--seeds|--offline-n|--tag"):
             mod.main(bad)
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
     trace = tmp_path / "trace.csv"  # prompt lengths come from the Azure trace: a stand-in in its format
@@ -324,6 +324,11 @@ def test_offline_plan_script_writes_rows_figure_and_json(tmp_path, monkeypatch, 
     assert saved["simulated"]["offline_static150_kv120k_planned_seed0"]["tie"]["prompt_buckets"] >= 1
     assert (tmp_path / "tie_offline_plan.png").stat().st_size > 0
     assert "prompt buckets tie" in capsys.readouterr().out
+    assert mod.main([*argv, "--cache-dir", str(tmp_path / "cache"), "--tag", "other"]) == 0
+    assert (tmp_path / "tie_offline_plan_other.png").stat().st_size > 0
+    assert json.loads((tmp_path / "tie_offline_plan_other.json").read_text())["command"].endswith(
+        "--tag other"
+    )
 
 
 def test_generate_sdpa_script_times_both_modes_in_fresh_processes(tmp_path, monkeypatch):
