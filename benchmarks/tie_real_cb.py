@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         help="cap on concurrently running requests (vLLM's max_num_seqs; default: transformers' own)",
     )
     p.add_argument("--cuda-graph", action="store_true", help="let transformers use CUDA graphs (default off)")
+    p.add_argument(
+        "--no-cudnn-sdpa",
+        action="store_true",
+        help="continuous-batching replays run with SDPA kept off cuDNN's kernel (hf_ext.utils.sdpa."
+        "sdpa_without_cudnn; static jobs always are); case names end in _nocudnn",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--simulate",
@@ -555,6 +561,7 @@ def _case(args: argparse.Namespace, n: int, speed: float) -> str:
     if args.max_requests_per_batch is not None:
         case += f"_maxseqs{args.max_requests_per_batch}"
     case += f"_tau{args.aging_tau:g}" if getattr(args, "aging_tau", None) is not None else ""
+    case += "_nocudnn" if getattr(args, "no_cudnn_sdpa", False) else ""
     case += _workload_tag(args.workload)
     return case + (f"_seed{args.seed}" if args.seed else "")
 
@@ -769,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_ext.simulate.cb_steps import record_cb_steps
     from hf_ext.simulate.cost_model import CostModel
     from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows, results_dir
+    from hf_ext.utils.sdpa import sdpa_without_cudnn
 
     policies = [p for p in args.policies.split(",") if p]
     # engine replays also run TIE's ablations (report only, no rows); a static job orders by the five policies
@@ -780,6 +788,10 @@ def main(argv: list[str] | None = None) -> int:
         static_only(args, policies)  # an unknown plan name is refused before any work
     elif args.static_only or args.static_rounds != 1:
         raise ValueError("--static-only / --static-rounds need --static-batch or --static-kv-tokens")
+    if args.no_cudnn_sdpa and (args.static_batch or args.static_kv_tokens):
+        raise ValueError(
+            "--no-cudnn-sdpa is for continuous-batching replays: static jobs always keep SDPA off cuDNN"
+        )
     cmd = ("python benchmarks/tie_real_cb.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.fit_steps:
         return fit_recorded_steps(args, cmd)
@@ -846,7 +858,9 @@ def main(argv: list[str] | None = None) -> int:
     earlier_runs = json.loads(steps_path.read_text())["runs"] if steps_path.exists() else []
 
     def replay(rs: list[Any], policy: str, scale: float, case: str | None = None) -> dict[str, float]:
-        with record_cb_steps() if case and args.record_steps else contextlib.nullcontext() as log:
+        steps = record_cb_steps() if case and args.record_steps else contextlib.nullcontext()
+        kernels = sdpa_without_cudnn() if args.no_cudnn_sdpa else contextlib.nullcontext()
+        with steps as log, kernels:
             recs = run_cb_replay(
                 model,
                 rs,

@@ -875,3 +875,27 @@ def test_fit_static_fits_the_matching_runs_batches_and_leaves_each_plan_out(tmp_
     assert "fit without it" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--fit-static needs at least two plans"):
         mod.main([*argv[:3], "nothing matches", "--no-write"])
+
+
+def test_no_cudnn_sdpa_runs_each_replay_off_cudnn_under_its_own_case_names(tmp_path, monkeypatch, capsys):
+    """--no-cudnn-sdpa: every continuous-batching replay runs with SDPA off cuDNN's kernel (restored after), and
+    its cases end in _nocudnn; with a static job it is refused before any work."""
+    import torch
+
+    import hf_ext.generation.tie.replay as replay_mod
+
+    seen = []
+    real = replay_mod.run_cb_replay
+
+    def spy(*args, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(replay_mod, "run_cb_replay", spy)
+    mod = load_script("tie_real_cb")
+    base = ["--shape", "tiny", "--device", "cpu", "--n", "4", "--max-new-tokens", "8", "--no-write"]
+    with pytest.raises(ValueError, match="--no-cudnn-sdpa is for continuous-batching replays"):
+        mod.main([*base, "--static-batch", "2", "--policies", "tie,fcfs", "--no-cudnn-sdpa"])
+    assert mod.main([*base, "--speeds", "0", "--policies", "tie,fcfs", "--no-cudnn-sdpa"]) == 0
+    assert seen and not any(seen) and torch.backends.cuda.cudnn_sdp_enabled()
+    assert re.search(r"_n4_burst_nocudnn tie\s*: per-token", capsys.readouterr().out)
