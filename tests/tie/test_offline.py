@@ -21,6 +21,7 @@ from hf_ext.generation.tie.offline import (
     tie_batched_generate,
 )
 from hf_ext.simulate import CostModel, Request
+from tests.tie._scripts import spy_cudnn_flag
 
 
 def _req(i, out, *, arrival=0.0, **meta):
@@ -372,25 +373,12 @@ def test_tie_batched_generate_expected_plan_keeps_outputs_and_the_kv_budget(mode
     assert shapes == []  # refused before any generate call
 
 
-def _spy_cudnn_flag(model, monkeypatch):
-    """``model.generate`` spied on: the list it returns collects whether SDPA could use cuDNN inside each call."""
-    seen = []
-    real = model.generate
-
-    def spy(*args, **kw):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return real(*args, **kw)
-
-    monkeypatch.setattr(model, "generate", spy)
-    return seen
-
-
 def test_generate_runs_off_cudnn_sdpa_unless_asked_and_the_outputs_agree(model, monkeypatch):
     from hf_ext.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     prompts = ["hi", "hello world", "a b c d e f g", "ok"]
-    seen = _spy_cudnn_flag(model, monkeypatch)
+    seen = spy_cudnn_flag(monkeypatch, model, "generate")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         off = tie_batched_generate(model, tok, prompts, batch_size=2, max_new_tokens=4, do_sample=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tie._scripts import load_script
+from tests.tie._scripts import load_script, spy_cudnn_flag
 
 LENS = [12, 3, 7, 20, 5, 9]
 
@@ -884,14 +884,7 @@ def test_no_cudnn_sdpa_runs_each_replay_off_cudnn_under_its_own_case_names(tmp_p
 
     import hf_ext.generation.tie.replay as replay_mod
 
-    seen = []
-    real = replay_mod.run_cb_replay
-
-    def spy(*args, **kw):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return real(*args, **kw)
-
-    monkeypatch.setattr(replay_mod, "run_cb_replay", spy)
+    seen = spy_cudnn_flag(monkeypatch, replay_mod, "run_cb_replay")
     mod = load_script("tie_real_cb")
     base = ["--shape", "tiny", "--device", "cpu", "--n", "4", "--max-new-tokens", "8", "--no-write"]
     with pytest.raises(ValueError, match="--no-cudnn-sdpa is for continuous-batching replays"):
