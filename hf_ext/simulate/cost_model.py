@@ -175,13 +175,27 @@ class CostModel:
 
 
 def default_gpu_cost_model() -> CostModel:
-    """The measured H100 / Llama-3.1-8B-shape calibration when shipped, else the GPU.md published-figures fit."""
+    """The measured H100 / Llama-3.1-8B-shape ``generate`` calibration when shipped, else the GPU.md
+    published-figures fit. Fits to continuous-batching steps (``transformers_cb-…``) and to whole padded batches
+    (``…-generate-padded``) are for the engines they were measured on and never the default."""
+    from hf_ext.simulate.cb_steps import is_cb_calibration  # cb_steps imports this module
+
+    avail = available_calibrations()
     measured = [
         c
-        for c in available_calibrations()
-        if "h100" in c and c.endswith("llama3.1-8b") and not c.startswith("gpu_md")
+        for c in avail
+        if "h100" in c
+        and c.endswith("llama3.1-8b")
+        and not c.startswith("gpu_md")
+        and not is_cb_calibration(c)
     ]
-    return CostModel.load(measured[0] if measured else "gpu_md-h100-llama3.1-8b")
+    if measured:
+        return CostModel.load(measured[0])
+    return (
+        CostModel.load("gpu_md-h100-llama3.1-8b")
+        if "gpu_md-h100-llama3.1-8b" in avail
+        else gpu_md_h100_llama8b()
+    )
 
 
 def available_calibrations() -> list[str]:

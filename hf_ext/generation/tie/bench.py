@@ -130,31 +130,11 @@ def _parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ helpers
 def load_cost_model(name: str | None) -> Any:
-    """A measured GPU calibration if shipped (name without 'gpu_md'/'cpu'/'transformers_cb', not a whole-batch
-    fit), else the GPU.md-derived fit."""
-    from hf_ext.simulate import CostModel
-    from hf_ext.simulate.calibrate import STATIC_SUFFIX
-    from hf_ext.simulate.cb_steps import is_cb_calibration
-    from hf_ext.simulate.cost_model import available_calibrations
+    """The calibration ``name``, or by default the measured H100 ``generate`` calibration (else the GPU.md-derived
+    fit): :func:`hf_ext.simulate.cost_model.default_gpu_cost_model`."""
+    from hf_ext.simulate.cost_model import CostModel, default_gpu_cost_model
 
-    if name:
-        return CostModel.load(name)
-    avail = available_calibrations()
-    # a CB-step fit is transformers' own CB engine, for replays of that engine (tie_real_cb.py)
-    measured = [
-        a
-        for a in avail
-        if "h100" in a.lower()
-        and not a.startswith(("gpu_md", "cpu"))
-        and not is_cb_calibration(a)
-        and not a.endswith(STATIC_SUFFIX)
-    ]
-    for cand in [*measured, "gpu_md-h100-llama3.1-8b"]:
-        if cand in avail:
-            return CostModel.load(cand)
-    from hf_ext.simulate.cost_model import gpu_md_h100_llama8b
-
-    return gpu_md_h100_llama8b()
+    return CostModel.load(name) if name else default_gpu_cost_model()
 
 
 def _cache_dir(arg: str | None) -> Path:
