@@ -859,8 +859,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def replay(rs: list[Any], policy: str, scale: float, case: str | None = None) -> dict[str, float]:
         steps = record_cb_steps() if case and args.record_steps else contextlib.nullcontext()
-        kernels = sdpa_without_cudnn() if args.no_cudnn_sdpa else contextlib.nullcontext()
-        with steps as log, kernels:
+        with steps as log, sdpa_without_cudnn(args.no_cudnn_sdpa):
             recs = run_cb_replay(
                 model,
                 rs,

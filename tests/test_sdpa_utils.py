@@ -28,6 +28,8 @@ def test_scope_disables_only_cudnn_and_restores_the_previous_choice():
     with pytest.raises(RuntimeError, match="boom"), sdpa_without_cudnn():
         raise RuntimeError("boom")
     assert _flags() == before  # restored on an exception too
+    with sdpa_without_cudnn(active=False):
+        assert _flags() == before
 
 
 def test_the_callers_choice_of_the_other_kernels_stands():

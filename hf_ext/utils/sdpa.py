@@ -21,15 +21,16 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def sdpa_without_cudnn() -> Iterator[None]:
+def sdpa_without_cudnn(active: bool = True) -> Iterator[None]:
     """Inside, SDPA may not use cuDNN's kernel; the caller's choice of the other kernels stands, and cuDNN's flag is
-    restored on exit (also on an exception). If the caller left no other kernel enabled, nothing changes. No effect
-    on models whose attention does not call SDPA. The flags are process-wide, as PyTorch's own ``sdpa_kernel``'s."""
+    restored on exit (also on an exception). If the caller left no other kernel enabled, or ``active`` is false,
+    nothing changes. No effect on models whose attention does not call SDPA. The flags are process-wide, as
+    PyTorch's own ``sdpa_kernel``'s."""
     import torch
 
     b = torch.backends.cuda
     prev = b.cudnn_sdp_enabled()
-    if b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.math_sdp_enabled():
+    if active and (b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled() or b.math_sdp_enabled()):
         b.enable_cudnn_sdp(False)
     try:
         yield

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -497,7 +496,7 @@ def run_static_generate(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        with torch.inference_mode(), _sdpa_scope(sdpa_cudnn):
+        with torch.inference_mode(), sdpa_without_cudnn(not sdpa_cudnn):
             seq = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -626,7 +625,7 @@ def tie_batched_generate(
     for b in batches:
         ids, mask = _left_pad([enc[i] for i in b], tokenizer.pad_token_id)
         width = ids.shape[1]
-        with torch.inference_mode(), _sdpa_scope(sdpa_cudnn):
+        with torch.inference_mode(), sdpa_without_cudnn(not sdpa_cudnn):
             seq = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -636,11 +635,6 @@ def tie_batched_generate(
         for r, i in enumerate(b):
             results[i] = trim_at_eos(seq[r, width:].tolist(), eos)
     return results
-
-
-def _sdpa_scope(sdpa_cudnn: bool) -> Any:
-    """:func:`~hf_ext.utils.sdpa.sdpa_without_cudnn` unless ``sdpa_cudnn``; else a no-op context."""
-    return nullcontext() if sdpa_cudnn else sdpa_without_cudnn()
 
 
 def _eos_ids(value: Any) -> set[int] | None:
