@@ -199,7 +199,9 @@ def run_cb_replay(
             ``use_request_cap`` must be False (a request's ``max_new_tokens`` here is its true length). Default:
             ``TIEConfig`` with ``max_new_tokens`` from ``generation_config`` and ``use_request_cap=False``.
         time_scale: multiplies arrival times (``0`` = everything at once; ``1/k`` = k times the load).
-        stall_timeout: seconds without any finished request after which the run is aborted.
+        stall_timeout: seconds without any finished request after which the run is aborted. A request that
+            finishes with an error (e.g. CUDA out of memory in the generation thread), or a generation thread
+            that ends early, aborts it at once with a ``RuntimeError`` naming the error.
         progress: show a tqdm bar of finished requests.
 
     The TIE context (predictor, tokenizer, config, per-request hints and keys) is restored afterwards: a replay
@@ -261,10 +263,20 @@ def run_cb_replay(
                 g = mgr.get_result(timeout=0.5)
                 now = time.perf_counter()
                 if g is not None and g.is_finished():
+                    if g.error is not None:  # its times and tokens would not be a measurement
+                        raise RuntimeError(
+                            f"continuous batching failed request {g.request_id!r} after {len(results)}/{n} "
+                            f"requests finished ({policy}): {g.error}"
+                        )
                     results[g.request_id] = (now, g)
                     last = now
                     if bar is not None:
                         bar.update(1)
+                elif g is None and not mgr.is_running():
+                    raise RuntimeError(
+                        f"continuous batching stopped: its generation thread ended with {len(results)}/{n} "
+                        f"requests finished ({policy})"
+                    )
                 elif now - last > stall_timeout:
                     raise RuntimeError(
                         f"continuous batching stalled: {len(results)}/{n} requests finished, "
