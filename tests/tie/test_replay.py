@@ -159,69 +159,47 @@ def test_shortest_first_beats_fifo_on_per_token_latency(setup):
     assert out["sjf_oracle"]["per_token_mean"] < 0.6 * out["fcfs"]["per_token_mean"]
 
 
-def _fail_forward_after(monkeypatch, model, calls: int) -> None:
-    """The model's forward raises from its ``calls``-th call on (as a CUDA OOM would inside the CB thread)."""
-    real = model.forward
-    seen = {"n": 0}
+def _assert_replay_aborts_fast(setup, monkeypatch, match: str) -> None:
+    """With the model's forward raising from its 5th call on (as a CUDA OOM would inside the CB thread), an FCFS
+    burst replay raises ``RuntimeError`` matching ``match`` well before its 60 s stall timeout."""
+    import time
+
+    from hf_ext.generation.tie.replay import run_cb_replay
+
+    model, gc, cb = setup
+    real, seen = model.forward, {"n": 0}
 
     def forward(*a, **kw):
         seen["n"] += 1
-        if seen["n"] >= calls:
+        if seen["n"] >= 5:
             raise RuntimeError("boom: out of memory")
         return real(*a, **kw)
 
     monkeypatch.setattr(model, "forward", forward)
+    kw = dict(generation_config=gc, continuous_batching_config=cb, time_scale=0, stall_timeout=60)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=match):
+        run_cb_replay(model, _reqs(), "fcfs", **kw)
+    assert time.perf_counter() - t0 < 30
 
 
 def test_a_failed_request_aborts_the_replay_at_once_with_its_error(setup, monkeypatch):
     """A request that finishes with an error is no measurement: the replay raises with that error at once,
     instead of summarising errored requests or waiting for the stall timeout."""
-    import time
-
-    from hf_ext.generation.tie.replay import run_cb_replay
-
-    model, gc, cb = setup
-    _fail_forward_after(monkeypatch, model, 5)
-    t0 = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"failed request .*\(fcfs\): .*boom: out of memory"):
-        run_cb_replay(
-            model,
-            _reqs(),
-            "fcfs",
-            generation_config=gc,
-            continuous_batching_config=cb,
-            time_scale=0,
-            stall_timeout=60,
-        )
-    assert time.perf_counter() - t0 < 30
+    _assert_replay_aborts_fast(setup, monkeypatch, r"failed request .*\(fcfs\): .*boom: out of memory")
 
 
 def test_a_dead_generation_thread_aborts_the_replay_without_waiting_for_the_stall_timeout(setup, monkeypatch):
     """If the generation thread ends and delivers nothing more, the replay stops as soon as it sees the thread gone."""
-    import time
-
     from transformers.generation.continuous_batching import continuous_api
-
-    from hf_ext.generation.tie.replay import run_cb_replay
 
     mgr_cls = continuous_api.ContinuousBatchingManager
     if not hasattr(mgr_cls, "_fail_all_remaining_requests"):
         pytest.skip("this transformers version fails pending requests differently")
     monkeypatch.setattr(mgr_cls, "_fail_all_remaining_requests", lambda self, error, bp: None)
-    model, gc, cb = setup
-    _fail_forward_after(monkeypatch, model, 5)
-    t0 = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"generation thread ended with \d+/6 requests finished \(fcfs\)"):
-        run_cb_replay(
-            model,
-            _reqs(),
-            "fcfs",
-            generation_config=gc,
-            continuous_batching_config=cb,
-            time_scale=0,
-            stall_timeout=60,
-        )
-    assert time.perf_counter() - t0 < 30
+    _assert_replay_aborts_fast(
+        setup, monkeypatch, r"generation thread ended with \d+/6 requests finished \(fcfs\)"
+    )
 
 
 def test_timed_arrivals_are_respected(setup):
