@@ -22,7 +22,9 @@ Run on the GPU machine (numbers go to ``$HF_EXT_RESULTS_DIR`` or ``benchmarks/re
 ``--shape llama3.1-8b --n 160 --static-batch 32 --budget-s 480``; ``--static-kv-tokens K`` instead sizes each
 batch from a KV budget of ``K`` tokens (its own padded prompts + ``--max-new-tokens`` per row). With
 ``--static-plan expected`` TIE's batches are planned from its predicted laws (prompt buckets + least expected
-time) and compared with the baselines' memory cuts and their own plans.
+time) and compared with the baselines' memory cuts and their own plans. With ``--simulate`` (no model) the same
+plans are priced by the simulator's ``generate`` cost model instead (``--calibration``), to say beforehand what a
+GPU run should show.
 
 Engine runs keep every request's submit / first-token / finish times in ``tie_real_cb_details.json`` and print how
 much of each mean its five largest per-token latencies carry. ``--explain-gap`` (no model) reads them back and splits
@@ -92,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--simulate",
         action="store_true",
-        help="no model: run the same requests, speeds and concurrency cap in the shared simulator (CPU)",
+        help="no model: run the same requests, speeds and concurrency cap in the shared simulator (CPU); with "
+        "--static-batch / --static-kv-tokens, the static job's plans priced by the --calibration cost model",
     )
     p.add_argument(
         "--static-batch",
@@ -662,6 +665,80 @@ def static_plans(
     return plans, {"_planned_vs_membatch": vs_cut, "_planned": vs_planned}
 
 
+def static_job(
+    args: argparse.Namespace, reqs: list[Any], policies: list[str]
+) -> tuple[int, dict[str, list[list[int]]], dict[str, dict[str, str]], str]:
+    """A static job's batch width (the widest a batch may be), plans (``--static-only`` applied), comparison cases
+    (:func:`static_plans`) and case name; the same for the engine and ``--simulate``."""
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.offline import batch_size_for_memory
+
+    kv, cap = args.static_kv_tokens, args.max_new_tokens
+    plen = [len(r.prompt_ids) for r in reqs]
+    if kv:  # memory-sized batches; TIE's β sees the worst-case batch (longest prompt of the job + the cap)
+        sizing: dict[str, Any] = {"kv_tokens": kv, "max_new_tokens": cap}
+        bs = batch_size_for_memory(kv, max(plen), cap)
+    else:
+        sizing, bs = {"batch_size": args.static_batch}, args.static_batch
+    sim_reqs = [r.to_sim_request(i, cap) for i, r in enumerate(reqs)]
+    plans, cases = static_plans(
+        args, sim_reqs, plen, policies, TIEConfig(max_new_tokens=cap, batch_max=bs), sizing
+    )
+    keep = static_only(args, policies)
+    plans = {k: v for k, v in plans.items() if keep is None or k in keep}
+    case = f"real_static_{args.shape}_{_workload_name(args.workload)}_n{len(reqs)}_" + (
+        f"kv{kv // 1000}k" if kv else f"b{bs}"
+    )
+    return bs, plans, cases, case + (f"_seed{args.seed}" if args.seed else "")
+
+
+def static_comparisons(
+    case: str, cases: dict[str, dict[str, str]], res: dict[str, dict], just_done: str | None = None
+) -> dict[str, dict]:
+    """``{case + suffix: {"tie": …, baseline: …}}`` for every comparison of ``cases`` whose plans are both in
+    ``res``; with ``just_done``, only those that plan completes (the engine writes each comparison once)."""
+    out: dict[str, dict] = {}
+    for suffix, roles in cases.items():
+        if roles["tie"] not in res:
+            continue
+        for b, plan_name in roles.items():
+            if (
+                b != "tie"
+                and plan_name in res
+                and (just_done is None or just_done in (plan_name, roles["tie"]))
+            ):
+                out.setdefault(case + suffix, {"tie": res[roles["tie"]]})[b] = res[plan_name]
+    return out
+
+
+def simulate_static(args: argparse.Namespace, reqs: list[Any], policies: list[str], cmd: str) -> int:
+    """``--simulate`` with a static job: the engine's plans for these requests, each priced by the simulator's
+    ``generate`` cost model (``--calibration``; :func:`hf_ext.generation.tie.offline.simulate_static_batches`), no
+    model. Cases are the engine's with ``_sim`` at the end, rows carry ``sim:<calibration>``."""
+    from hf_ext.generation.tie.bench import COMPONENT, load_cost_model, static_rows
+    from hf_ext.generation.tie.offline import simulate_static_batches
+    from hf_ext.utils.bench import append_rows, plot_results, print_rows
+
+    _, plans, cases, case = static_job(args, reqs, policies)
+    cm = load_cost_model(args.calibration)
+    plen, lens = [len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs]
+    res: dict[str, dict] = {}
+    for name, batches in plans.items():
+        r = simulate_static_batches(cm, plen, lens, None, batches=batches, policy=name)
+        res[name] = {**r.summary(), "batches": len(batches)}
+        print(
+            f"  {case}_sim {name:<18}: {res[name]['throughput_tok_s']:.0f} tok/s, {len(batches)} batches, "
+            f"padding {res[name]['padding_share']:.1%}, {r.makespan_s:.1f}s"
+        )
+    sim_dev = f"sim:{cm.name}"
+    new = {k + "_sim": v for k, v in static_comparisons(case, cases, res).items()}
+    rows = static_rows(new, sim_dev, sim_dev, cmd)
+    print_rows(rows, title=f"The same static job in the simulator ({sim_dev}) — ratio > 1: TIE better")
+    if not args.no_write and rows:
+        plot_results(COMPONENT, append_rows(COMPONENT, rows))
+    return 0
+
+
 def run_static(
     args: argparse.Namespace, model: Any, reqs: list[Any], policies: list[str], cmd: str, t_start: float
 ) -> int:
@@ -670,29 +747,15 @@ def run_static(
     :func:`static_plans`), lengths forced (:func:`hf_ext.generation.tie.offline.run_static_generate`); whole-job
     tokens/s."""
     from hf_ext.generation.tie.bench import COMPONENT, static_rows
-    from hf_ext.generation.tie.config import TIEConfig
-    from hf_ext.generation.tie.offline import batch_size_for_memory, run_static_generate
+    from hf_ext.generation.tie.offline import run_static_generate
     from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows, results_dir
 
-    dev, kv, cap = device_name(), args.static_kv_tokens, args.max_new_tokens
+    dev = device_name()
     ids, lens = [r.prompt_ids for r in reqs], [r.output_len for r in reqs]
-    if kv:  # memory-sized batches; TIE's β sees the worst-case batch (longest prompt of the job + the cap)
-        sizing: dict[str, Any] = {"kv_tokens": kv, "max_new_tokens": cap}
-        bs = batch_size_for_memory(kv, max(len(x) for x in ids), cap)
-    else:
-        sizing, bs = {"batch_size": args.static_batch}, args.static_batch
-    sim_reqs = [r.to_sim_request(i, cap) for i, r in enumerate(reqs)]
-    cfg = TIEConfig(max_new_tokens=cap, batch_max=bs)
-    plans, cases = static_plans(args, sim_reqs, [len(x) for x in ids], policies, cfg, sizing)
-    keep = static_only(args, policies)
-    plans = {k: v for k, v in plans.items() if keep is None or k in keep}
+    bs, plans, cases, case = static_job(args, reqs, policies)
     kw = dict(eos_token_id=2, pad_token_id=0)  # a random model: EOS is forced at each row's length
     k = min(bs, len(reqs))
     run_static_generate(model, ids[:k], [min(x, 8) for x in lens[:k]], list(range(k)), k, **kw)  # warm-up
-    case = f"real_static_{args.shape}_{_workload_name(args.workload)}_n{len(reqs)}_" + (
-        f"kv{kv // 1000}k" if kv else f"b{bs}"
-    )
-    case += f"_seed{args.seed}" if args.seed else ""
     res: dict[str, dict] = {}
     all_rows: list[Any] = []
     runs: dict[str, list[Any]] = {}
@@ -726,13 +789,7 @@ def run_static(
             f"{len(r.batch_times)} batches, padding {res[name]['padding_share']:.1%}, {r.makespan_s:.1f}s"
         )
         # rows as soon as a comparison exists: TIE's plan against each baseline plan that has finished
-        new: dict[str, dict] = {}
-        for suffix, roles in cases.items():
-            if roles["tie"] not in res:
-                continue
-            for b, plan_name in roles.items():
-                if b != "tie" and plan_name in res and name in (plan_name, roles["tie"]):
-                    new.setdefault(case + suffix, {"tie": res[roles["tie"]]})[b] = res[plan_name]
+        new = static_comparisons(case, cases, res, just_done=name)
         rows = static_rows(new, "", dev, cmd) if new else []
         all_rows += rows
         if not args.no_write:  # every finished plan is kept, report-only ones too
@@ -788,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
         static_only(args, policies)  # an unknown plan name is refused before any work
     elif args.static_only or args.static_rounds != 1:
         raise ValueError("--static-only / --static-rounds need --static-batch or --static-kv-tokens")
+    if args.explain_gap and (args.static_batch or args.static_kv_tokens):
+        raise ValueError("--explain-gap reads continuous-batching replays: it takes no static job")
     if args.no_cudnn_sdpa and (args.static_batch or args.static_kv_tokens):
         raise ValueError(
             "--no-cudnn-sdpa is for continuous-batching replays: static jobs always keep SDPA off cuDNN"
@@ -801,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
         reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
     if args.explain_gap:
         return explain_gap(args, reqs, speeds)
+    if args.simulate and (args.static_batch or args.static_kv_tokens):
+        return simulate_static(args, reqs, policies, cmd)
     if args.simulate:
         sim, sim_dev = simulate_same(args, reqs, speeds, policies)
         for case, res in sim.items():

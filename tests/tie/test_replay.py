@@ -482,6 +482,44 @@ def test_gpu_replay_script_simulate_mode(capsys):
         mod.main(["--static-batch", "4", "--policies", "tie,tie_no_tail", "--no-write"])
 
 
+def test_gpu_replay_script_simulates_a_static_job_with_the_engines_plans(tmp_path, monkeypatch, capsys):
+    """--simulate with a static job: the plans the engine would run for these requests, priced by the simulator's
+    generate cost model, as rows of the engine's cases + _sim with the calibration as device (was: the static flags
+    were ignored and a CB replay simulated instead); --static-only applies; --explain-gap refuses a static job."""
+    import csv
+
+    from hf_ext.generation.tie.bench import load_cost_model
+    from hf_ext.generation.tie.offline import simulate_static_batches
+
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    mod = load_script("tie_real_cb")
+    job = ["--n", "60", "--max-prompt", "2048", "--static-kv-tokens", "120000", "--static-plan", "expected"]
+    assert mod.main(["--simulate", *job, "--policies", "tie,fcfs,ssjf"]) == 0
+    assert "_kv120k_sim fcfs_prompt_sorted" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    cm = load_cost_model(None)
+    assert {r["device"] for r in rows} == {f"sim:{cm.name}"}
+    got = {(r["case"].rsplit("kv120k", 1)[1], r["baseline"]) for r in rows}
+    assert got == {("_planned_vs_membatch_sim", "fcfs"), ("_planned_sim", "fcfs"), ("_planned_sim", "ssjf")}
+    # the TIE figure is the engine's TIE plan for these requests, priced by the cost model
+    args = mod._parser().parse_args([*job, "--policies", "tie,fcfs,ssjf"])
+    reqs = mod.load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
+    _, plans, _, _ = mod.static_job(args, reqs, ["tie", "fcfs", "ssjf"])
+    plen, lens = [len(r.prompt_ids) for r in reqs], [r.output_len for r in reqs]
+    tie = simulate_static_batches(cm, plen, lens, None, batches=plans["tie_planned"]).summary()[
+        "throughput_tok_s"
+    ]
+    assert all(float(r["ours"]) == pytest.approx(tie) for r in rows)
+    # --static-only: only the plans named run, so only their comparison is written
+    (tmp_path / "tie.csv").unlink()
+    only = ["--static-only", "tie_planned,fcfs_prompt_sorted"]
+    assert mod.main(["--simulate", *job, "--policies", "tie,fcfs", *only]) == 0
+    rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    assert [(r["case"].rsplit("kv120k", 1)[1], r["baseline"]) for r in rows] == [("_planned_sim", "fcfs")]
+    with pytest.raises(ValueError, match="--explain-gap reads continuous-batching replays"):
+        mod.main(["--explain-gap", *job, "--policies", "tie,fcfs"])
+
+
 def test_gpu_replay_script_records_steps_fits_and_simulates(tmp_path, monkeypatch, capsys):
     """--record-steps on the tiny CPU engine, --fit-steps on what it wrote, then --simulate with that fit: the
     simulator takes the engine's recorded token budget and KV capacity."""
