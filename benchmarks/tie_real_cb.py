@@ -129,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--static-only",
         default="",
-        help="with --static-*: run only these plans (comma-separated names as printed, e.g. "
-        "tie_planned,fcfs_prompt_sorted; default all)",
+        help="with --static-*: run only these plans, in the order named (comma-separated names as printed, e.g. "
+        "tie_planned,fcfs_prompt_sorted; default all, TIE's first)",
     )
     p.add_argument(
         "--record-steps",
@@ -685,7 +685,7 @@ def static_job(
         args, sim_reqs, plen, policies, TIEConfig(max_new_tokens=cap, batch_max=bs), sizing
     )
     keep = static_only(args, policies)
-    plans = {k: v for k, v in plans.items() if keep is None or k in keep}
+    plans = plans if keep is None else {k: plans[k] for k in keep}  # run in the order named
     case = f"real_static_{args.shape}_{_workload_name(args.workload)}_n{len(reqs)}_" + (
         f"kv{kv // 1000}k" if kv else f"b{bs}"
     )

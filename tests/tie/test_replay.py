@@ -485,7 +485,8 @@ def test_gpu_replay_script_simulate_mode(capsys):
 def test_gpu_replay_script_simulates_a_static_job_with_the_engines_plans(tmp_path, monkeypatch, capsys):
     """--simulate with a static job: the plans the engine would run for these requests, priced by the simulator's
     generate cost model, as rows of the engine's cases + _sim with the calibration as device (was: the static flags
-    were ignored and a CB replay simulated instead); --static-only applies; --explain-gap refuses a static job."""
+    were ignored and a CB replay simulated instead); --static-only applies, in the order named; --explain-gap refuses
+    a static job."""
     import csv
 
     from hf_ext.generation.tie.bench import load_cost_model
@@ -516,6 +517,16 @@ def test_gpu_replay_script_simulates_a_static_job_with_the_engines_plans(tmp_pat
     assert mod.main(["--simulate", *job, "--policies", "tie,fcfs", *only]) == 0
     rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
     assert [(r["case"].rsplit("kv120k", 1)[1], r["baseline"]) for r in rows] == [("_planned_sim", "fcfs")]
+    # ... and in the order named (e.g. the baseline first, so that it pays for the shapes the GPU has not seen)
+    capsys.readouterr()
+    assert (
+        mod.main(
+            ["--simulate", *job, "--policies", "tie,fcfs", "--static-only", "fcfs_prompt_sorted,tie_planned"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert 0 <= out.index("_sim fcfs_prompt_sorted") < out.index("_sim tie_planned")
     with pytest.raises(ValueError, match="--explain-gap reads continuous-batching replays"):
         mod.main(["--explain-gap", *job, "--policies", "tie,fcfs"])
 
