@@ -836,18 +836,19 @@ def main(argv: list[str] | None = None) -> int:
     from hf_ext.utils.sdpa import sdpa_without_cudnn
 
     policies = [p for p in args.policies.split(",") if p]
+    static = bool(args.static_batch or args.static_kv_tokens)  # an offline job of padded generate batches
     # engine replays also run TIE's ablations (report only, no rows); a static job orders by the five policies
-    allowed = OFFLINE_POLICIES if (args.static_batch or args.static_kv_tokens) else POLICIES
+    allowed = OFFLINE_POLICIES if static else POLICIES
     bad = [p for p in policies if p not in allowed]
     if bad or "tie" not in policies:
         raise ValueError(f"--policies must include 'tie' and only use {allowed}, got {args.policies!r}")
-    if args.static_batch or args.static_kv_tokens:
+    if static:
         static_only(args, policies)  # an unknown plan name is refused before any work
     elif args.static_only or args.static_rounds != 1:
         raise ValueError("--static-only / --static-rounds need --static-batch or --static-kv-tokens")
-    if args.explain_gap and (args.static_batch or args.static_kv_tokens):
+    if args.explain_gap and static:
         raise ValueError("--explain-gap reads continuous-batching replays: it takes no static job")
-    if args.no_cudnn_sdpa and (args.static_batch or args.static_kv_tokens):
+    if args.no_cudnn_sdpa and static:
         raise ValueError(
             "--no-cudnn-sdpa is for continuous-batching replays: static jobs always keep SDPA off cuDNN"
         )
@@ -860,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, 32000, args.seed)
     if args.explain_gap:
         return explain_gap(args, reqs, speeds)
-    if args.simulate and (args.static_batch or args.static_kv_tokens):
+    if args.simulate and static:
         return simulate_static(args, reqs, policies, cmd)
     if args.simulate:
         sim, sim_dev = simulate_same(args, reqs, speeds, policies)
@@ -887,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model_for_shape(args.shape, args.device, seed=args.seed)
     vocab = model.config.vocab_size
     reqs = load_requests(args.workload, args.n, args.max_new_tokens, args.max_prompt, vocab, args.seed)
-    if args.static_batch or args.static_kv_tokens:
+    if static:
         return run_static(args, model, reqs, policies, cmd, t_start)
     gc = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0
