@@ -762,7 +762,7 @@ def run_static(
     schedule = [
         (rnd, name) for rnd in range(args.static_rounds) for name in (list(plans)[:: -1 if rnd % 2 else 1])
     ]
-    for rnd, name in schedule:  # TIE first: a run cut short still compares it with what finished
+    for rnd, name in schedule:  # plan order: TIE first unless --static-only names another
         if args.budget_s and time.perf_counter() - t_start > args.budget_s:
             print(f"  --budget-s {args.budget_s:.0f} spent: skipping {name} (round {rnd + 1}) and the rest")
             break
