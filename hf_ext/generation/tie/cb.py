@@ -14,8 +14,8 @@ or :func:`tie_generate_batch`:
 
 * hints (``(μ, σ, ν)`` keyed by request id or by the prompt token ids), computed in one batched
   predictor call by :func:`tie_generate_batch`;
-* else a ``predictor`` plus the LLM ``tokenizer`` (prompt ids are decoded to text and predicted in
-  one batch per scheduling step for the newly arrived requests);
+* else a ``predictor`` plus the LLM ``tokenizer`` or a ``prompt_text`` function (prompt ids are turned into
+  text and predicted in one batch per scheduling step for the newly arrived requests);
 * else the prompt-length heuristic, with a warning.
 
 ``B_max`` in β is the batch's ``max_requests_per_batch`` and ``L_queue`` the waiting queue a new request joins,
@@ -35,7 +35,7 @@ import contextlib
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,7 @@ class _Context:
         self.lock = threading.Lock()
         self.predictor: Any = None
         self.tokenizer: Any = None
+        self.prompt_text: Callable[[list[int]], str] | None = None
         self.config = TIEConfig()
         self.hints: dict[tuple[int, ...], tuple[float, float, float]] = {}
         self.rid_hints: dict[str, tuple[float, float, float]] = {}
@@ -74,6 +75,16 @@ class _Context:
 
 
 CONTEXT = _Context()
+
+
+def _prompt_text(ids: list[int]) -> str:
+    """The text the predictor sees for prompt ``ids``: ``CONTEXT.prompt_text(ids)`` if set, else the decoded ids."""
+    if CONTEXT.prompt_text is not None:
+        text = CONTEXT.prompt_text(ids)
+        if not isinstance(text, str):
+            raise TypeError(f"prompt_text must return a str, got {type(text).__name__}")
+        return text
+    return CONTEXT.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _lookup(by_rid: dict[str, Any], by_ids: dict[tuple[int, ...], Any], state: RequestState) -> Any:
@@ -168,11 +179,10 @@ class TIECBScheduler(_WaitingOrderScheduler):
             else:
                 mu[i], sigma[i], nu[i] = hint
         if missing:
-            if CONTEXT.predictor is not None and CONTEXT.tokenizer is not None:
-                texts = [
-                    CONTEXT.tokenizer.decode(new[i].initial_tokens, skip_special_tokens=True) or " "
-                    for i in missing
-                ]
+            if CONTEXT.predictor is not None and (
+                CONTEXT.prompt_text is not None or CONTEXT.tokenizer is not None
+            ):
+                texts = [_prompt_text(list(new[i].initial_tokens)) for i in missing]
                 out = CONTEXT.predictor.predict([t if t.strip() else "<empty>" for t in texts])
                 mu[missing], sigma[missing], nu[missing] = out["mu"], out["sigma"], out["nu"]
             else:
@@ -256,7 +266,11 @@ def unregister() -> None:
 
 
 def enable_tie_scheduler(
-    predictor: Any = None, tokenizer: Any = None, config: TIEConfig | None = None
+    predictor: Any = None,
+    tokenizer: Any = None,
+    config: TIEConfig | None = None,
+    *,
+    prompt_text: Callable[[list[int]], str] | None = None,
 ) -> type[TIECBScheduler]:
     """Register ``"tie"`` and set what it scores with; then use ``ContinuousBatchingConfig(scheduler_type="tie")``.
 
@@ -265,16 +279,29 @@ def enable_tie_scheduler(
             the prompt-length heuristic with a warning).
         tokenizer: the served model's tokenizer, used to turn prompt ids back into text for ``predictor``.
         config: :class:`TIEConfig` (α, β bounds, aging, support).
+        prompt_text: ``ids -> str``, the text ``predictor`` sees for a request's prompt ids, instead of
+            ``tokenizer.decode(ids, skip_special_tokens=True)`` (e.g. the last user turn of a chat prompt,
+            if that is what the predictor was trained on).
     """
-    if predictor is not None and getattr(predictor, "kind", "logt") != "logt":
-        raise ValueError(f"predictor must be a 'logt' LengthPredictor, got kind={predictor.kind!r}")
-    if predictor is not None and tokenizer is None:
-        raise ValueError("tokenizer (of the served model) is required with predictor= to decode prompt ids")
+    validate_predictor_args(predictor, tokenizer, prompt_text)
     with CONTEXT.lock:
         CONTEXT.predictor = predictor
         CONTEXT.tokenizer = tokenizer
+        CONTEXT.prompt_text = prompt_text
         CONTEXT.config = config or TIEConfig()
     return register()
+
+
+def validate_predictor_args(predictor: Any, tokenizer: Any, prompt_text: Any) -> None:
+    """The checks :func:`enable_tie_scheduler` makes before changing any state (``ValueError`` naming the argument)."""
+    if predictor is not None and getattr(predictor, "kind", "logt") != "logt":
+        raise ValueError(f"predictor must be a 'logt' LengthPredictor, got kind={predictor.kind!r}")
+    if prompt_text is not None and not callable(prompt_text):
+        raise ValueError(f"prompt_text must be a callable ids -> str, got {type(prompt_text).__name__}")
+    if predictor is not None and tokenizer is None and prompt_text is None:
+        raise ValueError(
+            "tokenizer (of the served model) or prompt_text is required with predictor= to turn prompt ids into text"
+        )
 
 
 def _targets(
@@ -420,14 +447,14 @@ def tie_generate_batch(
 def preserved_context() -> Iterator[None]:
     """Run a block that sets its own predictor/config/hints/keys, then put back what the caller had set."""
     with CONTEXT.lock:
-        saved = (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.config)
+        saved = (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.config)
         tables = (CONTEXT.hints, CONTEXT.rid_hints, CONTEXT.keys, CONTEXT.rid_keys)
         copies = [dict(t) for t in tables]
     try:
         yield
     finally:
         with CONTEXT.lock:
-            CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.config = saved
+            CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.config = saved
             for table, old in zip(tables, copies):
                 table.clear()
                 table.update(old)
