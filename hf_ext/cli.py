@@ -1,9 +1,10 @@
-"""The ``hf-ext`` command line: ``doctor``, ``demo``, ``bench``, ``plan``.
+"""The ``hf-ext`` command line: ``doctor``, ``demo``, ``bench``, ``plan``, ``serve``.
 
 Example:
     $ hf-ext doctor
     $ hf-ext demo simulate sale
     $ hf-ext bench sale -- --lengths 8192 16384
+    $ hf-ext serve meta-llama/Llama-3.1-8B-Instruct --tie-predictor ./predictor --port 8000
 """
 
 from __future__ import annotations
@@ -174,6 +175,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return int(_resolve(target)(list(args.plan_args)) or 0)
 
 
+# ----------------------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hf_ext.generation.tie.serve import main as serve_main
+
+    return int(serve_main(list(args.serve_args)) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hf-ext", description="hf_ext: systems-paper components for the HF stack"
@@ -191,11 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="search a parallelism plan (autoparallel)")
     pl.add_argument("plan_args", nargs=argparse.REMAINDER)
     pl.set_defaults(func=cmd_plan)
+    sv = sub.add_parser(
+        "serve",
+        help="transformers serve with the TIE scheduler (MODEL, --tie-* flags, then any transformers serve flag)",
+        add_help=False,
+    )
+    sv.add_argument("serve_args", nargs=argparse.REMAINDER)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-ext`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # its flags (and --help) are its own and transformers serve's
+        return cmd_serve(argparse.Namespace(serve_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -11,6 +11,8 @@ Public names load lazily (this module imports neither torch nor transformers):
 * :func:`tie_batched_generate` — an offline job as ``generate`` over static (padded) batches cut from the TIE
   order (:mod:`.offline`: planning, simulator timing, forced-length real runs for benchmarks);
   :func:`plan_batches` — expected-cost batches from the predicted laws (``plan="expected"``, :mod:`.planner`);
+* :func:`serve_tie`, ``hf-ext serve`` — ``transformers serve`` (OpenAI-compatible HTTP) with the TIE scheduler
+  (:mod:`.serve`);
 * :func:`run_cb_replay` — timed arrivals into real transformers continuous batching, one policy per run
   (FCFS, SJF-oracle, SSJF, LTR, TIE), for benchmarks.
 
@@ -53,6 +55,8 @@ _LAZY = {
     "TIECBScheduler": "cb",
     "PriorityCBScheduler": "cb",
     "set_priority_keys": "cb",
+    "serve_tie": "serve",
+    "tie_generation_state": "serve",
     "ReplayRequest": "replay",
     "run_cb_replay": "replay",
     "summarize_replay": "replay",

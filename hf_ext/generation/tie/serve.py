@@ -1,0 +1,289 @@
+"""TIE in ``transformers serve``: the OpenAI-compatible server admits waiting requests in TIE order.
+
+transformers' server (``transformers serve --continuous-batching``) builds its ``ContinuousBatchingConfig`` from
+the ``--cb-*`` flags and has no scheduler option, so ``scheduler_type="tie"`` cannot be asked for there. This
+module adds that, without copying the server:
+
+* :func:`serve_tie` — Python: ``serve_tie("meta-llama/Llama-3.1-8B-Instruct", predictor="my-predictor")`` runs
+  ``transformers.cli.serve.Serve`` with continuous batching and the TIE scheduler (``non_blocking=True`` returns
+  the running server; ``server.kill_server()`` stops it);
+* ``hf-ext serve MODEL --tie-predictor DIR [--tie-<TIEConfig field> ...] [transformers serve flags]`` — the
+  same from the shell; every ``transformers serve`` flag (``--port``, ``--cb-num-blocks``, ...) passes through;
+* :func:`tie_generation_state` — the one patch both use, a context manager: while it is active, the server's
+  ``GenerationState`` (transformers' CB settings holder) is a subclass that hands continuous batching a copy of
+  its config with ``scheduler_type="tie"``. It is undone on exit; a server built inside keeps TIE after.
+
+Requests reach the scheduler as token ids (after the chat template). With a ``predictor``, each newly waiting
+request's ids are turned into text (``tokenizer.decode``, or your ``prompt_text(ids)``) and predicted in one batch
+per scheduling step; without one, TIE falls back to the prompt-length heuristic with a warning. Each request's
+own ``max_tokens`` is its cap ``M`` in the score (``TIEConfig.use_request_cap``). The predictor and config are
+the process-wide scheduler settings of :func:`~hf_ext.generation.tie.cb.enable_tie_scheduler`.
+
+Needs transformers' serving extras: ``pip install "hf-ext[serve]"`` (``transformers[serving]``).
+
+Example:
+    >>> from hf_ext.generation.tie.serve import tie_cb_config
+    >>> tie_cb_config(None).scheduler_type
+    'tie'
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import inspect
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from hf_ext.generation.tie.cb import SCHEDULER_NAME, enable_tie_scheduler, validate_predictor_args
+from hf_ext.generation.tie.config import AGING_MODES, SUPPORT_MODES, TIEConfig
+
+_SERVE_UTILS = "transformers.cli.serving.utils"
+INSTALL_HINT = 'pip install "hf-ext[serve]"  (or: pip install "transformers[serving]")'
+#: ``Serve`` keyword arguments that build transformers' own CB config; refused next to ``continuous_batching_config``
+CB_FLAGS = (
+    "cb_block_size",
+    "cb_num_blocks",
+    "cb_max_batch_tokens",
+    "cb_max_memory_percent",
+    "cb_use_cuda_graph",
+)
+
+
+def require_serving() -> None:
+    """``ImportError`` with the install command unless transformers' server can run here."""
+    from transformers.utils import is_serve_available
+
+    if not is_serve_available():
+        raise ImportError(
+            f"TIE serving needs transformers' serving extras (fastapi, uvicorn, openai): {INSTALL_HINT}"
+        )
+
+
+def tie_cb_config(config: Any) -> Any:
+    """A copy of ``config`` (a ``ContinuousBatchingConfig``; ``None``: the default one) with ``scheduler_type="tie"``.
+
+    A config that names another scheduler is refused (``ValueError``): TIE would silently replace it.
+    """
+    from transformers import ContinuousBatchingConfig
+
+    if config is None:
+        out = ContinuousBatchingConfig()
+    elif isinstance(config, ContinuousBatchingConfig):
+        out = copy.deepcopy(config)
+    else:
+        raise ValueError(
+            f"continuous_batching_config must be a transformers ContinuousBatchingConfig, got {type(config).__name__}"
+        )
+    default = ContinuousBatchingConfig().scheduler_type
+    if out.scheduler_type not in (default, SCHEDULER_NAME):
+        raise ValueError(
+            f"continuous_batching_config.scheduler_type must be {SCHEDULER_NAME!r} or the default {default!r} "
+            f"(TIE replaces it), got {out.scheduler_type!r}"
+        )
+    out.scheduler_type = SCHEDULER_NAME
+    return out
+
+
+@contextlib.contextmanager
+def tie_generation_state(continuous_batching_config: Any = None) -> Iterator[type]:
+    """While active, ``transformers serve`` servers built here run continuous batching with the TIE scheduler.
+
+    Replaces ``transformers.cli.serving.utils.GenerationState`` by a subclass whose CB config is
+    :func:`tie_cb_config` of the one the server built from its ``--cb-*`` flags, or of
+    ``continuous_batching_config`` when given (then the server must get no ``--cb-*`` flag). Restored on exit.
+
+    Yields:
+        the subclass in place.
+    """
+    import importlib
+
+    require_serving()
+    utils = importlib.import_module(_SERVE_UTILS)
+    base = utils.GenerationState
+    if getattr(base, "_hf_ext_tie", False):
+        raise RuntimeError("tie_generation_state is already active (it does not nest)")
+    if "cb_config" not in inspect.signature(base.__init__).parameters:
+        import transformers
+
+        raise RuntimeError(
+            f"transformers {transformers.__version__}: GenerationState takes no cb_config; TIE serving supports "
+            "the transformers serve of 5.17 and later"
+        )
+    chosen = None if continuous_batching_config is None else tie_cb_config(continuous_batching_config)
+
+    class TIEGenerationState(base):  # type: ignore[misc, valid-type]
+        """transformers' ``GenerationState`` whose continuous batching uses ``scheduler_type="tie"``."""
+
+        _hf_ext_tie = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            bound = inspect.signature(base.__init__).bind(self, *args, **kwargs)
+            given = bound.arguments.get("cb_config")
+            if chosen is not None and given is not None:
+                raise ValueError(
+                    "continuous_batching_config and the server's --cb-* flags both set the CB config; give one"
+                )
+            bound.arguments["cb_config"] = chosen if chosen is not None else tie_cb_config(given)
+            super().__init__(*bound.args[1:], **bound.kwargs)
+
+    utils.GenerationState = TIEGenerationState
+    try:
+        yield TIEGenerationState
+    finally:
+        utils.GenerationState = base
+
+
+def _load_predictor(predictor: Any) -> Any:
+    if isinstance(predictor, str):
+        from hf_ext.generation.tie.predictor import LengthPredictor
+
+        return LengthPredictor.from_pretrained(predictor)
+    return predictor
+
+
+def serve_tie(
+    model: str,
+    predictor: Any = None,
+    *,
+    tokenizer: Any = None,
+    config: TIEConfig | None = None,
+    continuous_batching_config: Any = None,
+    prompt_text: Callable[[list[int]], str] | None = None,
+    **serve_kwargs: Any,
+) -> Any:
+    """Run ``transformers serve`` for ``model`` with continuous batching and the TIE scheduler.
+
+    Args:
+        model: model id or local path; the server preloads it (``Serve(force_model=model)``).
+        predictor: a ``logt`` :class:`~hf_ext.generation.tie.predictor.LengthPredictor` or the directory it was
+            saved to (``None``: the prompt-length heuristic, with a warning).
+        tokenizer: the served model's tokenizer, to turn prompt ids into predictor text (default: loaded from
+            ``model`` when ``predictor`` is given and ``prompt_text`` is not).
+        config: :class:`TIEConfig`.
+        continuous_batching_config: a ``ContinuousBatchingConfig`` for the server (its ``scheduler_type`` is set to
+            ``"tie"``), instead of the ``cb_*`` keyword arguments.
+        prompt_text: ``ids -> str`` for the predictor (see :func:`~hf_ext.generation.tie.cb.enable_tie_scheduler`).
+        **serve_kwargs: ``transformers.cli.serve.Serve`` arguments (``port``, ``host``, ``device``, ``dtype``,
+            ``cb_num_blocks``, ``non_blocking``, ...). ``continuous_batching`` is forced on; ``False`` is an error.
+
+    Returns:
+        the ``Serve`` object: running when ``non_blocking=True`` (stop it with ``kill_server()``), else stopped.
+    """
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model must be a non-empty model id or path, got {model!r}")
+    if serve_kwargs.pop("continuous_batching", True) is not True:
+        raise ValueError("continuous_batching must be True: TIE schedules transformers' continuous batching")
+    if "force_model" in serve_kwargs:
+        raise ValueError("give the model as serve_tie's first argument, not force_model=")
+    if continuous_batching_config is not None:
+        given = [k for k in CB_FLAGS if serve_kwargs.get(k) is not None]
+        if given:
+            raise ValueError(
+                f"continuous_batching_config and {', '.join(given)} both set the CB config; give one"
+            )
+        tie_cb_config(continuous_batching_config)  # refuse a bad one before any work
+    if config is not None and not isinstance(config, TIEConfig):
+        raise ValueError(f"config must be a TIEConfig, got {type(config).__name__}")
+    require_serving()
+    from transformers.cli.serve import Serve
+
+    unknown = set(serve_kwargs) - set(inspect.signature(Serve.__init__).parameters)
+    if unknown:
+        raise ValueError(f"unknown transformers serve argument(s): {', '.join(sorted(unknown))}")
+    predictor = _load_predictor(predictor)
+    if predictor is not None and tokenizer is None and prompt_text is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    validate_predictor_args(predictor, tokenizer, prompt_text)
+    enable_tie_scheduler(predictor, tokenizer, config, prompt_text=prompt_text)
+    with tie_generation_state(continuous_batching_config):
+        return Serve(force_model=model, continuous_batching=True, **serve_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+    return v in ("true", "1", "yes")
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TIE score (TIEConfig; default: the paper's values)")
+    choices = {"aging": AGING_MODES, "support": SUPPORT_MODES}
+    for f in dataclasses.fields(TIEConfig):
+        kind = type(f.default)
+        group.add_argument(
+            f"--tie-{f.name.replace('_', '-')}",
+            dest=f"tie_{f.name}",
+            type=_bool if kind is bool else kind,
+            choices=choices.get(f.name),
+            default=None,
+            metavar=None if f.name in choices else kind.__name__.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {f.default})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``hf-ext serve``'s own flags; everything else goes to ``transformers serve``."""
+    p = argparse.ArgumentParser(
+        prog="hf-ext serve",
+        allow_abbrev=False,
+        description="transformers serve with continuous batching and the TIE scheduler. Flags not listed here "
+        "go to `transformers serve` (see `transformers serve --help`): --port, --host, --device, --cb-num-blocks, ...",
+    )
+    p.add_argument("model", help="model id or path to preload and serve")
+    p.add_argument("--tie-predictor", default=None, help="directory of a saved logt LengthPredictor")
+    p.add_argument(
+        "--tie-config",
+        default=None,
+        help="JSON file of TIEConfig fields (the --tie-<field> flags override it)",
+    )
+    _config_flags(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TIEConfig:
+    """The :class:`TIEConfig` of ``hf-ext serve``'s flags: ``--tie-config`` file, then ``--tie-<field>`` flags."""
+    values: dict[str, Any] = {}
+    if args.tie_config:
+        with open(args.tie_config) as fh:
+            values = json.load(fh)
+        names = {f.name for f in dataclasses.fields(TIEConfig)}
+        if not isinstance(values, dict) or set(values) - names:
+            bad = sorted(set(values) - names) if isinstance(values, dict) else values
+            raise ValueError(f"--tie-config: unknown TIEConfig field(s) {bad}; allowed: {sorted(names)}")
+    for f in dataclasses.fields(TIEConfig):
+        v = getattr(args, f"tie_{f.name}")
+        if v is not None:
+            values[f.name] = v
+    return TIEConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``hf-ext serve MODEL [--tie-...] [transformers serve flags]``: blocks until the server stops."""
+    args, rest = build_parser().parse_known_args(argv)
+    if "--force-model" in rest or "--no-continuous-batching" in rest:
+        raise SystemExit("hf-ext serve: MODEL is the served model and continuous batching is always on")
+    config = config_from_args(args)
+    require_serving()
+    predictor = _load_predictor(args.tie_predictor)
+    tokenizer = None
+    if predictor is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    enable_tie_scheduler(predictor, tokenizer, config)
+    from transformers.cli.transformers import app
+
+    with tie_generation_state():
+        try:
+            app(["serve", args.model, "--continuous-batching", *rest], prog_name="hf-ext serve")
+        except SystemExit as exc:
+            return int(exc.code or 0)
+    return 0

@@ -1,0 +1,304 @@
+"""TIE in ``transformers serve``: a real OpenAI-compatible server on a tiny Llama, over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="transformers' serving extras: pip install 'hf-ext[serve]'")
+
+
+class StubPredictor:
+    """log-t predictor stand-in: ``mu`` by the prompt text (a table; unknown prompts get 3.0); records its calls."""
+
+    kind = "logt"
+
+    def __init__(self, mu_by_text: dict[str, float] | None = None) -> None:
+        self.mu_by_text = mu_by_text or {}
+        self.seen: list[str] = []
+        self.lock = threading.Lock()
+
+    def predict(self, prompts, batch_size=256):
+        with self.lock:
+            self.seen.extend(prompts)
+        mu = np.array([self.mu_by_text.get(p, 3.0) for p in prompts], dtype=np.float64)
+        return {"mu": mu, "sigma": np.full_like(mu, 0.5), "nu": np.full_like(mu, 3.5)}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import GenerationConfig
+
+    from hf_ext.testing import tiny_llama, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_serve")
+    model = tiny_llama()
+    # no EOS: every request generates exactly its max_tokens, so the blocker below really blocks
+    model.generation_config = GenerationConfig(
+        max_new_tokens=16, do_sample=False, pad_token_id=0, bos_token_id=1
+    )
+    model.save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(autouse=True)
+def _restore_context():
+    from hf_ext.generation.tie.cb import preserved_context
+
+    with preserved_context():
+        yield
+
+
+def _wait_healthy(port: int, timeout: float = 30.0) -> None:
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"http://localhost:{port}/health", timeout=1).read()
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"server on port {port} did not come up")
+
+
+def _complete(port: int, model: str, prompt: str, max_tokens: int, rid: str | None = None) -> dict:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+    if rid is not None:
+        headers["X-Request-ID"] = rid
+    req = urllib.request.Request(f"http://localhost:{port}/v1/completions", data=body, headers=headers)
+    return json.loads(urllib.request.urlopen(req, timeout=120).read())
+
+
+def _complete_all(port: int, model: str, jobs: list[tuple[str, int, str]]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def one(prompt: str, n: int, rid: str) -> None:
+        try:
+            out[rid] = _complete(port, model, prompt, n, rid)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+@contextlib.contextmanager
+def _server(start, **kwargs):
+    from hf_ext.testing import free_port
+
+    port = free_port()
+    server = start(port=port, device="cpu", non_blocking=True, log_level="warning", **kwargs)
+    try:
+        _wait_healthy(port)
+        yield port, server
+    finally:
+        server.kill_server()
+
+
+PROMPTS = ["Write a short poem about the sea.", "What is 12 times 7?", "hello world", "Explain the proof."]
+SMALL_CB = {"cb_num_blocks": 32, "cb_max_batch_tokens": 64}  # transformers serve flags: a small CPU cache
+
+
+def test_serve_tie_runs_tie_and_matches_fifo_tokens(model_dir):
+    """A real server: every request goes through TIECBScheduler, predicted from its decoded prompt text, and
+    greedy outputs equal those of plain ``transformers serve`` (FIFO)."""
+    import transformers.cli.serving.utils as su
+    from transformers.cli.serve import Serve
+
+    from hf_ext.generation.tie.cb import CONTEXT, TIECBScheduler
+    from hf_ext.generation.tie.serve import serve_tie
+
+    jobs = [(p, 6 + i, f"r{i}") for i, p in enumerate(PROMPTS)]
+    base = su.GenerationState
+    pred = StubPredictor()
+    with _server(lambda **kw: serve_tie(model_dir, pred, **SMALL_CB, **kw)) as (port, server):
+        assert su.GenerationState is base  # the patch is undone once the server is built
+        assert server._generation_state._cb_config.scheduler_type == "tie"
+        tie_out = _complete_all(port, model_dir, jobs)
+        assert CONTEXT.last_scheduler_type is TIECBScheduler
+        assert sorted(CONTEXT.admission_order) == sorted(r for *_, r in jobs)
+    assert sorted(pred.seen) == sorted(PROMPTS)  # ids decoded back to the prompt text, each predicted once
+
+    plain = lambda **kw: Serve(force_model=model_dir, continuous_batching=True, **SMALL_CB, **kw)  # noqa: E731
+    with _server(plain) as (port, server):
+        assert (
+            server._generation_state._cb_config.scheduler_type == "fifo"
+        )  # plain serve: transformers' default
+        fifo_out = _complete_all(port, model_dir, jobs)
+    for _, n, rid in jobs:
+        assert tie_out[rid]["usage"]["completion_tokens"] == n
+        assert tie_out[rid]["choices"][0]["text"] == fifo_out[rid]["choices"][0]["text"]
+
+
+def test_serve_tie_admits_waiting_requests_by_score(model_dir):
+    """One request at a time: while a long request runs, three arrive; they are admitted shortest score first,
+    the reverse of their arrival order."""
+    from transformers import ContinuousBatchingConfig
+
+    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.serve import serve_tie
+
+    waiting = {"c long answer": 6.0, "b medium answer": 4.0, "a short answer": 1.0}  # sent in this order
+    pred = StubPredictor({"blocker": 0.0, **waiting})
+    cbc = ContinuousBatchingConfig(max_requests_per_batch=1, num_blocks=32, page_size=16, max_batch_tokens=64)
+    with _server(lambda **kw: serve_tie(model_dir, pred, continuous_batching_config=cbc, **kw)) as (port, _):
+        done: dict[str, float] = {}
+
+        def blocker() -> None:
+            _complete(port, model_dir, "blocker", 400, "blocker")
+            done["blocker"] = time.perf_counter()
+
+        t = threading.Thread(target=blocker)
+        t.start()
+        t_end = time.time() + 30
+        while "blocker" not in CONTEXT.admission_order and time.time() < t_end:
+            time.sleep(0.01)
+        out: dict[str, dict] = {}
+        threads = []
+        for prompt in waiting:
+            threads.append(
+                threading.Thread(
+                    target=lambda p=prompt: out.setdefault(p, _complete(port, model_dir, p, 4, p))
+                )
+            )
+            threads[-1].start()
+            time.sleep(0.05)  # arrival order = dict order
+        sent = time.perf_counter()
+        for th in [t, *threads]:
+            th.join()
+    assert done["blocker"] > sent, "the blocker finished before the others arrived; make it longer"
+    assert CONTEXT.admission_order == ["blocker", "a short answer", "b medium answer", "c long answer"]
+
+
+def test_tie_generation_state_patch_is_revertible_and_refuses_conflicts():
+    import transformers.cli.serving.utils as su
+    from transformers import ContinuousBatchingConfig
+
+    from hf_ext.generation.tie.serve import tie_generation_state
+
+    base = su.GenerationState
+    user = ContinuousBatchingConfig(max_requests_per_batch=3)
+    with tie_generation_state(user) as cls:
+        assert su.GenerationState is cls and issubclass(cls, base)
+        state = su.GenerationState(continuous_batching=True)
+        assert state._cb_config.scheduler_type == "tie" and state._cb_config.max_requests_per_batch == 3
+        assert user.scheduler_type != "tie"  # the caller's config is copied, not changed
+        with pytest.raises(ValueError, match="--cb-"):
+            su.GenerationState(continuous_batching=True, cb_config=ContinuousBatchingConfig(num_blocks=8))
+        with pytest.raises(RuntimeError, match="does not nest"), tie_generation_state():
+            pass
+    assert su.GenerationState is base
+    with tie_generation_state():  # no config of ours: the server's flags' config, scheduler set to tie
+        flags = su.GenerationState(continuous_batching=True, cb_config=ContinuousBatchingConfig(num_blocks=8))
+        assert (flags._cb_config.scheduler_type, flags._cb_config.num_blocks) == ("tie", 8)
+        assert su.GenerationState(continuous_batching=True)._cb_config.scheduler_type == "tie"
+    assert su.GenerationState is base
+
+
+def test_tie_cb_config_checks():
+    from transformers import ContinuousBatchingConfig
+
+    from hf_ext.generation.tie.serve import tie_cb_config
+
+    assert tie_cb_config(None).scheduler_type == "tie"
+    assert tie_cb_config(ContinuousBatchingConfig(scheduler_type="tie")).scheduler_type == "tie"
+    with pytest.raises(ValueError, match="scheduler_type must be 'tie' or the default"):
+        tie_cb_config(ContinuousBatchingConfig(scheduler_type="prefill_first"))
+    with pytest.raises(ValueError, match="continuous_batching_config must be a transformers"):
+        tie_cb_config({"scheduler_type": "tie"})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"continuous_batching": False}, "continuous_batching must be True"),
+        ({"force_model": "x"}, "first argument"),
+        ({"portt": 1}, "unknown transformers serve argument"),
+        ({"config": {"beta_max": 0.2}}, "config must be a TIEConfig"),
+        ({"continuous_batching_config": "fifo"}, "continuous_batching_config must be"),
+        ({"predictor": StubPredictor(), "prompt_text": "last turn"}, "prompt_text must be a callable"),
+    ],
+)
+def test_serve_tie_bad_input_fails_before_any_change(kwargs, match):
+    import transformers.cli.serving.utils as su
+
+    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.serve import serve_tie
+
+    before = (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.config)
+    base = su.GenerationState
+    with pytest.raises(ValueError, match=match):
+        serve_tie("some/model", non_blocking=True, **kwargs)
+    assert (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.config) == before
+    assert su.GenerationState is base
+
+
+def test_serve_tie_refuses_cb_config_with_cb_flags_and_point_predictors():
+    from transformers import ContinuousBatchingConfig
+
+    from hf_ext.generation.tie.serve import serve_tie
+
+    with pytest.raises(ValueError, match="cb_num_blocks both set"):
+        serve_tie("m", continuous_batching_config=ContinuousBatchingConfig(), cb_num_blocks=8)
+    point = StubPredictor()
+    point.kind = "point"
+    with pytest.raises(ValueError, match="'logt' LengthPredictor"):
+        serve_tie("m", point, prompt_text=lambda ids: "x")
+    with pytest.raises(ValueError, match="model must be a non-empty"):
+        serve_tie("")
+
+
+def test_prompt_text_hook_feeds_the_predictor(model_dir):
+    """``prompt_text`` replaces decoding: the predictor sees what it returns (here, the prompt's token count)."""
+    from hf_ext.generation.tie.serve import serve_tie
+
+    pred = StubPredictor()
+    start = lambda **kw: serve_tie(model_dir, pred, prompt_text=lambda ids: f"n={len(ids)}", **SMALL_CB, **kw)  # noqa: E731
+    with _server(start) as (port, _):
+        _complete_all(port, model_dir, [("hello world", 3, "h")])
+    assert len(pred.seen) == 1 and pred.seen[0].startswith("n=")
+
+
+def test_cli_builds_config_and_forwards_transformers_flags(monkeypatch, tmp_path):
+    import transformers.cli.serving.utils as su
+    import transformers.cli.transformers as tcli
+
+    from hf_ext.cli import main
+    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.config import TIEConfig
+
+    calls: list[tuple[list[str], bool]] = []
+
+    def fake_app(args, prog_name=None):
+        calls.append((list(args), getattr(su.GenerationState, "_hf_ext_tie", False)))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(tcli, "app", fake_app)
+    cfg = tmp_path / "tie.json"
+    cfg.write_text(json.dumps({"beta_max": 0.3, "aging": "none"}))
+    rc = main(["serve", "my/model", "--tie-config", str(cfg), "--tie-beta-max", "0.2", "--port", "9001"])
+    assert rc == 0
+    assert calls == [(["serve", "my/model", "--continuous-batching", "--port", "9001"], True)]
+    assert CONTEXT.config == TIEConfig(beta_max=0.2, aging="none")
+    assert not getattr(su.GenerationState, "_hf_ext_tie", False)
+
+    cfg.write_text(json.dumps({"beta_maxx": 0.3}))
+    with pytest.raises(ValueError, match="unknown TIEConfig field"):
+        main(["serve", "my/model", "--tie-config", str(cfg)])
+    with pytest.raises(SystemExit):
+        main(["serve", "my/model", "--tie-aging", "sometimes"])
+    with pytest.raises(SystemExit, match="always on"):
+        main(["serve", "my/model", "--no-continuous-batching"])
