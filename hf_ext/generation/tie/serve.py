@@ -35,14 +35,22 @@ import copy
 import dataclasses
 import inspect
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from hf_ext.generation.tie.cb import SCHEDULER_NAME, enable_tie_scheduler, validate_predictor_args
+from hf_ext.generation.tie.cb import (
+    PRIORITY_SCHEDULER_NAME,
+    SCHEDULER_NAME,
+    enable_tie_scheduler,
+    validate_predictor_args,
+)
 from hf_ext.generation.tie.config import AGING_MODES, SUPPORT_MODES, TIEConfig
 
 _SERVE_UTILS = "transformers.cli.serving.utils"
 INSTALL_HINT = 'pip install "hf-ext[serve]"  (or: pip install "transformers[serving]")'
+#: schedulers a served model can be given: TIE, the comparison baselines' fixed keys, transformers' FIFO
+SERVE_SCHEDULERS = (SCHEDULER_NAME, PRIORITY_SCHEDULER_NAME, "fifo")
 #: ``Serve`` keyword arguments that build transformers' own CB config; refused next to ``continuous_batching_config``
 CB_FLAGS = (
     "cb_block_size",
@@ -63,12 +71,17 @@ def require_serving() -> None:
         )
 
 
-def tie_cb_config(config: Any) -> Any:
-    """A copy of ``config`` (a ``ContinuousBatchingConfig``; ``None``: the default one) with ``scheduler_type="tie"``.
+def tie_cb_config(config: Any, scheduler_type: str = SCHEDULER_NAME) -> Any:
+    """A copy of ``config`` (a ``ContinuousBatchingConfig``; ``None``: the default one) with ``scheduler_type`` set.
 
-    A config that names another scheduler is refused (``ValueError``): TIE would silently replace it.
+    ``scheduler_type``: ``"tie"``; benchmarks also use ``"hf_ext_priority"`` (the SSJF / LTR / SJF-oracle
+    baselines) and ``"fifo"``. A config that names another scheduler is refused (``ValueError``): it would be
+    silently replaced.
     """
     from transformers import ContinuousBatchingConfig
+
+    if scheduler_type not in SERVE_SCHEDULERS:
+        raise ValueError(f"scheduler_type must be one of {SERVE_SCHEDULERS}, got {scheduler_type!r}")
 
     if config is None:
         out = ContinuousBatchingConfig()
@@ -79,22 +92,25 @@ def tie_cb_config(config: Any) -> Any:
             f"continuous_batching_config must be a transformers ContinuousBatchingConfig, got {type(config).__name__}"
         )
     default = ContinuousBatchingConfig().scheduler_type
-    if out.scheduler_type not in (default, SCHEDULER_NAME):
+    if out.scheduler_type not in (default, scheduler_type):
         raise ValueError(
-            f"continuous_batching_config.scheduler_type must be {SCHEDULER_NAME!r} or the default {default!r} "
-            f"(TIE replaces it), got {out.scheduler_type!r}"
+            f"continuous_batching_config.scheduler_type must be {scheduler_type!r} or the default {default!r} "
+            f"(it is replaced), got {out.scheduler_type!r}"
         )
-    out.scheduler_type = SCHEDULER_NAME
+    out.scheduler_type = scheduler_type
     return out
 
 
 @contextlib.contextmanager
-def tie_generation_state(continuous_batching_config: Any = None) -> Iterator[type]:
+def tie_generation_state(
+    continuous_batching_config: Any = None, scheduler_type: str = SCHEDULER_NAME
+) -> Iterator[type]:
     """While active, ``transformers serve`` servers built here run continuous batching with the TIE scheduler.
 
     Replaces ``transformers.cli.serving.utils.GenerationState`` by a subclass whose CB config is
     :func:`tie_cb_config` of the one the server built from its ``--cb-*`` flags, or of
     ``continuous_batching_config`` when given (then the server must get no ``--cb-*`` flag). Restored on exit.
+    ``scheduler_type`` other than ``"tie"``: the same for a comparison baseline (see :func:`tie_cb_config`).
 
     Yields:
         the subclass in place.
@@ -113,7 +129,12 @@ def tie_generation_state(continuous_batching_config: Any = None) -> Iterator[typ
             f"transformers {transformers.__version__}: GenerationState takes no cb_config; TIE serving supports "
             "the transformers serve of 5.17 and later"
         )
-    chosen = None if continuous_batching_config is None else tie_cb_config(continuous_batching_config)
+    tie_cb_config(None, scheduler_type)  # a bad scheduler_type fails before the patch
+    chosen = (
+        None
+        if continuous_batching_config is None
+        else tie_cb_config(continuous_batching_config, scheduler_type)
+    )
 
     class TIEGenerationState(base):  # type: ignore[misc, valid-type]
         """transformers' ``GenerationState`` whose continuous batching uses ``scheduler_type="tie"``."""
@@ -127,7 +148,9 @@ def tie_generation_state(continuous_batching_config: Any = None) -> Iterator[typ
                 raise ValueError(
                     "continuous_batching_config and the server's --cb-* flags both set the CB config; give one"
                 )
-            bound.arguments["cb_config"] = chosen if chosen is not None else tie_cb_config(given)
+            bound.arguments["cb_config"] = (
+                chosen if chosen is not None else tie_cb_config(given, scheduler_type)
+            )
             super().__init__(*bound.args[1:], **bound.kwargs)
 
     utils.GenerationState = TIEGenerationState
@@ -287,3 +310,123 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:
             return int(exc.code or 0)
     return 0
+
+
+# ------------------------------------------------------------------------------------ HTTP replay
+def _stream_completion(url: str, model: str, prompt: str, max_tokens: int, rid: str, timeout: float) -> dict:
+    """One streamed ``/v1/completions`` call; client-side ``first_token`` / ``finish`` (perf_counter) and tokens."""
+    import urllib.request
+
+    body = {"model": model, "prompt": prompt, "max_tokens": int(max_tokens), "stream": True}
+    req = urllib.request.Request(
+        f"{url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-Request-ID": rid},
+    )
+    first = None
+    n_tokens = None
+    error = None
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                error = str(chunk["error"])
+                break
+            choices = chunk.get("choices") or []
+            if first is None and any(c.get("text") for c in choices):
+                first = time.perf_counter()
+            usage = chunk.get("usage")
+            if usage:
+                n_tokens = int(usage["completion_tokens"])
+    return {"first_token": first, "finish": time.perf_counter(), "n_tokens": n_tokens, "error": error}
+
+
+def replay_over_http(
+    url: str,
+    model: str,
+    requests: Sequence[Any],
+    prompts: dict[str, str],
+    *,
+    time_scale: float = 1.0,
+    timeout: float = 900.0,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Send timed requests to a running OpenAI-compatible server, streamed, one thread per request.
+
+    Each :class:`~hf_ext.generation.tie.replay.ReplayRequest` ``r`` is posted to ``{url}/v1/completions`` at
+    ``r.arrival * time_scale`` seconds with ``prompt=prompts[r.request_id]``, ``max_tokens=r.output_len`` and
+    header ``X-Request-ID: r.request_id`` (so length hints and priority keys set by request id apply). Times are
+    the client's: submit, first streamed text, end of stream.
+
+    Returns:
+        :func:`~hf_ext.generation.tie.replay.run_cb_replay`'s records (input order), for
+        :func:`~hf_ext.generation.tie.replay.summarize_replay`; ``n_tokens`` is the server's ``completion_tokens``.
+        A request that fails raises ``RuntimeError`` naming it once all have ended.
+    """
+    import threading
+
+    if not (isinstance(time_scale, (int, float)) and time_scale >= 0):
+        raise ValueError(f"time_scale must be a number >= 0, got {time_scale!r}")
+    missing = [r.request_id for r in requests if not prompts.get(r.request_id)]
+    if missing:
+        raise ValueError(f"prompts has no non-empty text for request(s) {missing[:5]}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(requests), desc="http replay", leave=False)
+    got: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+
+    def one(r: Any, submit: float) -> None:
+        try:
+            out = _stream_completion(url, model, prompts[r.request_id], r.output_len, r.request_id, timeout)
+        except Exception as exc:  # noqa: BLE001 - reported with the request id below
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        with lock:
+            if out.get("error"):
+                failed[r.request_id] = out["error"]
+            else:
+                got[r.request_id] = {**out, "submit": submit}
+            if bar is not None:
+                bar.update(1)
+
+    threads = []
+    for r in sorted(requests, key=lambda x: x.arrival):
+        delay = t0 + r.arrival * time_scale - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        th = threading.Thread(target=one, args=(r, time.perf_counter()), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    if bar is not None:
+        bar.close()
+    if failed:
+        rid, err = next(iter(failed.items()))
+        raise RuntimeError(f"{len(failed)}/{len(requests)} requests failed over HTTP, e.g. {rid!r}: {err}")
+    records = []
+    for r in requests:
+        g = got[r.request_id]
+        first = g["first_token"] if g["first_token"] is not None else g["finish"]
+        records.append(
+            {
+                "request_id": r.request_id,
+                "submit": g["submit"] - t0,
+                "first_token": first - t0,
+                "finish": g["finish"] - t0,
+                "n_tokens": g["n_tokens"],
+                "output_len": int(r.output_len),
+                "error": None,
+            }
+        )
+    return records

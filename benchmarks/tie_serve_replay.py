@@ -1,0 +1,228 @@
+"""TIE end to end through ``transformers serve``: the Azure-trace replay sent over HTTP to the OpenAI-compatible server.
+
+``tie_real_cb.py`` drives transformers' continuous-batching manager directly. This script measures what a user of
+``hf-ext serve`` / :func:`~hf_ext.generation.tie.serve.serve_tie` gets: for each policy a fresh ``transformers
+serve`` (continuous batching, the policy's scheduler through :func:`tie_generation_state`) preloads a random-weight
+model saved to disk, and every request is a streamed ``/v1/completions`` call posted at its (scaled) trace arrival
+time, with ``max_tokens`` = its trace output length (the model has no EOS, so the length is exact) and its request
+id in ``X-Request-ID``, under which the TIE hints / baseline keys of the exported replay are set. Per-token latency
+and TTFT are the client's (submit, first streamed text, end of stream). Prompts are random text of about the
+trace's prompt length in the served tokenizer.
+
+GPU (8B shape, ~16 GB written to ``--model-dir`` once)::
+
+    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/tie_serve_replay.py --shape llama3.1-8b --n 200 --speed 2 \\
+        --policies fcfs,tie --max-requests-per-batch 32 --cuda-graph
+
+CPU smoke run (tiny model, ~1 minute)::
+
+    python benchmarks/tie_serve_replay.py --shape tiny --device cpu --n 16 --speed 8 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORKLOAD = ROOT / "benchmarks" / "data" / "tie_azure_replay_n40k.json"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workload", default=str(DEFAULT_WORKLOAD), help="JSON from bench tie --export-replay")
+    p.add_argument(
+        "--shape", default="llama3.1-8b", help="random-weight model shape (hf_ext.simulate.calibrate)"
+    )
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model-dir", default=None, help="where the random model is saved (default: a temp dir)")
+    p.add_argument("--n", type=int, default=200, help="requests replayed per policy (first n of the window)")
+    p.add_argument(
+        "--speed", type=float, default=2.0, help="trace time-compression factor (x2 = twice its rate)"
+    )
+    p.add_argument("--policies", default="fcfs,tie", help="comma list of: fcfs, tie, ssjf, ltr, sjf_oracle")
+    p.add_argument("--max-requests-per-batch", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=1000, help="output lengths are clipped to this")
+    p.add_argument("--max-prompt", type=int, default=4096, help="prompt lengths are clipped to this")
+    p.add_argument("--cuda-graph", action="store_true", help="let transformers use CUDA graphs")
+    p.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-write", action="store_true")
+    return p
+
+
+def prompt_texts(tok: Any, lengths: list[int], seed: int) -> tuple[list[str], list[int]]:
+    """Random text whose encoding by ``tok`` has about each length (no special tokens); returns texts and lengths.
+
+    Random token ids, decoded: distinct prompts, so no request reuses another's KV blocks."""
+    rng = np.random.default_rng(seed)
+    special = set(tok.all_special_ids)
+    pool = np.array([i for i in range(len(tok)) if i not in special])
+    texts, got = [], []
+    for n in lengths:
+        ids = rng.choice(pool, size=n).tolist()
+        text = tok.decode(ids)
+        for _ in range(4):  # decode/encode does not round-trip exactly: trim or extend towards n
+            k = len(tok(text, add_special_tokens=False).input_ids)
+            if k == n:
+                break
+            ids = ids[: max(1, len(ids) - (k - n))] if k > n else ids + rng.choice(pool, size=n - k).tolist()
+            text = tok.decode(ids)
+        texts.append(text)
+        got.append(len(tok(text, add_special_tokens=False).input_ids))
+    return texts, got
+
+
+def save_model(shape: str, device: str, out: Path, seed: int) -> Any:
+    """The random-weight model of ``shape`` with the tiny tokenizer, saved for the server; EOS off."""
+    import torch
+    from transformers import GenerationConfig
+
+    from hf_ext.simulate.calibrate import model_for_shape
+    from hf_ext.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    if not (out / "config.json").exists():
+        model = model_for_shape(shape, device, seed=seed)
+        model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0, bos_token_id=1)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return tok
+
+
+def _wait_healthy(url: str, timeout: float = 600.0) -> None:
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"{url}/health", timeout=2).read()
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not come up in {timeout:.0f}s")
+
+
+def run_policy(
+    args: argparse.Namespace, model_dir: str, reqs: list[Any], prompts: dict[str, str], policy: str
+):
+    """One fresh server with ``policy``'s scheduler; a warm-up request, then the timed replay. Returns records."""
+    from transformers import ContinuousBatchingConfig
+    from transformers.cli.serve import Serve
+
+    from hf_ext.generation.tie.cb import preserved_context
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.replay import ReplayRequest, _install
+    from hf_ext.generation.tie.serve import replay_over_http, tie_generation_state
+    from hf_ext.testing import free_port
+
+    cb_kw: dict[str, Any] = {"max_requests_per_batch": args.max_requests_per_batch}
+    if args.device == "cpu":
+        cb_kw.update(num_blocks=256, page_size=16, max_batch_tokens=256)
+    else:
+        cb_kw.update(max_memory_percent=0.75, use_cuda_graph=bool(args.cuda_graph))
+    port = args.port or free_port()
+    url = f"http://localhost:{port}"
+    warm = ReplayRequest("warmup", 0.0, [5] * 8, 8, mu=2.0, sigma=0.5, pred_len=8.0, ltr_score=0.0)
+    # each request's max_tokens is its true length here: TIE must not truncate its law there
+    tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens, use_request_cap=False)
+    with preserved_context():
+        scheduler = _install(policy, [warm, *reqs], tie_cfg)
+        with tie_generation_state(ContinuousBatchingConfig(**cb_kw), scheduler_type=scheduler):
+            server = Serve(
+                force_model=model_dir,
+                continuous_batching=True,
+                device=args.device,
+                non_blocking=True,
+                port=port,
+                log_level="warning",
+            )
+        try:
+            _wait_healthy(url)
+            replay_over_http(url, model_dir, [warm], {"warmup": "hello world"})
+            return replay_over_http(
+                url, model_dir, reqs, prompts, time_scale=1.0 / args.speed, progress=sys.stderr.isatty()
+            )
+        finally:
+            server.kill_server()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import importlib.util
+
+    from hf_ext.generation.tie.bench import COMPONENT, real_cb_rows
+    from hf_ext.generation.tie.replay import POLICIES, summarize_replay
+    from hf_ext.utils.bench import append_rows, device_name, plot_results, print_rows
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POLICIES]
+    if bad or "tie" not in policies or len(policies) < 2:
+        raise SystemExit(f"--policies: 'tie' and at least one of {POLICIES} (got {args.policies!r})")
+    if not (math.isfinite(args.speed) and args.speed > 0):
+        raise SystemExit(f"--speed must be > 0, got {args.speed}")
+    spec = importlib.util.spec_from_file_location("tie_real_cb", ROOT / "benchmarks" / "tie_real_cb.py")
+    real_cb = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(real_cb)  # type: ignore[union-attr]
+    from hf_ext.generation.tie.serve import require_serving
+
+    require_serving()
+    cmd = "python benchmarks/tie_serve_replay.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    tmp = None
+    if args.model_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tie_serve_")
+        args.model_dir = tmp.name
+    model_dir = Path(args.model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    tok = save_model(args.shape, args.device, model_dir, args.seed)
+    print(f"model {args.shape} saved to {model_dir} in {time.perf_counter() - t:.0f}s")
+    vocab = len(tok)
+    reqs = real_cb.load_requests(
+        args.workload, args.n, args.max_new_tokens, args.max_prompt, vocab, args.seed
+    )
+    texts, got = prompt_texts(tok, [len(r.prompt_ids) for r in reqs], args.seed)
+    prompts = {r.request_id: s for r, s in zip(reqs, texts)}
+    want = np.array([len(r.prompt_ids) for r in reqs])
+    print(f"{len(reqs)} requests; prompt tokens: wanted {want.sum()}, text has {int(np.sum(got))}")
+
+    case = f"serve_http_{args.shape}_{real_cb._workload_name(args.workload)}_n{args.n}_x{args.speed:g}"
+    case += f"_maxseqs{args.max_requests_per_batch}{real_cb._workload_tag(args.workload)}"
+    res: dict[str, dict] = {}
+    details: dict[str, Any] = {"command": cmd, "device": device_name(), "case": case, "policies": {}}
+    for policy in policies:
+        t = time.perf_counter()
+        recs = run_policy(args, str(model_dir), reqs, prompts, policy)
+        res[policy] = summarize_replay(recs)
+        s = res[policy]
+        print(
+            f"  {case} {policy:10s}: per-token {1e3 * s['per_token_mean']:8.1f} ms (p99 {1e3 * s['per_token_p99']:8.1f}),"
+            f" TTFT {s['ttft_mean']:6.2f}s, lengths exact {bool(s['lengths_ok'])}, {time.perf_counter() - t:.0f}s"
+        )
+        details["policies"][policy] = {"summary": s, "seconds": time.perf_counter() - t}
+    rows = real_cb_rows({case: res}, device_name(), cmd)
+    print_rows(rows, title="TIE through transformers serve (HTTP) — ratio > 1: TIE better")
+    if not args.no_write:
+        path = append_rows(COMPONENT, rows)
+        plot_results(COMPONENT, path)
+        out = path.parent / "tie_serve_details.json"
+        old = json.loads(out.read_text()) if out.exists() else {"runs": []}
+        old["runs"].append(details)
+        out.write_text(json.dumps(old, indent=1))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
