@@ -302,3 +302,71 @@ def test_cli_builds_config_and_forwards_transformers_flags(monkeypatch, tmp_path
         main(["serve", "my/model", "--tie-aging", "sometimes"])
     with pytest.raises(SystemExit, match="always on"):
         main(["serve", "my/model", "--no-continuous-batching"])
+
+
+def test_replay_over_http_times_and_lengths(model_dir):
+    """Timed streamed requests against a real server: exact lengths, ordered times, the client's submit times
+    follow the scaled arrivals; priority keys set by request id reach the server through X-Request-ID."""
+    from transformers import ContinuousBatchingConfig
+    from transformers.cli.serve import Serve
+
+    from hf_ext.generation.tie.cb import CONTEXT, PriorityCBScheduler, set_priority_keys
+    from hf_ext.generation.tie.replay import ReplayRequest, summarize_replay
+    from hf_ext.generation.tie.serve import replay_over_http, tie_generation_state
+    from hf_ext.testing import free_port
+
+    reqs = [ReplayRequest(f"q{i}", 0.1 * i, [5] * 4, n) for i, n in enumerate([5, 3, 7, 2])]
+    prompts = {r.request_id: PROMPTS[i] for i, r in enumerate(reqs)}
+    set_priority_keys([4.0, 3.0, 2.0, 1.0], request_ids=[r.request_id for r in reqs])
+    port = free_port()
+    cbc = ContinuousBatchingConfig(num_blocks=32, page_size=16, max_batch_tokens=64)
+    with tie_generation_state(cbc, scheduler_type="hf_ext_priority"):
+        server = Serve(
+            force_model=model_dir,
+            continuous_batching=True,
+            device="cpu",
+            non_blocking=True,
+            port=port,
+            log_level="warning",
+        )
+    try:
+        _wait_healthy(port)
+        recs = replay_over_http(f"http://localhost:{port}", model_dir, reqs, prompts, time_scale=1.0)
+    finally:
+        server.kill_server()
+    assert CONTEXT.last_scheduler_type is PriorityCBScheduler
+    assert [r["request_id"] for r in recs] == ["q0", "q1", "q2", "q3"]
+    for r, req in zip(recs, reqs):
+        assert r["n_tokens"] == r["output_len"] == req.output_len
+        assert r["submit"] <= r["first_token"] <= r["finish"]
+        assert r["submit"] == pytest.approx(req.arrival, abs=0.08)
+    assert summarize_replay(recs)["lengths_ok"] == 1.0
+    with pytest.raises(ValueError, match="no non-empty text"):
+        replay_over_http(f"http://localhost:{port}", model_dir, reqs, {"q0": "x"})
+    with pytest.raises(RuntimeError, match="requests failed over HTTP"):  # the server is gone
+        replay_over_http(f"http://localhost:{port}", model_dir, reqs[:1], prompts, time_scale=0)
+
+
+def test_serve_replay_benchmark_smoke(capsys):
+    """benchmarks/tie_serve_replay.py end to end on the tiny model (two fresh servers, HTTP)."""
+    from tests.tie._scripts import load_script
+
+    bench = load_script("tie_serve_replay")
+    assert bench.main(["--shape", "tiny", "--device", "cpu", "--n", "6", "--speed", "20", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("lengths exact True") == 2 and "serve_http_tiny_" in out
+    with pytest.raises(SystemExit, match="'tie' and at least one"):
+        bench.main(["--policies", "fcfs", "--no-write"])
+
+
+def test_prompt_texts_match_lengths():
+    from hf_ext.testing import tiny_tokenizer
+    from tests.tie._scripts import load_script
+
+    bench = load_script("tie_serve_replay")
+    tok = tiny_tokenizer()
+    want = [1, 17, 300, 1200]
+    texts, got = bench.prompt_texts(tok, want, seed=0)
+    assert len(set(texts)) == len(texts)
+    assert got == [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    assert all(abs(g - w) <= max(2, 0.05 * w) for g, w in zip(got, want))
