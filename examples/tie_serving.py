@@ -16,6 +16,9 @@ that KV budget allows), in the given order, cut from the TIE order (``tie_batche
 predicted laws (``plan="expected"``: prompts grouped by length, batches cut where the expected decode steps are
 least), and prints tokens/s of each. The tiny random model meets EOS by chance, so there
 its lengths carry no signal for the predictor; with a real model the TIE order wastes fewer padded steps.
+
+With ``--http`` it finally serves the model with ``transformers serve`` and the TIE scheduler (``serve_tie``; from
+the shell: ``hf-ext serve MODEL --tie-predictor DIR``) and sends the prompts with the OpenAI client.
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ def main() -> None:
         type=int,
         default=0,
         help="size every offline batch from this KV budget in tokens instead of --offline-batch (0 = off)",
+    )
+    ap.add_argument(
+        "--http",
+        action="store_true",
+        help="also serve the model with transformers serve + TIE (serve_tie) and send the prompts over HTTP "
+        "(needs pip install 'hf-ext[serve]')",
     )
     args = ap.parse_args()
 
@@ -151,6 +160,59 @@ def main() -> None:
         wall = time.perf_counter() - t0
         n_tok = sum(len(o) for o in outs)
         print(f"offline, {name:>11}: {n_tok} tokens in {wall:.1f}s ({n_tok / wall:.0f} tokens/s)")
+
+    # 5. over HTTP: transformers serve with the TIE scheduler, the burst sent with the OpenAI client
+    if args.http:
+        serve_over_http(args, model, tok, pred, prompts)
+
+
+def serve_over_http(args: argparse.Namespace, model, tok, pred, prompts: list[str]) -> None:
+    """``serve_tie`` runs ``transformers serve`` (continuous batching, TIE admission); the OpenAI client sends the
+    prompts at once. The shell equivalent: ``hf-ext serve MODEL --tie-predictor DIR --port 8000``."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+    from transformers import GenerationConfig
+
+    from hf_ext.generation.tie import TIEConfig, serve_tie
+    from hf_ext.testing import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        served, flags = args.model, {}
+        if not served:  # the tiny random model, saved for the server; no EOS, so each answer has max_tokens
+            model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            served, flags = tmp, {"device": "cpu", "cb_num_blocks": 64, "cb_max_batch_tokens": 256}
+        port = free_port()
+        config = TIEConfig(max_new_tokens=args.max_new_tokens)
+        server = serve_tie(
+            served, pred, config=config, port=port, non_blocking=True, log_level="warning", **flags
+        )
+        try:
+            client = OpenAI(base_url=f"http://localhost:{port}/v1", api_key="unused")
+            for _ in range(600):  # the server preloads the model first
+                try:
+                    client.models.list()
+                    break
+                except Exception:  # noqa: BLE001 - not up yet
+                    time.sleep(0.2)
+
+            def one(prompt: str) -> tuple[float, int]:
+                t = time.perf_counter()
+                r = client.completions.create(model=served, prompt=prompt, max_tokens=args.max_new_tokens)
+                return time.perf_counter() - t, r.usage.completion_tokens
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                done = list(pool.map(one, prompts))
+        finally:
+            server.kill_server()
+    ptl = [wall / max(1, n) for wall, n in done]
+    print(
+        f"http tie: {len(done)} requests over HTTP, {sum(n for _, n in done)} tokens, "
+        f"mean per-token latency {np.mean(ptl) * 1e3:.2f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -109,10 +109,11 @@ def test_planned_offline_job_gives_each_policy_its_own_plan():
     assert planned["tie"]["prompt_buckets"] in PLAN_BUCKETS
 
 
-@pytest.mark.parametrize("sizing", [["--offline-batch", "4"], ["--offline-kv-tokens", "300"]])
+@pytest.mark.parametrize("sizing", [["--offline-batch", "4"], ["--offline-kv-tokens", "300", "--http"]])
 def test_serving_example_runs_on_cpu(sizing):
     """examples/tie_serving.py as a user runs it (small settings): CB FIFO vs TIE, then the offline job with fixed
-    batches or batches sized from a KV budget, in the given order, the TIE order and TIE's plan."""
+    batches or batches sized from a KV budget, in the given order, the TIE order and TIE's plan; with ``--http``
+    the model is then served by transformers serve with TIE and the prompts sent with the OpenAI client."""
     import subprocess
     import sys
     from pathlib import Path
@@ -130,6 +131,7 @@ def test_serving_example_runs_on_cpu(sizing):
     ]
     assert len(toks) == 3 and all(0 < int(t) <= 8 * 16 for t in toks)
     assert "offline, TIE planned" in out.stdout
+    assert ("http tie: 8 requests over HTTP, 128 tokens" in out.stdout) == ("--http" in sizing)
 
 
 def test_true_distribution_ceiling_feeds_every_policy_the_generator_parameters():
