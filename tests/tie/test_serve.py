@@ -370,3 +370,67 @@ def test_prompt_texts_match_lengths():
     assert len(set(texts)) == len(texts)
     assert got == [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
     assert all(abs(g - w) <= max(2, 0.05 * w) for g, w in zip(got, want))
+
+
+def test_hf_ext_serve_cli_runs_a_real_server(model_dir):
+    """``python -m hf_ext serve MODEL --tie-... --<transformers serve flags>``: the real CLI, until killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from hf_ext.testing import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "hf_ext", "serve", model_dir, "--tie-beta-max", "0.3", "--tie-aging", "none"]
+    cmd += ["--device", "cpu", "--port", str(port), "--cb-num-blocks", "64", "--cb-max-batch-tokens", "256"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    exited = False
+    try:
+        _wait_healthy(port, timeout=120)
+        out = _complete(port, model_dir, "hello world", 5, "cli-1")
+        assert out["usage"]["completion_tokens"] == 5
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        try:
+            log = proc.communicate(timeout=30)[0]
+            exited = True
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log = proc.communicate()[0]
+    # plain `transformers serve --continuous-batching` hangs here: its CB generation thread outlives the server
+    assert exited, "hf-ext serve did not exit after Ctrl-C"
+    # the prompt-length heuristic (no --tie-predictor) warns that it is in use: the TIE scheduler ran
+    assert "falling back to the prompt-length heuristic" in log, log[-2000:]
+
+
+def test_blocking_serve_tie_stops_the_cb_thread_when_the_server_ends(monkeypatch):
+    """Blocking mode: once ``Serve`` returns (the server stopped), ``serve_tie`` stops its CB thread and model
+    (``kill_server``); with ``non_blocking=True`` the running server is left to the caller."""
+    import inspect
+
+    import transformers.cli.serve as serve_mod
+
+    from hf_ext.generation.tie.serve import serve_tie
+
+    real = serve_mod.Serve
+    made: list = []
+
+    class FakeServe:
+        def __init__(self, **kwargs):
+            self.kwargs, self.killed = kwargs, False
+            made.append(self)
+
+        def kill_server(self):
+            self.killed = True
+
+    FakeServe.__init__.__signature__ = inspect.signature(real.__init__)  # serve_tie checks argument names
+    monkeypatch.setattr(serve_mod, "Serve", FakeServe)
+    serve_tie("m", port=1)
+    serve_tie("m", port=1, non_blocking=True)
+    assert [(s.kwargs["force_model"], s.kwargs["continuous_batching"], s.killed) for s in made] == [
+        ("m", True, True),
+        ("m", True, False),
+    ]

@@ -140,6 +140,7 @@ def tie_generation_state(
         """transformers' ``GenerationState`` whose continuous batching uses ``scheduler_type="tie"``."""
 
         _hf_ext_tie = True
+        instances: list[Any] = []  # the states built while patched: a blocking server's owner stops them after
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             bound = inspect.signature(base.__init__).bind(self, *args, **kwargs)
@@ -152,6 +153,7 @@ def tie_generation_state(
                 chosen if chosen is not None else tie_cb_config(given, scheduler_type)
             )
             super().__init__(*bound.args[1:], **bound.kwargs)
+            TIEGenerationState.instances.append(self)
 
     utils.GenerationState = TIEGenerationState
     try:
@@ -225,7 +227,12 @@ def serve_tie(
     validate_predictor_args(predictor, tokenizer, prompt_text)
     enable_tie_scheduler(predictor, tokenizer, config, prompt_text=prompt_text)
     with tie_generation_state(continuous_batching_config):
-        return Serve(force_model=model, continuous_batching=True, **serve_kwargs)
+        server = Serve(force_model=model, continuous_batching=True, **serve_kwargs)
+    if not serve_kwargs.get("non_blocking"):
+        # the server has stopped (Ctrl-C): transformers leaves its CB generation thread running, which would keep
+        # the process alive; stop it and the model
+        server.kill_server()
+    return server
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -304,12 +311,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     enable_tie_scheduler(predictor, tokenizer, config)
     from transformers.cli.transformers import app
 
-    with tie_generation_state():
+    code = 0
+    with tie_generation_state() as state_cls:
         try:
             app(["serve", args.model, "--continuous-batching", *rest], prog_name="hf-ext serve")
         except SystemExit as exc:
-            return int(exc.code or 0)
-    return 0
+            code = int(exc.code or 0)
+        finally:
+            # the server has stopped (Ctrl-C): transformers leaves its CB generation thread running, which would keep
+            # the process alive
+            for state in state_cls.instances:
+                state.shutdown()
+    return code
 
 
 # ------------------------------------------------------------------------------------ HTTP replay
