@@ -121,7 +121,7 @@ COMPONENTS: tuple[Component, ...] = (
         status="built",
         demo="hf_ext.generation.tie.demo:run_demo",
         bench="hf_ext.generation.tie.bench:main",
-        switch_on='ContinuousBatchingConfig(scheduler_type="tie")',
+        switch_on='ContinuousBatchingConfig(scheduler_type="tie"), or hf-ext serve MODEL',
         example="examples/tie_serving.py",
     ),
     Component(
