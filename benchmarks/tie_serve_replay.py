@@ -22,13 +22,11 @@ CPU smoke run (tiny model, ~1 minute)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -103,16 +101,6 @@ def save_model(shape: str, device: str, out: Path, seed: int) -> Any:
     return tok
 
 
-def _wait_healthy(url: str, timeout: float = 600.0) -> None:
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(f"{url}/health", timeout=2).read()
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not come up in {timeout:.0f}s")
-
-
 def run_policy(
     args: argparse.Namespace, model_dir: str, reqs: list[Any], prompts: dict[str, str], policy: str
 ):
@@ -123,7 +111,7 @@ def run_policy(
     from hf_ext.generation.tie.cb import preserved_context
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.replay import ReplayRequest, _install
-    from hf_ext.generation.tie.serve import replay_over_http, tie_generation_state
+    from hf_ext.generation.tie.serve import replay_over_http, tie_generation_state, wait_until_serving
     from hf_ext.testing import free_port
 
     cb_kw: dict[str, Any] = {"max_requests_per_batch": args.max_requests_per_batch}
@@ -148,7 +136,7 @@ def run_policy(
                 log_level="warning",
             )
         try:
-            _wait_healthy(url)
+            wait_until_serving(url)
             replay_over_http(url, model_dir, [warm], {"warmup": "hello world"})
             return replay_over_http(
                 url, model_dir, reqs, prompts, time_scale=1.0 / args.speed, progress=sys.stderr.isatty()

@@ -176,6 +176,7 @@ def serve_over_http(args: argparse.Namespace, model, tok, pred, prompts: list[st
     from transformers import GenerationConfig
 
     from hf_ext.generation.tie import TIEConfig, serve_tie
+    from hf_ext.generation.tie.serve import wait_until_serving
     from hf_ext.testing import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,13 +192,8 @@ def serve_over_http(args: argparse.Namespace, model, tok, pred, prompts: list[st
             served, pred, config=config, port=port, non_blocking=True, log_level="warning", **flags
         )
         try:
+            wait_until_serving(f"http://localhost:{port}")  # the server preloads the model first
             client = OpenAI(base_url=f"http://localhost:{port}/v1", api_key="unused")
-            for _ in range(600):  # the server preloads the model first
-                try:
-                    client.models.list()
-                    break
-                except Exception:  # noqa: BLE001 - not up yet
-                    time.sleep(0.2)
 
             def one(prompt: str) -> tuple[float, int]:
                 t = time.perf_counter()

@@ -57,13 +57,9 @@ def _restore_context():
 
 
 def _wait_healthy(port: int, timeout: float = 30.0) -> None:
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(f"http://localhost:{port}/health", timeout=1).read()
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"server on port {port} did not come up")
+    from hf_ext.generation.tie.serve import wait_until_serving
+
+    wait_until_serving(f"http://localhost:{port}", timeout=timeout, poll=0.1)
 
 
 def _complete(port: int, model: str, prompt: str, max_tokens: int, rid: str | None = None) -> dict:

@@ -140,7 +140,9 @@ def tie_generation_state(
         """transformers' ``GenerationState`` whose continuous batching uses ``scheduler_type="tie"``."""
 
         _hf_ext_tie = True
-        instances: list[Any] = []  # the states built while patched: a blocking server's owner stops them after
+        instances: list[
+            Any
+        ] = []  # the states built while patched: a blocking server's owner stops them after
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             bound = inspect.signature(base.__init__).bind(self, *args, **kwargs)
@@ -326,6 +328,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------ HTTP replay
+def wait_until_serving(url: str, timeout: float = 600.0, poll: float = 0.2) -> None:
+    """Block until ``{url}/health`` answers (the server preloads its model first); ``TimeoutError`` after
+    ``timeout`` seconds."""
+    import urllib.request
+
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"{url}/health", timeout=2).read()
+            return
+        time.sleep(poll)
+    raise TimeoutError(f"{url} did not come up in {timeout:.0f}s")
+
+
 def _stream_completion(url: str, model: str, prompt: str, max_tokens: int, rid: str, timeout: float) -> dict:
     """One streamed ``/v1/completions`` call; client-side ``first_token`` / ``finish`` (perf_counter) and tokens."""
     import urllib.request
