@@ -168,3 +168,43 @@ def test_tie_generate_batch_leaves_the_callers_context(setup):
     finally:
         clear_length_hints()
         enable_tie_scheduler()
+
+
+@pytest.mark.parametrize("failure", ["nan", "raises"])
+def test_in_loop_prediction_failure_never_stops_the_engine(setup, caplog, failure):
+    """The predictor runs inside the generation thread: a NaN / sigma <= 0 prediction or a predictor that raises is
+    logged naming the requests, they are scored by the heuristic, and every request still finishes (FIFO tokens)."""
+    import logging
+
+    from hf_ext.generation.tie.cb import enable_tie_scheduler, preserved_context
+
+    model, tok, ids, gc = setup
+
+    class Broken(FakePredictor):
+        def predict(self, prompts, batch_size=256):
+            if failure == "raises":
+                raise RuntimeError("checkpoint is corrupt")
+            out = super().predict(prompts)
+            out["mu"][0] = np.nan
+            out["sigma"][-1] = 0.0
+            return out
+
+    fifo = model.generate_batch(ids, generation_config=gc, continuous_batching_config=_cb("fifo"))
+    with preserved_context(), caplog.at_level(logging.WARNING, logger="hf_ext"):
+        enable_tie_scheduler(Broken(), tok)
+        tie = model.generate_batch(ids, generation_config=gc, continuous_batching_config=_cb("tie"))
+    assert {k: v.generated_tokens for k, v in tie.items()} == {k: v.generated_tokens for k, v in fifo.items()}
+    assert all(v.error is None for v in tie.values())
+    msgs = [r.getMessage() for r in caplog.records if "length prediction failed" in r.getMessage()]
+    assert msgs, caplog.text
+    why = (
+        "RuntimeError: checkpoint is corrupt"
+        if failure == "raises"
+        else "non-finite prediction or sigma/nu <= 0"
+    )
+    assert all(why in m for m in msgs)
+    counts = [int(m.split("failed for ")[1].split(" ")[0]) for m in msgs]
+    if failure == "raises":
+        assert sum(counts) == len(ids)
+    else:  # each predict call: its first prompt NaN, its last sigma = 0
+        assert all(c in (1, 2) for c in counts)

@@ -430,3 +430,18 @@ def test_blocking_serve_tie_stops_the_cb_thread_when_the_server_ends(monkeypatch
         ("m", True, True),
         ("m", True, False),
     ]
+
+
+def test_a_bad_prediction_does_not_take_the_server_down(model_dir, caplog):
+    """A NaN prediction for one request: it is served (heuristic score, logged), and so is every later request.
+    (Raising in the scheduler would kill transformers' CB worker: every later request would get 503.)"""
+    import logging
+
+    from hf_ext.generation.tie.serve import serve_tie
+
+    pred = StubPredictor({"bad prompt": float("nan")})
+    start = lambda **kw: serve_tie(model_dir, pred, **SMALL_CB, **kw)  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="hf_ext"), _server(start) as (port, _):
+        outs = [_complete(port, model_dir, p, 3, f"b{i}") for i, p in enumerate(["ok", "bad prompt", "ok 2"])]
+    assert [o["usage"]["completion_tokens"] for o in outs] == [3, 3, 3]
+    assert "length prediction failed for 1 request(s) ['b1']" in caplog.text

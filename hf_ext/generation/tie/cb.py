@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import warnings
@@ -50,6 +51,8 @@ from hf_ext.generation.tie.scheduler import (
     tie_components,
     validate_prompts,
 )
+
+logger = logging.getLogger("hf_ext")
 
 SCHEDULER_NAME = "tie"
 PRIORITY_SCHEDULER_NAME = "hf_ext_priority"
@@ -156,6 +159,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
     Attributes:
         admission_order: request ids in the order they left the waiting queue (for inspection/tests).
         scores: request id -> un-aged TIE score (while waiting).
+        prediction_failures: request id -> why its in-loop prediction failed (it was scored by the heuristic).
     """
 
     def reset(self) -> None:
@@ -165,6 +169,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
         self._static: dict[str, float] = {}
         self._epoch = time.perf_counter()
         self._warned = False
+        self.prediction_failures: dict[str, str] = {}
 
     def _prepare(self, new: list[RequestState]) -> None:
         cfg = CONTEXT.config
@@ -182,13 +187,11 @@ class TIECBScheduler(_WaitingOrderScheduler):
             if CONTEXT.predictor is not None and (
                 CONTEXT.prompt_text is not None or CONTEXT.tokenizer is not None
             ):
-                texts = [_prompt_text(list(new[i].initial_tokens)) for i in missing]
-                out = CONTEXT.predictor.predict([t if t.strip() else "<empty>" for t in texts])
-                mu[missing], sigma[missing], nu[missing] = out["mu"], out["sigma"], out["nu"]
-            else:
-                if not self._warned:
-                    warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
-                    self._warned = True
+                missing = self._predict(new, missing, mu, sigma, nu)  # what is left: failed predictions
+            elif not self._warned:
+                warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
+                self._warned = True
+            if missing:
                 caps = [self._cap(new[i]) for i in missing]
                 h = heuristic_prediction([len(new[i].initial_tokens) for i in missing], max(caps))
                 mu[missing], sigma[missing], nu[missing] = h["mu"], h["sigma"], h["nu"]
@@ -203,6 +206,42 @@ class TIECBScheduler(_WaitingOrderScheduler):
             self._t0[s.request_id] = t0
             if cfg.aging == "continuous":  # its key does not change while waiting: computed once
                 self._static[s.request_id] = aging_order_key(cfg, score, t0, t0)
+
+    def _predict(
+        self, new: list[RequestState], idx: list[int], mu: np.ndarray, sigma: np.ndarray, nu: np.ndarray
+    ) -> list[int]:
+        """Predict requests ``new[i]`` for ``i in idx`` into ``mu/sigma/nu``; returns the ``i`` whose prediction
+        failed (the predictor raised, or gave a non-finite value or σ, ν <= 0).
+
+        This runs inside the engine's generation thread, where an exception would fail every request in flight
+        (and stop a server for good), so a failed prediction is logged (``logging`` "hf_ext", naming the request
+        ids and why), kept in :attr:`prediction_failures`, and its request is scored by the prompt-length heuristic.
+        """
+        try:
+            texts = [_prompt_text(list(new[i].initial_tokens)) for i in idx]
+            out = CONTEXT.predictor.predict([t if t.strip() else "<empty>" for t in texts])
+            got = [np.asarray(out[k], dtype=np.float64).reshape(-1) for k in ("mu", "sigma", "nu")]
+            if any(a.shape != (len(idx),) for a in got):
+                raise ValueError(f"predictor returned {[a.shape for a in got]} for {len(idx)} prompts")
+        except Exception as exc:  # noqa: BLE001 - reported per request, see the docstring
+            return self._failed(new, idx, f"the predictor raised {type(exc).__name__}: {exc}")
+        ok = np.isfinite(got[0]) & np.isfinite(got[1]) & np.isfinite(got[2]) & (got[1] > 0) & (got[2] > 0)
+        good = [i for i, k in zip(idx, ok) if k]
+        mu[good], sigma[good], nu[good] = got[0][ok], got[1][ok], got[2][ok]
+        bad = [i for i, k in zip(idx, ok) if not k]
+        return self._failed(new, bad, "non-finite prediction or sigma/nu <= 0") if bad else []
+
+    def _failed(self, new: list[RequestState], idx: list[int], why: str) -> list[int]:
+        rids = [new[i].request_id for i in idx]
+        for rid in rids:
+            self.prediction_failures[rid] = why
+        logger.warning(
+            "TIE: length prediction failed for %d request(s) %s: %s; scoring them by the prompt-length heuristic",
+            len(rids),
+            rids[:5],
+            why,
+        )
+        return idx
 
     @staticmethod
     def _cap(state: RequestState) -> int:
