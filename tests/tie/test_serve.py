@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import threading
 import time
@@ -31,6 +33,12 @@ class StubPredictor:
         return {"mu": mu, "sigma": np.full_like(mu, 0.5), "nu": np.full_like(mu, 3.5)}
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from transformers import GenerationConfig
@@ -44,7 +52,9 @@ def model_dir(tmp_path_factory):
         max_new_tokens=16, do_sample=False, pad_token_id=0, bos_token_id=1
     )
     model.save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = CHAT_TEMPLATE  # for /v1/chat/completions
+    tok.save_pretrained(d)
     return str(d)
 
 
@@ -445,3 +455,34 @@ def test_a_bad_prediction_does_not_take_the_server_down(model_dir, caplog):
         outs = [_complete(port, model_dir, p, 3, f"b{i}") for i, p in enumerate(["ok", "bad prompt", "ok 2"])]
     assert [o["usage"]["completion_tokens"] for o in outs] == [3, 3, 3]
     assert "length prediction failed for 1 request(s) ['b1']" in caplog.text
+
+
+def test_chat_completions_go_through_tie_with_the_users_prompt_text(model_dir):
+    """/v1/chat/completions: the scheduler gets the chat-templated ids; the predictor sees the decoded template, or
+    what ``prompt_text`` makes of it (here the last user turn, as a predictor trained on raw user text needs)."""
+    from hf_ext.generation.tie.serve import serve_tie
+
+    def last_user_turn(ids):
+        from transformers import AutoTokenizer
+
+        text = AutoTokenizer.from_pretrained(model_dir).decode(ids)
+        return text.rsplit("<|user|>", 1)[-1].split("\n", 1)[0]
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 12 times 7?"},
+    ]
+    for prompt_text, seen in ((None, "<|system|>Be brief."), (last_user_turn, "What is 12 times 7?")):
+        pred = StubPredictor()
+        start = functools.partial(serve_tie, model_dir, pred, prompt_text=prompt_text, **SMALL_CB)
+        with _server(start) as (port, _):
+            body = json.dumps({"model": model_dir, "messages": messages, "max_tokens": 4}).encode()
+            req = urllib.request.Request(
+                f"http://localhost:{port}/v1/chat/completions",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            out = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        assert out["usage"]["completion_tokens"] == 4
+        assert len(pred.seen) == 1
+        assert pred.seen[0].startswith(seen) if prompt_text is None else pred.seen[0] == seen
