@@ -486,3 +486,11 @@ def test_chat_completions_go_through_tie_with_the_users_prompt_text(model_dir):
         assert out["usage"]["completion_tokens"] == 4
         assert len(pred.seen) == 1
         assert pred.seen[0].startswith(seen) if prompt_text is None else pred.seen[0] == seen
+
+
+def test_demo_includes_the_http_server():
+    """``hf-ext demo tie``: its last step serves the tiny model with TIE (predictor in the loop) over HTTP."""
+    from hf_ext.generation.tie.demo import run_demo
+
+    res = run_demo()
+    assert res.passed and "HTTP served 6/6" in res.key_figure, res.key_figure
