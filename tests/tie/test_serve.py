@@ -494,3 +494,28 @@ def test_demo_includes_the_http_server():
 
     res = run_demo()
     assert res.passed and "HTTP served 6/6" in res.key_figure, res.key_figure
+
+
+def test_blocking_serve_tie_stops_the_cb_thread_on_ctrl_c(monkeypatch):
+    """Ctrl-C in a blocking server comes back as KeyboardInterrupt from ``Serve``: the CB state is still stopped."""
+    import inspect
+
+    import transformers.cli.serve as serve_mod
+    import transformers.cli.serving.utils as su
+
+    from hf_ext.generation.tie.serve import serve_tie
+
+    real = serve_mod.Serve
+    stopped: list = []
+    monkeypatch.setattr(su.GenerationState, "shutdown", lambda self: stopped.append(self))
+
+    class InterruptedServe:
+        def __init__(self, **kwargs):
+            self.state = su.GenerationState(continuous_batching=True)  # what Serve builds, then it serves
+            raise KeyboardInterrupt
+
+    InterruptedServe.__init__.__signature__ = inspect.signature(real.__init__)
+    monkeypatch.setattr(serve_mod, "Serve", InterruptedServe)
+    with pytest.raises(KeyboardInterrupt):
+        serve_tie("m", port=1)
+    assert len(stopped) == 1 and stopped[0]._cb_config.scheduler_type == "tie"

@@ -140,9 +140,8 @@ def tie_generation_state(
         """transformers' ``GenerationState`` whose continuous batching uses ``scheduler_type="tie"``."""
 
         _hf_ext_tie = True
-        instances: list[
-            Any
-        ] = []  # the states built while patched: a blocking server's owner stops them after
+        # the states built while patched: the owner of a blocking server stops them when it ends
+        instances: list[Any] = []
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             bound = inspect.signature(base.__init__).bind(self, *args, **kwargs)
@@ -228,13 +227,23 @@ def serve_tie(
         tokenizer = AutoTokenizer.from_pretrained(model)
     validate_predictor_args(predictor, tokenizer, prompt_text)
     enable_tie_scheduler(predictor, tokenizer, config, prompt_text=prompt_text)
-    with tie_generation_state(continuous_batching_config):
-        server = Serve(force_model=model, continuous_batching=True, **serve_kwargs)
-    if not serve_kwargs.get("non_blocking"):
-        # the server has stopped (Ctrl-C): transformers leaves its CB generation thread running, which would keep
-        # the process alive; stop it and the model
-        server.kill_server()
+    blocking = not serve_kwargs.get("non_blocking")
+    with tie_generation_state(continuous_batching_config) as state_cls:
+        try:
+            server = Serve(force_model=model, continuous_batching=True, **serve_kwargs)
+        finally:
+            if blocking:
+                # the server has stopped (Ctrl-C, which also comes back as KeyboardInterrupt): transformers leaves
+                # its CB generation thread running, which would keep the process alive
+                _shutdown(state_cls)
+    if blocking:
+        server.kill_server()  # and the model
     return server
+
+
+def _shutdown(state_cls: type) -> None:
+    for state in state_cls.instances:  # type: ignore[attr-defined]
+        state.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -320,10 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:
             code = int(exc.code or 0)
         finally:
-            # the server has stopped (Ctrl-C): transformers leaves its CB generation thread running, which would keep
-            # the process alive
-            for state in state_cls.instances:
-                state.shutdown()
+            _shutdown(state_cls)  # see serve_tie
     return code
 
 
