@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=1000, help="output lengths are clipped to this")
     p.add_argument("--max-prompt", type=int, default=4096, help="prompt lengths are clipped to this")
     p.add_argument("--cuda-graph", action="store_true", help="let transformers use CUDA graphs")
+    p.add_argument(
+        "--predictor",
+        default=None,
+        help="saved logt predictor: TIE predicts in the server's loop from the prompt texts (--prompts) instead of "
+        "taking the replay's predictions by request id",
+    )
+    p.add_argument("--prompts", default=None, help="with --predictor: JSON of tie_export_prompts.py")
     p.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true")
@@ -81,6 +88,69 @@ def prompt_texts(tok: Any, lengths: list[int], seed: int) -> tuple[list[str], li
     return texts, got
 
 
+SEPARATOR = "\n\n### attached\n"  # what follows it is filler to the trace's prompt length
+
+
+class InLoopPredictor:
+    """The saved predictor as the server's scheduler calls it, timed, with what it was asked and answered."""
+
+    kind = "logt"
+
+    def __init__(self, path: str, tok: Any) -> None:
+        from hf_ext.generation.tie.predictor import LengthPredictor
+
+        self.inner = LengthPredictor.from_pretrained(path)
+        self.tok = tok
+        self.calls: list[tuple[int, float]] = []  # (prompts, seconds) per call
+        self.text_seconds = 0.0
+        self.mu: dict[str, float] = {}
+
+    def prompt_text(self, ids: list[int]) -> str:
+        """The request's own prompt: the served ids decoded, the filler after :data:`SEPARATOR` cut off."""
+        t = time.perf_counter()
+        text = self.tok.decode(ids, skip_special_tokens=True).split(SEPARATOR, 1)[0]
+        self.text_seconds += time.perf_counter() - t
+        return text
+
+    def predict(self, prompts: list[str], batch_size: int = 256) -> dict[str, Any]:
+        t = time.perf_counter()
+        out = self.inner.predict(prompts, batch_size=batch_size)
+        self.calls.append((len(prompts), time.perf_counter() - t))
+        self.mu.update(zip(prompts, (float(m) for m in out["mu"])))
+        return out
+
+    def report(self, reqs: list[Any], texts: dict[str, str]) -> dict[str, Any]:
+        """Call counts and seconds; the in-loop ``mu`` against this predictor run offline on each request's own
+        prompt (the text path: should agree to float precision) and against the replay JSON's ``mu``."""
+        from scipy.stats import spearmanr
+
+        seen = [r for r in reqs if texts[r.request_id] in self.mu]
+        in_loop = np.array([self.mu[texts[r.request_id]] for r in seen])
+        offline = np.asarray(self.inner.predict([texts[r.request_id] for r in seen])["mu"], dtype=np.float64)
+        replay = np.array([r.mu for r in seen])
+        return {
+            "predict_calls": len(self.calls),
+            "prompts_predicted": int(sum(n for n, _ in self.calls)),
+            "predict_seconds": float(sum(s for _, s in self.calls)),
+            "prompt_text_seconds": self.text_seconds,
+            "max_batch": int(max((n for n, _ in self.calls), default=0)),
+            "requests_compared": len(seen),
+            "max_abs_mu_diff_vs_offline": float(np.max(np.abs(in_loop - offline))) if seen else float("nan"),
+            "median_abs_mu_diff_vs_replay": float(np.median(np.abs(in_loop - replay)))
+            if seen
+            else float("nan"),
+            "spearman_mu_vs_replay": float(spearmanr(in_loop, replay)[0]) if len(seen) > 2 else float("nan"),
+        }
+
+
+def texts_with_filler(tok: Any, own: list[str], lengths: list[int], seed: int) -> tuple[list[str], list[int]]:
+    """Each request's own prompt, then :data:`SEPARATOR` and random filler up to about its trace prompt length."""
+    head = [len(tok(t + SEPARATOR, add_special_tokens=False).input_ids) for t in own]
+    filler, _ = prompt_texts(tok, [max(1, n - h) for n, h in zip(lengths, head)], seed)
+    texts = [t + SEPARATOR + f for t, f in zip(own, filler)]
+    return texts, [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
+
+
 def save_model(shape: str, device: str, out: Path, seed: int) -> Any:
     """The random-weight model of ``shape`` with the tiny tokenizer, saved for the server; EOS off."""
     import torch
@@ -102,9 +172,17 @@ def save_model(shape: str, device: str, out: Path, seed: int) -> Any:
 
 
 def run_policy(
-    args: argparse.Namespace, model_dir: str, reqs: list[Any], prompts: dict[str, str], policy: str
+    args: argparse.Namespace,
+    model_dir: str,
+    reqs: list[Any],
+    prompts: dict[str, str],
+    policy: str,
+    in_loop: InLoopPredictor | None = None,
 ):
-    """One fresh server with ``policy``'s scheduler; a warm-up request, then the timed replay. Returns records."""
+    """One fresh server with ``policy``'s scheduler; a warm-up request, then the timed replay. Returns records.
+
+    With ``in_loop``, TIE predicts each request in the server's scheduling loop from its text instead of taking the
+    replay's prediction by request id."""
     from transformers import ContinuousBatchingConfig
     from transformers.cli.serve import Serve
 
@@ -125,7 +203,13 @@ def run_policy(
     # each request's max_tokens is its true length here: TIE must not truncate its law there
     tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens, use_request_cap=False)
     with preserved_context():
-        scheduler = _install(policy, [warm, *reqs], tie_cfg)
+        if in_loop is not None and policy == "tie":
+            from hf_ext.generation.tie.cb import enable_tie_scheduler
+
+            enable_tie_scheduler(in_loop, None, tie_cfg, prompt_text=in_loop.prompt_text)
+            scheduler = "tie"
+        else:
+            scheduler = _install(policy, [warm, *reqs], tie_cfg)
         with tie_generation_state(ContinuousBatchingConfig(**cb_kw), scheduler_type=scheduler):
             server = Serve(
                 force_model=model_dir,
@@ -179,18 +263,28 @@ def main(argv: list[str] | None = None) -> int:
     reqs = real_cb.load_requests(
         args.workload, args.n, args.max_new_tokens, args.max_prompt, vocab, args.seed
     )
-    texts, got = prompt_texts(tok, [len(r.prompt_ids) for r in reqs], args.seed)
+    in_loop = None
+    if args.predictor:
+        if not args.prompts:
+            raise SystemExit("--predictor needs --prompts (benchmarks/tie_export_prompts.py)")
+        own = json.loads(Path(args.prompts).read_text())["prompts"][: len(reqs)]
+        texts, got = texts_with_filler(tok, own, [len(r.prompt_ids) for r in reqs], args.seed)
+        in_loop = InLoopPredictor(args.predictor, tok)
+        own_text = {r.request_id: t for r, t in zip(reqs, own)}
+    else:
+        texts, got = prompt_texts(tok, [len(r.prompt_ids) for r in reqs], args.seed)
     prompts = {r.request_id: s for r, s in zip(reqs, texts)}
     want = np.array([len(r.prompt_ids) for r in reqs])
     print(f"{len(reqs)} requests; prompt tokens: wanted {want.sum()}, text has {int(np.sum(got))}")
 
     case = f"serve_http_{args.shape}_{real_cb._workload_name(args.workload)}_n{args.n}_x{args.speed:g}"
     case += f"_maxseqs{args.max_requests_per_batch}{real_cb._workload_tag(args.workload)}"
+    case += "_predictor-in-loop" if in_loop is not None else ""
     res: dict[str, dict] = {}
     details: dict[str, Any] = {"command": cmd, "device": device_name(), "case": case, "policies": {}}
     for policy in policies:
         t = time.perf_counter()
-        recs = run_policy(args, str(model_dir), reqs, prompts, policy)
+        recs = run_policy(args, str(model_dir), reqs, prompts, policy, in_loop)
         res[policy] = summarize_replay(recs)
         s = res[policy]
         print(
@@ -198,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             f" TTFT {s['ttft_mean']:6.2f}s, lengths exact {bool(s['lengths_ok'])}, {time.perf_counter() - t:.0f}s"
         )
         details["policies"][policy] = {"summary": s, "seconds": time.perf_counter() - t}
+        if in_loop is not None and policy == "tie":
+            details["in_loop_predictor"] = in_loop.report(reqs, own_text)
+            print(f"  in-loop predictor: {json.dumps(details['in_loop_predictor'])}")
     rows = real_cb_rows({case: res}, device_name(), cmd)
     print_rows(rows, title="TIE through transformers serve (HTTP) — ratio > 1: TIE better")
     if not args.no_write:

@@ -519,3 +519,55 @@ def test_blocking_serve_tie_stops_the_cb_thread_on_ctrl_c(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         serve_tie("m", port=1)
     assert len(stopped) == 1 and stopped[0]._cb_config.scheduler_type == "tie"
+
+
+def test_serve_replay_with_the_predictor_in_the_loop(tmp_path, capsys):
+    """benchmarks/tie_serve_replay.py --predictor --prompts: TIE predicts in the server's loop from each request's
+    own prompt (the filler after the separator cut off), once per request; FCFS is unchanged."""
+    from hf_ext.generation.tie import LengthPredictor, PredictorConfig, generate_workload
+    from hf_ext.generation.tie.data import length_pairs
+    from tests.tie._scripts import load_script
+
+    pred = LengthPredictor(PredictorConfig.tiny(epochs=1))
+    pred.fit(length_pairs(generate_workload(200, seed=0)))
+    pred.save_pretrained(tmp_path / "pred")
+    own = [r["prompt"] for r in generate_workload(6, seed=5)]
+    (tmp_path / "prompts.json").write_text(json.dumps({"meta": {}, "prompts": own}))
+    bench = load_script("tie_serve_replay")
+    argv = ["--shape", "tiny", "--device", "cpu", "--n", "6", "--speed", "20", "--no-write"]
+    argv += ["--predictor", str(tmp_path / "pred"), "--prompts", str(tmp_path / "prompts.json")]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("lengths exact True") == 2 and "_predictor-in-loop" in out
+    report = json.loads(out.split("in-loop predictor: ")[1].splitlines()[0])
+    assert report["prompts_predicted"] == 6 + 1  # every request once, and the warm-up
+    assert report["requests_compared"] == 6
+    assert report["max_abs_mu_diff_vs_offline"] < 1e-5  # the server's predictor saw each request's own prompt
+    assert np.isclose(
+        report["median_abs_mu_diff_vs_replay"],
+        np.median([abs(m - r.mu) for m, r in zip(pred.predict(own)["mu"], bench_requests(bench))]),
+    )
+
+
+def bench_requests(bench):
+    """The six replay requests the smoke run above used (their replay-JSON predictions)."""
+    from tests.tie._scripts import load_script
+
+    return load_script("tie_real_cb").load_requests(str(bench.DEFAULT_WORKLOAD), 6, 1000, 4096, 512, 0)
+
+
+def test_committed_predictor_and_prompts_match_the_replay():
+    """benchmarks/data: the replay's prompt texts (one per request) and the retrained log-t predictor that the
+    serve benchmark runs in the loop rank these prompts like the replay's own predictions."""
+    from pathlib import Path
+
+    from scipy.stats import spearmanr
+
+    from hf_ext.generation.tie.predictor import LengthPredictor
+
+    data = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
+    rows = json.loads((data / "tie_azure_replay_n40k.json").read_text())["requests"]
+    prompts = json.loads((data / "tie_azure_replay_prompts.json").read_text())["prompts"]
+    assert len(prompts) == len(rows) and all(isinstance(p, str) and p for p in prompts)
+    got = LengthPredictor.from_pretrained(str(data / "tie_predictor_logt_n40k")).predict(prompts[:300])
+    assert spearmanr(got["mu"], [r["mu"] for r in rows[:300]])[0] > 0.95
