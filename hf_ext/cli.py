@@ -77,7 +77,7 @@ def doctor_report() -> dict[str, Any]:
             note = "CPU reference path only (no CUDA GPU)"
         if c.min_gpus > max(n_gpu, 1):
             note = f"real path needs {c.min_gpus} GPUs; gloo/CPU simulation available"
-        absent = [what for module, what in c.optional if not is_available(module)]
+        absent = [what for modules, what in c.optional if not all(is_available(m) for m in modules)]
         if absent:
             note = "; ".join([note or "ok", *absent])
         comps.append({"name": c.name, "can_run": not reasons, "why": "; ".join(reasons) or note or "ok"})

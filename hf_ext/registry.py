@@ -31,8 +31,8 @@ class Component:
         needs_gpu: the component's fast path needs CUDA (a CPU reference path may still exist).
         min_gpus: GPUs needed for the real (non-simulated) multi-device path.
         example: path of the runnable example.
-        optional: ``(module, what it enables and how to install it)`` pairs; ``hf-ext doctor`` names the ones
-            missing here.
+        optional: ``(modules, what they enable and how to install them)`` pairs; ``hf-ext doctor`` names those
+            with a module missing here.
     """
 
     name: str
@@ -45,7 +45,7 @@ class Component:
     needs_gpu: bool = False
     min_gpus: int = 0
     example: str | None = None
-    optional: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    optional: tuple[tuple[tuple[str, ...], str], ...] = field(default_factory=tuple)
 
 
 COMPONENTS: tuple[Component, ...] = (
@@ -126,7 +126,10 @@ COMPONENTS: tuple[Component, ...] = (
         bench="hf_ext.generation.tie.bench:main",
         switch_on='ContinuousBatchingConfig(scheduler_type="tie"), or hf-ext serve MODEL',
         example="examples/tie_serving.py",
-        optional=(("fastapi", "hf-ext serve needs pip install 'hf-ext[serve]'"),),
+        # what transformers.utils.is_serve_available checks (hf_ext.generation.tie.serve.require_serving)
+        optional=(
+            (("fastapi", "uvicorn", "openai", "pydantic"), "hf-ext serve needs pip install 'hf-ext[serve]'"),
+        ),
     ),
     Component(
         name="pbkv",

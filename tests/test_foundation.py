@@ -209,13 +209,15 @@ def test_run_distributed_retries_native_crash_but_not_python_errors(run_distribu
     assert "ValueError: boom" in str(err.value)  # the failing rank's traceback
 
 
-def test_doctor_names_missing_optional_extras(monkeypatch):
-    """A component's optional module that is not installed shows in its doctor note with how to get it."""
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn", "openai", "pydantic"])
+def test_doctor_names_missing_optional_extras(monkeypatch, missing):
+    """A component's optional module that is not installed shows in its doctor note with how to get it (tie: any
+    module transformers' is_serve_available needs)."""
     import hf_ext.cli as cli
     import hf_ext.utils.imports as imports
 
     real = imports.is_available
-    monkeypatch.setattr(imports, "is_available", lambda m: m != "fastapi" and real(m))
+    monkeypatch.setattr(imports, "is_available", lambda m: m != missing and real(m))
     tie = {c["name"]: c for c in cli.doctor_report()["components"]}["tie"]
     assert tie["can_run"] and "hf-ext serve needs pip install 'hf-ext[serve]'" in tie["why"]
     monkeypatch.setattr(imports, "is_available", lambda m: True)
