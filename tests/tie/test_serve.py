@@ -263,6 +263,9 @@ def test_serve_tie_refuses_cb_config_with_cb_flags_and_point_predictors():
     point.kind = "point"
     with pytest.raises(ValueError, match="'logt' LengthPredictor"):
         serve_tie("m", point, prompt_text=lambda ids: "x")
+    # refused before the served model's tokenizer is loaded (there is no model "no/such-model" to load it from)
+    with pytest.raises(ValueError, match="'logt' LengthPredictor"):
+        serve_tie("no/such-model", point)
     with pytest.raises(ValueError, match="model must be a non-empty"):
         serve_tie("")
 

@@ -331,13 +331,18 @@ def enable_tie_scheduler(
     return register()
 
 
-def validate_predictor_args(predictor: Any, tokenizer: Any, prompt_text: Any) -> None:
-    """The checks :func:`enable_tie_scheduler` makes before changing any state (``ValueError`` naming the argument)."""
+def validate_predictor_args(
+    predictor: Any, tokenizer: Any, prompt_text: Any, *, tokenizer_required: bool = True
+) -> None:
+    """The checks :func:`enable_tie_scheduler` makes before changing any state (``ValueError`` naming the argument).
+
+    ``tokenizer_required=False``: all but the missing-tokenizer check, for a caller that loads the tokenizer next.
+    """
     if predictor is not None and getattr(predictor, "kind", "logt") != "logt":
         raise ValueError(f"predictor must be a 'logt' LengthPredictor, got kind={predictor.kind!r}")
     if prompt_text is not None and not callable(prompt_text):
         raise ValueError(f"prompt_text must be a callable ids -> str, got {type(prompt_text).__name__}")
-    if predictor is not None and tokenizer is None and prompt_text is None:
+    if tokenizer_required and predictor is not None and tokenizer is None and prompt_text is None:
         raise ValueError(
             "tokenizer (of the served model) or prompt_text is required with predictor= to turn prompt ids into text"
         )

@@ -163,12 +163,24 @@ def tie_generation_state(
         utils.GenerationState = base
 
 
-def _load_predictor(predictor: Any) -> Any:
+def _enable_scoring(
+    model: str, predictor: Any, tokenizer: Any, config: TIEConfig | None, prompt_text: Any
+) -> None:
+    """Set what the TIE scheduler scores with (:func:`~hf_ext.generation.tie.cb.enable_tie_scheduler`).
+
+    ``predictor`` may be a saved predictor's directory; the served model's tokenizer is loaded from ``model`` when
+    the predictor needs one and neither ``tokenizer`` nor ``prompt_text`` is given, after the predictor is checked.
+    """
     if isinstance(predictor, str):
         from hf_ext.generation.tie.predictor import LengthPredictor
 
-        return LengthPredictor.from_pretrained(predictor)
-    return predictor
+        predictor = LengthPredictor.from_pretrained(predictor)
+    validate_predictor_args(predictor, tokenizer, prompt_text, tokenizer_required=False)
+    if predictor is not None and tokenizer is None and prompt_text is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    enable_tie_scheduler(predictor, tokenizer, config, prompt_text=prompt_text)
 
 
 def serve_tie(
@@ -220,13 +232,7 @@ def serve_tie(
     unknown = set(serve_kwargs) - set(inspect.signature(Serve.__init__).parameters)
     if unknown:
         raise ValueError(f"unknown transformers serve argument(s): {', '.join(sorted(unknown))}")
-    predictor = _load_predictor(predictor)
-    if predictor is not None and tokenizer is None and prompt_text is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    validate_predictor_args(predictor, tokenizer, prompt_text)
-    enable_tie_scheduler(predictor, tokenizer, config, prompt_text=prompt_text)
+    _enable_scoring(model, predictor, tokenizer, config, prompt_text)
     blocking = not serve_kwargs.get("non_blocking")
     with tie_generation_state(continuous_batching_config) as state_cls:
         try:
@@ -313,13 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("hf-ext serve: MODEL is the served model and continuous batching is always on")
     config = config_from_args(args)
     require_serving()
-    predictor = _load_predictor(args.tie_predictor)
-    tokenizer = None
-    if predictor is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    enable_tie_scheduler(predictor, tokenizer, config)
+    _enable_scoring(args.model, args.tie_predictor, None, config, None)
     from transformers.cli.transformers import app
 
     code = 0
