@@ -352,6 +352,8 @@ def test_replay_over_http_times_and_lengths(model_dir):
     assert summarize_replay(recs)["lengths_ok"] == 1.0
     with pytest.raises(ValueError, match="no non-empty text"):
         replay_over_http(f"http://localhost:{port}", model_dir, reqs, {"q0": "x"})
+    with pytest.raises(ValueError, match="unique"):  # records are keyed by request id
+        replay_over_http(f"http://localhost:{port}", model_dir, [reqs[0], reqs[0]], prompts)
     with pytest.raises(RuntimeError, match="requests failed over HTTP"):  # the server is gone
         replay_over_http(f"http://localhost:{port}", model_dir, reqs[:1], prompts, time_scale=0)
 

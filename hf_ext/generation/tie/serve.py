@@ -406,8 +406,11 @@ def replay_over_http(
     """
     import threading
 
-    if not (isinstance(time_scale, (int, float)) and time_scale >= 0):
-        raise ValueError(f"time_scale must be a number >= 0, got {time_scale!r}")
+    from hf_ext.generation.tie.replay import validate_replay
+
+    # unique ids, lengths >= 1, arrivals and time_scale finite and >= 0: what the engine replay checks. The
+    # policy is the server's business; "fcfs" asks for no predictions on the requests.
+    validate_replay(requests, "fcfs", time_scale)
     missing = [r.request_id for r in requests if not prompts.get(r.request_id)]
     if missing:
         raise ValueError(f"prompts has no non-empty text for request(s) {missing[:5]}")
