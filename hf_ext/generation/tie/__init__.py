@@ -5,6 +5,8 @@ Public names load lazily (this module imports neither torch nor transformers):
 * :class:`TIEConfig`, :class:`PredictorConfig` — settings;
 * :class:`LogT`, :func:`expected_length`, :func:`cvar_length`, :func:`tie_score` — the length law;
 * :class:`LengthPredictor` — encoder + heads, ``fit`` / ``predict`` / ``save_pretrained``;
+* :class:`LengthLog`, :func:`load_length_log` — served requests' output lengths (exact or cut), recorded by the
+  scheduler, to train the predictor on your own traffic (:mod:`.lengthlog`);
 * :class:`TIEScheduler`, :func:`order_batch`, :func:`annotate_requests` — simulator scheduler and offline order;
 * :func:`enable_tie_scheduler`, :func:`tie_generate_batch`, :class:`TIECBScheduler` — transformers
   continuous batching (``ContinuousBatchingConfig(scheduler_type="tie")``);
@@ -44,6 +46,8 @@ _LAZY = {
     "cvar_length": "distribution",
     "tie_score": "distribution",
     "LengthPredictor": "predictor",
+    "LengthLog": "lengthlog",
+    "load_length_log": "lengthlog",
     "TIEScheduler": "scheduler",
     "order_batch": "scheduler",
     "annotate_requests": "scheduler",

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from transformers.generation.continuous_batching import scheduler as _cb_sched
-from transformers.generation.continuous_batching.requests import RequestState
+from transformers.generation.continuous_batching.requests import RequestState, RequestStatus
 
 from hf_ext.generation.tie.config import TIEConfig
 from hf_ext.generation.tie.scheduler import (
@@ -66,6 +66,7 @@ class _Context:
         self.predictor: Any = None
         self.tokenizer: Any = None
         self.prompt_text: Callable[[list[int]], str] | None = None
+        self.length_log: Any = None  # a LengthLog: finished requests' lengths are recorded there
         self.config = TIEConfig()
         self.hints: dict[tuple[int, ...], tuple[float, float, float]] = {}
         self.rid_hints: dict[str, tuple[float, float, float]] = {}
@@ -90,9 +91,28 @@ def _prompt_text(ids: list[int]) -> str:
     return CONTEXT.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _true_prompt(state: RequestState) -> list[int]:
+    """The prompt ids the client sent. A request transformers soft-reset (its KV evicted, not offloaded) comes back
+    with its generated tokens appended to ``initial_tokens``; ``_true_initial_tokens`` counts the real prompt."""
+    n = getattr(state, "_true_initial_tokens", 0)
+    return list(state.initial_tokens[:n]) if n else list(state.initial_tokens)
+
+
 def _lookup(by_rid: dict[str, Any], by_ids: dict[tuple[int, ...], Any], state: RequestState) -> Any:
     hit = by_rid.get(state.request_id)
-    return hit if hit is not None else by_ids.get(tuple(state.initial_tokens))
+    return hit if hit is not None else by_ids.get(tuple(_true_prompt(state)))
+
+
+def _ended(state: RequestState) -> str | None:
+    """Why a request transformers marked FINISHED ended: ``"eos"``, ``"max_new_tokens"``, or ``None`` when it did
+    not (a soft reset also marks the old state FINISHED, and the request comes back under the same id)."""
+    if state.status != RequestStatus.FINISHED or not state.generated_tokens:
+        return None
+    if state.generated_tokens[-1] in getattr(state, "_eos_token_ids", ()):
+        return "eos"
+    if state.max_new_tokens is not None and len(state.generated_tokens) >= state.max_new_tokens:
+        return "max_new_tokens"
+    return None
 
 
 class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
@@ -110,6 +130,10 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
         self._known: set[str] = set()
         self._last_fresh: list[str] = []
         self.admission_order: list[str] = []
+        self._laws: dict[
+            str, tuple[tuple[float, float, float], str]
+        ] = {}  # for the length log, until finished
+        self._texts: dict[str, str] = {}  # predictor text already made, reused by the length log
         CONTEXT.last_scheduler_type = type(self)
         CONTEXT.admission_order = self.admission_order
 
@@ -150,7 +174,49 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
         cancelled = super().clear_cancelled_requests()
         for s in cancelled:
             self._forget(s.request_id)
+            self._record(s, "cancelled")
         return cancelled
+
+    def finish_request(self, request_id: str) -> None:
+        state = self.active_requests.get(request_id)
+        if state is not None:
+            reason = _ended(state)
+            if reason is not None:
+                self._record(state, reason)
+            elif (
+                state.status != RequestStatus.FINISHED
+            ):  # failed: forget; FINISHED but not ended: a soft reset
+                self._laws.pop(request_id, None)
+                self._texts.pop(request_id, None)
+        super().finish_request(request_id)
+
+    def _record(self, state: RequestState, reason: str) -> None:
+        """Append ``state`` to ``CONTEXT.length_log`` (if set). Runs in the engine's thread: a failure is counted
+        and logged by the log, never raised."""
+        rid = state.request_id
+        law = self._laws.pop(rid, None)
+        text = self._texts.pop(rid, None)
+        log = CONTEXT.length_log
+        if log is None:
+            return
+        try:
+            prompt = _true_prompt(state)
+            before = len(state.initial_tokens) - len(prompt)  # tokens generated before a soft reset
+            n_out = before + len(state.generated_tokens)
+            if n_out < 1:  # cancelled before its first token: no information
+                return
+            log.add(
+                prompt=text if text is not None else _prompt_text(prompt),
+                output_len=n_out,
+                reason=reason,
+                max_new_tokens=None if state.max_new_tokens is None else before + int(state.max_new_tokens),
+                prompt_tokens=len(prompt),
+                request_id=rid,
+                law=None if law is None else law[0],
+                source=None if law is None else law[1],
+            )
+        except Exception as exc:  # noqa: BLE001 - the engine thread must not die for the log
+            log._error("record", f"could not record request {rid!r}: {type(exc).__name__}: {exc}")
 
 
 class TIECBScheduler(_WaitingOrderScheduler):
@@ -177,10 +243,12 @@ class TIECBScheduler(_WaitingOrderScheduler):
         sigma = np.empty(len(new))
         nu = np.empty(len(new))
         missing: list[int] = []
+        source = ["hint"] * len(new)
         for i, s in enumerate(new):
             hint = _lookup(CONTEXT.rid_hints, CONTEXT.hints, s)
             if hint is None:
                 missing.append(i)
+                source[i] = "predictor"
             else:
                 mu[i], sigma[i], nu[i] = hint
         if missing:
@@ -193,8 +261,13 @@ class TIECBScheduler(_WaitingOrderScheduler):
                 self._warned = True
             if missing:
                 caps = [self._cap(new[i]) for i in missing]
-                h = heuristic_prediction([len(new[i].initial_tokens) for i in missing], max(caps))
+                h = heuristic_prediction([len(_true_prompt(new[i])) for i in missing], max(caps))
                 mu[missing], sigma[missing], nu[missing] = h["mu"], h["sigma"], h["nu"]
+                for i in missing:
+                    source[i] = "heuristic"
+        if CONTEXT.length_log is not None:
+            for i, s in enumerate(new):
+                self._laws[s.request_id] = ((float(mu[i]), float(sigma[i]), float(nu[i])), source[i])
         caps = np.asarray([self._cap(s) for s in new], dtype=np.float64)
         e, c = tie_components(mu, sigma, nu, cfg, caps)
         # L_queue: the waiting queue each new request joins, itself excluded (TIEScheduler.add / add_many's count)
@@ -218,7 +291,9 @@ class TIECBScheduler(_WaitingOrderScheduler):
         ids and why), kept in :attr:`prediction_failures`, and its request is scored by the prompt-length heuristic.
         """
         try:
-            texts = [_prompt_text(list(new[i].initial_tokens)) for i in idx]
+            texts = [_prompt_text(_true_prompt(new[i])) for i in idx]
+            if CONTEXT.length_log is not None:
+                self._texts.update((new[i].request_id, t) for i, t in zip(idx, texts))
             out = CONTEXT.predictor.predict([t if t.strip() else "<empty>" for t in texts])
             got = [np.asarray(out[k], dtype=np.float64).reshape(-1) for k in ("mu", "sigma", "nu")]
             if any(a.shape != (len(idx),) for a in got):
@@ -310,6 +385,7 @@ def enable_tie_scheduler(
     config: TIEConfig | None = None,
     *,
     prompt_text: Callable[[list[int]], str] | None = None,
+    length_log: Any = None,
 ) -> type[TIECBScheduler]:
     """Register ``"tie"`` and set what it scores with; then use ``ContinuousBatchingConfig(scheduler_type="tie")``.
 
@@ -321,18 +397,27 @@ def enable_tie_scheduler(
         prompt_text: ``ids -> str``, the text ``predictor`` sees for a request's prompt ids, instead of
             ``tokenizer.decode(ids, skip_special_tokens=True)`` (e.g. the last user turn of a chat prompt,
             if that is what the predictor was trained on).
+        length_log: a :class:`~hf_ext.generation.tie.lengthlog.LengthLog`: every request our schedulers finish is
+            recorded there (its prompt text, output length, whether that length is exact or cut, the law it was
+            scored with), to train a predictor on your own traffic. Needs ``tokenizer`` or ``prompt_text``.
     """
-    validate_predictor_args(predictor, tokenizer, prompt_text)
+    validate_predictor_args(predictor, tokenizer, prompt_text, length_log=length_log)
     with CONTEXT.lock:
         CONTEXT.predictor = predictor
         CONTEXT.tokenizer = tokenizer
         CONTEXT.prompt_text = prompt_text
+        CONTEXT.length_log = length_log
         CONTEXT.config = config or TIEConfig()
     return register()
 
 
 def validate_predictor_args(
-    predictor: Any, tokenizer: Any, prompt_text: Any, *, tokenizer_required: bool = True
+    predictor: Any,
+    tokenizer: Any,
+    prompt_text: Any,
+    *,
+    tokenizer_required: bool = True,
+    length_log: Any = None,
 ) -> None:
     """The checks :func:`enable_tie_scheduler` makes before changing any state (``ValueError`` naming the argument).
 
@@ -342,9 +427,16 @@ def validate_predictor_args(
         raise ValueError(f"predictor must be a 'logt' LengthPredictor, got kind={predictor.kind!r}")
     if prompt_text is not None and not callable(prompt_text):
         raise ValueError(f"prompt_text must be a callable ids -> str, got {type(prompt_text).__name__}")
-    if tokenizer_required and predictor is not None and tokenizer is None and prompt_text is None:
+    if length_log is not None:
+        from hf_ext.generation.tie.lengthlog import LengthLog
+
+        if not isinstance(length_log, LengthLog):
+            raise ValueError(f"length_log must be a LengthLog or None, got {type(length_log).__name__}")
+    needs_text = predictor is not None or length_log is not None
+    if tokenizer_required and needs_text and tokenizer is None and prompt_text is None:
         raise ValueError(
-            "tokenizer (of the served model) or prompt_text is required with predictor= to turn prompt ids into text"
+            "tokenizer (of the served model) or prompt_text is required with predictor= or length_log= to turn "
+            "prompt ids into text"
         )
 
 
@@ -439,6 +531,7 @@ def tie_generate_batch(
     generation_config: Any = None,
     continuous_batching_config: Any = None,
     config: TIEConfig | None = None,
+    length_log: Any = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """``model.generate_batch`` with the TIE scheduler, predicting all prompt lengths in one batch first.
@@ -451,6 +544,8 @@ def tie_generate_batch(
         generation_config / continuous_batching_config: as for ``generate_batch``; the latter's
             ``scheduler_type`` is set to ``"tie"`` (a copy is made).
         config: :class:`TIEConfig`.
+        length_log: a :class:`~hf_ext.generation.tie.lengthlog.LengthLog` to record each request's output length
+            in (see :func:`enable_tie_scheduler`).
 
     Returns:
         ``generate_batch``'s dict ``request_id -> GenerationOutput`` (``req_<i>`` is prompt ``i``).
@@ -462,6 +557,7 @@ def tie_generate_batch(
     if isinstance(prompts, str):
         raise ValueError("prompts must be a non-empty list of strings")
     prompts = validate_prompts(prompts, non_empty=True)
+    validate_predictor_args(None, tokenizer, None, length_log=length_log)
     mnt = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
     if mnt is not None and (not isinstance(mnt, int) or mnt <= 0):
         raise ValueError(f"max_new_tokens must be an int > 0, got {mnt!r}")
@@ -480,7 +576,17 @@ def tie_generate_batch(
     )
     cb.scheduler_type = SCHEDULER_NAME
     with preserved_context():
-        enable_tie_scheduler(None, None, config)
+        if length_log is None:
+            enable_tie_scheduler(None, None, config)
+        else:  # the log records each request under the caller's own prompt text
+            texts = {tuple(x): p for x, p in zip(ids, prompts)}
+            enable_tie_scheduler(
+                None,
+                None,
+                config,
+                prompt_text=lambda x: texts.get(tuple(x)) or tokenizer.decode(x, skip_special_tokens=True),
+                length_log=length_log,
+            )
         set_length_hints(ids, out["mu"], out["sigma"], out["nu"])
         return model.generate_batch(
             ids, generation_config=generation_config, continuous_batching_config=cb, **kwargs
@@ -491,14 +597,22 @@ def tie_generate_batch(
 def preserved_context() -> Iterator[None]:
     """Run a block that sets its own predictor/config/hints/keys, then put back what the caller had set."""
     with CONTEXT.lock:
-        saved = (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.config)
+        saved = (
+            CONTEXT.predictor,
+            CONTEXT.tokenizer,
+            CONTEXT.prompt_text,
+            CONTEXT.length_log,
+            CONTEXT.config,
+        )
         tables = (CONTEXT.hints, CONTEXT.rid_hints, CONTEXT.keys, CONTEXT.rid_keys)
         copies = [dict(t) for t in tables]
     try:
         yield
     finally:
         with CONTEXT.lock:
-            CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.config = saved
+            CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.length_log, CONTEXT.config = (
+                saved
+            )
             for table, old in zip(tables, copies):
                 table.clear()
                 table.update(old)

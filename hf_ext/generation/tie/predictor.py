@@ -258,8 +258,17 @@ class LengthPredictor:
         prompt_column: str = "prompt",
         length_column: str = "output_len",
         progress: bool = False,
+        censored_column: str | None = None,
     ) -> dict[str, list[float]]:
         """Train on a ``datasets.Dataset`` (or dict of lists) of ``(prompt, output_len)`` pairs.
+
+        Args:
+            censored_column: a column of booleans, True where ``output_len`` is only a lower bound (generation was
+                cut by the request's ``max_new_tokens`` or the client cancelled it), as in a
+                :class:`~hf_ext.generation.tie.lengthlog.LengthLog` of served requests. Those rows enter the log-t
+                NLL as ``log P(X >= output_len)``, like lengths at ``PredictorConfig.censor_at``. ``kind="logt"``
+                only: a point or ranking objective has no way to use "at least" (``ValueError`` if a row is
+                censored; drop such rows to train those baselines).
 
         Returns ``{"loss": [per-epoch mean loss]}``.
         """
@@ -267,12 +276,23 @@ class LengthPredictor:
         lengths = np.asarray(dataset[length_column], dtype=np.float64)
         if lengths.shape != (len(prompts),) or not np.all(np.isfinite(lengths)) or np.any(lengths < 1):
             raise ValueError(f"{length_column} must hold one finite length >= 1 per prompt")
+        cens_all = censored_flags(dataset, censored_column, len(prompts))
+        if cens_all.any() and self.kind != "logt":
+            raise ValueError(
+                f"censored_column={censored_column!r} has {int(cens_all.sum())} censored rows, but a kind="
+                f"{self.kind!r} predictor cannot use a lower bound; train kind='logt', or drop the censored rows"
+            )
         c = self.config
         y_all = np.log(lengths)
         mcfg = self.model.config
         mcfg.y_mean, mcfg.y_std = float(y_all.mean()), float(max(y_all.std(), 1e-3))
         enc = self._encode(prompts)
-        y_t = torch.tensor(y_all, dtype=torch.float32)
+        y_fit = y_all
+        if c.censor_at is not None and self.kind == "logt":  # cut at the global cap: only "at least" is known
+            cens_all |= lengths >= c.censor_at
+            y_fit = np.minimum(y_all, math.log(c.censor_at))
+        y_t = torch.tensor(y_fit, dtype=torch.float32)
+        cens_t = torch.tensor(cens_all)
         gen = torch.Generator().manual_seed(c.seed)
         opt = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay
@@ -300,7 +320,7 @@ class LengthPredictor:
                 ids, mask = enc["input_ids"][idx], enc["attention_mask"][idx]
                 keep = int(mask.sum(1).max())
                 out = self.model(ids[:, :keep], mask[:, :keep])
-                loss = self._loss(out, y_t[idx])
+                loss = self._loss(out, y_t[idx], cens_t[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -313,19 +333,17 @@ class LengthPredictor:
         self.fitted = True
         return {"loss": history}
 
-    def _loss(self, out: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, out: dict[str, torch.Tensor], y: torch.Tensor, cens: torch.Tensor) -> torch.Tensor:
+        """Training loss of one batch; ``cens[B]`` (logt): ``y`` is a lower bound, scored as ``log P(Y >= y)``."""
         mcfg = self.model.config
         ys = (y - mcfg.y_mean) / mcfg.y_std
         if self.kind == "logt":
             mu_s = out["raw"][:, 0]
             sigma_s = out["sigma"] / mcfg.y_std
             nll = logt_nll(ys, mu_s, sigma_s, out["nu"])
-            if self.config.censor_at is not None:  # cut at the cap: only "at least this long" is known
-                y_cap = math.log(self.config.censor_at)
-                cens = y >= y_cap - 1e-9
-                if bool(cens.any()):
-                    z = ((y_cap - mcfg.y_mean) / mcfg.y_std - mu_s) / sigma_s
-                    nll = torch.where(cens, -student_t_log_sf(z, out["nu"].expand_as(z)), nll)
+            if bool(cens.any()):
+                z = (ys - mu_s) / sigma_s
+                nll = torch.where(cens, -student_t_log_sf(z, out["nu"].expand_as(z)), nll)
             return nll.mean()
         if self.kind == "point":
             return nn.functional.mse_loss(out["raw"][:, 0], ys)
@@ -364,9 +382,11 @@ class LengthPredictor:
         prompt_column: str = "prompt",
         length_column: str = "output_len",
         max_new_tokens: int | None = None,
+        censored_column: str | None = None,
     ) -> dict[str, float]:
-        """Quality on held-out pairs: ``nll`` (log-t, nats of log length; logt only; with ``censor_at`` also
-        ``nll_censored``, capped lengths scored as ``log P(X >= cap)``), ``coverage50``,
+        """Quality on held-out pairs: ``nll`` (log-t, nats of log length; logt only; with ``censor_at`` or
+        ``censored_column`` (see :meth:`fit`) also ``nll_censored``, the training objective: censored lengths
+        scored as ``log P(X >= length)``; the other metrics take every length as observed), ``coverage50``,
         ``coverage90``, ``mae_log`` (|μ - log L|, logt/point) and ``spearman`` / ``kendall`` rank correlation.
 
         CRPS (logt/point; a point forecast's CRPS is its absolute error, so the two kinds compare):
@@ -378,6 +398,7 @@ class LengthPredictor:
         lengths = np.asarray(dataset[length_column], dtype=np.float64)
         if max_new_tokens is not None:
             _check_int("max_new_tokens", max_new_tokens)
+        cens = censored_flags(dataset, censored_column, len(prompts))
         pred = self.predict(prompts)
         y = np.log(lengths)
         key = pred.get("score", pred.get("mu"))
@@ -401,6 +422,7 @@ class LengthPredictor:
                     pred["nu"],
                     max_new_tokens,
                     censor_at=self.config.censor_at,
+                    censored=cens if censored_column is not None else None,
                 )
             )
         return res
@@ -438,11 +460,13 @@ def logt_scores(
     nu: Any,
     max_new_tokens: int | None = None,
     censor_at: int | None = None,
+    censored: Any = None,
 ) -> dict[str, float]:
     """How well log-t laws ``(μ, σ, ν)`` (each ``[N]`` or scalar) describe observed ``lengths[N]``: ``nll`` (nats of log
     length), ``coverage50`` / ``coverage90`` (central intervals), ``crps_log`` (``inf`` if some ``ν <= 1``) and, with
-    ``max_new_tokens``, ``crps_tokens`` on lengths clipped to ``[1, M]``; with ``censor_at`` also ``nll_censored``
-    (lengths at the cap scored as ``log P(X >= cap)``). Shared by :meth:`LengthPredictor.evaluate` and the bench's
+    ``max_new_tokens``, ``crps_tokens`` on lengths clipped to ``[1, M]``; with ``censor_at`` and/or ``censored``
+    (``[N]`` booleans: that length is a lower bound) also ``nll_censored`` (lengths at the cap or flagged scored as
+    ``log P(X >= length)``). Shared by :meth:`LengthPredictor.evaluate` and the bench's
     reference laws (constant, true)."""
     from hf_ext.generation.tie.distribution import crps_length, crps_log, interval_coverage
 
@@ -452,10 +476,17 @@ def logt_scores(
     t_mu, t_sigma, t_nu = torch.tensor(mu), torch.tensor(sigma), torch.tensor(nu)
     nll = logt_nll(torch.tensor(y), t_mu, t_sigma, t_nu)
     res = {"nll": float(nll.mean())}
-    if censor_at is not None:  # the training objective: capped lengths as "at least"
-        cens = torch.tensor(lengths >= censor_at)
-        lsf = student_t_log_sf((math.log(censor_at) - t_mu) / t_sigma, t_nu)
-        res["nll_censored"] = float(torch.where(cens, -lsf, nll).mean())
+    if (
+        censor_at is not None or censored is not None
+    ):  # the training objective: censored lengths as "at least"
+        cens = np.zeros(lengths.shape, dtype=bool) if censored is None else np.asarray(censored, dtype=bool)
+        if cens.shape != lengths.shape:
+            raise ValueError(f"censored must have one flag per length ({lengths.shape}), got {cens.shape}")
+        if censor_at is not None:
+            cens = cens | (lengths >= censor_at)
+        y_c = torch.tensor(np.log(np.minimum(lengths, censor_at) if censor_at is not None else lengths))
+        lsf = student_t_log_sf((y_c - t_mu) / t_sigma, t_nu)
+        res["nll_censored"] = float(torch.where(torch.tensor(cens), -lsf, nll).mean())
     res["coverage50"] = interval_coverage(lengths, mu, sigma, nu, 0.5)
     res["coverage90"] = interval_coverage(lengths, mu, sigma, nu, 0.9)
     heavy = bool(np.any(nu <= 1.0))  # E|Y|, and so the CRPS, is infinite for nu <= 1 (e.g. a learned nu)
@@ -463,6 +494,20 @@ def logt_scores(
     if max_new_tokens is not None:
         res["crps_tokens"] = float(np.mean(crps_length(lengths, mu, sigma, nu, max_new_tokens)))
     return res
+
+
+def censored_flags(dataset: Any, column: str | None, n: int) -> np.ndarray:
+    """``[n]`` booleans from ``dataset[column]`` (all False when ``column`` is None); ``ValueError`` naming the
+    column unless it holds one bool (or 0/1) per row."""
+    if column is None:
+        return np.zeros(n, dtype=bool)
+    try:
+        raw = list(dataset[column])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"censored_column={column!r} is not a column of the dataset") from exc
+    if len(raw) != n or any(isinstance(v, float) or v not in (0, 1) for v in raw):
+        raise ValueError(f"censored_column {column!r} must hold one bool (or 0/1) per prompt ({n} rows)")
+    return np.asarray(raw, dtype=bool)
 
 
 def constant_logt_baseline(train_lengths: Sequence[float], nu: float = 3.5) -> tuple[float, float, float]:

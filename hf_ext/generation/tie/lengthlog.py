@@ -1,0 +1,305 @@
+"""Observed output lengths of served requests: train the length predictor on your own traffic.
+
+TIE's predictor must learn *your* model's output lengths on *your* prompts, and the place those are seen is the
+server. A :class:`LengthLog` given to :func:`~hf_ext.generation.tie.cb.enable_tie_scheduler` (``length_log=``),
+:func:`~hf_ext.generation.tie.serve.serve_tie` or ``hf-ext serve --tie-length-log FILE`` records one row per
+finished request, written by the continuous-batching scheduler when transformers finishes the request:
+
+* ``prompt`` — the text the predictor sees for it (``prompt_text(ids)`` or the decoded prompt ids);
+* ``output_len`` — tokens generated (an EOS token counts);
+* ``censored`` / ``reason`` — ``"eos"``: the model ended it, the length is exact; ``"max_new_tokens"``: generation
+  was cut at the request's cap, so only "at least ``output_len``" is known; ``"cancelled"``: the client went away
+  after ``output_len`` tokens (also a lower bound). Requests that failed or were cancelled before their first
+  token are not recorded;
+* ``max_new_tokens``, ``prompt_tokens``, ``request_id``, ``time`` (Unix seconds);
+* ``pred_mu`` / ``pred_sigma`` / ``pred_nu`` / ``source`` — the log-t law the TIE scheduler scored the request with
+  and where it came from (``"predictor"``, ``"hint"``, ``"heuristic"``; ``None`` under another scheduler).
+
+:meth:`LengthLog.to_dataset` (or :func:`load_length_log` for the JSONL file) gives a ``datasets.Dataset`` that
+``LengthPredictor.fit(ds, censored_column="censored")`` trains on, with the cut rows entering the log-t likelihood as
+``log P(X >= output_len)``: treating them as exact would teach the predictor that long answers end at the cap.
+:meth:`LengthLog.calibration` checks the laws the server scored with against what happened (a drift monitor).
+
+Example:
+    >>> log = LengthLog()
+    >>> log.add(prompt="Hi", output_len=12, reason="eos", max_new_tokens=64, prompt_tokens=3, request_id="r0")
+    >>> log.add(prompt="Tell me a story", output_len=64, reason="max_new_tokens", max_new_tokens=64,
+    ...         prompt_tokens=5, request_id="r1")
+    >>> [r["censored"] for r in log.records]
+    [False, True]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("hf_ext")
+
+REASONS = ("eos", "max_new_tokens", "cancelled")
+LAW_SOURCES = ("predictor", "hint", "heuristic")
+COLUMNS = (
+    "request_id",
+    "prompt",
+    "output_len",
+    "censored",
+    "reason",
+    "max_new_tokens",
+    "prompt_tokens",
+    "pred_mu",
+    "pred_sigma",
+    "pred_nu",
+    "source",
+    "time",
+)
+
+
+class LengthLog:
+    """Thread-safe record of served requests' output lengths (see the module docstring for the columns).
+
+    Args:
+        path: a JSONL file each record is appended to as it is made (flushed per record; an existing file is
+            appended to, so one log can span server restarts). ``None``: memory only.
+        max_records: how many records to keep in memory (the newest; the file keeps all). ``None``: no limit.
+
+    Attributes:
+        records: the kept records (a list copy, oldest first).
+        count: records made since creation (including ones no longer kept in memory).
+        errors: records that could not be made or written (each logged once per kind on logger ``hf_ext``; the
+            engine is never stopped by the log).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, max_records: int | None = 100_000) -> None:
+        if max_records is not None and (
+            isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1
+        ):
+            raise ValueError(f"max_records must be None or an int >= 1, got {max_records!r}")
+        if path is not None:
+            path = os.fspath(path)
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise ValueError(f"path: directory {parent!r} does not exist")
+            if os.path.isdir(path):
+                raise ValueError(f"path must be a file, {path!r} is a directory")
+        self.path = path
+        self._lock = threading.Lock()
+        self._records: deque[dict[str, Any]] = deque(maxlen=max_records)
+        self._fh: Any = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
+        self.count = 0
+        self.errors = 0
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------- writing
+    def add(
+        self,
+        *,
+        prompt: str,
+        output_len: int,
+        reason: str,
+        max_new_tokens: int | None,
+        prompt_tokens: int,
+        request_id: str,
+        law: tuple[float, float, float] | None = None,
+        source: str | None = None,
+    ) -> dict[str, Any]:
+        """Record one request (the scheduler calls this; also usable to import lengths seen elsewhere).
+
+        ``law``: the ``(μ, σ, ν)`` it was scored with, ``source`` one of ``LAW_SOURCES`` (both or neither).
+        ``ValueError`` (naming the argument) on a bad value, before anything is recorded.
+        """
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        if isinstance(output_len, bool) or not isinstance(output_len, int) or output_len < 1:
+            raise ValueError(f"output_len must be an int >= 1, got {output_len!r}")
+        if reason not in REASONS:
+            raise ValueError(f"reason must be one of {REASONS}, got {reason!r}")
+        if (law is None) != (source is None) or (source is not None and source not in LAW_SOURCES):
+            raise ValueError(
+                f"give law and source together, source one of {LAW_SOURCES}; got source={source!r}"
+            )
+        rec: dict[str, Any] = {
+            "request_id": str(request_id),
+            "prompt": prompt,
+            "output_len": output_len,
+            "censored": reason != "eos",
+            "reason": reason,
+            "max_new_tokens": None if max_new_tokens is None else int(max_new_tokens),
+            "prompt_tokens": int(prompt_tokens),
+            "pred_mu": None if law is None else float(law[0]),
+            "pred_sigma": None if law is None else float(law[1]),
+            "pred_nu": None if law is None else float(law[2]),
+            "source": source,
+            "time": time.time(),
+        }
+        with self._lock:
+            self._records.append(rec)
+            self.count += 1
+            if self._fh is not None:
+                try:
+                    self._fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    self._fh.flush()
+                except (OSError, ValueError) as exc:  # disk full, closed file: keep serving
+                    self._error("write", f"could not append to {self.path!r}: {exc}")
+        return rec
+
+    def _error(self, kind: str, msg: str) -> None:
+        self.errors += 1
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning("TIE length log: %s (further errors of this kind are counted, not logged)", msg)
+
+    def close(self) -> None:
+        """Close the file (records stay in memory); later records are kept in memory only."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    def __enter__(self) -> LengthLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------- reading
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._records)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    def to_dataset(self) -> Any:
+        """The kept records as a ``datasets.Dataset`` (columns ``COLUMNS``), ready for
+        ``LengthPredictor.fit(ds, censored_column="censored")``."""
+        return records_to_dataset(self.records)
+
+    def calibration(self, levels: Iterable[float] = (0.5, 0.9), bins: int = 10) -> dict[str, Any]:
+        """How well the laws the scheduler scored with match what happened; see :func:`calibration`."""
+        return calibration(self.records, levels, bins)
+
+
+def records_to_dataset(records: list[dict[str, Any]]) -> Any:
+    """``datasets.Dataset`` of length-log records (every column of ``COLUMNS``, in that order)."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "request_id": datasets.Value("string"),
+            "prompt": datasets.Value("string"),
+            "output_len": datasets.Value("int64"),
+            "censored": datasets.Value("bool"),
+            "reason": datasets.Value("string"),
+            "max_new_tokens": datasets.Value("int64"),
+            "prompt_tokens": datasets.Value("int64"),
+            "pred_mu": datasets.Value("float64"),
+            "pred_sigma": datasets.Value("float64"),
+            "pred_nu": datasets.Value("float64"),
+            "source": datasets.Value("string"),
+            "time": datasets.Value("float64"),
+        }
+    )
+    return datasets.Dataset.from_dict({c: [r.get(c) for r in records] for c in COLUMNS}, features=features)
+
+
+def load_length_log(path: str | os.PathLike) -> Any:
+    """Read a :class:`LengthLog` JSONL file into a ``datasets.Dataset`` (``ValueError`` naming the line of a bad
+    record)."""
+    records: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{os.fspath(path)}:{i}: not a JSON record ({exc})") from exc
+            required = ("prompt", "output_len", "censored", "reason")
+            missing = [c for c in required if c not in rec] if isinstance(rec, dict) else list(required)
+            if missing:
+                raise ValueError(f"{os.fspath(path)}:{i}: not a length-log record (missing {missing})")
+            records.append(rec)
+    return records_to_dataset(records)
+
+
+def calibration(
+    records: list[dict[str, Any]], levels: Iterable[float] = (0.5, 0.9), bins: int = 10
+) -> dict[str, Any]:
+    """Predicted laws against observed lengths, censoring-aware, over the records that carry a law.
+
+    A censored record (length ``c`` is a lower bound) counts, for an event it cannot decide, with that event's
+    probability under its own law given ``X >= c`` (as in D-calibration for survival models, Haider et al. 2020).
+    So for a calibrated predictor every share below has the stated expectation however many rows were cut, while
+    a biased one shows up through the rows that do decide.
+
+    Returns a dict:
+
+    * ``n``, ``n_censored`` — records with a law, and how many of them are lower bounds;
+    * ``by_source`` — how many laws came from the predictor, hints, the heuristic;
+    * ``nll`` — mean log-t negative log-likelihood (nats of log length), censored rows as ``log P(X >= length)``:
+      the predictor's training objective, comparable with ``LengthPredictor.evaluate(...)["nll_censored"]``;
+    * ``above_q{p}`` / ``below_q{p}`` for each level ``p`` — the share of requests that ran past the law's upper
+      ``(1+p)/2`` quantile / stopped under its lower ``(1-p)/2`` quantile. Calibrated: ``(1-p)/2`` each. Much more
+      above means the predictor under-estimates (e.g. the traffic drifted to longer answers), much more below that
+      it over-estimates;
+    * ``pit`` — ``bins`` shares of the probability integral transform ``F(X)`` over equal bins of ``[0, 1]``
+      (calibrated: each ``1/bins``);
+    * ``spearman_uncensored`` — rank correlation of ``pred_mu`` with the exact lengths (``nan`` with fewer than 3
+      exact rows or a constant ``pred_mu``).
+    """
+    from scipy import special, stats
+
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be an int >= 1, got {bins!r}")
+    rows = [r for r in records if r.get("pred_mu") is not None]
+    out: dict[str, Any] = {
+        "n": len(rows),
+        "n_censored": sum(bool(r["censored"]) for r in rows),
+        "by_source": {s: sum(r.get("source") == s for r in rows) for s in LAW_SOURCES},
+    }
+    if not rows:
+        return out
+    x = np.asarray([r["output_len"] for r in rows], dtype=np.float64)
+    cens = np.asarray([bool(r["censored"]) for r in rows])
+    mu = np.asarray([r["pred_mu"] for r in rows], dtype=np.float64)
+    sigma = np.asarray([r["pred_sigma"] for r in rows], dtype=np.float64)
+    nu = np.asarray([r["pred_nu"] for r in rows], dtype=np.float64)
+    z = (np.log(x) - mu) / sigma
+    logpdf = (
+        special.gammaln((nu + 1) / 2)
+        - special.gammaln(nu / 2)
+        - 0.5 * np.log(nu * math.pi)
+        - (nu + 1) / 2 * np.log1p(z * z / nu)
+        - np.log(sigma)
+    )
+    logsf = np.log(np.maximum(special.stdtr(nu, -z), 1e-300))
+    out["nll"] = float(np.mean(np.where(cens, -logsf, -logpdf)))
+    u = special.stdtr(nu, z)  # F(x): exact rows' PIT; a cut row's PIT is uniform on [F(c), 1] under its law
+    tail = np.maximum(1.0 - u, 1e-300)
+
+    def share_above(q: float) -> float:  # P(PIT > q), a cut row by its law given X >= c
+        return float(np.mean(np.where(cens, np.clip((1.0 - np.maximum(u, q)) / tail, 0, 1), u > q)))
+
+    for p in levels:
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"levels must be in (0, 1), got {p!r}")
+        out[f"above_q{p:g}"] = share_above((1 + p) / 2)
+        out[f"below_q{p:g}"] = 1.0 - share_above((1 - p) / 2)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    above = np.array([share_above(q) for q in edges])
+    out["pit"] = [float(v) for v in above[:-1] - above[1:]]
+    exact = ~cens
+    ok = exact.sum() >= 3 and np.ptp(mu[exact]) > 0
+    out["spearman_uncensored"] = float(stats.spearmanr(mu[exact], x[exact]).statistic) if ok else math.nan
+    return out
