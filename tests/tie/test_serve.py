@@ -383,17 +383,21 @@ def test_prompt_texts_match_lengths():
     assert all(abs(g - w) <= max(2, 0.05 * w) for g, w in zip(got, want))
 
 
-def test_hf_ext_serve_cli_runs_a_real_server(model_dir):
-    """``python -m hf_ext serve MODEL --tie-... --<transformers serve flags>``: the real CLI, until killed."""
+def test_hf_ext_serve_cli_runs_a_real_server(model_dir, tmp_path):
+    """``python -m hf_ext serve MODEL --tie-... --<transformers serve flags>``: the real CLI, until killed; its
+    ``--tie-length-log`` file holds the served request."""
     import os
     import signal
     import subprocess
     import sys
 
+    from hf_ext.generation.tie.lengthlog import load_length_log
     from hf_ext.testing import free_port
 
     port = free_port()
+    lengths = tmp_path / "lengths.jsonl"
     cmd = [sys.executable, "-m", "hf_ext", "serve", model_dir, "--tie-beta-max", "0.3", "--tie-aging", "none"]
+    cmd += ["--tie-length-log", str(lengths)]
     cmd += ["--device", "cpu", "--port", str(port), "--cb-num-blocks", "64", "--cb-max-batch-tokens", "256"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -415,6 +419,33 @@ def test_hf_ext_serve_cli_runs_a_real_server(model_dir):
     assert exited, "hf-ext serve did not exit after Ctrl-C"
     # the prompt-length heuristic (no --tie-predictor) warns that it is in use: the TIE scheduler ran
     assert "falling back to the prompt-length heuristic" in log, log[-2000:]
+    rec = load_length_log(lengths).to_list()
+    assert len(rec) == 1, rec
+    assert rec[0]["request_id"] == "cli-1" and rec[0]["prompt"] == "hello world"
+    assert (rec[0]["output_len"], rec[0]["reason"], rec[0]["censored"]) == (5, "max_new_tokens", True)
+    assert rec[0]["source"] == "heuristic" and rec[0]["pred_mu"] is not None
+
+
+def test_serve_tie_logs_served_lengths(model_dir):
+    """``serve_tie(length_log=...)``: every served request is recorded with the predictor's text, its length,
+    its cap and the law it was scored with; a bad ``length_log`` fails before the server starts."""
+    from hf_ext.generation.tie.lengthlog import LengthLog
+    from hf_ext.generation.tie.serve import serve_tie
+
+    jobs = [(p, 3 + i, f"L{i}") for i, p in enumerate(PROMPTS)]
+    pred = StubPredictor({PROMPTS[0]: 4.0})
+    log = LengthLog()
+    with _server(lambda **kw: serve_tie(model_dir, pred, length_log=log, **SMALL_CB, **kw)) as (port, _):
+        _complete_all(port, model_dir, jobs)
+    recs = {r["request_id"]: r for r in log.records}
+    assert sorted(recs) == sorted(r for *_, r in jobs)
+    for prompt, n, rid in jobs:
+        r = recs[rid]
+        assert (r["prompt"], r["output_len"], r["max_new_tokens"], r["censored"]) == (prompt, n, n, True)
+        assert r["source"] == "predictor" and r["pred_mu"] == (4.0 if prompt == PROMPTS[0] else 3.0)
+    assert sorted(pred.seen) == sorted(PROMPTS)  # predicted once each; the log reused the text
+    with pytest.raises(ValueError, match="length_log must be a LengthLog"):
+        serve_tie(model_dir, length_log=42, port=1, non_blocking=True)
 
 
 def test_blocking_serve_tie_stops_the_cb_thread_when_the_server_ends(monkeypatch):

@@ -35,6 +35,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -164,23 +165,43 @@ def tie_generation_state(
 
 
 def _enable_scoring(
-    model: str, predictor: Any, tokenizer: Any, config: TIEConfig | None, prompt_text: Any
-) -> None:
+    model: str,
+    predictor: Any,
+    tokenizer: Any,
+    config: TIEConfig | None,
+    prompt_text: Any,
+    length_log: Any = None,
+) -> Any:
     """Set what the TIE scheduler scores with (:func:`~hf_ext.generation.tie.cb.enable_tie_scheduler`).
 
-    ``predictor`` may be a saved predictor's directory; the served model's tokenizer is loaded from ``model`` when
-    the predictor needs one and neither ``tokenizer`` nor ``prompt_text`` is given, after the predictor is checked.
+    ``predictor`` may be a saved predictor's directory, ``length_log`` a JSONL path; the served model's tokenizer is
+    loaded from ``model`` when the predictor or the log needs one and neither ``tokenizer`` nor ``prompt_text`` is
+    given, after the predictor is checked. The file is opened last, once everything else has succeeded.
+
+    Returns:
+        the :class:`~hf_ext.generation.tie.lengthlog.LengthLog` opened here from a path (the caller closes it), or
+        ``None``.
     """
     if isinstance(predictor, str):
         from hf_ext.generation.tie.predictor import LengthPredictor
 
         predictor = LengthPredictor.from_pretrained(predictor)
-    validate_predictor_args(predictor, tokenizer, prompt_text, tokenizer_required=False)
-    if predictor is not None and tokenizer is None and prompt_text is None:
+    path = os.fspath(length_log) if isinstance(length_log, (str, os.PathLike)) else None
+    validate_predictor_args(
+        predictor, tokenizer, prompt_text, tokenizer_required=False, length_log=None if path else length_log
+    )
+    wants_text = predictor is not None or length_log is not None
+    if wants_text and tokenizer is None and prompt_text is None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model)
-    enable_tie_scheduler(predictor, tokenizer, config, prompt_text=prompt_text)
+    opened = None
+    if path is not None:
+        from hf_ext.generation.tie.lengthlog import LengthLog
+
+        length_log = opened = LengthLog(path)
+    enable_tie_scheduler(predictor, tokenizer, config, prompt_text=prompt_text, length_log=length_log)
+    return opened
 
 
 def serve_tie(
@@ -191,6 +212,7 @@ def serve_tie(
     config: TIEConfig | None = None,
     continuous_batching_config: Any = None,
     prompt_text: Callable[[list[int]], str] | None = None,
+    length_log: Any = None,
     **serve_kwargs: Any,
 ) -> Any:
     """Run ``transformers serve`` for ``model`` with continuous batching and the TIE scheduler.
@@ -205,6 +227,10 @@ def serve_tie(
         continuous_batching_config: a ``ContinuousBatchingConfig`` for the server (its ``scheduler_type`` is set to
             ``"tie"``), instead of the ``cb_*`` keyword arguments.
         prompt_text: ``ids -> str`` for the predictor (see :func:`~hf_ext.generation.tie.cb.enable_tie_scheduler`).
+        length_log: a :class:`~hf_ext.generation.tie.lengthlog.LengthLog`, or a JSONL path to append one to: each
+            served request's prompt text and output length (exact, or cut at ``max_tokens`` / by a disconnect), to
+            train a predictor on this server's traffic (``LengthPredictor.fit(load_length_log(path),
+            censored_column="censored")``).
         **serve_kwargs: ``transformers.cli.serve.Serve`` arguments (``port``, ``host``, ``device``, ``dtype``,
             ``cb_num_blocks``, ``non_blocking``, ...). ``continuous_batching`` is forced on; ``False`` is an error.
 
@@ -232,7 +258,7 @@ def serve_tie(
     unknown = set(serve_kwargs) - set(inspect.signature(Serve.__init__).parameters)
     if unknown:
         raise ValueError(f"unknown transformers serve argument(s): {', '.join(sorted(unknown))}")
-    _enable_scoring(model, predictor, tokenizer, config, prompt_text)
+    opened = _enable_scoring(model, predictor, tokenizer, config, prompt_text, length_log)
     blocking = not serve_kwargs.get("non_blocking")
     with tie_generation_state(continuous_batching_config) as state_cls:
         try:
@@ -242,6 +268,8 @@ def serve_tie(
                 # the server has stopped (Ctrl-C, which also comes back as KeyboardInterrupt): transformers leaves
                 # its CB generation thread running, which would keep the process alive
                 _shutdown(state_cls)
+                if opened is not None:
+                    opened.close()
     if blocking:
         server.kill_server()  # and the model
     return server
@@ -287,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model id or path to preload and serve")
     p.add_argument("--tie-predictor", default=None, help="directory of a saved logt LengthPredictor")
     p.add_argument(
+        "--tie-length-log",
+        default=None,
+        metavar="FILE",
+        help="append every served request's prompt and output length (exact or cut) to this JSONL file, to train "
+        "a predictor on this traffic: LengthPredictor.fit(load_length_log(FILE), censored_column='censored')",
+    )
+    p.add_argument(
         "--tie-config",
         default=None,
         help="JSON file of TIEConfig fields (the --tie-<field> flags override it)",
@@ -319,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("hf-ext serve: MODEL is the served model and continuous batching is always on")
     config = config_from_args(args)
     require_serving()
-    _enable_scoring(args.model, args.tie_predictor, None, config, None)
+    opened = _enable_scoring(args.model, args.tie_predictor, None, config, None, args.tie_length_log)
     from transformers.cli.transformers import app
 
     code = 0
@@ -330,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = int(exc.code or 0)
         finally:
             _shutdown(state_cls)  # see serve_tie
+            if opened is not None:
+                opened.close()
     return code
 
 
