@@ -161,7 +161,9 @@ def test_generate_batch_logs_every_request_with_its_reason(engine):
         assert r["output_len"] == len(res.generated_tokens)
         assert r["prompt"] == PROMPTS[int(rid.split("_")[1])]  # the caller's own text
         assert r["prompt_tokens"] == len(ids[int(rid.split("_")[1])])
-        assert r["source"] == "hint" and r["pred_mu"] == pytest.approx(want_mu[rid])  # predicted up front
+        assert r["source"] == "predictor" and r["pred_mu"] == pytest.approx(
+            want_mu[rid]
+        )  # predicted up front
         assert r["max_new_tokens"] == 10
         ended_by_eos = res.generated_tokens[-1] == eos
         assert r["reason"] == ("eos" if ended_by_eos else "max_new_tokens")
@@ -212,6 +214,28 @@ def test_in_loop_predictions_and_cancellations_are_logged(engine):
     long = recs["long"]
     assert long["reason"] == "cancelled" and long["censored"] and 3 <= long["output_len"] < 400
     assert pred.seen.count(PROMPTS[0]) == 1  # the predictor's text is reused, not decoded again
+
+
+def test_each_row_names_where_its_law_came_from(engine):
+    from transformers import GenerationConfig
+
+    from hf_ext.generation.tie.cb import enable_tie_scheduler, set_length_hints
+
+    model, tok, ids, _ = engine
+    log = LengthLog()
+    enable_tie_scheduler(None, tok, length_log=log)
+    set_length_hints(ids[:1], [1.0], [0.5])
+    set_length_hints(ids[1:2], [2.0], [0.5], source="predictor")
+    with pytest.raises(ValueError, match="source must be one of"):
+        set_length_hints(ids[2:3], [2.0], [0.5], source="oracle")
+    gc = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with pytest.warns(UserWarning, match="heuristic"):
+        out = model.generate_batch(ids[:3], generation_config=gc, continuous_batching_config=_cb())
+    by_prompt = {r["prompt"]: r for r in log.records}
+    assert len(out) == 3 and len(by_prompt) == 3
+    got = [by_prompt[tok.decode(x, skip_special_tokens=True)] for x in ids[:3]]
+    assert [r["source"] for r in got] == ["hint", "predictor", "heuristic"]
+    assert [r["pred_mu"] for r in got[:2]] == [1.0, 2.0]
 
 
 def test_a_broken_prompt_text_never_stops_the_engine(engine):

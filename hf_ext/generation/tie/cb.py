@@ -70,6 +70,7 @@ class _Context:
         self.config = TIEConfig()
         self.hints: dict[tuple[int, ...], tuple[float, float, float]] = {}
         self.rid_hints: dict[str, tuple[float, float, float]] = {}
+        self.hint_sources: dict[Any, str] = {}  # where a hint came from, if not "hint" (for the length log)
         self.keys: dict[tuple[int, ...], float] = {}
         self.rid_keys: dict[str, float] = {}
         # what the newest of our schedulers did, for inspection; never the scheduler itself, which holds the
@@ -251,6 +252,8 @@ class TIECBScheduler(_WaitingOrderScheduler):
                 source[i] = "predictor"
             else:
                 mu[i], sigma[i], nu[i] = hint
+                key = s.request_id if s.request_id in CONTEXT.rid_hints else tuple(_true_prompt(s))
+                source[i] = CONTEXT.hint_sources.get(key, "hint")
         if missing:
             if CONTEXT.predictor is not None and (
                 CONTEXT.prompt_text is not None or CONTEXT.tokenizer is not None
@@ -465,12 +468,17 @@ def set_length_hints(
     nu: Sequence[float] | float = 3.5,
     *,
     request_ids: Sequence[str] | None = None,
+    source: str = "hint",
 ) -> None:
     """Give the TIE scheduler log-t parameters per prompt (token id lists) or per request id.
 
     Pass ``prompt_ids`` (then ``request_ids=None``) or ``prompt_ids=None, request_ids=[...]`` (ids given to
-    ``add_request``; looked up first). NaN/inf or non-positive σ/ν raise ``ValueError``.
+    ``add_request``; looked up first). NaN/inf or non-positive σ/ν raise ``ValueError``. ``source`` is what a
+    :class:`~hf_ext.generation.tie.lengthlog.LengthLog` records as the law's origin: ``"hint"``, or
+    ``"predictor"`` / ``"heuristic"`` when you computed the hints with one of those.
     """
+    if source not in ("hint", "predictor", "heuristic"):
+        raise ValueError(f"source must be one of ('hint', 'predictor', 'heuristic'), got {source!r}")
     mu_a = np.asarray(mu, dtype=np.float64).reshape(-1)
     n = mu_a.shape[0]
     kind, keys = _targets("set_length_hints", n, prompt_ids, request_ids)
@@ -489,6 +497,10 @@ def set_length_hints(
     with CONTEXT.lock:
         for k, m, s, v in zip(keys, mu_a, sigma_a, nu_a):
             table[k] = (float(m), float(s), float(v))
+            if source == "hint":
+                CONTEXT.hint_sources.pop(k, None)
+            else:
+                CONTEXT.hint_sources[k] = source
 
 
 def set_priority_keys(
@@ -521,6 +533,7 @@ def clear_length_hints() -> None:
     with CONTEXT.lock:
         CONTEXT.hints.clear()
         CONTEXT.rid_hints.clear()
+        CONTEXT.hint_sources.clear()
 
 
 def tie_generate_batch(
@@ -587,7 +600,8 @@ def tie_generate_batch(
                 prompt_text=lambda x: texts.get(tuple(x)) or tokenizer.decode(x, skip_special_tokens=True),
                 length_log=length_log,
             )
-        set_length_hints(ids, out["mu"], out["sigma"], out["nu"])
+        source = "predictor" if predictor is not None else "heuristic"
+        set_length_hints(ids, out["mu"], out["sigma"], out["nu"], source=source)
         return model.generate_batch(
             ids, generation_config=generation_config, continuous_batching_config=cb, **kwargs
         )
@@ -604,7 +618,7 @@ def preserved_context() -> Iterator[None]:
             CONTEXT.length_log,
             CONTEXT.config,
         )
-        tables = (CONTEXT.hints, CONTEXT.rid_hints, CONTEXT.keys, CONTEXT.rid_keys)
+        tables = (CONTEXT.hints, CONTEXT.rid_hints, CONTEXT.hint_sources, CONTEXT.keys, CONTEXT.rid_keys)
         copies = [dict(t) for t in tables]
     try:
         yield
