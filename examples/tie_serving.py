@@ -17,6 +17,10 @@ predicted laws (``plan="expected"``: prompts grouped by length, batches cut wher
 least), and prints tokens/s of each. The tiny random model meets EOS by chance, so there
 its lengths carry no signal for the predictor; with a real model the TIE order wastes fewer padded steps.
 
+With ``--length-log FILE`` the TIE run records every request's prompt and output length (exact, or cut at
+``--max-new-tokens``) to a JSONL length log, and prints how well the predictor's laws matched; train on such a log
+with ``--train-jsonl FILE``: its cut rows are lower bounds (``fit(..., censored_column="censored")``).
+
 With ``--http`` it finally serves the model with ``transformers serve`` and the TIE scheduler (``serve_tie``; from
 the shell: ``hf-ext serve MODEL --tie-predictor DIR``) and sends the prompts with the OpenAI client.
 """
@@ -34,7 +38,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="HF model id/path (default: tiny random Llama, CPU)")
     ap.add_argument("--n-train", type=int, default=1500, help="synthetic training prompts for the predictor")
-    ap.add_argument("--train-jsonl", default=None, help="JSONL with {prompt, output_len} pairs to train on")
+    ap.add_argument(
+        "--train-jsonl",
+        default=None,
+        help="JSONL with {prompt, output_len} pairs to train on; a --length-log file (its cut rows are censored)",
+    )
+    ap.add_argument(
+        "--length-log", default=None, help="record the TIE run's lengths to this JSONL length log"
+    )
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--n-prompts", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -58,6 +69,7 @@ def main() -> None:
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     from hf_ext.generation.tie import (
+        LengthLog,
         LengthPredictor,
         PredictorConfig,
         TIEConfig,
@@ -76,10 +88,14 @@ def main() -> None:
     else:
         rows = generate_workload(args.n_train, seed=0)
     train = {"prompt": [r["prompt"] for r in rows], "output_len": [int(r["output_len"]) for r in rows]}
+    censored = all("censored" in r for r in rows)  # a length log: cut rows are lower bounds
+    if censored:
+        train["censored"] = [bool(r["censored"]) for r in rows]
     pred = LengthPredictor(PredictorConfig(epochs=args.epochs))
     t0 = time.perf_counter()
-    pred.fit(train)
-    print(f"predictor trained on {len(rows)} pairs in {time.perf_counter() - t0:.1f}s")
+    pred.fit(train, censored_column="censored" if censored else None)
+    cut = f" ({sum(train['censored'])} cut rows as lower bounds)" if censored else ""
+    print(f"predictor trained on {len(rows)} pairs{cut} in {time.perf_counter() - t0:.1f}s")
     if args.save:
         pred.save_pretrained(args.save)
 
@@ -107,7 +123,8 @@ def main() -> None:
     if not args.model:
         cb.num_blocks, cb.page_size, cb.max_batch_tokens = 64, 16, 256
 
-    # 3. FIFO vs TIE on the same burst
+    # 3. FIFO vs TIE on the same burst (the TIE run optionally recording a length log)
+    log = LengthLog(args.length_log) if args.length_log else None
     for name in ("fifo", "tie"):
         t0 = time.perf_counter()
         if name == "fifo":
@@ -122,11 +139,21 @@ def main() -> None:
                 generation_config=gc,
                 continuous_batching_config=cb,
                 config=TIEConfig(max_new_tokens=args.max_new_tokens),
+                length_log=log,
             )
         wall = time.perf_counter() - t0
         ptl = [(o.lifespan[1] - o.created_time) / max(1, len(o.generated_tokens)) for o in out.values()]
         print(
             f"{name:>4}: {len(out)} requests in {wall:.1f}s, mean per-token latency {np.mean(ptl) * 1e3:.2f} ms"
+        )
+
+    if log is not None:
+        log.close()
+        cal = log.calibration()
+        cut = sum(r["censored"] for r in log.records)
+        print(
+            f"length log: {len(log)} requests -> {args.length_log} ({cut} cut at max_new_tokens); predicted laws: "
+            f"NLL {cal['nll']:.2f}, {cal['above_q0.9']:.0%} above their 95th percentile (calibrated: 5%)"
         )
 
     # 4. the same prompts as an offline job: generate on padded batches, given order vs TIE order

@@ -109,16 +109,22 @@ def test_planned_offline_job_gives_each_policy_its_own_plan():
     assert planned["tie"]["prompt_buckets"] in PLAN_BUCKETS
 
 
-@pytest.mark.parametrize("sizing", [["--offline-batch", "4"], ["--offline-kv-tokens", "300", "--http"]])
-def test_serving_example_runs_on_cpu(sizing):
+@pytest.mark.parametrize(
+    "sizing", [["--offline-batch", "4", "--length-log", "LOG"], ["--offline-kv-tokens", "300", "--http"]]
+)
+def test_serving_example_runs_on_cpu(sizing, tmp_path):
     """examples/tie_serving.py as a user runs it (small settings): CB FIFO vs TIE, then the offline job with fixed
     batches or batches sized from a KV budget, in the given order, the TIE order and TIE's plan; with ``--http``
-    the model is then served by transformers serve with TIE and the prompts sent with the OpenAI client."""
+    the model is then served by transformers serve with TIE and the prompts sent with the OpenAI client; with
+    ``--length-log`` the TIE run's lengths are logged, and a second run trains its predictor on that log."""
+    import json
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
+    log = tmp_path / "lengths.jsonl"
+    sizing = [str(log) if a == "LOG" else a for a in sizing]
     cmd = [sys.executable, str(root / "examples" / "tie_serving.py"), "--n-train", "300", "--epochs", "1"]
     cmd += ["--n-prompts", "8", "--max-new-tokens", "16", *sizing]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
@@ -132,6 +138,15 @@ def test_serving_example_runs_on_cpu(sizing):
     assert len(toks) == 3 and all(0 < int(t) <= 8 * 16 for t in toks)
     assert "offline, TIE planned" in out.stdout
     assert ("http tie: 8 requests over HTTP, 128 tokens" in out.stdout) == ("--http" in sizing)
+    if "--length-log" in sizing:
+        assert f"length log: 8 requests -> {log} (8 cut at max_new_tokens)" in out.stdout
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        assert len(rows) == 8 and all(r["output_len"] == 16 and r["censored"] for r in rows)
+        cmd = [sys.executable, str(root / "examples" / "tie_serving.py"), "--train-jsonl", str(log)]
+        cmd += ["--epochs", "1", "--n-prompts", "4", "--max-new-tokens", "8"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "predictor trained on 8 pairs (8 cut rows as lower bounds)" in out.stdout
 
 
 def test_true_distribution_ceiling_feeds_every_policy_the_generator_parameters():
