@@ -530,6 +530,7 @@ def test_demo_includes_the_http_server():
 
     res = run_demo()
     assert res.passed and "HTTP served 6/6" in res.key_figure, res.key_figure
+    assert "length log 6/6" in res.key_figure
 
 
 def test_blocking_serve_tie_stops_the_cb_thread_on_ctrl_c(monkeypatch):

@@ -22,6 +22,7 @@ def run_demo() -> DemoResult:
     from hf_ext.generation.tie.cb import clear_length_hints, enable_tie_scheduler, set_length_hints
     from hf_ext.generation.tie.config import PredictorConfig, TIEConfig
     from hf_ext.generation.tie.data import generate_workload, length_pairs
+    from hf_ext.generation.tie.lengthlog import LengthLog
     from hf_ext.generation.tie.predictor import LengthPredictor, constant_logt_baseline, logt_scores
     from hf_ext.generation.tie.scheduler import TIEScheduler, annotate_requests
     from hf_ext.simulate import FCFS, CostModel, Request, SimConfig, Simulator
@@ -74,15 +75,18 @@ def run_demo() -> DemoResult:
         )
 
     fifo = model.generate_batch(ids, generation_config=gc, continuous_batching_config=cb("fifo"))
-    enable_tie_scheduler()
+    log = LengthLog()  # what a server would train its next predictor on
+    enable_tie_scheduler(None, tok, length_log=log)
     p = pred.predict(prompts)
-    set_length_hints(ids, p["mu"], p["sigma"], p["nu"])
+    set_length_hints(ids, p["mu"], p["sigma"], p["nu"], source="predictor")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tie = model.generate_batch(ids, generation_config=gc, continuous_batching_config=cb("tie"))
     finally:
         clear_length_hints()
+        enable_tie_scheduler()  # the log stops here
+    logged = len(log) == len(prompts) and sorted(r["request_id"] for r in log.records) == sorted(tie)
     same = list(tie) == list(fifo) and all(tie[k].generated_tokens == fifo[k].generated_tokens for k in fifo)
     served = _serve_over_http(model, tok, pred, prompts)
     http = (
@@ -90,11 +94,11 @@ def run_demo() -> DemoResult:
         if served is None
         else f"HTTP served {served}/{len(prompts)}"
     )
-    passed = bool(nll < nll0 and speedup > 1.2 and same and served in (None, len(prompts)))
+    passed = bool(nll < nll0 and speedup > 1.2 and same and logged and served in (None, len(prompts)))
     return DemoResult(
         what="tiny log-t predictor -> TIE in simulator + transformers CB and transformers serve (tiny Llama)",
         key_figure=f"NLL {nll:.2f} vs const {nll0:.2f}; per-token latency {speedup:.2f}x vs FCFS; "
-        f"CB tokens == FIFO: {same}; {http}",
+        f"CB tokens == FIFO: {same}; length log {len(log)}/{len(prompts)}; {http}",
         passed=passed,
     )
 
