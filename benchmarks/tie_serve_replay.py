@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         "taking the replay's predictions by request id",
     )
     p.add_argument("--prompts", default=None, help="with --predictor: JSON of tie_export_prompts.py")
+    p.add_argument(
+        "--length-log",
+        default=None,
+        metavar="FILE",
+        help="TIE's server records a LengthLog there (JSONL; a TIE run's log replaces the file); its rows are checked "
+        "against the replay and summarised in the details JSON",
+    )
     p.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true")
@@ -182,11 +189,14 @@ def run_policy(
     prompts: dict[str, str],
     policy: str,
     in_loop: InLoopPredictor | None = None,
+    log: Any = None,
+    tok: Any = None,
 ):
     """One fresh server with ``policy``'s scheduler; a warm-up request, then the timed replay. Returns records.
 
     With ``in_loop``, TIE predicts each request in the server's scheduling loop from its text instead of taking the
-    replay's prediction by request id."""
+    replay's prediction by request id. With ``log`` (a ``LengthLog``), TIE's scheduler records every request there
+    (text from ``in_loop``'s ``prompt_text``, else decoded with ``tok``)."""
     from transformers import ContinuousBatchingConfig
     from transformers.cli.serve import Serve
 
@@ -207,13 +217,15 @@ def run_policy(
     # each request's max_tokens is its true length here: TIE must not truncate its law there
     tie_cfg = TIEConfig(max_new_tokens=args.max_new_tokens, use_request_cap=False)
     with preserved_context():
-        if in_loop is not None and policy == "tie":
-            from hf_ext.generation.tie.cb import enable_tie_scheduler
+        from hf_ext.generation.tie.cb import enable_tie_scheduler
 
-            enable_tie_scheduler(in_loop, None, tie_cfg, prompt_text=in_loop.prompt_text)
+        if in_loop is not None and policy == "tie":
+            enable_tie_scheduler(in_loop, None, tie_cfg, prompt_text=in_loop.prompt_text, length_log=log)
             scheduler = "tie"
         else:
             scheduler = _install(policy, [warm, *reqs], tie_cfg)
+            if log is not None and policy == "tie":  # the hints stay; the scheduler also gets the log
+                enable_tie_scheduler(None, tok, tie_cfg, length_log=log)
         with tie_generation_state(ContinuousBatchingConfig(**cb_kw), scheduler_type=scheduler):
             server = Serve(
                 force_model=model_dir,
@@ -231,6 +243,25 @@ def run_policy(
             )
         finally:
             server.kill_server()
+
+
+def length_log_report(log: Any, reqs: list[Any]) -> dict[str, Any]:
+    """What TIE's server logged against what the replay sent: one row per request (and the warm-up), each row's
+    length equal to the request's, the reasons, the recording errors, and the censoring-aware calibration."""
+    rows = {r["request_id"]: r for r in log.records}
+    want = {r.request_id: r.output_len for r in reqs}
+    cal = log.calibration(levels=(0.9,))
+    return {
+        "rows": len(log),
+        "errors": log.errors,
+        "every_request_once": set(want) <= set(rows) and len(rows) == len(log),
+        "lengths_match": all(rows[k]["output_len"] == n for k, n in want.items() if k in rows),
+        "reasons": {
+            k: sum(r["reason"] == k for r in rows.values()) for k in ("eos", "max_new_tokens", "cancelled")
+        },
+        "sources": cal["by_source"],
+        "calibration": {k: cal[k] for k in ("nll", "above_q0.9", "below_q0.9") if k in cal},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     details: dict[str, Any] = {"command": cmd, "device": device_name(), "case": case, "policies": {}}
     for policy in policies:
         t = time.perf_counter()
-        recs = run_policy(args, str(model_dir), reqs, prompts, policy, in_loop)
+        log = None
+        if args.length_log and policy == "tie":
+            from hf_ext.generation.tie.lengthlog import LengthLog
+
+            Path(args.length_log).unlink(missing_ok=True)
+            log = LengthLog(args.length_log)
+        recs = run_policy(args, str(model_dir), reqs, prompts, policy, in_loop, log, tok)
+        if log is not None:
+            log.close()
+            details["length_log"] = length_log_report(log, reqs)
+            print(f"  length log: {json.dumps(details['length_log'])}")
         s = res[policy] = {**summarize_replay(recs), "wall_s": time.perf_counter() - t}
         real_cb._report(case, policy, s)  # the engine replay's line
         details["policies"][policy] = {"summary": s, "seconds": s["wall_s"]}

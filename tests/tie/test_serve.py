@@ -358,14 +358,34 @@ def test_replay_over_http_times_and_lengths(model_dir):
         replay_over_http(f"http://localhost:{port}", model_dir, reqs[:1], prompts, time_scale=0)
 
 
-def test_serve_replay_benchmark_smoke(capsys):
-    """benchmarks/tie_serve_replay.py end to end on the tiny model (two fresh servers, HTTP)."""
+def test_serve_replay_benchmark_smoke(capsys, tmp_path):
+    """benchmarks/tie_serve_replay.py end to end on the tiny model (two fresh servers, HTTP); TIE's server keeps a
+    length log whose rows match the replay."""
     from tests.tie._scripts import load_script
 
     bench = load_script("tie_serve_replay")
-    assert bench.main(["--shape", "tiny", "--device", "cpu", "--n", "6", "--speed", "20", "--no-write"]) == 0
+    log = tmp_path / "lengths.jsonl"
+    argv = [
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--n",
+        "6",
+        "--speed",
+        "20",
+        "--no-write",
+        "--length-log",
+        str(log),
+    ]
+    assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("lengths exact True") == 2 and "serve_http_tiny_" in out
+    report = json.loads(out.split("  length log: ")[1].splitlines()[0])
+    assert report["rows"] == 7 and report["errors"] == 0  # the 6 and the warm-up
+    assert report["every_request_once"] and report["lengths_match"]
+    assert report["reasons"]["max_new_tokens"] == 7 and report["sources"]["hint"] == 7
+    assert len(log.read_text().splitlines()) == 7
     with pytest.raises(SystemExit, match="'tie' and at least one"):
         bench.main(["--policies", "fcfs", "--no-write"])
 
