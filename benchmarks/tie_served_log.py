@@ -200,6 +200,7 @@ def plot(qrows: list[dict], srows: list[dict], scenarios: list[str], png: Path) 
     if ceiling:
         axes[0].axhline(ceiling[0], color="g", ls="--", label="trained on true lengths")
     axes[0].set_title("validation NLL (nats, log length; lower is better)")
+    axes[0].set_ylim(1.0, 1.05 * max(r["nll"] for r in qrows if r.get("nll") == r.get("nll")))
     for i, v in enumerate(("tie_censored", "tie_as_exact")):
         axes[1].bar(x + (i - 0.5) * w, [_get(qrows, s, v, "above_q0.9") for s in scenarios], w, label=v)
     axes[1].axhline(0.05, color="k", ls=":", label="calibrated (5 %)")
@@ -211,6 +212,7 @@ def plot(qrows: list[dict], srows: list[dict], scenarios: list[str], png: Path) 
         vals = [_lat(srows, s, v, top) / _lat(srows, s, "fcfs", top) for s in scenarios]
         axes[2].bar(x + (i - 1.5) * w, vals, w, label=v)
     axes[2].set_title(f"Azure replay x{top:g}: mean per-token latency / FCFS")
+    axes[2].set_ylim(0, 0.9)
     for ax in axes:
         ax.set_xticks(x, scenarios, fontsize=8)
         ax.set_xlabel("client max_tokens mix")
@@ -249,7 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default=None, help="cost model (default: the bench's)")
     p.add_argument("--quick", action="store_true", help="tiny predictors and sizes (smoke)")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV")
     args = p.parse_args(argv)
+    stem = _ROOT / "benchmarks" / "results" / "tie_served_log"
+    if args.replot:
+        with stem.with_suffix(".csv").open(newline="") as f:
+            got = list(csv.DictReader(f))
+        num = [c for c in COLUMNS if c not in ("scenario", "predictor", "commit", "command")]
+        for r in got:
+            r.update({c: float(r[c]) if r[c] not in ("", None) else math.nan for c in num})
+        qrows = [r for r in got if r["load"] != r["load"]]  # quality rows have no load
+        srows = [r for r in got if r["load"] == r["load"]]
+        plot(
+            qrows,
+            srows,
+            [r["scenario"] for r in qrows if r["predictor"] == "tie_censored"],
+            stem.with_suffix(".png"),
+        )
+        return 0
     mixes = parse_caps(args.caps)
     if not 0.0 <= args.cancel_rate < 1.0:
         raise SystemExit(f"--cancel-rate must be in [0, 1), got {args.cancel_rate}")
@@ -362,7 +381,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r.case:<70} vs {r.baseline:<10} {r.ratio:6.3f}  {r.quality_name.partition(';')[2]}")
     if args.no_write:
         return 0
-    stem = _ROOT / "benchmarks" / "results" / "tie_served_log"
     commit = git_commit()
     with stem.with_suffix(".csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

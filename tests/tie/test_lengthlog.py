@@ -393,3 +393,26 @@ def test_load_length_log_rejects_foreign_records(tmp_path):
         ValueError, match=r"x.jsonl:1: not a length-log record \(missing \['censored', 'reason'\]\)"
     ):
         load_length_log(path)
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def test_served_log_benchmark(capsys):
+    """benchmarks/tie_served_log.py: the simulated log cuts exactly the rows it flags; the smoke run trains and
+    schedules every variant."""
+    from tests.tie._scripts import load_script
+
+    bench = load_script("tie_served_log")
+    rows = [{"prompt": f"p{i}", "output_len": n} for i, n in enumerate([5, 50, 300, 1000, 800] * 200)]
+    log = bench.served_log(rows, (64, 512), cancel_rate=0.1, seed=0)
+    true = np.asarray([r["output_len"] for r in rows])
+    out, cens = np.asarray(log["output_len"]), np.asarray(log["censored"])
+    assert np.all(out <= true) and np.all(out[~cens] == true[~cens]) and np.all(out >= 1)
+    assert np.all(cens[(out < true)]) and np.all(cens[true >= 1000])
+    assert 0.05 < np.mean(cens & (true < 64) & (out < true)) / np.mean(true < 64) < 0.15  # cancellations
+    with pytest.raises(SystemExit, match="--caps"):
+        bench.parse_caps("256;abc")
+    assert bench.main(["--quick", "--no-write", "--caps", "1000;128,256", "--loads", "8"]) == 0
+    out_text = capsys.readouterr().out
+    for v in ("tie_censored", "tie_as_exact", "ssjf_as_exact", "ssjf_uncut_only", "tie_true_lengths"):
+        assert v in out_text
+    assert out_text.count("servedlog_caps") == 6  # 2 mixes x 1 load x (fcfs, ssjf, sjf_oracle)
