@@ -13,15 +13,7 @@ import torch
 from hf_ext.generation.tie.config import PredictorConfig
 from hf_ext.generation.tie.lengthlog import LengthLog, calibration, load_length_log
 from hf_ext.generation.tie.predictor import LengthPredictor, logt_scores
-
-PROMPTS = [
-    "Write a detailed essay about the history of Rome.",
-    "What is 12 times 7?",
-    "hello world",
-    "Translate this sentence into French.",
-    "Solve for x: 3x + 5 = 20.",
-    "List three reasons why the sky is blue.",
-]
+from tests.tie.test_cb import PROMPTS  # the engine tests' prompts
 
 
 class FakePredictor:
