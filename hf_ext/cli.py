@@ -1,10 +1,11 @@
-"""The ``hf-ext`` command line: ``doctor``, ``demo``, ``bench``, ``plan``, ``serve``.
+"""The ``hf-ext`` command line: ``doctor``, ``demo``, ``bench``, ``plan``, ``serve``, ``tie-log``.
 
 Example:
     $ hf-ext doctor
     $ hf-ext demo simulate sale
     $ hf-ext bench sale -- --lengths 8192 16384
     $ hf-ext serve meta-llama/Llama-3.1-8B-Instruct --tie-predictor ./predictor --port 8000
+    $ hf-ext tie-log lengths.jsonl --fit ./predictor
 """
 
 from __future__ import annotations
@@ -185,6 +186,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return int(serve_main(list(args.serve_args)) or 0)
 
 
+def cmd_tie_log(args: argparse.Namespace) -> int:
+    from hf_ext.generation.tie.lengthlog import main as tie_log_main
+
+    return int(tie_log_main(list(args.tie_log_args)) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hf-ext", description="hf_ext: systems-paper components for the HF stack"
@@ -209,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("serve_args", nargs=argparse.REMAINDER)
     sv.set_defaults(func=cmd_serve)
+    tl = sub.add_parser(
+        "tie-log",
+        help="summarise a TIE length log (hf-ext serve --tie-length-log); --fit DIR trains a predictor on it",
+        add_help=False,
+    )
+    tl.add_argument("tie_log_args", nargs=argparse.REMAINDER)
+    tl.set_defaults(func=cmd_tie_log)
     return p
 
 
@@ -217,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # its flags (and --help) are its own and transformers serve's
         return cmd_serve(argparse.Namespace(serve_args=argv[1:]))
+    if argv[:1] == ["tie-log"]:  # its own flags and --help
+        return cmd_tie_log(argparse.Namespace(tie_log_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -408,3 +408,38 @@ def test_served_log_benchmark(capsys):
     for v in ("tie_censored", "tie_as_exact", "ssjf_as_exact", "ssjf_uncut_only", "tie_true_lengths"):
         assert v in out_text
     assert out_text.count("servedlog_caps") == 6  # 2 mixes x 1 load x (fcfs, ssjf, sjf_oracle)
+
+
+# ------------------------------------------------------------------------------------------ hf-ext tie-log
+def test_tie_log_cli_reports_and_fits(tmp_path, capsys):
+    from hf_ext.cli import main
+    from hf_ext.generation.tie.data import generate_workload
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "lengths.jsonl"
+    with LengthLog(path) as log:
+        for i, r in enumerate(generate_workload(80, seed=5)):
+            cap = int(rng.choice([64, 1000]))
+            log.add(
+                prompt=r["prompt"],
+                output_len=min(r["output_len"], cap),
+                reason="max_new_tokens" if r["output_len"] >= cap else "eos",
+                max_new_tokens=cap,
+                prompt_tokens=8,
+                request_id=f"r{i}",
+                law=(4.0, 1.0, 3.5),
+                source="heuristic",
+            )
+    assert main(["tie-log", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "requests" in out and "80" in out and "ended by max_new_tokens" in out and "0 / 0 / 80" in out
+    pred_dir = tmp_path / "pred"
+    assert main(["tie-log", str(path), "--fit", str(pred_dir), "--tiny", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out 8 of 80 requests" in out and "new predictor" in out and "served with" in out
+    assert LengthPredictor.from_pretrained(pred_dir).predict(["hello"])["mu"].shape == (1,)
+    with pytest.raises(SystemExit):
+        main(["tie-log", str(path), "--held-out", "1.5"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["tie-log", str(empty)]) == 1

@@ -303,3 +303,131 @@ def calibration(
     ok = exact.sum() >= 3 and np.ptp(mu[exact]) > 0
     out["spearman_uncensored"] = float(stats.spearmanr(mu[exact], x[exact]).statistic) if ok else math.nan
     return out
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of a random train / held-out split (held-out ``fraction`` of ``n``, at least one row each)."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    k = min(n - 1, max(1, round(n * fraction)))
+    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+
+
+def _law_records(ds: Any, idx: list[int], pred: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Rows ``idx`` of a log dataset as calibration records: the laws they were served with, or ``pred``'s."""
+    out = []
+    for j, i in enumerate(idx):
+        row = ds[i]
+        law = (
+            (row["pred_mu"], row["pred_sigma"], row["pred_nu"])
+            if pred is None
+            else (pred["mu"][j], pred["sigma"][j], pred["nu"][j])
+        )
+        out.append(
+            dict(
+                output_len=row["output_len"],
+                censored=row["censored"],
+                pred_mu=law[0],
+                pred_sigma=law[1],
+                pred_nu=law[2],
+                source=row["source"] if pred is None else "predictor",
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hf-ext tie-log FILE [--fit DIR]``: summarise a length log; optionally train a predictor on it."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="hf-ext tie-log",
+        description="Summarise a TIE length log (hf-ext serve --tie-length-log FILE): requests, how their lengths "
+        "ended, how well the served laws matched. With --fit DIR, train a log-t predictor on it (cut rows as lower "
+        "bounds), compare it with the served laws on held-out rows, and save it for --tie-predictor DIR.",
+    )
+    p.add_argument("log", help="the JSONL length log")
+    p.add_argument(
+        "--fit", default=None, metavar="DIR", help="train a logt predictor on the log and save it here"
+    )
+    p.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
+    p.add_argument("--held-out", type=float, default=0.1, help="fraction kept out of training to score (0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
+    p.add_argument(
+        "--tiny", action="store_true", help="the 1-layer CPU preset (PredictorConfig.tiny) instead"
+    )
+    args = p.parse_args(argv)
+    if not 0.0 < args.held_out < 1.0:
+        p.error(f"--held-out must be in (0, 1), got {args.held_out}")
+    if args.epochs < 1:
+        p.error(f"--epochs must be >= 1, got {args.epochs}")
+    from rich.console import Console
+    from rich.table import Table
+
+    ds = load_length_log(args.log)
+    n = len(ds)
+    if n == 0:
+        print(f"hf-ext tie-log: {args.log} has no records")
+        return 1
+    con = Console()
+    reasons = {k: sum(r == k for r in ds["reason"]) for k in REASONS}
+    exact = [x for x, c in zip(ds["output_len"], ds["censored"]) if not c]
+    t = Table(title=f"TIE length log {args.log}")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("requests", str(n))
+    for k, v in reasons.items():
+        t.add_row(f"  ended by {k}", f"{v} ({v / n:.0%})")
+    t.add_row("prompt tokens, median", f"{np.median(ds['prompt_tokens']):.0f}")
+    t.add_row(
+        "exact length, median / p90",
+        f"{np.median(exact):.0f} / {np.percentile(exact, 90):.0f}" if exact else "-",
+    )
+    cal = calibration(ds.to_list(), levels=(0.9,))
+    t.add_row("laws: predictor / hint / heuristic", " / ".join(str(cal["by_source"][s]) for s in LAW_SOURCES))
+    if cal["n"]:
+        t.add_row("served laws: NLL (censoring-aware)", f"{cal['nll']:.3f}")
+        t.add_row(
+            "  above q95 / below q5 (5% each)",
+            f"{cal['above_q0.9']:.1%} / {cal['below_q0.9']:.1%}",
+        )
+        t.add_row("  Spearman, exact rows", f"{cal['spearman_uncensored']:.3f}")
+    con.print(t)
+    if args.fit is None:
+        return 0
+    if n < 20:
+        print(f"hf-ext tie-log: {n} records are too few to train and score a predictor (need 20)")
+        return 1
+    from hf_ext.generation.tie.config import PredictorConfig
+    from hf_ext.generation.tie.predictor import LengthPredictor
+
+    train_idx, held = _split(n, args.held_out, args.seed)
+    cfg = (
+        PredictorConfig.tiny(epochs=args.epochs, seed=args.seed)
+        if args.tiny
+        else PredictorConfig(epochs=args.epochs, seed=args.seed)
+    )
+    pred = LengthPredictor(cfg)
+    t0 = time.perf_counter()
+    pred.fit(ds.select(train_idx), censored_column="censored", progress=True)
+    fit_s = time.perf_counter() - t0
+    held_ds = ds.select(held)
+    new = calibration(_law_records(ds, held, pred.predict(held_ds["prompt"])), levels=(0.9,))
+    served = calibration([r for r in _law_records(ds, held) if r["pred_mu"] is not None], levels=(0.9,))
+    t = Table(title=f"held-out {len(held)} of {n} requests (trained on {len(train_idx)} in {fit_s:.0f}s)")
+    for c in ("laws", "NLL", "above q95", "below q5", "Spearman (exact rows)"):
+        t.add_column(c, justify="right" if c != "laws" else "left")
+    for name, c in (("new predictor", new), ("served with", served)):
+        if c["n"]:
+            t.add_row(
+                name,
+                f"{c['nll']:.3f}",
+                f"{c['above_q0.9']:.1%}",
+                f"{c['below_q0.9']:.1%}",
+                f"{c['spearman_uncensored']:.3f}",
+            )
+    con.print(t)
+    pred.save_pretrained(args.fit)
+    print(f"saved to {args.fit}; serve with: hf-ext serve MODEL --tie-predictor {args.fit}")
+    return 0
