@@ -443,3 +443,56 @@ def test_tie_log_cli_reports_and_fits(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["tie-log", str(empty)]) == 1
+
+
+def test_offloaded_and_soft_reset_requests_are_recorded_once_in_full():
+    """transformers evicts a request under memory pressure: offloaded to the CPU (PENDING) or soft-reset (its tokens
+    so far appended to its prompt, FINISHED but not ended). Both come back under the same id; only the real end is
+    recorded, with the original prompt, the whole length, the original cap and the law it was first scored with."""
+    from transformers.generation.continuous_batching.requests import RequestState, RequestStatus
+
+    from hf_ext.generation.tie.cb import TIECBScheduler, enable_tie_scheduler
+
+    class NoCache:
+        def free_blocks(self, request_id):
+            pass
+
+    log = LengthLog()
+    enable_tie_scheduler(None, None, prompt_text=lambda ids: f"prompt {ids}", length_log=log)
+    sched = TIECBScheduler(NoCache(), 0.0, 4)
+    state = RequestState(request_id="a", initial_tokens=[1, 2, 3], max_new_tokens=5, eos_token_id=9)
+    sched._laws["a"] = ((1.0, 0.5, 3.5), "predictor")
+    state._status = RequestStatus.PENDING  # offloaded to the CPU
+    sched.active_requests["a"] = state
+    sched.finish_request("a")
+    state.generated_tokens = [4, 4]
+    state._status = RequestStatus.FINISHED  # soft reset
+    sched.active_requests["a"] = state
+    sched.finish_request("a")
+    assert len(log) == 0 and "a" in sched._laws
+    again = state.create_equivalent_initial_request()
+    again.generated_tokens = [4, 4, 4]  # its remaining cap of 3
+    again._status = RequestStatus.FINISHED
+    sched.active_requests["a"] = again
+    sched.finish_request("a")
+    (rec,) = log.records
+    assert (rec["prompt"], rec["output_len"], rec["max_new_tokens"], rec["prompt_tokens"]) == (
+        "prompt [1, 2, 3]",
+        5,
+        5,
+        3,
+    )
+    assert (rec["reason"], rec["pred_mu"], rec["source"]) == ("max_new_tokens", 1.0, "predictor")
+    failed = RequestState(request_id="b", initial_tokens=[1], max_new_tokens=5)
+    sched._laws["b"] = ((1.0, 0.5, 3.5), "hint")
+    failed._status = RequestStatus.FAILED
+    sched.active_requests["b"] = failed
+    sched.finish_request("b")
+    assert len(log) == 1 and "b" not in sched._laws
+    ended = RequestState(request_id="c", initial_tokens=[1], max_new_tokens=5, eos_token_id=9)
+    ended.generated_tokens = [3, 9]
+    ended._status = RequestStatus.FINISHED
+    sched.active_requests["c"] = ended
+    sched.finish_request("c")
+    assert log.records[-1]["reason"] == "eos" and log.records[-1]["output_len"] == 2
+    assert log.records[-1]["source"] is None  # this scheduler never scored it: no law is made up

@@ -184,11 +184,11 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
             reason = _ended(state)
             if reason is not None:
                 self._record(state, reason)
-            elif (
-                state.status != RequestStatus.FINISHED
-            ):  # failed: forget; FINISHED but not ended: a soft reset
+            elif state.status >= RequestStatus.FAILED:  # failed: forget it
                 self._laws.pop(request_id, None)
                 self._texts.pop(request_id, None)
+            # else it comes back under the same id: offloaded to the CPU (PENDING) or soft-reset (FINISHED, not
+            # ended); its law and text are kept for its record
         super().finish_request(request_id)
 
     def _record(self, state: RequestState, reason: str) -> None:
