@@ -165,17 +165,14 @@ def texts_with_filler(tok: Any, own: list[str], lengths: list[int], seed: int) -
 def save_model(shape: str, device: str, out: Path, seed: int) -> Any:
     """The random-weight model of ``shape`` with the tiny tokenizer, saved for the server; EOS off."""
     import torch
-    from transformers import GenerationConfig
 
     from hf_ext.simulate.calibrate import model_for_shape
-    from hf_ext.testing import tiny_tokenizer
+    from hf_ext.testing import save_for_serving, tiny_tokenizer
 
     tok = tiny_tokenizer()
     if not (out / "config.json").exists():
         model = model_for_shape(shape, device, seed=seed)
-        model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0, bos_token_id=1)
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+        save_for_serving(model, tok, out)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -237,6 +237,19 @@ def triton_interpret() -> Iterator[None]:
             os.environ["TRITON_INTERPRET"] = old
 
 
+def save_for_serving(model: Any, tokenizer: Any, path: str | os.PathLike, **generation: Any) -> None:
+    """Save a (random-weight) ``model`` and ``tokenizer`` to ``path`` for ``transformers serve``, with a greedy
+    generation config and no EOS token, so every request generates exactly its ``max_tokens`` (what tests and
+    replays rely on); ``generation`` adds or overrides ``GenerationConfig`` fields (e.g. ``max_new_tokens``)."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        **{"do_sample": False, "pad_token_id": 0, "bos_token_id": 1, **generation}
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 # -------------------------------------------------------------------------------------- gloo x 2
 def free_port() -> int:
     """A free TCP port on localhost."""

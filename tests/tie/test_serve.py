@@ -41,20 +41,13 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import GenerationConfig
-
-    from hf_ext.testing import tiny_llama, tiny_tokenizer
+    from hf_ext.testing import save_for_serving, tiny_llama, tiny_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_serve")
-    model = tiny_llama()
-    # no EOS: every request generates exactly its max_tokens, so the blocker below really blocks
-    model.generation_config = GenerationConfig(
-        max_new_tokens=16, do_sample=False, pad_token_id=0, bos_token_id=1
-    )
-    model.save_pretrained(d)
     tok = copy.deepcopy(tiny_tokenizer())
     tok.chat_template = CHAT_TEMPLATE  # for /v1/chat/completions
-    tok.save_pretrained(d)
+    # no EOS: every request generates exactly its max_tokens, so the blocker below really blocks
+    save_for_serving(tiny_llama(), tok, d, max_new_tokens=16)
     return str(d)
 
 

@@ -109,13 +109,11 @@ def _serve_over_http(model: object, tok: object, pred: object, prompts: list[str
     import logging
     import tempfile
 
-    from transformers import GenerationConfig
-
     from hf_ext.generation.tie.cb import preserved_context
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.replay import ReplayRequest
     from hf_ext.generation.tie.serve import replay_over_http, require_serving, serve_tie, wait_until_serving
-    from hf_ext.testing import free_port
+    from hf_ext.testing import free_port, save_for_serving
 
     try:
         require_serving()
@@ -123,9 +121,7 @@ def _serve_over_http(model: object, tok: object, pred: object, prompts: list[str
         return None
     n_new = 6
     with tempfile.TemporaryDirectory(prefix="tie_demo_") as path, preserved_context():
-        model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0)  # type: ignore[attr-defined]
-        model.save_pretrained(path)  # type: ignore[attr-defined]
-        tok.save_pretrained(path)  # type: ignore[attr-defined]
+        save_for_serving(model, tok, path)
         port = free_port()
         server = serve_tie(
             path,
