@@ -131,10 +131,10 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
         self._known: set[str] = set()
         self._last_fresh: list[str] = []
         self.admission_order: list[str] = []
-        self._laws: dict[
-            str, tuple[tuple[float, float, float], str]
-        ] = {}  # for the length log, until finished
-        self._texts: dict[str, str] = {}  # predictor text already made, reused by the length log
+        # for the length log, kept until the request ends: the law it was scored with and its source, and the
+        # predictor text already made
+        self._laws: dict[str, tuple[tuple[float, float, float], str]] = {}
+        self._texts: dict[str, str] = {}
         CONTEXT.last_scheduler_type = type(self)
         CONTEXT.admission_order = self.admission_order
 

@@ -476,9 +476,7 @@ def logt_scores(
     t_mu, t_sigma, t_nu = torch.tensor(mu), torch.tensor(sigma), torch.tensor(nu)
     nll = logt_nll(torch.tensor(y), t_mu, t_sigma, t_nu)
     res = {"nll": float(nll.mean())}
-    if (
-        censor_at is not None or censored is not None
-    ):  # the training objective: censored lengths as "at least"
+    if censor_at is not None or censored is not None:  # the training objective: cut lengths as "at least"
         cens = np.zeros(lengths.shape, dtype=bool) if censored is None else np.asarray(censored, dtype=bool)
         if cens.shape != lengths.shape:
             raise ValueError(f"censored must have one flag per length ({lengths.shape}), got {cens.shape}")
