@@ -109,9 +109,9 @@ def fit(kind: str, data: dict[str, list], censored: bool, args: argparse.Namespa
     from hf_ext.generation.tie.predictor import LengthPredictor
 
     cfg = (
-        PredictorConfig.tiny(kind=kind, epochs=1)
+        PredictorConfig.tiny(kind=kind, epochs=1, seed=args.seed)
         if args.quick
-        else PredictorConfig(kind=kind, epochs=args.epochs)
+        else PredictorConfig(kind=kind, epochs=args.epochs, seed=args.seed)
     )
     pred = LengthPredictor(cfg)
     t0 = time.perf_counter()
@@ -252,8 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny predictors and sizes (smoke)")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the client caps, cancellations and predictor training (not 0: files and cases get _seedN)",
+    )
     args = p.parse_args(argv)
-    stem = _ROOT / "benchmarks" / "results" / "tie_served_log"
+    tag = f"_seed{args.seed}" if args.seed else ""
+    stem = _ROOT / "benchmarks" / "results" / f"tie_served_log{tag}"
     if args.replot:
         with stem.with_suffix(".csv").open(newline="") as f:
             got = list(csv.DictReader(f))
@@ -308,13 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     for s, caps, variant in jobs:
-        log = served_log(train_rows, caps, args.cancel_rate, seed=1)
+        log = served_log(train_rows, caps, args.cancel_rate, seed=1 + args.seed)
         if variant == "ssjf_uncut_only":
             keep = [i for i, c in enumerate(log["censored"]) if not c]
             log = {k: [v[i] for i in keep] for k, v in log.items()}
         kind = "logt" if variant.startswith("tie") else "point"
         pred, fit_s = fit(kind, log, variant == "tie_censored", args)
-        share = float(np.mean(served_log(train_rows, caps, args.cancel_rate, seed=1)["censored"]))
+        share = float(np.mean(served_log(train_rows, caps, args.cancel_rate, seed=1 + args.seed)["censored"]))
         qrows.append(
             {
                 "scenario": s,
@@ -358,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             lat = {v: _lat(srows, s, v, load) for v in (*VARIANTS, "fcfs", "sjf_oracle")}
             print(f"{s} x{load:g}: " + ", ".join(f"{k} {v:.1f}" for k, v in lat.items()) + " ms/token")
             ssjf = min(("ssjf_as_exact", "ssjf_uncut_only"), key=lambda v: lat[v])
-            case = f"servedlog_{s}_cancel{args.cancel_rate:g}_n{args.n_train}_azure-replay{args.n_replay}_x{load:g}"
+            case = f"servedlog_{s}_cancel{args.cancel_rate:g}_n{args.n_train}_azure-replay{args.n_replay}_x{load:g}{tag}"
             qv = f"{_get(qrows, s, 'tie_censored', 'nll'):.3f}/{_get(qrows, s, 'tie_as_exact', 'nll'):.3f}"
             for b, v in (("fcfs", "fcfs"), ("ssjf", ssjf), ("sjf_oracle", "sjf_oracle")):
                 rows.append(
