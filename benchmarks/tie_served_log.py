@@ -200,7 +200,8 @@ def plot(qrows: list[dict], srows: list[dict], scenarios: list[str], png: Path) 
     if ceiling:
         axes[0].axhline(ceiling[0], color="g", ls="--", label="trained on true lengths")
     axes[0].set_title("validation NLL (nats, log length; lower is better)")
-    axes[0].set_ylim(1.0, 1.05 * max(r["nll"] for r in qrows if r.get("nll") == r.get("nll")))
+    nlls = [r["nll"] for r in qrows if isinstance(r.get("nll"), float) and math.isfinite(r["nll"])]
+    axes[0].set_ylim(1.0, 1.05 * max(nlls))
     for i, v in enumerate(("tie_censored", "tie_as_exact")):
         axes[1].bar(x + (i - 0.5) * w, [_get(qrows, s, v, "above_q0.9") for s in scenarios], w, label=v)
     axes[1].axhline(0.05, color="k", ls=":", label="calibrated (5 %)")
