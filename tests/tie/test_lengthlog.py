@@ -410,6 +410,34 @@ def test_served_log_benchmark(capsys):
     assert out_text.count("servedlog_caps") == 6  # 2 mixes x 1 load x (fcfs, ssjf, sjf_oracle)
 
 
+def test_served_log_plot_takes_rows_without_nll(tmp_path):
+    """The figure is drawn from main's rows, where the point predictors have no NLL (it once crashed there, after
+    the CSV and before the tie.csv rows were written)."""
+    from tests.tie._scripts import load_script
+
+    bench = load_script("tie_served_log")
+    q = [
+        {"scenario": "true", "predictor": "tie_true_lengths", "nll": 1.15, "above_q0.9": 0.05},
+        {"scenario": "a", "predictor": "tie_censored", "nll": 1.1, "above_q0.9": 0.05},
+        {"scenario": "a", "predictor": "tie_as_exact", "nll": 1.3, "above_q0.9": 0.12},
+        {"scenario": "a", "predictor": "ssjf_as_exact", "spearman": 0.7},
+        {"scenario": "a", "predictor": "ssjf_uncut_only", "spearman": 0.6},
+    ]
+    lat = {
+        "fcfs": 200.0,
+        "tie_censored": 120.0,
+        "tie_as_exact": 130.0,
+        "ssjf_as_exact": 110.0,
+        "ssjf_uncut_only": 115.0,
+    }
+    s = [
+        {"scenario": "all" if k == "fcfs" else "a", "predictor": k, "load": 8.0, "per_token_mean_ms": v}
+        for k, v in lat.items()
+    ]
+    bench.plot(q, s, ["a"], tmp_path / "x.png")
+    assert (tmp_path / "x.png").stat().st_size > 1000
+
+
 # ------------------------------------------------------------------------------------------ hf-ext tie-log
 def test_tie_log_cli_reports_and_fits(tmp_path, capsys):
     from hf_ext.cli import main
