@@ -524,3 +524,36 @@ def test_offloaded_and_soft_reset_requests_are_recorded_once_in_full():
     sched.finish_request("c")
     assert log.records[-1]["reason"] == "eos" and log.records[-1]["output_len"] == 2
     assert log.records[-1]["source"] is None  # this scheduler never scored it: no law is made up
+
+
+def test_periodic_reports_warn_on_drift(caplog):
+    """``report_every=N``: after every N records the last N laws are checked; a calibrated stream is an INFO line,
+    a stream that outgrew its predictor (answers twice as long) a WARNING that says to retrain."""
+
+    def feed(log: LengthLog, recs: list[dict]) -> None:
+        for i, r in enumerate(recs):
+            log.add(
+                prompt="p",
+                output_len=r["output_len"],
+                reason="max_new_tokens" if r["censored"] else "eos",
+                max_new_tokens=None,
+                prompt_tokens=1,
+                request_id=f"r{i}",
+                law=(r["pred_mu"], r["pred_sigma"], r["pred_nu"]),
+                source="predictor",
+            )
+
+    log = LengthLog(report_every=1000)
+    with caplog.at_level("INFO", logger="hf_ext"):
+        feed(log, _records(4.0, n=2000))
+        feed(log, _records(3.3, n=1000, seed=4))
+    assert [r["count"] for r in log.reports] == [1000, 2000, 3000]
+    assert all(r["window"] == 1000 for r in log.reports)
+    levels = [r.levelname for r in caplog.records if "TIE length log" in r.message]
+    assert levels == ["INFO", "INFO", "WARNING"]
+    assert "retrain it on this log" in caplog.records[-1].message
+    assert log.reports[-1]["above_q0.9"] > 0.1 > log.reports[0]["above_q0.9"]
+    with pytest.raises(ValueError, match="report_every must be None or an int >= 1"):
+        LengthLog(report_every=0)
+    with pytest.raises(ValueError, match=r"max_records \(10\) must be >= report_every \(20\)"):
+        LengthLog(max_records=10, report_every=20)

@@ -304,6 +304,30 @@ def test_cli_builds_config_and_forwards_transformers_flags(monkeypatch, tmp_path
         main(["serve", "my/model", "--tie-aging", "sometimes"])
     with pytest.raises(SystemExit, match="always on"):
         main(["serve", "my/model", "--no-continuous-batching"])
+    with pytest.raises(SystemExit, match="--tie-length-log-report N needs --tie-length-log FILE"):
+        main(["serve", "my/model", "--tie-length-log-report", "5"])
+
+
+def test_cli_length_log_with_reports(monkeypatch, tmp_path, model_dir):
+    """``--tie-length-log FILE --tie-length-log-report N``: the scheduler's log writes FILE and reports every N; the
+    file is closed when the server ends."""
+    import transformers.cli.transformers as tcli
+
+    from hf_ext.cli import main
+    from hf_ext.generation.tie.cb import CONTEXT
+
+    seen = {}
+
+    def fake_app(args, prog_name=None):
+        seen["log"] = CONTEXT.length_log
+        raise SystemExit(0)
+
+    monkeypatch.setattr(tcli, "app", fake_app)
+    path = tmp_path / "lengths.jsonl"
+    argv = ["serve", model_dir, "--tie-length-log", str(path), "--tie-length-log-report", "50"]
+    assert main(argv) == 0
+    log = seen["log"]
+    assert log.path == str(path) and log.report_every == 50 and log._fh is None  # closed after the server
 
 
 def test_replay_over_http_times_and_lengths(model_dir):

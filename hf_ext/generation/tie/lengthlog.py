@@ -18,7 +18,8 @@ finished request, written by the continuous-batching scheduler when transformers
 :meth:`LengthLog.to_dataset` (or :func:`load_length_log` for the JSONL file) gives a ``datasets.Dataset`` that
 ``LengthPredictor.fit(ds, censored_column="censored")`` trains on, with the cut rows entering the log-t likelihood as
 ``log P(X >= output_len)``: treating them as exact would teach the predictor that long answers end at the cap.
-:meth:`LengthLog.calibration` checks the laws the server scored with against what happened (a drift monitor).
+:meth:`LengthLog.calibration` checks the laws the server scored with against what happened (a drift monitor;
+``report_every=N`` logs it every N requests, a warning when the traffic has drifted).
 
 Example:
     >>> log = LengthLog()
@@ -70,6 +71,10 @@ class LengthLog:
         path: a JSONL file each record is appended to as it is made (flushed per record; an existing file is
             appended to, so one log can span server restarts). ``None``: memory only.
         max_records: how many records to keep in memory (the newest; the file keeps all). ``None``: no limit.
+        report_every: after every this many records, log the calibration of the last that many laws (logger
+            ``hf_ext``): ``INFO`` normally, ``WARNING`` when more than twice the calibrated 5 % ran past the laws'
+            95th or stopped under their 5th percentile (the traffic drifted from what the predictor learned).
+            ``None``: no reports. Needs ``max_records >= report_every``.
 
     Attributes:
         records: the kept records (a list copy, oldest first).
@@ -78,11 +83,18 @@ class LengthLog:
             engine is never stopped by the log).
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, max_records: int | None = 100_000) -> None:
-        if max_records is not None and (
-            isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1
-        ):
-            raise ValueError(f"max_records must be None or an int >= 1, got {max_records!r}")
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        max_records: int | None = 100_000,
+        report_every: int | None = None,
+    ) -> None:
+        for name, v in (("max_records", max_records), ("report_every", report_every)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        if report_every is not None and max_records is not None and max_records < report_every:
+            raise ValueError(f"max_records ({max_records}) must be >= report_every ({report_every})")
         if path is not None:
             path = os.fspath(path)
             parent = os.path.dirname(os.path.abspath(path))
@@ -96,6 +108,8 @@ class LengthLog:
         self._fh: Any = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
         self.count = 0
         self.errors = 0
+        self.report_every = report_every
+        self.reports: list[dict[str, Any]] = []  # the periodic calibration reports made so far
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------- writing
@@ -149,7 +163,46 @@ class LengthLog:
                     self._fh.flush()
                 except (OSError, ValueError) as exc:  # disk full, closed file: keep serving
                     self._error("write", f"could not append to {self.path!r}: {exc}")
+            due = self.report_every is not None and self.count % self.report_every == 0
+            window = list(self._records)[-self.report_every :] if due else []  # type: ignore[operator]
+        if due:
+            self._report(window)
         return rec
+
+    def _report(self, window: list[dict[str, Any]]) -> None:
+        """Log the calibration of the laws in ``window`` (the last ``report_every`` records); see ``report_every``."""
+        try:
+            cal = calibration(window, levels=(0.9,))
+        except Exception as exc:  # noqa: BLE001 - runs in the engine's thread
+            self._error("report", f"calibration report failed: {type(exc).__name__}: {exc}")
+            return
+        cut = sum(bool(r["censored"]) for r in window) / len(window)
+        rep = {"count": self.count, "window": len(window), "cut": cut, **cal}
+        self.reports.append(rep)
+        if not cal["n"]:
+            logger.info(
+                "TIE length log: %d requests, %.0f%% of the last %d cut; no laws to check",
+                self.count,
+                100 * cut,
+                len(window),
+            )
+            return
+        drift = cal["above_q0.9"] > 0.1 or cal["below_q0.9"] > 0.1
+        logger.log(
+            logging.WARNING if drift else logging.INFO,
+            "TIE length log: %d requests; of the last %d (%.0f%% cut), %.1f%% ran past their law's 95th percentile "
+            "and %.1f%% stopped under its 5th (5%% each when calibrated), NLL %.3f%s",
+            self.count,
+            len(window),
+            100 * cut,
+            100 * cal["above_q0.9"],
+            100 * cal["below_q0.9"],
+            cal["nll"],
+            "; the traffic has drifted from what the predictor learned: retrain it on this log (hf-ext tie-log "
+            "FILE --fit DIR)"
+            if drift
+            else "",
+        )
 
     def _error(self, kind: str, msg: str) -> None:
         self.errors += 1

@@ -171,6 +171,7 @@ def _enable_scoring(
     config: TIEConfig | None,
     prompt_text: Any,
     length_log: Any = None,
+    report_every: int | None = None,
 ) -> Any:
     """Set what the TIE scheduler scores with (:func:`~hf_ext.generation.tie.cb.enable_tie_scheduler`).
 
@@ -199,7 +200,7 @@ def _enable_scoring(
     if path is not None:
         from hf_ext.generation.tie.lengthlog import LengthLog
 
-        length_log = opened = LengthLog(path)
+        length_log = opened = LengthLog(path, report_every=report_every)
     enable_tie_scheduler(predictor, tokenizer, config, prompt_text=prompt_text, length_log=length_log)
     return opened
 
@@ -322,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
         "a predictor on this traffic: LengthPredictor.fit(load_length_log(FILE), censored_column='censored')",
     )
     p.add_argument(
+        "--tie-length-log-report",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --tie-length-log: every N requests, log how well the served laws matched the last N "
+        "(a warning when the traffic has drifted from what the predictor learned)",
+    )
+    p.add_argument(
         "--tie-config",
         default=None,
         help="JSON file of TIEConfig fields (the --tie-<field> flags override it)",
@@ -353,8 +362,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--force-model" in rest or "--no-continuous-batching" in rest:
         raise SystemExit("hf-ext serve: MODEL is the served model and continuous batching is always on")
     config = config_from_args(args)
+    if args.tie_length_log_report is not None and (not args.tie_length_log or args.tie_length_log_report < 1):
+        raise SystemExit("hf-ext serve: --tie-length-log-report N needs --tie-length-log FILE and N >= 1")
     require_serving()
-    opened = _enable_scoring(args.model, args.tie_predictor, None, config, None, args.tie_length_log)
+    opened = _enable_scoring(
+        args.model,
+        args.tie_predictor,
+        None,
+        config,
+        None,
+        args.tie_length_log,
+        report_every=args.tie_length_log_report,
+    )
     from transformers.cli.transformers import app
 
     code = 0
