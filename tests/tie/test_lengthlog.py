@@ -557,3 +557,35 @@ def test_periodic_reports_warn_on_drift(caplog):
         LengthLog(report_every=0)
     with pytest.raises(ValueError, match=r"max_records \(10\) must be >= report_every \(20\)"):
         LengthLog(max_records=10, report_every=20)
+
+
+def test_a_soft_reset_request_is_scored_from_its_true_prompt():
+    """A soft-reset request comes back with its generated tokens appended to its prompt; its hint (keyed by the
+    prompt ids) and its predictor text are those of the prompt the client sent."""
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    from hf_ext.generation.tie.cb import TIECBScheduler, enable_tie_scheduler, set_length_hints
+
+    class NoCache:
+        def free_blocks(self, request_id):
+            pass
+
+    seen: list[str] = []
+
+    class Pred(FakePredictor):
+        def predict(self, prompts, batch_size=256):
+            seen.extend(prompts)
+            return super().predict(prompts, batch_size)
+
+    enable_tie_scheduler(Pred(), None, prompt_text=lambda ids: f"prompt {ids}", length_log=LengthLog())
+    set_length_hints([[1, 2, 3]], [2.5], [0.5])
+    sched = TIECBScheduler(NoCache(), 0.0, 4)
+    hinted = RequestState(request_id="a", initial_tokens=[1, 2, 3], max_new_tokens=8)
+    hinted.generated_tokens = [7, 7]
+    predicted = RequestState(request_id="b", initial_tokens=[4, 5], max_new_tokens=8)
+    predicted.generated_tokens = [6]
+    back = [hinted.create_equivalent_initial_request(), predicted.create_equivalent_initial_request()]
+    assert back[0].initial_tokens == [1, 2, 3, 7, 7]
+    sched._prepare(back)
+    assert sched._laws["a"] == ((2.5, 0.5, 3.5), "hint")
+    assert seen == ["prompt [4, 5]"] and sched._laws["b"][1] == "predictor"
