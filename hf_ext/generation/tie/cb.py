@@ -99,9 +99,14 @@ def _true_prompt(state: RequestState) -> list[int]:
     return list(state.initial_tokens[:n]) if n else list(state.initial_tokens)
 
 
+def _lookup_key(by_rid: dict[str, Any], state: RequestState) -> Any:
+    """The key ``state`` is found under: its request id if ``by_rid`` has it, else its true prompt ids."""
+    return state.request_id if state.request_id in by_rid else tuple(_true_prompt(state))
+
+
 def _lookup(by_rid: dict[str, Any], by_ids: dict[tuple[int, ...], Any], state: RequestState) -> Any:
-    hit = by_rid.get(state.request_id)
-    return hit if hit is not None else by_ids.get(tuple(_true_prompt(state)))
+    key = _lookup_key(by_rid, state)
+    return (by_rid if isinstance(key, str) else by_ids).get(key)
 
 
 def _ended(state: RequestState) -> str | None:
@@ -252,8 +257,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
                 source[i] = "predictor"
             else:
                 mu[i], sigma[i], nu[i] = hint
-                key = s.request_id if s.request_id in CONTEXT.rid_hints else tuple(_true_prompt(s))
-                source[i] = CONTEXT.hint_sources.get(key, "hint")
+                source[i] = CONTEXT.hint_sources.get(_lookup_key(CONTEXT.rid_hints, s), "hint")
         if missing:
             if CONTEXT.predictor is not None and (
                 CONTEXT.prompt_text is not None or CONTEXT.tokenizer is not None
