@@ -121,17 +121,13 @@ def fit(kind: str, data: dict[str, list], censored: bool, args: argparse.Namespa
 
 def quality(pred: Any, val: dict[str, list]) -> dict[str, float]:
     """Validation scores; lengths at the workload cap are censored in the NLL and the calibration shares."""
-    from hf_ext.generation.tie.lengthlog import calibration
+    from hf_ext.generation.tie.lengthlog import law_calibration
 
     ev = pred.evaluate(val, max_new_tokens=MAX_NEW_TOKENS, censored_column="censored")
     q = {"spearman": ev["spearman"], "crps_tokens": ev.get("crps_tokens", math.nan)}
     if pred.kind == "logt":
         p = pred.predict(val["prompt"])
-        recs = [
-            dict(output_len=n, censored=c, pred_mu=m, pred_sigma=s, pred_nu=v, source="predictor")
-            for n, c, m, s, v in zip(val["output_len"], val["censored"], p["mu"], p["sigma"], p["nu"])
-        ]
-        cal = calibration(recs, levels=(0.9,))
+        cal = law_calibration(val["output_len"], val["censored"], p["mu"], p["sigma"], p["nu"], levels=(0.9,))
         q.update(nll=ev["nll_censored"], **{k: cal[k] for k in ("above_q0.9", "below_q0.9")})
     return q
 
@@ -315,14 +311,18 @@ def main(argv: list[str] | None = None) -> int:
             **quality(pred, val),
         }
     )
-    for s, caps, variant in jobs:
-        log = served_log(train_rows, caps, args.cancel_rate, seed=1 + args.seed)
+    logs = {
+        s: served_log(train_rows, caps, args.cancel_rate, seed=1 + args.seed)
+        for s, caps in zip(scenarios, mixes)
+    }
+    for s, _, variant in jobs:
+        log = logs[s]
+        share = float(np.mean(log["censored"]))
         if variant == "ssjf_uncut_only":
             keep = [i for i, c in enumerate(log["censored"]) if not c]
             log = {k: [v[i] for i in keep] for k, v in log.items()}
         kind = "logt" if variant.startswith("tie") else "point"
         pred, fit_s = fit(kind, log, variant == "tie_censored", args)
-        share = float(np.mean(served_log(train_rows, caps, args.cancel_rate, seed=1 + args.seed)["censored"]))
         qrows.append(
             {
                 "scenario": s,

@@ -40,6 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -164,7 +165,8 @@ class LengthLog:
                 except (OSError, ValueError) as exc:  # disk full, closed file: keep serving
                     self._error("write", f"could not append to {self.path!r}: {exc}")
             due = self.report_every is not None and self.count % self.report_every == 0
-            window = list(self._records)[-self.report_every :] if due else []  # type: ignore[operator]
+            # the newest report_every records, without copying the whole deque (up to max_records) each time
+            window = list(islice(reversed(self._records), self.report_every))[::-1] if due else []
         if due:
             self._report(window)
         return rec
@@ -289,17 +291,36 @@ def load_length_log(path: str | os.PathLike) -> Any:
 def calibration(
     records: list[dict[str, Any]], levels: Iterable[float] = (0.5, 0.9), bins: int = 10
 ) -> dict[str, Any]:
-    """Predicted laws against observed lengths, censoring-aware, over the records that carry a law.
+    """Predicted laws against observed lengths, censoring-aware, over the records that carry a law
+    (:func:`law_calibration` of their ``output_len`` / ``censored`` / ``pred_*``), plus ``by_source``: how many laws
+    came from the predictor, hints, the heuristic."""
+    rows = [r for r in records if r.get("pred_mu") is not None]
+    by_source = {s: sum(r.get("source") == s for r in rows) for s in LAW_SOURCES}
+    cols = {k: [r[k] for r in rows] for k in ("output_len", "censored", "pred_mu", "pred_sigma", "pred_nu")}
+    out = law_calibration(*cols.values(), levels=levels, bins=bins)
+    return {"n": out.pop("n"), "n_censored": out.pop("n_censored"), "by_source": by_source, **out}
 
-    A censored record (length ``c`` is a lower bound) counts, for an event it cannot decide, with that event's
-    probability under its own law given ``X >= c`` (as in D-calibration for survival models, Haider et al. 2020).
-    So for a calibrated predictor every share below has the stated expectation however many rows were cut, while
-    a biased one shows up through the rows that do decide.
+
+def law_calibration(
+    lengths: Any,
+    censored: Any,
+    mu: Any,
+    sigma: Any,
+    nu: Any,
+    levels: Iterable[float] = (0.5, 0.9),
+    bins: int = 10,
+) -> dict[str, Any]:
+    """Log-t laws ``(μ, σ, ν)`` (each ``[N]``) against observed ``lengths[N]``, where ``censored[N]`` marks a length
+    that is only a lower bound.
+
+    A censored row (length ``c``) counts, for an event it cannot decide, with that event's probability under its own
+    law given ``X >= c`` (as in D-calibration for survival models, Haider et al. 2020). So for a calibrated predictor
+    every share below has the stated expectation however many rows were cut, while a biased one shows up through
+    the rows that do decide.
 
     Returns a dict:
 
-    * ``n``, ``n_censored`` — records with a law, and how many of them are lower bounds;
-    * ``by_source`` — how many laws came from the predictor, hints, the heuristic;
+    * ``n``, ``n_censored`` — rows, and how many of them are lower bounds;
     * ``nll`` — mean log-t negative log-likelihood (nats of log length), censored rows as ``log P(X >= length)``:
       the predictor's training objective, comparable with ``LengthPredictor.evaluate(...)["nll_censored"]``;
     * ``above_q{p}`` / ``below_q{p}`` for each level ``p`` — the share of requests that ran past the law's upper
@@ -308,34 +329,23 @@ def calibration(
       it over-estimates;
     * ``pit`` — ``bins`` shares of the probability integral transform ``F(X)`` over equal bins of ``[0, 1]``
       (calibrated: each ``1/bins``);
-    * ``spearman_uncensored`` — rank correlation of ``pred_mu`` with the exact lengths (``nan`` with fewer than 3
-      exact rows or a constant ``pred_mu``).
+    * ``spearman_uncensored`` — rank correlation of ``mu`` with the exact lengths (``nan`` with fewer than 3 exact
+      rows or a constant ``mu``).
     """
     from scipy import special, stats
 
+    from hf_ext.generation.tie.distribution import t_logpdf
+
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be an int >= 1, got {bins!r}")
-    rows = [r for r in records if r.get("pred_mu") is not None]
-    out: dict[str, Any] = {
-        "n": len(rows),
-        "n_censored": sum(bool(r["censored"]) for r in rows),
-        "by_source": {s: sum(r.get("source") == s for r in rows) for s in LAW_SOURCES},
-    }
-    if not rows:
+    x = np.asarray(lengths, dtype=np.float64)
+    cens = np.asarray(censored, dtype=bool)
+    mu, sigma, nu = (np.asarray(v, dtype=np.float64) for v in (mu, sigma, nu))
+    out: dict[str, Any] = {"n": int(x.size), "n_censored": int(cens.sum())}
+    if not x.size:
         return out
-    x = np.asarray([r["output_len"] for r in rows], dtype=np.float64)
-    cens = np.asarray([bool(r["censored"]) for r in rows])
-    mu = np.asarray([r["pred_mu"] for r in rows], dtype=np.float64)
-    sigma = np.asarray([r["pred_sigma"] for r in rows], dtype=np.float64)
-    nu = np.asarray([r["pred_nu"] for r in rows], dtype=np.float64)
     z = (np.log(x) - mu) / sigma
-    logpdf = (
-        special.gammaln((nu + 1) / 2)
-        - special.gammaln(nu / 2)
-        - 0.5 * np.log(nu * math.pi)
-        - (nu + 1) / 2 * np.log1p(z * z / nu)
-        - np.log(sigma)
-    )
+    logpdf = t_logpdf(z, nu) - np.log(sigma)
     logsf = np.log(np.maximum(special.stdtr(nu, -z), 1e-300))
     out["nll"] = float(np.mean(np.where(cens, -logsf, -logpdf)))
     u = special.stdtr(nu, z)  # F(x): exact rows' PIT; a cut row's PIT is uniform on [F(c), 1] under its law
@@ -365,29 +375,6 @@ def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     perm = rng.permutation(n)
     k = min(n - 1, max(1, round(n * fraction)))
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
-
-
-def _law_records(ds: Any, idx: list[int], pred: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
-    """Rows ``idx`` of a log dataset as calibration records: the laws they were served with, or ``pred``'s."""
-    out = []
-    for j, i in enumerate(idx):
-        row = ds[i]
-        law = (
-            (row["pred_mu"], row["pred_sigma"], row["pred_nu"])
-            if pred is None
-            else (pred["mu"][j], pred["sigma"][j], pred["nu"][j])
-        )
-        out.append(
-            dict(
-                output_len=row["output_len"],
-                censored=row["censored"],
-                pred_mu=law[0],
-                pred_sigma=law[1],
-                pred_nu=law[2],
-                source=row["source"] if pred is None else "predictor",
-            )
-        )
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,8 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     pred.fit(ds.select(train_idx), censored_column="censored", progress=True)
     fit_s = time.perf_counter() - t0
     held_ds = ds.select(held)
-    new = calibration(_law_records(ds, held, pred.predict(held_ds["prompt"])), levels=(0.9,))
-    served = calibration([r for r in _law_records(ds, held) if r["pred_mu"] is not None], levels=(0.9,))
+    got = pred.predict(held_ds["prompt"])
+    new = law_calibration(
+        held_ds["output_len"], held_ds["censored"], got["mu"], got["sigma"], got["nu"], levels=(0.9,)
+    )
+    served = calibration(held_ds.to_list(), levels=(0.9,))
     t = Table(title=f"held-out {len(held)} of {n} requests (trained on {len(train_idx)} in {fit_s:.0f}s)")
     for c in ("laws", "NLL", "above q95", "below q5", "Spearman (exact rows)"):
         t.add_column(c, justify="right" if c != "laws" else "left")
