@@ -129,6 +129,8 @@ class InLoopPredictor:
     def report(self, reqs: list[Any], texts: dict[str, str]) -> dict[str, Any]:
         """Call counts and seconds; the in-loop ``mu`` against this predictor run offline on each request's own
         prompt (the text path: should agree to float precision) and against the replay JSON's ``mu``."""
+        from scipy.stats import spearmanr
+
         seen = [r for r in reqs if texts[r.request_id] in self.mu]
         in_loop = np.array([self.mu[texts[r.request_id]] for r in seen])
         offline = np.asarray(self.inner.predict([texts[r.request_id] for r in seen])["mu"], dtype=np.float64)
@@ -144,14 +146,10 @@ class InLoopPredictor:
             "median_abs_mu_diff_vs_replay": float(np.median(np.abs(in_loop - replay)))
             if seen
             else float("nan"),
-            "spearman_mu_vs_replay": _spearman(in_loop, replay) if len(seen) > 2 else float("nan"),
+            "spearman_mu_vs_replay": float(spearmanr(in_loop, replay).statistic)
+            if len(seen) > 2
+            else float("nan"),
         }
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation (no ties expected among predicted means)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def texts_with_filler(tok: Any, own: list[str], lengths: list[int], seed: int) -> tuple[list[str], list[int]]:
