@@ -6,7 +6,9 @@ Public names load lazily (this module imports neither torch nor transformers):
 * :class:`LogT`, :func:`expected_length`, :func:`cvar_length`, :func:`tie_score` — the length law;
 * :class:`LengthPredictor` — encoder + heads, ``fit`` / ``predict`` / ``save_pretrained``;
 * :class:`LengthLog`, :func:`load_length_log` — served requests' output lengths (exact or cut), recorded by the
-  scheduler, to train the predictor on your own traffic (:mod:`.lengthlog`);
+  scheduler, to train the predictor on your own traffic (:mod:`.lengthlog`); :class:`PredictorRefresher` retrains
+  it on that log in the background and swaps it in (:func:`set_tie_predictor`) when it scores better
+  (:mod:`.refresh`);
 * :class:`TIEScheduler`, :func:`order_batch`, :func:`annotate_requests` — simulator scheduler and offline order;
 * :func:`enable_tie_scheduler`, :func:`tie_generate_batch`, :class:`TIECBScheduler` — transformers
   continuous batching (``ContinuousBatchingConfig(scheduler_type="tie")``);
@@ -56,6 +58,8 @@ _LAZY = {
     "enable_tie_scheduler": "cb",
     "tie_generate_batch": "cb",
     "set_length_hints": "cb",
+    "set_tie_predictor": "cb",
+    "PredictorRefresher": "refresh",
     "TIECBScheduler": "cb",
     "PriorityCBScheduler": "cb",
     "set_priority_keys": "cb",

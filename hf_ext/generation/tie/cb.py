@@ -259,10 +259,9 @@ class TIECBScheduler(_WaitingOrderScheduler):
                 mu[i], sigma[i], nu[i] = hint
                 source[i] = CONTEXT.hint_sources.get(_lookup_key(CONTEXT.rid_hints, s), "hint")
         if missing:
-            if CONTEXT.predictor is not None and (
-                CONTEXT.prompt_text is not None or CONTEXT.tokenizer is not None
-            ):
-                missing = self._predict(new, missing, mu, sigma, nu)  # what is left: failed predictions
+            predictor = CONTEXT.predictor  # read once: set_tie_predictor may swap it from another thread
+            if predictor is not None and (CONTEXT.prompt_text is not None or CONTEXT.tokenizer is not None):
+                missing = self._predict(predictor, new, missing, mu, sigma, nu)  # left: failed predictions
             elif not self._warned:
                 warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
                 self._warned = True
@@ -288,7 +287,13 @@ class TIECBScheduler(_WaitingOrderScheduler):
                 self._static[s.request_id] = aging_order_key(cfg, score, t0, t0)
 
     def _predict(
-        self, new: list[RequestState], idx: list[int], mu: np.ndarray, sigma: np.ndarray, nu: np.ndarray
+        self,
+        predictor: Any,
+        new: list[RequestState],
+        idx: list[int],
+        mu: np.ndarray,
+        sigma: np.ndarray,
+        nu: np.ndarray,
     ) -> list[int]:
         """Predict requests ``new[i]`` for ``i in idx`` into ``mu/sigma/nu``; returns the ``i`` whose prediction
         failed (the predictor raised, or gave a non-finite value or σ, ν <= 0).
@@ -301,7 +306,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
             texts = [_prompt_text(_true_prompt(new[i])) for i in idx]
             if CONTEXT.length_log is not None:
                 self._texts.update((new[i].request_id, t) for i, t in zip(idx, texts))
-            out = CONTEXT.predictor.predict([t if t.strip() else "<empty>" for t in texts])
+            out = predictor.predict([t if t.strip() else "<empty>" for t in texts])
             got = [np.asarray(out[k], dtype=np.float64).reshape(-1) for k in ("mu", "sigma", "nu")]
             if any(a.shape != (len(idx),) for a in got):
                 raise ValueError(f"predictor returned {[a.shape for a in got]} for {len(idx)} prompts")
@@ -416,6 +421,29 @@ def enable_tie_scheduler(
         CONTEXT.length_log = length_log
         CONTEXT.config = config or TIEConfig()
     return register()
+
+
+def set_tie_predictor(predictor: Any) -> Any:
+    """Swap the predictor the TIE scheduler scores new requests with, keeping everything else
+    :func:`enable_tie_scheduler` set (tokenizer or ``prompt_text``, config, length log, hints).
+
+    Safe while an engine or server runs: requests already scored keep their scores; the next request admitted to the
+    waiting queue is predicted by ``predictor``. ``None`` goes back to hints and the prompt-length heuristic.
+    :class:`~hf_ext.generation.tie.refresh.PredictorRefresher` uses this to install a predictor retrained on the
+    served length log.
+
+    Returns:
+        the predictor it replaced.
+    """
+    validate_predictor_args(predictor, None, None, tokenizer_required=False)
+    with CONTEXT.lock:
+        if predictor is not None and CONTEXT.tokenizer is None and CONTEXT.prompt_text is None:
+            raise ValueError(
+                "predictor: the TIE scheduler has no tokenizer or prompt_text to turn prompt ids into text; call "
+                "enable_tie_scheduler(predictor, tokenizer) first"
+            )
+        old, CONTEXT.predictor = CONTEXT.predictor, predictor
+    return old
 
 
 def validate_predictor_args(

@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
@@ -112,6 +112,21 @@ class LengthLog:
         self.report_every = report_every
         self.reports: list[dict[str, Any]] = []  # the periodic calibration reports made so far
         self._warned: set[str] = set()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``fn(record)`` after each new record, in the thread that made it (the engine's: keep it cheap).
+        An exception in ``fn`` is counted in :attr:`errors` and logged once, never raised to the engine."""
+        if not callable(fn):
+            raise ValueError(f"fn must be callable, got {type(fn).__name__}")
+        with self._lock:
+            self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Stop calling ``fn`` (no error if it was not added)."""
+        with self._lock:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
 
     # ------------------------------------------------------------------------------------------- writing
     def add(
@@ -167,8 +182,14 @@ class LengthLog:
             due = self.report_every is not None and self.count % self.report_every == 0
             # the newest report_every records, without copying the whole deque (up to max_records) each time
             window = list(islice(reversed(self._records), self.report_every))[::-1] if due else []
+            listeners = list(self._listeners)
         if due:
             self._report(window)
+        for fn in listeners:
+            try:
+                fn(rec)
+            except Exception as exc:  # noqa: BLE001 - runs in the engine's thread
+                self._error("listener", f"listener {fn!r} raised {type(exc).__name__}: {exc}")
         return rec
 
     def _report(self, window: list[dict[str, Any]]) -> None:

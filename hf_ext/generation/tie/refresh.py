@@ -1,0 +1,343 @@
+"""Retrain TIE's length predictor on the served length log, in the background, and swap it in when it is better.
+
+A predictor trained once goes stale: the served model changes (a new version answers at more length), the users'
+mix of tasks shifts, or it was trained on another workload in the first place. The server sees the truth in its
+:class:`~hf_ext.generation.tie.lengthlog.LengthLog`. :class:`PredictorRefresher` closes that loop:
+
+1. It listens to the log (:meth:`LengthLog.add_listener`; the engine's thread only bumps a counter). After ``every``
+   new records, once the log keeps at least ``min_records``, its own thread starts a refit.
+2. A refit takes the newest ``window`` kept records in the order they finished and holds out the newest ``held_out``
+   share. It trains a fresh ``logt`` predictor (the served one's :class:`~hf_ext.generation.tie.config.
+   PredictorConfig` and tokenizer, or ``config=``) on the older rest, cut rows as lower bounds
+   (``fit(..., censored_column="censored")``).
+3. It scores the new predictor and the one being served on the held-out rows: censoring-aware log-t NLL
+   (:func:`~hf_ext.generation.tie.lengthlog.law_calibration`; the prompt-length heuristic when nothing is served).
+   The held-out rows are the newest traffic, which is what the next requests look like.
+4. If the new NLL is lower by more than ``margin`` nats, it installs the new predictor (default:
+   :func:`~hf_ext.generation.tie.cb.set_tie_predictor`, the running TIE scheduler scores the next requests with it)
+   and saves it to ``save_dir/v{version}`` when given. Otherwise the served predictor stays.
+
+Every refit appends a report to :attr:`PredictorRefresher.history` and logs a line on logger ``hf_ext``. A refit
+that fails is logged and counted in :attr:`PredictorRefresher.errors`; serving never stops for it.
+
+Costs: training runs on the CPU in the server process, sharing its threads (the engine's scheduler thread holds the
+GIL between GPU steps; measured in ``docs/tie_results.md``). The accepted predictor never trained on the newest
+``held_out`` share (they judged it); the next refit does.
+
+Example:
+    >>> from hf_ext.generation.tie.lengthlog import LengthLog
+    >>> refresher = PredictorRefresher(LengthLog(), every=1000, min_records=200)
+    >>> refresher.every, refresher.version
+    (1000, 0)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from hf_ext.generation.tie.lengthlog import LengthLog, law_calibration
+
+logger = logging.getLogger("hf_ext")
+
+REPORT_KEYS = (
+    "version",
+    "accepted",
+    "count",
+    "n_train",
+    "n_held_out",
+    "nll_new",
+    "nll_served",
+    "above_q0.9_new",
+    "above_q0.9_served",
+    "below_q0.9_new",
+    "below_q0.9_served",
+    "spearman_new",
+    "spearman_served",
+    "fit_s",
+    "saved_to",
+)
+
+
+def _int_at_least(name: str, value: Any, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        extra = "None or " if allow_none else ""
+        raise ValueError(f"{name} must be {extra}an int >= {low}, got {value!r}")
+
+
+class PredictorRefresher:
+    """Retrains the TIE length predictor on a :class:`LengthLog` and installs it when it scores better (see the
+    module docstring for the loop).
+
+    Args:
+        log: the served requests' length log (the one given to the TIE scheduler).
+        predictor: the ``logt`` predictor being served (``None``: the server scores by the prompt-length heuristic;
+            new predictors then use ``config`` or ``PredictorConfig()`` and the default tokenizer).
+        every: start a refit after this many new records.
+        min_records: no refit before the log keeps this many records (train plus held-out).
+        window: train and score on the newest ``window`` kept records (``None``: all the log keeps in memory). A
+            window forgets old traffic after a drift.
+        held_out: the newest share of the window scored and never trained on, in ``(0, 1)``.
+        config: :class:`~hf_ext.generation.tie.config.PredictorConfig` of new predictors (``kind="logt"``;
+            default: the served predictor's).
+        warm_start: start each new predictor from the served one's weights instead of a fresh initialisation.
+        margin: install only when the new NLL is lower than the served one's by more than this (nats, >= 0).
+        save_dir: save each installed predictor to ``save_dir/v{version}`` (``LengthPredictor.from_pretrained``;
+            ``hf-ext serve --tie-predictor`` after a restart).
+        install: called with each accepted predictor (default :func:`~hf_ext.generation.tie.cb.set_tie_predictor`,
+            the running TIE scheduler's predictor).
+
+    Attributes:
+        predictor: the predictor being served (the last installed one).
+        version: how many predictors were installed.
+        history: one report per refit (keys ``REPORT_KEYS``; a failed refit: ``{"error": ...}``).
+        errors: refits that failed.
+    """
+
+    def __init__(
+        self,
+        log: LengthLog,
+        predictor: Any = None,
+        *,
+        every: int = 2000,
+        min_records: int = 500,
+        window: int | None = None,
+        held_out: float = 0.2,
+        config: Any = None,
+        warm_start: bool = False,
+        margin: float = 0.0,
+        save_dir: str | os.PathLike | None = None,
+        install: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if not isinstance(log, LengthLog):
+            raise ValueError(f"log must be a LengthLog, got {type(log).__name__}")
+        if predictor is not None and (
+            getattr(predictor, "kind", None) != "logt" or not callable(getattr(predictor, "predict", None))
+        ):
+            raise ValueError(
+                f"predictor must be None or a 'logt' LengthPredictor, got {getattr(predictor, 'kind', predictor)!r}"
+            )
+        _int_at_least("every", every, 1)
+        _int_at_least("min_records", min_records, 10)
+        _int_at_least("window", window, min_records, allow_none=True)
+        kept = log._records.maxlen
+        if kept is not None and kept < min_records:
+            raise ValueError(f"min_records ({min_records}) exceeds what the log keeps (max_records={kept})")
+        if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) or not 0.0 < held_out < 1.0:
+            raise ValueError(f"held_out must be a share in (0, 1), got {held_out!r}")
+        if (
+            isinstance(margin, bool)
+            or not isinstance(margin, (int, float))
+            or not (math.isfinite(margin) and margin >= 0)
+        ):
+            raise ValueError(f"margin must be a finite number >= 0 (nats), got {margin!r}")
+        if config is not None:
+            from hf_ext.generation.tie.config import PredictorConfig
+
+            if not isinstance(config, PredictorConfig) or config.kind != "logt":
+                raise ValueError(f"config must be a PredictorConfig with kind='logt', got {config!r}")
+        if config is None and predictor is not None and not hasattr(predictor, "config"):
+            raise ValueError(
+                "config: the served predictor has no PredictorConfig to train new ones with; give config="
+            )
+        if warm_start and predictor is None:
+            raise ValueError("warm_start=True needs the served predictor (predictor=) to start from")
+        if warm_start and config is not None:
+            raise ValueError(
+                "give config or warm_start, not both: a warm start keeps the served predictor's config"
+            )
+        if save_dir is not None:
+            save_dir = os.fspath(save_dir)
+            if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+                raise ValueError(f"save_dir must be a directory, {save_dir!r} is a file")
+        if install is not None and not callable(install):
+            raise ValueError(f"install must be callable, got {type(install).__name__}")
+        self.log = log
+        self.predictor = predictor
+        self.every, self.min_records, self.window = every, min_records, window
+        self.held_out, self.margin = float(held_out), float(margin)
+        self.config, self.warm_start = config, warm_start
+        self.save_dir = save_dir
+        self._install = install
+        self.version = 0
+        self.history: list[dict[str, Any]] = []
+        self.errors = 0
+        self._last = log.count  # the log's count when the last refit started
+        self._refit_lock = threading.Lock()
+        self._due = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------- background
+    def start(self) -> PredictorRefresher:
+        """Listen to the log and refit in a daemon thread (``RuntimeError`` if already started)."""
+        if self._thread is not None:
+            raise RuntimeError("this PredictorRefresher is already started")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="hf_ext-tie-refresher", daemon=True)
+        self._thread.start()
+        self.log.add_listener(self._on_record)
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop listening; wait up to ``timeout`` seconds (``None``: as long as it takes) for a refit under way."""
+        self.log.remove_listener(self._on_record)
+        self._stop.set()
+        self._due.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> PredictorRefresher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _on_record(self, _rec: dict[str, Any]) -> None:  # the engine's thread: keep it cheap
+        if self.log.count - self._last >= self.every and len(self.log) >= self.min_records:
+            self._due.set()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            if self._stop.is_set():
+                return
+            self._due.clear()
+            try:
+                self.refit()
+            except Exception as exc:  # noqa: BLE001 - a background thread: report, keep serving
+                self.errors += 1
+                self.history.append({"error": f"{type(exc).__name__}: {exc}", "count": self.log.count})
+                logger.warning(
+                    "TIE predictor refresh failed (%s: %s); serving continues", type(exc).__name__, exc
+                )
+
+    # ------------------------------------------------------------------------------------------- one refit
+    def refit(self) -> dict[str, Any]:
+        """Train, score and (if better) install a new predictor now, in the calling thread.
+
+        Returns:
+            the report (also appended to :attr:`history`): ``REPORT_KEYS``, or ``{"skipped": why, "count": ...}``
+            when the log keeps too few usable records.
+        """
+        with self._refit_lock:
+            self._last = self.log.count
+            recs = [
+                r for r in self.log.records if str(r["prompt"]).strip()
+            ]  # nothing to learn from empty text
+            if self.window is not None:
+                recs = recs[-self.window :]
+            if len(recs) < self.min_records:
+                rep = {
+                    "skipped": f"{len(recs)} usable records < min_records={self.min_records}",
+                    "count": self._last,
+                }
+                self.history.append(rep)
+                return rep
+            k = min(len(recs) - 1, max(1, round(len(recs) * self.held_out)))
+            train, held = recs[:-k], recs[-k:]
+            cand = self._new_predictor()
+            t0 = time.perf_counter()
+            cand.fit(
+                {
+                    "prompt": [r["prompt"] for r in train],
+                    "output_len": [int(r["output_len"]) for r in train],
+                    "censored": [bool(r["censored"]) for r in train],
+                },
+                censored_column="censored",
+            )
+            fit_s = time.perf_counter() - t0
+            new = self._score(held, cand.predict([r["prompt"] for r in held]))
+            served = self._score(held, self._served_laws(held))
+            accepted = bool(new["nll"] < served["nll"] - self.margin)
+            saved_to = None
+            if accepted:
+                (self._install or _default_install)(cand)
+                self.predictor = cand
+                self.version += 1
+                if self.save_dir is not None:
+                    saved_to = os.path.join(self.save_dir, f"v{self.version}")
+                    cand.save_pretrained(saved_to)
+            rep: dict[str, Any] = {
+                "version": self.version,
+                "accepted": accepted,
+                "count": self._last,
+                "n_train": len(train),
+                "n_held_out": len(held),
+                "fit_s": fit_s,
+                "saved_to": saved_to,
+                "time": time.time(),
+            }
+            for name, cal in (("new", new), ("served", served)):
+                rep[f"nll_{name}"] = cal["nll"]
+                for key in ("above_q0.9", "below_q0.9"):
+                    rep[f"{key}_{name}"] = cal[key]
+                rep[f"spearman_{name}"] = cal["spearman_uncensored"]
+            self.history.append(rep)
+        logger.info(
+            "TIE predictor refresh at %d requests: trained on %d in %.0fs; held-out NLL %.3f new vs %.3f served%s",
+            rep["count"],
+            rep["n_train"],
+            fit_s,
+            rep["nll_new"],
+            rep["nll_served"],
+            f"; installed v{self.version}" + (f" ({saved_to})" if saved_to else "") if accepted else "; kept",
+        )
+        return rep
+
+    def _new_predictor(self) -> Any:
+        from hf_ext.generation.tie.config import PredictorConfig
+        from hf_ext.generation.tie.predictor import LengthPredictor
+
+        if self.warm_start:
+            return copy.deepcopy(self.predictor)
+        if self.config is not None:
+            tok = getattr(self.predictor, "tokenizer", None)  # a stand-in predictor may have none
+            return LengthPredictor(self.config, tokenizer=tok)
+        if self.predictor is not None:
+            return LengthPredictor(copy.deepcopy(self.predictor.config), tokenizer=self.predictor.tokenizer)
+        return LengthPredictor(PredictorConfig())
+
+    def _served_laws(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """What the served predictor says for ``rows`` (the CB scheduler's prompt-length heuristic without one)."""
+        if self.predictor is not None:
+            return self.predictor.predict([r["prompt"] for r in rows])
+        from hf_ext.generation.tie.config import TIEConfig
+        from hf_ext.generation.tie.scheduler import heuristic_prediction
+
+        caps = [r["max_new_tokens"] for r in rows if r.get("max_new_tokens")]
+        return heuristic_prediction(
+            [r["prompt_tokens"] for r in rows], max(caps) if caps else TIEConfig().max_new_tokens
+        )
+
+    @staticmethod
+    def _score(rows: list[dict[str, Any]], laws: dict[str, Any]) -> dict[str, Any]:
+        return law_calibration(
+            [r["output_len"] for r in rows],
+            [r["censored"] for r in rows],
+            laws["mu"],
+            laws["sigma"],
+            laws["nu"],
+            levels=(0.9,),
+        )
+
+
+def _default_install(predictor: Any) -> None:
+    from hf_ext.generation.tie.cb import set_tie_predictor
+
+    set_tie_predictor(predictor)

@@ -1,0 +1,312 @@
+"""Retraining the length predictor on the served length log (PredictorRefresher) and swapping it in."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hf_ext.generation.tie.config import PredictorConfig
+from hf_ext.generation.tie.lengthlog import LengthLog, law_calibration
+from hf_ext.generation.tie.predictor import LengthPredictor
+from hf_ext.generation.tie.refresh import REPORT_KEYS, PredictorRefresher
+
+TOPICS = ["rome", "paris", "cats", "rivers", "music", "trains", "stars", "bread"]
+CAP = 1000
+
+
+def _traffic(n: int, seed: int, long_median: float) -> list[tuple[str, int]]:
+    """Half short answers (median 20), half essays (median ``long_median``); true lengths, uncut."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        t = TOPICS[rng.integers(0, len(TOPICS))]
+        short = rng.random() < 0.5
+        prompt = f"Answer briefly: what is {t}?" if short else f"Write a detailed long essay about {t}."
+        med = 20 if short else long_median
+        out.append((prompt, max(1, round(math.exp(math.log(med) + 0.4 * rng.standard_t(3.5))))))
+    return out
+
+
+def _feed(log: LengthLog, traffic: list[tuple[str, int]], start: int = 0) -> None:
+    for i, (prompt, x) in enumerate(traffic, start):
+        log.add(
+            prompt=prompt,
+            output_len=min(x, CAP),
+            reason="eos" if x < CAP else "max_new_tokens",
+            max_new_tokens=CAP,
+            prompt_tokens=len(prompt.split()),
+            request_id=f"r{i}",
+        )
+
+
+class TrueLaw:
+    """The generator's own law of :func:`_traffic` with long median 100 (what no trained predictor can beat)."""
+
+    kind = "logt"
+
+    def predict(self, prompts, batch_size=256):
+        mu = np.array([math.log(20 if p.startswith("Answer") else 100) for p in prompts])
+        return {"mu": mu, "sigma": np.full_like(mu, 0.4), "nu": np.full_like(mu, 3.5)}
+
+
+@pytest.fixture(scope="module")
+def stale():
+    """A tiny predictor trained on traffic whose essays have median 100 tokens."""
+    torch.set_num_threads(1)
+    old = _traffic(600, seed=0, long_median=100)
+    pred = LengthPredictor(PredictorConfig.tiny(epochs=4))
+    pred.fit({"prompt": [p for p, _ in old], "output_len": [x for _, x in old]})
+    return pred
+
+
+@pytest.fixture(autouse=True)
+def _restore_context():
+    from hf_ext.generation.tie.cb import preserved_context
+
+    with preserved_context():
+        yield
+
+
+def test_a_drifted_log_gets_a_better_predictor_installed_and_saved(stale, tmp_path):
+    """The served model now writes 4x longer essays: the refit learns it from the log, scores it on the newest
+    requests against the stale predictor, installs it in the TIE scheduler and saves it."""
+    from hf_ext.generation.tie.cb import CONTEXT, enable_tie_scheduler
+    from hf_ext.testing import tiny_tokenizer
+
+    enable_tie_scheduler(stale, tiny_tokenizer())
+    log = LengthLog()
+    _feed(log, _traffic(600, seed=1, long_median=400))
+    ref = PredictorRefresher(log, stale, every=100, min_records=300, save_dir=tmp_path / "preds")
+    rep = ref.refit()
+    assert set(REPORT_KEYS) <= set(rep)
+    assert (rep["n_train"], rep["n_held_out"], rep["count"]) == (480, 120, 600)
+    assert rep["accepted"] and rep["version"] == ref.version == 1
+    assert rep["nll_new"] < rep["nll_served"] - 0.5
+    assert rep["above_q0.9_served"] > 0.3 and rep["above_q0.9_new"] < 0.12  # stale: essays run past its q95
+    assert CONTEXT.predictor is ref.predictor is not stale
+    essay = ["Write a detailed long essay about cats."]
+    assert abs(ref.predictor.predict(essay)["mu"][0] - math.log(400)) < 0.3
+    assert abs(stale.predict(essay)["mu"][0] - math.log(100)) < 0.3
+    saved = LengthPredictor.from_pretrained(rep["saved_to"])
+    assert rep["saved_to"] == str(tmp_path / "preds" / "v1")
+    np.testing.assert_allclose(saved.predict(essay)["mu"], ref.predictor.predict(essay)["mu"], rtol=1e-5)
+    # the held-out share is what the served predictor was judged on: recompute its NLL
+    held = log.records[-120:]
+    p = stale.predict([r["prompt"] for r in held])
+    cal = law_calibration(
+        [r["output_len"] for r in held], [r["censored"] for r in held], p["mu"], p["sigma"], p["nu"]
+    )
+    assert rep["nll_served"] == pytest.approx(cal["nll"])
+
+
+def test_the_served_predictor_stays_when_the_new_one_is_not_better():
+    """Against the true law, or with a margin the new one does not clear, nothing is installed."""
+    log = LengthLog()
+    _feed(log, _traffic(400, seed=2, long_median=100))
+    got: list = []
+    truth = TrueLaw()
+    ref = PredictorRefresher(
+        log, truth, min_records=300, config=PredictorConfig.tiny(epochs=1), install=got.append
+    )
+    rep = ref.refit()
+    assert not rep["accepted"] and rep["nll_new"] > rep["nll_served"]
+    assert got == [] and ref.predictor is truth and ref.version == 0 and rep["saved_to"] is None
+    # a better predictor that does not clear the margin is not installed either
+    stale_log = LengthLog()
+    _feed(stale_log, _traffic(400, seed=3, long_median=400))
+    ref = PredictorRefresher(
+        stale_log,
+        truth,
+        min_records=300,
+        config=PredictorConfig.tiny(epochs=3),
+        margin=50.0,
+        install=got.append,
+    )
+    rep = ref.refit()
+    assert rep["nll_new"] < rep["nll_served"] and not rep["accepted"] and got == []
+
+
+def test_without_a_predictor_the_baseline_is_the_heuristic_the_scheduler_uses():
+    from hf_ext.generation.tie.scheduler import heuristic_prediction
+
+    log = LengthLog()
+    _feed(log, _traffic(300, seed=4, long_median=200))
+    got: list = []
+    ref = PredictorRefresher(
+        log,
+        None,
+        min_records=100,
+        window=200,
+        held_out=0.25,
+        config=PredictorConfig.tiny(epochs=2),
+        install=got.append,
+    )
+    rep = ref.refit()
+    assert (rep["n_train"], rep["n_held_out"]) == (150, 50)  # the newest 200, the newest quarter held out
+    held = log.records[-50:]
+    h = heuristic_prediction([r["prompt_tokens"] for r in held], CAP)
+    cal = law_calibration(
+        [r["output_len"] for r in held], [r["censored"] for r in held], h["mu"], h["sigma"], h["nu"]
+    )
+    assert rep["nll_served"] == pytest.approx(cal["nll"])
+    assert rep["accepted"] and got == [ref.predictor]  # anything trained beats "longer prompt, longer answer"
+
+
+def test_too_few_usable_records_skip_the_refit():
+    log = LengthLog()
+    _feed(log, [("  ", 5)] * 50 + _traffic(20, seed=5, long_median=100))
+    ref = PredictorRefresher(log, min_records=30, config=PredictorConfig.tiny(), install=pytest.fail)
+    rep = ref.refit()
+    assert "skipped" in rep and "20 usable records" in rep["skipped"] and ref.history == [rep]
+
+
+def test_warm_start_trains_a_copy_of_the_served_weights(stale, monkeypatch):
+    seen = {}
+
+    def fake_fit(self, data, **kw):
+        seen["self"] = self
+        seen["weights"] = [p.detach().clone() for p in self.model.parameters()]
+        return {"loss": []}
+
+    log = LengthLog()
+    _feed(log, _traffic(100, seed=6, long_median=100))
+    monkeypatch.setattr(LengthPredictor, "fit", fake_fit)
+    PredictorRefresher(log, stale, min_records=50, warm_start=True, install=lambda p: None).refit()
+    assert seen["self"] is not stale
+    assert all(torch.equal(a, b) for a, b in zip(seen["weights"], stale.model.parameters()))
+    PredictorRefresher(
+        log, stale, min_records=50, install=lambda p: None
+    ).refit()  # cold: a fresh initialisation
+    assert not all(torch.equal(a, b) for a, b in zip(seen["weights"], stale.model.parameters()))
+
+
+def _wait(cond, timeout: float = 60.0) -> None:
+    t_end = time.time() + timeout
+    while not cond():
+        assert time.time() < t_end, "timed out"
+        time.sleep(0.05)
+
+
+def test_background_refits_every_n_records_and_stops():
+    log = LengthLog()
+    got: list = []
+    ref = PredictorRefresher(
+        log, every=100, min_records=150, config=PredictorConfig.tiny(epochs=1), install=got.append
+    )
+    with ref:
+        assert ref.running
+        _feed(log, _traffic(120, seed=7, long_median=100))
+        time.sleep(0.3)
+        assert ref.history == []  # 120 records: fewer than min_records
+        _feed(log, _traffic(100, seed=8, long_median=100), start=120)
+        _wait(lambda: len(ref.history) >= 1)
+        _wait(lambda: not ref._refit_lock.locked())
+        n = len(ref.history)
+        _feed(log, _traffic(100, seed=9, long_median=100), start=220)
+        _wait(lambda: len(ref.history) > n)
+    assert not ref.running and log._listeners == []
+    n = len(ref.history)
+    _feed(log, _traffic(300, seed=10, long_median=100), start=320)
+    time.sleep(0.3)
+    assert len(ref.history) == n  # stopped: no more refits
+    with pytest.raises(RuntimeError, match="already started"):
+        ref.start()
+        ref.start()
+    ref.stop()
+
+
+def test_a_failing_refit_is_reported_and_the_refresher_goes_on(caplog, monkeypatch):
+    def broken(self, data, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(LengthPredictor, "fit", broken)
+    log = LengthLog()
+    ref = PredictorRefresher(
+        log, every=60, min_records=60, config=PredictorConfig.tiny(), install=pytest.fail
+    )
+    with caplog.at_level("WARNING", logger="hf_ext"), ref:
+        _feed(log, _traffic(60, seed=11, long_median=400))
+        _wait(lambda: ref.errors >= 1)
+        _feed(log, _traffic(60, seed=12, long_median=400), start=60)
+        _wait(lambda: ref.errors >= 2)  # the thread lives on and tries again
+        assert ref.running
+    assert ref.history[0]["error"] == "RuntimeError: out of memory" and ref.version == 0
+    assert "TIE predictor refresh failed (RuntimeError: out of memory); serving continues" in caplog.text
+
+
+def test_log_listeners_are_called_per_record_and_never_raise(caplog):
+    log = LengthLog()
+    seen: list = []
+    log.add_listener(seen.append)
+
+    def bad(rec):
+        raise KeyError("boom")
+
+    log.add_listener(bad)
+    with caplog.at_level("WARNING", logger="hf_ext"):
+        _feed(log, _traffic(3, seed=12, long_median=100))
+    assert [r["request_id"] for r in seen] == ["r0", "r1", "r2"] and log.errors == 3
+    assert caplog.text.count("raised KeyError") == 1  # logged once, counted each time
+    log.remove_listener(bad)
+    log.remove_listener(bad)  # no error
+    _feed(log, _traffic(1, seed=13, long_median=100), start=3)
+    assert log.errors == 3 and len(seen) == 4
+    with pytest.raises(ValueError, match="fn must be callable"):
+        log.add_listener(42)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"every": 0}, "every must be an int >= 1"),
+        ({"min_records": 5}, "min_records must be an int >= 10"),
+        ({"window": 50}, "window must be None or an int >= 500"),
+        ({"held_out": 1.0}, r"held_out must be a share in \(0, 1\)"),
+        ({"margin": -0.1}, "margin must be a finite number >= 0"),
+        ({"margin": float("nan")}, "margin must be a finite number >= 0"),
+        ({"config": PredictorConfig(kind="point")}, "config must be a PredictorConfig with kind='logt'"),
+        ({"warm_start": True}, r"warm_start=True needs the served predictor"),
+        ({"install": "set"}, "install must be callable"),
+        ({"predictor": object()}, "predictor must be None or a 'logt' LengthPredictor"),
+        ({"predictor": TrueLaw()}, "config: the served predictor has no PredictorConfig"),
+    ],
+)
+def test_bad_arguments_name_the_parameter(kwargs, match):
+    log = LengthLog()
+    with pytest.raises(ValueError, match=match):
+        PredictorRefresher(log, **kwargs)
+    assert log._listeners == []
+    with pytest.raises(ValueError, match="log must be a LengthLog"):
+        PredictorRefresher("lengths.jsonl")
+    with pytest.raises(ValueError, match=r"exceeds what the log keeps \(max_records=100\)"):
+        PredictorRefresher(LengthLog(max_records=100), min_records=200)
+
+
+def test_set_tie_predictor_swaps_only_the_predictor():
+    from hf_ext.generation.tie.cb import CONTEXT, enable_tie_scheduler, set_tie_predictor
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.testing import tiny_tokenizer
+
+    with pytest.raises(ValueError, match="no tokenizer or prompt_text"):
+        enable_tie_scheduler(None, None)
+        set_tie_predictor(TrueLaw())
+    tok, cfg, log = tiny_tokenizer(), TIEConfig(beta_max=0.3), LengthLog()
+    first = TrueLaw()
+    enable_tie_scheduler(first, tok, cfg, length_log=log)
+    point = TrueLaw()
+    point.kind = "point"
+    with pytest.raises(ValueError, match="'logt' LengthPredictor"):
+        set_tie_predictor(point)
+    second = TrueLaw()
+    assert set_tie_predictor(second) is first
+    assert (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.config, CONTEXT.length_log) == (
+        second,
+        tok,
+        cfg,
+        log,
+    )
+    assert set_tie_predictor(None) is second and CONTEXT.predictor is None
