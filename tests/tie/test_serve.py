@@ -645,3 +645,89 @@ def test_committed_predictor_and_prompts_match_the_replay():
     assert len(prompts) == len(rows) and all(isinstance(p, str) and p for p in prompts)
     got = LengthPredictor.from_pretrained(str(data / "tie_predictor_logt_n40k")).predict(prompts[:300])
     assert spearmanr(got["mu"], [r["mu"] for r in rows[:300]])[0] > 0.95
+
+
+def test_serve_tie_retrains_the_predictor_while_serving(model_dir, tmp_path):
+    """``serve_tie(length_log=..., refit={...})``: after enough served requests the refresher trains on the log,
+    installs the new predictor in the running server, and the next requests are scored by it."""
+    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.config import PredictorConfig
+    from hf_ext.generation.tie.lengthlog import LengthLog
+    from hf_ext.generation.tie.predictor import LengthPredictor
+    from hf_ext.generation.tie.serve import serve_tie
+
+    texts = [f"{p} ({i})" for i, p in enumerate(PROMPTS * 3)]
+    stale = LengthPredictor(PredictorConfig.tiny(epochs=20))
+    stale.fit(
+        {"prompt": texts, "output_len": [1] * len(texts)}
+    )  # learned "one token": the served lengths are 2-8
+    log = LengthLog()
+    refit = {"every": 12, "min_records": 12, "save_dir": tmp_path / "p"}
+    start = lambda **kw: serve_tie(model_dir, stale, length_log=log, refit=refit, **SMALL_CB, **kw)  # noqa: E731
+    with _server(start) as (port, server):
+        ref = server.tie_refresher
+        assert ref.running and CONTEXT.predictor is stale
+        _complete_all(port, model_dir, [(t, 2 + i % 7, f"a{i}") for i, t in enumerate(texts)])
+        t_end = time.time() + 60
+        while not ref.history and time.time() < t_end:
+            time.sleep(0.1)
+        rep = ref.history[0]
+        assert rep["count"] == 12 and rep["accepted"], {k: rep[k] for k in ("nll_new", "nll_served")}
+        assert CONTEXT.predictor is ref.predictor is not stale
+        _complete_all(port, model_dir, [(PROMPTS[1], 3, "b0")])
+        ref.stop()
+    after = [r for r in log.records if r["request_id"] == "b0"][0]
+    assert after["source"] == "predictor"
+    assert after["pred_mu"] == pytest.approx(ref.predictor.predict([PROMPTS[1]])["mu"][0])
+    assert after["pred_mu"] > stale.predict([PROMPTS[1]])["mu"][0] + 0.5
+    assert (tmp_path / "p" / "v1" / "tie_predictor.json").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"refit": {"every": 5}}, "refit needs length_log"),
+        ({"refit": {"every": 0}, "length_log": "x.jsonl"}, "every must be an int >= 1"),
+        ({"refit": {"log": None}, "length_log": "x.jsonl"}, "log are set by serve_tie"),
+        ({"refit": [5], "length_log": "x.jsonl"}, "refit must be a dict"),
+    ],
+)
+def test_serve_tie_checks_refit_before_any_change(kwargs, match, tmp_path, monkeypatch):
+    import transformers.cli.serving.utils as su
+
+    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.serve import serve_tie
+
+    monkeypatch.chdir(tmp_path)
+    before = (CONTEXT.predictor, CONTEXT.length_log)
+    base = su.GenerationState
+    with pytest.raises(ValueError, match=match):
+        serve_tie("no/such-model", non_blocking=True, **kwargs)
+    assert (CONTEXT.predictor, CONTEXT.length_log) == before and su.GenerationState is base
+    assert not (tmp_path / "x.jsonl").exists()  # the log was not opened
+
+
+def test_cli_refit_flags_start_and_stop_a_refresher(monkeypatch, tmp_path, model_dir):
+    import transformers.cli.transformers as tcli
+
+    from hf_ext.cli import main
+    from hf_ext.generation.tie.cb import CONTEXT
+
+    seen = {}
+
+    def fake_app(args, prog_name=None):
+        log = CONTEXT.length_log
+        seen["log"], seen["refresher"] = log, log._listeners[0].__self__
+        raise SystemExit(0)
+
+    monkeypatch.setattr(tcli, "app", fake_app)
+    path = tmp_path / "lengths.jsonl"
+    argv = ["serve", model_dir, "--tie-length-log", str(path), "--tie-refit-every", "300"]
+    assert main([*argv, "--tie-refit-min", "200", "--tie-refit-dir", str(tmp_path / "p")]) == 0
+    ref = seen["refresher"]
+    assert (ref.every, ref.min_records, ref.window, ref.save_dir) == (300, 200, None, str(tmp_path / "p"))
+    assert not ref.running and seen["log"]._listeners == []  # stopped with the server
+    with pytest.raises(SystemExit, match="--tie-refit-every N needs --tie-length-log FILE"):
+        main(["serve", model_dir, "--tie-refit-every", "5"])
+    with pytest.raises(SystemExit, match="window must be None or an int >= 500"):
+        main([*argv, "--tie-refit-window", "10"])

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from hf_ext.generation.tie.cb import (
+    CONTEXT,
     PRIORITY_SCHEDULER_NAME,
     SCHEDULER_NAME,
     enable_tie_scheduler,
@@ -175,7 +176,8 @@ def _enable_scoring(
 ) -> Any:
     """Set what the TIE scheduler scores with (:func:`~hf_ext.generation.tie.cb.enable_tie_scheduler`).
 
-    ``predictor`` may be a saved predictor's directory, ``length_log`` a JSONL path; the served model's tokenizer is
+    ``predictor`` is loaded (:func:`_check_refit` loads a saved one's directory), ``length_log`` may be a JSONL path;
+    the served model's tokenizer is
     loaded from ``model`` when the predictor or the log needs one and neither ``tokenizer`` nor ``prompt_text`` is
     given, after the predictor is checked. The file is opened last, once everything else has succeeded.
 
@@ -183,10 +185,6 @@ def _enable_scoring(
         the :class:`~hf_ext.generation.tie.lengthlog.LengthLog` opened here from a path (the caller closes it), or
         ``None``.
     """
-    if isinstance(predictor, str):
-        from hf_ext.generation.tie.predictor import LengthPredictor
-
-        predictor = LengthPredictor.from_pretrained(predictor)
     path = os.fspath(length_log) if isinstance(length_log, (str, os.PathLike)) else None
     validate_predictor_args(
         predictor, tokenizer, prompt_text, tokenizer_required=False, length_log=None if path else length_log
@@ -205,6 +203,54 @@ def _enable_scoring(
     return opened
 
 
+_REFIT_OWN = ("log", "predictor", "install")
+
+
+def _check_refit(refit: Any, predictor: Any, length_log: Any) -> Any:
+    """Check ``serve_tie``'s ``refit`` before any work: a dict of :class:`~hf_ext.generation.tie.refresh.
+    PredictorRefresher` arguments, with a length log to learn from. ``predictor`` (a saved predictor's directory is
+    loaded here) is returned ready for :func:`_enable_scoring`."""
+    if isinstance(predictor, (str, os.PathLike)):
+        from hf_ext.generation.tie.predictor import LengthPredictor
+
+        predictor = LengthPredictor.from_pretrained(predictor)
+    if refit is None:
+        return predictor
+    if not isinstance(refit, dict):
+        raise ValueError(f"refit must be a dict of PredictorRefresher arguments, got {type(refit).__name__}")
+    own = sorted(set(refit) & set(_REFIT_OWN))
+    if own:
+        raise ValueError(
+            f"refit: {', '.join(own)} are set by serve_tie (the served log and predictor), not refit"
+        )
+    if length_log is None:
+        raise ValueError("refit needs length_log: the refresher learns from the served requests' lengths")
+    from hf_ext.generation.tie.lengthlog import LengthLog
+    from hf_ext.generation.tie.refresh import PredictorRefresher
+
+    kept = length_log._records.maxlen if isinstance(length_log, LengthLog) else 100_000
+    PredictorRefresher(LengthLog(max_records=kept), predictor, **refit)  # its checks, on a throwaway log
+    return predictor
+
+
+def _start_refit(refit: dict | None, predictor: Any) -> Any:
+    """Start a :class:`~hf_ext.generation.tie.refresh.PredictorRefresher` on the scheduler's log (``None``: no
+    ``refit``)."""
+    if refit is None:
+        return None
+    from hf_ext.generation.tie.refresh import PredictorRefresher
+
+    return PredictorRefresher(CONTEXT.length_log, predictor, **refit).start()
+
+
+def _stop_serving_extras(refresher: Any, opened: Any) -> None:
+    """Stop the refresher (a refit under way gets 10 s to finish; its thread is a daemon) and close the log."""
+    if refresher is not None:
+        refresher.stop(timeout=10.0)
+    if opened is not None:
+        opened.close()
+
+
 def serve_tie(
     model: str,
     predictor: Any = None,
@@ -214,6 +260,7 @@ def serve_tie(
     continuous_batching_config: Any = None,
     prompt_text: Callable[[list[int]], str] | None = None,
     length_log: Any = None,
+    refit: dict[str, Any] | None = None,
     **serve_kwargs: Any,
 ) -> Any:
     """Run ``transformers serve`` for ``model`` with continuous batching and the TIE scheduler.
@@ -232,11 +279,16 @@ def serve_tie(
             served request's prompt text and output length (exact, or cut at ``max_tokens`` / by a disconnect), to
             train a predictor on this server's traffic (``LengthPredictor.fit(load_length_log(path),
             censored_column="censored")``).
+        refit: retrain the predictor on ``length_log`` while serving and swap it in when it scores better on the
+            newest requests: a dict of :class:`~hf_ext.generation.tie.refresh.PredictorRefresher` arguments (e.g.
+            ``{"every": 2000, "save_dir": "predictors/"}``; ``{}`` for its defaults). Needs ``length_log``.
         **serve_kwargs: ``transformers.cli.serve.Serve`` arguments (``port``, ``host``, ``device``, ``dtype``,
             ``cb_num_blocks``, ``non_blocking``, ...). ``continuous_batching`` is forced on; ``False`` is an error.
 
     Returns:
-        the ``Serve`` object: running when ``non_blocking=True`` (stop it with ``kill_server()``), else stopped.
+        the ``Serve`` object: running when ``non_blocking=True`` (stop it with ``kill_server()``, and its
+        ``tie_refresher``, the :class:`~hf_ext.generation.tie.refresh.PredictorRefresher` or ``None``, with
+        ``stop()``), else stopped.
     """
     if not isinstance(model, str) or not model:
         raise ValueError(f"model must be a non-empty model id or path, got {model!r}")
@@ -259,18 +311,24 @@ def serve_tie(
     unknown = set(serve_kwargs) - set(inspect.signature(Serve.__init__).parameters)
     if unknown:
         raise ValueError(f"unknown transformers serve argument(s): {', '.join(sorted(unknown))}")
+    predictor = _check_refit(refit, predictor, length_log)
     opened = _enable_scoring(model, predictor, tokenizer, config, prompt_text, length_log)
+    refresher = _start_refit(refit, predictor)
     blocking = not serve_kwargs.get("non_blocking")
     with tie_generation_state(continuous_batching_config) as state_cls:
         try:
             server = Serve(force_model=model, continuous_batching=True, **serve_kwargs)
+        except BaseException:
+            if not blocking:
+                _stop_serving_extras(refresher, opened)
+            raise
         finally:
             if blocking:
                 # the server has stopped (Ctrl-C, which also comes back as KeyboardInterrupt): transformers leaves
                 # its CB generation thread running, which would keep the process alive
                 _shutdown(state_cls)
-                if opened is not None:
-                    opened.close()
+                _stop_serving_extras(refresher, opened)
+    server.tie_refresher = refresher
     if blocking:
         server.kill_server()  # and the model
     return server
@@ -330,6 +388,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --tie-length-log: every N requests, log how well the served laws matched the last N "
         "(a warning when the traffic has drifted from what the predictor learned)",
     )
+    refit = p.add_argument_group("retraining the predictor while serving (PredictorRefresher)")
+    refit.add_argument(
+        "--tie-refit-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --tie-length-log: after every N served requests, retrain the predictor on the log in the "
+        "background and swap it in when it predicts the newest requests better",
+    )
+    refit.add_argument(
+        "--tie-refit-min",
+        type=int,
+        default=500,
+        metavar="N",
+        help="no retraining before N logged requests (500)",
+    )
+    refit.add_argument(
+        "--tie-refit-window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on the newest N logged requests only (default: all kept, up to 100,000)",
+    )
+    refit.add_argument(
+        "--tie-refit-dir",
+        default=None,
+        metavar="DIR",
+        help="save each installed predictor to DIR/v1, DIR/v2, ... (serve it after a restart with --tie-predictor)",
+    )
     p.add_argument(
         "--tie-config",
         default=None,
@@ -364,16 +451,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     if args.tie_length_log_report is not None and (not args.tie_length_log or args.tie_length_log_report < 1):
         raise SystemExit("hf-ext serve: --tie-length-log-report N needs --tie-length-log FILE and N >= 1")
+    refit = None
+    if args.tie_refit_every is not None:
+        if not args.tie_length_log:
+            raise SystemExit("hf-ext serve: --tie-refit-every N needs --tie-length-log FILE to learn from")
+        refit = {
+            "every": args.tie_refit_every,
+            "min_records": args.tie_refit_min,
+            "window": args.tie_refit_window,
+        }
+        refit["save_dir"] = args.tie_refit_dir
     require_serving()
+    try:
+        predictor = _check_refit(refit, args.tie_predictor, args.tie_length_log)
+    except ValueError as exc:
+        raise SystemExit(f"hf-ext serve: --tie-refit-*: {exc}") from None
     opened = _enable_scoring(
         args.model,
-        args.tie_predictor,
+        predictor,
         None,
         config,
         None,
         args.tie_length_log,
         report_every=args.tie_length_log_report,
     )
+    refresher = _start_refit(refit, predictor)
     from transformers.cli.transformers import app
 
     code = 0
@@ -384,8 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = int(exc.code or 0)
         finally:
             _shutdown(state_cls)  # see serve_tie
-            if opened is not None:
-                opened.close()
+            _stop_serving_extras(refresher, opened)
     return code
 
 
