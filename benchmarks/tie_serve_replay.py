@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         help="TIE's server records a LengthLog there (JSONL; a TIE run's log replaces the file); its rows are checked "
         "against the replay and summarised in the details JSON",
     )
+    p.add_argument(
+        "--refit-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="after the policies, run TIE once more with a PredictorRefresher retraining a predictor on the server's "
+        "length log every N finished requests, in the server's process (rows: case _refit<N>, against TIE without)",
+    )
     p.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true")
@@ -186,12 +194,16 @@ def run_policy(
     in_loop: InLoopPredictor | None = None,
     log: Any = None,
     tok: Any = None,
+    refit_every: int | None = None,
+    refits: list | None = None,
 ):
     """One fresh server with ``policy``'s scheduler; a warm-up request, then the timed replay. Returns records.
 
     With ``in_loop``, TIE predicts each request in the server's scheduling loop from its text instead of taking the
     replay's prediction by request id. With ``log`` (a ``LengthLog``), TIE's scheduler records every request there
-    (text from ``in_loop``'s ``prompt_text``, else decoded with ``tok``)."""
+    (text from ``in_loop``'s ``prompt_text``, else decoded with ``tok``). With ``refit_every`` (needs ``log``), a
+    :class:`~hf_ext.generation.tie.refresh.PredictorRefresher` retrains on that log while the replay runs; its reports
+    are appended to ``refits``."""
     from transformers import ContinuousBatchingConfig
     from transformers.cli.serve import Serve
 
@@ -230,13 +242,24 @@ def run_policy(
                 port=port,
                 log_level="warning",
             )
+        refresher = None
         try:
             wait_until_serving(url)
             replay_over_http(url, model_dir, [warm], {"warmup": "hello world"})
+            if refit_every is not None:
+                from hf_ext.generation.tie.refresh import PredictorRefresher
+
+                served = in_loop.inner if in_loop is not None else None
+                refresher = PredictorRefresher(
+                    log, served, every=refit_every, min_records=refit_every
+                ).start()
             return replay_over_http(
                 url, model_dir, reqs, prompts, time_scale=1.0 / args.speed, progress=sys.stderr.isatty()
             )
         finally:
+            if refresher is not None:
+                refresher.stop()  # waits for a refit under way: its cost falls inside the replay it overlapped
+                refits.extend(refresher.history)  # type: ignore[union-attr]
             server.kill_server()
 
 
@@ -257,6 +280,61 @@ def length_log_report(log: Any, reqs: list[Any]) -> dict[str, Any]:
         "sources": cal["by_source"],
         "calibration": {k: cal[k] for k in ("nll", "above_q0.9", "below_q0.9") if k in cal},
     }
+
+
+def refit_run(
+    args: argparse.Namespace,
+    model_dir: str,
+    reqs: list[Any],
+    prompts: dict[str, str],
+    in_loop: Any,
+    tok: Any,
+    case: str,
+    res: dict[str, dict],
+    details: dict[str, Any],
+    cmd: str,
+) -> list[Any]:
+    """TIE once more with a PredictorRefresher on its length log: rows against TIE without it and the baselines."""
+    from hf_ext.generation.tie.bench import COMPONENT
+    from hf_ext.generation.tie.lengthlog import LengthLog
+    from hf_ext.generation.tie.replay import summarize_replay
+    from hf_ext.utils.bench import Row, device_name
+
+    refits: list[dict] = []
+    t = time.perf_counter()
+    recs = run_policy(
+        args, model_dir, reqs, prompts, "tie", in_loop, LengthLog(), tok, args.refit_every, refits
+    )
+    s = {**summarize_replay(recs), "wall_s": time.perf_counter() - t}
+    done = [r for r in refits if "accepted" in r]
+    print(
+        f"  TIE with refits every {args.refit_every}: {s['per_token_mean'] * 1e3:.1f} ms/token mean (TIE without: "
+        f"{res['tie']['per_token_mean'] * 1e3:.1f}); {len(done)} refits, {sum(r['accepted'] for r in done)} "
+        f"installed, fit seconds {[round(r['fit_s'], 1) for r in done]}"
+    )
+    details["refit"] = {"every": args.refit_every, "summary": s, "reports": refits}
+    rows = []
+    for metric, key in (
+        ("per_token_latency_mean", "per_token_mean"),
+        ("per_token_latency_p99", "per_token_p99"),
+    ):
+        for b, summ in (("tie_no_refit", res["tie"]), *((p, v) for p, v in res.items() if p != "tie")):
+            rows.append(
+                Row.make(
+                    COMPONENT,
+                    f"{case}_refit{args.refit_every}",
+                    metric,
+                    s[key],
+                    b,
+                    summ[key],
+                    device=device_name(),
+                    quality_name="refits_done/installed;fit_s",
+                    quality_value=f"{len(done)}/{sum(r['accepted'] for r in done)};"
+                    + ",".join(f"{r['fit_s']:.1f}" for r in done),
+                    command=cmd,
+                )
+            )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             details["in_loop_predictor"] = in_loop.report(reqs, own_text)
             print(f"  in-loop predictor: {json.dumps(details['in_loop_predictor'])}")
     rows = real_cb_rows({case: res}, device_name(), cmd)
+    if args.refit_every is not None:
+        rows += refit_run(args, str(model_dir), reqs, prompts, in_loop, tok, case, res, details, cmd)
     print_rows(rows, title="TIE through transformers serve (HTTP) — ratio > 1: TIE better")
     if not args.no_write:
         path = append_rows(COMPONENT, rows)

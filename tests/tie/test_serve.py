@@ -388,21 +388,25 @@ def test_serve_replay_benchmark_smoke(capsys, tmp_path):
         "--device",
         "cpu",
         "--n",
-        "6",
+        "12",
         "--speed",
         "20",
         "--no-write",
         "--length-log",
         str(log),
+        "--refit-every",
+        "10",
     ]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("lengths exact True") == 2 and "serve_http_tiny_" in out
     report = json.loads(out.split("  length log: ")[1].splitlines()[0])
-    assert report["rows"] == 7 and report["errors"] == 0  # the 6 and the warm-up
+    assert report["rows"] == 13 and report["errors"] == 0  # the 12 and the warm-up
     assert report["every_request_once"] and report["lengths_match"]
-    assert report["reasons"]["max_new_tokens"] == 7 and report["sources"]["hint"] == 7
-    assert len(log.read_text().splitlines()) == 7
+    assert report["reasons"]["max_new_tokens"] == 13 and report["sources"]["hint"] == 13
+    assert len(log.read_text().splitlines()) == 13
+    # a third TIE server retrained a predictor on its own log while serving (a refit the shutdown overtook is dropped)
+    assert "TIE with refits every 10:" in out and "(TIE without:" in out
     with pytest.raises(SystemExit, match="'tie' and at least one"):
         bench.main(["--policies", "fcfs", "--no-write"])
 
