@@ -347,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in POLICIES]
-    if bad or "tie" not in policies or len(policies) < 2:
-        raise SystemExit(f"--policies: 'tie' and at least one of {POLICIES} (got {args.policies!r})")
+    if bad or "tie" not in policies or (len(policies) < 2 and args.refit_every is None):
+        raise SystemExit(
+            f"--policies: 'tie' and at least one of {POLICIES} ('tie' alone with --refit-every) (got {args.policies!r})"
+        )
     if not (math.isfinite(args.speed) and args.speed > 0):
         raise SystemExit(f"--speed must be > 0, got {args.speed}")
     spec = importlib.util.spec_from_file_location("tie_real_cb", ROOT / "benchmarks" / "tie_real_cb.py")
