@@ -110,7 +110,7 @@ def test_the_served_predictor_stays_when_the_new_one_is_not_better():
     got: list = []
     truth = TrueLaw()
     ref = PredictorRefresher(
-        log, truth, min_records=300, config=PredictorConfig.tiny(epochs=1), install=got.append
+        log, truth, min_records=300, config=PredictorConfig.tiny(epochs=1), install=got.append, isolate=False
     )
     rep = ref.refit()
     assert not rep["accepted"] and rep["nll_new"] > rep["nll_served"]
@@ -125,6 +125,7 @@ def test_the_served_predictor_stays_when_the_new_one_is_not_better():
         config=PredictorConfig.tiny(epochs=3),
         margin=50.0,
         install=got.append,
+        isolate=False,
     )
     rep = ref.refit()
     assert rep["nll_new"] < rep["nll_served"] and not rep["accepted"] and got == []
@@ -144,6 +145,7 @@ def test_without_a_predictor_the_baseline_is_the_heuristic_the_scheduler_uses():
         held_out=0.25,
         config=PredictorConfig.tiny(epochs=2),
         install=got.append,
+        isolate=False,
     )
     rep = ref.refit()
     assert (rep["n_train"], rep["n_held_out"]) == (150, 50)  # the newest 200, the newest quarter held out
@@ -159,7 +161,9 @@ def test_without_a_predictor_the_baseline_is_the_heuristic_the_scheduler_uses():
 def test_too_few_usable_records_skip_the_refit():
     log = LengthLog()
     _feed(log, [("  ", 5)] * 50 + _traffic(20, seed=5, long_median=100))
-    ref = PredictorRefresher(log, min_records=30, config=PredictorConfig.tiny(), install=pytest.fail)
+    ref = PredictorRefresher(
+        log, min_records=30, config=PredictorConfig.tiny(), install=pytest.fail, isolate=False
+    )
     rep = ref.refit()
     assert "skipped" in rep and "20 usable records" in rep["skipped"] and ref.history == [rep]
 
@@ -175,12 +179,15 @@ def test_warm_start_trains_a_copy_of_the_served_weights(stale, monkeypatch):
     log = LengthLog()
     _feed(log, _traffic(100, seed=6, long_median=100))
     monkeypatch.setattr(LengthPredictor, "fit", fake_fit)
-    PredictorRefresher(log, stale, min_records=50, warm_start=True, install=lambda p: None).refit()
+    PredictorRefresher(
+        log, stale, min_records=50, isolate=False, install=lambda p: None
+    ).refit()  # warm: default
     assert seen["self"] is not stale
     assert all(torch.equal(a, b) for a, b in zip(seen["weights"], stale.model.parameters()))
-    PredictorRefresher(
-        log, stale, min_records=50, install=lambda p: None
-    ).refit()  # cold: a fresh initialisation
+    cold = PredictorRefresher(
+        log, stale, min_records=50, warm_start=False, isolate=False, install=lambda p: None
+    )
+    cold.refit()  # a fresh initialisation
     assert not all(torch.equal(a, b) for a, b in zip(seen["weights"], stale.model.parameters()))
 
 
@@ -195,7 +202,12 @@ def test_background_refits_every_n_records_and_stops():
     log = LengthLog()
     got: list = []
     ref = PredictorRefresher(
-        log, every=100, min_records=150, config=PredictorConfig.tiny(epochs=1), install=got.append
+        log,
+        every=100,
+        min_records=150,
+        config=PredictorConfig.tiny(epochs=1),
+        install=got.append,
+        isolate=False,
     )
     with ref:
         assert ref.running
@@ -226,7 +238,7 @@ def test_a_failing_refit_is_reported_and_the_refresher_goes_on(caplog, monkeypat
     monkeypatch.setattr(LengthPredictor, "fit", broken)
     log = LengthLog()
     ref = PredictorRefresher(
-        log, every=60, min_records=60, config=PredictorConfig.tiny(), install=pytest.fail
+        log, every=60, min_records=60, config=PredictorConfig.tiny(), install=pytest.fail, isolate=False
     )
     with caplog.at_level("WARNING", logger="hf_ext"), ref:
         _feed(log, _traffic(60, seed=11, long_median=400))
@@ -269,7 +281,8 @@ def test_log_listeners_are_called_per_record_and_never_raise(caplog):
         ({"margin": -0.1}, "margin must be a finite number >= 0"),
         ({"margin": float("nan")}, "margin must be a finite number >= 0"),
         ({"config": PredictorConfig(kind="point")}, "config must be a PredictorConfig with kind='logt'"),
-        ({"warm_start": True}, r"warm_start=True needs the served predictor"),
+        ({"warm_start": True}, r"warm_start=True needs the served LengthPredictor"),
+        ({"threads": 0}, "threads must be None or an int >= 1"),
         ({"install": "set"}, "install must be callable"),
         ({"predictor": object()}, "predictor must be None or a 'logt' LengthPredictor"),
         ({"predictor": TrueLaw()}, "config: the served predictor has no PredictorConfig"),

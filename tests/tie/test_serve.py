@@ -662,9 +662,8 @@ def test_serve_tie_retrains_the_predictor_while_serving(model_dir, tmp_path):
 
     texts = [f"{p} ({i})" for i, p in enumerate(PROMPTS * 3)]
     stale = LengthPredictor(PredictorConfig.tiny(epochs=20))
-    stale.fit(
-        {"prompt": texts, "output_len": [1] * len(texts)}
-    )  # learned "one token": the served lengths are 2-8
+    # it learned answers of 1-2 tokens; the server's are 2-8
+    stale.fit({"prompt": texts, "output_len": [1, 2] * (len(texts) // 2)})
     log = LengthLog()
     refit = {"every": 12, "min_records": 12, "save_dir": tmp_path / "p"}
     start = lambda **kw: serve_tie(model_dir, stale, length_log=log, refit=refit, **SMALL_CB, **kw)  # noqa: E731
@@ -683,7 +682,7 @@ def test_serve_tie_retrains_the_predictor_while_serving(model_dir, tmp_path):
     after = [r for r in log.records if r["request_id"] == "b0"][0]
     assert after["source"] == "predictor"
     assert after["pred_mu"] == pytest.approx(ref.predictor.predict([PROMPTS[1]])["mu"][0])
-    assert after["pred_mu"] > stale.predict([PROMPTS[1]])["mu"][0] + 0.5
+    assert after["pred_mu"] > stale.predict([PROMPTS[1]])["mu"][0] + 0.2  # it learned longer answers
     assert (tmp_path / "p" / "v1" / "tie_predictor.json").exists()
 
 

@@ -270,6 +270,9 @@ class LengthPredictor:
                 only: a point or ranking objective has no way to use "at least" (``ValueError`` if a row is
                 censored; drop such rows to train those baselines).
 
+        Calling ``fit`` on a fitted predictor continues training from its weights (fine-tuning, e.g. on a newer
+        length log): its length normalisation is kept, so its heads start from what they learned.
+
         Returns ``{"loss": [per-epoch mean loss]}``.
         """
         prompts = validate_prompts(dataset[prompt_column])
@@ -285,7 +288,8 @@ class LengthPredictor:
         c = self.config
         y_all = np.log(lengths)
         mcfg = self.model.config
-        mcfg.y_mean, mcfg.y_std = float(y_all.mean()), float(max(y_all.std(), 1e-3))
+        if not self.fitted:  # a fitted predictor keeps the normalisation its heads were trained with
+            mcfg.y_mean, mcfg.y_std = float(y_all.mean()), float(max(y_all.std(), 1e-3))
         enc = self._encode(prompts)
         y_fit = y_all
         if c.censor_at is not None and self.kind == "logt":  # cut at the global cap: only "at least" is known

@@ -7,8 +7,9 @@ mix of tasks shifts, or it was trained on another workload in the first place. T
 1. It listens to the log (:meth:`LengthLog.add_listener`; the engine's thread only bumps a counter). After ``every``
    new records, once the log keeps at least ``min_records``, its own thread starts a refit.
 2. A refit takes the newest ``window`` kept records in the order they finished and holds out the newest ``held_out``
-   share. It trains a fresh ``logt`` predictor (the served one's :class:`~hf_ext.generation.tie.config.
-   PredictorConfig` and tokenizer, or ``config=``) on the older rest, cut rows as lower bounds
+   share. It fine-tunes a copy of the served predictor on the older rest (``warm_start``, the default when a
+   :class:`~hf_ext.generation.tie.predictor.LengthPredictor` is served: a few hundred new rows do not make a good
+   predictor from scratch), or trains a fresh one (``config=``, or nothing served), cut rows as lower bounds
    (``fit(..., censored_column="censored")``).
 3. It scores the new predictor and the one being served on the held-out rows: censoring-aware log-t NLL
    (:func:`~hf_ext.generation.tie.lengthlog.law_calibration`; the prompt-length heuristic when nothing is served).
@@ -20,9 +21,10 @@ mix of tasks shifts, or it was trained on another workload in the first place. T
 Every refit appends a report to :attr:`PredictorRefresher.history` and logs a line on logger ``hf_ext``. A refit
 that fails is logged and counted in :attr:`PredictorRefresher.errors`; serving never stops for it.
 
-Costs: training runs on the CPU in the server process, sharing its threads (the engine's scheduler thread holds the
-GIL between GPU steps; measured in ``docs/tie_results.md``). The accepted predictor never trained on the newest
-``held_out`` share (they judged it); the next refit does.
+Costs: training runs on the CPU in a separate worker process (``isolate=True``, spawned once per refresher, with
+``threads`` torch threads), so it does not hold the server's GIL, which the engine's scheduling thread needs between
+GPU steps (measured in ``docs/tie_results.md``). ``isolate=False`` trains in the refresher's own thread. The accepted
+predictor never trained on the newest ``held_out`` share (they judged it); the next refit does.
 
 Example:
     >>> from hf_ext.generation.tie.lengthlog import LengthLog
@@ -37,6 +39,8 @@ import copy
 import logging
 import math
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -88,14 +92,19 @@ class PredictorRefresher:
         window: train and score on the newest ``window`` kept records (``None``: all the log keeps in memory). A
             window forgets old traffic after a drift.
         held_out: the newest share of the window scored and never trained on, in ``(0, 1)``.
-        config: :class:`~hf_ext.generation.tie.config.PredictorConfig` of new predictors (``kind="logt"``;
-            default: the served predictor's).
-        warm_start: start each new predictor from the served one's weights instead of a fresh initialisation.
+        config: :class:`~hf_ext.generation.tie.config.PredictorConfig` of new predictors trained from scratch
+            (``kind="logt"``; default: the served predictor's).
+        warm_start: fine-tune a copy of the served predictor (its weights and length normalisation) instead of
+            training a fresh one. ``None`` (default): when the served predictor is a ``LengthPredictor`` and no
+            ``config`` is given.
         margin: install only when the new NLL is lower than the served one's by more than this (nats, >= 0).
         save_dir: save each installed predictor to ``save_dir/v{version}`` (``LengthPredictor.from_pretrained``;
             ``hf-ext serve --tie-predictor`` after a restart).
         install: called with each accepted predictor (default :func:`~hf_ext.generation.tie.cb.set_tie_predictor`,
             the running TIE scheduler's predictor).
+        isolate: train in a worker process (spawned at the first refit, kept until :meth:`stop`) instead of the
+            calling thread.
+        threads: torch CPU threads of that training (default: a quarter of the cores, 1 to 4).
 
     Attributes:
         predictor: the predictor being served (the last installed one).
@@ -114,10 +123,12 @@ class PredictorRefresher:
         window: int | None = None,
         held_out: float = 0.2,
         config: Any = None,
-        warm_start: bool = False,
+        warm_start: bool | None = None,
         margin: float = 0.0,
         save_dir: str | os.PathLike | None = None,
         install: Callable[[Any], Any] | None = None,
+        isolate: bool = True,
+        threads: int | None = None,
     ) -> None:
         if not isinstance(log, LengthLog):
             raise ValueError(f"log must be a LengthLog, got {type(log).__name__}")
@@ -150,12 +161,16 @@ class PredictorRefresher:
             raise ValueError(
                 "config: the served predictor has no PredictorConfig to train new ones with; give config="
             )
-        if warm_start and predictor is None:
-            raise ValueError("warm_start=True needs the served predictor (predictor=) to start from")
+        tunable = hasattr(predictor, "model") and hasattr(predictor, "save_pretrained")  # a LengthPredictor
+        if warm_start and not tunable:
+            raise ValueError("warm_start=True needs the served LengthPredictor (predictor=) to start from")
         if warm_start and config is not None:
             raise ValueError(
                 "give config or warm_start, not both: a warm start keeps the served predictor's config"
             )
+        if warm_start is None:
+            warm_start = tunable and config is None
+        _int_at_least("threads", threads, 1, allow_none=True)
         if save_dir is not None:
             save_dir = os.fspath(save_dir)
             if os.path.exists(save_dir) and not os.path.isdir(save_dir):
@@ -166,9 +181,12 @@ class PredictorRefresher:
         self.predictor = predictor
         self.every, self.min_records, self.window = every, min_records, window
         self.held_out, self.margin = float(held_out), float(margin)
-        self.config, self.warm_start = config, warm_start
+        self.config, self.warm_start = config, bool(warm_start)
         self.save_dir = save_dir
         self._install = install
+        self.isolate = bool(isolate)
+        self.threads = threads or max(1, min(4, (os.cpu_count() or 4) // 4))
+        self._pool: Any = None
         self.version = 0
         self.history: list[dict[str, Any]] = []
         self.errors = 0
@@ -197,6 +215,9 @@ class PredictorRefresher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._pool is not None and not self._refit_lock.locked():
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def __enter__(self) -> PredictorRefresher:
         return self.start()
@@ -251,17 +272,12 @@ class PredictorRefresher:
                 return rep
             k = min(len(recs) - 1, max(1, round(len(recs) * self.held_out)))
             train, held = recs[:-k], recs[-k:]
-            cand = self._new_predictor()
-            t0 = time.perf_counter()
-            cand.fit(
-                {
-                    "prompt": [r["prompt"] for r in train],
-                    "output_len": [int(r["output_len"]) for r in train],
-                    "censored": [bool(r["censored"]) for r in train],
-                },
-                censored_column="censored",
-            )
-            fit_s = time.perf_counter() - t0
+            data = {
+                "prompt": [r["prompt"] for r in train],
+                "output_len": [int(r["output_len"]) for r in train],
+                "censored": [bool(r["censored"]) for r in train],
+            }
+            cand, fit_s = self._train(self._new_predictor(), data)
             new = self._score(held, cand.predict([r["prompt"] for r in held]))
             served = self._score(held, self._served_laws(held))
             accepted = bool(new["nll"] < served["nll"] - self.margin)
@@ -300,6 +316,28 @@ class PredictorRefresher:
         )
         return rep
 
+    def _train(self, cand: Any, data: dict[str, list]) -> tuple[Any, float]:
+        """``cand`` trained on ``data`` (here, or in the worker process through a temporary save) and the
+        training seconds."""
+        if not self.isolate:
+            t0 = time.perf_counter()
+            cand.fit(data, censored_column="censored")
+            return cand, time.perf_counter() - t0
+        from hf_ext.generation.tie.predictor import LengthPredictor
+
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        tmp = tempfile.mkdtemp(prefix="hf_ext_tie_refit_")
+        try:
+            cand.save_pretrained(tmp)
+            fit_s = self._pool.submit(_fit_saved, tmp, data, self.threads).result()
+            return LengthPredictor.from_pretrained(tmp), fit_s
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def _new_predictor(self) -> Any:
         from hf_ext.generation.tie.config import PredictorConfig
         from hf_ext.generation.tie.predictor import LengthPredictor
@@ -335,6 +373,21 @@ class PredictorRefresher:
             laws["nu"],
             levels=(0.9,),
         )
+
+
+def _fit_saved(path: str, data: dict[str, list], threads: int) -> float:
+    """In the worker process: load the predictor saved at ``path``, train it on ``data``, save it back there."""
+    import torch
+
+    from hf_ext.generation.tie.predictor import LengthPredictor
+
+    torch.set_num_threads(threads)
+    pred = LengthPredictor.from_pretrained(path)
+    t0 = time.perf_counter()
+    pred.fit(data, censored_column="censored")
+    fit_s = time.perf_counter() - t0
+    pred.save_pretrained(path)
+    return fit_s
 
 
 def _default_install(predictor: Any) -> None:
