@@ -323,3 +323,16 @@ def test_set_tie_predictor_swaps_only_the_predictor():
         log,
     )
     assert set_tie_predictor(None) is second and CONTEXT.predictor is None
+
+
+def test_refresh_benchmark_smoke(capsys):
+    """benchmarks/tie_refresh.py end to end at smoke size: every policy at every load, refits reported."""
+    from tests.tie._scripts import load_script
+
+    bench = load_script("tie_refresh")
+    assert bench.main(["--quick", "--no-write", "--loads", "4,8"]) == 0
+    out = capsys.readouterr().out
+    assert "tie_refresh" in out and out.count("refit at ") == 6  # 300 requests, every 100: 3 refits per load
+    assert "vs tie_stale" in out and "vs tie_oracle" in out
+    with pytest.raises(SystemExit, match="--every must be in"):
+        bench.main(["--every", "5000", "--no-write"])
