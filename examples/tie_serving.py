@@ -22,7 +22,10 @@ With ``--length-log FILE`` the TIE run records every request's prompt and output
 with ``--train-jsonl FILE``: its cut rows are lower bounds (``fit(..., censored_column="censored")``).
 
 With ``--http`` it finally serves the model with ``transformers serve`` and the TIE scheduler (``serve_tie``; from
-the shell: ``hf-ext serve MODEL --tie-predictor DIR``) and sends the prompts with the OpenAI client.
+the shell: ``hf-ext serve MODEL --tie-predictor DIR``) and sends the prompts with the OpenAI client. Adding
+``--refit-every N`` keeps a length log in the server and a ``PredictorRefresher`` retraining the predictor on it
+every N requests (``hf-ext serve ... --tie-length-log FILE --tie-refit-every N``); the prompts are sent in rounds
+until it has refitted once, and its report is printed.
 """
 
 from __future__ import annotations
@@ -63,7 +66,16 @@ def main() -> None:
         help="also serve the model with transformers serve + TIE (serve_tie) and send the prompts over HTTP "
         "(needs pip install 'hf-ext[serve]')",
     )
+    ap.add_argument(
+        "--refit-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --http: retrain the predictor on the server's length log every N requests (N >= 10)",
+    )
     args = ap.parse_args()
+    if args.refit_every is not None and (not args.http or args.refit_every < 10):
+        ap.error("--refit-every N needs --http and N >= 10")
 
     import torch
     from transformers import ContinuousBatchingConfig, GenerationConfig
@@ -202,7 +214,7 @@ def serve_over_http(args: argparse.Namespace, model, tok, pred, prompts: list[st
     from openai import OpenAI
     from transformers import GenerationConfig
 
-    from hf_ext.generation.tie import TIEConfig, serve_tie
+    from hf_ext.generation.tie import LengthLog, TIEConfig, serve_tie
     from hf_ext.generation.tie.serve import wait_until_serving
     from hf_ext.testing import free_port
 
@@ -215,6 +227,10 @@ def serve_over_http(args: argparse.Namespace, model, tok, pred, prompts: list[st
             served, flags = tmp, {"device": "cpu", "cb_num_blocks": 64, "cb_max_batch_tokens": 256}
         port = free_port()
         config = TIEConfig(max_new_tokens=args.max_new_tokens)
+        if args.refit_every is not None:  # a length log in memory, a refresher retraining on it
+            flags.update(
+                length_log=LengthLog(), refit={"every": args.refit_every, "min_records": args.refit_every}
+            )
         server = serve_tie(
             served, pred, config=config, port=port, non_blocking=True, log_level="warning", **flags
         )
@@ -227,10 +243,28 @@ def serve_over_http(args: argparse.Namespace, model, tok, pred, prompts: list[st
                 r = client.completions.create(model=served, prompt=prompt, max_tokens=args.max_new_tokens)
                 return time.perf_counter() - t, r.usage.completion_tokens
 
+            refresher = server.tie_refresher
             with ThreadPoolExecutor(len(prompts)) as pool:
                 done = list(pool.map(one, prompts))
+                for _ in range(30):  # with a refresher: more rounds until it has refitted once
+                    if refresher is None or refresher.history:
+                        break
+                    done += list(pool.map(one, prompts))
+                    time.sleep(1.0)
         finally:
+            if refresher is not None:
+                refresher.stop()
             server.kill_server()
+        for rep in refresher.history if refresher is not None else []:
+            print(
+                f"http tie: refresher after {rep['count']} requests: "
+                + (
+                    f"held-out NLL {rep['nll_new']:.3f} new vs {rep['nll_served']:.3f} served, "
+                    + (f"installed v{rep['version']}" if rep["accepted"] else "kept the served predictor")
+                    if "nll_new" in rep
+                    else str(rep.get("skipped") or rep.get("error"))
+                )
+            )
     ptl = [wall / max(1, n) for wall, n in done]
     print(
         f"http tie: {len(done)} requests over HTTP, {sum(n for _, n in done)} tokens, "
