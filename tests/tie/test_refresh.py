@@ -82,6 +82,9 @@ def test_a_drifted_log_gets_a_better_predictor_installed_and_saved(stale, tmp_pa
     _feed(log, _traffic(600, seed=1, long_median=400))
     ref = PredictorRefresher(log, stale, every=100, min_records=300, save_dir=tmp_path / "preds")
     rep = ref.refit()
+    assert ref._pool is not None  # trained in the worker process (the default), kept for the next refit
+    ref.stop()
+    assert ref._pool is None
     assert set(REPORT_KEYS) <= set(rep)
     assert (rep["n_train"], rep["n_held_out"], rep["count"]) == (480, 120, 600)
     assert rep["accepted"] and rep["version"] == ref.version == 1

@@ -212,12 +212,18 @@ class PredictorRefresher:
         self.log.remove_listener(self._on_record)
         self._stop.set()
         self._due.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        if self._pool is not None and not self._refit_lock.locked():
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+        if thread is None or not thread.is_alive():
+            self._close_pool()  # else the thread closes it when its refit ends
+
+    def _close_pool(self) -> None:
+        """Shut the training worker process down (not while a refit uses it)."""
+        with self._refit_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
 
     def __enter__(self) -> PredictorRefresher:
         return self.start()
@@ -237,6 +243,7 @@ class PredictorRefresher:
         while True:
             self._due.wait()
             if self._stop.is_set():
+                self._close_pool()
                 return
             self._due.clear()
             try:
