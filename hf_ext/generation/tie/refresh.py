@@ -257,7 +257,8 @@ class PredictorRefresher:
 
     # ------------------------------------------------------------------------------------------- one refit
     def refit(self) -> dict[str, Any]:
-        """Train, score and (if better) install a new predictor now, in the calling thread.
+        """Train, score and (if better) install a new predictor now; blocks until done (training in the worker process
+        with ``isolate``).
 
         Returns:
             the report (also appended to :attr:`history`): ``REPORT_KEYS``, or ``{"skipped": why, "count": ...}``
