@@ -168,8 +168,26 @@ def refresh_run(
     laws = [annotated(base, stale, tie_cfg)]
     version = np.zeros(n, dtype=int)
     log = LengthLog(max_records=None)
+    state: dict[str, Any] = {}
+
+    def running() -> list[dict]:
+        """Requests generating at the refit (started, not finished), with tokens so far (linear in time)."""
+        t, ft, fin = state["t"], state["first_token"], state["finish"]
+        out = []
+        for i in np.nonzero((ft <= t) & (fin > t))[0]:
+            k = int(base[i].output_len * (t - ft[i]) / max(fin[i] - ft[i], 1e-9))
+            if k >= 1:
+                out.append({"prompt": base[i].prompt, "output_len": k})
+        return out
+
     ref = PredictorRefresher(
-        log, stale, every=args.every, min_records=args.every, install=lambda p: None, threads=2
+        log,
+        stale,
+        every=args.every,
+        min_records=args.every,
+        install=lambda p: None,
+        threads=2,
+        in_flight=running if args.in_flight else None,
     )
     reports: list[dict] = []
     fed = 0
@@ -193,7 +211,11 @@ def refresh_run(
             )
         fed += args.every
         t_done = float(finish[order[fed - 1]])
+        first = np.empty(n)
+        first[res.cols["id"]] = res.cols["first_token"]
+        state.update(t=t_done, first_token=first, finish=finish)
         rep = ref.refit()
+        rep["in_flight_rows"] = len(running()) if args.in_flight else 0
         rep["t_installed"] = t_done + rep["fit_s"]
         reports.append(rep)
         if rep["accepted"]:
@@ -264,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--seed", type=int, default=0, help="predictor training seed (not 0: files and cases get _seedN)"
     )
+    p.add_argument(
+        "--in-flight",
+        action="store_true",
+        help="refits also train on the requests still generating, as lower bounds (PredictorRefresher in_flight=)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny predictors and sizes (smoke)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
@@ -315,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.update()
     bar.close()
     cmd = ("python benchmarks/tie_refresh.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    tag = f"_seed{args.seed}" if args.seed else ""
+    tag = (f"_seed{args.seed}" if args.seed else "") + ("_inflight" if args.in_flight else "")
     print(f"\n{'load':>5} " + " ".join(f"{p:>12}" for p in POLICIES) + "   (mean per-token latency, ms)")
     for load in loads:
         print(

@@ -105,6 +105,9 @@ class PredictorRefresher:
         isolate: train in a worker process (spawned at the first refit, kept until :meth:`stop`) instead of the
             calling thread.
         threads: torch CPU threads of that training (default: a quarter of the cores, 1 to 4).
+        in_flight: called at each refit for the requests still generating, as rows ``{"prompt", "output_len"}``
+            (tokens so far): added to the training rows as lower bounds. Under an SJF-like order at overload the
+            log of finished requests holds the short ones first; the long ones that have started are seen here.
 
     Attributes:
         predictor: the predictor being served (the last installed one).
@@ -129,6 +132,7 @@ class PredictorRefresher:
         install: Callable[[Any], Any] | None = None,
         isolate: bool = True,
         threads: int | None = None,
+        in_flight: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         if not isinstance(log, LengthLog):
             raise ValueError(f"log must be a LengthLog, got {type(log).__name__}")
@@ -175,6 +179,8 @@ class PredictorRefresher:
             save_dir = os.fspath(save_dir)
             if os.path.exists(save_dir) and not os.path.isdir(save_dir):
                 raise ValueError(f"save_dir must be a directory, {save_dir!r} is a file")
+        if in_flight is not None and not callable(in_flight):
+            raise ValueError(f"in_flight must be callable, got {type(in_flight).__name__}")
         if install is not None and not callable(install):
             raise ValueError(f"install must be callable, got {type(install).__name__}")
         self.log = log
@@ -187,6 +193,7 @@ class PredictorRefresher:
         self.isolate = bool(isolate)
         self.threads = threads or max(1, min(4, (os.cpu_count() or 4) // 4))
         self._pool: Any = None
+        self.in_flight = in_flight
         self.version = 0
         self.history: list[dict[str, Any]] = []
         self.errors = 0
@@ -280,6 +287,13 @@ class PredictorRefresher:
                 return rep
             k = min(len(recs) - 1, max(1, round(len(recs) * self.held_out)))
             train, held = recs[:-k], recs[-k:]
+            running = self.in_flight() if self.in_flight is not None else []
+            running = [
+                {"prompt": r["prompt"], "output_len": int(r["output_len"]), "censored": True}
+                for r in running
+                if str(r["prompt"]).strip() and int(r["output_len"]) >= 1
+            ]
+            train = train + running
             data = {
                 "prompt": [r["prompt"] for r in train],
                 "output_len": [int(r["output_len"]) for r in train],
