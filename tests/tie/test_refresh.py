@@ -339,3 +339,75 @@ def test_refresh_benchmark_smoke(capsys):
     assert "vs tie_stale" in out and "vs tie_oracle" in out
     with pytest.raises(SystemExit, match="--every must be in"):
         bench.main(["--every", "5000", "--no-write"])
+
+
+def test_in_flight_rows_join_the_training_rows_as_lower_bounds(monkeypatch):
+    seen = {}
+
+    def fake_fit(self, data, **kw):
+        seen["data"], seen["kw"] = data, kw
+        return {"loss": []}
+
+    monkeypatch.setattr(LengthPredictor, "fit", fake_fit)
+    log = LengthLog()
+    _feed(log, _traffic(100, seed=14, long_median=100))
+    running = [
+        {"prompt": "Write a detailed long essay about rome.", "output_len": 700},
+        {"prompt": " ", "output_len": 9},
+    ]
+    ref = PredictorRefresher(
+        log,
+        min_records=50,
+        config=PredictorConfig.tiny(),
+        isolate=False,
+        install=lambda p: None,
+        in_flight=lambda: running,
+    )
+    rep = ref.refit()
+    data = seen["data"]
+    assert (
+        rep["n_train"] == 81 and len(data["prompt"]) == 81
+    )  # 80 finished + the running essay (blank text dropped)
+    assert (data["prompt"][-1], data["output_len"][-1], data["censored"][-1]) == (
+        running[0]["prompt"],
+        700,
+        True,
+    )
+    assert seen["kw"] == {"censored_column": "censored"}
+    with pytest.raises(ValueError, match="in_flight must be callable, None or 'auto'"):
+        PredictorRefresher(log, in_flight=[running])
+    from hf_ext.generation.tie.refresh import _default_in_flight
+
+    assert PredictorRefresher(log).in_flight is _default_in_flight  # serving through the TIE scheduler
+    assert PredictorRefresher(log, install=print).in_flight is None  # elsewhere: nothing to read
+
+
+def test_in_flight_rows_reads_the_live_schedulers_running_requests():
+    from types import SimpleNamespace
+
+    from hf_ext.generation.tie.cb import CONTEXT, enable_tie_scheduler, in_flight_rows
+
+    enable_tie_scheduler(None, None)
+    assert in_flight_rows() == []  # no tokenizer or prompt_text: no text for the rows
+    enable_tie_scheduler(None, None, prompt_text=lambda ids: f"{len(ids)} prompt tokens")
+
+    def state(rid, n_prompt, n_gen):
+        return SimpleNamespace(
+            request_id=rid, initial_tokens=list(range(n_prompt)), generated_tokens=[7] * n_gen
+        )
+
+    class Live:  # what in_flight_rows reads of a running TIE scheduler
+        def __init__(self):
+            self.active_requests = {"a": state("a", 5, 12), "b": state("b", 3, 0), "c": state("c", 4, 2)}
+            self._texts = {"c": "the predictor's text of c"}
+
+    live = Live()
+    CONTEXT.live.add(live)
+    try:
+        rows = sorted(in_flight_rows(), key=lambda r: r["request_id"])
+    finally:
+        CONTEXT.live.discard(live)
+    assert rows == [
+        {"request_id": "a", "prompt": "5 prompt tokens", "output_len": 12},
+        {"request_id": "c", "prompt": "the predictor's text of c", "output_len": 2},
+    ]  # "b" has not generated yet: nothing to learn

@@ -59,6 +59,7 @@ _LAZY = {
     "tie_generate_batch": "cb",
     "set_length_hints": "cb",
     "set_tie_predictor": "cb",
+    "in_flight_rows": "cb",
     "PredictorRefresher": "refresh",
     "TIECBScheduler": "cb",
     "PriorityCBScheduler": "cb",

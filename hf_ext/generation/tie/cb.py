@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -77,6 +78,8 @@ class _Context:
         # paged KV cache (a strong reference would keep GPU memory alive after the manager is gone)
         self.last_scheduler_type: type | None = None
         self.admission_order: list[str] = []
+        # the live schedulers, weakly (see above): in_flight_rows() reads their running requests
+        self.live: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 CONTEXT = _Context()
@@ -142,6 +145,7 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
         self._texts: dict[str, str] = {}
         CONTEXT.last_scheduler_type = type(self)
         CONTEXT.admission_order = self.admission_order
+        CONTEXT.live.add(self)
 
     def _prepare(self, new: list[RequestState]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -421,6 +425,42 @@ def enable_tie_scheduler(
         CONTEXT.length_log = length_log
         CONTEXT.config = config or TIEConfig()
     return register()
+
+
+def in_flight_rows() -> list[dict[str, Any]]:
+    """The requests our live CB schedulers are generating now, as ``{"request_id", "prompt", "output_len"}`` rows
+    (``output_len``: tokens so far, a lower bound of the final length), for
+    :class:`~hf_ext.generation.tie.refresh.PredictorRefresher`'s ``in_flight=``.
+
+    Safe to call from another thread while the engine runs: a scheduler whose requests change while they are read
+    is read again (up to three times, then skipped). ``prompt`` is the predictor's text for the request (needs the
+    tokenizer or ``prompt_text`` of :func:`enable_tie_scheduler`; without either, ``[]``).
+    """
+    if CONTEXT.prompt_text is None and CONTEXT.tokenizer is None:
+        return []
+    rows: list[dict[str, Any]] = []
+    for sched in list(CONTEXT.live):
+        for _ in range(3):
+            try:
+                states = list(sched.active_requests.values())
+                texts = dict(sched._texts)
+                break
+            except RuntimeError:  # changed size during iteration: the engine's thread moved on
+                continue
+        else:
+            continue
+        for state in states:
+            n = len(state.generated_tokens)
+            if n >= 1:
+                text = texts.get(state.request_id)
+                rows.append(
+                    {
+                        "request_id": state.request_id,
+                        "prompt": text if text is not None else _prompt_text(_true_prompt(state)),
+                        "output_len": n,
+                    }
+                )
+    return rows
 
 
 def set_tie_predictor(predictor: Any) -> Any:

@@ -10,7 +10,8 @@ mix of tasks shifts, or it was trained on another workload in the first place. T
    share. It fine-tunes a copy of the served predictor on the older rest (``warm_start``, the default when a
    :class:`~hf_ext.generation.tie.predictor.LengthPredictor` is served: a few hundred new rows do not make a good
    predictor from scratch), or trains a fresh one (``config=``, or nothing served), cut rows as lower bounds
-   (``fit(..., censored_column="censored")``).
+   (``fit(..., censored_column="censored")``). The requests still generating join the training rows as lower bounds
+   (``in_flight``): at overload a scheduler that runs short requests first finishes, and logs, the short ones first.
 3. It scores the new predictor and the one being served on the held-out rows: censoring-aware log-t NLL
    (:func:`~hf_ext.generation.tie.lengthlog.law_calibration`; the prompt-length heuristic when nothing is served).
    The held-out rows are the newest traffic, which is what the next requests look like.
@@ -108,6 +109,8 @@ class PredictorRefresher:
         in_flight: called at each refit for the requests still generating, as rows ``{"prompt", "output_len"}``
             (tokens so far): added to the training rows as lower bounds. Under an SJF-like order at overload the
             log of finished requests holds the short ones first; the long ones that have started are seen here.
+            ``"auto"`` (default): :func:`~hf_ext.generation.tie.cb.in_flight_rows` (the running TIE scheduler's
+            requests) when ``install`` is the default, else none. ``None``: none.
 
     Attributes:
         predictor: the predictor being served (the last installed one).
@@ -132,7 +135,7 @@ class PredictorRefresher:
         install: Callable[[Any], Any] | None = None,
         isolate: bool = True,
         threads: int | None = None,
-        in_flight: Callable[[], list[dict[str, Any]]] | None = None,
+        in_flight: Callable[[], list[dict[str, Any]]] | None | str = "auto",
     ) -> None:
         if not isinstance(log, LengthLog):
             raise ValueError(f"log must be a LengthLog, got {type(log).__name__}")
@@ -179,8 +182,10 @@ class PredictorRefresher:
             save_dir = os.fspath(save_dir)
             if os.path.exists(save_dir) and not os.path.isdir(save_dir):
                 raise ValueError(f"save_dir must be a directory, {save_dir!r} is a file")
+        if in_flight == "auto":
+            in_flight = _default_in_flight if install is None else None
         if in_flight is not None and not callable(in_flight):
-            raise ValueError(f"in_flight must be callable, got {type(in_flight).__name__}")
+            raise ValueError(f"in_flight must be callable, None or 'auto', got {in_flight!r}")
         if install is not None and not callable(install):
             raise ValueError(f"install must be callable, got {type(install).__name__}")
         self.log = log
@@ -410,6 +415,12 @@ def _fit_saved(path: str, data: dict[str, list], threads: int) -> float:
     fit_s = time.perf_counter() - t0
     pred.save_pretrained(path)
     return fit_s
+
+
+def _default_in_flight() -> list[dict[str, Any]]:
+    from hf_ext.generation.tie.cb import in_flight_rows
+
+    return in_flight_rows()
 
 
 def _default_install(predictor: Any) -> None:
