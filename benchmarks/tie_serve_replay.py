@@ -250,8 +250,9 @@ def run_policy(
                 from hf_ext.generation.tie.refresh import PredictorRefresher
 
                 served = in_loop.inner if in_loop is not None else None
+                # the random model has no EOS (every length is cut at max_tokens): the exact-length guard is off
                 refresher = PredictorRefresher(
-                    log, served, every=refit_every, min_records=refit_every
+                    log, served, every=refit_every, min_records=refit_every, min_exact=0.0
                 ).start()
             return replay_over_http(
                 url, model_dir, reqs, prompts, time_scale=1.0 / args.speed, progress=sys.stderr.isatty()

@@ -228,9 +228,10 @@ def serve_over_http(args: argparse.Namespace, model, tok, pred, prompts: list[st
         port = free_port()
         config = TIEConfig(max_new_tokens=args.max_new_tokens)
         if args.refit_every is not None:  # a length log in memory, a refresher retraining on it
-            flags.update(
-                length_log=LengthLog(), refit={"every": args.refit_every, "min_records": args.refit_every}
-            )
+            refit = {"every": args.refit_every, "min_records": args.refit_every}
+            if not args.model:  # the tiny model has no EOS: every length is cut at max_tokens (see min_exact)
+                refit["min_exact"] = 0.0
+            flags.update(length_log=LengthLog(), refit=refit)
         server = serve_tie(
             served, pred, config=config, port=port, non_blocking=True, log_level="warning", **flags
         )

@@ -283,6 +283,7 @@ def test_log_listeners_are_called_per_record_and_never_raise(caplog):
         ({"held_out": 1.0}, r"held_out must be a share in \(0, 1\)"),
         ({"margin": -0.1}, "margin must be a finite number >= 0"),
         ({"margin": float("nan")}, "margin must be a finite number >= 0"),
+        ({"min_exact": 1.5}, r"min_exact must be a share in \[0, 1\]"),
         ({"config": PredictorConfig(kind="point")}, "config must be a PredictorConfig with kind='logt'"),
         ({"warm_start": True}, r"warm_start=True needs the served LengthPredictor"),
         ({"threads": 0}, "threads must be None or an int >= 1"),
@@ -411,3 +412,31 @@ def test_in_flight_rows_reads_the_live_schedulers_running_requests():
         {"request_id": "a", "prompt": "5 prompt tokens", "output_len": 12},
         {"request_id": "c", "prompt": "the predictor's text of c", "output_len": 2},
     ]  # "b" has not generated yet: nothing to learn
+
+
+def test_a_log_of_cut_lengths_only_is_not_trained_on(monkeypatch):
+    """Every row cut at max_tokens: over-estimating would win the held-out comparison, so the refit is skipped
+    (unless min_exact=0)."""
+    log = LengthLog()
+    for i, (prompt, x) in enumerate(_traffic(200, seed=15, long_median=100)):
+        log.add(
+            prompt=prompt,
+            output_len=max(1, x // 2),
+            reason="max_new_tokens",
+            max_new_tokens=max(1, x // 2),
+            prompt_tokens=4,
+            request_id=str(i),
+        )
+    ref = PredictorRefresher(
+        log, min_records=100, config=PredictorConfig.tiny(), isolate=False, install=pytest.fail
+    )
+    rep = ref.refit()
+    assert rep["skipped"].startswith("0% of 200 rows have exact lengths < min_exact=10%")
+    fitted = []
+    monkeypatch.setattr(LengthPredictor, "fit", lambda self, data, **kw: fitted.append(len(data["prompt"])))
+    got: list = []
+    ref = PredictorRefresher(
+        log, min_records=100, config=PredictorConfig.tiny(), isolate=False, install=got.append, min_exact=0.0
+    )
+    ref.refit()
+    assert fitted == [160]

@@ -99,6 +99,9 @@ class PredictorRefresher:
             training a fresh one. ``None`` (default): when the served predictor is a ``LengthPredictor`` and no
             ``config`` is given.
         margin: install only when the new NLL is lower than the served one's by more than this (nats, >= 0).
+        min_exact: skip a refit when fewer than this share of the rows it would use ended on their own (EOS, exact
+            lengths). Rows cut at ``max_tokens`` only say "at least": on them alone a predictor that over-estimates
+            every length scores best, so the comparison that guards installs means nothing. ``0``: never skip.
         save_dir: save each installed predictor to ``save_dir/v{version}`` (``LengthPredictor.from_pretrained``;
             ``hf-ext serve --tie-predictor`` after a restart).
         install: called with each accepted predictor (default :func:`~hf_ext.generation.tie.cb.set_tie_predictor`,
@@ -131,6 +134,7 @@ class PredictorRefresher:
         config: Any = None,
         warm_start: bool | None = None,
         margin: float = 0.0,
+        min_exact: float = 0.1,
         save_dir: str | os.PathLike | None = None,
         install: Callable[[Any], Any] | None = None,
         isolate: bool = True,
@@ -159,6 +163,12 @@ class PredictorRefresher:
             or not (math.isfinite(margin) and margin >= 0)
         ):
             raise ValueError(f"margin must be a finite number >= 0 (nats), got {margin!r}")
+        if (
+            isinstance(min_exact, bool)
+            or not isinstance(min_exact, (int, float))
+            or not 0.0 <= min_exact <= 1.0
+        ):
+            raise ValueError(f"min_exact must be a share in [0, 1], got {min_exact!r}")
         if config is not None:
             from hf_ext.generation.tie.config import PredictorConfig
 
@@ -191,7 +201,7 @@ class PredictorRefresher:
         self.log = log
         self.predictor = predictor
         self.every, self.min_records, self.window = every, min_records, window
-        self.held_out, self.margin = float(held_out), float(margin)
+        self.held_out, self.margin, self.min_exact = float(held_out), float(margin), float(min_exact)
         self.config, self.warm_start = config, bool(warm_start)
         self.save_dir = save_dir
         self._install = install
@@ -289,6 +299,16 @@ class PredictorRefresher:
                     "count": self._last,
                 }
                 self.history.append(rep)
+                return rep
+            exact = sum(not r["censored"] for r in recs) / len(recs)
+            if exact < self.min_exact:
+                rep = {
+                    "skipped": f"{exact:.0%} of {len(recs)} rows have exact lengths < min_exact={self.min_exact:.0%} "
+                    "(the rest were cut at max_tokens or cancelled: lower bounds only)",
+                    "count": self._last,
+                }
+                self.history.append(rep)
+                logger.info("TIE predictor refresh skipped: %s", rep["skipped"])
                 return rep
             k = min(len(recs) - 1, max(1, round(len(recs) * self.held_out)))
             train, held = recs[:-k], recs[-k:]
