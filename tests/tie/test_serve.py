@@ -183,15 +183,16 @@ def test_serve_tie_admits_waiting_requests_by_score(model_dir):
 
 
 def test_tie_generation_state_patch_is_revertible_and_refuses_conflicts():
+    import transformers.cli.serving.server as ss
     import transformers.cli.serving.utils as su
     from transformers import ContinuousBatchingConfig
 
     from hf_ext.generation.tie.serve import tie_generation_state
 
-    base = su.GenerationState
+    base, build = su.GenerationState, ss.build_server
     user = ContinuousBatchingConfig(max_requests_per_batch=3)
     with tie_generation_state(user) as cls:
-        assert su.GenerationState is cls and issubclass(cls, base)
+        assert su.GenerationState is cls and issubclass(cls, base) and ss.build_server is not build
         state = su.GenerationState(continuous_batching=True)
         assert state._cb_config.scheduler_type == "tie" and state._cb_config.max_requests_per_batch == 3
         assert user.scheduler_type != "tie"  # the caller's config is copied, not changed
@@ -199,7 +200,7 @@ def test_tie_generation_state_patch_is_revertible_and_refuses_conflicts():
             su.GenerationState(continuous_batching=True, cb_config=ContinuousBatchingConfig(num_blocks=8))
         with pytest.raises(RuntimeError, match="does not nest"), tie_generation_state():
             pass
-    assert su.GenerationState is base
+    assert su.GenerationState is base and ss.build_server is build
     with tie_generation_state():  # no config of ours: the server's flags' config, scheduler set to tie
         flags = su.GenerationState(continuous_batching=True, cb_config=ContinuousBatchingConfig(num_blocks=8))
         assert (flags._cb_config.scheduler_type, flags._cb_config.num_blocks) == ("tie", 8)
@@ -679,7 +680,15 @@ def test_serve_tie_retrains_the_predictor_while_serving(model_dir, tmp_path):
         assert rep["count"] == 12 and rep["accepted"], {k: rep[k] for k in ("nll_new", "nll_served")}
         assert CONTEXT.predictor is ref.predictor is not stale
         _complete_all(port, model_dir, [(PROMPTS[1], 3, "b0")])
+        stats = json.loads(urllib.request.urlopen(f"http://localhost:{port}/tie/stats", timeout=30).read())
         ref.stop()
+    # GET /tie/stats: the log's rows and calibration, the refresher's reports (NaN as null)
+    assert stats["predictor"] == "LengthPredictor" and stats["config"]["alpha"] == 0.9
+    assert stats["length_log"]["count"] == len(log.records) == 13 and stats["length_log"]["errors"] == 0
+    assert stats["length_log"]["reasons"]["max_new_tokens"] == stats["length_log"]["window"]
+    assert stats["refresher"]["running"] and stats["refresher"]["version"] >= 1
+    first = stats["refresher"]["history"][0]
+    assert first["accepted"] and first["nll_new"] == pytest.approx(rep["nll_new"])
     after = [r for r in log.records if r["request_id"] == "b0"][0]
     assert after["source"] == "predictor"
     assert after["pred_mu"] == pytest.approx(ref.predictor.predict([PROMPTS[1]])["mu"][0])

@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from hf_ext.generation.tie.cb import (
     CONTEXT,
     PRIORITY_SCHEDULER_NAME,
@@ -112,7 +114,9 @@ def tie_generation_state(
     Replaces ``transformers.cli.serving.utils.GenerationState`` by a subclass whose CB config is
     :func:`tie_cb_config` of the one the server built from its ``--cb-*`` flags, or of
     ``continuous_batching_config`` when given (then the server must get no ``--cb-*`` flag). Restored on exit.
-    ``scheduler_type`` other than ``"tie"``: the same for a comparison baseline (see :func:`tie_cb_config`).
+    ``scheduler_type`` other than ``"tie"``: the same for a comparison baseline (see :func:`tie_cb_config`). The
+    servers built meanwhile also answer ``GET /tie/stats`` (:func:`tie_stats`: the length log's calibration, the
+    refresher's reports) as JSON.
 
     Yields:
         the subclass in place.
@@ -158,11 +162,81 @@ def tie_generation_state(
             super().__init__(*bound.args[1:], **bound.kwargs)
             TIEGenerationState.instances.append(self)
 
+    server_mod = importlib.import_module(_SERVE_SERVER)
+    base_build = server_mod.build_server
+
+    def build_server(*args: Any, **kwargs: Any) -> Any:
+        """transformers' app plus ``GET /tie/stats`` (:func:`tie_stats`)."""
+        app = base_build(*args, **kwargs)
+        app.add_api_route(STATS_ROUTE, lambda: _json_safe(tie_stats()), methods=["GET"])
+        return app
+
     utils.GenerationState = TIEGenerationState
+    server_mod.build_server = build_server
     try:
         yield TIEGenerationState
     finally:
         utils.GenerationState = base
+        server_mod.build_server = base_build
+
+
+STATS_ROUTE = "/tie/stats"
+_SERVE_SERVER = "transformers.cli.serving.server"
+_ACTIVE: dict[str, Any] = {"refresher": None}  # the refresher serve_tie / hf-ext serve started, for tie_stats
+
+
+def tie_stats(window: int = 1000) -> dict[str, Any]:
+    """What ``GET /tie/stats`` of a TIE server answers: the scheduler's predictor and config, the length log (rows,
+    errors, how the newest ``window`` rows ended and the censoring-aware calibration of their laws) and the
+    predictor refresher (running, installed version, errors, its last five reports). Parts not in use are ``None``.
+    """
+    from hf_ext.generation.tie.lengthlog import calibration
+
+    log = CONTEXT.length_log
+    out: dict[str, Any] = {
+        "predictor": None if CONTEXT.predictor is None else type(CONTEXT.predictor).__name__,
+        "config": dataclasses.asdict(CONTEXT.config),
+        "length_log": None,
+        "refresher": None,
+    }
+    if log is not None:
+        recent = log.records[-window:]
+        cal = calibration(recent, levels=(0.9,)) if recent else {"n": 0}
+        out["length_log"] = {
+            "count": log.count,
+            "kept": len(log),
+            "errors": log.errors,
+            "window": len(recent),
+            "reasons": {
+                k: sum(r["reason"] == k for r in recent) for k in ("eos", "max_new_tokens", "cancelled")
+            },
+            "calibration": {
+                k: cal[k] for k in ("n", "nll", "above_q0.9", "below_q0.9", "spearman_uncensored") if k in cal
+            },
+        }
+    ref = _ACTIVE["refresher"]
+    if ref is not None:
+        out["refresher"] = {
+            "running": ref.running,
+            "version": ref.version,
+            "errors": ref.errors,
+            "history": ref.history[-5:],
+        }
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as ``None`` (JSON has no NaN) and numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if np.isfinite(v) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def _enable_scoring(
@@ -240,13 +314,16 @@ def _start_refit(refit: dict | None, predictor: Any) -> Any:
         return None
     from hf_ext.generation.tie.refresh import PredictorRefresher
 
-    return PredictorRefresher(CONTEXT.length_log, predictor, **refit).start()
+    _ACTIVE["refresher"] = PredictorRefresher(CONTEXT.length_log, predictor, **refit).start()
+    return _ACTIVE["refresher"]
 
 
 def _stop_serving_extras(refresher: Any, opened: Any) -> None:
     """Stop the refresher (a refit under way gets 10 s to finish; its thread is a daemon) and close the log."""
     if refresher is not None:
         refresher.stop(timeout=10.0)
+        if _ACTIVE["refresher"] is refresher:
+            _ACTIVE["refresher"] = None
     if opened is not None:
         opened.close()
 
