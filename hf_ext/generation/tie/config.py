@@ -22,10 +22,13 @@ PREDICTOR_KINDS = ("logt", "point", "ltr")
 LTR_LOSSES = ("listmle", "pairwise")
 
 
-def _check_int(name: str, value: Any) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (``bool`` is refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+def _check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an int >= ``low`` (``bool`` is refused), or ``None`` with
+    ``allow_none``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an int >= {low}, got {value!r}")
 
 
 def _check_pos(name: str, value: float, *, strict: bool = True) -> None:

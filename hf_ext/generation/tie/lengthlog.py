@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from hf_ext.generation.tie.config import _check_int
+
 logger = logging.getLogger("hf_ext")
 
 REASONS = ("eos", "max_new_tokens", "cancelled")
@@ -91,9 +93,8 @@ class LengthLog:
         max_records: int | None = 100_000,
         report_every: int | None = None,
     ) -> None:
-        for name, v in (("max_records", max_records), ("report_every", report_every)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        _check_int("max_records", max_records, allow_none=True)
+        _check_int("report_every", report_every, allow_none=True)
         if report_every is not None and max_records is not None and max_records < report_every:
             raise ValueError(f"max_records ({max_records}) must be >= report_every ({report_every})")
         if path is not None:

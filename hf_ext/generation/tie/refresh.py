@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_ext.generation.tie.config import _check_int
 from hf_ext.generation.tie.lengthlog import LengthLog, law_calibration
 
 logger = logging.getLogger("hf_ext")
@@ -70,14 +71,6 @@ REPORT_KEYS = (
     "fit_s",
     "saved_to",
 )
-
-
-def _int_at_least(name: str, value: Any, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        extra = "None or " if allow_none else ""
-        raise ValueError(f"{name} must be {extra}an int >= {low}, got {value!r}")
 
 
 class PredictorRefresher:
@@ -149,9 +142,9 @@ class PredictorRefresher:
             raise ValueError(
                 f"predictor must be None or a 'logt' LengthPredictor, got {getattr(predictor, 'kind', predictor)!r}"
             )
-        _int_at_least("every", every, 1)
-        _int_at_least("min_records", min_records, 10)
-        _int_at_least("window", window, min_records, allow_none=True)
+        _check_int("every", every)
+        _check_int("min_records", min_records, 10)
+        _check_int("window", window, min_records, allow_none=True)
         kept = log._records.maxlen
         if kept is not None and kept < min_records:
             raise ValueError(f"min_records ({min_records}) exceeds what the log keeps (max_records={kept})")
@@ -187,7 +180,7 @@ class PredictorRefresher:
             )
         if warm_start is None:
             warm_start = tunable and config is None
-        _int_at_least("threads", threads, 1, allow_none=True)
+        _check_int("threads", threads, allow_none=True)
         if save_dir is not None:
             save_dir = os.fspath(save_dir)
             if os.path.exists(save_dir) and not os.path.isdir(save_dir):
