@@ -267,6 +267,8 @@ def run_policy(
 def length_log_report(log: Any, reqs: list[Any]) -> dict[str, Any]:
     """What TIE's server logged against what the replay sent: one row per request (and the warm-up), each row's
     length equal to the request's, the reasons, the recording errors, and the censoring-aware calibration."""
+    from hf_ext.generation.tie.lengthlog import REASONS
+
     rows = {r["request_id"]: r for r in log.records}
     want = {r.request_id: r.output_len for r in reqs}
     cal = log.calibration(levels=(0.9,))
@@ -275,9 +277,7 @@ def length_log_report(log: Any, reqs: list[Any]) -> dict[str, Any]:
         "errors": log.errors,
         "every_request_once": set(want) <= set(rows) and len(rows) == len(log),
         "lengths_match": all(rows[k]["output_len"] == n for k, n in want.items() if k in rows),
-        "reasons": {
-            k: sum(r["reason"] == k for r in rows.values()) for k in ("eos", "max_new_tokens", "cancelled")
-        },
+        "reasons": {k: sum(r["reason"] == k for r in rows.values()) for k in REASONS},
         "sources": cal["by_source"],
         "calibration": {k: cal[k] for k in ("nll", "above_q0.9", "below_q0.9") if k in cal},
     }

@@ -181,8 +181,7 @@ class LengthLog:
                 except (OSError, ValueError) as exc:  # disk full, closed file: keep serving
                     self._error("write", f"could not append to {self.path!r}: {exc}")
             due = self.report_every is not None and self.count % self.report_every == 0
-            # the newest report_every records, without copying the whole deque (up to max_records) each time
-            window = list(islice(reversed(self._records), self.report_every))[::-1] if due else []
+            window = self._newest(self.report_every) if due else []  # type: ignore[arg-type]
             listeners = list(self._listeners)
         if due:
             self._report(window)
@@ -252,6 +251,14 @@ class LengthLog:
     def records(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._records)
+
+    def newest(self, n: int) -> list[dict[str, Any]]:
+        """The newest ``n`` kept records, oldest first, without copying the rest (up to ``max_records``)."""
+        with self._lock:
+            return self._newest(n)
+
+    def _newest(self, n: int) -> list[dict[str, Any]]:  # the caller holds the lock
+        return list(islice(reversed(self._records), n))[::-1]
 
     def __len__(self) -> int:
         with self._lock:

@@ -190,7 +190,7 @@ def tie_stats(window: int = 1000) -> dict[str, Any]:
     errors, how the newest ``window`` rows ended and the censoring-aware calibration of their laws) and the
     predictor refresher (running, installed version, errors, its last five reports). Parts not in use are ``None``.
     """
-    from hf_ext.generation.tie.lengthlog import calibration
+    from hf_ext.generation.tie.lengthlog import REASONS, calibration
 
     log = CONTEXT.length_log
     out: dict[str, Any] = {
@@ -200,16 +200,14 @@ def tie_stats(window: int = 1000) -> dict[str, Any]:
         "refresher": None,
     }
     if log is not None:
-        recent = log.records[-window:]
+        recent = log.newest(window)
         cal = calibration(recent, levels=(0.9,)) if recent else {"n": 0}
         out["length_log"] = {
             "count": log.count,
             "kept": len(log),
             "errors": log.errors,
             "window": len(recent),
-            "reasons": {
-                k: sum(r["reason"] == k for r in recent) for k in ("eos", "max_new_tokens", "cancelled")
-            },
+            "reasons": {k: sum(r["reason"] == k for r in recent) for k in REASONS},
             "calibration": {
                 k: cal[k] for k in ("n", "nll", "above_q0.9", "below_q0.9", "spearman_uncensored") if k in cal
             },
