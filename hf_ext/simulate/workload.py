@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from hf_ext.simulate.types import Request
+from hf_ext.utils.jsonable import to_jsonable
 
 AZURE_TRACE_NAME = "azure_llm_inference_2023_conv.csv"
 AZURE_ATTRIBUTION = (
@@ -337,7 +338,7 @@ def save_jsonl(reqs: Sequence[Request], path: str | Path) -> Path:
                         "output_len": r.output_len,
                         "prompt": r.prompt,
                         "max_new_tokens": r.max_new_tokens,
-                        "meta": _jsonable(r.meta),
+                        "meta": to_jsonable(r.meta),
                     }
                 )
                 + "\n"
@@ -375,16 +376,6 @@ def load_jsonl(path: str | Path) -> list[Request]:
                 )
             )
     return out
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
 
 
 # ------------------------------------------------------------------------------------ rollouts

@@ -40,8 +40,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from hf_ext.generation.tie.cb import (
     CONTEXT,
     PRIORITY_SCHEDULER_NAME,
@@ -50,6 +48,7 @@ from hf_ext.generation.tie.cb import (
     validate_predictor_args,
 )
 from hf_ext.generation.tie.config import AGING_MODES, SUPPORT_MODES, TIEConfig
+from hf_ext.utils.jsonable import to_jsonable
 
 _SERVE_UTILS = "transformers.cli.serving.utils"
 INSTALL_HINT = 'pip install "hf-ext[serve]"  (or: pip install "transformers[serving]")'
@@ -168,7 +167,7 @@ def tie_generation_state(
     def build_server(*args: Any, **kwargs: Any) -> Any:
         """transformers' app plus ``GET /tie/stats`` (:func:`tie_stats`)."""
         app = base_build(*args, **kwargs)
-        app.add_api_route(STATS_ROUTE, lambda: _json_safe(tie_stats()), methods=["GET"])
+        app.add_api_route(STATS_ROUTE, lambda: to_jsonable(tie_stats(), finite=True), methods=["GET"])
         return app
 
     utils.GenerationState = TIEGenerationState
@@ -221,20 +220,6 @@ def tie_stats(window: int = 1000) -> dict[str, Any]:
             "history": ref.history[-5:],
         }
     return out
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as ``None`` (JSON has no NaN) and numpy scalars as Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        v = float(value)
-        return v if np.isfinite(v) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _enable_scoring(
