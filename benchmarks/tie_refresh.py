@@ -177,7 +177,9 @@ def refresh_run(
         for i in np.nonzero((ft <= t) & (fin > t))[0]:
             k = int(base[i].output_len * (t - ft[i]) / max(fin[i] - ft[i], 1e-9))
             if k >= 1:
-                out.append({"prompt": base[i].prompt, "output_len": k})
+                out.append(
+                    {"prompt": base[i].prompt, "output_len": k, "prompt_tokens": int(base[i].prompt_len)}
+                )
         return out
 
     ref = PredictorRefresher(
@@ -188,6 +190,7 @@ def refresh_run(
         install=lambda p: None,
         threads=2,
         in_flight=running if args.in_flight else None,
+        in_flight_held_out=not args.in_flight_train_only,
     )
     reports: list[dict] = []
     fed = 0
@@ -289,13 +292,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--in-flight",
         action="store_true",
-        help="refits also train on the requests still generating, as lower bounds (PredictorRefresher in_flight=)",
+        help="refits also train on the requests still generating, as lower bounds (PredictorRefresher in_flight=), "
+        "and score on a held-out share of them (in_flight_held_out=True, the default)",
+    )
+    p.add_argument(
+        "--in-flight-train-only",
+        action="store_true",
+        help="with --in-flight: train on the running requests but score on finished ones only "
+        "(in_flight_held_out=False, the refresher before it held them out; files and cases _inflight)",
     )
     p.add_argument("--quick", action="store_true", help="tiny predictors and sizes (smoke)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.every, args.n_train = 300, 100, 400
+    if args.in_flight_train_only and not args.in_flight:
+        raise SystemExit("--in-flight-train-only needs --in-flight")
     if not 1 <= args.every <= args.n // 2:
         raise SystemExit(f"--every must be in [1, n/2] so that a refit can happen, got {args.every}")
     loads = [float(x) for x in args.loads.split(",")]
@@ -342,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.update()
     bar.close()
     cmd = ("python benchmarks/tie_refresh.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    tag = (f"_seed{args.seed}" if args.seed else "") + ("_inflight" if args.in_flight else "")
+    tag = (f"_seed{args.seed}" if args.seed else "") + (
+        ("_inflight" if args.in_flight_train_only else "_inflight_held") if args.in_flight else ""
+    )
     print(f"\n{'load':>5} " + " ".join(f"{p:>12}" for p in POLICIES) + "   (mean per-token latency, ms)")
     for load in loads:
         print(
@@ -353,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             what = f"installed at t={r['t_installed']:.0f}s" if r["accepted"] else "kept"
             print(
                 f"  x{load:g} refit at {r['count']} finished: NLL {r['nll_new']:.3f} new vs {r['nll_served']:.3f} "
-                f"served, fit {r['fit_s']:.0f}s, {what}"
+                f"served on {r['n_held_out']} held out ({r['n_held_in_flight']} running), fit {r['fit_s']:.0f}s, "
+                f"{what}"
             )
     print(
         "served laws' NLL per segment (top load): "

@@ -383,6 +383,74 @@ def test_in_flight_rows_join_the_training_rows_as_lower_bounds(monkeypatch):
     assert PredictorRefresher(log, install=print).in_flight is None  # elsewhere: nothing to read
 
 
+class ShortForAll:
+    """A stand-in candidate that learns nothing and says every answer has median 15 tokens."""
+
+    kind = "logt"
+
+    def fit(self, data, **kw):
+        return {"loss": []}
+
+    def predict(self, prompts, batch_size=256):
+        mu = np.full(len(prompts), math.log(15.0))
+        return {"mu": mu, "sigma": np.full_like(mu, 0.4), "nu": np.full_like(mu, 3.5)}
+
+
+@pytest.mark.parametrize("judge", [True, False])
+def test_running_requests_are_held_out_too_so_a_log_of_short_answers_cannot_pick_the_refit(
+    monkeypatch, judge
+):
+    """At overload the newest finished rows are the short answers; the essays are still generating. Scored on the
+    finished rows only, a candidate that calls every answer short wins. With a share of the running essays held out
+    (their tokens so far as lower bounds), it loses to the served law that knows essays are long."""
+    rng = np.random.default_rng(16)
+    log = LengthLog()
+    shorts = [
+        ("Answer briefly: what is rome?", max(1, round(15 * math.exp(0.3 * rng.standard_normal()))))
+        for _ in range(200)
+    ]
+    _feed(log, shorts)
+    running = [
+        {"prompt": f"Write a detailed long essay about {t}.", "output_len": 150}
+        for t in TOPICS
+        for _ in range(5)
+    ]  # 40 rows
+    got: list = []
+    ref = PredictorRefresher(
+        log,
+        TrueLaw(),
+        min_records=100,
+        config=PredictorConfig.tiny(),
+        install=got.append,
+        isolate=False,
+        in_flight=lambda: running,
+        in_flight_held_out=judge,
+    )
+    monkeypatch.setattr(ref, "_new_predictor", ShortForAll)
+    rep = ref.refit()
+    if judge:
+        assert (rep["n_held_in_flight"], rep["n_held_out"], rep["n_train"]) == (8, 48, 192)
+        assert not rep["accepted"] and got == [] and rep["nll_new"] > rep["nll_served"]
+    else:
+        assert (rep["n_held_in_flight"], rep["n_held_out"], rep["n_train"]) == (0, 40, 200)
+        assert rep["accepted"] and len(got) == 1  # fooled by the finished rows alone
+    # without a served predictor the heuristic baseline needs prompt_tokens: rows lacking it are trained on only
+    ref = PredictorRefresher(
+        log,
+        None,
+        min_records=100,
+        config=PredictorConfig.tiny(),
+        install=got.append,
+        isolate=False,
+        in_flight=lambda: running[:20] + [{**r, "prompt_tokens": 7} for r in running[20:]],
+        in_flight_held_out=judge,
+    )
+    monkeypatch.setattr(ref, "_new_predictor", ShortForAll)
+    assert ref.refit()["n_held_in_flight"] == (4 if judge else 0)  # indices 24, 29, 34, 39
+    with pytest.raises(ValueError, match="in_flight_held_out must be True or False"):
+        PredictorRefresher(log, in_flight_held_out="yes")
+
+
 def test_in_flight_rows_reads_the_live_schedulers_running_requests():
     from types import SimpleNamespace
 
@@ -400,6 +468,7 @@ def test_in_flight_rows_reads_the_live_schedulers_running_requests():
     class Live:  # what in_flight_rows reads of a running TIE scheduler
         def __init__(self):
             self.active_requests = {"a": state("a", 5, 12), "b": state("b", 3, 0), "c": state("c", 4, 2)}
+            self.active_requests["a"].max_new_tokens = 64
             self._texts = {"c": "the predictor's text of c"}
 
     live = Live()
@@ -409,8 +478,20 @@ def test_in_flight_rows_reads_the_live_schedulers_running_requests():
     finally:
         CONTEXT.live.discard(live)
     assert rows == [
-        {"request_id": "a", "prompt": "5 prompt tokens", "output_len": 12},
-        {"request_id": "c", "prompt": "the predictor's text of c", "output_len": 2},
+        {
+            "request_id": "a",
+            "prompt": "5 prompt tokens",
+            "output_len": 12,
+            "prompt_tokens": 5,
+            "max_new_tokens": 64,
+        },
+        {
+            "request_id": "c",
+            "prompt": "the predictor's text of c",
+            "output_len": 2,
+            "prompt_tokens": 4,
+            "max_new_tokens": None,
+        },
     ]  # "b" has not generated yet: nothing to learn
 
 

@@ -428,8 +428,8 @@ def enable_tie_scheduler(
 
 
 def in_flight_rows() -> list[dict[str, Any]]:
-    """The requests our live CB schedulers are generating now, as ``{"request_id", "prompt", "output_len"}`` rows
-    (``output_len``: tokens so far, a lower bound of the final length), for
+    """The requests our live CB schedulers are generating now, as ``{"request_id", "prompt", "output_len",
+    "prompt_tokens", "max_new_tokens"}`` rows (``output_len``: tokens so far, a lower bound of the final length), for
     :class:`~hf_ext.generation.tie.refresh.PredictorRefresher`'s ``in_flight=``.
 
     Safe to call from another thread while the engine runs: a scheduler whose requests change while they are read
@@ -453,11 +453,14 @@ def in_flight_rows() -> list[dict[str, Any]]:
             n = len(state.generated_tokens)
             if n >= 1:
                 text = texts.get(state.request_id)
+                ids = _true_prompt(state)
                 rows.append(
                     {
                         "request_id": state.request_id,
-                        "prompt": text if text is not None else _prompt_text(_true_prompt(state)),
+                        "prompt": text if text is not None else _prompt_text(ids),
                         "output_len": n,
+                        "prompt_tokens": len(ids),
+                        "max_new_tokens": getattr(state, "max_new_tokens", None),
                     }
                 )
     return rows

@@ -14,7 +14,8 @@ mix of tasks shifts, or it was trained on another workload in the first place. T
    (``in_flight``): at overload a scheduler that runs short requests first finishes, and logs, the short ones first.
 3. It scores the new predictor and the one being served on the held-out rows: censoring-aware log-t NLL
    (:func:`~hf_ext.generation.tie.lengthlog.law_calibration`; the prompt-length heuristic when nothing is served).
-   The held-out rows are the newest traffic, which is what the next requests look like.
+   The held-out rows are the newest traffic, which is what the next requests look like, plus the same share of the
+   running requests (``in_flight_held_out``), which are not trained on.
 4. If the new NLL is lower by more than ``margin`` nats, it installs the new predictor (default:
    :func:`~hf_ext.generation.tie.cb.set_tie_predictor`, the running TIE scheduler scores the next requests with it)
    and saves it to ``save_dir/v{version}`` when given. Otherwise the served predictor stays.
@@ -60,6 +61,7 @@ REPORT_KEYS = (
     "count",
     "n_train",
     "n_held_out",
+    "n_held_in_flight",
     "nll_new",
     "nll_served",
     "above_q0.9_new",
@@ -107,6 +109,11 @@ class PredictorRefresher:
             log of finished requests holds the short ones first; the long ones that have started are seen here.
             ``"auto"`` (default): :func:`~hf_ext.generation.tie.cb.in_flight_rows` (the running TIE scheduler's
             requests) when ``install`` is the default, else none. ``None``: none.
+        in_flight_held_out: hold out the same ``held_out`` share of the running requests and score the predictors on
+            them too, as lower bounds. The newest finished rows alone are biased to short answers in the same way
+            as the log, so they favour predictors that under-estimate; the running requests pull the other way.
+            Rows may carry ``prompt_tokens`` (and ``max_new_tokens``), which the heuristic baseline needs when
+            nothing is served.
 
     Attributes:
         predictor: the predictor being served (the last installed one).
@@ -133,6 +140,7 @@ class PredictorRefresher:
         isolate: bool = True,
         threads: int | None = None,
         in_flight: Callable[[], list[dict[str, Any]]] | None | str = "auto",
+        in_flight_held_out: bool = True,
     ) -> None:
         if not isinstance(log, LengthLog):
             raise ValueError(f"log must be a LengthLog, got {type(log).__name__}")
@@ -189,6 +197,8 @@ class PredictorRefresher:
             in_flight = _default_in_flight if install is None else None
         if in_flight is not None and not callable(in_flight):
             raise ValueError(f"in_flight must be callable, None or 'auto', got {in_flight!r}")
+        if not isinstance(in_flight_held_out, bool):
+            raise ValueError(f"in_flight_held_out must be True or False, got {in_flight_held_out!r}")
         if install is not None and not callable(install):
             raise ValueError(f"install must be callable, got {type(install).__name__}")
         self.log = log
@@ -202,6 +212,7 @@ class PredictorRefresher:
         self.threads = threads or max(1, min(4, (os.cpu_count() or 4) // 4))
         self._pool: Any = None
         self.in_flight = in_flight
+        self.in_flight_held_out = bool(in_flight_held_out)
         self.version = 0
         self.history: list[dict[str, Any]] = []
         self.errors = 0
@@ -307,11 +318,13 @@ class PredictorRefresher:
             train, held = recs[:-k], recs[-k:]
             running = self.in_flight() if self.in_flight is not None else []
             running = [
-                {"prompt": r["prompt"], "output_len": int(r["output_len"]), "censored": True}
+                {**r, "output_len": int(r["output_len"]), "censored": True}
                 for r in running
                 if str(r["prompt"]).strip() and int(r["output_len"]) >= 1
             ]
-            train = train + running
+            judged = self._judged_in_flight(running)
+            train = train + [r for i, r in enumerate(running) if i not in judged]
+            held = held + [running[i] for i in sorted(judged)]
             data = {
                 "prompt": [r["prompt"] for r in train],
                 "output_len": [int(r["output_len"]) for r in train],
@@ -335,6 +348,7 @@ class PredictorRefresher:
                 "count": self._last,
                 "n_train": len(train),
                 "n_held_out": len(held),
+                "n_held_in_flight": len(judged),
                 "fit_s": fit_s,
                 "saved_to": saved_to,
                 "time": time.time(),
@@ -355,6 +369,20 @@ class PredictorRefresher:
             f"; installed v{self.version}" + (f" ({saved_to})" if saved_to else "") if accepted else "; kept",
         )
         return rep
+
+    def _judged_in_flight(self, running: list[dict[str, Any]]) -> set[int]:
+        """Which running rows join the held-out rows: ``held_out`` of them, spread evenly over the list (none with
+        ``in_flight_held_out=False``; without a served predictor only rows giving ``prompt_tokens``, which the
+        heuristic baseline needs)."""
+        if not self.in_flight_held_out:
+            return set()
+        h = self.held_out
+        return {
+            i
+            for i, r in enumerate(running)
+            if math.floor((i + 1) * h) > math.floor(i * h)
+            and (self.predictor is not None or r.get("prompt_tokens") is not None)
+        }
 
     def _train(self, cand: Any, data: dict[str, list]) -> tuple[Any, float]:
         """``cand`` trained on ``data`` (here, or in the worker process through a temporary save) and the
