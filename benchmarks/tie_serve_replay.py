@@ -22,6 +22,7 @@ CPU smoke run (tiny model, ~1 minute)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -74,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="after the policies, run TIE once more with a PredictorRefresher retraining a predictor on the server's "
         "length log every N finished requests, in the server's process (rows: case _refit<N>, against TIE without)",
+    )
+    p.add_argument(
+        "--scrape-every",
+        type=float,
+        default=None,
+        metavar="S",
+        help="GET /tie/metrics every S seconds during each replay (a Prometheus scrape): the waiting and running "
+        "requests over time go to the details JSON and tie_serve_queues_<case>.png, with each scrape's latency",
     )
     p.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
@@ -185,6 +194,94 @@ def save_model(shape: str, device: str, out: Path, seed: int) -> Any:
     return tok
 
 
+class Scraper:
+    """Scrapes ``url``/tie/metrics every ``every`` seconds in a thread while a replay runs, as Prometheus would.
+
+    Attributes:
+        samples: one per scrape: ``t`` (seconds since start), ``waiting`` / ``running`` (summed over the live
+            schedulers; ``None`` when the server reports no queue: transformers' own FIFO scheduler), ``ms`` (the
+            scrape's latency), ``ok``.
+    """
+
+    def __init__(self, url: str, every: float) -> None:
+        import threading
+
+        self.url, self.every = url + "/tie/metrics", every
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tie-metrics-scraper", daemon=True)
+
+    @staticmethod
+    def queues(text: str) -> tuple[int | None, int | None]:
+        """Waiting and running requests summed over the ``scheduler`` labels of a scrape."""
+        got: dict[str, int] = {}
+        for line in text.splitlines():
+            for fam in ("waiting", "running"):
+                if line.startswith(f"hf_ext_tie_{fam}_requests{{"):
+                    got[fam] = got.get(fam, 0) + int(float(line.rsplit(" ", 1)[1]))
+        return got.get("waiting"), got.get("running")
+
+    def _run(self) -> None:
+        import urllib.request
+
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as resp:
+                    waiting, running = self.queues(resp.read().decode())
+                ok = True
+            except OSError:
+                waiting = running = None
+                ok = False
+            ms = (time.perf_counter() - t) * 1e3
+            self.samples.append({"t": t - t0, "waiting": waiting, "running": running, "ms": ms, "ok": ok})
+            self._stop.wait(max(0.0, self.every - (time.perf_counter() - t)))
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Scrape count, failures, latency (median, p99) and the waiting queue (max, mean) of ``samples``."""
+        ms = np.array([s["ms"] for s in samples if s["ok"]])
+        waiting = [s["waiting"] for s in samples if s["waiting"] is not None]
+        return {
+            "scrapes": len(samples),
+            "failed": sum(not s["ok"] for s in samples),
+            "ms_median": float(np.median(ms)) if len(ms) else None,
+            "ms_p99": float(np.percentile(ms, 99)) if len(ms) else None,
+            "waiting_max": max(waiting) if waiting else None,
+            "waiting_mean": float(np.mean(waiting)) if waiting else None,
+        }
+
+
+def plot_queues(path: Path, case: str, series: dict[str, list[dict[str, Any]]]) -> None:
+    """Waiting requests over the replay, one line per policy that reports its queue."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for policy, samples in series.items():
+        pts = [(s["t"], s["waiting"]) for s in samples if s["waiting"] is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=policy)
+    ax.set_xlabel("seconds into the replay")
+    ax.set_ylabel("waiting requests (GET /tie/metrics)")
+    ax.set_title(case, fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_policy(
     args: argparse.Namespace,
     model_dir: str,
@@ -196,6 +293,7 @@ def run_policy(
     tok: Any = None,
     refit_every: int | None = None,
     refits: list | None = None,
+    scrapes: list | None = None,
 ):
     """One fresh server with ``policy``'s scheduler; a warm-up request, then the timed replay. Returns records.
 
@@ -203,7 +301,8 @@ def run_policy(
     replay's prediction by request id. With ``log`` (a ``LengthLog``), TIE's scheduler records every request there
     (text from ``in_loop``'s ``prompt_text``, else decoded with ``tok``). With ``refit_every`` (needs ``log``), a
     :class:`~hf_ext.generation.tie.refresh.PredictorRefresher` retrains on that log while the replay runs; its reports
-    are appended to ``refits``."""
+    are appended to ``refits``. With ``args.scrape_every``, a :class:`Scraper` reads ``GET /tie/metrics`` during the
+    replay; its samples are appended to ``scrapes``."""
     from transformers import ContinuousBatchingConfig
     from transformers.cli.serve import Serve
 
@@ -254,9 +353,14 @@ def run_policy(
                 refresher = PredictorRefresher(
                     log, served, every=refit_every, min_records=refit_every, min_exact=0.0
                 ).start()
-            return replay_over_http(
-                url, model_dir, reqs, prompts, time_scale=1.0 / args.speed, progress=sys.stderr.isatty()
-            )
+            scraper = Scraper(url, args.scrape_every) if args.scrape_every else contextlib.nullcontext()
+            with scraper:
+                out = replay_over_http(
+                    url, model_dir, reqs, prompts, time_scale=1.0 / args.speed, progress=sys.stderr.isatty()
+                )
+            if scrapes is not None and isinstance(scraper, Scraper):
+                scrapes.extend(scraper.samples)
+            return out
         finally:
             if refresher is not None:
                 refresher.stop()  # waits for a refit under way: its cost falls inside the replay it overlapped
@@ -352,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"--policies: 'tie' and at least one of {POLICIES} ('tie' alone with --refit-every) (got {args.policies!r})"
         )
+    if args.scrape_every is not None and not (math.isfinite(args.scrape_every) and args.scrape_every > 0):
+        raise SystemExit(f"--scrape-every must be > 0 seconds, got {args.scrape_every}")
     if not (math.isfinite(args.speed) and args.speed > 0):
         raise SystemExit(f"--speed must be > 0, got {args.speed}")
     spec = importlib.util.spec_from_file_location("tie_real_cb", ROOT / "benchmarks" / "tie_real_cb.py")
@@ -401,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
 
             Path(args.length_log).unlink(missing_ok=True)
             log = LengthLog(args.length_log)
-        recs = run_policy(args, str(model_dir), reqs, prompts, policy, in_loop, log, tok)
+        scrapes: list[dict[str, Any]] = []
+        recs = run_policy(args, str(model_dir), reqs, prompts, policy, in_loop, log, tok, scrapes=scrapes)
         if log is not None:
             log.close()
             details["length_log"] = length_log_report(log, reqs)
@@ -409,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         s = res[policy] = {**summarize_replay(recs), "wall_s": time.perf_counter() - t}
         real_cb._report(case, policy, s)  # the engine replay's line
         details["policies"][policy] = {"summary": s, "seconds": s["wall_s"]}
+        if args.scrape_every:
+            summary = Scraper.summarize(scrapes)
+            details["policies"][policy]["metrics_scrapes"] = {"summary": summary, "samples": scrapes}
+            print(f"  GET /tie/metrics every {args.scrape_every:g}s: {json.dumps(summary)}")
         if in_loop is not None and policy == "tie":
             details["in_loop_predictor"] = in_loop.report(reqs, own_text)
             print(f"  in-loop predictor: {json.dumps(details['in_loop_predictor'])}")
@@ -423,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(out.read_text()) if out.exists() else {"runs": []}
         old["runs"].append(details)
         out.write_text(json.dumps(old, indent=1))
+        if args.scrape_every:
+            series = {p: v["metrics_scrapes"]["samples"] for p, v in details["policies"].items()}
+            plot_queues(path.parent / f"tie_serve_queues_{case}.png", case, series)
     if tmp is not None:
         tmp.cleanup()
     return 0

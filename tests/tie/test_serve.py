@@ -397,10 +397,21 @@ def test_serve_replay_benchmark_smoke(capsys, tmp_path):
         str(log),
         "--refit-every",
         "10",
+        "--scrape-every",
+        "0.05",
     ]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("lengths exact True") == 2 and "serve_http_tiny_" in out
+    # GET /tie/metrics was scraped during both replays: TIE's scheduler reports its queues, transformers' FIFO none
+    fcfs, tie = (json.loads(x.splitlines()[0]) for x in out.split("GET /tie/metrics every 0.05s: ")[1:])
+    assert fcfs["scrapes"] >= 1 and tie["scrapes"] >= 1 and fcfs["failed"] == tie["failed"] == 0
+    assert fcfs["waiting_max"] is None and tie["waiting_max"] is not None
+    text = 'hf_ext_tie_waiting_requests{scheduler="A"} 3\nhf_ext_tie_waiting_requests{scheduler="B"} 2\n'
+    assert bench.Scraper.queues(text + 'hf_ext_tie_running_requests{scheduler="A"} 7') == (5, 7)
+    assert bench.Scraper.queues("hf_ext_tie_info 1") == (None, None)
+    with pytest.raises(SystemExit, match="--scrape-every must be > 0"):
+        bench.main(["--scrape-every", "0", "--no-write"])
     report = json.loads(out.split("  length log: ")[1].splitlines()[0])
     assert report["rows"] == 13 and report["errors"] == 0  # the 12 and the warm-up
     assert report["every_request_once"] and report["lengths_match"]
@@ -681,6 +692,8 @@ def test_serve_tie_retrains_the_predictor_while_serving(model_dir, tmp_path):
         assert CONTEXT.predictor is ref.predictor is not stale
         _complete_all(port, model_dir, [(PROMPTS[1], 3, "b0")])
         stats = json.loads(urllib.request.urlopen(f"http://localhost:{port}/tie/stats", timeout=30).read())
+        with urllib.request.urlopen(f"http://localhost:{port}/tie/metrics", timeout=30) as resp:
+            content_type, scrape = resp.headers["Content-Type"], resp.read().decode()
         ref.stop()
     # GET /tie/stats: the log's rows and calibration, the refresher's reports (NaN as null)
     assert stats["predictor"] == "LengthPredictor" and stats["config"]["alpha"] == 0.9
@@ -689,6 +702,20 @@ def test_serve_tie_retrains_the_predictor_while_serving(model_dir, tmp_path):
     assert stats["refresher"]["running"] and stats["refresher"]["version"] >= 1
     first = stats["refresher"]["history"][0]
     assert first["accepted"] and first["nll_new"] == pytest.approx(rep["nll_new"])
+    # GET /tie/metrics: the same for Prometheus, plus the queues
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert content_type.startswith("text/plain; version=0.0.4")
+    got = {
+        (s.name, tuple(s.labels.items())): s.value
+        for f in text_string_to_metric_families(scrape)
+        for s in f.samples
+    }
+    assert got[("hf_ext_tie_info", (("predictor", "LengthPredictor"),))] == 1
+    assert got[("hf_ext_tie_length_log_requests_total", ())] == 13
+    assert got[("hf_ext_tie_refresher_version", ())] == stats["refresher"]["version"]
+    assert got[("hf_ext_tie_refresher_refits_total", (("outcome", "installed"),))] >= 1
+    assert ("hf_ext_tie_waiting_requests", (("scheduler", "TIECBScheduler"),)) in got
     after = [r for r in log.records if r["request_id"] == "b0"][0]
     assert after["source"] == "predictor"
     assert after["pred_mu"] == pytest.approx(ref.predictor.predict([PROMPTS[1]])["mu"][0])

@@ -115,7 +115,7 @@ def tie_generation_state(
     ``continuous_batching_config`` when given (then the server must get no ``--cb-*`` flag). Restored on exit.
     ``scheduler_type`` other than ``"tie"``: the same for a comparison baseline (see :func:`tie_cb_config`). The
     servers built meanwhile also answer ``GET /tie/stats`` (:func:`tie_stats`: the length log's calibration, the
-    refresher's reports) as JSON.
+    refresher's reports) as JSON and ``GET /tie/metrics`` (the same and the queues, for Prometheus).
 
     Yields:
         the subclass in place.
@@ -165,9 +165,17 @@ def tie_generation_state(
     base_build = server_mod.build_server
 
     def build_server(*args: Any, **kwargs: Any) -> Any:
-        """transformers' app plus ``GET /tie/stats`` (:func:`tie_stats`)."""
+        """transformers' app plus ``GET /tie/stats`` (:func:`tie_stats`) and ``GET /tie/metrics``
+        (:func:`~hf_ext.generation.tie.metrics.tie_metrics`)."""
+        from fastapi.responses import Response
+
+        from hf_ext.generation.tie.metrics import CONTENT_TYPE, METRICS_ROUTE, tie_metrics
+
         app = base_build(*args, **kwargs)
         app.add_api_route(STATS_ROUTE, lambda: to_jsonable(tie_stats(), finite=True), methods=["GET"])
+        app.add_api_route(
+            METRICS_ROUTE, lambda: Response(tie_metrics(), media_type=CONTENT_TYPE), methods=["GET"]
+        )
         return app
 
     utils.GenerationState = TIEGenerationState
