@@ -25,7 +25,8 @@ With ``--http`` it finally serves the model with ``transformers serve`` and the 
 the shell: ``hf-ext serve MODEL --tie-predictor DIR``) and sends the prompts with the OpenAI client. Adding
 ``--refit-every N`` keeps a length log in the server and a ``PredictorRefresher`` retraining the predictor on it
 every N requests (``hf-ext serve ... --tie-length-log FILE --tie-refit-every N``); the prompts are sent in rounds
-until it has refitted once, and its report is printed.
+until it has refitted once, and its report is printed, then a few lines of the server's ``GET /tie/metrics``
+(Prometheus text format).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import urllib.request
 
 import numpy as np
 
@@ -252,6 +254,9 @@ def serve_over_http(args: argparse.Namespace, model, tok, pred, prompts: list[st
                         break
                     done += list(pool.map(one, prompts))
                     time.sleep(1.0)
+            # what a Prometheus scrape job reads (GET /tie/stats has the same as JSON)
+            with urllib.request.urlopen(f"http://localhost:{port}/tie/metrics", timeout=30) as resp:
+                scrape = resp.read().decode()
         finally:
             if refresher is not None:
                 refresher.stop()
@@ -266,6 +271,10 @@ def serve_over_http(args: argparse.Namespace, model, tok, pred, prompts: list[st
                     else str(rep.get("skipped") or rep.get("error"))
                 )
             )
+    print("http tie: GET /tie/metrics (Prometheus text format):")
+    for line in scrape.splitlines():
+        if line.startswith(("hf_ext_tie_info", "hf_ext_tie_length_log_requests", "hf_ext_tie_refresher_")):
+            print(f"    {line}")
     ptl = [wall / max(1, n) for wall, n in done]
     print(
         f"http tie: {len(done)} requests over HTTP, {sum(n for _, n in done)} tokens, "

@@ -151,6 +151,9 @@ def test_serving_example_runs_on_cpu(sizing, tmp_path):
         n = int(rounds[0].split()[2])
         assert n % 8 == 0 and n >= 16 and f"{n * 16} tokens" in rounds[0]
         assert "http tie: refresher after " in out.stdout and "held-out NLL" in out.stdout
+        assert "hf_ext_tie_refresher_version " in out.stdout  # its GET /tie/metrics excerpt
+        logged = int(out.stdout.split("hf_ext_tie_length_log_requests_total ")[1].split()[0])
+        assert n - 8 <= logged <= n  # the last round's rows may land just after its answers
     else:
         assert "over HTTP" not in out.stdout
     if "--length-log" in sizing:
