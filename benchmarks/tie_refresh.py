@@ -190,7 +190,7 @@ def refresh_run(
         install=lambda p: None,
         threads=2,
         in_flight=running if args.in_flight else None,
-        in_flight_held_out=not args.in_flight_train_only,
+        in_flight_held_out=args.in_flight_held_out,
     )
     reports: list[dict] = []
     fed = 0
@@ -292,22 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--in-flight",
         action="store_true",
-        help="refits also train on the requests still generating, as lower bounds (PredictorRefresher in_flight=), "
-        "and score on a held-out share of them (in_flight_held_out=True, the default)",
+        help="refits also train on the requests still generating, as lower bounds (PredictorRefresher in_flight=)",
     )
     p.add_argument(
-        "--in-flight-train-only",
+        "--in-flight-held-out",
         action="store_true",
-        help="with --in-flight: train on the running requests but score on finished ones only "
-        "(in_flight_held_out=False, the refresher before it held them out; files and cases _inflight)",
+        help="with --in-flight: hold out a share of the running requests and score refits on them too "
+        "(PredictorRefresher in_flight_held_out=True; files and cases _inflight_held)",
     )
     p.add_argument("--quick", action="store_true", help="tiny predictors and sizes (smoke)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.every, args.n_train = 300, 100, 400
-    if args.in_flight_train_only and not args.in_flight:
-        raise SystemExit("--in-flight-train-only needs --in-flight")
+    if args.in_flight_held_out and not args.in_flight:
+        raise SystemExit("--in-flight-held-out needs --in-flight")
     if not 1 <= args.every <= args.n // 2:
         raise SystemExit(f"--every must be in [1, n/2] so that a refit can happen, got {args.every}")
     loads = [float(x) for x in args.loads.split(",")]
@@ -355,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     cmd = ("python benchmarks/tie_refresh.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     tag = (f"_seed{args.seed}" if args.seed else "") + (
-        ("_inflight" if args.in_flight_train_only else "_inflight_held") if args.in_flight else ""
+        ("_inflight_held" if args.in_flight_held_out else "_inflight") if args.in_flight else ""
     )
     print(f"\n{'load':>5} " + " ".join(f"{p:>12}" for p in POLICIES) + "   (mean per-token latency, ms)")
     for load in loads:

@@ -14,8 +14,8 @@ mix of tasks shifts, or it was trained on another workload in the first place. T
    (``in_flight``): at overload a scheduler that runs short requests first finishes, and logs, the short ones first.
 3. It scores the new predictor and the one being served on the held-out rows: censoring-aware log-t NLL
    (:func:`~hf_ext.generation.tie.lengthlog.law_calibration`; the prompt-length heuristic when nothing is served).
-   The held-out rows are the newest traffic, which is what the next requests look like, plus the same share of the
-   running requests (``in_flight_held_out``), which are not trained on.
+   The held-out rows are the newest traffic, which is what the next requests look like (with
+   ``in_flight_held_out``, also the same share of the running requests, then not trained on).
 4. If the new NLL is lower by more than ``margin`` nats, it installs the new predictor (default:
    :func:`~hf_ext.generation.tie.cb.set_tie_predictor`, the running TIE scheduler scores the next requests with it)
    and saves it to ``save_dir/v{version}`` when given. Otherwise the served predictor stays.
@@ -113,7 +113,8 @@ class PredictorRefresher:
             them too, as lower bounds. The newest finished rows alone are biased to short answers in the same way
             as the log, so they favour predictors that under-estimate; the running requests pull the other way.
             Rows may carry ``prompt_tokens`` (and ``max_new_tokens``), which the heuristic baseline needs when
-            nothing is served.
+            nothing is served. Off by default: in ``benchmarks/tie_refresh.py`` it changed mean latency by -8 % to
+            +6 % (two seeds, three loads), within the spread of repeated runs (docs/tie_results.md).
 
     Attributes:
         predictor: the predictor being served (the last installed one).
@@ -140,7 +141,7 @@ class PredictorRefresher:
         isolate: bool = True,
         threads: int | None = None,
         in_flight: Callable[[], list[dict[str, Any]]] | None | str = "auto",
-        in_flight_held_out: bool = True,
+        in_flight_held_out: bool = False,
     ) -> None:
         if not isinstance(log, LengthLog):
             raise ValueError(f"log must be a LengthLog, got {type(log).__name__}")
