@@ -16,7 +16,8 @@ Public names load lazily (this module imports neither torch nor transformers):
   order (:mod:`.offline`: planning, simulator timing, forced-length real runs for benchmarks);
   :func:`plan_batches` — expected-cost batches from the predicted laws (``plan="expected"``, :mod:`.planner`);
 * :func:`serve_tie`, ``hf-ext serve`` — ``transformers serve`` (OpenAI-compatible HTTP) with the TIE scheduler
-  (:mod:`.serve`);
+  (:mod:`.serve`), whose ``GET /tie/stats`` (:func:`tie_stats`, JSON) and ``GET /tie/metrics`` (:func:`tie_metrics`,
+  Prometheus text format, :mod:`.metrics`) report the scheduler, its length log and refresher;
 * :func:`run_cb_replay` — timed arrivals into real transformers continuous batching, one policy per run
   (FCFS, SJF-oracle, SSJF, LTR, TIE), for benchmarks.
 
@@ -66,6 +67,8 @@ _LAZY = {
     "set_priority_keys": "cb",
     "serve_tie": "serve",
     "tie_generation_state": "serve",
+    "tie_stats": "serve",
+    "tie_metrics": "metrics",
     "ReplayRequest": "replay",
     "run_cb_replay": "replay",
     "summarize_replay": "replay",

@@ -438,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         description="transformers serve with continuous batching and the TIE scheduler. Flags not listed here "
         "go to `transformers serve` (see `transformers serve --help`): --port, --host, --device, --cb-num-blocks, ...",
+        epilog="Besides the OpenAI routes, the server answers GET /tie/stats (JSON) and GET /tie/metrics (Prometheus "
+        "text format): the predictor, the queues, the length log's calibration and the refresher's refits.",
     )
     p.add_argument("model", help="model id or path to preload and serve")
     p.add_argument("--tie-predictor", default=None, help="directory of a saved logt LengthPredictor")
