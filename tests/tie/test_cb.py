@@ -106,13 +106,19 @@ def test_generate_batch_same_tokens_as_fifo_and_tie_order(setup):
         assert len(out.generated_tokens) > 0
 
     # with predicted lengths, admission follows the TIE order exactly; tokens still equal FIFO's
+    from hf_ext.generation.tie.metrics import ADMISSION_WAITS
+
     mu = [6.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # request 1 shortest ... request 0 longest
     set_length_hints(ids, mu, [0.5] * len(ids))
+    waits_before = ADMISSION_WAITS.snapshot().get("TIECBScheduler", ([], 0.0, 0))
     try:
         rids, tie_out = _run_manager(model, ids, gc, "tie")
     finally:
         clear_length_hints()
     assert CONTEXT.admission_order == [rids[i] for i in np.argsort(mu)]
+    # every admission was timed for GET /tie/metrics (arrival to admission, first admissions)
+    waits = ADMISSION_WAITS.snapshot()["TIECBScheduler"]
+    assert waits[2] - waits_before[2] == len(ids) and waits[1] > waits_before[1]
     _, fifo_out = _run_manager(model, ids, gc, "fifo")
     assert tie_out == fifo_out == {k: v.generated_tokens for k, v in fifo.items()}
 

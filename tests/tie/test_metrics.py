@@ -50,7 +50,12 @@ def _fill(log: LengthLog, n: int, seed: int) -> None:
         )
 
 
-def test_a_bare_scheduler_reports_only_what_it_has():
+def test_a_bare_scheduler_reports_only_what_it_has(monkeypatch):
+    from hf_ext.generation.tie import metrics
+
+    monkeypatch.setattr(
+        metrics, "ADMISSION_WAITS", metrics.WaitHistogram()
+    )  # nothing admitted in this process
     enable_tie_scheduler(None, None)
     got = _samples(tie_metrics())
     assert got == {("hf_ext_tie_info", (("predictor", "heuristic"),)): 1.0}
@@ -121,6 +126,41 @@ def test_the_log_queues_and_refresher_are_exported_with_their_values():
     assert outcomes == {"installed": 1, "kept": 1, "skipped": 1, "failed": 1}
     assert got[(p + "refresher_last_fit_seconds", ())] == 2.25  # the last refit that trained
     assert got[(p + "refresher_last_nll", (("predictor", "served"),))] == 1.25
+
+
+def test_admission_waits_are_a_histogram_and_the_oldest_wait_a_gauge(monkeypatch):
+    import time
+
+    from hf_ext.generation.tie import metrics
+
+    hist = metrics.WaitHistogram((1.0, 10.0))
+    for w in (0.2, 1.0, 3.0, 50.0, -1.0):  # a bound is inclusive ("le"); a clock step back counts as 0
+        hist.observe("TIECBScheduler", w)
+    hist.observe("PriorityCBScheduler", 4.0)
+    monkeypatch.setattr(metrics, "ADMISSION_WAITS", hist)
+    enable_tie_scheduler(None, None)
+    now = time.perf_counter()
+
+    class TIECBScheduler:  # two requests waiting for 30 s and 5 s, one running
+        waiting_requests = {
+            "a": SimpleNamespace(created_time=now - 30.0),
+            "b": SimpleNamespace(created_time=now - 5.0),
+        }
+        active_requests = {"c": SimpleNamespace(created_time=now - 100.0)}
+
+    live = TIECBScheduler()
+    CONTEXT.live.add(live)
+    try:
+        got = _samples(tie_metrics())
+    finally:
+        CONTEXT.live.discard(live)
+    p, tie = "hf_ext_tie_admission_wait_seconds", ("scheduler", "TIECBScheduler")
+    buckets = {le: got[(p + "_bucket", tuple(sorted([tie, ("le", le)])))] for le in ("1.0", "10.0", "+Inf")}
+    assert buckets == {"1.0": 3, "10.0": 4, "+Inf": 5}  # cumulative
+    assert got[(p + "_count", (tie,))] == 5 and got[(p + "_sum", (tie,))] == pytest.approx(54.2)
+    assert got[(p + "_count", (("scheduler", "PriorityCBScheduler"),))] == 1
+    assert 30.0 <= got[("hf_ext_tie_oldest_waiting_seconds", (tie,))] < 40.0
+    assert got[("hf_ext_tie_waiting_requests", (tie,))] == 2
 
 
 def test_values_and_labels_are_written_as_the_format_asks():

@@ -45,6 +45,7 @@ from transformers.generation.continuous_batching import scheduler as _cb_sched
 from transformers.generation.continuous_batching.requests import RequestState, RequestStatus
 
 from hf_ext.generation.tie.config import TIEConfig
+from hf_ext.generation.tie.metrics import ADMISSION_WAITS
 from hf_ext.generation.tie.scheduler import (
     FALLBACK_WARNING,
     aging_order_key,
@@ -174,10 +175,17 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
     def schedule_batch(self, token_budget: int, cache_budget: int) -> Any:
         self._last_fresh = []
         out = super().schedule_batch(token_budget, cache_budget)
+        now = time.perf_counter()
         for rid in self._last_fresh:
             if rid not in self.waiting_requests:
                 self.admission_order.append(rid)
                 self._forget(rid)
+                state = self.active_requests.get(rid)
+                # first admissions only: a soft-reset request is a new state, re-created when it was reset
+                if state is not None and not getattr(state, "_true_initial_tokens", 0):
+                    born = getattr(state, "created_time", None)
+                    if born is not None:
+                        ADMISSION_WAITS.observe(type(self).__name__, now - born)
         return out
 
     def clear_cancelled_requests(self) -> list[RequestState]:

@@ -19,6 +19,9 @@ Families (all prefixed ``hf_ext_tie_``; gauges unless marked counter):
 ``predicted_law_above_q95_ratio``          share ending above the predicted 95th percentile (0.05 if calibrated)
 ``predicted_law_below_q05_ratio``          share ending below the predicted 5th percentile (exact rows)
 ``predicted_law_spearman``                 Spearman correlation of predicted medians and exact lengths
+``oldest_waiting_seconds{scheduler}``      how long the longest-waiting request has waited (0: none waiting)
+``admission_wait_seconds{scheduler}``      histogram: from a request's arrival to its admission, every request
+                                           the process's schedulers admitted (first admissions; since start)
 ``refresher_running``                      1 while a :class:`~hf_ext.generation.tie.refresh.PredictorRefresher` runs
 ``refresher_version``                      predictors it installed
 ``refresher_refits_total{outcome}``        counter: refits ``installed``, ``kept``, ``skipped``, ``failed``
@@ -27,7 +30,8 @@ Families (all prefixed ``hf_ext_tie_``; gauges unless marked counter):
 =========================================  ==================================================================
 
 A family whose part is not in use (no length log, no refresher) is left out; a value that cannot be computed (no
-exact row yet) is ``NaN``, as the format allows.
+exact row yet) is ``NaN``, as the format allows. The waiting time families show what a shortest-job-first order
+risks: a request that keeps being passed over (TIE's aging bounds how long, ``TIEConfig.tau``).
 
 Example:
     >>> text = tie_metrics()
@@ -37,7 +41,10 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import math
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,6 +54,43 @@ METRICS_ROUTE = "/tie/metrics"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "hf_ext_tie_"
 OUTCOMES = ("installed", "kept", "skipped", "failed")
+#: upper bounds (seconds) of the admission-wait histogram's buckets
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class WaitHistogram:
+    """Admission waits per scheduler class, as a Prometheus histogram: ``observe`` runs in the engine's thread (a
+    lock and a bisect), ``snapshot`` in the scrape's. Process-wide and only growing, as Prometheus counters must."""
+
+    def __init__(self, buckets: tuple[float, ...] = WAIT_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self._lock = threading.Lock()
+        self._data: dict[str, list[Any]] = {}  # scheduler -> [per-bucket counts (+Inf last), sum, count]
+
+    def observe(self, scheduler: str, seconds: float) -> None:
+        seconds = max(0.0, float(seconds))
+        i = bisect.bisect_left(self.buckets, seconds)  # the first bucket whose bound is >= seconds
+        with self._lock:
+            entry = self._data.setdefault(scheduler, [[0] * (len(self.buckets) + 1), 0.0, 0])
+            entry[0][i] += 1
+            entry[1] += seconds
+            entry[2] += 1
+
+    def snapshot(self) -> dict[str, tuple[list[int], float, int]]:
+        """Per scheduler: cumulative counts per bucket (``+Inf`` last), the sum of the waits and their count."""
+        with self._lock:
+            out = {}
+            for name, (counts, total, n) in self._data.items():
+                cum, run = [], 0
+                for c in counts:
+                    run += c
+                    cum.append(run)
+                out[name] = (cum, total, n)
+            return out
+
+
+#: every admission of our CB schedulers in this process (``_WaitingOrderScheduler.schedule_batch`` observes)
+ADMISSION_WAITS = WaitHistogram()
 
 
 def _label(value: Any) -> str:
@@ -74,18 +118,39 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[s
     return out
 
 
-def _queues() -> dict[str, tuple[int, int]]:
-    """Waiting and running requests summed per class of the live CB schedulers (read without locks: a scrape may see
-    a step half done, never fails for it)."""
+def _queues() -> dict[str, tuple[int, int, float]]:
+    """Waiting and running requests summed per class of the live CB schedulers, and the longest wait (seconds) of
+    those waiting. Read without locks: a scrape may see a step half done; a queue that changes while read counts as
+    it was before."""
     from hf_ext.generation.tie.cb import CONTEXT
 
-    out: dict[str, tuple[int, int]] = {}
+    now = time.perf_counter()
+    out: dict[str, tuple[int, int, float]] = {}
     for sched in list(CONTEXT.live):
         name = type(sched).__name__
-        waiting, running = out.get(name, (0, 0))
-        waiting += len(getattr(sched, "waiting_requests", ()))
-        running += len(getattr(sched, "active_requests", ()))
-        out[name] = (waiting, running)
+        waiting_states = dict(getattr(sched, "waiting_requests", {}))  # a copy: the engine's thread moves on
+        born = [
+            t for t in (getattr(s, "created_time", None) for s in waiting_states.values()) if t is not None
+        ]
+        waiting, running, oldest = out.get(name, (0, 0, 0.0))
+        out[name] = (
+            waiting + len(waiting_states),
+            running + len(getattr(sched, "active_requests", ())),
+            max(oldest, now - min(born)) if born else oldest,
+        )
+    return out
+
+
+def _histogram(name: str, help_text: str, hist: WaitHistogram) -> list[str]:
+    """A histogram family: ``_bucket`` lines per ``le`` bound, ``_sum`` and ``_count``, per scheduler."""
+    out = [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} histogram"]
+    for scheduler, (cum, total, n) in sorted(hist.snapshot().items()):
+        tag = f'scheduler="{_label(scheduler)}"'
+        for bound, c in zip((*hist.buckets, math.inf), cum):
+            le = "+Inf" if math.isinf(bound) else repr(bound)
+            out.append(f'{PREFIX}{name}_bucket{{{tag},le="{le}"}} {c}')
+        out.append(f"{PREFIX}{name}_sum{{{tag}}} {_number(total)}")
+        out.append(f"{PREFIX}{name}_count{{{tag}}} {n}")
     return out
 
 
@@ -115,13 +180,25 @@ def tie_metrics(window: int = 1000) -> str:
             "waiting_requests",
             "gauge",
             "Requests waiting for admission, per live continuous-batching scheduler class.",
-            [({"scheduler": k}, w) for k, (w, _) in sorted(queues.items())],
+            [({"scheduler": k}, q[0]) for k, q in sorted(queues.items())],
         )
         lines += _family(
             "running_requests",
             "gauge",
             "Requests in the running batch, per live continuous-batching scheduler class.",
-            [({"scheduler": k}, r) for k, (_, r) in sorted(queues.items())],
+            [({"scheduler": k}, q[1]) for k, q in sorted(queues.items())],
+        )
+        lines += _family(
+            "oldest_waiting_seconds",
+            "gauge",
+            "How long the longest-waiting request has waited (seconds; 0 when none waits).",
+            [({"scheduler": k}, q[2]) for k, q in sorted(queues.items())],
+        )
+    if ADMISSION_WAITS.snapshot():
+        lines += _histogram(
+            "admission_wait_seconds",
+            "From a request's arrival to its admission into the running batch (first admissions, seconds).",
+            ADMISSION_WAITS,
         )
     log = stats["length_log"]
     if log is not None:
