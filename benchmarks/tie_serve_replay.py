@@ -212,14 +212,22 @@ class Scraper:
         self._thread = threading.Thread(target=self._run, name="tie-metrics-scraper", daemon=True)
 
     @staticmethod
-    def queues(text: str) -> tuple[int | None, int | None]:
-        """Waiting and running requests summed over the ``scheduler`` labels of a scrape."""
-        got: dict[str, int] = {}
+    def queues(text: str) -> tuple[int | None, int | None, float | None]:
+        """Waiting and running requests summed over the ``scheduler`` labels of a scrape, and the longest wait of
+        the requests waiting (the max over them)."""
+        got: dict[str, float] = {}
         for line in text.splitlines():
-            for fam in ("waiting", "running"):
-                if line.startswith(f"hf_ext_tie_{fam}_requests{{"):
-                    got[fam] = got.get(fam, 0) + int(float(line.rsplit(" ", 1)[1]))
-        return got.get("waiting"), got.get("running")
+            for fam in ("waiting_requests", "running_requests", "oldest_waiting_seconds"):
+                if line.startswith(f"hf_ext_tie_{fam}{{"):
+                    v = float(line.rsplit(" ", 1)[1])
+                    # queue sizes add up over the schedulers; the longest wait is the largest of theirs
+                    got[fam] = max(got.get(fam, v), v) if fam.startswith("oldest") else got.get(fam, 0) + v
+        w, r = got.get("waiting_requests"), got.get("running_requests")
+        return (
+            (None if w is None else int(w)),
+            (None if r is None else int(r)),
+            got.get("oldest_waiting_seconds"),
+        )
 
     def _run(self) -> None:
         import urllib.request
@@ -229,13 +237,15 @@ class Scraper:
             t = time.perf_counter()
             try:
                 with urllib.request.urlopen(self.url, timeout=10) as resp:
-                    waiting, running = self.queues(resp.read().decode())
+                    waiting, running, oldest = self.queues(resp.read().decode())
                 ok = True
             except OSError:
-                waiting = running = None
+                waiting = running = oldest = None
                 ok = False
             ms = (time.perf_counter() - t) * 1e3
-            self.samples.append({"t": t - t0, "waiting": waiting, "running": running, "ms": ms, "ok": ok})
+            self.samples.append(
+                {"t": t - t0, "waiting": waiting, "running": running, "oldest_s": oldest, "ms": ms, "ok": ok}
+            )
             self._stop.wait(max(0.0, self.every - (time.perf_counter() - t)))
 
     def __enter__(self) -> Scraper:
@@ -258,25 +268,31 @@ class Scraper:
             "ms_p99": float(np.percentile(ms, 99)) if len(ms) else None,
             "waiting_max": max(waiting) if waiting else None,
             "waiting_mean": float(np.mean(waiting)) if waiting else None,
+            "oldest_waiting_max_s": max(
+                (s["oldest_s"] for s in samples if s.get("oldest_s") is not None), default=None
+            ),
         }
 
 
 def plot_queues(path: Path, case: str, series: dict[str, list[dict[str, Any]]]) -> None:
-    """Waiting requests over the replay, one line per policy that reports its queue."""
+    """Waiting requests and the longest wait over the replay, one line per policy that reports its queue."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for policy, samples in series.items():
-        pts = [(s["t"], s["waiting"]) for s in samples if s["waiting"] is not None]
-        if pts:
-            ax.plot(*zip(*pts), label=policy)
-    ax.set_xlabel("seconds into the replay")
-    ax.set_ylabel("waiting requests (GET /tie/metrics)")
-    ax.set_title(case, fontsize=8)
-    ax.legend()
+        for ax, key in zip(axes, ("waiting", "oldest_s")):
+            pts = [(s["t"], s[key]) for s in samples if s.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=policy)
+    axes[0].set_ylabel("waiting requests")
+    axes[1].set_ylabel("longest wait of those waiting (s)")
+    for ax in axes:
+        ax.set_xlabel("seconds into the replay (GET /tie/metrics)")
+        ax.legend()
+    fig.suptitle(case, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

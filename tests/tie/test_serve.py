@@ -408,8 +408,9 @@ def test_serve_replay_benchmark_smoke(capsys, tmp_path):
     assert fcfs["scrapes"] >= 1 and tie["scrapes"] >= 1 and fcfs["failed"] == tie["failed"] == 0
     assert fcfs["waiting_max"] is None and tie["waiting_max"] is not None
     text = 'hf_ext_tie_waiting_requests{scheduler="A"} 3\nhf_ext_tie_waiting_requests{scheduler="B"} 2\n'
-    assert bench.Scraper.queues(text + 'hf_ext_tie_running_requests{scheduler="A"} 7') == (5, 7)
-    assert bench.Scraper.queues("hf_ext_tie_info 1") == (None, None)
+    text += 'hf_ext_tie_oldest_waiting_seconds{scheduler="A"} 4.5\nhf_ext_tie_oldest_waiting_seconds{scheduler="B"} 9\n'
+    assert bench.Scraper.queues(text + 'hf_ext_tie_running_requests{scheduler="A"} 7') == (5, 7, 9.0)
+    assert bench.Scraper.queues("hf_ext_tie_info 1") == (None, None, None)
     with pytest.raises(SystemExit, match="--scrape-every must be > 0"):
         bench.main(["--scrape-every", "0", "--no-write"])
     report = json.loads(out.split("  length log: ")[1].splitlines()[0])
@@ -716,6 +717,8 @@ def test_serve_tie_retrains_the_predictor_while_serving(model_dir, tmp_path):
     assert got[("hf_ext_tie_refresher_version", ())] == stats["refresher"]["version"]
     assert got[("hf_ext_tie_refresher_refits_total", (("outcome", "installed"),))] >= 1
     assert ("hf_ext_tie_waiting_requests", (("scheduler", "TIECBScheduler"),)) in got
+    assert ("hf_ext_tie_oldest_waiting_seconds", (("scheduler", "TIECBScheduler"),)) in got
+    assert got[("hf_ext_tie_admission_wait_seconds_count", (("scheduler", "TIECBScheduler"),))] >= 13
     after = [r for r in log.records if r["request_id"] == "b0"][0]
     assert after["source"] == "predictor"
     assert after["pred_mu"] == pytest.approx(ref.predictor.predict([PROMPTS[1]])["mu"][0])
