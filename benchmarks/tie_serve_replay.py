@@ -309,7 +309,7 @@ def run_policy(
     tok: Any = None,
     refit_every: int | None = None,
     refits: list | None = None,
-    scrapes: list | None = None,
+    scrapes: dict | None = None,
 ):
     """One fresh server with ``policy``'s scheduler; a warm-up request, then the timed replay. Returns records.
 
@@ -318,7 +318,8 @@ def run_policy(
     (text from ``in_loop``'s ``prompt_text``, else decoded with ``tok``). With ``refit_every`` (needs ``log``), a
     :class:`~hf_ext.generation.tie.refresh.PredictorRefresher` retrains on that log while the replay runs; its reports
     are appended to ``refits``. With ``args.scrape_every``, a :class:`Scraper` reads ``GET /tie/metrics`` during the
-    replay; its samples are appended to ``scrapes``."""
+    replay; ``scrapes`` gets its samples and the text of one more scrape after the replay (``"final"``: the
+    admission-wait histogram of the whole run)."""
     from transformers import ContinuousBatchingConfig
     from transformers.cli.serve import Serve
 
@@ -375,7 +376,11 @@ def run_policy(
                     url, model_dir, reqs, prompts, time_scale=1.0 / args.speed, progress=sys.stderr.isatty()
                 )
             if scrapes is not None and isinstance(scraper, Scraper):
-                scrapes.extend(scraper.samples)
+                import urllib.request
+
+                scrapes["samples"] = scraper.samples
+                with urllib.request.urlopen(scraper.url, timeout=30) as resp:
+                    scrapes["final"] = resp.read().decode()
             return out
         finally:
             if refresher is not None:
@@ -523,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
 
             Path(args.length_log).unlink(missing_ok=True)
             log = LengthLog(args.length_log)
-        scrapes: list[dict[str, Any]] = []
+        scrapes: dict[str, Any] = {}
         recs = run_policy(args, str(model_dir), reqs, prompts, policy, in_loop, log, tok, scrapes=scrapes)
         if log is not None:
             log.close()
@@ -533,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         real_cb._report(case, policy, s)  # the engine replay's line
         details["policies"][policy] = {"summary": s, "seconds": s["wall_s"]}
         if args.scrape_every:
-            summary = Scraper.summarize(scrapes)
-            details["policies"][policy]["metrics_scrapes"] = {"summary": summary, "samples": scrapes}
+            summary = Scraper.summarize(scrapes["samples"])
+            details["policies"][policy]["metrics_scrapes"] = {"summary": summary, **scrapes}
             print(f"  GET /tie/metrics every {args.scrape_every:g}s: {json.dumps(summary)}")
         if in_loop is not None and policy == "tie":
             details["in_loop_predictor"] = in_loop.report(reqs, own_text)

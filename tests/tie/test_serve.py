@@ -406,7 +406,7 @@ def test_serve_replay_benchmark_smoke(capsys, tmp_path):
     # GET /tie/metrics was scraped during both replays: TIE's scheduler reports its queues, transformers' FIFO none
     fcfs, tie = (json.loads(x.splitlines()[0]) for x in out.split("GET /tie/metrics every 0.05s: ")[1:])
     assert fcfs["scrapes"] >= 1 and tie["scrapes"] >= 1 and fcfs["failed"] == tie["failed"] == 0
-    assert fcfs["waiting_max"] is None and tie["waiting_max"] is not None
+    assert fcfs["waiting_max"] is None and tie["waiting_max"] is not None and tie["oldest_waiting_max_s"] >= 0
     text = 'hf_ext_tie_waiting_requests{scheduler="A"} 3\nhf_ext_tie_waiting_requests{scheduler="B"} 2\n'
     text += 'hf_ext_tie_oldest_waiting_seconds{scheduler="A"} 4.5\nhf_ext_tie_oldest_waiting_seconds{scheduler="B"} 9\n'
     assert bench.Scraper.queues(text + 'hf_ext_tie_running_requests{scheduler="A"} 7') == (5, 7, 9.0)
