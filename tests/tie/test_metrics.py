@@ -179,3 +179,19 @@ def test_values_and_labels_are_written_as_the_format_asks():
     text = tie_metrics()
     assert text.endswith("\n") and "hf_ext_tie_predicted_law_nll NaN" in text  # nothing logged yet
     assert math.isnan(_samples(text)[("hf_ext_tie_predicted_law_nll", ())])
+
+
+def test_live_schedulers_reads_the_set_again_when_it_changes_while_read(monkeypatch):
+    from hf_ext.generation.tie import cb
+
+    class Flaky:  # a WeakSet another thread adds to mid-iteration, once
+        calls = 0
+
+        def __iter__(self):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("Set changed size during iteration")
+            return iter(["sched"])
+
+    monkeypatch.setattr(cb.CONTEXT, "live", Flaky())
+    assert cb.live_schedulers() == ["sched"] and Flaky.calls == 2

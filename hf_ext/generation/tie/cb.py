@@ -435,6 +435,17 @@ def enable_tie_scheduler(
     return register()
 
 
+def live_schedulers() -> list[Any]:
+    """Our CB schedulers alive in this process (held weakly by ``CONTEXT.live``). Safe from any thread: a set that
+    changes while read (a server starting its engine) is read again."""
+    for _ in range(3):
+        try:
+            return list(CONTEXT.live)
+        except RuntimeError:  # the set changed size during iteration
+            continue
+    return []
+
+
 def in_flight_rows() -> list[dict[str, Any]]:
     """The requests our live CB schedulers are generating now, as ``{"request_id", "prompt", "output_len",
     "prompt_tokens", "max_new_tokens"}`` rows (``output_len``: tokens so far, a lower bound of the final length), for
@@ -447,7 +458,7 @@ def in_flight_rows() -> list[dict[str, Any]]:
     if CONTEXT.prompt_text is None and CONTEXT.tokenizer is None:
         return []
     rows: list[dict[str, Any]] = []
-    for sched in list(CONTEXT.live):
+    for sched in live_schedulers():
         for _ in range(3):
             try:
                 states = list(sched.active_requests.values())

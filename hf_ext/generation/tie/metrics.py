@@ -122,11 +122,11 @@ def _queues() -> dict[str, tuple[int, int, float]]:
     """Waiting and running requests summed per class of the live CB schedulers, and the longest wait (seconds) of
     those waiting. Read without locks: a scrape may see a step half done; a queue that changes while read counts as
     it was before."""
-    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.cb import live_schedulers
 
     now = time.perf_counter()
     out: dict[str, tuple[int, int, float]] = {}
-    for sched in list(CONTEXT.live):
+    for sched in live_schedulers():
         name = type(sched).__name__
         waiting_states = dict(getattr(sched, "waiting_requests", {}))  # a copy: the engine's thread moves on
         born = [
