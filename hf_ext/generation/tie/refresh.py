@@ -113,8 +113,9 @@ class PredictorRefresher:
             them too, as lower bounds. The newest finished rows alone are biased to short answers in the same way
             as the log, so they favour predictors that under-estimate; the running requests pull the other way.
             Rows may carry ``prompt_tokens`` (and ``max_new_tokens``), which the heuristic baseline needs when
-            nothing is served. Off by default: in ``benchmarks/tie_refresh.py`` it changed mean latency by -8 % to
-            +6 % (two seeds, three loads), within the spread of repeated runs (docs/tie_results.md).
+            nothing is served. Off by default: in ``benchmarks/tie_refresh.py`` (four seeds, three loads) it was
+            0.92x-1.14x as fast, faster at the heaviest load three times of four and slower at the lighter ones
+            three times of four (docs/tie_results.md).
 
     Attributes:
         predictor: the predictor being served (the last installed one).
