@@ -46,6 +46,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable
+from itertools import accumulate
 from typing import Any
 
 #: the route a TIE server answers with :func:`tie_metrics`
@@ -79,14 +80,9 @@ class WaitHistogram:
     def snapshot(self) -> dict[str, tuple[list[int], float, int]]:
         """Per scheduler: cumulative counts per bucket (``+Inf`` last), the sum of the waits and their count."""
         with self._lock:
-            out = {}
-            for name, (counts, total, n) in self._data.items():
-                cum, run = [], 0
-                for c in counts:
-                    run += c
-                    cum.append(run)
-                out[name] = (cum, total, n)
-            return out
+            return {
+                name: (list(accumulate(counts)), total, n) for name, (counts, total, n) in self._data.items()
+            }
 
 
 #: every admission of our CB schedulers in this process (``_WaitingOrderScheduler.schedule_batch`` observes)
@@ -142,9 +138,13 @@ def _queues() -> dict[str, tuple[int, int, float]]:
 
 
 def _histogram(name: str, help_text: str, hist: WaitHistogram) -> list[str]:
-    """A histogram family: ``_bucket`` lines per ``le`` bound, ``_sum`` and ``_count``, per scheduler."""
+    """A histogram family: ``_bucket`` lines per ``le`` bound, ``_sum`` and ``_count``, per scheduler (nothing while
+    nothing was observed)."""
+    snap = hist.snapshot()
+    if not snap:
+        return []
     out = [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} histogram"]
-    for scheduler, (cum, total, n) in sorted(hist.snapshot().items()):
+    for scheduler, (cum, total, n) in sorted(snap.items()):
         tag = f'scheduler="{_label(scheduler)}"'
         for bound, c in zip((*hist.buckets, math.inf), cum):
             le = "+Inf" if math.isinf(bound) else repr(bound)
@@ -194,12 +194,11 @@ def tie_metrics(window: int = 1000) -> str:
             "How long the longest-waiting request has waited (seconds; 0 when none waits).",
             [({"scheduler": k}, q[2]) for k, q in sorted(queues.items())],
         )
-    if ADMISSION_WAITS.snapshot():
-        lines += _histogram(
-            "admission_wait_seconds",
-            "From a request's arrival to its admission into the running batch (first admissions, seconds).",
-            ADMISSION_WAITS,
-        )
+    lines += _histogram(
+        "admission_wait_seconds",
+        "From a request's arrival to its admission into the running batch (first admissions, seconds).",
+        ADMISSION_WAITS,
+    )
     log = stats["length_log"]
     if log is not None:
         cal = log["calibration"]
