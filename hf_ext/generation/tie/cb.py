@@ -435,15 +435,21 @@ def enable_tie_scheduler(
     return register()
 
 
+def _reread(read: Callable[[], Any], tries: int = 3) -> Any:
+    """``read()`` of a container the engine's thread may change meanwhile, again on "changed size during
+    iteration" (``RuntimeError``), up to ``tries`` times; ``None`` if it never got a stable read."""
+    for _ in range(tries):
+        try:
+            return read()
+        except RuntimeError:
+            continue
+    return None
+
+
 def live_schedulers() -> list[Any]:
     """Our CB schedulers alive in this process (held weakly by ``CONTEXT.live``). Safe from any thread: a set that
     changes while read (a server starting its engine) is read again."""
-    for _ in range(3):
-        try:
-            return list(CONTEXT.live)
-        except RuntimeError:  # the set changed size during iteration
-            continue
-    return []
+    return _reread(lambda: list(CONTEXT.live)) or []
 
 
 def in_flight_rows() -> list[dict[str, Any]]:
@@ -459,15 +465,10 @@ def in_flight_rows() -> list[dict[str, Any]]:
         return []
     rows: list[dict[str, Any]] = []
     for sched in live_schedulers():
-        for _ in range(3):
-            try:
-                states = list(sched.active_requests.values())
-                texts = dict(sched._texts)
-                break
-            except RuntimeError:  # changed size during iteration: the engine's thread moved on
-                continue
-        else:
+        got = _reread(lambda s=sched: (list(s.active_requests.values()), dict(s._texts)))
+        if got is None:
             continue
+        states, texts = got
         for state in states:
             n = len(state.generated_tokens)
             if n >= 1:
