@@ -10,7 +10,7 @@ import pytest
 
 from hf_ext.generation.tie.config import TIEConfig
 from hf_ext.generation.tie.distribution import cvar_length, expected_length
-from hf_ext.generation.tie.scheduler import TIEScheduler, order_batch
+from hf_ext.generation.tie.scheduler import TIEScheduler, annotate_requests, order_batch
 from hf_ext.simulate.types import Request
 
 
@@ -164,6 +164,34 @@ def test_order_batch_shortest_first_and_fallback_warning():
     with pytest.warns(UserWarning, match="heuristic"):
         order = order_batch(["a " * 400, "b " * 20], None, max_new_tokens=1000)
     assert order == [1, 0]
+
+
+@pytest.mark.parametrize("order", [("logt", "point", "ltr"), ("point", "ltr", "logt")])
+def test_annotate_requests_keeps_each_predictors_outputs_apart(order):
+    # the point predictor's mu must not replace the log-t law's: TIE would score (point mu, log-t sigma)
+    class Fake:
+        def __init__(self, kind, shift):
+            self.kind, self.shift = kind, shift
+
+        def predict(self, prompts, batch_size=256):
+            mu = np.array([len(p) / 10 + self.shift for p in prompts])
+            if self.kind == "logt":
+                return {"mu": mu, "sigma": np.full_like(mu, 0.4), "nu": np.full_like(mu, 3.5)}
+            if self.kind == "point":
+                return {"mu": mu}
+            return {"score": -mu}
+
+    fakes = {"logt": Fake("logt", 0.0), "point": Fake("point", 1.0), "ltr": Fake("ltr", 2.0)}
+    reqs = [
+        Request(id=i, arrival=0.0, prompt_len=4, output_len=1, prompt="x" * (10 * (i + 1))) for i in range(3)
+    ]
+    for kind in order:
+        annotate_requests(reqs, fakes[kind])
+    for i, r in enumerate(reqs):
+        assert r.meta["pred_mu"] == pytest.approx(i + 1.0)  # log-t's, not the point predictor's i + 2
+        assert r.meta["pred_sigma"] == 0.4 and r.meta["pred_nu"] == 3.5
+        assert r.meta["pred_len"] == pytest.approx(math.exp(i + 2.0))
+        assert r.meta["ltr_score"] == pytest.approx(-(i + 3.0))
 
 
 def test_fallback_in_scheduler_warns_once_and_uses_prompt_length():

@@ -116,7 +116,9 @@ def annotate_requests(requests: Sequence[Any], predictor: Any, batch_size: int =
     """Run ``predictor`` once over ``req.prompt`` of all requests and store its outputs in ``req.meta``.
 
     ``logt`` → ``pred_mu``, ``pred_sigma``, ``pred_nu``; ``point`` → ``pred_len`` (= exp μ̂, what
-    :class:`hf_ext.simulate.SSJF` reads) and ``pred_mu``; ``ltr`` → ``ltr_score``.
+    :class:`hf_ext.simulate.SSJF` reads); ``ltr`` → ``ltr_score``. Each kind writes only its own keys, so one
+    request list can carry all three predictors' outputs, in any order of calls: the point predictor's μ̂ never
+    replaces the log-t law's ``pred_mu``, which TIE scores with.
     """
     prompts = [r.prompt for r in requests]
     for r, p in zip(requests, prompts):
@@ -129,7 +131,6 @@ def annotate_requests(requests: Sequence[Any], predictor: Any, batch_size: int =
             r.meta["pred_sigma"] = float(out["sigma"][i])
             r.meta["pred_nu"] = float(out["nu"][i])
         elif "mu" in out:
-            r.meta["pred_mu"] = float(out["mu"][i])
             r.meta["pred_len"] = float(math.exp(out["mu"][i]))
         if "score" in out:
             r.meta["ltr_score"] = float(out["score"][i])
