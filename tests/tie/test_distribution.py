@@ -1,4 +1,4 @@
-"""Log-t distribution: MLE recovery, bounded-support E / CVaR against Monte Carlo, bad input."""
+"""Log-t distribution: MLE recovery, bounded-support E / E[1/X] / CVaR against Monte Carlo, bad input."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from hf_ext.generation.tie.distribution import (
     crps_length,
     crps_log,
     cvar_length,
+    expected_inverse_length,
     expected_length,
     interval_coverage,
+    per_token_index,
     pit,
 )
 
@@ -58,6 +60,32 @@ def test_expectation_and_cvar_match_monte_carlo(mu, sigma, nu, support):
     assert e == pytest.approx(e_mc, rel=0.02)
     assert c == pytest.approx(cvar_mc, rel=0.03)
     assert 1.0 <= e <= c <= m_val
+
+
+@pytest.mark.parametrize("support", ["clip", "truncate"])
+@pytest.mark.parametrize("mu,sigma,nu", [(4.0, 0.8, 3.5), (0.3, 1.2, 3.0), (6.5, 1.5, 2.0), (5.0, 0.02, 3.5)])
+def test_expected_inverse_length_matches_monte_carlo(mu, sigma, nu, support):
+    rng = np.random.default_rng(3)
+    m_val = 1000.0
+    x = LogT(mu, sigma, nu).sample(400_000, rng)
+    xs = np.clip(x, 1, m_val) if support == "clip" else x[(x >= 1) & (x <= m_val)]
+    inv = float(expected_inverse_length(mu, sigma, nu, m_val, support))
+    assert inv == pytest.approx(np.mean(1.0 / xs), rel=0.02)
+    assert 1.0 / m_val <= inv <= 1.0
+    idx = float(per_token_index(mu, sigma, nu, m_val, support))
+    assert idx == pytest.approx(np.mean(xs) / np.mean(1.0 / xs), rel=0.03)
+
+
+def test_per_token_index_is_the_median_order_away_from_the_bounds():
+    # near log-normal law (large nu), mass far from both bounds: E[X] / E[1/X] = e^{2 mu}, whatever sigma is
+    mu = np.array([5.0, 5.0, 5.0, 4.9])
+    sigma = np.array([0.05, 0.4, 0.8, 0.1])
+    idx = per_token_index(mu, sigma, 30.0, max_value=1e12)
+    assert idx[:3] == pytest.approx(np.exp(2 * mu[:3]), rel=0.03)
+    assert idx[3] < idx[0]  # a lower median runs first, however narrow the others are
+    # the cap makes spread matter: near it, the wider law ranks earlier (its tail is cut)
+    near_cap = per_token_index(np.array([6.5, 6.5]), np.array([0.2, 1.0]), 3.5, max_value=1000)
+    assert near_cap[1] < near_cap[0]
 
 
 def test_vectorised_shapes_and_monotonicity():

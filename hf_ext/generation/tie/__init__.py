@@ -4,6 +4,8 @@ Public names load lazily (this module imports neither torch nor transformers):
 
 * :class:`TIEConfig`, :class:`PredictorConfig` — settings;
 * :class:`LogT`, :func:`expected_length`, :func:`cvar_length`, :func:`tie_score` — the length law;
+  :func:`per_token_index` (``E[X̃]/E[1/X̃]``, with :func:`expected_inverse_length`) — the order that minimises mean
+  per-token latency, a yardstick for TIE's score;
 * :class:`LengthPredictor` — encoder + heads, ``fit`` / ``predict`` / ``save_pretrained``;
 * :class:`LengthLog`, :func:`load_length_log` — served requests' output lengths (exact or cut), recorded by the
   scheduler, to train the predictor on your own traffic (:mod:`.lengthlog`); :class:`PredictorRefresher` retrains
@@ -48,6 +50,8 @@ _LAZY = {
     "expected_length": "distribution",
     "cvar_length": "distribution",
     "tie_score": "distribution",
+    "expected_inverse_length": "distribution",
+    "per_token_index": "distribution",
     "LengthPredictor": "predictor",
     "LengthLog": "lengthlog",
     "load_length_log": "lengthlog",
