@@ -23,6 +23,7 @@ def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "azure2023conv_5min_x4" in out and "real CB tiny Llama" in out and "real static batches" in out
     assert out.count("budget ") >= len(OFFLINE_BUDGETS) and "tie_true_dist" in out
+    assert "per_token_index_true_dist" in out  # the yardstick runs beside TIE, on both laws
     csv = (tmp_path / "tie.csv").read_text()
     needles = (
         "offline_throughput_tokens",
@@ -165,6 +166,25 @@ def test_serving_example_runs_on_cpu(sizing, tmp_path):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "predictor trained on 8 pairs (8 cut rows as lower bounds)" in out.stdout
+
+
+def test_per_token_index_yardstick_ranks_by_the_law_on_each_requests_cap():
+    """The bench's ``per_token_index`` policy orders by E[X]/E[1/X] of the predicted law: the median order
+    inside the support, a wide law that reaches the request's own cap earlier."""
+    from hf_ext.generation.tie.bench import make_schedulers
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.distribution import per_token_index
+    from hf_ext.simulate import Request
+
+    cfg = TIEConfig(max_new_tokens=1000)
+    laws = [(6.5, 0.2, 1000), (6.5, 1.0, 1000), (3.0, 0.3, 1000), (6.5, 1.0, None)]  # last: the config's cap
+    sched = make_schedulers(cfg)["per_token_index"]
+    for i, (m, sd, cap) in enumerate(laws):
+        meta = {"pred_mu": m, "pred_sigma": sd, "pred_nu": 3.5}
+        sched.add(Request(id=i, arrival=0.0, prompt_len=8, output_len=10, max_new_tokens=cap, meta=meta), 0.0)
+    order = [sched.pop_next(0.0).id for _ in laws]
+    assert order[0] == 2 and order.index(1) < order.index(0) and order.index(3) < order.index(0)
+    assert per_token_index(6.5, 1.0, 3.5, 1000) < per_token_index(6.5, 0.2, 3.5, 1000)
 
 
 def test_true_distribution_ceiling_feeds_every_policy_the_generator_parameters():
