@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         "--policies",
         default="tie,fcfs,ssjf,ltr,sjf_oracle",
         help="run in this order; must include tie. Engine replays and --simulate also take TIE's ablations "
-        "(tie_no_aging, tie_no_tail, tie_expect_only, tie_truncate): reported and kept in the details, no rows",
+        "(tie_no_aging, tie_no_tail, tie_expect_only, tie_truncate, per_token_index): reported and kept in the details, no rows",
     )
     p.add_argument(
         "--budget-s",

@@ -87,6 +87,7 @@ def test_tie_replay_never_sees_the_forced_true_length(setup):
         ("tie", ["r2", "r1", "r0"]),
         ("tie_no_tail", ["r2", "r0", "r1"]),
         ("tie_expect_only", ["r2", "r0", "r1"]),
+        ("per_token_index", ["r2", "r0", "r1"]),  # E[X]/E[1/X]: about 4, 12-43, 58-64 for caps 8-1024
     ],
 )
 def test_tie_ablations_run_the_tie_scheduler_with_their_changed_score(setup, policy, order):

@@ -74,6 +74,27 @@ def test_ablation_config_changes_exactly_its_part_of_the_score():
         ablation_config(base, "tie_fast")
 
 
+def test_per_token_index_score_ranks_by_the_index_of_the_same_law():
+    from hf_ext.generation.tie.distribution import per_token_index
+
+    laws = [(6.5, 0.2), (6.5, 1.0), (3.0, 0.3), (5.0, 1.4)]
+    reqs = [_req(i, m, sigma=sd) for i, (m, sd) in enumerate(laws)]
+    cfg = TIEConfig(max_new_tokens=1000, score="per_token_index", aging="none")
+    s = TIEScheduler(cfg)
+    for r in reqs:
+        s.add(r, 0.0)
+    want = per_token_index(np.array([m for m, _ in laws]), np.array([sd for _, sd in laws]), 3.5, 1000)
+    for r, w in zip(reqs, want):
+        assert s.score_of(r, queue_len=10_000) == pytest.approx(w, rel=1e-12)  # beta plays no part
+    assert [s.pop_next(0.0).id for _ in laws] == list(np.argsort(want))
+    # the cache of E / CVaR in meta is keyed by the score mode: a TIE scheduler recomputes, not reuses
+    tie = TIEScheduler(TIEConfig(max_new_tokens=1000, aging="none"))
+    want_tie = expected_length(6.5, 0.2, 3.5, 1000) + 0.1 * cvar_length(6.5, 0.2, 3.5, 0.9, 1000)
+    assert tie.score_of(reqs[0], queue_len=0) == pytest.approx(float(want_tie), rel=1e-12)
+    with pytest.raises(ValueError, match="score must be one of \\('tie', 'per_token_index'\\), got 'sjf'"):
+        TIEConfig(score="sjf")
+
+
 def test_simultaneous_arrivals_share_the_queue_length_of_their_beta():
     """Requests arriving at the same instant (a burst) are scored against the queue they all join, as the
     transformers CB scheduler scores a step's new requests: not β rising with their position in the burst."""

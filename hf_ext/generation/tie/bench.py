@@ -55,7 +55,6 @@ SIM_POLICIES = (
     "ltr",
     "tie",
     *ABLATION_SETTINGS,
-    "per_token_index",
 )
 # the predictor ceiling: these policies again, fed the generator's own (mu, sigma, nu) of each prompt (a perfect
 # length-distribution predictor; report only). Shows whether a better predictor would close TIE's gap.
@@ -68,8 +67,8 @@ ABLATIONS = {
     "tie_no_tail": "TIE without the CVaR term (beta = 0): expectation + aging",
     "tie_expect_only": "TIE with the log-t expectation alone (beta = 0, no aging): the predictor's ranking vs SSJF's",
     "tie_truncate": "TIE with E and CVaR on the truncated support X | 1 <= X <= M instead of clipping",
-    "per_token_index": "TIE's predicted law ranked by E[X]/E[1/X] (distribution.per_token_index), the static order "
-    "that minimises mean per-token latency: how far any score of that law can get",
+    "per_token_index": "TIE's predicted law ranked by E[X]/E[1/X] (TIEConfig(score='per_token_index'), no aging), "
+    "the static order that minimises mean per-token latency: how far any score of that law can get",
     **{
         p + TRUE_DIST: f"{p} fed each prompt's true generative (mu, sigma, nu): a perfect predictor"
         for p in TRUE_DIST_POLICIES
@@ -202,21 +201,7 @@ def make_schedulers(tie_cfg: Any) -> dict[str, Any]:
         "ltr": ScoreScheduler(lambda r, now: r.meta["ltr_score"], name="ltr"),
         "tie": TIEScheduler(tie_cfg),
         **{name: TIEScheduler(ablation_config(tie_cfg, name), name=name) for name in ABLATION_SETTINGS},
-        "per_token_index": ScoreScheduler(
-            lambda r, now: _per_token_index(r, tie_cfg), name="per_token_index"
-        ),
     }
-
-
-def _per_token_index(req: Any, tie_cfg: Any) -> float:
-    """``E[X̃]/E[1/X̃]`` of a request's predicted law, on its own cap (else the config's), TIE's support."""
-    from hf_ext.generation.tie.distribution import per_token_index
-
-    m = req.meta
-    cap = getattr(req, "max_new_tokens", None) or tie_cfg.max_new_tokens
-    return float(
-        per_token_index(m["pred_mu"], m["pred_sigma"], m.get("pred_nu", tie_cfg.nu), cap, tie_cfg.support)
-    )
 
 
 def clone_requests(reqs: list[Any]) -> list[Any]:

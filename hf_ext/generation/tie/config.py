@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORT_MODES = ("clip", "truncate")
+SCORE_MODES = ("tie", "per_token_index")
 AGING_MODES = ("continuous", "step", "none")
 PREDICTOR_KINDS = ("logt", "point", "ltr")
 LTR_LOSSES = ("listmle", "pairwise")
@@ -91,6 +92,14 @@ class TIEConfig:
     quad_nodes: int = field(
         default=24, metadata={"help": "Gauss-Legendre nodes per sub-interval for E and CVaR."}
     )
+    score: str = field(
+        default="tie",
+        metadata={
+            "help": "'tie': E[X~] + beta*CVaR_alpha[X~] (the paper's score); 'per_token_index': E[X~]/E[1/X~] of "
+            "the same law, the static order that minimises mean per-token latency (beta and alpha unused; aging "
+            "still applies)."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_pos("nu", self.nu)
@@ -114,6 +123,8 @@ class TIEConfig:
             raise ValueError(f"support must be one of {SUPPORT_MODES}, got {self.support!r}")
         if not isinstance(self.quad_nodes, int) or self.quad_nodes < 4:
             raise ValueError(f"quad_nodes must be an int >= 4, got {self.quad_nodes!r}")
+        if self.score not in SCORE_MODES:
+            raise ValueError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
 
     def beta(self, queue_len: int, batch_max: int | None = None) -> float:
         """Dynamic tail weight ``min(beta_max, max(beta_min, beta_coef * queue_len / B_max))``."""
@@ -127,6 +138,8 @@ ABLATION_SETTINGS: dict[str, dict[str, Any]] = {
     "tie_no_tail": {"beta_min": 0.0, "beta_max": 0.0},
     "tie_expect_only": {"beta_min": 0.0, "beta_max": 0.0, "aging": "none"},
     "tie_truncate": {"support": "truncate"},
+    # not a part of TIE removed but its law ranked for the mean per-token latency: the yardstick for any score of it
+    "per_token_index": {"score": "per_token_index", "aging": "none"},
 }
 
 

@@ -17,7 +17,7 @@ policy         scheduler_type                       key (lower admitted first)
 ``tie``        ``"tie"``                            aged TIE score from ``(mu, sigma, nu)``
 =============  ===================================  ==========================================
 
-The TIE ablations (``tie_no_aging``, ``tie_no_tail``, ``tie_expect_only``, ``tie_truncate``; see
+The TIE ablations (``tie_no_aging``, ``tie_no_tail``, ``tie_expect_only``, ``tie_truncate``, ``per_token_index``; see
 :data:`~hf_ext.generation.tie.config.ABLATION_SETTINGS`) run the ``"tie"`` scheduler with that part of
 ``tie_config`` changed, for benchmark reports.
 

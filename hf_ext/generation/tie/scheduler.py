@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from hf_ext.generation.tie.config import TIEConfig
-from hf_ext.generation.tie.distribution import cvar_length, expected_length
+from hf_ext.generation.tie.distribution import cvar_length, expected_length, per_token_index
 
 FALLBACK_WARNING = (
     "TIE: no length predictor and no predictions given; falling back to the prompt-length heuristic "
@@ -87,9 +87,10 @@ def _finite(name: str, value: Any, who: str) -> float:
 def tie_components(
     mu: Any, sigma: Any, nu: Any, config: TIEConfig, max_new_tokens: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(E[X̃], CVaR_α[X̃])`` arrays for broadcast ``mu``, ``sigma``, ``nu``.
+    """``(E[X̃], CVaR_α[X̃])`` arrays for broadcast ``mu``, ``sigma``, ``nu``: the score is ``E + β·CVaR``.
 
-    ``max_new_tokens`` may be an array (one cap per request) or ``None`` (``config.max_new_tokens``).
+    With ``config.score == "per_token_index"`` the pair is ``(E[X̃]/E[1/X̃], 0)``, so the same ``E + β·CVaR`` is
+    that index. ``max_new_tokens`` may be an array (one cap per request) or ``None`` (``config.max_new_tokens``).
     """
     mu_a, sigma_a, nu_a = (np.asarray(x, dtype=np.float64) for x in (mu, sigma, nu))
     for name, arr in (("mu", mu_a), ("sigma", sigma_a), ("nu", nu_a)):
@@ -105,10 +106,12 @@ def tie_components(
     c = np.empty(mu_a.shape)
     for cap in np.unique(caps):
         m = caps == cap
-        e[m] = expected_length(mu_a[m], sigma_a[m], nu_a[m], float(cap), config.support, config.quad_nodes)
-        c[m] = cvar_length(
-            mu_a[m], sigma_a[m], nu_a[m], config.alpha, float(cap), config.support, config.quad_nodes
-        )
+        args = (mu_a[m], sigma_a[m], nu_a[m])
+        if config.score == "per_token_index":
+            e[m], c[m] = per_token_index(*args, float(cap), config.support, config.quad_nodes), 0.0
+            continue
+        e[m] = expected_length(*args, float(cap), config.support, config.quad_nodes)
+        c[m] = cvar_length(*args, config.alpha, float(cap), config.support, config.quad_nodes)
     return e, c
 
 
@@ -145,6 +148,7 @@ def _cache_key(config: TIEConfig, req: Any) -> tuple:
     cap = _req_cap(config, req)
     m = req.meta
     return (
+        config.score,
         config.alpha,
         config.support,
         config.quad_nodes,
