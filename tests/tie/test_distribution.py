@@ -1,4 +1,4 @@
-"""Log-t distribution: MLE recovery, bounded-support E / E[1/X] / CVaR against Monte Carlo, bad input."""
+"""Log-t distribution: MLE recovery, bounded-support E / CVaR / E[1/X] against Monte Carlo, bad input."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def test_mle_with_censoring_is_unbiased_where_naive_fit_is_not():
 
 
 @pytest.mark.parametrize("support", ["clip", "truncate"])
-@pytest.mark.parametrize("mu,sigma,nu", [(4.0, 0.8, 3.5), (2.0, 0.1, 3.5), (6.5, 1.5, 2.0), (5.0, 0.02, 3.5)])
+@pytest.mark.parametrize(
+    "mu,sigma,nu", [(4.0, 0.8, 3.5), (2.0, 0.1, 3.5), (6.5, 1.5, 2.0), (5.0, 0.02, 3.5), (0.3, 1.2, 3.0)]
+)
 def test_expectation_and_cvar_match_monte_carlo(mu, sigma, nu, support):
     rng = np.random.default_rng(2)
     m_val = 1000.0
@@ -60,20 +62,10 @@ def test_expectation_and_cvar_match_monte_carlo(mu, sigma, nu, support):
     assert e == pytest.approx(e_mc, rel=0.02)
     assert c == pytest.approx(cvar_mc, rel=0.03)
     assert 1.0 <= e <= c <= m_val
-
-
-@pytest.mark.parametrize("support", ["clip", "truncate"])
-@pytest.mark.parametrize("mu,sigma,nu", [(4.0, 0.8, 3.5), (0.3, 1.2, 3.0), (6.5, 1.5, 2.0), (5.0, 0.02, 3.5)])
-def test_expected_inverse_length_matches_monte_carlo(mu, sigma, nu, support):
-    rng = np.random.default_rng(3)
-    m_val = 1000.0
-    x = LogT(mu, sigma, nu).sample(400_000, rng)
-    xs = np.clip(x, 1, m_val) if support == "clip" else x[(x >= 1) & (x <= m_val)]
     inv = float(expected_inverse_length(mu, sigma, nu, m_val, support))
     assert inv == pytest.approx(np.mean(1.0 / xs), rel=0.02)
     assert 1.0 / m_val <= inv <= 1.0
-    idx = float(per_token_index(mu, sigma, nu, m_val, support))
-    assert idx == pytest.approx(np.mean(xs) / np.mean(1.0 / xs), rel=0.03)
+    assert float(per_token_index(mu, sigma, nu, m_val, support)) == pytest.approx(e_mc / inv, rel=0.03)
 
 
 def test_per_token_index_is_the_median_order_away_from_the_bounds():
