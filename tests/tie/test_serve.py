@@ -296,13 +296,16 @@ def test_cli_builds_config_and_forwards_transformers_flags(monkeypatch, tmp_path
     assert rc == 0
     assert calls == [(["serve", "my/model", "--continuous-batching", "--port", "9001"], True)]
     assert CONTEXT.config == TIEConfig(beta_max=0.2, aging="none")
+    assert main(["serve", "my/model", "--tie-score", "per_token_index"]) == 0
+    assert CONTEXT.config == TIEConfig(score="per_token_index")
     assert not getattr(su.GenerationState, "_hf_ext_tie", False)
 
     cfg.write_text(json.dumps({"beta_maxx": 0.3}))
     with pytest.raises(ValueError, match="unknown TIEConfig field"):
         main(["serve", "my/model", "--tie-config", str(cfg)])
-    with pytest.raises(SystemExit):
-        main(["serve", "my/model", "--tie-aging", "sometimes"])
+    for flag, bad in (("--tie-aging", "sometimes"), ("--tie-score", "sjf")):
+        with pytest.raises(SystemExit):  # argparse names the allowed choices
+            main(["serve", "my/model", flag, bad])
     with pytest.raises(SystemExit, match="always on"):
         main(["serve", "my/model", "--no-continuous-batching"])
     with pytest.raises(SystemExit, match="--tie-length-log-report N needs --tie-length-log FILE"):

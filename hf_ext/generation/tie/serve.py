@@ -47,7 +47,7 @@ from hf_ext.generation.tie.cb import (
     enable_tie_scheduler,
     validate_predictor_args,
 )
-from hf_ext.generation.tie.config import AGING_MODES, SUPPORT_MODES, TIEConfig
+from hf_ext.generation.tie.config import AGING_MODES, SCORE_MODES, SUPPORT_MODES, TIEConfig
 from hf_ext.utils.jsonable import to_jsonable
 
 _SERVE_UTILS = "transformers.cli.serving.utils"
@@ -417,7 +417,7 @@ def _bool(value: str) -> bool:
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("TIE score (TIEConfig; default: the paper's values)")
-    choices = {"aging": AGING_MODES, "support": SUPPORT_MODES}
+    choices = {"aging": AGING_MODES, "support": SUPPORT_MODES, "score": SCORE_MODES}
     for f in dataclasses.fields(TIEConfig):
         kind = type(f.default)
         group.add_argument(
