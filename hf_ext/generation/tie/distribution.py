@@ -287,7 +287,8 @@ def per_token_index(
     order as the median ``e^μ``, whatever ``σ`` is. A log-t law's moments are infinite on an unbounded support, so
     here the bound ``max_value`` always matters; where the law's mass stays well inside ``[1, max_value]`` (large
     ``ν``, small ``σ``) the ratio is again close to ``e^{2μ}``, and a wide law that reaches the cap ranks earlier
-    than its median says. ``benchmarks/tie_index.py`` uses it as a yardstick beside TIE's score.
+    than its median says. ``TIEConfig(score="per_token_index")`` schedules by it; the benchmarks run that as the
+    ablation ``per_token_index``, a yardstick beside TIE's score.
     """
     e = expected_length(mu, sigma, nu, max_value, support, nodes)
     return e / expected_inverse_length(mu, sigma, nu, max_value, support, nodes)
