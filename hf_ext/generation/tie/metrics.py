@@ -162,6 +162,17 @@ def _outcome(rep: dict[str, Any]) -> str:
     return "installed" if rep.get("accepted") else "kept"
 
 
+# the gauges of each live scheduler, in the order of the tuples _queues() gives
+_QUEUE_FAMILIES = (
+    ("waiting_requests", "Requests waiting for admission, per live continuous-batching scheduler class."),
+    ("running_requests", "Requests in the running batch, per live continuous-batching scheduler class."),
+    (
+        "oldest_waiting_seconds",
+        "How long the longest-waiting request has waited (seconds; 0 when none waits).",
+    ),
+)
+
+
 def tie_metrics(window: int = 1000) -> str:
     """What ``GET /tie/metrics`` answers: the TIE scheduler's state in the Prometheus text format (the families are
     listed in the module docstring). ``window``: the newest length-log rows the calibration families use."""
@@ -174,26 +185,10 @@ def tie_metrics(window: int = 1000) -> str:
         "The length predictor the TIE scheduler scores new requests with.",
         [({"predictor": stats["predictor"] or "heuristic"}, 1)],
     )
-    queues = _queues()
+    queues = sorted(_queues().items())
     if queues:
-        lines += _family(
-            "waiting_requests",
-            "gauge",
-            "Requests waiting for admission, per live continuous-batching scheduler class.",
-            [({"scheduler": k}, q[0]) for k, q in sorted(queues.items())],
-        )
-        lines += _family(
-            "running_requests",
-            "gauge",
-            "Requests in the running batch, per live continuous-batching scheduler class.",
-            [({"scheduler": k}, q[1]) for k, q in sorted(queues.items())],
-        )
-        lines += _family(
-            "oldest_waiting_seconds",
-            "gauge",
-            "How long the longest-waiting request has waited (seconds; 0 when none waits).",
-            [({"scheduler": k}, q[2]) for k, q in sorted(queues.items())],
-        )
+        for i, (name, help_text) in enumerate(_QUEUE_FAMILIES):  # field i of _queues()'s tuples
+            lines += _family(name, "gauge", help_text, [({"scheduler": k}, q[i]) for k, q in queues])
     lines += _histogram(
         "admission_wait_seconds",
         "From a request's arrival to its admission into the running batch (first admissions, seconds).",
