@@ -31,6 +31,11 @@ much of each mean its five largest per-token latencies carry. ``--explain-gap`` 
 TIE's gap to each other policy by the request's predicted spread and output length, for the cases the other options
 name.
 
+``--gpus N`` runs the policies side by side, one process per GPU of this host (policy ``k`` on GPU ``k mod N``, a
+GPU's policies in turn), in about ``1/N`` of the time. Each process builds and warms its own model; the parent
+gathers their runs and writes the rows as one call would. The rows then compare runs on identical cards of one
+host, not on one card: the details name each run's GPU, and the command in each row carries the flag.
+
 CPU smoke run (tiny model, seconds)::
 
     python benchmarks/tie_real_cb.py --shape tiny --device cpu --n 12 --speeds 1,0 --no-write
@@ -43,6 +48,8 @@ import contextlib
 import gc as gc_mod
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -191,6 +198,14 @@ def _parser() -> argparse.ArgumentParser:
         help="no model: split TIE's per-token latency gap to the other policies of the recorded engine runs of these "
         "cases by predicted spread and output length (runs that kept per-request times)",
     )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="engine replays: run the policies side by side, one process per GPU of this host (policy k on GPU "
+        "k mod N, each GPU's policies in turn); the details name each run's GPU",
+    )
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)  # a --gpus worker's results file
     p.add_argument("--no-write", action="store_true")
     return p
 
@@ -840,8 +855,10 @@ def main(argv: list[str] | None = None) -> int:
     # engine replays also run TIE's ablations (report only, no rows); a static job orders by the five policies
     allowed = OFFLINE_POLICIES if static else POLICIES
     bad = [p for p in policies if p not in allowed]
-    if bad or "tie" not in policies:
+    worker = args.worker_out is not None  # one GPU's share of a --gpus run: TIE may be on another GPU
+    if bad or ("tie" not in policies and not worker):
         raise ValueError(f"--policies must include 'tie' and only use {allowed}, got {args.policies!r}")
+    _check_gpus(args, static, len(policies))
     if static:
         static_only(args, policies)  # an unknown plan name is refused before any work
     elif args.static_only or args.static_rounds != 1:
@@ -882,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
             if pairs:
                 policy_figure(pairs, results_dir() / f"tie_real_cb_vs_sim{tag}.png")
         return 0
+    if args.gpus > 1:
+        return run_side_by_side(args, argv if argv is not None else sys.argv[1:], policies, speeds, cmd)
     if args.device == "cpu":
         torch.set_num_threads(2)
     t_start = time.perf_counter()
@@ -930,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
                 continuous_batching_config=cb,
                 tie_config=tie_cfg,
                 time_scale=scale,
-                progress=True,
+                progress=not worker,  # side-by-side workers print one line per run, no bars
             )
         if log is not None and not args.no_write:  # appended to the file's runs as soon as each policy ends
             steps_run["cases"].setdefault(case, {})[policy] = _steps_columns(log)
@@ -954,11 +973,13 @@ def main(argv: list[str] | None = None) -> int:
     replay(reqs[:8], "fcfs", 0.0)  # warm-up (kernels, graphs, allocator)
     print(f"warm-up {time.perf_counter() - t0:.1f}s")
     real: dict[str, dict] = {}
+    speed_of: dict[str, float] = {}
     all_rows: list[Any] = []
     details = results_dir() / "tie_real_cb_details.json"
     for speed in speeds:
         scale = 0.0 if speed == 0 else 1.0 / speed
         case = _case(args, len(reqs), speed)
+        speed_of[case] = speed
         res: dict[str, dict] = {}
         real[case] = res
         goodput_written: set[str] = set()
@@ -970,6 +991,11 @@ def main(argv: list[str] | None = None) -> int:
             res[pol] = replay(reqs, pol, scale, case)
             res[pol]["wall_s"] = time.perf_counter() - t0
             _report(case, pol, res[pol])
+            if worker:  # the parent compares and writes; this file keeps every finished run
+                Path(args.worker_out).write_text(
+                    json.dumps({"device": dev, "speeds": speed_of, "real_cb": real})
+                )
+                continue
             if "tie" not in res:
                 continue  # compared once TIE has run
             done = [p for p in res if p != "tie"] if pol == "tie" else [pol]
@@ -982,14 +1008,157 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_write:  # written as soon as a comparison exists: a killed run keeps its numbers
                 append_rows(COMPONENT, rows)
                 details.write_text(json.dumps({"command": cmd, "device": dev, "real_cb": real}, indent=1))
-    print_rows(all_rows, title="TIE on real continuous batching — ratio > 1: TIE better")
-    if not args.no_write and all_rows:
+    if not worker:
+        _finish(args, real, all_rows, details)
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+def _finish(args: argparse.Namespace, real: dict[str, dict], rows: list[Any], details: Path) -> None:
+    """Print the rows of an engine call, and redraw the results figure and this replay's policy figure."""
+    from hf_ext.generation.tie.bench import COMPONENT, policy_figure
+    from hf_ext.utils.bench import plot_results, print_rows, results_dir
+
+    print_rows(rows, title="TIE on real continuous batching — ratio > 1: TIE better")
+    if not args.no_write and rows:
         path = results_dir() / f"{COMPONENT}.csv"
         plot_results(COMPONENT, path)
         policy_figure(real, results_dir() / f"tie_real_cb{_workload_tag(args.workload)}.png")
         print(f"wrote {path}, {details}")
-    print(f"total {time.perf_counter() - t_start:.0f}s")
-    return 0
+
+
+def _check_gpus(args: argparse.Namespace, static: bool, n_policies: int) -> None:
+    """Refuse a ``--gpus`` the run cannot use, before any work."""
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.gpus == 1:
+        return
+    modes = {
+        "--static-batch / --static-kv-tokens": static,
+        "--simulate": args.simulate,
+        "--explain-gap": args.explain_gap,
+        "--record-steps": args.record_steps,
+        "--fit-steps": bool(args.fit_steps),
+        "--fit-static": bool(args.fit_static),
+    }
+    if any(modes.values()):
+        on = ", ".join(k for k, v in modes.items() if v)
+        raise ValueError(f"--gpus > 1 runs continuous-batching replays only; drop it or {on}")
+    if args.gpus > n_policies:
+        raise ValueError(f"--gpus must be at most the number of policies ({n_policies}), got {args.gpus}")
+
+
+def _drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` without the options ``names`` (``--opt value`` or ``--opt=value``)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not any(a.startswith(n + "=") for n in names):
+            out.append(a)
+    return out
+
+
+def _relay(stream: Any, prefix: str) -> None:
+    for line in stream:
+        print(prefix + line, end="", flush=True)
+
+
+def run_side_by_side(
+    args: argparse.Namespace, argv: list[str], policies: list[str], speeds: list[float], cmd: str
+) -> int:
+    """``--gpus N``: one worker process per GPU (``CUDA_VISIBLE_DEVICES``), worker ``j`` replaying
+    ``policies[j::N]`` in turn with the same requests, speeds and engine settings; then the rows of TIE against
+    each baseline, as one call on one card would write them. Each run's GPU is kept in the details (``gpu``).
+    Cards that differ by name give no rows. Returns 1 if a worker failed (what finished is still written)."""
+    import tempfile
+    import threading
+
+    from hf_ext.generation.tie.bench import COMPONENT, real_cb_rows
+    from hf_ext.utils.bench import append_rows, results_dir
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < args.gpus:
+            raise ValueError(
+                f"--gpus {args.gpus} needs {args.gpus} GPUs; {torch.cuda.device_count()} are visible"
+            )
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        gpu_ids = visible.split(",")[: args.gpus] if visible else [str(j) for j in range(args.gpus)]
+    else:  # CPU (tests): the workers share the processor
+        gpu_ids = [f"{args.device}-worker{j}" for j in range(args.gpus)]
+    child_argv = _drop_options(argv, ("--gpus", "--policies", "--worker-out"))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = []
+        for j, gid in enumerate(gpu_ids):
+            share = policies[j :: args.gpus]
+            out = Path(tmp) / f"worker{j}.json"
+            wenv = {**env, "CUDA_VISIBLE_DEVICES": gid} if args.device.startswith("cuda") else env
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    *child_argv,
+                    "--policies",
+                    ",".join(share),
+                    "--worker-out",
+                    str(out),
+                ],
+                env=wenv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            relay = threading.Thread(target=_relay, args=(proc.stdout, f"[gpu {gid}] "), daemon=True)
+            relay.start()
+            workers.append((gid, share, proc, relay, out))
+            print(f"worker on GPU {gid}: {', '.join(share)}")
+        failed = []
+        for gid, share, proc, relay, _ in workers:
+            if proc.wait() != 0:
+                failed.append(f"GPU {gid} ({', '.join(share)}): exit {proc.returncode}")
+            relay.join()
+        runs = [(gid, json.loads(out.read_text())) for gid, _, _, _, out in workers if out.exists()]
+    print(f"side by side on {len(gpu_ids)} GPUs: {time.perf_counter() - t0:.0f}s")
+    real: dict[str, dict] = {}
+    speed_of: dict[str, float] = {}
+    for gid, run in runs:
+        speed_of.update(run["speeds"])
+        for case, res in run["real_cb"].items():
+            for pol, v in res.items():
+                real.setdefault(case, {})[pol] = {**v, "gpu": gid}
+    for case, res in real.items():  # the policies in the order given, as one call would list them
+        real[case] = {p: res[p] for p in policies if p in res}
+    devices = sorted({run["device"] for _, run in runs})
+    rows: list[Any] = []
+    if len(devices) == 1:
+        for case, res in real.items():
+            if "tie" in res and len(res) > 1:
+                rows += real_cb_rows({case: res}, devices[0], cmd)
+                if speed_of[case] == 0:
+                    rows += burst_goodput_rows(case, res, set(), devices[0], cmd)
+    elif devices:
+        print(f"the GPUs differ ({', '.join(devices)}): no rows; the runs are in the details")
+    details = results_dir() / "tie_real_cb_details.json"
+    if not args.no_write and runs:
+        if rows:
+            append_rows(COMPONENT, rows)
+        gpus = {p: v["gpu"] for res in real.values() for p, v in res.items()}
+        details.write_text(
+            json.dumps(
+                {"command": cmd, "device": ", ".join(devices), "gpus": gpus, "real_cb": real}, indent=1
+            )
+        )
+    _finish(args, real, rows, details)
+    for f in failed:
+        print(f"worker failed: {f}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -985,3 +985,54 @@ def test_no_cudnn_sdpa_runs_each_replay_off_cudnn_under_its_own_case_names(tmp_p
     assert mod.main([*base, "--speeds", "0", "--policies", "tie,fcfs", "--no-cudnn-sdpa"]) == 0
     assert seen and not any(seen) and torch.backends.cuda.cudnn_sdp_enabled()
     assert re.search(r"_n4_burst_nocudnn tie\s*: per-token", capsys.readouterr().out)
+
+
+def test_gpu_replay_script_runs_policies_side_by_side_and_writes_one_calls_rows(tmp_path):
+    """--gpus 2: one worker per device, worker j replaying policies[j::2]; the parent writes TIE's rows against
+    both baselines (the same rows one call writes) and keeps each run's worker in the details."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
+    cmd += ["--n", "4", "--speeds", "0", "--max-new-tokens", "12", "--policies", "tie,fcfs,ssjf", "--gpus", "2"]
+    env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "worker on GPU cpu-worker0: tie, ssjf" in out.stdout
+    assert "worker on GPU cpu-worker1: fcfs" in out.stdout
+    # each worker's lines come prefixed with its device
+    assert re.search(r"\[gpu cpu-worker1\] .*_burst fcfs\s*: per-token .* lengths exact True", out.stdout)
+    rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    assert {r["baseline"] for r in rows} == {"fcfs", "ssjf"}
+    assert all("--gpus 2" in r["command"] for r in rows)
+    latency = [r for r in rows if not r["metric"].startswith("offline")]
+    assert len(latency) == 2 * 3 and len(rows) - len(latency) == 2 * 4  # as one call writes them
+    details = json.loads((tmp_path / "tie_real_cb_details.json").read_text())
+    assert details["gpus"] == {"tie": "cpu-worker0", "fcfs": "cpu-worker1", "ssjf": "cpu-worker0"}
+    (res,) = details["real_cb"].values()
+    assert list(res) == ["tie", "fcfs", "ssjf"] and all(v["lengths_ok"] for v in res.values())
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--gpus", "0"], "--gpus must be >= 1"),
+        (["--gpus", "3", "--policies", "tie,ssjf"], "at most the number of policies"),
+        (["--gpus", "2", "--simulate"], "continuous-batching replays only; drop it or --simulate"),
+        (["--gpus", "2", "--static-batch", "4"], "--static-batch / --static-kv-tokens"),
+    ],
+)
+def test_gpu_replay_script_refuses_a_gpus_it_cannot_use(extra, match):
+    mod = load_script("tie_real_cb")
+    with pytest.raises(ValueError, match=re.escape(match)):
+        mod.main(["--shape", "tiny", "--device", "cpu", *extra])
+
+
+def test_drop_options_removes_both_spellings():
+    mod = load_script("tie_real_cb")
+    argv = ["--n", "4", "--gpus", "2", "--policies=tie,ssjf", "--speeds", "2", "--policies", "x"]
+    assert mod._drop_options(argv, ("--gpus", "--policies")) == ["--n", "4", "--speeds", "2"]
