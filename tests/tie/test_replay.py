@@ -998,7 +998,18 @@ def test_gpu_replay_script_runs_policies_side_by_side_and_writes_one_calls_rows(
 
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
-    cmd += ["--n", "4", "--speeds", "0", "--max-new-tokens", "12", "--policies", "tie,fcfs,ssjf", "--gpus", "2"]
+    cmd += [
+        "--n",
+        "4",
+        "--speeds",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--policies",
+        "tie,fcfs,ssjf",
+        "--gpus",
+        "2",
+    ]
     env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
