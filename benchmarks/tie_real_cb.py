@@ -1019,8 +1019,11 @@ def _finish(args: argparse.Namespace, real: dict[str, dict], rows: list[Any], de
     from hf_ext.generation.tie.bench import COMPONENT, policy_figure
     from hf_ext.utils.bench import plot_results, print_rows, results_dir
 
+    if not rows:  # TIE with its ablations only, or a run cut short before a baseline finished
+        print("no rows: no baseline finished beside TIE (ablations are kept in the details only)")
+        return
     print_rows(rows, title="TIE on real continuous batching — ratio > 1: TIE better")
-    if not args.no_write and rows:
+    if not args.no_write:
         path = results_dir() / f"{COMPONENT}.csv"
         plot_results(COMPONENT, path)
         policy_figure(real, results_dir() / f"tie_real_cb{_workload_tag(args.workload)}.png")
