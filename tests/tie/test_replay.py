@@ -668,8 +668,9 @@ def test_cb_scheduler_scores_a_step_of_new_requests_like_the_simulator():
     assert got[0] != pytest.approx(sim.score_of(reqs[0], 6), rel=1e-6)
 
 
-def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
-    """With TIE last, the baselines that finished first are still compared with it once it has run."""
+def _burst_of_four(tmp_path, *extra: str) -> tuple[str, list[dict[str, str]]]:
+    """benchmarks/tie_real_cb.py on the tiny CPU model, four requests in a burst, results in ``tmp_path``:
+    its stdout and the rows it wrote."""
     import csv
     import os
     import subprocess
@@ -678,23 +679,19 @@ def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
-    cmd += [
-        "--n",
-        "4",
-        "--speeds",
-        "0",
-        "--max-new-tokens",
-        "12",
-        "--policies",
-        "fcfs,ssjf,tie,tie_expect_only",
-    ]
+    cmd += ["--n", "4", "--speeds", "0", "--max-new-tokens", "12", *extra]
     env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout, list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+
+
+def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
+    """With TIE last, the baselines that finished first are still compared with it once it has run."""
+    stdout, rows = _burst_of_four(tmp_path, "--policies", "fcfs,ssjf,tie,tie_expect_only")
     # an ablation is reported (details, printed) but never a row
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf"}
-    assert re.search(r"_burst tie_expect_only\s*: per-token .* lengths exact True", out.stdout)
+    assert re.search(r"_burst tie_expect_only\s*: per-token .* lengths exact True", stdout)
     details = json.loads((tmp_path / "tie_real_cb_details.json").read_text())["real_cb"]
     assert [set(res) for res in details.values()] == [{"fcfs", "ssjf", "tie", "tie_expect_only"}]
     latency = [r for r in rows if not r["metric"].startswith("offline")]
@@ -990,34 +987,11 @@ def test_no_cudnn_sdpa_runs_each_replay_off_cudnn_under_its_own_case_names(tmp_p
 def test_gpu_replay_script_runs_policies_side_by_side_and_writes_one_calls_rows(tmp_path):
     """--gpus 2: one worker per device, worker j replaying policies[j::2]; the parent writes TIE's rows against
     both baselines (the same rows one call writes) and keeps each run's worker in the details."""
-    import csv
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
-    cmd += [
-        "--n",
-        "4",
-        "--speeds",
-        "0",
-        "--max-new-tokens",
-        "12",
-        "--policies",
-        "tie,fcfs,ssjf",
-        "--gpus",
-        "2",
-    ]
-    env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "worker on GPU cpu-worker0: tie, ssjf" in out.stdout
-    assert "worker on GPU cpu-worker1: fcfs" in out.stdout
+    stdout, rows = _burst_of_four(tmp_path, "--policies", "tie,fcfs,ssjf", "--gpus", "2")
+    assert "worker on GPU cpu-worker0: tie, ssjf" in stdout
+    assert "worker on GPU cpu-worker1: fcfs" in stdout
     # each worker's lines come prefixed with its device
-    assert re.search(r"\[gpu cpu-worker1\] .*_burst fcfs\s*: per-token .* lengths exact True", out.stdout)
-    rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    assert re.search(r"\[gpu cpu-worker1\] .*_burst fcfs\s*: per-token .* lengths exact True", stdout)
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf"}
     assert all("--gpus 2" in r["command"] for r in rows)
     latency = [r for r in rows if not r["metric"].startswith("offline")]
