@@ -409,3 +409,22 @@ def test_generate_sdpa_script_times_both_modes_in_fresh_processes(tmp_path, monk
     prompts, outs = mod.job(mod._parser().parse_args(argv), vocab=50)
     assert len(prompts) == 3 and len(prompts[0]) == 12 and outs[0] == 5 and all(1 <= o <= 5 for o in outs)
     assert all(3 <= len(p) <= 12 and max(p) < 50 for p in prompts)
+
+
+def test_per_token_index_with_aging_lets_a_long_wait_overtake_where_the_plain_index_does_not():
+    """``per_token_index_aging`` is what ``TIEConfig(score="per_token_index")`` runs by default: the index aged by
+    gamma every tau of waiting. After ten periods a request with a 2.2x larger index goes first; without aging the
+    newcomer with the smaller index does."""
+    from hf_ext.generation.tie.bench import make_schedulers
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.simulate import Request
+
+    first = {}
+    for name in ("per_token_index", "per_token_index_aging"):
+        sched = make_schedulers(TIEConfig(max_new_tokens=1000, aging_gamma=0.9, aging_tau=30.0))[name]
+        for rid, arrival, mu in ((0, 0.0, 5.0), (1, 300.0, 4.6)):
+            meta = {"pred_mu": mu, "pred_sigma": 0.3, "pred_nu": 3.5}
+            req = Request(id=rid, arrival=arrival, prompt_len=8, output_len=10, meta=meta)
+            sched.add(req, arrival)
+        first[name] = sched.pop_next(300.0).id
+    assert first == {"per_token_index": 1, "per_token_index_aging": 0}

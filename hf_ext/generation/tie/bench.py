@@ -69,6 +69,8 @@ ABLATIONS = {
     "tie_truncate": "TIE with E and CVaR on the truncated support X | 1 <= X <= M instead of clipping",
     "per_token_index": "TIE's predicted law ranked by E[X]/E[1/X] (TIEConfig(score='per_token_index'), no aging), "
     "the static order that minimises mean per-token latency: how far any score of that law can get",
+    "per_token_index_aging": "per_token_index with TIEConfig's aging (gamma, tau) left on: what "
+    "TIEConfig(score='per_token_index') runs by default",
     **{
         p + TRUE_DIST: f"{p} fed each prompt's true generative (mu, sigma, nu): a perfect predictor"
         for p in TRUE_DIST_POLICIES

@@ -140,6 +140,8 @@ ABLATION_SETTINGS: dict[str, dict[str, Any]] = {
     "tie_truncate": {"support": "truncate"},
     # not a part of TIE removed but its law ranked for the mean per-token latency: the yardstick for any score of it
     "per_token_index": {"score": "per_token_index", "aging": "none"},
+    # the same with TIEConfig's aging left on: what TIEConfig(score="per_token_index") runs by default
+    "per_token_index_aging": {"score": "per_token_index"},
 }
 
 
