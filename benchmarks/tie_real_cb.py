@@ -62,6 +62,8 @@ DEFAULT_WORKLOAD = ROOT / "benchmarks" / "data" / "tie_azure_replay.json"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from hf_ext.generation.tie.config import ABLATION_SETTINGS  # dataclasses only: no torch at --help
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workload", default=str(DEFAULT_WORKLOAD), help="JSON from bench tie --export-replay")
     p.add_argument(
@@ -74,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         "--policies",
         default="tie,fcfs,ssjf,ltr,sjf_oracle",
         help="run in this order; must include tie. Engine replays and --simulate also take TIE's ablations "
-        "(tie_no_aging, tie_no_tail, tie_expect_only, tie_truncate, per_token_index): reported and kept in the details, no rows",
+        f"({', '.join(ABLATION_SETTINGS)}): reported and kept in the details, no rows",
     )
     p.add_argument(
         "--budget-s",

@@ -17,9 +17,8 @@ policy         scheduler_type                       key (lower admitted first)
 ``tie``        ``"tie"``                            aged TIE score from ``(mu, sigma, nu)``
 =============  ===================================  ==========================================
 
-The TIE ablations (``tie_no_aging``, ``tie_no_tail``, ``tie_expect_only``, ``tie_truncate``, ``per_token_index``; see
-:data:`~hf_ext.generation.tie.config.ABLATION_SETTINGS`) run the ``"tie"`` scheduler with that part of
-``tie_config`` changed, for benchmark reports.
+The TIE ablations (the keys of :data:`~hf_ext.generation.tie.config.ABLATION_SETTINGS`, e.g. ``tie_expect_only``)
+run the ``"tie"`` scheduler with that part of ``tie_config`` changed, for benchmark reports.
 
 Example (CPU, tiny random model; all arrive at once)::
 
