@@ -33,7 +33,8 @@ name.
 
 ``--gpus N`` runs the policies side by side, one process per GPU of this host (policy ``k`` on GPU ``k mod N``, a
 GPU's policies in turn), in about ``1/N`` of the time. Each process builds and warms its own model; the parent
-gathers their runs and writes the rows as one call would. The rows then compare runs on identical cards of one
+gathers their runs and writes the rows as one call would, each as soon as both its runs have finished (a call
+killed mid-way keeps them; on SIGTERM it stops the workers and writes what finished). The rows then compare runs on identical cards of one
 host, not on one card: the details name each run's GPU, and the command in each row carries the flag.
 
 CPU smoke run (tiny model, seconds)::
@@ -994,8 +995,8 @@ def main(argv: list[str] | None = None) -> int:
             res[pol]["wall_s"] = time.perf_counter() - t0
             _report(case, pol, res[pol])
             if worker:  # the parent compares and writes; this file keeps every finished run
-                Path(args.worker_out).write_text(
-                    json.dumps({"device": dev, "speeds": speed_of, "real_cb": real})
+                _write_atomic(
+                    Path(args.worker_out), json.dumps({"device": dev, "speeds": speed_of, "real_cb": real})
                 )
                 continue
             if "tie" not in res:
@@ -1072,19 +1073,103 @@ def _relay(stream: Any, prefix: str) -> None:
         print(prefix + line, end="", flush=True)
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class SideBySideWriter:
+    """The rows and details of a ``--gpus`` call, brought up to date from the workers' files (one per worker,
+    rewritten after each of its runs) whenever one of them changes.
+
+    A row of TIE against a baseline is appended once both runs exist and ran on cards of the same name; each pair
+    is written once. The details file is rewritten with every run so far, each with its GPU. A call that is killed
+    therefore keeps every comparison the parent had seen, as a serial call keeps every comparison it finished."""
+
+    def __init__(
+        self, args: argparse.Namespace, policies: list[str], cmd: str, workers: list[tuple[str, Path]]
+    ) -> None:
+        from hf_ext.utils.bench import results_dir
+
+        self.args, self.policies, self.cmd, self.workers = args, policies, cmd, workers
+        self.details = results_dir() / "tie_real_cb_details.json"
+        self.real: dict[str, dict] = {}
+        self.rows: list[Any] = []
+        self._paired: set[tuple[str, str]] = set()  # (case, baseline) already written or refused
+        self._goodput: dict[str, set[str]] = {}
+        self._stamps: dict[Path, int] = {}
+
+    def update(self) -> None:
+        from hf_ext.generation.tie.bench import COMPONENT, real_cb_rows
+        from hf_ext.utils.bench import append_rows
+
+        stamps = {out: out.stat().st_mtime_ns for _, out in self.workers if out.exists()}
+        if stamps == self._stamps:
+            return
+        self._stamps = stamps
+        real: dict[str, dict] = {}
+        speed_of: dict[str, float] = {}
+        device_of: dict[str, str] = {}
+        for gid, out in self.workers:
+            if out not in stamps:
+                continue
+            run = json.loads(out.read_text())
+            speed_of.update(run["speeds"])
+            for case, res in run["real_cb"].items():
+                for pol, v in res.items():
+                    real.setdefault(case, {})[pol] = {**v, "gpu": gid}
+                    device_of[pol] = run["device"]
+        # the policies in the order given, as one call would list them
+        self.real = {case: {p: res[p] for p in self.policies if p in res} for case, res in real.items()}
+        rows: list[Any] = []
+        for case, res in self.real.items():
+            if "tie" not in res:
+                continue
+            dev = device_of["tie"]
+            for p in [p for p in res if p != "tie" and (case, p) not in self._paired]:
+                self._paired.add((case, p))
+                if device_of[p] == dev:
+                    rows += real_cb_rows({case: {"tie": res["tie"], p: res[p]}}, dev, self.cmd)
+                else:
+                    print(
+                        f"{case} {p} ran on {device_of[p]}, TIE on {dev}: no row; the run is in the details"
+                    )
+            if speed_of[case] == 0:  # the burst as an offline job, on TIE's card only
+                same = {p: v for p, v in res.items() if device_of[p] == dev}
+                rows += burst_goodput_rows(case, same, self._goodput.setdefault(case, set()), dev, self.cmd)
+        self.rows += rows
+        if self.args.no_write:
+            return
+        if rows:
+            append_rows(COMPONENT, rows)
+        devices = sorted({device_of[p] for res in self.real.values() for p in res})
+        gpus = {p: v["gpu"] for res in self.real.values() for p, v in res.items()}
+        body = {"command": self.cmd, "device": ", ".join(devices), "gpus": gpus, "real_cb": self.real}
+        _write_atomic(self.details, json.dumps(body, indent=1))
+
+
 def run_side_by_side(
     args: argparse.Namespace, argv: list[str], policies: list[str], speeds: list[float], cmd: str
 ) -> int:
     """``--gpus N``: one worker process per GPU (``CUDA_VISIBLE_DEVICES``), worker ``j`` replaying
-    ``policies[j::N]`` in turn with the same requests, speeds and engine settings; then the rows of TIE against
+    ``policies[j::N]`` in turn with the same requests, speeds and engine settings; the rows of TIE against
     each baseline, as one call on one card would write them. Each run's GPU is kept in the details (``gpu``).
-    Cards that differ by name give no rows. Returns 1 if a worker failed (what finished is still written)."""
+    A baseline that ran on a card of another name than TIE's gives no row.
+
+    Rows and details are written as runs finish (:class:`SideBySideWriter`, polled every ``poll_s``), not at
+    the end. The workers' files sit in the results folder (``tie_real_cb_worker<j>.json``) until the call ends,
+    so even a parent killed outright leaves every finished run there. On SIGTERM the parent stops the workers
+    (within ``poll_s``), writes what finished and returns 1; it also returns 1 if a worker failed (what finished
+    is still written)."""
+    import signal
     import tempfile
     import threading
 
-    from hf_ext.generation.tie.bench import COMPONENT, real_cb_rows
-    from hf_ext.utils.bench import append_rows, results_dir
+    from hf_ext.utils.bench import results_dir
 
+    poll_s = 2.0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.device.startswith("cuda"):
         import torch
@@ -1099,70 +1184,60 @@ def run_side_by_side(
         gpu_ids = [f"{args.device}-worker{j}" for j in range(args.gpus)]
     child_argv = _drop_options(argv, ("--gpus", "--policies", "--worker-out"))
     t0 = time.perf_counter()
+    failed: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) if args.no_write else results_dir()
+        outs = [folder / f"tie_real_cb_worker{j}.json" for j in range(len(gpu_ids))]
+        for out in outs:  # a killed call's leftovers are not this call's runs
+            out.unlink(missing_ok=True)
+        writer = SideBySideWriter(args, policies, cmd, list(zip(gpu_ids, outs)))
+        # SIGTERM (e.g. the device's time limit): stop the workers, keep what finished
+        stop = threading.Event()
+        on_main = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if on_main else None
         workers = []
-        for j, gid in enumerate(gpu_ids):
-            share = policies[j :: args.gpus]
-            out = Path(tmp) / f"worker{j}.json"
-            wenv = {**env, "CUDA_VISIBLE_DEVICES": gid} if args.device.startswith("cuda") else env
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    *child_argv,
-                    "--policies",
-                    ",".join(share),
-                    "--worker-out",
-                    str(out),
-                ],
-                env=wenv,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            relay = threading.Thread(target=_relay, args=(proc.stdout, f"[gpu {gid}] "), daemon=True)
-            relay.start()
-            workers.append((gid, share, proc, relay, out))
-            print(f"worker on GPU {gid}: {', '.join(share)}")
-        failed = []
-        for gid, share, proc, relay, _ in workers:
-            if proc.wait() != 0:
+        try:
+            for j, (gid, out) in enumerate(zip(gpu_ids, outs)):
+                share = policies[j :: args.gpus]
+                wenv = {**env, "CUDA_VISIBLE_DEVICES": gid} if args.device.startswith("cuda") else env
+                child = [*child_argv, "--policies", ",".join(share), "--worker-out", str(out)]
+                proc = subprocess.Popen(
+                    [sys.executable, __file__, *child],
+                    env=wenv,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                relay = threading.Thread(target=_relay, args=(proc.stdout, f"[gpu {gid}] "), daemon=True)
+                relay.start()
+                workers.append((gid, share, proc, relay))
+                print(f"worker on GPU {gid}: {', '.join(share)}")
+            while any(proc.poll() is None for _, _, proc, _ in workers) and not stop.is_set():
+                stop.wait(poll_s)
+                writer.update()
+            if stop.is_set():
+                print("SIGTERM: stopping the workers; writing the runs that finished")
+                failed.append("the call (SIGTERM)")
+                for _, _, proc, _ in workers:
+                    proc.terminate()
+        except BaseException:  # the parent's own error or Ctrl-C: no worker outlives it
+            for _, _, proc, _ in workers:
+                proc.terminate()
+            raise
+        finally:
+            if on_main:
+                signal.signal(signal.SIGTERM, before)
+        for gid, share, proc, relay in workers:
+            if proc.wait() != 0 and not stop.is_set():
                 failed.append(f"GPU {gid} ({', '.join(share)}): exit {proc.returncode}")
             relay.join()
-        runs = [(gid, json.loads(out.read_text())) for gid, _, _, _, out in workers if out.exists()]
+        writer.update()
+        for out in outs:  # everything in them is in the details now
+            out.unlink(missing_ok=True)
     print(f"side by side on {len(gpu_ids)} GPUs: {time.perf_counter() - t0:.0f}s")
-    real: dict[str, dict] = {}
-    speed_of: dict[str, float] = {}
-    for gid, run in runs:
-        speed_of.update(run["speeds"])
-        for case, res in run["real_cb"].items():
-            for pol, v in res.items():
-                real.setdefault(case, {})[pol] = {**v, "gpu": gid}
-    for case, res in real.items():  # the policies in the order given, as one call would list them
-        real[case] = {p: res[p] for p in policies if p in res}
-    devices = sorted({run["device"] for _, run in runs})
-    rows: list[Any] = []
-    if len(devices) == 1:
-        for case, res in real.items():
-            if "tie" in res and len(res) > 1:
-                rows += real_cb_rows({case: res}, devices[0], cmd)
-                if speed_of[case] == 0:
-                    rows += burst_goodput_rows(case, res, set(), devices[0], cmd)
-    elif devices:
-        print(f"the GPUs differ ({', '.join(devices)}): no rows; the runs are in the details")
-    details = results_dir() / "tie_real_cb_details.json"
-    if not args.no_write and runs:
-        if rows:
-            append_rows(COMPONENT, rows)
-        gpus = {p: v["gpu"] for res in real.values() for p, v in res.items()}
-        details.write_text(
-            json.dumps(
-                {"command": cmd, "device": ", ".join(devices), "gpus": gpus, "real_cb": real}, indent=1
-            )
-        )
-    _finish(args, real, rows, details)
+    _finish(args, writer.real, writer.rows, writer.details)
     for f in failed:
-        print(f"worker failed: {f}")
+        print(f"not finished: {f}")
     return 1 if failed else 0
 
 

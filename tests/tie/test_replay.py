@@ -1000,6 +1000,106 @@ def test_gpu_replay_script_runs_policies_side_by_side_and_writes_one_calls_rows(
     assert details["gpus"] == {"tie": "cpu-worker0", "fcfs": "cpu-worker1", "ssjf": "cpu-worker0"}
     (res,) = details["real_cb"].values()
     assert list(res) == ["tie", "fcfs", "ssjf"] and all(v["lengths_ok"] for v in res.values())
+    assert not list(tmp_path.glob("tie_real_cb_worker*"))  # the workers' files go once all is in the details
+
+
+def _worker_files(tmp_path, mod) -> tuple[dict, dict]:
+    """What two ``--gpus 2`` workers leave after a burst of four on the tiny CPU model (policies tie, fcfs, ssjf):
+    worker 0 ran tie then ssjf, worker 1 fcfs."""
+    base = ["--shape", "tiny", "--device", "cpu", "--n", "4", "--speeds", "0", "--max-new-tokens", "8"]
+    files = []
+    for j, share in enumerate(("tie,ssjf", "fcfs")):
+        out = tmp_path / f"w{j}.json"
+        assert mod.main([*base, "--policies", share, "--worker-out", str(out)]) == 0
+        files.append(json.loads(out.read_text()))
+    return files[0], files[1]
+
+
+def test_side_by_side_rows_are_written_as_the_workers_runs_finish(tmp_path, monkeypatch, capsys):
+    """The parent of a --gpus call writes TIE's row against a baseline as soon as both runs are in the workers'
+    files, once per pair, and rewrites the details with every run so far: a call killed later keeps them. A
+    baseline that ran on a card of another name gives no row."""
+    import csv
+
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    mod = load_script("tie_real_cb")
+    w0, w1 = _worker_files(tmp_path, mod)
+    (case,) = w0["real_cb"]
+    p0, p1 = tmp_path / "tie_real_cb_worker0.json", tmp_path / "tie_real_cb_worker1.json"
+    args = mod._parser().parse_args([])
+    writer = mod.SideBySideWriter(args, ["tie", "fcfs", "ssjf"], "cmd --gpus 2", [("g0", p0), ("g1", p1)])
+
+    def state() -> tuple[list[tuple[str, str]], dict]:
+        rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+        details = json.loads((tmp_path / "tie_real_cb_details.json").read_text())
+        return sorted({(r["baseline"], r["metric"]) for r in rows}), details
+
+    p0.write_text(json.dumps({**w0, "real_cb": {case: {"tie": w0["real_cb"][case]["tie"]}}}))  # TIE only
+    writer.update()
+    assert not (tmp_path / "tie.csv").exists()  # nothing to compare with yet
+    assert json.loads((tmp_path / "tie_real_cb_details.json").read_text())["gpus"] == {"tie": "g0"}
+    p1.write_text(json.dumps(w1))  # FCFS finished on the other worker
+    writer.update()
+    pairs, details = state()
+    assert {b for b, _ in pairs} == {"fcfs"} and len(
+        writer.rows
+    ) == 3 + 4  # latency rows + the burst's goodput
+    assert details["gpus"] == {"tie": "g0", "fcfs": "g1"} and details["command"] == "cmd --gpus 2"
+    writer.update()  # no file changed: nothing written twice
+    assert len(writer.rows) == 7
+    p0.write_text(json.dumps(w0))  # SSJF finished after TIE on worker 0
+    writer.update()
+    n_rows = len((tmp_path / "tie.csv").read_text().splitlines()) - 1
+    pairs, details = state()
+    assert {b for b, _ in pairs} == {"fcfs", "ssjf"} and n_rows == len(writer.rows) == 2 * 7
+    assert list(details["real_cb"][case]) == ["tie", "fcfs", "ssjf"]  # the order given, not the workers'
+    assert details["gpus"] == {"tie": "g0", "fcfs": "g1", "ssjf": "g0"}
+
+    other = tmp_path / "other"
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(other))
+    p1.write_text(json.dumps({**w1, "device": "another card"}))
+    mixed = mod.SideBySideWriter(args, ["tie", "fcfs", "ssjf"], "cmd", [("g0", p0), ("g1", p1)])
+    mixed.update()
+    assert {r.baseline for r in mixed.rows} == {"ssjf"}  # FCFS ran on a card of another name
+    assert "fcfs ran on another card, TIE on" in capsys.readouterr().out
+    devices = json.loads((other / "tie_real_cb_details.json").read_text())["device"]
+    assert devices == ", ".join(sorted(["another card", w0["device"]]))
+
+
+def test_side_by_side_call_stopped_by_sigterm_keeps_the_runs_that_finished(tmp_path):
+    """SIGTERM to the parent of a --gpus call (a device's time limit): it stops its workers, keeps every run that
+    finished and the rows between them, leaves no worker files, and exits 1."""
+    import csv
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks" / "tie_real_cb.py"), "--shape", "tiny", "--device", "cpu"]
+    # each worker has three runs after its first: far from done when TIE's first row is written
+    policies = "tie,fcfs,ssjf,ltr,sjf_oracle,tie_expect_only,tie_no_aging,tie_no_tail"
+    cmd += ["--n", "8", "--speeds", "0", "--max-new-tokens", "24", "--policies", policies, "--gpus", "2"]
+    env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root, env=env
+    )
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "tie.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the call ended before its first row: nothing left to stop"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-3000:]
+    assert "SIGTERM: stopping the workers" in out and "not finished: the call (SIGTERM)" in out
+    details = json.loads((tmp_path / "tie_real_cb_details.json").read_text())
+    (res,) = details["real_cb"].values()
+    assert {"tie", "fcfs"} <= set(res) and set(res) < set(policies.split(","))  # stopped part-way
+    rows = list(csv.DictReader((tmp_path / "tie.csv").read_text().splitlines()))
+    assert {r["baseline"] for r in rows} == set(res) & {"fcfs", "ssjf", "ltr", "sjf_oracle"}
+    assert not list(tmp_path.glob("tie_real_cb_worker*"))
 
 
 @pytest.mark.parametrize(
