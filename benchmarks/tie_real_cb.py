@@ -196,6 +196,16 @@ def _parser() -> argparse.ArgumentParser:
         help="simulator token budget per step (default: the engine's, if the calibration recorded it, else 8192)",
     )
     p.add_argument(
+        "--sim-jitter",
+        type=float,
+        default=0.0,
+        help="with --simulate: replay each speed --sim-seeds times, each arrival shifted by a normal draw of this "
+        "many seconds (after the speed-up): how far one engine call's means can move on slot timing alone",
+    )
+    p.add_argument(
+        "--sim-seeds", type=int, default=0, help="with --sim-jitter: jittered replays per speed (>= 2)"
+    )
+    p.add_argument(
         "--explain-gap",
         action="store_true",
         help="no model: split TIE's per-token latency gap to the other policies of the recorded engine runs of these "
@@ -254,7 +264,25 @@ def simulate_same(
     With a calibration fit to the engine's own steps (``--fit-steps``), its recorded token budget, KV capacity and
     requests per batch are the simulator's too, unless ``--sim-max-batch-tokens`` / ``--sim-kv-tokens`` /
     ``--max-requests-per-batch`` say otherwise."""
-    from hf_ext.generation.tie.bench import load_cost_model, simulate_policies
+    from hf_ext.generation.tie.bench import simulate_policies
+
+    sim = _sim_setup(args, reqs)
+    out: dict[str, dict] = {}
+    for speed in speeds:
+        sims = simulate_policies(
+            sim.cm, sim.base, sim.cfg, sim.max_seqs, sim.kv_tokens, speed, policies, sim.budget
+        )
+        out[_case(args, len(reqs), speed) + sim.suffix] = {
+            pol: _with_top5(r.summary(), r.per_token_latency, [reqs[int(i)].request_id for i in r.cols["id"]])
+            for pol, r in sims.items()
+        }
+    return out, f"sim:{sim.cm.name}"
+
+
+def _sim_setup(args: argparse.Namespace, reqs: list[Any]) -> argparse.Namespace:
+    """The simulator of ``--simulate``: cost model ``cm``, scored requests ``base``, TIE config ``cfg``, engine
+    limits ``max_seqs`` / ``kv_tokens`` / ``budget`` and the case suffix (``_sim_cbfit`` for a CB-step fit)."""
+    from hf_ext.generation.tie.bench import load_cost_model
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.scheduler import precompute_scores
     from hf_ext.simulate.cb_steps import is_cb_calibration
@@ -269,17 +297,128 @@ def simulate_same(
     base = [r.to_sim_request(i, args.max_new_tokens) for i, r in enumerate(reqs)]
     precompute_scores(base, cfg)
     print(f"simulator: {cm.name}, token budget {budget}, KV {kv_tokens} tokens, max {max_seqs} running")
-    out: dict[str, dict] = {}
     suffix = "_sim_cbfit" if is_cb_calibration(cm.name) else "_sim"
+    return argparse.Namespace(
+        cm=cm, base=base, cfg=cfg, max_seqs=max_seqs, kv_tokens=kv_tokens, budget=budget, suffix=suffix
+    )
+
+
+def simulate_jitter(
+    args: argparse.Namespace, reqs: list[Any], speeds: list[float], policies: list[str], cmd: str
+) -> int:
+    """``--simulate --sim-jitter S --sim-seeds K``: every policy replayed ``K`` times per speed in the simulator,
+    each time with every arrival shifted by a normal draw of standard deviation ``S`` seconds (the same shifts for
+    every policy of one replay). The spread of each policy's means is what slot timing alone can do to a single
+    engine call; the share of replays in which TIE beats a baseline says whether a gap is more than that.
+
+    Writes rows (case ``..._jitter<S>s``): the median over the replays of TIE's mean / p99 per-token latency against
+    the baseline's, with ``quality`` the share of replays in which TIE was better; the per-replay figures to
+    ``tie_real_cb_sim_jitter<tag>.json`` and a box plot beside it."""
+    from tqdm.auto import tqdm
+
+    from hf_ext.generation.tie.bench import BASELINES, COMPONENT, clone_requests, simulate_policies
+    from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows, results_dir
+
+    sim = _sim_setup(args, reqs)
+    rng = np.random.default_rng(args.seed)
+    dev = f"sim:{sim.cm.name}"
+    metrics = {"per_token_latency_mean": "per_token_mean", "per_token_latency_p99": "per_token_p99"}
+    runs: dict[str, dict[str, dict[str, list[float]]]] = {}
+    rows: list[Any] = []
     for speed in speeds:
-        sims = simulate_policies(
-            cm, base, cfg, max_seqs, kv_tokens, speed=speed, policies=policies, max_num_batched_tokens=budget
-        )
-        out[_case(args, len(reqs), speed) + suffix] = {
-            pol: _with_top5(r.summary(), r.per_token_latency, [reqs[int(i)].request_id for i in r.cols["id"]])
-            for pol, r in sims.items()
+        case = f"{_case(args, len(reqs), speed)}{sim.suffix}_jitter{args.sim_jitter:g}s"
+        got: dict[str, dict[str, list[float]]] = {p: {k: [] for k in metrics.values()} for p in policies}
+        for _ in tqdm(range(args.sim_seeds), desc=f"x{speed:g}, {args.sim_seeds} jittered replays"):
+            shifted = clone_requests(sim.base)
+            for r, d in zip(shifted, rng.normal(0.0, args.sim_jitter * speed, len(shifted)), strict=True):
+                r.arrival = max(0.0, r.arrival + d)  # seconds of trace time: / speed in the simulator
+            sims = simulate_policies(
+                sim.cm, shifted, sim.cfg, sim.max_seqs, sim.kv_tokens, speed, policies, sim.budget
+            )
+            for pol, res in sims.items():
+                summary = res.summary()
+                for key in metrics.values():
+                    got[pol][key].append(float(summary[key]))
+        runs[case] = got
+        for metric, key in metrics.items():
+            tie = np.asarray(got["tie"][key])
+            for b in [b for b in BASELINES if b in got]:
+                base = np.asarray(got[b][key])
+                rows.append(
+                    Row.make(
+                        COMPONENT,
+                        case,
+                        metric,
+                        float(np.median(tie)),
+                        b,
+                        float(np.median(base)),
+                        device=dev,
+                        quality_name=f"share_of_{args.sim_seeds}_replays_tie_better",
+                        quality_value=f"{float(np.mean(tie < base)):.2f}",
+                        command=cmd,
+                    )
+                )
+        _print_jitter(case, got, args.sim_seeds)
+    print_rows(rows, title=f"Median over jittered replays ({dev}) — ratio > 1: TIE better")
+    if not args.no_write:
+        path = append_rows(COMPONENT, rows)
+        plot_results(COMPONENT, path)
+        out = results_dir() / f"tie_real_cb_sim_jitter{_workload_tag(args.workload)}.json"
+        earlier = json.loads(out.read_text())["runs"] if out.exists() else []
+        run = {
+            "command": cmd,
+            "device": dev,
+            "jitter_s": args.sim_jitter,
+            "seeds": args.sim_seeds,
+            "cases": runs,
         }
-    return out, f"sim:{cm.name}"
+        out.write_text(json.dumps({"runs": [*earlier, run]}, indent=1))
+        _jitter_figure(runs, out.with_suffix(".png"))
+    return 0
+
+
+def _print_jitter(case: str, got: dict[str, dict[str, list[float]]], seeds: int) -> None:
+    """Per policy: the spread of its mean per-token latency over the jittered replays, and how often it beat SSJF."""
+    print(f"  {case}: mean per-token latency over {seeds} jittered replays (ms)")
+    ssjf = np.asarray(got["ssjf"]["per_token_mean"]) if "ssjf" in got else None
+    for pol, vals in got.items():
+        v = np.asarray(vals["per_token_mean"]) * 1e3
+        lo, med, hi = np.percentile(v, [10, 50, 90])
+        beats = (
+            ""
+            if ssjf is None or pol == "ssjf"
+            else f"; below SSJF in {np.mean(v < ssjf * 1e3):.0%} of replays"
+        )
+        print(
+            f"    {pol:24s} median {med:7.1f}  10-90 % {lo:7.1f}-{hi:7.1f}  (spread {(hi - lo) / med:5.1%}){beats}"
+        )
+
+
+def _jitter_figure(runs: dict[str, dict[str, dict[str, list[float]]]], png: Path) -> None:
+    """One panel per case: each policy's mean per-token latency over the jittered replays (box and points)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # pragma: no cover - plotting is optional
+        print(f"  jitter figure skipped: {exc}")
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False)
+    for ax, (case, got) in zip(axes[0], runs.items(), strict=True):
+        pols = list(got)
+        data = [np.asarray(got[p]["per_token_mean"]) * 1e3 for p in pols]
+        ax.boxplot(data, showfliers=False)
+        for i, d in enumerate(data, start=1):
+            ax.plot(np.full(len(d), i) + np.linspace(-0.15, 0.15, len(d)), d, ".", alpha=0.5)
+        ax.set_xticks(range(1, len(pols) + 1), pols, rotation=30, ha="right")
+        ax.set_ylabel("mean per-token latency (ms)")
+        ax.set_title(case.replace("_replay", "\n_replay"), fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print(f"  wrote {png}")
 
 
 def fit_static_details(args: argparse.Namespace, cmd: str) -> int:
@@ -866,6 +1005,17 @@ def main(argv: list[str] | None = None) -> int:
         static_only(args, policies)  # an unknown plan name is refused before any work
     elif args.static_only or args.static_rounds != 1:
         raise ValueError("--static-only / --static-rounds need --static-batch or --static-kv-tokens")
+    if args.sim_jitter < 0 or not math.isfinite(args.sim_jitter):
+        raise ValueError(f"--sim-jitter must be a number of seconds >= 0, got {args.sim_jitter}")
+    if (args.sim_jitter > 0) != (args.sim_seeds != 0):
+        raise ValueError(
+            "--sim-jitter and --sim-seeds go together: give both (jitter > 0, seeds >= 2) or neither"
+        )
+    if args.sim_seeds and (args.sim_seeds < 2 or not args.simulate or static or 0 in speeds):
+        raise ValueError(
+            "--sim-seeds needs >= 2 replays, --simulate, a continuous-batching replay (no static job) and --speeds "
+            f"> 0 (a burst has no arrival times to shift); got --sim-seeds {args.sim_seeds}, --speeds {args.speeds}"
+        )
     if args.explain_gap and static:
         raise ValueError("--explain-gap reads continuous-batching replays: it takes no static job")
     if args.no_cudnn_sdpa and static:
@@ -883,6 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
         return explain_gap(args, reqs, speeds)
     if args.simulate and static:
         return simulate_static(args, reqs, policies, cmd)
+    if args.sim_seeds:
+        return simulate_jitter(args, reqs, speeds, policies, cmd)
     if args.simulate:
         sim, sim_dev = simulate_same(args, reqs, speeds, policies)
         for case, res in sim.items():
