@@ -26,6 +26,10 @@ time) and compared with the baselines' memory cuts and their own plans. With ``-
 plans are priced by the simulator's ``generate`` cost model instead (``--calibration``), to say beforehand what a
 GPU run should show.
 
+``--simulate --sim-jitter S --sim-seeds K`` replays each speed ``K`` times in the simulator with every arrival shifted
+by a normal draw of ``S`` seconds: how far one call's means can move on timing alone, and in what share of the
+replays TIE beats each baseline.
+
 Engine runs keep every request's submit / first-token / finish times in ``tie_real_cb_details.json`` and print how
 much of each mean its five largest per-token latencies carry. ``--explain-gap`` (no model) reads them back and splits
 TIE's gap to each other policy by the request's predicted spread and output length, for the cases the other options

@@ -483,6 +483,92 @@ def test_gpu_replay_script_simulate_mode(capsys):
         mod.main(["--static-batch", "4", "--policies", "tie,tie_no_tail", "--no-write"])
 
 
+def test_simulate_with_jittered_arrivals_reports_each_policys_spread_and_the_share_tie_wins(
+    tmp_path, monkeypatch, capsys
+):
+    """--sim-jitter S --sim-seeds K: K simulated replays per speed with shifted arrivals. The rows hold the medians
+    and the share of replays in which TIE was better, as the per-replay file says; a vanishing jitter gives K copies
+    of the plain simulation, a real one moves the means, and the same --seed gives the same replays."""
+    import csv
+
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    mod = load_script("tie_real_cb")
+    argv = [
+        "--simulate",
+        "--n",
+        "30",
+        "--speeds",
+        "4",
+        "--max-requests-per-batch",
+        "4",
+        "--policies",
+        "tie,ssjf,fcfs",
+    ]
+    assert mod.main([*argv, "--no-write"]) == 0
+    plain = {
+        m["pol"]: float(m["mean"])
+        for m in re.finditer(
+            r"_maxseqs4_sim (?P<pol>\w+)\s*: per-token\s+(?P<mean>[\d.]+) ms", capsys.readouterr().out
+        )
+    }
+    assert set(plain) == {"tie", "ssjf", "fcfs"}
+
+    def jittered(jitter: str) -> dict:
+        assert mod.main([*argv, "--sim-jitter", jitter, "--sim-seeds", "3"]) == 0
+        runs = json.loads((tmp_path / "tie_real_cb_sim_jitter.json").read_text())["runs"]
+        ((case, got),) = runs[-1]["cases"].items()
+        assert case.endswith(f"_maxseqs4_sim_jitter{float(jitter):g}s") and runs[-1]["seeds"] == 3
+        return got
+
+    still = jittered("1e-9")
+    for pol, ms in plain.items():  # printed to 0.1 ms
+        assert still[pol]["per_token_mean"] == pytest.approx([ms / 1e3] * 3, abs=6e-5)
+    moved = jittered("2")
+    assert all(len(set(moved[p]["per_token_mean"])) == 3 for p in plain)
+    assert jittered("2")["tie"] == moved["tie"]  # the same --seed, the same shifts
+    rows = [r for r in csv.DictReader((tmp_path / "tie.csv").read_text().splitlines())]
+    mine = [r for r in rows if r["case"].endswith("_jitter2s")][:4]  # the first run at 2 s: mean and p99 rows
+    assert [(r["metric"], r["baseline"]) for r in mine] == [
+        ("per_token_latency_mean", "fcfs"),
+        ("per_token_latency_mean", "ssjf"),
+        ("per_token_latency_p99", "fcfs"),
+        ("per_token_latency_p99", "ssjf"),
+    ]
+    for r in mine:
+        key = "per_token_mean" if r["metric"].endswith("mean") else "per_token_p99"
+        tie, base = np.asarray(moved["tie"][key]), np.asarray(moved[r["baseline"]][key])
+        assert float(r["ours"]) == pytest.approx(np.median(tie))
+        assert float(r["baseline_value"]) == pytest.approx(np.median(base))
+        assert r["quality_name"] == "share_of_3_replays_tie_better"
+        assert r["quality_value"] == f"{np.mean(tie < base):.2f}"
+    assert (tmp_path / "tie_real_cb_sim_jitter.png").exists()
+    assert "below SSJF in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (
+            ["--simulate", "--sim-jitter", "-1", "--sim-seeds", "3"],
+            "--sim-jitter must be a number of seconds >= 0",
+        ),
+        (["--simulate", "--sim-jitter", "0.5"], "--sim-jitter and --sim-seeds go together"),
+        (["--simulate", "--sim-seeds", "3"], "--sim-jitter and --sim-seeds go together"),
+        (["--simulate", "--sim-jitter", "0.5", "--sim-seeds", "1"], "--sim-seeds needs >= 2 replays"),
+        (["--sim-jitter", "0.5", "--sim-seeds", "3"], "--sim-seeds needs >= 2 replays, --simulate"),
+        (
+            ["--simulate", "--sim-jitter", "0.5", "--sim-seeds", "3", "--speeds", "2,0"],
+            "a burst has no arrival",
+        ),
+        (["--simulate", "--sim-jitter", "0.5", "--sim-seeds", "3", "--static-batch", "4"], "no static job"),
+    ],
+)
+def test_jittered_simulation_refuses_what_it_cannot_do(extra, match):
+    mod = load_script("tie_real_cb")
+    with pytest.raises(ValueError, match=re.escape(match)):
+        mod.main(["--no-write", *extra])
+
+
 def test_gpu_replay_script_simulates_a_static_job_with_the_engines_plans(tmp_path, monkeypatch, capsys):
     """--simulate with a static job: the plans the engine would run for these requests, priced by the simulator's
     generate cost model, as rows of the engine's cases + _sim with the calibration as device (was: the static flags
