@@ -377,8 +377,27 @@ def simulate_jitter(
             "cases": runs,
         }
         out.write_text(json.dumps({"runs": [*earlier, run]}, indent=1))
-        _jitter_figure(runs, out.with_suffix(".png"))
+        every = {
+            case: got for r in [*earlier, run] for case, got in r["cases"].items()
+        }  # the latest of each case
+        _jitter_figure(every, _engine_means(every, sim.suffix), out.with_suffix(".png"))
     return 0
+
+
+def _engine_means(cases: Any, suffix: str) -> dict[str, dict[str, list[float]]]:
+    """Per jittered case, each policy's mean per-token latency in every engine call of the same replay (the case
+    without ``<suffix>_jitter…``) in ``tie_real_cb_details.json``."""
+    from hf_ext.utils.bench import results_dir
+
+    path = results_dir() / "tie_real_cb_details.json"
+    runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    out: dict[str, dict[str, list[float]]] = {}
+    for case in cases:
+        engine_case = case.split(suffix + "_jitter")[0]
+        for run in runs:
+            for pol, v in run.get("real_cb", {}).get(engine_case, {}).items():
+                out.setdefault(case, {}).setdefault(pol, []).append(float(v["per_token_mean"]))
+    return out
 
 
 def _print_jitter(case: str, got: dict[str, dict[str, list[float]]], seeds: int) -> None:
@@ -398,8 +417,11 @@ def _print_jitter(case: str, got: dict[str, dict[str, list[float]]], seeds: int)
         )
 
 
-def _jitter_figure(runs: dict[str, dict[str, dict[str, list[float]]]], png: Path) -> None:
-    """One panel per case: each policy's mean per-token latency over the jittered replays (box and points)."""
+def _jitter_figure(
+    runs: dict[str, dict[str, dict[str, list[float]]]], engine: dict[str, dict[str, list[float]]], png: Path
+) -> None:
+    """One panel per case: each policy's mean per-token latency over the jittered replays (box and points), and
+    the engine calls of the same replay as black crosses."""
     try:
         import matplotlib
 
@@ -408,17 +430,25 @@ def _jitter_figure(runs: dict[str, dict[str, dict[str, list[float]]]], png: Path
     except Exception as exc:  # pragma: no cover - plotting is optional
         print(f"  jitter figure skipped: {exc}")
         return
-    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.0 * len(runs), 4.8), squeeze=False)
     for ax, (case, got) in zip(axes[0], runs.items(), strict=True):
         pols = list(got)
         data = [np.asarray(got[p]["per_token_mean"]) * 1e3 for p in pols]
         ax.boxplot(data, showfliers=False)
         for i, d in enumerate(data, start=1):
             ax.plot(np.full(len(d), i) + np.linspace(-0.15, 0.15, len(d)), d, ".", alpha=0.5)
+        label = "engine calls"  # on the first policy that has any
+        for i, pol in enumerate(pols, start=1):
+            calls = np.asarray(engine.get(case, {}).get(pol, [])) * 1e3
+            if len(calls):
+                ax.plot(np.full(len(calls), i + 0.3), calls, "kx", label=label)
+                label = None
         ax.set_xticks(range(1, len(pols) + 1), pols, rotation=30, ha="right")
         ax.set_ylabel("mean per-token latency (ms)")
-        ax.set_title(case.replace("_replay", "\n_replay"), fontsize=8)
+        ax.set_title(case.replace("_replay", "\n_replay"), fontsize=7)
         ax.grid(axis="y", alpha=0.3)
+        if engine.get(case):
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
