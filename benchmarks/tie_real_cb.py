@@ -380,13 +380,15 @@ def simulate_jitter(
         every = {
             case: got for r in [*earlier, run] for case, got in r["cases"].items()
         }  # the latest of each case
-        _jitter_figure(every, _engine_means(every, sim.suffix), out.with_suffix(".png"))
+        _jitter_figure(every, _engine_means(every, sim.suffix, sim.cm.name), out.with_suffix(".png"))
     return 0
 
 
-def _engine_means(cases: Any, suffix: str) -> dict[str, dict[str, list[float]]]:
+def _engine_means(cases: Any, suffix: str, calibration: str) -> dict[str, dict[str, list[float]]]:
     """Per jittered case, each policy's mean per-token latency in every engine call of the same replay (the case
-    without ``<suffix>_jitter…``) in ``tie_real_cb_details.json``."""
+    without ``<suffix>_jitter…``) in ``tie_real_cb_details.json`` that ran on the card the simulator's
+    ``calibration`` was fit on (its name holds the card's slug)."""
+    from hf_ext.simulate.calibrate import name_slug
     from hf_ext.utils.bench import results_dir
 
     path = results_dir() / "tie_real_cb_details.json"
@@ -395,6 +397,8 @@ def _engine_means(cases: Any, suffix: str) -> dict[str, dict[str, list[float]]]:
     for case in cases:
         engine_case = case.split(suffix + "_jitter")[0]
         for run in runs:
+            if f"-{name_slug(str(run.get('device', '')))}-" not in f"-{calibration}-":
+                continue
             for pol, v in run.get("real_cb", {}).get(engine_case, {}).items():
                 out.setdefault(case, {}).setdefault(pol, []).append(float(v["per_token_mean"]))
     return out
@@ -421,7 +425,7 @@ def _jitter_figure(
     runs: dict[str, dict[str, dict[str, list[float]]]], engine: dict[str, dict[str, list[float]]], png: Path
 ) -> None:
     """One panel per case: each policy's mean per-token latency over the jittered replays (box and points), and
-    the engine calls of the same replay as black crosses."""
+    the engine calls of the same replay on the calibration's card as black crosses."""
     try:
         import matplotlib
 

@@ -545,13 +545,18 @@ def test_simulate_with_jittered_arrivals_reports_each_policys_spread_and_the_sha
     assert "below SSJF in" in capsys.readouterr().out
     # the figure marks the engine calls of the same replay: the case without the simulator's suffix
     engine_case = "real_cb_llama3.1-8b_azure2023conv_n30_x4_maxseqs4"
+    # and only those on the card the calibration was fit on
     calls = [
-        {"real_cb": {engine_case: {"tie": {"per_token_mean": t}, "ssjf": {"per_token_mean": 0.1}}}}
-        for t in (1, 2)
+        {
+            "device": card,
+            "real_cb": {engine_case: {"tie": {"per_token_mean": t}, "ssjf": {"per_token_mean": 0.1}}},
+        }
+        for card, t in (("NVIDIA H100 80GB HBM3", 1), ("NVIDIA H200", 3), ("NVIDIA H100 80GB HBM3", 2))
     ]
     (tmp_path / "tie_real_cb_details.json").write_text(json.dumps({"runs": calls}))
-    marked = mod._engine_means([f"{engine_case}_sim_jitter2s", "another_case_sim_jitter2s"], "_sim")
-    assert marked == {f"{engine_case}_sim_jitter2s": {"tie": [1.0, 2.0], "ssjf": [0.1, 0.1]}}
+    cases = [f"{engine_case}_sim_jitter2s", "another_case_sim_jitter2s"]
+    marked = mod._engine_means(cases, "_sim", "transformers_cb-nvidia-h100-80gb-hbm3-llama3.1-8b")
+    assert marked == {cases[0]: {"tie": [1.0, 2.0], "ssjf": [0.1, 0.1]}}
 
 
 @pytest.mark.parametrize(
