@@ -38,8 +38,9 @@ name.
 ``--gpus N`` runs the policies side by side, one process per GPU of this host (policy ``k`` on GPU ``k mod N``, a
 GPU's policies in turn), in about ``1/N`` of the time. Each process builds and warms its own model; the parent
 gathers their runs and writes the rows as one call would, each as soon as both its runs have finished (a call
-killed mid-way keeps them; on SIGTERM it stops the workers and writes what finished). The rows then compare runs on identical cards of one
-host, not on one card: the details name each run's GPU, and the command in each row carries the flag.
+killed mid-way keeps them; on SIGTERM it stops the workers and writes what finished). The rows then compare runs
+on identical cards of one host, not on one card: the details name each run's GPU, and the command in each row
+carries the flag.
 
 CPU smoke run (tiny model, seconds)::
 
@@ -377,9 +378,8 @@ def simulate_jitter(
             "cases": runs,
         }
         out.write_text(json.dumps({"runs": [*earlier, run]}, indent=1))
-        every = {
-            case: got for r in [*earlier, run] for case, got in r["cases"].items()
-        }  # the latest of each case
+        # every case in the file, each from its latest run
+        every = {case: got for r in [*earlier, run] for case, got in r["cases"].items()}
         _jitter_figure(every, _engine_means(every, sim.suffix, sim.cm.name), out.with_suffix(".png"))
     return 0
 
