@@ -321,13 +321,19 @@ def simulate_jitter(
     ``tie_real_cb_sim_jitter<tag>.json`` and a box plot beside it."""
     from tqdm.auto import tqdm
 
-    from hf_ext.generation.tie.bench import BASELINES, COMPONENT, clone_requests, simulate_policies
+    from hf_ext.generation.tie.bench import (
+        BASELINES,
+        COMPONENT,
+        LATENCY_METRICS,
+        clone_requests,
+        simulate_policies,
+    )
     from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows, results_dir
 
     sim = _sim_setup(args, reqs)
     rng = np.random.default_rng(args.seed)
     dev = f"sim:{sim.cm.name}"
-    metrics = {"per_token_latency_mean": "per_token_mean", "per_token_latency_p99": "per_token_p99"}
+    metrics = {m: key for m, key in LATENCY_METRICS if m.startswith("per_token_latency")}  # mean and p99
     runs: dict[str, dict[str, dict[str, list[float]]]] = {}
     rows: list[Any] = []
     for speed in speeds:
@@ -764,6 +770,25 @@ def _case(args: argparse.Namespace, n: int, speed: float) -> str:
     return case + (f"_seed{args.seed}" if args.seed else "")
 
 
+def comparison_rows(
+    case: str,
+    res: dict[str, dict],
+    new: list[str],
+    speed: float,
+    goodput_written: set[str],
+    dev: str,
+    cmd: str,
+) -> list[Any]:
+    """The rows of TIE against the baselines ``new`` (finished runs in ``res``, all on card ``dev``); for a burst
+    (``speed`` 0) also the goodput rows of :func:`burst_goodput_rows` not yet in ``goodput_written``."""
+    from hf_ext.generation.tie.bench import real_cb_rows
+
+    rows = real_cb_rows({case: {"tie": res["tie"], **{p: res[p] for p in new}}}, dev, cmd) if new else []
+    if speed == 0:  # the burst as an offline job: goodput within budgets set by FCFS's makespan
+        rows += burst_goodput_rows(case, res, goodput_written, dev, cmd)
+    return rows
+
+
 def burst_goodput_rows(case: str, res: dict[str, dict], written: set[str], dev: str, cmd: str) -> list[Any]:
     """A burst replay as the offline job of ``bench tie``: per policy, requests finished within each budget (a
     fraction of FCFS's makespan in this run) per second (:func:`hf_ext.generation.tie.bench.budget_goodput`,
@@ -1020,7 +1045,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    from hf_ext.generation.tie.bench import COMPONENT, latency_rows, policy_figure, real_cb_rows
+    from hf_ext.generation.tie.bench import COMPONENT, latency_rows, policy_figure
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.offline import OFFLINE_POLICIES
     from hf_ext.generation.tie.replay import POLICIES, request_columns, run_cb_replay, summarize_replay
@@ -1194,9 +1219,7 @@ def main(argv: list[str] | None = None) -> int:
             done = [p for p in res if p != "tie"] if pol == "tie" else [pol]
             if not done:
                 continue
-            rows = real_cb_rows({case: {"tie": res["tie"], **{p: res[p] for p in done}}}, dev, cmd)
-            if speed == 0:  # the burst as an offline job: goodput within budgets set by FCFS's makespan
-                rows += burst_goodput_rows(case, res, goodput_written, dev, cmd)
+            rows = comparison_rows(case, res, done, speed, goodput_written, dev, cmd)
             all_rows += rows
             if not args.no_write:  # written as soon as a comparison exists: a killed run keeps its numbers
                 append_rows(COMPONENT, rows)
@@ -1292,7 +1315,7 @@ class SideBySideWriter:
         self._stamps: dict[Path, int] = {}
 
     def update(self) -> None:
-        from hf_ext.generation.tie.bench import COMPONENT, real_cb_rows
+        from hf_ext.generation.tie.bench import COMPONENT
         from hf_ext.utils.bench import append_rows
 
         stamps = {out: out.stat().st_mtime_ns for _, out in self.workers if out.exists()}
@@ -1318,17 +1341,19 @@ class SideBySideWriter:
             if "tie" not in res:
                 continue
             dev = device_of["tie"]
-            for p in [p for p in res if p != "tie" and (case, p) not in self._paired]:
-                self._paired.add((case, p))
-                if device_of[p] == dev:
-                    rows += real_cb_rows({case: {"tie": res["tie"], p: res[p]}}, dev, self.cmd)
-                else:
+            new = [p for p in res if p != "tie" and (case, p) not in self._paired]
+            self._paired.update((case, p) for p in new)
+            for p in new:
+                if device_of[p] != dev:
                     print(
                         f"{case} {p} ran on {device_of[p]}, TIE on {dev}: no row; the run is in the details"
                     )
-            if speed_of[case] == 0:  # the burst as an offline job, on TIE's card only
-                same = {p: v for p, v in res.items() if device_of[p] == dev}
-                rows += burst_goodput_rows(case, same, self._goodput.setdefault(case, set()), dev, self.cmd)
+            # only runs on TIE's card are compared
+            same = {p: v for p, v in res.items() if device_of[p] == dev}
+            goodput = self._goodput.setdefault(case, set())
+            rows += comparison_rows(
+                case, same, [p for p in new if p in same], speed_of[case], goodput, dev, self.cmd
+            )
         self.rows += rows
         if self.args.no_write:
             return
