@@ -313,15 +313,21 @@ def grads_with_replicas(rank: int, ws: int) -> dict[str, Any]:
     # replicas: rank r holds experts r, r+ws and (r+1)%e as a replica
     slots = [[r, r + ws, (r + 1) % e] for r in range(ws)]
     runs = [
-        (f"{sync}_{gather}", sync == "async", gather)
-        for sync in ("sync", "async")
+        (
+            f"{sync}_{gather}",
+            sync != "sync",
+            sync.removeprefix("async_") if sync != "sync" else "eager",
+            gather,
+        )
+        for sync in ("sync", "async_eager", "async_deferred")
         for gather in ("p2p", "all_to_all")
     ]
-    for name, asyncg, gather in runs:
+    for name, asyncg, schedule, gather in runs:
         cfg = FSEPConfig(
             mode="fsep",
             layout_policy="identity",
             async_grad_reduce=asyncg,
+            comm_schedule=schedule,
             average_grads=False,
             gather=gather,
         )
@@ -383,3 +389,47 @@ def checkpointed_training(rank: int, world_size: int, steps: int = 3) -> dict[st
         "history_lengths": [len(lay.planner.history) for lay in fsep_layers(model)],
         "checkpointing": bool(model.model.layers[0].gradient_checkpointing),
     }
+
+
+def comm_schedules(rank: int, ws: int, layers: int = 3) -> dict[str, Any]:
+    """A stack of ``layers`` FSEP layers (planner layouts with replicas after one step), backward under
+    both comm schedules: the order of the backward communication (``FSEPState.trace``) and the max
+    difference of the shard gradients between the schedules."""
+    import torch
+
+    from hf_ext.accelerate.fsep.config import FSEPConfig
+    from hf_ext.accelerate.fsep.layer import FSEPExperts, FSEPState
+
+    e, h, i, t, k = 2 * ws, 16, 24, 64, 2
+    g = torch.Generator().manual_seed(0)
+    gus = [torch.randn(e, 2 * i, h, generator=g) * 0.1 for _ in range(layers)]
+    dns = [torch.randn(e, h, i, generator=g) * 0.1 for _ in range(layers)]
+    out: dict[str, Any] = {}
+    grads = {}
+    for schedule in ("eager", "deferred"):
+        state = FSEPState()
+        cfg = FSEPConfig(mode="fsep", extra_capacity=1, comm_schedule=schedule, gather="p2p")
+        stack = [
+            FSEPExperts(gus[j], dns[j], torch.nn.functional.silu, cfg, state=state, top_k=k)
+            for j in range(layers)
+        ]
+        for j in range(layers - 1):
+            stack[j]._next.append(stack[j + 1])
+        gx = torch.Generator().manual_seed(10 + rank)
+        for step in range(2):  # step 0 fills the planner history, step 1 runs the planned layout
+            x = torch.randn(t, h, generator=gx).requires_grad_()
+            idx = [torch.stack([torch.randperm(e, generator=gx)[:k] for _ in range(t)]) for _ in stack]
+            w = [torch.softmax(torch.randn(t, k, generator=gx), -1) for _ in stack]
+            for lay in stack:
+                lay.expert_shards.grad = None
+            state.begin_step()
+            state.trace = [] if step == 1 else None
+            y = x
+            for j, lay in enumerate(stack):
+                y = y + lay(y, idx[j], w[j])
+            y.square().sum().backward()
+        out[f"trace_{schedule}"] = state.trace
+        out[f"slots_{schedule}"] = [list(map(list, lay.layout.slots)) for lay in stack]
+        grads[schedule] = [lay.expert_shards.grad.clone() for lay in stack]
+    out["grad_diff"] = max(float((a - b).abs().max()) for a, b in zip(grads["eager"], grads["deferred"]))
+    return out

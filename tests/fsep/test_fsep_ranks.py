@@ -6,13 +6,17 @@ from __future__ import annotations
 import pytest
 
 from hf_ext.testing import run_distributed
-from tests.fsep._dist_fns import checkpointed_training, grads_with_replicas
+from tests.fsep._dist_fns import checkpointed_training, comm_schedules, grads_with_replicas
 
 
 def test_shard_gradients_match_dense_on_three_ranks():
     for rank_res in run_distributed(grads_with_replicas, 3):
         assert rank_res.pop("auto_picks_p2p") == (False, True)
-        assert set(rank_res) == {"sync_p2p", "sync_all_to_all", "async_p2p", "async_all_to_all"}
+        assert set(rank_res) == {
+            f"{sync}_{gather}"
+            for sync in ("sync", "async_eager", "async_deferred")
+            for gather in ("p2p", "all_to_all")
+        }
         assert max(rank_res.values()) < 1e-5, rank_res
 
 
@@ -31,3 +35,24 @@ def test_activation_checkpointing_trains_like_one_process_and_observes_each_step
         assert res["train_max_diff"] < 1e-4, res
         # the recompute in backward does not enter the planner history a second time
         assert res["history_lengths"] and all(n == 3 for n in res["history_lengths"]), res
+
+
+def test_deferred_schedule_starts_each_gradient_exchange_after_the_token_all_to_alls():
+    for res in run_distributed(comm_schedules, 2):
+        assert res["grad_diff"] == 0.0, res["grad_diff"]
+        assert res["slots_deferred"] == res["slots_eager"]
+        assert any(len(s) > 1 for s in res["slots_deferred"][0]), "the planned layout should have replicas"
+        trace = res["trace_deferred"]
+        pos = {ev: n for n, ev in enumerate(trace)}
+        assert len(pos) == len(trace) == 3 * 3, trace  # per layer: combine, dispatch, exchange, once each
+        for j in range(3):
+            # never ahead of the layer's own dispatch all-to-all on the NCCL stream ...
+            assert pos[("grad_exchange", j)] > pos[("dispatch_a2a_backward", j)], trace
+            # ... and started only once the layer below has queued its combine all-to-all
+            if j > 0:
+                assert pos[("grad_exchange", j)] > pos[("combine_a2a_backward", j - 1)], trace
+                assert pos[("grad_exchange", j)] < pos[("dispatch_a2a_backward", j - 1)], trace
+        assert trace[-1] == ("grad_exchange", 0), trace
+        # the eager schedule starts each exchange before the same layer's dispatch all-to-all
+        eager = {ev: n for n, ev in enumerate(res["trace_eager"])}
+        assert all(eager[("grad_exchange", j)] < eager[("dispatch_a2a_backward", j)] for j in range(3))

@@ -15,6 +15,7 @@ LAYOUT_POLICIES = ("planner", "identity", "fsdp")
 ROUTING_POLICIES = ("uniform", "local_first", "node_first", "auto")
 HARDWARE_PRESETS = ("auto", "h100", "h100_2gpu_fit", "a100_ref", "cpu")
 GATHER_METHODS = ("auto", "p2p", "all_to_all")
+COMM_SCHEDULES = ("deferred", "eager")
 
 
 @dataclass
@@ -112,6 +113,15 @@ class FSEPConfig:
             "Set False when using torch.autograd.grad."
         },
     )
+    comm_schedule: str = field(
+        default="deferred",
+        metadata={
+            "help": "When the backward starts a layer's gradient reduce-scatter (with async_grad_reduce). "
+            "'eager': in the layer's own backward, where it queues on the NCCL stream ahead of that layer's "
+            "token all-to-all; 'deferred': once the next layer's combine all-to-all is queued, so it runs "
+            "during that layer's expert backward (the last layer's at the end of backward)."
+        },
+    )
     average_grads: bool = field(
         default=True,
         metadata={"help": "Divide expert gradients by the world size (the DDP / FSDP averaging convention)."},
@@ -140,6 +150,10 @@ class FSEPConfig:
         if self.gather not in GATHER_METHODS:
             raise ValueError(
                 f"FSEPConfig.gather={self.gather!r} is not supported; choose one of {GATHER_METHODS}"
+            )
+        if self.comm_schedule not in COMM_SCHEDULES:
+            raise ValueError(
+                f"FSEPConfig.comm_schedule={self.comm_schedule!r} is not supported; choose one of {COMM_SCHEDULES}"
             )
         if self.gather_p2p_min_bytes < 0:
             raise ValueError(f"FSEPConfig.gather_p2p_min_bytes={self.gather_p2p_min_bytes} must be >= 0")

@@ -52,9 +52,15 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any
+        ctx: Any,
+        x: torch.Tensor,
+        out_splits: list[int],
+        in_splits: list[int],
+        group: Any,
+        after_backward: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        ctx.after_backward = after_backward
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
@@ -63,7 +69,9 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         out = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
         dist.all_to_all_single(out, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return out, None, None, None
+        if ctx.after_backward is not None:  # runs once this all-to-all is queued
+            ctx.after_backward()
+        return out, None, None, None, None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -104,15 +112,22 @@ class _GatherExperts(torch.autograd.Function):
         lay: Layout = ctx.layout
         n, s = layer.world_size, layer.shard_size
         g = grad if grad.shape[1] == n * s else F.pad(grad, (0, n * s - grad.shape[1]))
-        finish = (_grad_exchange_p2p if layer.use_p2p else _grad_exchange_all_to_all)(
-            layer, lay, g.contiguous()
-        )
+        if layer.config.async_grad_reduce and layer.config.comm_schedule == "deferred":
+            layer._state.defer_grad_exchange(layer, lay, g.contiguous())
+            return None, None, None
+        finish = _start_grad_exchange(layer, lay, g.contiguous())
         if layer.config.async_grad_reduce:
             layer._state.add_pending_grad(layer, finish)
             return None, None, None
         out = torch.zeros_like(layer.expert_shards)
         finish(out)
         return out, None, None
+
+
+def _start_grad_exchange(layer: FSEPExperts, lay: Layout, g: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """Start the reduce-scatter of ``g [C_me, N*S]`` with the layer's weight exchange -> ``finish(out)``."""
+    layer._state.record("grad_exchange", layer)
+    return (_grad_exchange_p2p if layer.use_p2p else _grad_exchange_all_to_all)(layer, lay, g)
 
 
 def _grad_exchange_p2p(layer: FSEPExperts, lay: Layout, g: torch.Tensor) -> Callable[[torch.Tensor], None]:
@@ -235,30 +250,65 @@ class _PendingGather:
 
 
 class FSEPState:
-    """What the FSEP layers of one model share: step counter, pending async gradient reductions."""
+    """What the FSEP layers of one model share: step counter, pending async gradient reductions.
+
+    With ``comm_schedule="deferred"`` a layer's gradient exchange is not started in its own backward
+    (where it would queue on the one NCCL stream ahead of that layer's token all-to-all) but once the
+    next layer's combine all-to-all is queued (:meth:`start_deferred`), so that it runs during that
+    layer's expert backward; exchanges started at the flush before are finished there (bounded memory).
+    ``trace`` (a list, ``None`` by default) records the order of the backward communication for tests.
+    """
 
     def __init__(self) -> None:
         self.layers: list[FSEPExperts] = []
         self.step = 0
         self._pending: list[tuple[FSEPExperts, Callable[[torch.Tensor], None]]] = []
+        self._deferred: list[tuple[FSEPExperts, Layout, torch.Tensor]] = []
         self._callback_queued = False
+        self.trace: list[tuple[str, int]] | None = None
 
-    def add_pending_grad(self, layer: FSEPExperts, finish: Callable[[torch.Tensor], None]) -> None:
-        """Queue ``finish(expert_shards.grad)`` (waits for the layer's gradient exchange) for the end of backward."""
-        self._pending.append((layer, finish))
+    def record(self, event: str, layer: FSEPExperts) -> None:
+        """Append ``(event, index of layer)`` to :attr:`trace` when tracing."""
+        if self.trace is not None:
+            self.trace.append((event, self.layers.index(layer)))
+
+    def _queue_finish(self) -> None:
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish_grads)
 
-    def finish_grads(self) -> None:
-        """Wait for the async gradient exchanges and accumulate into ``expert_shards.grad`` in place."""
+    def add_pending_grad(self, layer: FSEPExperts, finish: Callable[[torch.Tensor], None]) -> None:
+        """Queue ``finish(expert_shards.grad)`` (waits for the layer's gradient exchange) for the end of backward."""
+        self._pending.append((layer, finish))
+        self._queue_finish()
+
+    def defer_grad_exchange(self, layer: FSEPExperts, lay: Layout, grad: torch.Tensor) -> None:
+        """Hold ``grad [C_me, N*S]`` of ``layer`` until :meth:`start_deferred` (or the end of backward)."""
+        self._deferred.append((layer, lay, grad))
+        self._queue_finish()
+
+    def start_deferred(self) -> None:
+        """Finish the exchanges in flight, then start the held ones (called after a combine all-to-all's
+        backward is queued, and at the end of backward)."""
+        self._finish_pending()
+        deferred, self._deferred = self._deferred, []
+        for layer, lay, grad in deferred:
+            self._pending.append((layer, _start_grad_exchange(layer, lay, grad)))
+
+    def _finish_pending(self) -> None:
         pending, self._pending = self._pending, []
-        self._callback_queued = False
         for layer, finish in pending:
             p = layer.expert_shards
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             finish(p.grad)
+
+    def finish_grads(self) -> None:
+        """Start what is held, wait for every gradient exchange and accumulate into ``expert_shards.grad``
+        in place (the end-of-backward callback)."""
+        self.start_deferred()
+        self._finish_pending()
+        self._callback_queued = False
 
     def begin_step(self) -> None:
         """Called before each training forward of the root model: re-plan layouts."""
@@ -428,6 +478,18 @@ class FSEPExperts(nn.Module):
             pending = _PendingGather(self, self.layout, async_op=False)
         return _GatherExperts.apply(self.expert_shards, self, pending)
 
+    def _after_a2a_backward(self, which: str) -> Callable[[], None]:
+        """Hook run once the backward of this layer's ``which`` (dispatch / combine) all-to-all is queued:
+        records it, and after a combine starts the gradient exchanges held by the deferred schedule."""
+        state = self._state
+
+        def hook() -> None:
+            state.record(f"{which}_a2a_backward", self)
+            if which == "combine":
+                state.start_deferred()
+
+        return hook
+
     # ------------------------------------------------------------------ forward
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -479,7 +541,9 @@ class FSEPExperts(nn.Module):
         c_me = len(my_slots)
         cnt = shares[:, my_slots, me] if c_me else np.zeros((n, 0), dtype=np.int64)  # [N, C_me]
         out_splits = cnt.sum(axis=1).tolist()
-        x_recv = _AllToAll.apply(x_send, out_splits, in_splits, self.group)
+        x_recv = _AllToAll.apply(
+            x_send, out_splits, in_splits, self.group, self._after_a2a_backward("dispatch")
+        )
         labels = np.repeat(np.tile(np.arange(c_me), n), cnt.reshape(-1))
         perm = torch.as_tensor(np.argsort(labels, kind="stable"), device=dev)
         inv = torch.empty_like(perm)
@@ -511,7 +575,9 @@ class FSEPExperts(nn.Module):
         y_recv = yg.index_select(0, inv)
 
         # ---- combine
-        y_send = _AllToAll.apply(y_recv, in_splits, out_splits, self.group)
+        y_send = _AllToAll.apply(
+            y_recv, in_splits, out_splits, self.group, self._after_a2a_backward("combine")
+        )
         wts = top_k_weights.reshape(-1).index_select(0, send_pairs)
         contrib = (y_send * wts.unsqueeze(1)).to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add(0, token_idx, contrib)
