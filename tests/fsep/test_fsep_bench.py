@@ -62,3 +62,34 @@ def test_measured_rows_name_the_baselines(measured):
         for b in ("static_ep", "fsdp")
     }
     assert all(r.case.endswith("_tiny_gloo2") and ("skew" in r.case or "balanced" in r.case) for r in rows)
+
+
+def test_decoder_stack_with_attention_and_the_eager_schedule():
+    spec = dict(
+        SPEC, layers=3, steps=3, cases=[("skew_colocated", 1.5)], eager=True, attention=(4, 2, 8), seq=64
+    )
+    res = run_distributed(bench.stack_worker, 2, spec)[0]
+    c = bench._case("skew_colocated", 1.5)
+    for mode in ("fsep", "static_ep", "fsdp", "fsep_eager"):
+        ms, err = res[f"{c}/{mode}"]
+        assert ms > 0 and err < 1e-4, (mode, err)  # the dense reference runs the same attention blocks
+    rows = bench.measured_rows(res, spec["cases"], "cpu-gloo", "tiny_attn64_gloo2", "cmd")
+    assert {r.baseline for r in rows} == {"static_ep", "fsdp", "fsep_eager"}
+    with pytest.raises(ValueError, match="multiple of seq"):
+        bench.stack_worker(0, 1, dict(spec, seq=100))
+
+
+def test_attention_block_is_causal_gqa():
+    import torch
+
+    from hf_ext.accelerate.fsep.bench_blocks import AttnBlock
+
+    blk = AttnBlock(16, 4, 2, 8, 8, torch.Generator().manual_seed(0))
+    x = torch.randn(16, 16)
+    y = blk(x)
+    x2 = x.clone()
+    x2[7] += 1.0  # changes row 7 onward of the first sequence only
+    y2 = blk(x2)
+    assert torch.equal(y[:7], y2[:7]) and not torch.allclose(y[7], y2[7]) and torch.equal(y[8:], y2[8:])
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        AttnBlock(16, 4, 3, 8, 8, torch.Generator())

@@ -21,6 +21,7 @@ times the FSEP layer on one GPU against the transformers experts module (``layer
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import statistics
@@ -37,6 +38,14 @@ MODEL_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     "mixtral8x7b": (4096, 14336, 8, 2, 32, 4096 * (4096 + 2 * 1024) + 4096 * 4096),
     "qwen3_30b_a3b": (2048, 768, 128, 8, 48, 2048 * (4096 + 2 * 512) + 4096 * 2048),
     "olmoe_1b_7b": (2048, 1024, 64, 8, 16, 4 * 2048 * 2048),
+}
+
+
+# name: (query heads, key/value heads, head dim) of the attention block of the --attention stacks
+ATTN_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mixtral8x7b": (32, 8, 128),
+    "qwen3_30b_a3b": (32, 4, 128),
+    "olmoe_1b_7b": (16, 16, 128),
 }
 
 
@@ -134,13 +143,18 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
     ``spec``: ``hidden, inter, experts, top_k, tokens`` (per rank), ``layers, steps, warmup``,
     ``cases`` (list of ``(regime, alpha)``, see :func:`_case_probs`), optional ``device`` (``"cpu"`` or
     ``"cuda"``: this rank's current CUDA device), ``dtype`` (``"float32"`` / ``"bfloat16"``), ``drift``.
-    The three layouts run interleaved step by step on the same inputs: ``fsep`` (planner, history 5),
-    ``static_ep`` (E/N resident experts) and ``fsdp`` (every rank gathers every expert). Returns, per
-    ``<case>/<mode>``: (best step ms, max |out - dense| at step 0), ``/median`` ms, ``/compute`` (slowest
-    rank's expert-forward CPU ms; NaN on GPU) and ``/max_tokens`` (slowest rank's expert rows per step).
+    The layouts run interleaved step by step on the same inputs: ``fsep`` (planner, history 5),
+    ``static_ep`` (E/N resident experts), ``fsdp`` (every rank gathers every expert) and, with
+    ``spec["eager"]``, ``fsep_eager`` (FSEP with ``comm_schedule="eager"``). With ``spec["attention"] =
+    (heads, kv_heads, head_dim)`` and ``spec["seq"]`` every MoE layer is preceded by a causal GQA
+    self-attention block over sequences of ``seq`` tokens (a decoder layer without norms; replicated
+    weights, the same in every mode). Returns, per ``<case>/<mode>``: (best step ms, max |out - dense| at
+    step 0), ``/median`` ms, ``/compute`` (slowest rank's expert-forward CPU ms; NaN on GPU) and
+    ``/max_tokens`` (slowest rank's expert rows per step).
     """
     import torch
 
+    from hf_ext.accelerate.fsep.bench_blocks import AttnBlock
     from hf_ext.accelerate.fsep.config import FSEPConfig
     from hf_ext.accelerate.fsep.layer import FSEPExperts, FSEPState
 
@@ -163,20 +177,32 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
     gu = [(torch.randn(e, 2 * i, h, generator=g, device=device) * 0.02).to(dtype) for _ in range(layers)]
     dn = [(torch.randn(e, h, i, generator=g, device=device) * 0.02).to(dtype) for _ in range(layers)]
     act = torch.nn.functional.silu
+    attn_spec = spec.get("attention")
+    if attn_spec is not None and t % spec["seq"]:
+        raise ValueError(f"tokens per rank ({t}) must be a multiple of seq ({spec['seq']})")
+    attn = (
+        [AttnBlock(h, *attn_spec, spec["seq"], g).to(device, dtype) for _ in range(layers)]
+        if attn_spec is not None
+        else None
+    )
     results: dict[str, Any] = {}
     modes = {
         "fsep": FSEPConfig(mode="fsep", history=5),
         "static_ep": FSEPConfig(mode="static_ep"),
         "fsdp": FSEPConfig(mode="fsep", layout_policy="fsdp"),
     }
+    if spec.get("eager"):
+        modes["fsep_eager"] = FSEPConfig(mode="fsep", history=5, comm_schedule="eager")
     for case, alpha in spec["cases"]:
         probs = _case_probs(case, alpha, e, spec["steps"], spec.get("drift", 0.3))
-        stacks, states = {}, {}
+        stacks, states, attns = {}, {}, {}
         for mname, cfg in modes.items():
             states[mname] = FSEPState()
             stacks[mname] = torch.nn.ModuleList(
                 [FSEPExperts(gu[j], dn[j], act, cfg, state=states[mname], top_k=k) for j in range(layers)]
             ).train()
+            if attn is not None:
+                attns[mname] = torch.nn.ModuleList([copy.deepcopy(a) for a in attn]).train()
             for j in range(layers - 1):
                 stacks[mname][j]._next.append(stacks[mname][j + 1])
         results["fsep_gather"] = "p2p" if stacks["fsep"][0].use_p2p else "all_to_all"
@@ -194,7 +220,7 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
             ]
             # modes interleaved step by step, so machine-load noise hits all of them alike
             for mname in modes:
-                y, dt = _timed_step(stacks[mname], states[mname], x0, idx, wts)
+                y, dt = _timed_step(stacks[mname], states[mname], x0, idx, wts, attns.get(mname))
                 if step >= spec["warmup"]:
                     times[mname].append(float(dt[0]) * 1e3)
                     comp[mname].append(float(dt[1]) * 1e3)
@@ -203,10 +229,12 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
                     with torch.no_grad():
                         ref = x0
                         for j in range(layers):
+                            if attn is not None:
+                                ref = ref + attn[j](ref)
                             ref = ref + _dense_moe(ref, idx[j], wts[j], gu[j], dn[j], act)
                         errs[mname] = float((y.detach() - ref).abs().max())
         if spec.get("profile") and case == spec["profile"]:
-            _profile_modes(rank, stacks, states, x0, idx, wts)
+            _profile_modes(rank, stacks, states, x0, idx, wts, attns)
         for mname in modes:
             key = f"{_case(case, alpha)}/{mname}"
             # best of N: the least disturbed step (the CPU box is shared; the median is kept for reference)
@@ -373,9 +401,9 @@ def layer_step_vs_hf(
             dist.destroy_process_group()
 
 
-def _timed_step(stack: Any, state: Any, x0: Any, idx: list, wts: list) -> tuple[Any, Any]:
-    """One forward + backward of a layer stack -> (output, ``[wall s, expert CPU s, max expert rows]``,
-    each the max over ranks)."""
+def _timed_step(stack: Any, state: Any, x0: Any, idx: list, wts: list, attn: Any = None) -> tuple[Any, Any]:
+    """One forward + backward of a layer stack (with ``attn[j]`` before MoE layer ``j`` if given) ->
+    (output, ``[wall s, expert CPU s, max expert rows]``, each the max over ranks)."""
     import torch
     import torch.distributed as dist
 
@@ -390,6 +418,8 @@ def _timed_step(stack: Any, state: Any, x0: Any, idx: list, wts: list) -> tuple[
     state.begin_step()
     y = x
     for j, layer in enumerate(stack):
+        if attn is not None:
+            y = y + attn[j](y)
         y = y + layer(y, idx[j], wts[j])
     y.float().square().mean().backward()
     sync()
@@ -405,17 +435,21 @@ def _timed_step(stack: Any, state: Any, x0: Any, idx: list, wts: list) -> tuple[
     dist.all_reduce(dt, op=dist.ReduceOp.MAX)
     for p in stack.parameters():
         p.grad = None
+    for p in attn.parameters() if attn is not None else ():
+        p.grad = None
     return y, dt
 
 
-def _profile_modes(rank: int, stacks: dict, states: dict, x0: Any, idx: list, wts: list) -> None:
+def _profile_modes(
+    rank: int, stacks: dict, states: dict, x0: Any, idx: list, wts: list, attns: dict | None = None
+) -> None:
     """One extra step per mode under ``torch.profiler`` (all ranks); rank 0 prints the top device ops."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x0.is_cuda else [])
     for mname in stacks:
         with profile(activities=acts) as prof:
-            _timed_step(stacks[mname], states[mname], x0, idx, wts)
+            _timed_step(stacks[mname], states[mname], x0, idx, wts, (attns or {}).get(mname))
         if rank == 0:
             key = "device_time_total" if x0.is_cuda else "cpu_time_total"
             try:
@@ -439,7 +473,8 @@ def measured_rows(
         metrics = [("step_time", ""), ("max_rank_expert_rows", "/max_tokens")]
         if math.isfinite(res[f"{c}/fsep/compute"]):
             metrics.append(("max_rank_expert_cpu_ms", "/compute"))
-        for base in ("static_ep", "fsdp"):
+        bases = ("static_ep", "fsdp") + (("fsep_eager",) if f"{c}/fsep_eager" in res else ())
+        for base in bases:
             for metric, key in metrics:
                 ours = f_ms if not key else res[f"{c}/fsep{key}"]
                 theirs = res[f"{c}/{base}"][0] if not key else res[f"{c}/{base}{key}"]
@@ -504,6 +539,7 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
             h, i, e, k = MODEL_SHAPES[model][:4]
             layers, tokens = MEASURE_SPECS.get(model, (2, 8192))
             tokens = args.tokens or tokens
+            layers = args.layers or layers
             spec: dict[str, Any] = dict(
                 hidden=h,
                 inter=i,
@@ -518,15 +554,21 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
                 dtype="bfloat16" if cuda else "float32",
                 drift=0.3,
                 profile="skew_colocated" if args.profile and model == args.models[0] else None,
+                eager=args.eager,
+                attention=ATTN_SHAPES[model] if args.attention else None,
+                seq=args.seq,
             )
             if not cuda or args.quick:
-                spec.update(hidden=64, inter=64, tokens=128, steps=3, warmup=1)
+                spec.update(hidden=64, inter=64, tokens=128, steps=3, warmup=1, seq=64)
+                spec["attention"] = (2, 1, 32) if args.attention else None
                 spec["cases"] = MEASURE_CASES[:1] + MEASURE_CASES[-2:]
             t0 = time.perf_counter()
             res = stack_worker(rank, world, spec)
             if rank == 0:
                 print(f"{model}: {len(spec['cases'])} cases in {time.perf_counter() - t0:.1f}s", flush=True)
-                size = f"{model}_L{layers}_T{spec['tokens']}"
+                size = f"{model}_L{layers}_T{spec['tokens']}" + (
+                    f"_attn{spec['seq']}" if args.attention else ""
+                )
                 dev = f"{device_name()} x{world} {backend}"
                 suffix = f"{size}_{res['fsep_gather']}_{backend}{world}"  # the weight exchange FSEP used
                 rows += measured_rows(res, spec["cases"], dev, suffix, cmd)
@@ -571,6 +613,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--profile", action="store_true", help="--torchrun: print a torch.profiler table of one step per mode"
+    )
+    p.add_argument("--layers", type=int, default=0, help="--torchrun: MoE layers per stack (default: 2)")
+    p.add_argument(
+        "--attention",
+        action="store_true",
+        help="--torchrun: a causal GQA self-attention block (the model's heads) before every MoE layer "
+        "(cases get '_attn<seq>')",
+    )
+    p.add_argument("--seq", type=int, default=4096, help="--torchrun --attention: tokens per sequence")
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="--torchrun: also run FSEP with comm_schedule='eager' (rows with baseline 'fsep_eager')",
     )
     args = p.parse_args(argv)
     if args.torchrun:
