@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -193,6 +195,9 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
     }
     if spec.get("eager"):
         modes["fsep_eager"] = FSEPConfig(mode="fsep", history=5, comm_schedule="eager")
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack (a stuck run)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    t_start = time.perf_counter()
     for case, alpha in spec["cases"]:
         probs = _case_probs(case, alpha, e, spec["steps"], spec.get("drift", 0.3))
         stacks, states, attns = {}, {}, {}
@@ -243,7 +248,13 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
             # slowest rank's expert-forward CPU time (sum over layers): the load balance itself
             results[f"{key}/compute"] = float(statistics.median(comp[mname]))
             results[f"{key}/max_tokens"] = float(statistics.mean(rows_max[mname]))
-        del stacks, states
+        if rank == 0 and cuda:
+            best = ", ".join(f"{m} {results[f'{_case(case, alpha)}/{m}'][0]:.1f}" for m in modes)
+            print(
+                f"  {_case(case, alpha)}: best step ms {best} ({time.perf_counter() - t_start:.0f}s)",
+                flush=True,
+            )
+        del stacks, states, attns
         if cuda:
             torch.cuda.empty_cache()
     return results
