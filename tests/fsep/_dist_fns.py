@@ -300,6 +300,7 @@ def grads_with_replicas(rank: int, ws: int) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
+    from hf_ext.accelerate.fsep import layer as layer_mod
     from hf_ext.accelerate.fsep.bench import _dense_moe
     from hf_ext.accelerate.fsep.config import FSEPConfig
     from hf_ext.accelerate.fsep.layer import FSEPExperts
@@ -322,7 +323,9 @@ def grads_with_replicas(rank: int, ws: int) -> dict[str, Any]:
         for sync in ("sync", "async_eager", "async_deferred")
         for gather in ("p2p", "all_to_all")
     ]
+    runs.append(("rowadd_p2p", True, "deferred", "p2p"))  # shard rows added one add_ each
     for name, asyncg, schedule, gather in runs:
+        layer_mod._ROW_ADD_MIN_NUMEL = 0 if name.startswith("rowadd") else 1 << 20
         cfg = FSEPConfig(
             mode="fsep",
             layout_policy="identity",

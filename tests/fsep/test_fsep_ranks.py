@@ -16,7 +16,7 @@ def test_shard_gradients_match_dense_on_three_ranks():
             f"{sync}_{gather}"
             for sync in ("sync", "async_eager", "async_deferred")
             for gather in ("p2p", "all_to_all")
-        }
+        } | {"rowadd_p2p"}
         assert max(rank_res.values()) < 1e-5, rank_res
 
 
@@ -56,3 +56,21 @@ def test_deferred_schedule_starts_each_gradient_exchange_after_the_token_all_to_
         # the eager schedule starts each exchange before the same layer's dispatch all-to-all
         eager = {ev: n for n, ev in enumerate(res["trace_eager"])}
         assert all(eager[("grad_exchange", j)] < eager[("dispatch_a2a_backward", j)] for j in range(3))
+
+
+@pytest.mark.parametrize("min_numel", [0, 1 << 30])
+def test_add_rows_matches_index_add_with_repeated_rows(monkeypatch, min_numel):
+    import torch
+
+    from hf_ext.accelerate.fsep import layer
+
+    monkeypatch.setattr(layer, "_ROW_ADD_MIN_NUMEL", min_numel)
+    out = torch.randn(5, 7)
+    ref = out.clone()
+    rows = [3, 0, 3, 1]  # expert 3 twice: two replicas' chunks add up
+    src = torch.randn(4, 7, dtype=torch.float64)
+    layer._add_rows(out, rows, src, 0.5)
+    ref.index_add_(0, torch.tensor(rows), src.float(), alpha=0.5)
+    assert torch.allclose(out, ref)
+    layer._add_rows(out, [], src[:0], 0.5)  # nothing to add
+    assert torch.allclose(out, ref)
