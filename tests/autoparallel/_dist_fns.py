@@ -110,6 +110,9 @@ def profile_runtime(rank: int, world_size: int) -> dict[str, Any]:
     with_step = predict(plan, hardware=hw, profile=prof, memory_gb=16).step_ms
     bumped = dataclasses.replace(prof, step_overhead_ms={"ddp": 7.0})
     return {
+        "failed_large": _runtime_with_failing_large_phase(model, shape),
+        "runtime_micro_batches": prof.runtime_micro_batches,
+        "recompute_fwd_ratio": prof.recompute_fwd_ratio,
         "runtime": prof.runtime,
         "step_overhead_ms": prof.step_overhead_ms,
         "notes": prof.probe_notes,
@@ -120,3 +123,27 @@ def profile_runtime(rank: int, world_size: int) -> dict[str, Any]:
             plan, hardware=hw, profile=dataclasses.replace(prof, step_overhead_ms={}), memory_gb=16
         ).step_ms,
     }
+
+
+def _runtime_with_failing_large_phase(model: Any, shape: Any) -> dict[str, Any]:
+    """The DDP runtime probe at b = 1 and 2 whose b=2 phase raises (as an out-of-memory would)."""
+    import torch
+
+    from hf_ext.accelerate.autoparallel import profiler
+
+    real = profiler._time_train_steps
+
+    def flaky(runner: Any, opt: Any, layers: Any, cfgs: list, *args: Any) -> Any:
+        if cfgs[0][0] > 1:
+            raise torch.OutOfMemoryError("synthetic: the larger micro-batch does not fit")
+        return real(runner, opt, layers, cfgs, *args)
+
+    notes: dict[str, str] = {}
+    profiler._time_train_steps = flaky
+    try:
+        r = profiler._measure_runtime(
+            model, shape, 32, torch.device("cpu"), torch.float32, "ddp", 0, 1, (1, 2), 2, notes
+        )
+    finally:
+        profiler._time_train_steps = real
+    return {"runtime": r, "notes": notes}

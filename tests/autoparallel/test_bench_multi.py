@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 
 import pytest
+
+from hf_ext.accelerate.autoparallel.profiler import ModelProfile
 
 
 def bench_quick(rank: int, world_size: int, results_dir: str) -> int:
@@ -35,6 +38,20 @@ def test_bench_quick_ranks(tmp_path, world):
     err = {r["baseline"]: float(r["ratio"]) for r in rows if r["metric"] == "prediction_error"}
     assert sorted(err) == ["hand_ddp", "hand_fsdp", "hand_fsdp_ckpt", "searched_plan"]
     assert all(math.isfinite(v) and v > 0 for v in err.values())
+    # the profile and each prediction's terms are saved beside the CSV
+    (prof_path,) = tmp_path.glob("autoparallel_profile_*.json")
+    prof = ModelProfile.load(str(prof_path))
+    assert prof.runtime_micro_batches == [1, 2]
+    # the harness's world (not the bench's own private one-rank group) runs the runtime probes at world 1 only
+    assert set(prof.runtime) == ({"ddp", "fsdp"} if world == 1 else set()), prof.probe_notes
+    (bd_path,) = tmp_path.glob(f"autoparallel_breakdown_*-{world}gpu.json")
+    bd = json.loads(bd_path.read_text())["configs"]
+    assert sorted(bd) == ["hand_ddp", "hand_fsdp", "hand_fsdp_ckpt", "searched"]
+    for c in bd.values():
+        terms = c["breakdown_ms"]
+        assert terms["total"] == pytest.approx(c["predicted_ms"])
+        assert sum(v for k, v in terms.items() if k != "total") == pytest.approx(terms["total"])
+    assert bd["hand_fsdp_ckpt"]["breakdown_ms"]["recompute"] >= 0  # a CPU timing may clamp it to 0
 
 
 def test_unsupported_plans_are_named():

@@ -32,6 +32,7 @@ _LAZY = {
     "search_plans": "search",
     "search_plan": "search",
     "predict": "search",
+    "predict_breakdown": "search",
     "NoFeasiblePlanError": "search",
     "Plan": "plan",
     "apply_plan": "apply",

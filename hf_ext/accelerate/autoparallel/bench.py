@@ -17,6 +17,16 @@ reported), and writes (rank 0) to ``autoparallel.csv`` with case ``<model>-s<seq
 * rows whose case ends in ``[predicted]`` (``quality_name=source``) are cost-model predictions for
   ``--predict-gpus`` GPUs (default 2; skipped when it equals N), NOT measurements.
 
+Beside the CSV (rank 0) it writes the profile, ``autoparallel_profile_<device>.json`` (a
+:class:`ModelProfile`; ``ModelProfile.load`` reads it back), and ``autoparallel_breakdown_<device>-<N>gpu.json``:
+per configuration the plan, measured and predicted ms and the terms of the prediction
+(:meth:`CostModel.breakdown`: layer forward / backward / recompute, runtime excess, embedding, head,
+whole-model overhead, communication, bubble, optimizer, per-step overhead), also printed.
+
+The profile times the layers at ``b`` = 1, 2, 4, 8 and the whole model and runtime (DDP-autocast and
+FSDP2 through :func:`apply_plan`) at ``b = 1`` and ``b = --runtime-micro-batch`` (default 4), the latter
+also with every layer checkpointed.
+
 ``--quick`` runs a tiny model on CPU (gloo) in seconds to check the pipeline end to end (also with
 several processes).
 
@@ -32,7 +42,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import os
+import re
 import statistics
 import time
 from typing import Any
@@ -94,7 +106,10 @@ def _model_config(args: argparse.Namespace) -> Any:
 
 
 def _profile(cfg: Any, args: argparse.Namespace, device: Any, dtype: Any, shape: Any) -> Any:
-    """``profile_model`` of a freshly built random model (run by rank 0 only)."""
+    """``profile_model`` of a freshly built random model (run by rank 0 only).
+
+    Layers at the micro-batch sizes the search tries (1, 2, 4, 8; ``--quick``: 1, 2), the whole model and
+    the runtime at ``b = 1`` and ``--runtime-micro-batch``."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -106,17 +121,120 @@ def _profile(cfg: Any, args: argparse.Namespace, device: Any, dtype: Any, shape:
     prof = profile_model(
         pm,
         seq_len=args.seq_len,
-        micro_batches=(1, 2) if args.quick else (1, 2, 4),
+        micro_batches=(1, 2) if args.quick else (1, 2, 4, 8),
         device=device,
         dtype=dtype or torch.float32,
         repeats=2 if args.quick else 5,
         max_layers=2,
         cache_dir=args.cache_dir,
         shape=shape,
+        runtime_micro_batches=(1, args.runtime_micro_batch),
     )
     del pm
     gc.collect()
     return prof
+
+
+def _profile_lines(prof: Any) -> list[str]:
+    """What the profile measured, in words (printed by rank 0)."""
+    emb = prof.embed.fwd_ms(1) + prof.embed.bwd_ms(1) if prof.embed is not None else 0.0
+    bwd0 = (
+        prof.bwd_overhead_ms
+        if prof.bwd_overhead_ms is not None
+        else prof.bwd_fwd_ratio * prof.per_layer_overhead_ms
+    )
+    lines = [
+        f"layer: fwd {prof.per_layer_overhead_ms:.3f} ms + compute at {prof.achieved_tflops:.1f} TFLOP/s, bwd "
+        f"{bwd0:.3f} ms + {prof.bwd_fwd_ratio:.2f} x compute; activation calibration {prof.act_calibration:.2f}; "
+        f"embed {emb:.2f} ms/seq, head {prof.head.fwd_ms(1) + prof.head.bwd_ms(1):.2f} ms at b=1 "
+        f"(+{prof.head.fwd_ms_per_sample + prof.head.bwd_ms_per_sample:.2f} ms/seq)",
+        f"AdamW {prof.optimizer_ns_per_param:.3f} ns/param; autocast {prof.autocast_ns_per_param:.4f} ns/param "
+        f"+ {prof.autocast_ns_per_param_per_sample:.4f} ns/layer-param/seq (act x{prof.autocast_act_ratio:.2f}); "
+        f"FSDP {prof.fsdp_layer_overhead_ms:.3f} + {prof.fsdp_layer_overhead_ms_per_sample:.3f} ms/seq per "
+        f"layer/micro-batch; whole-model overhead {prof.micro_batch_overhead_ms:.2f} + "
+        f"{prof.micro_batch_overhead_ms_per_sample:.2f} ms/seq per micro-batch (sizes {prof.runtime_micro_batches})",
+        "per-step overhead "
+        + (", ".join(f"{k} {v:.1f} ms" for k, v in prof.step_overhead_ms.items()) or "-")
+        + "; recompute / layer forward "
+        + (", ".join(f"{k} {v:.2f}" for k, v in prof.recompute_fwd_ratio.items()) or "- (1.0)"),
+    ]
+    for k, r in prof.runtime.items():
+        steps = ", ".join(
+            f"{n[:-3].replace('step_', '')} {v:.1f}"
+            for n, v in r.items()
+            if n.startswith(("step_", "ckpt_step_"))
+        )
+        lines.append(
+            f"runtime probe {k}: train_step(b, m) = {r['fixed_ms']:.2f} + m x ({r.get('mb_fixed_ms', r['mb_ms']):.2f}"
+            f" + {r.get('mb_ms_per_sample', 0.0):.2f} b) ms, excess over the plain model "
+            f"{r.get('excess_ms', float('nan')):.2f} + {r.get('excess_ms_per_sample', float('nan')):.2f} b ms, "
+            f"AdamW {r['opt_ms']:.2f} ms; medians ms: {steps}"
+        )
+    for k, v in prof.probe_notes.items():
+        lines.append(f"[yellow]profile probe {k}: {v}[/yellow]")
+    return lines
+
+
+# Short labels of CostModel.breakdown terms, in print order.
+_BREAKDOWN_LABELS = {
+    "layers_fwd": "fwd",
+    "layers_bwd": "bwd",
+    "recompute": "recompute",
+    "layers_runtime": "layer-runtime",
+    "embed": "embed",
+    "head": "head",
+    "micro_batch_overhead": "wrapper",
+    "root_runtime": "root-runtime",
+    "tp_comm": "tp",
+    "fsdp_comm": "fsdp-comm",
+    "p2p": "p2p",
+    "pipeline_bubble": "bubble",
+    "grad_sync": "grad-sync",
+    "optimizer": "optimizer",
+    "step_overhead": "step-overhead",
+}
+
+
+def _format_breakdown(bd: dict[str, float]) -> str:
+    """``fwd 70.1 + bwd 150.2 + ... = 340.5`` (ms per step; zero terms left out)."""
+    terms = [f"{lab} {bd[k]:.1f}" for k, lab in _BREAKDOWN_LABELS.items() if abs(bd.get(k, 0.0)) >= 0.05]
+    return " + ".join(terms) + f" = {bd['total']:.1f} ms"
+
+
+def _write_breakdown(
+    path: Any,
+    row: Any,
+    case: str,
+    configs: dict[str, Any],
+    measured: dict[str, tuple[float, float, str]],
+    predicted: dict[str, float],
+    breakdowns: dict[str, dict[str, float]],
+) -> None:
+    """Per configuration: plan, measured / predicted ms, peak GiB and the prediction's terms (JSON; a
+    measurement that failed or was not taken is ``null``)."""
+
+    def num(x: float) -> float | None:
+        return x if x == x and abs(x) != float("inf") else None
+
+    obj = {
+        "case": case,
+        "device": row.device,
+        "date": row.date,
+        "commit": row.commit,
+        "configs": {
+            name: {
+                "plan": plan.describe(),
+                "measured_ms": num(measured[name][0]),
+                "measured_peak_gib": num(measured[name][1]),
+                "measured_note": measured[name][2],
+                "predicted_ms": predicted[name],
+                "breakdown_ms": breakdowns[name],
+            }
+            for name, plan in configs.items()
+        },
+    }
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def _measure(
@@ -206,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     from hf_ext.accelerate.autoparallel.apply import unsupported_reason
     from hf_ext.accelerate.autoparallel.plan import Plan
     from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, profile_collectives
-    from hf_ext.accelerate.autoparallel.search import SearchConfig, predict, search
+    from hf_ext.accelerate.autoparallel.search import SearchConfig, predict, predict_breakdown, search
     from hf_ext.accelerate.autoparallel.shapes import get_shape
-    from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows
+    from hf_ext.utils.bench import Row, append_rows, device_name, plot_results, print_rows, results_dir
 
     ap = argparse.ArgumentParser(prog="hf-ext bench autoparallel", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3.2-1b", help="built-in shape to build randomly (GPU mode)")
@@ -224,12 +342,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU (seconds)")
     ap.add_argument("--cache-dir", default=None, help="profile JSON cache directory")
+    ap.add_argument(
+        "--runtime-micro-batch",
+        type=int,
+        default=4,
+        help="second micro-batch size of the whole-runtime probe (with b=1; 1: b=1 only); --quick: 2",
+    )
     args = ap.parse_args(argv)
     # Big transient blocks (fp32 logits of several GiB) fragment the caching allocator; expandable
     # segments (same setting for every configuration) keep the measured peak close to what is allocated.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.quick:
         args.seq_len, args.global_batch, args.steps, args.warmup, args.hand_micro_batch = 64, 4, 2, 1, 1
+        args.runtime_micro_batch = min(args.runtime_micro_batch, 2)
         torch.set_num_threads(min(2, torch.get_num_threads()))
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -264,24 +389,16 @@ def main(argv: list[str] | None = None) -> int:
             prof = _profile(cfg, args, device, dtype, shape)
     rank = dist.get_rank()
     con = Console(quiet=rank != 0)
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
     if prof is not None:
+        prof_path = results_dir() / f"{COMPONENT}_profile_{slug}.json"
+        prof.save(str(prof_path))
         con.print(
-            f"profiled {shape.name} ({shape.num_params() / 1e9:.2f}B) at s={s} in {time.perf_counter() - t0:.1f}s: "
-            f"{prof.achieved_tflops:.1f} TFLOP/s per layer, bwd/fwd {prof.bwd_fwd_ratio:.2f}, "
-            f"activation calibration {prof.act_calibration:.2f}; embed {prof.embed.fwd_ms(1) + prof.embed.bwd_ms(1):.2f}"
-            f" ms/seq, head {prof.head.fwd_ms(1) + prof.head.bwd_ms(1):.2f} ms/seq, AdamW "
-            f"{prof.optimizer_ns_per_param:.3f} ns/param, autocast {prof.autocast_ns_per_param:.4f} ns/param "
-            f"(act x{prof.autocast_act_ratio:.2f}), FSDP {prof.fsdp_layer_overhead_ms:.2f} ms/layer/micro-batch, "
-            f"whole-model overhead {prof.micro_batch_overhead_ms:.2f} ms/micro-batch, per-step overhead "
-            + ", ".join(f"{k} {v:.1f} ms" for k, v in prof.step_overhead_ms.items())
+            f"profiled {shape.name} ({shape.num_params() / 1e9:.2f}B) at s={s} in {time.perf_counter() - t0:.1f}s"
         )
-        for k, r in prof.runtime.items():
-            con.print(
-                f"  runtime probe {k}: train_step(b=1) = {r['fixed_ms']:.2f} + m x {r['mb_ms']:.2f} ms, "
-                f"AdamW {r['opt_ms']:.2f} ms"
-            )
-        for k, v in prof.probe_notes.items():
-            con.print(f"  [yellow]profile probe {k}: {v}[/yellow]")
+        for line in _profile_lines(prof):
+            con.print("  " + line)
+        con.print(f"  wrote {prof_path}")
 
     # 2. collectives at group size W (all ranks), then search on rank 0 ---------------------------
     coll: dict[str, dict[str, list[float]]] = {}
@@ -357,17 +474,22 @@ def main(argv: list[str] | None = None) -> int:
     # 3. measure every configuration (all ranks) ----------------------------------------------------
     measured: dict[str, tuple[float, float, str]] = {}
     predicted: dict[str, float] = {}
+    breakdowns: dict[str, dict[str, float]] = {}
     for name in track(list(configs), description="measuring configurations", disable=rank != 0):
         plan = configs[name]
         measured[name] = _measure(cfg, plan, args, device, dtype)
         if rank == 0:
             pc = predict(plan, hardware=hw, profile=prof, memory_gb=mem_gb, cost_kwargs=RUNTIME_COST_KWARGS)
             predicted[name] = pc.step_ms
+            breakdowns[name] = predict_breakdown(
+                plan, hardware=hw, profile=prof, cost_kwargs=RUNTIME_COST_KWARGS
+            )
             con.print(
                 f"  {name:15s} {plan.describe():45s} measured {measured[name][0]:9.1f} ms  "
                 f"predicted {predicted[name]:9.1f} ms  peak {measured[name][1]:.1f} GiB "
                 f"(predicted {pc.max_memory_gb:.1f} of {pc.usable_bytes / 2**30:.1f} usable) {measured[name][2]}"
             )
+            con.print(f"    predicted = {_format_breakdown(breakdowns[name])}", highlight=False)
     if rank == 0:
         # 4. rows (rank 0) -------------------------------------------------------------------------
         best = configs["searched"]
@@ -449,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
         print_rows(rows, title=f"autoparallel on {world} x {rows[0].device}")
         path = append_rows(COMPONENT, rows)
+        bd_path = results_dir() / f"{COMPONENT}_breakdown_{slug}-{world}gpu.json"
+        _write_breakdown(bd_path, rows[0], case, configs, measured, predicted, breakdowns)
+        con.print(f"wrote {bd_path}")
         try:
             png = plot_results(COMPONENT, path)
             con.print(f"wrote {path} and {png}")

@@ -9,10 +9,15 @@ Strategy space (per plan / per layer):
 * layer level (:class:`LayerStrategy`): ZeRO stage (0 for ddp; 2 = FSDP2 ``reshard_after_forward=False``,
   3 = ``reshard_after_forward=True``) and activation checkpointing.
 
-Time (ms) of one layer for one micro-batch: ``fwd + bwd (+ fwd again if checkpointed)`` from the
-(profiled) achieved TFLOP/s, plus tensor-parallel collectives (4 all-reduce-sized collectives per layer,
-6 with recomputation; *not* overlapped), plus FSDP all-gathers / reduce-scatters of every micro-batch
-(zero3: 2 all-gathers + 1 reduce-scatter; zero2: 1 + 1) *overlapped* with the layer's compute:
+Time (ms) of one layer for one micro-batch of ``b`` sequences: ``fwd(b) + bwd(b) (+ recompute(b) if
+checkpointed)``: ``fwd = per_layer_overhead + compute(b)``, ``bwd = bwd_overhead + bwd_fwd_ratio *
+compute(b)`` with ``compute(b)`` = layer FLOPs / (profiled) achieved TFLOP/s (the profiled layer lines;
+:meth:`HardwareProfile.layer_ms`), ``recompute = recompute_fwd_ratio[dp_type] * fwd`` (measured under the
+runtime; 1.0, a plain forward, when not profiled), plus the runtime's per-micro-batch excess
+``c0 + c1 * b`` (:meth:`CostModel.mixed_precision_ms`), plus tensor-parallel collectives (4
+all-reduce-sized collectives per layer, 6 with recomputation; *not* overlapped), plus FSDP all-gathers /
+reduce-scatters of every micro-batch (zero3: 2 all-gathers + 1 reduce-scatter; zero2: 1 + 1) *overlapped*
+with the layer's compute:
 ``exposed = max(0, comm - overlap * compute) + overlap_penalty * min(comm, overlap * compute)``. DDP's
 gradient all-reduce happens once per step, overlapped the same way with the last micro-batch's backward.
 
@@ -28,7 +33,12 @@ scaled by a profiled calibration; checkpointed layers keep only their input), an
 peak of ``logit_bytes`` = 12 bytes per logit: bf16 logits, their fp32 upcast and the fp32 log-softmax and
 its gradients). Measured step costs outside the layers (embedding, AdamW per parameter, autocast or FSDP2
 per-micro-batch weight handling, whole-model wrapper overhead; see :class:`ModelProfile`) are added when
-the profile has them.
+the profile has them; the per-micro-batch ones are affine in ``b`` (``m * (c0 + c1 * b)`` per step), so
+for ``pp = tp = dp = 1`` a measured profile predicts
+``step = m * (plain(b) + W(b) + X_dp(b) + k * recompute(b)) + opt + F_dp``
+with ``plain(b)`` the modelled bf16 model, ``W`` the whole-model wrapper line, ``X_dp`` the runtime's
+excess line, ``F_dp`` the per-step overhead and ``k`` checkpointed layers adding ``recompute(b)`` each (see
+:meth:`CostModel.breakdown` for the terms of a plan).
 The usable memory is ``memory * usable_fraction - reserved`` (allocator fragmentation, CUDA context).
 
 Example:
@@ -206,13 +216,25 @@ class CostModel:
         self.act_calibration = profile.act_calibration if profile is not None else 1.0
         # Measured step costs outside the layers' compute (0 = not measured; see ModelProfile).
         prof = profile
+        # Per-micro-batch terms are c0 + c1 * b' with b' = b * seq_len / profiled seq_len (per token).
         self.optimizer_ns = getattr(prof, "optimizer_ns_per_param", 0.0) if prof is not None else 0.0
         self.autocast_ns = getattr(prof, "autocast_ns_per_param", 0.0) if prof is not None else 0.0
+        self.autocast_ns_ps = (
+            getattr(prof, "autocast_ns_per_param_per_sample", 0.0) if prof is not None else 0.0
+        )
         self.autocast_act = getattr(prof, "autocast_act_ratio", 1.0) if prof is not None else 1.0
         self.fsdp_ms = getattr(prof, "fsdp_layer_overhead_ms", 0.0) if prof is not None else 0.0
+        self.fsdp_ms_ps = getattr(prof, "fsdp_layer_overhead_ms_per_sample", 0.0) if prof is not None else 0.0
         self.fsdp_ref_params = float(prof.layers[0].params) if prof is not None and prof.layers else 1.0
         self.mb_overhead = getattr(prof, "micro_batch_overhead_ms", 0.0) if prof is not None else 0.0
+        self.mb_overhead_ps = (
+            getattr(prof, "micro_batch_overhead_ms_per_sample", 0.0) if prof is not None else 0.0
+        )
         self.step_overhead = dict(getattr(prof, "step_overhead_ms", {}) or {}) if prof is not None else {}
+        self.recompute_ratio = (
+            dict(getattr(prof, "recompute_fwd_ratio", {}) or {}) if prof is not None else {}
+        )
+        self.profile_seq_len = prof.seq_len if prof is not None else spec.seq_len
         self.layer_params = [float(shape.layer_params())] * shape.num_layers
         if profile is not None and len(profile.layers) == shape.num_layers:
             self.layer_params = [float(lp.params) for lp in profile.layers]
@@ -230,11 +252,22 @@ class CostModel:
         return 1.0 - 0.05 * math.log2(tp)
 
     def layer_fwd_ms(self, b: int, tp: int) -> float:
-        s = self.spec.seq_len
-        flops = self.shape.layer_flops_fwd(b * s, s) / tp
-        return (
-            self.hw.per_layer_overhead_ms + flops / (self.hw.achieved_tflops * 1e12 * self._tp_eff(tp)) * 1e3
-        )
+        """Forward ms of one decoder layer for ``b`` sequences on a ``tp``-way shard."""
+        return self.hw.layer_ms(self.shape, b, self.spec.seq_len, tp, self._tp_eff(tp))[0]
+
+    def layer_bwd_ms(self, b: int, tp: int) -> float:
+        """Backward ms of one decoder layer (the profiled backward line, or ``bwd_fwd_ratio * fwd``)."""
+        return self.hw.layer_ms(self.shape, b, self.spec.seq_len, tp, self._tp_eff(tp))[1]
+
+    def recompute_ms(self, cfg: ParallelConfig, fwd: float) -> float:
+        """Recompute time of a checkpointed layer whose plain forward takes ``fwd`` ms: the forward scaled
+        by the profiled ``recompute_fwd_ratio[dp_type]`` (recompute under autocast / FSDP hooks and the
+        checkpoint bookkeeping, measured; 1.0 when not profiled)."""
+        return fwd * self.recompute_ratio.get(cfg.dp_type, 1.0)
+
+    def _samples(self, b: int) -> float:
+        """``b`` sequences in units of profiled sequences (per-sample coefficients scale per token)."""
+        return b * self.spec.seq_len / max(self.profile_seq_len, 1)
 
     def head_fwd_ms(self, b: int, tp: int) -> float:
         flops = self.shape.head_flops_fwd(b * self.spec.seq_len) / tp
@@ -261,32 +294,48 @@ class CostModel:
         rep, shd = analytic_layer_act_bytes(self.shape, tokens)
         return ac * self.act_calibration * (rep / (cfg.tp if cfg.sp else 1) + shd / cfg.tp)
 
-    def mixed_precision_ms(self, cfg: ParallelConfig, params: float, unit_zero: int = 3) -> float:
-        """Per-micro-batch weight-handling time of ``params`` local parameters (profiled; 0 if not).
+    def mixed_precision_ms(
+        self, cfg: ParallelConfig, params: float, unit_zero: int = 3, layer: bool = True
+    ) -> float:
+        """Per-micro-batch runtime excess of a unit of ``params`` local parameters (profiled; 0 if not).
 
-        ``ddp``: autocast casts every fp32 weight to bf16 and accumulates fp32 gradients each micro-batch
-        (``autocast_ns_per_param``). ``fsdp``: FSDP2 copy-in/out of the all-gathers, the reduce-scatter
-        copy, gradient accumulation and hooks, scaled from the profiled layer by parameter count
-        (``fsdp_layer_overhead_ms`` is for ``reshard_after_forward=True``: 2 all-gathers + 1
-        reduce-scatter; units without reshard do 1 + 1, i.e. 2/3 of it).
+        ``c0 + c1 * b'`` (``b'``: ``cfg.micro_batch`` in profiled sequences), the per-sequence part ``c1``
+        only for decoder layers (``layer=True``). ``ddp``: autocast casts every fp32 weight to bf16 and
+        accumulates fp32 gradients each micro-batch (``autocast_ns_per_param``), casts activations and keeps
+        the residual stream in fp32 (``autocast_ns_per_param_per_sample``). ``fsdp``: FSDP2 copy-in/out of
+        the all-gathers, the reduce-scatter copy, gradient accumulation and hooks, scaled from the profiled
+        layer by parameter count (``fsdp_layer_overhead_ms`` is for ``reshard_after_forward=True``: 2
+        all-gathers + 1 reduce-scatter; units without reshard do 1 + 1, i.e. 2/3 of it), plus
+        ``fsdp_layer_overhead_ms_per_sample``. Not clamped: the coefficients come from a line through
+        non-negative measured excesses, so their sum over a model is exact at the profiled sizes.
         """
+        n = self._samples(cfg.micro_batch) if layer else 0.0
         if cfg.dp_type == "ddp":
-            return params * self.autocast_ns * 1e-6
+            return params * (self.autocast_ns + self.autocast_ns_ps * n) * 1e-6
         frac = 1.0 if unit_zero != 2 else 2.0 / 3.0
-        return self.fsdp_ms * frac * params / max(self.fsdp_ref_params, 1.0)
+        return (self.fsdp_ms * frac + self.fsdp_ms_ps * n) * params / max(self.fsdp_ref_params, 1.0)
 
-    def layer_terms(self, cfg: ParallelConfig, strat: LayerStrategy, layer: int = 0) -> LayerTerms:
-        """Costs of decoder layer ``layer`` under ``cfg`` and ``strat``."""
+    def layer_terms(
+        self, cfg: ParallelConfig, strat: LayerStrategy, layer: int = 0, parts: dict[str, float] | None = None
+    ) -> LayerTerms:
+        """Costs of decoder layer ``layer`` under ``cfg`` and ``strat``.
+
+        ``parts``, if given, accumulates the per-micro-batch ms by term (see :meth:`breakdown`)."""
         sp_, t, d, b = self.spec, cfg.tp, cfg.dp, cfg.micro_batch
         p_local = self.layer_params[layer] / t
         fwd = self.layer_fwd_ms(b, t)
-        bwd = fwd * self.hw.bwd_fwd_ratio
-        comp = fwd + bwd + (fwd if strat.ckpt else 0.0)
-        mb = comp + self.mixed_precision_ms(cfg, p_local, strat.zero)
+        bwd = self.layer_bwd_ms(b, t)
+        rec = self.recompute_ms(cfg, fwd) if strat.ckpt else 0.0
+        comp = fwd + bwd + rec
+        extra = self.mixed_precision_ms(cfg, p_local, strat.zero)
+        mb = comp + extra
+        _add(parts, layers_fwd=fwd, layers_bwd=bwd, recompute=rec, layers_runtime=extra)
         if t > 1:
             msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem
             n = 4 + (2 if strat.ckpt else 0)
-            mb += n * self.hw.collective_ms("all_reduce", msg, t, self._crosses(t))
+            tpc = n * self.hw.collective_ms("all_reduce", msg, t, self._crosses(t))
+            mb += tpc
+            _add(parts, tp_comm=tpc)
         step = 0.0
         dp_cross = self._crosses(t * d)
         if strat.zero == 0:
@@ -306,11 +355,17 @@ class CostModel:
                 ag = self.hw.collective_ms("all_gather", sp_.compute_bytes_per_param * p_local, d, dp_cross)
                 rs = self.hw.collective_ms("reduce_scatter", sp_.grad_reduce_bytes * p_local, d, dp_cross)
                 comm = (2 if strat.zero == 3 else 1) * ag + rs
-                mb += self._exposed(comm, comp)
+                exposed = self._exposed(comm, comp)
+                mb += exposed
+                _add(parts, fsdp_comm=exposed)
         return LayerTerms(mb, step, static, act)
 
-    def stage_constant(self, cfg: ParallelConfig, stage: int, stage_layers: list[int]) -> LayerTerms:
-        """Costs of stage ``stage`` that do not depend on per-layer choices (embedding, head, p2p, transients)."""
+    def stage_constant(
+        self, cfg: ParallelConfig, stage: int, stage_layers: list[int], parts: dict[str, float] | None = None
+    ) -> LayerTerms:
+        """Costs of stage ``stage`` that do not depend on per-layer choices (embedding, head, p2p, transients).
+
+        ``parts``, if given, accumulates the per-micro-batch ms by term (see :meth:`breakdown`)."""
         sp_, t, d, b, p = self.spec, cfg.tp, cfg.dp, cfg.micro_batch, cfg.pp
         first, last = stage == 0, stage == p - 1
         ve = self.shape.vocab_size * self.shape.hidden_size
@@ -334,18 +389,25 @@ class CostModel:
             and prof.shape.vocab_size == self.shape.vocab_size
         )
         if first and same and prof.embed is not None:  # dense [V, h] embedding gradient every micro-batch
-            mb += (prof.embed.fwd_ms(b) + prof.embed.bwd_ms(b)) / vt
+            emb = (prof.embed.fwd_ms(b) + prof.embed.bwd_ms(b)) / vt
+            mb += emb
+            _add(parts, embed=emb)
         if first and same:
-            # Whole-model wrapper overhead per micro-batch; a negative value (isolated-layer launch overhead
-            # hidden in the full model) may cancel at most the fitted per-layer fixed overhead.
-            cap = self.hw.per_layer_overhead_ms * (1 + self.hw.bwd_fwd_ratio) * self.shape.num_layers / p
-            mb += max(self.mb_overhead, -cap)
+            # Whole-model wrapper overhead per micro-batch (a line in b); a negative value (isolated-layer
+            # launch overhead hidden in the full model) may cancel at most the fitted per-layer fixed overhead.
+            cap = (
+                (self.hw.per_layer_overhead_ms + self.hw.layer_bwd_overhead_ms()) * self.shape.num_layers / p
+            )
+            wrap = max(self.mb_overhead + self.mb_overhead_ps * self._samples(b), -cap)
+            mb += wrap
+            _add(parts, micro_batch_overhead=wrap)
         if last:
             if same:
                 head_comp = (prof.head.fwd_ms(b) + prof.head.bwd_ms(b)) / (vt * self._tp_eff(vt))
             else:
                 head_comp = self.head_fwd_ms(b, vt) * (1 + self.hw.bwd_fwd_ratio)
             mb += head_comp
+            _add(parts, head=head_comp)
             # LM head + loss peak, live on top of every saved activation: logits in bf16, their fp32
             # upcast and the fp32 log-softmax / gradients (``logit_bytes`` per logit), plus the head input.
             tokens = b * sp_.seq_len
@@ -354,7 +416,9 @@ class CostModel:
             transient += tokens * self.shape.hidden_size * 6.0 / (t if cfg.sp else 1)
             if vt > 1:  # vocab-parallel loss: small all-reduces of max / sum-exp, and the input all-reduce
                 msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem
-                mb += 2 * self.hw.collective_ms("all_reduce", msg, t, self._crosses(t))
+                vc = 2 * self.hw.collective_ms("all_reduce", msg, t, self._crosses(t))
+                mb += vc
+                _add(parts, tp_comm=vc)
         else:
             head_comp = 0.0
         if d > 1 and params:
@@ -365,13 +429,19 @@ class CostModel:
             else:
                 ag = self.hw.collective_ms("all_gather", sp_.compute_bytes_per_param * p_local, d, cross)
                 rs = self.hw.collective_ms("reduce_scatter", sp_.grad_reduce_bytes * p_local, d, cross)
-                mb += self._exposed(2 * ag + rs, head_comp)
+                exposed = self._exposed(2 * ag + rs, head_comp)
+                mb += exposed
+                _add(parts, fsdp_comm=exposed)
         if zero == 0:  # autocast copy (ddp) / unsharded root (fsdp, not resharded) of embedding / head
             transient += sp_.compute_bytes_per_param * p_local
-        mb += self.mixed_precision_ms(cfg, p_local, 2)
+        root = self.mixed_precision_ms(cfg, p_local, 2, layer=False)
+        mb += root
+        _add(parts, root_runtime=root)
         if p > 1:
             msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem / (t if cfg.sp else 1)
-            mb += 2 * self.hw.collective_ms("p2p", msg, 2, self._crosses(t * d * 2))
+            p2p = 2 * self.hw.collective_ms("p2p", msg, 2, self._crosses(t * d * 2))
+            mb += p2p
+            _add(parts, p2p=p2p)
         # Transients: one layer's full activations (recompute / backward), two unsharded FSDP layers.
         if stage_layers:
             transient += self.layer_act_bytes(cfg, False)
@@ -469,3 +539,37 @@ class CostModel:
             bubble,
             max(opt),
         )
+
+    def breakdown(self, cfg: ParallelConfig, stages: list[list[LayerStrategy]]) -> dict[str, float]:
+        """The terms of :meth:`evaluate`'s step time (ms per step), to diagnose a prediction.
+
+        Per-micro-batch terms of the slowest stage times ``m``: ``layers_fwd``, ``layers_bwd``,
+        ``recompute`` (checkpointed layers), ``layers_runtime`` (the runtime's excess on the layers:
+        autocast / FSDP2), ``embed``, ``head``, ``micro_batch_overhead`` (whole-model wrapper),
+        ``root_runtime`` (runtime excess of embedding / head), ``tp_comm``, ``fsdp_comm`` (exposed), ``p2p``;
+        then ``pipeline_bubble`` (1F1B), ``grad_sync`` (exposed DDP all-reduce tail), ``optimizer``,
+        ``step_overhead`` (profiled per-step runtime cost) and ``total`` (= ``evaluate(...).step_ms``).
+        """
+        cost = self.evaluate(cfg, stages)
+        slow = max(range(cfg.pp), key=lambda i: cost.stage_mb_ms[i])
+        start = sum(len(s) for s in stages[:slow])
+        idx = list(range(start, start + len(stages[slow])))
+        per_mb: dict[str, float] = {}
+        self.stage_constant(cfg, slow, idx, per_mb)
+        for li, st in zip(idx, stages[slow]):
+            self.layer_terms(cfg, st, li, per_mb)
+        m = cfg.num_micro_batches
+        out = {k: m * v for k, v in per_mb.items()}
+        out["pipeline_bubble"] = cost.bubble_ms
+        out["grad_sync"] = max(cost.stage_step_ms)
+        out["optimizer"] = cost.optimizer_ms
+        out["step_overhead"] = self.step_overhead.get(cfg.dp_type, 0.0)
+        out["total"] = cost.step_ms
+        return out
+
+
+def _add(parts: dict[str, float] | None, **terms: float) -> None:
+    """Accumulate ``terms`` into ``parts`` (no-op for ``None``)."""
+    if parts is not None:
+        for k, v in terms.items():
+            parts[k] = parts.get(k, 0.0) + v

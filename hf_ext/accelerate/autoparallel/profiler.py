@@ -34,7 +34,7 @@ from typing import Any
 
 from hf_ext.accelerate.autoparallel.shapes import ModelShape, get_shape
 
-_PROFILE_VERSION = 3  # bump when profile_model measures something new (invalidates caches)
+_PROFILE_VERSION = 4  # bump when profile_model measures something new (invalidates caches)
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 
 
@@ -70,6 +70,11 @@ class HardwareProfile(_JsonFile):
     groups inside one node and groups that cross nodes. ``measured`` optionally overrides them per
     group size: ``{"all_reduce": {"2": [latency_us, busbw_GBps]}}`` (as written by
     :func:`profile_collectives`).
+
+    Decoder-layer compute (see :meth:`layer_ms`): ``achieved_tflops`` and ``per_layer_overhead_ms`` give
+    the forward line, ``bwd_fwd_ratio`` (backward / forward of the FLOP-proportional part) and
+    ``bwd_overhead_ms`` (fixed backward ms; ``None``: ``bwd_fwd_ratio * per_layer_overhead_ms``) the
+    backward line. :meth:`ModelProfile.calibrate` sets all four from a measured profile.
     """
 
     name: str
@@ -84,6 +89,31 @@ class HardwareProfile(_JsonFile):
     bwd_fwd_ratio: float = 2.0
     per_layer_overhead_ms: float = 0.0
     notes: str = ""
+    bwd_overhead_ms: float | None = None
+
+    # -- compute ----------------------------------------------------------------------------------
+    def layer_bwd_overhead_ms(self) -> float:
+        """Fixed backward time of a decoder layer (ms): ``bwd_overhead_ms``, or when that is ``None``
+        (defaults, profiles older than version 4) ``bwd_fwd_ratio * per_layer_overhead_ms``."""
+        if self.bwd_overhead_ms is not None:
+            return self.bwd_overhead_ms
+        return self.bwd_fwd_ratio * self.per_layer_overhead_ms
+
+    def layer_ms(
+        self, shape: ModelShape, b: float, seq_len: int, tp: int = 1, efficiency: float = 1.0
+    ) -> tuple[float, float]:
+        """Forward and backward ms of one decoder layer for a micro-batch of ``b`` sequences.
+
+        ``compute = layer_flops_fwd(b * seq_len) / tp / (achieved_tflops * efficiency)``;
+        ``fwd = per_layer_overhead_ms + compute``, ``bwd = layer_bwd_overhead_ms() + bwd_fwd_ratio * compute``
+        (both affine in ``b``; a measured profile makes them its fitted layer lines).
+        """
+        flops = shape.layer_flops_fwd(int(b * seq_len), seq_len) / tp
+        compute = flops / (self.achieved_tflops * 1e12 * efficiency) * 1e3
+        return (
+            self.per_layer_overhead_ms + compute,
+            self.layer_bwd_overhead_ms() + self.bwd_fwd_ratio * compute,
+        )
 
     @classmethod
     def h100(cls) -> HardwareProfile:
@@ -179,31 +209,47 @@ class LayerProfile:
 class ModelProfile(_JsonFile):
     """Measured per-layer profile of a model at one sequence length (see :func:`profile_model`).
 
+    Compute of the decoder layers, as :meth:`calibrate` hands it to the cost model: the forward line
+    ``per_layer_overhead_ms + compute(b)`` with ``compute(b) = layer FLOPs(b) / achieved_tflops``, the
+    backward line ``bwd_overhead_ms + bwd_fwd_ratio * compute(b)`` (the fitted layer lines; profiles older
+    than version 4 have ``bwd_overhead_ms=None`` and ``bwd_fwd_ratio`` = backward / forward at the
+    largest micro-batch, i.e. ``bwd = ratio * fwd``).
+
     Besides the decoder layers and the head (final norm + LM head + fp32 cross-entropy) it holds the
     measured step costs outside the layers' own compute (0 / ``None`` when not measured; the cost model
-    then falls back to analytic estimates):
+    then falls back to analytic estimates). Per-micro-batch costs are affine in the micro-batch size ``b``
+    (sequences of ``seq_len`` tokens): a fixed coefficient and a ``*_per_sample`` one (0 in profiles
+    older than version 4: a constant per micro-batch, measured at ``b=1``):
 
     * ``embed``: input-embedding forward + backward (the backward writes a dense ``[V, h]`` gradient);
     * ``optimizer_ns_per_param``: one ``torch.optim.AdamW(foreach=True)`` step per fp32 parameter;
     * ``autocast_ns_per_param`` / ``autocast_act_ratio``: extra time per parameter per micro-batch and
       extra saved activations of a layer run with fp32 master weights under bf16 autocast (the DDP runtime:
       weight casts every micro-batch, fp32 gradient accumulation, fp32 residual stream) relative to the
-      bf16-parameter layer the per-layer times are fitted on;
+      bf16-parameter layer the per-layer times are fitted on; ``autocast_ns_per_param_per_sample``: extra
+      ns per *decoder-layer* parameter per sequence (per-token casts, fp32 residual stream);
     * ``fsdp_layer_overhead_ms``: extra time per micro-batch of one FSDP2 ``fully_shard`` layer
       (``reshard_after_forward=True``, bf16 ``param_dtype``, fp32 ``reduce_dtype``) on a one-rank mesh:
       all-gather copy-in/out twice, reduce-scatter copy, gradient accumulation and the hook overheads;
-    * ``micro_batch_overhead_ms``: a whole-model forward + backward at ``b=1`` (gradients accumulating)
-      minus the sum of its profiled parts (layers, head, embedding): the per-micro-batch cost of the
-      model wrapper (rotary tables, masks, output objects, gradient accumulation). It may be negative
-      when the isolated layers' fixed launch overhead is hidden in the full model.
+      ``fsdp_layer_overhead_ms_per_sample``: extra ms of that layer per sequence;
+    * ``micro_batch_overhead_ms`` (+ ``_per_sample``): a whole-model forward + backward (bf16, gradients
+      accumulating) minus the sum of its modelled parts (layer lines, head, embedding) at the
+      ``runtime_micro_batches`` sizes, fitted as a line in ``b``: the per-micro-batch cost of the model
+      wrapper (rotary tables, masks, output objects, gradient accumulation). It may be negative when the
+      isolated layers' fixed launch overhead is hidden in the full model.
     * ``runtime`` / ``step_overhead_ms``: the whole model trained through :func:`apply_plan` (fp32 master
-      weights; DDP with bf16 autocast, FSDP2 with bf16 ``param_dtype``) at ``b=1`` for 1 and 3
-      micro-batches, optimizer step separate (see :func:`_measure_runtime`). Where it succeeds it
-      replaces the per-layer probes above: ``autocast_ns_per_param`` / ``fsdp_layer_overhead_ms`` come
-      from the measured per-micro-batch cost minus the plain whole-model forward + backward,
+      weights; DDP with bf16 autocast, FSDP2 with bf16 ``param_dtype``) at the ``runtime_micro_batches``
+      sizes (``b=1`` with 1 and 3 micro-batches, larger ``b`` with 1 and 2), optimizer step separate,
+      fitted as ``train_step(b, m) = fixed + m * (mb_fixed + mb_per_sample * b)`` (see
+      :func:`_measure_runtime`). Where it succeeds it replaces the per-layer probes above:
+      ``autocast_ns_per_param*`` / ``fsdp_layer_overhead_ms*`` come from the measured per-micro-batch
+      cost minus the plain whole-model forward + backward at each size (a line in ``b``),
       ``optimizer_ns_per_param`` from the real AdamW step, and ``step_overhead_ms[dp_type]`` is the
       per-step cost that does not grow with micro-batches (DDP bucket copy, first-micro-batch gradient
       allocation, DTensor optimizer dispatch).
+    * ``recompute_fwd_ratio[dp_type]``: time of re-running a checkpointed layer under the runtime
+      (recompute with autocast / FSDP hooks, checkpoint bookkeeping) over the modelled layer forward,
+      measured with every layer checkpointed at the largest runtime size (missing: 1.0, a plain forward).
     * ``probe_notes``: one line per probe that failed, was skipped or was clamped (also warned).
     """
 
@@ -227,6 +273,12 @@ class ModelProfile(_JsonFile):
     step_overhead_ms: dict[str, float] = field(default_factory=dict)
     runtime: dict[str, dict[str, float]] = field(default_factory=dict)
     probe_notes: dict[str, str] = field(default_factory=dict)
+    bwd_overhead_ms: float | None = None
+    autocast_ns_per_param_per_sample: float = 0.0
+    fsdp_layer_overhead_ms_per_sample: float = 0.0
+    micro_batch_overhead_ms_per_sample: float = 0.0
+    recompute_fwd_ratio: dict[str, float] = field(default_factory=dict)
+    runtime_micro_batches: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -250,11 +302,22 @@ class ModelProfile(_JsonFile):
             achieved_tflops=self.achieved_tflops,
             bwd_fwd_ratio=self.bwd_fwd_ratio,
             per_layer_overhead_ms=self.per_layer_overhead_ms,
+            bwd_overhead_ms=self.bwd_overhead_ms,
         )
         d["notes"] = (
             hw.notes + f"; compute calibrated on {self.device} ({self.shape.name}, s={self.seq_len})"
         ).strip("; ")
         return HardwareProfile.from_dict(d)
+
+    def plain_step_ms(self, b: int, hw: HardwareProfile | None = None) -> float:
+        """Modelled plain (bf16, no runtime wrapper) forward + backward of the whole model for one
+        micro-batch of ``b`` sequences: decoder layers (calibrated lines), head and embedding."""
+        hw = self.calibrate(hw or HardwareProfile.cpu())
+        f, bw = hw.layer_ms(self.shape, b, self.seq_len)
+        t = self.shape.num_layers * (f + bw) + self.head.fwd_ms(b) + self.head.bwd_ms(b)
+        if self.embed is not None:
+            t += self.embed.fwd_ms(b) + self.embed.bwd_ms(b)
+        return t
 
 
 def analytic_layer_act_bytes(shape: ModelShape, tokens: int) -> tuple[float, float]:
@@ -361,6 +424,8 @@ def profile_model(
     cache_dir: str | None = None,
     shape: ModelShape | None = None,
     runtime_probe: bool = True,
+    runtime_micro_batches: tuple[int, ...] | None = None,
+    ckpt_probe: bool = True,
 ) -> ModelProfile:
     """Measure per-layer forward/backward time and saved-activation memory of a decoder model.
 
@@ -375,10 +440,16 @@ def profile_model(
         micro_batches: sequences per micro-batch to fit ``t(b) = fixed + slope * b``.
         device, dtype: where/how to run (default: the model's own).
         cache_dir: if set, reuse/write ``<cache_dir>/model_<hash>.json``.
-        runtime_probe: also train the whole model through :func:`apply_plan` (DDP and FSDP2, ``b=1``,
-            1 and 3 micro-batches) to measure the runtime's own per-micro-batch and per-step costs.
+        runtime_probe: also train the whole model through :func:`apply_plan` (DDP and FSDP2, at every
+            size of ``runtime_micro_batches``: the smallest with 1 and 3 micro-batches, the others with 1
+            and 2) to measure the runtime's own per-micro-batch and per-step costs as lines in ``b``.
             Needs an initialised one-rank process group (skipped, with a note, otherwise); it holds
             an fp32 copy of the model with gradients and AdamW states (16 bytes per parameter).
+        runtime_micro_batches: micro-batch sizes of the whole-model and runtime probes (default
+            ``(1, max(micro_batches))``); a size that fails (e.g. out of memory) is noted and dropped,
+            one size alone gives per-micro-batch constants (``*_per_sample = 0``).
+        ckpt_probe: with the runtime probe, also train with every layer checkpointed at the largest
+            runtime size (one micro-batch) to measure ``recompute_fwd_ratio``.
     """
     import torch
 
@@ -386,6 +457,11 @@ def profile_model(
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     if not micro_batches or any(int(b) <= 0 for b in micro_batches):
         raise ValueError(f"micro_batches must be positive integers, got {micro_batches!r}")
+    if runtime_micro_batches is None:
+        runtime_micro_batches = (1, max(int(b) for b in micro_batches))
+    if not runtime_micro_batches or any(int(b) <= 0 for b in runtime_micro_batches):
+        raise ValueError(f"runtime_micro_batches must be positive integers, got {runtime_micro_batches!r}")
+    rt_sizes = sorted({int(b) for b in runtime_micro_batches})
     shape = shape or get_shape(model.config)
     p0 = next(model.parameters())
     device = torch.device(device) if device is not None else p0.device
@@ -401,6 +477,8 @@ def profile_model(
                 dev_name,
                 max_layers,
                 runtime_probe,
+                rt_sizes,
+                ckpt_probe,
                 _PROFILE_VERSION,
             ]
         ).encode()
@@ -509,40 +587,21 @@ def profile_model(
     eff, efs = _fit(list(micro_batches), ef)
     ebf, ebs = _fit(list(micro_batches), eb)
     embed = LayerProfile("embed", sum(p.numel() for p in emb_mod.parameters()), eff, efs, ebf, ebs, 0.0)
-    plain_b1 = profs[0].fwd_ms(1) + profs[0].bwd_ms(1)
-    notes: dict[str, str] = {}
-    extras: dict[str, Any] = _measure_step_extras(
-        layers[0], kwargs, shape, seq_len, device, dtype, warmup, repeats, plain_b1, param_ptrs, notes
-    )
-    ids1 = torch.randint(0, shape.vocab_size, (1, seq_len), device=device)
-
-    def full_step() -> None:
-        model(input_ids=ids1, labels=ids1, use_cache=False).loss.backward()
-
-    t_full = None
-    parts = sum(p.fwd_ms(1) + p.bwd_ms(1) for p in profs) + head.fwd_ms(1) + head.bwd_ms(1)
-    parts += embed.fwd_ms(1) + embed.bwd_ms(1)
-    try:
-        t_full = _median_ms(full_step, device, max(1, warmup), repeats)
-        extras["micro_batch_overhead_ms"] = t_full - parts
-    except Exception as exc:  # pragma: no cover - best effort (e.g. out of memory)
-        _note(notes, "whole_model", f"failed: {type(exc).__name__}: {exc}")
-    model.zero_grad(set_to_none=True)
-    if runtime_probe and t_full is not None:
-        _runtime_extras(model, shape, seq_len, device, dtype, warmup, repeats, t_full, profs, extras, notes)
-    extras["probe_notes"] = notes
-    model.train(was_training)
-
+    # Layer compute as the cost model sees it (HardwareProfile.layer_ms after calibrate): forward line
+    # overhead + compute(b), backward line bwd_overhead + ratio * compute(b), exact at the fitted lines.
     timed = profs[:n_prof]
     bmax = max(int(b) for b in micro_batches)
     flops = shape.layer_flops_fwd(bmax * seq_len, seq_len)
     fwd_tot = statistics.mean(p.fwd_ms(bmax) for p in timed)
     bwd_tot = statistics.mean(p.bwd_ms(bmax) for p in timed)
     overhead = statistics.mean(p.fwd_fixed_ms for p in timed)
+    bwd_overhead = statistics.mean(p.bwd_fixed_ms for p in timed)
     if overhead > 0.5 * fwd_tot:  # noisy fit (tiny model): attribute everything to compute
         overhead = 0.0
+    if bwd_overhead > 0.5 * bwd_tot:
+        bwd_overhead = 0.0
     achieved = flops / max((fwd_tot - overhead) * 1e-3, 1e-12) / 1e12
-    ratio = max(1.0, bwd_tot / max(fwd_tot, 1e-12))
+    ratio = max(1.0, (bwd_tot - bwd_overhead) / max(fwd_tot - overhead, 1e-12))
     rep, shd = analytic_layer_act_bytes(shape, seq_len)
     calib = statistics.mean(p.act_bytes_per_sample for p in timed) / (rep + shd)
     prof = ModelProfile(
@@ -558,8 +617,45 @@ def profile_model(
         float(calib),
         float(overhead),
         embed,
-        **extras,
+        bwd_overhead_ms=float(bwd_overhead),
     )
+
+    plain_b1 = profs[0].fwd_ms(1) + profs[0].bwd_ms(1)
+    notes: dict[str, str] = {}
+    extras: dict[str, Any] = _measure_step_extras(
+        layers[0], kwargs, shape, seq_len, device, dtype, warmup, repeats, plain_b1, param_ptrs, notes
+    )
+    # Whole plain model at each runtime size; its excess over the modelled parts is a line in b.
+    t_full: dict[int, float] = {}
+    for b in rt_sizes:
+        ids_b = torch.randint(0, shape.vocab_size, (b, seq_len), device=device)
+
+        def full_step(ids_b: Any = ids_b) -> None:
+            model(input_ids=ids_b, labels=ids_b, use_cache=False).loss.backward()
+
+        try:
+            t_full[b] = _median_ms(full_step, device, max(1, warmup), repeats)
+        except Exception as exc:  # best effort (e.g. out of memory at the larger size)
+            key = "whole_model" if b == rt_sizes[0] else f"whole_model_b{b}"
+            _note(notes, key, f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+            if b == rt_sizes[0]:
+                break
+        finally:
+            del ids_b
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if t_full:
+        w0, w1 = _wrapper_line(prof, t_full)
+        extras["micro_batch_overhead_ms"] = w0
+        extras["micro_batch_overhead_ms_per_sample"] = w1
+        extras["runtime_micro_batches"] = sorted(t_full)
+    if runtime_probe and t_full:
+        _runtime_extras(model, prof, device, dtype, warmup, repeats, t_full, extras, notes, ckpt_probe)
+    extras["probe_notes"] = notes
+    model.train(was_training)
+    for k, v in extras.items():
+        setattr(prof, k, v)
     if cache_path:
         prof.save(cache_path)
     return prof
@@ -719,120 +815,307 @@ def _measure_runtime(
     dp_type: str,
     warmup: int,
     repeats: int,
+    sizes: tuple[int, ...] = (1,),
+    ckpt_b: int | None = None,
+    notes: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Time the whole model trained through :func:`apply_plan` exactly as a one-GPU plan runs it.
 
     An fp32 copy of ``model`` (master weights) is wrapped with ``dp_type`` (``ddp``: DDP + bf16 autocast;
-    ``fsdp``: FSDP2 per layer, bf16 ``param_dtype``, fp32 reduce) and trained at ``b=1`` with 1 and 3
-    micro-batches, alternating, each step followed by ``AdamW(foreach=True).step()`` and
-    ``zero_grad(set_to_none=True)`` (timed separately). Fits ``train_step(m) = fixed + m * mb``.
+    ``fsdp``: FSDP2 per layer, bf16 ``param_dtype``, fp32 reduce) and trained, one phase per micro-batch
+    size ``b`` in ``sizes``: the smallest with ``m`` = 1 and 3 micro-batches, the others with 1 and 2, and
+    at ``b == ckpt_b`` also one micro-batch with every layer checkpointed; configurations alternate
+    within a phase, each step followed by ``AdamW(foreach=True).step()`` and ``zero_grad(set_to_none=True)``
+    (timed separately). A phase after the first that fails (e.g. out of memory) is noted in ``notes`` and
+    left out; a failing first phase raises. Fits ``train_step(b, m) = fixed + m * (mb_fixed + mb_per_sample
+    * b)`` by least squares over the medians (one size: ``mb_per_sample = 0``).
 
-    Returns ``{"mb_ms", "fixed_ms", "opt_ms", "step1_ms", "step3_ms"}`` (medians, ms; ``max(3, repeats)``).
+    Returns (ms, medians of ``max(3, repeats)``) ``fixed_ms``, ``mb_fixed_ms``, ``mb_ms_per_sample``,
+    ``mb_ms`` (per micro-batch at ``b=1``), ``opt_ms``, ``step_b{b}_m{m}_ms`` per configuration and, when
+    the checkpointed run succeeded, ``ckpt_step_b{b}_m1_ms`` and ``ckpt_b``.
     """
     import copy
+    import gc
 
     import torch
 
-    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.apply import _set_checkpointing, apply_plan
     from hf_ext.accelerate.autoparallel.plan import Plan
 
     low = dtype in (torch.bfloat16, torch.float16)
+    sizes = tuple(sorted({int(b) for b in sizes}))
+    phases = []
+    for i, b in enumerate(sizes):
+        cfgs = [(b, m, False) for m in ((1, 3) if i == 0 else (1, 2))]
+        if ckpt_b is not None and b == int(ckpt_b):
+            cfgs.append((b, 1, True))
+        phases.append(cfgs)
     m32 = copy.deepcopy(model).float()
+    layers = _find_layers(m32)
     runner = opt = None
+    steps: dict[tuple[int, int, bool], float] = {}
+    opt_t: list[float] = []
     try:
-        plans = {
-            m: Plan.uniform(shape, gpus=1, dp_type=dp_type, global_batch=m, seq_len=seq_len, micro_batch=1)
-            for m in (1, 3)
-        }
-        runner = apply_plan(m32, plans[3], device=device, param_dtype=dtype if low else None)
+        plan0 = Plan.uniform(shape, gpus=1, dp_type=dp_type, global_batch=3, seq_len=seq_len, micro_batch=1)
+        runner = apply_plan(m32, plan0, device=device, param_dtype=dtype if low else None)
         opt = torch.optim.AdamW(runner.parameters(), lr=1e-5, foreach=True)
-        ids = {m: torch.randint(0, shape.vocab_size, (m, seq_len), device=device) for m in (1, 3)}
-        train: dict[int, list[float]] = {1: [], 3: []}
-        opt_t: list[float] = []
-        for it in range(max(1, warmup) + max(3, repeats)):
-            for m in (1, 3):
-                runner.plan = plans[m]
-                _sync(device)
-                t0 = time.perf_counter()
-                runner.train_step(ids[m])
-                _sync(device)
-                t1 = time.perf_counter()
-                opt.step()
+        for i, cfgs in enumerate(phases):
+            failed = ""
+            try:
+                steps.update(
+                    _time_train_steps(
+                        runner, opt, layers, cfgs, shape, seq_len, device, dp_type, warmup, repeats, opt_t
+                    )
+                )
+            except Exception as exc:
+                if i == 0:
+                    raise
+                failed = f"{type(exc).__name__}: {str(exc)[:160]}"
+            if failed:  # outside the except clause: the traceback (and what it pins) is gone
                 opt.zero_grad(set_to_none=True)
-                _sync(device)
-                t2 = time.perf_counter()
-                if it >= max(1, warmup):
-                    train[m].append((t1 - t0) * 1e3)
-                    opt_t.append((t2 - t1) * 1e3)
-        s1, s3 = statistics.median(train[1]), statistics.median(train[3])
-        mb = (s3 - s1) / 2
-        return {
-            "mb_ms": float(mb),
-            "fixed_ms": float(s1 - mb),
+                _set_checkpointing(layers, [False] * len(layers))
+                gc.collect()
+                if getattr(device, "type", str(device)) == "cuda":
+                    torch.cuda.empty_cache()
+                if notes is not None:
+                    _note(
+                        notes,
+                        f"runtime_{dp_type}_b{cfgs[0][0]}",
+                        f"failed: {failed}; per-sample / recompute terms from the other sizes (or none)",
+                    )
+        pts = [(b, m, t) for (b, m, ck), t in steps.items() if not ck]
+        fixed, mb_fixed, per_sample = _fit_train_steps(pts)
+        out = {
+            "fixed_ms": fixed,
+            "mb_fixed_ms": mb_fixed,
+            "mb_ms_per_sample": per_sample,
+            "mb_ms": mb_fixed + per_sample,
             "opt_ms": float(statistics.median(opt_t)),
-            "step1_ms": float(s1),
-            "step3_ms": float(s3),
         }
+        for (b, m, ck), t in steps.items():
+            out[f"{'ckpt_' if ck else ''}step_b{b}_m{m}_ms"] = t
+            if ck:
+                out["ckpt_b"] = float(b)
+        return out
     finally:
-        del m32, runner, opt
+        del m32, runner, opt, layers
+        gc.collect()
         if getattr(device, "type", str(device)) == "cuda":
             torch.cuda.empty_cache()
 
 
-def _runtime_extras(
-    model: Any,
+def _time_train_steps(
+    runner: Any,
+    opt: Any,
+    layers: Any,
+    cfgs: list[tuple[int, int, bool]],
     shape: ModelShape,
     seq_len: int,
+    device: Any,
+    dp_type: str,
+    warmup: int,
+    repeats: int,
+    opt_t: list[float],
+) -> dict[tuple[int, int, bool], float]:
+    """Median ``runner.train_step`` ms of each ``(b, m, checkpointed)`` in ``cfgs``, alternating; the AdamW
+    step + ``zero_grad`` after each is timed into ``opt_t``."""
+    import torch
+
+    from hf_ext.accelerate.autoparallel.apply import _set_checkpointing
+    from hf_ext.accelerate.autoparallel.plan import Plan
+
+    plans = {
+        (b, m): Plan.uniform(
+            shape, gpus=1, dp_type=dp_type, global_batch=b * m, seq_len=seq_len, micro_batch=b
+        )
+        for b, m, _ in cfgs
+    }
+    ids = {k: torch.randint(0, shape.vocab_size, (k[0] * k[1], seq_len), device=device) for k in plans}
+    times: dict[tuple[int, int, bool], list[float]] = {c: [] for c in cfgs}
+    for it in range(max(1, warmup) + max(3, repeats)):
+        for c in cfgs:
+            b, m, ck = c
+            runner.plan = plans[(b, m)]
+            _set_checkpointing(layers, [ck] * len(layers))
+            _sync(device)
+            t0 = time.perf_counter()
+            runner.train_step(ids[(b, m)])
+            _sync(device)
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            t2 = time.perf_counter()
+            if it >= max(1, warmup):
+                times[c].append((t1 - t0) * 1e3)
+                opt_t.append((t2 - t1) * 1e3)
+    _set_checkpointing(layers, [False] * len(layers))
+    return {c: float(statistics.median(v)) for c, v in times.items()}
+
+
+def _fit_train_steps(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """Least-squares ``t = fixed + m * (mb_fixed + mb_per_sample * b)`` over ``(b, m, t)`` points.
+
+    Needs two micro-batch counts at some size; with one size only ``mb_per_sample = 0`` and ``mb_fixed``
+    is the per-micro-batch time at that size. Returns ``(fixed, mb_fixed, mb_per_sample)`` (ms).
+    """
+    import numpy as np
+
+    bs = {b for b, _, _ in points}
+    t = np.array([p[2] for p in points], dtype=float)
+    if len(bs) > 1:
+        a = np.array([[1.0, m, m * b] for b, m, _ in points])
+        sol = np.linalg.lstsq(a, t, rcond=None)[0]
+        return float(sol[0]), float(sol[1]), float(sol[2])
+    a = np.array([[1.0, m] for _, m, _ in points])
+    sol = np.linalg.lstsq(a, t, rcond=None)[0]
+    return float(sol[0]), float(sol[1]), 0.0
+
+
+def _line(xs: list[int], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a0 + a1 * x`` (not clamped); one point gives ``(y, 0)``."""
+    if len(xs) == 1:
+        return float(ys[0]), 0.0
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    a1 = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return float(my - a1 * mx), float(a1)
+
+
+def _wrapper_line(prof: ModelProfile, t_full: dict[int, float]) -> tuple[float, float]:
+    """``(micro_batch_overhead_ms, micro_batch_overhead_ms_per_sample)``: the whole plain model ``t_full[b]``
+    minus its modelled parts (:meth:`ModelProfile.plain_step_ms`) at each size, fitted as a line in ``b``."""
+    bs = sorted(t_full)
+    return _line(bs, [t_full[b] - prof.plain_step_ms(b) for b in bs])
+
+
+def _runtime_coefficients(
+    r: dict[str, float],
+    dp_type: str,
+    t_full: dict[int, float],
+    n_total: float,
+    n_layers: float,
+    ref_params: float,
+    num_layers: int,
+    fwd_ms: Any,
+    notes: dict[str, str],
+) -> dict[str, float]:
+    """Profile fields of ``dp_type`` from its runtime fit ``r`` (see :func:`_measure_runtime`).
+
+    The runtime's excess per micro-batch over the plain whole model, ``X(b) = mb_fixed + mb_per_sample * b
+    - t_full[b]`` at each size that ran (clamped at 0, noted), is fitted as ``x0 + x1 * b``. ``x0`` is
+    spread over the parameters as the cost model charges it (``ddp``: ``x0 / n_total`` per parameter;
+    ``fsdp``: per layer parameter, the root unit counting 2/3), ``x1`` over the decoder-layer parameters
+    only (``n_layers``; per-token casts and the fp32 residual stream live in the layers). With a
+    checkpointed run at size ``B``, ``recompute_fwd_ratio = (ckpt_step - step) / num_layers / fwd_ms(B)``
+    (clamped at 0, noted). ``fwd_ms(b)`` is the modelled plain layer forward. ``x0``, ``x1`` and the
+    per-layer recompute ms are also written into ``r`` (``excess_ms``, ``excess_ms_per_sample``,
+    ``recompute_ms_per_layer``).
+    """
+    bs = [b for b in sorted(t_full) if f"step_b{b}_m1_ms" in r]
+    xs = []
+    for b in bs:
+        x = r["mb_fixed_ms"] + r["mb_ms_per_sample"] * b - t_full[b]
+        if x < 0:
+            _note(
+                notes,
+                f"runtime_{dp_type}" + ("" if b == bs[0] else f"_b{b}"),
+                f"per-micro-batch {x + t_full[b]:.3f} ms at b={b} below the plain model's {t_full[b]:.3f} ms; "
+                "clamped to 0",
+            )
+        xs.append(max(0.0, x))
+    x0, x1 = _line(bs, xs) if bs else (0.0, 0.0)
+    r["excess_ms"], r["excess_ms_per_sample"] = x0, x1
+    out: dict[str, float] = {}
+    if dp_type == "ddp":
+        out["autocast_ns_per_param"] = x0 * 1e6 / max(n_total, 1.0)
+        out["autocast_ns_per_param_per_sample"] = x1 * 1e6 / max(n_layers, 1.0)
+    else:
+        rate = x0 / max(n_layers + 2.0 / 3.0 * (n_total - n_layers), 1.0)
+        out["fsdp_layer_overhead_ms"] = rate * ref_params
+        out["fsdp_layer_overhead_ms_per_sample"] = x1 / max(n_layers, 1.0) * ref_params
+    if "ckpt_b" in r:
+        b = int(r["ckpt_b"])
+        delta = (r[f"ckpt_step_b{b}_m1_ms"] - r[f"step_b{b}_m1_ms"]) / max(num_layers, 1)
+        ratio = delta / max(fwd_ms(b), 1e-12)
+        if ratio < 0:
+            _note(
+                notes, f"recompute_{dp_type}", f"checkpointed run {delta:.3f} ms/layer faster; clamped to 0"
+            )
+        r["recompute_ms_per_layer"] = delta
+        out["recompute_fwd_ratio"] = max(0.0, ratio)
+    return out
+
+
+def _runtime_extras(
+    model: Any,
+    prof: ModelProfile,
     device: Any,
     dtype: Any,
     warmup: int,
     repeats: int,
-    t_full: float,
-    profs: list[LayerProfile],
+    t_full: dict[int, float],
     extras: dict[str, Any],
     notes: dict[str, str],
+    ckpt_probe: bool = True,
 ) -> None:
     """Replace the per-layer probes with whole-runtime measurements (see :class:`ModelProfile`).
 
-    ``t_full`` is the plain whole-model forward + backward at ``b=1`` (what the cost model's layer, head,
-    embedding and ``micro_batch_overhead_ms`` terms add up to); the runtime's per-micro-batch excess
-    over it is spread over the parameters (``ddp``: per parameter; ``fsdp``: per layer parameter, the
-    embedding / head units counting 2/3 as the cost model does), its per-step excess goes to
-    ``step_overhead_ms``.
+    ``t_full[b]`` is the plain whole-model forward + backward at each runtime size ``b`` (what the cost
+    model's layer, head, embedding and ``micro_batch_overhead_ms`` terms add up to there); the runtime's
+    per-micro-batch excess over it becomes the ``autocast_*`` / ``fsdp_layer_overhead_*`` coefficients
+    (:func:`_runtime_coefficients`), its per-step excess goes to ``step_overhead_ms``, the checkpointed
+    run (at the largest size) to ``recompute_fwd_ratio``.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1):
         notes["runtime"] = "skipped: needs an initialised one-rank torch.distributed process group"
         return
+    shape, seq_len = prof.shape, prof.seq_len
     n_total = sum(p.numel() for p in model.parameters())
-    n_layers = sum(p.params for p in profs)
+    n_layers = sum(p.params for p in prof.layers)
+    hw = prof.calibrate(HardwareProfile.cpu())
+    sizes = tuple(sorted(t_full))
     runtime: dict[str, dict[str, float]] = {}
     step_over: dict[str, float] = {}
+    recompute: dict[str, float] = {}
     for dp_type in ("ddp", "fsdp"):
         try:
-            r = _measure_runtime(model, shape, seq_len, device, dtype, dp_type, warmup, repeats)
+            r = _measure_runtime(
+                model,
+                shape,
+                seq_len,
+                device,
+                dtype,
+                dp_type,
+                warmup,
+                repeats,
+                sizes,
+                max(sizes) if ckpt_probe else None,
+                notes,
+            )
         except Exception as exc:
             _note(notes, f"runtime_{dp_type}", f"failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         runtime[dp_type] = r
-        extra = r["mb_ms"] - t_full
-        if extra < 0:
-            _note(
-                notes,
-                f"runtime_{dp_type}",
-                f"per-micro-batch {r['mb_ms']:.3f} ms below the plain model's {t_full:.3f} ms; clamped to 0",
-            )
-        extra = max(0.0, extra)
+        co = _runtime_coefficients(
+            r,
+            dp_type,
+            t_full,
+            n_total,
+            n_layers,
+            prof.layers[0].params,
+            shape.num_layers,
+            lambda b: hw.layer_ms(shape, b, seq_len)[0],
+            notes,
+        )
+        if "recompute_fwd_ratio" in co:
+            recompute[dp_type] = co.pop("recompute_fwd_ratio")
+        extras.update(co)
         if dp_type == "ddp" or "optimizer_ns_per_param" not in runtime.get("ddp", {}):
-            opt_ns = r["opt_ms"] * 1e6 / n_total
-            runtime[dp_type]["optimizer_ns_per_param"] = opt_ns
+            runtime[dp_type]["optimizer_ns_per_param"] = r["opt_ms"] * 1e6 / n_total
         if dp_type == "ddp":
             extras["optimizer_ns_per_param"] = runtime["ddp"]["optimizer_ns_per_param"]
-            extras["autocast_ns_per_param"] = extra * 1e6 / n_total
-        else:
-            rate = extra / max(n_layers + 2.0 / 3.0 * (n_total - n_layers), 1.0)
-            extras["fsdp_layer_overhead_ms"] = rate * profs[0].params
         # per-step remainder: the fixed part of train_step plus the optimizer beyond the modelled one
         opt_pred = extras.get("optimizer_ns_per_param", 0.0) * n_total * 1e-6
         fixed = r["fixed_ms"] + (r["opt_ms"] - opt_pred if opt_pred > 0 else 0.0)
@@ -841,6 +1124,7 @@ def _runtime_extras(
         step_over[dp_type] = max(0.0, fixed)
     extras["runtime"] = runtime
     extras["step_overhead_ms"] = step_over
+    extras["recompute_fwd_ratio"] = recompute
 
 
 def _rand_like_x(x: Any, dtype: Any) -> Any:

@@ -445,11 +445,32 @@ def predict(
     cost_kwargs: dict[str, Any] | None = None,
 ) -> PlanCost:
     """Cost-model prediction for any plan (e.g. a hand-written baseline)."""
+    cm = _plan_cost_model(plan, hardware, profile, cost_kwargs)
+    return cm.evaluate(
+        plan.config, plan.stage_strategies(), memory_gb if memory_gb is not None else cm.hw.memory_gb
+    )
+
+
+def predict_breakdown(
+    plan: Plan,
+    *,
+    hardware: HardwareProfile | None = None,
+    profile: ModelProfile | None = None,
+    cost_kwargs: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """The terms of :func:`predict`'s step time for ``plan`` (ms per step; see :meth:`CostModel.breakdown`)."""
+    cm = _plan_cost_model(plan, hardware, profile, cost_kwargs)
+    return cm.breakdown(plan.config, plan.stage_strategies())
+
+
+def _plan_cost_model(
+    plan: Plan,
+    hardware: HardwareProfile | None,
+    profile: ModelProfile | None,
+    cost_kwargs: dict[str, Any] | None,
+) -> CostModel:
     hw = hardware or HardwareProfile.h100()
     if profile is not None:
         hw = profile.calibrate(hw)
     spec = TrainingSpec(global_batch=plan.global_batch, seq_len=plan.seq_len)
-    cm = CostModel(plan.shape, hw, spec, profile, **(cost_kwargs or {}))
-    return cm.evaluate(
-        plan.config, plan.stage_strategies(), memory_gb if memory_gb is not None else hw.memory_gb
-    )
+    return CostModel(plan.shape, hw, spec, profile, **(cost_kwargs or {}))
