@@ -97,6 +97,7 @@ def _base_profile() -> ModelProfile:
 def _derived_profile(sizes: tuple[int, ...] = (1, 4), ckpt: bool = True) -> ModelProfile:
     """The profile the profiler derives from synthetic measurements at ``sizes`` (as profile_model does)."""
     prof = _base_profile()
+    prof.runtime_micro_batches = list(sizes)
     t_full = {b: _t_full(b) for b in sizes}
     prof.micro_batch_overhead_ms, prof.micro_batch_overhead_ms_per_sample = profiler._wrapper_line(
         prof, t_full
@@ -283,3 +284,21 @@ def _sc():
     from hf_ext.accelerate.autoparallel.search import SearchConfig
 
     return SearchConfig(gpus=1, memory_gb=1e4, global_batch=GB, seq_len=SEQ, micro_batch_sizes=(1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_a_falling_runtime_term_is_held_past_the_largest_probe(dp):
+    """Exact between the probes (b = 1..4); past b = 4 a line that falls with b stays at its b = 4 value."""
+    global X_TRUE
+    saved = X_TRUE
+    X_TRUE = {**X_TRUE, dp: (60.0, -5.0)}  # the excess falls 5 ms per sequence between b = 1 and 4
+    try:
+        prof = _derived_profile(ckpt=False)
+        for b in (1, 2, 4):
+            pred = predict(_plan(dp, b), profile=prof, memory_gb=1e4).step_ms
+            assert pred == pytest.approx(_true_step(dp, b, GB // b), rel=1e-9), b
+        pred8 = predict(_plan(dp, 8), profile=prof, memory_gb=1e4).step_ms
+        # the b=4 excess (60 - 20) charged once, where the line would have given 60 - 40
+        assert pred8 == pytest.approx(_true_step(dp, 8, 1) + 20.0, rel=1e-9)
+    finally:
+        X_TRUE = saved

@@ -235,6 +235,9 @@ class CostModel:
             dict(getattr(prof, "recompute_fwd_ratio", {}) or {}) if prof is not None else {}
         )
         self.profile_seq_len = prof.seq_len if prof is not None else spec.seq_len
+        sizes = getattr(prof, "runtime_micro_batches", None) if prof is not None else None
+        # the largest whole-model probe (profiled sequences); a term that falls with b is held there
+        self.probe_max_samples = float(max(sizes)) if sizes else math.inf
         self.layer_params = [float(shape.layer_params())] * shape.num_layers
         if profile is not None and len(profile.layers) == shape.num_layers:
             self.layer_params = [float(lp.params) for lp in profile.layers]
@@ -268,6 +271,13 @@ class CostModel:
     def _samples(self, b: int) -> float:
         """``b`` sequences in units of profiled sequences (per-sample coefficients scale per token)."""
         return b * self.spec.seq_len / max(self.profile_seq_len, 1)
+
+    def _affine(self, c0: float, c1: float, n: float) -> float:
+        """``c0 + c1 * n`` for a runtime term fitted between the whole-model probes; a term that falls with
+        ``n`` (``c1 < 0``) is not extrapolated past the largest probe but held at its value there (an
+        overhead does not keep shrinking: on an H200 the FSDP excess fell from b=1 to b=4, and its line
+        went negative at b=8)."""
+        return c0 + c1 * (min(n, self.probe_max_samples) if c1 < 0 else n)
 
     def head_fwd_ms(self, b: int, tp: int) -> float:
         flops = self.shape.head_flops_fwd(b * self.spec.seq_len) / tp
@@ -307,13 +317,14 @@ class CostModel:
         layer by parameter count (``fsdp_layer_overhead_ms`` is for ``reshard_after_forward=True``: 2
         all-gathers + 1 reduce-scatter; units without reshard do 1 + 1, i.e. 2/3 of it), plus
         ``fsdp_layer_overhead_ms_per_sample``. Not clamped: the coefficients come from a line through
-        non-negative measured excesses, so their sum over a model is exact at the profiled sizes.
+        non-negative measured excesses, so their sum over a model is exact at the profiled sizes; past the
+        largest probe a falling line is held (:meth:`_affine`).
         """
         n = self._samples(cfg.micro_batch) if layer else 0.0
         if cfg.dp_type == "ddp":
-            return params * (self.autocast_ns + self.autocast_ns_ps * n) * 1e-6
+            return params * self._affine(self.autocast_ns, self.autocast_ns_ps, n) * 1e-6
         frac = 1.0 if unit_zero != 2 else 2.0 / 3.0
-        return (self.fsdp_ms * frac + self.fsdp_ms_ps * n) * params / max(self.fsdp_ref_params, 1.0)
+        return self._affine(self.fsdp_ms * frac, self.fsdp_ms_ps, n) * params / max(self.fsdp_ref_params, 1.0)
 
     def layer_terms(
         self, cfg: ParallelConfig, strat: LayerStrategy, layer: int = 0, parts: dict[str, float] | None = None
@@ -398,7 +409,7 @@ class CostModel:
             cap = (
                 (self.hw.per_layer_overhead_ms + self.hw.layer_bwd_overhead_ms()) * self.shape.num_layers / p
             )
-            wrap = max(self.mb_overhead + self.mb_overhead_ps * self._samples(b), -cap)
+            wrap = max(self._affine(self.mb_overhead, self.mb_overhead_ps, self._samples(b)), -cap)
             mb += wrap
             _add(parts, micro_batch_overhead=wrap)
         if last:
