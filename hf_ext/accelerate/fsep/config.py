@@ -119,7 +119,7 @@ class FSEPConfig:
             "help": "When the backward starts a layer's gradient reduce-scatter (with async_grad_reduce). "
             "'eager': in the layer's own backward, where it queues on the NCCL stream ahead of that layer's "
             "token all-to-all; 'deferred': once the next layer's combine all-to-all is queued, so it runs "
-            "during that layer's expert backward (the last layer's at the end of backward)."
+            "during that layer's expert backward (the first MoE layer's after its own dispatch all-to-all)."
         },
     )
     average_grads: bool = field(

@@ -268,7 +268,8 @@ class FSEPState:
     With ``comm_schedule="deferred"`` a layer's gradient exchange is not started in its own backward
     (where it would queue on the one NCCL stream ahead of that layer's token all-to-all) but once the
     next layer's combine all-to-all is queued (:meth:`start_deferred`), so that it runs during that
-    layer's expert backward; exchanges started at the flush before are finished there (bounded memory).
+    layer's expert backward; the first MoE layer's starts after its own dispatch all-to-all. Exchanges
+    started at the flush before are finished there (bounded memory).
     ``trace`` (a list, ``None`` by default) records the order of the backward communication for tests.
     """
 
@@ -319,6 +320,8 @@ class FSEPState:
     def finish_grads(self) -> None:
         """Start what is held, wait for every gradient exchange and accumulate into ``expert_shards.grad``
         in place (the end-of-backward callback)."""
+        if self.trace is not None:
+            self.trace.append(("backward_end", -1))
         self.start_deferred()
         self._finish_pending()
         self._callback_queued = False
@@ -493,12 +496,15 @@ class FSEPExperts(nn.Module):
 
     def _after_a2a_backward(self, which: str) -> Callable[[], None]:
         """Hook run once the backward of this layer's ``which`` (dispatch / combine) all-to-all is queued:
-        records it, and after a combine starts the gradient exchanges held by the deferred schedule."""
+        records it, and starts the gradient exchanges held by the deferred schedule after a combine, and
+        after the first MoE layer's dispatch (no token all-to-all follows it: its exchange then overlaps
+        whatever backward precedes that layer, e.g. its attention block)."""
         state = self._state
+        flush = which == "combine" or (bool(state.layers) and state.layers[0] is self)
 
         def hook() -> None:
             state.record(f"{which}_a2a_backward", self)
-            if which == "combine":
+            if flush:
                 state.start_deferred()
 
         return hook
