@@ -229,10 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-ext`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:  # its flags (and --help) are its own and transformers serve's
+    # Commands whose flags (and --help) are their own: handed over whole. An argparse REMAINDER after a
+    # sub-command does not take arguments that start with "--" (`hf-ext plan --model ...` failed).
+    if argv[:1] == ["serve"]:  # and transformers serve's
         return cmd_serve(argparse.Namespace(serve_args=argv[1:]))
-    if argv[:1] == ["tie-log"]:  # its own flags and --help
+    if argv[:1] == ["tie-log"]:
         return cmd_tie_log(argparse.Namespace(tie_log_args=argv[1:]))
+    if argv[:1] == ["plan"]:
+        return cmd_plan(argparse.Namespace(plan_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

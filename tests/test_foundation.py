@@ -101,6 +101,20 @@ def test_cli_doctor_and_unknown_component():
     assert main(["demo", "no-such-component"]) == 2
 
 
+def test_cli_plan_takes_its_own_flags(tmp_path, capsys):
+    """`hf-ext plan --model ...`: flags after the sub-command reach the planner (an argparse REMAINDER
+    refused a first argument starting with "--")."""
+    from hf_ext.cli import main
+
+    out = tmp_path / "plan.json"
+    assert (
+        main(["plan", "--model", "llama3-8b", "--gpus", "8", "--gpu-memory", "80GB", "--out", str(out)]) == 0
+    )
+    assert out.exists() and "tokens/s" in capsys.readouterr().out
+    assert main(["plan", "--model", "nope", "--gpus", "8"]) == 2
+    assert "built-in shapes" in capsys.readouterr().err
+
+
 def test_cli_console_script_runs():
     exe = Path(sys.executable).parent / "hf-ext"
     if not exe.exists():
