@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -285,3 +286,25 @@ def test_plan_whose_logits_do_not_fit_is_rejected():
         search(
             shape, SearchConfig(gpus=1, memory_gb=4, global_batch=8, seq_len=1024, micro_batch_sizes=(4, 8))
         )
+
+
+def test_memory_buckets_lose_at_most_one_percent_of_the_budget():
+    """405B (126 layers): with buckets of params*16/65536 (~99 MB) rounded up per layer, this one-config search
+    found nothing and said 72.66 GB were needed of an 80 GB card; the bucket is now capped at 1% of the
+    budget per layer, and the plan (within the budget) is found."""
+    cfg = SearchConfig(
+        gpus=1024,
+        memory_gb=80,
+        global_batch=1024,
+        seq_len=8192,
+        tp_sizes=(4,),
+        pp_sizes=(1,),
+        dp_types=("fsdp",),
+        micro_batch_sizes=(4,),
+    )
+    best = search("llama3-405b", cfg).best
+    assert best.describe().startswith("pp1 tp4+sp dp256 fsdp b4x1")
+    assert max(best.predicted["memory_gb"]) <= best.predicted["usable_memory_gb"]
+    coarse = dataclasses.replace(cfg, granularity_bytes=get_shape("llama3-405b").num_params() * 16.0 / 65536)
+    with pytest.raises(NoFeasiblePlanError):
+        search("llama3-405b", coarse)

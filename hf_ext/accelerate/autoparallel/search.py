@@ -87,7 +87,8 @@ class SearchConfig:
     top_k: int = field(default=10, metadata={"help": "how many ranked plans to keep"})
     exhaustive_partitions: bool = field(default=False, metadata={"help": "try every pipeline stage split"})
     granularity_bytes: float | None = field(
-        default=None, metadata={"help": "DP memory bucket (default: params*16/65536)"}
+        default=None,
+        metadata={"help": "DP memory bucket (default: params*16/65536, at most 1% of the budget per layer)"},
     )
 
     def __post_init__(self) -> None:
@@ -238,7 +239,11 @@ def search(
     cm = CostModel(shape, hw, spec, profile, **(cost_kwargs or {}))
     n_layers, gpus = shape.num_layers, config.gpus
     usable = cm.usable_bytes(config.memory_gb)
-    gran = config.granularity_bytes or max(1.0, shape.num_params() * 16.0 / 65536)
+    # Each layer's memory is rounded up to a bucket, so a stage can lose up to (its layers) x bucket of the
+    # budget: the default bucket keeps that under 1% of it (params*16/65536 alone lost up to 12 GB on 405B).
+    gran = config.granularity_bytes or max(
+        1.0, min(shape.num_params() * 16.0 / 65536, 0.01 * usable / max(n_layers, 1))
+    )
 
     if config.tp_sizes is not None:
         tps = sorted({int(t) for t in config.tp_sizes})
