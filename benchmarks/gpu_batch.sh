@@ -2,7 +2,8 @@
 # Runs the GPU benchmarks of the built components in one go on a CUDA machine (from a checkout,
 # without installing): results go to $HF_EXT_RESULTS_DIR (default benchmarks/results), logs beside them.
 # Usage: bash benchmarks/gpu_batch.sh [part ...]   parts: doctor simulate sale latent_omni autoparallel fsep dataflex
-#   (default: those, one GPU) and, on a 2-GPU machine: fsep2 autoparallel2 (torchrun, NCCL);
+#   (default: those, one GPU) and, on a 2-GPU machine: fsep2 autoparallel2 (torchrun, NCCL); on a 4-GPU machine:
+#   fsep4 (Mixtral experts, with and without an attention block per layer, the eager schedule as a baseline);
 #   tie_static, tie_cb, tie_plan, tie_plan_rounds, tie_sdpa: the TIE real-engine jobs (benchmarks/tie_real_cb.py,
 #   benchmarks/tie_generate_sdpa.py) on one GPU (tie_plan: TIE's planned offline batches against every baseline plan,
 #   about 20 minutes on an H100; tie_plan_rounds: TIE's plan and FCFS sorted by prompt length, two rounds in
@@ -35,6 +36,10 @@ for p in "${parts[@]}"; do
     dataflex) run dataflex 300 $PY -m hf_ext bench dataflex -- --device cuda --preset small ;;
     fsep2) run fsep2 200 $PY -m torch.distributed.run --standalone --nproc-per-node 2 \
       -m hf_ext.accelerate.fsep.bench --torchrun --no-plot ;;
+    fsep4) run fsep4 240 $PY -m torch.distributed.run --standalone --nproc-per-node 4 \
+      -m hf_ext.accelerate.fsep.bench --torchrun --no-plot --models mixtral8x7b --eager
+      run fsep4_attn 240 $PY -m torch.distributed.run --standalone --nproc-per-node 4 \
+      -m hf_ext.accelerate.fsep.bench --torchrun --no-plot --models mixtral8x7b --eager --attention ;;
     autoparallel2) run autoparallel2 380 $PY -m torch.distributed.run --standalone --nproc-per-node 2 \
       -m hf_ext.accelerate.autoparallel.bench ;;
     tie_static) run tie_static 320 $PY benchmarks/tie_real_cb.py --shape llama3.1-8b --n 96 --static-batch 32 \
