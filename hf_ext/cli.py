@@ -226,17 +226,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# sub-command -> (handler, the Namespace field that holds its arguments)
+_PASSTHROUGH = {
+    "serve": (cmd_serve, "serve_args"),
+    "tie-log": (cmd_tie_log, "tie_log_args"),
+    "plan": (cmd_plan, "plan_args"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-ext`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Commands whose flags (and --help) are their own: handed over whole. An argparse REMAINDER after a
-    # sub-command does not take arguments that start with "--" (`hf-ext plan --model ...` failed).
-    if argv[:1] == ["serve"]:  # and transformers serve's
-        return cmd_serve(argparse.Namespace(serve_args=argv[1:]))
-    if argv[:1] == ["tie-log"]:
-        return cmd_tie_log(argparse.Namespace(tie_log_args=argv[1:]))
-    if argv[:1] == ["plan"]:
-        return cmd_plan(argparse.Namespace(plan_args=argv[1:]))
+    # Commands whose flags (and --help) are their own (serve's also transformers serve's): handed over whole.
+    # An argparse REMAINDER after a sub-command does not take arguments that start with "--"
+    # (`hf-ext plan --model ...` failed).
+    if argv[:1] and argv[0] in _PASSTHROUGH:
+        cmd, dest = _PASSTHROUGH[argv[0]]
+        return cmd(argparse.Namespace(**{dest: argv[1:]}))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
