@@ -401,13 +401,12 @@ def _saved_bytes(fn: Any, exclude: set[int]) -> float:
 
 
 def _fit(bs: list[int], ts: list[float]) -> tuple[float, float]:
+    """``t(b) = fixed + slope * b`` for a timing: the least-squares slope (:func:`_line`) kept positive,
+    ``fixed >= 0`` through the means; one point gives a line through the origin."""
     if len(bs) == 1:
         return 0.0, ts[0] / bs[0]
-    mb, mt = statistics.mean(bs), statistics.mean(ts)
-    var = sum((b - mb) ** 2 for b in bs)
-    slope = sum((b - mb) * (t - mt) for b, t in zip(bs, ts)) / var
-    slope = max(slope, 1e-9)
-    fixed = max(0.0, mt - slope * mb)
+    slope = max(_line(bs, ts)[1], 1e-9)
+    fixed = max(0.0, statistics.mean(ts) - slope * statistics.mean(bs))
     return fixed, slope
 
 
