@@ -157,8 +157,9 @@ def test_plain_model_matches_the_layer_lines():
     for b in (1, 2, 4, 8):
         assert prof.plain_step_ms(b) == pytest.approx(_plain(b), rel=1e-12)
     cm = CostModel(SHAPE, prof.calibrate(HardwareProfile.h100()), TrainingSpec(GB, SEQ), prof)
-    assert cm.layer_fwd_ms(3, 1) == pytest.approx(LAYER[0] + 3 * LAYER[1])
-    assert cm.layer_bwd_ms(3, 1) == pytest.approx(LAYER[2] + 3 * LAYER[3])
+    fwd, bwd = cm.layer_ms(3, 1)
+    assert fwd == pytest.approx(LAYER[0] + 3 * LAYER[1])
+    assert bwd == pytest.approx(LAYER[2] + 3 * LAYER[3])
 
 
 @pytest.mark.parametrize("dp", ["ddp", "fsdp"])
@@ -262,8 +263,8 @@ def test_defaults_without_profile_unchanged():
     assert hw.bwd_overhead_ms is None
     cm = CostModel(SHAPE, hw, TrainingSpec(GB, SEQ))
     cfg = ParallelConfig(1, 1, 1, False, 2, 4, "ddp")
-    f = cm.layer_fwd_ms(2, 1)
-    assert cm.layer_bwd_ms(2, 1) == pytest.approx(2 * f)
+    f, bwd = cm.layer_ms(2, 1)
+    assert bwd == pytest.approx(2 * f)
     plain, ck = cm.layer_terms(cfg, LayerStrategy(0, False)), cm.layer_terms(cfg, LayerStrategy(0, True))
     assert ck.mb_ms - plain.mb_ms == pytest.approx(f)
     assert cm.breakdown(cfg, [[LayerStrategy(0, False)] * L])["total"] == pytest.approx(

@@ -214,28 +214,23 @@ class CostModel:
         self.usable_fraction, self.reserved_gb = usable_fraction, reserved_gb
         self.vocab_parallel = vocab_parallel
         self.act_calibration = profile.act_calibration if profile is not None else 1.0
-        # Measured step costs outside the layers' compute (0 = not measured; see ModelProfile).
+        # Measured step costs outside the layers' compute (0 = not measured; see ModelProfile). getattr on a
+        # missing profile (None) or on a field an older profile lacks gives the default.
         prof = profile
         # Per-micro-batch terms are c0 + c1 * b' with b' = b * seq_len / profiled seq_len (per token).
-        self.optimizer_ns = getattr(prof, "optimizer_ns_per_param", 0.0) if prof is not None else 0.0
-        self.autocast_ns = getattr(prof, "autocast_ns_per_param", 0.0) if prof is not None else 0.0
-        self.autocast_ns_ps = (
-            getattr(prof, "autocast_ns_per_param_per_sample", 0.0) if prof is not None else 0.0
-        )
-        self.autocast_act = getattr(prof, "autocast_act_ratio", 1.0) if prof is not None else 1.0
-        self.fsdp_ms = getattr(prof, "fsdp_layer_overhead_ms", 0.0) if prof is not None else 0.0
-        self.fsdp_ms_ps = getattr(prof, "fsdp_layer_overhead_ms_per_sample", 0.0) if prof is not None else 0.0
+        self.optimizer_ns = getattr(prof, "optimizer_ns_per_param", 0.0)
+        self.autocast_ns = getattr(prof, "autocast_ns_per_param", 0.0)
+        self.autocast_ns_ps = getattr(prof, "autocast_ns_per_param_per_sample", 0.0)
+        self.autocast_act = getattr(prof, "autocast_act_ratio", 1.0)
+        self.fsdp_ms = getattr(prof, "fsdp_layer_overhead_ms", 0.0)
+        self.fsdp_ms_ps = getattr(prof, "fsdp_layer_overhead_ms_per_sample", 0.0)
         self.fsdp_ref_params = float(prof.layers[0].params) if prof is not None and prof.layers else 1.0
-        self.mb_overhead = getattr(prof, "micro_batch_overhead_ms", 0.0) if prof is not None else 0.0
-        self.mb_overhead_ps = (
-            getattr(prof, "micro_batch_overhead_ms_per_sample", 0.0) if prof is not None else 0.0
-        )
-        self.step_overhead = dict(getattr(prof, "step_overhead_ms", {}) or {}) if prof is not None else {}
-        self.recompute_ratio = (
-            dict(getattr(prof, "recompute_fwd_ratio", {}) or {}) if prof is not None else {}
-        )
-        self.profile_seq_len = prof.seq_len if prof is not None else spec.seq_len
-        sizes = getattr(prof, "runtime_micro_batches", None) if prof is not None else None
+        self.mb_overhead = getattr(prof, "micro_batch_overhead_ms", 0.0)
+        self.mb_overhead_ps = getattr(prof, "micro_batch_overhead_ms_per_sample", 0.0)
+        self.step_overhead = dict(getattr(prof, "step_overhead_ms", None) or {})
+        self.recompute_ratio = dict(getattr(prof, "recompute_fwd_ratio", None) or {})
+        self.profile_seq_len = getattr(prof, "seq_len", spec.seq_len)
+        sizes = getattr(prof, "runtime_micro_batches", None)
         # the largest whole-model probe (profiled sequences); a term that falls with b is held there
         self.probe_max_samples = float(max(sizes)) if sizes else math.inf
         self.layer_params = [float(shape.layer_params())] * shape.num_layers
@@ -254,13 +249,10 @@ class CostModel:
         # Smaller GEMMs per GPU run less efficiently: -5% per doubling of tp (assumption).
         return 1.0 - 0.05 * math.log2(tp)
 
-    def layer_fwd_ms(self, b: int, tp: int) -> float:
-        """Forward ms of one decoder layer for ``b`` sequences on a ``tp``-way shard."""
-        return self.hw.layer_ms(self.shape, b, self.spec.seq_len, tp, self._tp_eff(tp))[0]
-
-    def layer_bwd_ms(self, b: int, tp: int) -> float:
-        """Backward ms of one decoder layer (the profiled backward line, or ``bwd_fwd_ratio * fwd``)."""
-        return self.hw.layer_ms(self.shape, b, self.spec.seq_len, tp, self._tp_eff(tp))[1]
+    def layer_ms(self, b: int, tp: int) -> tuple[float, float]:
+        """Forward and backward ms of one decoder layer for ``b`` sequences on a ``tp``-way shard (the
+        profiled lines; without a profile the backward is ``bwd_fwd_ratio * fwd``)."""
+        return self.hw.layer_ms(self.shape, b, self.spec.seq_len, tp, self._tp_eff(tp))
 
     def recompute_ms(self, cfg: ParallelConfig, fwd: float) -> float:
         """Recompute time of a checkpointed layer whose plain forward takes ``fwd`` ms: the forward scaled
@@ -334,8 +326,7 @@ class CostModel:
         ``parts``, if given, accumulates the per-micro-batch ms by term (see :meth:`breakdown`)."""
         sp_, t, d, b = self.spec, cfg.tp, cfg.dp, cfg.micro_batch
         p_local = self.layer_params[layer] / t
-        fwd = self.layer_fwd_ms(b, t)
-        bwd = self.layer_bwd_ms(b, t)
+        fwd, bwd = self.layer_ms(b, t)
         rec = self.recompute_ms(cfg, fwd) if strat.ckpt else 0.0
         comp = fwd + bwd + rec
         extra = self.mixed_precision_ms(cfg, p_local, strat.zero)
