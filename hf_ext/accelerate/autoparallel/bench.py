@@ -44,7 +44,6 @@ import datetime
 import gc
 import json
 import os
-import re
 import statistics
 import time
 from typing import Any
@@ -137,12 +136,10 @@ def _profile(cfg: Any, args: argparse.Namespace, device: Any, dtype: Any, shape:
 
 def _profile_lines(prof: Any) -> list[str]:
     """What the profile measured, in words (printed by rank 0)."""
+    from hf_ext.accelerate.autoparallel.profiler import HardwareProfile
+
     emb = prof.embed.fwd_ms(1) + prof.embed.bwd_ms(1) if prof.embed is not None else 0.0
-    bwd0 = (
-        prof.bwd_overhead_ms
-        if prof.bwd_overhead_ms is not None
-        else prof.bwd_fwd_ratio * prof.per_layer_overhead_ms
-    )
+    bwd0 = prof.calibrate(HardwareProfile.cpu()).layer_bwd_overhead_ms()
     lines = [
         f"layer: fwd {prof.per_layer_overhead_ms:.3f} ms + compute at {prof.achieved_tflops:.1f} TFLOP/s, bwd "
         f"{bwd0:.3f} ms + {prof.bwd_fwd_ratio:.2f} x compute; activation calibration {prof.act_calibration:.2f}; "
@@ -326,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, profile_collectives
     from hf_ext.accelerate.autoparallel.search import SearchConfig, predict, predict_breakdown, search
     from hf_ext.accelerate.autoparallel.shapes import get_shape
+    from hf_ext.simulate.calibrate import name_slug
     from hf_ext.utils.bench import Row, append_rows, device_name, plot_results, print_rows, results_dir
 
     ap = argparse.ArgumentParser(prog="hf-ext bench autoparallel", description=__doc__.split("\n")[0])
@@ -389,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             prof = _profile(cfg, args, device, dtype, shape)
     rank = dist.get_rank()
     con = Console(quiet=rank != 0)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+    slug = name_slug(device_name())
     if prof is not None:
         prof_path = results_dir() / f"{COMPONENT}_profile_{slug}.json"
         prof.save(str(prof_path))
