@@ -269,7 +269,8 @@ class FSEPState:
     (where it would queue on the one NCCL stream ahead of that layer's token all-to-all) but once the
     next layer's combine all-to-all is queued (:meth:`start_deferred`), so that it runs during that
     layer's expert backward; the first MoE layer's starts after its own dispatch all-to-all. Exchanges
-    started at the flush before are finished there (bounded memory).
+    started before such a point are finished there (bounded memory), under either schedule: ``"eager"``
+    starts them as before, in the layer's own backward, but no longer holds them all to the end.
     ``trace`` (a list, ``None`` by default) records the order of the backward communication for tests.
     """
 
