@@ -1,1 +1,0 @@
-"""MoE kernels (token permutation / grouped expert GEMM) used by FSEP."""
