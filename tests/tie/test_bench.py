@@ -6,14 +6,20 @@ import math
 
 import pytest
 
-from tests.tie._scripts import load_script
+from tests.tie._scripts import load_script, stand_in_trace
 
 
 @pytest.mark.slow
 def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
     from hf_ext.generation.tie.bench import OFFLINE_BUDGETS, main
+    from hf_ext.generation.tie.data import load_azure_trace
 
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    try:
+        load_azure_trace()
+    except FileNotFoundError:  # a clean clone or the device machine: 5 minutes of a stand-in in its format
+        trace = stand_in_trace(tmp_path / "trace.csv", n=900, seconds=330.0)
+        monkeypatch.setenv("HF_EXT_AZURE_TRACE", str(trace))
     export = tmp_path / "replay.json"
     rc = main(
         ["--quick", "--loads", "4", "--cache-dir", str(tmp_path / "cache"), "--export-replay", str(export)]
@@ -275,13 +281,7 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     )
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
     # prompt lengths come from the Azure trace, which a clean clone lacks: a small stand-in in its format
-    trace = tmp_path / "trace.csv"
-    lens = np.random.default_rng(0).integers(20, 3000, size=(64, 2))
-    trace.write_text(
-        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
-        + "".join(f"2023-11-16 18:15:{i // 10:02d}.{i % 10}000000,{p},{o}\n" for i, (p, o) in enumerate(lens))
-    )
-    monkeypatch.setenv("HF_EXT_AZURE_TRACE", str(trace))
+    monkeypatch.setenv("HF_EXT_AZURE_TRACE", str(stand_in_trace(tmp_path / "trace.csv")))
     argv = ["--caps", "1000", "--kv-tokens", "180000", "--loads", "1,1.3", "--n", "300", "--n-train", "96"]
     argv += ["--offline-n", "200", "--offline-kv-tokens", "120000"]
     replay = tmp_path / "replay.json"
@@ -352,20 +352,13 @@ def test_offline_plan_script_writes_rows_figure_and_json(tmp_path, monkeypatch, 
     import csv
     import json
 
-    import numpy as np
-
     mod = load_script("tie_offline_plan")
     for bad in (["--seeds", "x"], ["--seeds", ","], ["--offline-n", "0"], ["--tag", "a/b"]):
         with pytest.raises(SystemExit, match="--seeds|--offline-n|--tag"):
             mod.main(bad)
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
-    trace = tmp_path / "trace.csv"  # prompt lengths come from the Azure trace: a stand-in in its format
-    lens = np.random.default_rng(0).integers(20, 3000, size=(64, 2))
-    trace.write_text(
-        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
-        + "".join(f"2023-11-16 18:15:{i // 10:02d}.{i % 10}000000,{p},{o}\n" for i, (p, o) in enumerate(lens))
-    )
-    monkeypatch.setenv("HF_EXT_AZURE_TRACE", str(trace))
+    # prompt lengths come from the Azure trace: a stand-in in its format
+    monkeypatch.setenv("HF_EXT_AZURE_TRACE", str(stand_in_trace(tmp_path / "trace.csv")))
     argv = ["--seeds", "0", "--offline-n", "150", "--n-train", "96", "--epochs", "1"]
     assert mod.main([*argv, "--cache-dir", str(tmp_path / "cache")]) == 0
     rows = list(csv.DictReader((tmp_path / "tie.csv").open()))
