@@ -319,7 +319,10 @@ def test_gpu_replay_script_smoke(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for case in ("burst", "x50"):
         for pol in ("fcfs", "sjf_oracle", "ssjf", "ltr", "tie"):
-            assert re.search(rf"_{case} {pol}\s*: per-token .* lengths exact True", out.stdout), (case, pol)
+            assert re.search(rf"_{case}_replay-n40k {pol}\s*: per-token .* lengths exact True", out.stdout), (
+                case,
+                pol,
+            )
 
 
 @pytest.mark.parametrize(
@@ -470,15 +473,15 @@ def test_gpu_replay_script_simulate_mode(capsys):
     argv = ["--simulate", "--n", "40", "--speeds", "4,0", "--max-requests-per-batch", "4", "--no-write"]
     assert mod.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("_maxseqs4_sim ") == 10  # 5 policies x 2 speeds
+    assert out.count("_maxseqs4_replay-n40k_sim ") == 10  # 5 policies x 2 speeds
     # another aging period for TIE: its own case names
     assert mod.main([*argv, "--aging-tau", "60"]) == 0
-    assert capsys.readouterr().out.count("_maxseqs4_tau60_sim ") == 10
+    assert capsys.readouterr().out.count("_maxseqs4_tau60_replay-n40k_sim ") == 10
     with pytest.raises(ValueError, match="--speeds"):
         mod.main(["--simulate", "--speeds", "-1", "--no-write"])
     # TIE's ablations: simulated (and replayed) beside TIE; a static job orders by the five policies only
     assert mod.main([*argv[:-1], "--policies", "tie,tie_expect_only", "--no-write"]) == 0
-    assert capsys.readouterr().out.count("_maxseqs4_sim tie_expect_only") == 2
+    assert capsys.readouterr().out.count("_maxseqs4_replay-n40k_sim tie_expect_only") == 2
     with pytest.raises(ValueError, match="--policies must include 'tie' and only use .*'ltr', 'tie'\\), got"):
         mod.main(["--static-batch", "4", "--policies", "tie,tie_no_tail", "--no-write"])
 
@@ -508,16 +511,17 @@ def test_simulate_with_jittered_arrivals_reports_each_policys_spread_and_the_sha
     plain = {
         m["pol"]: float(m["mean"])
         for m in re.finditer(
-            r"_maxseqs4_sim (?P<pol>\w+)\s*: per-token\s+(?P<mean>[\d.]+) ms", capsys.readouterr().out
+            r"_maxseqs4_replay-n40k_sim (?P<pol>\w+)\s*: per-token\s+(?P<mean>[\d.]+) ms",
+            capsys.readouterr().out,
         )
     }
     assert set(plain) == {"tie", "ssjf", "fcfs"}
 
     def jittered(jitter: str) -> dict:
         assert mod.main([*argv, "--sim-jitter", jitter, "--sim-seeds", "3"]) == 0
-        runs = json.loads((tmp_path / "tie_real_cb_sim_jitter.json").read_text())["runs"]
+        runs = json.loads((tmp_path / "tie_real_cb_sim_jitter_replay-n40k.json").read_text())["runs"]
         ((case, got),) = runs[-1]["cases"].items()
-        assert case.endswith(f"_maxseqs4_sim_jitter{float(jitter):g}s") and runs[-1]["seeds"] == 3
+        assert case.endswith(f"_maxseqs4_replay-n40k_sim_jitter{float(jitter):g}s") and runs[-1]["seeds"] == 3
         return got
 
     still = jittered("1e-9")
@@ -541,7 +545,7 @@ def test_simulate_with_jittered_arrivals_reports_each_policys_spread_and_the_sha
         assert float(r["baseline_value"]) == pytest.approx(np.median(base))
         assert r["quality_name"] == "share_of_3_replays_tie_better"
         assert r["quality_value"] == f"{np.mean(tie < base):.2f}"
-    assert (tmp_path / "tie_real_cb_sim_jitter.png").exists()
+    assert (tmp_path / "tie_real_cb_sim_jitter_replay-n40k.png").exists()
     assert "below SSJF in" in capsys.readouterr().out
     # the figure marks the engine calls of the same replay: the case without the simulator's suffix
     engine_case = "real_cb_llama3.1-8b_azure2023conv_n30_x4_maxseqs4"
@@ -684,10 +688,14 @@ def test_gpu_replay_script_records_steps_fits_and_simulates(tmp_path, monkeypatc
     argv = ["--simulate", "--calibration", str(cal), "--n", "8", "--speeds", "0", "--shape", "tiny"]
     assert mod.main([*argv, "--no-write"]) == 0
     got = capsys.readouterr().out
-    assert "token budget 256, KV 4096 tokens, max 8 running" in got and got.count("_burst_sim_cbfit ") == 5
+    assert (
+        "token budget 256, KV 4096 tokens, max 8 running" in got
+        and got.count("_burst_replay-n40k_sim_cbfit ") == 5
+    )
     # the engine's run of the same case (written by the subprocess) is compared policy by policy
     assert re.search(
-        r"real_cb_tiny_azure2023conv_n8_burst: mean per-token latency, engine \(cpu[^)]*\) vs simulator", got
+        r"real_cb_tiny_azure2023conv_n8_burst_replay-n40k: mean per-token latency, engine \(cpu[^)]*\) vs simulator",
+        got,
     )
     assert len(re.findall(r"^ +(tie|fcfs|ssjf) +[\d.]+ +[\d.]+ +sim/engine", got, flags=re.M)) == 3
 
@@ -791,7 +799,7 @@ def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
     stdout, rows = _burst_of_four(tmp_path, "--policies", "fcfs,ssjf,tie,tie_expect_only")
     # an ablation is reported (details, printed) but never a row
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf"}
-    assert re.search(r"_burst tie_expect_only\s*: per-token .* lengths exact True", stdout)
+    assert re.search(r"_burst_replay-n40k tie_expect_only\s*: per-token .* lengths exact True", stdout)
     details = json.loads((tmp_path / "tie_real_cb_details.json").read_text())["real_cb"]
     assert [set(res) for res in details.values()] == [{"fcfs", "ssjf", "tie", "tie_expect_only"}]
     latency = [r for r in rows if not r["metric"].startswith("offline")]
@@ -802,22 +810,26 @@ def test_gpu_replay_script_writes_baselines_that_ran_before_tie(tmp_path):
 
 
 def test_gpu_replay_case_names_carry_a_nonzero_seed():
-    """Repeats with --seed N get their own case (rows of different repeats never share a name); seed 0 keeps the
-    plain name of the earlier rows."""
+    """Repeats with --seed N get their own case (rows of different repeats never share a name); seed 0 adds
+    nothing."""
 
     mod = load_script("tie_real_cb")
     base = ["--shape", "tiny", "--max-requests-per-batch", "32"]
-    plain = mod._case(mod._parser().parse_args(base), 150, 4.0)
+    plain = mod._case(mod._parser().parse_args([*base, "--workload", str(mod.LEGACY_WORKLOAD)]), 150, 4.0)
     assert plain == "real_cb_tiny_azure2023conv_n150_x4_maxseqs32"
-    assert mod._case(mod._parser().parse_args([*base, "--seed", "2"]), 150, 4.0) == plain + "_seed2"
-    assert mod._case(mod._parser().parse_args(["--shape", "tiny", "--seed", "1"]), 8, 0.0).endswith(
-        "burst_seed1"
+    assert (
+        mod._case(mod._parser().parse_args([*base, "--seed", "2"]), 150, 4.0) == plain + "_replay-n40k_seed2"
     )
-    # a replay with other predictions gets its own case; the default file keeps the plain name
+    assert mod._case(mod._parser().parse_args(["--shape", "tiny", "--seed", "1"]), 8, 0.0).endswith(
+        "burst_replay-n40k_seed1"
+    )
+    # a replay with other predictions gets its own case; only the legacy file (the mixed law of the rows before
+    # commit d8e3990) keeps the plain name, and the default is the n40k replay
     other = mod._parser().parse_args([*base, "--workload", "benchmarks/data/tie_azure_replay_n40k.json"])
     assert mod._case(other, 150, 4.0) == plain + "_replay-n40k"
-    default = mod._parser().parse_args([*base, "--workload", str(mod.DEFAULT_WORKLOAD)])
-    assert mod._case(default, 150, 4.0) == plain
+    assert mod._case(mod._parser().parse_args(base), 150, 4.0) == plain + "_replay-n40k"
+    legacy = mod._parser().parse_args([*base, "--workload", str(mod.LEGACY_WORKLOAD)])
+    assert mod._case(legacy, 150, 4.0) == plain
     assert mod._workload_tag("/tmp/my_trace.json") == "_replay-my_trace"
     # a replay that names its workload (tie_regime.py --export-replay) is not labelled as the Azure trace
     synth = mod._parser().parse_args([*base, "--workload", "benchmarks/data/tie_regime_cap8192.json"])
@@ -1081,7 +1093,7 @@ def test_no_cudnn_sdpa_runs_each_replay_off_cudnn_under_its_own_case_names(tmp_p
         mod.main([*base, "--static-batch", "2", "--policies", "tie,fcfs", "--no-cudnn-sdpa"])
     assert mod.main([*base, "--speeds", "0", "--policies", "tie,fcfs", "--no-cudnn-sdpa"]) == 0
     assert seen and not any(seen) and torch.backends.cuda.cudnn_sdp_enabled()
-    assert re.search(r"_n4_burst_nocudnn tie\s*: per-token", capsys.readouterr().out)
+    assert re.search(r"_n4_burst_nocudnn_replay-n40k tie\s*: per-token", capsys.readouterr().out)
 
 
 def test_gpu_replay_script_runs_policies_side_by_side_and_writes_one_calls_rows(tmp_path):
@@ -1091,7 +1103,9 @@ def test_gpu_replay_script_runs_policies_side_by_side_and_writes_one_calls_rows(
     assert "worker on GPU cpu-worker0: tie, ssjf" in stdout
     assert "worker on GPU cpu-worker1: fcfs" in stdout
     # each worker's lines come prefixed with its device
-    assert re.search(r"\[gpu cpu-worker1\] .*_burst fcfs\s*: per-token .* lengths exact True", stdout)
+    assert re.search(
+        r"\[gpu cpu-worker1\] .*_burst_replay-n40k fcfs\s*: per-token .* lengths exact True", stdout
+    )
     assert {r["baseline"] for r in rows} == {"fcfs", "ssjf"}
     assert all("--gpus 2" in r["command"] for r in rows)
     latency = [r for r in rows if not r["metric"].startswith("offline")]
@@ -1221,3 +1235,4 @@ def test_drop_options_removes_both_spellings():
     mod = load_script("tie_real_cb")
     argv = ["--n", "4", "--gpus", "2", "--policies=tie,ssjf", "--speeds", "2", "--policies", "x"]
     assert mod._drop_options(argv, ("--gpus", "--policies")) == ["--n", "4", "--speeds", "2"]
+
