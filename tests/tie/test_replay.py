@@ -1236,3 +1236,40 @@ def test_drop_options_removes_both_spellings():
     argv = ["--n", "4", "--gpus", "2", "--policies=tie,ssjf", "--speeds", "2", "--policies", "x"]
     assert mod._drop_options(argv, ("--gpus", "--policies")) == ["--n", "4", "--speeds", "2"]
 
+
+def test_a_soft_reset_request_keeps_the_time_of_its_first_token():
+    """Under KV pressure transformers soft-resets requests (a new state under the same id); the replay's TTFT is
+    still that of the first token the request produced, not of its first token after the reset."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay
+    from hf_ext.testing import tiny_llama
+
+    first: dict[str, float] = {}  # rid -> TTFT of its first token, read at its first reset
+    real = RequestState.create_equivalent_initial_request
+
+    def spy(self):
+        if self._timestamps and self.request_id not in first:
+            first[self.request_id] = self._timestamps[0] - self.created_time
+        return real(self)
+
+    rng = np.random.default_rng(0)
+    reqs = [
+        ReplayRequest(
+            f"r{i}", 0.0, rng.integers(5, 200, 24).tolist(), int(rng.integers(30, 60)), pred_len=float(i)
+        )
+        for i in range(16)
+    ]
+    gc = GenerationConfig(max_new_tokens=60, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cbc = ContinuousBatchingConfig(num_blocks=10, page_size=16, max_batch_tokens=64, max_requests_per_batch=6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RequestState, "create_equivalent_initial_request", spy)
+        recs = run_cb_replay(
+            tiny_llama(), reqs, "ssjf", generation_config=gc, continuous_batching_config=cbc, time_scale=0
+        )
+        assert RequestState.create_equivalent_initial_request is spy  # the replay put back what it found
+    assert first, "no soft reset happened: the test no longer exercises it"
+    by_id = {r["request_id"]: r for r in recs}
+    for rid, ttft in first.items():
+        assert by_id[rid]["first_token"] - by_id[rid]["submit"] == pytest.approx(ttft, abs=5e-3), rid

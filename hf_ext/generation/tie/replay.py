@@ -36,10 +36,11 @@ Example (CPU, tiny random model; all arrive at once)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,7 +221,7 @@ def run_cb_replay(
         tie_config = TIEConfig(max_new_tokens=int(cap), use_request_cap=False)
     cb = copy.deepcopy(continuous_batching_config)
     # what the caller had set (predictor, config, hints, keys) comes back afterwards
-    with preserved_context():
+    with preserved_context(), _soft_resets_keep_token_times():
         cb.scheduler_type = _install(policy, requests, tie_config)
         mgr = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb
@@ -302,6 +303,29 @@ def run_cb_replay(
             }
         )
     return out
+
+
+@contextlib.contextmanager
+def _soft_resets_keep_token_times() -> Iterator[None]:
+    """While a replay runs: a request that transformers soft-resets (KV evicted; a new ``RequestState`` under the
+    same id, its tokens so far moved into the prompt) keeps the timestamps of the tokens it had made, so that its
+    first token, and TTFT, is the one it first produced, as in the simulator, not the first after the reset.
+    transformers' method is put back on exit."""
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    real = RequestState.create_equivalent_initial_request
+
+    def keep_times(self: Any) -> Any:
+        new = real(self)
+        if self.record_timestamps:
+            new._timestamps = list(self._timestamps) + list(new._timestamps)
+        return new
+
+    RequestState.create_equivalent_initial_request = keep_times
+    try:
+        yield
+    finally:
+        RequestState.create_equivalent_initial_request = real
 
 
 def summarize_replay(records: Sequence[dict[str, Any]]) -> dict[str, float]:
