@@ -905,7 +905,7 @@ class Simulator:
         rs.admitted_before = True
         self.n_preemptions += 1
         rs.req.meta["sim_generated"] = sum(rs.progress)
-        self.scheduler.add(rs.req, self.now)
+        getattr(self.scheduler, "requeue", self.scheduler.add)(rs.req, self.now)
 
     # -------------------------------------------------------------------------------- cache
     def _evict(self, tokens: float, keep: Iterable[CacheEntry]) -> bool:

@@ -45,7 +45,9 @@ class Scheduler(Protocol):
     and :meth:`pop_next` whenever it can admit one more request; ``None`` means "admit nothing now".
     :meth:`peek_next` lets the engine check memory before committing. A scheduler may also have
     ``add_many(requests, now)``: the engine then hands it requests that arrive at the same instant together
-    (in arrival order), e.g. to score each against the queue they all join.
+    (in arrival order), e.g. to score each against the queue they all join; and ``requeue(request, now)``: the
+    engine then hands it a preempted request through it instead of :meth:`add` (e.g. to keep the priority it
+    was given on arrival; ``meta["sim_generated"]`` holds the tokens it had generated).
     """
 
     name: str

@@ -214,3 +214,64 @@ def test_in_loop_prediction_failure_never_stops_the_engine(setup, caplog, failur
         assert sum(counts) == len(ids)
     else:  # each predict call: its first prompt NaN, its last sigma = 0
         assert all(c in (1, 2) for c in counts)
+
+
+def test_a_soft_reset_request_keeps_its_score_and_aging_clock_on_the_real_engine():
+    """A KV pool of 10 pages for 16 requests: transformers soft-resets requests (KV evicted, re-queued under the
+    same id). Each comes back with the score and clock of its first arrival (one scoring per request, though the
+    queue, and so beta, has changed), every request gets all its tokens, and nothing is kept once all have ended."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from hf_ext.generation.tie import cb as tie_cb
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay, summarize_replay
+    from hf_ext.testing import tiny_llama
+
+    scored: dict[str, list[tuple[float, float]]] = {}
+    comebacks: list[str] = []
+    live: list[tie_cb.TIECBScheduler] = []
+    real_prepare = tie_cb.TIECBScheduler._prepare
+
+    def spy(self, new):
+        if self not in live:
+            live.append(self)
+        comebacks.extend(s.request_id for s in new if s.request_id in self._admitted)
+        real_prepare(self, new)
+        for s in new:
+            scored.setdefault(s.request_id, []).append((self.scores[s.request_id], self._t0[s.request_id]))
+
+    rng = np.random.default_rng(0)
+    cap = 60
+    reqs = [
+        ReplayRequest(
+            f"r{i}",
+            0.0,
+            rng.integers(5, 200, 24).tolist(),
+            int(rng.integers(30, cap)),
+            mu=float(rng.normal(3.5, 0.5)),
+            sigma=0.6,
+            nu=3.5,
+            pred_len=1.0,
+            ltr_score=0.0,
+        )
+        for i in range(16)
+    ]
+    gc = GenerationConfig(max_new_tokens=cap, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cbc = ContinuousBatchingConfig(num_blocks=10, page_size=16, max_batch_tokens=64, max_requests_per_batch=6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tie_cb.TIECBScheduler, "_prepare", spy)
+        recs = run_cb_replay(
+            tiny_llama(),
+            reqs,
+            "tie",
+            generation_config=gc,
+            continuous_batching_config=cbc,
+            tie_config=TIEConfig(max_new_tokens=cap, use_request_cap=False, batch_max=6),
+            time_scale=0,
+        )
+    assert summarize_replay(recs)["lengths_ok"] == 1.0
+    assert comebacks, "no soft reset happened: the test no longer exercises the comeback"
+    for rid in comebacks:
+        assert len(set(scored[rid])) == 1, (rid, scored[rid])  # the same (score, t0) every time it waited
+    (sched,) = live
+    assert not sched._admitted and not sched.scores

@@ -140,6 +140,69 @@ def test_aging_prevents_starvation(mode):
     assert t <= bound + 3
 
 
+def test_a_preempted_request_keeps_its_arrival_score_and_aging_clock():
+    """``requeue`` (the simulator's preemption path) keeps the score priced on arrival (β of that queue) and the
+    wait since arrival; re-adding the request as new would price it with the crowd's β and restart its clock."""
+    cfg = TIEConfig(max_new_tokens=1000, aging_tau=30.0, aging_gamma=0.9)
+    s = TIEScheduler(cfg)
+    old = _req(0, 4.5, 0.8)
+    s.add(old, 0.0)  # alone: beta 0.1
+    assert s.pop_next(0.0) is old
+    first = dict(old.meta)
+    crowd = [_req(i, 4.0, 0.8, arrival=300.0) for i in range(1, 200)]
+    s.add_many(crowd, 300.0)  # a long queue: beta 0.5
+    s.requeue(old, 300.0)
+    assert (old.meta["tie_score"], old.meta["tie_t0"]) == (first["tie_score"], 0.0)
+    assert s.pop_next(300.0) is old  # ten periods of aging and its arrival beta put it first
+    fresh = TIEScheduler(cfg)
+    fresh.add_many([_req(i, 4.0, 0.8, arrival=300.0) for i in range(1, 200)], 300.0)
+    again = _req(0, 4.5, 0.8)
+    fresh.add(again, 300.0)  # as new: the crowd's beta, no wait, a larger median -> last
+    assert [fresh.pop_next(300.0).id for _ in range(200)][-1] == 0
+    with pytest.raises(ValueError, match="never added"):
+        TIEScheduler(cfg).requeue(_req(5, 3.0), 1.0)
+
+
+def test_simulator_hands_preempted_requests_back_through_requeue():
+    """A KV pool too small for every running request forces preemptions; TIE gets each back through ``requeue``
+    (its arrival score), every request finishes with all its tokens."""
+    from hf_ext.simulate import CostModel, SimConfig, Simulator
+
+    class Spy(TIEScheduler):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.added: dict[int, float] = {}
+            self.requeued: list[int] = []
+
+        def _push(self, req, now, queue_len):  # add / add_many
+            assert req.id not in self.added  # a preempted request never comes back as new
+            self.added[req.id] = now
+            super()._push(req, now, queue_len)
+
+        def requeue(self, req, now):
+            self.requeued.append(req.id)
+            assert req.meta["sim_generated"] >= 0
+            super().requeue(req, now)
+
+    reqs = [
+        Request(
+            id=i,
+            arrival=0.01 * i,
+            prompt_len=64,
+            output_len=300,
+            max_new_tokens=1000,
+            meta={"pred_mu": 5.0 + 0.01 * i, "pred_sigma": 0.5},
+        )
+        for i in range(12)
+    ]
+    sch = Spy(TIEConfig(max_new_tokens=1000))
+    res = Simulator(CostModel.constant(0.01), sch, SimConfig(max_num_seqs=8, kv_capacity_tokens=1600)).run(
+        reqs
+    )
+    assert res.num_finished == 12 and res.tokens_generated == 12 * 300
+    assert sch.requeued and all(r.meta["tie_t0"] == sch.added[r.id] for r in reqs)
+
+
 def test_simulator_tie_beats_fcfs_and_runs_everything():
     from hf_ext.simulate import FCFS, CostModel, SimConfig, Simulator
 

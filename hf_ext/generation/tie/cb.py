@@ -188,10 +188,14 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
                         ADMISSION_WAITS.observe(type(self).__name__, now - born)
         return out
 
+    def _done(self, rid: str) -> None:
+        """``rid`` has ended (finished, failed or cancelled): drop what is kept for a comeback."""
+
     def clear_cancelled_requests(self) -> list[RequestState]:
         cancelled = super().clear_cancelled_requests()
         for s in cancelled:
             self._forget(s.request_id)
+            self._done(s.request_id)
             self._record(s, "cancelled")
         return cancelled
 
@@ -201,9 +205,11 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
             reason = _ended(state)
             if reason is not None:
                 self._record(state, reason)
+                self._done(request_id)
             elif state.status >= RequestStatus.FAILED:  # failed: forget it
                 self._laws.pop(request_id, None)
                 self._texts.pop(request_id, None)
+                self._done(request_id)
             # else it comes back under the same id: offloaded to the CPU (PENDING) or soft-reset (FINISHED, not
             # ended); its law and text are kept for its record
         super().finish_request(request_id)
@@ -240,6 +246,10 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
 class TIECBScheduler(_WaitingOrderScheduler):
     """FIFO for running requests, aged TIE order for waiting ones (see the module docstring).
 
+    A request that transformers soft-resets (its KV evicted, the request re-queued under the same id) comes back
+    with the score (β included) and the aging clock of its first arrival: it is neither predicted nor priced again,
+    and its wait keeps counting. CPU-offloaded requests are restored ahead of fresh ones, as in FIFO.
+
     Attributes:
         admission_order: request ids in the order they left the waiting queue (for inspection/tests).
         scores: request id -> un-aged TIE score (while waiting).
@@ -251,11 +261,24 @@ class TIECBScheduler(_WaitingOrderScheduler):
         self.scores: dict[str, float] = {}
         self._t0: dict[str, float] = {}
         self._static: dict[str, float] = {}
+        # admitted requests until they end: (score, t0, static key) for a comeback after a soft reset
+        self._admitted: dict[str, tuple[float, float, float | None]] = {}
         self._epoch = time.perf_counter()
         self._warned = False
         self.prediction_failures: dict[str, str] = {}
 
     def _prepare(self, new: list[RequestState]) -> None:
+        back = [s for s in new if s.request_id in self._admitted]
+        for s in back:  # a soft-reset request: the score and clock of its first arrival
+            rid = s.request_id
+            self.scores[rid], self._t0[rid], static = self._admitted.pop(rid)
+            if static is not None:
+                self._static[rid] = static
+        if back:
+            came_back = {s.request_id for s in back}
+            new = [s for s in new if s.request_id not in came_back]
+            if not new:
+                return
         cfg = CONTEXT.config
         mu = np.empty(len(new))
         sigma = np.empty(len(new))
@@ -355,9 +378,12 @@ class TIECBScheduler(_WaitingOrderScheduler):
 
     def _forget(self, rid: str) -> None:
         super()._forget(rid)
-        self.scores.pop(rid, None)
-        self._t0.pop(rid, None)
-        self._static.pop(rid, None)
+        score, t0 = self.scores.pop(rid, None), self._t0.pop(rid, None)
+        if score is not None and t0 is not None:
+            self._admitted[rid] = (score, t0, self._static.pop(rid, None))
+
+    def _done(self, rid: str) -> None:
+        self._admitted.pop(rid, None)
 
 
 class PriorityCBScheduler(_WaitingOrderScheduler):

@@ -260,10 +260,23 @@ class TIEScheduler:
         for r in reqs:
             self._push(r, now, queue_len)
 
+    def requeue(self, req: Any, now: float) -> None:
+        """A preempted request back in the queue: it keeps the score (β included) and the aging clock of its
+        arrival, so preemption neither re-prices it nor restarts its wait."""
+        meta = req.meta
+        if "tie_score" not in meta or "tie_t0" not in meta:
+            raise ValueError(
+                f"request {getattr(req, 'id', '?')}: requeue() of a request this run never added"
+            )
+        self._enqueue(req, float(meta["tie_score"]), float(meta["tie_t0"]))
+
     def _push(self, req: Any, now: float, queue_len: int) -> None:
         score = self.score_of(req, queue_len)
         req.meta["tie_score"] = score
-        t0 = float(now)
+        req.meta["tie_t0"] = float(now)
+        self._enqueue(req, score, float(now))
+
+    def _enqueue(self, req: Any, score: float, t0: float) -> None:
         if self.config.aging == "step":
             self._items.append((score, t0, next(self._seq), req))
             return
