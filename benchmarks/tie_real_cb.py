@@ -734,6 +734,8 @@ def _with_top5(summary: dict[str, Any], per_token: Any, request_ids: list[str]) 
 
 def _report(case: str, policy: str, s: dict[str, Any]) -> None:
     extra = f", lengths exact {bool(s['lengths_ok'])}, {s['wall_s']:.0f}s" if "wall_s" in s else ""
+    if s.get("soft_resets"):
+        extra += f", {s['soft_resets']:.0f} soft resets"
     if "top5_share" in s:
         extra += (
             f", top-5 share {s['top5_share'] * 1e3:.1f} ms (mean without {s['per_token_mean_without_top5'] * 1e3:.1f}"

@@ -1243,7 +1243,7 @@ def test_a_soft_reset_request_keeps_the_time_of_its_first_token():
     from transformers import ContinuousBatchingConfig, GenerationConfig
     from transformers.generation.continuous_batching.requests import RequestState
 
-    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay
+    from hf_ext.generation.tie.replay import ReplayRequest, run_cb_replay, summarize_replay
     from hf_ext.testing import tiny_llama
 
     first: dict[str, float] = {}  # rid -> TTFT of its first token, read at its first reset
@@ -1270,6 +1270,8 @@ def test_a_soft_reset_request_keeps_the_time_of_its_first_token():
         )
         assert RequestState.create_equivalent_initial_request is spy  # the replay put back what it found
     assert first, "no soft reset happened: the test no longer exercises it"
+    assert set(first) <= {r["request_id"] for r in recs if r["soft_resets"]}  # counted per request
+    assert summarize_replay(recs)["soft_resets"] == sum(r["soft_resets"] for r in recs)
     by_id = {r["request_id"]: r for r in recs}
     for rid, ttft in first.items():
         assert by_id[rid]["first_token"] - by_id[rid]["submit"] == pytest.approx(ttft, abs=5e-3), rid

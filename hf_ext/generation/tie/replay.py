@@ -209,7 +209,8 @@ def run_cb_replay(
 
     Returns:
         One dict per request (input order): ``request_id``, ``submit`` / ``first_token`` / ``finish`` (seconds
-        after the replay start), ``n_tokens``, ``output_len``, ``error``.
+        after the replay start), ``n_tokens``, ``output_len``, ``error``, ``soft_resets`` (how often transformers
+        evicted its KV and re-queued it; its ``first_token`` stays that of the first token it made).
     """
     from hf_ext.generation.tie.cb import preserved_context
 
@@ -221,7 +222,7 @@ def run_cb_replay(
         tie_config = TIEConfig(max_new_tokens=int(cap), use_request_cap=False)
     cb = copy.deepcopy(continuous_batching_config)
     # what the caller had set (predictor, config, hints, keys) comes back afterwards
-    with preserved_context(), _soft_resets_keep_token_times():
+    with preserved_context(), _soft_resets_keep_token_times() as resets:
         cb.scheduler_type = _install(policy, requests, tie_config)
         mgr = model.init_continuous_batching(
             generation_config=generation_config, continuous_batching_config=cb
@@ -300,22 +301,25 @@ def run_cb_replay(
                 "n_tokens": len(g.generated_tokens),
                 "output_len": int(r.output_len),
                 "error": g.error,
+                "soft_resets": resets.get(r.request_id, 0),
             }
         )
     return out
 
 
 @contextlib.contextmanager
-def _soft_resets_keep_token_times() -> Iterator[None]:
+def _soft_resets_keep_token_times() -> Iterator[dict[str, int]]:
     """While a replay runs: a request that transformers soft-resets (KV evicted; a new ``RequestState`` under the
     same id, its tokens so far moved into the prompt) keeps the timestamps of the tokens it had made, so that its
     first token, and TTFT, is the one it first produced, as in the simulator, not the first after the reset.
-    transformers' method is put back on exit."""
+    Yields a dict that counts the soft resets per request id. transformers' method is put back on exit."""
     from transformers.generation.continuous_batching.requests import RequestState
 
     real = RequestState.create_equivalent_initial_request
+    resets: dict[str, int] = {}
 
     def keep_times(self: Any) -> Any:
+        resets[self.request_id] = resets.get(self.request_id, 0) + 1
         new = real(self)
         if self.record_timestamps:
             new._timestamps = list(self._timestamps) + list(new._timestamps)
@@ -323,13 +327,14 @@ def _soft_resets_keep_token_times() -> Iterator[None]:
 
     RequestState.create_equivalent_initial_request = keep_times
     try:
-        yield
+        yield resets
     finally:
         RequestState.create_equivalent_initial_request = real
 
 
 def summarize_replay(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Per-token latency ((finish - submit) / output_len), TTFT, latency (mean, p50, p99), makespan, tok/s."""
+    """Per-token latency ((finish - submit) / output_len), TTFT, latency (mean, p50, p99), makespan, tok/s, whether
+    every request got exactly its length, and the soft resets transformers made (KV evicted, request re-queued)."""
     sub = np.array([r["submit"] for r in records])
     fin = np.array([r["finish"] for r in records])
     first = np.array([r["first_token"] for r in records])
@@ -345,6 +350,7 @@ def summarize_replay(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     out["makespan_s"] = float(fin.max() - sub.min())
     out["throughput_tok_s"] = float(n.sum() / max(out["makespan_s"], 1e-9))
     out["lengths_ok"] = float(all(r["n_tokens"] == r["output_len"] and r["error"] is None for r in records))
+    out["soft_resets"] = float(sum(r.get("soft_resets", 0) for r in records))
     return out
 
 
