@@ -631,12 +631,14 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         cfg = self.config
         ka = audio.shape[1]
         v = energy_pool(visual, ka, cfg.energy_pool_eps)
-        head_dtype = self.sync_visual_head.fc1.weight.dtype
-        zv = F.normalize(self.sync_visual_head(v.reshape(-1, v.shape[-1]).to(head_dtype)).float(), dim=-1)
-        za = F.normalize(
-            self.sync_audio_head(audio.reshape(-1, audio.shape[-1]).to(head_dtype)).float(), dim=-1
+        wv, wa = self.sync_visual_head.fc1.weight, self.sync_audio_head.fc1.weight  # their device and dtype
+        zv = F.normalize(
+            self.sync_visual_head(v.reshape(-1, v.shape[-1]).to(wv.device, wv.dtype)).float(), dim=-1
         )
-        return symmetric_info_nce(zv, za, self.sync_temperature.scale())
+        za = F.normalize(
+            self.sync_audio_head(audio.reshape(-1, audio.shape[-1]).to(wa.device, wa.dtype)).float(), dim=-1
+        )
+        return symmetric_info_nce(zv, za.to(zv.device), self.sync_temperature.scale().to(zv.device))
 
     # ---------------------------------------------------------------------------------- forward
     def forward(  # type: ignore[override]
@@ -743,7 +745,11 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         )
         targets = None
         if n_blocks:
-            targets = self.pool_segment_targets(vis_feats, aud_feats, n_blocks).detach().to(embeds.dtype)
+            targets = (
+                self.pool_segment_targets(vis_feats, aud_feats, n_blocks)
+                .detach()
+                .to(embeds.device, embeds.dtype)
+            )
             slot_mask = (input_ids == cfg.latent_pad_token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(slot_mask, targets.reshape(-1, targets.shape[-1]))
         # 3. positions (OSPE on the slots) and the controlled attention mask
@@ -780,7 +786,7 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             starts = torch.tensor([s for _, s in blocks], device=hidden.device)
             idx = starts[:, None] + torch.arange(k, device=hidden.device)[None, :]  # trigger .. slot K-2
             preds = hidden[rows[:, None], idx]  # [n, K, D]
-            latent_loss = F.mse_loss(preds.float(), targets.float())
+            latent_loss = F.mse_loss(preds.float(), targets.to(preds.device).float())
             kv, ka = cfg.num_visual_latents, cfg.num_audio_latents
             if kv > 0 and ka > 0:
                 if cfg.sync_source == "latents":
@@ -790,12 +796,12 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                     a = torch.stack([energy_pool(f, ka, cfg.energy_pool_eps) for f in aud_feats])
                     sync_loss = self.sync_loss_from(v, a)
         loss = None
-        if text_loss is not None:
+        if text_loss is not None:  # the parts may sit on different GPUs when the model is split (device_map)
             loss = text_loss
             if latent_loss is not None:
-                loss = loss + cfg.latent_loss_weight * latent_loss
+                loss = loss + cfg.latent_loss_weight * latent_loss.to(loss.device)
             if sync_loss is not None:
-                loss = loss + cfg.sync_loss_weight * sync_loss
+                loss = loss + cfg.sync_loss_weight * sync_loss.to(loss.device)
         return LatentOmniCausalLMOutput(
             loss=loss,
             text_loss=text_loss,
@@ -893,11 +899,15 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         cfg = self.config
         k = cfg.num_latents
         emb = self.get_input_embeddings()
+        # a model split over GPUs (device_map): hidden states leave the last layer's device, token ids and
+        # masks live where the inputs came in, the embedding table and the LM head where they were placed
         dev = state.last_hidden.device
+        ids_dev = state.sequences.device
+        emb_dev = emb.weight.device
         bsz = len(state.mode)
         eos = set(eos_token_ids or [])
         max_blocks = cfg.max_latent_blocks if max_latent_blocks is None else max_latent_blocks
-        suppress = torch.tensor([cfg.latent_pad_token_id, cfg.latent_end_token_id], device=dev)
+        suppress = [cfg.latent_pad_token_id, cfg.latent_end_token_id]
         collected: list[list[torch.Tensor]] | None = [[] for _ in range(bsz)] if collect_latents else None
         # OSPE ids of slot i for trigger base B: off0[i] + B * uses_base[i] (per axis t, h, w)
         off0 = self._ospe(0, "cpu")
@@ -913,11 +923,13 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             if text_rows:  # LM head + sampling only for rows decoding text
                 ridx = torch.tensor(text_rows, device=dev)
                 scores = self.lm_head(h[ridx]).float()
-                seqs = state.sequences[ridx]
+                seqs = state.sequences[ridx.to(ids_dev)]
                 if logits_processor is not None:
-                    scores = logits_processor(seqs, scores)
+                    scores = logits_processor(seqs, scores.to(ids_dev))
                 scores[:, suppress] = -float("inf")
-                no_more = torch.tensor([state.blocks[b] >= max_blocks for b in text_rows], device=dev)
+                no_more = torch.tensor(
+                    [state.blocks[b] >= max_blocks for b in text_rows], device=scores.device
+                )
                 scores[no_more, cfg.latent_start_token_id] = -float("inf")
                 if do_sample:
                     if logits_warper is not None:
@@ -956,16 +968,16 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                             state.base[b] = state.next_pos[b] + 1
                             state.blocks[b] += 1
                     state.next_pos[b] += 1
-            tok_t = torch.tensor(toks, device=dev)
-            x = emb(tok_t).unsqueeze(1)
+            tok_t = torch.tensor(toks, device=ids_dev)
+            x = emb(tok_t.to(emb_dev)).unsqueeze(1)
             if any(use_hidden):
-                hid_rows = torch.tensor(use_hidden, device=dev)
-                x = torch.where(hid_rows[:, None, None], h.unsqueeze(1).to(x.dtype), x)
+                hid_rows = torch.tensor(use_hidden, device=x.device)
+                x = torch.where(hid_rows[:, None, None], h.unsqueeze(1).to(x.device, x.dtype), x)
                 if collected is not None:
                     for b in range(bsz):
                         if use_hidden[b]:
                             collected[b].append(h[b].detach().clone())
-            step_pos = step_pos.to(dev).unsqueeze(-1)  # [3, B, 1]
+            step_pos = step_pos.to(x.device).unsqueeze(-1)  # [3, B, 1]
             state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(bsz, 1)], 1)
             state.sequences = torch.cat([state.sequences, tok_t[:, None]], 1)
             if state.cache is not None:
