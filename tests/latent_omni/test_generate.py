@@ -135,3 +135,66 @@ def test_generate_forwards_every_media_argument():
     embed = set(inspect.signature(cls._embed_prompt).parameters) - {"self", "input_ids"}
     rope = set(inspect.signature(cls._rope_positions).parameters) - {"self", "input_ids", "attention_mask"}
     assert set(m._EMBED_MEDIA) == embed and set(m._ROPE_MEDIA) == rope
+
+
+def test_latent_generate_applies_the_generation_config_like_hf_generate(model):
+    """repetition_penalty, no_repeat_ngram_size, min_new_tokens and max_length (from the model's generation config,
+    generate() arguments or a generation_config=) change the latent path's text steps as they change transformers'
+    generate; fields it cannot apply are an error naming them, never ignored."""
+    import pytest
+    from transformers import GenerationConfig
+
+    prompt = torch.tensor([[1, 30, 31, 32, 33]])
+    plain = model.generate(prompt, max_new_tokens=12, eos_token_id=[])
+    for kw in (dict(repetition_penalty=50.0, no_repeat_ngram_size=1), dict(no_repeat_ngram_size=2)):
+        ours = model.generate(prompt, max_new_tokens=12, eos_token_id=[], **kw)
+        hf = model.generate(
+            prompt, max_new_tokens=12, eos_token_id=None, latent_reasoning=False, min_new_tokens=12, **kw
+        )
+        assert torch.equal(ours, hf), kw
+        assert not torch.equal(ours, plain)  # the penalties do change this prompt's greedy tokens
+        via_config = model.generate(
+            prompt, generation_config=GenerationConfig(max_new_tokens=12, **kw), eos_token_id=[]
+        )
+        assert torch.equal(via_config, ours)
+    eos = int(plain[0, 6])  # a token greedy decoding emits as its 2nd new token: stops there unless held back
+    assert model.generate(prompt, max_new_tokens=12, eos_token_id=eos).shape[1] == 7
+    held = model.generate(prompt, max_new_tokens=12, eos_token_id=eos, min_new_tokens=5)
+    assert held.shape[1] > 7 and eos not in held[0, 5:9].tolist()
+    model.generation_config.max_length = 8  # transformers' meaning: prompt + new tokens
+    try:
+        assert model.generate(prompt, eos_token_id=[]).shape[1] == 8
+        model.generation_config.num_beams = 3
+        with pytest.raises(ValueError, match="num_beams"):
+            model.generate(prompt, eos_token_id=[])
+    finally:
+        model.generation_config.max_length = None
+        model.generation_config.num_beams = None
+    for bad, match in (
+        ({"max_new_tokens": -3}, "max_new_tokens"),
+        ({"max_latent_blocks": -1}, "max_latent_blocks"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model.generate(prompt, **bad)
+    with pytest.raises(ValueError, match="unknown arguments"):
+        model.generate(prompt, max_new_tokens=2, bogus_argument=1)
+
+
+def test_suppress_tokens_join_the_latent_tokens_on_both_paths(model, cfg):
+    prompt = torch.tensor([[1, 30, 31, 32, 33]])
+    plain = model.generate(prompt, max_new_tokens=6, eos_token_id=[])
+    banned = sorted(set(plain[0, 5:].tolist()))
+    hf = model.generate(
+        prompt,
+        max_new_tokens=6,
+        latent_reasoning=False,
+        suppress_tokens=banned,
+        eos_token_id=None,
+        min_new_tokens=6,
+    )
+    ours = model.generate(prompt, max_new_tokens=6, suppress_tokens=banned, eos_token_id=[])
+    for out in (hf, ours):
+        new = out[0, 5:].tolist()
+        assert not set(new) & set(banned)
+        assert cfg.latent_start_token_id not in new  # the latent tokens stay suppressed on the HF path
+    assert torch.equal(hf, ours)

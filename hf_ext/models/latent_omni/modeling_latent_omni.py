@@ -37,9 +37,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,6 +350,83 @@ def _cache_kwarg(text_model: nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------------------- model
+
+
+# generation_config fields the latent decoding loop does not apply, with the value at which each changes nothing;
+# set to anything else they are an error there (latent_reasoning=False runs transformers' generate, which has them)
+_LATENT_GEN_UNSUPPORTED: dict[str, Any] = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "penalty_alpha": None,
+    "diversity_penalty": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "min_length": 0,
+    "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "begin_suppress_tokens": None,
+    "guidance_scale": 1.0,
+    "stop_strings": None,
+    "renormalize_logits": False,
+    "watermarking_config": None,
+}
+
+
+class _KeepScore:
+    """Run ``procs`` but keep token ``token``'s score: the generation config's repetition penalty and n-gram ban
+    apply to text, while latent blocks (triggered by ``<Unified_Latent>``) are bounded by ``max_latent_blocks``."""
+
+    def __init__(self, procs: Any, token: int) -> None:
+        self.procs, self.token = procs, token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        kept = scores[:, self.token].clone()
+        scores = self.procs(input_ids, scores)
+        scores[:, self.token] = kept
+        return scores
+
+
+def _latent_text_processors(gc: Any, prompt_len: int, eos: list[int], device: Any) -> tuple[Any, list[int]]:
+    """The text-step logits processors that ``gc`` asks for and the latent loop applies (repetition penalty,
+    no-repeat n-grams, a minimum of new tokens) and its ``suppress_tokens``; raises ``ValueError`` naming any
+    other output-changing field that is set."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    unsupported = {
+        f: getattr(gc, f)
+        for f, neutral in _LATENT_GEN_UNSUPPORTED.items()
+        if getattr(gc, f, None) is not None and getattr(gc, f) != neutral
+    }
+    if unsupported:
+        raise ValueError(
+            f"generate() with latent_reasoning=True does not apply generation_config fields {unsupported}; "
+            "it applies max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty, "
+            "no_repeat_ngram_size, min_new_tokens, suppress_tokens, eos_token_id and pad_token_id. Reset the "
+            "others (model.generation_config.<field> = None) or use latent_reasoning=False"
+        )
+    procs = LogitsProcessorList()
+    if gc.repetition_penalty is not None and gc.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(float(gc.repetition_penalty)))
+    if gc.no_repeat_ngram_size:
+        procs.append(NoRepeatNGramLogitsProcessor(int(gc.no_repeat_ngram_size)))
+    if gc.min_new_tokens and eos:
+        procs.append(
+            MinNewTokensLengthLogitsProcessor(prompt_len, int(gc.min_new_tokens), eos, device=device)
+        )
+    return procs, [int(t) for t in (gc.suppress_tokens or [])]
 
 
 class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGeneration):
@@ -893,6 +971,7 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         pad_token_id: int = 0,
         max_latent_blocks: int | None = None,
         collect_latents: bool = False,
+        suppress_tokens: Sequence[int] = (),
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]] | None]:
         """Run ``max_new_tokens`` steps from ``state`` (mutated). Returns the new ids ``[B, n]`` and, when
         ``collect_latents``, per row the hidden states fed back as latent inputs."""
@@ -907,7 +986,7 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         bsz = len(state.mode)
         eos = set(eos_token_ids or [])
         max_blocks = cfg.max_latent_blocks if max_latent_blocks is None else max_latent_blocks
-        suppress = [cfg.latent_pad_token_id, cfg.latent_end_token_id]
+        suppress = [cfg.latent_pad_token_id, cfg.latent_end_token_id, *suppress_tokens]
         collected: list[list[torch.Tensor]] | None = [[] for _ in range(bsz)] if collect_latents else None
         # OSPE ids of slot i for trigger base B: off0[i] + B * uses_base[i] (per axis t, h, w)
         off0 = self._ospe(0, "cpu")
@@ -1069,7 +1148,12 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             ):
                 if v is not None:
                     passed[name] = v
-            suppress = [cfg.latent_start_token_id, cfg.latent_end_token_id, cfg.latent_pad_token_id]
+            # the latent tokens join whatever the caller or the generation config suppresses
+            user = kwargs.pop("suppress_tokens", None)
+            if user is None:
+                user = self.generation_config.suppress_tokens
+            latent_ids = [cfg.latent_start_token_id, cfg.latent_end_token_id, cfg.latent_pad_token_id]
+            suppress = sorted({int(t) for t in (user or [])} | set(latent_ids))
             return super().generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -1079,16 +1163,33 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 **passed,
                 **kwargs,
             )
-        if kwargs:
-            raise ValueError(
-                f"generate() with latent_reasoning=True does not support {sorted(kwargs)}; supported: "
-                "max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, use_cache, "
-                "max_latent_blocks, logits_processor, return_dict_in_generate, output_latents and the media inputs"
-            )
         if input_ids is None:
             raise ValueError("generate() needs input_ids")
-        gc = self.generation_config
-        max_new_tokens = max_new_tokens if max_new_tokens is not None else (gc.max_new_tokens or 64)
+        given = kwargs.pop("generation_config", None)  # as transformers' generate: it replaces the model's
+        gc = copy.deepcopy(given if given is not None else self.generation_config)
+        unknown = gc.update(**kwargs)  # generation-config fields passed to generate() override it
+        if unknown:
+            raise ValueError(
+                f"generate() with latent_reasoning=True got unknown arguments {sorted(unknown)}; it takes "
+                "max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, use_cache, "
+                "max_latent_blocks, logits_processor, return_dict_in_generate, output_latents, the media inputs, "
+                "generation_config and the generation-config fields it applies"
+            )
+        if max_new_tokens is None:
+            if gc.max_new_tokens is not None:
+                max_new_tokens = gc.max_new_tokens
+            elif gc.max_length is not None:  # transformers' meaning: prompt + new tokens
+                max_new_tokens = max(int(gc.max_length) - input_ids.shape[1], 0)
+            else:
+                max_new_tokens = 64
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if max_latent_blocks is not None and (
+            isinstance(max_latent_blocks, bool)
+            or not isinstance(max_latent_blocks, int)
+            or max_latent_blocks < 0
+        ):
+            raise ValueError(f"max_latent_blocks must be None or an int >= 0, got {max_latent_blocks!r}")
         do_sample = bool(gc.do_sample if do_sample is None else do_sample)
         if eos_token_id is None:
             eos_token_id = (
@@ -1120,12 +1221,19 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             tp = top_p if top_p is not None else gc.top_p
             if tp is not None and tp < 1.0:
                 warper.append(TopPLogitsWarper(tp))
+        procs, extra_suppress = _latent_text_processors(gc, input_ids.shape[1], eos, input_ids.device)
+        if procs:
+            from transformers.generation.logits_process import LogitsProcessorList
+
+            kept = _KeepScore(procs, cfg.latent_start_token_id)
+            logits_processor = LogitsProcessorList([*(logits_processor or []), kept])
         state = self._latent_prefill(input_ids, attention_mask, use_cache, media)
         new, collected = self._latent_decode(
             state,
             max_new_tokens,
             do_sample=do_sample,
             logits_processor=logits_processor,
+            suppress_tokens=extra_suppress,
             logits_warper=warper,
             eos_token_ids=eos,
             pad_token_id=int(pad_token_id),
