@@ -158,16 +158,40 @@ def test_doremi_downweights_noisy_domain(proxy_and_reference):
 
 
 def test_doremi_exponentiated_gradient_formula():
-    """alpha_t ∝ alpha_{t-1} exp(eta * lambda); w = (1 - c) alpha + c / D."""
+    """DoReMi Algorithm 1: alpha' = alpha_{t-1} exp(eta * lambda); alpha_t = (1 - c) alpha'/sum + c / D.
+
+    The smoothed alpha_t is the state of the next update (an audit found the unsmoothed one was fed back).
+    """
     mx = build("mixer", "doremi", eta=0.5, smoothing=0.1)
     lam = np.array([1.0, 0.0, 2.0])
     mx.excess_losses = lambda c: lam  # the formula, independent of any model
     w = mx.update(ctx(None), None)
     alpha = np.exp(0.5 * lam) / np.exp(0.5 * lam).sum()
     np.testing.assert_allclose(w, 0.9 * alpha + 0.1 / 3)
-    w = mx.update(ctx(None), w)
-    alpha = np.exp(1.0 * lam) / np.exp(1.0 * lam).sum()
-    np.testing.assert_allclose(w, 0.9 * alpha + 0.1 / 3)
+    w2 = mx.update(ctx(None), w)
+    a = w * np.exp(0.5 * lam)
+    np.testing.assert_allclose(w2, 0.9 * a / a.sum() + 0.1 / 3)
+
+
+def test_doremi_feeds_smoothed_weights_back():
+    """A domain driven to the smoothing floor recovers as fast as the paper's recursion says."""
+    c, eta = 1e-3, 1.0
+    mx = build("mixer", "doremi", eta=eta, smoothing=c)
+    seq = [np.array([8.0, 0.0])] * 10 + [np.array([0.0, 8.0])] * 3
+    it = iter(seq)
+    mx.excess_losses = lambda _: next(it)
+    c2 = UpdateContext(model=None, dataset=None, domain_names=["a", "b"])
+    ref, w = np.array([0.5, 0.5]), None
+    for lam in seq:
+        w = mx.update(c2, w)
+        ap = ref * np.exp(eta * lam)
+        ref = (1 - c) * ap / ap.sum() + c / 2
+        np.testing.assert_allclose(w, ref, rtol=1e-9)
+    assert w[1] > 0.99  # the old recursion (unsmoothed state) left domain b near 0.6 after 2 updates
+    # the state round-trips
+    mx2 = build("mixer", "doremi", eta=eta, smoothing=c)
+    mx2.load_state_dict(mx.state_dict())
+    np.testing.assert_allclose(mx2._log_alpha, np.log(w))
 
 
 def test_odm_upweights_hard_domain_from_training_losses():

@@ -3,8 +3,9 @@
 At each update, ``probe_size`` samples per domain are scored by the proxy (training) model and
 a reference model; the per-domain excess loss ``lambda_d = mean(max(l_proxy - l_ref, 0))``
 drives an exponentiated-gradient ascent step on the domain weights,
-``alpha <- alpha * exp(eta * lambda)`` (normalised), smoothed toward uniform:
-``w = (1 - c) * alpha + c / D``. Domains where the proxy is already as good as the reference
+``alpha' = alpha * exp(eta * lambda)`` (normalised), smoothed toward uniform:
+``alpha <- (1 - c) * alpha' + c / D``. As in the paper's Algorithm 1 the smoothed ``alpha`` is both
+the output and the state the next update starts from. Domains where the proxy is already as good as the reference
 (e.g. noisy-label data whose loss neither model can reduce) lose weight.
 """
 
@@ -65,8 +66,9 @@ class DoReMiMixer(Mixer):
         la = self._log_alpha + self.eta * lam
         la -= la.max()
         alpha = np.exp(la) / np.exp(la).sum()
-        self._log_alpha = np.log(np.maximum(alpha, 1e-300))
         w = (1 - self.smoothing) * alpha + self.smoothing / D
+        # Algorithm 1 of the paper: the smoothed weights are the state of the next update
+        self._log_alpha = np.log(np.maximum(w, 1e-300))
         self.history.append(w.tolist())
         return w
 
