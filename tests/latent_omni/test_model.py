@@ -358,3 +358,34 @@ def test_config_validation_and_defaults():
     th = LatentOmniConfig.from_thinker_config(c, num_visual_latents=16, num_audio_latents=4)
     assert th.num_latents == 20 and th.model_type == "latent_omni"
     assert np.isclose(th.latent_loss_weight, 0.005)
+
+
+def test_forward_honours_output_options_and_refuses_unknown_arguments(model, cfg):
+    """The latent path returns hidden states (and eager attentions) when asked, a tuple with return_dict=False,
+    the last logits with logits_to_keep; an argument it does not use is an error, never dropped."""
+    ids = block_ids(cfg)
+    vis, aud = _segments(cfg, 1)
+    seg = dict(segment_visual_features=vis, segment_audio_features=aud)
+    with torch.no_grad():
+        full = model(ids, **seg)
+        out = model(ids, **seg, output_hidden_states=True)
+        n_layers = cfg.get_text_config().num_hidden_layers
+        assert len(out.hidden_states) == n_layers + 1 and out.hidden_states[-1].shape[:2] == ids.shape
+        torch.testing.assert_close(
+            model.lm_head(out.hidden_states[-1]), full.logits
+        )  # the last one is normed
+        assert full.hidden_states is None and full.attentions is None
+        tup = model(ids, **seg, return_dict=False)
+        want = full.to_tuple()  # the set fields in order (no labels: latent_loss, sync_loss, logits, ...)
+        assert isinstance(tup, tuple) and len(tup) == len(want)
+        assert all(torch.equal(a, b) for a, b in zip(tup, want))
+        last = model(ids, **seg, logits_to_keep=1)
+        torch.testing.assert_close(last.logits, full.logits[:, -1:])
+        torch.testing.assert_close(last.latent_predictions, full.latent_predictions)
+        model.set_attn_implementation("eager")
+        att = model(ids, **seg, output_attentions=True).attentions
+        assert len(att) == n_layers and att[0].shape[-2:] == (ids.shape[1], ids.shape[1])
+    with pytest.raises(ValueError, match="bogus_argument"):
+        model(ids, **seg, bogus_argument=1)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, **seg, labels=ids, logits_to_keep=1)

@@ -295,6 +295,9 @@ class LatentOmniCausalLMOutput(ModelOutput):
         logits: ``[B, L, V]``.
         latent_predictions: ``[n_blocks, K, D]`` hidden states that predict each latent slot.
         latent_targets: ``[n_blocks, K, D]`` detached pooled targets (the teacher-forced inputs).
+        hidden_states: with ``output_hidden_states=True``, the decoder's embeddings and every layer's output,
+            each ``[B, L, D]``.
+        attentions: with ``output_attentions=True`` (eager attention), every layer's ``[B, H, L, L]`` weights.
     """
 
     loss: torch.FloatTensor | None = None
@@ -304,6 +307,8 @@ class LatentOmniCausalLMOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     latent_predictions: torch.FloatTensor | None = None
     latent_targets: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -476,9 +481,12 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | dict | None,
         cache: Any = None,
-    ) -> torch.Tensor:
+        full: bool = False,
+        **extra: Any,
+    ) -> Any:
         """Run the decoder on ``embeds [B, T, D]`` with 3-D ``position_ids [3, B, T]``; returns the normed
-        last hidden states ``[B, T, D]``."""
+        last hidden states ``[B, T, D]``, or with ``full`` the decoder's whole output (``extra`` such as
+        ``output_hidden_states`` go to it)."""
         tm = self._text_model()
         kw = {_cache_kwarg(tm): cache} if cache is not None else {}
         out = tm(
@@ -487,8 +495,9 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             position_ids=position_ids,
             use_cache=cache is not None,
             **kw,
+            **extra,
         )
-        return out.last_hidden_state
+        return out if full else out.last_hidden_state
 
     # ------------------------------------------------------------------------------ embeddings
     def _embed_prompt(
@@ -784,6 +793,26 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             raise ValueError(
                 "input_ids is required on the latent path (inputs_embeds routes to the thinker forward)"
             )
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        output_attentions = kwargs.pop("output_attentions", None)
+        return_dict = kwargs.pop("return_dict", None)
+        logits_to_keep = kwargs.pop("logits_to_keep", 0)
+        for name in ("cache", "past_key_values"):  # None here (else the call went upstream)
+            kwargs.pop(name, None)
+        if kwargs:
+            raise ValueError(
+                f"forward() on the latent path got arguments it does not use: {sorted(kwargs)}; it also takes "
+                "output_hidden_states, output_attentions, return_dict and logits_to_keep"
+            )
+        if labels is not None and logits_to_keep not in (0, None):
+            raise ValueError(
+                "logits_to_keep must be 0 with labels: the text loss needs every position's logits"
+            )
+        tcfg = cfg.get_text_config()
+        if output_hidden_states is None:
+            output_hidden_states = bool(getattr(tcfg, "output_hidden_states", False))
+        if output_attentions is None:
+            output_attentions = bool(getattr(tcfg, "output_attentions", False))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # 1. validate everything before any compute
@@ -847,8 +876,17 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         if cfg.controlled_attention and n_blocks:
             mask = self._controlled_mask(input_ids, attention_mask, embeds.dtype)
         # 4. decoder
-        hidden = self._run_text_model(embeds, position_ids, mask)
-        logits = self.lm_head(hidden)
+        dec = self._run_text_model(
+            embeds,
+            position_ids,
+            mask,
+            full=True,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        hidden = dec.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep])
         # 5. losses
         text_loss = None
         if labels is not None:
@@ -880,7 +918,7 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 loss = loss + cfg.latent_loss_weight * latent_loss.to(loss.device)
             if sync_loss is not None:
                 loss = loss + cfg.sync_loss_weight * sync_loss.to(loss.device)
-        return LatentOmniCausalLMOutput(
+        out = LatentOmniCausalLMOutput(
             loss=loss,
             text_loss=text_loss,
             latent_loss=latent_loss,
@@ -888,7 +926,11 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             logits=logits,
             latent_predictions=preds,
             latent_targets=targets,
+            hidden_states=dec.hidden_states if output_hidden_states else None,
+            attentions=dec.attentions if output_attentions else None,
         )
+        use_dict = return_dict if return_dict is not None else getattr(cfg, "return_dict", True)
+        return out if use_dict else out.to_tuple()
 
     def _controlled_mask(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype
