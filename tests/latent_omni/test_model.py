@@ -389,3 +389,31 @@ def test_forward_honours_output_options_and_refuses_unknown_arguments(model, cfg
         model(ids, **seg, bogus_argument=1)
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(ids, **seg, labels=ids, logits_to_keep=1)
+
+
+def test_config_overrides_after_construction_are_checked(model, tmp_path):
+    """from_pretrained(path, field=...) sets overrides after construction: they are checked there, a field edited
+    by hand is checked by save_pretrained and by the forward that uses it, never silently taken as another value."""
+    from transformers import AutoConfig, AutoModelForMultimodalLM
+
+    model.save_pretrained(tmp_path)
+    for bad, name in (
+        (dict(sync_source="latent"), "sync_source"),
+        (dict(num_visual_latents=-1), "num_visual_latents"),
+        (dict(latent_pad_token_id=10**7), "latent_pad_token_id"),
+        (dict(use_ospe="no"), "use_ospe"),
+        (dict(sync_temperature="0.07"), "sync_temperature"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            AutoConfig.from_pretrained(tmp_path, **bad)
+        with pytest.raises(ValueError, match=name):
+            AutoModelForMultimodalLM.from_pretrained(tmp_path, **bad)
+    ok = AutoConfig.from_pretrained(tmp_path, sync_source="features", max_latent_blocks=1)
+    assert (ok.sync_source, ok.max_latent_blocks) == ("features", 1)
+    model.config.sync_source = "Latents"
+    with pytest.raises(ValueError, match="sync_source"):
+        model.save_pretrained(tmp_path / "bad")
+    cfg = model.config
+    vis, aud = _segments(cfg, 1)
+    with pytest.raises(ValueError, match="sync_source"):
+        model(block_ids(cfg), segment_visual_features=vis, segment_audio_features=aud)

@@ -110,6 +110,20 @@ class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
         super().__post_init__(**kwargs)
         self._validate_latent_fields()
 
+    def validate(self) -> None:
+        """transformers' checks (run by ``save_pretrained``), then the LatentOmni fields': a field changed after
+        construction (``config.sync_source = ...``) is checked before it is saved."""
+        super().validate()
+        self._validate_latent_fields()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """As transformers' ``from_dict``, then the LatentOmni checks again: ``from_pretrained(path, x=...)`` sets
+        its overrides after construction, where ``__post_init__`` no longer sees them."""
+        out = super().from_dict(config_dict, **kwargs)
+        (out[0] if isinstance(out, tuple) else out)._validate_latent_fields()
+        return out
+
     # ------------------------------------------------------------------------------------ helpers
     @property
     def num_latents(self) -> int:
@@ -160,8 +174,12 @@ class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
             raise ValueError(
                 f"sync_source={self.sync_source!r} is invalid; allowed values: {', '.join(SYNC_SOURCES)}"
             )
-        if not self.sync_temperature > 0:
-            raise ValueError(f"sync_temperature={self.sync_temperature!r} is invalid; expected a float > 0")
+        t = self.sync_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"sync_temperature={t!r} is invalid; expected a float > 0")
+        for name in ("use_ospe", "controlled_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; expected True or False")
         if not isinstance(self.sync_projection_dim, int) or self.sync_projection_dim < 1:
             raise ValueError(
                 f"sync_projection_dim={self.sync_projection_dim!r} is invalid; expected an int >= 1"

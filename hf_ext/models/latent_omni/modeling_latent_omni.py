@@ -905,6 +905,10 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             latent_loss = F.mse_loss(preds.float(), targets.to(preds.device).float())
             kv, ka = cfg.num_visual_latents, cfg.num_audio_latents
             if kv > 0 and ka > 0:
+                if cfg.sync_source not in ("latents", "features"):  # a config edited after it was checked
+                    raise ValueError(
+                        f"sync_source={cfg.sync_source!r} is invalid; allowed values: latents, features"
+                    )
                 if cfg.sync_source == "latents":
                     sync_loss = self.sync_loss_from(preds[:, :kv], preds[:, kv:])
                 else:
