@@ -114,7 +114,14 @@ def test_delta_loss_drops_unlearnable_noisy_domain():
     st = sel.state_dict()
     sel2 = build("selector", "delta_loss", budget=0.5)
     sel2.load_state_dict(st)
-    assert sel2._prev == sel._prev
+    assert sel2._prev == sel._prev and sel2._prev_step == 40
+    # ready only once scores from an earlier step exist; select without any earlier scoring is an error
+    fresh = build("selector", "delta_loss", budget=0.5)
+    assert not fresh.ready(ctx(m, step=0))
+    with pytest.raises(ValueError, match="delta_loss needs an earlier scoring"):
+        fresh.run(ctx(m, step=0), len(DATA))
+    fresh.on_train_begin(ctx(m, step=0), len(DATA))
+    assert not fresh.ready(ctx(m, step=0)) and fresh.ready(ctx(m, step=1))
 
 
 def test_random_selector_is_uniform_and_seeded():

@@ -49,6 +49,23 @@ def test_selection_restricts_sampler(tmp_path):
     assert not set(early) <= chosen  # before the update: the whole dataset
 
 
+def test_delta_loss_skips_the_update_at_its_first_scoring_step(tmp_path):
+    """warmup_step=0: the step-0 update would compare the model with itself (all deltas 0, top-k = dataset
+    order; an audit found this); it is skipped, training starts on the full data and selects at update_step."""
+    rec = Recorder()
+    cfg = {"selector": "delta_loss", "selector_args": {"budget": 0.25}, "update_step": 3, "update_times": 1}
+    t = _trainer(str(tmp_path), cfg, rec=rec, targs=dict(max_steps=6))
+    t.train()
+    skipped, done = t.dataflex.log_history
+    assert skipped["step"] == 0 and "skipped" in skipped and "selected" not in skipped
+    assert done["step"] == 3 and done["selected"] == 18
+    assert t.dataflex.updates_done == 1  # the skipped update does not use up update_times
+    chosen = t.dataflex.sampler.plan["indices"]
+    assert chosen != list(range(18))  # not the tie-broken-by-index selection
+    early = {i for s in (1, 2, 3) for i in rec.batches[s]}
+    assert max(early) >= 18  # steps 1-3 drew from the full dataset
+
+
 @pytest.mark.parametrize(
     "cfg",
     [

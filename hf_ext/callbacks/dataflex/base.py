@@ -197,6 +197,10 @@ class Selector(_Stateful):
     def select(self, ctx: UpdateContext, candidates: np.ndarray, k: int) -> np.ndarray:
         raise NotImplementedError
 
+    def ready(self, ctx: UpdateContext) -> bool:
+        """Whether a selection can be made at this update; the callback skips the update when False."""
+        return True
+
 
 def top_k(candidates: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
     """The ``k`` candidates with the highest scores (stable: ties keep candidate order)."""

@@ -299,6 +299,19 @@ class DataFlexCallback(TrainerCallback):
         ctx.observed_loss, ctx.observed_count = loss, count
         plan: dict[str, Any]
         entry: dict[str, Any] = {"step": step}
+        if self.selector is not None and not self.selector.ready(ctx):
+            # e.g. delta_loss at the step of its first scoring: no loss change to rank by yet
+            entry["skipped"] = (
+                f"selector {self.config.selector!r} is not ready (no scores from an earlier step)"
+            )
+            logger.warning(
+                "DataFlex: update at step %d skipped: %s; training continues on the current selection and it does "
+                "not count toward update_times",
+                step,
+                entry["skipped"],
+            )
+            self.log_history.append(entry)
+            return entry
         if self.selector is not None:
             chosen = self.selector.run(ctx, len(self.dataset))
             plan = {"kind": "subset", "indices": chosen.tolist()}

@@ -4,6 +4,10 @@
   the ones closest to the median loss.
 * ``delta_loss``: the samples whose loss dropped most since they were last scored
   (learnability): unlearnable (e.g. noisy-label) samples keep a flat loss and are dropped.
+  A delta needs two scorings from different model states: an update scheduled at the step of
+  the first scoring (``warmup_step=0``: step 0, right after the train-begin scoring) is skipped
+  by the callback (:meth:`DeltaLossSelector.ready`), training continues on the current
+  selection (at the start: the full data) and the first selection runs at the next update step.
 """
 
 from __future__ import annotations
@@ -49,8 +53,11 @@ class LossSelector(Selector):
 class DeltaLossSelector(Selector):
     """Select the samples whose loss decreased most between two scorings.
 
-    The first scoring happens at train begin (:meth:`on_train_begin`), so the first update already
-    compares two checkpoints. Candidates never scored before get the median decrease.
+    The first scoring happens at train begin (:meth:`on_train_begin`), so the first update after
+    it compares two model states. :meth:`ready` is False while the only scores come from the
+    current step (then every delta would be 0 and the top-k would be the dataset order); the
+    callback skips such an update. Candidates never scored before get the median decrease;
+    ``select`` without any earlier scoring is an error.
     """
 
     relative: bool = field(default=False, metadata={"help": "Use (prev - cur) / prev instead of prev - cur."})
@@ -58,6 +65,7 @@ class DeltaLossSelector(Selector):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._prev: dict[int, float] = {}
+        self._prev_step: int | None = None  # step of the latest scoring
 
     def on_train_begin(self, ctx: UpdateContext, n_total: int) -> None:
         if self._prev:
@@ -66,30 +74,39 @@ class DeltaLossSelector(Selector):
             idx = np.sort(ctx.rng(1).choice(n_total, size=self.pool_size, replace=False))
         else:
             idx = np.arange(n_total)
-        self._record(idx, ctx.losses(idx))
+        self._record(idx, ctx.losses(idx), ctx.step)
 
-    def _record(self, idx: np.ndarray, loss: np.ndarray) -> None:
+    def ready(self, ctx: UpdateContext) -> bool:
+        """Whether scores from an earlier step exist (else every delta would be 0)."""
+        return bool(self._prev) and self._prev_step != ctx.step
+
+    def _record(self, idx: np.ndarray, loss: np.ndarray, step: int) -> None:
         for i, v in zip(idx.tolist(), loss.tolist()):
             self._prev[int(i)] = float(v)
+        self._prev_step = int(step)
 
     def select(self, ctx: UpdateContext, candidates: np.ndarray, k: int) -> np.ndarray:
         cur = ctx.losses(candidates)
         prev = np.array([self._prev.get(int(i), np.nan) for i in candidates])
+        if np.isnan(prev).all():
+            raise ValueError(
+                "delta_loss needs an earlier scoring of the candidates to compute loss decreases: call "
+                "on_train_begin(ctx, n) with an earlier model state first (DataFlexCallback does this at train begin)"
+            )
         delta = prev - cur
         if self.relative:
             delta = delta / np.maximum(prev, 1e-8)
-        if np.isnan(delta).all():
-            delta = np.zeros_like(cur)
-        else:
-            delta = np.where(np.isnan(delta), np.nanmedian(delta), delta)
-        self._record(candidates, cur)
+        delta = np.where(np.isnan(delta), np.nanmedian(delta), delta)
+        self._record(candidates, cur, ctx.step)
         return top_k(candidates, delta, k)
 
     def state_dict(self) -> dict[str, Any]:
         keys = sorted(self._prev)
-        return {"prev_index": keys, "prev_loss": [self._prev[i] for i in keys]}
+        return {"prev_index": keys, "prev_loss": [self._prev[i] for i in keys], "prev_step": self._prev_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._prev = {
             int(i): float(v) for i, v in zip(state.get("prev_index", []), state.get("prev_loss", []))
         }
+        step = state.get("prev_step")
+        self._prev_step = None if step is None else int(step)
