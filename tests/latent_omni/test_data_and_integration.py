@@ -192,3 +192,31 @@ def test_auto_classes_resolve_in_fresh_process(tmp_path):
         env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_collator_leaves_the_processor_fps_and_images_are_refused(processor):
+    """A batch of 8 fps records is processed at 8 fps without changing the processor (later calls keep its 2 fps);
+    an image placeholder that nothing would fill is an error, in render_conversation and in __call__."""
+    import numpy as np
+    import pytest
+
+    from hf_ext.models.latent_omni import LatentOmniDataCollator, make_synthetic_records
+
+    vid = np.zeros((4, 8, 8, 3), np.uint8)
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "q"}]}]
+    text = processor.render_conversation(msgs, add_generation_prompt=True)
+    before = processor(text=[text], videos=[vid])["video_second_per_grid"].tolist()
+    batch = LatentOmniDataCollator(processor)(make_synthetic_records(1, frames=8, size=8, fps=8.0))
+    tp = processor.temporal_patch_size
+    assert batch["video_second_per_grid"].tolist() == [tp / 8.0]  # the records' own frame rate
+    assert (
+        processor.fps == 2.0
+        and processor(text=[text], videos=[vid])["video_second_per_grid"].tolist() == before
+    )
+    assert processor(text=[text], videos=[vid], fps=4.0)["video_second_per_grid"].tolist() == [tp / 4.0]
+    with pytest.raises(ValueError, match="fps"):
+        processor(text=[text], videos=[vid], fps=0)
+    with pytest.raises(ValueError, match="image"):
+        processor.render_conversation([{"role": "user", "content": [{"type": "image"}]}])
+    with pytest.raises(ValueError, match="IMAGE"):
+        processor(text=["<|vision_bos|><|IMAGE|><|vision_eos|> q"])

@@ -231,9 +231,10 @@ class LatentOmniDataCollator:
             raise ValueError(
                 f"records in one batch use different fps {sorted(fps_seen)}; batch them separately"
             )
-        if fps_seen:
-            proc.fps = fps_seen.pop()
         batch = proc(
+            fps=fps_seen.pop()
+            if fps_seen
+            else None,  # this batch's frame rate; the processor stays as it was
             text=prompts,
             videos=videos or None,
             audio=audios or None,

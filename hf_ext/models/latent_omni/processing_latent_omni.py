@@ -238,8 +238,9 @@ class LatentOmniProcessor(ProcessorMixin):
         """ChatML text (Qwen2.5-Omni layout) of ``messages``.
 
         Each message is ``{"role": ..., "content": str | list}``; list items are ``{"type": "text", "text": ...}``,
-        ``{"type": "video"}``, ``{"type": "audio"}`` or ``{"type": "image"}`` and render as the bracketed
-        placeholders that ``__call__`` expands.
+        ``{"type": "video"}`` or ``{"type": "audio"}`` and render as the bracketed placeholders that ``__call__``
+        expands. Images are not supported by this processor (a still image is a one-frame video here), so
+        ``{"type": "image"}`` is an error rather than a placeholder nothing would fill.
         """
         parts = []
         for msg in messages:
@@ -258,13 +259,15 @@ class LatentOmniProcessor(ProcessorMixin):
                     elif kind == "video":
                         chunks.append(VISION_BOS + VIDEO_TOKEN + VISION_EOS)
                     elif kind == "image":
-                        chunks.append(VISION_BOS + IMAGE_TOKEN + VISION_EOS)
+                        raise ValueError(
+                            "content type='image' is not supported by LatentOmniProcessor: pass the image as a "
+                            "one-frame video ({'type': 'video'} with a [1, H, W, 3] array), or build pixel_values "
+                            "with Qwen2_5OmniProcessor and give them to the model"
+                        )
                     elif kind == "audio":
                         chunks.append(AUDIO_BOS + AUDIO_TOKEN + AUDIO_EOS)
                     else:
-                        raise ValueError(
-                            f"content type={kind!r} is invalid; allowed: text, video, image, audio"
-                        )
+                        raise ValueError(f"content type={kind!r} is invalid; allowed: text, video, audio")
                 body = "".join(chunks)
             parts.append(f"{IM_START}{role}\n{body}{IM_END}\n")
         if add_generation_prompt:
@@ -298,7 +301,7 @@ class LatentOmniProcessor(ProcessorMixin):
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return x.reshape(gt * gh * gw, c * tp * ps * ps), (gt, gh, gw)
 
-    def _videos(self, videos: Sequence[Any]) -> dict[str, torch.Tensor]:
+    def _videos(self, videos: Sequence[Any], fps: float) -> dict[str, torch.Tensor]:
         patches, grids = [], []
         for v in videos:
             p, g = self.patchify_video(v)
@@ -307,7 +310,7 @@ class LatentOmniProcessor(ProcessorMixin):
         return {
             "pixel_values_videos": torch.cat(patches, 0),
             "video_grid_thw": torch.tensor(grids, dtype=torch.long),
-            "video_second_per_grid": torch.full((len(grids),), self.temporal_patch_size / self.fps),
+            "video_second_per_grid": torch.full((len(grids),), self.temporal_patch_size / fps),
         }
 
     def _audio(self, audio: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -341,6 +344,7 @@ class LatentOmniProcessor(ProcessorMixin):
         padding_side: str | None = None,
         max_length: int | None = None,
         return_tensors: str = "pt",
+        fps: float | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Build model inputs.
@@ -353,6 +357,8 @@ class LatentOmniProcessor(ProcessorMixin):
             answers: training targets appended to each prompt (tokenized separately, as at inference);
                 adds ``labels`` (-100 on the prompt, the pads and ``</Unified_Latent>``) and pads right.
             segment_videos / segment_audios: one clip per latent block, row-major (the feature targets).
+            fps: frame rate of this call's frame arrays (default: the processor's ``fps``); the processor is
+                not changed.
 
         Returns:
             ``BatchFeature`` with ``input_ids``, ``attention_mask`` [, ``labels``] [, question media]
@@ -371,6 +377,11 @@ class LatentOmniProcessor(ProcessorMixin):
             )
         if kwargs:
             raise ValueError(f"unexpected arguments {sorted(kwargs)}")
+        if fps is None:
+            fps = self.fps
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+            raise ValueError(f"fps={fps!r} is invalid; expected a float > 0")
+        fps = float(fps)
         if text is None:
             raise ValueError("text is required")
         texts = [text] if isinstance(text, str) else list(text)
@@ -380,6 +391,11 @@ class LatentOmniProcessor(ProcessorMixin):
         videos = list(videos) if videos is not None else []
         audio = list(audio) if audio is not None else []
         # 1. validate counts before any work
+        if any(IMAGE_TOKEN in t for t in texts):
+            raise ValueError(
+                f"text contains {IMAGE_TOKEN}, which LatentOmniProcessor cannot fill (it takes no images): pass the "
+                "image as a one-frame video, or build pixel_values with Qwen2_5OmniProcessor"
+            )
         n_vid = sum(t.count(VIDEO_TOKEN) for t in texts)
         n_aud = sum(t.count(AUDIO_TOKEN) for t in texts)
         if n_vid != len(videos):
@@ -415,7 +431,7 @@ class LatentOmniProcessor(ProcessorMixin):
         # 2. media → features and placeholder expansion
         out: dict[str, Any] = {}
         if videos:
-            vid = self._videos(videos)
+            vid = self._videos(videos, fps)
             out.update(vid)
             counts = iter(self.video_token_count(g) for g in vid["video_grid_thw"].tolist())
             prompts = [
@@ -431,7 +447,7 @@ class LatentOmniProcessor(ProcessorMixin):
                 re.sub(re.escape(AUDIO_TOKEN), lambda _m: AUDIO_TOKEN * next(lens), t) for t in prompts
             ]
         if segment_videos and self.num_visual_latents > 0:
-            seg = self._videos(segment_videos)
+            seg = self._videos(segment_videos, fps)
             out["segment_pixel_values_videos"] = seg["pixel_values_videos"]
             out["segment_video_grid_thw"] = seg["video_grid_thw"]
         if segment_audios and self.num_audio_latents > 0:
