@@ -117,6 +117,43 @@ def test_weighted_loss_matches_manual(tmp_path):
     torch.testing.assert_close(t2._dataflex_loss(out, batch["labels"]), s.sum() / c.sum())
 
 
+def test_loss_hook_applies_label_smoothing_like_trainer(tmp_path):
+    """label_smoothing_factor was silently dropped by the DataFlex loss hook (an audit found it): the hook
+    bypasses Trainer's LabelSmoother, so it smooths each item itself and matches the stock Trainer's loss."""
+    batch = default_collate([DATA[i] for i in (0, 30, 60, 61)])
+    batch["labels"][0, :3] = -100  # ignored positions stay ignored
+    idx = torch.tensor([0, 30, 60, 61])
+    targs = dict(label_smoothing_factor=0.3)
+    plain = Trainer(
+        model=tiny_model(), args=args(str(tmp_path / "p"), **targs), data_collator=default_collate
+    )
+    odm = _trainer(str(tmp_path / "o"), {"mixer": "odm", "update_step": 5}, targs=targs)
+    model = plain.model.train()
+    with torch.no_grad():
+        ref = plain.compute_loss(model, dict(batch))
+        got = odm.compute_loss(model, {**batch, "dataflex_index": idx})
+        torch.testing.assert_close(got, ref)
+        # sanity: the smoothing changes the loss
+        assert not torch.allclose(
+            _trainer(str(tmp_path / "n"), {"mixer": "odm"}).compute_loss(model, dict(batch)), ref
+        )
+    # a weighter weighs the smoothed per-sample losses
+    t = _trainer(
+        str(tmp_path / "w"), {"weighter": "loss", "weighter_args": {"temperature": 0.5}}, targs=targs
+    )
+    t._dataflex_batch_index = idx
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    got = t._dataflex_loss(out, batch["labels"], num_items_in_batch=torch.tensor(40))
+    lg, lab = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+    logp = torch.log_softmax(lg, -1)
+    mask = lab != -100
+    nll = -logp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    tok = (0.7 * nll - 0.3 * logp.mean(-1)) * mask
+    s = tok.sum(-1)
+    w = torch.softmax((s / mask.sum(-1)).detach() / 0.5, 0) * 4
+    torch.testing.assert_close(got, (s * w).sum() / 40)
+
+
 def test_plain_trainer_with_callback_only(tmp_path):
     cb = DataFlexCallback(
         {

@@ -143,18 +143,28 @@ def default_collate(features: Sequence[dict[str, Any]], pad_id: int = 0) -> dict
     return out
 
 
-def sequence_loss_terms(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_loss_terms(
+    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss sum and item count.
 
     Args:
         logits: ``[B, S, V]`` (causal LM; labels are shifted here) or ``[B, C]`` (classification).
         labels: ``[B, S]`` with -100 ignored, or ``[B]``.
+        label_smoothing: ``eps``; each item's loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``,
+            the per-item form of transformers' ``LabelSmoother`` (ignored items stay 0).
 
     Returns:
         ``(loss_sum [B], count [B])`` in fp32; ``loss_sum / count`` is the token-mean loss.
     """
     if logits.dim() == 2:
-        ls = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=IGNORE_INDEX)
+        ls = F.cross_entropy(
+            logits.float(),
+            labels,
+            reduction="none",
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=label_smoothing,
+        )
         return ls, (labels != IGNORE_INDEX).float()
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:].to(shift_logits.device)
@@ -163,6 +173,7 @@ def sequence_loss_terms(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
         shift_labels.reshape(-1),
         reduction="none",
         ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
     ).view(shift_labels.shape)
     mask = (shift_labels != IGNORE_INDEX).float()
     return (tok * mask).sum(-1), mask.sum(-1)

@@ -9,7 +9,8 @@ The mixin
   kept through ``remove_unused_columns`` and popped before the model sees the batch);
 * when a weighter or ODM is configured, installs a ``compute_loss_func`` computing per-sample
   losses (reported to the callback) and the weighted loss
-  ``sum_i w_i * loss_sum_i / num_items_in_batch`` — with all ``w_i = 1`` exactly the stock loss.
+  ``sum_i w_i * loss_sum_i / num_items_in_batch`` — with all ``w_i = 1`` exactly the stock loss
+  (``label_smoothing_factor`` included: it is applied per item, like Trainer's ``LabelSmoother``).
 
 Example (see ``examples/dataflex_sft.py``)::
 
@@ -162,7 +163,11 @@ class DataFlexMixin:
     ) -> torch.Tensor:
         """Per-sample losses -> observations + weights -> weighted loss normalised like the stock loss."""
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss_sum, count = sequence_loss_terms(logits, labels)  # [B], [B]
+        # label_smoothing_factor: the Trainer's LabelSmoother is bypassed when compute_loss_func is set, so the
+        # smoothing is applied here per item (None when the Trainer disabled it, e.g. multi-label classification)
+        smoother = getattr(self, "label_smoother", None)
+        eps = float(smoother.epsilon) if smoother is not None else 0.0
+        loss_sum, count = sequence_loss_terms(logits, labels, label_smoothing=eps)  # [B], [B]
         idx = self._dataflex_batch_index
         w = None
         if idx is not None and self.model.training:  # type: ignore[attr-defined]
