@@ -220,3 +220,44 @@ def test_collator_leaves_the_processor_fps_and_images_are_refused(processor):
         processor.render_conversation([{"role": "user", "content": [{"type": "image"}]}])
     with pytest.raises(ValueError, match="IMAGE"):
         processor(text=["<|vision_bos|><|IMAGE|><|vision_eos|> q"])
+
+
+def test_trainer_logs_eval_losses_apart_from_training_losses(tmp_path):
+    """evaluate() reports eval_text_loss / eval_latent_loss / eval_sync_loss; its batches do not leak into the
+    next training log, whose components then add up to that step's loss."""
+    from transformers import TrainingArguments
+
+    from hf_ext.models.latent_omni.tiny import tiny_latent_omni, tiny_latent_omni_processor
+    from hf_ext.models.latent_omni.training import LatentOmniTrainer
+
+    model = tiny_latent_omni(seed=1).train()
+    cfg = model.config
+    coll = LatentOmniDataCollator(tiny_latent_omni_processor())
+    data = make_synthetic_records(4, seed=1, frames=4, size=8)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = LatentOmniTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=coll
+    )
+    metrics = trainer.evaluate()
+    assert all(f"eval_{k}" in metrics for k in ("text_loss", "latent_loss", "sync_loss"))
+    want = metrics["eval_text_loss"] + cfg.latent_loss_weight * metrics["eval_latent_loss"]
+    want += cfg.sync_loss_weight * metrics["eval_sync_loss"]
+    assert abs(metrics["eval_loss"] - want) < 1e-3
+    trainer.train()
+    (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    parts = (
+        log["text_loss"]
+        + cfg.latent_loss_weight * log["latent_loss"]
+        + cfg.sync_loss_weight * log["sync_loss"]
+    )
+    assert abs(log["loss"] - parts) < 1e-3, (log, parts)
