@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 
 from hf_ext.callbacks.dataflex.callback import STATE_FILE, DataFlexCallback
@@ -152,6 +153,46 @@ def test_loss_hook_applies_label_smoothing_like_trainer(tmp_path):
     s = tok.sum(-1)
     w = torch.softmax((s / mask.sum(-1)).detach() / 0.5, 0) * 4
     torch.testing.assert_close(got, (s * w).sum() / 40)
+
+
+def test_loss_hook_and_scoring_do_not_shift_token_classification_labels(tmp_path):
+    """Only causal LMs shift labels (Trainer's rule); the hook shifted any [B, S, V] logits (an audit found it)."""
+    from transformers import LlamaForTokenClassification
+
+    from hf_ext.callbacks.dataflex.ops import loss_shifts_labels, per_sample_loss
+    from hf_ext.testing import tiny_llama_config
+
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(
+        vocab_size=64, num_labels=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1
+    )
+    model = LlamaForTokenClassification(cfg).eval()
+    data = [
+        {"input_ids": [1, 5, 6, 7, 8], "labels": [0, 1, 2, 0, 1], "domain": "a"},
+        {"input_ids": [1, 9, 9, 4], "labels": [2, 2, 1, -100], "domain": "b"},
+    ]
+    batch = default_collate(data)
+    t = DataFlexTrainer(
+        model=model,
+        args=args(str(tmp_path)),
+        train_dataset=data,
+        data_collator=default_collate,
+        dataflex={"mixer": "odm"},
+    )
+    assert not loss_shifts_labels(model) and not t._loss_shifts_labels
+    assert loss_shifts_labels(tiny_model())
+    with torch.no_grad():
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
+        t._dataflex_batch_index = None
+        torch.testing.assert_close(t._dataflex_loss(out, batch["labels"]), out.loss)
+        # the scoring ops agree: per-sample token mean of the unshifted cross-entropy
+        got = per_sample_loss(model, data, [0, 1])
+        for i in range(2):
+            lab = batch["labels"][i]
+            ref = F.cross_entropy(out.logits[i], lab, ignore_index=-100)
+            torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-5)
 
 
 def test_plain_trainer_with_callback_only(tmp_path):

@@ -143,14 +143,33 @@ def default_collate(features: Sequence[dict[str, Any]], pad_id: int = 0) -> dict
     return out
 
 
+def loss_shifts_labels(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s loss predicts token ``t + 1`` at position ``t`` (causal LM).
+
+    transformers models: the rule ``Trainer`` uses for ``num_items_in_batch``
+    (``Trainer._loss_shifts_labels``): the model's ``loss_type`` maps to ``ForCausalLMLoss`` and
+    it is not an encoder-decoder; token classification and seq2seq models do not shift. Modules
+    without ``loss_type`` (not a transformers model) are treated as causal LMs.
+    """
+    m = unwrap(model)
+    if not hasattr(m, "loss_type"):
+        return True
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    is_enc_dec = bool(getattr(getattr(m, "config", None), "is_encoder_decoder", False))
+    return LOSS_MAPPING.get(m.loss_type) is ForCausalLMLoss and not is_enc_dec
+
+
 def sequence_loss_terms(
-    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0
+    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0, shift: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss sum and item count.
 
     Args:
-        logits: ``[B, S, V]`` (causal LM; labels are shifted here) or ``[B, C]`` (classification).
+        logits: ``[B, S, V]`` (per token) or ``[B, C]`` (sequence classification).
         labels: ``[B, S]`` with -100 ignored, or ``[B]``.
+        shift: for ``[B, S, V]``: causal LM, position ``t`` predicts label ``t + 1`` (see
+            :func:`loss_shifts_labels`); False for token classification / seq2seq.
         label_smoothing: ``eps``; each item's loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``,
             the per-item form of transformers' ``LabelSmoother`` (ignored items stay 0).
 
@@ -166,8 +185,8 @@ def sequence_loss_terms(
             label_smoothing=label_smoothing,
         )
         return ls, (labels != IGNORE_INDEX).float()
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
+    shift_logits = logits[:, :-1, :].float() if shift else logits.float()
+    shift_labels = (labels[:, 1:] if shift else labels).to(shift_logits.device)
     tok = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
@@ -190,7 +209,7 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Token-mean loss of a batch (mean over samples of each sample's token mean)."""
     out = model(**_model_inputs(batch))
-    s, c = sequence_loss_terms(out.logits, batch["labels"])
+    s, c = sequence_loss_terms(out.logits, batch["labels"], shift=loss_shifts_labels(model))
     return (s / c.clamp(min=1)).mean()
 
 
@@ -279,9 +298,11 @@ def per_sample_loss(
 ) -> torch.Tensor:
     """Token-mean loss of each sample, ``[N]`` (fp32, CPU), in the order of ``indices``."""
 
+    shift = loss_shifts_labels(model)
+
     def fn(batch: dict) -> torch.Tensor:
         out = model(**_model_inputs(batch))
-        s, c = sequence_loss_terms(out.logits, batch["labels"])
+        s, c = sequence_loss_terms(out.logits, batch["labels"], shift=shift)
         return s / c.clamp(min=1)
 
     return _map_forward(model, dataset, indices, fn, collate_fn=collate_fn, batch_size=batch_size)

@@ -30,7 +30,7 @@ from transformers import Trainer
 
 from hf_ext.callbacks.dataflex.callback import INDEX_KEY, DataFlexCallback
 from hf_ext.callbacks.dataflex.config import DataFlexConfig
-from hf_ext.callbacks.dataflex.ops import default_collate, sequence_loss_terms
+from hf_ext.callbacks.dataflex.ops import default_collate, loss_shifts_labels, sequence_loss_terms
 
 __all__ = [
     "DataFlexMixin",
@@ -167,7 +167,11 @@ class DataFlexMixin:
         # smoothing is applied here per item (None when the Trainer disabled it, e.g. multi-label classification)
         smoother = getattr(self, "label_smoother", None)
         eps = float(smoother.epsilon) if smoother is not None else 0.0
-        loss_sum, count = sequence_loss_terms(logits, labels, label_smoothing=eps)  # [B], [B]
+        # shift labels only for causal LMs: the rule Trainer counts num_items_in_batch with
+        shift = getattr(self, "_loss_shifts_labels", None)
+        if shift is None:
+            shift = loss_shifts_labels(self.model)  # type: ignore[attr-defined]
+        loss_sum, count = sequence_loss_terms(logits, labels, label_smoothing=eps, shift=shift)  # [B], [B]
         idx = self._dataflex_batch_index
         w = None
         if idx is not None and self.model.training:  # type: ignore[attr-defined]
