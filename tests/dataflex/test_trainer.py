@@ -195,6 +195,34 @@ def test_loss_hook_and_scoring_do_not_shift_token_classification_labels(tmp_path
             torch.testing.assert_close(got[i], ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"selector": "random", "selector_args": {"budget": 0.25}, "warmup_step": 2, "update_step": 4},
+        {"selector": "delta_loss", "selector_args": {"budget": 0.25}, "warmup_step": 2, "update_step": 4},
+        {"mixer": "odm", "warmup_step": 2, "update_step": 2},
+    ],
+    ids=["random", "delta_loss", "odm"],
+)
+def test_second_train_starts_from_a_fresh_data_state(tmp_path, cfg):
+    """A second train() with the same DataFlexCallback inherited updates_done, sampler plans/position and
+    method memories (an audit found it); without a checkpoint to resume it now repeats the first run exactly."""
+    rec = Recorder()
+    t = _trainer(str(tmp_path), {**cfg, "update_times": 2}, rec=rec, targs=dict(max_steps=7))
+    t.train()
+    cb, first = t.dataflex, dict(rec.batches)
+    old = list(cb.log_history)
+    assert cb.updates_done == 2 and len(old) == 2
+    rec2 = Recorder()
+    t2 = _trainer(str(tmp_path / "2"), cb, rec=rec2, targs=dict(max_steps=7))  # fresh model and optimizer
+    t2.train()
+    new = [e for e in cb.log_history if all(e is not o for o in old)]
+    assert cb.updates_done == 2 and len(new) == 2  # both updates ran again
+    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in (*old, *new)]
+    assert strip[2:] == strip[:2]
+    assert rec2.batches == first
+
+
 def test_plain_trainer_with_callback_only(tmp_path):
     cb = DataFlexCallback(
         {

@@ -231,7 +231,7 @@ class DataFlexCallback(TrainerCallback):
         if self._obs_loss is None:
             d = max(1, len(self.domain_names))
             self._obs_loss, self._obs_count = np.zeros(d), np.zeros(d)
-        path = self._resume_path
+        path, self._resume_path = self._resume_path, None
         if path is None and state.global_step > 0:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -241,6 +241,7 @@ class DataFlexCallback(TrainerCallback):
             return
         if path is not None and state.global_step > 0:
             logger.warning("DataFlex: no %s in %s; the data state restarts from scratch", STATE_FILE, path)
+        self.reset_state()
         if self.mixer is not None:
             self.weights = self.mixer.init_weights(self.domain_names)
             self.sampler.set_plan({"kind": "mixture", "weights": self.weights.tolist()})
@@ -248,6 +249,23 @@ class DataFlexCallback(TrainerCallback):
             self.selector.on_train_begin(self._context(state.global_step), len(self.dataset))
         if self.config.is_update_step(state.global_step, self.updates_done) and state.global_step == 0:
             self.update(0)
+
+    def reset_state(self) -> None:
+        """Forget the data state of earlier runs: schedule counters, sampler plans and position, method
+        memories, observations (``on_train_begin`` of a run that does not resume from a checkpoint)."""
+        self.updates_done = 0
+        self.log_history = []
+        self.resumed_from = None
+        if self.sampler is not None:
+            self.sampler.reset()
+        c = self.config
+        for kind in ("selector", "mixer", "weighter"):
+            obj = getattr(self, kind)
+            if obj is not None:  # a fresh method's (empty) memory
+                obj.load_state_dict(build(kind, getattr(c, kind), **getattr(c, f"{kind}_args")).state_dict())
+        if self._obs_loss is not None:
+            self._obs_loss[:] = 0
+            self._obs_count[:] = 0
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self.sampler is not None:

@@ -76,6 +76,15 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
             n_dom = int(self.domain_ids.max()) + 1 if len(self.domain_ids) else 0
             self._domain_pools = [np.flatnonzero(self.domain_ids == d) for d in range(n_dom)]
 
+    def reset(self) -> None:
+        """Back to the state of a new sampler (uniform plan, nothing drawn): a fresh ``train()``."""
+        self.epoch = 0
+        self.plans = {0: {"kind": "uniform"}}
+        self.current = 0
+        self.history = [(0, 0)]
+        self.drawn = 0
+        self._cache.clear()
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
