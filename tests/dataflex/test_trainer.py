@@ -250,6 +250,40 @@ def test_plain_trainer_with_callback_only(tmp_path):
     assert set(seen) == {"clean"}
 
 
+def test_plain_trainer_resumes_data_state_from_a_checkpoint_outside_output_dir(tmp_path):
+    """Callback-only mode found dataflex_state.json only under output_dir/checkpoint-N, so resuming from
+    another folder restarted the data state (an audit found it); it now reads the checkpoint being resumed."""
+    data = [dict(d, id=i) for i, d in enumerate(DATA)]
+    cfg = {"mixer": "odm", "warmup_step": 2, "update_step": 3, "mixer_args": {"alpha": 0.5}}
+
+    def run(out, resume=None):
+        seen = []
+
+        def collate(feats):
+            seen.append([f["id"] for f in feats])
+            return default_collate(feats)
+
+        cb = DataFlexCallback(cfg, train_dataset=data)
+        targs = dict(max_steps=8, save_strategy="steps", save_steps=4, remove_unused_columns=False)
+        t = Trainer(
+            model=tiny_model(),
+            args=args(out, **targs),
+            train_dataset=data,
+            data_collator=collate,
+            callbacks=[cb],
+        )
+        t.train(resume_from_checkpoint=resume)
+        return cb, seen
+
+    a, seen_a = run(str(tmp_path / "a"))
+    ckpt = str(tmp_path / "a" / "checkpoint-4")
+    b, seen_b = run(str(tmp_path / "b"), resume=ckpt)
+    assert b.resumed_from == os.path.join(ckpt, STATE_FILE)
+    assert b.updates_done == a.updates_done == 3
+    np.testing.assert_allclose(b.weights, a.weights, rtol=1e-6)
+    assert seen_b == seen_a[-len(seen_b) :] and len(seen_b) >= 4
+
+
 def test_plain_trainer_rejects_weighter(tmp_path):
     cb = DataFlexCallback({"weighter": "loss"}, train_dataset=DATA)
     t = Trainer(

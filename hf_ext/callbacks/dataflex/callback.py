@@ -232,10 +232,8 @@ class DataFlexCallback(TrainerCallback):
             d = max(1, len(self.domain_names))
             self._obs_loss, self._obs_count = np.zeros(d), np.zeros(d)
         path, self._resume_path = self._resume_path, None
-        if path is None and state.global_step > 0:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if path is None and state.global_step > 0:  # a stock Trainer resuming: find its checkpoint
+            path = _resume_checkpoint(args, state.global_step)
         if path is not None and os.path.exists(os.path.join(path, STATE_FILE)):
             self.load_state(path)
             return
@@ -451,6 +449,41 @@ class DataFlexCallback(TrainerCallback):
         with open(path) as f:
             self.load_state_dict(json.load(f))
         self.resumed_from = path
+
+
+def _resume_checkpoint(args: Any, global_step: int) -> str | None:
+    """The checkpoint folder a stock ``Trainer`` is resuming from (callback-only mode).
+
+    ``on_train_begin`` is not told the path, and neither ``TrainerState`` nor ``TrainingArguments``
+    record what was passed to ``train(resume_from_checkpoint=...)``. In order: the
+    ``resume_from_checkpoint`` argument of the running ``Trainer._inner_training_loop`` (found on
+    the call stack; ``True`` is already resolved to a folder there), ``args.resume_from_checkpoint``,
+    then ``<output_dir>/checkpoint-<global_step>``; the first that holds ``dataflex_state.json``.
+    """
+    import inspect
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    candidates: list[str] = []
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_inner_training_loop":
+                found = frame.f_locals.get("resume_from_checkpoint")
+                if isinstance(found, (str, os.PathLike)):
+                    candidates.append(os.fspath(found))
+                break
+            frame = frame.f_back
+    finally:
+        del frame
+    if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+        candidates.append(args.resume_from_checkpoint)
+    default = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
+    candidates.append(default)
+    for c in candidates:
+        if os.path.exists(os.path.join(c, STATE_FILE)):
+            return c
+    return candidates[0]
 
 
 def _broadcast(obj: Any) -> Any:
