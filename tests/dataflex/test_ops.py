@@ -105,6 +105,41 @@ def test_adam_preconditioning_formula():
     assert not torch.allclose(sgd, got)
 
 
+def test_adam_preconditioning_uses_each_param_groups_betas_and_eps():
+    """LESS's preconditioner hard-coded betas=(0.9, 0.999), eps=1e-8 (an audit found it); it now reads them
+    from the parameter's param_group (two groups with different constants here)."""
+    m = tiny_model()
+    params = list(m.parameters())
+    groups = [
+        {"params": params[:3], "betas": (0.5, 0.6), "eps": 1e-3},
+        {"params": params[3:], "betas": (0.8, 0.9), "eps": 1e-4},
+    ]
+    opt = torch.optim.AdamW(groups, lr=3e-3)
+    for _ in range(2):
+        ops.lm_loss(m, ops.default_collate(DATA[:2])).backward()
+        opt.step()
+        opt.zero_grad()
+    got = ops.grad_features(m, DATA, [3], proj_dim=32, optimizer=opt, precondition="adam", seed=1)
+    m.eval()
+    ops.lm_loss(m, ops.default_collate([DATA[3]])).backward()
+    proj = ops.RandomProjector(32, seed=1)
+    ref = torch.zeros(32)
+    for j, p in enumerate(params):
+        (b1, b2), eps = groups[0 if j < 3 else 1]["betas"], groups[0 if j < 3 else 1]["eps"]
+        st, t = opt.state[p], 3
+        mm = b1 * st["exp_avg"] + (1 - b1) * p.grad
+        vv = b2 * st["exp_avg_sq"] + (1 - b2) * p.grad**2
+        d = (mm / (1 - b1**t)) / ((vv / (1 - b2**t)).sqrt() + eps)
+        ref += proj.project(j, d if d.dim() else d.reshape(1), d.shape[0] if d.dim() else 1)
+    m.zero_grad()
+    torch.testing.assert_close(got[0], ref, rtol=1e-4, atol=1e-4)
+    # explicit betas/eps still override the optimizer's
+    forced = ops.grad_features(
+        m, DATA, [3], proj_dim=32, optimizer=opt, precondition="adam", seed=1, betas=(0.5, 0.6), eps=1e-3
+    )
+    assert not torch.allclose(forced, got, rtol=1e-3, atol=1e-3)
+
+
 def test_default_collate_labels():
     b = ops.default_collate([{"input_ids": [1, 2, 3]}, {"input_ids": [1, 5], "completion_mask": [0, 1]}])
     assert b["input_ids"].tolist() == [[1, 2, 3], [1, 5, 0]]

@@ -457,6 +457,25 @@ def _optimizer_state(optimizer: Any) -> dict:
     return {}
 
 
+def _adam_hparams(optimizer: Any) -> dict:
+    """``param -> (betas, eps)`` from the optimizer's param groups (also through ``AcceleratedOptimizer``)."""
+    opt = optimizer
+    for _ in range(4):
+        groups = getattr(opt, "param_groups", None)
+        if isinstance(groups, list):
+            out = {}
+            for g in groups:
+                if "betas" in g and "eps" in g:
+                    betas = (float(g["betas"][0]), float(g["betas"][1]))
+                    for p in g["params"]:
+                        out[p] = (betas, float(g["eps"]))
+            return out
+        opt = getattr(opt, "optimizer", None)
+        if opt is None:
+            break
+    return {}
+
+
 def _adam_direction(
     p: torch.Tensor, g: torch.Tensor, state: dict, betas: tuple[float, float], eps: float
 ) -> torch.Tensor:
@@ -490,8 +509,8 @@ def grad_features(
     collate_fn: Callable | None = None,
     loss_fn: LossFn | None = None,
     item_loss_fn: Callable[[torch.nn.Module, int], torch.Tensor] | None = None,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
     projector: RandomProjector | None = None,
 ) -> torch.Tensor:
     """Randomly projected per-sample gradients of the trainable parameters, ``[N, proj_dim]``.
@@ -509,6 +528,8 @@ def grad_features(
         loss_fn: ``loss_fn(model, batch) -> scalar``; default token-mean LM loss.
         item_loss_fn: ``item_loss_fn(model, index) -> scalar`` used instead of batching the dataset
             (NICE's policy-gradient surrogate).
+        betas, eps: Adam constants of the preconditioner; None (default): each parameter's
+            ``param_group["betas"]`` / ``["eps"]`` of ``optimizer`` (else ``(0.9, 0.999)`` / ``1e-8``).
     """
     if precondition not in ("sgd", "adam"):
         raise ValueError(f"precondition={precondition!r} is not supported; choose 'sgd' or 'adam'")
@@ -524,6 +545,7 @@ def grad_features(
             "grad_features: the model has no trainable parameters (requires_grad=False everywhere)"
         )
     opt_state = _optimizer_state(optimizer) if (optimizer is not None and precondition == "adam") else {}
+    hparams = _adam_hparams(optimizer) if opt_state else {}
     collate = collate_fn or (lambda feats: default_collate(feats, _pad_id(model)))
     loss_fn = loss_fn or lm_loss
 
@@ -571,7 +593,14 @@ def grad_features(
                     continue
                 g = g.float()
                 if opt_state:
-                    g = _adam_direction(p, g, opt_state, betas, eps)
+                    p_betas, p_eps = hparams.get(p, ((0.9, 0.999), 1e-8))
+                    g = _adam_direction(
+                        p,
+                        g,
+                        opt_state,
+                        p_betas if betas is None else betas,
+                        p_eps if eps is None else eps,
+                    )
                 vec += proj.project(j, g if g.dim() else g.reshape(1), full_rows, off)
             rows.append(vec)
     finally:
