@@ -98,8 +98,19 @@ class NiceSelector(LessSelector):
             dev = ops.model_device(model)
             x = torch.tensor([prompt] * mc, device=dev)
             gen_model = ops.unwrap(model)
-            torch.manual_seed(seed * 7919 + step * 104729 + i)  # same samples on every rank
-            with torch.no_grad():
+            s = seed * 7919 + step * 104729 + i  # same samples on every rank
+            # generate() samples from the global RNG: seed it inside fork_rng so the caller's (the training
+            # run's) CPU/CUDA RNG state is restored afterwards
+            cuda = (
+                [dev.index if dev.index is not None else torch.cuda.current_device()]
+                if dev.type == "cuda"
+                else []
+            )
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                torch.default_generator.manual_seed(s)
+                if cuda:
+                    with torch.cuda.device(cuda[0]):
+                        torch.cuda.manual_seed(s)
                 out = gen_model.generate(
                     input_ids=x,
                     attention_mask=torch.ones_like(x),
