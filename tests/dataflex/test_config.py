@@ -38,10 +38,51 @@ def test_unknown_name_lists_registered_names():
         build("selector", "loss", focus="mid")
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.5])
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "x"])
 def test_update_step_must_be_positive_int(bad):
-    with pytest.raises(ValueError, match="update_step must be a positive integer"):
+    with pytest.raises(ValueError, match="update_step.* must be a"):
         DataFlexConfig(selector="random", update_step=bad)
+
+
+def test_yaml_strings_and_wrong_types_are_converted_or_named(tmp_path):
+    """An audit found YAML strings ("1e-3") and wrong types reaching the methods (TypeError mid-run) or
+    accepted silently (num_samples=2.5, update_step=True): numbers in strings are converted, the rest raise
+    a ValueError naming the field."""
+    path = tmp_path / "c.yaml"
+    path.write_text("dataflex:\n  mixer: {name: doremi, smoothing: 1e-3, eta: 1.0}\n  ops_batch_size: '8'\n")
+    cfg = DataFlexConfig.from_file(path)
+    assert cfg.ops_batch_size == 8
+    mx = build("mixer", cfg.mixer, **cfg.mixer_args)
+    assert mx.smoothing == 1e-3 and isinstance(mx.smoothing, float)
+    assert build("selector", "random", budget="0.5").budget == 0.5
+    for kw, match in [
+        ({"num_samples": 2.5}, "'num_samples' must be an int or None, got 2.5"),
+        ({"seed": "x"}, "'seed' must be an int, got the string 'x'"),
+        ({"ops_batch_size": True}, "'ops_batch_size' must be an int, got the boolean"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DataFlexConfig(selector="random", **kw)
+    with pytest.raises(
+        ValueError, match="weighter 'loss' field 'temperature' must be a float, got the string 'hot'"
+    ):
+        build("weighter", "loss", temperature="hot")
+
+
+def test_method_args_without_method_or_given_twice():
+    """mixer_args/weighter_args without their method, and an inline mapping overridden by *_args, were
+    silently dropped / overridden (an audit found it)."""
+    with pytest.raises(ValueError, match="mixer_args=.* is given but no mixer is set"):
+        DataFlexConfig.from_dict({"selector": "random", "mixer_args": {"eta": 5.0}})
+    with pytest.raises(ValueError, match="weighter_args=.* is given but no weighter is set"):
+        DataFlexConfig(selector="random", weighter_args={"temperature": 0.1})
+    with pytest.raises(ValueError, match=r"selector field\(s\) \['budget'\] are given both"):
+        DataFlexConfig.from_dict(
+            {"selector": {"name": "random", "budget": 0.9}, "selector_args": {"budget": 0.1}}
+        )
+    same = DataFlexConfig.from_dict(
+        {"selector": {"name": "random", "budget": 0.9}, "selector_args": {"budget": 0.9}}
+    )
+    assert same.selector_args == {"budget": 0.9}
 
 
 def test_other_config_errors():

@@ -58,8 +58,10 @@ class DataFlexConfig:
     seed: int = field(default=42, metadata={"help": "Seed of the sampler and of the methods' randomness."})
 
     def __post_init__(self) -> None:
-        from hf_ext.callbacks.dataflex.registry import get_class
+        from hf_ext.callbacks.dataflex.registry import coerce_value, get_class
 
+        for f in fields(self):  # YAML strings such as "8" / numbers of the wrong kind
+            setattr(self, f.name, coerce_value("DataFlexConfig", f.name, f.type, getattr(self, f.name)))
         for kind in ("selector", "mixer", "weighter"):
             name = getattr(self, kind)
             if name is not None:
@@ -70,6 +72,10 @@ class DataFlexConfig:
             elif not isinstance(args, dict):
                 raise ValueError(
                     f"{kind}_args must be a mapping of field -> value, got {type(args).__name__}"
+                )
+            elif args and name is None:
+                raise ValueError(
+                    f"{kind}_args={args!r} is given but no {kind} is set; set {kind}: <name> or drop {kind}_args"
                 )
         if self.selector is not None and self.mixer is not None:
             raise ValueError(
@@ -110,7 +116,15 @@ class DataFlexConfig:
                 if "name" not in v:
                     raise ValueError(f"{kind} given as a mapping needs a 'name' key, got keys {sorted(v)}")
                 d[kind] = v.pop("name")
-                d[f"{kind}_args"] = {**v, **d.get(f"{kind}_args", {})}
+                extra = d.get(f"{kind}_args") or {}
+                clash = sorted(k for k in set(v) & set(extra) if v[k] != extra[k])
+                if clash:
+                    raise ValueError(
+                        f"{kind} field(s) {clash} are given both in the {kind} mapping and in {kind}_args with "
+                        f"different values ({ {k: v[k] for k in clash} } vs { {k: extra[k] for k in clash} }); "
+                        "give each field once"
+                    )
+                d[f"{kind}_args"] = {**v, **extra}
         allowed = {f.name for f in fields(cls)}
         bad = sorted(set(d) - allowed)
         if bad:

@@ -69,6 +69,45 @@ def get_class(kind: str, name: str) -> type:
         ) from None
 
 
+def coerce_value(owner: str, field_name: str, annotation: Any, value: Any) -> Any:
+    """Check/convert ``value`` for a field annotated ``float``/``int``/``bool`` (optionally ``| None``).
+
+    Strings that parse as the number are converted (YAML reads ``1e-3`` as a string); anything else
+    of the wrong type is a ``ValueError`` naming ``owner``'s field. Other annotations pass unchanged.
+    """
+    ann = str(annotation).replace(" ", "")
+    optional = ann.endswith("|None") or ann.startswith("None|")
+    base = ann.replace("|None", "").replace("None|", "")
+    if base not in ("float", "int", "bool"):
+        return value
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{owner} field {field_name!r} must be a {base}, got None")
+    want = ("an int" if base == "int" else f"a {base}") + (" or None" if optional else "")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{owner} field {field_name!r} must be {want} (true/false), got {value!r}")
+    if isinstance(value, bool):
+        raise ValueError(f"{owner} field {field_name!r} must be {want}, got the boolean {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if base == "float" else int(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"{owner} field {field_name!r} must be {want}, got the string {value!r}"
+            ) from None
+    if base == "float" and isinstance(value, (int, float)):
+        return float(value)
+    if base == "int":
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    raise ValueError(f"{owner} field {field_name!r} must be {want}, got {value!r}")
+
+
 def build(kind: str, name: str, **cfg: Any) -> Any:
     """Instantiate the method ``name`` of ``kind`` with its config fields ``cfg``.
 
@@ -81,4 +120,6 @@ def build(kind: str, name: str, **cfg: Any) -> Any:
         bad = sorted(set(cfg) - set(allowed))
         if bad:
             raise ValueError(f"{kind} {name!r} got unknown config field(s) {bad}; allowed fields: {allowed}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        cfg = {k: coerce_value(f"{kind} {name!r}", k, types[k], v) for k, v in cfg.items()}
     return cls(**cfg)
