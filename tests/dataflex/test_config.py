@@ -175,3 +175,46 @@ def test_sampler_mixture_and_resume_replay():
     r.set_epoch(1)
     again = list(r)[:50]
     assert again[:30] == head and again[30:] == tail
+
+
+def test_ignored_inputs_raise_or_warn(tmp_path):
+    """An audit found inputs silently ignored: trainer arguments next to a ready DataFlexCallback, a sampler
+    strategy DataFlex replaces, a misspelt domain_column, an all-zero dynamic schedule, unused datasets/models."""
+    from hf_ext.callbacks.dataflex.ops import default_collate
+    from hf_ext.callbacks.dataflex.synthetic import cpu_training_args, tiny_model
+    from hf_ext.callbacks.dataflex.trainer import DataFlexTrainer
+
+    data = make_mixture({"clean": 4, "noisy": 4}, seed=0)
+    cb = DataFlexCallback({"selector": "random"}, train_dataset=data)
+
+    def trainer(**kw):
+        targs = kw.pop("targs", {})
+        return DataFlexTrainer(
+            model=tiny_model(),
+            args=cpu_training_args(str(tmp_path), max_steps=1, **targs),
+            train_dataset=data,
+            data_collator=default_collate,
+            **kw,
+        )
+
+    with pytest.raises(ValueError, match=r"\['target_dataset'\] would be ignored: dataflex= is a ready"):
+        trainer(dataflex=cb, target_dataset=data)
+    with pytest.raises(ValueError, match="dataflex_collate_fn"):
+        trainer(dataflex=cb, dataflex_collate_fn=default_collate)
+    with pytest.raises(
+        ValueError, match="train_sampling_strategy='group_by_length' / group_by_length would be"
+    ):
+        trainer(dataflex={"selector": "random"}, targs=dict(train_sampling_strategy="group_by_length"))
+    with pytest.raises(ValueError, match="domain_column='dom' is not a key"):
+        DataFlexCallback({"selector": "random", "domain_column": "dom"}, train_dataset=data)
+    for sched, match in [
+        ([{"step": 0, "weights": [0, 0]}], "positive sum"),
+        ([{"step": -5, "weights": [1, 1]}], "integer >= 0"),
+        ([{"step": 0, "weights": {"clean": -1.0}}], "positive sum"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            build("mixer", "dynamic", schedule=sched)
+    with pytest.warns(UserWarning, match="target_dataset .* given but not used"):
+        DataFlexCallback({"selector": "random"}, train_dataset=data, target_dataset=data)
+    with pytest.warns(UserWarning, match="reference_model .* given but not used"):
+        DataFlexCallback({"mixer": "odm"}, train_dataset=data, reference_model=tiny_model())

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,8 @@ from hf_ext.callbacks.dataflex.sampler import DataFlexSampler
 logger = logging.getLogger("hf_ext.dataflex")
 
 STATE_FILE = "dataflex_state.json"
+TARGET_SELECTORS = ("less", "nice", "near", "cluster_less")
+DEFAULT_DOMAIN_COLUMN = "domain"
 INDEX_KEY = "dataflex_index"
 
 
@@ -130,6 +133,7 @@ class DataFlexCallback(TrainerCallback):
         self._obs_loss: np.ndarray | None = None
         self._obs_count: np.ndarray | None = None
         self._check_static_needs()
+        self._warn_unused_inputs()
         if train_dataset is not None or domains is not None:
             self.set_domains(train_dataset, domains)
             if train_dataset is not None:
@@ -145,7 +149,7 @@ class DataFlexCallback(TrainerCallback):
     # ----------------------------------------------------------------------------- set-up
     def _check_static_needs(self) -> None:
         name = self.config.selector
-        if name in ("less", "nice", "near", "cluster_less") and self.target_dataset is None:
+        if name in TARGET_SELECTORS and self.target_dataset is None:
             raise ValueError(f"selector {name!r} needs target_dataset=... (the target/validation set)")
         if name == "nice" and self.reward_fn is None:
             raise ValueError(
@@ -156,6 +160,22 @@ class DataFlexCallback(TrainerCallback):
                 "mixer 'doremi' needs reference_model=... (a model trained on the default mixture)"
             )
 
+    def _warn_unused_inputs(self) -> None:
+        c, unused = self.config, []
+        if self.target_dataset is not None and c.selector not in TARGET_SELECTORS:
+            unused.append(f"target_dataset (used by selectors {', '.join(TARGET_SELECTORS)})")
+        if self.reference_model is not None and c.mixer != "doremi":
+            unused.append("reference_model (used by mixer doremi)")
+        if self.reward_fn is not None and c.selector != "nice":
+            unused.append("reward_fn (used by selector nice)")
+        if unused:
+            warnings.warn(
+                f"DataFlex: {'; '.join(unused)} given but not used with selector={c.selector!r}, "
+                f"mixer={c.mixer!r}, weighter={c.weighter!r}",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def set_domains(self, dataset: Any = None, domains: list[Any] | None = None) -> None:
         """Read the domains (from ``domains`` or the dataset's ``domain_column``); mixers require them."""
         if domains is not None:
@@ -164,7 +184,9 @@ class DataFlexCallback(TrainerCallback):
             try:
                 self.domain_ids, self.domain_names = read_domains(dataset, self.config.domain_column)
             except ValueError:
-                if self.mixer is not None:
+                # a mixer needs domains; a domain_column set to something else than the default is not
+                # optional either (a misspelt column must not silently turn off the domains)
+                if self.mixer is not None or self.config.domain_column != DEFAULT_DOMAIN_COLUMN:
                     raise
                 self.domain_ids, self.domain_names = None, []
         if self.mixer is not None and self.domain_ids is None:

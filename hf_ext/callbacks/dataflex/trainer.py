@@ -97,6 +97,18 @@ class DataFlexMixin:
                 "DataFlexTrainer needs dataflex=... (a DataFlexConfig, a mapping or a YAML/JSON path)"
             )
         if isinstance(dataflex, DataFlexCallback):
+            given = {
+                "target_dataset": target_dataset,
+                "reference_model": reference_model,
+                "reward_fn": reward_fn,
+                "dataflex_collate_fn": dataflex_collate_fn,
+            }
+            clash = [k for k, v in given.items() if v is not None]
+            if clash:
+                raise ValueError(
+                    f"{clash} would be ignored: dataflex= is a ready DataFlexCallback, which has its own; pass them "
+                    "to DataFlexCallback(...) (collate_fn= for dataflex_collate_fn) or pass a config as dataflex="
+                )
             cb = dataflex
         else:
             cb = DataFlexCallback(
@@ -112,6 +124,13 @@ class DataFlexMixin:
         if raw is None:
             raise ValueError("DataFlexTrainer needs a train_dataset")
         cb.set_domains(raw, domains)  # clear error (missing column) before any work
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        strategy = getattr(targs, "train_sampling_strategy", "random")
+        if strategy != "random" or getattr(targs, "group_by_length", False):
+            raise ValueError(
+                f"train_sampling_strategy={strategy!r} / group_by_length would be ignored: DataFlex replaces the "
+                "training sampler with its own; leave train_sampling_strategy='random' (and group_by_length=False)"
+            )
         callbacks = list(kwargs.pop("callbacks", None) or [])
         super().__init__(*args, callbacks=[*callbacks, cb], **kwargs)  # type: ignore[call-arg]
         cb.trainer_mode = True

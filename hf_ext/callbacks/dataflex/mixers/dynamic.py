@@ -32,6 +32,19 @@ class DynamicMixer(Mixer):
         for p in self.schedule:
             if not isinstance(p, dict) or "step" not in p or "weights" not in p:
                 raise ValueError(f"each schedule point needs 'step' and 'weights', got {p!r}")
+            step = p["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"schedule point step must be an integer >= 0, got {p!r}")
+            w = p["weights"]
+            vals = list(w.values()) if isinstance(w, dict) else w
+            if not isinstance(vals, (list, tuple)) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals
+            ):
+                raise ValueError(
+                    f"schedule weights must be a list or a {{domain: weight}} mapping of numbers, got {p!r}"
+                )
+            if any(x < 0 for x in vals) or sum(vals) <= 0:
+                raise ValueError(f"schedule weights must be >= 0 with a positive sum, got {p!r}")
         self.schedule = sorted(self.schedule, key=lambda p: int(p["step"]))
 
     def _vec(self, w: Any, names: list[str]) -> np.ndarray:
