@@ -97,3 +97,82 @@ def test_other_families_tiny_tau_equals_reference(family):
     if family in ("gemma2", "gemma3"):
         assert any("not supported by SALE" in m for m in msgs), msgs
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_softcap_model_with_a_static_cache_matches_eager():
+    """Gemma2 (logit softcapping) runs its own eager attention under "sale"; with no mask over a static cache (the
+    first prefill into it) each query sees the cache slots up to itself, as sdpa's is_causal means, not the empty
+    slots after the prompt."""
+    from transformers import StaticCache
+
+    model = tiny_family("gemma2")
+    ids = rand_ids(20)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(ids).logits
+    enable_sale(model)  # a short prompt: the dense path
+    with torch.no_grad():
+        got = model(ids, past_key_values=StaticCache(config=model.config, max_cache_len=64)).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_sink_logits_are_honoured_by_the_dense_path():
+    """gpt-oss passes its attention-sink logits as ``s_aux``; sdpa would drop them, so such calls run the model's
+    eager attention (short prompts, and the documented fallback of long ones), equal to attn_implementation='eager'."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GptOssConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=4096,
+        layer_types=["full_attention", "full_attention"],
+        max_position_embeddings=4096,
+    )
+    model = tf.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for blk in model.model.layers:
+            blk.self_attn.sinks.normal_(0, 2.0)  # sinks that matter
+    ids = rand_ids(40)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(ids).logits
+    long_enough = SALEConfig(min_seq_len=32, block_q=16, block_k=16, local_window=16)
+    for cfg_sale, path in ((SALEConfig(), "dense"), (long_enough, "fallback:bias")):
+        enable_sale(model, cfg_sale)
+        reset_warnings()
+        with torch.no_grad(), sale_stats() as st, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = model(ids).logits
+        assert {c["path"] for c in st.calls} == {path}
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_padded_batch_prefilled_into_a_static_cache_runs_sparse():
+    """A static cache passes its whole length with the slots after the prompt masked for every query; those keys
+    are dropped, so a left-padded batch still takes the sparse path (equal to sdpa as tau -> 0)."""
+    from transformers import StaticCache
+
+    model = tiny_family("llama")
+    ids = rand_ids(100, batch=2)
+    am = torch.ones_like(ids)
+    am[0, :25] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am).logits
+    enable_sale(model, SALEConfig(min_seq_len=32, block_q=16, block_k=16, local_window=16, tau=1e-9))
+    reset_warnings()
+    with torch.no_grad(), sale_stats() as st, warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        got = model(
+            ids, attention_mask=am, past_key_values=StaticCache(config=model.config, max_cache_len=160)
+        ).logits
+    assert {c["path"] for c in st.calls} == {"sparse"} and not [r for r in rec if "SALE" in str(r.message)]
+    real = am.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=2e-5, rtol=1e-4)

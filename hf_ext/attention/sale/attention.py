@@ -149,22 +149,28 @@ def _record(**kw: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------- dense path
+# attention arguments transformers' sdpa path ignores: a call carrying one runs the model's own eager attention
+_EAGER_ONLY = ("softcap", "s_aux", "position_bias")
+
+
 def _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs) -> tuple:
-    """transformers' own dense attention: sdpa, or the model's eager path when sdpa cannot (softcap)."""
-    if kwargs.get("softcap") is not None:
+    """transformers' own dense attention: sdpa, or the model's eager path when sdpa would drop an argument
+    (logit softcapping, attention-sink logits ``s_aux``, a ``position_bias``)."""
+    needs = [k for k in _EAGER_ONLY if kwargs.get(k) is not None]
+    if needs:
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is None:
             raise ValueError(
-                f"{type(module).__name__} uses attention logit softcapping, which neither SALE nor sdpa supports, "
-                "and its modeling file has no eager_attention_forward; use attn_implementation='eager'"
+                f"{type(module).__name__} passes {needs}, which neither SALE nor sdpa supports, and its modeling "
+                "file has no eager_attention_forward; use attn_implementation='eager'"
             )
         # Eager paths add the mask to the scores: turn the sdpa-style mask (None = causal, bool) additive.
         sq, sk = query.shape[2], key.shape[2]
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if attention_mask is None and causal and sq > 1:
-            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)[
-                None, None
-            ]
+            # sdpa's meaning of "no mask": is_causal, aligned top-left. With more keys than queries that is the
+            # first prefill into an empty static cache: query i sees cache slots 0..i, not the empty ones after.
+            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(0)[None, None]
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             zero = torch.zeros((), dtype=query.dtype, device=query.device)
             attention_mask = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
@@ -256,6 +262,18 @@ def decode_mask(
     return kpm, None
 
 
+def _used_keys(attention_mask: torch.Tensor, sk: int) -> int:
+    """``1 +`` the last key column any query may attend (``sk`` when the mask cannot be read as bool): a static
+    cache passes its whole length, with the slots after the prompt masked for every query."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        return sk
+    m = _bool_mask(attention_mask)
+    if m is None:
+        return sk
+    cols = m[..., :sk].flatten(0, 2).any(0).nonzero()
+    return int(cols[-1]) + 1 if len(cols) else sk
+
+
 def _spans(kpm: torch.Tensor) -> list[tuple[int, int]] | None:
     """Per row (start, end) of the real keys when each row is one contiguous run; None otherwise."""
     counts = kpm.sum(-1).tolist()
@@ -291,7 +309,10 @@ def _unsupported_reason(
             f"attention logit softcapping (softcap={kwargs['softcap']}) is not supported by SALE",
         )
     if kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None:
-        return "bias", "attention biases / sink logits (position_bias, s_aux) are not supported by SALE"
+        return "bias", (
+            "attention biases / sink logits (position_bias, s_aux) are not supported by SALE (the model's eager "
+            "attention takes such calls)"
+        )
     sw = kwargs.get("sliding_window")
     if sw is not None and key.shape[2] > int(sw):
         return "sliding_window", (
@@ -508,6 +529,9 @@ def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs,
             if causal and sk > sq:
                 key, value = key[:, :, :sq], value[:, :, :sq]
         else:
+            used = _used_keys(attention_mask, sk) if causal else sk
+            if used < sk:  # unused static-cache slots after the prompt: no query sees them, drop them
+                key, value, sk = key[:, :, :used], value[:, :, :used], used
             kpm, why = decode_mask(attention_mask, query.shape[0], sq, sk, causal)
             if why is not None:
                 reason = ("mask", why)
