@@ -48,6 +48,7 @@ def main() -> None:
     from transformers import TrainingArguments
 
     from hf_ext.callbacks.dataflex import DataFlexConfig
+    from hf_ext.callbacks.dataflex.callback import TARGET_SELECTORS
     from hf_ext.callbacks.dataflex.synthetic import heldout_loss, make_mixture, tiny_model, train_steps
 
     torch.manual_seed(0)
@@ -102,7 +103,7 @@ def main() -> None:
             train_dataset=ds,
             processing_class=tok,
             dataflex=cfg,
-            target_dataset=ds.select(range(4)) if cfg.selector else None,
+            target_dataset=ds.select(range(4)) if cfg.selector in TARGET_SELECTORS else None,
             **extra,
         )
         trainer.train()
@@ -130,7 +131,9 @@ def main() -> None:
             train_dataset=data,
             data_collator=default_collate,
             dataflex=cfg,
-            target_dataset=target,
+            target_dataset=target
+            if cfg.selector in TARGET_SELECTORS
+            else None,  # only selectors that use one
             **extra,
         )
         trainer.train()

@@ -104,6 +104,7 @@ def _run(
 ):
     from transformers import Trainer, TrainerCallback
 
+    from hf_ext.callbacks.dataflex.callback import TARGET_SELECTORS
     from hf_ext.callbacks.dataflex.ops import default_collate
     from hf_ext.callbacks.dataflex.trainer import DataFlexTrainer
 
@@ -141,8 +142,9 @@ def _run(
                 data_collator=default_collate,
                 callbacks=[timer],
                 dataflex=cfg,
-                target_dataset=target,
-                reference_model=ref,
+                # only what the method uses (DataFlex warns about inputs it would ignore)
+                target_dataset=target if cfg.get("selector") in TARGET_SELECTORS else None,
+                reference_model=ref if cfg.get("mixer") == "doremi" else None,
             )
         tr.train()
     # Amortised ms per step = median step time (robust to a busy machine; includes per-step hooks such as
