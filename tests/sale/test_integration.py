@@ -176,3 +176,46 @@ def test_padded_batch_prefilled_into_a_static_cache_runs_sparse():
     assert {c["path"] for c in st.calls} == {"sparse"} and not [r for r in rec if "SALE" in str(r.message)]
     real = am.bool()
     torch.testing.assert_close(got[real], ref[real], atol=2e-5, rtol=1e-4)
+
+
+def test_disable_restores_every_sub_model_and_the_models_own_default():
+    """disable_sale gives each sub-model back what it ran (a vision tower keeps sdpa while the text model was on
+    eager); a model loaded with attn_implementation="sale" goes back to transformers' default for it (eager for
+    Gemma2, which sdpa cannot run), not to sdpa unconditionally."""
+    import transformers as tf
+
+    from hf_ext.testing import tiny_llama_config
+
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    cfg = tf.LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_index=5)
+    model = tf.LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation({"": "eager", "text_config": "eager", "vision_config": "sdpa"})
+
+    def impls():
+        c = model.config
+        return (
+            c._attn_implementation,
+            c.text_config._attn_implementation,
+            c.vision_config._attn_implementation,
+        )
+
+    before = impls()
+    enable_sale(model, SPARSE)
+    assert impls() == ("sale", "sale", "sale")
+    disable_sale(model)
+    assert impls() == before == ("eager", "eager", "sdpa")
+
+
+def test_disable_after_loading_with_sale_picks_the_models_default(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_family("gemma2").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sale")
+    assert disable_sale(model).config._attn_implementation == "eager"  # Gemma2 has no sdpa path

@@ -31,6 +31,26 @@ def _attention_configs(model: Any) -> list[Any]:
     return out
 
 
+def _impl_tree(config: Any, default: str) -> str | dict:
+    """The attention implementation of ``config`` and of each sub-config, in the format
+    ``set_attn_implementation`` takes (``{"": top, "text_config": ..., ...}``; a plain string without sub-configs)."""
+    own = getattr(config, "_attn_implementation", None) or default
+    subs = {k: getattr(config, k, None) for k in getattr(config, "sub_configs", {}) or {}}
+    subs = {k: v for k, v in subs.items() if v is not None}
+    if not subs:
+        return own
+    return {"": own, **{k: _impl_tree(v, default) for k, v in subs.items()}}
+
+
+def _default_impl(model: Any) -> str:
+    """What transformers picks for ``model`` when nothing is requested: sdpa where it can, else eager."""
+    pick = getattr(model, "get_correct_attn_implementation", None)
+    try:
+        return pick(None) if pick is not None else "sdpa"
+    except (ValueError, ImportError):
+        return "eager"
+
+
 def set_sale_config(model: Any, config: SALEConfig | dict | None) -> SALEConfig:
     """Validate ``config`` and store it as a plain dict on ``model.config.sale_config`` (and sub-configs).
 
@@ -64,9 +84,8 @@ def enable_sale(model: Any, config: SALEConfig | dict | None = None) -> Any:
     if config is None:
         config = getattr(model.config, "sale_config", None)
     set_sale_config(model, config)
-    prev = getattr(model.config, "_attn_implementation", None)
-    if prev != "sale":
-        setattr(model, _PREV_ATTR, prev)
+    if getattr(model.config, "_attn_implementation", None) != "sale":  # what each (sub-)model ran before
+        setattr(model, _PREV_ATTR, _impl_tree(model.config, _default_impl(model)))
     model.set_attn_implementation("sale")
     if getattr(model.config, "_attn_implementation", None) != "sale":
         raise ValueError(
@@ -77,11 +96,13 @@ def enable_sale(model: Any, config: SALEConfig | dict | None = None) -> Any:
 
 
 def disable_sale(model: Any) -> Any:
-    """Restore the attention implementation that was active before :func:`enable_sale` (``"sdpa"`` if unknown).
+    """Restore the attention implementations that were active before :func:`enable_sale`, the model's and each
+    sub-model's (e.g. a vision tower's); when unknown (the model was loaded with ``attn_implementation="sale"``),
+    transformers' default for the model: sdpa where it can, else eager.
 
     The stored ``sale_config`` is kept, so calibrated thresholds survive a disable/enable cycle.
     """
-    prev = getattr(model, _PREV_ATTR, None) or "sdpa"
+    prev = getattr(model, _PREV_ATTR, None) or _default_impl(model)
     model.set_attn_implementation(prev)
     if hasattr(model, _PREV_ATTR):
         delattr(model, _PREV_ATTR)
