@@ -100,3 +100,17 @@ def test_calibrate_bad_arguments():
         calibrate(model, [], theta=0.4)
     with pytest.raises(ValueError, match="inputs"):
         calibrate(model, torch.randn(1, 8), theta=0.4)
+
+
+def test_an_all_padding_prompt_does_not_make_every_head_dense():
+    """A calibration batch with one empty (all-padding) prompt gives the thresholds of its real prompts: the empty
+    row has no token to check (its error 0 against a bound 0 used to fail every head until tau was 0)."""
+    kw = dict(min_seq_len=32, block_q=16, block_k=16, local_window=16)
+    ids = rand_ids(128, batch=2)
+    full = calibrate(tiny_family("llama"), {"input_ids": ids[:1]}, theta=0.4, config=SALEConfig(**kw))
+    am = torch.ones_like(ids)
+    am[1] = 0
+    padded = calibrate(
+        tiny_family("llama"), {"input_ids": ids, "attention_mask": am}, theta=0.4, config=SALEConfig(**kw)
+    )
+    assert padded.taus == full.taus and any(t > 0 for row in full.taus for t in row)

@@ -110,7 +110,9 @@ class Calibrator:
                 query, key, value, kpm, taus, self.cfg, scaling, causal, False, force_sparse=True
             )
             err = ((out.float() - ref).abs() * w).sum(dim=(2, 3))  # [B,H]
-            fail = (err >= self.theta * n[:, None]).any(dim=0).cpu() & (taus > 0)
+            # a prompt with no real token has nothing to check (0 >= theta * 0 would always fail)
+            bad = (err >= self.theta * n[:, None]) & (n[:, None] > 0)
+            fail = bad.any(dim=0).cpu() & (taus > 0)
             if not bool(fail.any()):
                 break
             taus[fail] = taus[fail] / 2
