@@ -308,3 +308,15 @@ def test_memory_buckets_lose_at_most_one_percent_of_the_budget():
     coarse = dataclasses.replace(cfg, granularity_bytes=get_shape("llama3-405b").num_params() * 16.0 / 65536)
     with pytest.raises(NoFeasiblePlanError):
         search("llama3-405b", coarse)
+
+
+def test_unusable_tp_sizes_name_the_cause():
+    # tiny has 4 attention heads: tp=3 divides the 6 GPUs but not the heads. The error once said
+    # "tp_sizes=[]" and suggested changing global_batch.
+    with pytest.raises(ValueError, match=r"tp=3 does not divide the 4 attention heads") as ei:
+        search("tiny", SearchConfig(gpus=6, tp_sizes=(3,), global_batch=12, seq_len=64))
+    assert "global_batch" not in str(ei.value)
+    with pytest.raises(ValueError, match=r"tp=4 does not divide gpus=6"):
+        search("tiny", SearchConfig(gpus=6, tp_sizes=(4,), global_batch=12, seq_len=64))
+    # a usable degree beside an unusable one still searches
+    assert search("tiny", SearchConfig(gpus=6, tp_sizes=(2, 3), global_batch=12, seq_len=64)).best.tp == 2

@@ -249,7 +249,20 @@ def search(
         tps = sorted({int(t) for t in config.tp_sizes})
     else:
         tps = [t for t in (1, 2, 4, 8, 16) if t <= hw.gpus_per_node and shape.num_kv_heads % t == 0]
+    rejected = [
+        f"tp={t} does not divide gpus={gpus}"
+        if gpus % t
+        else f"tp={t} does not divide the {shape.num_heads} attention heads of {shape.name}"
+        for t in tps
+        if gpus % t or shape.num_heads % t
+    ]
     tps = [t for t in tps if gpus % t == 0 and shape.num_heads % t == 0]
+    if not tps:
+        raise ValueError(
+            f"no usable tensor-parallel degree in tp_sizes={config.tp_sizes}: "
+            + "; ".join(rejected)
+            + "; pick tp sizes that divide both the GPU count and the attention heads"
+        )
     heap: list[tuple[float, int, Plan]] = []  # max-heap by -step_ms of the top_k
     counter = itertools.count()
     evaluated = pruned = 0
