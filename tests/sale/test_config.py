@@ -58,3 +58,44 @@ def test_tau_lookup_per_layer_and_head():
 
 def test_help_text_for_every_field():
     assert all(SALEConfig.help().values())
+
+
+def test_block_sizes_and_bits_must_be_ints_and_tau_values_any_real():
+    """16.0 for block_q (or 8.0 for bits) is refused when the config is built, not at the first sparse call;
+    numpy / torch scalars are fine as calibrated tau values."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from hf_ext.attention.sale import SALEConfig
+
+    for bad, name in (
+        (dict(block_q=16.0), "block_q"),
+        (dict(block_k=32.0), "block_k"),
+        (dict(bits=8.0), "bits"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            SALEConfig(**bad)
+    cfg = SALEConfig(taus=[[np.float32(0.1), torch.tensor(0.2).item(), np.float64(0.0)]])
+    assert cfg.taus == [[pytest.approx(0.1), pytest.approx(0.2), 0.0]]
+    with pytest.raises(ValueError, match=r"taus\[0\]\[0\]"):
+        SALEConfig(taus=[[np.float32("nan")]])
+
+
+def test_a_saleconfig_object_on_the_model_config_still_saves(tmp_path):
+    """model.config.sale_config = SALEConfig(...) (instead of enable_sale's dict) works at run time and no longer
+    breaks save_pretrained: it is stored as its dict at the first call."""
+    import torch
+
+    from hf_ext.attention.sale import SALEConfig, enable_sale
+    from tests.sale._models import rand_ids, tiny_family
+
+    model = tiny_family("llama")
+    enable_sale(model)
+    cfg = SALEConfig(min_seq_len=32, block_q=16, block_k=16)
+    for layer in model.model.layers:
+        layer.self_attn.config.sale_config = cfg
+    with torch.no_grad():
+        model(rand_ids(64))
+    model.save_pretrained(tmp_path)
+    assert SALEConfig.from_dict(model.config.sale_config) == cfg

@@ -86,8 +86,8 @@ def config_of(module: Any) -> SALEConfig:
     raw = getattr(getattr(module, "config", None), "sale_config", None)
     if raw is None:
         return _DEFAULT
-    if isinstance(raw, SALEConfig):
-        return raw
+    if isinstance(raw, SALEConfig):  # assigned by hand: keep it JSON-serialisable for save_pretrained
+        module.config.sale_config = raw = raw.to_dict()
     hit = _CFG_CACHE.get(id(raw))
     if hit is not None and hit[0] is raw and hit[1] == raw:
         return hit[2]

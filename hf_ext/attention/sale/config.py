@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -101,7 +102,7 @@ class SALEConfig:
             v = getattr(self, name)
             if v is None:
                 continue
-            if isinstance(v, bool) or v not in _BLOCKS:
+            if isinstance(v, bool) or not isinstance(v, int) or v not in _BLOCKS:
                 raise ValueError(
                     f"{name}={v!r} is invalid: allowed values are None (kernel default) or {list(_BLOCKS)}"
                 )
@@ -109,7 +110,7 @@ class SALEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}={v!r} is invalid: it must be an integer >= {lo}")
-        if self.bits not in _BITS or isinstance(self.bits, bool):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _BITS:
             raise ValueError(f"bits={self.bits!r} is invalid: allowed values are {list(_BITS)}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend={self.backend!r} is invalid: allowed values are {list(_BACKENDS)}")
@@ -141,9 +142,9 @@ class SALEConfig:
             for hi, t in enumerate(row):
                 if (
                     isinstance(t, bool)
-                    or not isinstance(t, (int, float))
+                    or not isinstance(t, numbers.Real)  # numpy / torch scalars too
+                    or math.isnan(float(t))
                     or not 0.0 <= float(t) < 1.0
-                    or math.isnan(t)
                 ):
                     raise ValueError(f"taus[{li}][{hi}]={t!r} is invalid: per-head tau must be in [0, 1)")
                 vals.append(float(t))
