@@ -147,3 +147,80 @@ def _runtime_with_failing_large_phase(model: Any, shape: Any) -> dict[str, Any]:
     finally:
         profiler._time_train_steps = real
     return {"runtime": r, "notes": notes}
+
+
+PAD_BATCH, PAD_SEQ, PAD_STEPS = 8, 16, 3
+
+
+def padded_batches() -> list[Any]:
+    """Batches whose rows have different numbers of target tokens (-100 padding; one row has none)."""
+    import torch
+
+    out = []
+    for s in range(PAD_STEPS):
+        g = torch.Generator().manual_seed(s)
+        ids = torch.randint(3, 500, (PAD_BATCH, PAD_SEQ), generator=g)
+        labels = ids.clone()
+        for r in range(PAD_BATCH):
+            labels[r, 2 + (r * 5) % (PAD_SEQ - 3) :] = -100
+        labels[PAD_BATCH - 1] = -100
+        out.append((ids, labels))
+    return out
+
+
+def padded_reference_losses() -> list[float]:
+    """Single-process AdamW trajectory on the global padded batches (transformers' token-mean loss)."""
+    import torch
+
+    from hf_ext.testing import tiny_llama
+
+    model = tiny_llama(seed=0, attn_implementation="sdpa").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for ids, labels in padded_batches():
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def apply_padded(rank: int, world_size: int) -> dict[str, Any]:
+    """Every plan kind trained on the padded batches; each rank's train_step losses per plan."""
+    import torch
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama, tiny_llama_config
+
+    cfg = tiny_llama_config()
+    kw = dict(gpus=2, global_batch=PAD_BATCH, seq_len=PAD_SEQ)
+    plans = {
+        "ddp_m1": Plan.uniform(cfg, dp_type="ddp", **kw),
+        "ddp_m4": Plan.uniform(cfg, dp_type="ddp", micro_batch=1, **kw),
+        "ddp_m4_logits_loss": Plan.uniform(cfg, dp_type="ddp", micro_batch=1, **kw),
+        "fsdp_z2_m2": Plan.uniform(cfg, dp_type="fsdp", zero=2, micro_batch=2, **kw),
+        "fsdp_z3_ckpt_m4": Plan.uniform(cfg, dp_type="fsdp", zero=3, ckpt=True, micro_batch=1, **kw),
+        "tp2_m2": Plan.uniform(cfg, dp_type="fsdp", tp=2, micro_batch=4, **kw),
+        "pp2_m4": Plan.uniform(cfg, dp_type="fsdp", pp=2, micro_batch=2, **kw),
+    }
+    out: dict[str, Any] = {}
+    for name, plan in plans.items():
+        model = tiny_llama(seed=0, attn_implementation="sdpa").train()
+        if name.endswith("logits_loss"):
+            model.accepts_loss_kwargs = False  # a forward without num_items_in_batch: loss from the logits
+        runner = apply_plan(model, plan, param_dtype=None)
+        opt = torch.optim.AdamW(runner.param_groups(), lr=1e-2)
+        losses = []
+        for ids, labels in padded_batches():
+            losses.append(runner.train_step(runner.local_batch(ids), runner.local_batch(labels)))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if name == "ddp_m1":  # no target token anywhere: loss 0 and zero gradients, not NaN
+            ids = runner.local_batch(padded_batches()[0][0])
+            out["empty"] = runner.train_step(ids, torch.full_like(ids, -100))
+            out["empty_grad_max"] = max(float(p.grad.abs().max()) for p in runner.parameters())
+        out[name] = losses
+        del runner, model, opt
+    return out

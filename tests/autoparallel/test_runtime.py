@@ -105,3 +105,18 @@ def test_runtime_probe_one_rank():
     if not 0.4 < predicted / measured < 2.5:
         predicted, measured = predicted_and_measured(run_distributed(_dist_fns.profile_runtime, 1)[0])
     assert 0.4 < predicted / measured < 2.5, (predicted, measured)
+
+
+def test_apply_plan_padded_labels_token_mean_matches_single_process(run_distributed):
+    """With -100 padding every plan trains on the global batch's token-mean loss, as one process does.
+
+    train_step used to average per-micro-batch and per-rank means (rel. error up to 1e-2, different for each
+    plan, so a search switching plans changed training); now it divides the summed token loss by the global
+    target-token count (transformers' num_items_in_batch) and returns that loss on every rank."""
+    ref = _dist_fns.padded_reference_losses()
+    out = run_distributed(_dist_fns.apply_padded, 2)
+    names = ("ddp_m1", "ddp_m4", "ddp_m4_logits_loss", "fsdp_z2_m2", "fsdp_z3_ckpt_m4", "tp2_m2", "pp2_m4")
+    for name in names:
+        for rank in (0, 1):
+            assert out[rank][name] == pytest.approx(ref, rel=2e-6), (name, rank)
+    assert out[0]["empty"] == 0.0 and out[0]["empty_grad_max"] == 0.0

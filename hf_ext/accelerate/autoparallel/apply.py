@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import warnings
 from typing import Any
 
@@ -58,9 +59,15 @@ class AppliedPlan:
         autocast_dtype: torch.dtype | None,
         schedule: Any = None,
         stage_module: Any = None,
+        pipeline_loss: Any = None,
     ) -> None:
         self.module, self.plan, self.mesh, self.device = module, plan, mesh, device
         self.autocast_dtype, self.schedule, self.stage_module = autocast_dtype, schedule, stage_module
+        self.pipeline_loss = pipeline_loss
+        from torch.nn.parallel import DistributedDataParallel
+
+        inner = module.module if isinstance(module, DistributedDataParallel) else module
+        self._loss_kwargs = schedule is None and _accepts_loss_kwargs(inner)
 
     def parameters(self) -> Any:
         """This rank's parameters (its shard / stage). With tensor parallelism some are DTensors and some
@@ -93,12 +100,26 @@ class AppliedPlan:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.plan.dp > 1:
+            torch.distributed.all_reduce(t, group=self.mesh["dp"].get_group())
+        return t
+
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """Forward + backward of this rank's local batch ``[micro_batch * num_micro_batches, seq]``.
 
-        Gradients are accumulated over the plan's micro-batches (averaged) and synchronised over the
-        data-parallel group (DDP: once, on the last micro-batch; FSDP2: reduce-scattered every
-        micro-batch, as the cost model assumes); returns the mean loss of the local batch (the caller steps the optimizer).
+        The loss is the token mean over the *global* batch, as one process training on the whole batch
+        computes it (and as transformers' ``num_items_in_batch`` does): the target tokens (``labels[:, 1:]``
+        other than ``-100``) are counted and summed over the data-parallel group, and each micro-batch's
+        summed token loss is divided by that count (and multiplied by the data-parallel degree, which
+        DDP / FSDP2 divide by when they average the gradients). So every plan gives the same gradient for
+        the same global batch, padded or not. Gradients are accumulated over the plan's micro-batches and
+        synchronised over the data-parallel group (DDP: once, on the last micro-batch; FSDP2:
+        reduce-scattered every micro-batch, as the cost model assumes).
+
+        Returns:
+            The token-mean loss of the global batch (the same on every rank; the caller steps the
+            optimizer). A batch without any target token gives 0 and zero gradients.
         """
         plan = self.plan
         labels = input_ids if labels is None else labels
@@ -109,10 +130,12 @@ class AppliedPlan:
                 f"micro_batch*num_micro_batches = {want}"
             )
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        num_items = self._dp_sum((labels[:, 1:] != _IGNORE_INDEX).sum().reshape(1)).clamp_min(1)
         if self.schedule is not None:
+            self.pipeline_loss.num_items = num_items[0]
             return self._pipeline_step(input_ids, labels)
         m = plan.num_micro_batches
-        total = 0.0
+        total = torch.zeros(1, device=self.device)
         for i, (x, y) in enumerate(zip(input_ids.chunk(m), labels.chunk(m))):
             last = i == m - 1
             ctx = (
@@ -122,10 +145,16 @@ class AppliedPlan:
             )
             with ctx:
                 with self._autocast():
-                    loss = self.module(input_ids=x, labels=y, use_cache=False).loss
-                (loss / m).backward()
-            total += float(loss.detach())
-        return total / m
+                    if self._loss_kwargs:
+                        loss = self.module(
+                            input_ids=x, labels=y, use_cache=False, num_items_in_batch=num_items[0]
+                        ).loss
+                    else:
+                        logits = self.module(input_ids=x, use_cache=False).logits
+                        loss = _causal_lm_loss_sum(logits, y) / num_items[0]
+                (loss * plan.dp).backward()
+            total += loss.detach().float()
+        return float(self._dp_sum(total).item())
 
     def _pipeline_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
         pp_rank = self.mesh["pp"].get_local_rank()
@@ -137,12 +166,12 @@ class AppliedPlan:
                 self.schedule.step(target=labels, losses=losses)
             else:
                 self.schedule.step()
-        t = torch.tensor(
-            [float(torch.stack([x.detach() for x in losses]).mean()) if losses else 0.0], device=self.device
-        )
-        # The last stage holds the loss: broadcast it along the pipeline.
+        t = torch.zeros(1, device=self.device)
+        if losses:
+            t += torch.stack([x.detach().float() for x in losses]).sum() / self.plan.dp
+        # The last stage holds the loss: broadcast it along the pipeline, then sum over the replicas.
         torch.distributed.all_reduce(t, group=self.mesh["pp"].get_group())
-        return float(t.item())
+        return float(self._dp_sum(t).item())
 
 
 class _PipelineStageModule(torch.nn.Module):
@@ -169,10 +198,37 @@ class _PipelineStageModule(torch.nn.Module):
         return h
 
 
-def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+_IGNORE_INDEX = -100
+
+
+def _causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross entropy (targets ``labels[:, 1:]``, ``-100`` ignored)."""
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=_IGNORE_INDEX,
+        reduction="sum",
     )
+
+
+class _PipelineLoss:
+    """The last stage's loss: a micro-batch's share of the global token mean, times dp (DDP / FSDP2
+    average the gradients over dp). ``num_items`` (the global target-token count) is set every step."""
+
+    def __init__(self, dp: int) -> None:
+        self.dp, self.num_items = dp, None
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _causal_lm_loss_sum(logits, labels) / self.num_items * self.dp
+
+
+def _accepts_loss_kwargs(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``num_items_in_batch`` (as transformers' Trainer decides it)."""
+    flag = getattr(model, "accepts_loss_kwargs", None)
+    if flag is not None:
+        return bool(flag)
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "num_items_in_batch" for p in params)
 
 
 def _set_checkpointing(layers: Any, flags: list[bool]) -> None:
@@ -274,7 +330,7 @@ def apply_plan(
         _apply_tp(layers, mesh["tp"])
 
     autocast = None
-    schedule = stage_module = None
+    schedule = stage_module = loss_fn = None
     if plan.pp > 1:
         if getattr(model.config, "_attn_implementation", "sdpa") not in (
             "sdpa",
@@ -292,7 +348,11 @@ def apply_plan(
         local_strats = strategies[a:b]
         _wrap_dp(stage_module, list(stage_module.layers), local_strats, plan, mesh, param_dtype)
         stage = PipelineStage(stage_module, pp_rank, plan.pp, device, group=mesh["pp"].get_group())
-        schedule = Schedule1F1B(stage, n_microbatches=plan.num_micro_batches, loss_fn=_causal_lm_loss)
+        # loss_fn divides by the global token count train_step sets; no 1/m scaling of the gradients
+        loss_fn = _PipelineLoss(plan.dp)
+        schedule = Schedule1F1B(
+            stage, n_microbatches=plan.num_micro_batches, loss_fn=loss_fn, scale_grads=False
+        )
         module = stage_module
         if plan.dp_type == "ddp" and param_dtype is not None:
             autocast = param_dtype
@@ -307,7 +367,7 @@ def apply_plan(
     else:
         _wrap_dp(model, list(layers), strategies, plan, mesh, param_dtype)
         module = model
-    return AppliedPlan(module, plan, mesh, device, autocast, schedule, stage_module)
+    return AppliedPlan(module, plan, mesh, device, autocast, schedule, stage_module, loss_fn)
 
 
 def _wrap_dp(
