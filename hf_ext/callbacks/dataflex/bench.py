@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import platform
 import statistics
 import tempfile
 import time
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import track
 
     from hf_ext.callbacks.dataflex.synthetic import heldout_loss, make_mixture, train_steps
-    from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows
+    from hf_ext.utils.bench import Row, append_rows, device_name, plot_results, print_rows
 
     if a.device == "cpu":
         torch.set_num_threads(1)
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = ref.to(torch.bfloat16)
     cmd = "python -m hf_ext bench dataflex " + " ".join(argv or [])
     dev_case = f"{preset}/{a.device}"
+    # the device the runs used: a CPU run on a machine with a GPU is labelled as the CPU, not the card
+    where = device_name() if a.device == "cuda" else f"cpu-{platform.machine()}"
     rows: list[Row] = []
     for name in track(methods, description="update overhead"):
         _, plain_ms, _ = _run(None, ref=ref, **common)  # paired with each method: the machine may be busy
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 quality_name="ms_per_update",
                 quality_value=round(upd, 3),
                 command=cmd,
+                device=where,
             )
         )
     if not a.skip_quality:
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                     quality_name="seeds",
                     quality_value=a.seeds,
                     command=cmd,
+                    device=where,
                 )
             )
     print_rows(rows, title=f"DataFlex ({dev_case}); plain step {plain_ms:.2f} ms")
