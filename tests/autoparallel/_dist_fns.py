@@ -224,3 +224,46 @@ def apply_padded(rank: int, world_size: int) -> dict[str, Any]:
         out[name] = losses
         del runner, model, opt
     return out
+
+
+def apply_close(rank: int, world_size: int) -> dict[str, Any]:
+    """Process groups left behind by apply_plan: repeated calls closed by close() / with / a failure."""
+    import torch
+    import torch.distributed as dist
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama, tiny_llama_config
+
+    def n_groups() -> int:
+        return len(dist.distributed_c10d._world.pg_map)
+
+    cfg = tiny_llama_config()
+    kw = dict(gpus=2, global_batch=4, seq_len=8)
+    ids = torch.randint(3, 500, (4, 8), generator=torch.Generator().manual_seed(0))
+    out: dict[str, Any] = {}
+    n0 = n_groups()
+    for dp_type, tp, pp in (("fsdp", 2, 1), ("ddp", 1, 1), ("fsdp", 1, 2)):
+        plan = Plan.uniform(cfg, dp_type=dp_type, tp=tp, pp=pp, micro_batch=1 if pp > 1 else None, **kw)
+        with apply_plan(tiny_llama().train(), plan, param_dtype=None) as runner:
+            out.setdefault("created", []).append(n_groups() - n0)
+            runner.train_step(runner.local_batch(ids))
+    out["after_with"] = n_groups() - n0
+    runner = apply_plan(tiny_llama().train(), Plan.uniform(cfg, dp_type="fsdp", **kw), param_dtype=None)
+    runner.close()
+    runner.close()  # twice: nothing more to do
+    out["after_close"] = n_groups() - n0
+    try:
+        runner.train_step(runner.local_batch(ids))
+    except RuntimeError as exc:
+        out["closed_error"] = str(exc)
+    # a failing apply_plan (pipeline without sdpa) does not leave its groups behind either
+    try:
+        apply_plan(tiny_llama(attn_implementation="eager"), Plan.uniform(cfg, pp=2, micro_batch=1, **kw))
+    except ValueError as exc:
+        out["failure"] = str(exc)
+    out["after_failure"] = n_groups() - n0
+    t = torch.ones(1)
+    dist.all_reduce(t)  # the default group still works
+    out["world_ok"] = float(t)
+    return out

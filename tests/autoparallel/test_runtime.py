@@ -120,3 +120,14 @@ def test_apply_plan_padded_labels_token_mean_matches_single_process(run_distribu
         for rank in (0, 1):
             assert out[rank][name] == pytest.approx(ref, rel=2e-6), (name, rank)
     assert out[0]["empty"] == 0.0 and out[0]["empty_grad_max"] == 0.0
+
+
+def test_apply_plan_close_destroys_its_process_groups(run_distributed):
+    """Each apply_plan call creates mesh process groups; they used to stay for the life of the process
+    (3 calls -> 6 groups). close() / a with block / a failing apply_plan destroy them, not the world group."""
+    out = run_distributed(_dist_fns.apply_close, 2)
+    r = out[0]
+    assert all(n > 0 for n in r["created"]), r["created"]
+    assert r["after_with"] == r["after_close"] == r["after_failure"] == 0
+    assert "closed" in r["closed_error"] and "sdpa" in r["failure"] and r["world_ok"] == 2.0
+    assert out[1] == r

@@ -44,6 +44,10 @@ from hf_ext.accelerate.autoparallel.profiler import _find_layers
 class AppliedPlan:
     """A model prepared by :func:`apply_plan`, with a micro-batched training step.
 
+    :func:`apply_plan` creates process groups for the mesh (one per mesh dimension that is not the whole
+    world). :meth:`close` (or leaving a ``with runner:`` block) destroys them; call it on every rank once
+    the runner is no longer needed, e.g. before applying another plan in the same process.
+
     Attributes:
         module: the prepared module (DDP wrapper, FSDP2-sharded model, or this rank's pipeline stage).
         plan: the plan.
@@ -60,14 +64,31 @@ class AppliedPlan:
         schedule: Any = None,
         stage_module: Any = None,
         pipeline_loss: Any = None,
+        owned_groups: list | None = None,
     ) -> None:
         self.module, self.plan, self.mesh, self.device = module, plan, mesh, device
         self.autocast_dtype, self.schedule, self.stage_module = autocast_dtype, schedule, stage_module
         self.pipeline_loss = pipeline_loss
+        self._owned_groups = list(owned_groups or [])
+        self.closed = False
         from torch.nn.parallel import DistributedDataParallel
 
         inner = module.module if isinstance(module, DistributedDataParallel) else module
         self._loss_kwargs = schedule is None and _accepts_loss_kwargs(inner)
+
+    def close(self) -> None:
+        """Destroy the process groups :func:`apply_plan` created for this runner (call on every rank).
+
+        The runner cannot train afterwards; the module keeps its (sharded) parameters. Calling it again,
+        or after ``torch.distributed.destroy_process_group()``, does nothing."""
+        groups, self._owned_groups, self.closed = self._owned_groups, [], True
+        _destroy_groups(groups)
+
+    def __enter__(self) -> AppliedPlan:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def parameters(self) -> Any:
         """This rank's parameters (its shard / stage). With tensor parallelism some are DTensors and some
@@ -121,6 +142,8 @@ class AppliedPlan:
             The token-mean loss of the global batch (the same on every rank; the caller steps the
             optimizer). A batch without any target token gives 0 and zero gradients.
         """
+        if self.closed:
+            raise RuntimeError("this AppliedPlan was closed (its process groups are destroyed)")
         plan = self.plan
         labels = input_ids if labels is None else labels
         want = plan.micro_batch * plan.num_micro_batches
@@ -294,7 +317,8 @@ def apply_plan(
         param_dtype: compute dtype (bf16 autocast for ddp, FSDP2 ``param_dtype``); ``None`` keeps fp32.
 
     Returns:
-        An :class:`AppliedPlan` (``.module``, ``.param_groups()`` for the optimizer, ``.train_step(ids)``).
+        An :class:`AppliedPlan` (``.module``, ``.param_groups()`` for the optimizer, ``.train_step(ids)``;
+        ``.close()`` or ``with`` destroys the process groups this call created).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -316,7 +340,37 @@ def apply_plan(
         else:
             device = torch.device("cpu")
     device = torch.device(device)
+    before = set(dist.distributed_c10d._world.pg_map)
     mesh = init_device_mesh(device.type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
+    # the groups this call created (a dimension spanning the whole world reuses the default group)
+    owned = [g for g in dist.distributed_c10d._world.pg_map if g not in before]
+    try:
+        return _apply_on_mesh(model, plan, layers, mesh, device, param_dtype, owned)
+    except BaseException:
+        _destroy_groups(owned)
+        raise
+
+
+def _destroy_groups(groups: list) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # destroy_process_group() already took every group
+        return
+    live = dist.distributed_c10d._world.pg_map
+    for g in groups:
+        if g in live:
+            dist.destroy_process_group(g)
+
+
+def _apply_on_mesh(
+    model: torch.nn.Module,
+    plan: Plan,
+    layers: Any,
+    mesh: Any,
+    device: torch.device,
+    param_dtype: torch.dtype | None,
+    owned: list,
+) -> AppliedPlan:
     model.to(device)
     strategies = plan.layer_strategies()
     _set_checkpointing(layers, [s.ckpt for s in strategies])
@@ -325,7 +379,7 @@ def apply_plan(
             warnings.warn(
                 "apply_plan: sequence parallelism is not applied at runtime; running plain tensor "
                 "parallelism (activation memory will exceed the plan's prediction)",
-                stacklevel=2,
+                stacklevel=3,
             )
         _apply_tp(layers, mesh["tp"])
 
@@ -367,7 +421,7 @@ def apply_plan(
     else:
         _wrap_dp(model, list(layers), strategies, plan, mesh, param_dtype)
         module = model
-    return AppliedPlan(module, plan, mesh, device, autocast, schedule, stage_module, loss_fn)
+    return AppliedPlan(module, plan, mesh, device, autocast, schedule, stage_module, loss_fn, owned)
 
 
 def _wrap_dp(

@@ -288,6 +288,8 @@ def _measure(
     except torch.OutOfMemoryError as exc:
         err = f"OOM: {str(exc)[:80]}"
     finally:
+        if runner is not None:
+            runner.close()  # this plan's mesh process groups (the bench applies several plans)
         del model, runner, opt
         gc.collect()
         if device.type == "cuda":

@@ -48,6 +48,7 @@ def run_demo() -> DemoResult:
             losses.append(runner.train_step(ids))
             opt.step()
             opt.zero_grad(set_to_none=True)
+        runner.close()
     finally:
         if started:
             dist.destroy_process_group()

@@ -897,6 +897,8 @@ def _measure_runtime(
                 out["ckpt_b"] = float(b)
         return out
     finally:
+        if runner is not None:
+            runner.close()  # the probe's mesh process groups
         del m32, runner, opt, layers
         gc.collect()
         if getattr(device, "type", str(device)) == "cuda":
