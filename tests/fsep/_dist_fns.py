@@ -436,3 +436,91 @@ def comm_schedules(rank: int, ws: int, layers: int = 3) -> dict[str, Any]:
         grads[schedule] = [lay.expert_shards.grad.clone() for lay in stack]
     out["grad_diff"] = max(float((a - b).abs().max()) for a, b in zip(grads["eager"], grads["deferred"]))
     return out
+
+
+def _expert_snapshot(model: Any, opt: Any) -> list[tuple[torch.Tensor, ...]]:
+    """This rank's rows of every FSEP layer's parameter and Adam moments."""
+    from hf_ext.accelerate.fsep.plugin import fsep_layers
+
+    out = []
+    for layer in fsep_layers(model):
+        p = layer.expert_shards if layer.config.mode == "fsep" else layer.expert_weights
+        st = opt.state[p]
+        out.append((p.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone()))
+    return out
+
+
+def _snapshot_diff(a: list, b: list) -> float:
+    return max(float((x - y).abs().max()) for ta, tb in zip(a, b) for x, y in zip(ta, tb))
+
+
+def accelerate_resume(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
+    """``accelerator.save_state`` / ``load_state`` of an FSEP model and its AdamW (Accelerate writes rank 0's
+    state dicts and loads them on every rank): each rank's expert rows and Adam moments after resuming,
+    in place and into a fresh model / optimizer, vs those at the save."""
+    from accelerate import Accelerator
+
+    from hf_ext.accelerate.fsep import FSEPConfig, FSEPPlugin
+    from hf_ext.accelerate.fsep.plugin import fsep_layers
+    from hf_ext.testing import tiny_moe
+
+    res: dict[str, Any] = {}
+    orig = tiny_moe("mixtral", seed=0).train()
+    for mode in ("fsep", "static_ep"):
+
+        def build(acc: Any, mode: str = mode) -> tuple[Any, Any]:
+            m = FSEPPlugin(FSEPConfig(mode=mode)).prepare_model(copy.deepcopy(orig))
+            return acc.prepare(m, torch.optim.AdamW(m.parameters(), lr=1e-2))
+
+        def step(acc: Any, model: Any, opt: Any, seed: int) -> None:
+            ids = _batch(seed + rank, 2, seq=8)
+            acc.backward(model(ids, labels=ids).loss)
+            opt.step()
+            opt.zero_grad()
+
+        acc = Accelerator(cpu=True)
+        model, opt = build(acc)
+        step(acc, model, opt, 0)
+        inner = acc.unwrap_model(model)
+        saved = _expert_snapshot(inner, opt.optimizer)
+        d = f"{outdir}/{mode}"
+        acc.save_state(d)
+        step(acc, model, opt, 50)  # move on, then resume in place
+        acc.load_state(d)
+        res[f"{mode}_inplace_diff"] = _snapshot_diff(saved, _expert_snapshot(inner, opt.optimizer))
+        # a fresh run resumes before its first step; one more step of both must agree
+        acc2 = Accelerator(cpu=True)
+        model2, opt2 = build(acc2)
+        acc2.load_state(d)
+        step(acc, model, opt, 60)
+        step(acc2, model2, opt2, 60)
+        a = _expert_snapshot(inner, opt.optimizer)
+        b = _expert_snapshot(acc2.unwrap_model(model2), opt2.optimizer)
+        res[f"{mode}_fresh_diff"] = _snapshot_diff(a, b)
+        res[f"{mode}_moved"] = _snapshot_diff(saved, a)
+        # the model's state dict has the keys of the HF model (full experts)
+        res[f"{mode}_hf_keys"] = sorted(inner.state_dict()) == sorted(orig.state_dict())
+        # a state dict with one rank's rows is refused
+        layer = fsep_layers(inner)[0]
+        pname = "expert_shards" if mode == "fsep" else "expert_weights"
+        param = getattr(layer, pname)
+        bad = {k: v for k, v in inner.state_dict().items() if "experts" not in k}
+        bad[f"model.layers.0.mlp.experts.{pname}"] = param.detach().clone()
+        try:
+            inner.load_state_dict(bad, strict=False)
+        except RuntimeError as exc:
+            res[f"{mode}_per_rank_error"] = str(exc)
+        sd = opt.optimizer.state_dict()
+        sd["state"] = {i: dict(st) for i, st in sd["state"].items()}
+        idx = [id(p) for g in opt.optimizer.param_groups for p in g["params"]].index(id(param))
+        sd["state"][idx]["exp_avg"] = opt.optimizer.state[param]["exp_avg"].clone()
+        try:
+            opt.optimizer.load_state_dict(sd)
+        except RuntimeError as exc:
+            res[f"{mode}_per_rank_optim_error"] = str(exc)
+    return res
+
+
+def checkpoint_suite(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
+    """Checkpoint paths (one spawn)."""
+    return accelerate_resume(rank, world_size, outdir)

@@ -23,6 +23,7 @@ _LAZY = {
     "load_fsep_state_dict": "hf_ext.accelerate.fsep.plugin",
     "fsep_full_state_dict": "hf_ext.accelerate.fsep.plugin",
     "fsep_layers": "hf_ext.accelerate.fsep.plugin",
+    "prepare_fsep_optimizer": "hf_ext.accelerate.fsep.layer",
     "average_dense_gradients": "hf_ext.accelerate.fsep.plugin",
     "SUPPORTED_MODEL_TYPES": "hf_ext.accelerate.fsep.plugin",
     "MoEShape": "hf_ext.accelerate.fsep.cost_model",

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_ext.accelerate.fsep.config import FSEPConfig
 from hf_ext.accelerate.fsep.cost_model import PRESETS, MoEShape
@@ -443,6 +447,10 @@ class FSEPExperts(nn.Module):
         self.last_counts: np.ndarray | None = None
         self.last_compute_cpu_s = float("nan")
         self.last_tokens = 0
+        # state dicts carry full experts under the HF keys (rank-independent; see _experts_state_dict_hook)
+        self.register_state_dict_post_hook(_experts_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_experts_load_state_dict_pre_hook)
+        _register_expert_param(self)
 
     @property
     def grad_scale(self) -> float:
@@ -603,46 +611,227 @@ class FSEPExperts(nn.Module):
         return torch.zeros_like(hidden_states).index_add(0, token_idx, contrib)
 
     # ------------------------------------------------------------------ checkpoint helpers
+    @property
+    def expert_param(self) -> nn.Parameter:
+        """The parameter this rank holds: ``expert_shards`` (FSEP) or ``expert_weights`` (static EP)."""
+        return self.expert_weights if self.config.mode == "static_ep" else self.expert_shards
+
+    @property
+    def expert_param_name(self) -> str:
+        return "expert_weights" if self.config.mode == "static_ep" else "expert_shards"
+
     @torch.no_grad()
-    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Collective: gather the full ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` on every rank."""
-        n, e, h, i = self.world_size, self.num_experts, self.hidden, self.intermediate
+    def gather_flat(self, local: torch.Tensor) -> torch.Tensor:
+        """Collective: from this rank's rows ``local`` (shaped like :attr:`expert_param`: the parameter, its
+        gradient or an optimizer state of it) the full flattened experts ``[E, 3*I*H]`` (gate_up then down;
+        the same on every rank, independent of the world size and the mode)."""
+        n, e = self.world_size, self.num_experts
+        local = local.detach().contiguous()
+        out = local.new_empty((n * local.shape[0], local.shape[1]))
+        _all_gather_single(out, local, group=self.group)
         if self.config.mode == "static_ep":
-            local = self.expert_weights.detach().contiguous()
-            out = local.new_empty((n * local.shape[0], local.shape[1]))
-            _all_gather_single(out, local, group=self.group)
-            flat = out
-        else:
-            local = self.expert_shards.detach().contiguous()
-            out = local.new_empty((n * e, self.shard_size))
-            _all_gather_single(out, local, group=self.group)
-            flat = (
-                out.view(n, e, self.shard_size)
-                .permute(1, 0, 2)
-                .reshape(e, n * self.shard_size)[:, : self.expert_numel]
+            return out
+        return (
+            out.view(n, e, self.shard_size)
+            .permute(1, 0, 2)
+            .reshape(e, n * self.shard_size)[:, : self.expert_numel]
+        )
+
+    @torch.no_grad()
+    def local_from_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (shaped like :attr:`expert_param`) of full flattened experts ``flat [E, 3*I*H]``."""
+        e, n = self.num_experts, self.world_size
+        if tuple(flat.shape) != (e, self.expert_numel):
+            raise ValueError(
+                f"expected full flattened experts of shape {(e, self.expert_numel)}, got {tuple(flat.shape)}"
             )
+        if self.config.mode == "static_ep":
+            c = e // n
+            return flat[self.rank * c : (self.rank + 1) * c].clone()
+        pad = self.shard_size * n - self.expert_numel
+        if pad:
+            flat = F.pad(flat, (0, pad))
+        q = self.rank
+        return flat[:, q * self.shard_size : (q + 1) * self.shard_size].clone()
+
+    def _split_flat(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e, h, i = self.num_experts, self.hidden, self.intermediate
         gu = flat[:, : 2 * i * h].reshape(e, 2 * i, h).clone()
         dn = flat[:, 2 * i * h :].reshape(e, h, i).clone()
         return gu, dn
 
+    def _join_flat(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+        e, h, i = self.num_experts, self.hidden, self.intermediate
+        if tuple(gate_up_proj.shape) != (e, 2 * i, h) or tuple(down_proj.shape) != (e, h, i):
+            raise ValueError(
+                f"expert weights of shapes {tuple(gate_up_proj.shape)} / {tuple(down_proj.shape)} do not fit "
+                f"this layer (gate_up_proj {(e, 2 * i, h)}, down_proj {(e, h, i)})"
+            )
+        return torch.cat([gate_up_proj.reshape(e, -1), down_proj.reshape(e, -1).to(gate_up_proj)], dim=1)
+
+    @torch.no_grad()
+    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Collective: gather the full ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` on every rank."""
+        return self._split_flat(self.gather_flat(self.expert_param))
+
     @torch.no_grad()
     def load_full_weights(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
         """Load full expert weights (same on all ranks) into this rank's shard / resident experts."""
-        e = self.num_experts
-        flat = torch.cat([gate_up_proj.reshape(e, -1), down_proj.reshape(e, -1)], dim=1)
-        if self.config.mode == "static_ep":
-            c = e // self.world_size
-            self.expert_weights.copy_(flat[self.rank * c : (self.rank + 1) * c])
-        else:
-            pad = self.shard_size * self.world_size - self.expert_numel
-            if pad:
-                flat = F.pad(flat, (0, pad))
-            q = self.rank
-            self.expert_shards.copy_(flat[:, q * self.shard_size : (q + 1) * self.shard_size])
+        self.expert_param.copy_(self.local_from_flat(self._join_flat(gate_up_proj, down_proj)))
         self._prefetched = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # copy.deepcopy: register the copy's parameter
+        super().__setstate__(state)
+        _register_expert_param(self)
 
     def extra_repr(self) -> str:
         return (
             f"mode={self.config.mode}, experts={self.num_experts}, hidden={self.hidden}, "
             f"intermediate={self.intermediate}, world_size={self.world_size}, capacity={self.capacity}"
         )
+
+
+# ------------------------------------------------------------------------------ checkpoints
+# A layer's parameter holds different rows on every rank under the same name and shape, so a state dict
+# written by one rank (``accelerator.save_state`` writes rank 0's) and loaded on all would hand rank 0's
+# rows to every rank. Module and optimizer state dicts therefore carry the full experts instead:
+# ``<prefix>.gate_up_proj [E, 2I, H]`` / ``<prefix>.down_proj [E, H, I]`` (the keys of the original HF
+# module) and, for optimizer states shaped like the parameter (Adam's moments), the full flattened experts
+# ``[E, 3*I*H]``; loading keeps this rank's rows. Producing them is collective (every rank must call
+# ``state_dict()``, as Accelerate does).
+
+
+def _experts_state_dict_hook(module: FSEPExperts, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    state_dict.pop(prefix + module.expert_param_name, None)
+    gu, dn = module.full_weights()  # collective
+    if gu.device.type != "cpu":  # one layer's full experts on the device at a time
+        gu, dn = gu.cpu(), dn.cpu()
+    state_dict[prefix + "gate_up_proj"] = gu
+    state_dict[prefix + "down_proj"] = dn
+
+
+def _experts_load_state_dict_pre_hook(
+    module: FSEPExperts,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    name = prefix + module.expert_param_name
+    if name in state_dict:
+        raise RuntimeError(
+            f"load_state_dict: {name!r} holds one rank's rows of the experts (every rank has different ones "
+            "under this name), so loading it could hand one rank's rows to all. FSEP state dicts carry the "
+            f"full experts as {prefix}gate_up_proj / {prefix}down_proj: save with model.state_dict() on "
+            "every rank (accelerator.save_state does) or save_fsep_pretrained."
+        )
+    gk, dk = prefix + "gate_up_proj", prefix + "down_proj"
+    if gk in state_dict and dk in state_dict:
+        flat = module._join_flat(state_dict.pop(gk), state_dict.pop(dk))
+        state_dict[name] = module.local_from_flat(flat)
+        module._prefetched = None
+
+
+# expert parameter -> weakref to its layer (for the optimizer state-dict hooks)
+_EXPERT_PARAMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_STEP_HOOK: Any = None
+
+
+def _register_expert_param(layer: FSEPExperts) -> None:
+    global _STEP_HOOK
+    _EXPERT_PARAMS[layer.expert_param] = weakref.ref(layer)
+    if _STEP_HOOK is None:
+        _STEP_HOOK = register_optimizer_step_pre_hook(_optimizer_step_pre_hook)
+
+
+def _expert_layer(p: Any) -> FSEPExperts | None:
+    ref = _EXPERT_PARAMS.get(p) if isinstance(p, torch.Tensor) else None
+    layer = ref() if ref is not None else None
+    return layer if layer is not None and layer.expert_param is p else None
+
+
+def _expert_entries(optimizer: torch.optim.Optimizer, groups: list[dict]) -> list[tuple[Any, FSEPExperts]]:
+    """``(state-dict index, layer)`` of the FSEP expert parameters of ``optimizer``, whose ``param_groups``
+    correspond to ``groups`` (a state dict's packed groups) in order, as ``Optimizer.load_state_dict`` pairs them."""
+    ids = chain.from_iterable(g["params"] for g in groups)
+    params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    return [(i, layer) for i, p in zip(ids, params) if (layer := _expert_layer(p)) is not None]
+
+
+def _is_full(value: Any, layer: FSEPExperts) -> bool:
+    return isinstance(value, torch.Tensor) and tuple(value.shape) == (layer.num_experts, layer.expert_numel)
+
+
+def _is_local(value: Any, layer: FSEPExperts) -> bool:
+    return isinstance(value, torch.Tensor) and value.shape == layer.expert_param.shape
+
+
+def fsep_optimizer_state_dict_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """Optimizer ``state_dict`` post-hook (collective): the states of FSEP expert parameters shaped like the
+    parameter (e.g. Adam's ``exp_avg`` / ``exp_avg_sq``) become the full flattened experts ``[E, 3*I*H]``."""
+    state = dict(state_dict["state"])
+    for idx, layer in _expert_entries(optimizer, state_dict["param_groups"]):
+        if idx not in state:
+            continue
+        st = dict(state[idx])
+        for k in sorted(st):
+            if _is_local(st[k], layer):
+                st[k] = layer.gather_flat(st[k])
+        state[idx] = st
+    state_dict["state"] = state
+    return state_dict
+
+
+def fsep_optimizer_load_state_dict_pre_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """Optimizer ``load_state_dict`` pre-hook: keep this rank's rows of the full expert states written by
+    :func:`fsep_optimizer_state_dict_hook`; a state with one rank's rows raises (it would be loaded on all)."""
+    state = dict(state_dict["state"])
+    for idx, layer in _expert_entries(optimizer, state_dict["param_groups"]):
+        if idx not in state:
+            continue
+        st = dict(state[idx])
+        for k, v in st.items():
+            if _is_full(v, layer):
+                st[k] = layer.local_from_flat(v)
+            elif _is_local(v, layer):
+                raise RuntimeError(
+                    f"optimizer load_state_dict: the state {k!r} of an FSEP expert parameter holds one rank's "
+                    f"rows (shape {tuple(v.shape)}); every rank holds different ones, so loading it could hand "
+                    "one rank's rows to all. Save with optimizer.state_dict() on every rank after a step "
+                    "(accelerator.save_state does): it writes the full experts."
+                )
+        state[idx] = st
+    state_dict["state"] = state
+    return state_dict
+
+
+def prepare_fsep_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Register the FSEP state-dict hooks on ``optimizer`` (once; returns it). Done automatically before an
+    optimizer's first ``step``; a state loaded earlier is cut to this rank's rows at that step."""
+    inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
+    if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+        prepare_fsep_optimizer(inner)
+        return optimizer
+    if optimizer.__dict__.get("_fsep_hooked"):
+        return optimizer
+    optimizer._fsep_hooked = True
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not any(_expert_layer(p) is not None for p in params):
+        return optimizer
+    optimizer.register_state_dict_post_hook(fsep_optimizer_state_dict_hook)
+    optimizer.register_load_state_dict_pre_hook(fsep_optimizer_load_state_dict_pre_hook)
+    for p in params:
+        layer = _expert_layer(p)
+        st = optimizer.state.get(p) if layer is not None else None
+        for k, v in list((st or {}).items()):
+            if _is_full(v, layer):  # loaded before the hooks were there
+                st[k] = layer.local_from_flat(v)
+    return optimizer
+
+
+def _optimizer_step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not optimizer.__dict__.get("_fsep_hooked"):
+        prepare_fsep_optimizer(optimizer)

@@ -181,20 +181,13 @@ def _layer_names(model: nn.Module) -> dict[int, str]:
 def fsep_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the model's state dict with every FSEP layer as the original HF
     ``<prefix>.gate_up_proj [E, 2I, H]`` / ``<prefix>.down_proj [E, H, I]`` (the module state-dict
-    keys of the unconverted model)."""
-    names = _layer_names(model)
+    keys of the unconverted model; full experts on the CPU when the shards are on an accelerator) and
+    FSDP2 ``DTensor`` entries as full tensors. ``model.state_dict()`` alone gives the same keys (it
+    gathers the experts too, so it is collective) with the ``DTensor`` entries as they are."""
     sd = {}
     for k, v in model.state_dict().items():
         full_tensor = getattr(v, "full_tensor", None)  # DTensor (FSDP2 dense part): collective
         sd[k] = full_tensor() if callable(full_tensor) else v
-    for layer in fsep_layers(model):
-        prefix = names[id(layer)]
-        for k in list(sd):
-            if k.startswith(prefix + "."):
-                del sd[k]
-        gu, dn = layer.full_weights()
-        sd[f"{prefix}.gate_up_proj"] = gu
-        sd[f"{prefix}.down_proj"] = dn
     return sd
 
 
@@ -241,17 +234,11 @@ def save_fsep_pretrained(model: nn.Module, save_directory: str, **kwargs: Any) -
 def load_fsep_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load an HF-format state dict (full expert tensors) into a prepared model (each rank keeps its shard)."""
     names = _layer_names(model)
-    rest = dict(state_dict)
     for layer in fsep_layers(model):
-        prefix = names[id(layer)]
-        try:
-            gu, dn = rest.pop(f"{prefix}.gate_up_proj"), rest.pop(f"{prefix}.down_proj")
-        except KeyError as exc:
-            raise KeyError(f"load_fsep_state_dict: {exc.args[0]} missing from the state dict") from None
-        layer.load_full_weights(gu.to(layer.comm_dtype), dn.to(layer.comm_dtype))
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    fsep_keys = {k for k in missing if any(k.startswith(names[id(lay)] + ".") for lay in fsep_layers(model))}
-    missing = [k for k in missing if k not in fsep_keys]
+        for leaf in ("gate_up_proj", "down_proj"):
+            if f"{names[id(layer)]}.{leaf}" not in state_dict:
+                raise KeyError(f"load_fsep_state_dict: {names[id(layer)]}.{leaf} missing from the state dict")
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if strict and (missing or unexpected):
         raise KeyError(f"load_fsep_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
@@ -263,7 +250,8 @@ def remove_fsep(model: nn.Module) -> nn.Module:
         parent_name, _, attr = qname.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         tmpl = model._fsep_templates[qname]
-        orig = copy.deepcopy(tmpl).to_empty(device=full[f"{qname}.gate_up_proj"].device)
+        # the device of the shards (the gathered experts of a state dict may be on the CPU)
+        orig = copy.deepcopy(tmpl).to_empty(device=getattr(parent, attr).expert_param.device)
         with torch.no_grad():
             orig.gate_up_proj.copy_(full[f"{qname}.gate_up_proj"])
             orig.down_proj.copy_(full[f"{qname}.down_proj"])

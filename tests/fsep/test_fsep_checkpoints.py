@@ -1,0 +1,27 @@
+"""FSEP checkpoints on 2 gloo processes (CPU): Accelerate's save_state / load_state."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_ext.testing import run_distributed
+from tests.fsep._dist_fns import checkpoint_suite
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_distributed(checkpoint_suite, 2, str(tmp_path_factory.mktemp("fsep_state")))
+
+
+@pytest.mark.parametrize("mode", ["fsep", "static_ep"])
+def test_accelerate_save_state_resumes_every_rank_own_expert_rows_and_adam_state(results, mode):
+    # save_state writes rank 0's file and load_state reads it on every rank: each rank must get its own rows
+    assert [r[f"{mode}_inplace_diff"] for r in results] == [0.0, 0.0]
+    # a fresh run resuming before its first step (its planner has no history yet: another layout, another
+    # summation order) takes the same next step
+    assert all(r[f"{mode}_fresh_diff"] < 1e-6 for r in results), results
+    assert all(r[f"{mode}_moved"] > 1e-3 for r in results)  # the steps after the save changed the weights
+    for r in results:
+        assert r[f"{mode}_hf_keys"]  # the model's state dict has the HF keys, full experts
+        assert "one rank's rows" in r[f"{mode}_per_rank_error"]
+        assert "one rank's rows" in r[f"{mode}_per_rank_optim_error"]
