@@ -524,3 +524,62 @@ def accelerate_resume(rank: int, world_size: int, outdir: str) -> dict[str, Any]
 def checkpoint_suite(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
     """Checkpoint paths (one spawn)."""
     return accelerate_resume(rank, world_size, outdir)
+
+
+def backward_after_exception(rank: int, ws: int) -> dict[str, float]:
+    """Two stacked FSEP layers; a backward that raises between them (both ranks, e.g. a caught OOM, the
+    batch skipped), then clean steps: max relative difference of the shard gradients of those steps vs the
+    same steps of a run without the failure, per gradient schedule."""
+    import torch.nn.functional as F
+
+    from hf_ext.accelerate.fsep.config import FSEPConfig
+    from hf_ext.accelerate.fsep.layer import FSEPExperts, FSEPState
+
+    e, h, i, t, k = 4, 16, 24, 32, 2
+    g = torch.Generator().manual_seed(0)
+    weights = [
+        (torch.randn(e, 2 * i, h, generator=g) * 0.1, torch.randn(e, h, i, generator=g) * 0.1)
+        for _ in range(2)
+    ]
+
+    def batch(seed: int) -> tuple:
+        gx = torch.Generator().manual_seed(100 * seed + rank)
+        x = torch.randn(t, h, generator=gx).requires_grad_()
+        idx = [torch.stack([torch.randperm(e, generator=gx)[:k] for _ in range(t)]) for _ in range(2)]
+        w = [torch.softmax(torch.randn(t, k, generator=gx), -1) for _ in range(2)]
+        return x, idx, w
+
+    def grads(stack: list, seed: int, fail: bool = False) -> list[torch.Tensor] | None:
+        for lay in stack:
+            lay.expert_shards.grad = None
+        x, idx, w = batch(seed)
+        y = x + stack[0](x, idx[0], w[0])
+        if fail:
+            y.register_hook(lambda _: (_ for _ in ()).throw(RuntimeError("simulated OOM in backward")))
+        y = y + stack[1](y, idx[1], w[1])
+        try:
+            y.square().sum().backward()
+        except RuntimeError:
+            return None
+        return [
+            torch.zeros(0) if lay.expert_shards.grad is None else lay.expert_shards.grad.clone()
+            for lay in stack
+        ]
+
+    out = {}
+    for schedule, gather in (("deferred", "p2p"), ("deferred", "all_to_all"), ("eager", "p2p")):
+        runs = []
+        for fail in (False, True):
+            cfg = FSEPConfig(mode="fsep", layout_policy="identity", comm_schedule=schedule, gather=gather)
+            state = FSEPState()
+            stack = [FSEPExperts(gu, dn, F.silu, cfg, state=state, top_k=k) for gu, dn in weights]
+            stack[0]._next.append(stack[1])
+            if fail:
+                assert grads(stack, 0, fail=True) is None
+            runs.append([grads(stack, s) for s in (1, 2, 3)])
+        out[f"{schedule}_{gather}"] = max(
+            float((a - b).abs().max() / b.abs().max()) if a.shape == b.shape else float("inf")
+            for ra, rb in zip(*runs)
+            for a, b in zip(ra, rb)
+        )
+    return out

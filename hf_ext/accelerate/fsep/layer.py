@@ -128,13 +128,18 @@ class _GatherExperts(torch.autograd.Function):
         return out, None, None
 
 
-def _start_grad_exchange(layer: FSEPExperts, lay: Layout, g: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    """Start the reduce-scatter of ``g [C_me, N*S]`` with the layer's weight exchange -> ``finish(out)``."""
+def _start_grad_exchange(
+    layer: FSEPExperts, lay: Layout, g: torch.Tensor
+) -> Callable[[torch.Tensor | None], None]:
+    """Start the reduce-scatter of ``g [C_me, N*S]`` with the layer's weight exchange -> ``finish(out)``
+    (``finish(None)`` only waits)."""
     layer._state.record("grad_exchange", layer)
     return (_grad_exchange_p2p if layer.use_p2p else _grad_exchange_all_to_all)(layer, lay, g)
 
 
-def _grad_exchange_p2p(layer: FSEPExperts, lay: Layout, g: torch.Tensor) -> Callable[[torch.Tensor], None]:
+def _grad_exchange_p2p(
+    layer: FSEPExperts, lay: Layout, g: torch.Tensor
+) -> Callable[[torch.Tensor | None], None]:
     """Start the gradient reduce-scatter of ``g [C_me, N*S]`` by point-to-point ops; returns ``finish(out)``
     that waits and adds this rank's chunks of every replica into ``out [E, S]``."""
     n, me, s = layer.world_size, layer.rank, layer.shard_size
@@ -152,9 +157,11 @@ def _grad_exchange_p2p(layer: FSEPExperts, lay: Layout, g: torch.Tensor) -> Call
     works = dist.batch_isend_irecv(ops) if ops else []
     scale = layer.grad_scale
 
-    def finish(out: torch.Tensor) -> None:
+    def finish(out: torch.Tensor | None) -> None:
         for w in works:
             w.wait()
+        if out is None:  # discarded
+            return
         _add_rows(out, mine, g[:, me * s : (me + 1) * s], scale)
         _add_rows(out, [e for _, e in remote], recv, scale)
 
@@ -180,7 +187,7 @@ def _add_rows(out: torch.Tensor, rows: list[int], src: torch.Tensor, alpha: floa
 
 def _grad_exchange_all_to_all(
     layer: FSEPExperts, lay: Layout, g: torch.Tensor
-) -> Callable[[torch.Tensor], None]:
+) -> Callable[[torch.Tensor | None], None]:
     """The same reduce-scatter as one ``all_to_all_single`` (chunks re-ordered by destination first)."""
     n, me, s = layer.world_size, layer.rank, layer.shard_size
     c_me = len(lay.slots[me])
@@ -191,8 +198,10 @@ def _grad_exchange_all_to_all(
     work = dist.all_to_all_single(recv, send, out_splits, [c_me] * n, group=layer.group, async_op=True)
     scale = layer.grad_scale
 
-    def finish(out: torch.Tensor) -> None:
+    def finish(out: torch.Tensor | None) -> None:
         work.wait()
+        if out is None:  # discarded
+            return
         _add_rows(out, rows, recv, scale)
 
     return finish
@@ -281,7 +290,7 @@ class FSEPState:
     def __init__(self) -> None:
         self.layers: list[FSEPExperts] = []
         self.step = 0
-        self._pending: list[tuple[FSEPExperts, Callable[[torch.Tensor], None]]] = []
+        self._pending: list[tuple[FSEPExperts, Callable[[torch.Tensor | None], None]]] = []
         self._deferred: list[tuple[FSEPExperts, Layout, torch.Tensor]] = []
         self._callback_queued = False
         self.trace: list[tuple[str, int]] | None = None
@@ -291,12 +300,25 @@ class FSEPState:
         if self.trace is not None:
             self.trace.append((event, self.layers.index(layer)))
 
+    def drop_stale(self) -> None:
+        """Drop what a backward that raised (e.g. a caught OOM, the batch skipped) left behind: autograd
+        drops its end-of-backward callback, so its held gradients and exchanges would be added into a later
+        step's gradients and no callback would be queued again. Called by every forward outside backward
+        (a backward that completed left nothing). Exchanges in flight are waited for (the peers posted
+        them too) and discarded."""
+        if not self._callback_queued:
+            return
+        stale, self._pending, self._deferred = self._pending, [], []
+        self._callback_queued = False
+        for _, finish in stale:
+            finish(None)
+
     def _queue_finish(self) -> None:
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish_grads)
 
-    def add_pending_grad(self, layer: FSEPExperts, finish: Callable[[torch.Tensor], None]) -> None:
+    def add_pending_grad(self, layer: FSEPExperts, finish: Callable[[torch.Tensor | None], None]) -> None:
         """Queue ``finish(expert_shards.grad)`` (waits for the layer's gradient exchange) for the end of backward."""
         self._pending.append((layer, finish))
         self._queue_finish()
@@ -529,6 +551,10 @@ class FSEPExperts(nn.Module):
         k = top_k_index.shape[1]
         dev = hidden_states.device
         layout = self.layout
+        # inside backward = the recompute of activation checkpointing
+        recompute = torch._C._current_graph_task_id() != -1
+        if not recompute:
+            self._state.drop_stale()
         if self.config.mode == "fsep" and self._prefetched is None:
             self.prefetch()  # overlap the gather with the count exchange and token dispatch
         flat_e = top_k_index.reshape(-1).long()
@@ -541,8 +567,7 @@ class FSEPExperts(nn.Module):
         _all_gather_single(gathered, local_counts, group=self.group)
         counts = gathered.view(n, e).cpu().numpy()
         self.last_counts = counts
-        # inside backward = the recompute of activation checkpointing: this step was already observed
-        recompute = torch._C._current_graph_task_id() != -1
+        # a recompute in backward: this step was already observed
         if self.planner is not None and self.training and torch.is_grad_enabled() and not recompute:
             self.planner.observe(counts)
         shares = layout.token_shares(counts)  # [N(src), E, N(dst)]
