@@ -521,9 +521,41 @@ def accelerate_resume(rank: int, world_size: int, outdir: str) -> dict[str, Any]
     return res
 
 
+def fsdp2_checkpoints(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
+    """``save_fsep_pretrained`` / ``load_fsep_state_dict`` / ``fsep_full_state_dict`` with the dense part under
+    FSDP2 (``FSEPPlugin.apply_fsdp2``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM
+
+    from hf_ext.accelerate.fsep import FSEPConfig, FSEPPlugin, fsep_full_state_dict, load_fsep_state_dict
+    from hf_ext.testing import tiny_moe
+
+    res: dict[str, Any] = {}
+    orig, other = tiny_moe("qwen3_moe", seed=0), tiny_moe("qwen3_moe", seed=1)
+    plugin = FSEPPlugin(FSEPConfig())
+    model = plugin.prepare_model(copy.deepcopy(orig).train())
+    plugin.apply_fsdp2(model, mesh=init_device_mesh("cpu", (world_size,)))
+    plugin.save_pretrained(model, f"{outdir}/fsdp2")
+    if rank == 0:
+        back = AutoModelForCausalLM.from_pretrained(f"{outdir}/fsdp2").state_dict()
+        osd = orig.state_dict()
+        res["fsdp2_saved_keys_equal"] = sorted(back) == sorted(osd)
+        res["fsdp2_saved_max_diff"] = max(float((back[k] - osd[k]).abs().max()) for k in osd)
+    load_fsep_state_dict(model, other.state_dict())
+    full, osd = fsep_full_state_dict(model), other.state_dict()
+    res["fsdp2_loaded_max_diff"] = max(float((full[k] - osd[k]).abs().max()) for k in osd)
+    ids = _batch(3, 2)
+    model.eval()
+    with torch.no_grad():
+        res["fsdp2_loaded_fwd_diff"] = float((model(ids).logits - other(ids).logits).abs().max())
+    return res
+
+
 def checkpoint_suite(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
     """Checkpoint paths (one spawn)."""
-    return accelerate_resume(rank, world_size, outdir)
+    out = accelerate_resume(rank, world_size, outdir)
+    out.update(fsdp2_checkpoints(rank, world_size, outdir))
+    return out
 
 
 def backward_after_exception(rank: int, ws: int) -> dict[str, float]:

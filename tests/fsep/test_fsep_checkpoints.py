@@ -1,4 +1,5 @@
-"""FSEP checkpoints on 2 gloo processes (CPU): Accelerate's save_state / load_state."""
+"""FSEP checkpoints on 2 gloo processes (CPU): Accelerate's save_state / load_state, HF-format save / load
+with the dense part under FSDP2."""
 
 from __future__ import annotations
 
@@ -25,3 +26,12 @@ def test_accelerate_save_state_resumes_every_rank_own_expert_rows_and_adam_state
         assert r[f"{mode}_hf_keys"]  # the model's state dict has the HF keys, full experts
         assert "one rank's rows" in r[f"{mode}_per_rank_error"]
         assert "one rank's rows" in r[f"{mode}_per_rank_optim_error"]
+
+
+def test_hf_format_save_and_load_with_the_dense_part_under_fsdp2(results):
+    r0 = results[0]
+    assert r0["fsdp2_saved_keys_equal"]
+    assert r0["fsdp2_saved_max_diff"] == 0.0
+    for r in results:  # another model's HF state dict loaded into the FSDP2 + FSEP model
+        assert r["fsdp2_loaded_max_diff"] == 0.0
+        assert r["fsdp2_loaded_fwd_diff"] < 1e-5

@@ -213,32 +213,59 @@ def _hf_modules_restored(model: nn.Module, full: dict[str, torch.Tensor]) -> Ite
 
 
 def save_fsep_pretrained(model: nn.Module, save_directory: str, **kwargs: Any) -> None:
-    """Collective: gather the expert shards and write an ordinary HF checkpoint from rank 0
-    (``model.save_pretrained`` with the original experts modules); loads with ``from_pretrained``."""
+    """Collective: gather the expert shards (and, under FSDP2, the dense ``DTensor`` entries) and write an
+    ordinary HF checkpoint from rank 0 (``model.save_pretrained(..., state_dict=<the gathered state
+    dict>)`` with the original experts modules put back); loads with ``from_pretrained``. An error on
+    rank 0 is raised on every rank."""
     full = fsep_full_state_dict(model)
+    failed = None
     if dist.get_rank() == 0:
         hook_attrs = {}
-        with _hf_modules_restored(model, full):
-            # the DDP ignore list names FSEP parameters that do not exist in the HF modules
-            hook_attrs["_ddp_params_and_buffers_to_ignore"] = model.__dict__.pop(
-                "_ddp_params_and_buffers_to_ignore", None
-            )
-            try:
-                model.save_pretrained(save_directory, **kwargs)
-            finally:
-                if hook_attrs["_ddp_params_and_buffers_to_ignore"] is not None:
-                    model._ddp_params_and_buffers_to_ignore = hook_attrs["_ddp_params_and_buffers_to_ignore"]
-    dist.barrier()
+        try:
+            with _hf_modules_restored(model, full):
+                # the DDP ignore list names FSEP parameters that do not exist in the HF modules
+                hook_attrs["_ddp_params_and_buffers_to_ignore"] = model.__dict__.pop(
+                    "_ddp_params_and_buffers_to_ignore", None
+                )
+                try:
+                    # the gathered state dict: the model's own holds FSDP2 DTensors
+                    model.save_pretrained(save_directory, state_dict=full, **kwargs)
+                finally:
+                    if hook_attrs["_ddp_params_and_buffers_to_ignore"] is not None:
+                        model._ddp_params_and_buffers_to_ignore = hook_attrs[
+                            "_ddp_params_and_buffers_to_ignore"
+                        ]
+        except Exception as exc:
+            failed = exc
+    # doubles as the barrier; the other ranks learn that rank 0 failed instead of waiting for it
+    flag = torch.tensor([0.0 if failed is None else 1.0], device=fsep_layers(model)[0].expert_param.device)
+    dist.all_reduce(flag)
+    if failed is not None:
+        raise failed
+    if flag.item():
+        raise RuntimeError("save_fsep_pretrained: saving failed on rank 0 (see its error)")
 
 
 def load_fsep_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Load an HF-format state dict (full expert tensors) into a prepared model (each rank keeps its shard)."""
+    """Load an HF-format state dict (full tensors, the same on every rank) into a prepared model: each rank
+    keeps its expert shard, and entries of FSDP2-sharded (``DTensor``) parameters are cut to this rank's
+    part (``distribute_tensor`` with the parameter's mesh and placements, no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     names = _layer_names(model)
     for layer in fsep_layers(model):
         for leaf in ("gate_up_proj", "down_proj"):
             if f"{names[id(layer)]}.{leaf}" not in state_dict:
                 raise KeyError(f"load_fsep_state_dict: {names[id(layer)]}.{leaf} missing from the state dict")
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    current = dict(model.named_parameters(remove_duplicate=False))
+    current.update(model.named_buffers(remove_duplicate=False))
+    sd = dict(state_dict)
+    for k, v in sd.items():
+        cur = current.get(k)
+        if isinstance(cur, DTensor) and not isinstance(v, DTensor):
+            v = v.to(device=cur.device, dtype=cur.dtype)
+            sd[k] = distribute_tensor(v, cur.device_mesh, cur.placements, src_data_rank=None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if strict and (missing or unexpected):
         raise KeyError(f"load_fsep_state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
