@@ -615,3 +615,49 @@ def backward_after_exception(rank: int, ws: int) -> dict[str, float]:
             for a, b in zip(ra, rb)
         )
     return out
+
+
+def clipped_grads(rank: int, world_size: int) -> dict[str, float]:
+    """``fsep_clip_grad_norm_`` vs ``clip_grad_norm_`` of the single-process model on the whole batch (dense
+    part under DDP or FSDP2): relative error of the total norm (2 and inf) and of the clipped gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from hf_ext.accelerate.fsep import FSEPConfig, FSEPPlugin, fsep_clip_grad_norm_
+    from hf_ext.testing import tiny_moe
+
+    out: dict[str, float] = {}
+    orig = tiny_moe("mixtral", seed=0)
+    ids = _batch(5, 2 * world_size)
+    for setup in ("fsep_ddp", "static_ep_ddp", "fsep_fsdp2"):
+        ref = copy.deepcopy(orig).train()
+        (sum(ref(b, labels=b).loss for b in ids.split(2)) / world_size).backward()
+        plugin = FSEPPlugin(FSEPConfig(mode="static_ep" if setup.startswith("static") else "fsep"))
+        model = plugin.prepare_model(copy.deepcopy(orig).train())
+        if setup.endswith("fsdp2"):
+            wrapped = plugin.apply_fsdp2(model, mesh=init_device_mesh("cpu", (world_size,)))
+        else:
+            wrapped = DDP(model)
+        mine = ids[rank * 2 : (rank + 1) * 2]
+        wrapped(mine, labels=mine).loss.backward()
+        ref_inf = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9, norm_type="inf")
+        inf = fsep_clip_grad_norm_(model, 1e9, norm_type=float("inf"))  # no clipping
+        out[f"{setup}_inf_norm"] = float((inf - ref_inf).abs() / ref_inf)
+        max_norm = 0.1 * float(torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]))
+        ref_total = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)  # the norm before clipping
+        total = fsep_clip_grad_norm_(model, max_norm)
+        out[f"{setup}_norm"] = float((total - ref_total).abs() / ref_total)
+        egrads = _full_expert_grads(model)
+        mparams = dict(model.named_parameters())
+        worst = 0.0
+        for name, p in ref.named_parameters():
+            prefix, _, leaf = name.rpartition(".")
+            if prefix in egrads and leaf in ("gate_up_proj", "down_proj"):
+                g = egrads[prefix][0 if leaf == "gate_up_proj" else 1]
+            else:
+                g = mparams[name].grad
+                g = g.full_tensor() if isinstance(g, DTensor) else g
+            worst = max(worst, float((g - p.grad).abs().max()) / float(p.grad.abs().max()))
+        out[f"{setup}_clipped_grads"] = worst
+    return out

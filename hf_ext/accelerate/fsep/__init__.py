@@ -25,6 +25,7 @@ _LAZY = {
     "fsep_layers": "hf_ext.accelerate.fsep.plugin",
     "prepare_fsep_optimizer": "hf_ext.accelerate.fsep.layer",
     "average_dense_gradients": "hf_ext.accelerate.fsep.plugin",
+    "fsep_clip_grad_norm_": "hf_ext.accelerate.fsep.plugin",
     "SUPPORTED_MODEL_TYPES": "hf_ext.accelerate.fsep.plugin",
     "MoEShape": "hf_ext.accelerate.fsep.cost_model",
     "Hardware": "hf_ext.accelerate.fsep.cost_model",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,60 @@ def average_dense_gradients(model: nn.Module, group: Any = None) -> None:
             continue
         dist.all_reduce(p.grad, group=group)
         p.grad.div_(ws)
+
+
+def fsep_clip_grad_norm_(
+    model: nn.Module,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """Collective ``clip_grad_norm_`` for a prepared model: the total gradient norm of the whole,
+    unsharded model, the same on every rank, then every gradient scaled by
+    ``min(1, max_norm / (total + 1e-6))``; returns the total norm.
+
+    ``torch.nn.utils.clip_grad_norm_`` / ``accelerator.clip_grad_norm_`` see only this rank's expert
+    shards (each rank clips by another norm and the replicated dense part drifts apart). Here the
+    experts' ``norm_type``-th powers of the local shard norms (disjoint parts of the experts) are summed
+    (max for ``inf``) over the expert-parallel group, and the dense (replicated, after DDP's all-reduce)
+    part is counted once; FSDP2 ``DTensor`` gradients give their full norm. Call it after the gradients
+    are reduced (under Accelerate: ``if accelerator.sync_gradients``, after
+    ``accelerator.unscale_gradients()`` with fp16), with the unwrapped model."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    layers = fsep_layers(model)
+    experts = [p for layer in layers for p in layer.parameters() if p.grad is not None]
+    skip = {id(p) for layer in layers for p in layer.parameters()}
+    dense = [p for p in model.parameters() if id(p) not in skip and p.grad is not None]
+    device = layers[0].expert_param.device
+    norm_type = float(norm_type)
+
+    def local_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+        if not grads:
+            return torch.zeros((), device=device)
+        n = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False, foreach=foreach)
+        if isinstance(n, DTensor):  # FSDP2: a partial norm, reduced over its mesh
+            n = n.full_tensor()
+        return n.to(device=device, dtype=torch.float32)
+
+    expert_norm = local_norm([p.grad for p in experts])
+    dense_norm = local_norm([p.grad for p in dense])
+    if norm_type == math.inf:
+        dist.all_reduce(expert_norm, op=dist.ReduceOp.MAX, group=layers[0].group)
+        total = torch.maximum(expert_norm, dense_norm)
+    else:
+        expert_pow = expert_norm.pow(norm_type)
+        dist.all_reduce(expert_pow, group=layers[0].group)
+        total = (expert_pow + dense_norm.pow(norm_type)).pow(1.0 / norm_type)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"fsep_clip_grad_norm_: the total norm of order {norm_type} of the gradients is non-finite"
+        )
+    with implicit_replication():  # DTensor gradients times the plain clip coefficient
+        torch.nn.utils.clip_grads_with_norm_(experts + dense, max_norm, total, foreach=foreach)
+    return total
 
 
 def _layer_names(model: nn.Module) -> dict[int, str]:
