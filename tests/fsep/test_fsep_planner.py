@@ -28,6 +28,14 @@ def test_planned_layout_covers_every_expert_and_respects_capacity(e, n, cap, alp
     assert (shares.sum(axis=0)[~held.T] == 0).all()  # nothing goes to a rank without the expert
 
 
+def test_planner_with_a_single_expert_replicates_it_on_every_rank():
+    planner = LoadPlanner(1, 2, capacity=1)
+    planner.observe(np.array([[5], [3]]))
+    lay = planner.plan()  # no perturbation of the replica counts is possible (it needs two experts)
+    lay.validate(1)
+    assert [list(s) for s in lay.slots] == [[0], [0]]
+
+
 def test_replicas_follow_load_and_placement_balances():
     loads = np.array([800.0, 100, 50, 50, 0, 0, 0, 0])
     reps = allocate_replicas(loads, total_slots=10, max_replicas=2)

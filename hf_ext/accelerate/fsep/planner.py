@@ -282,6 +282,8 @@ def greedy_placement(
 
 def _perturb(reps: np.ndarray, rng: np.random.Generator, count: int, max_replicas: int) -> list[np.ndarray]:
     out, seen = [], {tuple(reps.tolist())}
+    if len(reps) < 2:  # moving a replica needs two experts
+        return out
     for _ in range(count * 3):
         if len(out) >= count:
             break
