@@ -551,10 +551,33 @@ def fsdp2_checkpoints(rank: int, world_size: int, outdir: str) -> dict[str, Any]
     return res
 
 
+def remove_restores(rank: int, world_size: int) -> dict[str, Any]:
+    """``remove_fsep`` after ``prepare_fsep``: the DDP ignore list as it was (absent, or its entries in
+    order) and the original outputs."""
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep, remove_fsep
+    from hf_ext.testing import tiny_moe
+
+    orig = tiny_moe("mixtral", seed=0).eval()
+    ids = _batch(4, 2)
+    plain = remove_fsep(prepare_fsep(copy.deepcopy(orig), FSEPConfig()))
+    listed = copy.deepcopy(orig)
+    listed._ddp_params_and_buffers_to_ignore = ["lm_head.weight", "model.norm.weight"]
+    listed = remove_fsep(prepare_fsep(listed, FSEPConfig()))
+    with torch.no_grad():
+        fwd = float((plain(ids).logits - orig(ids).logits).abs().max())
+    return {
+        "removed_has_ignore": hasattr(plain, "_ddp_params_and_buffers_to_ignore"),
+        "removed_ignore_list": listed._ddp_params_and_buffers_to_ignore,
+        "removed_fsep_attrs": sorted(k for k in vars(plain) if k.startswith("_fsep")),
+        "removed_fwd_diff": fwd,
+    }
+
+
 def checkpoint_suite(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
-    """Checkpoint paths (one spawn)."""
+    """Checkpoint paths and prepare / remove (one spawn)."""
     out = accelerate_resume(rank, world_size, outdir)
     out.update(fsdp2_checkpoints(rank, world_size, outdir))
+    out.update(remove_restores(rank, world_size))
     return out
 
 

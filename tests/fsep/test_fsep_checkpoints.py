@@ -1,5 +1,5 @@
 """FSEP checkpoints on 2 gloo processes (CPU): Accelerate's save_state / load_state, HF-format save / load
-with the dense part under FSDP2."""
+with the dense part under FSDP2, remove_fsep."""
 
 from __future__ import annotations
 
@@ -35,3 +35,11 @@ def test_hf_format_save_and_load_with_the_dense_part_under_fsdp2(results):
     for r in results:  # another model's HF state dict loaded into the FSDP2 + FSEP model
         assert r["fsdp2_loaded_max_diff"] == 0.0
         assert r["fsdp2_loaded_fwd_diff"] < 1e-5
+
+
+def test_remove_fsep_restores_the_model_as_it_was(results):
+    for r in results:
+        assert r["removed_has_ignore"] is False  # prepare_fsep added the DDP ignore list: it goes again
+        assert r["removed_ignore_list"] == ["lm_head.weight", "model.norm.weight"]  # a list it had, in order
+        assert r["removed_fsep_attrs"] == []
+        assert r["removed_fwd_diff"] == 0.0

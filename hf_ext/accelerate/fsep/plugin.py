@@ -136,8 +136,10 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
     model._fsep_templates = templates
     model._fsep_hook = hook
     model._fsep_config = config
+    had_ignore = hasattr(model, "_ddp_params_and_buffers_to_ignore")
     prev = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = prev + ignore
+    model._fsep_had_ddp_ignore = had_ignore  # remove_fsep restores the model as it was
     return model
 
 
@@ -339,10 +341,13 @@ def remove_fsep(model: nn.Module) -> nn.Module:
             orig.down_proj.copy_(full[f"{qname}.down_proj"])
         setattr(parent, attr, orig)
     model._fsep_hook.remove()
-    ignore = set(model._ddp_params_and_buffers_to_ignore)
     fsep_names = {f"{q}.{p}" for q in model._fsep_templates for p in ("expert_shards", "expert_weights")}
-    model._ddp_params_and_buffers_to_ignore = [n for n in ignore if n not in fsep_names]
-    for attr in ("_fsep_state", "_fsep_templates", "_fsep_hook", "_fsep_config"):
+    rest = [n for n in getattr(model, "_ddp_params_and_buffers_to_ignore", []) if n not in fsep_names]
+    if rest or model._fsep_had_ddp_ignore:
+        model._ddp_params_and_buffers_to_ignore = rest  # the list it had, in its order
+    elif hasattr(model, "_ddp_params_and_buffers_to_ignore"):
+        del model._ddp_params_and_buffers_to_ignore  # prepare_fsep added it
+    for attr in ("_fsep_state", "_fsep_templates", "_fsep_hook", "_fsep_config", "_fsep_had_ddp_ignore"):
         delattr(model, attr)
     return model
 
