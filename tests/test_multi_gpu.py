@@ -60,3 +60,26 @@ def test_autoparallel_searched_plan_on_two_gpus(tmp_path):
     assert sorted(err) == ["hand_ddp", "hand_fsdp", "hand_fsdp_ckpt", "searched_plan"]
     assert all(r["case"].endswith("-2gpu") for r in rows if r["metric"] == "step_time")
     assert all(0.5 < v < 2.0 for v in err.values()), err
+
+
+def test_fsep_accelerate_save_state_resumes_every_rank_on_two_gpus(tmp_path):
+    """The save_state / load_state check of tests/fsep on the GPUs with NCCL (the experts are gathered on the GPU
+    and saved from the CPU): each rank gets back its own expert rows and Adam moments."""
+    import json
+
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "tests.fsep._nccl_resume", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = [json.loads(x.split("@@RESULT@@", 1)[1]) for x in proc.stdout.splitlines() if "@@RESULT@@" in x]
+    assert sorted(r["rank"] for r in res) == [0, 1]
+    for r in res:
+        for mode in ("fsep", "static_ep"):
+            assert r[f"{mode}_inplace_diff"] == 0.0, r
+            assert r[f"{mode}_fresh_diff"] < 1e-4 and r[f"{mode}_moved"] > 1e-3, r
+            assert r[f"{mode}_hf_keys"] and "one rank's rows" in r[f"{mode}_per_rank_error"], r

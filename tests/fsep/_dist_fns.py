@@ -454,10 +454,10 @@ def _snapshot_diff(a: list, b: list) -> float:
     return max(float((x - y).abs().max()) for ta, tb in zip(a, b) for x, y in zip(ta, tb))
 
 
-def accelerate_resume(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
+def accelerate_resume(rank: int, world_size: int, outdir: str, cpu: bool = True) -> dict[str, Any]:
     """``accelerator.save_state`` / ``load_state`` of an FSEP model and its AdamW (Accelerate writes rank 0's
     state dicts and loads them on every rank): each rank's expert rows and Adam moments after resuming,
-    in place and into a fresh model / optimizer, vs those at the save."""
+    in place and into a fresh model / optimizer, vs those at the save. ``cpu=False``: on the GPUs (NCCL)."""
     from accelerate import Accelerator
 
     from hf_ext.accelerate.fsep import FSEPConfig, FSEPPlugin
@@ -469,16 +469,16 @@ def accelerate_resume(rank: int, world_size: int, outdir: str) -> dict[str, Any]
     for mode in ("fsep", "static_ep"):
 
         def build(acc: Any, mode: str = mode) -> tuple[Any, Any]:
-            m = FSEPPlugin(FSEPConfig(mode=mode)).prepare_model(copy.deepcopy(orig))
+            m = FSEPPlugin(FSEPConfig(mode=mode)).prepare_model(copy.deepcopy(orig), accelerator=acc)
             return acc.prepare(m, torch.optim.AdamW(m.parameters(), lr=1e-2))
 
         def step(acc: Any, model: Any, opt: Any, seed: int) -> None:
-            ids = _batch(seed + rank, 2, seq=8)
+            ids = _batch(seed + rank, 2, seq=8).to(acc.device)
             acc.backward(model(ids, labels=ids).loss)
             opt.step()
             opt.zero_grad()
 
-        acc = Accelerator(cpu=True)
+        acc = Accelerator(cpu=cpu)
         model, opt = build(acc)
         step(acc, model, opt, 0)
         inner = acc.unwrap_model(model)
@@ -489,7 +489,7 @@ def accelerate_resume(rank: int, world_size: int, outdir: str) -> dict[str, Any]
         acc.load_state(d)
         res[f"{mode}_inplace_diff"] = _snapshot_diff(saved, _expert_snapshot(inner, opt.optimizer))
         # a fresh run resumes before its first step; one more step of both must agree
-        acc2 = Accelerator(cpu=True)
+        acc2 = Accelerator(cpu=cpu)
         model2, opt2 = build(acc2)
         acc2.load_state(d)
         step(acc, model, opt, 60)
@@ -505,7 +505,7 @@ def accelerate_resume(rank: int, world_size: int, outdir: str) -> dict[str, Any]
         pname = "expert_shards" if mode == "fsep" else "expert_weights"
         param = getattr(layer, pname)
         bad = {k: v for k, v in inner.state_dict().items() if "experts" not in k}
-        bad[f"model.layers.0.mlp.experts.{pname}"] = param.detach().clone()
+        bad[f"model.layers.0.mlp.experts.{pname}"] = param.detach().clone()  # (on the GPU with cpu=False)
         try:
             inner.load_state_dict(bad, strict=False)
         except RuntimeError as exc:

@@ -163,3 +163,37 @@ def test_fitted_preset_reproduces_the_measured_two_gpu_ratios(alpha, colocated, 
     assert _two_gpu_ratio(PRESETS["h100_2gpu_fit"], alpha, colocated) == pytest.approx(measured, abs=0.1)
     # the unfitted preset hides the weight traffic completely and is optimistic by up to 0.5
     assert _two_gpu_ratio(PRESETS["h100"], alpha, colocated) > measured + 0.1
+
+
+def test_cpu_model_under_nccl_is_refused_and_prepare_model_moves_to_the_accelerator(tmp_path, monkeypatch):
+    """A CPU model with an NCCL process group gets an error saying what to do (it was NCCL's 'No backend type
+    associated with device type cpu' from inside the sharding); FSEPPlugin.prepare_model(accelerator=...) moves
+    the model to the accelerator's device first (the argument was ignored)."""
+    import torch
+    import torch.distributed as dist
+
+    from hf_ext.accelerate.fsep import FSEPConfig, FSEPPlugin, prepare_fsep
+    from hf_ext.accelerate.fsep import plugin as fsep_plugin
+    from hf_ext.testing import tiny_moe
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        with pytest.raises(ValueError, match="model is on the CPU but the process group's backend is nccl"):
+            prepare_fsep(tiny_moe("mixtral"), FSEPConfig())
+    finally:
+        dist.destroy_process_group()
+
+    moved: list = []
+
+    class Model(torch.nn.Module):
+        def to(self, device):
+            moved.append(device)
+            return self
+
+    monkeypatch.setattr(fsep_plugin, "prepare_fsep", lambda model, config, group=None: model)
+    acc = type("Acc", (), {"device": torch.device("cuda", 1)})()
+    FSEPPlugin(FSEPConfig()).prepare_model(Model(), accelerator=acc)
+    assert moved == [torch.device("cuda", 1)]

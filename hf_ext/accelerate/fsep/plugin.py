@@ -73,6 +73,13 @@ def _validate(model: nn.Module, config: FSEPConfig, group: Any) -> tuple[str, in
             f"prepare_fsep: world_size={ws}; FSEP shards experts over ranks and needs world_size >= 2 "
             "(a single process should use the model unchanged)"
         )
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        raise ValueError(
+            "prepare_fsep: the model is on the CPU but the process group's backend is nccl, which only moves "
+            "CUDA tensors; move the model to this rank's GPU first (model.to(accelerator.device), or pass "
+            "accelerator= to FSEPPlugin.prepare_model)"
+        )
     return mt, ws
 
 
@@ -364,7 +371,10 @@ class FSEPPlugin:
     config: FSEPConfig = field(default_factory=FSEPConfig)
 
     def prepare_model(self, model: nn.Module, accelerator: Any = None, group: Any = None) -> nn.Module:
-        """:func:`prepare_fsep` (DDP launched by ``accelerator.prepare`` will skip the expert params)."""
+        """:func:`prepare_fsep` (DDP launched by ``accelerator.prepare`` will skip the expert params); with
+        ``accelerator``, the model is first moved to ``accelerator.device`` (the experts are sharded there)."""
+        if accelerator is not None:
+            model = model.to(accelerator.device)
         return prepare_fsep(model, self.config, group=group)
 
     def apply_fsdp2(
