@@ -257,3 +257,17 @@ def test_triton_backend_through_the_model_matches_torch_reference():
         [sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=600
     )
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_output_attentions_on_the_sparse_path_warns_once():
+    """SALE computes no attention weights; asking for them is said once, not silently answered with None."""
+    model = tiny_family("llama")
+    enable_sale(model, SALEConfig(min_seq_len=64, tau=1e-9, **BLOCKS))
+    reset_warnings()
+    with torch.no_grad(), sale_stats() as st, warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = model(rand_ids(160), output_attentions=True)
+    assert st.sparse_calls == 2
+    msgs = [str(r.message) for r in rec if "output_attentions" in str(r.message) and "SALE" in str(r.message)]
+    assert len(msgs) == 1, msgs
+    assert out.attentions is None or all(a is None for a in out.attentions)

@@ -509,6 +509,12 @@ def sale_attention_forward(
         _record(layer_idx=layer_idx, path=f"fallback:{plan}", q_len=sq)
         return _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     key, value, kpm, causal = plan
+    if kwargs.get("output_attentions"):
+        _warn_once(
+            "output_attentions",
+            "SALE does not compute attention weights: output_attentions=True gets None for its layers "
+            "(use attn_implementation='eager' to inspect them)",
+        )
     taus = torch.tensor(cfg.tau_for(layer_idx, query.shape[1]), dtype=torch.float32)
     want_mask = getattr(_STATE, "stats", None) is not None
     out, recs = _run_rows(query, key, value, kpm, taus, cfg, scaling, causal, want_mask)
