@@ -342,7 +342,7 @@ class DataFlexCallback(TrainerCallback):
             entry["skipped"] = (
                 f"selector {self.config.selector!r} is not ready (no scores from an earlier step)"
             )
-            logger.warning(
+            logger.info(  # expected with warmup_step=0 (the default) for selectors that rank changes
                 "DataFlex: update at step %d skipped: %s; training continues on the current selection and it does "
                 "not count toward update_times",
                 step,
