@@ -183,6 +183,10 @@ def test_cpu_model_under_nccl_is_refused_and_prepare_model_moves_to_the_accelera
         monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
         with pytest.raises(ValueError, match="model is on the CPU but the process group's backend is nccl"):
             prepare_fsep(tiny_moe("mixtral"), FSEPConfig())
+        # an expert-parallel sub-group of a larger world: refused (its expert gradients would never meet)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4 if group is None else 2)
+        with pytest.raises(ValueError, match="sub-group"):
+            prepare_fsep(tiny_moe("mixtral"), FSEPConfig(), group=object())
     finally:
         dist.destroy_process_group()
 

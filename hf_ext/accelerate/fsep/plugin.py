@@ -73,6 +73,12 @@ def _validate(model: nn.Module, config: FSEPConfig, group: Any) -> tuple[str, in
             f"prepare_fsep: world_size={ws}; FSEP shards experts over ranks and needs world_size >= 2 "
             "(a single process should use the model unchanged)"
         )
+    if group is not None and ws != dist.get_world_size():
+        raise ValueError(
+            f"prepare_fsep: group has {ws} of {dist.get_world_size()} ranks; FSEP over a sub-group (expert parallel "
+            "inside data-parallel replicas) is not supported: the expert gradients would only be averaged inside "
+            "each group and the replicas would drift apart. Use the default group (all ranks)"
+        )
     param = next(model.parameters(), None)
     if param is not None and param.device.type == "cpu" and dist.get_backend(group) == "nccl":
         raise ValueError(
@@ -90,7 +96,8 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
         model: a transformers Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3 model (any head),
             with the same weights on every rank (or ``config.broadcast_from_rank0``).
         config: :class:`FSEPConfig` (``mode="static_ep"`` gives the static expert-parallel baseline).
-        group: expert-parallel process group (default: WORLD).
+        group: expert-parallel process group: all ranks (default: WORLD); a sub-group is refused (its expert
+            gradients would not be synchronised across the groups).
 
     Raises:
         ValueError: unknown architecture, world size 1, expert count not divisible as required.
