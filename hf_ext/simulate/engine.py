@@ -381,6 +381,7 @@ class Simulator:
         self._states: list[_ReqState] = []
         self._by_req: dict[int, _ReqState] = {}
         for r in reqs:
+            r.meta.pop("sim_generated", None)  # left by an earlier run of the same requests (preemptions)
             self._new_state(r)
         states = self._states
         arrivals = [r.arrival for r in reqs]
@@ -559,8 +560,10 @@ class Simulator:
                 if check_every and self.multi_running:
                     k = min(k, check_every - self.step % check_every)
                 k = max(k, 1)
+                if preempted and len(sched):  # memory was freed: try admitting again after one step
+                    k = 1
                 ctx_now = self._ctx_now()
-                if next_arr < inf and self.n_slots < cfg.max_num_seqs:
+                if next_arr < inf:  # an arrival joins the queue at its own time, full slots or not
                     k = cost.steps_within(self.n_dec, ctx_now, next_arr - now, k)
                 t = cost.decode_span(self.n_dec, ctx_now, k)
                 self.tokens_generated += self.n_dec * k
@@ -925,17 +928,21 @@ class Simulator:
             freed += v.tokens
             self.mem_base -= v.tokens
             self.cache_gpu -= v.tokens
-            self._spill(v)
+            self._spill(v, keep_ids)
         return True
 
-    def _spill(self, e: CacheEntry) -> None:
+    def _spill(self, e: CacheEntry, keep_ids: set[int] | None = None) -> None:
+        """Move GPU entry ``e`` to the CPU tier, evicting CPU entries not in ``keep_ids`` (e.g. the CPU hits of
+        the request being admitted) for room; ``e`` is dropped when that is not enough."""
         cpu_cap = self.config.cpu_capacity_tokens
-        if e.tokens > cpu_cap:
+        keep_ids = keep_ids or set()
+        cands = [x for x in self.cache.values() if x.tier == "cpu" and id(x) not in keep_ids]
+        if e.tokens > cpu_cap or self.cpu_used - sum(x.tokens for x in cands) + e.tokens > cpu_cap:
             del self.cache[e.key]
             return
         while self.cpu_used + e.tokens > cpu_cap:
-            cands = [x for x in self.cache.values() if x.tier == "cpu"]
             v = self.cache_policy.victim(cands, self.now, "cpu")
+            cands.remove(v)
             self.cpu_used -= v.tokens
             del self.cache[v.key]
         e.tier = "cpu"

@@ -34,9 +34,12 @@ class FCFS:
     def __init__(self) -> None:
         self._h: list[tuple[float, int, Request]] = []
         self._tie = itertools.count()
+        self._first: dict[int, int] = {}  # id(request) -> its tie-break number from its first add
 
     def add(self, req: Request, now: float) -> None:
-        heapq.heappush(self._h, (req.arrival, next(self._tie), req))
+        # a preempted request comes back with its first number: ahead of later requests of the same arrival time
+        seq = self._first.setdefault(id(req), next(self._tie))
+        heapq.heappush(self._h, (req.arrival, seq, req))
 
     def peek_next(self, now: float) -> Request | None:
         return self._h[0][2] if self._h else None

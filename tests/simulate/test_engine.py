@@ -309,3 +309,79 @@ def test_randomized_invariants_branches_cache_preemption(seed):
     single = c["n_branches"] == 1
     assert np.array_equal(c["generated"][single], c["output_len"][single])
     assert res.counters["preemptions"] > 0 and c["hit_gpu"].sum() > 0
+
+
+def test_admission_resumes_one_step_after_a_preemption():
+    """Constant 1 s steps, 20 KV tokens, two slots: B is preempted at t=6, which frees room for C (arrived at 2).
+    C is admitted at the next step (t=7), first token 8, finished 9, as a step-by-step engine does; the decode
+    jump used to run on to the next finish first (C finished at 12)."""
+    from hf_ext.simulate import CostModel, SimConfig, Simulator, SJFOracle
+
+    reqs = [Request(0, 0.0, 4, 10), Request(1, 0.0, 4, 10), Request(2, 2.0, 4, 2)]
+    res = Simulator(
+        CostModel.constant(1.0), SJFOracle(), SimConfig(max_num_seqs=2, kv_capacity_tokens=20)
+    ).run(reqs)
+    df = res.to_dataframe().set_index("id")
+    assert df.loc[1, "preemptions"] == 1
+    assert (df.loc[2, "first_admit"], df.loc[2, "first_token"], df.loc[2, "finish"]) == (7.0, 8.0, 9.0)
+
+
+def test_arrivals_reach_the_scheduler_at_their_time_while_every_slot_is_busy():
+    """An arrival during a decode jump with all slots taken is handed to the scheduler within one step of its
+    arrival (a scheduler's clock, e.g. TIE's aging, starts then), not at the next finish."""
+    from hf_ext.simulate import FCFS, CostModel, SimConfig, Simulator
+
+    seen: dict[int, float] = {}
+
+    class Spy(FCFS):
+        def add(self, req, now):
+            seen.setdefault(req.id, now)
+            super().add(req, now)
+
+    reqs = [Request(0, 0.0, 4, 50), Request(1, 3.5, 4, 5), Request(2, 20.25, 4, 5)]
+    Simulator(CostModel.constant(1.0), Spy(), SimConfig(max_num_seqs=1)).run(reqs)
+    assert all(seen[r.id] - r.arrival <= 1.0 for r in reqs), seen
+
+
+def test_fcfs_puts_a_preempted_request_back_ahead_of_its_equal_arrival_peers():
+    from hf_ext.simulate import FCFS
+
+    a, b, c = (Request(i, 0.0, 4, 10) for i in range(3))
+    s = FCFS()
+    for r in (a, b, c):
+        s.add(r, 0.0)
+    assert [s.pop_next(0.0), s.pop_next(0.0)] == [a, b]
+    s.add(b, 5.0)  # preempted: back to its arrival position, ahead of c
+    assert s.peek_next(5.0) is b
+
+
+def test_cpu_tier_hits_of_the_request_being_admitted_are_not_spilled_away():
+    """Room made on the GPU by spilling into a full CPU tier must not evict the CPU entry the admitted request hit
+    (it was loaded although deleted, leaking GPU KV until the simulation got stuck)."""
+    from hf_ext.simulate import FCFS, CostModel, Simulator
+
+    reqs = [
+        Request(0, 0.0, 8, 1, meta={"prefix_segments": [("X", 6)]}),
+        Request(1, 1.0, 8, 1, meta={"prefix_segments": [("Y", 6)]}),
+        Request(2, 2.0, 8, 1, meta={"prefix_segments": [("X", 6)]}),
+        Request(3, 3.0, 11, 1),
+    ]
+    sim = Simulator(CostModel.constant(1.0), FCFS(), kv_capacity_tokens=12, cpu_capacity_tokens=6)
+    res = sim.run(reqs)
+    assert res.num_finished == 4
+    assert sim.cpu_used == sum(e.tokens for e in sim.cache.values() if e.tier == "cpu")
+
+
+def test_a_rerun_of_the_same_requests_starts_without_the_last_runs_progress():
+    from hf_ext.simulate import FCFS, CostModel, SimConfig, Simulator, SJFOracle
+
+    def run(reqs, sched):
+        cfg = SimConfig(max_num_seqs=2, kv_capacity_tokens=20)
+        return list(Simulator(CostModel.constant(1.0), sched, cfg).run(reqs).to_dataframe()["finish"])
+
+    def fresh():
+        return [Request(0, 0.0, 4, 10), Request(1, 0.0, 4, 10), Request(2, 2.0, 4, 2), Request(3, 2.0, 4, 7)]
+
+    reused = fresh()
+    run(reused, FCFS())  # leaves meta["sim_generated"] on the preempted request
+    assert run(reused, SJFOracle()) == run(fresh(), SJFOracle())
