@@ -794,43 +794,50 @@ def _is_local(value: Any, layer: FSEPExperts) -> bool:
     return isinstance(value, torch.Tensor) and value.shape == layer.expert_param.shape
 
 
+def _map_expert_states(
+    optimizer: torch.optim.Optimizer, state_dict: dict, fn: Callable[[str, Any, FSEPExperts], Any]
+) -> dict:
+    """``state_dict`` with every state ``v`` (named ``k``) of an FSEP expert parameter replaced by
+    ``fn(k, v, layer)``, in sorted key order on every rank (``fn`` may be collective); the caller's dicts are
+    not changed."""
+    state = dict(state_dict["state"])
+    for idx, layer in _expert_entries(optimizer, state_dict["param_groups"]):
+        if idx in state:
+            st = dict(state[idx])
+            for k in sorted(st):
+                st[k] = fn(k, st[k], layer)
+            state[idx] = st
+    state_dict["state"] = state
+    return state_dict
+
+
+def _state_to_full(k: str, v: Any, layer: FSEPExperts) -> Any:
+    return layer.gather_flat(v) if _is_local(v, layer) else v
+
+
+def _state_to_local(k: str, v: Any, layer: FSEPExperts) -> Any:
+    if _is_full(v, layer):
+        return layer.local_from_flat(v)
+    if _is_local(v, layer):
+        raise RuntimeError(
+            f"optimizer load_state_dict: the state {k!r} of an FSEP expert parameter holds one rank's "
+            f"rows (shape {tuple(v.shape)}); every rank holds different ones, so loading it could hand "
+            "one rank's rows to all. Save with optimizer.state_dict() on every rank after a step "
+            "(accelerator.save_state does): it writes the full experts."
+        )
+    return v
+
+
 def fsep_optimizer_state_dict_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
     """Optimizer ``state_dict`` post-hook (collective): the states of FSEP expert parameters shaped like the
     parameter (e.g. Adam's ``exp_avg`` / ``exp_avg_sq``) become the full flattened experts ``[E, 3*I*H]``."""
-    state = dict(state_dict["state"])
-    for idx, layer in _expert_entries(optimizer, state_dict["param_groups"]):
-        if idx not in state:
-            continue
-        st = dict(state[idx])
-        for k in sorted(st):
-            if _is_local(st[k], layer):
-                st[k] = layer.gather_flat(st[k])
-        state[idx] = st
-    state_dict["state"] = state
-    return state_dict
+    return _map_expert_states(optimizer, state_dict, _state_to_full)
 
 
 def fsep_optimizer_load_state_dict_pre_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
     """Optimizer ``load_state_dict`` pre-hook: keep this rank's rows of the full expert states written by
     :func:`fsep_optimizer_state_dict_hook`; a state with one rank's rows raises (it would be loaded on all)."""
-    state = dict(state_dict["state"])
-    for idx, layer in _expert_entries(optimizer, state_dict["param_groups"]):
-        if idx not in state:
-            continue
-        st = dict(state[idx])
-        for k, v in st.items():
-            if _is_full(v, layer):
-                st[k] = layer.local_from_flat(v)
-            elif _is_local(v, layer):
-                raise RuntimeError(
-                    f"optimizer load_state_dict: the state {k!r} of an FSEP expert parameter holds one rank's "
-                    f"rows (shape {tuple(v.shape)}); every rank holds different ones, so loading it could hand "
-                    "one rank's rows to all. Save with optimizer.state_dict() on every rank after a step "
-                    "(accelerator.save_state does): it writes the full experts."
-                )
-        state[idx] = st
-    state_dict["state"] = state
-    return state_dict
+    return _map_expert_states(optimizer, state_dict, _state_to_local)
 
 
 def prepare_fsep_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -843,15 +850,19 @@ def prepare_fsep_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Opti
     if optimizer.__dict__.get("_fsep_hooked"):
         return optimizer
     optimizer._fsep_hooked = True
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if not any(_expert_layer(p) is not None for p in params):
+    experts = [
+        (p, layer)
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if (layer := _expert_layer(p)) is not None
+    ]
+    if not experts:
         return optimizer
     optimizer.register_state_dict_post_hook(fsep_optimizer_state_dict_hook)
     optimizer.register_load_state_dict_pre_hook(fsep_optimizer_load_state_dict_pre_hook)
-    for p in params:
-        layer = _expert_layer(p)
-        st = optimizer.state.get(p) if layer is not None else None
-        for k, v in list((st or {}).items()):
+    for p, layer in experts:
+        st = optimizer.state.get(p) or {}
+        for k, v in list(st.items()):
             if _is_full(v, layer):  # loaded before the hooks were there
                 st[k] = layer.local_from_flat(v)
     return optimizer
