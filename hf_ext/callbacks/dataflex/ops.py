@@ -444,36 +444,34 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local() if _is_dtensor(t) else t
 
 
-def _optimizer_state(optimizer: Any) -> dict:
-    """``param -> state`` of a torch optimizer (also through accelerate's ``AcceleratedOptimizer``)."""
+def _optimizer_attr(optimizer: Any, name: str, kind: type) -> Any:
+    """``optimizer.<name>`` if it is a ``kind``, else that of the optimizer it wraps (accelerate's
+    ``AcceleratedOptimizer``, a few levels deep); None when none has it."""
     opt = optimizer
     for _ in range(4):
-        st = getattr(opt, "state", None)
-        if isinstance(st, dict):
-            return st
+        value = getattr(opt, name, None)
+        if isinstance(value, kind):
+            return value
         opt = getattr(opt, "optimizer", None)
         if opt is None:
             break
-    return {}
+    return None
+
+
+def _optimizer_state(optimizer: Any) -> dict:
+    """``param -> state`` of a torch optimizer (also through accelerate's ``AcceleratedOptimizer``)."""
+    return _optimizer_attr(optimizer, "state", dict) or {}
 
 
 def _adam_hparams(optimizer: Any) -> dict:
     """``param -> (betas, eps)`` from the optimizer's param groups (also through ``AcceleratedOptimizer``)."""
-    opt = optimizer
-    for _ in range(4):
-        groups = getattr(opt, "param_groups", None)
-        if isinstance(groups, list):
-            out = {}
-            for g in groups:
-                if "betas" in g and "eps" in g:
-                    betas = (float(g["betas"][0]), float(g["betas"][1]))
-                    for p in g["params"]:
-                        out[p] = (betas, float(g["eps"]))
-            return out
-        opt = getattr(opt, "optimizer", None)
-        if opt is None:
-            break
-    return {}
+    out = {}
+    for g in _optimizer_attr(optimizer, "param_groups", list) or []:
+        if "betas" in g and "eps" in g:
+            betas = (float(g["betas"][0]), float(g["betas"][1]))
+            for p in g["params"]:
+                out[p] = (betas, float(g["eps"]))
+    return out
 
 
 def _adam_direction(
