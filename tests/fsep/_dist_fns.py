@@ -554,15 +554,22 @@ def fsdp2_checkpoints(rank: int, world_size: int, outdir: str) -> dict[str, Any]
 def remove_restores(rank: int, world_size: int) -> dict[str, Any]:
     """``remove_fsep`` after ``prepare_fsep``: the DDP ignore list as it was (absent, or its entries in
     order) and the original outputs."""
+    import gc
+
     from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep, remove_fsep
+    from hf_ext.accelerate.fsep import layer as fsep_layer
     from hf_ext.testing import tiny_moe
 
+    gc.collect()  # the FSEP models of the suite's earlier parts
     orig = tiny_moe("mixtral", seed=0).eval()
     ids = _batch(4, 2)
     plain = remove_fsep(prepare_fsep(copy.deepcopy(orig), FSEPConfig()))
+    hook_after_first = fsep_layer._STEP_HOOK is not None
     listed = copy.deepcopy(orig)
     listed._ddp_params_and_buffers_to_ignore = ["lm_head.weight", "model.norm.weight"]
-    listed = remove_fsep(prepare_fsep(listed, FSEPConfig()))
+    listed = prepare_fsep(listed, FSEPConfig())
+    hook_while_prepared = fsep_layer._STEP_HOOK is not None
+    listed = remove_fsep(listed)
     with torch.no_grad():
         fwd = float((plain(ids).logits - orig(ids).logits).abs().max())
     return {
@@ -570,6 +577,7 @@ def remove_restores(rank: int, world_size: int) -> dict[str, Any]:
         "removed_ignore_list": listed._ddp_params_and_buffers_to_ignore,
         "removed_fsep_attrs": sorted(k for k in vars(plain) if k.startswith("_fsep")),
         "removed_fwd_diff": fwd,
+        "step_hook": [hook_after_first, hook_while_prepared, fsep_layer._STEP_HOOK is not None],
     }
 
 

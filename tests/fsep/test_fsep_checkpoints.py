@@ -43,3 +43,5 @@ def test_remove_fsep_restores_the_model_as_it_was(results):
         assert r["removed_ignore_list"] == ["lm_head.weight", "model.norm.weight"]  # a list it had, in order
         assert r["removed_fsep_attrs"] == []
         assert r["removed_fwd_diff"] == 0.0
+        # the process-wide optimizer step pre-hook: gone with the last FSEP layer, back with the next one
+        assert r["step_hook"] == [False, True, False]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
@@ -770,6 +770,17 @@ def _register_expert_param(layer: FSEPExperts) -> None:
     _EXPERT_PARAMS[layer.expert_param] = weakref.ref(layer)
     if _STEP_HOOK is None:
         _STEP_HOOK = register_optimizer_step_pre_hook(_optimizer_step_pre_hook)
+
+
+def _unregister_expert_params(layers: Iterable[FSEPExperts]) -> None:
+    """Forget ``layers`` (``remove_fsep``); once no FSEP layer is alive, the process-wide optimizer step
+    pre-hook goes too (the state-dict hooks already put on an optimizer stay, and skip non-FSEP parameters)."""
+    global _STEP_HOOK
+    for layer in layers:
+        _EXPERT_PARAMS.pop(layer.expert_param, None)
+    if _STEP_HOOK is not None and not any(_expert_layer(p) is not None for p in list(_EXPERT_PARAMS.keys())):
+        _STEP_HOOK.remove()
+        _STEP_HOOK = None
 
 
 def _expert_layer(p: Any) -> FSEPExperts | None:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hf_ext.accelerate.fsep.config import FSEPConfig
-from hf_ext.accelerate.fsep.layer import FSEPExperts, FSEPState
+from hf_ext.accelerate.fsep.layer import FSEPExperts, FSEPState, _unregister_expert_params
 
 # model_type -> the experts class name transformers uses (all: gate_up_proj [E, 2I, H], down_proj [E, H, I])
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -344,6 +344,7 @@ def load_fsep_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
 def remove_fsep(model: nn.Module) -> nn.Module:
     """Collective: undo :func:`prepare_fsep` (original HF experts modules with the full weights)."""
     full = fsep_full_state_dict(model)
+    removed = [model.get_submodule(q) for q in model._fsep_templates]
     for qname in model._fsep_templates:
         parent_name, _, attr = qname.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -355,6 +356,7 @@ def remove_fsep(model: nn.Module) -> nn.Module:
             orig.down_proj.copy_(full[f"{qname}.down_proj"])
         setattr(parent, attr, orig)
     model._fsep_hook.remove()
+    _unregister_expert_params(removed)
     fsep_names = {f"{q}.{p}" for q in model._fsep_templates for p in ("expert_shards", "expert_weights")}
     rest = [n for n in getattr(model, "_ddp_params_and_buffers_to_ignore", []) if n not in fsep_names]
     if rest or model._fsep_had_ddp_ignore:
