@@ -4,7 +4,8 @@ What is measured (``transformers`` ``generate``, greedy, DynamicCache, the servi
 
 * prefill points: wall time of ``generate(max_new_tokens=1)`` for ``batch`` prompts of ``tokens`` tokens;
 * decode points: per-step time ``(T(n2) - T(n1)) / (n2 - n1)`` of ``generate`` at batch ``B`` and prompt
-  (context) ``C`` with ``n1 < n2`` new tokens (``min_new_tokens`` forces the length);
+  (context) ``C`` with ``n1 < n2`` new tokens (``min_new_tokens`` forces the length); a pair with
+  ``T(n2) <= T(n1)`` (timing noise) is dropped with a ``RuntimeWarning`` naming it;
 
 then the model ``t = max(floor, a + b*B + c*ctx + p*P + q*A)`` (see :mod:`~hf_ext.simulate.cost_model`) is
 fit by least squares on relative errors.  Validation: end-to-end ``generate`` calls at batch/length
@@ -33,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -209,9 +212,14 @@ def _points_from(times: dict[tuple[int, int, int], float], grid: dict[str, Any])
                 "seconds": times[(b, t, 1)],
             }
         )
+    dropped = []
     for b in grid["batches"]:
         for c in grid["contexts"]:
-            step = max((times[(b, c, n2)] - times[(b, c, n1)]) / (n2 - n1), 1e-9)
+            t1, t2 = times[(b, c, n1)], times[(b, c, n2)]
+            if not t2 > t1:  # timing noise: no per-step time can be read off this pair
+                dropped.append(f"(batch={b}, prompt={c}): T({n2})={t2:.6g}s <= T({n1})={t1:.6g}s")
+                continue
+            step = (t2 - t1) / (n2 - n1)
             pts.append(
                 {
                     "kind": "decode",
@@ -222,6 +230,19 @@ def _points_from(times: dict[tuple[int, int, int], float], grid: dict[str, Any])
                     "seconds": step,
                 }
             )
+    if dropped:
+        n_pairs = len(grid["batches"]) * len(grid["contexts"])
+        if len(dropped) == n_pairs:
+            raise ValueError(
+                f"too few decode points to fit: all {n_pairs} decode pairs have T(n2) <= T(n1) "
+                f"(timing noise; measure again with more reps): {'; '.join(dropped)}"
+            )
+        warnings.warn(
+            f"dropped {len(dropped)} of {n_pairs} decode pairs whose longer generate was not slower "
+            f"(timing noise): {'; '.join(dropped)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return pts
 
 
@@ -303,6 +324,12 @@ def fit(
 
     Two stages: decode points give ``decode_floor_s, base_s, per_seq_s, per_ctx_token_s``; prefill points
     then give ``prefill_floor_s, prefill_base_s, per_prefill_token_s, per_prefill_attn_s``."""
+    for i, p in enumerate(points):
+        if p.get("kind") not in ("decode", "prefill"):
+            raise ValueError(f"points[{i}]['kind'] must be 'decode' or 'prefill', got {p!r}")
+        t = p.get("seconds")
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (math.isfinite(t) and t > 0):
+            raise ValueError(f"points[{i}]['seconds'] must be a finite time > 0, got {p!r}")
     dec = [p for p in points if p["kind"] == "decode"]
     pre = [p for p in points if p["kind"] == "prefill"]
     if not dec or not pre:

@@ -1,0 +1,79 @@
+"""Calibration input checks: noisy decode pairs, fit() points, reps (audit of hf_ext.simulate.calibrate)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+from hf_ext.simulate import calibrate as C
+from hf_ext.simulate.cost_model import CostModel
+
+TRUTH = CostModel(
+    decode_floor_s=0.004,
+    base_s=0.003,
+    per_seq_s=1e-5,
+    per_ctx_token_s=5e-7,
+    per_prefill_token_s=1e-5,
+    per_prefill_attn_s=8e-8,
+)
+
+
+def _exact_times(grid: dict) -> dict:
+    n1, n2 = grid["n1n2"]
+    times = {(b, t, 1): C.predict_generate(TRUTH, b, t, 1) for b, t in grid["prefill"]}
+    for b in grid["batches"]:
+        for c in grid["contexts"]:
+            for n in (n1, n2):
+                times[(b, c, n)] = C.predict_generate(TRUTH, b, c, n)
+    return times
+
+
+def test_noisy_decode_pair_is_dropped_with_warning_not_clamped():
+    grid = C._GRIDS["cpu"]
+    n1, n2 = grid["n1n2"]
+    times = _exact_times(grid)
+    times[(1, 32, n1)] = times[(1, 32, n2)] * 1.01  # one noisy repetition: T(n1) above T(n2)
+    with pytest.warns(RuntimeWarning, match=r"batch=1, prompt=32"):
+        pts = C._points_from(times, grid)
+    dec = [p for p in pts if p["kind"] == "decode"]
+    assert len(dec) == len(grid["batches"]) * len(grid["contexts"]) - 1
+    assert all(p["seconds"] > 1e-3 for p in dec)  # the old code kept a 1e-9 s point here
+    cm = C.fit(pts)
+    assert cm.extra["fit_mean_abs_rel_err"] < 0.01
+    assert math.isclose(cm.decode_time(16, 200), TRUTH.decode_time(16, 200), rel_tol=0.01)
+
+
+def test_clean_decode_pairs_do_not_warn():
+    grid = C._GRIDS["cpu"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pts = C._points_from(_exact_times(grid), grid)
+    assert sum(p["kind"] == "decode" for p in pts) == len(grid["batches"]) * len(grid["contexts"])
+
+
+def test_all_decode_pairs_noisy_is_a_value_error():
+    grid = C._GRIDS["cpu"]
+    n1, n2 = grid["n1n2"]
+    times = _exact_times(grid)
+    for b in grid["batches"]:
+        for c in grid["contexts"]:
+            times[(b, c, n2)] = times[(b, c, n1)]
+    with pytest.raises(ValueError, match="too few decode points"):
+        C._points_from(times, grid)
+
+
+_OK_PRE = {"kind": "prefill", "batch": 1, "ctx": 0, "tokens": 16, "prompt": 16, "seconds": 0.01}
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.01, math.nan, math.inf, None, "0.01"])
+def test_fit_rejects_non_positive_or_non_finite_seconds(bad):
+    dec = {"kind": "decode", "batch": 1, "ctx": 10, "tokens": 0, "seconds": bad}
+    with pytest.raises(ValueError, match=r"points\[0\]\['seconds'\] must be a finite time > 0"):
+        C.fit([dec, _OK_PRE])
+
+
+def test_fit_rejects_unknown_kind():
+    with pytest.raises(ValueError, match=r"points\[1\]\['kind'\] must be 'decode' or 'prefill'"):
+        C.fit([dict(_OK_PRE), dict(_OK_PRE, kind="prefil")])
