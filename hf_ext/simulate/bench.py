@@ -29,6 +29,8 @@ COMPONENT = "simulator"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from hf_ext.simulate.calibrate import positive_int
+
     ap = argparse.ArgumentParser(prog="hf-ext bench simulate", description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda: device of the calibration measurement")
     ap.add_argument(
@@ -37,7 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=100_000, help="requests in the speed run")
     ap.add_argument("--rate", type=float, default=5.5, help="arrival rate of the speed run (req/s)")
     ap.add_argument(
-        "--reps", type=int, default=None, help="timed rounds per calibration point (default 3 CPU, 2 CUDA)"
+        "--reps",
+        type=positive_int,
+        default=None,
+        help="timed rounds per calibration point, >= 1 (default 3 CPU, 2 CUDA)",
     )
     ap.add_argument("--quick", action="store_true", help="10k requests and 2 reps (smoke test)")
     ap.add_argument("--skip-calibration", action="store_true")

@@ -162,6 +162,7 @@ def time_jobs(
 
     Jobs are timed in interleaved rounds (shuffled each round) so that load from other processes on a
     shared machine hits all of them alike; one warm-up call per job first."""
+    _check_reps(reps)
     uniq = list(dict.fromkeys(tuple(j) for j in jobs))
     best = {j: math.inf for j in uniq}
     rng = np.random.default_rng(seed)
@@ -182,6 +183,11 @@ def time_jobs(
     if bar is not None:
         bar.close()
     return best
+
+
+def _check_reps(reps: Any) -> None:
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps must be an int >= 1 (timed rounds per job), got {reps!r}")
 
 
 def time_generate(
@@ -495,6 +501,7 @@ def calibrate(
 
     import torch
 
+    _check_reps(reps)
     if threads is not None and not device.startswith("cuda"):
         torch.set_num_threads(threads)
     model = model_for_shape(shape, device)
@@ -572,6 +579,17 @@ def fit_gpu_md() -> CostModel:
 
 
 # ----------------------------------------------------------------------------------------- CLI
+def positive_int(text: str) -> int:
+    """argparse ``type`` of an integer >= 1 (``--reps 0`` is an argparse error, not the default)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return v
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m hf_ext.simulate.calibrate", description=__doc__.split("\n")[0]
@@ -579,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--shape", default="tiny", choices=SHAPES)
     ap.add_argument(
-        "--reps", type=int, default=None, help="timed rounds per point (min); default 3 CPU, 2 CUDA"
+        "--reps", type=positive_int, default=None, help="timed rounds per point (min); default 3 CPU, 2 CUDA"
     )
     ap.add_argument(
         "--out",
@@ -603,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"calibrate: --device must be cpu or cuda[:i], got {args.device!r}", file=sys.stderr)
             return 2
         t0 = time.perf_counter()
-        reps = args.reps or (2 if args.device.startswith("cuda") else 3)
+        reps = args.reps if args.reps is not None else (2 if args.device.startswith("cuda") else 3)
         cm = calibrate(args.shape, args.device, reps=reps, progress=True)
         cm.extra["seconds"] = time.perf_counter() - t0
     out = Path(args.out) if args.out else CALIBRATION_DIR / f"{cm.name}.json"

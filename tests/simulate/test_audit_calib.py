@@ -77,3 +77,42 @@ def test_fit_rejects_non_positive_or_non_finite_seconds(bad):
 def test_fit_rejects_unknown_kind():
     with pytest.raises(ValueError, match=r"points\[1\]\['kind'\] must be 'decode' or 'prefill'"):
         C.fit([dict(_OK_PRE), dict(_OK_PRE, kind="prefil")])
+
+
+@pytest.mark.parametrize("reps", [0, -1, 1.5, True])
+def test_reps_below_one_rejected_before_any_work(reps, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("work started before reps was checked")
+
+    monkeypatch.setattr(C, "model_for_shape", no_work)
+    monkeypatch.setattr(C, "_gen_once", no_work)
+    with pytest.raises(ValueError, match="reps must be an int >= 1"):
+        C.calibrate("tiny", "cpu", reps=reps)
+    with pytest.raises(ValueError, match="reps must be an int >= 1"):
+        C.time_jobs(object(), [(1, 8, 2)], reps=reps)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_calibrate_cli_reps_below_one_is_argparse_error(value, capsys, monkeypatch, tmp_path):
+    def no_work(*a, **k):
+        raise AssertionError("calibrate ran")
+
+    monkeypatch.setattr(C, "calibrate", no_work)
+    with pytest.raises(SystemExit) as e:
+        C.main(["--reps", value, "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--reps: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_bench_cli_reps_below_one_is_argparse_error(capsys, monkeypatch):
+    from hf_ext.simulate import bench
+
+    def no_work(*a, **k):
+        raise AssertionError("bench ran")
+
+    monkeypatch.setattr(bench, "_calibration_rows", no_work)
+    monkeypatch.setattr(bench, "_speed_rows", no_work)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--reps", "0"])
+    assert e.value.code == 2
+    assert "--reps: must be an integer >= 1" in capsys.readouterr().err
