@@ -154,8 +154,18 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CostModel:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Inverse of :meth:`to_dict`. An unknown (e.g. misspelt) key is a ValueError, not a silent 0;
+        free-form metadata belongs under ``extra``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a CostModel dict must be a JSON object, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown CostModel key(s) {unknown}; valid keys: {', '.join(known)} "
+                "(put other metadata under 'extra')"
+            )
+        return cls(**d)
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> CostModel:
@@ -171,7 +181,10 @@ class CostModel:
                     f"no calibration {name_or_path!r}; available in {CALIBRATION_DIR}: {avail}"
                 )
             p = cand
-        return cls.from_dict(json.loads(p.read_text()))
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from e
 
 
 def default_gpu_cost_model() -> CostModel:

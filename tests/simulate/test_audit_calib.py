@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -116,3 +117,25 @@ def test_bench_cli_reps_below_one_is_argparse_error(capsys, monkeypatch):
         bench.main(["--reps", "0"])
     assert e.value.code == 2
     assert "--reps: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_cost_model_unknown_key_is_a_value_error_listing_valid_keys(tmp_path):
+    d = {"decode_floor": 0.045, "per_seq": 1e-4, "name": "typo"}  # misspelt: used to load as all zeros
+    with pytest.raises(
+        ValueError, match=r"unknown CostModel key\(s\) \['decode_floor', 'per_seq'\].*decode_floor_s"
+    ):
+        CostModel.from_dict(d)
+    p = tmp_path / "typo.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"typo\.json: unknown CostModel key"):
+        CostModel.load(p)
+
+
+def test_every_shipped_calibration_still_loads_and_round_trips():
+    from hf_ext.simulate.cost_model import available_calibrations
+
+    names = available_calibrations()
+    assert "cpu-x86-64-tiny" in names and "gpu_md-h100-llama3.1-8b" in names
+    for name in names:
+        cm = CostModel.load(name)
+        assert CostModel.from_dict(cm.to_dict()) == cm, name
