@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,14 @@ AZURE_RATE = 5.5
 
 LENGTH_DISTS = ("lognormal", "logt", "mixture")
 ARRIVALS = ("poisson", "gamma", "mmpp", "offline")
+
+
+def _finite(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+
+
+def _finite_positive(v: Any) -> bool:
+    return _finite(v) and v > 0
 
 
 # ------------------------------------------------------------------------------------- lengths
@@ -77,6 +86,20 @@ class LengthDist:
     def __post_init__(self) -> None:
         if self.kind not in LENGTH_DISTS:
             raise ValueError(f"LengthDist.kind must be one of {LENGTH_DISTS}, got {self.kind!r}")
+        for name in (
+            "mu",
+            "sigma",
+            "nu",
+            "mu_spread",
+            "tail_prob",
+            "tail_shift",
+            "tail_sigma",
+            "min_len",
+            "max_len",
+        ):
+            v = getattr(self, name)
+            if not _finite(v):
+                raise ValueError(f"LengthDist.{name} must be a finite number, got {v!r}")
         if self.sigma < 0 or self.mu_spread < 0 or self.tail_sigma < 0:
             raise ValueError("LengthDist.sigma, mu_spread and tail_sigma must be >= 0")
         if self.nu <= 0:
@@ -142,18 +165,21 @@ def arrival_times(
     rng = rng or np.random.default_rng(0)
     if process == "offline":
         return np.zeros(n)
-    if rate <= 0:
-        raise ValueError(f"rate must be > 0 req/s, got {rate!r}")
+    if not _finite_positive(rate):
+        raise ValueError(f"rate must be a finite number > 0 req/s, got {rate!r}")
     if process == "poisson":
         gaps = rng.exponential(1.0 / rate, n)
     elif process == "gamma":
-        if cv <= 0:
-            raise ValueError(f"cv must be > 0, got {cv!r}")
+        if not _finite_positive(cv):
+            raise ValueError(f"cv must be a finite number > 0, got {cv!r}")
         k = 1.0 / cv**2
         gaps = rng.gamma(k, 1.0 / (rate * k), n)
     else:
-        if not 0 < burst_frac < 1 or burst_factor <= 0:
-            raise ValueError("mmpp needs 0 < burst_frac < 1 and burst_factor > 0")
+        if not 0 < burst_frac < 1 or not _finite_positive(burst_factor) or not _finite_positive(mean_phase_s):
+            raise ValueError(
+                "mmpp needs 0 < burst_frac < 1, and burst_factor and mean_phase_s finite and > 0; got "
+                f"burst_frac={burst_frac!r}, burst_factor={burst_factor!r}, mean_phase_s={mean_phase_s!r}"
+            )
         base = rate / (1 - burst_frac + burst_frac * burst_factor)
         rates = (base, base * burst_factor)
         means = (mean_phase_s * (1 - burst_frac) / 0.5, mean_phase_s * burst_frac / 0.5)
@@ -249,13 +275,21 @@ def azure_trace(
         n: number of rows to keep (from ``start``), None for all.
         start: first row.
         time_scale: time compression factor: arrivals are divided by it (2.0 = twice the load).
-        max_output: clip generated tokens (e.g. a model's generation cap).
+        max_output: clip generated tokens (e.g. a model's generation cap); None or >= 1.
     """
     import csv
     from datetime import datetime
 
-    if time_scale <= 0:
-        raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+    if not _finite_positive(time_scale):
+        raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+    if max_output is not None and (
+        isinstance(max_output, bool) or not isinstance(max_output, numbers.Integral) or max_output < 1
+    ):
+        raise ValueError(f"max_output must be None or an int >= 1 (tokens), got {max_output!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0):
+        raise ValueError(f"n must be None or an int >= 0 (rows), got {n!r}")
+    if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+        raise ValueError(f"start must be an int >= 0 (first row), got {start!r}")
     p = Path(path) if path is not None else default_data_dir() / AZURE_TRACE_NAME
     if p.is_dir():
         p = p / AZURE_TRACE_NAME
@@ -303,7 +337,9 @@ def azure_trace(
 
 
 def trace_stats(reqs: Sequence[Request]) -> dict[str, float]:
-    """Arrival rate, inter-arrival CV and length percentiles of a workload."""
+    """Arrival rate, inter-arrival CV and length percentiles of a workload (at least one request)."""
+    if len(reqs) == 0:
+        raise ValueError("trace_stats needs reqs with at least one request, got an empty sequence")
     arr = np.sort(np.asarray([r.arrival for r in reqs]))
     gaps = np.diff(arr)
     out = np.asarray([r.output_len for r in reqs])
@@ -403,6 +439,15 @@ def rollout(
     """
     if n_prompts < 1 or num_generations < 1:
         raise ValueError("n_prompts and num_generations must be >= 1")
+    if not _finite(mu):
+        raise ValueError(f"mu must be a finite number, got {mu!r}")
+    for name, v in (("prompt_spread", prompt_spread), ("sigma_within", sigma_within)):
+        if not (_finite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if not _finite_positive(nu):
+        raise ValueError(f"nu must be a finite number > 0, got {nu!r}")
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 1:
+        raise ValueError(f"max_len must be an int >= 1, got {max_len!r}")
     rng = np.random.default_rng(seed)
     mus = mu + rng.normal(0, prompt_spread, n_prompts)
     if isinstance(prompt_len, LengthDist):
