@@ -6,7 +6,8 @@ Rows written to ``benchmarks/results/simulator.csv`` (component ``simulator``):
   transformers ``generate`` wall time); ratio = measured / simulated (1.0 = exact);
 * ``calibration_error``: mean |simulated / measured - 1| over those cases, baseline ``target_0.20``;
 * ``sim_seconds_100k``: wall seconds to simulate 100,000 requests (Azure-matched lengths, log-t tail,
-  Poisson arrivals, GPU.md H100 cost model) per scheduler, baseline ``target_60s`` = 60;
+  Poisson arrivals, GPU.md H100 cost model) per scheduler, baseline ``target_60s`` = 60; another ``--n`` is
+  named exactly: ``sim_seconds_10k`` for a multiple of 1,000, else ``sim_seconds_n{n}`` (``sim_seconds_n500``);
 * ``sim_seconds_trace``: wall seconds to replay the whole Azure 2023 conversation trace (19,366 requests;
   CC-BY 4.0, Patel et al., ISCA 2024) when the file is present.
 
@@ -120,6 +121,12 @@ def _calibration_rows(device: str, shape: str, reps: int, out: str | None) -> li
     return rows
 
 
+def speed_metric(n: int) -> str:
+    """Metric name of the ``n``-request speed run: ``sim_seconds_100k`` (the name of the existing rows) for a
+    multiple of 1,000, else ``sim_seconds_n{n}``; never rounded (``n // 1000`` wrote ``--n 500`` as ``0k``)."""
+    return f"sim_seconds_{n // 1000}k" if n % 1000 == 0 else f"sim_seconds_n{n}"
+
+
 def _speed_rows(n: int, rate: float) -> list:
     from hf_ext.simulate import FCFS, CostModel, Simulator, SJFOracle
     from hf_ext.simulate import workload as W
@@ -135,7 +142,7 @@ def _speed_rows(n: int, rate: float) -> list:
         res = Simulator(cm, sched, max_num_seqs=256, kv_capacity_tokens=400_000).run(reqs)
         dt = time.perf_counter() - t0
         s = res.summary()
-        metric = "sim_seconds_100k" if n == 100_000 else f"sim_seconds_{n // 1000}k"
+        metric = speed_metric(n)
         rows.append(
             Row.make(
                 COMPONENT,

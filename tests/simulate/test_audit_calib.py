@@ -139,3 +139,30 @@ def test_every_shipped_calibration_still_loads_and_round_trips():
     for name in names:
         cm = CostModel.load(name)
         assert CostModel.from_dict(cm.to_dict()) == cm, name
+
+
+@pytest.mark.parametrize(
+    "n, name",
+    [
+        (100_000, "sim_seconds_100k"),
+        (10_000, "sim_seconds_10k"),
+        (500, "sim_seconds_n500"),
+        (1999, "sim_seconds_n1999"),
+    ],
+)
+def test_bench_speed_metric_names_n_exactly(n, name):
+    from hf_ext.simulate import bench
+
+    assert bench.speed_metric(n) == name  # 100k keeps the name of the rows already in simulator.csv
+
+
+def test_bench_speed_rows_of_500_requests_are_not_named_0k(monkeypatch):
+    from hf_ext.simulate import bench
+    from hf_ext.simulate import workload as W
+
+    def no_trace(*a, **k):
+        raise FileNotFoundError("no trace in this test")
+
+    monkeypatch.setattr(W, "azure_trace", no_trace)
+    rows = bench._speed_rows(500, 5.5)
+    assert {r.metric for r in rows} == {"sim_seconds_n500"}
