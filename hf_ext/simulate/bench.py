@@ -22,11 +22,23 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 COMPONENT = "simulator"
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type`` of a finite number > 0 (``--rate 0`` is an argparse error, not a traceback)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,8 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--shape", default=None, help="tiny | small | llama3.1-8b (default tiny on CPU, 8B on CUDA)"
     )
-    ap.add_argument("--n", type=int, default=100_000, help="requests in the speed run")
-    ap.add_argument("--rate", type=float, default=5.5, help="arrival rate of the speed run (req/s)")
+    ap.add_argument("--n", type=positive_int, default=100_000, help="requests in the speed run (>= 1)")
+    ap.add_argument(
+        "--rate", type=positive_float, default=5.5, help="arrival rate of the speed run (req/s, finite, > 0)"
+    )
     ap.add_argument(
         "--reps",
         type=positive_int,

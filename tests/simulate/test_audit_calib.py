@@ -166,3 +166,28 @@ def test_bench_speed_rows_of_500_requests_are_not_named_0k(monkeypatch):
     monkeypatch.setattr(W, "azure_trace", no_trace)
     rows = bench._speed_rows(500, 5.5)
     assert {r.metric for r in rows} == {"sim_seconds_n500"}
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--n", "0"], "--n: must be an integer >= 1"),
+        (["--n", "-3"], "--n: must be an integer >= 1"),
+        (["--rate", "0"], "--rate: must be a finite number > 0"),
+        (["--rate", "-1"], "--rate: must be a finite number > 0"),
+        (["--rate", "nan"], "--rate: must be a finite number > 0"),
+        (["--rate", "inf"], "--rate: must be a finite number > 0"),
+    ],
+)
+def test_bench_cli_n_and_rate_are_argparse_errors(args, match, capsys, monkeypatch):
+    from hf_ext.simulate import bench
+
+    def no_work(*a, **k):
+        raise AssertionError("bench ran")
+
+    monkeypatch.setattr(bench, "_calibration_rows", no_work)
+    monkeypatch.setattr(bench, "_speed_rows", no_work)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--skip-calibration", *args])
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
