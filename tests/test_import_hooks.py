@@ -48,3 +48,25 @@ def test_plain_import_hf_ext_then_transformers_registers_everything():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
     assert "failed" not in res.stderr, res.stderr
+
+
+def test_importing_hf_ext_again_after_purging_its_modules_keeps_one_finder_each_and_registers():
+    # test runners and notebook reloaders drop a package's modules from sys.modules and import it again: the old
+    # copies' meta-path finders called each other (RecursionError on the first transformers Auto import)
+    code = (
+        "import sys\n"
+        "import hf_ext\n"
+        "for k in [k for k in sys.modules if k == 'hf_ext' or k.startswith('hf_ext.')]:\n"
+        "    del sys.modules[k]\n"
+        "import hf_ext\n"
+        "names = [type(f).__name__ for f in sys.meta_path if type(f).__module__.startswith('hf_ext')]\n"
+        "assert sorted(names) == ['_AutoRegistrationFinder', '_PostImportFinder'], names\n"
+        "from transformers import AttentionInterface, AutoConfig\n"
+        "from transformers.generation.continuous_batching.continuous_api import SCHEDULER_MAPPING\n"
+        "assert type(AutoConfig.for_model('latent_omni')).__name__ == 'LatentOmniConfig'\n"
+        "assert 'sale' in AttentionInterface._global_mapping and 'tie' in SCHEDULER_MAPPING\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    assert "failed" not in res.stderr, res.stderr

@@ -87,6 +87,18 @@ def _remove_finder() -> None:
         sys.meta_path.remove(_FINDER)
 
 
+def _drop_stale_finders() -> None:
+    """Remove finders left by an earlier copy of this module (``hf_ext`` imported again after its modules were
+    dropped from ``sys.modules``): their callbacks belong to the old copy."""
+    sys.meta_path[:] = [
+        f
+        for f in sys.meta_path
+        if f is _FINDER
+        or type(f).__qualname__ != _PostImportFinder.__qualname__
+        or type(f).__module__ != __name__
+    ]
+
+
 def when_imported(module: str, callback: Callable[[ModuleType], None]) -> None:
     """Call ``callback(module_object)`` once ``module`` is imported (now, if it already is).
 
@@ -99,6 +111,7 @@ def when_imported(module: str, callback: Callable[[ModuleType], None]) -> None:
     with _LOCK:
         _PENDING.setdefault(module, []).append(callback)
         if _FINDER not in sys.meta_path:
+            _drop_stale_finders()
             sys.meta_path.insert(0, _FINDER)
 
 

@@ -148,19 +148,26 @@ class _RegisteringLoader(importlib.abc.Loader):
 
 
 class _AutoRegistrationFinder(importlib.abc.MetaPathFinder):
+    def __init__(self) -> None:
+        self._resolving: set[str] = set()
+
     def find_spec(
         self, fullname: str, path: Any, target: Any = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if not fullname.startswith(_AUTO_PREFIX) or not _PENDING:
+        if not fullname.startswith(_AUTO_PREFIX) or not _PENDING or fullname in self._resolving:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _RegisteringLoader(spec.loader, fullname)
-                return spec
+        self._resolving.add(fullname)  # another finder that asks the meta path again must not come back here
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _RegisteringLoader(spec.loader, fullname)
+                    return spec
+        finally:
+            self._resolving.discard(fullname)
         return None
 
 
@@ -172,8 +179,22 @@ def _uninstall() -> None:
         sys.meta_path.remove(_FINDER)
 
 
+def _drop_stale_finders() -> None:
+    """Remove finders left by an earlier copy of this module (``hf_ext`` imported again after its modules were
+    dropped from ``sys.modules``, as test runners and notebook reloaders do): theirs would run stale
+    registrations."""
+    sys.meta_path[:] = [
+        f
+        for f in sys.meta_path
+        if f is _FINDER
+        or type(f).__qualname__ != _AutoRegistrationFinder.__qualname__
+        or type(f).__module__ != __name__
+    ]
+
+
 def install() -> None:
     """Register now with the auto modules already imported; defer the rest to their first import."""
+    _drop_stale_finders()
     for name in list(_PENDING):
         if name in sys.modules:
             _LOADED.add(name)
