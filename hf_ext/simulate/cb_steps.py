@@ -63,7 +63,8 @@ class StepLog:
     ``ctx_decode`` (their summed context, tokens), ``prefill_tokens`` (prompt tokens in the step),
     ``prefill_attn`` (sum over prefill chunks of ``chunk * (offset + chunk / 2)``), ``n_prefill`` (chunks) and
     ``run`` (which processor, in order of creation). ``limits``: per run, the engine's ``max_batch_tokens``,
-    ``kv_tokens`` (paged cache capacity), ``max_requests_per_batch`` and ``block_size``.
+    ``kv_tokens`` (paged cache capacity), ``max_requests_per_batch`` and ``block_size`` (tokens per KV block;
+    None when this transformers version does not expose it).
     """
 
     steps: list[dict[str, float]] = field(default_factory=list)
@@ -72,6 +73,28 @@ class StepLog:
     def arrays(self) -> dict[str, np.ndarray]:
         """Columns of :attr:`steps` as float arrays (keys of :data:`STEP_KEYS`)."""
         return {k: np.asarray([s[k] for s in self.steps], dtype=np.float64) for k in STEP_KEYS}
+
+
+def _block_size(proc: Any, cache: Any) -> int | None:
+    """Tokens per KV block of the paged cache, or None when this transformers version keeps it elsewhere.
+
+    transformers <= 5.16 had ``cache.block_size``; from 5.17 the size is the config's ``page_size`` (tokens of a
+    full-attention page: ``proc.cb_config.page_size``, also each cache allocator's ``tokens_per_page``)."""
+    cfg = getattr(proc, "cb_config", None)
+    for v in (
+        getattr(cache, "block_size", None),
+        getattr(cache, "page_size", None),
+        getattr(cfg, "page_size", None),
+    ):
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    allocators = getattr(cache, "cache_allocators", None)
+    pages = [
+        getattr(a, "tokens_per_page", None)
+        for a in (allocators.values() if isinstance(allocators, dict) else ())
+    ]
+    pages = [v for v in pages if isinstance(v, int) and v > 0]
+    return max(pages) if pages else None
 
 
 def _engine_limits(proc: Any) -> dict[str, Any]:
@@ -84,7 +107,7 @@ def _engine_limits(proc: Any) -> dict[str, Any]:
         "max_batch_tokens": int(getattr(proc, "max_batch_tokens", 0) or 0),
         "kv_tokens": int(kv or 0),
         "max_requests_per_batch": int(getattr(sched, "max_requests_per_batch", 0) or 0),
-        "block_size": int(getattr(cache, "block_size", 0) or getattr(cache, "page_size", 0) or 0),
+        "block_size": _block_size(proc, cache),  # None, never 0, when it cannot be found
         "async": bool(getattr(proc, "use_async_batching", False)),
     }
 

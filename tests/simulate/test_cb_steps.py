@@ -53,7 +53,23 @@ def test_records_each_step_make_up_exactly():
     lim = log.limits[0]
     assert lim["max_batch_tokens"] == 32 and lim["max_requests_per_batch"] == 8
     assert lim["kv_tokens"] > 0 and lim["kv_tokens"] % 64 == 0  # 64 blocks of the paged cache
+    from transformers import ContinuousBatchingConfig
+
+    page = getattr(ContinuousBatchingConfig(), "page_size", None)  # transformers >= 5.17; was block_size
+    assert lim["block_size"] == (page or ContinuousBatchingConfig().block_size) and lim["block_size"] > 0
     assert set(log.arrays()) == set(STEP_KEYS)
+
+
+def test_block_size_is_read_from_each_transformers_layout_and_never_zero():
+    from types import SimpleNamespace as NS
+
+    from hf_ext.simulate.cb_steps import _engine_limits
+
+    old = NS(cache=NS(block_size=32), scheduler=None)  # transformers <= 5.16
+    new = NS(cache=NS(), cb_config=NS(page_size=128), scheduler=None)  # >= 5.17: the config's page_size
+    alloc = NS(cache=NS(cache_allocators={"full_attention": NS(tokens_per_page=64)}), scheduler=None)
+    none = NS(cache=NS(block_size=0), cb_config=NS(page_size=None), scheduler=None)
+    assert [_engine_limits(p)["block_size"] for p in (old, new, alloc, none)] == [32, 128, 64, None]
 
 
 def test_two_runs_in_one_block_are_kept_apart():
