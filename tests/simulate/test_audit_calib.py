@@ -191,3 +191,24 @@ def test_bench_cli_n_and_rate_are_argparse_errors(args, match, capsys, monkeypat
         bench.main(["--skip-calibration", *args])
     assert e.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def test_docs_state_the_shipped_cpu_calibration():
+    """docs/simulate.md quotes cpu-x86-64-tiny.json's own figures (it quoted another run's)."""
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "simulate.md").read_text()
+    cm = CostModel.load("cpu-x86-64-tiny")
+    assert "calibrations/cpu-x86-64-tiny.json" in docs
+    assert f"**{cm.extra['calibration_error']:.3f}**" in docs
+    assert f"mean relative error {cm.extra['fit_mean_abs_rel_err']:.3f}" in docs
+    for v in cm.extra["validation"]:
+        pct = f"{abs(v['rel_err']):.1%}"
+        row = f"B={v['batch']} P={v['prompt']} new={v['new']}"
+        line = next(ln for ln in docs.splitlines() if row in ln and "time, s" in ln)
+        assert ("+" if v["rel_err"] > 0 else "−") + pct in line, line
+        assert f"{v['simulated_s']:.4f}" in line and f"{v['measured_s']:.4f}" in line, line
+    pre = [p for p in cm.extra["points"] if p["kind"] == "prefill" and p["prompt"] in (16, 64)]
+    for p in pre:
+        err = C._predict(cm, p) / p["seconds"] - 1
+        assert f"{p['prompt']} tokens +{err:.0%}".replace("%", " %") in docs
