@@ -34,11 +34,20 @@ class FCFS:
     def __init__(self) -> None:
         self._h: list[tuple[float, int, Request]] = []
         self._tie = itertools.count()
-        self._first: dict[int, int] = {}  # id(request) -> its tie-break number from its first add
 
     def add(self, req: Request, now: float) -> None:
-        # a preempted request comes back with its first number: ahead of later requests of the same arrival time
-        seq = self._first.setdefault(id(req), next(self._tie))
+        # the tie-break number among requests of the same arrival time lives on the request (``meta["fcfs_seq"]``),
+        # so a reused scheduler holds nothing from earlier runs
+        seq = next(self._tie)
+        req.meta["fcfs_seq"] = seq
+        heapq.heappush(self._h, (req.arrival, seq, req))
+
+    def requeue(self, req: Request, now: float) -> None:
+        """A preempted request back in the queue with the number of its arrival: ahead of the waiting requests of
+        the same arrival time."""
+        seq = req.meta.get("fcfs_seq")
+        if seq is None:
+            raise ValueError(f"request {req.id}: requeue() of a request this scheduler never added")
         heapq.heappush(self._h, (req.arrival, seq, req))
 
     def peek_next(self, now: float) -> Request | None:

@@ -351,7 +351,9 @@ def test_fcfs_puts_a_preempted_request_back_ahead_of_its_equal_arrival_peers():
     for r in (a, b, c):
         s.add(r, 0.0)
     assert [s.pop_next(0.0), s.pop_next(0.0)] == [a, b]
-    s.add(b, 5.0)  # preempted: back to its arrival position, ahead of c
+    s.requeue(
+        b, 5.0
+    )  # preempted (the engine requeues through requeue): back to its arrival position, ahead of c
     assert s.peek_next(5.0) is b
 
 
@@ -366,7 +368,9 @@ def test_cpu_tier_hits_of_the_request_being_admitted_are_not_spilled_away():
         Request(2, 2.0, 8, 1, meta={"prefix_segments": [("X", 6)]}),
         Request(3, 3.0, 11, 1),
     ]
-    sim = Simulator(CostModel.constant(1.0), FCFS(), kv_capacity_tokens=12, cpu_capacity_tokens=6)
+    sim = Simulator(
+        CostModel.constant(1.0, kv_bytes_per_token=1.0), FCFS(), kv_capacity_tokens=12, cpu_capacity_tokens=6
+    )
     res = sim.run(reqs)
     assert res.num_finished == 4
     assert sim.cpu_used == sum(e.tokens for e in sim.cache.values() if e.tier == "cpu")
