@@ -93,27 +93,55 @@ class SimConfig:
     timeline_min_dt: float = field(default=0.0, metadata={"help": "min seconds between timeline points"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be an int >= 1, got {self.max_num_seqs!r}")
+        _check_number("max_num_seqs", self.max_num_seqs, integer=True, low=1)
+        _check_number(
+            "max_num_batched_tokens", self.max_num_batched_tokens, integer=True, low=1, none_ok=True
+        )
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens must be None or > max_num_seqs={self.max_num_seqs} (decode tokens count "
                 f"against it), got {self.max_num_batched_tokens!r}"
             )
-        if self.kv_capacity_tokens is not None and self.kv_capacity_tokens < 1:
-            raise ValueError(f"kv_capacity_tokens must be None or >= 1, got {self.kv_capacity_tokens!r}")
-        if self.kv_capacity_bytes is not None and self.kv_capacity_bytes <= 0:
-            raise ValueError(f"kv_capacity_bytes must be None or > 0, got {self.kv_capacity_bytes!r}")
-        if not 0.0 <= self.admission_watermark < 1.0:
+        _check_number("kv_capacity_tokens", self.kv_capacity_tokens, integer=True, low=1, none_ok=True)
+        _check_number("kv_capacity_bytes", self.kv_capacity_bytes, low=0, low_open=True, none_ok=True)
+        _check_number("admission_watermark", self.admission_watermark, low=0)
+        if not self.admission_watermark < 1.0:
             raise ValueError(f"admission_watermark must be in [0, 1), got {self.admission_watermark!r}")
-        if self.cpu_capacity_tokens < 0:
-            raise ValueError(f"cpu_capacity_tokens must be >= 0, got {self.cpu_capacity_tokens!r}")
-        if self.transfer_bandwidth <= 0:
-            raise ValueError(f"transfer_bandwidth must be > 0 bytes/s, got {self.transfer_bandwidth!r}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError(f"stop_after must be None or >= 1, got {self.stop_after!r}")
-        if self.check_every < 0:
-            raise ValueError(f"check_every must be >= 0, got {self.check_every!r}")
+        _check_number("cpu_capacity_tokens", self.cpu_capacity_tokens, integer=True, low=0)
+        _check_number("transfer_bandwidth", self.transfer_bandwidth, low=0, low_open=True)
+        _check_number("prefetch_window_s", self.prefetch_window_s, low=0)
+        _check_number("stop_after", self.stop_after, integer=True, low=1, none_ok=True)
+        _check_number("check_every", self.check_every, integer=True, low=0)
+        _check_number("timeline_min_dt", self.timeline_min_dt, low=0)
+        for name in ("chunked_prefill", "prefix_caching", "record_timeline"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float,
+    low_open: bool = False,
+    none_ok: bool = False,
+) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is a finite number (an int when ``integer``; never a
+    bool) ``>= low`` (``> low`` when ``low_open``), or None when ``none_ok``."""
+    if value is None and none_ok:
+        return
+    kind = "an int" if integer else "a finite number"
+    bound = f"> {low:g}" if low_open else f">= {low:g}"
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, np.integer) if integer else (int, float, np.integer, np.floating))
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+    )
+    if not ok:
+        extra = " or None" if none_ok else ""
+        raise ValueError(f"{name} must be {kind} {bound}{extra}, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------ cache types
@@ -239,13 +267,19 @@ class _ReqState:
         self.req = req
         self.idx = idx
         bl = req.meta.get("branch_lens")
+        if bl is not None and len(bl) == 0:
+            raise ValueError(
+                f"request {req.id}: meta['branch_lens'] must list at least one branch length, got []"
+            )
         self.targets = [int(x) for x in bl] if bl is not None else [int(req.output_len)]
         n = len(self.targets)
         self.progress = [0] * n
         self.status = [0] * n  # 0 waiting/running, 1 finished, 2 pruned
         self.seqs: list[_Seq | None] = [None] * n
         sa = req.meta.get("stop_after", default_stop)
-        self.stop_after = n if sa is None else max(1, min(int(sa), n))
+        if sa is not None and (isinstance(sa, bool) or not isinstance(sa, (int, np.integer)) or sa < 1):
+            raise ValueError(f"request {req.id}: meta['stop_after'] must be None or an int >= 1, got {sa!r}")
+        self.stop_after = n if sa is None else min(int(sa), n)
         self.n_finished = 0
         self.n_alive = 0
         self.first_admit = math.nan
@@ -311,6 +345,12 @@ class Simulator:
         self.branch_policy = branch_policy
         self.preempt_victim = preempt_victim
         self.on_finish = on_finish
+        if config.cpu_capacity_tokens and not cost_model.kv_bytes_per_token > 0:
+            raise ValueError(
+                f"cpu_capacity_tokens={config.cpu_capacity_tokens} needs CostModel.kv_bytes_per_token > 0 (got "
+                f"{cost_model.kv_bytes_per_token!r}): CPU<->GPU transfers are priced by bytes, so without it they "
+                "would cost nothing"
+            )
         cap = config.kv_capacity_tokens
         if cap is None and config.kv_capacity_bytes is not None:
             if cost_model.kv_bytes_per_token <= 0:
@@ -344,11 +384,24 @@ class Simulator:
             raise ValueError(f"request {r.id}: prompt_len and output lengths must be >= 1")
         if not math.isfinite(r.arrival) or r.arrival < 0:
             raise ValueError(f"request {r.id}: arrival must be a finite time >= 0, got {r.arrival!r}")
+        seg_tokens = sum(int(t) for _, t in rs.segments)
+        if seg_tokens > r.prompt_len:
+            raise ValueError(
+                f"request {r.id}: meta['prefix_segments'] cover {seg_tokens} tokens > prompt_len {r.prompt_len} "
+                "(they must be a prefix of the prompt)"
+            )
         worst = r.prompt_len + sum(rs.targets)
         if worst > self.capacity:
             raise ValueError(
                 f"request {r.id} needs up to {worst} KV tokens > kv_capacity_tokens={self.capacity:g}; "
                 "raise kv_capacity_tokens/kv_capacity_bytes or shorten the workload"
+            )
+        wm = cfg.admission_watermark * self.capacity
+        if wm and r.prompt_len + len(rs.targets) + wm > self.capacity:
+            raise ValueError(
+                f"request {r.id} can never be admitted: its prompt ({r.prompt_len} tokens) plus the admission "
+                f"watermark ({cfg.admission_watermark:g} x {self.capacity:g} tokens) exceed kv_capacity_tokens; "
+                "lower admission_watermark or raise the capacity"
             )
         if len(rs.targets) > cfg.max_num_seqs:
             raise ValueError(
@@ -443,6 +496,8 @@ class Simulator:
         self.n_completed = 0
         if n_req:
             self.now = arrivals[0]
+        self.start_time = self.now
+        self.kv_token_seconds = 0.0  # the integral of KV tokens in use over time (mean = this / duration)
         self._running_sim = True
         while True:
             self.n_events += 1
@@ -517,6 +572,7 @@ class Simulator:
             if not chunks and not self.n_dec:
                 if next_arr < inf:
                     self.now = max(now, next_arr)
+                    self.kv_token_seconds += self._mem_now() * (self.now - now)  # the prefix cache, idle
                     continue
                 if len(sched) or self.prefilling:
                     raise RuntimeError(
@@ -525,6 +581,7 @@ class Simulator:
                     )
                 break
 
+            mem_start = self._mem_now()
             if chunks:
                 # ---------------------------------------------------------- one mixed iteration
                 p_tok = 0
@@ -571,6 +628,8 @@ class Simulator:
                 self.step += k
                 self.n_iterations += k
             mem = self._mem_now()
+            # memory grows by n_dec tokens a step: linear over a decode jump (finishes free it at the end)
+            self.kv_token_seconds += 0.5 * (mem_start + mem) * (self.now - now)
             if mem > self.peak_mem:
                 self.peak_mem = mem
             if mem > cap + 1e-9:
@@ -587,11 +646,15 @@ class Simulator:
                         self._call_branch_hook(on_check, rs)
             if record and self.now - last_tl >= tl_dt:
                 last_tl = self.now
-                tl_t.append(self.now)
-                tl_mem.append(mem)
-                tl_batch.append(self.n_dec)
-                tl_wait.append(len(sched))
-                tl_cache.append(self.cache_gpu)
+                # memory at the end of the step, then (when requests finished) after they freed theirs: joined by
+                # straight lines these points trace the linear growth over decode jumps and the drops at finishes
+                mem_after = self._mem_now()
+                for m_point in (mem, mem_after) if mem_after != mem else (mem,):
+                    tl_t.append(self.now)
+                    tl_mem.append(m_point)
+                    tl_batch.append(self.n_dec)
+                    tl_wait.append(len(sched))
+                    tl_cache.append(self.cache_gpu)
 
         # ------------------------------------------------------------------------- results
         self._running_sim = False

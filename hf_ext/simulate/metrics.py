@@ -7,7 +7,9 @@ Definitions (seconds):
 * per-token latency = end-to-end latency / output tokens (``Request.output_len``), the metric of TIE / LTR;
 * throughput = generated tokens / makespan and finished requests / makespan, makespan = last finish - first
   arrival;
-* cache hit rate = prompt tokens served from the prefix cache / prompt tokens admitted (both tiers);
+* cache hit rate = context tokens served from the prefix cache (both tiers) / context tokens needed at
+  admissions (served + prefilled; a re-admission after a preemption counts again);
+* mean KV tokens = the integral of KV tokens in use over time / (end - first arrival);
 * recomputed tokens = prefill tokens computed again after a preemption; ``evict_recomputed`` = prompt tokens of
   segments that had been cached before but were evicted when needed again.
 
@@ -97,6 +99,8 @@ class SimResult:
             "iterations": float(sim.n_iterations),
             "events": float(sim.n_events),
             "end_time": float(sim.now),
+            "start_time": float(getattr(sim, "start_time", 0.0)),
+            "kv_token_seconds": float(getattr(sim, "kv_token_seconds", math.nan)),
             "cpu_loaded_tokens": float(sim.loaded_tokens),
             "prefetched_tokens": float(sim.prefetched_tokens),
         }
@@ -166,10 +170,10 @@ class SimResult:
         out["makespan_s"] = ms
         out["throughput_tok_s"] = self.counters["tokens_generated"] / ms if ms > 0 else math.nan
         out["throughput_req_s"] = self.num_finished / ms if ms > 0 else math.nan
-        prompt = float(self.cols["prompt_len"].sum())
         hits = float(self.cols["hit_gpu"].sum() + self.cols["hit_cpu"].sum())
-        admitted_prompt = prompt + float(self.cols["recomputed"].sum())
-        out["cache_hit_rate"] = hits / admitted_prompt if admitted_prompt else 0.0
+        # every admission (re-admissions after a preemption too) needs its context: from the cache or computed
+        needed = hits + float(self.cols["prefill_computed"].sum())
+        out["cache_hit_rate"] = hits / needed if needed else 0.0
         out["hit_tokens"] = hits
         out["prefill_computed_tokens"] = float(self.cols["prefill_computed"].sum())
         out["recomputed_tokens"] = float(self.cols["recomputed"].sum())
@@ -186,18 +190,28 @@ class SimResult:
         return out
 
     def mean_memory(self) -> float:
-        """Time-weighted mean KV tokens over the timeline (values held until the next point)."""
-        t, m = self.timeline.get("time"), self.timeline.get("kv_tokens")
-        if t is None or len(t) < 2:
-            return float(m[0]) if m is not None and len(m) else math.nan
-        dt = np.diff(t)
-        return float((m[:-1] * dt).sum() / dt.sum()) if dt.sum() > 0 else float(m.mean())
+        """Time-weighted mean KV tokens in use from the first arrival to the end of the run (the engine integrates
+        memory over every step, growing linearly over decode steps; it does not need the timeline). NaN for an
+        empty or instantaneous run."""
+        c = self.counters
+        span = c.get("end_time", math.nan) - c.get("start_time", math.nan)
+        integral = c.get("kv_token_seconds", math.nan)
+        return float(integral / span) if span > 0 and math.isfinite(integral) else math.nan
 
     def rollout_summary(self, tail_frac: float = 0.1) -> dict[str, float]:
         """Rollout view: makespan and the share of it spent on the last ``tail_frac`` of responses."""
         if not 0 < tail_frac < 1:
             raise ValueError(f"tail_frac must be in (0, 1), got {tail_frac!r}")
         fin = np.sort(self.cols["finish"][np.isfinite(self.cols["finish"])])
+        if not len(fin):  # an empty run
+            nan = math.nan
+            return {
+                "makespan_s": nan,
+                "body_done_s": nan,
+                "tail_share": nan,
+                "tokens_generated": self.counters["tokens_generated"],
+                "tokens_discarded": self.counters["tokens_discarded"],
+            }
         start = float(np.min(self.cols["arrival"]))
         ms = float(fin[-1] - start)
         k = max(0, int(math.ceil((1 - tail_frac) * len(fin))) - 1)
@@ -257,7 +271,7 @@ def plot(results: Mapping[str, SimResult], path: str | Path, title: str = "simul
         t, m = r.timeline.get("time"), r.timeline.get("kv_tokens")
         if t is not None and len(t):
             step = max(1, len(t) // 5000)
-            ax2.step(t[::step], m[::step], where="post", label=name)
+            ax2.plot(t[::step], m[::step], label=name)  # linear between points: decode growth
     ax1.set_xscale("log")
     ax1.set_xlabel("per-token latency (s/token)")
     ax1.set_ylabel("CDF")
