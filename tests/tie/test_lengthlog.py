@@ -471,6 +471,10 @@ def test_tie_log_cli_reports_and_fits(tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["tie-log", str(empty)]) == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a usage error, not a traceback
+        main(["tie-log", str(tmp_path / "missing.jsonl")])
+    assert "log: no such file" in capsys.readouterr().err
 
 
 def test_offloaded_and_soft_reset_requests_are_recorded_once_in_full():

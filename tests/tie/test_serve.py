@@ -275,7 +275,7 @@ def test_prompt_text_hook_feeds_the_predictor(model_dir):
     assert len(pred.seen) == 1 and pred.seen[0].startswith("n=")
 
 
-def test_cli_builds_config_and_forwards_transformers_flags(monkeypatch, tmp_path):
+def test_cli_builds_config_and_forwards_transformers_flags(monkeypatch, tmp_path, capsys):
     import transformers.cli.serving.utils as su
     import transformers.cli.transformers as tcli
 
@@ -301,8 +301,23 @@ def test_cli_builds_config_and_forwards_transformers_flags(monkeypatch, tmp_path
     assert not getattr(su.GenerationState, "_hf_ext_tie", False)
 
     cfg.write_text(json.dumps({"beta_maxx": 0.3}))
-    with pytest.raises(ValueError, match="unknown TIEConfig field"):
+    with pytest.raises(SystemExit):
         main(["serve", "my/model", "--tie-config", str(cfg)])
+    assert "--tie-config: unknown TIEConfig field(s) ['beta_maxx']" in capsys.readouterr().err
+    calls.clear()
+    log = tmp_path / "typo.jsonl"
+    for argv, said in (
+        (
+            ["--tie-length-log", str(log), "--tie-alfa", "0.5"],
+            "unknown flag(s) --tie-alfa",
+        ),  # not for transformers
+        (["--tie-alpha", "2"], "--tie-alpha: alpha must be in (0, 1)"),
+        (["--tie-config", str(tmp_path / "missing.json")], "--tie-config: cannot read"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", "my/model", *argv])
+        assert exc.value.code == 2 and said in capsys.readouterr().err
+    assert not log.exists() and calls == []  # refused before anything was opened or started
     for flag, bad in (("--tie-aging", "sometimes"), ("--tie-score", "sjf")):
         with pytest.raises(SystemExit):  # argparse names the allowed choices
             main(["serve", "my/model", flag, bad])
@@ -583,9 +598,17 @@ def test_chat_completions_go_through_tie_with_the_users_prompt_text(model_dir):
 
 def test_demo_includes_the_http_server():
     """``hf-ext demo tie``: its last step serves the tiny model with TIE (predictor in the loop) over HTTP."""
+    import torch
+
     from hf_ext.generation.tie.demo import run_demo
 
-    res = run_demo()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = run_demo()
+        assert torch.get_num_threads() == 2  # the demo runs on one thread and gives the caller's setting back
+    finally:
+        torch.set_num_threads(threads)
     assert res.passed and "HTTP served 6/6" in res.key_figure, res.key_figure
     assert "length log 6/6" in res.key_figure
 

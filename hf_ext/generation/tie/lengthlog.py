@@ -431,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--held-out must be in (0, 1), got {args.held_out}")
     if args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
+    import os
+
+    if not os.path.isfile(args.log):
+        p.error(f"log: no such file {args.log!r}")
     from rich.console import Console
     from rich.table import Table
 

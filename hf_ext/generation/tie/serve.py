@@ -496,6 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag_of(message: str) -> str:
+    """The ``--tie-<field>`` flag a :class:`TIEConfig` error message is about (it starts with the field's name)."""
+    names = sorted((f.name for f in dataclasses.fields(TIEConfig)), key=len, reverse=True)
+    for name in names:
+        if message.startswith(name):
+            return f"--tie-{name.replace('_', '-')}"
+    return "--tie-config / --tie-* flags"
+
+
 def config_from_args(args: argparse.Namespace) -> TIEConfig:
     """The :class:`TIEConfig` of ``hf-ext serve``'s flags: ``--tie-config`` file, then ``--tie-<field>`` flags."""
     values: dict[str, Any] = {}
@@ -515,10 +524,19 @@ def config_from_args(args: argparse.Namespace) -> TIEConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``hf-ext serve MODEL [--tie-...] [transformers serve flags]``: blocks until the server stops."""
-    args, rest = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a.split("=", 1)[0] for a in rest if a.startswith("--tie-")]
+    if unknown:  # a mistyped flag of ours: refused before anything loads (not handed to transformers serve)
+        parser.error(f"unknown flag(s) {', '.join(unknown)} (see hf-ext serve --help for the --tie-* flags)")
     if "--force-model" in rest or "--no-continuous-batching" in rest:
         raise SystemExit("hf-ext serve: MODEL is the served model and continuous batching is always on")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except (OSError, json.JSONDecodeError) as exc:
+        parser.error(f"--tie-config: cannot read {args.tie_config!r}: {exc}")
+    except ValueError as exc:
+        parser.error(f"{_flag_of(str(exc))}: {exc}")
     if args.tie_length_log_report is not None and (not args.tie_length_log or args.tie_length_log_report < 1):
         raise SystemExit("hf-ext serve: --tie-length-log-report N needs --tie-length-log FILE and N >= 1")
     refit = None
@@ -551,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 0
     with tie_generation_state() as state_cls:
         try:
-            app(["serve", args.model, "--continuous-batching", *rest], prog_name="hf-ext serve")
+            app(["serve", args.model, "--continuous-batching", *rest], prog_name="hf-ext")
         except SystemExit as exc:
             code = int(exc.code or 0)
         finally:
