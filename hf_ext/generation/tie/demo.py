@@ -17,6 +17,16 @@ from hf_ext.utils.demo import DemoResult
 
 def run_demo() -> DemoResult:
     import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster and repeatable; restored for the caller
+    try:
+        return _run_demo()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo() -> DemoResult:
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     from hf_ext.generation.tie.cb import clear_length_hints, enable_tie_scheduler, set_length_hints
@@ -28,7 +38,6 @@ def run_demo() -> DemoResult:
     from hf_ext.simulate import FCFS, CostModel, Request, SimConfig, Simulator
     from hf_ext.testing import tiny_llama, tiny_tokenizer
 
-    torch.set_num_threads(1)
     train, test = generate_workload(640, seed=1), generate_workload(300, seed=2)
     pred = LengthPredictor(PredictorConfig.tiny())
     pred.fit(length_pairs(train))
