@@ -26,17 +26,6 @@ def _resolve(target: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), fn)
 
 
-def _module_available(target: str | None) -> bool:
-    import importlib.util
-
-    if not target:
-        return False
-    try:
-        return importlib.util.find_spec(target.partition(":")[0]) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 # ---------------------------------------------------------------------------------------- doctor
 def doctor_report() -> dict[str, Any]:
     """Collect what ``hf-ext doctor`` prints: versions, devices, per-component readiness."""
@@ -110,10 +99,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ demo
+def _unknown_components(cmd: str, names: Sequence[str]) -> str | None:
+    """The error message for names that are neither ``all`` nor a registered component, else None."""
+    bad = [n for n in names if n != "all" and n not in registry.names()]
+    if bad:
+        return (
+            f"hf-ext {cmd}: unknown component {', '.join(map(repr, bad))}; "
+            f"choose from: all, {', '.join(registry.names())}"
+        )
+    if "all" in names and len(names) > 1:
+        return f"hf-ext {cmd}: 'all' cannot be combined with component names (got {' '.join(names)})"
+    return None
+
+
 def run_demos(names: Sequence[str]) -> list[dict[str, Any]]:
-    """Run the demos of ``names`` (all when empty); returns one record per component."""
+    """Run the demos of ``names`` (all when empty or ``["all"]``); returns one record per component.
+
+    A planned component is recorded as ``"not built"``; a built one whose demo fails, or cannot even be
+    imported (a missing dependency), as ``"FAIL"`` with the exception.
+    """
     from rich.progress import Progress
 
+    if list(names) == ["all"]:
+        names = []
     comps = [registry.get(n) for n in names] if names else list(registry.COMPONENTS)
     out = []
     with Progress(transient=True) as progress:
@@ -121,14 +129,14 @@ def run_demos(names: Sequence[str]) -> list[dict[str, Any]]:
         for c in comps:
             progress.update(task, description=f"demo {c.name}")
             rec: dict[str, Any] = {"component": c.name, "what": "", "key": "", "status": "", "seconds": 0.0}
-            if c.status != "built" or not _module_available(c.demo):
+            if c.status != "built" or not c.demo:
                 rec.update(what="not built yet", status="not built")
             else:
                 t0 = time.perf_counter()
                 try:
-                    res = _resolve(c.demo)()  # type: ignore[arg-type]
+                    res = _resolve(c.demo)()
                     rec.update(what=res.what, key=res.key_figure, status="pass" if res.passed else "FAIL")
-                except Exception as exc:  # report and keep going
+                except Exception as exc:  # report (an import error included) and keep going
                     traceback.print_exc()
                     rec.update(what="error", key=f"{type(exc).__name__}: {exc}"[:120], status="FAIL")
                 rec["seconds"] = time.perf_counter() - t0
@@ -141,8 +149,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    for n in args.components:
-        registry.get(n)  # fail early on a typo, listing known names
+    err = _unknown_components("demo", args.components)
+    if err:
+        print(err, file=sys.stderr)
+        return 2
     recs = run_demos(args.components)
     t = Table(title="hf_ext demo")
     for col in ("component", "what ran", "key figure", "result", "seconds"):
@@ -151,32 +161,108 @@ def cmd_demo(args: argparse.Namespace) -> int:
         style = {"pass": "green", "FAIL": "red"}.get(r["status"], "dim")
         t.add_row(r["component"], r["what"], r["key"], f"[{style}]{r['status']}[/]", f"{r['seconds']:.1f}")
     Console().print(t)
+    # a planned component named explicitly (not through `all`): nothing ran, so that is no success
+    planned = [r["component"] for r in recs if r["status"] == "not built"]
+    if planned and args.components not in ([], ["all"]):
+        print(f"hf-ext demo: {', '.join(planned)}: planned, not built yet; nothing ran", file=sys.stderr)
+        return 1
     return 1 if any(r["status"] == "FAIL" for r in recs) else 0
 
 
 # ----------------------------------------------------------------------------------------- bench
+def _bench_argv(name: str, bench_args: Sequence[str], under_all: bool) -> list[str]:
+    """The arguments ``name``'s benchmark gets. Under ``bench all``, sale (which needs a mode) runs ``--e2e``
+    unless a mode is given: that path also runs on CPU (a tiny model)."""
+    argv = list(bench_args)
+    if under_all and name == "sale" and not {"--e2e", "--kernels"} & set(argv):
+        argv = ["--e2e", *argv]
+    return argv
+
+
+def _check_bench_runnable(name: str, argv: Sequence[str]) -> str | None:
+    """Why ``name``'s benchmark cannot run with ``argv`` here (before any work), else None."""
+    if name == "sale" and "--kernels" in argv:
+        from hf_ext.attention.sale import bench as sale_bench
+
+        if not sale_bench._KERNEL_BENCH.exists():
+            return (
+                "hf-ext bench sale --kernels needs a source checkout of hf-ext: the kernel benchmark "
+                f"benchmarks/sale_kernels.py is not part of the installed package (looked for {sale_bench._KERNEL_BENCH}). "
+                "Run it from a clone of the repository, or use `hf-ext bench sale --e2e`."
+            )
+    return None
+
+
+def _run_one_bench(c: registry.Component, argv: list[str]) -> tuple[str, str]:
+    """Run one benchmark for ``bench all``: (``"pass"`` | ``"FAIL"``, detail); never raises (but Ctrl-C)."""
+    why = _check_bench_runnable(c.name, argv)
+    if why:
+        print(why, file=sys.stderr)
+        return "FAIL", why
+    try:
+        rc = int(_resolve(c.bench)(argv) or 0)  # type: ignore[arg-type]
+    except SystemExit as exc:  # argparse errors, `raise SystemExit("message")`
+        if exc.code in (0, None):
+            return "pass", "exited 0"
+        if isinstance(exc.code, int):
+            return "FAIL", f"exited with status {exc.code}"
+        print(exc.code, file=sys.stderr)
+        return "FAIL", str(exc.code)
+    except Exception as exc:
+        traceback.print_exc()
+        return "FAIL", f"{type(exc).__name__}: {exc}"
+    return ("pass", "") if rc == 0 else ("FAIL", f"returned {rc}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    names = registry.names() if args.component == "all" else [args.component]
-    rc = 0
-    for n in names:
-        c = registry.get(n)
-        if c.status != "built" or not _module_available(c.bench):
-            print(f"hf-ext bench: {n}: no benchmark (not built yet)")
-            if args.component != "all":
-                rc = 1
+    if args.component is None:
+        args.parser.error("the following arguments are required: component")
+    err = _unknown_components("bench", [args.component])
+    if err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.component != "all":
+        c = registry.get(args.component)
+        if c.status != "built" or not c.bench:
+            print(f"hf-ext bench: {c.name}: planned, not built yet; it has no benchmark", file=sys.stderr)
+            return 1
+        argv = _bench_argv(c.name, args.bench_args, under_all=False)
+        why = _check_bench_runnable(c.name, argv)
+        if why:
+            print(why, file=sys.stderr)
+            return 1
+        print(f"hf-ext bench: {c.name}")
+        return int(_resolve(c.bench)(argv) or 0)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    results: list[tuple[str, str, str, float]] = []
+    for c in registry.COMPONENTS:
+        if c.status != "built" or not c.bench:
+            results.append((c.name, "skipped", "planned, not built yet", 0.0))
             continue
-        print(f"hf-ext bench: {n}")
-        rc |= int(_resolve(c.bench)(list(args.bench_args)) or 0)  # type: ignore[arg-type]
-    return rc
+        argv = _bench_argv(c.name, args.bench_args, under_all=True)
+        print(f"hf-ext bench: {c.name} {' '.join(argv)}".rstrip(), flush=True)
+        t0 = time.perf_counter()
+        status, detail = _run_one_bench(c, argv)
+        results.append((c.name, status, detail, time.perf_counter() - t0))
+    t = Table(title="hf-ext bench all")
+    for col in ("component", "result", "detail", "seconds"):
+        t.add_column(col, overflow="fold")
+    for name, status, detail, secs in results:
+        style = {"pass": "green", "FAIL": "red"}.get(status, "dim")
+        t.add_row(name, f"[{style}]{status}[/]", detail, f"{secs:.1f}")
+    Console().print(t)
+    return 1 if any(r[1] == "FAIL" for r in results) else 0
 
 
 # ------------------------------------------------------------------------------------------ plan
 def cmd_plan(args: argparse.Namespace) -> int:
-    target = "hf_ext.accelerate.autoparallel.cli:main"
-    if registry.get("autoparallel").status != "built" or not _module_available(target):
-        print("hf-ext plan: the autoparallel component is not built yet")
+    if registry.get("autoparallel").status != "built":
+        print("hf-ext plan: the autoparallel component is not built yet", file=sys.stderr)
         return 1
-    return int(_resolve(target)(list(args.plan_args)) or 0)
+    return int(_resolve("hf_ext.accelerate.autoparallel.cli:main")(list(args.plan_args)) or 0)
 
 
 # ----------------------------------------------------------------------------------------- serve
@@ -200,12 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="versions, devices, and which components can run here")
     d.set_defaults(func=cmd_doctor)
     dm = sub.add_parser("demo", help="run components end-to-end on tiny CPU models")
-    dm.add_argument("components", nargs="*", help=f"any of: {', '.join(registry.names())} (default: all)")
+    dm.add_argument(
+        "components", nargs="*", help=f"'all' or any of: {', '.join(registry.names())} (default: all)"
+    )
     dm.set_defaults(func=cmd_demo)
-    b = sub.add_parser("bench", help="run a component's benchmark (GPU machine)")
-    b.add_argument("component", help=f"'all' or one of: {', '.join(registry.names())}")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
-    b.set_defaults(func=cmd_bench)
+    b = sub.add_parser(
+        "bench",
+        help="run a component's benchmark (GPU machine)",
+        usage="hf-ext bench [-h] component [bench_args ...]",
+    )
+    # optional here so that a missing one is reported alone (a REMAINDER counts as required in argparse's message)
+    b.add_argument("component", nargs="?", help=f"'all' or one of: {', '.join(registry.names())}")
+    b.add_argument(
+        "bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (optional)"
+    )
+    b.set_defaults(func=cmd_bench, parser=b)
     pl = sub.add_parser("plan", help="search a parallelism plan (autoparallel)")
     pl.add_argument("plan_args", nargs=argparse.REMAINDER)
     pl.set_defaults(func=cmd_plan)
@@ -244,11 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd, dest = _PASSTHROUGH[argv[0]]
         return cmd(argparse.Namespace(**{dest: argv[1:]}))
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyError as exc:
-        print(f"hf-ext: {exc.args[0]}", file=sys.stderr)
-        return 2
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,157 @@
+"""The user-facing surface found wanting by an audit: `hf-ext demo/bench/plan`, the bench harness's tables,
+results folder and plots, install hints, `from hf_ext import *`, and examples/simulate_serving.py.
+Fast: every benchmark and demo is stubbed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- section: cli
+def _stub_components(monkeypatch, benches=None, demos=None):
+    """Replace every demo/benchmark the CLI resolves: ``benches``/``demos`` map a component name to a function;
+    the others pass. Returns the list of (component, argv) the benchmarks got."""
+    from hf_ext import cli, registry
+
+    calls: list[tuple[str, list[str]]] = []
+    by_target = {}
+    for c in registry.COMPONENTS:
+        if c.bench:
+            by_target[c.bench] = (c.name, "bench")
+        if c.demo:
+            by_target[c.demo] = (c.name, "demo")
+
+    def fake_resolve(target):
+        name, kind = by_target[target]
+        if kind == "demo":
+            fn = (demos or {}).get(name)
+            return fn or (lambda: SimpleNamespace(what=f"{name} demo", key_figure="1.0x", passed=True))
+
+        def bench(argv):
+            calls.append((name, list(argv)))
+            fn = (benches or {}).get(name)
+            return fn(argv) if fn else 0
+
+        return bench
+
+    monkeypatch.setattr(cli, "_resolve", fake_resolve)
+    return calls
+
+
+def _sale_needs_a_mode(argv):
+    # what the real sale bench does without --kernels / --e2e: an argparse error
+    if "--e2e" not in argv and "--kernels" not in argv:
+        raise SystemExit(2)
+    return 0
+
+
+def test_bench_all_runs_every_benchmark_and_summarises(monkeypatch, capsys):
+    from hf_ext import registry
+    from hf_ext.cli import main
+
+    def boom(argv):
+        raise KeyError("bogus")
+
+    calls = _stub_components(monkeypatch, benches={"sale": _sale_needs_a_mode, "dataflex": boom})
+    assert main(["bench", "all"]) == 1  # dataflex failed, and that is no success
+    built = [c.name for c in registry.COMPONENTS if c.status == "built" and c.bench]
+    assert [n for n, _ in calls] == built  # none stopped the loop
+    assert dict(calls)["sale"] == ["--e2e"]  # sale's CPU-capable mode under `all`
+    out = capsys.readouterr()
+    summary = out.out[out.out.index("hf-ext bench all") :]
+    for name in built:
+        assert name in summary
+    assert "FAIL" in summary and "KeyError" in summary and "pass" in summary
+    assert "skipped" in summary  # planned components
+    assert "KeyError: 'bogus'" in out.err  # the traceback is shown
+
+
+def test_bench_all_passes_when_every_benchmark_passes(monkeypatch, tmp_path, capsys):
+    from hf_ext.attention.sale import bench as sale_bench
+    from hf_ext.cli import main
+
+    calls = _stub_components(monkeypatch, benches={"sale": _sale_needs_a_mode})
+    assert main(["bench", "all"]) == 0
+    calls.clear()
+    kernels = tmp_path / "sale_kernels.py"
+    kernels.write_text("")
+    monkeypatch.setattr(sale_bench, "_KERNEL_BENCH", kernels)
+    assert main(["bench", "all", "--kernels"]) == 0
+    assert ("sale", ["--kernels"]) in calls  # a mode the user gives to sale is kept
+
+
+def test_bench_error_inside_a_benchmark_is_not_reported_as_a_bad_name(monkeypatch):
+    from hf_ext.cli import main
+
+    def boom(argv):
+        raise KeyError("bogus")
+
+    _stub_components(monkeypatch, benches={"dataflex": boom})
+    with pytest.raises(KeyError, match="bogus"):  # its own traceback, not "hf-ext: bogus"
+        main(["bench", "dataflex"])
+
+
+def test_unknown_component_names_fail_early_with_the_choices(monkeypatch, capsys):
+    from hf_ext.cli import main
+
+    calls = _stub_components(monkeypatch)
+    assert main(["bench", "nope"]) == 2
+    assert main(["demo", "simulate", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown component 'nope'" in err and "choose from: all, simulate" in err
+    assert calls == []
+
+
+def test_built_component_that_fails_to_import_is_a_failure_not_not_built(monkeypatch, capsys):
+    from hf_ext.cli import main
+
+    monkeypatch.setitem(sys.modules, "hf_ext.simulate.demo", None)  # as when a dependency is missing
+    monkeypatch.setitem(sys.modules, "hf_ext.simulate.bench", None)
+    assert main(["demo", "simulate"]) == 1
+    out = capsys.readouterr()
+    assert "FAIL" in out.out and "not built" not in out.out
+    assert "ModuleNotFoundError" in out.err
+    with pytest.raises(ImportError):
+        main(["bench", "simulate"])
+
+
+def test_demo_all_and_planned_components(monkeypatch, capsys):
+    from hf_ext import registry
+    from hf_ext.cli import main, run_demos
+
+    _stub_components(monkeypatch)
+    assert main(["demo", "all"]) == 0
+    recs = {r["component"]: r["status"] for r in run_demos(["all"])}
+    assert recs == {c.name: "pass" if c.status == "built" else "not built" for c in registry.COMPONENTS}
+    capsys.readouterr()
+    assert main(["demo", "adaspa"]) == 1  # nothing ran
+    assert "adaspa: planned, not built yet" in capsys.readouterr().err
+    assert main(["bench", "adaspa"]) == 1
+    assert main(["demo", "all", "sale"]) == 2
+
+
+def test_bench_without_component_names_only_what_is_required(capsys):
+    from hf_ext.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "required: component" in err and "bench_args" not in err.splitlines()[-1]
+
+
+def test_sale_kernels_outside_a_checkout_says_so(monkeypatch, tmp_path, capsys):
+    from hf_ext.attention.sale import bench as sale_bench
+    from hf_ext.cli import main
+
+    monkeypatch.setattr(sale_bench, "_KERNEL_BENCH", tmp_path / "benchmarks" / "sale_kernels.py")
+    calls = _stub_components(monkeypatch)
+    assert main(["bench", "sale", "--kernels"]) == 1
+    assert "needs a source checkout" in capsys.readouterr().err
+    assert calls == []
