@@ -262,7 +262,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if registry.get("autoparallel").status != "built":
         print("hf-ext plan: the autoparallel component is not built yet", file=sys.stderr)
         return 1
-    return int(_resolve("hf_ext.accelerate.autoparallel.cli:main")(list(args.plan_args)) or 0)
+    from hf_ext.accelerate.autoparallel import cli as planner
+
+    argv = list(args.plan_args)
+    parser = planner.build_parser()
+    ns = parser.parse_args(argv)  # the planner's own errors and --help, before any work
+    if ns.top_k < 1:
+        parser.error(f"argument --top-k: must be >= 1 (got {ns.top_k})")
+    return int(planner.main(argv) or 0)
 
 
 # ----------------------------------------------------------------------------------------- serve

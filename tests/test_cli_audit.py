@@ -155,3 +155,13 @@ def test_sale_kernels_outside_a_checkout_says_so(monkeypatch, tmp_path, capsys):
     assert main(["bench", "sale", "--kernels"]) == 1
     assert "needs a source checkout" in capsys.readouterr().err
     assert calls == []
+
+
+# --- section: plan
+def test_plan_top_k_below_one_is_an_argparse_error(capsys):
+    from hf_ext.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", "llama3-8b", "--gpus", "8", "--top-k", "0"])
+    assert exc.value.code == 2
+    assert "--top-k: must be >= 1" in capsys.readouterr().err
