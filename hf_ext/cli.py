@@ -81,17 +81,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     rep = doctor_report()
     con = Console()
     t = Table(title="hf_ext doctor: libraries")
-    t.add_column("library")
-    t.add_column("version")
+    t.add_column("library", overflow="fold")
+    t.add_column("version", overflow="fold")
     for k, v in rep["versions"].items():
         t.add_row(k, v)
     t.add_row("CUDA (torch build)", rep["cuda"])
     t.add_row("GPUs", ", ".join(rep["gpus"]) or "none")
     con.print(t)
     t2 = Table(title="hf_ext doctor: components")
-    t2.add_column("component")
-    t2.add_column("can run here")
-    t2.add_column("why / note")
+    t2.add_column("component", overflow="fold")
+    t2.add_column("can run here", overflow="fold")
+    t2.add_column("why / note", overflow="fold")
     for c in rep["components"]:
         t2.add_row(c["name"], "yes" if c["can_run"] else "no", c["why"])
     con.print(t2)
@@ -156,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     recs = run_demos(args.components)
     t = Table(title="hf_ext demo")
     for col in ("component", "what ran", "key figure", "result", "seconds"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for r in recs:
         style = {"pass": "green", "FAIL": "red"}.get(r["status"], "dim")
         t.add_row(r["component"], r["what"], r["key"], f"[{style}]{r['status']}[/]", f"{r['seconds']:.1f}")

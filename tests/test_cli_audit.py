@@ -165,3 +165,33 @@ def test_plan_top_k_below_one_is_an_argparse_error(capsys):
         main(["plan", "--model", "llama3-8b", "--gpus", "8", "--top-k", "0"])
     assert exc.value.code == 2
     assert "--top-k: must be >= 1" in capsys.readouterr().err
+
+
+# --- section: tables
+def test_tables_fold_instead_of_truncating(monkeypatch, capsys):
+    from hf_ext.utils.bench import Row, print_rows
+
+    monkeypatch.setenv("COLUMNS", "80")
+    kw = dict(device="cpu", versions="v", commit="c", command="x", date="d")
+    rows = [
+        Row.make(
+            "tie", "azure_replay_x2_seed0", m, 1.0, "ssjf_point_predictor", 1.2, quality_name="nll", **kw
+        )
+        for m in ("per_token_latency_mean", "per_token_latency_p99")
+    ]
+    print_rows(rows)
+    out = capsys.readouterr().out
+    assert "…" not in out and "p99" in out and "mean" in out
+
+
+def test_cli_tables_fold_instead_of_truncating(monkeypatch, capsys):
+    from hf_ext.cli import main
+
+    monkeypatch.setenv("COLUMNS", "60")
+    long = "a_really_long_key_figure_that_does_not_fit_in_sixty_columns_END"
+    _stub_components(
+        monkeypatch, demos={"sale": lambda: SimpleNamespace(what="x", key_figure=long, passed=True)}
+    )
+    assert main(["demo", "sale"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "END" in out

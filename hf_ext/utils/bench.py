@@ -293,7 +293,8 @@ def print_rows(rows: Sequence[Row], title: str = "") -> None:
     t = Table(title=title or None)
     hidden = ("component", "device", "versions", "date", "commit", "command")  # same for every row of a run
     for c in (c for c in COLUMNS if c not in hidden):
-        t.add_column(c)
+        # fold, never truncate: rows that differ only past the column width must not print the same
+        t.add_column(c, overflow="fold", no_wrap=False)
     for r in rows:
         t.add_row(
             r.case,
