@@ -195,3 +195,20 @@ def test_cli_tables_fold_instead_of_truncating(monkeypatch, capsys):
     assert main(["demo", "sale"]) == 0
     out = capsys.readouterr().out
     assert "…" not in out and "END" in out
+
+
+# --- section: dataflex
+def test_dataflex_bench_checks_methods_before_training(monkeypatch, capsys):
+    import hf_ext.callbacks.dataflex.synthetic as synthetic
+    from hf_ext.callbacks.dataflex.bench import main
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking --methods")
+
+    monkeypatch.setattr(synthetic, "train_steps", no_training)
+    for argv in (["--methods", "bogus"], ["--methods"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--methods" in err and "choose from: random, loss" in err

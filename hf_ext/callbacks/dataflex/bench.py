@@ -178,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:  # `hf-ext bench dataflex -- --device cuda`
         argv = argv[1:]
     a = p.parse_args(argv)
+    if a.methods is not None:  # before any training: the reference run alone takes a while
+        unknown = [m for m in a.methods if m not in OVERHEAD_METHODS]
+        if unknown or not a.methods:
+            what = f"unknown method(s) {', '.join(map(repr, unknown))}" if unknown else "no method given"
+            p.error(f"argument --methods: {what}; choose from: {', '.join(OVERHEAD_METHODS)}")
 
     import torch
     from rich.progress import track
