@@ -212,3 +212,26 @@ def test_dataflex_bench_checks_methods_before_training(monkeypatch, capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert "--methods" in err and "choose from: random, loss" in err
+
+
+# --- section: results
+def test_results_dir_outside_a_checkout_is_under_the_cwd(monkeypatch, tmp_path):
+    from hf_ext.utils import bench
+
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    assert bench.checkout_root(site) is None
+    assert bench.checkout_root(bench.REPO_ROOT) == bench.REPO_ROOT  # this checkout
+    (site / "pyproject.toml").write_text('[project]\nname = "something-else"\n')
+    assert bench.checkout_root(site) is None
+    (site / "pyproject.toml").write_text('[project]\nname = "hf-ext"\n')
+    assert bench.checkout_root(site) == site
+
+    monkeypatch.setattr(bench, "CHECKOUT_ROOT", None)
+    monkeypatch.delenv("HF_EXT_RESULTS_DIR", raising=False)
+    monkeypatch.delenv("HF_EXT_COMMIT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert bench.results_dir() == tmp_path / "benchmarks" / "results"
+    assert bench.git_commit() == "unknown"
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path / "elsewhere"))
+    assert bench.results_dir() == tmp_path / "elsewhere"

@@ -24,6 +24,7 @@ import csv
 import datetime as _dt
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -52,10 +53,29 @@ COLUMNS = [
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def checkout_root(root: Path = REPO_ROOT) -> Path | None:
+    """``root`` (the folder holding the ``hf_ext`` package) when it is a source checkout of hf-ext (it has
+    ``.git`` or a ``pyproject.toml`` naming hf-ext), else None: an installed wheel, in site-packages."""
+    if (root / ".git").exists():
+        return root
+    try:
+        text = (root / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return root if re.search(r"""^\s*name\s*=\s*["']hf[-_]ext["']""", text, re.MULTILINE) else None
+
+
+CHECKOUT_ROOT = checkout_root()
+
+
 def results_dir() -> Path:
-    """``benchmarks/results`` of the checkout (or ``$HF_EXT_RESULTS_DIR``)."""
+    """``$HF_EXT_RESULTS_DIR``, else ``benchmarks/results`` of the source checkout, else (an installed
+    package) ``./benchmarks/results`` under the current directory."""
     env = os.environ.get("HF_EXT_RESULTS_DIR")
-    d = Path(env) if env else REPO_ROOT / "benchmarks" / "results"
+    if env:
+        d = Path(env)
+    else:
+        d = (CHECKOUT_ROOT if CHECKOUT_ROOT is not None else Path.cwd()) / "benchmarks" / "results"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -93,9 +113,12 @@ def versions() -> str:
 
 
 def git_commit() -> str:
-    """Short commit of the checkout, ``+dirty`` when there are changes, or ``$HF_EXT_COMMIT``."""
+    """Short commit of the checkout, ``+dirty`` when there are changes, or ``$HF_EXT_COMMIT``; ``unknown``
+    outside a source checkout."""
     if os.environ.get("HF_EXT_COMMIT"):
         return os.environ["HF_EXT_COMMIT"]
+    if CHECKOUT_ROOT is None:  # an installed package: git would describe whatever repository encloses it
+        return "unknown"
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
