@@ -235,3 +235,19 @@ def test_results_dir_outside_a_checkout_is_under_the_cwd(monkeypatch, tmp_path):
     assert bench.git_commit() == "unknown"
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path / "elsewhere"))
     assert bench.results_dir() == tmp_path / "elsewhere"
+
+
+# --- section: imports
+def test_triton_install_hint_names_no_missing_extra(monkeypatch):
+    import tomllib
+
+    from hf_ext.utils.imports import require
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(ImportError) as exc:
+        require("triton", "the SALE kernels")
+    assert "pip install triton" in str(exc.value) and "[gpu]" not in str(exc.value)
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    from hf_ext.utils.imports import _EXTRAS
+
+    assert set(_EXTRAS.values()) <= extras

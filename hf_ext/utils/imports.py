@@ -6,8 +6,10 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-# module name -> pip extra that provides it
-_EXTRAS = {"diffusers": "diffusers", "trl": "trl", "triton": "gpu"}
+# module name -> pip extra of hf-ext that provides it (pyproject's optional-dependencies)
+_EXTRAS = {"diffusers": "diffusers", "trl": "trl"}
+# modules that no extra provides: installed on their own
+_DIRECT = {"triton"}
 
 
 def is_available(module: str) -> bool:
@@ -25,12 +27,12 @@ def require(module: str, feature: str = "") -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        extra = _EXTRAS.get(module, "all")
         what = f" for {feature}" if feature else ""
-        raise ImportError(
-            f"{module!r} is needed{what} but is not installed; install it with "
-            f"`pip install 'hf-ext[{extra}]'` (or `pip install {module}`)."
-        ) from exc
+        if module in _DIRECT:
+            how = f"`pip install {module}`"
+        else:
+            how = f"`pip install 'hf-ext[{_EXTRAS.get(module, 'all')}]'` (or `pip install {module}`)"
+        raise ImportError(f"{module!r} is needed{what} but is not installed; install it with {how}.") from exc
 
 
 def cuda_available() -> bool:
