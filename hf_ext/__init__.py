@@ -34,6 +34,8 @@ _LAZY: dict[str, str] = {
     "enable_tie_scheduler": "hf_ext.generation.tie.cb:enable_tie_scheduler",
 }
 
+# `from hf_ext import *` exports the lazy names (each is imported then, not by `import hf_ext`)
+__all__ = ["__version__", *_LAZY]
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 

@@ -4,6 +4,7 @@ Fast: every benchmark and demo is stubbed."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -251,3 +252,18 @@ def test_triton_install_hint_names_no_missing_extra(monkeypatch):
     from hf_ext.utils.imports import _EXTRAS
 
     assert set(_EXTRAS.values()) <= extras
+
+
+# --- section: all
+def test_star_import_exports_the_lazy_names_and_import_stays_light():
+    import hf_ext
+
+    assert set(hf_ext.__all__) == {"__version__", *hf_ext._LAZY}
+    code = (
+        "import sys, hf_ext; print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+    ns: dict = {}
+    exec("from hf_ext import *", ns)
+    assert {"SALEConfig", "TIEConfig", "DataFlexConfig", "registry"} <= set(ns)
