@@ -4,6 +4,7 @@ Fast: every benchmark and demo is stubbed."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,49 @@ def test_star_import_exports_the_lazy_names_and_import_stays_light():
     ns: dict = {}
     exec("from hf_ext import *", ns)
     assert {"SALEConfig", "TIEConfig", "DataFlexConfig", "registry"} <= set(ns)
+
+
+# --- section: example
+def _example():
+    spec = importlib.util.spec_from_file_location(
+        "simulate_serving_example", ROOT / "examples" / "simulate_serving.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_simulate_serving_example_workflows_with_ssjf(tmp_path, capsys):
+    ex = _example()
+    argv = ["--workload", "workflows", "--capacity", "40000", "--cpu-capacity", "200000", "--n", "6"]
+    ex.main([*argv, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "ssjf: mean workflow latency" in out
+    assert (tmp_path / "workflows_ssjf.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--workload", "rollout", "--time-scale", "2"], "--time-scale applies only to --workload trace"),
+        (["--workload", "workflows", "--stop-after", "3"], "--stop-after applies only to --workload rollout"),
+        (["--workload", "trace", "--rate", "1"], "--rate applies only to --workload synthetic"),
+        (["--n", "0"], "--n must be >= 1"),
+        (["--policies", ","], "--policies"),
+    ],
+)
+def test_simulate_serving_example_rejects_flags_it_would_ignore(argv, msg, tmp_path, capsys):
+    ex = _example()
+    with pytest.raises(SystemExit) as exc:
+        ex.main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert msg in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_simulate_serving_example_n_is_not_capped(tmp_path):
+    ex = _example()
+    ex.main(["--workload", "rollout", "--n", "130", "--policies", "fcfs", "--out", str(tmp_path)])
+    import pandas as pd
+
+    assert len(pd.read_csv(tmp_path / "rollout_fcfs.csv")) == 130 * 8
