@@ -314,3 +314,27 @@ def test_simulate_serving_example_n_is_not_capped(tmp_path):
     import pandas as pd
 
     assert len(pd.read_csv(tmp_path / "rollout_fcfs.csv")) == 130 * 8
+
+
+# --- section: plot
+def test_plot_results_stays_bounded_and_notes_what_it_leaves_out(tmp_path, capsys):
+    from PIL import Image
+
+    from hf_ext.utils import bench
+
+    kw = dict(device="cpu", versions="v", commit="c", command="x", date="d")
+    rows = [
+        bench.Row.make(
+            "big", f"case_{c:03d}_" + "x" * 60, f"metric_{m}", 1.0 + c / 100, f"base_{s}", 2.0, **kw
+        )
+        for m in range(14)
+        for s in range(9)
+        for c in range(60)
+    ]
+    path = bench.append_rows("big", rows, tmp_path / "big.csv")
+    png = bench.plot_results("big", path)
+    w, h = Image.open(png).size
+    assert w <= 2000 and h <= 4000, (w, h)
+    assert "not drawn" in capsys.readouterr().out  # 4 metrics over max_panels
+    with pytest.raises(ValueError, match="max_cases"):
+        bench.plot_results("big", path, max_cases=0)

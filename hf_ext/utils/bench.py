@@ -237,21 +237,33 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def plot_results(
-    component: str, path: Path | None = None, out: Path | None = None, max_cases: int = 40
+    component: str,
+    path: Path | None = None,
+    out: Path | None = None,
+    max_cases: int = 8,
+    max_series: int = 4,
+    max_panels: int = 10,
 ) -> Path:
     """Draw ``<component>.png`` beside the CSV: one panel per metric, a horizontal bar per
     (case, baseline) with the ratio (> 1: hf_ext better), log-scaled when ratios span a wide range.
 
-    Only the latest row of each (case, metric, baseline, device) is drawn, and at most ``max_cases``
-    cases per metric (the most recent ones).
+    Only the latest row of each (case, metric, baseline, device) is drawn. The figure stays readable
+    however long the CSV grows: at most ``max_panels`` metrics, and per panel ``max_series``
+    baselines and ``max_cases`` cases, the most recently measured ones; a panel's title says what it
+    leaves out, and a note under the figure names the metrics not drawn (the CSV has everything).
     """
     import math
+    import textwrap
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import offset_copy
 
+    for name, v in (("max_cases", max_cases), ("max_series", max_series), ("max_panels", max_panels)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"plot_results: {name} must be an int >= 1, got {v!r}")
     path = path or results_dir() / f"{component}.csv"
     out = out or path.with_suffix(".png")
     latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
@@ -259,35 +271,68 @@ def plot_results(
         key = (r["case"], r["metric"], r["baseline"], r["device"])
         latest.pop(key, None)  # keep insertion order = recency
         latest[key] = r
-    panels: dict[str, dict[str, dict[str, float]]] = {}  # metric -> series -> case -> ratio
-    for (case, metric, baseline, device), r in latest.items():
+    # metric -> series -> case -> (ratio, recency); recency: position in `latest` (larger = newer)
+    data: dict[str, dict[str, dict[str, tuple[float, int]]]] = {}
+    for i, ((case, metric, baseline, device), r) in enumerate(latest.items()):
         try:
             ratio = float(r["ratio"])
         except (TypeError, ValueError):
             continue
         if not math.isfinite(ratio) or ratio <= 0:
             continue
-        series = f"vs {baseline} ({device})"
-        panels.setdefault(metric, {}).setdefault(series, {})[case] = ratio
+        data.setdefault(metric, {}).setdefault(f"vs {baseline} ({device})", {})[case] = (ratio, i)
+
+    def newest(items: dict[str, float], k: int) -> list[str]:
+        """The ``k`` keys of ``items`` with the largest recency, in their first-seen order."""
+        keep = set(sorted(items, key=items.__getitem__)[-k:])
+        return [x for x in items if x in keep]
+
+    metric_age = {m: max(v[1] for s in ser.values() for v in s.values()) for m, ser in data.items()}
+    metrics = newest(metric_age, max_panels)
+    skipped_metrics = [m for m in data if m not in metrics]
+    panels = []  # (metric, {series: {case: ratio}}, cases, title note)
+    for m in metrics:
+        ser_age = {s: max(v[1] for v in vals.values()) for s, vals in data[m].items()}
+        series = newest(ser_age, max_series)
+        case_age: dict[str, int] = {}
+        for s in series:
+            for c, (_, i) in data[m][s].items():
+                case_age[c] = max(case_age.get(c, -1), i)
+        cases = newest(case_age, max_cases)
+        all_cases = {c for vals in data[m].values() for c in vals}
+        left = []
+        if len(all_cases) > len(cases):
+            left.append(f"latest {len(cases)} of {len(all_cases)} cases")
+        if len(data[m]) > len(series):
+            left.append(f"latest {len(series)} of {len(data[m])} baselines")
+        vals = {s: {c: data[m][s][c][0] for c in cases if c in data[m][s]} for s in series}
+        panels.append((m, vals, cases, f" [{'; '.join(left)}]" if left else ""))
     if not panels:
-        panels = {"(no finite ratios)": {}}
-    heights = []
-    for series in panels.values():
-        cases = {c for vals in series.values() for c in vals}
-        heights.append(max(1.5, 0.28 * min(len(cases), max_cases) * max(1, len(series)) ** 0.5 + 1.0))
+        panels = [("(no finite ratios)", {}, [], "")]
+
+    ncols = 2 if len(panels) > 3 else 1
+    nrows = math.ceil(len(panels) / ncols)
+
+    def panel_height(p: tuple) -> float:
+        return max(1.6, 0.3 * len(p[2]) * max(1, len(p[1])) ** 0.5 + 1.2)
+
+    heights = [max(panel_height(p) for p in panels[r * ncols : (r + 1) * ncols]) for r in range(nrows)]
     fig, axes = plt.subplots(
-        len(panels), 1, figsize=(11, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
+        nrows,
+        ncols,
+        figsize=(8 * ncols if ncols > 1 else 11, sum(heights) + 0.8),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+        layout="constrained",
     )
-    for ax, (metric, series) in zip(axes[:, 0], panels.items()):
-        cases: list[str] = []
-        for vals in series.values():
-            for c in vals:
-                if c not in cases:
-                    cases.append(c)
-        cases = cases[-max_cases:]
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_visible(False)
+            continue
+        metric, series, cases, note = panels[k]
         n = max(1, len(series))
         h = 0.8 / n
-        all_vals = [v for vals in series.values() for c, v in vals.items() if c in cases]
+        all_vals = [v for vals in series.values() for v in vals.values()]
         for i, (name, vals) in enumerate(series.items()):
             ys = [j + i * h for j, c in enumerate(cases) if c in vals]
             xs = [vals[c] for c in cases if c in vals]
@@ -296,13 +341,28 @@ def plot_results(
         if all_vals and max(all_vals) / min(all_vals) > 30:
             ax.set_xscale("log")
         ax.set_yticks([j + 0.4 - h / 2 for j in range(len(cases))])
-        ax.set_yticklabels(cases, fontsize=7)
+        # wrapped, never cut: cases that differ only at the end must not look the same
+        ax.set_yticklabels(
+            ["\n".join(textwrap.wrap(c, 40, break_on_hyphens=False)) for c in cases], fontsize=6
+        )
         ax.invert_yaxis()
-        ax.set_title(f"{metric}: ratio (> 1 means hf_ext better)", fontsize=9)
+        ax.set_title(textwrap.fill(f"{metric}: ratio (> 1 means hf_ext better){note}", 90), fontsize=8)
         if series:
-            ax.legend(fontsize=7, loc="best")
+            # under the panel, not over its bars
+            below = offset_copy(ax.transAxes, fig=fig, y=-16, units="points")  # below the tick labels
+            ax.legend(
+                fontsize=6,
+                loc="upper center",
+                bbox_to_anchor=(0.5, 0),
+                bbox_transform=below,
+                ncol=2,
+                frameon=False,
+            )
     fig.suptitle(f"hf_ext {component}", fontsize=11)
-    fig.tight_layout()
+    if skipped_metrics:
+        msg = f"not drawn (older; see {path.name}): metrics " + ", ".join(skipped_metrics)
+        fig.supxlabel(textwrap.fill(msg, 160), fontsize=7)
+        print(f"plot_results: {out.name}: {msg}")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
