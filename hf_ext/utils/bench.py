@@ -259,6 +259,7 @@ def plot_results(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
     from matplotlib.transforms import offset_copy
 
     for name, v in (("max_cases", max_cases), ("max_series", max_series), ("max_panels", max_panels)):
@@ -340,6 +341,7 @@ def plot_results(
         ax.axvline(1.0, color="k", lw=0.8, ls="--")
         if all_vals and max(all_vals) / min(all_vals) > 30:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^-1, 3x10^-1, ...) overlapped
         ax.set_yticks([j + 0.4 - h / 2 for j in range(len(cases))])
         # wrapped, never cut: cases that differ only at the end must not look the same
         ax.set_yticklabels(
