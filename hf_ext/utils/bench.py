@@ -314,8 +314,13 @@ def plot_results(
     ncols = 2 if len(panels) > 3 else 1
     nrows = math.ceil(len(panels) / ncols)
 
+    def label(case: str) -> str:  # wrapped, so cases differing at the end stay apart; cut past 6 lines
+        return "\n".join(textwrap.wrap(case, 40, break_on_hyphens=False, max_lines=6, placeholder=" ..."))
+
     def panel_height(p: tuple) -> float:
-        return max(1.6, 0.3 * len(p[2]) * max(1, len(p[1])) ** 0.5 + 1.2)
+        lines = max((label(c).count("\n") + 1 for c in p[2]), default=1)
+        per_case = max(0.3 * max(1, len(p[1])) ** 0.5, 0.12 * lines + 0.06)  # bars, or the label's lines
+        return max(1.6, per_case * len(p[2]) + 1.2)
 
     heights = [max(panel_height(p) for p in panels[r * ncols : (r + 1) * ncols]) for r in range(nrows)]
     fig, axes = plt.subplots(
@@ -343,10 +348,7 @@ def plot_results(
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^-1, 3x10^-1, ...) overlapped
         ax.set_yticks([j + 0.4 - h / 2 for j in range(len(cases))])
-        # wrapped, never cut: cases that differ only at the end must not look the same
-        ax.set_yticklabels(
-            ["\n".join(textwrap.wrap(c, 40, break_on_hyphens=False)) for c in cases], fontsize=6
-        )
+        ax.set_yticklabels([label(c) for c in cases], fontsize=6)
         ax.invert_yaxis()
         ax.set_title(textwrap.fill(f"{metric}: ratio (> 1 means hf_ext better){note}", 90), fontsize=8)
         if series:
