@@ -23,6 +23,7 @@ class _Mod(torch.nn.Module):
         self.is_causal = True
         self.layer_idx = layer_idx
         self.config = type("C", (), {"sale_config": cfg.to_dict()})()
+        self.eval()  # as after from_pretrained: a module in training mode takes dense attention
 
 
 def _qkv(b=2, h=4, hkv=2, s=160, d=16, seed=0):
@@ -271,3 +272,45 @@ def test_output_attentions_on_the_sparse_path_warns_once():
     msgs = [str(r.message) for r in rec if "output_attentions" in str(r.message) and "SALE" in str(r.message)]
     assert len(msgs) == 1, msgs
     assert out.attentions is None or all(a is None for a in out.attentions)
+
+
+def _loss_and_grads(model, ids, names):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    params = dict(model.named_parameters())
+    return float(loss), {n: params[n].grad.clone() for n in names}
+
+
+@pytest.mark.parametrize("case", ["kv_only_grad", "checkpoint_reentrant"])
+def test_training_paths_take_dense_attention_and_give_dense_gradients(case):
+    """Only key/value in the graph (LoRA on k_proj/v_proj: the query needs no grad), and reentrant gradient
+    checkpointing (its first forward runs without grad, in training mode): both were sent to the no-grad sparse
+    kernel, cutting the gradient or mixing sparse forward with dense recompute."""
+    from hf_ext.testing import tiny_llama
+
+    ids = torch.randint(3, 500, (1, 160), generator=torch.Generator().manual_seed(0))
+    cfg = SALEConfig(min_seq_len=64, tau=0.05, **BLOCKS)
+    names = ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+
+    def build(sale: bool):
+        torch.manual_seed(0)
+        m = tiny_llama()
+        if sale:
+            enable_sale(m, cfg)
+        if case == "kv_only_grad":
+            for n, p in m.named_parameters():
+                p.requires_grad_(n in names)  # eval mode: only the grad of k/v routes to dense
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            m.train()
+        return m
+
+    ref_loss, ref_grads = _loss_and_grads(build(False), ids, names)
+    reset_warnings()
+    with warnings.catch_warnings(), sale_stats() as st:
+        warnings.simplefilter("ignore")
+        loss, grads = _loss_and_grads(build(True), ids, names)
+    assert {c["path"] for c in st.calls} == {"fallback:training"}
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for n in names:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5)

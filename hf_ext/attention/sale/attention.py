@@ -318,10 +318,15 @@ def _unsupported_reason(
         return "sliding_window", (
             f"sliding-window layers (sliding_window={sw} < key length {key.shape[2]}) are not supported by SALE"
         )
-    if (dropout and dropout > 0.0) or (torch.is_grad_enabled() and query.requires_grad):
+    # Any of q/k/v in the autograd graph (LoRA on k_proj/v_proj only leaves the query without grad), or a module in
+    # training mode: reentrant gradient checkpointing runs the first forward without grad and recomputes it with
+    # grad in backward, which must see the same (dense) attention.
+    grads = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if (dropout and dropout > 0.0) or grads or getattr(module, "training", False):
         return (
             "training",
-            "SALE is an inference (prefill) method; training / dropout / autograd use dense attention",
+            "SALE is an inference (prefill) method; training mode (call model.eval() for inference), dropout and "
+            "autograd use dense attention",
         )
     if query.shape[-1] != key.shape[-1] or key.shape[-1] != value.shape[-1]:
         return "head_dim", (
