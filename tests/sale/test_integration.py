@@ -219,3 +219,29 @@ def test_disable_after_loading_with_sale_picks_the_models_default(tmp_path):
     tiny_family("gemma2").save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sale")
     assert disable_sale(model).config._attn_implementation == "eager"  # Gemma2 has no sdpa path
+
+
+def test_enable_and_disable_across_a_peft_wrapper():
+    """The remembered implementation lives on the transformers model under a PeftModel: enabling on the base model
+    and disabling on its PeftModel raised after switching (attribute forwarding), and enabling on the PeftModel
+    then disabling on ``merge_and_unload()``'s model restored sdpa instead of eager."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_ext.testing import tiny_llama
+
+    def eager_model():
+        m = tiny_llama()
+        m.set_attn_implementation("eager")
+        return m
+
+    base = eager_model()
+    enable_sale(base, SPARSE)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert disable_sale(peft_model).config._attn_implementation == "eager"
+    assert not any(k.startswith("_hf_ext_sale") for k in vars(base))
+
+    peft_model = get_peft_model(eager_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    enable_sale(peft_model, SPARSE)
+    assert peft_model.config._attn_implementation == "sale"
+    merged = peft_model.merge_and_unload()
+    assert disable_sale(merged).config._attn_implementation == "eager"

@@ -85,7 +85,7 @@ def enable_sale(model: Any, config: SALEConfig | dict | None = None) -> Any:
         config = getattr(model.config, "sale_config", None)
     set_sale_config(model, config)
     if getattr(model.config, "_attn_implementation", None) != "sale":  # what each (sub-)model ran before
-        setattr(model, _PREV_ATTR, _impl_tree(model.config, _default_impl(model)))
+        setattr(_owner(model), _PREV_ATTR, _impl_tree(model.config, _default_impl(model)))
     model.set_attn_implementation("sale")
     if getattr(model.config, "_attn_implementation", None) != "sale":
         raise ValueError(
@@ -102,8 +102,16 @@ def disable_sale(model: Any) -> Any:
 
     The stored ``sale_config`` is kept, so calibrated thresholds survive a disable/enable cycle.
     """
-    prev = getattr(model, _PREV_ATTR, None) or _default_impl(model)
+    owner = _owner(model)
+    prev = vars(owner).get(_PREV_ATTR) or _default_impl(model)
     model.set_attn_implementation(prev)
-    if hasattr(model, _PREV_ATTR):
-        delattr(model, _PREV_ATTR)
+    vars(owner).pop(_PREV_ATTR, None)
     return model
+
+
+def _owner(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (``get_base_model()``), which keeps the remembered implementation:
+    enabling on the base model and disabling on its ``PeftModel`` (or on the model ``merge_and_unload`` returns,
+    after enabling on the ``PeftModel``) then finds it."""
+    get_base = getattr(type(model), "get_base_model", None)
+    return get_base(model) if callable(get_base) else model
