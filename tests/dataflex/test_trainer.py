@@ -118,6 +118,21 @@ def test_weighted_loss_matches_manual(tmp_path):
     torch.testing.assert_close(t2._dataflex_loss(out, batch["labels"]), s.sum() / c.sum())
 
 
+def test_eval_loss_without_num_items_is_not_divided_by_accumulation_steps(tmp_path):
+    """TRL's prediction_step calls compute_loss without num_items_in_batch: the evaluation loss was divided by the
+    last training's gradient_accumulation_steps (4x too small at 4)."""
+    t = _trainer(str(tmp_path), {"mixer": "odm", "update_step": 5}, targs={"gradient_accumulation_steps": 4})
+    t.current_gradient_accumulation_steps = 4  # what training leaves behind
+    batch = default_collate([DATA[i] for i in (0, 30, 60, 61)])
+    t._dataflex_batch_index = torch.tensor([0, 30, 60, 61])
+    model = t.model.eval()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    s, c = sequence_loss_terms(out.logits, batch["labels"])
+    torch.testing.assert_close(t._dataflex_loss(out, batch["labels"]), s.sum() / c.sum())
+    model.train()  # a training step without num_items_in_batch: the Trainer will not divide, so the hook does
+    torch.testing.assert_close(t._dataflex_loss(out, batch["labels"]), s.sum() / c.sum() / 4)
+
+
 def test_loss_hook_applies_label_smoothing_like_trainer(tmp_path):
     """label_smoothing_factor was silently dropped by the DataFlex loss hook (an audit found it): the hook
     bypasses Trainer's LabelSmoother, so it smooths each item itself and matches the stock Trainer's loss."""

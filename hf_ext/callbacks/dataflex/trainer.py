@@ -200,8 +200,10 @@ class DataFlexMixin:
         total = (loss_sum * w).sum() if w is not None else loss_sum.sum()
         if num_items_in_batch is not None:
             denom = torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
-        else:  # the Trainer will not divide by the accumulation steps when compute_loss_func is set
-            denom = count.sum().clamp(min=1) * getattr(self, "current_gradient_accumulation_steps", 1)
+        else:  # the Trainer will not divide a training loss by the accumulation steps when compute_loss_func is set;
+            # an evaluation loss (TRL's prediction_step passes no num_items_in_batch) is never divided
+            steps = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1  # type: ignore[attr-defined]
+            denom = count.sum().clamp(min=1) * steps
         return total / denom
 
 
