@@ -54,6 +54,7 @@ def test_save_and_load_roundtrip(logt_predictor, tmp_path):
     logt_predictor.save_pretrained(tmp_path / "pred")
     again = LengthPredictor.from_pretrained(tmp_path / "pred")
     a, b = logt_predictor.predict(prompts), again.predict(prompts)
+    assert {k: v.shape for k, v in again.predict([]).items()} == {"mu": (0,), "sigma": (0,), "nu": (0,)}
     for k in ("mu", "sigma", "nu"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
 
@@ -71,6 +72,8 @@ def test_baseline_predictors_learn_the_order(kind, splits):
         mu = p.predict(splits[1]["prompt"])["mu"]
         assert ev["crps_tokens"] == pytest.approx(float(np.mean(np.abs(np.clip(np.exp(mu), 1, 1000) - lens))))
     assert set(p.predict(["hello there"])) == ({"mu"} if kind == "point" else {"score"})
+    empty = p.predict([])  # no prompts: the same keys, empty (was {})
+    assert set(empty) == set(p.predict(["hello there"])) and all(v.shape == (0,) for v in empty.values())
 
 
 def test_ranking_losses_prefer_the_right_order():

@@ -42,6 +42,13 @@ from hf_ext.generation.tie.scheduler import (
     validate_prompts,
 )
 
+# what ``LengthPredictor.predict`` returns per kind
+_PREDICT_KEYS: dict[str, tuple[str, ...]] = {
+    "logt": ("mu", "sigma", "nu"),
+    "point": ("mu",),
+    "ltr": ("score",),
+}
+
 
 class LengthPredictorConfig(PretrainedConfig):
     """``PretrainedConfig`` of :class:`LengthPredictorModel` (an encoder config dict plus head settings)."""
@@ -372,7 +379,9 @@ class LengthPredictor:
             for k, v in out.items():
                 if k != "raw":
                     keys.setdefault(k, []).append(v.float().cpu().numpy().astype(np.float64))
-        res = {k: np.concatenate(v) if v else np.zeros(0) for k, v in keys.items()}
+        if not keys:  # no prompts: the documented keys, empty
+            return {k: np.zeros(0) for k in _PREDICT_KEYS[self.kind]}
+        res = {k: np.concatenate(v) for k, v in keys.items()}
         for k, v in res.items():
             if not np.all(np.isfinite(v)):
                 raise ValueError(
