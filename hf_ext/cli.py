@@ -264,12 +264,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 1
     from hf_ext.accelerate.autoparallel import cli as planner
 
-    argv = list(args.plan_args)
-    parser = planner.build_parser()
-    ns = parser.parse_args(argv)  # the planner's own errors and --help, before any work
-    if ns.top_k < 1:
-        parser.error(f"argument --top-k: must be >= 1 (got {ns.top_k})")
-    return int(planner.main(argv) or 0)
+    return int(planner.main(list(args.plan_args)) or 0)  # its arguments are checked before any search
 
 
 # ----------------------------------------------------------------------------------------- serve

@@ -161,12 +161,17 @@ def test_sale_kernels_outside_a_checkout_says_so(monkeypatch, tmp_path, capsys):
 
 # --- section: plan
 def test_plan_top_k_below_one_is_an_argparse_error(capsys):
+    from hf_ext.accelerate.autoparallel import cli as planner
     from hf_ext.cli import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(["plan", "--model", "llama3-8b", "--gpus", "8", "--top-k", "0"])
-    assert exc.value.code == 2
-    assert "--top-k: must be >= 1" in capsys.readouterr().err
+    for entry in (
+        lambda a: main(["plan", *a]),
+        planner.main,
+    ):  # hf-ext plan, and the planner module run directly
+        with pytest.raises(SystemExit) as exc:
+            entry(["--model", "llama3-8b", "--gpus", "8", "--top-k", "0"])
+        assert exc.value.code == 2
+        assert "--top-k: must be >= 1" in capsys.readouterr().err
 
 
 # --- section: tables

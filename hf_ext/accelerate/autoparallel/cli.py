@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The planner's arguments, checked before any search (argparse errors name the flag)."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.top_k < 1:
+        parser.error(f"argument --top-k: must be >= 1 (got {args.top_k})")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-ext plan``; returns 0 on success, 2 on bad input / no feasible plan."""
     from rich.console import Console
@@ -65,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_ext.accelerate.autoparallel.search import NoFeasiblePlanError, SearchConfig, search
     from hf_ext.accelerate.autoparallel.shapes import get_shape
 
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    args = parse_args(argv)
     con = Console()
     try:
         shape = get_shape(args.model)
@@ -78,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             micro_batch_sizes=tuple(int(x) for x in args.micro_batch_sizes.split(",") if x.strip()),
             dp_types=tuple(x.strip() for x in args.dp_types.split(",") if x.strip()),
             allow_ckpt=not args.no_ckpt,
-            top_k=max(1, args.top_k),
+            top_k=args.top_k,
         )
         hw = HardwareProfile.load(args.hardware) if args.hardware else None
         prof = ModelProfile.load(args.profile) if args.profile else None
