@@ -263,6 +263,32 @@ def apply_close(rank: int, world_size: int) -> dict[str, Any]:
     except ValueError as exc:
         out["failure"] = str(exc)
     out["after_failure"] = n_groups() - n0
+    # what the runtime would train silently wrong is refused before any group is made
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from hf_ext.testing import TINY_LM_KWARGS, tiny_qwen3
+
+    refused = {
+        "tied_pp": (
+            tiny_llama(tie_word_embeddings=True, attn_implementation="sdpa"),
+            dict(pp=2, micro_batch=1),
+        ),
+        "sliding_pp": (
+            MistralForCausalLM(
+                MistralConfig(**{**TINY_LM_KWARGS, "sliding_window": 3}, attn_implementation="sdpa")
+            ),
+            dict(pp=2, micro_batch=1),
+        ),
+        "qk_norm_tp": (tiny_qwen3(), dict(dp_type="fsdp", tp=2)),
+    }
+    out["refused"] = {}
+    for name, (model, extra) in refused.items():
+        try:
+            apply_plan(model.train(), Plan.uniform(cfg, **extra, **kw), param_dtype=None)
+            out["refused"][name] = "ACCEPTED"
+        except ValueError as exc:
+            out["refused"][name] = str(exc)
+    out["after_refusals"] = n_groups() - n0
     t = torch.ones(1)
     dist.all_reduce(t)  # the default group still works
     out["world_ok"] = float(t)

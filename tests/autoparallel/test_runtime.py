@@ -130,4 +130,11 @@ def test_apply_plan_close_destroys_its_process_groups(run_distributed):
     assert all(n > 0 for n in r["created"]), r["created"]
     assert r["after_with"] == r["after_close"] == r["after_failure"] == 0
     assert "closed" in r["closed_error"] and "sdpa" in r["failure"] and r["world_ok"] == 2.0
+    # plans the runtime would train silently wrong (an audit measured each) are refused, before any group is made
+    assert "tie_word_embeddings=True" in r["refused"]["tied_pp"], r["refused"]
+    assert "sliding_window=3" in r["refused"]["sliding_pp"], r["refused"]
+    assert "self_attn.k_norm" in r["refused"]["qk_norm_tp"] and "tp=1" in r["refused"]["qk_norm_tp"], r[
+        "refused"
+    ]
+    assert r["after_refusals"] == 0
     assert out[1] == r

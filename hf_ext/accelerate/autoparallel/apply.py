@@ -277,17 +277,63 @@ _LLAMA_TP = {
 }
 
 
+def _tp_unsupported(layer: torch.nn.Module) -> str:
+    """Why ``layer`` cannot take the Llama tensor-parallel plan (``""`` when it can): a projection missing, or a
+    parameter inside the attention / MLP outside the plan (Qwen3's ``q_norm`` / ``k_norm`` act on this rank's heads
+    only, and their gradients would never be summed over the tp ranks)."""
+    names = {n for n, _ in layer.named_modules()}
+    missing = [k for k in _LLAMA_TP if k not in names]
+    if missing:
+        return f"tensor parallelism supports Llama-style layers; {type(layer).__name__} lacks {missing}"
+    extra = sorted(
+        {
+            n.rpartition(".")[0]
+            for n, _ in layer.named_parameters()
+            if n.startswith(("self_attn.", "mlp.")) and n.rpartition(".")[0] not in _LLAMA_TP
+        }
+    )
+    if extra:
+        return (
+            f"tensor parallelism supports Llama-style layers; {type(layer).__name__} has parameters outside the "
+            f"tensor-parallel plan inside its attention / MLP ({extra}), which would see one rank's shard only and "
+            "train differently on each rank: use a plan with tp=1"
+        )
+    return ""
+
+
+def _check_model_for_plan(model: torch.nn.Module, plan: Plan, layers: Any) -> None:
+    """Refuse what the runtime would run silently wrong (before :func:`apply_plan` changes anything)."""
+    if plan.tp > 1:
+        for layer in layers:
+            why = _tp_unsupported(layer)
+            if why:
+                raise ValueError(why)
+    if plan.pp > 1:
+        cfg = model.config
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is not None and emb is not None and head.weight is emb.weight:
+            raise ValueError(
+                "pipeline plans put the embedding on the first stage and the LM head on the last; this model ties "
+                "them (tie_word_embeddings=True) and nothing would keep the two copies equal: use a plan with pp=1 "
+                "or a model with untied embeddings"
+            )
+        window = getattr(cfg, "sliding_window", None)
+        kinds = getattr(cfg, "layer_types", None) or ()
+        if window is not None and (not kinds or "sliding_attention" in kinds):
+            raise ValueError(
+                f"pipeline stages run plain causal attention; this model has sliding_window={window}: use a plan "
+                "with pp=1"
+            )
+
+
 def _apply_tp(layers: Any, tp_mesh: Any) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     for layer in layers:
-        names = {n for n, _ in layer.named_modules()}
-        missing = [k for k in _LLAMA_TP if k not in names]
-        if missing:
-            raise ValueError(
-                f"tensor parallelism supports Llama-style layers; {type(layer).__name__} lacks {missing}"
-            )
+        why = _tp_unsupported(layer)
+        if why:
+            raise ValueError(why)
         parallelize_module(layer, tp_mesh, {k: styles[v]() for k, v in _LLAMA_TP.items()})
 
 
@@ -334,6 +380,7 @@ def apply_plan(
     reason = unsupported_reason(plan)
     if reason:
         raise NotImplementedError(reason)
+    _check_model_for_plan(model, plan, layers)  # before any state change
     if device is None:
         if dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
