@@ -581,11 +581,34 @@ def remove_restores(rank: int, world_size: int) -> dict[str, Any]:
     }
 
 
+def generate_with_early_eos(rank: int, world_size: int) -> dict[str, Any]:
+    """Greedy ``generate`` on an FSEP model where rank 0's row ends at its first token (EOS) and rank 1's runs on:
+    every FSEP forward is collective, so without synced_gpus rank 1 waited forever. Then ``remove_fsep`` drops
+    the wrapped ``generate``."""
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep, remove_fsep
+    from hf_ext.testing import tiny_moe
+
+    base = tiny_moe("mixtral", seed=0).eval()
+    first = _batch(0, 1)
+    with torch.no_grad():
+        eos = int(base.generate(first, max_new_tokens=1, do_sample=False)[0, -1])
+    model = prepare_fsep(copy.deepcopy(base), FSEPConfig()).eval()
+    mine = first if rank == 0 else _batch(7, 1)
+    with torch.no_grad():
+        out = model.generate(mine, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        ref = base.generate(mine, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    res = {"gen_len": int(out.shape[1]), "gen_equal": bool(torch.equal(out, ref))}
+    remove_fsep(model)
+    res["generate_left"] = "generate" in vars(model)
+    return res
+
+
 def checkpoint_suite(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
-    """Checkpoint paths and prepare / remove (one spawn)."""
+    """Checkpoint paths, prepare / remove and generate (one spawn)."""
     out = accelerate_resume(rank, world_size, outdir)
     out.update(fsdp2_checkpoints(rank, world_size, outdir))
     out.update(remove_restores(rank, world_size))
+    out.update(generate_with_early_eos(rank, world_size))
     return out
 
 

@@ -45,3 +45,10 @@ def test_remove_fsep_restores_the_model_as_it_was(results):
         assert r["removed_fwd_diff"] == 0.0
         # the process-wide optimizer step pre-hook: gone with the last FSEP layer, back with the next one
         assert r["step_hook"] == [False, True, False]
+
+
+def test_generate_keeps_ranks_in_step_when_one_finishes_first(results):
+    # rank 0's row ends at its first token, rank 1's runs on: the FSEP model's generate syncs the ranks (it hung)
+    assert [r["gen_len"] for r in results][0] < results[1]["gen_len"]
+    assert all(r["gen_equal"] for r in results)  # the same tokens as the plain model on each rank
+    assert not any(r["generate_left"] for r in results)  # remove_fsep takes the wrapper away

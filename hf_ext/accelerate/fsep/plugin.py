@@ -154,7 +154,27 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
     prev = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     model._ddp_params_and_buffers_to_ignore = prev + ignore
     model._fsep_had_ddp_ignore = had_ignore  # remove_fsep restores the model as it was
+    if callable(getattr(type(model), "generate", None)) and "generate" not in vars(model):
+        model.generate = _synced_generate(model)  # an instance attribute: remove_fsep deletes it
     return model
+
+
+def _synced_generate(model: nn.Module) -> Any:
+    """``model.generate`` with ``synced_gpus=True`` by default: every FSEP layer's forward is collective, so a rank
+    that finished its sequences must keep stepping until all ranks have (transformers turns this on by itself only
+    for DeepSpeed ZeRO-3 / FSDP; without it a rank that hits EOS first leaves the others waiting forever)."""
+    import functools
+
+    gen = type(model).generate
+
+    @functools.wraps(gen)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("synced_gpus") is None:
+            kwargs["synced_gpus"] = True
+        return gen(model, *args, **kwargs)
+
+    generate._hf_ext_fsep = True  # type: ignore[attr-defined]
+    return generate
 
 
 def _begin_step_hook(module: nn.Module, args: Any) -> None:
@@ -365,6 +385,8 @@ def remove_fsep(model: nn.Module) -> nn.Module:
         del model._ddp_params_and_buffers_to_ignore  # prepare_fsep added it
     for attr in ("_fsep_state", "_fsep_templates", "_fsep_hook", "_fsep_config", "_fsep_had_ddp_ignore"):
         delattr(model, attr)
+    if getattr(vars(model).get("generate"), "_hf_ext_fsep", False):
+        del model.generate
     return model
 
 
