@@ -280,6 +280,7 @@ def apply_close(rank: int, world_size: int) -> dict[str, Any]:
             dict(pp=2, micro_batch=1),
         ),
         "qk_norm_tp": (tiny_qwen3(), dict(dp_type="fsdp", tp=2)),
+        "other_shape": (tiny_llama(intermediate_size=96), dict(dp_type="fsdp")),
     }
     out["refused"] = {}
     for name, (model, extra) in refused.items():

@@ -136,5 +136,6 @@ def test_apply_plan_close_destroys_its_process_groups(run_distributed):
     assert "self_attn.k_norm" in r["refused"]["qk_norm_tp"] and "tp=1" in r["refused"]["qk_norm_tp"], r[
         "refused"
     ]
+    assert "intermediate_size 128 in the plan, 96 in the model" in r["refused"]["other_shape"], r["refused"]
     assert r["after_refusals"] == 0
     assert out[1] == r

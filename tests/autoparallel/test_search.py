@@ -229,6 +229,28 @@ def test_plan_json_round_trip(tmp_path):
         Plan.from_dict(bad)
 
 
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            lambda d: [x.update(ckpt="false") for x in d["layers"]],
+            "Plan.layers entries",
+        ),  # bool("false") was True
+        (lambda d: d.update(sp="false"), "Plan.sp must be true or false"),
+        (lambda d: d.update(tp_size=2), r"unknown key\(s\) \['tp_size'\]"),  # was dropped silently
+        (lambda d: d.pop("layers"), r"missing key\(s\) \['layers'\]"),
+        (lambda d: d.update(micro_batch="2"), "Plan.micro_batch must be an int"),
+        (lambda d: d.update(tp=2.0), "Plan.tp must be an int"),
+        (lambda d: [x.update(zero=1) for x in d["layers"]], "Plan.layers entries"),
+    ],
+)
+def test_a_hand_edited_plan_is_refused_not_coerced(edit, match):
+    d = Plan.uniform("tiny", gpus=2, dp_type="fsdp", zero=3, global_batch=4, seq_len=8).to_dict()
+    edit(d)
+    with pytest.raises(ValueError, match=match):
+        Plan.from_dict(json.loads(json.dumps(d)))
+
+
 def test_parallelism_config_export():
     p = Plan.uniform("llama3-8b", gpus=8, dp_type="fsdp", tp=2, global_batch=16, seq_len=1024)
     pc = p.to_parallelism_config()

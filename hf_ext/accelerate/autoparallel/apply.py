@@ -301,8 +301,25 @@ def _tp_unsupported(layer: torch.nn.Module) -> str:
     return ""
 
 
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "vocab_size")
+
+
 def _check_model_for_plan(model: torch.nn.Module, plan: Plan, layers: Any) -> None:
     """Refuse what the runtime would run silently wrong (before :func:`apply_plan` changes anything)."""
+    from hf_ext.accelerate.autoparallel.shapes import get_shape
+
+    mine, planned = get_shape(model), plan.shape
+    diff = {
+        f: (getattr(planned, f), getattr(mine, f))
+        for f in _SHAPE_FIELDS
+        if getattr(planned, f) != getattr(mine, f)
+    }
+    if diff:
+        raise ValueError(
+            f"the plan was made for another model shape ({planned.name}): "
+            + ", ".join(f"{f} {a} in the plan, {b} in the model" for f, (a, b) in diff.items())
+            + "; search a plan for this model (hf-ext plan --model <its config.json>)"
+        )
     if plan.tp > 1:
         for layer in layers:
             why = _tp_unsupported(layer)

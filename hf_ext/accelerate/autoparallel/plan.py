@@ -12,13 +12,28 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 from hf_ext.accelerate.autoparallel.cost_model import LayerStrategy, ParallelConfig
 from hf_ext.accelerate.autoparallel.shapes import ModelShape, get_shape
 
 PLAN_VERSION = 1
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _layer_ok(x: Any) -> bool:
+    """A plan's per-layer entry: ``{"zero": 0 | 2 | 3, "ckpt": bool}`` exactly."""
+    return (
+        isinstance(x, dict)
+        and set(x) == {"zero", "ckpt"}
+        and _is_int(x["zero"])
+        and x["zero"] in (0, 2, 3)
+        and isinstance(x["ckpt"], bool)
+    )
 
 
 @dataclass
@@ -52,6 +67,21 @@ class Plan:
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
+        # a JSON plan edited by hand: "false" is a true string, 2.0 is not a degree; refuse rather than coerce
+        for name in ("gpus", "pp", "tp", "micro_batch", "num_micro_batches", "global_batch", "seq_len"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"Plan.{name} must be an int, got {getattr(self, name)!r}")
+        if not isinstance(self.sp, bool):
+            raise ValueError(f"Plan.sp must be true or false, got {self.sp!r}")
+        bad = [x for x in self.layers if not _layer_ok(x)] if isinstance(self.layers, list) else [self.layers]
+        if bad:
+            raise ValueError(
+                f'Plan.layers entries must be {{"zero": 0 | 2 | 3, "ckpt": true | false}}, got {bad[0]!r}'
+            )
+        if not isinstance(self.stages, list) or not all(
+            isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_int(i) for i in r) for r in self.stages
+        ):
+            raise ValueError(f"Plan.stages must be [start, end) pairs of ints, got {self.stages!r}")
         self.config  # validates degrees  # noqa: B018
         n = self.shape.num_layers
         if len(self.layers) != n:
@@ -118,9 +148,20 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         if int(d.get("version", PLAN_VERSION)) > PLAN_VERSION:
             raise ValueError(f"plan version {d['version']} is newer than supported ({PLAN_VERSION})")
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known["stages"] = [list(map(int, s)) for s in known["stages"]]
-        known["layers"] = [{"zero": int(x["zero"]), "ckpt": bool(x["ckpt"])} for x in known["layers"]]
+        fields = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"plan: unknown key(s) {unknown}; a plan has {sorted(fields)}")
+        required = [
+            f
+            for f, v in cls.__dataclass_fields__.items()
+            if v.default is MISSING and v.default_factory is MISSING
+        ]
+        missing = sorted(f for f in required if f not in d)
+        if missing:
+            raise ValueError(f"plan: missing key(s) {missing}")
+        known = dict(d)
+        known["stages"] = [list(r) if isinstance(r, (list, tuple)) else r for r in known["stages"]]
         return cls(**known)
 
     @classmethod
