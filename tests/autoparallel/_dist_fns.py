@@ -54,8 +54,9 @@ def _plans() -> dict[str, Any]:
     return plans
 
 
-def apply_all(rank: int, world_size: int) -> dict[str, Any]:
-    """Apply every plan on 2 ranks; return the dp-averaged loss before/after one SGD step."""
+def apply_all(rank: int, world_size: int, outdir: str | None = None) -> dict[str, Any]:
+    """Apply every plan on 2 ranks; return the dp-averaged loss before/after one SGD step (and, with ``outdir``,
+    the loss of the model each plan saved with ``save_pretrained`` after its step, loaded on one process)."""
     import torch
     import torch.distributed as dist
 
@@ -81,6 +82,18 @@ def apply_all(rank: int, world_size: int) -> dict[str, Any]:
             dist.all_reduce(t)
             losses.append(float(t) / world_size)  # tp / pp ranks of one replica hold the same loss
         out[name] = losses
+        if outdir is not None:
+            try:
+                runner.save_pretrained(f"{outdir}/{name}")
+            except NotImplementedError as exc:
+                out[name + ":saved"] = str(exc)
+            else:
+                if rank == 0:
+                    from transformers import AutoModelForCausalLM
+
+                    back = AutoModelForCausalLM.from_pretrained(f"{outdir}/{name}")
+                    with torch.no_grad():
+                        out[name + ":saved"] = float(back(input_ids=ids, labels=ids).loss)
         flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in model.model.layers]
         out[name + ":ckpt"] = flags
         del runner, model, opt

@@ -43,9 +43,9 @@ def test_collective_time_model():
         hw.collective_ms("broadcast", n, 2)
 
 
-def test_apply_plan_two_gloo_ranks_reproduce_single_process(run_distributed):
+def test_apply_plan_two_gloo_ranks_reproduce_single_process(run_distributed, tmp_path):
     ref0, ref1 = _dist_fns.reference_losses()
-    out = run_distributed(_dist_fns.apply_all, 2)
+    out = run_distributed(_dist_fns.apply_all, 2, str(tmp_path))
     r0 = out[0]
     for name in ("ddp_m2", "fsdp_z3", "fsdp_ckpt", "fsdp_mixed", "tp2", "tp2_ddp", "pp2"):
         l0, l1 = r0[name]
@@ -53,6 +53,11 @@ def test_apply_plan_two_gloo_ranks_reproduce_single_process(run_distributed):
         # After one SGD step the loss matches too: gradients were averaged correctly.
         assert l1 == pytest.approx(ref1, rel=1e-4), name
         assert out[1][name] == r0[name]
+        # AppliedPlan.save_pretrained writes the trained weights in HF format (one process loads them back)
+        if name == "pp2":
+            assert "pipeline plan is not supported" in r0[name + ":saved"]
+        else:
+            assert r0[name + ":saved"] == pytest.approx(ref1, rel=1e-4), name
     assert r0["fsdp_ckpt:ckpt"] == [True, True]
     assert r0["fsdp_mixed:ckpt"] == [False, True]
     assert r0["ddp_m2:ckpt"] == [False, False]

@@ -90,6 +90,30 @@ class AppliedPlan:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Collective (call on every rank): write the whole model in Hugging Face format (``from_pretrained``
+        loads it on one process). The sharded / tensor-parallel parameters are gathered to rank 0, which saves
+        them with the model's own ``save_pretrained`` (``kwargs`` are passed on). A plain ``save_pretrained`` on
+        the prepared model writes no weights file under transformers 5 (the parameters are DTensors).
+
+        Pipeline plans are not supported (each rank holds one stage under stage-local names)."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.closed:
+            raise RuntimeError("save_pretrained: this runner was closed (its process groups are gone)")
+        if self.plan.pp > 1:
+            raise NotImplementedError(
+                "save_pretrained of a pipeline plan is not supported: each rank holds one stage under stage-local "
+                "names; save from a plan with pp=1"
+            )
+        inner = self.module.module if isinstance(self.module, DistributedDataParallel) else self.module
+        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() == 0:
+            inner.save_pretrained(save_directory, state_dict=state, **kwargs)
+        dist.barrier()
+
     def parameters(self) -> Any:
         """This rank's parameters (its shard / stage). With tensor parallelism some are DTensors and some
         plain tensors; give the optimizer :meth:`param_groups` instead."""
