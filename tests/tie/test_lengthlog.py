@@ -378,6 +378,33 @@ def test_calibration_is_right_for_the_true_law_and_flags_drift():
     }
 
 
+def test_a_row_cut_by_a_crash_is_not_merged_into_and_skipped_at_the_end(tmp_path, caplog):
+    """A crash cuts the last row mid-line: the file loads without it (a warning names the line), and a restarted
+    log starts on a new line, so its first row stays whole; the cut row, now mid-file, is still refused."""
+    path = tmp_path / "lengths.jsonl"
+    kw = dict(output_len=3, reason="eos", max_new_tokens=8, prompt_tokens=1)
+    with LengthLog(path) as log:
+        for i in range(3):
+            log.add(prompt=f"p{i} é", request_id=f"r{i}", **kw)
+    data = path.read_bytes()
+    for cut in (40, len(data.rsplit(b"\xc3", 1)[1])):  # mid-JSON; mid-UTF-8 character
+        path.write_bytes(data[:-cut])
+        with caplog.at_level("WARNING", logger="hf_ext"):
+            assert load_length_log(path)["request_id"] == ["r0", "r1"]
+        assert "lengths.jsonl:3: skipped a record cut off mid-line" in caplog.text
+    with caplog.at_level("WARNING", logger="hf_ext"), LengthLog(path) as log:
+        log.add(prompt="after restart", request_id="r3", **kw)
+    assert "ends with a row cut off mid-line" in caplog.text
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    assert json.loads(lines[3])["request_id"] == "r3"
+    with pytest.raises(ValueError, match=r"lengths.jsonl:3: not a JSON record .*delete the line"):
+        load_length_log(path)
+    path.write_text("")  # an empty file gets no newline
+    with LengthLog(path) as log:
+        log.add(prompt="a", request_id="r0", **kw)
+    assert path.read_text().count("\n") == 1
+
+
 def test_load_length_log_rejects_foreign_records(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps({"prompt": "a", "output_len": 3}) + "\n")

@@ -108,6 +108,14 @@ class LengthLog:
         self._lock = threading.Lock()
         self._records: deque[dict[str, Any]] = deque(maxlen=max_records)
         self._fh: Any = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
+        if path is not None and _ends_mid_line(path):
+            # a crash cut the last row: start on a new line, so the first row of this run is not merged into it
+            logger.warning(
+                "TIE length log: %s ends with a row cut off mid-line (a crash?); appending from a new line",
+                path,
+            )
+            self._fh.write("\n")
+            self._fh.flush()
         self.count = 0
         self.errors = 0
         self.report_every = report_every
@@ -297,23 +305,48 @@ def records_to_dataset(records: list[dict[str, Any]]) -> Any:
     return datasets.Dataset.from_dict({c: [r.get(c) for r in records] for c in COLUMNS}, features=features)
 
 
+def _ends_mid_line(path: str) -> bool:
+    """Whether the file at ``path`` exists, is not empty and does not end with a newline."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except OSError:
+        return False
+
+
 def load_length_log(path: str | os.PathLike) -> Any:
     """Read a :class:`LengthLog` JSONL file into a ``datasets.Dataset`` (``ValueError`` naming the line of a bad
-    record)."""
+    record). A last line cut off mid-record (no newline, not JSON: the writer crashed) is skipped with a warning."""
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        lines = fh.readlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:  # not JSON, or not UTF-8 (a multi-byte character cut)
+            if i == len(lines) and not line.endswith(b"\n"):
+                logger.warning(
+                    "%s:%d: skipped a record cut off mid-line (the writer crashed?): %s",
+                    os.fspath(path),
+                    i,
+                    exc,
+                )
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{os.fspath(path)}:{i}: not a JSON record ({exc})") from exc
-            required = ("prompt", "output_len", "censored", "reason")
-            missing = [c for c in required if c not in rec] if isinstance(rec, dict) else list(required)
-            if missing:
-                raise ValueError(f"{os.fspath(path)}:{i}: not a length-log record (missing {missing})")
-            records.append(rec)
+            raise ValueError(
+                f"{os.fspath(path)}:{i}: not a JSON record ({exc}); if a crash cut this row before a restart, "
+                "delete the line"
+            ) from exc
+        required = ("prompt", "output_len", "censored", "reason")
+        missing = [c for c in required if c not in rec] if isinstance(rec, dict) else list(required)
+        if missing:
+            raise ValueError(f"{os.fspath(path)}:{i}: not a length-log record (missing {missing})")
+        records.append(rec)
     return records_to_dataset(records)
 
 
