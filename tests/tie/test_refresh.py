@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import numpy as np
@@ -232,6 +233,39 @@ def test_background_refits_every_n_records_and_stops():
         ref.start()
         ref.start()
     ref.stop()
+
+
+def test_a_refit_outliving_stop_installs_nothing_and_stays_running(monkeypatch):
+    """stop(timeout) returns while a refit trains: ``running`` stays True until it ends, and its (better)
+    predictor is not installed over what the process configured since; a refit called directly still installs."""
+    log = LengthLog()
+    _feed(log, _traffic(60, seed=13, long_median=100))
+    installed: list = []
+    ref = PredictorRefresher(
+        log, every=10, min_records=40, install=installed.append, isolate=False, in_flight=None
+    )
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow_train(cand, data):
+        entered.set()
+        assert gate.wait(30)
+        return cand, 0.0
+
+    monkeypatch.setattr(ref, "_train", slow_train)
+    monkeypatch.setattr(ref, "_new_predictor", TrueLaw)
+    ref.start()
+    _feed(log, _traffic(10, seed=14, long_median=100), start=60)
+    assert entered.wait(30)
+    ref.stop(timeout=0.05)
+    assert ref.running  # the refit goes on
+    with pytest.raises(RuntimeError, match="still ending a refit"):
+        ref.start()
+    gate.set()
+    _wait(lambda: not ref.running)
+    assert installed == [] and ref.version == 0 and ref.predictor is None
+    assert ref.history[-1]["accepted"] is False and "not installed" in ref.history[-1]["discarded"]
+    rep = ref.refit()  # the same refit, asked for directly, installs
+    assert rep["accepted"] and installed == [ref.predictor] and ref.version == 1
 
 
 def test_a_failing_refit_is_reported_and_the_refresher_goes_on(caplog, monkeypatch):

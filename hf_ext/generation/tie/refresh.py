@@ -226,9 +226,12 @@ class PredictorRefresher:
 
     # ------------------------------------------------------------------------------------------- background
     def start(self) -> PredictorRefresher:
-        """Listen to the log and refit in a daemon thread (``RuntimeError`` if already started)."""
-        if self._thread is not None:
-            raise RuntimeError("this PredictorRefresher is already started")
+        """Listen to the log and refit in a daemon thread (``RuntimeError`` if already started, or if a
+        :meth:`stop` that timed out still waits for its refit to end)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError(
+                "this PredictorRefresher is already started (or still ending a refit after stop())"
+            )
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="hf_ext-tie-refresher", daemon=True)
         self._thread.start()
@@ -236,15 +239,20 @@ class PredictorRefresher:
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop listening; wait up to ``timeout`` seconds (``None``: as long as it takes) for a refit under way."""
+        """Stop listening; wait up to ``timeout`` seconds (``None``: as long as it takes) for a refit under way.
+
+        A refit still under way when this returns (:attr:`running` stays ``True`` until it ends) installs nothing.
+        """
         self.log.remove_listener(self._on_record)
         self._stop.set()
         self._due.set()
-        thread, self._thread = self._thread, None
+        thread = self._thread
         if thread is not None:
             thread.join(timeout)
-        if thread is None or not thread.is_alive():
-            self._close_pool()  # else the thread closes it when its refit ends
+            if thread.is_alive():
+                return  # the thread closes the pool when its refit ends
+            self._thread = None
+        self._close_pool()
 
     def _close_pool(self) -> None:
         """Shut the training worker process down (not while a refit uses it)."""
@@ -336,6 +344,9 @@ class PredictorRefresher:
             new = self._score(held, cand.predict([r["prompt"] for r in held]))
             served = self._score(held, self._served_laws(held))
             accepted = bool(new["nll"] < served["nll"] - self.margin)
+            # stop() returned while this background refit trained: what the process configured since stays
+            discarded = accepted and self._stop.is_set() and threading.current_thread() is self._thread
+            accepted = accepted and not discarded
             saved_to = None
             if accepted:
                 (self._install or _default_install)(cand)
@@ -355,6 +366,8 @@ class PredictorRefresher:
                 "saved_to": saved_to,
                 "time": time.time(),
             }
+            if discarded:
+                rep["discarded"] = "better, but the refresher was stopped during the refit: not installed"
             for name, cal in (("new", new), ("served", served)):
                 rep[f"nll_{name}"] = cal["nll"]
                 for key in ("above_q0.9", "below_q0.9"):
@@ -368,7 +381,11 @@ class PredictorRefresher:
             fit_s,
             rep["nll_new"],
             rep["nll_served"],
-            f"; installed v{self.version}" + (f" ({saved_to})" if saved_to else "") if accepted else "; kept",
+            f"; installed v{self.version}" + (f" ({saved_to})" if saved_to else "")
+            if accepted
+            else "; discarded (stopped)"
+            if discarded
+            else "; kept",
         )
         return rep
 
