@@ -268,6 +268,25 @@ def test_a_refit_outliving_stop_installs_nothing_and_stays_running(monkeypatch):
     assert rep["accepted"] and installed == [ref.predictor] and ref.version == 1
 
 
+def test_a_restarted_refresher_waits_for_new_records(monkeypatch):
+    """stop() wakes the thread through the refit trigger; start() again must not take that as a refit due."""
+    log = LengthLog()
+    _feed(log, _traffic(60, seed=15, long_median=100))
+    ref = PredictorRefresher(
+        log, every=10, min_records=20, install=pytest.fail, isolate=False, in_flight=None
+    )
+    calls: list = []
+    monkeypatch.setattr(ref, "refit", lambda: calls.append(1))
+    ref.start()
+    ref.stop()
+    ref.start()
+    time.sleep(0.3)
+    assert calls == []
+    _feed(log, _traffic(10, seed=16, long_median=100), start=60)  # now one is due
+    _wait(lambda: calls == [1])
+    ref.stop()
+
+
 def test_a_failing_refit_is_reported_and_the_refresher_goes_on(caplog, monkeypatch):
     def broken(self, data, **kw):
         raise RuntimeError("out of memory")

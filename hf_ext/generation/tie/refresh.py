@@ -233,6 +233,7 @@ class PredictorRefresher:
                 "this PredictorRefresher is already started (or still ending a refit after stop())"
             )
         self._stop.clear()
+        self._due.clear()  # stop() set it to wake the old thread: no refit is due yet
         self._thread = threading.Thread(target=self._run, name="hf_ext-tie-refresher", daemon=True)
         self._thread.start()
         self.log.add_listener(self._on_record)
