@@ -574,3 +574,42 @@ def test_a_log_of_cut_lengths_only_is_not_trained_on(monkeypatch):
     )
     ref.refit()
     assert fitted == [160]
+
+
+@pytest.mark.filterwarnings("ignore:LengthPredictor.predict called on an untrained predictor")
+def test_a_dead_training_worker_is_replaced_at_the_next_refit(monkeypatch):
+    """The worker process dies (BrokenProcessPool): that refit fails, and the next one spawns a new worker instead
+    of failing on the broken pool forever."""
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    class FakePool:  # a process pool whose first worker dies; later ones train in this process
+        made: list = []
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.shut = False
+            FakePool.made.append(self)
+
+        def submit(self, fn, *args):
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            if self is FakePool.made[0]:
+                fut.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            else:
+                fut.set_result(0.0)
+            return fut
+
+        def shutdown(self, wait=True, cancel_futures=False) -> None:
+            self.shut = True
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", FakePool)
+    log = LengthLog()
+    _feed(log, _traffic(60, seed=17, long_median=100))
+    ref = PredictorRefresher(
+        log, min_records=40, config=PredictorConfig.tiny(), install=lambda p: None, in_flight=None
+    )
+    with pytest.raises(BrokenProcessPool):
+        ref.refit()
+    assert FakePool.made[0].shut and ref._pool is None
+    assert "nll_new" in ref.refit()  # a new worker
+    assert len(FakePool.made) == 2 and ref._pool is FakePool.made[1]
+    ref.stop()

@@ -101,8 +101,8 @@ class PredictorRefresher:
             ``hf-ext serve --tie-predictor`` after a restart).
         install: called with each accepted predictor (default :func:`~hf_ext.generation.tie.cb.set_tie_predictor`,
             the running TIE scheduler's predictor).
-        isolate: train in a worker process (spawned at the first refit, kept until :meth:`stop`) instead of the
-            calling thread.
+        isolate: train in a worker process (spawned at the first refit, kept until :meth:`stop`; a new one at the
+            refit after it dies) instead of the calling thread.
         threads: torch CPU threads of that training (default: a quarter of the cores, 1 to 4).
         in_flight: called at each refit for the requests still generating, as rows ``{"prompt", "output_len"}``
             (tokens so far): added to the training rows as lower bounds. Under an SJF-like order at overload the
@@ -411,6 +411,8 @@ class PredictorRefresher:
             t0 = time.perf_counter()
             cand.fit(data, censored_column="censored")
             return cand, time.perf_counter() - t0
+        from concurrent.futures.process import BrokenProcessPool
+
         from hf_ext.generation.tie.predictor import LengthPredictor
 
         if self._pool is None:
@@ -421,7 +423,14 @@ class PredictorRefresher:
         tmp = tempfile.mkdtemp(prefix="hf_ext_tie_refit_")
         try:
             cand.save_pretrained(tmp)
-            fit_s = self._pool.submit(_fit_saved, tmp, data, self.threads).result()
+            try:
+                fit_s = self._pool.submit(_fit_saved, tmp, data, self.threads).result()
+            except (
+                BrokenProcessPool
+            ):  # the worker died (OOM killer, a crash): the next refit spawns a new one
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+                raise
             return LengthPredictor.from_pretrained(tmp), fit_s
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
