@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -275,3 +277,98 @@ def test_a_soft_reset_request_keeps_its_score_and_aging_clock_on_the_real_engine
         assert len(set(scored[rid])) == 1, (rid, scored[rid])  # the same (score, t0) every time it waited
     (sched,) = live
     assert not sched._admitted and not sched.scores
+
+
+def _run_requests(model, requests, gc, cb, before_results=None, timeout=60.0):
+    """Start a CB manager with ``requests`` ([(ids, request_id, max_new_tokens)]), call ``before_results()`` while
+    it runs, and return request id -> (status, generated token count)."""
+    import time
+
+    mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+    for ids, rid, n in requests:
+        mgr.add_request(ids, request_id=rid, max_new_tokens=n)
+    mgr.start()
+    if before_results is not None:
+        before_results()
+    out: dict = {}
+    t_end = time.time() + timeout
+    while len(out) < len(requests) and time.time() < t_end:
+        r = mgr.get_result(timeout=1)
+        if r is not None and r.is_finished():
+            out[r.request_id] = (r.status.name, len(r.generated_tokens))
+    mgr.stop(block=True, timeout=10)
+    return out
+
+
+def _once_admitted(enable, tok, timeout=30.0):
+    """``enable(None, tok)`` once the running manager has admitted its first request (the others were prepared
+    under the first config and are waiting)."""
+    import time
+
+    from hf_ext.generation.tie.cb import CONTEXT
+
+    t_end = time.time() + timeout
+    while not CONTEXT.admission_order and time.time() < t_end:
+        time.sleep(0.01)
+    enable(None, tok)
+
+
+def test_a_running_manager_keeps_its_config_when_tie_is_enabled_again_elsewhere(setup):
+    """A manager started with aging='none'; then enable_tie_scheduler with the default config (as tie_generate_batch
+    does): the engine thread raised KeyError on its next key and every request in the queue failed."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from hf_ext.generation.tie import TIEConfig
+    from hf_ext.generation.tie.cb import enable_tie_scheduler
+
+    model, tok, ids, _ = setup
+    enable_tie_scheduler(None, tok, TIEConfig(score="per_token_index", aging="none"))
+    gc = GenerationConfig(max_new_tokens=30, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(
+        num_blocks=64, page_size=16, max_batch_tokens=64, max_requests_per_batch=1, scheduler_type="tie"
+    )
+    reqs = [(ids[2], f"a{i}", 30) for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no predictor: the heuristic's warning
+        out = _run_requests(
+            model, reqs, gc, cb, before_results=lambda: _once_admitted(enable_tie_scheduler, tok)
+        )
+    assert out == {f"a{i}": ("FINISHED", 30) for i in range(4)}
+
+
+def test_heuristic_law_uses_each_requests_own_cap_and_request_id_hints_end_with_their_request(setup):
+    """The prompt-length heuristic took the largest cap of the requests prepared together (a 121-token prompt with
+    max_new_tokens=8 got exp(mu)=121 next to a 1000-token request, 16 alone); a hint set under a request id stayed
+    after its request and scored the next request reusing the id."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from hf_ext.generation.tie.cb import CONTEXT, enable_tie_scheduler, set_length_hints
+    from hf_ext.generation.tie.lengthlog import LengthLog
+    from hf_ext.generation.tie.scheduler import heuristic_prediction
+
+    model, tok, ids, _ = setup
+    long_ids = tok(PROMPTS[0] * 8).input_ids
+    gc = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(
+        num_blocks=64, page_size=16, max_batch_tokens=512, max_requests_per_batch=4, scheduler_type="tie"
+    )
+    mus = []
+    for with_other in (False, True):
+        log = LengthLog()
+        enable_tie_scheduler(None, tok, length_log=log)
+        reqs = [(long_ids, "X", 8)] + ([(ids[2], "Y", 40)] if with_other else [])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _run_requests(model, reqs, gc, cb)
+        (rec,) = [r for r in log.records if r["request_id"] == "X"]
+        assert rec["source"] == "heuristic"
+        mus.append(rec["pred_mu"])
+    own = float(heuristic_prediction([len(long_ids)], 8)["mu"][0])  # its own cap, whatever came with it
+    assert mus == [pytest.approx(own), pytest.approx(own)]
+    # a request-id hint is used for that request and removed when it ends
+    enable_tie_scheduler(None, tok)
+    set_length_hints(None, mu=[1.0], sigma=[0.5], request_ids=["H"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _run_requests(model, [(ids[1], "H", 4)], gc, cb)
+    assert "H" not in CONTEXT.rid_hints and "H" not in CONTEXT.hint_sources

@@ -125,6 +125,10 @@ def _ended(state: RequestState) -> str | None:
     return None
 
 
+# per-request records a scheduler keeps for inspection (admission_order, prediction_failures): the newest this many
+KEEP_RECENT = 100_000
+
+
 class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
     """FIFO for running requests; *fresh waiting* requests offered for admission by ascending key.
 
@@ -179,6 +183,8 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
         for rid in self._last_fresh:
             if rid not in self.waiting_requests:
                 self.admission_order.append(rid)
+                if len(self.admission_order) > KEEP_RECENT:  # a long-running server: the newest only
+                    del self.admission_order[: len(self.admission_order) - KEEP_RECENT]
                 self._forget(rid)
                 state = self.active_requests.get(rid)
                 # first admissions only: a soft-reset request is a new state, re-created when it was reset
@@ -258,6 +264,9 @@ class TIECBScheduler(_WaitingOrderScheduler):
 
     def reset(self) -> None:
         super().reset()
+        # the config this scheduler (one manager / server run) scores with: a later enable_tie_scheduler(...)
+        # elsewhere in the process (tie_generate_batch does one) must not change its keys mid-run
+        self.tie_config: TIEConfig = CONTEXT.config
         self.scores: dict[str, float] = {}
         self._t0: dict[str, float] = {}
         self._static: dict[str, float] = {}
@@ -279,7 +288,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
             new = [s for s in new if s.request_id not in came_back]
             if not new:
                 return
-        cfg = CONTEXT.config
+        cfg = self.tie_config
         mu = np.empty(len(new))
         sigma = np.empty(len(new))
         nu = np.empty(len(new))
@@ -300,12 +309,10 @@ class TIECBScheduler(_WaitingOrderScheduler):
             elif not self._warned:
                 warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
                 self._warned = True
-            if missing:
-                caps = [self._cap(new[i]) for i in missing]
-                h = heuristic_prediction([len(_true_prompt(new[i])) for i in missing], max(caps))
-                mu[missing], sigma[missing], nu[missing] = h["mu"], h["sigma"], h["nu"]
-                for i in missing:
-                    source[i] = "heuristic"
+            for i in missing:  # each request's own cap (not the largest of the requests that came with it)
+                h = heuristic_prediction([len(_true_prompt(new[i]))], self._cap(new[i]))
+                mu[i], sigma[i], nu[i] = h["mu"][0], h["sigma"][0], h["nu"][0]
+                source[i] = "heuristic"
         if CONTEXT.length_log is not None:
             for i, s in enumerate(new):
                 self._laws[s.request_id] = ((float(mu[i]), float(sigma[i]), float(nu[i])), source[i])
@@ -357,6 +364,8 @@ class TIECBScheduler(_WaitingOrderScheduler):
         rids = [new[i].request_id for i in idx]
         for rid in rids:
             self.prediction_failures[rid] = why
+        while len(self.prediction_failures) > KEEP_RECENT:  # a long-running server: the newest only
+            del self.prediction_failures[next(iter(self.prediction_failures))]
         logger.warning(
             "TIE: length prediction failed for %d request(s) %s: %s; scoring them by the prompt-length heuristic",
             len(rids),
@@ -365,13 +374,12 @@ class TIECBScheduler(_WaitingOrderScheduler):
         )
         return idx
 
-    @staticmethod
-    def _cap(state: RequestState) -> int:
-        m = state.max_new_tokens if CONTEXT.config.use_request_cap else None
-        return int(m) if m is not None and m >= 1 else CONTEXT.config.max_new_tokens
+    def _cap(self, state: RequestState) -> int:
+        m = state.max_new_tokens if self.tie_config.use_request_cap else None
+        return int(m) if m is not None and m >= 1 else self.tie_config.max_new_tokens
 
     def _key(self, rid: str, now: float) -> float:
-        cfg = CONTEXT.config
+        cfg = self.tie_config
         if cfg.aging == "continuous":
             return self._static[rid]
         return aging_order_key(cfg, self.scores[rid], self._t0[rid], now - self._epoch)
@@ -384,6 +392,11 @@ class TIECBScheduler(_WaitingOrderScheduler):
 
     def _done(self, rid: str) -> None:
         self._admitted.pop(rid, None)
+        # a hint given under this request id served its request: transformers reuses ids (req_0, req_1, ... in
+        # every generate_batch), so a leftover would score an unrelated later request
+        with CONTEXT.lock:
+            if CONTEXT.rid_hints.pop(rid, None) is not None:
+                CONTEXT.hint_sources.pop(rid, None)
 
 
 class PriorityCBScheduler(_WaitingOrderScheduler):
