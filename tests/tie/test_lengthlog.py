@@ -380,7 +380,7 @@ def test_calibration_is_right_for_the_true_law_and_flags_drift():
 
 def test_a_row_cut_by_a_crash_is_not_merged_into_and_skipped_at_the_end(tmp_path, caplog):
     """A crash cuts the last row mid-line: the file loads without it (a warning names the line), and a restarted
-    log starts on a new line, so its first row stays whole; the cut row, now mid-file, is still refused."""
+    log drops the cut row (with a warning) and appends whole rows, so the file loads again."""
     path = tmp_path / "lengths.jsonl"
     kw = dict(output_len=3, reason="eos", max_new_tokens=8, prompt_tokens=1)
     with LengthLog(path) as log:
@@ -394,10 +394,15 @@ def test_a_row_cut_by_a_crash_is_not_merged_into_and_skipped_at_the_end(tmp_path
         assert "lengths.jsonl:3: skipped a record cut off mid-line" in caplog.text
     with caplog.at_level("WARNING", logger="hf_ext"), LengthLog(path) as log:
         log.add(prompt="after restart", request_id="r3", **kw)
-    assert "ends with a row cut off mid-line" in caplog.text
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    assert json.loads(lines[3])["request_id"] == "r3"
-    with pytest.raises(ValueError, match=r"lengths.jsonl:3: not a JSON record .*delete the line"):
+    assert "ended with a row cut off mid-line" in caplog.text
+    assert load_length_log(path)["request_id"] == ["r0", "r1", "r3"]  # the cut row is gone, the new one whole
+    with path.open("a") as fh:  # a broken row in the middle is still refused
+        fh.write(
+            "{not json\n"
+            + json.dumps({"prompt": "x", "output_len": 1, "censored": False, "reason": "eos"})
+            + "\n"
+        )
+    with pytest.raises(ValueError, match=r"lengths.jsonl:4: not a JSON record"):
         load_length_log(path)
     path.write_text("")  # an empty file gets no newline
     with LengthLog(path) as log:

@@ -107,15 +107,16 @@ class LengthLog:
         self.path = path
         self._lock = threading.Lock()
         self._records: deque[dict[str, Any]] = deque(maxlen=max_records)
-        self._fh: Any = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
         if path is not None and _ends_mid_line(path):
-            # a crash cut the last row: start on a new line, so the first row of this run is not merged into it
+            # a crash cut the last row: drop that partial row (its record is lost anyway), so this run's rows start
+            # on a line of their own and the file still loads
+            cut = _drop_partial_last_line(path)
             logger.warning(
-                "TIE length log: %s ends with a row cut off mid-line (a crash?); appending from a new line",
+                "TIE length log: %s ended with a row cut off mid-line (a crash?); dropped its %d byte(s) and appending",
                 path,
+                cut,
             )
-            self._fh.write("\n")
-            self._fh.flush()
+        self._fh: Any = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
         self.count = 0
         self.errors = 0
         self.report_every = report_every
@@ -316,6 +317,26 @@ def _ends_mid_line(path: str) -> bool:
             return fh.read(1) != b"\n"
     except OSError:
         return False
+
+
+def _drop_partial_last_line(path: str) -> int:
+    """Truncate the file at ``path`` after its last newline (nothing of it when it has none); returns the number of
+    bytes removed."""
+    with open(path, "r+b") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        pos, block = end, 1 << 16
+        while pos > 0:
+            start = max(0, pos - block)
+            fh.seek(start)
+            i = fh.read(pos - start).rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        fh.truncate(keep)
+    return end - keep
 
 
 def load_length_log(path: str | os.PathLike) -> Any:
