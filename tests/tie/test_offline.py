@@ -318,6 +318,13 @@ def test_tie_batched_generate_refuses_bad_input(model):
         tie_batched_generate(model, tok, ["a"], batch_size=0)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         tie_batched_generate(model, tok, ["a"], batch_size=1, max_new_tokens=0)
+    from transformers import GenerationConfig
+
+    # max_length alone was overridden by an injected max_new_tokens=1024 (15 total tokens asked, 1024 new made)
+    gc = GenerationConfig(max_length=15, do_sample=False, pad_token_id=0, eos_token_id=2)
+    for kw in (dict(generation_config=gc), dict(max_length=15)):
+        with pytest.raises(ValueError, match="max_length=15 is set without max_new_tokens"):
+            tie_batched_generate(model, tok, ["hello world"], batch_size=1, **kw)
 
 
 def test_trim_at_eos_keeps_the_first_eos_and_drops_the_padding():

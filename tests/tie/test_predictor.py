@@ -106,6 +106,8 @@ def test_bad_input():
         p.predict(["fine", ""])
     with pytest.raises(ValueError, match="output_len"):
         p.fit({"prompt": ["a", "b"], "output_len": [3, float("nan")]})
+    with pytest.raises(ValueError, match="output_len must hold one finite length >= 1"):  # was NaN metrics
+        p.evaluate({"prompt": ["a", "b", "c"], "output_len": [0, 5, -3]})
     with pytest.raises(ValueError, match="kind"):
         PredictorConfig(kind="quantile")
     with torch.no_grad():

@@ -581,6 +581,17 @@ def tie_batched_generate(
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     cfg = config or TIEConfig()
     gen_cap = generate_kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+    max_length = generate_kwargs.get("max_length", getattr(generation_config, "max_length", None))
+    if (
+        gen_cap is None
+        and max_length is not None
+        and "max_length" in (set(generate_kwargs) | set(getattr(generation_config, "to_diff_dict", dict)()))
+    ):
+        # a cap on prompt + new tokens differs per padded batch: the plan and the KV budget need one per request
+        raise ValueError(
+            f"max_length={max_length} is set without max_new_tokens; tie_batched_generate plans with a per-request "
+            "cap on new tokens: pass max_new_tokens (in generate_kwargs or generation_config) instead"
+        )
     cap = gen_cap if gen_cap is not None else cfg.max_new_tokens
     _check_int("max_new_tokens", cap)
     enc = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]  # one batched call

@@ -42,6 +42,15 @@ from hf_ext.generation.tie.scheduler import (
     validate_prompts,
 )
 
+
+def _checked_lengths(values: Any, n: int, column: str) -> np.ndarray:
+    """``values`` as a float array of ``n`` finite lengths >= 1 (``ValueError`` naming ``column`` otherwise)."""
+    lengths = np.asarray(values, dtype=np.float64)
+    if lengths.shape != (n,) or not np.all(np.isfinite(lengths)) or np.any(lengths < 1):
+        raise ValueError(f"{column} must hold one finite length >= 1 per prompt")
+    return lengths
+
+
 # what ``LengthPredictor.predict`` returns per kind
 _PREDICT_KEYS: dict[str, tuple[str, ...]] = {
     "logt": ("mu", "sigma", "nu"),
@@ -283,9 +292,7 @@ class LengthPredictor:
         Returns ``{"loss": [per-epoch mean loss]}``.
         """
         prompts = validate_prompts(dataset[prompt_column])
-        lengths = np.asarray(dataset[length_column], dtype=np.float64)
-        if lengths.shape != (len(prompts),) or not np.all(np.isfinite(lengths)) or np.any(lengths < 1):
-            raise ValueError(f"{length_column} must hold one finite length >= 1 per prompt")
+        lengths = _checked_lengths(dataset[length_column], len(prompts), length_column)
         cens_all = censored_flags(dataset, censored_column, len(prompts))
         if cens_all.any() and self.kind != "logt":
             raise ValueError(
@@ -408,7 +415,7 @@ class LengthPredictor:
         from scipy import stats
 
         prompts = validate_prompts(dataset[prompt_column])
-        lengths = np.asarray(dataset[length_column], dtype=np.float64)
+        lengths = _checked_lengths(dataset[length_column], len(prompts), length_column)
         if max_new_tokens is not None:
             _check_int("max_new_tokens", max_new_tokens)
         cens = censored_flags(dataset, censored_column, len(prompts))
