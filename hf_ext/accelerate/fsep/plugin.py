@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,26 +156,18 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
     model._ddp_params_and_buffers_to_ignore = prev + ignore
     model._fsep_had_ddp_ignore = had_ignore  # remove_fsep restores the model as it was
     if callable(getattr(type(model), "generate", None)) and "generate" not in vars(model):
-        model.generate = _synced_generate(model)  # an instance attribute: remove_fsep deletes it
+        # a bound method on the instance (remove_fsep deletes it; copy.deepcopy rebinds it to the copy)
+        model.generate = types.MethodType(_fsep_generate, model)
     return model
 
 
-def _synced_generate(model: nn.Module) -> Any:
-    """``model.generate`` with ``synced_gpus=True`` by default: every FSEP layer's forward is collective, so a rank
-    that finished its sequences must keep stepping until all ranks have (transformers turns this on by itself only
-    for DeepSpeed ZeRO-3 / FSDP; without it a rank that hits EOS first leaves the others waiting forever)."""
-    import functools
-
-    gen = type(model).generate
-
-    @functools.wraps(gen)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("synced_gpus") is None:
-            kwargs["synced_gpus"] = True
-        return gen(model, *args, **kwargs)
-
-    generate._hf_ext_fsep = True  # type: ignore[attr-defined]
-    return generate
+def _fsep_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``generate`` with ``synced_gpus=True`` by default: every FSEP layer's forward is collective, so a rank that
+    finished its sequences must keep stepping until all ranks have (transformers turns this on by itself only for
+    DeepSpeed ZeRO-3 / FSDP; without it a rank that hits EOS first leaves the others waiting forever)."""
+    if kwargs.get("synced_gpus") is None:
+        kwargs["synced_gpus"] = True
+    return type(self).generate(self, *args, **kwargs)
 
 
 def _begin_step_hook(module: nn.Module, args: Any) -> None:
@@ -385,7 +378,7 @@ def remove_fsep(model: nn.Module) -> nn.Module:
         del model._ddp_params_and_buffers_to_ignore  # prepare_fsep added it
     for attr in ("_fsep_state", "_fsep_templates", "_fsep_hook", "_fsep_config", "_fsep_had_ddp_ignore"):
         delattr(model, attr)
-    if getattr(vars(model).get("generate"), "_hf_ext_fsep", False):
+    if getattr(vars(model).get("generate"), "__func__", None) is _fsep_generate:
         del model.generate
     return model
 
