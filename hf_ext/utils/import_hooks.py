@@ -87,15 +87,16 @@ def _remove_finder() -> None:
         sys.meta_path.remove(_FINDER)
 
 
-def _drop_stale_finders() -> None:
-    """Remove finders left by an earlier copy of this module (``hf_ext`` imported again after its modules were
-    dropped from ``sys.modules``): their callbacks belong to the old copy."""
+def drop_stale_finders(finder: Any) -> None:
+    """Remove from ``sys.meta_path`` every instance of ``finder``'s class made by an earlier copy of its module
+    (``hf_ext`` imported again after its modules were dropped from ``sys.modules``, as test runners and notebook
+    reloaders do): such copies' callbacks and registrations belong to the old modules, and two copies that each
+    ask the meta path again call one another. ``finder`` itself stays."""
+    cls = type(finder)
     sys.meta_path[:] = [
         f
         for f in sys.meta_path
-        if f is _FINDER
-        or type(f).__qualname__ != _PostImportFinder.__qualname__
-        or type(f).__module__ != __name__
+        if f is finder or type(f).__qualname__ != cls.__qualname__ or type(f).__module__ != cls.__module__
     ]
 
 
@@ -111,7 +112,7 @@ def when_imported(module: str, callback: Callable[[ModuleType], None]) -> None:
     with _LOCK:
         _PENDING.setdefault(module, []).append(callback)
         if _FINDER not in sys.meta_path:
-            _drop_stale_finders()
+            drop_stale_finders(_FINDER)
             sys.meta_path.insert(0, _FINDER)
 
 

@@ -28,6 +28,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from hf_ext.utils.import_hooks import drop_stale_finders
+
 logger = logging.getLogger("hf_ext")
 
 _CONFIG_AUTO = "transformers.models.auto.configuration_auto"
@@ -179,22 +181,9 @@ def _uninstall() -> None:
         sys.meta_path.remove(_FINDER)
 
 
-def _drop_stale_finders() -> None:
-    """Remove finders left by an earlier copy of this module (``hf_ext`` imported again after its modules were
-    dropped from ``sys.modules``, as test runners and notebook reloaders do): theirs would run stale
-    registrations."""
-    sys.meta_path[:] = [
-        f
-        for f in sys.meta_path
-        if f is _FINDER
-        or type(f).__qualname__ != _AutoRegistrationFinder.__qualname__
-        or type(f).__module__ != __name__
-    ]
-
-
 def install() -> None:
     """Register now with the auto modules already imported; defer the rest to their first import."""
-    _drop_stale_finders()
+    drop_stale_finders(_FINDER)
     for name in list(_PENDING):
         if name in sys.modules:
             _LOADED.add(name)
