@@ -368,13 +368,11 @@ def _check_model_for_plan(model: torch.nn.Module, plan: Plan, layers: Any) -> No
 
 
 def _apply_tp(layers: Any, tp_mesh: Any) -> None:
+    """Shard ``layers`` with the Llama tp plan (``_check_model_for_plan`` has refused layers it does not fit)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     for layer in layers:
-        why = _tp_unsupported(layer)
-        if why:
-            raise ValueError(why)
         parallelize_module(layer, tp_mesh, {k: styles[v]() for k, v in _LLAMA_TP.items()})
 
 
