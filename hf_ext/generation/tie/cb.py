@@ -289,6 +289,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
             if not new:
                 return
         cfg = self.tie_config
+        caps = np.asarray([self._cap(s) for s in new], dtype=np.float64)
         mu = np.empty(len(new))
         sigma = np.empty(len(new))
         nu = np.empty(len(new))
@@ -310,13 +311,12 @@ class TIECBScheduler(_WaitingOrderScheduler):
                 warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
                 self._warned = True
             for i in missing:  # each request's own cap (not the largest of the requests that came with it)
-                h = heuristic_prediction([len(_true_prompt(new[i]))], self._cap(new[i]))
+                h = heuristic_prediction([len(_true_prompt(new[i]))], int(caps[i]))
                 mu[i], sigma[i], nu[i] = h["mu"][0], h["sigma"][0], h["nu"][0]
                 source[i] = "heuristic"
         if CONTEXT.length_log is not None:
             for i, s in enumerate(new):
                 self._laws[s.request_id] = ((float(mu[i]), float(sigma[i]), float(nu[i])), source[i])
-        caps = np.asarray([self._cap(s) for s in new], dtype=np.float64)
         e, c = tie_components(mu, sigma, nu, cfg, caps)
         # L_queue: the waiting queue each new request joins, itself excluded (TIEScheduler.add / add_many's count)
         beta = cfg.beta(max(0, len(self.waiting_requests) - 1), max(1, self.max_requests_per_batch))
