@@ -178,6 +178,88 @@ def test_tie_generate_batch_leaves_the_callers_context(setup):
         enable_tie_scheduler()
 
 
+def test_tie_generate_batch_never_swaps_the_process_context(setup, tmp_path, monkeypatch):
+    """A TIE server in the same process keeps its predictor, config, log and hints *during* a batch call (they
+    used to be swapped out for the call's own, so the server scored by the heuristic and logged nothing); the call
+    still schedules by its own predictions, logs into its own log, and leaves no scheduler name behind."""
+    from transformers.generation.continuous_batching import scheduler as cb_sched
+
+    from hf_ext.generation.tie.cb import (
+        CONTEXT,
+        TIECBScheduler,
+        clear_length_hints,
+        enable_tie_scheduler,
+        set_length_hints,
+        tie_generate_batch,
+    )
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.lengthlog import LengthLog
+
+    model, tok, ids, gc = setup
+    server_pred, server_cfg = FakePredictor(), TIEConfig(aging="none")
+    server_log, batch_log = LengthLog(tmp_path / "server.jsonl"), LengthLog(tmp_path / "batch.jsonl")
+    enable_tie_scheduler(server_pred, tok, server_cfg, length_log=server_log)
+    set_length_hints(None, [1.0], [0.5], request_ids=["server-req"])
+    names_before = set(cb_sched.SCHEDULER_MAPPING)
+    seen = {}
+    real = model.generate_batch
+
+    def spy(*args, **kwargs):
+        with CONTEXT.lock:
+            seen["context"] = (CONTEXT.predictor, CONTEXT.config, CONTEXT.length_log, dict(CONTEXT.rid_hints))
+        seen["name"] = kwargs["continuous_batching_config"].scheduler_type
+        seen["cls"] = cb_sched.SCHEDULER_MAPPING[seen["name"]]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate_batch", spy)
+    try:
+        out = tie_generate_batch(
+            model, PROMPTS, tok, FakePredictor(), generation_config=gc, length_log=batch_log,
+            continuous_batching_config=_cb("fifo"),
+        )  # fmt: skip
+        assert seen["context"] == (server_pred, server_cfg, server_log, {"server-req": (1.0, 0.5, 3.5)})
+        assert issubclass(seen["cls"], TIECBScheduler) and seen["name"] != "tie"
+        assert set(cb_sched.SCHEDULER_MAPPING) == names_before  # the call's name is gone
+        assert CONTEXT.last_scheduler_type is seen["cls"]
+        # shortest predicted first (FakePredictor: mu grows with the prompt's length), the engine's 2 slots at once
+        order = CONTEXT.admission_order
+        first_two = sorted(range(len(PROMPTS)), key=lambda i: len(PROMPTS[i]))[:2]
+        assert sorted(order[:2]) == sorted(f"req_{i}" for i in first_two)
+        assert len(out) == len(PROMPTS)
+        assert len(batch_log.records) == len(PROMPTS) and server_log.records == []
+        assert {r["source"] for r in batch_log.records} == {"predictor"}
+    finally:
+        clear_length_hints()
+        enable_tie_scheduler()
+
+
+def test_tie_generate_batch_refuses_a_manager_it_cannot_schedule(setup):
+    from transformers.generation.continuous_batching import scheduler as cb_sched
+
+    from hf_ext.generation.tie.cb import tie_generate_batch
+
+    model, tok, ids, gc = setup
+    names_before = set(cb_sched.SCHEDULER_MAPPING)
+    with pytest.raises(ValueError, match="persistent_manager"):
+        tie_generate_batch(
+            model, PROMPTS[:2], tok, FakePredictor(), generation_config=gc, persistent_manager=True
+        )
+
+    class Cached:  # what generate_batch(persistent_manager=True) leaves on a model
+        _cached_continuous_batching_manager = object()
+
+    with pytest.raises(ValueError, match="destroy_cached_continuous_batching_manager"):
+        tie_generate_batch(Cached(), PROMPTS[:2], tok, FakePredictor(), generation_config=gc)
+
+    class Failing:
+        def generate_batch(self, *args, **kwargs):
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tie_generate_batch(Failing(), PROMPTS[:2], tok, FakePredictor(), generation_config=gc)
+    assert set(cb_sched.SCHEDULER_MAPPING) == names_before
+
+
 @pytest.mark.parametrize("failure", ["nan", "raises"])
 def test_in_loop_prediction_failure_never_stops_the_engine(setup, caplog, failure):
     """The predictor runs inside the generation thread: a NaN / sigma <= 0 prediction or a predictor that raises is

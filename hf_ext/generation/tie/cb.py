@@ -10,10 +10,11 @@ comparison baselines (SSJF, LTR, SJF with oracle lengths; keys from :func:`set_p
 
 Transformers builds the scheduler itself (``cls(cache, safety_margin, max_requests_per_batch)``), so
 the length information reaches it through a module-level context set by :func:`enable_tie_scheduler`
-or :func:`tie_generate_batch`:
+(:func:`tie_generate_batch` instead registers a subclass of its own for the length of its call, bound to a
+private context, so a TIE server in the same process is not disturbed):
 
-* hints (``(μ, σ, ν)`` keyed by request id or by the prompt token ids), computed in one batched
-  predictor call by :func:`tie_generate_batch`;
+* hints (``(μ, σ, ν)`` keyed by request id or by the prompt token ids; :func:`set_length_hints`), computed in
+  one batched predictor call by :func:`tie_generate_batch`;
 * else a ``predictor`` plus the LLM ``tokenizer`` or a ``prompt_text`` function (prompt ids are turned into
   text and predicted in one batch per scheduling step for the newly arrived requests);
 * else the prompt-length heuristic, with a warning.
@@ -35,6 +36,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -86,14 +88,14 @@ class _Context:
 CONTEXT = _Context()
 
 
-def _prompt_text(ids: list[int]) -> str:
-    """The text the predictor sees for prompt ``ids``: ``CONTEXT.prompt_text(ids)`` if set, else the decoded ids."""
-    if CONTEXT.prompt_text is not None:
-        text = CONTEXT.prompt_text(ids)
+def _prompt_text(ctx: _Context, ids: list[int]) -> str:
+    """The text the predictor sees for prompt ``ids``: ``ctx.prompt_text(ids)`` if set, else the decoded ids."""
+    if ctx.prompt_text is not None:
+        text = ctx.prompt_text(ids)
         if not isinstance(text, str):
             raise TypeError(f"prompt_text must return a str, got {type(text).__name__}")
         return text
-    return CONTEXT.tokenizer.decode(ids, skip_special_tokens=True)
+    return ctx.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _true_prompt(state: RequestState) -> list[int]:
@@ -139,8 +141,13 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
         admission_order: request ids in the order they left the waiting queue (for inspection/tests).
     """
 
+    # where this class reads its predictor, tokenizer, log, config, hints and keys: the process-wide CONTEXT, or a
+    # private one for the subclass tie_generate_batch registers for the length of its call
+    _context: _Context | None = None
+
     def reset(self) -> None:
         super().reset()
+        self.ctx: _Context = type(self)._context or CONTEXT
         self._known: set[str] = set()
         self._last_fresh: list[str] = []
         self.admission_order: list[str] = []
@@ -221,12 +228,12 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
         super().finish_request(request_id)
 
     def _record(self, state: RequestState, reason: str) -> None:
-        """Append ``state`` to ``CONTEXT.length_log`` (if set). Runs in the engine's thread: a failure is counted
+        """Append ``state`` to the context's length log (if set). Runs in the engine's thread: a failure is counted
         and logged by the log, never raised."""
         rid = state.request_id
         law = self._laws.pop(rid, None)
         text = self._texts.pop(rid, None)
-        log = CONTEXT.length_log
+        log = self.ctx.length_log
         if log is None:
             return
         try:
@@ -236,7 +243,7 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
             if n_out < 1:  # cancelled before its first token: no information
                 return
             log.add(
-                prompt=text if text is not None else _prompt_text(prompt),
+                prompt=text if text is not None else _prompt_text(self.ctx, prompt),
                 output_len=n_out,
                 reason=reason,
                 max_new_tokens=None if state.max_new_tokens is None else before + int(state.max_new_tokens),
@@ -266,7 +273,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
         super().reset()
         # the config this scheduler (one manager / server run) scores with: a later enable_tie_scheduler(...)
         # elsewhere in the process (tie_generate_batch does one) must not change its keys mid-run
-        self.tie_config: TIEConfig = CONTEXT.config
+        self.tie_config: TIEConfig = self.ctx.config
         self.scores: dict[str, float] = {}
         self._t0: dict[str, float] = {}
         self._static: dict[str, float] = {}
@@ -295,17 +302,18 @@ class TIECBScheduler(_WaitingOrderScheduler):
         nu = np.empty(len(new))
         missing: list[int] = []
         source = ["hint"] * len(new)
+        ctx = self.ctx
         for i, s in enumerate(new):
-            hint = _lookup(CONTEXT.rid_hints, CONTEXT.hints, s)
+            hint = _lookup(ctx.rid_hints, ctx.hints, s)
             if hint is None:
                 missing.append(i)
                 source[i] = "predictor"
             else:
                 mu[i], sigma[i], nu[i] = hint
-                source[i] = CONTEXT.hint_sources.get(_lookup_key(CONTEXT.rid_hints, s), "hint")
+                source[i] = ctx.hint_sources.get(_lookup_key(ctx.rid_hints, s), "hint")
         if missing:
-            predictor = CONTEXT.predictor  # read once: set_tie_predictor may swap it from another thread
-            if predictor is not None and (CONTEXT.prompt_text is not None or CONTEXT.tokenizer is not None):
+            predictor = ctx.predictor  # read once: set_tie_predictor may swap it from another thread
+            if predictor is not None and (ctx.prompt_text is not None or ctx.tokenizer is not None):
                 missing = self._predict(predictor, new, missing, mu, sigma, nu)  # left: failed predictions
             elif not self._warned:
                 warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
@@ -314,7 +322,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
                 h = heuristic_prediction([len(_true_prompt(new[i]))], int(caps[i]))
                 mu[i], sigma[i], nu[i] = h["mu"][0], h["sigma"][0], h["nu"][0]
                 source[i] = "heuristic"
-        if CONTEXT.length_log is not None:
+        if ctx.length_log is not None:
             for i, s in enumerate(new):
                 self._laws[s.request_id] = ((float(mu[i]), float(sigma[i]), float(nu[i])), source[i])
         e, c = tie_components(mu, sigma, nu, cfg, caps)
@@ -345,8 +353,8 @@ class TIECBScheduler(_WaitingOrderScheduler):
         ids and why), kept in :attr:`prediction_failures`, and its request is scored by the prompt-length heuristic.
         """
         try:
-            texts = [_prompt_text(_true_prompt(new[i])) for i in idx]
-            if CONTEXT.length_log is not None:
+            texts = [_prompt_text(self.ctx, _true_prompt(new[i])) for i in idx]
+            if self.ctx.length_log is not None:
                 self._texts.update((new[i].request_id, t) for i, t in zip(idx, texts))
             out = predictor.predict([t if t.strip() else "<empty>" for t in texts])
             got = [np.asarray(out[k], dtype=np.float64).reshape(-1) for k in ("mu", "sigma", "nu")]
@@ -394,9 +402,9 @@ class TIECBScheduler(_WaitingOrderScheduler):
         self._admitted.pop(rid, None)
         # a hint given under this request id served its request: transformers reuses ids (req_0, req_1, ... in
         # every generate_batch), so a leftover would score an unrelated later request
-        with CONTEXT.lock:
-            if CONTEXT.rid_hints.pop(rid, None) is not None:
-                CONTEXT.hint_sources.pop(rid, None)
+        with self.ctx.lock:
+            if self.ctx.rid_hints.pop(rid, None) is not None:
+                self.ctx.hint_sources.pop(rid, None)
 
 
 class PriorityCBScheduler(_WaitingOrderScheduler):
@@ -410,7 +418,7 @@ class PriorityCBScheduler(_WaitingOrderScheduler):
 
     def _prepare(self, new: list[RequestState]) -> None:
         for s in new:
-            k = _lookup(CONTEXT.rid_keys, CONTEXT.keys, s)
+            k = _lookup(self.ctx.rid_keys, self.ctx.keys, s)
             if k is None:
                 raise KeyError(
                     f"{PRIORITY_SCHEDULER_NAME!r} scheduler: no priority key for request {s.request_id!r}; "
@@ -504,6 +512,8 @@ def in_flight_rows() -> list[dict[str, Any]]:
         return []
     rows: list[dict[str, Any]] = []
     for sched in live_schedulers():
+        if getattr(sched, "ctx", CONTEXT) is not CONTEXT:  # a tie_generate_batch call's: not logged there
+            continue
         got = _reread(lambda s=sched: (list(s.active_requests.values()), dict(s._texts)))
         if got is None:
             continue
@@ -516,7 +526,7 @@ def in_flight_rows() -> list[dict[str, Any]]:
                 rows.append(
                     {
                         "request_id": state.request_id,
-                        "prompt": text if text is not None else _prompt_text(ids),
+                        "prompt": text if text is not None else _prompt_text(CONTEXT, ids),
                         "output_len": n,
                         "prompt_tokens": len(ids),
                         "max_new_tokens": getattr(state, "max_new_tokens", None),
@@ -611,6 +621,20 @@ def set_length_hints(
     :class:`~hf_ext.generation.tie.lengthlog.LengthLog` records as the law's origin: ``"hint"``, or
     ``"predictor"`` / ``"heuristic"`` when you computed the hints with one of those.
     """
+    _put_length_hints(CONTEXT, prompt_ids, mu, sigma, nu, request_ids=request_ids, source=source)
+
+
+def _put_length_hints(
+    ctx: _Context,
+    prompt_ids: Sequence[Sequence[int]] | None,
+    mu: Sequence[float],
+    sigma: Sequence[float],
+    nu: Sequence[float] | float,
+    *,
+    request_ids: Sequence[str] | None,
+    source: str,
+) -> None:
+    """:func:`set_length_hints` into ``ctx`` (the process-wide context, or a :func:`tie_generate_batch` call's)."""
     if source not in ("hint", "predictor", "heuristic"):
         raise ValueError(f"source must be one of ('hint', 'predictor', 'heuristic'), got {source!r}")
     mu_a = np.asarray(mu, dtype=np.float64).reshape(-1)
@@ -627,14 +651,14 @@ def set_length_hints(
             raise ValueError(f"{name} contains NaN/inf; TIE needs finite length predictions")
     if np.any(sigma_a <= 0) or np.any(nu_a <= 0):
         raise ValueError("sigma and nu must be > 0")
-    table = CONTEXT.rid_hints if kind == "rid" else CONTEXT.hints
-    with CONTEXT.lock:
+    table = ctx.rid_hints if kind == "rid" else ctx.hints
+    with ctx.lock:
         for k, m, s, v in zip(keys, mu_a, sigma_a, nu_a):
             table[k] = (float(m), float(s), float(v))
             if source == "hint":
-                CONTEXT.hint_sources.pop(k, None)
+                ctx.hint_sources.pop(k, None)
             else:
-                CONTEXT.hint_sources[k] = source
+                ctx.hint_sources[k] = source
 
 
 def set_priority_keys(
@@ -689,10 +713,15 @@ def tie_generate_batch(
         tokenizer: the model's tokenizer.
         predictor: ``logt`` length predictor (``None``: prompt-length heuristic with a warning).
         generation_config / continuous_batching_config: as for ``generate_batch``; the latter's
-            ``scheduler_type`` is set to ``"tie"`` (a copy is made).
+            ``scheduler_type`` is set to a TIE scheduler name registered for this call only (a copy is made).
         config: :class:`TIEConfig`.
         length_log: a :class:`~hf_ext.generation.tie.lengthlog.LengthLog` to record each request's output length
             in (see :func:`enable_tie_scheduler`).
+
+    The call scores with its own predictions, config and length log only: the process-wide ones of
+    :func:`enable_tie_scheduler` (a TIE server or manager running meanwhile) are neither read nor changed.
+    ``persistent_manager=True`` and a model with a cached manager are refused (``ValueError``): the kept manager
+    would schedule with something other than this call's TIE scheduler.
 
     Returns:
         ``generate_batch``'s dict ``request_id -> GenerationOutput`` (``req_<i>`` is prompt ``i``).
@@ -705,6 +734,16 @@ def tie_generate_batch(
         raise ValueError("prompts must be a non-empty list of strings")
     prompts = validate_prompts(prompts, non_empty=True)
     validate_predictor_args(None, tokenizer, None, length_log=length_log)
+    if kwargs.get("persistent_manager"):
+        raise ValueError(
+            "persistent_manager=True is not supported by tie_generate_batch (the kept manager would outlive the "
+            "call's scheduler); use enable_tie_scheduler(...) and model.generate_batch(...) for a persistent manager"
+        )
+    if getattr(model, "_cached_continuous_batching_manager", None) is not None:
+        raise ValueError(
+            "model: it has a cached continuous batching manager, which generate_batch would reuse with its own "
+            "scheduler instead of TIE; call model.destroy_cached_continuous_batching_manager() first"
+        )
     mnt = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
     if mnt is not None and (not isinstance(mnt, int) or mnt <= 0):
         raise ValueError(f"max_new_tokens must be an int > 0, got {mnt!r}")
@@ -721,24 +760,26 @@ def tie_generate_batch(
         if continuous_batching_config is not None
         else ContinuousBatchingConfig()
     )
-    cb.scheduler_type = SCHEDULER_NAME
-    with preserved_context():
-        if length_log is None:
-            enable_tie_scheduler(None, None, config)
-        else:  # the log records each request under the caller's own prompt text
-            texts = {tuple(x): p for x, p in zip(ids, prompts)}
-            enable_tie_scheduler(
-                None,
-                None,
-                config,
-                prompt_text=lambda x: texts.get(tuple(x)) or tokenizer.decode(x, skip_special_tokens=True),
-                length_log=length_log,
-            )
-        source = "predictor" if predictor is not None else "heuristic"
-        set_length_hints(ids, out["mu"], out["sigma"], out["nu"], source=source)
+    # a private context and a scheduler name of its own for this call: a TIE server or manager running in this
+    # process keeps its predictor, log and hints (they used to be swapped out for the length of the call)
+    ctx = _Context()
+    ctx.config = config or TIEConfig()
+    if length_log is not None:  # the log records each request under the caller's own prompt text
+        texts = {tuple(x): p for x, p in zip(ids, prompts)}
+        ctx.tokenizer = tokenizer
+        ctx.prompt_text = lambda x: texts.get(tuple(x)) or tokenizer.decode(x, skip_special_tokens=True)
+        ctx.length_log = length_log
+    source = "predictor" if predictor is not None else "heuristic"
+    _put_length_hints(ctx, ids, out["mu"], out["sigma"], out["nu"], request_ids=None, source=source)
+    name = f"{SCHEDULER_NAME}@call-{uuid.uuid4().hex}"
+    cb.scheduler_type = name
+    _cb_sched.SCHEDULER_MAPPING[name] = type(TIECBScheduler.__name__, (TIECBScheduler,), {"_context": ctx})
+    try:
         return model.generate_batch(
             ids, generation_config=generation_config, continuous_batching_config=cb, **kwargs
         )
+    finally:
+        _cb_sched.SCHEDULER_MAPPING.pop(name, None)
 
 
 @contextlib.contextmanager
