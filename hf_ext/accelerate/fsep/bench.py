@@ -238,8 +238,10 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
                                 ref = ref + attn[j](ref)
                             ref = ref + _dense_moe(ref, idx[j], wts[j], gu[j], dn[j], act)
                         errs[mname] = float((y.detach() - ref).abs().max())
-        if spec.get("profile") and case == spec["profile"]:
-            _profile_modes(rank, stacks, states, x0, idx, wts, attns)
+        if spec.get("profile") in (case, _case(case, alpha)):
+            _profile_modes(
+                rank, stacks, states, x0, idx, wts, attns, spec.get("profile_dir"), _case(case, alpha)
+            )
         for mname in modes:
             key = f"{_case(case, alpha)}/{mname}"
             # best of N: the least disturbed step (the CPU box is shared; the median is kept for reference)
@@ -452,15 +454,27 @@ def _timed_step(stack: Any, state: Any, x0: Any, idx: list, wts: list, attn: Any
 
 
 def _profile_modes(
-    rank: int, stacks: dict, states: dict, x0: Any, idx: list, wts: list, attns: dict | None = None
+    rank: int,
+    stacks: dict,
+    states: dict,
+    x0: Any,
+    idx: list,
+    wts: list,
+    attns: dict | None = None,
+    out_dir: str | None = None,
+    case: str = "",
 ) -> None:
-    """One extra step per mode under ``torch.profiler`` (all ranks); rank 0 prints the top device ops."""
+    """One extra step per mode under ``torch.profiler`` (all ranks); rank 0 prints the top device ops. With
+    ``out_dir``, every rank writes ``<out_dir>/<case>_<mode>_r<rank>.json`` (a Chrome trace of that step)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x0.is_cuda else [])
     for mname in stacks:
         with profile(activities=acts) as prof:
             _timed_step(stacks[mname], states[mname], x0, idx, wts, (attns or {}).get(mname))
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(out_dir, f"{case}_{mname}_r{rank}.json"))
         if rank == 0:
             key = "device_time_total" if x0.is_cuda else "cpu_time_total"
             try:
@@ -564,7 +578,8 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
                 device="cuda" if cuda else "cpu",
                 dtype="bfloat16" if cuda else "float32",
                 drift=0.3,
-                profile="skew_colocated" if args.profile and model == args.models[0] else None,
+                profile=args.profile_case if args.profile and model == args.models[0] else None,
+                profile_dir=args.profile_dir,
                 eager=args.eager,
                 attention=ATTN_SHAPES[model] if args.attention else None,
                 seq=args.seq,
@@ -624,6 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--profile", action="store_true", help="--torchrun: print a torch.profiler table of one step per mode"
+    )
+    p.add_argument(
+        "--profile-case",
+        default="skew_colocated",
+        help="--profile: the case profiled, a regime (every alpha) or one case such as skew_a1 (default: skew_colocated)",
+    )
+    p.add_argument(
+        "--profile-dir", default=None, help="--profile: also write a Chrome trace per mode and rank here"
     )
     p.add_argument("--layers", type=int, default=0, help="--torchrun: MoE layers per stack (default: 2)")
     p.add_argument(
