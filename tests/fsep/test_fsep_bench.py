@@ -34,6 +34,14 @@ def test_case_probs_shapes_and_drift():
     )
 
 
+def test_layouts_take_turns_in_every_position():
+    names = ["fsep", "static_ep", "fsdp", "fsep_eager"]
+    orders = [bench._mode_order(names, step) for step in range(8)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    for pos in range(len(names)):  # each layout first (second, ...) once in any 4 consecutive steps
+        assert sorted(o[pos] for o in orders[2:6]) == sorted(names)
+
+
 @pytest.fixture(scope="module")
 def measured():
     return run_distributed(bench.stack_worker, 2, SPEC)

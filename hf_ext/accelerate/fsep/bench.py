@@ -145,7 +145,7 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
     ``spec``: ``hidden, inter, experts, top_k, tokens`` (per rank), ``layers, steps, warmup``,
     ``cases`` (list of ``(regime, alpha)``, see :func:`_case_probs`), optional ``device`` (``"cpu"`` or
     ``"cuda"``: this rank's current CUDA device), ``dtype`` (``"float32"`` / ``"bfloat16"``), ``drift``.
-    The layouts run interleaved step by step on the same inputs: ``fsep`` (planner, history 5),
+    The layouts run interleaved step by step on the same inputs, in an order rotated every step: ``fsep`` (planner, history 5),
     ``static_ep`` (E/N resident experts), ``fsdp`` (every rank gathers every expert) and, with
     ``spec["eager"]``, ``fsep_eager`` (FSEP with ``comm_schedule="eager"``). With ``spec["attention"] =
     (heads, kv_heads, head_dim)`` and ``spec["seq"]`` every MoE layer is preceded by a causal GQA
@@ -223,8 +223,10 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
             wts = [
                 torch.softmax(torch.randn(t, k, generator=gen), -1).to(device, dtype) for _ in range(layers)
             ]
-            # modes interleaved step by step, so machine-load noise hits all of them alike
-            for mname in modes:
+            # modes interleaved step by step, so machine-load noise hits all of them alike, and their order
+            # rotated every step: on two H200s the first layout timed in a step ran up to 2x slower when the step is
+            # CPU-launch bound (OLMoE's 64 experts), whichever layout it was; a fixed order charged that to one
+            for mname in _mode_order(list(modes), step):
                 y, dt = _timed_step(stacks[mname], states[mname], x0, idx, wts, attns.get(mname))
                 if step >= spec["warmup"]:
                     times[mname].append(float(dt[0]) * 1e3)
@@ -412,6 +414,13 @@ def layer_step_vs_hf(
     finally:
         if own:
             dist.destroy_process_group()
+
+
+def _mode_order(names: list[str], step: int) -> list[str]:
+    """The order the layouts run in at ``step``: ``names`` rotated by ``step``, so over ``len(names)`` steps each
+    layout runs once in each position."""
+    r = step % len(names)
+    return names[r:] + names[:r]
 
 
 def _timed_step(stack: Any, state: Any, x0: Any, idx: list, wts: list, attn: Any = None) -> tuple[Any, Any]:
