@@ -124,6 +124,31 @@ def test_cli_console_script_runs():
     assert "transformers" in res.stdout
 
 
+def test_time_interleaved_rotates_the_order_and_times_each_call():
+    import time
+
+    from hf_ext.utils import bench
+
+    calls = []
+
+    def fn(name, sleep=0.0):
+        def run():
+            calls.append(name)
+            time.sleep(sleep)
+
+        return run
+
+    ms = bench.time_interleaved({"a": fn("a"), "b": fn("b", 0.02), "c": fn("c")}, rounds=6, warmup=1)
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == 7 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert [r[0] for r in rounds[1:4]] == ["b", "c", "a"]  # the first of each round rotates
+    assert ms["b"] >= 20 > ms["a"] and ms["c"] < 20
+    with pytest.raises(ValueError, match="rounds"):
+        bench.time_interleaved({"a": fn("a")}, rounds=0)
+    with pytest.raises(ValueError, match="fns"):
+        bench.time_interleaved({})
+
+
 def test_bench_harness_rows_csv_and_plot(tmp_path, monkeypatch):
     from hf_ext.utils import bench
 

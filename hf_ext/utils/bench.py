@@ -157,6 +157,42 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, rep: int = 10, device:
     return float(statistics.median(times))
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], *, rounds: int = 10, warmup: int = 1, device: str | None = None
+) -> dict[str, float]:
+    """Median time in milliseconds of each ``fns[name]()``, the calls interleaved round by round in an order
+    rotated every round (each name runs once in each position over ``len(fns)`` rounds).
+
+    Timing one function after the other charges a slow spell of the machine to one of them, and a fixed
+    interleaved order charges what the first call after a pause pays (on two H200s up to 2x for a CPU-launch-bound
+    step) to the first name. Each call is timed alone: on CUDA the device is synchronised before and after it.
+    ``warmup`` untimed rounds run first.
+    """
+    if not fns:
+        raise ValueError("fns: give at least one function to time")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    if device is None:
+        device = "cuda" if _cuda() else "cpu"
+    sync: Callable[[], None] = lambda: None  # noqa: E731
+    if device.startswith("cuda"):
+        import torch
+
+        sync = torch.cuda.synchronize
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            if r >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {n: float(statistics.median(t)) for n, t in times.items()}
+
+
 def _cuda() -> bool:
     try:
         import torch

@@ -117,16 +117,18 @@ def _snapshot(state: Any) -> dict[str, Any]:
 
 
 def run_case(model: Any, batch: int, prompt_len: int, steps: int, device: str, warmup: int, rep: int) -> dict:
-    """Time ``steps`` latent steps vs ``steps`` greedy text steps from one prefilled prompt."""
-    from hf_ext.utils.bench import time_fn
+    """Time ``steps`` latent steps vs ``steps`` greedy text steps from one prefilled prompt (``rep`` rounds after
+    ``warmup``, the two runs interleaved in alternating order; median of each)."""
+    from hf_ext.utils.bench import time_interleaved
 
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     body = torch.randint(100, 20000, (batch, prompt_len - 1), generator=g)
     lat_prompt = torch.cat([body, torch.full((batch, 1), cfg.latent_start_token_id)], 1).to(device)
     txt_prompt = torch.cat([body, torch.full((batch, 1), 101)], 1).to(device)
-    results = {}
+    results: dict[str, Any] = {}
     with torch.no_grad():
+        runs = {}
         for name, prompt, kw in (
             ("latent", lat_prompt, dict(max_latent_blocks=1)),
             ("text_cot", txt_prompt, dict(max_latent_blocks=0)),
@@ -143,9 +145,11 @@ def run_case(model: Any, batch: int, prompt_len: int, steps: int, device: str, w
                 assert all(m in ("latent", "end") for m in state.mode), state.mode
             else:
                 assert all(m == "text" for m in state.mode), state.mode
-            ms = time_fn(run, warmup=warmup, rep=rep, device=device)
-            results[name] = batch * steps / (ms / 1e3)
-            del state
+            runs[name] = run
+        ms = time_interleaved(runs, rounds=rep, warmup=warmup, device=device)
+        for name, t in ms.items():
+            results[name] = batch * steps / (t / 1e3)
+        del runs
         # correctness of the timed latent path: KV-cache decoding vs full recompute
         n_check = min(steps, 8)
         short = lat_prompt[:, -min(prompt_len, 64) :]
@@ -187,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--steps", type=int, default=None, help="steps per run (default K = visual + audio latents)"
     )
-    p.add_argument("--rep", type=int, default=None, help="CPU repetitions (CUDA: ms of do_bench)")
+    p.add_argument(
+        "--rep",
+        type=int,
+        default=None,
+        help="timed rounds, latent and text interleaved (default gpu: 30, cpu: 3)",
+    )
     p.add_argument("--no-write", action="store_true", help="print only; do not append to the CSV")
     args = p.parse_args(argv)
 
@@ -209,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or k
     if steps > k:
         raise SystemExit(f"--steps={steps} must be <= K = {k} (one latent block)")
-    warmup, rep = (25, args.rep or 200) if mode == "gpu" else (1, args.rep or 3)
+    warmup, rep = (3, 30) if mode == "gpu" else (1, 3)
+    rep = rep if args.rep is None else args.rep
+    if rep < 1:
+        raise SystemExit(f"--rep must be >= 1, got {rep}")
     if mode == "cpu":
         torch.set_num_threads(min(4, torch.get_num_threads()))
 
