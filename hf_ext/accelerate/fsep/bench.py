@@ -188,13 +188,14 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
         else None
     )
     results: dict[str, Any] = {}
+    ec = spec.get("expert_compute", "auto")  # the same expert compute in every layout
     modes = {
-        "fsep": FSEPConfig(mode="fsep", history=5),
-        "static_ep": FSEPConfig(mode="static_ep"),
-        "fsdp": FSEPConfig(mode="fsep", layout_policy="fsdp"),
+        "fsep": FSEPConfig(mode="fsep", history=5, expert_compute=ec),
+        "static_ep": FSEPConfig(mode="static_ep", expert_compute=ec),
+        "fsdp": FSEPConfig(mode="fsep", layout_policy="fsdp", expert_compute=ec),
     }
     if spec.get("eager"):
-        modes["fsep_eager"] = FSEPConfig(mode="fsep", history=5, comm_schedule="eager")
+        modes["fsep_eager"] = FSEPConfig(mode="fsep", history=5, comm_schedule="eager", expert_compute=ec)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints every thread's stack (a stuck run)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     t_start = time.perf_counter()
@@ -244,6 +245,7 @@ def stack_worker(rank: int, world_size: int, spec: dict[str, Any]) -> dict[str, 
             _profile_modes(
                 rank, stacks, states, x0, idx, wts, attns, spec.get("profile_dir"), _case(case, alpha)
             )
+        results["expert_compute"] = getattr(stacks["fsep"][0], "last_expert_compute", "loop")
         for mname in modes:
             key = f"{_case(case, alpha)}/{mname}"
             # best of N: the least disturbed step (the CPU box is shared; the median is kept for reference)
@@ -590,6 +592,7 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
                 profile=args.profile_case if args.profile and model == args.models[0] else None,
                 profile_dir=args.profile_dir,
                 eager=args.eager,
+                expert_compute=args.expert_compute,
                 attention=ATTN_SHAPES[model] if args.attention else None,
                 seq=args.seq,
             )
@@ -605,7 +608,9 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
                     f"_attn{spec['seq']}" if args.attention else ""
                 )
                 dev = f"{device_name()} x{world} {backend}"
-                suffix = f"{size}_{res['fsep_gather']}_{backend}{world}"  # the weight exchange FSEP used
+                # the weight exchange FSEP used, and "_gmm" where the experts ran as grouped GEMMs
+                gmm = "_gmm" if res.get("expert_compute") == "grouped_mm" else ""
+                suffix = f"{size}_{res['fsep_gather']}{gmm}_{backend}{world}"
                 rows += measured_rows(res, spec["cases"], dev, suffix, cmd)
         dist.barrier()
     finally:
@@ -665,6 +670,12 @@ def main(argv: list[str] | None = None) -> int:
         "(cases get '_attn<seq>')",
     )
     p.add_argument("--seq", type=int, default=4096, help="--torchrun --attention: tokens per sequence")
+    p.add_argument(
+        "--expert-compute",
+        choices=("auto", "loop", "grouped_mm"),
+        default="auto",
+        help="--torchrun: FSEPConfig.expert_compute of every layout (case names get '_gmm' for grouped GEMMs)",
+    )
     p.add_argument(
         "--eager",
         action="store_true",

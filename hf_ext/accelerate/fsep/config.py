@@ -16,6 +16,7 @@ ROUTING_POLICIES = ("uniform", "local_first", "node_first", "auto")
 HARDWARE_PRESETS = ("auto", "h100", "h100_2gpu_fit", "a100_ref", "cpu")
 GATHER_METHODS = ("auto", "p2p", "all_to_all")
 COMM_SCHEDULES = ("deferred", "eager")
+EXPERT_COMPUTE = ("auto", "loop", "grouped_mm")
 
 
 @dataclass
@@ -122,6 +123,16 @@ class FSEPConfig:
             "during that layer's expert backward (the first MoE layer's after its own dispatch all-to-all)."
         },
     )
+    expert_compute: str = field(
+        default="auto",
+        metadata={
+            "help": "How a rank computes its materialised experts. 'loop': one GEMM pair per expert in a Python "
+            "loop (any device and dtype); 'grouped_mm': one grouped GEMM per projection for all experts "
+            "(torch.nn.functional.grouped_mm / torch._grouped_mm; bf16 on CUDA); 'auto': grouped_mm for bf16 "
+            "CUDA inputs where torch has it, else the loop. Many small experts (OLMoE's 64) make the loop "
+            "launch-bound."
+        },
+    )
     average_grads: bool = field(
         default=True,
         metadata={"help": "Divide expert gradients by the world size (the DDP / FSDP averaging convention)."},
@@ -154,6 +165,10 @@ class FSEPConfig:
         if self.comm_schedule not in COMM_SCHEDULES:
             raise ValueError(
                 f"FSEPConfig.comm_schedule={self.comm_schedule!r} is not supported; choose one of {COMM_SCHEDULES}"
+            )
+        if self.expert_compute not in EXPERT_COMPUTE:
+            raise ValueError(
+                f"FSEPConfig.expert_compute={self.expert_compute!r} is not supported; choose one of {EXPERT_COMPUTE}"
             )
         if self.gather_p2p_min_bytes < 0:
             raise ValueError(f"FSEPConfig.gather_p2p_min_bytes={self.gather_p2p_min_bytes} must be >= 0")

@@ -207,6 +207,28 @@ def _grad_exchange_all_to_all(
     return finish
 
 
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``x [T, K]`` rows grouped by ``offs`` (cumulative ends, int32), ``w [G, K, N]`` -> ``[T, N]``."""
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(x, w, offs=offs)
+
+
+def _grouped_mm_unsupported(x: torch.Tensor, w: torch.Tensor, hidden: int, inter: int) -> str | None:
+    """Why the grouped GEMM cannot compute these experts here (``None``: it can)."""
+    if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return f"torch {torch.__version__} has no grouped_mm"
+    if x.device.type != "cuda":
+        return f"the inputs are on {x.device.type}, not CUDA"
+    if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
+        return f"it needs bfloat16 inputs and weights, got {x.dtype} / {w.dtype}"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "it needs a GPU of compute capability 8.0 or newer"
+    # 16-byte aligned strides and base pointers (bf16: multiples of 8 elements)
+    if hidden % 8 or inter % 8 or w.stride(0) % 8 or w.data_ptr() % 16 or x.data_ptr() % 16:
+        return f"hidden ({hidden}), intermediate ({inter}) and the weight rows must be 16-byte aligned"
+    return None
+
+
 class _PendingGather:
     """An expert gather in flight for one layout -> full experts ``[C_me, N * S]``.
 
@@ -609,22 +631,17 @@ class FSEPExperts(nn.Module):
 
         # ---- expert compute, one SwiGLU MLP per materialised expert
         w = self._full_weights()  # [C_me, 3*I*H]
-        i_sz = self.intermediate
-        # split / unbind (not slicing): their backward is one cat / stack instead of a zero-filled
-        # full-size gradient per slice
-        w_gu_all, w_d_all = w.split([2 * i_sz * h, i_sz * h], dim=1)
-        w_gu_list = w_gu_all.reshape(c_me, 2 * i_sz, h).unbind(0)
-        w_d_list = w_d_all.reshape(c_me, h, i_sz).unbind(0)
         per_slot = cnt.sum(axis=0).tolist()
-        ys = []
         c0 = time.thread_time() if not xg.is_cuda else 0.0
-        for xs, w_gu, w_d in zip(xg.split(per_slot, dim=0), w_gu_list, w_d_list):
-            gate, up = F.linear(xs, w_gu).chunk(2, dim=-1)
-            ys.append(F.linear(self.act_fn(gate) * up, w_d))
+        if self._use_grouped_mm(xg, w, per_slot):
+            yg = self._experts_grouped(xg, w, per_slot)
+            self.last_expert_compute = "grouped_mm"
+        else:
+            yg = self._experts_loop(xg, w, per_slot)
+            self.last_expert_compute = "loop"
         # CPU time of this rank's expert forward (CPU tensors only; immune to an oversubscribed machine)
         self.last_compute_cpu_s = time.thread_time() - c0 if not xg.is_cuda else float("nan")
         self.last_tokens = int(sum(per_slot))
-        yg = torch.cat(ys, 0) if ys else xg.new_zeros((0, h)) + 0.0 * w.sum()
         y_recv = yg.index_select(0, inv)
 
         # ---- combine
@@ -634,6 +651,46 @@ class FSEPExperts(nn.Module):
         wts = top_k_weights.reshape(-1).index_select(0, send_pairs)
         contrib = (y_send * wts.unsqueeze(1)).to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add(0, token_idx, contrib)
+
+    def _experts_loop(self, xg: torch.Tensor, w: torch.Tensor, per_slot: list[int]) -> torch.Tensor:
+        """``xg [T, H]`` rows grouped by slot (``per_slot`` rows each), ``w [C_me, 3*I*H]`` -> ``[T, H]``, one
+        GEMM pair per expert."""
+        c_me, h, i_sz = w.shape[0], self.hidden, self.intermediate
+        # split / unbind (not slicing): their backward is one cat / stack instead of a zero-filled
+        # full-size gradient per slice
+        w_gu_all, w_d_all = w.split([2 * i_sz * h, i_sz * h], dim=1)
+        w_gu_list = w_gu_all.reshape(c_me, 2 * i_sz, h).unbind(0)
+        w_d_list = w_d_all.reshape(c_me, h, i_sz).unbind(0)
+        ys = []
+        for xs, w_gu, w_d in zip(xg.split(per_slot, dim=0), w_gu_list, w_d_list):
+            gate, up = F.linear(xs, w_gu).chunk(2, dim=-1)
+            ys.append(F.linear(self.act_fn(gate) * up, w_d))
+        return torch.cat(ys, 0) if ys else xg.new_zeros((0, h)) + 0.0 * w.sum()
+
+    def _experts_grouped(self, xg: torch.Tensor, w: torch.Tensor, per_slot: list[int]) -> torch.Tensor:
+        """The same as :meth:`_experts_loop` with one grouped GEMM per projection for all experts."""
+        c_me, h, i_sz = w.shape[0], self.hidden, self.intermediate
+        w_gu_all, w_d_all = w.split([2 * i_sz * h, i_sz * h], dim=1)
+        # [C, K, N] operands: transposed views of the row-major [C, N, K] weights (no copy)
+        w_gu = w_gu_all.reshape(c_me, 2 * i_sz, h).transpose(1, 2)
+        w_d = w_d_all.reshape(c_me, h, i_sz).transpose(1, 2)
+        offs = torch.as_tensor(np.cumsum(per_slot), dtype=torch.int32, device=xg.device)
+        gate, up = _grouped_mm(xg, w_gu, offs).chunk(2, dim=-1)
+        return _grouped_mm(self.act_fn(gate) * up, w_d, offs)
+
+    def _use_grouped_mm(self, xg: torch.Tensor, w: torch.Tensor, per_slot: list[int]) -> bool:
+        """Whether this forward computes the experts with grouped GEMMs (``config.expert_compute``)."""
+        choice = self.config.expert_compute
+        if choice == "loop" or not per_slot or sum(per_slot) == 0:
+            return False
+        why = _grouped_mm_unsupported(xg, w, self.hidden, self.intermediate)
+        if why is None:
+            return True
+        if choice == "grouped_mm":
+            raise RuntimeError(
+                f"FSEPConfig.expert_compute='grouped_mm' cannot run here: {why}; use 'auto' or 'loop'"
+            )
+        return False
 
     # ------------------------------------------------------------------ checkpoint helpers
     @property
