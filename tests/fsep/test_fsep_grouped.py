@@ -78,6 +78,8 @@ def test_grouped_matches_the_loop_on_cuda(per_slot):
     _compare(
         "cuda", per_slot, h=256, i=128, pad=8
     )  # rows of a padded [C, N * S] buffer, as FSEP gathers them
-    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(2, 3 * 128 * 256, device="cuda", dtype=torch.bfloat16)
-    assert FSEPExperts._use_grouped_mm(_layer(256, 128, "auto"), x, w, [4, 4]) is True
+    x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(16, 3 * 128 * 256, device="cuda", dtype=torch.bfloat16)
+    assert FSEPExperts._use_grouped_mm(_layer(256, 128, "auto"), x, w, [2] * 16) is True
+    assert FSEPExperts._use_grouped_mm(_layer(256, 128, "auto"), x[:8], w[:2], [4, 4]) is False  # few experts
+    assert FSEPExperts._use_grouped_mm(_layer(256, 128, "grouped_mm"), x[:8], w[:2], [4, 4]) is True

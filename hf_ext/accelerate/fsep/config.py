@@ -129,8 +129,9 @@ class FSEPConfig:
             "help": "How a rank computes its materialised experts. 'loop': one GEMM pair per expert in a Python "
             "loop (any device and dtype); 'grouped_mm': one grouped GEMM per projection for all experts "
             "(torch.nn.functional.grouped_mm / torch._grouped_mm; bf16 on CUDA); 'auto': grouped_mm for bf16 "
-            "CUDA inputs where torch has it, else the loop. Many small experts (OLMoE's 64) make the loop "
-            "launch-bound."
+            "CUDA inputs where torch has it and a rank computes 16 experts or more (many small experts, such "
+            "as OLMoE's 64, make the loop launch-bound; for a few large ones cuBLAS GEMMs were faster), "
+            "else the loop."
         },
     )
     average_grads: bool = field(

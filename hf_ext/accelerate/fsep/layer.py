@@ -207,6 +207,12 @@ def _grad_exchange_all_to_all(
     return finish
 
 
+# expert_compute="auto" takes the grouped GEMM from this many materialised experts on: on two H200s it made
+# OLMoE's layers (32-64 experts of 2048 x 1024) up to 1.5x faster, and Mixtral's (4-8 experts of 4096 x 14336)
+# 2-8 % slower than cuBLAS GEMMs one expert at a time
+GROUPED_MM_MIN_EXPERTS = 16
+
+
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``x [T, K]`` rows grouped by ``offs`` (cumulative ends, int32), ``w [G, K, N]`` -> ``[T, N]``."""
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -682,6 +688,8 @@ class FSEPExperts(nn.Module):
         """Whether this forward computes the experts with grouped GEMMs (``config.expert_compute``)."""
         choice = self.config.expert_compute
         if choice == "loop" or not per_slot or sum(per_slot) == 0:
+            return False
+        if choice == "auto" and len(per_slot) < GROUPED_MM_MIN_EXPERTS:
             return False
         why = _grouped_mm_unsupported(xg, w, self.hidden, self.intermediate)
         if why is None:
