@@ -208,7 +208,7 @@ def _grad_exchange_all_to_all(
 
 
 # expert_compute="auto" takes the grouped GEMM from this many materialised experts on: on two H200s it made
-# OLMoE's layers (32-64 experts of 2048 x 1024) up to 1.5x faster, and Mixtral's (4-8 experts of 4096 x 14336)
+# OLMoE's layers (32-64 experts of 2048 x 1024) 1.02-1.53x faster, and Mixtral's (4-8 experts of 4096 x 14336)
 # 2-8 % slower than cuBLAS GEMMs one expert at a time
 GROUPED_MM_MIN_EXPERTS = 16
 
