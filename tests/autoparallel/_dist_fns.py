@@ -47,6 +47,7 @@ def _plans() -> dict[str, Any]:
         "tp2": Plan.uniform(cfg, dp_type="fsdp", tp=2, **kw),
         "tp2_ddp": Plan.uniform(cfg, dp_type="ddp", tp=2, **kw),  # plain norms beside DTensor projections
         "pp2": Plan.uniform(cfg, dp_type="fsdp", pp=2, micro_batch=2, **kw),
+        "pp2_plain": Plan.uniform(cfg, dp_type="ddp", pp=2, micro_batch=2, **kw),  # stages without FSDP
     }
     mixed = Plan.uniform(cfg, dp_type="fsdp", **kw)
     mixed.layers = [{"zero": 2, "ckpt": False}, {"zero": 3, "ckpt": True}]
@@ -56,7 +57,8 @@ def _plans() -> dict[str, Any]:
 
 def apply_all(rank: int, world_size: int, outdir: str | None = None) -> dict[str, Any]:
     """Apply every plan on 2 ranks; return the dp-averaged loss before/after one SGD step (and, with ``outdir``,
-    the loss of the model each plan saved with ``save_pretrained`` after its step, loaded on one process)."""
+    the loss of the model each plan saved with ``save_pretrained`` after its step, loaded on one process, and the
+    tensor names in the saved safetensors files)."""
     import torch
     import torch.distributed as dist
 
@@ -83,22 +85,32 @@ def apply_all(rank: int, world_size: int, outdir: str | None = None) -> dict[str
             losses.append(float(t) / world_size)  # tp / pp ranks of one replica hold the same loss
         out[name] = losses
         if outdir is not None:
-            try:
-                runner.save_pretrained(f"{outdir}/{name}")
-            except NotImplementedError as exc:
-                out[name + ":saved"] = str(exc)
-            else:
-                if rank == 0:
-                    from transformers import AutoModelForCausalLM
+            runner.save_pretrained(f"{outdir}/{name}")
+            if rank == 0:
+                from transformers import AutoModelForCausalLM
 
-                    back = AutoModelForCausalLM.from_pretrained(f"{outdir}/{name}")
-                    with torch.no_grad():
-                        out[name + ":saved"] = float(back(input_ids=ids, labels=ids).loss)
+                back = AutoModelForCausalLM.from_pretrained(f"{outdir}/{name}")
+                with torch.no_grad():
+                    out[name + ":saved"] = float(back(input_ids=ids, labels=ids).loss)
+                out[name + ":saved_keys"] = _saved_tensor_names(f"{outdir}/{name}")
         flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in model.model.layers]
         out[name + ":ckpt"] = flags
         del runner, model, opt
     out["collectives"] = profile_collectives((1 << 12, 1 << 16), repeats=1)
     return out
+
+
+def _saved_tensor_names(directory: str) -> list[str]:
+    """The sorted tensor names in a ``save_pretrained`` directory's safetensors files."""
+    import glob
+
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for path in glob.glob(f"{directory}/*.safetensors"):
+        with safe_open(path, framework="pt") as f:
+            names.extend(f.keys())
+    return sorted(names)
 
 
 def profile_runtime(rank: int, world_size: int) -> dict[str, Any]:

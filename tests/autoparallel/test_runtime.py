@@ -44,26 +44,58 @@ def test_collective_time_model():
 
 
 def test_apply_plan_two_gloo_ranks_reproduce_single_process(run_distributed, tmp_path):
+    from hf_ext.testing import tiny_llama
+
     ref0, ref1 = _dist_fns.reference_losses()
+    hf_names = sorted(tiny_llama().state_dict())
     out = run_distributed(_dist_fns.apply_all, 2, str(tmp_path))
     r0 = out[0]
-    for name in ("ddp_m2", "fsdp_z3", "fsdp_ckpt", "fsdp_mixed", "tp2", "tp2_ddp", "pp2"):
+    for name in ("ddp_m2", "fsdp_z3", "fsdp_ckpt", "fsdp_mixed", "tp2", "tp2_ddp", "pp2", "pp2_plain"):
         l0, l1 = r0[name]
         assert l0 == pytest.approx(ref0, rel=1e-5), name
         # After one SGD step the loss matches too: gradients were averaged correctly.
         assert l1 == pytest.approx(ref1, rel=1e-4), name
         assert out[1][name] == r0[name]
-        # AppliedPlan.save_pretrained writes the trained weights in HF format (one process loads them back)
-        if name == "pp2":
-            assert "pipeline plan is not supported" in r0[name + ":saved"]
-        else:
-            assert r0[name + ":saved"] == pytest.approx(ref1, rel=1e-4), name
+        # AppliedPlan.save_pretrained writes the trained weights in HF format (one process loads them back),
+        # under the model's own names; the pipeline plans assemble them from both stages (they used to be refused)
+        assert r0[name + ":saved"] == pytest.approx(ref1, rel=1e-4), name
+        assert r0[name + ":saved_keys"] == hf_names, name
     assert r0["fsdp_ckpt:ckpt"] == [True, True]
     assert r0["fsdp_mixed:ckpt"] == [False, True]
     assert r0["ddp_m2:ckpt"] == [False, False]
     coll = r0["collectives"]
     assert set(coll) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"}
     assert all(v["2"][1] > 0 for v in coll.values())
+
+
+def test_pipeline_stage_names_map_onto_the_model():
+    """A stage's local state-dict names become the model's (layer index offset by the stage start); an assembled
+    set that is not exactly the model's is refused, naming what is missing and what is extra."""
+    from hf_ext.accelerate.autoparallel.apply import (
+        _check_state_names,
+        _pipeline_global_names,
+        _PipelineStageModule,
+    )
+    from hf_ext.testing import tiny_llama
+
+    model = tiny_llama()
+    expected = list(model.state_dict())
+    maps = []
+    for stage in (
+        _PipelineStageModule(model, 0, 1, True, False),
+        _PipelineStageModule(model, 1, 2, False, True),
+    ):
+        maps.append(_pipeline_global_names(stage, model, list(stage.state_dict()), set(expected)))
+    first, last = maps
+    assert first["embed_tokens.weight"] == "model.embed_tokens.weight"
+    assert first["layers.0.mlp.up_proj.weight"] == "model.layers.0.mlp.up_proj.weight"
+    assert last["layers.0.mlp.up_proj.weight"] == "model.layers.1.mlp.up_proj.weight"
+    assert last["norm.weight"] == "model.norm.weight" and last["lm_head.weight"] == "lm_head.weight"
+    names = [*first.values(), *last.values()]
+    _check_state_names(names, expected)
+    wrong = [n for n in names if n != "lm_head.weight"] + ["bogus.weight"]
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\], extra \['bogus.weight'\]"):
+        _check_state_names(wrong, expected)
 
 
 def test_probe_failures_are_recorded(tiny_llama):

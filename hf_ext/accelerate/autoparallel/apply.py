@@ -52,6 +52,10 @@ class AppliedPlan:
         module: the prepared module (DDP wrapper, FSDP2-sharded model, or this rank's pipeline stage).
         plan: the plan.
         mesh: the ``DeviceMesh`` (dims ``pp``, ``dp``, ``tp``).
+        model: the transformers model given to :func:`apply_plan` (with a pipeline plan it still holds every
+            layer, but this rank trains only its stage's).
+        stage_layers: ``(start, end)``, the global decoder-layer range of this rank's pipeline stage
+            (``None`` when ``plan.pp == 1``).
     """
 
     def __init__(
@@ -65,8 +69,11 @@ class AppliedPlan:
         stage_module: Any = None,
         pipeline_loss: Any = None,
         owned_groups: list | None = None,
+        model: torch.nn.Module | None = None,
+        stage_layers: tuple[int, int] | None = None,
     ) -> None:
         self.module, self.plan, self.mesh, self.device = module, plan, mesh, device
+        self.model, self.stage_layers = model, stage_layers
         self.autocast_dtype, self.schedule, self.stage_module = autocast_dtype, schedule, stage_module
         self.pipeline_loss = pipeline_loss
         self._owned_groups = list(owned_groups or [])
@@ -96,7 +103,11 @@ class AppliedPlan:
         them with the model's own ``save_pretrained`` (``kwargs`` are passed on). A plain ``save_pretrained`` on
         the prepared model writes no weights file under transformers 5 (the parameters are DTensors).
 
-        Pipeline plans are not supported (each rank holds one stage under stage-local names)."""
+        With a pipeline plan each stage gathers its own parameters (every rank of the stage takes part), renames
+        them from stage-local to the model's names (``layers.{i}`` -> e.g. ``model.layers.{start + i}``) and its
+        first data / tensor-parallel rank sends them to rank 0 one tensor at a time; rank 0 saves the assembled
+        state dict. The names must be exactly those of ``model.state_dict()``: a ``ValueError`` on every rank
+        names the missing / extra ones otherwise."""
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from torch.nn.parallel import DistributedDataParallel
@@ -104,15 +115,52 @@ class AppliedPlan:
         if self.closed:
             raise RuntimeError("save_pretrained: this runner was closed (its process groups are gone)")
         if self.plan.pp > 1:
-            raise NotImplementedError(
-                "save_pretrained of a pipeline plan is not supported: each rank holds one stage under stage-local "
-                "names; save from a plan with pp=1"
-            )
+            state = self._gather_pipeline_state()
+            if dist.get_rank() == 0:
+                self.model.save_pretrained(save_directory, state_dict=state, **kwargs)
+            dist.barrier()
+            return
         inner = self.module.module if isinstance(self.module, DistributedDataParallel) else self.module
         state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.get_rank() == 0:
             inner.save_pretrained(save_directory, state_dict=state, **kwargs)
         dist.barrier()
+
+    def _gather_pipeline_state(self) -> dict[str, torch.Tensor]:
+        """Collective: the whole model's full CPU state dict on rank 0 (``{}`` elsewhere) from the pipeline stages.
+
+        ``get_model_state_dict(full_state_dict=True, cpu_offload=True)`` keeps the values on global rank 0 only, so
+        each stage gathers its (FSDP / TP) DTensors itself, tensor by tensor, and its leader (dp and tp rank 0)
+        sends each full tensor to rank 0 (which leads stage 0): no rank holds more than one gathered tensor on the
+        device at a time."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.tensor import DTensor
+
+        expected = list(self.model.state_dict())
+        local = get_model_state_dict(self.stage_module, options=StateDictOptions(full_state_dict=False))
+        names = _pipeline_global_names(self.stage_module, self.model, list(local), set(expected))
+        leader = self.mesh["dp"].get_local_rank() == 0 and self.mesh["tp"].get_local_rank() == 0
+        meta = [(names[k], local[k].shape, local[k].dtype) for k in names] if leader else []
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, meta)  # every rank checks the names, so all raise together
+        leaders = [int(self.mesh.mesh[s, 0, 0]) for s in range(self.plan.pp)]
+        _check_state_names([n for r in leaders for n, _, _ in every[r]], expected)
+        rank, state = dist.get_rank(), {}
+        for key in names:  # this stage: gather each tensor (all its ranks), the leader sends it to rank 0
+            value = local[key]
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            if rank == 0:
+                state[names[key]] = full.detach().cpu()
+            elif leader:
+                dist.send(full.detach().contiguous(), dst=0)
+        if rank == 0:
+            for src in leaders[1:]:
+                for name, shape, dtype in every[src]:
+                    buf = torch.empty(shape, dtype=dtype, device=self.device)
+                    dist.recv(buf, src=src)
+                    state.setdefault(name, buf.cpu())
+        return state
 
     def parameters(self) -> Any:
         """This rank's parameters (its shard / stage). With tensor parallelism some are DTensors and some
@@ -243,6 +291,45 @@ class _PipelineStageModule(torch.nn.Module):
         if self.lm_head is not None:
             h = self.lm_head(self.norm(h))
         return h
+
+
+def _pipeline_global_names(
+    stage: torch.nn.Module, model: torch.nn.Module, keys: list[str], expected: set[str]
+) -> dict[str, str]:
+    """Map a stage module's state-dict ``keys`` to ``model``'s names (``{local: global}``), in ``keys``' order.
+
+    The stage holds references to the model's own modules, so each stage-level child (``embed_tokens``,
+    ``layers.{i}``, ``rotary_emb``, ``norm``, ``lm_head``) is renamed to where that module object sits in
+    ``model`` (e.g. ``layers.0`` of the second stage -> ``model.layers.{start}``). Keys the model's state dict
+    does not have are kept (and then reported by :func:`_check_state_names`), except the rotary embedding's
+    buffers, which every stage holds."""
+    where = {id(m): n for n, m in model.named_modules()}
+    prefixes = {f"layers.{i}": where[id(layer)] for i, layer in enumerate(stage.layers)}
+    for child, mod in stage.named_children():
+        if child != "layers":
+            prefixes[child] = where[id(mod)]
+    out = {}
+    for key in keys:
+        head, _, rest = key.partition(".")
+        if head == "layers":
+            idx, _, rest = rest.partition(".")
+            head = f"layers.{idx}"
+        name = f"{prefixes[head]}.{rest}" if prefixes.get(head) else key
+        if head == "rotary_emb" and name not in expected:
+            continue
+        out[key] = name
+    return out
+
+
+def _check_state_names(names: list[str], expected: list[str]) -> None:
+    """Refuse an assembled pipeline state dict whose names are not exactly ``expected`` (the model's)."""
+    have, want = set(names), set(expected)
+    missing, extra = sorted(want - have), sorted(have - want)
+    if missing or extra:
+        raise ValueError(
+            "save_pretrained: the pipeline stages' parameters do not map onto the model's state dict: "
+            f"missing {missing}, extra {extra}"
+        )
 
 
 _IGNORE_INDEX = -100
@@ -471,6 +558,7 @@ def _apply_on_mesh(
 
     autocast = None
     schedule = stage_module = loss_fn = None
+    stage_layers: tuple[int, int] | None = None
     if plan.pp > 1:
         if getattr(model.config, "_attn_implementation", "sdpa") not in (
             "sdpa",
@@ -484,6 +572,7 @@ def _apply_on_mesh(
 
         pp_rank = mesh["pp"].get_local_rank()
         a, b = plan.stages[pp_rank]
+        stage_layers = (a, b)
         stage_module = _PipelineStageModule(model, a, b, pp_rank == 0, pp_rank == plan.pp - 1)
         local_strats = strategies[a:b]
         _wrap_dp(stage_module, list(stage_module.layers), local_strats, plan, mesh, param_dtype)
@@ -507,7 +596,9 @@ def _apply_on_mesh(
     else:
         _wrap_dp(model, list(layers), strategies, plan, mesh, param_dtype)
         module = model
-    return AppliedPlan(module, plan, mesh, device, autocast, schedule, stage_module, loss_fn, owned)
+    return AppliedPlan(
+        module, plan, mesh, device, autocast, schedule, stage_module, loss_fn, owned, model, stage_layers
+    )
 
 
 def _wrap_dp(
