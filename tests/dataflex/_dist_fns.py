@@ -20,6 +20,12 @@ def _lora(model):
     )
 
 
+def _ref_model():
+    from hf_ext.callbacks.dataflex.synthetic import tiny_model
+
+    return tiny_model(seed=1)  # DoReMi's reference model: replicated, seeded the same on every rank
+
+
 def _ops_results(m, proj_dim: int) -> dict:
     from hf_ext.callbacks.dataflex import ops
 
@@ -27,6 +33,7 @@ def _ops_results(m, proj_dim: int) -> dict:
     idx = list(range(len(data)))
     return {
         "loss": ops.per_sample_loss(m, data, idx, batch_size=4).numpy(),
+        "excess": ops.per_sample_excess_loss(m, _ref_model(), data, idx, batch_size=4).numpy(),
         "emb": ops.embeddings(m, data, idx, batch_size=4).numpy(),
         "grad": ops.grad_features(m, data, idx, proj_dim=proj_dim, seed=3).numpy(),
     }

@@ -14,7 +14,7 @@ def test_ops_under_ddp_fsdp2_and_lora_match_single_process(run_distributed):
     outs = run_distributed(_dist_fns.all_checks, 2)
     for r in outs:
         for mode in ("ddp", "fsdp"):
-            for k in ("loss", "emb", "grad"):
+            for k in ("loss", "excess", "emb", "grad"):
                 np.testing.assert_allclose(
                     r[mode][k], ref["plain"][k], rtol=1e-4, atol=1e-5, err_msg=f"{mode} {k}"
                 )

@@ -102,6 +102,24 @@ class UpdateContext:
             ).numpy()
         return self._cache[key]
 
+    def excess_loss_terms(self, indices: np.ndarray) -> np.ndarray:
+        """DoReMi's ``[n, 2]``: per-token clipped excess loss of the training model over the reference model,
+        summed over each sample's tokens, and the token count (see :func:`ops.per_sample_excess_loss`)."""
+        m = self._need_model("excess losses")
+        if self.reference_model is None:
+            raise ValueError("excess losses need reference_model=... (DoReMi's reference model)")
+        key = ("excess", id(m), id(self.reference_model), tuple(int(i) for i in indices))
+        if key not in self._cache:
+            self._cache[key] = ops.per_sample_excess_loss(
+                m,
+                self.reference_model,
+                self.dataset,
+                list(map(int, indices)),
+                collate_fn=self.collate_fn,
+                batch_size=self.batch_size,
+            ).numpy()
+        return self._cache[key]
+
     def embeddings(self, indices: np.ndarray, *, target: bool = False, layer: int = -1) -> np.ndarray:
         """Normalised mean-pooled hidden states ``[n, H]``."""
         m = self._need_model("embeddings")

@@ -1,6 +1,7 @@
 """Model-dependent operations shared by the DataFlex methods.
 
 * :func:`per_sample_loss` – batched inference, token-mean loss per sample, ``[N]``.
+* :func:`per_sample_excess_loss` – DoReMi's per-token clipped excess loss over a reference model, ``[N, 2]``.
 * :func:`embeddings` – mean-pooled hidden states per sample, ``[N, H]``.
 * :func:`grad_features` – per-sample gradients of the trainable parameters (LoRA ones under
   PEFT), optionally Adam-preconditioned (LESS), randomly projected to ``proj_dim``: ``[N, k]``.
@@ -185,6 +186,24 @@ def sequence_loss_terms(
             label_smoothing=label_smoothing,
         )
         return ls, (labels != IGNORE_INDEX).float()
+    tok, mask = token_loss_terms(logits, labels, label_smoothing=label_smoothing, shift=shift)
+    return (tok * mask).sum(-1), mask.sum(-1)
+
+
+def token_loss_terms(
+    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0, shift: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item loss and mask (fp32): ``[B, S']`` for ``[B, S, V]`` logits (``S' = S - 1`` when ``shift``),
+    ``[B, 1]`` for ``[B, C]`` (sequence classification). Ignored items have loss 0 and mask 0."""
+    if logits.dim() == 2:
+        tok = F.cross_entropy(
+            logits.float(),
+            labels,
+            reduction="none",
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=label_smoothing,
+        )
+        return tok.unsqueeze(-1), (labels != IGNORE_INDEX).float().unsqueeze(-1)
     shift_logits = logits[:, :-1, :].float() if shift else logits.float()
     shift_labels = (labels[:, 1:] if shift else labels).to(shift_logits.device)
     tok = F.cross_entropy(
@@ -195,7 +214,7 @@ def sequence_loss_terms(
         label_smoothing=label_smoothing,
     ).view(shift_labels.shape)
     mask = (shift_labels != IGNORE_INDEX).float()
-    return (tok * mask).sum(-1), mask.sum(-1)
+    return tok * mask, mask
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -306,6 +325,38 @@ def per_sample_loss(
         return s / c.clamp(min=1)
 
     return _map_forward(model, dataset, indices, fn, collate_fn=collate_fn, batch_size=batch_size)
+
+
+def per_sample_excess_loss(
+    model: torch.nn.Module,
+    reference_model: torch.nn.Module,
+    dataset: Any,
+    indices: Sequence[int],
+    *,
+    collate_fn: Callable | None = None,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """DoReMi's excess-loss terms of each sample, ``[N, 2]`` (fp32, CPU): column 0 is
+    ``sum_j max(l_j(model) - l_j(reference_model), 0)`` over the sample's label tokens ``j`` (clipped per token,
+    Algorithm 1 of the paper), column 1 the number of those tokens."""
+    shift = loss_shifts_labels(model)
+    ref_dev = model_device(reference_model)
+
+    def fn(batch: dict) -> torch.Tensor:
+        out = model(**_model_inputs(batch))
+        ref_out = reference_model(**_model_inputs(_to_device(batch, ref_dev)))
+        tok, mask = token_loss_terms(out.logits, batch["labels"], shift=shift)
+        ref_tok, _ = token_loss_terms(ref_out.logits, batch["labels"].to(ref_dev), shift=shift)
+        excess = ((tok - ref_tok.to(tok.device)).clamp(min=0) * mask).sum(-1)
+        return torch.stack([excess, mask.sum(-1)], -1)
+
+    ref_training = reference_model.training
+    reference_model.eval()
+    try:
+        return _map_forward(model, dataset, indices, fn, collate_fn=collate_fn, batch_size=batch_size)
+    finally:
+        reference_model.train(ref_training)
+        reshard(reference_model)
 
 
 def embeddings(

@@ -1,8 +1,9 @@
 """``doremi`` mixer (DoReMi, Xie et al. 2023).
 
 At each update, ``probe_size`` samples per domain are scored by the proxy (training) model and
-a reference model; the per-domain excess loss ``lambda_d = mean(max(l_proxy - l_ref, 0))``
-drives an exponentiated-gradient ascent step on the domain weights,
+a reference model; the per-domain excess loss (Algorithm 1 of the paper) clips the difference per token and
+averages it over the domain's probe tokens, ``lambda_d = sum_{x, j} max(l_proxy(x_j) - l_ref(x_j), 0) / #tokens``;
+it drives an exponentiated-gradient ascent step on the domain weights,
 ``alpha' = alpha * exp(eta * lambda)`` (normalised), smoothed toward uniform:
 ``alpha <- (1 - c) * alpha' + c / D``. As in the paper's Algorithm 1 the smoothed ``alpha`` is both
 the output and the state the next update starts from. Domains where the proxy is already as good as the reference
@@ -52,9 +53,8 @@ class DoReMiMixer(Mixer):
             if len(idx) == 0:
                 continue
             probe = np.sort(rng.choice(idx, size=min(self.probe_size, len(idx)), replace=False))
-            proxy = ctx.losses(probe)
-            ref = ctx.losses(probe, model=ctx.reference_model)
-            out[d] = np.maximum(proxy - ref, 0.0).mean()
+            terms = ctx.excess_loss_terms(probe)  # [n, 2]: clipped excess summed over tokens, token count
+            out[d] = terms[:, 0].sum() / max(terms[:, 1].sum(), 1.0)
         return out
 
     def update(self, ctx: UpdateContext, weights: np.ndarray) -> np.ndarray:
