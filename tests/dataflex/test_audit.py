@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from hf_ext.callbacks.dataflex.base import UpdateContext
@@ -46,3 +47,14 @@ def test_doremi_excess_loss_is_clipped_per_token():
         lr, _ = _token_losses(ref, items)
         want.append(float(((lp - lr).clamp(min=0) * mask).sum() / mask.sum()))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["less", "nice", "cluster_less", "near"])
+@pytest.mark.parametrize("bad", [0, -2])
+def test_target_size_must_be_positive(name, bad):
+    """target_size=0 drew an empty target set: less scored every candidate NaN and silently kept the first k
+    (dataset order), near failed mid-training in a matmul; now a ValueError names the field at build time."""
+    with pytest.raises(
+        ValueError, match=r"target_size must be None \(the whole target set\) or > 0, got " + str(bad)
+    ):
+        build("selector", name, target_size=bad)

@@ -20,7 +20,7 @@ import torch
 from hf_ext.callbacks.dataflex import ops
 from hf_ext.callbacks.dataflex.base import Selector, UpdateContext, top_k
 from hf_ext.callbacks.dataflex.registry import register
-from hf_ext.callbacks.dataflex.selectors.near import kmeans, target_indices
+from hf_ext.callbacks.dataflex.selectors.near import check_target_size, kmeans, target_indices
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -47,6 +47,7 @@ class LessSelector(Selector):
             raise ValueError(f"precondition={self.precondition!r} is not supported; choose adam or sgd")
         if self.projection not in ("gaussian", "sketch"):
             raise ValueError(f"projection={self.projection!r} is not supported; choose gaussian or sketch")
+        check_target_size(self.target_size)
 
     def target_features(self, ctx: UpdateContext) -> np.ndarray:
         t_idx = target_indices(ctx, self.target_size)

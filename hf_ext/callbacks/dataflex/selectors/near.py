@@ -10,6 +10,12 @@ from hf_ext.callbacks.dataflex.base import Selector, UpdateContext, top_k
 from hf_ext.callbacks.dataflex.registry import register
 
 
+def check_target_size(target_size: int | None) -> None:
+    """``target_size`` must be None or positive (an empty target set scores every candidate NaN)."""
+    if target_size is not None and target_size <= 0:
+        raise ValueError(f"target_size must be None (the whole target set) or > 0, got {target_size!r}")
+
+
 def target_indices(ctx: UpdateContext, target_size: int | None) -> np.ndarray:
     """Indices of the target set used for scoring (all, or a seeded subset of ``target_size``)."""
     n = len(ctx._target("this selector"))
@@ -32,6 +38,7 @@ class NearSelector(Selector):
         super().__post_init__()
         if self.knn <= 0:
             raise ValueError(f"knn must be > 0, got {self.knn}")
+        check_target_size(self.target_size)
 
     def scores(self, ctx: UpdateContext, candidates: np.ndarray) -> np.ndarray:
         e = ctx.embeddings(candidates, layer=self.layer)  # [n, H]
