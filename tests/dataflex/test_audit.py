@@ -58,3 +58,12 @@ def test_target_size_must_be_positive(name, bad):
         ValueError, match=r"target_size must be None \(the whole target set\) or > 0, got " + str(bad)
     ):
         build("selector", name, target_size=bad)
+
+
+def test_dynamic_mixer_rejects_initial_weights():
+    """mixer 'dynamic' accepted initial_weights (a field of every mixer) and silently started from its schedule's
+    first point instead."""
+    sched = [{"step": 0, "weights": [1, 1, 1]}]
+    with pytest.raises(ValueError, match="initial_weights is not used by mixer 'dynamic'"):
+        build("mixer", "dynamic", initial_weights=[0.8, 0.1, 0.1], schedule=sched)
+    build("mixer", "dynamic", schedule=sched)  # without it: fine

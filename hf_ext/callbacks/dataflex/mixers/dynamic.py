@@ -25,6 +25,11 @@ class DynamicMixer(Mixer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.initial_weights is not None:
+            raise ValueError(
+                "initial_weights is not used by mixer 'dynamic': the schedule's first point sets the weights "
+                "before the first update; drop initial_weights or add a schedule point {step: 0, weights: [...]}"
+            )
         if not self.schedule:
             raise ValueError("mixer 'dynamic' needs a non-empty schedule: [{step: 0, weights: [...]}, ...]")
         if self.interpolation not in ("linear", "step"):
