@@ -67,3 +67,11 @@ def test_dynamic_mixer_rejects_initial_weights():
     with pytest.raises(ValueError, match="initial_weights is not used by mixer 'dynamic'"):
         build("mixer", "dynamic", initial_weights=[0.8, 0.1, 0.1], schedule=sched)
     build("mixer", "dynamic", schedule=sched)  # without it: fine
+
+
+def test_negative_seed_is_rejected_by_the_config():
+    """seed=-1 was accepted and failed at the first update, mid-training (numpy: 'expected non-negative integer')."""
+    from hf_ext.callbacks.dataflex.config import DataFlexConfig
+
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+        DataFlexConfig(selector="random", seed=-1)

@@ -98,6 +98,8 @@ class DataFlexConfig:
             )
         if self.num_samples is not None and self.num_samples <= 0:
             raise ValueError(f"num_samples must be None or > 0, got {self.num_samples!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.ops_batch_size <= 0:
             raise ValueError(f"ops_batch_size must be > 0, got {self.ops_batch_size!r}")
 
