@@ -75,3 +75,25 @@ def test_negative_seed_is_rejected_by_the_config():
 
     with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
         DataFlexConfig(selector="random", seed=-1)
+
+
+def test_bench_module_entry_point_honours_its_arguments(tmp_path):
+    """`python -m hf_ext.callbacks.dataflex.bench --methods ... --no-write` ignored every argument (main() got no
+    argv): it ran every method and appended to benchmarks/results. A bad --methods must now fail at once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_EXT_RESULTS_DIR": str(tmp_path)}  # the old code would write its results here
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "hf_ext.callbacks.dataflex.bench", "--methods", "bogus", "--no-write"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the bench ignored --methods bogus and started benchmarking")
+    assert r.returncode == 2 and "argument --methods" in r.stderr, r.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
