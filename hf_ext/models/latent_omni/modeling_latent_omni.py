@@ -382,6 +382,11 @@ _LATENT_GEN_UNSUPPORTED: dict[str, Any] = {
     "stop_strings": None,
     "renormalize_logits": False,
     "watermarking_config": None,
+    # per-step outputs LatentOmniGenerateOutput does not carry (it has sequences and latent_states only)
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
 }
 
 
@@ -419,8 +424,9 @@ def _latent_text_processors(gc: Any, prompt_len: int, eos: list[int], device: An
         raise ValueError(
             f"generate() with latent_reasoning=True does not apply generation_config fields {unsupported}; "
             "it applies max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty, "
-            "no_repeat_ngram_size, min_new_tokens, suppress_tokens, eos_token_id and pad_token_id. Reset the "
-            "others (model.generation_config.<field> = None) or use latent_reasoning=False"
+            "no_repeat_ngram_size, min_new_tokens, suppress_tokens, eos_token_id and pad_token_id, and returns "
+            "sequences and (output_latents=True) latent_states only. Reset the others "
+            "(model.generation_config.<field> = None) or use latent_reasoning=False"
         )
     procs = LogitsProcessorList()
     if gc.repetition_penalty is not None and gc.repetition_penalty != 1.0:
