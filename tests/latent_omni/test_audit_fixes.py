@@ -17,3 +17,36 @@ def test_latent_generate_refuses_output_fields_it_cannot_return(model, cfg, fiel
         model.generate(prompt, max_new_tokens=3, return_dict_in_generate=True, **{field: True})
     out = model.generate(prompt, max_new_tokens=3, return_dict_in_generate=True, **{field: False})
     assert out.sequences.shape == (1, 7)
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        (dict(energy_pool_eps=-1.0), "energy_pool_eps"),
+        (dict(energy_pool_eps="1e-6"), "energy_pool_eps"),
+        (dict(energy_pool_eps=float("nan")), "energy_pool_eps"),
+        (dict(sync_temperature=2.0), "sync_temperature"),
+        (dict(sync_temperature=0.001), "sync_temperature"),
+        (dict(max_latent_blocks=True), "max_latent_blocks"),
+        (dict(sync_projection_dim=True), "sync_projection_dim"),
+        (dict(sync_head_hidden_size=True), "sync_head_hidden_size"),
+        (dict(ospe_audio_time_stride=True), "ospe_audio_time_stride"),
+        (dict(latent_loss_weight=True), "latent_loss_weight"),
+        (dict(sync_loss_weight=float("inf")), "sync_loss_weight"),
+    ],
+)
+def test_config_checks_every_latent_field(kw, name):
+    """These were accepted: energy_pool_eps was never checked (a string failed mid-training, a negative ε could
+    divide by zero); a sync_temperature outside the learnable clamp [0.01, 1] was silently replaced by the clamp
+    bound with a zero gradient (stuck); bools passed as ints (True -> a 1-wide sync head); inf loss weights."""
+    from hf_ext.models.latent_omni.tiny import tiny_latent_omni_config
+
+    with pytest.raises(ValueError, match=name):
+        tiny_latent_omni_config(**kw)
+
+
+def test_config_accepts_the_clamp_bounds_and_zero_eps():
+    from hf_ext.models.latent_omni.tiny import tiny_latent_omni_config
+
+    for kw in (dict(sync_temperature=0.01), dict(sync_temperature=1.0), dict(energy_pool_eps=0.0)):
+        tiny_latent_omni_config(**kw)

@@ -25,6 +25,16 @@ LATENT_END_TOKEN = "</Unified_Latent>"
 LATENT_PAD_TOKEN = "<Unified_Latent_pad>"
 
 SYNC_SOURCES = ("latents", "features")
+# SyncTemperature clamps the learnable logit scale 1/τ to [1, 100]
+SYNC_TEMPERATURE_MIN, SYNC_TEMPERATURE_MAX = 0.01, 1.0
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
@@ -89,7 +99,10 @@ class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
         default=None, metadata={"help": "Hidden size of the sync heads (None: the LM hidden size)."}
     )
     sync_temperature: float = field(
-        default=0.07, metadata={"help": "Initial InfoNCE temperature (learnable, clamped to >= 0.01)."}
+        default=0.07,
+        metadata={
+            "help": "Initial InfoNCE temperature (learnable, clamped to [0.01, 1]; must lie in that range)."
+        },
     )
     energy_pool_eps: float = field(
         default=1e-6,
@@ -133,13 +146,13 @@ class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
     def _validate_latent_fields(self) -> None:
         for name in ("num_visual_latents", "num_audio_latents"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if not _is_int(v) or v < 0:
                 raise ValueError(f"{name}={v!r} is invalid; expected an int >= 0")
         if self.num_latents == 0:
             raise ValueError(
                 "num_visual_latents + num_audio_latents must be > 0 (got 0 latent slots per block)"
             )
-        if not isinstance(self.ospe_audio_time_stride, int) or self.ospe_audio_time_stride < 1:
+        if not _is_int(self.ospe_audio_time_stride) or self.ospe_audio_time_stride < 1:
             raise ValueError(
                 f"ospe_audio_time_stride={self.ospe_audio_time_stride!r} is invalid; expected an int >= 1"
             )
@@ -168,29 +181,37 @@ class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
             raise ValueError(f"latent token ids must be distinct, got {ids}")
         for name in ("latent_loss_weight", "sync_loss_weight"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0 or math.isnan(v):
-                raise ValueError(f"{name}={v!r} is invalid; expected a float >= 0")
+            if not _is_number(v) or not 0 <= v < math.inf:
+                raise ValueError(f"{name}={v!r} is invalid; expected a finite float >= 0")
         if self.sync_source not in SYNC_SOURCES:
             raise ValueError(
                 f"sync_source={self.sync_source!r} is invalid; allowed values: {', '.join(SYNC_SOURCES)}"
             )
         t = self.sync_temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise ValueError(f"sync_temperature={t!r} is invalid; expected a float > 0")
+        # the learnable temperature is clamped to [0.01, 1] (logit scale 1..100): an initial value outside would
+        # start at the bound, where the clamp passes no gradient
+        if not _is_number(t) or not SYNC_TEMPERATURE_MIN <= t <= SYNC_TEMPERATURE_MAX:
+            raise ValueError(
+                f"sync_temperature={t!r} is invalid; expected a float in [{SYNC_TEMPERATURE_MIN}, "
+                f"{SYNC_TEMPERATURE_MAX}] (the range the learnable temperature is clamped to)"
+            )
+        e = self.energy_pool_eps
+        if not _is_number(e) or not 0 <= e < math.inf:
+            raise ValueError(f"energy_pool_eps={e!r} is invalid; expected a finite float >= 0")
         for name in ("use_ospe", "controlled_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; expected True or False")
-        if not isinstance(self.sync_projection_dim, int) or self.sync_projection_dim < 1:
+        if not _is_int(self.sync_projection_dim) or self.sync_projection_dim < 1:
             raise ValueError(
                 f"sync_projection_dim={self.sync_projection_dim!r} is invalid; expected an int >= 1"
             )
         if self.sync_head_hidden_size is not None and (
-            not isinstance(self.sync_head_hidden_size, int) or self.sync_head_hidden_size < 1
+            not _is_int(self.sync_head_hidden_size) or self.sync_head_hidden_size < 1
         ):
             raise ValueError(
                 f"sync_head_hidden_size={self.sync_head_hidden_size!r} is invalid; expected None or an int >= 1"
             )
-        if not isinstance(self.max_latent_blocks, int) or self.max_latent_blocks < 0:
+        if not _is_int(self.max_latent_blocks) or self.max_latent_blocks < 0:
             raise ValueError(f"max_latent_blocks={self.max_latent_blocks!r} is invalid; expected an int >= 0")
 
     @classmethod
