@@ -19,6 +19,9 @@ single runs (the SALE block grid starts at the first real token). Any other stru
 custom masks, sliding windows) cannot be honoured by the sparse kernel: the call falls back to dense
 attention with a one-time warning (or raises, with ``on_unsupported="error"``). Outputs at padded query
 positions are zeros on the sparse path.
+
+A model's learned sparse selection passed as ``indices`` / ``block_indices`` (DeepSeek-V3.2 DSA, MiniMax-M3) is
+folded into the mask first, as those models do for sdpa.
 """
 
 from __future__ import annotations
@@ -201,6 +204,59 @@ def _dense_slice(
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
 
+# ------------------------------------------------------------------------------- learned index selections
+def _fold_index_selection(
+    module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, kwargs: dict
+) -> tuple[Any, dict]:
+    """Fold a model's learned sparse selection into the mask, as the model itself does for eager / sdpa.
+
+    DeepSeek-V3.2-style models (DSA indexer: ``indices`` ``[B, Sq, topk]`` key positions) and MiniMax-M3
+    (``block_indices``, turned into a mask by ``module.indexer.build_block_mask``) apply the selection to the mask
+    only for ``"eager"`` / ``"sdpa"``; any other implementation gets it as a kwarg meant for flash-mla kernels.
+    Dropping it would attend to every key. Returns ``(mask, kwargs without the selection)``; the folded mask is
+    honoured by the dense path (the sparse path takes it only when the selection keeps every visible key).
+    """
+    kwargs = dict(kwargs)
+    indices = kwargs.pop("indices", None)
+    block_indices = kwargs.pop("block_indices", None)
+    b, sq, sk = query.shape[0], query.shape[2], key.shape[2]
+    if block_indices is not None:
+        build = getattr(getattr(module, "indexer", None), "build_block_mask", None)
+        if build is None:
+            raise ValueError(
+                f"{type(module).__name__} passes block_indices (a learned block selection) but has no "
+                "indexer.build_block_mask to turn it into a mask; SALE cannot honour it: use "
+                "attn_implementation='sdpa' or 'eager'"
+            )
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = torch.arange(sk - sq, sk, device=query.device)
+        pos = (pos if pos.dim() > 1 else pos[None]).expand(b, -1)
+        attention_mask = build(block_indices, attention_mask, sk, query.dtype, query.device, pos)
+    if indices is not None:
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.shape[:2] != (b, sq):
+            shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise ValueError(
+                f"{type(module).__name__} passes indices of shape {shape}; SALE folds a top-k key selection "
+                f"[batch, q_len, topk] = [{b}, {sq}, topk] into the mask and cannot honour other layouts: use "
+                "attn_implementation='sdpa' or 'eager'"
+            )
+        idx = indices.long()
+        idx = idx.masked_fill((idx < 0) | (idx >= sk), sk)  # invalid slots land in a dropped column
+        sel = torch.zeros(b, sq, sk + 1, dtype=torch.bool, device=query.device).scatter_(-1, idx, True)
+        sel = sel[..., :sk][:, None]  # [B, 1, Sq, Sk]
+        if attention_mask is None:  # plain causal (bottom-right: Sk - Sq cached tokens before the queries)
+            causal = getattr(module, "is_causal", True)
+            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device)
+            attention_mask = (attention_mask.tril(sk - sq) if causal else attention_mask)[None, None]
+        attention_mask = attention_mask[..., :sk]
+        if attention_mask.dtype == torch.bool:
+            attention_mask = attention_mask & sel
+        else:
+            attention_mask = attention_mask.masked_fill(~sel, torch.finfo(attention_mask.dtype).min)
+    return attention_mask, kwargs
+
+
 # ------------------------------------------------------------------------------------- mask decoding
 def _bool_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """4-D bool (True = attend) from a bool or additive float mask; None if the float mask carries a bias."""
@@ -256,7 +312,10 @@ def decode_mask(
         r1 = min(sq, r0 + chunk_rows)
         exp = _expected_rows(kpm, r0, r1, sq, sk, causal)
         if not torch.equal(m[:, :, r0:r1, :], exp[:, None].expand(-1, m.shape[1], -1, -1)):
-            return None, "attention mask is not causal + key padding (packed sequences or a custom mask)"
+            return None, (
+                "attention mask is not causal + key padding (packed sequences, a custom mask or a model's "
+                "learned index selection)"
+            )
     if bool(kpm.all()):
         return None, None
     return kpm, None
@@ -496,6 +555,8 @@ def sale_attention_forward(
     """
     sq = query.shape[2]
     layer_idx = getattr(module, "layer_idx", None)
+    if kwargs.get("indices") is not None or kwargs.get("block_indices") is not None:
+        attention_mask, kwargs = _fold_index_selection(module, query, key, attention_mask, kwargs)
     if sq == 1:  # decode step: dense, without touching the config
         _record(layer_idx=layer_idx, path="dense", q_len=sq)
         return _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)

@@ -1,0 +1,141 @@
+"""Masks and selections a model hands the attention function that SALE must honour (or refuse), never drop."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from hf_ext.attention.sale import SALEConfig, enable_sale, sale_stats
+from hf_ext.attention.sale.attention import reset_warnings, sale_attention_forward
+from tests.sale._models import rand_ids
+
+BLOCKS = dict(block_q=16, block_k=16, local_window=32)
+
+
+def _tiny_dsa(v_head_dim: int):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.DeepseekV32Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=32,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=v_head_dim,
+        head_dim=8,
+        index_topk=32,
+        index_head_dim=16,
+        index_n_heads=2,
+        first_k_dense_replace=1,
+        max_position_embeddings=1024,
+    )
+    return tf.DeepseekV32ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "v_head_dim", [16, 32]
+)  # 16: q/k/v dims equal (sparse-capable); 32: head-dim fallback
+def test_dsa_indexer_selection_is_honoured(v_head_dim):
+    """DeepSeek-V3.2-style models fold their indexer's top-k selection into the mask only for eager/sdpa and pass
+    it as ``indices=`` to any other implementation; SALE (sparse and dense paths) ignored it: with tau ~ 0 the
+    logits differed from sdpa by ~0.2 and generate() diverged."""
+    pytest.importorskip("transformers.models.deepseek_v32")
+    model = _tiny_dsa(v_head_dim)
+    ids = rand_ids(160)
+    with torch.no_grad():
+        ref = model(ids).logits
+    ref_gen = model.generate(ids[:, :100], max_new_tokens=4, do_sample=False)
+    enable_sale(model, SALEConfig(min_seq_len=64, tau=1e-9, **BLOCKS))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(ids).logits
+        gen = model.generate(ids[:, :100], max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert torch.equal(gen, ref_gen)
+
+
+class _Mod(torch.nn.Module):
+    def __init__(self, cfg: SALEConfig, indexer=None) -> None:
+        super().__init__()
+        self.num_key_value_groups = 2
+        self.is_causal = True
+        self.layer_idx = 0
+        self.config = type("C", (), {"sale_config": cfg.to_dict()})()
+        if indexer is not None:
+            self.indexer = indexer
+        self.eval()
+
+
+def _qkv(s=96):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, h, s, 16, generator=g) for h in (4, 2, 2))
+
+
+def _sdpa(q, k, v, mask):
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask
+    ).transpose(1, 2)
+
+
+def test_token_indices_fold_into_the_mask_and_sparse_refusal_is_explicit():
+    q, k, v = _qkv()
+    s = q.shape[2]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(1, s, s, generator=g).masked_fill(~causal, -1e9)
+    idx = scores.topk(24, dim=-1).indices.to(torch.int32)  # [B, S, topk], as the DSA indexer returns
+    sel = torch.zeros(1, s, s, dtype=torch.bool).scatter(-1, idx.long(), True) & causal
+    ref = _sdpa(q, k, v, sel[:, None])
+    mask = causal[None, None]
+    reset_warnings()
+    for cfg in (
+        SALEConfig(min_seq_len=32, tau=1e-9, **BLOCKS),
+        SALEConfig(min_seq_len=4096),
+    ):  # sparse / dense
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out, _ = sale_attention_forward(_Mod(cfg), q, k, v, mask, scaling=0.25, indices=idx)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    strict = _Mod(SALEConfig(min_seq_len=32, on_unsupported="error", **BLOCKS))
+    with pytest.raises(ValueError, match="index selection"):
+        sale_attention_forward(strict, q, k, v, mask, scaling=0.25, indices=idx)
+
+
+def test_block_indices_use_the_models_block_mask_builder_or_are_refused():
+    q, k, v = _qkv()
+    s = q.shape[2]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()[None, None]
+
+    class Indexer(torch.nn.Module):
+        def build_block_mask(self, block_indices, attention_mask, key_length, dtype, device, position_ids):
+            keep = torch.zeros(1, 1, s, key_length, dtype=torch.bool)
+            keep[..., :16] = True  # first key block only, as a stand-in for the model's builder
+            keep = keep & attention_mask
+            return torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+
+    bidx = torch.zeros(1, 1, s, 1, dtype=torch.long)
+    mod = _Mod(SALEConfig(min_seq_len=32, tau=1e-9, **BLOCKS), Indexer())
+    with warnings.catch_warnings(), sale_stats() as st:
+        warnings.simplefilter("ignore")
+        out, _ = sale_attention_forward(mod, q, k, v, causal, scaling=0.25, block_indices=bidx)
+    keep = causal.clone()
+    keep[..., 16:] = False
+    torch.testing.assert_close(out, _sdpa(q, k, v, keep), atol=1e-5, rtol=1e-4)
+    assert st.calls[0]["path"] != "sparse"
+    with pytest.raises(ValueError, match="block_indices"):
+        sale_attention_forward(
+            _Mod(SALEConfig(min_seq_len=32)), q, k, v, causal, scaling=0.25, block_indices=bidx
+        )
