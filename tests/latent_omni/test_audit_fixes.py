@@ -50,3 +50,26 @@ def test_config_accepts_the_clamp_bounds_and_zero_eps():
 
     for kw in (dict(sync_temperature=0.01), dict(sync_temperature=1.0), dict(energy_pool_eps=0.0)):
         tiny_latent_omni_config(**kw)
+
+
+def test_logits_processor_sees_the_whole_batch_in_row_order(model, cfg):
+    """A logits processor got only the rows decoding text at that step, re-indexed from 0: while row 0 ran its
+    latent block, row 1 was passed as batch row 0 (a PrefixConstrainedLogitsProcessor then applied row 0's
+    constraint to row 1). It now sees every row (row i = sequence i, as in transformers' generate)."""
+    from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor
+
+    k = cfg.num_latents
+    allowed = {0: [50], 1: [60]}
+    seen = []
+
+    def fn(batch_id, ids):
+        seen.append((batch_id, ids.shape[-1]))
+        return allowed[batch_id]
+
+    batch = torch.tensor([[1, 30, 31, cfg.latent_start_token_id], [0, 1, 40, 41]])
+    am = (batch != 0).long()
+    lp = LogitsProcessorList([PrefixConstrainedLogitsProcessor(fn, num_beams=1)])
+    out = model.generate(batch, attention_mask=am, max_new_tokens=k + 3, eos_token_id=[], logits_processor=lp)
+    assert out[1, 4:].tolist() == [60] * (k + 3)  # row 1 decodes text at every step
+    assert out[0, 4 + k + 1 :].tolist() == [50] * 2  # row 0: K latents, the end marker, then text
+    assert {b for b, _ in seen} == {0, 1}

@@ -1054,9 +1054,14 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             if text_rows:  # LM head + sampling only for rows decoding text
                 ridx = torch.tensor(text_rows, device=dev)
                 scores = self.lm_head(h[ridx]).float()
-                seqs = state.sequences[ridx.to(ids_dev)]
+                rsel = ridx.to(ids_dev)
+                seqs = state.sequences[rsel]
                 if logits_processor is not None:
-                    scores = logits_processor(seqs, scores.to(ids_dev))
+                    # processors see the whole batch, row i = sequence i (as in transformers' generate: some keep
+                    # per-row state or use the row index); rows not decoding text get zero scores, discarded after
+                    full = scores.new_zeros(bsz, scores.shape[-1], device=ids_dev)
+                    full[rsel] = scores.to(ids_dev)
+                    scores = logits_processor(state.sequences, full)[rsel]
                 scores[:, suppress] = -float("inf")
                 no_more = torch.tensor(
                     [state.blocks[b] >= max_blocks for b in text_rows], device=scores.device
@@ -1164,7 +1169,8 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         Args:
             input_ids: ``[B, L]`` left-padded prompt ids (may end with ``<Unified_Latent>``).
             max_latent_blocks: most latent blocks per row (default ``config.max_latent_blocks``).
-            logits_processor: optional ``LogitsProcessorList`` applied to text steps.
+            logits_processor: optional ``LogitsProcessorList`` applied at text steps; it sees the whole batch
+                (row i = sequence i), rows in a latent step with zero scores that are discarded.
             output_latents: with ``return_dict_in_generate``, also return the fed-back hidden states.
 
         Returns:
