@@ -73,3 +73,28 @@ def test_logits_processor_sees_the_whole_batch_in_row_order(model, cfg):
     assert out[1, 4:].tolist() == [60] * (k + 3)  # row 1 decodes text at every step
     assert out[0, 4 + k + 1 :].tolist() == [50] * 2  # row 0: K latents, the end marker, then text
     assert {b for b, _ in seen} == {0, 1}
+
+
+def test_processor_padding_values(processor):
+    """padding='max_length' padded to the longest row only (the tokenizer's meaning is: to max_length), and any
+    other truthy string ('do_not_pad', typos) padded too. 'max_length' now pads to max_length; unknown values are
+    a ValueError naming padding and its allowed values."""
+    texts = ["hello there", "hi"]
+    out = processor(text=texts, padding="max_length", max_length=24)
+    assert out["input_ids"].shape == (2, 24)
+    assert out["attention_mask"][:, -1].tolist() == [1, 1]  # left padding for prompts
+    assert out["attention_mask"].sum(1).tolist() == [len(processor.tokenizer(t)["input_ids"]) for t in texts]
+    ans = processor(text=texts, answers=["a", "b"], padding="max_length", max_length=24)
+    assert ans["labels"].shape == (2, 24) and (ans["labels"][:, -1] == -100).all()
+    assert (
+        processor(text=texts, padding="longest")["input_ids"].shape
+        == processor(text=texts)["input_ids"].shape
+    )
+    for bad in ("do_not_pad", "max_lenght"):
+        with pytest.raises(ValueError, match="padding"):
+            processor(text=texts, padding=bad)
+    with pytest.raises(ValueError, match="max_length"):
+        processor(text=texts, padding="max_length")
+    for bad in ("24", 0, True):
+        with pytest.raises(ValueError, match="max_length"):
+            processor(text=texts, max_length=bad)

@@ -45,6 +45,16 @@ _MARKER_RE = re.compile(
 )
 
 
+# the processor's padding values (the tokenizer's names) -> what they do
+_PADDING = {
+    True: "longest",
+    "longest": "longest",
+    "max_length": "max_length",
+    False: "do_not_pad",
+    "do_not_pad": "do_not_pad",
+}
+
+
 def _feat_extract_output_length(n: int) -> int:
     """Audio tokens the Qwen2.5-Omni audio encoder emits for ``n`` mel frames."""
     n = (n - 1) // 2 + 1
@@ -357,6 +367,10 @@ class LatentOmniProcessor(ProcessorMixin):
             answers: training targets appended to each prompt (tokenized separately, as at inference);
                 adds ``labels`` (-100 on the prompt, the pads and ``</Unified_Latent>``) and pads right.
             segment_videos / segment_audios: one clip per latent block, row-major (the feature targets).
+            padding: ``True`` / ``'longest'`` (to the longest row), ``'max_length'`` (to ``max_length``) or
+                ``False`` / ``'do_not_pad'`` (rows must have equal length); left for prompts, right with ``answers``
+                unless ``padding_side`` says otherwise.
+            max_length: a longer row is a ``ValueError`` (never truncated: that would cut media or latent blocks).
             fps: frame rate of this call's frame arrays (default: the processor's ``fps``); the processor is
                 not changed.
 
@@ -377,6 +391,18 @@ class LatentOmniProcessor(ProcessorMixin):
             )
         if kwargs:
             raise ValueError(f"unexpected arguments {sorted(kwargs)}")
+        pad_mode = _PADDING.get(padding) if isinstance(padding, (bool, str)) else None
+        if pad_mode is None:
+            raise ValueError(
+                f"padding={padding!r} is invalid; allowed: True / 'longest', 'max_length' (with max_length), "
+                "False / 'do_not_pad'"
+            )
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise ValueError(f"max_length={max_length!r} is invalid; expected None or an int >= 1")
+        if pad_mode == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
         if fps is None:
             fps = self.fps
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
@@ -474,9 +500,9 @@ class LatentOmniProcessor(ProcessorMixin):
         side = padding_side or ("right" if targets is not None else "left")
         if side not in ("left", "right"):
             raise ValueError(f"padding_side={side!r} is invalid; allowed: left, right")
-        width = max(len(r) for r in rows)
-        if not padding and len({len(r) for r in rows}) > 1:
-            raise ValueError("padding=False needs equal-length rows")
+        width = max(len(r) for r in rows) if pad_mode != "max_length" else max_length
+        if pad_mode == "do_not_pad" and len({len(r) for r in rows}) > 1:
+            raise ValueError(f"padding={padding!r} needs equal-length rows")
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
