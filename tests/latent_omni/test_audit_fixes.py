@@ -98,3 +98,15 @@ def test_processor_padding_values(processor):
     for bad in ("24", 0, True):
         with pytest.raises(ValueError, match="max_length"):
             processor(text=texts, max_length=bad)
+
+
+def test_latent_only_generate_arguments_are_refused_without_latent_reasoning(model):
+    """latent_reasoning=False silently dropped output_latents and max_latent_blocks (they only exist on the latent
+    path): a caller asking for latent states got none without a word."""
+    prompt = torch.tensor([[1, 30, 31]])
+    for kw in (dict(output_latents=True), dict(max_latent_blocks=1)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            model.generate(prompt, max_new_tokens=2, latent_reasoning=False, **kw)
+    assert model.generate(
+        prompt, max_new_tokens=2, latent_reasoning=False, eos_token_id=None, min_new_tokens=2
+    ).shape == (1, 5)
