@@ -139,3 +139,50 @@ def test_block_indices_use_the_models_block_mask_builder_or_are_refused():
         sale_attention_forward(
             _Mod(SALEConfig(min_seq_len=32)), q, k, v, causal, scaling=0.25, block_indices=bidx
         )
+
+
+def test_gemma4_kv_shared_layers_with_logits_to_keep_match_sdpa():
+    """Gemma4 slices the queries of its KV-shared layers to the last ``logits_to_keep`` positions after building the
+    mask (guarded only for "sdpa"); with no padding the mask is None, and SALE read "no mask, more keys than queries"
+    as sdpa's top-left causal (static-cache prefill): logits off by ~0.4 on the sparse and the dense path."""
+    import transformers as tf
+
+    if not hasattr(tf, "Gemma4TextConfig"):
+        pytest.skip("transformers without Gemma4")
+    torch.manual_seed(0)
+    cfg = tf.Gemma4TextConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=16,
+        max_position_embeddings=1024,
+        num_kv_shared_layers=2,
+        sliding_window=512,
+        hidden_size_per_layer_input=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        pad_token_id=0,
+    )
+    model = tf.Gemma4ForCausalLM(cfg).eval()
+    ids = rand_ids(100)
+    with torch.no_grad():
+        ref = model(ids).logits[:, -5:]
+    for min_seq_len in (64, 4096):  # sparse prefill layers / all dense
+        enable_sale(model, SALEConfig(min_seq_len=min_seq_len, tau=1e-9, **BLOCKS))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model(ids, logits_to_keep=5).logits
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_no_mask_with_fewer_queries_than_keys_is_bottom_right_causal():
+    """``None`` mask with Sq < Sk: the queries are the last Sq positions, on the sparse and both dense paths."""
+    q, k, v = _qkv(s=96)
+    q = q[:, :, -40:]
+    ref = _sdpa(q, k, v, torch.ones(40, 96, dtype=torch.bool).tril(56))
+    for cfg in (SALEConfig(min_seq_len=32, tau=1e-9, **BLOCKS), SALEConfig(min_seq_len=4096)):
+        out, _ = sale_attention_forward(_Mod(cfg), q, k, v, None, scaling=0.25)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)

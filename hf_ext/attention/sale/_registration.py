@@ -33,15 +33,16 @@ def register_now() -> None:
     with _LOCK:
         if _REGISTERED:
             return
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
 
-        from hf_ext.attention.sale.attention import sale_attention_forward
+        from hf_ext.attention.sale.attention import sale_attention_forward, sale_mask
 
         AttentionInterface.register(NAME, sale_attention_forward)
         # The mask builder matters: without it transformers silently drops padding masks for a new name.
-        # The sdpa builder gives None (pure causal, no padding) or a 4-D boolean mask we can decode.
-        AttentionMaskInterface.register(NAME, sdpa_mask)
+        # sale_mask (the sdpa builder) gives None (pure causal, bottom-right, no padding) or a 4-D boolean mask we
+        # can decode.
+        AttentionMaskInterface.register(NAME, sale_mask)
         _REGISTERED = True
 
 

@@ -11,8 +11,8 @@ Routing (per call):
   -> block-sparse attention (``hf_ext_kernels.sparse_attn.ops.sale_attention``; Triton on CUDA, the torch
   reference on CPU). The kernels are imported on the first sparse call, never at registration.
 
-Masks: the mask builder registered for ``"sale"`` is transformers' ``sdpa_mask``, so this function receives
-``None`` (plain causal, no padding) or a 4-D boolean/additive mask. A 4-D mask is decoded into a key-padding
+Masks: the mask builder registered for ``"sale"`` is :func:`sale_mask` (transformers' ``sdpa_mask``), so this
+function receives ``None`` (plain causal, bottom-right aligned, no padding) or a 4-D boolean/additive mask. A 4-D mask is decoded into a key-padding
 mask and checked to be exactly ``causal & key_padding``; rows with one contiguous run of real tokens (left or
 right padding) are computed on that run alone, so a left-padded batch gives the same result as unpadded
 single runs (the SALE block grid starts at the first real token). Any other structure (packed sequences,
@@ -48,6 +48,7 @@ __all__ = [
     "SALEStats",
     "reset_warnings",
     "decode_mask",
+    "sale_mask",
     "sparse_attention",
 ]
 
@@ -171,9 +172,9 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, is_causa
         sq, sk = query.shape[2], key.shape[2]
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if attention_mask is None and causal and sq > 1:
-            # sdpa's meaning of "no mask": is_causal, aligned top-left. With more keys than queries that is the
-            # first prefill into an empty static cache: query i sees cache slots 0..i, not the empty ones after.
-            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(0)[None, None]
+            attention_mask = _bottom_right(
+                sq, sk, query.device
+            )  # what "no mask" means for "sale": see sale_mask
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             zero = torch.zeros((), dtype=query.dtype, device=query.device)
             attention_mask = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
@@ -185,9 +186,38 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, is_causa
         key = key.repeat_interleave(rep, dim=1)
         value = value.repeat_interleave(rep, dim=1)
     extra = {} if is_causal is None else {"is_causal": is_causal}
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal and 1 < query.shape[2] < key.shape[2]:
+        # sdpa's is_causal is top-left aligned; without a mask "sale" means bottom-right (see sale_mask)
+        attention_mask = _bottom_right(query.shape[2], key.shape[2], query.device)
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **extra, **kwargs
     )
+
+
+def _bottom_right(sq: int, sk: int, device: Any) -> torch.Tensor:
+    """``[1, 1, Sq, Sk]`` bool causal mask aligned bottom-right (the queries are the last ``Sq`` positions)."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)[None, None]
+
+
+def sale_mask(*args: Any, **kwargs: Any) -> Any:
+    """The mask builder registered for ``"sale"``: transformers' ``sdpa_mask``, but ``None`` (no mask) only where it is
+    unambiguous, i.e. query length 1 or equal to the key length.
+
+    ``sdpa_mask`` also returns ``None`` for the first prefill into an empty static cache (more keys than queries,
+    relying on sdpa's top-left ``is_causal``), while models that slice the queries after building the mask (Gemma4's
+    KV-shared layers with ``logits_to_keep > 1``; they guard this only for ``"sdpa"``) hand over ``None`` with the
+    queries at the *end* (bottom-right). Materialising the first case lets ``None`` always mean bottom-right causal.
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    names = ("batch_size", "q_length", "kv_length")
+    given = dict(zip(names, args))
+    q_len = kwargs.get("q_length", given.get("q_length"))
+    kv_len = kwargs.get("kv_length", given.get("kv_length"))
+    if q_len is not None and kv_len is not None and int(q_len) not in (1, int(kv_len)):
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
 
 
 def _dense_slice(
@@ -313,7 +343,7 @@ def decode_mask(
         exp = _expected_rows(kpm, r0, r1, sq, sk, causal)
         if not torch.equal(m[:, :, r0:r1, :], exp[:, None].expand(-1, m.shape[1], -1, -1)):
             return None, (
-                "attention mask is not causal + key padding (packed sequences, a custom mask or a model's "
+                "attention mask is not causal + key padding (packed sequences or a custom mask, e.g. a model's "
                 "learned index selection)"
             )
     if bool(kpm.all()):
@@ -546,7 +576,7 @@ def sale_attention_forward(
         module: the attention module (reads ``module.config.sale_config``, ``module.layer_idx``,
             ``module.is_causal``).
         query: ``[B, H, Sq, D]``; key, value: ``[B, Hkv, Sk, D]`` (GQA not repeated).
-        attention_mask: ``None`` or the 4-D mask from the registered mask builder (``sdpa_mask``).
+        attention_mask: ``None`` (bottom-right causal) or the 4-D mask from :func:`sale_mask`.
         dropout, scaling, is_causal: as for sdpa.
         **kwargs: model extras (``sliding_window``, ``softcap``, ...), checked and passed to the dense path.
 
@@ -595,18 +625,13 @@ def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs,
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     sq, sk = query.shape[2], key.shape[2]
     kpm = None
-    if reason is None:
-        if attention_mask is None:
-            # Mirror sdpa: no mask + causal + longer keys = prefill into an empty static cache -> first Sq keys.
-            if causal and sk > sq:
-                key, value = key[:, :, :sq], value[:, :, :sq]
-        else:
-            used = _used_keys(attention_mask, sk) if causal else sk
-            if used < sk:  # unused static-cache slots after the prompt: no query sees them, drop them
-                key, value, sk = key[:, :, :used], value[:, :, :used], used
-            kpm, why = decode_mask(attention_mask, query.shape[0], sq, sk, causal)
-            if why is not None:
-                reason = ("mask", why)
+    if reason is None and attention_mask is not None:  # None: plain causal, bottom-right (see sale_mask)
+        used = _used_keys(attention_mask, sk) if causal else sk
+        if used < sk:  # unused static-cache slots after the prompt: no query sees them, drop them
+            key, value, sk = key[:, :, :used], value[:, :, :used], used
+        kpm, why = decode_mask(attention_mask, query.shape[0], sq, sk, causal)
+        if why is not None:
+            reason = ("mask", why)
     if reason is None:
         return key, value, kpm, causal
     kind, msg = reason

@@ -85,14 +85,10 @@ class Calibrator:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         sq, sk = query.shape[2], key.shape[2]
         kpm = None
-        if reason is None:
-            if attention_mask is None:
-                if causal and sk > sq:
-                    key, value, sk = key[:, :, :sq], value[:, :, :sq], sq
-            else:
-                kpm, why = _attn.decode_mask(attention_mask, query.shape[0], sq, sk, causal)
-                if why is not None:
-                    reason = ("mask", why)
+        if reason is None and attention_mask is not None:  # None: plain causal, bottom-right
+            kpm, why = _attn.decode_mask(attention_mask, query.shape[0], sq, sk, causal)
+            if why is not None:
+                reason = ("mask", why)
         if reason is not None:
             self.skipped[layer] = reason[1]
             return
