@@ -1189,6 +1189,12 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             video_second_per_grid=video_second_per_grid,
         )
         if not latent_reasoning:
+            for name, v in (("output_latents", output_latents), ("max_latent_blocks", max_latent_blocks)):
+                if v not in (None, False):
+                    raise ValueError(
+                        f"{name}={v!r} needs latent_reasoning=True (latent_reasoning=False runs transformers' "
+                        "generate, which has no latent blocks)"
+                    )
             if input_ids is not None and bool((input_ids == cfg.latent_start_token_id).any()):
                 raise ValueError(
                     "latent_reasoning=False: the prompt must not contain <Unified_Latent> markers"
