@@ -83,15 +83,18 @@ def enable_sale(model: Any, config: SALEConfig | dict | None = None) -> Any:
     register_now()
     if config is None:
         config = getattr(model.config, "sale_config", None)
-    set_sale_config(model, config)
-    if getattr(model.config, "_attn_implementation", None) != "sale":  # what each (sub-)model ran before
-        setattr(_owner(model), _PREV_ATTR, _impl_tree(model.config, _default_impl(model)))
+    cfg = SALEConfig.from_dict(config)  # validate before changing anything
+    was_sale = getattr(model.config, "_attn_implementation", None) == "sale"
+    prev = None if was_sale else _impl_tree(model.config, _default_impl(model))  # each (sub-)model's
     model.set_attn_implementation("sale")
-    if getattr(model.config, "_attn_implementation", None) != "sale":
+    if getattr(model.config, "_attn_implementation", None) != "sale":  # refused: leave the model as it was
         raise ValueError(
             f"{type(model).__name__} refused attn_implementation='sale' (it does not dispatch through "
             "transformers' AttentionInterface); SALE supports models that do (Llama, Qwen2/3, Mistral, Gemma, ...)"
         )
+    set_sale_config(model, cfg)
+    if prev is not None:
+        setattr(_owner(model), _PREV_ATTR, prev)
     return model
 
 
