@@ -110,3 +110,16 @@ def test_latent_only_generate_arguments_are_refused_without_latent_reasoning(mod
     assert model.generate(
         prompt, max_new_tokens=2, latent_reasoning=False, eos_token_id=None, min_new_tokens=2
     ).shape == (1, 5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(top_h=0.5, do_sample=True), dict(dola_layers="high"), dict(token_healing=True), dict(max_time=0.5)],
+)
+def test_latent_generate_refuses_more_fields_it_does_not_apply(model, cfg, kw):
+    """The docs promise a ValueError for any output-changing generation field the latent path does not apply;
+    top_h (a sampling warper), dola_layers (DoLa decoding), token_healing and max_time were silently ignored."""
+    prompt = torch.tensor([[1, 30, 31, cfg.latent_start_token_id]])
+    name = next(k for k in kw if k != "do_sample")
+    with pytest.raises(ValueError, match=name):
+        model.generate(prompt, max_new_tokens=3, **kw)

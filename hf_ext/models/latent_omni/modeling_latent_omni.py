@@ -382,6 +382,11 @@ _LATENT_GEN_UNSUPPORTED: dict[str, Any] = {
     "stop_strings": None,
     "renormalize_logits": False,
     "watermarking_config": None,
+    "top_h": None,
+    "dola_layers": None,
+    "token_healing": False,
+    "max_time": None,
+    "constraints": None,
     # per-step outputs LatentOmniGenerateOutput does not carry (it has sequences and latent_states only)
     "output_scores": False,
     "output_logits": False,
