@@ -123,3 +123,24 @@ def test_latent_generate_refuses_more_fields_it_does_not_apply(model, cfg, kw):
     name = next(k for k in kw if k != "do_sample")
     with pytest.raises(ValueError, match=name):
         model.generate(prompt, max_new_tokens=3, **kw)
+
+
+def test_processor_media_errors_name_the_argument_and_empty_clips_are_refused(processor):
+    """A too-short segment audio was reported as `audio[0]` (the question audio's name), a bad segment video as
+    `video frames` without saying which; a zero-frame video was accepted with grid t = 0 and failed later, in the
+    model's energy pooling (0 tokens), mid-training."""
+    import numpy as np
+
+    text = "<|im_start|>user\n<|vision_bos|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>q<|im_end|>\n"
+    vid, aud = np.zeros((2, 8, 8, 3), np.uint8), np.zeros(16000, np.float32)
+    kw = dict(text=[text], videos=[vid], audio=[aud], answers=["x <Unified_Latent></Unified_Latent> y"])
+    cases = [
+        (dict(segment_videos=[vid], segment_audios=[np.zeros(100, np.float32)]), r"segment_audios\[0\]"),
+        (dict(segment_videos=[np.zeros((8, 8, 3))], segment_audios=[aud]), r"segment_videos\[0\]"),
+        (dict(segment_videos=[np.zeros((0, 8, 8, 3))], segment_audios=[aud]), r"segment_videos\[0\].*frame"),
+    ]
+    for extra, match in cases:
+        with pytest.raises(ValueError, match=match):
+            processor(**kw, **extra)
+    with pytest.raises(ValueError, match=r"videos\[0\].*frame"):
+        processor(text=[text], videos=[np.zeros((0, 8, 8, 3))], audio=[aud])

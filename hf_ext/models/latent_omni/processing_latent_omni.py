@@ -285,12 +285,17 @@ class LatentOmniProcessor(ProcessorMixin):
         return "".join(parts)
 
     # ------------------------------------------------------------------------------- media
-    def patchify_video(self, frames: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Frames ``[T, H, W, 3]`` (uint8 0-255 or float 0-1) → Qwen2-VL patches
-        ``[t·h·w, 3·temporal_patch·patch²]`` and the grid ``(t, h, w)`` in patches."""
+    def patchify_video(
+        self, frames: Any, name: str = "video frames"
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Frames ``[T, H, W, 3]`` (uint8 0-255 or float 0-1, T >= 1) → Qwen2-VL patches
+        ``[t·h·w, 3·temporal_patch·patch²]`` and the grid ``(t, h, w)`` in patches. ``name`` labels errors."""
         x = torch.as_tensor(np.asarray(frames))
-        if x.dim() != 4 or x.shape[-1] != 3:
-            raise ValueError(f"video frames have shape {tuple(x.shape)}; expected [T, H, W, 3]")
+        if x.dim() != 4 or x.shape[-1] != 3 or min(x.shape) < 1:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}; expected [T, H, W, 3] with at least one frame of at least "
+                "1 x 1 pixels"
+            )
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = x.permute(0, 3, 1, 2)  # T, C, H, W
         t, c, h, w = x.shape
@@ -311,10 +316,10 @@ class LatentOmniProcessor(ProcessorMixin):
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return x.reshape(gt * gh * gw, c * tp * ps * ps), (gt, gh, gw)
 
-    def _videos(self, videos: Sequence[Any], fps: float) -> dict[str, torch.Tensor]:
+    def _videos(self, videos: Sequence[Any], fps: float, name: str = "videos") -> dict[str, torch.Tensor]:
         patches, grids = [], []
-        for v in videos:
-            p, g = self.patchify_video(v)
+        for i, v in enumerate(videos):
+            p, g = self.patchify_video(v, f"{name}[{i}]")
             patches.append(p)
             grids.append(g)
         return {
@@ -323,11 +328,11 @@ class LatentOmniProcessor(ProcessorMixin):
             "video_second_per_grid": torch.full((len(grids),), self.temporal_patch_size / fps),
         }
 
-    def _audio(self, audio: Sequence[Any]) -> dict[str, torch.Tensor]:
+    def _audio(self, audio: Sequence[Any], name: str = "audio") -> dict[str, torch.Tensor]:
         arrays = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audio]
         for i, a in enumerate(arrays):
             if a.size < 400:
-                raise ValueError(f"audio[{i}] has {a.size} samples; expected at least 400 (25 ms at 16 kHz)")
+                raise ValueError(f"{name}[{i}] has {a.size} samples; expected at least 400 (25 ms at 16 kHz)")
         feats = self.feature_extractor(
             arrays,
             sampling_rate=self.sampling_rate,
@@ -473,11 +478,11 @@ class LatentOmniProcessor(ProcessorMixin):
                 re.sub(re.escape(AUDIO_TOKEN), lambda _m: AUDIO_TOKEN * next(lens), t) for t in prompts
             ]
         if segment_videos and self.num_visual_latents > 0:
-            seg = self._videos(segment_videos, fps)
+            seg = self._videos(segment_videos, fps, "segment_videos")
             out["segment_pixel_values_videos"] = seg["pixel_values_videos"]
             out["segment_video_grid_thw"] = seg["video_grid_thw"]
         if segment_audios and self.num_audio_latents > 0:
-            seg = self._audio(segment_audios)
+            seg = self._audio(segment_audios, "segment_audios")
             out["segment_input_features"] = seg["input_features"]
             out["segment_feature_attention_mask"] = seg["feature_attention_mask"]
         # 3. tokens (prompt and answer tokenized separately, as at inference)
