@@ -144,3 +144,17 @@ def test_processor_media_errors_name_the_argument_and_empty_clips_are_refused(pr
             processor(**kw, **extra)
     with pytest.raises(ValueError, match=r"videos\[0\].*frame"):
         processor(text=[text], videos=[np.zeros((0, 8, 8, 3))], audio=[aud])
+
+
+def test_collator_record_fps_null_uses_the_default_and_bad_fps_names_the_record(processor):
+    """A record with "fps": null (the field is optional in the JSONL schema) raised a bare TypeError from float();
+    it now means the collator's default, and a non-positive or non-numeric fps is a ValueError naming the record."""
+    from hf_ext.models.latent_omni import LatentOmniDataCollator, make_synthetic_records
+
+    coll = LatentOmniDataCollator(processor, fps=4.0)
+    rec = make_synthetic_records(1, frames=8, size=8, fps=4.0)[0]
+    batch = coll([dict(rec, fps=None)])
+    assert batch["video_second_per_grid"].tolist() == [processor.temporal_patch_size / 4.0]
+    for bad in (0, -2.0, "fast"):
+        with pytest.raises(ValueError, match="synthetic-0.*fps"):
+            coll([dict(rec, fps=bad)])

@@ -195,7 +195,12 @@ class LatentOmniDataCollator:
                 if rec.get("audio") is not None
                 else None
             )
-            fps = float(rec.get("fps", self.fps))
+            fps = rec.get("fps")
+            if fps is None:  # optional: the collator's default
+                fps = self.fps
+            if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+                raise ValueError(f"record {rid}: fps={fps!r} is invalid; expected a number > 0 (or null)")
+            fps = float(fps)
             content: list[dict[str, Any]] = []
             if video is not None:
                 content.append({"type": "video"})
