@@ -177,15 +177,6 @@ def sequence_loss_terms(
     Returns:
         ``(loss_sum [B], count [B])`` in fp32; ``loss_sum / count`` is the token-mean loss.
     """
-    if logits.dim() == 2:
-        ls = F.cross_entropy(
-            logits.float(),
-            labels,
-            reduction="none",
-            ignore_index=IGNORE_INDEX,
-            label_smoothing=label_smoothing,
-        )
-        return ls, (labels != IGNORE_INDEX).float()
     tok, mask = token_loss_terms(logits, labels, label_smoothing=label_smoothing, shift=shift)
     return (tok * mask).sum(-1), mask.sum(-1)
 
