@@ -431,11 +431,13 @@ class CostModel:
             else:
                 ag = self.hw.collective_ms("all_gather", sp_.compute_bytes_per_param * p_local, d, cross)
                 rs = self.hw.collective_ms("reduce_scatter", sp_.grad_reduce_bytes * p_local, d, cross)
-                exposed = self._exposed(2 * ag + rs, head_comp)
+                # the root unit is not resharded after forward (FSDP2's root default): one all-gather
+                exposed = self._exposed(ag + rs, head_comp)
                 mb += exposed
                 _add(parts, fsdp_comm=exposed)
-        if zero == 0:  # autocast copy (ddp) / unsharded root (fsdp, not resharded) of embedding / head
-            transient += sp_.compute_bytes_per_param * p_local
+        # autocast copy (ddp) / unsharded root (fsdp: FSDP2 keeps the root gathered from its forward to the end
+        # of its backward, whatever dp) of embedding / head
+        transient += sp_.compute_bytes_per_param * p_local
         root = self.mixed_precision_ms(cfg, p_local, 2, layer=False)
         mb += root
         _add(parts, root_runtime=root)
