@@ -194,10 +194,23 @@ class FSEPConfig:
     def resolved_capacity(self, num_experts: int, world_size: int) -> int:
         """Expert slots per rank (``C``) for ``num_experts`` experts over ``world_size`` ranks."""
         base = -(-num_experts // world_size)
-        if self.mode == "static_ep" or self.layout_policy == "identity":
-            return base
-        if self.layout_policy == "fsdp":
-            return num_experts
+        # the fixed layouts materialise a fixed number of experts per rank: an explicit capacity (a memory
+        # bound) below it is an error, not silently exceeded
+        fixed = None
+        if self.mode == "static_ep":
+            fixed, what = base, "mode='static_ep'"
+        elif self.layout_policy == "identity":
+            fixed, what = base, "layout_policy='identity'"
+        elif self.layout_policy == "fsdp":
+            fixed, what = num_experts, "layout_policy='fsdp'"
+        if fixed is not None:
+            if self.capacity is not None and self.capacity < fixed:
+                raise ValueError(
+                    f"FSEPConfig.capacity={self.capacity} is too small: {what} materialises {fixed} of "
+                    f"{num_experts} experts per rank over {world_size} ranks and needs capacity >= {fixed} "
+                    "(or capacity=None)"
+                )
+            return fixed
         cap = self.capacity if self.capacity is not None else base + self.extra_capacity
         if cap < base:
             raise ValueError(

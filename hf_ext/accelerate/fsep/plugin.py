@@ -125,6 +125,7 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
                 f"prepare_fsep: num_experts={e} and world_size={ws}: mode='fsep' needs num_experts % world_size "
                 "== 0 or world_size % num_experts == 0"
             )
+        config.resolved_capacity(e, ws)  # a capacity too small for the layout: before any collective
     state = FSEPState()
     layers: list[FSEPExperts] = []
     templates: dict[str, nn.Module] = {}

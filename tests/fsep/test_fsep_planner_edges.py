@@ -1,0 +1,43 @@
+"""Planner, cost-model and config corner cases (single process, no torch.distributed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hf_ext.accelerate.fsep import FSEPConfig, Layout, LoadPlanner
+
+
+@pytest.mark.parametrize("policy", ["identity", "fsdp"])
+def test_an_explicit_capacity_too_small_for_the_layout_policy_is_an_error(policy):
+    # 8 experts over 2 ranks: the identity layout materialises 4 per rank, the FSDP layout all 8
+    need = 4 if policy == "identity" else 8
+    with pytest.raises(ValueError, match=f"FSEPConfig.capacity=2 .*layout_policy='{policy}'.*>= {need}"):
+        FSEPConfig(layout_policy=policy, capacity=2).resolved_capacity(8, 2)
+    with pytest.raises(ValueError, match="FSEPConfig.capacity=2 .*mode='static_ep'.*>= 4"):
+        FSEPConfig(mode="static_ep", capacity=2).resolved_capacity(8, 2)
+    assert FSEPConfig(layout_policy=policy, capacity=need).resolved_capacity(8, 2) == need
+    assert FSEPConfig(layout_policy=policy).resolved_capacity(8, 2) == need
+
+
+def test_history_decay_weights_the_newest_step_most():
+    old, new = np.array([[80, 0, 1], [80, 0, 1]]), np.array([[0, 30, 1], [0, 30, 1]])
+    hot = {}
+    for decay in (1.0, 0.5):
+        p = LoadPlanner(3, 2, 2, history=3, history_decay=decay, num_perturbations=0)
+        for c in (old, new, new):
+            p.observe(c)
+        lay = p.plan()
+        # weights decay**age, oldest first: 0.25 / 0.5 / 1 at decay 0.5
+        ref = LoadPlanner(3, 2, 2, num_perturbations=0).plan(decay**2 * old + (decay + 1) * new)
+        assert lay.slots == ref.slots
+        hot[decay] = int(np.argmax(lay.replicas()))
+    assert hot == {1.0: 0, 0.5: 1}  # summed, expert 0 (160 vs 120) is hot; decayed, expert 1 (40 vs 90)
+    p.observe(new)  # the oldest step falls out of the window of 3
+    assert len(p.history) == 3 and all((h == new).all() for h in p.history)
+
+
+def test_layout_identity_routing_is_the_same_for_every_policy():
+    lay = Layout.identity(4, 2)
+    for pol in ("uniform", "local_first", "node_first"):
+        assert np.array_equal(Layout.from_slots(lay.slots, 4, pol).routing, lay.routing)
