@@ -310,7 +310,7 @@ class LoadPlanner:
         history: steps of counts kept.
         shape: layer shape for the cost model (a generic one when ``None``).
         hardware: cost-model hardware.
-        routing_policy: ``uniform``, ``local_first`` or ``auto``.
+        routing_policy: ``uniform``, ``local_first``, ``node_first`` or ``auto`` (the cost model picks).
         num_perturbations: extra replica vectors scored around the greedy one.
         history_decay: weight ``decay**age`` of a step's counts (1.0: plain sum of the last ``history``
             steps, as in LAER-MoE; < 1 follows drifting routing faster).
@@ -330,6 +330,17 @@ class LoadPlanner:
         seed: int = 0,
         history_decay: float = 1.0,
     ) -> None:
+        if routing_policy not in (*ROUTINGS, "auto"):
+            raise ValueError(
+                f"LoadPlanner: routing_policy={routing_policy!r} is not supported; choose one of "
+                f"{(*ROUTINGS, 'auto')}"
+            )
+        if history < 1:
+            raise ValueError(f"LoadPlanner: history={history} must be >= 1")
+        if not 0.0 < history_decay <= 1.0:
+            raise ValueError(f"LoadPlanner: history_decay={history_decay} must be in (0, 1]")
+        if num_perturbations < 0:
+            raise ValueError(f"LoadPlanner: num_perturbations={num_perturbations} must be >= 0")
         if capacity * world_size < num_experts:
             raise ValueError(
                 f"capacity={capacity} x world_size={world_size} < num_experts={num_experts}: "
