@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_ext.accelerate.fsep import FSEPConfig, Layout, LoadPlanner
+from hf_ext.accelerate.fsep import FSEPConfig, Layout, LoadPlanner, MoEShape
+from hf_ext.accelerate.fsep.cost_model import PRESETS, cost_from_pairs
+from hf_ext.accelerate.fsep.planner import hold_matrix, pair_traffic
 
 
 @pytest.mark.parametrize("policy", ["identity", "fsdp"])
@@ -18,6 +20,35 @@ def test_an_explicit_capacity_too_small_for_the_layout_policy_is_an_error(policy
         FSEPConfig(mode="static_ep", capacity=2).resolved_capacity(8, 2)
     assert FSEPConfig(layout_policy=policy, capacity=need).resolved_capacity(8, 2) == need
     assert FSEPConfig(layout_policy=policy).resolved_capacity(8, 2) == need
+
+
+def test_identity_candidate_is_scored_on_the_same_fractional_counts_as_the_planned_ones():
+    # few tokens per rank: the scaled counts are fractional; the identity layout's cost must not truncate them
+    shape = MoEShape(hidden=64, intermediate=128, num_experts=4, top_k=1, tokens_per_rank=2)
+    hw = PRESETS["cpu"]
+    counts = np.array([[3, 1, 1, 1], [1, 1, 3, 1]])
+    planner = LoadPlanner(4, 2, 2, shape=shape, hardware=hw, num_perturbations=0)
+    lay = planner.plan(counts)
+    assert lay.name == "identity"
+    scaled = counts * (shape.tokens_per_rank * shape.top_k * 2 / counts.sum())
+    hold = hold_matrix(lay.slots, 4)
+    exact = cost_from_pairs(pair_traffic(scaled, hold, "local_first"), hold.sum(axis=0), shape, hw).total
+    assert planner.last_cost == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"routing_policy": "local"}, "routing_policy='local'.*'local_first'"),
+        ({"history": 0}, "history=0"),
+        ({"history_decay": 0.0}, "history_decay=0.0"),
+        ({"history_decay": 1.5}, "history_decay=1.5"),
+        ({"num_perturbations": -1}, "num_perturbations=-1"),
+    ],
+)
+def test_planner_arguments_are_checked_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoadPlanner(4, 2, 2, **kwargs)
 
 
 def test_history_decay_weights_the_newest_step_most():

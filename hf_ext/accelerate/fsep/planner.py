@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hf_ext.accelerate.fsep.cost_model import PRESETS, Hardware, MoEShape, cost_from_pairs, layer_cost
+from hf_ext.accelerate.fsep.cost_model import PRESETS, Hardware, MoEShape, cost_from_pairs
 
 
 @dataclass(frozen=True, eq=False)
@@ -404,8 +404,11 @@ class LoadPlanner:
         scale = self.shape.tokens_per_rank * self.shape.top_k * n / max(1.0, counts.sum())
         scaled = counts * scale  # the cost model wants one step's worth of tokens
         best, best_cost = None, float("inf")
-        for lay in cand_layouts:  # identity (static-EP placement inside FSEP)
-            cost = layer_cost(lay, scaled, self.shape, self.hardware, mode="fsep").total
+        for lay in cand_layouts:  # identity (static-EP placement inside FSEP; one replica each: local_first)
+            # the fractional traffic like the planned candidates (token_shares would truncate ``scaled``)
+            pairs = pair_traffic(scaled, hold_matrix(lay.slots, e), "local_first", gpn)
+            n_slots = np.array([len(s) for s in lay.slots], dtype=np.float64)
+            cost = cost_from_pairs(pairs, n_slots, self.shape, self.hardware, mode="fsep").total
             if cost < best_cost - 1e-12:
                 best, best_cost = lay, cost
         for slots in placements:
