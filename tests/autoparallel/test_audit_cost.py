@@ -6,6 +6,7 @@ import pytest
 
 from hf_ext.accelerate.autoparallel.cost_model import CostModel, ParallelConfig, TrainingSpec
 from hf_ext.accelerate.autoparallel.profiler import HardwareProfile
+from hf_ext.accelerate.autoparallel.search import SearchConfig, search
 from hf_ext.accelerate.autoparallel.shapes import ModelShape
 
 # One layer and a large vocabulary at seq_len 1: the root unit (embedding + final norm + head) dominates.
@@ -26,3 +27,18 @@ def test_fsdp_root_is_gathered_once_and_kept_unsharded(dp):
     ag = cm.hw.collective_ms("all_gather", 2.0 * root, dp)
     rs = cm.hw.collective_ms("reduce_scatter", 4.0 * root, dp)
     assert parts["fsdp_comm"] == pytest.approx(ag + rs)
+
+
+def test_dp1_searches_fsdp_too():
+    """At dp=1 ddp and fsdp are different runtimes to the cost model (fsdp keeps no autocast copy of every
+    weight), so allowing both may never give a slower plan than allowing fsdp alone. The search once tried
+    ddp only at dp=1: at 30 GB it returned ddp with 4 of 16 layers checkpointed (336.5 ms) while fsdp
+    needs 1 (322.3 ms)."""
+    sc = dict(gpus=1, memory_gb=30, global_batch=8, seq_len=2048, top_k=1)
+    both = search("llama3.2-1b", SearchConfig(**sc)).best
+    fsdp = search("llama3.2-1b", SearchConfig(dp_types=("fsdp",), **sc)).best
+    assert both.predicted["step_ms"] <= fsdp.predicted["step_ms"]
+    # a tie keeps the first dp type listed (the plans at dp=1 were ddp before)
+    roomy = dict(sc, memory_gb=80)
+    assert search("llama3.2-1b", SearchConfig(**roomy)).best.dp_type == "ddp"
+    assert search("llama3.2-1b", SearchConfig(dp_types=("fsdp", "ddp"), **roomy)).best.dp_type == "fsdp"

@@ -78,7 +78,7 @@ def _brute_force(shape: ModelShape, sc: SearchConfig, hw: HardwareProfile) -> fl
         if sc.gpus % (tp * pp):
             continue
         dp = sc.gpus // (tp * pp)
-        for dt, b in itertools.product(("ddp",) if dp == 1 else ("ddp", "fsdp"), sc.micro_batch_sizes):
+        for dt, b in itertools.product(("ddp", "fsdp"), sc.micro_batch_sizes):
             if sc.global_batch % (dp * b) or (pp > 1 and sc.global_batch // (dp * b) < pp):
                 continue
             cfg = ParallelConfig(sc.gpus, pp, tp, tp > 1, b, sc.global_batch // (dp * b), dt)

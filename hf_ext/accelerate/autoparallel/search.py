@@ -9,7 +9,7 @@ buckets of ``granularity`` bytes (rounded *up*, so a DP-feasible plan is feasibl
 
 Pruning (the decision tree): degrees that do not divide the GPUs / heads / batch are never built; a
 1F1B pipeline needs ``m >= pp``; sequence parallelism is always taken when ``tp > 1`` (same traffic,
-less memory: it dominates); ``dp == 1`` collapses ddp and fsdp; a configuration whose lowest-memory
+less memory: it dominates); a configuration whose lowest-memory
 assignment exceeds the budget is skipped before its DP; a configuration whose compute-only lower
 bound cannot beat the k-th best plan found so far is skipped (branch and bound).
 
@@ -278,9 +278,9 @@ def search(
             if (gpus // tp) % pp or pp > n_layers:
                 continue
             dp = gpus // (tp * pp)
-            dtypes = ("ddp",) if dp == 1 else tuple(config.dp_types)
-            if dp == 1 and "ddp" not in config.dp_types:
-                dtypes = ("fsdp",)
+            # ddp and fsdp stay distinct at dp == 1: the runtimes differ (autocast over fp32 weights vs FSDP2
+            # bf16 params, no autocast weight copies held), and so do their cost-model times and memory
+            dtypes = tuple(config.dp_types)
             sps = {"auto": (tp > 1,), "on": (True,), "off": (False,), "both": (False, True)}[
                 config.sequence_parallel
             ]
@@ -316,7 +316,8 @@ def search(
                     if not cost.feasible:  # cannot happen: buckets round up
                         continue
                     plan = _make_plan(shape, cfg, stages, cost, spec, hw, config.memory_gb)
-                    item = (-cost.step_ms, next(counter), plan)
+                    # the heap's top is the slowest plan kept, and of equally slow ones the last found
+                    item = (-cost.step_ms, -next(counter), plan)
                     if len(heap) < config.top_k:
                         heapq.heappush(heap, item)
                     elif cost.step_ms < -heap[0][0]:
@@ -334,7 +335,7 @@ def search(
             need_gb,
             f"{shape.name} on {gpus} GPUs, global_batch={spec.global_batch}, seq_len={spec.seq_len}",
         )
-    ranked = [p for _, _, p in sorted(heap, key=lambda x: -x[0])]
+    ranked = [p for _, _, p in sorted(heap, key=lambda x: (-x[0], -x[1]))]  # ties: first found first
     return SearchResult(ranked[0], ranked, evaluated, pruned, time.perf_counter() - t0)
 
 
