@@ -42,3 +42,24 @@ def test_dp1_searches_fsdp_too():
     roomy = dict(sc, memory_gb=80)
     assert search("llama3.2-1b", SearchConfig(**roomy)).best.dp_type == "ddp"
     assert search("llama3.2-1b", SearchConfig(dp_types=("fsdp", "ddp"), **roomy)).best.dp_type == "fsdp"
+
+
+GQA = ModelShape("gqa", 2, 256, 512, 8, 2, 1000)
+
+
+def test_explicit_tp_must_divide_the_kv_heads():
+    """tp=4 splits 8 query heads but not 2 KV heads (the k/v projections would be cut mid-head); the default
+    tp sizes left it out, an explicit ``tp_sizes`` let it through."""
+    sc = dict(gpus=4, global_batch=8, seq_len=64)
+    with pytest.raises(ValueError, match=r"tp=4 does not divide the 2 key/value heads"):
+        search(GQA, SearchConfig(tp_sizes=(4,), **sc))
+    assert search(GQA, SearchConfig(tp_sizes=(2, 4), top_k=50, **sc)).ranked[0].tp <= 2
+    assert all(p.tp <= 2 for p in search(GQA, SearchConfig(tp_sizes=(2, 4), top_k=50, **sc)).ranked)
+
+
+@pytest.mark.parametrize("field", ["tp_sizes", "pp_sizes"])
+def test_non_positive_degrees_are_refused(field):
+    with pytest.raises(ValueError, match=field):
+        SearchConfig(gpus=4, **{field: (0,)})
+    with pytest.raises(ValueError, match=field):
+        SearchConfig(gpus=4, **{field: (2, -1)})

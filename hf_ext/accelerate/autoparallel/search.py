@@ -115,6 +115,12 @@ class SearchConfig:
             raise ValueError(
                 f"SearchConfig.micro_batch_sizes must be positive, got {self.micro_batch_sizes!r}"
             )
+        for name in ("tp_sizes", "pp_sizes"):
+            sizes = getattr(self, name)
+            if sizes is not None and (not sizes or any(int(v) < 1 for v in sizes)):
+                raise ValueError(
+                    f"SearchConfig.{name} must be positive degrees (or None for auto), got {sizes!r}"
+                )
         if self.top_k < 1:
             raise ValueError(f"SearchConfig.top_k must be >= 1, got {self.top_k}")
 
@@ -249,19 +255,23 @@ def search(
         tps = sorted({int(t) for t in config.tp_sizes})
     else:
         tps = [t for t in (1, 2, 4, 8, 16) if t <= hw.gpus_per_node and shape.num_kv_heads % t == 0]
-    rejected = [
-        f"tp={t} does not divide gpus={gpus}"
-        if gpus % t
-        else f"tp={t} does not divide the {shape.num_heads} attention heads of {shape.name}"
-        for t in tps
-        if gpus % t or shape.num_heads % t
-    ]
-    tps = [t for t in tps if gpus % t == 0 and shape.num_heads % t == 0]
+
+    def why_not(t: int) -> str:
+        if gpus % t:
+            return f"tp={t} does not divide gpus={gpus}"
+        if shape.num_heads % t:
+            return f"tp={t} does not divide the {shape.num_heads} attention heads of {shape.name}"
+        if shape.num_kv_heads % t:  # the k / v projections would be split inside a head
+            return f"tp={t} does not divide the {shape.num_kv_heads} key/value heads of {shape.name}"
+        return ""
+
+    rejected = [why_not(t) for t in tps if why_not(t)]
+    tps = [t for t in tps if not why_not(t)]
     if not tps:
         raise ValueError(
             f"no usable tensor-parallel degree in tp_sizes={config.tp_sizes}: "
             + "; ".join(rejected)
-            + "; pick tp sizes that divide both the GPU count and the attention heads"
+            + "; pick tp sizes that divide the GPU count and the attention and key/value heads"
         )
     heap: list[tuple[float, int, Plan]] = []  # max-heap by -step_ms of the top_k
     counter = itertools.count()
