@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -62,6 +63,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.top_k < 1:
         parser.error(f"argument --top-k: must be >= 1 (got {args.top_k})")
+    for flag in ("gpus", "seq_len", "global_batch"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1 (got {v})")
+    try:
+        args.memory_gb = parse_memory(args.gpu_memory)
+    except ValueError as exc:
+        parser.error(f"argument --gpu-memory: {exc}")
+    parts = [x.strip() for x in args.micro_batch_sizes.split(",") if x.strip()]
+    if not parts or not all(x.isdigit() and int(x) >= 1 for x in parts):
+        parser.error(
+            f"argument --micro-batch-sizes: must be comma-separated positive integers, e.g. 1,2,4,8 "
+            f"(got {args.micro_batch_sizes!r})"
+        )
+    args.micro_batch_list = tuple(int(x) for x in parts)
+    dps = tuple(x.strip() for x in args.dp_types.split(",") if x.strip())
+    if not dps or any(d not in ("ddp", "fsdp") for d in dps):
+        parser.error(
+            f"argument --dp-types: must be a comma-separated subset of ddp, fsdp (got {args.dp_types!r})"
+        )
+    args.dp_type_list = dps
+    for flag in ("hardware", "profile"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"argument --{flag}: no such file: {path}")
     return args
 
 
@@ -78,19 +104,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     con = Console()
     try:
         shape = get_shape(args.model)
-        memory = parse_memory(args.gpu_memory)
+        memory = args.memory_gb
         cfg = SearchConfig(
             gpus=args.gpus,
             memory_gb=memory,
             global_batch=args.global_batch,
             seq_len=args.seq_len,
-            micro_batch_sizes=tuple(int(x) for x in args.micro_batch_sizes.split(",") if x.strip()),
-            dp_types=tuple(x.strip() for x in args.dp_types.split(",") if x.strip()),
+            micro_batch_sizes=args.micro_batch_list,
+            dp_types=args.dp_type_list,
             allow_ckpt=not args.no_ckpt,
             top_k=args.top_k,
         )
-        hw = HardwareProfile.load(args.hardware) if args.hardware else None
-        prof = ModelProfile.load(args.profile) if args.profile else None
+        hw = prof = None
+        for flag, cls in (("hardware", HardwareProfile), ("profile", ModelProfile)):
+            if getattr(args, flag):
+                try:
+                    loaded = cls.load(getattr(args, flag))
+                except (OSError, ValueError, TypeError, KeyError) as exc:
+                    raise ValueError(
+                        f"--{flag}={getattr(args, flag)!r} is not a readable {cls.__name__} JSON: {exc}"
+                    ) from exc
+                hw, prof = (loaded, prof) if flag == "hardware" else (hw, loaded)
         res = search(shape, cfg, hardware=hw, profile=prof)
     except NoFeasiblePlanError as exc:
         print(f"hf-ext plan: {exc}", file=sys.stderr)
