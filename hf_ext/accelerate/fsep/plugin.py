@@ -114,6 +114,12 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
         gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
         if gu is None or dn is None or gu.dim() != 3 or dn.dim() != 3 or getattr(mod, "has_bias", False):
             raise ValueError(f"prepare_fsep: {qname} is not a fused 3-D gate_up/down experts module")
+        if gu.requires_grad != dn.requires_grad:
+            raise ValueError(
+                f"prepare_fsep: {qname}.gate_up_proj has requires_grad={gu.requires_grad} but "
+                f"{qname}.down_proj has requires_grad={dn.requires_grad}; FSEP keeps both in one parameter, so "
+                "freeze both or neither"
+            )
         e = gu.shape[0]
         if config.mode == "static_ep" and e % ws:
             raise ValueError(
@@ -140,6 +146,8 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
             dist.broadcast(dn, src, group=group)
         layer = FSEPExperts(gu, dn, mod.act_fn, config, group=group, state=state, top_k=top_k)
         layer.to(gu.device)
+        layer.expert_param.requires_grad_(mod.gate_up_proj.requires_grad)  # frozen experts stay frozen
+        layer.train(mod.training)
         if layers:
             layers[-1]._next.append(layer)
         layers.append(layer)
@@ -363,11 +371,16 @@ def remove_fsep(model: nn.Module) -> nn.Module:
         parent_name, _, attr = qname.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         tmpl = model._fsep_templates[qname]
+        layer = getattr(parent, attr)
         # the device of the shards (the gathered experts of a state dict may be on the CPU)
-        orig = copy.deepcopy(tmpl).to_empty(device=getattr(parent, attr).expert_param.device)
+        orig = copy.deepcopy(tmpl).to_empty(device=layer.expert_param.device)
         with torch.no_grad():
             orig.gate_up_proj.copy_(full[f"{qname}.gate_up_proj"])
             orig.down_proj.copy_(full[f"{qname}.down_proj"])
+        # as the FSEP layer is now (the template keeps the flags of prepare_fsep's time)
+        orig.gate_up_proj.requires_grad_(layer.expert_param.requires_grad)
+        orig.down_proj.requires_grad_(layer.expert_param.requires_grad)
+        orig.train(layer.training)
         setattr(parent, attr, orig)
     model._fsep_hook.remove()
     _unregister_expert_params(removed)
