@@ -63,3 +63,17 @@ def test_non_positive_degrees_are_refused(field):
         SearchConfig(gpus=4, **{field: (0,)})
     with pytest.raises(ValueError, match=field):
         SearchConfig(gpus=4, **{field: (2, -1)})
+
+
+@pytest.mark.parametrize("field", ["num_local_experts", "num_experts", "n_routed_experts"])
+def test_moe_configs_are_refused_not_planned_as_dense(field):
+    """A Mixtral-style config was read as a dense model (one MLP instead of 8 experts: 1/8 of the MLP
+    parameters and optimizer states); expert parallelism is not modelled, so it is refused by name."""
+    from hf_ext.accelerate.autoparallel.shapes import get_shape
+
+    cfg = dict(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=100
+    )
+    assert get_shape(dict(cfg, **{field: 1})).num_layers == 2  # one expert is a dense MLP
+    with pytest.raises(ValueError, match=rf"{field}=8.*mixture-of-experts"):
+        get_shape(dict(cfg, **{field: 8}))

@@ -125,6 +125,12 @@ def shape_from_config(config: Any, name: str | None = None) -> ModelShape:
     ]
     if missing:
         raise ValueError(f"config is missing {missing}: only decoder-only transformer configs are supported")
+    for k in ("num_local_experts", "num_experts", "n_routed_experts"):  # Mixtral / Qwen-MoE / DeepSeek
+        if (get(k) or 0) > 1:
+            raise ValueError(
+                f"config has {k}={get(k)}: mixture-of-experts models are not modelled (the planner would count "
+                "one dense MLP per layer, not the experts); only dense decoder-only configs are supported"
+            )
     heads = int(get("num_attention_heads"))
     return ModelShape(
         name=name or str(get("model_type", "model") or "model"),
