@@ -42,3 +42,57 @@ def frozen_experts(rank: int, world_size: int) -> dict[str, Any]:
         out["mixed"] = str(exc)
     out["mixed_untouched"] = type(m.model.layers[0].mlp.experts).__name__
     return out
+
+
+def layer_edge_cases(rank: int, world_size: int) -> dict[str, float]:
+    """One FSEP layer against the dense experts: a rank with no tokens, a rank that materialises no expert,
+    top-k ids >= E (ignored), replicas with uneven token shares; outputs and shard gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    from hf_ext.accelerate.fsep import FSEPConfig, Layout
+    from hf_ext.accelerate.fsep.layer import FSEPExperts
+
+    torch.manual_seed(0)
+    e, h, i = 4, 8, 6
+    gu, dn = torch.randn(e, 2 * i, h), torch.randn(e, h, i)
+    out: dict[str, float] = {}
+    layouts = {
+        "empty_rank": Layout.from_slots([[0, 1, 2, 3], []], e),
+        "replicas": Layout.from_slots([[0, 1, 2], [0, 3, 1]], e, "uniform"),
+    }
+    for name, lay in layouts.items():
+        for t in (0, 5):  # rank 1 sends no tokens in the first case
+            layer = FSEPExperts(gu, dn, F.silu, FSEPConfig(layout_policy="fsdp", async_grad_reduce=False))
+            layer.set_layout(lay)
+            g = torch.Generator().manual_seed(rank + 10)
+            rows = 5 if rank == 0 else t
+            x = torch.randn(rows, h, generator=g, requires_grad=True)
+            idx = torch.randint(0, e + 2, (rows, 2), generator=g)  # ids 4 and 5 are ignored
+            w = torch.rand(rows, 2, generator=g)
+            y = layer(x, idx, w)
+            ref = torch.zeros(rows, h)
+            gu_r, dn_r = gu.clone().requires_grad_(), dn.clone().requires_grad_()
+            for r in range(rows):
+                for k in range(2):
+                    ex = int(idx[r, k])
+                    if ex < e:
+                        a, b = F.linear(x[r], gu_r[ex]).chunk(2)
+                        ref[r] += w[r, k] * F.linear(F.silu(a) * b, dn_r[ex])
+            (y.square().sum() if rows else y.sum() + 0.0 * layer.expert_shards.sum()).backward()
+            ref.square().sum().backward() if rows else None
+            flat = torch.cat(
+                [
+                    (gu_r.grad if gu_r.grad is not None else torch.zeros_like(gu)).reshape(e, -1),
+                    (dn_r.grad if dn_r.grad is not None else torch.zeros_like(dn)).reshape(e, -1),
+                ],
+                1,
+            )
+            torch.distributed.all_reduce(flat)
+            full = layer.gather_flat(layer.expert_shards.grad) * world_size  # average_grads divides by N
+            # relative to the largest entry (random weights of scale 1 give large values)
+            out[f"{name}_t{t}_fwd"] = (
+                float((y - ref).abs().max() / ref.abs().max()) if rows else float(y.numel())
+            )
+            out[f"{name}_t{t}_grad"] = float((full - flat).abs().max() / flat.abs().max())
+    return out

@@ -671,7 +671,11 @@ class FSEPExperts(nn.Module):
         for xs, w_gu, w_d in zip(xg.split(per_slot, dim=0), w_gu_list, w_d_list):
             gate, up = F.linear(xs, w_gu).chunk(2, dim=-1)
             ys.append(F.linear(self.act_fn(gate) * up, w_d))
-        return torch.cat(ys, 0) if ys else xg.new_zeros((0, h)) + 0.0 * w.sum()
+        if ys:
+            return torch.cat(ys, 0)
+        # no materialised expert: keep both inputs in the graph, so that this rank's backward still runs the
+        # dispatch all-to-all (through xg) and the gradient exchange (through w) its peers take part in
+        return xg.new_zeros((0, h)) + 0.0 * w.sum() + 0.0 * xg.sum()
 
     def _experts_grouped(self, xg: torch.Tensor, w: torch.Tensor, per_slot: list[int]) -> torch.Tensor:
         """The same as :meth:`_experts_loop` with one grouped GEMM per projection for all experts."""
