@@ -46,7 +46,7 @@ def frozen_experts(rank: int, world_size: int) -> dict[str, Any]:
 
 def layer_edge_cases(rank: int, world_size: int) -> dict[str, float]:
     """One FSEP layer against the dense experts: a rank with no tokens, a rank that materialises no expert,
-    top-k ids >= E (ignored), replicas with uneven token shares; outputs and shard gradients."""
+    top-k ids outside [0, E) (ignored), replicas with uneven token shares; outputs and shard gradients."""
     import torch
     import torch.nn.functional as F
 
@@ -68,7 +68,7 @@ def layer_edge_cases(rank: int, world_size: int) -> dict[str, float]:
             g = torch.Generator().manual_seed(rank + 10)
             rows = 5 if rank == 0 else t
             x = torch.randn(rows, h, generator=g, requires_grad=True)
-            idx = torch.randint(0, e + 2, (rows, 2), generator=g)  # ids 4 and 5 are ignored
+            idx = torch.randint(-1, e + 2, (rows, 2), generator=g)  # ids -1, 4 and 5 are ignored
             w = torch.rand(rows, 2, generator=g)
             y = layer(x, idx, w)
             ref = torch.zeros(rows, h)
@@ -76,7 +76,7 @@ def layer_edge_cases(rank: int, world_size: int) -> dict[str, float]:
             for r in range(rows):
                 for k in range(2):
                     ex = int(idx[r, k])
-                    if ex < e:
+                    if 0 <= ex < e:
                         a, b = F.linear(x[r], gu_r[ex]).chunk(2)
                         ref[r] += w[r, k] * F.linear(F.silu(a) * b, dn_r[ex])
             (y.square().sum() if rows else y.sum() + 0.0 * layer.expert_shards.sum()).backward()

@@ -572,7 +572,7 @@ class FSEPExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """``hidden_states [T, H]``, ``top_k_index [T, K]`` (ids >= E are ignored), ``top_k_weights [T, K]``
+        """``hidden_states [T, H]``, ``top_k_index [T, K]`` (ids outside ``[0, E)``, e.g. -1 padding, are ignored), ``top_k_weights [T, K]``
         -> ``[T, H]`` = sum_k weight_k * expert_{index_k}(hidden)."""
         n, me, e = self.world_size, self.rank, self.num_experts
         t, h = hidden_states.shape
@@ -587,7 +587,7 @@ class FSEPExperts(nn.Module):
             self.prefetch()  # overlap the gather with the count exchange and token dispatch
         flat_e = top_k_index.reshape(-1).long()
         pair_ids = torch.arange(flat_e.numel(), device=dev)
-        valid = flat_e < e
+        valid = (flat_e >= 0) & (flat_e < e)
         if not bool(valid.all()):
             flat_e, pair_ids = flat_e[valid], pair_ids[valid]
         local_counts = torch.bincount(flat_e, minlength=e)
