@@ -161,6 +161,8 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, is_causa
     """transformers' own dense attention: sdpa, or the model's eager path when sdpa would drop an argument
     (logit softcapping, attention-sink logits ``s_aux``, a ``position_bias``)."""
     needs = [k for k in _EAGER_ONLY if kwargs.get(k) is not None]
+    sq, sk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if needs:
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is None:
@@ -169,12 +171,8 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, is_causa
                 "file has no eager_attention_forward; use attn_implementation='eager'"
             )
         # Eager paths add the mask to the scores: turn the sdpa-style mask (None = causal, bool) additive.
-        sq, sk = query.shape[2], key.shape[2]
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        if attention_mask is None and causal and sq > 1:
-            attention_mask = _bottom_right(
-                sq, sk, query.device
-            )  # what "no mask" means for "sale": see sale_mask
+        if attention_mask is None and causal and sq > 1:  # what "no mask" means for "sale": see sale_mask
+            attention_mask = _bottom_right(sq, sk, query.device)
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             zero = torch.zeros((), dtype=query.dtype, device=query.device)
             attention_mask = torch.where(attention_mask, zero, torch.finfo(query.dtype).min)
@@ -186,10 +184,9 @@ def _dense(module, query, key, value, attention_mask, dropout, scaling, is_causa
         key = key.repeat_interleave(rep, dim=1)
         value = value.repeat_interleave(rep, dim=1)
     extra = {} if is_causal is None else {"is_causal": is_causal}
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is None and causal and 1 < query.shape[2] < key.shape[2]:
+    if attention_mask is None and causal and 1 < sq < sk:
         # sdpa's is_causal is top-left aligned; without a mask "sale" means bottom-right (see sale_mask)
-        attention_mask = _bottom_right(query.shape[2], key.shape[2], query.device)
+        attention_mask = _bottom_right(sq, sk, query.device)
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **extra, **kwargs
     )
@@ -276,9 +273,10 @@ def _fold_index_selection(
         sel = torch.zeros(b, sq, sk + 1, dtype=torch.bool, device=query.device).scatter_(-1, idx, True)
         sel = sel[..., :sk][:, None]  # [B, 1, Sq, Sk]
         if attention_mask is None:  # plain causal (bottom-right: Sk - Sq cached tokens before the queries)
-            causal = getattr(module, "is_causal", True)
-            attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device)
-            attention_mask = (attention_mask.tril(sk - sq) if causal else attention_mask)[None, None]
+            if getattr(module, "is_causal", True):
+                attention_mask = _bottom_right(sq, sk, query.device)
+            else:
+                attention_mask = torch.ones(1, 1, sq, sk, dtype=torch.bool, device=query.device)
         attention_mask = attention_mask[..., :sk]
         if attention_mask.dtype == torch.bool:
             attention_mask = attention_mask & sel
