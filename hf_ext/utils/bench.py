@@ -147,14 +147,7 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, rep: int = 10, device:
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=max(25, warmup), rep=max(100, rep), return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, rep)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))
+    return time_interleaved({"fn": fn}, rounds=max(1, rep), warmup=max(0, warmup), device=device)["fn"]
 
 
 def time_interleaved(
