@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def parse_memory(text: str) -> float:
@@ -115,17 +116,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_ckpt=not args.no_ckpt,
             top_k=args.top_k,
         )
-        hw = prof = None
+        loaded: dict[str, Any] = {}
         for flag, cls in (("hardware", HardwareProfile), ("profile", ModelProfile)):
-            if getattr(args, flag):
+            path = getattr(args, flag)
+            if path:
                 try:
-                    loaded = cls.load(getattr(args, flag))
+                    loaded[flag] = cls.load(path)
                 except (OSError, ValueError, TypeError, KeyError) as exc:
                     raise ValueError(
-                        f"--{flag}={getattr(args, flag)!r} is not a readable {cls.__name__} JSON: {exc}"
+                        f"--{flag}={path!r} is not a readable {cls.__name__} JSON: {exc}"
                     ) from exc
-                hw, prof = (loaded, prof) if flag == "hardware" else (hw, loaded)
-        res = search(shape, cfg, hardware=hw, profile=prof)
+        res = search(shape, cfg, hardware=loaded.get("hardware"), profile=loaded.get("profile"))
     except NoFeasiblePlanError as exc:
         print(f"hf-ext plan: {exc}", file=sys.stderr)
         return 2

@@ -265,8 +265,9 @@ def search(
             return f"tp={t} does not divide the {shape.num_kv_heads} key/value heads of {shape.name}"
         return ""
 
-    rejected = [why_not(t) for t in tps if why_not(t)]
-    tps = [t for t in tps if not why_not(t)]
+    reasons = {t: why_not(t) for t in tps}
+    rejected = [r for r in reasons.values() if r]
+    tps = [t for t, r in reasons.items() if not r]
     if not tps:
         raise ValueError(
             f"no usable tensor-parallel degree in tp_sizes={config.tp_sizes}: "
