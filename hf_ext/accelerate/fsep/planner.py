@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hf_ext.accelerate.fsep.config import ROUTING_POLICIES
 from hf_ext.accelerate.fsep.cost_model import PRESETS, Hardware, MoEShape, cost_from_pairs
 
 
@@ -330,10 +331,9 @@ class LoadPlanner:
         seed: int = 0,
         history_decay: float = 1.0,
     ) -> None:
-        if routing_policy not in (*ROUTINGS, "auto"):
+        if routing_policy not in ROUTING_POLICIES:
             raise ValueError(
-                f"LoadPlanner: routing_policy={routing_policy!r} is not supported; choose one of "
-                f"{(*ROUTINGS, 'auto')}"
+                f"LoadPlanner: routing_policy={routing_policy!r} is not supported; choose one of {ROUTING_POLICIES}"
             )
         if history < 1:
             raise ValueError(f"LoadPlanner: history={history} must be >= 1")
