@@ -114,3 +114,55 @@ def test_an_all_padding_prompt_does_not_make_every_head_dense():
         tiny_family("llama"), {"input_ids": ids, "attention_mask": am}, theta=0.4, config=SALEConfig(**kw)
     )
     assert padded.taus == full.taus and any(t > 0 for row in full.taus for t in row)
+
+
+def _tiny_llava() -> object:
+    """A tiny Llava (CLIP vision tower + Llama text model) whose sub-models run different implementations."""
+    import transformers as tf
+
+    from hf_ext.testing import tiny_llama_config
+
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    cfg = tf.LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_index=5)
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation({"": "eager", "text_config": "eager", "vision_config": "sdpa"})
+    return model
+
+
+def _impls(model) -> tuple[str, str, str]:
+    c = model.config
+    return c._attn_implementation, c.text_config._attn_implementation, c.vision_config._attn_implementation
+
+
+def test_calibrate_restores_every_sub_models_implementation():
+    """calibrate() puts back each sub-config's implementation (the vision tower's sdpa next to the text model's
+    eager); it restored only the top-level one, which switched the vision tower to eager."""
+    model = _tiny_llava()
+    before = _impls(model)
+    assert before == ("eager", "eager", "sdpa")
+    new = calibrate(
+        model, rand_ids(96), theta=0.4, config=SALEConfig(block_q=16, block_k=16, local_window=16)
+    )
+    assert len(new.taus) == 2
+    assert _impls(model) == before
+
+
+def test_calibrate_restores_implementations_and_config_when_it_raises():
+    """A forward pass that raises (a token id past the vocabulary) leaves every (sub-)model's implementation and
+    the stored sale_config as they were."""
+    model = _tiny_llava()
+    before = _impls(model)
+    bad = torch.full((1, 32), model.config.text_config.vocab_size + 10)
+    with pytest.raises(IndexError):
+        calibrate(model, bad, theta=0.4)
+    assert _impls(model) == before
+    assert getattr(model.config, "sale_config", None) is None
+    assert getattr(model.config.text_config, "sale_config", None) is None

@@ -37,7 +37,7 @@ import torch
 
 from hf_ext.attention.sale import attention as _attn
 from hf_ext.attention.sale.config import SALEConfig
-from hf_ext.attention.sale.integration import set_sale_config
+from hf_ext.attention.sale.integration import _attention_configs, _default_impl, _impl_tree, set_sale_config
 
 __all__ = ["calibrate", "Calibrator"]
 
@@ -173,7 +173,9 @@ def calibrate(
 
     Args:
         model: a transformers causal LM (any attention implementation; ``"sale"`` is used during the run and
-            the previous implementation restored afterwards).
+            the previous implementation of the model and of each sub-model (``text_config``, ``vision_config``,
+            ...) restored afterwards, also when the run raises; a run that raises also keeps the stored
+            ``sale_config``).
         inputs: token ids ``[B, S]``, a dict/``BatchEncoding`` with ``input_ids`` (+ ``attention_mask``), or a
             list of those (each one forward pass). Long, representative prompts give the best thresholds.
         theta: error budget per token: a head passes when ``sum |sparse - dense| < theta * N`` (> 0).
@@ -201,10 +203,14 @@ def calibrate(
     from hf_ext.attention.sale._registration import register_now
 
     register_now()
-    prev = getattr(model.config, "_attn_implementation", None)
+    # each (sub-)model's implementation (a vision tower may run sdpa while the text model runs eager): the
+    # whole tree is put back afterwards, also when a forward pass raises
+    prev = _impl_tree(model.config, _default_impl(model))
+    prev_sale = [(c, vars(c).get("sale_config")) for c in _attention_configs(model)]
     cal = Calibrator(cfg, float(theta), float(tau_init), float(tau_min))
     device = next(model.parameters()).device
     set_sale_config(model, cfg)
+    ok = False
     try:
         if prev != "sale":
             model.set_attn_implementation("sale")
@@ -216,9 +222,16 @@ def calibrate(
         with calibrating(cal), torch.no_grad():
             for b in it:
                 model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
+        ok = True
     finally:
-        if prev != "sale" and prev is not None:
+        if prev != "sale":
             model.set_attn_implementation(prev)
+        if not ok:  # a failed run leaves the stored SALE config as it was too
+            for c, old in prev_sale:
+                if old is None:
+                    vars(c).pop("sale_config", None)
+                else:
+                    c.sale_config = old
     if not cal.taus:
         raise RuntimeError(
             "calibration observed no attention layer: the model does not dispatch through transformers' "
