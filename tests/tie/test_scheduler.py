@@ -314,3 +314,30 @@ def test_bad_input_errors():
         TIEConfig(aging="sometimes")
     with pytest.raises(ValueError, match="alpha"):
         TIEConfig(alpha=1.0)
+
+
+def test_a_bad_request_cap_fails_before_the_predictor_runs_or_the_fallback_warning_is_spent():
+    """max_new_tokens <= 0 used to be checked after the request was predicted (predictor called, ``meta`` filled) or
+    after the heuristic's one-time warning was given, so the next request really scored by the heuristic got none."""
+
+    class Counting:
+        kind = "logt"
+        calls = 0
+
+        def predict(self, prompts, batch_size=256):
+            Counting.calls += 1
+            n = len(prompts)
+            return {"mu": np.full(n, 3.0), "sigma": np.ones(n), "nu": np.full(n, 3.5)}
+
+    s = TIEScheduler(predictor=Counting())
+    bad = Request(id=0, arrival=0.0, prompt_len=4, output_len=3, prompt="hello", max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be a number >= 1"):
+        s.add(bad, 0.0)
+    assert Counting.calls == 0 and bad.meta == {} and len(s) == 0
+
+    s = TIEScheduler()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        s.add(Request(id=1, arrival=0.0, prompt_len=4, output_len=3, max_new_tokens=-5), 0.0)
+    with pytest.warns(UserWarning, match="falling back to the prompt-length heuristic"):
+        s.add(Request(id=2, arrival=0.0, prompt_len=4, output_len=3, max_new_tokens=64), 0.0)
+    assert len(s) == 1

@@ -237,11 +237,16 @@ class TIEScheduler:
     def score_of(self, req: Any, queue_len: int) -> float:
         """Un-aged TIE score of ``req`` with β for a queue of ``queue_len`` (caches E and CVaR in ``req.meta``)."""
         meta = req.meta
+        cap = _req_cap(self.config, req)
+        # before any work: a bad cap must not call the predictor, fill meta or spend the one fallback warning
+        if (
+            isinstance(cap, bool)
+            or not isinstance(cap, (int, float, np.integer, np.floating))
+            or not cap >= 1
+        ):
+            raise ValueError(f"request {req.id}: max_new_tokens must be a number >= 1, got {cap!r}")
         if meta.get("tie_cache_key") != _cache_key(self.config, req):
             mu, sigma, nu = self._params(req)
-            cap = _req_cap(self.config, req)
-            if cap < 1:
-                raise ValueError(f"request {req.id}: max_new_tokens must be >= 1, got {cap}")
             e, c = tie_components(mu, sigma, nu, self.config, cap)
             meta["tie_expect"], meta["tie_cvar"] = float(e), float(c)
             meta["tie_cache_key"] = _cache_key(self.config, req)
