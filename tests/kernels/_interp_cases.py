@@ -87,6 +87,31 @@ def check_tau_zero_padding() -> None:
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def check_row_stride_keeps_forced_blocks_seen_by_unscored_rows() -> None:
+    """With ``row_stride > 1`` a forced block visible only to an unscored row is still kept.
+
+    Left padding of 31 keys: the first real key (31) sits in key block 1 (keys 16..31) and is seen, in
+    query block 0 (rows 0..31), only by row 31, which ``row_stride=2`` does not score. A prefill one token
+    after the cache (``Sk = Sq + 1``): the last row of each 32-row block is the only one that sees the
+    first key of the next 16-key block (its own token). Both blocks are forced (sink, diagonal).
+    """
+    torch.manual_seed(11)
+    kw = dict(tau=0.5, block_q=32, block_k=16, row_stride=2, local_window=0)
+    q, k, v = (torch.randn(1, 1, 64, 64) for _ in range(3))
+    kpm = torch.ones(1, 64, dtype=torch.bool)
+    kpm[0, :31] = False
+    q2, k2, v2 = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 65, 64), torch.randn(1, 1, 65, 64)
+    for q_, k_, v_, pad in ((q, k, v, kpm), (q2, k2, v2, None)):
+        mt = sale_block_mask(q_, k_, backend="triton", key_padding_mask=pad, **kw)
+        mr = sale_block_mask(q_, k_, backend="torch", key_padding_mask=pad, **kw)
+        assert torch.equal(mt, mr), (mt.int(), mr.int())
+        out = sale_attention(q_, k_, v_, backend="triton", key_padding_mask=pad, **kw)
+        # the rows' own (diagonal) key and the first real key are never dropped
+        ref = naive.block_sparse_attention_ref(q_, k_, v_, mr, block_q=32, block_k=16, key_padding_mask=pad)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert mt[0, 0, 0, 2] and mr[0, 0, 0, 2]
+
+
 def case_id(c) -> str:
     return f"{'c' if c[6] else 'nc'}-{str(c[7]).split('.')[-1]}-{c[10]}-rs{c[11]}"
 
@@ -95,6 +120,7 @@ def run_all() -> dict[str, str | None]:
     torch.set_num_threads(1)
     jobs = {case_id(c): (lambda c=c: check_case(c)) for c in CASES}
     jobs["tau0-padding"] = check_tau_zero_padding
+    jobs["rowstride-forced-unscored"] = check_row_stride_keeps_forced_blocks_seen_by_unscored_rows
     res: dict[str, str | None] = {}
     for name, fn in jobs.items():
         try:

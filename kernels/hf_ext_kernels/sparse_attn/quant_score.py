@@ -321,24 +321,31 @@ def _forced(
     row_scale,
     SK,
     OFF,
+    QE,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HPC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """Forced key blocks [kb_start, kb_end): full-resolution statistics, bit set where visible."""
+    """Forced key blocks [kb_start, kb_end): full-resolution statistics, bit set where visible.
+
+    ``QE`` is the query block's last real row: the block is visible when some key of it is visible to
+    that row (the most permissive one), whether or not the row is scored (``row_stride > 1``).
+    """
     for kb in range(kb_start, kb_end):
         offs_n = kb * BLOCK_N + offs_nb
         ki = tl.load(
             kq_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=offs_n[:, None] < SK, other=0
         )
         acc = _int_dot(qi, ki, INTERP)
-        valid = row_ok[:, None] & (offs_n[None, :] < SK)
+        col_ok = offs_n < SK
+        if HAS_KPM:
+            col_ok = col_ok & (tl.load(kpm_base + offs_n, mask=offs_n < SK, other=0) != 0)
+        valid = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + OFF)
-        if HAS_KPM:
-            valid = valid & (tl.load(kpm_base + offs_n, mask=offs_n < SK, other=0) != 0)[None, :]
+            col_ok = col_ok & (offs_n <= QE + OFF)
         fac = row_scale * tl.load(ks_base + kb)
         s = tl.where(valid, acc.to(tl.float32) * fac[:, None], float("-inf"))
         smax = tl.max(s, axis=1)
@@ -346,9 +353,10 @@ def _forced(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
         m_i = m_new
-        # some (row, key) pair visible <=> some score finite (a 2-D reduction of `valid` would cost
-        # ~90 registers); visibility is the same for every head of the program
-        if tl.max(smax, axis=0) > float("-inf"):
+        # some (row, key) pair visible <=> some key visible to the last row: a 1-D reduction (a 2-D one
+        # of `valid` would cost ~90 registers, and with row_stride > 1 the scored rows alone would miss
+        # keys only an unscored row sees); visibility is the same for every head of the program
+        if tl.max(col_ok.to(tl.int32), axis=0) > 0:
             tl.store(mask_base + kb, 1)
             if HPC == 2:
                 tl.store(mask_base + mask_hi_off + kb, 1)
@@ -445,7 +453,7 @@ def _estimate_kernel(
     # (the arguments every call shares go in one tuple, splat once per call as the GPU-verified version did;
     # the constexprs stay explicit)
     fargs = (qi, kq_base, ks_base, kpm_base, mask_base, mask_hi_off, offs_nb, offs_d, offs_m, stride_ks, row_ok,
-             row_scale, SK, OFF)  # fmt: skip
+             row_scale, SK, OFF, qe)  # fmt: skip
     f_sink = tl.minimum(s1, kb_vis + 1)
     m_i, l_i = _forced(m_i, l_i, s0, f_sink, *fargs, CAUSAL, HAS_KPM, HPC, BLOCK_N, INTERP)
     f_hi = tl.minimum(kb_hi + 1, s0)
