@@ -164,3 +164,21 @@ def test_censored_training_keeps_the_tail_of_capped_lengths():
     assert abs(p_cap - np.mean(long_capped)) < 0.15
     with pytest.raises(ValueError, match="censor_at must be None or an int >= 2"):
         PredictorConfig(censor_at=1)
+
+
+def test_no_rows_or_a_non_positive_batch_size_is_refused_before_any_change():
+    """``fit`` on an empty dataset set the length normalisation to NaN (every later prediction non-finite) and then
+    failed with an IndexError; ``evaluate`` on one answered NaN metrics; ``predict(batch_size=-1)`` answered empty
+    arrays for a non-empty prompt list and ``batch_size=0`` failed inside ``range()``."""
+    p = LengthPredictor(PredictorConfig.tiny(kind="logt"))
+    before = (p.model.config.y_mean, p.model.config.y_std)
+    with pytest.raises(ValueError, match="fit needs at least one row"):
+        p.fit({"prompt": [], "output_len": []})
+    assert (p.model.config.y_mean, p.model.config.y_std) == before and not p.fitted
+    p.fitted = True
+    with pytest.raises(ValueError, match="evaluate needs at least one row"):
+        p.evaluate({"prompt": [], "output_len": []})
+    for bs in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            p.predict(["hello there"], batch_size=bs)
+    assert p.predict(["hello there", "hi"], batch_size=1)["mu"].shape == (2,)

@@ -43,6 +43,15 @@ from hf_ext.generation.tie.scheduler import (
 )
 
 
+def _checked_rows(dataset: Any, prompt_column: str, who: str) -> list[str]:
+    """The prompts of ``dataset[prompt_column]``; ``ValueError`` if one is empty or there are none (``who``: the
+    method, in the message)."""
+    prompts = validate_prompts(dataset[prompt_column])
+    if not prompts:
+        raise ValueError(f"dataset: {who} needs at least one row, got an empty {prompt_column!r} column")
+    return prompts
+
+
 def _checked_lengths(values: Any, n: int, column: str) -> np.ndarray:
     """``values`` as a float array of ``n`` finite lengths >= 1 (``ValueError`` naming ``column`` otherwise)."""
     lengths = np.asarray(values, dtype=np.float64)
@@ -291,7 +300,7 @@ class LengthPredictor:
 
         Returns ``{"loss": [per-epoch mean loss]}``.
         """
-        prompts = validate_prompts(dataset[prompt_column])
+        prompts = _checked_rows(dataset, prompt_column, "fit")
         lengths = _checked_lengths(dataset[length_column], len(prompts), length_column)
         cens_all = censored_flags(dataset, censored_column, len(prompts))
         if cens_all.any() and self.kind != "logt":
@@ -378,6 +387,7 @@ class LengthPredictor:
         ``ltr``: ``score``. Raises ``ValueError`` on empty prompts or non-finite outputs.
         """
         prompts = validate_prompts(prompts)
+        _check_int("batch_size", batch_size)  # <= 0 gave an empty result (or range()'s error)
         if not self.fitted:
             warnings.warn("LengthPredictor.predict called on an untrained predictor", stacklevel=2)
         keys: dict[str, list[np.ndarray]] = {}
@@ -414,7 +424,7 @@ class LengthPredictor:
         ``crps_tokens`` on lengths clipped to ``[1, M]``."""
         from scipy import stats
 
-        prompts = validate_prompts(dataset[prompt_column])
+        prompts = _checked_rows(dataset, prompt_column, "evaluate")
         lengths = _checked_lengths(dataset[length_column], len(prompts), length_column)
         if max_new_tokens is not None:
             _check_int("max_new_tokens", max_new_tokens)
