@@ -151,3 +151,17 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         sale_attention(q, k, v, tau=0.0, backend="triton")  # raised before any Triton work
     with pytest.raises(ValueError, match="row_stride"):
         sale_block_mask(q, k, tau=0.0, row_stride=3, backend="torch")
+
+
+@pytest.mark.parametrize("sq,sk", [(10, 0), (0, 5)])
+def test_empty_query_or_key_sequence(sq, sk):
+    """No query or no key: an empty mask and zero rows (as the Triton path returns), not an IndexError."""
+    q, k, v = torch.randn(1, 2, sq, 32), torch.randn(1, 1, sk, 32), torch.randn(1, 1, sk, 32)
+    nqb, nkb = -(-sq // 32), -(-sk // 16)
+    out, mask = sale_attention(q, k, v, tau=0.1, block_q=32, block_k=16, backend="torch", return_mask=True)
+    assert mask.shape == (1, 2, nqb, nkb) and not mask.any()
+    assert out.shape == q.shape and (out == 0).all()
+    full = torch.ones(1, 1, nqb, nkb, dtype=torch.bool)
+    for causal in (True, False):
+        out = block_sparse_attention(q, k, v, full, block_q=32, block_k=16, causal=causal, backend="torch")
+        assert out.shape == q.shape and (out == 0).all()

@@ -237,6 +237,8 @@ def sale_block_mask_ref(
     sk = k.shape[2]
     dev = q.device
     nqb, nkb = _cdiv(sq, block_q), _cdiv(sk, block_k)
+    if sq == 0 or sk == 0:  # no (query, key) pair: nothing to keep
+        return torch.zeros(bsz, h, nqb, nkb, dtype=torch.bool, device=dev)
     scored = (torch.arange(sq, device=dev) % block_q) % row_stride == 0  # [Sq]
     qs_ = q * scored[:, None].to(q.dtype) if row_stride > 1 else q
     s = approx_scores(
@@ -325,6 +327,8 @@ def block_sparse_attention_ref(
     hkv, sk = k.shape[1], k.shape[2]
     g = h // hkv
     scale = _check_scale(d, scale)
+    if sk == 0:  # no key: every row is a row without a visible key
+        return q.new_zeros(bsz, h, sq, v.shape[-1])
     allowed = visibility(sq, sk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)[:, None]
     if block_mask is not None:
         tok = block_mask.bool().repeat_interleave(block_q, dim=2)[:, :, :sq]
