@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -198,3 +199,32 @@ def test_suppress_tokens_join_the_latent_tokens_on_both_paths(model, cfg):
         assert not set(new) & set(banned)
         assert cfg.latent_start_token_id not in new  # the latent tokens stay suppressed on the HF path
     assert torch.equal(hf, ours)
+
+
+def test_max_latent_blocks_zero_refuses_a_prompt_that_opens_a_block(model, cfg):
+    """The prompt's open block counts towards max_latent_blocks (docs): with a cap of 0 a prompt ending with
+    <Unified_Latent> is a ValueError before the model runs (it used to run the block anyway), from the argument
+    and from config.max_latent_blocks; a cap of 1 runs it and the model emits no further trigger."""
+    k = cfg.num_latents
+    prompt = torch.tensor([[1, 30, 31, 32, cfg.latent_start_token_id]])
+    cap = _Capture(model._text_model())
+    try:
+        with pytest.raises(ValueError, match="max_latent_blocks=0"):
+            model.generate(prompt, max_new_tokens=k + 4, max_latent_blocks=0)
+        model.config.max_latent_blocks = 0
+        try:
+            with pytest.raises(ValueError, match="max_latent_blocks"):
+                model.generate(prompt, max_new_tokens=k + 4)
+        finally:
+            model.config.max_latent_blocks = 3
+        assert cap.calls == []  # refused before any forward pass
+    finally:
+        cap.remove()
+    force = LogitsProcessorList([_ForceToken(cfg.latent_start_token_id, set(range(10)))])
+    out = model.generate(prompt, max_new_tokens=k + 4, max_latent_blocks=1, logits_processor=force)
+    new = out[0, prompt.shape[1] :].tolist()
+    assert new[:k] == [cfg.latent_pad_token_id] * k and new[k] == cfg.latent_end_token_id
+    assert cfg.latent_start_token_id not in new  # the prompt's block used the only one allowed
+    # a prompt without a trigger and a cap of 0: text only, even when the trigger is pushed
+    plain = model.generate(prompt[:, :-1], max_new_tokens=6, max_latent_blocks=0, logits_processor=force)
+    assert cfg.latent_start_token_id not in plain[0, 4:].tolist()

@@ -978,8 +978,13 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         attention_mask: torch.Tensor | None,
         use_cache: bool,
         media: dict[str, Any],
+        max_blocks: int | None = None,
     ) -> _DecodeState:
+        """Run the prompt through the model and set up the decoding state; ``max_blocks`` is the latent-block
+        cap per row (default ``config.max_latent_blocks``), checked against a prompt that opens a block."""
         cfg = self.config
+        if max_blocks is None:
+            max_blocks = cfg.max_latent_blocks
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
@@ -991,6 +996,13 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 "<Unified_Latent> to let the model produce the latents"
             )
         _, open_rows = find_latent_blocks(input_ids, attention_mask, cfg, allow_open_end=True)
+        if open_rows and max_blocks < 1:
+            # the prompt's open block counts towards the cap like an emitted one: a cap of 0 forbids it
+            raise ValueError(
+                f"max_latent_blocks={max_blocks} allows no latent block, but prompt row(s) {open_rows} end with "
+                "<Unified_Latent>, which opens one; pass max_latent_blocks >= 1 (or set "
+                "config.max_latent_blocks) or drop the trailing <Unified_Latent>"
+            )
         embeds = self._embed_prompt(input_ids, **{k: media.get(k) for k in _EMBED_MEDIA})
         pos = self._rope_positions(input_ids, attention_mask, **{k: media.get(k) for k in _ROPE_MEDIA})
         cache = DynamicCache(config=self._text_model().config) if use_cache else None
@@ -1173,7 +1185,9 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
 
         Args:
             input_ids: ``[B, L]`` left-padded prompt ids (may end with ``<Unified_Latent>``).
-            max_latent_blocks: most latent blocks per row (default ``config.max_latent_blocks``).
+            max_latent_blocks: most latent blocks per row, counting a block the prompt opens by ending with
+                ``<Unified_Latent>`` (default ``config.max_latent_blocks``). 0 allows none: the model cannot
+                emit the trigger, and a prompt that ends with it is a ``ValueError``.
             logits_processor: optional ``LogitsProcessorList`` applied at text steps; it sees the whole batch
                 (row i = sequence i), rows in a latent step with zero scores that are discarded.
             output_latents: with ``return_dict_in_generate``, also return the fed-back hidden states.
@@ -1296,7 +1310,8 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
 
             kept = _KeepScore(procs, cfg.latent_start_token_id)
             logits_processor = LogitsProcessorList([*(logits_processor or []), kept])
-        state = self._latent_prefill(input_ids, attention_mask, use_cache, media)
+        max_blocks = cfg.max_latent_blocks if max_latent_blocks is None else max_latent_blocks
+        state = self._latent_prefill(input_ids, attention_mask, use_cache, media, max_blocks)
         new, collected = self._latent_decode(
             state,
             max_new_tokens,
@@ -1306,7 +1321,7 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             logits_warper=warper,
             eos_token_ids=eos,
             pad_token_id=int(pad_token_id),
-            max_latent_blocks=max_latent_blocks,
+            max_latent_blocks=max_blocks,
             collect_latents=output_latents,
         )
         sequences = torch.cat([input_ids, new], 1)
