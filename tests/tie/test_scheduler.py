@@ -341,3 +341,22 @@ def test_a_bad_request_cap_fails_before_the_predictor_runs_or_the_fallback_warni
     with pytest.warns(UserWarning, match="falling back to the prompt-length heuristic"):
         s.add(Request(id=2, arrival=0.0, prompt_len=4, output_len=3, max_new_tokens=64), 0.0)
     assert len(s) == 1
+
+
+def test_order_batch_refuses_token_counts_or_predictions_that_are_not_one_per_prompt():
+    """A single prompt-token count (or a predictor's single law) was broadcast over the whole job: every prompt got
+    the same law and the order was the input order, silently."""
+    prompts = ["a b c", "Write a detailed essay about Rome and its history.", "hi there"]
+    with pytest.raises(ValueError, match="prompt_tokens must hold one token count per prompt"):
+        order_batch(prompts, prompt_tokens=[100])
+
+    class OneLaw:
+        kind = "logt"
+
+        def predict(self, prompts, batch_size=256):
+            return {"mu": np.array([3.0]), "sigma": np.array([1.0]), "nu": np.array([3.5])}
+
+    with pytest.raises(ValueError, match="mu of shape"):
+        order_batch(prompts, OneLaw())
+    with pytest.warns(UserWarning, match="prompt-length heuristic"):
+        assert order_batch(prompts, prompt_tokens=[3, 900, 2], max_new_tokens=4096)[-1] == 1

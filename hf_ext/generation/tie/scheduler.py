@@ -320,7 +320,13 @@ def predict_laws(
     prompt_tokens: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """``{"mu", "sigma", "nu"}`` (each ``[N]``) of the prompts' log-t length laws: from a ``logt`` predictor, or
-    the prompt-length heuristic (``prompt_tokens``, else whitespace word counts ×1.3) with a warning."""
+    the prompt-length heuristic (``prompt_tokens``, else whitespace word counts ×1.3) with a warning.
+    ``ValueError`` unless ``prompt_tokens`` and the predictor's outputs hold one value per prompt."""
+    n = len(prompts)
+    if prompt_tokens is not None and np.shape(prompt_tokens) != (n,):
+        raise ValueError(
+            f"prompt_tokens must hold one token count per prompt ({n}), got shape {np.shape(prompt_tokens)}"
+        )
     if predictor is not None:
         out = predictor.predict(list(prompts))
         if "sigma" not in out:
@@ -333,11 +339,13 @@ def predict_laws(
         n_tok = prompt_tokens if prompt_tokens is not None else [1.3 * len(p.split()) for p in prompts]
         h = heuristic_prediction(n_tok, max_new_tokens)
         mu, sigma, nu = h["mu"], h["sigma"], h["nu"]
-    n = len(prompts)
-    return {
-        k: np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)).copy()
-        for k, v in (("mu", mu), ("sigma", sigma), ("nu", nu))
-    }
+    out = {k: np.asarray(v, dtype=np.float64) for k, v in (("mu", mu), ("sigma", sigma), ("nu", nu))}
+    for k, v in out.items():  # one law per prompt: a predictor's single value is not spread over the job
+        if v.shape != (n,) and not (k == "nu" and v.ndim == 0):
+            raise ValueError(
+                f"predictor returned {k} of shape {v.shape} for {n} prompts; one value per prompt"
+            )
+    return {k: np.broadcast_to(v, (n,)).copy() for k, v in out.items()}
 
 
 def order_batch(
