@@ -412,7 +412,15 @@ def _tp_unsupported(layer: torch.nn.Module) -> str:
     return ""
 
 
-_SHAPE_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "vocab_size")
+_SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+)
 
 
 def _check_model_for_plan(model: torch.nn.Module, plan: Plan, layers: Any) -> None:

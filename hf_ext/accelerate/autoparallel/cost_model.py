@@ -9,6 +9,14 @@ Strategy space (per plan / per layer):
 * layer level (:class:`LayerStrategy`): ZeRO stage (0 for ddp; 2 = FSDP2 ``reshard_after_forward=False``,
   3 = ``reshard_after_forward=True``) and activation checkpointing.
 
+Layer FLOPs, parameters and activations come from the :class:`ModelShape`: q / o projections
+``num_heads * head_dim`` wide and k / v ``num_kv_heads * head_dim`` (a config's explicit ``head_dim``, as in
+Qwen3 and Gemma, not ``h / a``), and attention over the causal prefix or, on the layers the config windows
+(``sliding_window`` with ``layer_types`` / ``use_sliding_window`` / ``max_window_layers``), over the last
+``w`` keys (:meth:`ModelShape.attended_keys`), so layers of one model may differ in time. Tensor-parallel
+collectives are ``b * s * h`` activations whatever ``head_dim``: they reduce the row-parallel outputs of
+o_proj / down_proj and the input gradients of the column-parallel q/k/v and gate/up projections.
+
 Time (ms) of one layer for one micro-batch of ``b`` sequences: ``fwd(b) + bwd(b) (+ recompute(b) if
 checkpointed)``: ``fwd = per_layer_overhead + compute(b)``, ``bwd = bwd_overhead + bwd_fwd_ratio *
 compute(b)`` with ``compute(b)`` = layer FLOPs / (profiled) achieved TFLOP/s (the profiled layer lines;
@@ -249,10 +257,11 @@ class CostModel:
         # Smaller GEMMs per GPU run less efficiently: -5% per doubling of tp (assumption).
         return 1.0 - 0.05 * math.log2(tp)
 
-    def layer_ms(self, b: int, tp: int) -> tuple[float, float]:
-        """Forward and backward ms of one decoder layer for ``b`` sequences on a ``tp``-way shard (the
-        profiled lines; without a profile the backward is ``bwd_fwd_ratio * fwd``)."""
-        return self.hw.layer_ms(self.shape, b, self.spec.seq_len, tp, self._tp_eff(tp))
+    def layer_ms(self, b: int, tp: int, layer: int | None = None) -> tuple[float, float]:
+        """Forward and backward ms of decoder layer ``layer`` (``None``: the mean layer; layers differ only
+        in their attention window) for ``b`` sequences on a ``tp``-way shard (the profiled lines; without a
+        profile the backward is ``bwd_fwd_ratio * fwd``)."""
+        return self.hw.layer_ms(self.shape, b, self.spec.seq_len, tp, self._tp_eff(tp), layer)
 
     def recompute_ms(self, cfg: ParallelConfig, fwd: float) -> float:
         """Recompute time of a checkpointed layer whose plain forward takes ``fwd`` ms: the forward scaled
@@ -326,13 +335,13 @@ class CostModel:
         ``parts``, if given, accumulates the per-micro-batch ms by term (see :meth:`breakdown`)."""
         sp_, t, d, b = self.spec, cfg.tp, cfg.dp, cfg.micro_batch
         p_local = self.layer_params[layer] / t
-        fwd, bwd = self.layer_ms(b, t)
+        fwd, bwd = self.layer_ms(b, t, layer)
         rec = self.recompute_ms(cfg, fwd) if strat.ckpt else 0.0
         comp = fwd + bwd + rec
         extra = self.mixed_precision_ms(cfg, p_local, strat.zero)
         mb = comp + extra
         _add(parts, layers_fwd=fwd, layers_bwd=bwd, recompute=rec, layers_runtime=extra)
-        if t > 1:
+        if t > 1:  # o_proj / down_proj outputs and q/k/v, gate/up input grads: h wide whatever head_dim
             msg = b * sp_.seq_len * self.shape.hidden_size * sp_.act_bytes_per_elem
             n = 4 + (2 if strat.ckpt else 0)
             tpc = n * self.hw.collective_ms("all_reduce", msg, t, self._crosses(t))
@@ -528,7 +537,7 @@ class CostModel:
         total = pipe + max(opt) + self.step_overhead.get(cfg.dp_type, 0.0)
         tokens = self.spec.global_batch * self.spec.seq_len
         flops = 3 * (
-            self.shape.layer_flops_fwd(tokens, self.spec.seq_len) * self.shape.num_layers
+            self.shape.layer_flops_fwd(tokens, self.spec.seq_len) * self.shape.num_layers  # the mean layer
             + self.shape.head_flops_fwd(tokens)
         )
         mfu = flops / (total * 1e-3) / (cfg.gpus * self.hw.peak_tflops * 1e12)

@@ -100,15 +100,22 @@ class HardwareProfile(_JsonFile):
         return self.bwd_fwd_ratio * self.per_layer_overhead_ms
 
     def layer_ms(
-        self, shape: ModelShape, b: float, seq_len: int, tp: int = 1, efficiency: float = 1.0
+        self,
+        shape: ModelShape,
+        b: float,
+        seq_len: int,
+        tp: int = 1,
+        efficiency: float = 1.0,
+        layer: int | None = None,
     ) -> tuple[float, float]:
-        """Forward and backward ms of one decoder layer for a micro-batch of ``b`` sequences.
+        """Forward and backward ms of decoder layer ``layer`` (``None``: the mean layer, which differs from
+        a given one only in a model with sliding-window layers) for a micro-batch of ``b`` sequences.
 
-        ``compute = layer_flops_fwd(b * seq_len) / tp / (achieved_tflops * efficiency)``;
+        ``compute = layer_flops_fwd(b * seq_len, seq_len, layer) / tp / (achieved_tflops * efficiency)``;
         ``fwd = per_layer_overhead_ms + compute``, ``bwd = layer_bwd_overhead_ms() + bwd_fwd_ratio * compute``
         (both affine in ``b``; a measured profile makes them its fitted layer lines).
         """
-        flops = shape.layer_flops_fwd(int(b * seq_len), seq_len) / tp
+        flops = shape.layer_flops_fwd(int(b * seq_len), seq_len, layer) / tp
         compute = flops / (self.achieved_tflops * 1e12 * efficiency) * 1e3
         return (
             self.per_layer_overhead_ms + compute,
@@ -313,7 +320,7 @@ class ModelProfile(_JsonFile):
         """Modelled plain (bf16, no runtime wrapper) forward + backward of the whole model for one
         micro-batch of ``b`` sequences: decoder layers (calibrated lines), head and embedding."""
         hw = self.calibrate(hw or HardwareProfile.cpu())
-        f, bw = hw.layer_ms(self.shape, b, self.seq_len)
+        f, bw = hw.layer_ms(self.shape, b, self.seq_len)  # the mean layer
         t = self.shape.num_layers * (f + bw) + self.head.fwd_ms(b) + self.head.bwd_ms(b)
         if self.embed is not None:
             t += self.embed.fwd_ms(b) + self.embed.bwd_ms(b)
@@ -324,12 +331,15 @@ def analytic_layer_act_bytes(shape: ModelShape, tokens: int) -> tuple[float, flo
     """Saved activation bytes of one bf16 decoder layer for ``tokens`` tokens at tp=1.
 
     Returns ``(replicated, tp_sharded)``: the part left whole under tensor parallelism (norm
-    inputs/outputs: ~24h bytes/token, RMSNorm upcasts to fp32) and the part split by ``tp`` (q/k/v,
-    attention output, SwiGLU intermediates: ``6h + 6kv + 8f`` bytes/token). Sequence parallelism also
-    splits the replicated part (Korthikanti et al., 2022).
+    inputs/outputs: ~24h bytes/token, RMSNorm upcasts to fp32) and the part split by ``tp`` (q and the
+    attention output, ``num_heads * head_dim`` wide, k / v, ``num_kv_heads * head_dim`` wide, SwiGLU
+    intermediates: ``6 q_dim + 6 kv_dim + 8f`` bytes/token; ``q_dim = h`` for Llama). Sequence
+    parallelism also splits the replicated part (Korthikanti et al., 2022). There is no ``s^2`` term: the
+    flash / memory-efficient sdpa kernels save the attention output and one log-sum-exp per query row, so
+    a sliding window does not change the saved bytes.
     """
-    h, f, kv = shape.hidden_size, shape.intermediate_size, shape.num_kv_heads * shape.head_dim
-    return 24.0 * h * tokens, (6.0 * h + 6.0 * kv + 8.0 * f) * tokens
+    h, f = shape.hidden_size, shape.intermediate_size
+    return 24.0 * h * tokens, (6.0 * shape.q_dim + 6.0 * shape.kv_dim + 8.0 * f) * tokens
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -590,7 +600,7 @@ def profile_model(
     # overhead + compute(b), backward line bwd_overhead + ratio * compute(b), exact at the fitted lines.
     timed = profs[:n_prof]
     bmax = max(int(b) for b in micro_batches)
-    flops = shape.layer_flops_fwd(bmax * seq_len, seq_len)
+    flops = statistics.mean(shape.layer_flops_fwd(bmax * seq_len, seq_len, i) for i in range(n_prof))
     fwd_tot = statistics.mean(p.fwd_ms(bmax) for p in timed)
     bwd_tot = statistics.mean(p.bwd_ms(bmax) for p in timed)
     overhead = statistics.mean(p.fwd_fixed_ms for p in timed)

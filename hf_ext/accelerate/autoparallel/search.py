@@ -351,13 +351,15 @@ def search(
 
 
 def _layer_terms(cm: CostModel, cfg: ParallelConfig, strats: list[LayerStrategy]) -> list[list[list[Any]]]:
-    """terms[layer][strategy] = [LayerTerms]; layers with equal parameter counts share entries."""
-    by_params: dict[float, list[Any]] = {}
+    """terms[layer][strategy] = [LayerTerms]; layers with equal parameter counts and attention spans (a
+    sliding-window layer attends to fewer keys) share entries."""
+    by_kind: dict[tuple[float, float], list[Any]] = {}
     out = []
     for li, p in enumerate(cm.layer_params):
-        if p not in by_params:
-            by_params[p] = [[cm.layer_terms(cfg, s, li)] for s in strats]
-        out.append(by_params[p])
+        key = (p, cm.shape.attended_keys(cm.spec.seq_len, li))
+        if key not in by_kind:
+            by_kind[key] = [[cm.layer_terms(cfg, s, li)] for s in strats]
+        out.append(by_kind[key])
     return out
 
 
