@@ -454,3 +454,22 @@ def test_heuristic_law_uses_each_requests_own_cap_and_request_id_hints_end_with_
         warnings.simplefilter("ignore")
         _run_requests(model, [(ids[1], "H", 4)], gc, cb)
     assert "H" not in CONTEXT.rid_hints and "H" not in CONTEXT.hint_sources
+
+
+def test_tie_generate_batch_refuses_a_point_predictor_before_running_it(setup):
+    """The predictor's kind was checked only after it had predicted every prompt (work done, then the error)."""
+    from hf_ext.generation.tie.cb import tie_generate_batch
+
+    model, tok, ids, gc = setup
+
+    class Point:
+        kind = "point"
+        calls = 0
+
+        def predict(self, prompts, batch_size=256):
+            Point.calls += 1
+            return {"mu": np.full(len(prompts), 3.0)}
+
+    with pytest.raises(ValueError, match="'logt' LengthPredictor, got kind='point'"):
+        tie_generate_batch(model, PROMPTS[:2], tok, Point(), generation_config=gc)
+    assert Point.calls == 0

@@ -733,7 +733,9 @@ def tie_generate_batch(
     if isinstance(prompts, str):
         raise ValueError("prompts must be a non-empty list of strings")
     prompts = validate_prompts(prompts, non_empty=True)
-    validate_predictor_args(None, tokenizer, None, length_log=length_log)
+    validate_predictor_args(
+        predictor, tokenizer, None, length_log=length_log
+    )  # a point predictor: before it runs
     if kwargs.get("persistent_manager"):
         raise ValueError(
             "persistent_manager=True is not supported by tie_generate_batch (the kept manager would outlive the "
