@@ -77,3 +77,30 @@ def test_moe_configs_are_refused_not_planned_as_dense(field):
     assert get_shape(dict(cfg, **{field: 1})).num_layers == 2  # one expert is a dense MLP
     with pytest.raises(ValueError, match=rf"{field}=8.*mixture-of-experts"):
         get_shape(dict(cfg, **{field: 8}))
+
+
+def test_predict_checks_memory_against_the_plans_memory():
+    """predict(plan) checked feasibility against the hardware profile's memory (80 GiB for the H100 defaults)
+    even for a plan searched for a smaller GPU: a 40 GiB plan was judged against 80 GiB. It now uses the
+    memory the plan records (plan.hardware["memory_gb"]), unless memory_gb is passed."""
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.accelerate.autoparallel.search import predict
+
+    best = search(
+        "llama3.2-1b", SearchConfig(gpus=1, memory_gb=40, global_batch=8, seq_len=2048, top_k=1)
+    ).best
+    assert best.hardware["memory_gb"] == 40
+    cost = predict(best)
+    assert cost.usable_bytes / 2**30 == pytest.approx(best.predicted["usable_memory_gb"])
+    assert cost.step_ms == pytest.approx(best.predicted["step_ms"])
+    # the same layout on a GPU it does not fit: a plan edited to claim 20 GiB is infeasible
+    small = Plan.from_dict({**best.to_dict(), "hardware": {**best.hardware, "memory_gb": 20}})
+    assert max(cost.stage_memory_bytes) > (0.92 * 20 - 1) * 2**30
+    assert not predict(small).feasible
+    assert predict(small, memory_gb=80).feasible  # an explicit memory_gb still wins
+    # a hand-written plan records no memory: the hardware profile's is used
+    hand = Plan.uniform("llama3.2-1b", gpus=1, dp_type="fsdp", global_batch=8, seq_len=2048, micro_batch=1)
+    assert hand.hardware == {} and predict(hand).usable_bytes == pytest.approx(0.92 * 80 * 2**30 - 2**30)
+    bad = Plan.from_dict({**best.to_dict(), "hardware": {"memory_gb": "40GB"}})
+    with pytest.raises(ValueError, match=r'hardware\["memory_gb"\]'):
+        predict(bad)

@@ -476,11 +476,26 @@ def predict(
     memory_gb: float | None = None,
     cost_kwargs: dict[str, Any] | None = None,
 ) -> PlanCost:
-    """Cost-model prediction for any plan (e.g. a hand-written baseline)."""
+    """Cost-model prediction for any plan (e.g. a hand-written baseline).
+
+    Memory (``PlanCost.feasible``, ``usable_bytes``) is checked against, in order: ``memory_gb`` when given,
+    else the memory the plan was made for (``plan.hardware["memory_gb"]``, which :func:`search` records from
+    ``SearchConfig.memory_gb``), else the hardware profile's ``memory_gb`` (80 for the H100 defaults; a
+    hand-written :meth:`Plan.uniform` plan records none). A searched plan therefore predicts exactly its
+    ``predicted`` figures, ``usable_memory_gb`` included.
+    """
     cm = _plan_cost_model(plan, hardware, profile, cost_kwargs)
-    return cm.evaluate(
-        plan.config, plan.stage_strategies(), memory_gb if memory_gb is not None else cm.hw.memory_gb
-    )
+    if memory_gb is None:
+        memory_gb = plan.hardware.get("memory_gb") if isinstance(plan.hardware, dict) else None
+        if memory_gb is not None and not (
+            isinstance(memory_gb, (int, float)) and not isinstance(memory_gb, bool) and memory_gb > 0
+        ):
+            raise ValueError(
+                f'Plan.hardware["memory_gb"] must be a positive number of GiB, got {memory_gb!r}'
+            )
+    if memory_gb is None:
+        memory_gb = cm.hw.memory_gb
+    return cm.evaluate(plan.config, plan.stage_strategies(), memory_gb)
 
 
 def predict_breakdown(
