@@ -104,3 +104,32 @@ def test_predict_checks_memory_against_the_plans_memory():
     bad = Plan.from_dict({**best.to_dict(), "hardware": {"memory_gb": "40GB"}})
     with pytest.raises(ValueError, match=r'hardware\["memory_gb"\]'):
         predict(bad)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(pp=0), r"Plan.uniform: pp must be an int >= 1, got 0"),
+        (dict(tp=0), r"Plan.uniform: tp must be an int >= 1, got 0"),
+        (dict(gpus=0), r"Plan.uniform: gpus must be an int >= 1, got 0"),
+        (dict(gpus=2.0), r"Plan.uniform: gpus must be an int >= 1, got 2.0"),
+        (dict(pp=4), r"Plan.uniform: gpus=2 must be a multiple of pp\*tp=4"),
+        (dict(tp=3), r"Plan.uniform: gpus=2 must be a multiple of pp\*tp=3"),
+        (dict(micro_batch=0), r"Plan.uniform: micro_batch must be None .* or an int >= 1, got 0"),
+        (dict(global_batch=0), r"Plan.uniform: global_batch must be an int >= 1, got 0"),
+        (dict(seq_len=-8), r"Plan.uniform: seq_len must be an int >= 1, got -8"),
+        (dict(dp_type="zero3"), r"Plan.uniform: dp_type must be one of ddp, fsdp, got 'zero3'"),
+        (dict(zero=1), r"Plan.uniform: zero must be 0, 2 or 3, got 1"),
+        (dict(ckpt="yes"), r"Plan.uniform: ckpt must be True or False, got 'yes'"),
+        (dict(gpus=4, pp=4), r"Plan.uniform: pp=4 must be at most the model's 2 layers"),
+    ],
+)
+def test_plan_uniform_validates_its_arguments_before_dividing(bad, match):
+    """Plan.uniform computed dp = gpus // (pp * tp) and divided by it before any check: pp=0, tp=0, gpus < pp*tp
+    or micro_batch=0 raised ZeroDivisionError, and a bad dp_type / zero surfaced later from another class. Each
+    bad argument is now a ValueError naming it and the values it allows."""
+    from hf_ext.accelerate.autoparallel.plan import Plan
+
+    kw = dict(gpus=2, dp_type="fsdp", global_batch=4, seq_len=8) | bad
+    with pytest.raises(ValueError, match=match):
+        Plan.uniform("tiny", **kw)

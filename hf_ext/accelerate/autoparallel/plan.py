@@ -15,7 +15,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
-from hf_ext.accelerate.autoparallel.cost_model import LayerStrategy, ParallelConfig
+from hf_ext.accelerate.autoparallel.cost_model import DP_TYPES, LayerStrategy, ParallelConfig
 from hf_ext.accelerate.autoparallel.shapes import ModelShape, get_shape
 
 PLAN_VERSION = 1
@@ -230,8 +230,38 @@ class Plan:
         seq_len: int,
         micro_batch: int | None = None,
     ) -> Plan:
-        """A hand-written plan with the same strategy on every layer (e.g. the DDP / FSDP baselines)."""
+        """A hand-written plan with the same strategy on every layer (e.g. the DDP / FSDP baselines).
+
+        Raises:
+            ValueError: a bad argument, named with the values it allows, before any arithmetic on it.
+        """
+        for name, v in (
+            ("gpus", gpus),
+            ("tp", tp),
+            ("pp", pp),
+            ("global_batch", global_batch),
+            ("seq_len", seq_len),
+        ):
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"Plan.uniform: {name} must be an int >= 1, got {v!r}")
+        if micro_batch is not None and (not _is_int(micro_batch) or micro_batch < 1):
+            raise ValueError(
+                f"Plan.uniform: micro_batch must be None (one micro-batch) or an int >= 1, got {micro_batch!r}"
+            )
+        if dp_type not in DP_TYPES:
+            raise ValueError(f"Plan.uniform: dp_type must be one of {', '.join(DP_TYPES)}, got {dp_type!r}")
+        if not _is_int(zero) or zero not in (0, 2, 3):
+            raise ValueError(f"Plan.uniform: zero must be 0, 2 or 3, got {zero!r}")
+        for name, v in (("ckpt", ckpt), ("sp", sp)):
+            if not isinstance(v, bool):
+                raise ValueError(f"Plan.uniform: {name} must be True or False, got {v!r}")
+        if gpus % (pp * tp):
+            raise ValueError(
+                f"Plan.uniform: gpus={gpus} must be a multiple of pp*tp={pp * tp} (pp={pp}, tp={tp})"
+            )
         shape = get_shape(model)
+        if pp > shape.num_layers:
+            raise ValueError(f"Plan.uniform: pp={pp} must be at most the model's {shape.num_layers} layers")
         dp = gpus // (pp * tp)
         if micro_batch is None:
             micro_batch = max(1, global_batch // dp)
