@@ -228,3 +228,27 @@ def test_max_latent_blocks_zero_refuses_a_prompt_that_opens_a_block(model, cfg):
     # a prompt without a trigger and a cap of 0: text only, even when the trigger is pushed
     plain = model.generate(prompt[:, :-1], max_new_tokens=6, max_latent_blocks=0, logits_processor=force)
     assert cfg.latent_start_token_id not in plain[0, 4:].tolist()
+
+
+def test_default_length_follows_transformers(model, cfg):
+    """Without max_new_tokens or max_length, the latent path generates transformers' default of 20 new tokens (with
+    its UserWarning), the same as latent_reasoning=False; it used to generate an undocumented 64."""
+    from hf_ext.models.latent_omni.modeling_latent_omni import DEFAULT_MAX_NEW_TOKENS
+
+    assert DEFAULT_MAX_NEW_TOKENS == 20
+    prompt = torch.tensor([[1, 30, 31, 32, 33]])
+    with pytest.warns(UserWarning, match="max_new_tokens"):
+        ours = model.generate(prompt, eos_token_id=[])
+    with pytest.warns(UserWarning):
+        hf = model.generate(prompt, latent_reasoning=False, eos_token_id=None, min_new_tokens=20)
+    assert ours.shape[1] - prompt.shape[1] == 20 == hf.shape[1] - prompt.shape[1]
+    assert torch.equal(ours, hf)
+    # near max_position_embeddings the default shrinks so that prompt + new tokens fit, as in transformers
+    text_cfg = cfg.get_text_config()
+    old = text_cfg.max_position_embeddings
+    text_cfg.max_position_embeddings = prompt.shape[1] + 7
+    try:
+        with pytest.warns(UserWarning):
+            assert model.generate(prompt, eos_token_id=[]).shape[1] == prompt.shape[1] + 7
+    finally:
+        text_cfg.max_position_embeddings = old

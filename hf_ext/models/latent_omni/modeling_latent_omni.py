@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -359,6 +360,12 @@ def _cache_kwarg(text_model: nn.Module) -> str:
 
 # generation_config fields the latent decoding loop does not apply, with the value at which each changes nothing;
 # set to anything else they are an error there (latent_reasoning=False runs transformers' generate, which has them)
+DEFAULT_MAX_NEW_TOKENS = 20
+"""New tokens ``generate()`` produces when neither ``max_new_tokens`` nor ``max_length`` is set (argument or
+generation config): transformers' default ``max_length=20``, which its ``generate`` counts as 20 tokens after the
+prompt, capped so that prompt + new tokens stay within the text model's ``max_position_embeddings``. A latent
+block takes K + 1 steps (40 + 1 with the paper's K), so set ``max_new_tokens`` when the output may hold one."""
+
 _LATENT_GEN_UNSUPPORTED: dict[str, Any] = {
     "num_beams": 1,
     "num_beam_groups": 1,
@@ -1185,6 +1192,11 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
 
         Args:
             input_ids: ``[B, L]`` left-padded prompt ids (may end with ``<Unified_Latent>``).
+            max_new_tokens: most new tokens per row, latent steps included. Default: the generation config's
+                ``max_new_tokens``, else its ``max_length`` minus the prompt length, else transformers' default
+                of 20 new tokens (:data:`DEFAULT_MAX_NEW_TOKENS`, capped at ``max_position_embeddings`` minus the
+                prompt length, with a ``UserWarning`` as transformers gives), the same as
+                ``latent_reasoning=False``.
             max_latent_blocks: most latent blocks per row, counting a block the prompt opens by ending with
                 ``<Unified_Latent>`` (default ``config.max_latent_blocks``). 0 allows none: the model cannot
                 emit the trigger, and a prompt that ends with it is a ``ValueError``.
@@ -1258,13 +1270,18 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 "max_latent_blocks, logits_processor, return_dict_in_generate, output_latents, the media inputs, "
                 "generation_config and the generation-config fields it applies"
             )
+        default_length = False
         if max_new_tokens is None:
             if gc.max_new_tokens is not None:
                 max_new_tokens = gc.max_new_tokens
             elif gc.max_length is not None:  # transformers' meaning: prompt + new tokens
                 max_new_tokens = max(int(gc.max_length) - input_ids.shape[1], 0)
-            else:
-                max_new_tokens = 64
+            else:  # transformers' default: 20 new tokens, within max_position_embeddings
+                limit = getattr(cfg.get_text_config(), "max_position_embeddings", None)
+                max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+                if limit is not None:
+                    max_new_tokens = max(min(max_new_tokens, int(limit) - input_ids.shape[1]), 0)
+                default_length = True
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if max_latent_blocks is not None and (
@@ -1312,6 +1329,14 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             logits_processor = LogitsProcessorList([*(logits_processor or []), kept])
         max_blocks = cfg.max_latent_blocks if max_latent_blocks is None else max_latent_blocks
         state = self._latent_prefill(input_ids, attention_mask, use_cache, media, max_blocks)
+        if default_length:  # after every input check: a refused call gets its ValueError only
+            warnings.warn(
+                f"generate() got neither max_new_tokens nor max_length: it generates at most {max_new_tokens} new "
+                "tokens (transformers' default max_length=20, counted after the prompt); a latent block takes "
+                f"{cfg.num_latents + 1} steps. Set max_new_tokens to control the length.",
+                UserWarning,
+                stacklevel=3,
+            )
         new, collected = self._latent_decode(
             state,
             max_new_tokens,
