@@ -800,3 +800,40 @@ def test_cli_refit_flags_start_and_stop_a_refresher(monkeypatch, tmp_path, model
         main(["serve", model_dir, "--tie-refit-every", "5"])
     with pytest.raises(SystemExit, match="window must be None or an int >= 500"):
         main([*argv, "--tie-refit-window", "10"])
+
+
+@pytest.mark.parametrize("non_blocking", [True, False])
+def test_a_server_that_fails_to_start_leaves_the_tie_context_as_it_was(monkeypatch, tmp_path, non_blocking):
+    """``Serve`` raising (e.g. a model that cannot be loaded) used to leave the failed server's predictor, config,
+    ``prompt_text`` and its length log, already closed, as the process-wide TIE settings: every later
+    ``scheduler_type="tie"`` run scored with them and logged into a closed file."""
+    import inspect
+
+    import transformers.cli.serve as serve_mod
+
+    from hf_ext.generation.tie.cb import CONTEXT
+    from hf_ext.generation.tie.config import PredictorConfig, TIEConfig
+    from hf_ext.generation.tie.serve import _ACTIVE, serve_tie
+
+    real = serve_mod.Serve
+
+    class FailingServe:
+        def __init__(self, **kwargs):
+            raise OSError("cannot load the model")
+
+    FailingServe.__init__.__signature__ = inspect.signature(real.__init__)
+    monkeypatch.setattr(serve_mod, "Serve", FailingServe)
+    before = (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.length_log, CONTEXT.config)
+    with pytest.raises(OSError, match="cannot load the model"):
+        serve_tie(
+            "m",
+            StubPredictor(),
+            config=TIEConfig(beta_max=0.2),
+            prompt_text=lambda ids: "x",
+            length_log=tmp_path / "lengths.jsonl",
+            refit={"every": 1000, "config": PredictorConfig.tiny()},
+            non_blocking=non_blocking,
+        )
+    after = (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.length_log, CONTEXT.config)
+    assert all(a is b for a, b in zip(after, before))
+    assert _ACTIVE["refresher"] is None

@@ -380,26 +380,43 @@ def serve_tie(
     if unknown:
         raise ValueError(f"unknown transformers serve argument(s): {', '.join(sorted(unknown))}")
     predictor = _check_refit(refit, predictor, length_log)
+    saved = _scoring_settings()
     opened = _enable_scoring(model, predictor, tokenizer, config, prompt_text, length_log)
-    refresher = _start_refit(refit, predictor)
+    refresher = None
     blocking = not serve_kwargs.get("non_blocking")
-    with tie_generation_state(continuous_batching_config) as state_cls:
-        try:
-            server = Serve(force_model=model, continuous_batching=True, **serve_kwargs)
-        except BaseException:
-            if not blocking:
-                _stop_serving_extras(refresher, opened)
-            raise
-        finally:
-            if blocking:
-                # the server has stopped (Ctrl-C, which also comes back as KeyboardInterrupt): transformers leaves
-                # its CB generation thread running, which would keep the process alive
-                _shutdown(state_cls)
-                _stop_serving_extras(refresher, opened)
+    try:
+        refresher = _start_refit(refit, predictor)
+        with tie_generation_state(continuous_batching_config) as state_cls:
+            try:
+                server = Serve(force_model=model, continuous_batching=True, **serve_kwargs)
+            finally:
+                if blocking:
+                    # the server has stopped (Ctrl-C, which also comes back as KeyboardInterrupt): transformers
+                    # leaves its CB generation thread running, which would keep the process alive
+                    _shutdown(state_cls)
+    except BaseException:
+        # the settings made for this server go with it: the caller's come back (not a closed log, a failed config)
+        _stop_serving_extras(refresher, opened)
+        _restore_scoring(saved)
+        raise
+    if blocking:
+        _stop_serving_extras(refresher, opened)
     server.tie_refresher = refresher
     if blocking:
         server.kill_server()  # and the model
     return server
+
+
+def _scoring_settings() -> tuple[Any, ...]:
+    """What :func:`~hf_ext.generation.tie.cb.enable_tie_scheduler` sets in the process-wide context, to put back."""
+    with CONTEXT.lock:
+        return (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.length_log, CONTEXT.config)
+
+
+def _restore_scoring(saved: tuple[Any, ...]) -> None:
+    """Put back what :func:`_scoring_settings` read, once the server those settings were made for is gone."""
+    with CONTEXT.lock:
+        CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.length_log, CONTEXT.config = saved
 
 
 def _shutdown(state_cls: type) -> None:
