@@ -110,3 +110,36 @@ def test_default_blocks_and_sparse_error_on_a_long_prompt():
     cos = torch.nn.functional.cosine_similarity(o, r, dim=0).item()
     rel = ((o - r).norm() / r.norm()).item()
     assert density < 0.5 and cos >= 0.995 and rel < 0.08, (density, cos, rel)
+
+
+def test_estimate_reads_q_past_2_31_elements():
+    """Q with more than 2**31 elements (16448 heads x 1024 x 128, 4.3 GB): the last heads' masks equal the
+    masks of the same heads estimated alone (the Q quantisation addressed Q with int32 offsets, which wrap)."""
+    h, s, d = 16448, 1024, 128
+    assert h * s * d > 2**31
+    g = torch.Generator(device=DEV).manual_seed(0)
+    k = torch.randn(1, 1, s, d, device=DEV, generator=g, dtype=torch.bfloat16)
+    q = torch.zeros(1, h, s, d, device=DEV, dtype=torch.bfloat16)
+    q[:, -4:] = k[:, :, torch.randint(0, s, (s,), generator=g, device=DEV)] * 2  # keys worth selecting
+    q[:, :4] = q[:, -4:]
+    kw = dict(tau=0.05, block_q=128, block_k=64, local_window=64, backend="triton")
+    big = sale_block_mask(q, k, **kw)
+    alone = sale_block_mask(q[:, -4:].contiguous(), k, **kw)
+    assert alone.float().mean() < 0.9
+    assert torch.equal(big[:, -4:], alone)
+    assert torch.equal(big[:, :4], alone)
+
+
+def test_estimate_writes_a_mask_past_2_31_bytes():
+    """A block mask of more than 2**31 entries (360 heads x 2500 x 2500 blocks of 16): the last heads' masks
+    equal those of the same heads estimated alone (the mask was addressed with int32 offsets)."""
+    h, s, d, blk = 360, 40000, 64, 16
+    assert h * (s // blk) ** 2 > 2**31
+    g = torch.Generator(device=DEV).manual_seed(1)
+    k = torch.randn(1, 1, s, d, device=DEV, generator=g, dtype=torch.bfloat16)
+    q = torch.randn(1, 2, s, d, device=DEV, generator=g, dtype=torch.bfloat16).repeat(1, h // 2, 1, 1)
+    kw = dict(tau=0.05, block_q=blk, block_k=blk, local_window=64, backend="triton")
+    big = sale_block_mask(q, k, **kw)
+    alone = sale_block_mask(q[:, -2:].contiguous(), k, **kw)
+    assert torch.equal(big[:, -2:], alone)
+    assert torch.equal(big[:, :2], alone)

@@ -68,15 +68,19 @@ def _quant_k_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
+    b = (pid_bh // HKV).to(tl.int64)  # int64 offsets: K may hold more than 2**31 elements
+    h = (pid_bh % HKV).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_n < SK
     if HAS_KPM:
         ok = ok & (tl.load(KPM + b * SK + offs_n, mask=offs_n < SK, other=0) != 0)
     k = tl.load(
-        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+        K
+        + b * stride_kb
+        + h * stride_kh
+        + offs_n[:, None].to(tl.int64) * stride_ks
+        + offs_d[None, :] * stride_kd,
         mask=ok[:, None],
         other=0.0,
     ).to(tl.float32)
@@ -87,7 +91,7 @@ def _quant_k_kernel(
     kq = tl.floor(k / scale + 0.5)
     kq = tl.minimum(tl.maximum(kq, -QMAX), QMAX)
     tl.store(
-        KQ + b * stride_qb + h * stride_qh + offs_n[:, None] * stride_qs + offs_d[None, :],
+        KQ + b * stride_qb + h * stride_qh + offs_n[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
         kq.to(tl.int8),
         mask=offs_n[:, None] < SK,
     )
@@ -118,14 +122,18 @@ def _quant_q_kernel(
     BMR: tl.constexpr = BLOCK_M // ROW_STRIDE
     qb = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = (pid_bh // H).to(tl.int64)  # int64 offsets: Q may hold more than 2**31 elements
+    h = (pid_bh % H).to(tl.int64)
     offs_r = tl.arange(0, BMR)
     offs_m = qb * BLOCK_M + offs_r * ROW_STRIDE
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < SQ
     q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+        Q
+        + b * stride_qb
+        + h * stride_qh
+        + offs_m[:, None].to(tl.int64) * stride_qs
+        + offs_d[None, :] * stride_qd,
         mask=row_ok[:, None],
         other=0.0,
     ).to(tl.float32)
@@ -423,10 +431,10 @@ def _estimate_kernel(
     qi = tl.load(QI + (bh_r * (NQB * BMR) + qb * BMR + offs_r % BMR)[:, None] * HEAD_DIM + offs_d[None, :])
     row_scale = tl.load(QSC + bh_r * NQB + qb) * sm_scale_log2
 
-    kq_base = KQ + b * stride_kb + hk * stride_kh
+    kq_base = KQ + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     ks_base = KS + (b * (H // G) + hk) * NKB
     kpm_base = KPM + b * SK
-    mask_base = MASK + ((b * H + h0) * NQB + qb) * NKB
+    mask_base = MASK + ((b * H + h0).to(tl.int64) * NQB + qb) * NKB  # the mask may exceed 2**31 bytes
     mask_hi_off = NQB * NKB  # next head's mask
     log2_tau = tl.load(TAU + head_r)  # log2(tau) per row's head, -inf for tau = 0
 
