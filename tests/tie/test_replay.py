@@ -293,6 +293,48 @@ def test_priority_scheduler_without_a_key_fails_loudly(setup):
     assert r is not None and r.error is not None and "no priority key" in r.error
 
 
+def test_a_priority_key_by_request_id_ends_with_its_request(setup):
+    """transformers reuses request ids (req_0, ... in every generate_batch): a key left over from an ended request
+    used to order an unrelated later request under the same id, where a missing key must fail loudly."""
+    from transformers import ContinuousBatchingConfig
+
+    from hf_ext.generation.tie.cb import (
+        CONTEXT,
+        PRIORITY_SCHEDULER_NAME,
+        clear_priority_keys,
+        register,
+        set_priority_keys,
+    )
+
+    model, gc, _ = setup
+    register()
+    clear_priority_keys()
+    cb = ContinuousBatchingConfig(
+        num_blocks=16,
+        page_size=16,
+        max_batch_tokens=64,
+        max_requests_per_batch=1,
+        scheduler_type=PRIORITY_SCHEDULER_NAME,
+    )
+    set_priority_keys([1.0, 2.0], request_ids=["same", "other"])
+    errors = []
+    try:
+        for _ in range(2):  # the second run sets no key for "same"
+            mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+            mgr.add_request([3, 4, 5], request_id="same", max_new_tokens=2)
+            mgr.start()
+            try:
+                r = mgr.get_result(timeout=30)
+            finally:
+                mgr.stop(block=True)
+            errors.append(None if r is None else r.error)
+        assert CONTEXT.rid_keys == {"other": 2.0}  # the key of a request that has not run stays
+    finally:
+        clear_priority_keys()
+    assert errors[0] is None
+    assert errors[1] is not None and "no priority key for request 'same'" in errors[1]
+
+
 def test_register_and_unregister_are_revertible():
     from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
 

@@ -410,7 +410,8 @@ class TIECBScheduler(_WaitingOrderScheduler):
 class PriorityCBScheduler(_WaitingOrderScheduler):
     """Baseline admission orders for comparisons (SSJF, LTR, SJF with oracle lengths): a fixed key per request,
     lower first, no aging; keys come from :func:`set_priority_keys`. A waiting request without a key is an
-    error (``KeyError`` naming it), never silently put last."""
+    error (``KeyError`` naming it), never silently put last. A key given by request id is dropped when its request
+    ends (finished, failed or cancelled), as TIE's request-id hints are."""
 
     def reset(self) -> None:
         super().reset()
@@ -432,6 +433,12 @@ class PriorityCBScheduler(_WaitingOrderScheduler):
     def _forget(self, rid: str) -> None:
         super()._forget(rid)
         self.keys.pop(rid, None)
+
+    def _done(self, rid: str) -> None:
+        # a key given under this request id served its request: transformers reuses ids (req_0, req_1, ... in every
+        # generate_batch), so a leftover would order an unrelated later request instead of failing loudly
+        with self.ctx.lock:
+            self.ctx.rid_keys.pop(rid, None)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -733,9 +740,8 @@ def tie_generate_batch(
     if isinstance(prompts, str):
         raise ValueError("prompts must be a non-empty list of strings")
     prompts = validate_prompts(prompts, non_empty=True)
-    validate_predictor_args(
-        predictor, tokenizer, None, length_log=length_log
-    )  # a point predictor: before it runs
+    # the predictor's kind too: a point predictor is refused before it runs
+    validate_predictor_args(predictor, tokenizer, None, length_log=length_log)
     if kwargs.get("persistent_manager"):
         raise ValueError(
             "persistent_manager=True is not supported by tie_generate_batch (the kept manager would outlive the "
