@@ -112,6 +112,20 @@ def check_row_stride_keeps_forced_blocks_seen_by_unscored_rows() -> None:
     assert mt[0, 0, 0, 2] and mr[0, 0, 0, 2]
 
 
+def check_huge_sink_and_window() -> None:
+    """``sink_blocks`` / ``local_window`` past the sequence (e.g. 2**31 - 1 for "keep them all") mean "every
+    block": the same mask as the reference (the kernel's int32 block arithmetic overflowed on them)."""
+    torch.manual_seed(12)
+    q, k = torch.randn(1, 1, 64, 64), torch.randn(1, 1, 100, 64)
+    kpm = torch.ones(1, 100, dtype=torch.bool)
+    kpm[0, :20] = False  # the first real key is in block 1: s0 + sink_blocks overflowed
+    for causal, sink, window in ((True, 2**31 - 1, 0), (False, 0, 2**31 - 1)):
+        kw = dict(tau=0.9, block_q=32, block_k=16, causal=causal, sink_blocks=sink, local_window=window)
+        mt = sale_block_mask(q, k, backend="triton", key_padding_mask=kpm, **kw)
+        mr = sale_block_mask(q, k, backend="torch", key_padding_mask=kpm, **kw)
+        assert torch.equal(mt, mr), (mt.int(), mr.int())
+
+
 def case_id(c) -> str:
     return f"{'c' if c[6] else 'nc'}-{str(c[7]).split('.')[-1]}-{c[10]}-rs{c[11]}"
 
@@ -121,6 +135,7 @@ def run_all() -> dict[str, str | None]:
     jobs = {case_id(c): (lambda c=c: check_case(c)) for c in CASES}
     jobs["tau0-padding"] = check_tau_zero_padding
     jobs["rowstride-forced-unscored"] = check_row_stride_keeps_forced_blocks_seen_by_unscored_rows
+    jobs["huge-sink-window"] = check_huge_sink_and_window
     res: dict[str, str | None] = {}
     for name, fn in jobs.items():
         try:

@@ -19,7 +19,9 @@ def interp_results() -> dict:
     return run_case_module("tests.kernels._interp_cases", interpret=True, timeout=300)
 
 
-@pytest.mark.parametrize("name", [case_id(c) for c in CASES] + ["tau0-padding", "rowstride-forced-unscored"])
+@pytest.mark.parametrize(
+    "name", [case_id(c) for c in CASES] + ["tau0-padding", "rowstride-forced-unscored", "huge-sink-window"]
+)
 def test_triton_matches_reference(name, interp_results):
     """Estimate mask == reference mask (up to threshold ties); sparse forward == fp32 reference."""
     err = interp_results[name]

@@ -649,8 +649,8 @@ def sale_estimate(
         nkb,
         sk - sq,
         scale * _LOG2E,
-        sink_blocks,
-        local_window,
+        min(sink_blocks, nkb),  # larger values change nothing but overflow the kernel's int32 block math
+        min(local_window, sq + sk),
         CAUSAL=causal,
         HAS_KPM=key_padding_mask is not None,
         COLMASK=colmask,
