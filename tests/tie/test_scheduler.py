@@ -360,3 +360,27 @@ def test_order_batch_refuses_token_counts_or_predictions_that_are_not_one_per_pr
         order_batch(prompts, OneLaw())
     with pytest.warns(UserWarning, match="prompt-length heuristic"):
         assert order_batch(prompts, prompt_tokens=[3, 900, 2], max_new_tokens=4096)[-1] == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"aging_tau": "30"}, "aging_tau must be a finite number > 0"),
+        ({"alpha": "0.9"}, r"alpha must be in \(0, 1\)"),
+        ({"aging_gamma": "0.9"}, r"aging_gamma must be in \(0, 1\]"),
+        ({"use_request_cap": "false"}, "use_request_cap must be True or False"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an int >= 1"),
+        ({"batch_max": True}, "batch_max must be an int >= 1"),
+    ],
+)
+def test_tie_config_refuses_values_of_the_wrong_type_with_a_value_error(kwargs, match):
+    """A ``--tie-config`` JSON file reaches TIEConfig untyped: ``"30"`` failed with a TypeError from a comparison (a
+    traceback, not hf-ext serve's flag error), ``"use_request_cap": "false"`` was taken as True, ``True`` as 1."""
+    with pytest.raises(ValueError, match=match):
+        TIEConfig(**kwargs)
+    from hf_ext.generation.tie.config import PredictorConfig
+
+    with pytest.raises(ValueError, match="learn_nu must be True or False"):
+        PredictorConfig(learn_nu="no")
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        PredictorConfig(epochs=True)

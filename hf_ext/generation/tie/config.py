@@ -32,9 +32,19 @@ def _check_int(name: str, value: Any, low: int = 1, *, allow_none: bool = False)
         raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an int >= {low}, got {value!r}")
 
 
+def _is_number(value: Any) -> bool:
+    """A real int or float (``bool`` and strings are not: a JSON config's ``"30"`` must not reach a comparison)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_pos(name: str, value: float, *, strict: bool = True) -> None:
-    ok = value > 0 if strict else value >= 0
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+    ok = _is_number(value) and math.isfinite(value) and (value > 0 if strict else value >= 0)
+    if not ok:
         rel = "> 0" if strict else ">= 0"
         raise ValueError(f"{name} must be a finite number {rel}, got {value!r}")
 
@@ -103,26 +113,24 @@ class TIEConfig:
 
     def __post_init__(self) -> None:
         _check_pos("nu", self.nu)
-        if not 0.0 < self.alpha < 1.0:
+        if not (_is_number(self.alpha) and 0.0 < self.alpha < 1.0):
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha!r}")
         _check_pos("beta_coef", self.beta_coef, strict=False)
         _check_pos("beta_min", self.beta_min, strict=False)
         _check_pos("beta_max", self.beta_max, strict=False)
         if self.beta_min > self.beta_max:
             raise ValueError(f"beta_min ({self.beta_min}) must be <= beta_max ({self.beta_max})")
-        if not isinstance(self.batch_max, int) or self.batch_max < 1:
-            raise ValueError(f"batch_max must be an int >= 1, got {self.batch_max!r}")
-        if not 0.0 < self.aging_gamma <= 1.0:
+        _check_int("batch_max", self.batch_max)
+        if not (_is_number(self.aging_gamma) and 0.0 < self.aging_gamma <= 1.0):
             raise ValueError(f"aging_gamma must be in (0, 1], got {self.aging_gamma!r}")
         _check_pos("aging_tau", self.aging_tau)
         if self.aging not in AGING_MODES:
             raise ValueError(f"aging must be one of {AGING_MODES}, got {self.aging!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        _check_int("max_new_tokens", self.max_new_tokens)
+        _check_bool("use_request_cap", self.use_request_cap)
         if self.support not in SUPPORT_MODES:
             raise ValueError(f"support must be one of {SUPPORT_MODES}, got {self.support!r}")
-        if not isinstance(self.quad_nodes, int) or self.quad_nodes < 4:
-            raise ValueError(f"quad_nodes must be an int >= 4, got {self.quad_nodes!r}")
+        _check_int("quad_nodes", self.quad_nodes, low=4)
         if self.score not in SCORE_MODES:
             raise ValueError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
 
@@ -221,13 +229,12 @@ class PredictorConfig:
             "epochs",
             "batch_size",
         ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            _check_int(name, getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
+        _check_bool("learn_nu", self.learn_nu)
         _check_pos("nu", self.nu)
         _check_pos("min_sigma", self.min_sigma)
         _check_pos("lr", self.lr)
