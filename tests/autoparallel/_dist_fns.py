@@ -319,3 +319,49 @@ def apply_close(rank: int, world_size: int) -> dict[str, Any]:
     dist.all_reduce(t)  # the default group still works
     out["world_ok"] = float(t)
     return out
+
+
+def save_pipeline_4(rank: int, world_size: int, outdir: str, name: str) -> dict[str, Any]:
+    """Pipeline plan ``name`` on 4 ranks with a second dimension inside the stages (``pp2_dp2``: pp=2 x dp=2
+    FSDP, ``pp2_tp2``: pp=2 x tp=2): one SGD step, then ``AppliedPlan.save_pretrained``. Returns the rank-averaged
+    losses and, on rank 0, the loss of the saved model loaded on one process and the tensor names in its
+    safetensors files."""
+    import torch
+    import torch.distributed as dist
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama, tiny_llama_config
+
+    cfg = tiny_llama_config()
+    kw = dict(gpus=world_size, dp_type="fsdp", pp=2, global_batch=GLOBAL_BATCH, seq_len=SEQ, micro_batch=1)
+    plans = {"pp2_dp2": Plan.uniform(cfg, **kw), "pp2_tp2": Plan.uniform(cfg, tp=2, **kw)}
+    ids = _batch()
+    out: dict[str, Any] = {}
+    for plan in (plans[name],):
+        model = tiny_llama(seed=0, attn_implementation="sdpa").train()
+        runner = apply_plan(model, plan, param_dtype=None)
+        opt = torch.optim.SGD(runner.param_groups(), lr=0.5, foreach=True)
+        local = runner.local_batch(ids)
+        losses = []
+        for step in range(2):
+            loss = runner.train_step(local)
+            if step == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            t = torch.tensor([loss])
+            dist.all_reduce(t)
+            losses.append(float(t) / world_size)  # every rank returns the global loss
+        out[name] = losses
+        out[name + ":layout"] = (plan.pp, plan.dp, plan.tp, runner.stage_layers)
+        runner.save_pretrained(f"{outdir}/{name}")
+        if rank == 0:
+            from transformers import AutoModelForCausalLM
+
+            back = AutoModelForCausalLM.from_pretrained(f"{outdir}/{name}")
+            with torch.no_grad():
+                out[name + ":saved"] = float(back(input_ids=ids, labels=ids).loss)
+            out[name + ":saved_keys"] = _saved_tensor_names(f"{outdir}/{name}")
+        runner.close()
+        del runner, model, opt
+    return out
