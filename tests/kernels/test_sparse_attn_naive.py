@@ -165,3 +165,18 @@ def test_empty_query_or_key_sequence(sq, sk):
     for causal in (True, False):
         out = block_sparse_attention(q, k, v, full, block_q=32, block_k=16, causal=causal, backend="torch")
         assert out.shape == q.shape and (out == 0).all()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((1, 3, 2, 64, 32), "multiple of KV heads"),
+        ((1, 2, 0, 64, 32), "hkv"),
+        ((1, 2, 1, 0, 32), "sequence length s"),
+    ],
+)
+def test_structured_qkv_rejects_bad_shapes(args, match):
+    """Heads that are not a GQA multiple or an empty sequence: a ValueError naming the argument (they failed
+    deep inside with a broadcast error, a ZeroDivisionError or 'math domain error')."""
+    with pytest.raises(ValueError, match=match):
+        structured_qkv(*args)

@@ -91,11 +91,15 @@ def structured_qkv(
     Needles and their query spans are drawn per (batch, KV head) and shared by the query heads of
     the group, like a retrieval head; everything is generated on ``device`` in fp32 then cast.
     """
+    if d % 2 or d < 16:
+        raise ValueError(f"head dim must be even and >= 16, got {d}")
+    if s < 1:
+        raise ValueError(f"sequence length s must be >= 1, got {s}")
+    if hkv < 1 or h % hkv:
+        raise ValueError(f"query heads h ({h}) must be a positive multiple of KV heads hkv ({hkv}) (GQA)")
     grow = max(0.0, math.log(s / 4096))  # peaks rise like log(length), as trained heads' do
     sink_logit = 12.0 + grow if sink_logit is None else sink_logit
     local_logit = 12.0 + grow if local_logit is None else local_logit
-    if d % 2 or d < 16:
-        raise ValueError(f"head dim must be even and >= 16, got {d}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     g = h // hkv
     half = d // 2
