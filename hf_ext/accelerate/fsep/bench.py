@@ -573,6 +573,13 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
     try:
         for model in args.models:
             h, i, e, k = MODEL_SHAPES[model][:4]
+            if args.experts:
+                if args.experts < k or args.experts % world:
+                    raise SystemExit(
+                        f"--experts must be >= {model}'s top-k ({k}) and a multiple of the {world} ranks, "
+                        f"got {args.experts}"
+                    )
+                e = args.experts
             layers, tokens = MEASURE_SPECS.get(model, (2, 8192))
             tokens = args.tokens or tokens
             layers = args.layers or layers
@@ -607,6 +614,8 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
                 size = f"{model}_L{layers}_T{spec['tokens']}" + (
                     f"_attn{spec['seq']}" if args.attention else ""
                 )
+                if args.experts:
+                    size += f"_E{e}"
                 dev = f"{device_name()} x{world} {backend}"
                 # the weight exchange FSEP used, and "_gmm" where the experts ran as grouped GEMMs
                 gmm = "_gmm" if res.get("expert_compute") == "grouped_mm" else ""
@@ -661,6 +670,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--profile-dir", default=None, help="--profile: also write a Chrome trace per mode and rank here"
+    )
+    p.add_argument(
+        "--experts",
+        type=int,
+        default=0,
+        help="--torchrun: experts per MoE layer instead of the model's (cases get '_E<n>'; default: the model's)",
     )
     p.add_argument("--layers", type=int, default=0, help="--torchrun: MoE layers per stack (default: 2)")
     p.add_argument(
