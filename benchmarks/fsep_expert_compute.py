@@ -4,8 +4,10 @@ Times forward + backward of the two code paths ``FSEPExperts`` chooses between
 (``FSEPConfig(expert_compute="grouped_mm")`` and ``"loop"``), called as they are in the layer, over real MoE
 expert shapes, the number of experts one rank materialises (``C``), the mean rows (routed tokens) per expert and
 how the rows are spread over the experts (``uniform`` or ``zipf``: the i-th expert gets rows ∝ 1 / (i + 1)).
-Both paths run interleaved round by round (``hf_ext.utils.bench.time_interleaved``), and their outputs and
-gradients are compared in the same run. It writes ``expert_compute_ms`` rows to ``fsep.csv`` (``ours``: grouped
+Both paths run interleaved round by round (``hf_ext.utils.bench.time_interleaved``), each timing ``--calls``
+forward + backward passes back to back (the CPU queues the next kernels while the GPU runs, as in a training
+step; one synchronised call would charge the loop's kernel launches in full), and their outputs and gradients
+are compared in the same run. It writes ``expert_compute_ms`` rows to ``fsep.csv`` (``ours``: grouped
 GEMM, baseline ``loop``; ratio > 1: grouped is faster) and ``fsep_expert_compute.png`` beside it, and prints how
 often ``expert_compute="auto"``'s rule picked the faster path.
 
@@ -58,9 +60,9 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(
-    name: str, hidden: int, inter: int, c: int, rows_per_expert: int, skew: str, rounds: int
+    name: str, hidden: int, inter: int, c: int, rows_per_expert: int, skew: str, rounds: int, calls: int = 4
 ) -> Row | None:
-    """Time one configuration; ``None`` when its weights would exceed the memory cap."""
+    """Time one configuration (ms per forward + backward); ``None`` when its weights would exceed the cap."""
     if c * 3 * hidden * inter * 2 > WEIGHT_BYTES_CAP:
         return None
     per_slot = split_rows(rows_per_expert * c, c, skew)
@@ -86,7 +88,13 @@ def run_case(
     outs = {k: [t.detach().clone() for t in step(fn)] for k, fn in paths.items()}
     err = max(_max_rel(a, b) for a, b in zip(outs["grouped_mm"], outs["loop"]))
     del outs
-    ms = time_interleaved({k: (lambda fn=fn: step(fn)) for k, fn in paths.items()}, rounds=rounds, warmup=2)
+
+    def repeat(fn) -> None:
+        for _ in range(calls):
+            step(fn)
+
+    ms = time_interleaved({k: (lambda fn=fn: repeat(fn)) for k, fn in paths.items()}, rounds=rounds, warmup=2)
+    ms = {k: v / calls for k, v in ms.items()}
     auto = "grouped_mm" if c >= GROUPED_MM_MIN_EXPERTS else "loop"
     return Row.make(
         "fsep",
@@ -95,7 +103,7 @@ def run_case(
         ms["grouped_mm"],
         "loop",
         ms["loop"],
-        quality_name=f"max_rel_err_vs_loop;auto_picks={auto}",
+        quality_name=f"max_rel_err_vs_loop;auto_picks={auto};calls={calls}",
         quality_value=round(err, 5),
     )
 
@@ -141,10 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--experts", nargs="+", type=int, default=list(EXPERTS), help="values of C")
     p.add_argument("--rows", nargs="+", type=int, default=list(ROWS), help="mean rows per expert")
+    p.add_argument("--calls", type=int, default=4, help="passes timed back to back per round (>= 1)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per configuration (>= 1)")
     p.add_argument("--no-write", action="store_true", help="print only; no CSV rows or PNG")
     a = p.parse_args(argv)
-    for flag, vals in (("--rounds", [a.rounds]), ("--experts", a.experts), ("--rows", a.rows)):
+    for flag, vals in (
+        ("--rounds", [a.rounds]),
+        ("--calls", [a.calls]),
+        ("--experts", a.experts),
+        ("--rows", a.rows),
+    ):
         if min(vals) < 1:
             p.error(f"{flag} must be >= 1, got {vals}")
     if not torch.cuda.is_available():
@@ -159,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     for s, c, r, k in configs:
-        row = run_case(s, *SHAPES[s], c, r, k, a.rounds)
+        row = run_case(s, *SHAPES[s], c, r, k, a.rounds, a.calls)
         if row is not None:
             rows.append(row)
         torch.cuda.empty_cache()
