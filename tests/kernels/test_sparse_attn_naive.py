@@ -180,3 +180,10 @@ def test_structured_qkv_rejects_bad_shapes(args, match):
     deep inside with a broadcast error, a ZeroDivisionError or 'math domain error')."""
     with pytest.raises(ValueError, match=match):
         structured_qkv(*args)
+
+
+def test_empty_batch():
+    """B = 0: an empty mask and output (as the Triton path returns); the torch backend's mask raised in torch.cat."""
+    q, k, v = torch.randn(0, 2, 40, 32), torch.randn(0, 1, 40, 32), torch.randn(0, 1, 40, 32)
+    out, mask = sale_attention(q, k, v, tau=0.1, block_q=32, block_k=32, backend="torch", return_mask=True)
+    assert mask.shape == (0, 2, 2, 2) and mask.dtype == torch.bool and out.shape == q.shape

@@ -271,6 +271,9 @@ def _mask_torch(
     b, h = q.shape[:2]
     hkv = k.shape[1]
     g = h // hkv
+    if b == 0:  # empty batch: an empty mask (torch.cat of no groups would raise)
+        nqb, nkb = math.ceil(q.shape[2] / block_q), math.ceil(k.shape[2] / block_k)
+        return torch.zeros(0, h, nqb, nkb, dtype=torch.bool, device=q.device)
     outs = []
     for bi in range(b):
         row = []
