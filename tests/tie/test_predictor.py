@@ -182,3 +182,15 @@ def test_no_rows_or_a_non_positive_batch_size_is_refused_before_any_change():
         with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
             p.predict(["hello there"], batch_size=bs)
     assert p.predict(["hello there", "hi"], batch_size=1)["mu"].shape == (2,)
+
+
+def test_a_loaded_predictor_keeps_nu_fixed_when_trained_again(logt_predictor, splits, tmp_path):
+    """``from_pretrained`` gives back every parameter trainable: fine-tuning a loaded predictor whose ν is fixed
+    (``learn_nu=False``, the default; e.g. the refresher's warm start of a served predictor) moved ν off 3.5."""
+    logt_predictor.save_pretrained(tmp_path / "pred")
+    again = LengthPredictor.from_pretrained(tmp_path / "pred")
+    assert not again.config.learn_nu and not again.model.log_nu.requires_grad
+    torch.set_num_threads(1)
+    again.config.epochs = 1
+    again.fit(splits[1])
+    assert again.predict(["What is 3 times 4?"])["nu"][0] == pytest.approx(3.5, rel=1e-6)

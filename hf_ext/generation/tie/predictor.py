@@ -259,6 +259,8 @@ class LengthPredictor:
                     max_prompt_tokens=c.max_length,
                 )
             )
+        # ν is trained only with learn_nu: a loaded model comes back with every parameter trainable
+        model.log_nu.requires_grad_(bool(model.config.learn_nu))
         self.model = model.eval()
         self.fitted = False
 
