@@ -203,3 +203,14 @@ def test_crps_is_proper_and_limits():
         crps_log(1.0, 1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="max_value"):
         crps_length(10, 1.0, 1.0, 3.5, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"censor_at": float("nan")}, {"censor_at": 0}, {"nu": 0.0}, {"nu": float("inf")}]
+)
+def test_fit_refuses_a_censoring_point_or_nu_it_cannot_use(kwargs):
+    """censor_at=NaN fitted as if nothing were censored, censor_at=0 failed with "math domain error", and nu=0 ran
+    the optimiser on NaN likelihoods before LogT refused the result."""
+    x = np.exp(np.random.default_rng(0).standard_t(3.5, 50) * 0.5 + 3.0)
+    with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be None or a finite number > 0"):
+        LogT.fit(x, **kwargs)

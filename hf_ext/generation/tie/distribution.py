@@ -191,6 +191,11 @@ class LogT:
         """
         from scipy import optimize
 
+        for name, v in (("censor_at", censor_at), ("nu", nu)):
+            if v is not None and not (
+                isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v) and v > 0
+            ):
+                raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}")
         x = np.asarray(samples, dtype=np.float64).ravel()
         if x.size < 3:
             raise ValueError(f"samples needs at least 3 values, got {x.size}")
