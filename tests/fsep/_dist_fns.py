@@ -197,7 +197,8 @@ def training(rank: int, world_size: int, kind: str, outdir: str, steps: int = 3)
     # ---- training: reference single process vs FSEP (planner) + DDP dense part
     ref = copy.deepcopy(orig).train()
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    model = prepare_fsep(copy.deepcopy(orig).train(), FSEPConfig(history=2))
+    # a dozen tokens per rank do not pay for a replica: plan as for 4096, so training runs replicated layouts
+    model = prepare_fsep(copy.deepcopy(orig).train(), FSEPConfig(history=2, planner_tokens_per_rank=4096))
     ddp = DDP(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     replicas_seen = []
@@ -714,4 +715,31 @@ def clipped_grads(rank: int, world_size: int) -> dict[str, float]:
                 g = g.full_tensor() if isinstance(g, DTensor) else g
             worst = max(worst, float((g - p.grad).abs().max()) / float(p.grad.abs().max()))
         out[f"{setup}_clipped_grads"] = worst
+    return out
+
+
+def planner_token_scale(rank: int, ws: int) -> dict[str, Any]:
+    """Replica counts the in-layer planner picks after one training step of the same skewed routing (every
+    token to expert 0 plus one other) at 32 and at 4096 tokens per rank, with the observed counts and with
+    ``planner_tokens_per_rank=4096`` declared; and the tokens per rank each plan was costed for."""
+    from hf_ext.accelerate.fsep.config import FSEPConfig
+    from hf_ext.accelerate.fsep.layer import FSEPExperts
+
+    e, h, i, k = 2 * ws, 16, 24, 2
+    g = torch.Generator().manual_seed(0)
+    gu = torch.randn(e, 2 * i, h, generator=g) * 0.1
+    dn = torch.randn(e, h, i, generator=g) * 0.1
+    out: dict[str, Any] = {}
+    for name, t, declared in (("small", 32, None), ("large", 4096, None), ("small_declared", 32, 4096)):
+        cfg = FSEPConfig(mode="fsep", hardware="cpu", planner_tokens_per_rank=declared)
+        lay = FSEPExperts(gu, dn, torch.nn.functional.silu, cfg, top_k=k).train()
+        gx = torch.Generator().manual_seed(10 + rank)
+        x = torch.randn(t, h, generator=gx)
+        other = torch.randint(1, e, (t,), generator=gx)
+        idx = torch.stack([torch.zeros_like(other), other], 1)
+        w = torch.softmax(torch.randn(t, k, generator=gx), -1)
+        lay(x, idx, w).square().sum().backward()
+        lay.replan(0)
+        out[name] = lay.layout.replicas().tolist()
+        out[f"{name}_tokens"] = lay.planner.last_tokens_per_rank
     return out

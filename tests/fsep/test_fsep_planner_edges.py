@@ -27,7 +27,7 @@ def test_identity_candidate_is_scored_on_the_same_fractional_counts_as_the_plann
     shape = MoEShape(hidden=64, intermediate=128, num_experts=4, top_k=1, tokens_per_rank=2)
     hw = PRESETS["cpu"]
     counts = np.array([[3, 1, 1, 1], [1, 1, 3, 1]])
-    planner = LoadPlanner(4, 2, 2, shape=shape, hardware=hw, num_perturbations=0)
+    planner = LoadPlanner(4, 2, 2, shape=shape, hardware=hw, num_perturbations=0, tokens_per_rank=2)
     lay = planner.plan(counts)
     assert lay.name == "identity"
     scaled = counts * (shape.tokens_per_rank * shape.top_k * 2 / counts.sum())
@@ -54,13 +54,14 @@ def test_planner_arguments_are_checked_at_construction(kwargs, match):
 def test_history_decay_weights_the_newest_step_most():
     old, new = np.array([[80, 0, 1], [80, 0, 1]]), np.array([[0, 30, 1], [0, 30, 1]])
     hot = {}
+    kw = dict(num_perturbations=0, tokens_per_rank=4096)  # costed as a real batch: the weighting decides
     for decay in (1.0, 0.5):
-        p = LoadPlanner(3, 2, 2, history=3, history_decay=decay, num_perturbations=0)
+        p = LoadPlanner(3, 2, 2, history=3, history_decay=decay, **kw)
         for c in (old, new, new):
             p.observe(c)
         lay = p.plan()
         # weights decay**age, oldest first: 0.25 / 0.5 / 1 at decay 0.5
-        ref = LoadPlanner(3, 2, 2, num_perturbations=0).plan(decay**2 * old + (decay + 1) * new)
+        ref = LoadPlanner(3, 2, 2, **kw).plan(decay**2 * old + (decay + 1) * new)
         assert lay.slots == ref.slots
         hot[decay] = int(np.argmax(lay.replicas()))
     assert hot == {1.0: 0, 0.5: 1}  # summed, expert 0 (160 vs 120) is hot; decayed, expert 1 (40 vs 90)
@@ -72,3 +73,25 @@ def test_layout_identity_routing_is_the_same_for_every_policy():
     lay = Layout.identity(4, 2)
     for pol in ("uniform", "local_first", "node_first"):
         assert np.array_equal(Layout.from_slots(lay.slots, 4, pol).routing, lay.routing)
+
+
+def test_planner_costs_the_observed_token_counts_unless_a_batch_is_declared():
+    """The planner rescaled any counts to the shape's tokens per rank (4096 by default), so 50 tokens per rank
+    were planned like 5,000. It now costs the counts it sees (the history as its mean per step), and
+    ``tokens_per_rank`` declares a batch instead."""
+    counts = np.array([[9000, 500, 300, 200], [8000, 1000, 600, 400]])  # top-2: 5,000 tokens per rank
+    big = LoadPlanner(4, 2, 3)
+    assert big.plan(counts).replicas().tolist() == [2, 1, 1, 1] and big.last_tokens_per_rank == 5000
+    small = LoadPlanner(4, 2, 3)
+    assert small.plan(counts // 100).replicas().tolist() == [1, 1, 1, 1] and small.last_tokens_per_rank == 50
+    declared = LoadPlanner(4, 2, 3, tokens_per_rank=5000)
+    assert declared.plan(counts // 100).slots == big.plan(counts).slots
+    hist = LoadPlanner(4, 2, 3, history=3)
+    for _ in range(3):
+        hist.observe(counts // 100)
+    assert hist.plan().slots == small.plan(counts // 100).slots and hist.last_tokens_per_rank == 50
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="tokens_per_rank"):
+            LoadPlanner(4, 2, 3, tokens_per_rank=bad)
+        with pytest.raises(ValueError, match="planner_tokens_per_rank"):
+            FSEPConfig(planner_tokens_per_rank=bad)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from hf_ext.testing import run_distributed
-from tests.fsep._dist_fns import checkpointed_training, comm_schedules, grads_with_replicas
+from tests.fsep._dist_fns import (
+    checkpointed_training,
+    comm_schedules,
+    grads_with_replicas,
+    planner_token_scale,
+)
 
 
 def test_shard_gradients_match_dense_on_three_ranks():
@@ -77,3 +82,14 @@ def test_add_rows_matches_index_add_with_repeated_rows(monkeypatch, min_numel):
     assert torch.allclose(out, ref)
     layer._add_rows(out, [], src[:0], 0.5)  # nothing to add
     assert torch.allclose(out, ref)
+
+
+def test_in_layer_planner_costs_the_observed_token_counts():
+    """The layer's planner costed every step as 4096 tokens per rank, whatever was routed: 32 tokens per rank
+    got the replicas of a large batch. It now plans from the observed counts (a replica's weight gather does not
+    pay for 32 tokens, it does for 4096), unless FSEPConfig.planner_tokens_per_rank declares a batch."""
+    for res in run_distributed(planner_token_scale, 2):
+        assert res["small_tokens"] == 32 and res["large_tokens"] == 4096, res
+        assert res["small"] == [1, 1, 1, 1], res
+        assert res["large"][0] == 2, res  # the expert every token picks is replicated
+        assert res["small_declared_tokens"] == 4096 and res["small_declared"] == res["large"], res

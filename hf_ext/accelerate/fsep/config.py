@@ -79,6 +79,16 @@ class FSEPConfig:
         default=4,
         metadata={"help": "Extra replica vectors (local moves of the greedy one) the planner scores."},
     )
+    planner_tokens_per_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per rank and step the planner costs its candidate layouts for. None: the token "
+            "counts the layer observed (the decay-weighted mean of the last `history` steps), so a small batch "
+            "is not planned as a large one (a replica's weight gather pays only when enough tokens reach it); "
+            "an int >= 1 costs every step as if each rank routed that many tokens (e.g. to plan a short test "
+            "run like the real one)."
+        },
+    )
     hardware: str = field(
         default="auto",
         metadata={
@@ -185,6 +195,11 @@ class FSEPConfig:
             raise ValueError(f"FSEPConfig.replan_interval={self.replan_interval} must be >= 1")
         if self.num_perturbations < 0:
             raise ValueError(f"FSEPConfig.num_perturbations={self.num_perturbations} must be >= 0")
+        t = self.planner_tokens_per_rank
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(
+                f"FSEPConfig.planner_tokens_per_rank={t!r} must be None (the observed token counts) or an int >= 1"
+            )
         if self.mode == "static_ep" and self.layout_policy != "planner" and self.layout_policy != "identity":
             raise ValueError(
                 f"FSEPConfig.layout_policy={self.layout_policy!r} needs mode='fsep'; static_ep always uses "

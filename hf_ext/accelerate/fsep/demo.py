@@ -1,7 +1,9 @@
 """FSEP demo: a tiny Mixtral trained for 3 steps under FSEP in 2 gloo processes on CPU.
 
 Checks that the FSEP model's logits equal the single-process model's and that the planner
-re-lays out experts (replicas of the busiest experts) from the observed routing.
+re-lays out experts (replicas of the busiest experts) from the observed routing. The demo's 16 tokens per
+rank would not pay for a replica's weight gather, so it plans as if each rank routed 4,096
+(``planner_tokens_per_rank``); by default the planner costs the token counts it observes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
     from hf_ext.testing import tiny_moe
 
     base = tiny_moe("mixtral", seed=0)
-    model = prepare_fsep(copy.deepcopy(base).train(), FSEPConfig(history=2))
+    model = prepare_fsep(copy.deepcopy(base).train(), FSEPConfig(history=2, planner_tokens_per_rank=4096))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 500, (2 * world_size, 8), generator=g)

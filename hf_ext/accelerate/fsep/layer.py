@@ -482,12 +482,14 @@ class FSEPExperts(nn.Module):
                     num_perturbations=config.num_perturbations,
                     hardware=PRESETS[hw_name],
                     history_decay=config.history_decay,
+                    # costed at the token counts each step observes, unless the config declares a batch
+                    tokens_per_rank=config.planner_tokens_per_rank,
                     shape=MoEShape(
                         h,
                         self.intermediate,
                         e,
                         top_k,
-                        tokens_per_rank=4096,
+                        tokens_per_rank=config.planner_tokens_per_rank or 1,  # the planner sets it per plan
                         dtype_bytes=gate_up_proj.element_size(),
                     ),
                 )

@@ -7,7 +7,8 @@ for expert ``e`` sent to the replica on ``dst``; rows sum to 1 over the ranks ho
 
 The planner (LAER-MoE style, our own implementation):
 
-1. loads ``L_e`` = token counts of the last ``k`` steps summed over ranks;
+1. loads ``L_e`` = token counts of the last ``k`` steps (their decay-weighted mean per step) summed over
+   ranks; the candidates are costed at that observed size (or at a declared ``tokens_per_rank``);
 2. replica counts: start at one replica each, hand the spare slots one by one to the expert with
    the highest load per replica (a heap), for several totals of slots;
 3. greedy placement: replicas sorted by load per replica, each to the least-loaded rank that has a
@@ -17,19 +18,21 @@ The planner (LAER-MoE style, our own implementation):
 
 Example:
     >>> import numpy as np
-    >>> counts = np.array([[90, 5, 3, 2], [80, 10, 6, 4]])
+    >>> counts = np.array([[9000, 500, 300, 200], [8000, 1000, 600, 400]])  # one step, 5,000 tokens per rank
     >>> lay = LoadPlanner(4, 2, capacity=3).plan(counts)
     >>> sorted(set(e for s in lay.slots for e in s))
     [0, 1, 2, 3]
     >>> int(lay.replicas()[0])
     2
+    >>> int(LoadPlanner(4, 2, capacity=3).plan(counts // 100).replicas()[0])  # 50 tokens: a copy does not pay
+    1
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -315,6 +318,15 @@ class LoadPlanner:
         num_perturbations: extra replica vectors scored around the greedy one.
         history_decay: weight ``decay**age`` of a step's counts (1.0: plain sum of the last ``history``
             steps, as in LAER-MoE; < 1 follows drifting routing faster).
+        tokens_per_rank: tokens per rank and step the candidates are costed for. ``None`` (default): the
+            observed counts as they are, i.e. one step of the recorded history (its decay-weighted mean) or the
+            ``counts`` given to :meth:`plan`; an int ``>= 1`` rescales the counts to
+            ``tokens_per_rank * top_k * world_size`` assignments (a declared batch, e.g. to cost a tiny test run
+            as a real one). Either way it replaces ``shape.tokens_per_rank``, which the planner does not read.
+
+    Attributes:
+        last_cost: the cost-model total of the last plan.
+        last_tokens_per_rank: the tokens per rank the last plan was costed for.
     """
 
     def __init__(
@@ -330,6 +342,7 @@ class LoadPlanner:
         num_perturbations: int = 4,
         seed: int = 0,
         history_decay: float = 1.0,
+        tokens_per_rank: int | None = None,
     ) -> None:
         if routing_policy not in ROUTING_POLICIES:
             raise ValueError(
@@ -341,6 +354,12 @@ class LoadPlanner:
             raise ValueError(f"LoadPlanner: history_decay={history_decay} must be in (0, 1]")
         if num_perturbations < 0:
             raise ValueError(f"LoadPlanner: num_perturbations={num_perturbations} must be >= 0")
+        if tokens_per_rank is not None and (
+            isinstance(tokens_per_rank, bool) or not isinstance(tokens_per_rank, int) or tokens_per_rank < 1
+        ):
+            raise ValueError(
+                f"LoadPlanner: tokens_per_rank={tokens_per_rank!r} must be None (the observed counts) or an int >= 1"
+            )
         if capacity * world_size < num_experts:
             raise ValueError(
                 f"capacity={capacity} x world_size={world_size} < num_experts={num_experts}: "
@@ -355,21 +374,27 @@ class LoadPlanner:
         self.routing_policy = routing_policy
         self.num_perturbations = num_perturbations
         self.history_decay = history_decay
+        self.tokens_per_rank = tokens_per_rank
         self._rng = np.random.default_rng(seed)
         self.last_cost: float | None = None
+        self.last_tokens_per_rank: float | None = None
 
     def observe(self, counts: np.ndarray) -> None:
         """Record one step's ``counts[src_rank, expert]``."""
         self.history.append(np.asarray(counts, dtype=np.int64).reshape(self.world_size, self.num_experts))
 
     def plan(self, counts: np.ndarray | None = None) -> Layout:
-        """Best layout for the recorded history (or the given ``counts[N, E]``)."""
+        """Best layout for the recorded history (or the given ``counts[N, E]`` of one step).
+
+        The history enters as its decay-weighted mean, one step's worth of the observed token assignments;
+        candidates are costed at that size unless ``tokens_per_rank`` was given (see the class docstring).
+        """
         if counts is None:
             if not self.history:
                 return Layout.identity(self.num_experts, self.world_size)
             hist = np.stack(list(self.history))  # oldest first
             w = self.history_decay ** np.arange(len(hist) - 1, -1, -1, dtype=np.float64)
-            counts = np.tensordot(w, hist, axes=1)
+            counts = np.tensordot(w, hist, axes=1) / w.sum()
         counts = np.asarray(counts, dtype=np.float64)
         loads = counts.sum(axis=0)
         n, e, cap = self.world_size, self.num_experts, self.capacity
@@ -401,14 +426,20 @@ class LoadPlanner:
                     continue
                 seen.add(key)
                 placements.append(slots)
-        scale = self.shape.tokens_per_rank * self.shape.top_k * n / max(1.0, counts.sum())
-        scaled = counts * scale  # the cost model wants one step's worth of tokens
+        # the cost model wants one step's worth of token assignments: the observed ones, or a declared batch
+        if self.tokens_per_rank is None:
+            scaled = counts
+            tokens = float(counts.sum()) / (self.shape.top_k * n)
+        else:
+            scaled = counts * (self.tokens_per_rank * self.shape.top_k * n / max(1.0, float(counts.sum())))
+            tokens = float(self.tokens_per_rank)
+        shape = replace(self.shape, tokens_per_rank=max(1, round(tokens)))  # its dense-compute term
         best, best_cost = None, float("inf")
         for lay in cand_layouts:  # identity (static-EP placement inside FSEP; one replica each: local_first)
             # the fractional traffic like the planned candidates (token_shares would truncate ``scaled``)
             pairs = pair_traffic(scaled, hold_matrix(lay.slots, e), "local_first", gpn)
             n_slots = np.array([len(s) for s in lay.slots], dtype=np.float64)
-            cost = cost_from_pairs(pairs, n_slots, self.shape, self.hardware, mode="fsep").total
+            cost = cost_from_pairs(pairs, n_slots, shape, self.hardware, mode="fsep").total
             if cost < best_cost - 1e-12:
                 best, best_cost = lay, cost
         for slots in placements:
@@ -416,11 +447,12 @@ class LoadPlanner:
             n_slots = hold.sum(axis=0)
             for pol in policies:
                 pairs = pair_traffic(scaled, hold, pol, gpn)
-                cost = cost_from_pairs(pairs, n_slots, self.shape, self.hardware, mode="fsep").total
+                cost = cost_from_pairs(pairs, n_slots, shape, self.hardware, mode="fsep").total
                 if cost < best_cost - 1e-12:
                     best, best_cost = (slots, pol), cost
         if isinstance(best, tuple):
             best = Layout.from_slots(best[0], e, best[1], name=f"planned-{best[1]}", gpus_per_node=gpn)
         assert best is not None
         self.last_cost = best_cost
+        self.last_tokens_per_rank = tokens
         return best
