@@ -143,3 +143,21 @@ def test_estimate_writes_a_mask_past_2_31_bytes():
     alone = sale_block_mask(q[:, -2:].contiguous(), k, **kw)
     assert torch.equal(big[:, -2:], alone)
     assert torch.equal(big[:, :2], alone)
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_a_gpu_other_than_the_current_one():
+    """Inputs on ``cuda:1`` while ``cuda:0`` is current (a layer placed by ``device_map="auto"``): the kernels
+    run on the inputs' GPU (Triton launches on the current device, so they failed or read foreign memory)."""
+    torch.cuda.set_device(0)
+    q, k, v = structured_qkv(1, 4, 2, 1000, 128, seed=5, device="cuda:1")
+    kpm = torch.ones(1, 1000, dtype=torch.bool, device="cuda:1")
+    kpm[0, :100] = False
+    kw = dict(tau=0.01, key_padding_mask=kpm, block_q=128, block_k=64)
+    out, mask = sale_attention(q, k, v, backend="triton", return_mask=True, **kw)
+    assert out.device == mask.device == torch.device("cuda:1") and torch.cuda.current_device() == 0
+    ref_mask = sale_block_mask(q, k, backend="torch", **kw)
+    assert (mask != ref_mask).float().mean() <= 0.01
+    ref = naive.block_sparse_attention_ref(q.float(), k.float(), v.float(), mask, key_padding_mask=kpm)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

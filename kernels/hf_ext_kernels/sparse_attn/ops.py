@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -176,6 +177,12 @@ def _check_mask(block_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, bloc
     return block_mask.bool().expand(b, h, nqb, nkb)
 
 
+def _on_device(device: torch.device):
+    """Context making ``device`` current for a Triton launch: Triton launches on the *current* CUDA device,
+    so tensors on another GPU (e.g. a layer on ``cuda:1`` under ``device_map="auto"``) need this."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 # -------------------------------------------------------------------------------------------- API
 @torch.no_grad()
 def sale_block_mask(
@@ -247,20 +254,21 @@ def _select(
         )
     from .quant_score import sale_estimate
 
-    mask, _ = sale_estimate(
-        q,
-        k,
-        taus,
-        block_q=block_q,
-        block_k=block_k,
-        sink_blocks=sink_blocks,
-        local_window=local_window,
-        causal=causal,
-        scale=scale,
-        bits=bits,
-        key_padding_mask=kpm,
-        row_stride=row_stride,
-    )
+    with _on_device(q.device):
+        mask, _ = sale_estimate(
+            q,
+            k,
+            taus,
+            block_q=block_q,
+            block_k=block_k,
+            sink_blocks=sink_blocks,
+            local_window=local_window,
+            causal=causal,
+            scale=scale,
+            bits=bits,
+            key_padding_mask=kpm,
+            row_stride=row_stride,
+        )
     return mask
 
 
@@ -331,6 +339,12 @@ def _compute(q, k, v, mask, block_q, block_k, causal, scale, kpm, backend):
     """Block-sparse attention over ``mask`` from already validated arguments (torch or Triton)."""
     if backend == "torch":
         return _attn_torch(q, k, v, mask, block_q, block_k, causal, scale, kpm)
+    with _on_device(q.device):
+        return _compute_triton(q, k, v, mask, block_q, block_k, causal, scale, kpm)
+
+
+def _compute_triton(q, k, v, mask, block_q, block_k, causal, scale, kpm):
+    """The Triton forward (compacted block lists, then the kernel) on the current device."""
     from .block_sparse import block_sparse_attn_fwd, compact_block_mask
 
     idx, cnt, nfull = compact_block_mask(
