@@ -261,3 +261,82 @@ def test_doctor_names_missing_optional_extras(monkeypatch, missing):
     assert tie["can_run"] and "hf-ext serve needs pip install 'hf-ext[serve]'" in tie["why"]
     monkeypatch.setattr(imports, "is_available", lambda m: True)
     assert {c["name"]: c for c in cli.doctor_report()["components"]}["tie"]["why"] == "ok"
+
+
+def _row(case: str, **kw):
+    from hf_ext.utils.bench import Row
+
+    kw = {"device": "cpu", "versions": "v", "date": "d", "commit": "abc", "command": "cmd", **kw}
+    return Row.make("demo", case, "time_ms", 1.0, "base", 3.0, **kw)
+
+
+def test_append_rows_follows_the_files_header_and_refuses_a_foreign_one(tmp_path):
+    from hf_ext.utils import bench
+
+    # the schema's columns in another order: the new row goes in the file's order
+    p = tmp_path / "reordered.csv"
+    p.write_text(",".join(reversed(bench.COLUMNS)) + "\r\n")
+    bench.append_rows("demo", [_row("case_a")], path=p)
+    got = bench.read_rows(p)
+    assert [(r["case"], r["metric"], r["ratio"], r["commit"]) for r in got] == [
+        ("case_a", "time_ms", "3.0", "abc")
+    ]
+    # an extra column (e.g. a withdrawn_because note) is kept and left empty
+    p = tmp_path / "extra.csv"
+    p.write_text(",".join([*bench.COLUMNS, "withdrawn_because"]) + "\r\n")
+    bench.append_rows("demo", [_row("case_b")], path=p)
+    (r,) = bench.read_rows(p)
+    assert r["case"] == "case_b" and r["withdrawn_because"] == "" and r["command"] == "cmd"
+    # another tool's CSV: refused, untouched
+    p = tmp_path / "foreign.csv"
+    p.write_text("load,policy,per_token_mean_ms\r\n1,fcfs,2.0\r\n")
+    with pytest.raises(ValueError, match="lacks component, case"):
+        bench.append_rows("demo", [_row("case_c")], path=p)
+    assert p.read_bytes() == b"load,policy,per_token_mean_ms\r\n1,fcfs,2.0\r\n"
+    # a last row left without its line end (an interrupted write): the new row starts on its own line
+    p = tmp_path / "unterminated.csv"
+    p.write_text(",".join(bench.COLUMNS) + "\r\n" + "demo,old,cpu,time_ms,1,base,2,2,,,v,d,abc,cmd")
+    bench.append_rows("demo", [_row("case_d")], path=p)
+    assert [r["case"] for r in bench.read_rows(p)] == ["old", "case_d"]
+    assert all(None not in r for r in bench.read_rows(p))  # no row with fields past the header
+
+
+def test_append_rows_at_the_same_time_write_one_header_and_whole_rows(tmp_path):
+    """Two appends to a new file at once (torchrun ranks, benchmarks side by side): one header, every row."""
+    import threading
+
+    from hf_ext.utils import bench
+
+    path = tmp_path / "race.csv"
+    started, other_done = threading.Event(), threading.Event()
+
+    class Slow:
+        """A quality value whose formatting waits for the other append (bounded), to hold this one mid-way."""
+
+        def __str__(self) -> str:
+            started.set()
+            other_done.wait(timeout=5)
+            return "0.5"
+
+        def __deepcopy__(self, memo: dict) -> Slow:
+            return self
+
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            bench.append_rows("demo", [_row("slow", quality_value=Slow())], path=path)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert started.wait(timeout=5)
+    bench.append_rows("demo", [_row("fast")], path=path)
+    other_done.set()
+    t.join(timeout=10)
+    assert not errors, errors
+    text = path.read_text()
+    assert text.count("component,case,") == 1, text
+    got = bench.read_rows(path)
+    assert sorted(r["case"] for r in got) == ["fast", "slow"] and all(None not in r for r in got)

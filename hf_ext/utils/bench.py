@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import os
 import platform
 import re
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 COLUMNS = [
     "component",
@@ -246,22 +248,76 @@ class Row:
 
 
 def append_rows(component: str, rows: Sequence[Row], path: Path | None = None) -> Path:
-    """Append rows to ``benchmarks/results/<component>.csv`` (header written once)."""
+    """Append rows to ``benchmarks/results/<component>.csv`` (header written once).
+
+    The file's own header decides the column order: a file with the schema's columns in another order, or
+    with extra columns (left empty), gets its rows in its order; a file without every schema column is
+    refused with a ``ValueError`` before anything is written. A last line without its line end (an interrupted
+    write) is ended first, so that the new rows do not run into it. The file is locked while it is read and
+    written (``fcntl.flock`` where available), so processes that append at the same time (torchrun ranks,
+    benchmarks run side by side) write one header and whole rows.
+    """
     path = path or results_dir() / f"{component}.csv"
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            d = asdict(r)
-            w.writerow({k: d.get(k, "") for k in COLUMNS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cells = [{k: _cell(v) for k, v in asdict(r).items() if k in COLUMNS} for r in rows]  # before the lock
+    with path.open("ab+") as f:
+        _lock(f)
+        try:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(0)
+            head = f.readline().decode("utf-8").strip("\r\n") if size else ""
+            if not head:  # a new or empty file (a blank first line: nothing parsable was there)
+                fieldnames, prefix = COLUMNS, ""
+            else:
+                fieldnames = next(csv.reader([head]))
+                missing = [c for c in COLUMNS if c not in fieldnames]
+                if missing:
+                    raise ValueError(
+                        f"append_rows: {path} is not a results CSV of this schema (its header lacks "
+                        f"{', '.join(missing)}); expected the columns {','.join(COLUMNS)}. "
+                        "Write to another file (path=) or move this one away."
+                    )
+                f.seek(size - 1)
+                prefix = "" if f.read(1) == b"\n" else "\r\n"
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=fieldnames, restval="")
+            if not head:
+                w.writeheader()
+            w.writerows(cells)
+            f.seek(0, os.SEEK_END)
+            f.write((prefix + buf.getvalue()).encode("utf-8"))
+            f.flush()
+        finally:
+            _unlock(f)
     return path
+
+
+def _cell(v: object) -> str:
+    """A CSV cell as ``csv`` writes it: ``None`` empty, anything else its ``str``."""
+    return "" if v is None else str(v)
+
+
+def _lock(f: IO[bytes]) -> None:
+    """Take an exclusive lock on ``f`` (blocking); nothing where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+
+
+def _unlock(f: IO[bytes]) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     """Rows of a results CSV as dicts."""
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
