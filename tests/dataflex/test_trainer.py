@@ -299,6 +299,67 @@ def test_plain_trainer_resumes_data_state_from_a_checkpoint_outside_output_dir(t
     assert seen_b == seen_a[-len(seen_b) :] and len(seen_b) >= 4
 
 
+def test_callback_resume_without_a_findable_checkpoint_is_a_clear_error(tmp_path):
+    """Callback-only resume finds the checkpoint through the running Trainer on the call stack (transformers passes
+    callbacks no checkpoint path). Where that lookup fails (here on_train_begin is called outside a Trainer) and no
+    fallback folder holds dataflex_state.json, the data state silently restarted from scratch with a log line; it is
+    now a RuntimeError naming resume_from, raised before the callback changes anything, and resume_from(<folder>)
+    resumes."""
+    from transformers import TrainerControl, TrainerState
+
+    cfg = {"mixer": "odm", "warmup_step": 2, "update_step": 3, "mixer_args": {"alpha": 0.5}}
+    out = str(tmp_path / "a")
+    cb = DataFlexCallback(cfg, train_dataset=DATA)
+    t = Trainer(
+        model=tiny_model(),
+        args=args(out, max_steps=4, save_strategy="steps", save_steps=4, remove_unused_columns=False),
+        train_dataset=DATA,
+        data_collator=default_collate,
+        callbacks=[cb],
+    )
+    t.train()
+    ckpt = str(tmp_path / "moved")
+    os.rename(os.path.join(out, "checkpoint-4"), ckpt)  # no longer where the fallbacks look
+
+    fresh = DataFlexCallback(cfg, train_dataset=DATA)
+    targs = args(str(tmp_path / "b"), max_steps=8)
+    state = TrainerState(global_step=4)
+    with pytest.raises(RuntimeError, match=r"resumes at step 4.*resume_from"):
+        fresh.on_train_begin(targs, state, TrainerControl())
+    assert fresh.updates_done == 0 and fresh._model is None and fresh.resumed_from is None
+    fresh.resume_from(ckpt)
+    fresh.on_train_begin(targs, state, TrainerControl())
+    assert fresh.resumed_from == os.path.join(ckpt, STATE_FILE)
+    assert fresh.updates_done == cb.updates_done == 1
+    np.testing.assert_allclose(fresh.weights, cb.weights, rtol=1e-6)
+    with pytest.raises(ValueError, match="resume_from: checkpoint"):
+        fresh.resume_from(True)
+
+
+def test_the_call_stack_lookup_finds_only_the_trainer_running_this_callback(tmp_path):
+    """The running Trainer's resume_from_checkpoint is read from the frame whose ``self`` is a Trainer holding the
+    callback; a Trainer that does not hold it (or no Trainer) gives nothing."""
+    from hf_ext.callbacks.dataflex.callback import _running_trainer_resume
+
+    cb, other = (
+        DataFlexCallback({"selector": "random"}, train_dataset=DATA),
+        DataFlexCallback({"selector": "random"}),
+    )
+    seen = {}
+
+    class Probe(Trainer):
+        def _inner_training_loop(self, *a, resume_from_checkpoint=None, **kw):  # only the lookup, no training
+            seen["mine"] = _running_trainer_resume(cb)
+            seen["other"] = _running_trainer_resume(other)
+            return None
+
+    t = Probe(model=tiny_model(), args=args(str(tmp_path)), train_dataset=DATA, callbacks=[cb])
+    ckpt = str(tmp_path / "elsewhere" / "checkpoint-3")
+    t._inner_training_loop(resume_from_checkpoint=ckpt)
+    assert seen == {"mine": (True, ckpt), "other": (False, None)}
+    assert _running_trainer_resume(cb) == (False, None)
+
+
 def test_plain_trainer_rejects_weighter(tmp_path):
     cb = DataFlexCallback({"weighter": "loss"}, train_dataset=DATA)
     t = Trainer(

@@ -6,7 +6,9 @@ steps, at most ``update_times`` times) it builds an :class:`UpdateContext`, asks
 for a subset or the mixer for domain weights, agrees on the result across ranks (rank 0's
 plan is broadcast) and hands the new plan to the sampler. ``on_save`` writes
 ``dataflex_state.json`` into the checkpoint folder; ``on_train_begin`` of a resumed run reads it
-back, so a resumed run continues with the same data state.
+back, so a resumed run continues with the same data state. A plain ``Trainer`` does not tell callbacks which
+checkpoint it resumes from: the callback reads it from the running Trainer on the call stack, and where that
+fails it raises and asks for :meth:`DataFlexCallback.resume_from`.
 
 Two ways to switch it on:
 
@@ -28,6 +30,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -225,14 +228,39 @@ class DataFlexCallback(TrainerCallback):
         """Whether per-sample training losses must be reported (weighters, ODM)."""
         return self.weighter is not None or bool(self.mixer is not None and self.mixer.needs_observations)
 
-    def resume_from(self, checkpoint: str | None) -> None:
-        """Tell the callback which checkpoint the next ``train()`` resumes from."""
-        self._resume_path = checkpoint
+    def resume_from(self, checkpoint: str | os.PathLike | None) -> None:
+        """Tell the callback which checkpoint folder the next ``train()`` resumes from.
+
+        ``DataFlexTrainer`` does this itself. With a plain ``Trainer`` call it with the folder given to
+        ``trainer.train(resume_from_checkpoint=...)`` where the callback cannot find that folder on its own
+        (see :func:`_resume_checkpoint`); ``None`` lets it look.
+        """
+        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+            raise ValueError(
+                f"resume_from: checkpoint must be a checkpoint folder (str or os.PathLike) or None, got "
+                f"{type(checkpoint).__name__}"
+            )
+        self._resume_path = None if checkpoint is None else os.fspath(checkpoint)
 
     # ---------------------------------------------------------------------------- hooks
     def on_train_begin(
         self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs
     ):
+        # where a resumed run's data state is, settled first: a resume that cannot find it stops here
+        path, self._resume_path = self._resume_path, None
+        located = path is not None
+        if path is None and state.global_step > 0:  # a stock Trainer resuming: find its checkpoint
+            path, located = _resume_checkpoint(args, state.global_step, self)
+        has_state = path is not None and os.path.exists(os.path.join(path, STATE_FILE))
+        if state.global_step > 0 and not has_state and not located:
+            raise RuntimeError(
+                f"DataFlexCallback: training resumes at step {state.global_step}, but the checkpoint it resumes "
+                "from is unknown (transformers does not pass it to callbacks, and no running Trainer holding this "
+                "callback was found on the call stack) and neither args.resume_from_checkpoint nor "
+                f"{os.path.join(args.output_dir, 'checkpoint-' + str(state.global_step))} holds {STATE_FILE}. "
+                "Call callback.resume_from(<checkpoint folder>) before trainer.train(resume_from_checkpoint=...), "
+                "or use DataFlexTrainer"
+            )
         self._model, self._optimizer = model, optimizer
         if self.sampler is None:
             if train_dataloader is None:
@@ -253,10 +281,7 @@ class DataFlexCallback(TrainerCallback):
         if self._obs_loss is None:
             d = max(1, len(self.domain_names))
             self._obs_loss, self._obs_count = np.zeros(d), np.zeros(d)
-        path, self._resume_path = self._resume_path, None
-        if path is None and state.global_step > 0:  # a stock Trainer resuming: find its checkpoint
-            path = _resume_checkpoint(args, state.global_step)
-        if path is not None and os.path.exists(os.path.join(path, STATE_FILE)):
+        if has_state:
             self.load_state(path)
             return
         if path is not None and state.global_step > 0:
@@ -473,39 +498,65 @@ class DataFlexCallback(TrainerCallback):
         self.resumed_from = path
 
 
-def _resume_checkpoint(args: Any, global_step: int) -> str | None:
-    """The checkpoint folder a stock ``Trainer`` is resuming from (callback-only mode).
+def _running_trainer_resume(callback: Any) -> tuple[bool, str | None]:
+    """``(found, folder)``: the ``resume_from_checkpoint`` of the ``Trainer`` that is running ``callback``.
 
-    ``on_train_begin`` is not told the path, and neither ``TrainerState`` nor ``TrainingArguments``
-    record what was passed to ``train(resume_from_checkpoint=...)``. In order: the
-    ``resume_from_checkpoint`` argument of the running ``Trainer._inner_training_loop`` (found on
-    the call stack; ``True`` is already resolved to a folder there), ``args.resume_from_checkpoint``,
-    then ``<output_dir>/checkpoint-<global_step>``; the first that holds ``dataflex_state.json``.
+    The innermost frame on the call stack whose ``self`` is a transformers ``Trainer`` holding ``callback`` and
+    that has a ``resume_from_checkpoint`` local (``Trainer._inner_training_loop``, where ``True`` is already
+    resolved to a folder; ``Trainer.train`` resolves it too) gives it. The function name is not relied on, and
+    another Trainer on the stack (one that does not hold the callback) is not mistaken for it. ``found`` is
+    False when no such frame exists (e.g. ``on_train_begin`` called outside a ``Trainer``) or its
+    ``resume_from_checkpoint`` is not a folder.
     """
     import inspect
 
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    candidates: list[str] = []
+    trainer_mod = sys.modules.get("transformers.trainer")
+    trainer_cls = getattr(trainer_mod, "Trainer", None)
+    if trainer_cls is None:  # transformers' Trainer never loaded: no Trainer can be running
+        return False, None
     frame = inspect.currentframe()
     try:
         while frame is not None:
-            if frame.f_code.co_name == "_inner_training_loop":
-                found = frame.f_locals.get("resume_from_checkpoint")
-                if isinstance(found, (str, os.PathLike)):
-                    candidates.append(os.fspath(found))
-                break
+            local = frame.f_locals
+            owner = local.get("self")
+            if isinstance(owner, trainer_cls) and "resume_from_checkpoint" in local:
+                handler = getattr(owner, "callback_handler", None)
+                if any(cb is callback for cb in getattr(handler, "callbacks", ())):
+                    found = local.get("resume_from_checkpoint")
+                    if isinstance(found, (str, os.PathLike)):
+                        return True, os.fspath(found)
+                    return False, None  # not a folder (None): the Trainer itself does not resume from a path
             frame = frame.f_back
     finally:
         del frame
+    return False, None
+
+
+def _resume_checkpoint(args: Any, global_step: int, callback: Any = None) -> tuple[str | None, bool]:
+    """The checkpoint folder a stock ``Trainer`` is resuming from (callback-only mode), and whether it is known.
+
+    transformers gives callbacks ``args``, ``state``, ``control`` and objects such as ``model`` and
+    ``train_dataloader``, but not the ``resume_from_checkpoint`` passed to ``train()``; neither ``TrainerState``
+    (loaded from the checkpoint, without its path) nor ``TrainingArguments`` records it, and ``ExportableState``
+    rebuilds a callback from JSON arguments, which cannot carry datasets or reward functions. So, in order: the
+    running Trainer's own ``resume_from_checkpoint`` (:func:`_running_trainer_resume`; a checkpoint outside
+    ``output_dir`` works), ``args.resume_from_checkpoint``, then ``<output_dir>/checkpoint-<global_step>``: the
+    first that holds ``dataflex_state.json``. Without one, the folder is the Trainer's (``known`` True: that
+    checkpoint has no DataFlex state) or, when the Trainer was not found, ``None`` with ``known`` False.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    candidates: list[str] = []
+    found, folder = _running_trainer_resume(callback)
+    if folder is not None:
+        candidates.append(folder)
     if isinstance(getattr(args, "resume_from_checkpoint", None), str):
         candidates.append(args.resume_from_checkpoint)
-    default = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
-    candidates.append(default)
+    candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}"))
     for c in candidates:
         if os.path.exists(os.path.join(c, STATE_FILE)):
-            return c
-    return candidates[0]
+            return c, True
+    return (folder, True) if found else (None, False)
 
 
 def _broadcast(obj: Any) -> Any:
