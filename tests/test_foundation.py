@@ -340,3 +340,44 @@ def test_append_rows_at_the_same_time_write_one_header_and_whole_rows(tmp_path):
     assert text.count("component,case,") == 1, text
     got = bench.read_rows(path)
     assert sorted(r["case"] for r in got) == ["fast", "slow"] and all(None not in r for r in got)
+
+
+def test_git_commit_of_a_copy_that_another_repository_does_not_track_is_unknown(tmp_path, monkeypatch):
+    """A source tree exported into another project (no .git of its own): the enclosing repository's commit
+    says nothing about this code, so rows must not record it."""
+    import importlib.util
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    monkeypatch.delenv("HF_EXT_COMMIT", raising=False)
+    outer = tmp_path / "project"
+    vendored = outer / "vendor" / "hf-ext"
+    (vendored / "hf_ext" / "utils").mkdir(parents=True)
+    shutil.copy(ROOT / "hf_ext" / "utils" / "bench.py", vendored / "hf_ext" / "utils" / "bench.py")
+    shutil.copy(ROOT / "pyproject.toml", vendored / "pyproject.toml")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env["GIT_COMMITTER_EMAIL"] = "t@t"
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", *args], cwd=outer, capture_output=True, text=True, env=env, check=True)
+        return res.stdout.strip()
+
+    def load_copy():
+        spec = importlib.util.spec_from_file_location("vendored_bench", vendored / "hf_ext/utils/bench.py")
+        mod = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "vendored_bench", mod)  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+        return mod
+
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "the project's own history")
+    (outer / ".gitignore").write_text("vendor/\n")
+    untracked = load_copy()
+    assert vendored == untracked.CHECKOUT_ROOT
+    assert untracked.git_commit() == "unknown"
+    # once the project tracks the copy, its commit does describe the code
+    (outer / ".gitignore").unlink()
+    git("add", "-A")
+    git("commit", "-q", "-m", "vendor hf-ext")
+    assert load_copy().git_commit() == git("rev-parse", "--short", "HEAD")

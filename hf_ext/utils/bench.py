@@ -116,22 +116,25 @@ def versions() -> str:
 
 def git_commit() -> str:
     """Short commit of the checkout, ``+dirty`` when there are changes, or ``$HF_EXT_COMMIT``; ``unknown``
-    outside a source checkout."""
+    outside a source checkout, and in a copy of the source that the enclosing git repository does not track
+    (an exported tree put inside another project): that repository's commit says nothing about this code."""
     if os.environ.get("HF_EXT_COMMIT"):
         return os.environ["HF_EXT_COMMIT"]
     if CHECKOUT_ROOT is None:  # an installed package: git would describe whatever repository encloses it
         return "unknown"
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        this_file = Path(__file__).resolve().relative_to(REPO_ROOT).as_posix()
+        if git("ls-files", "--error-unmatch", "--", this_file).returncode != 0:
+            return "unknown"  # not a git checkout, or one that does not hold this code
+        sha = git("rev-parse", "--short", "HEAD")
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip()
+        return sha.stdout.strip() + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
 
