@@ -365,3 +365,47 @@ def save_pipeline_4(rank: int, world_size: int, outdir: str, name: str) -> dict[
         runner.close()
         del runner, model, opt
     return out
+
+
+def _model_state(model: Any) -> dict[str, Any]:
+    """What ``apply_plan`` changes on a model: the layers' checkpointing flags and classes, DTensor parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        "ckpt": [bool(layer.gradient_checkpointing) for layer in model.model.layers],
+        "classes": sorted({type(m).__name__ for m in model.modules()}),
+        "dtensors": sum(isinstance(p, DTensor) for p in model.parameters()),
+    }
+
+
+def apply_refusals_unchanged(rank: int, world_size: int) -> dict[str, Any]:
+    """Plans apply_plan cannot run on a model, each with checkpointing on: the error and the model's state before
+    and after the refused call (it must not have changed)."""
+    import torch.distributed as dist
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama
+
+    kw = dict(gpus=2, global_batch=4, seq_len=8, ckpt=True)
+    cases = {
+        # the stages pass no attention mask: eager attention would attend to the future
+        "pp_eager": (tiny_llama(attn_implementation="eager"), dict(pp=2, micro_batch=1)),
+        # one micro-batch for two stages: Schedule1F1B refuses it (it used to, after the model was sharded)
+        "pp_one_micro_batch": (tiny_llama(attn_implementation="sdpa"), dict(pp=2)),
+        # one KV head cannot be split over 2 tensor-parallel ranks (a reshape failed inside the first forward)
+        "tp_kv_heads": (tiny_llama(num_key_value_heads=1, attn_implementation="sdpa"), dict(tp=2)),
+    }
+    out: dict[str, Any] = {}
+    n0 = len(dist.distributed_c10d._world.pg_map)
+    for name, (model, extra) in cases.items():
+        model.train()
+        plan = Plan.uniform(model.config, dp_type="fsdp", **extra, **kw)
+        before = _model_state(model)
+        try:
+            apply_plan(model, plan, param_dtype=None)
+            out[name] = ("ACCEPTED", None)
+        except ValueError as exc:
+            out[name] = (str(exc), before == _model_state(model) or (before, _model_state(model)))
+    out["groups_left"] = len(dist.distributed_c10d._world.pg_map) - n0
+    return out

@@ -198,3 +198,21 @@ def test_pipeline_save_pretrained_with_dp_or_tp_inside_the_stages(run_distribute
     assert all(r[name] == r0[name] for r in out)
     assert r0[name + ":saved_keys"] == sorted(tiny_llama().state_dict())
     assert r0[name + ":saved"] == pytest.approx(ref1, rel=1e-4)
+
+
+def test_apply_plan_refuses_unrunnable_plans_before_changing_the_model(run_distributed):
+    """A pipeline plan on an eager-attention model, a pipeline plan with fewer micro-batches than stages, and a
+    tensor-parallel plan whose tp does not divide the KV heads are refused with a ValueError naming the cause,
+    and the model is left as it was (no checkpointing flags set, no FSDP classes, no DTensor parameters).
+
+    The first two were refused only after apply_plan had switched checkpointing on (and, for the second, sharded
+    the stage with FSDP2: Schedule1F1B's own error); the third was accepted and failed inside the first forward
+    with a reshape error."""
+    out = run_distributed(_dist_fns.apply_refusals_unchanged, 2)
+    r = out[0]
+    for name in ("pp_eager", "pp_one_micro_batch", "tp_kv_heads"):
+        assert r[name][1] is True, (name, r[name])
+    assert "attn_implementation" in r["pp_eager"][0] and "'eager'" in r["pp_eager"][0], r["pp_eager"]
+    assert "plan.num_micro_batches=1 must be at least plan.pp=2" in r["pp_one_micro_batch"][0], r
+    assert "plan.tp=2 must divide the model's num_key_value_heads=1" in r["tp_kv_heads"][0], r
+    assert r["groups_left"] == 0 and out[1] == r

@@ -412,6 +412,9 @@ def _tp_unsupported(layer: torch.nn.Module) -> str:
     return ""
 
 
+# attention kernels that mask causally without a mask tensor (the pipeline stages pass none)
+_PIPELINE_ATTN = ("sdpa", "flash_attention_2", "flash_attention_3")
+
 _SHAPE_FIELDS = (
     "num_layers",
     "hidden_size",
@@ -439,13 +442,34 @@ def _check_model_for_plan(model: torch.nn.Module, plan: Plan, layers: Any) -> No
             + ", ".join(f"{f} {a} in the plan, {b} in the model" for f, (a, b) in diff.items())
             + "; search a plan for this model (hf-ext plan --model <its config.json>)"
         )
+    cfg = model.config
     if plan.tp > 1:
+        heads = {
+            "num_attention_heads": mine.num_heads,
+            "num_key_value_heads": mine.num_kv_heads,
+        }
+        for name, n in heads.items():
+            if n % plan.tp:
+                raise ValueError(
+                    f"plan.tp={plan.tp} must divide the model's {name}={n} (each tensor-parallel rank takes whole "
+                    "attention heads): use a plan whose tp divides it"
+                )
         for layer in layers:
             why = _tp_unsupported(layer)
             if why:
                 raise ValueError(why)
     if plan.pp > 1:
-        cfg = model.config
+        if plan.num_micro_batches < plan.pp:
+            raise ValueError(
+                f"plan.num_micro_batches={plan.num_micro_batches} must be at least plan.pp={plan.pp} (the 1F1B "
+                "pipeline schedule needs a micro-batch per stage): use a smaller micro_batch"
+            )
+        attn = getattr(cfg, "_attn_implementation", "sdpa")
+        if attn not in _PIPELINE_ATTN:
+            raise ValueError(
+                f"pipeline plans need attn_implementation in {list(_PIPELINE_ATTN)} (the stages pass no attention "
+                f"mask and rely on the kernel's causal masking); the model has {attn!r}"
+            )
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         if head is not None and emb is not None and head.weight is emb.weight:
             raise ValueError(
@@ -568,14 +592,6 @@ def _apply_on_mesh(
     schedule = stage_module = loss_fn = None
     stage_layers: tuple[int, int] | None = None
     if plan.pp > 1:
-        if getattr(model.config, "_attn_implementation", "sdpa") not in (
-            "sdpa",
-            "flash_attention_2",
-            "flash_attention_3",
-        ):
-            raise ValueError(
-                "pipeline plans need attn_implementation='sdpa' (the stages pass no attention mask)"
-            )
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
         pp_rank = mesh["pp"].get_local_rank()
