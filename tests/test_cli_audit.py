@@ -343,3 +343,38 @@ def test_plot_results_stays_bounded_and_notes_what_it_leaves_out(tmp_path, capsy
     assert "not drawn" in capsys.readouterr().out  # 4 metrics over max_panels
     with pytest.raises(ValueError, match="max_cases"):
         bench.plot_results("big", path, max_cases=0)
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--shape", "foo"], "--shape: invalid choice: 'foo'"),
+        (["--device", "gpu"], "--device must be cpu or cuda[:i], got 'gpu'"),
+        (["--device", "cuda"], "--device cuda: this machine has 0 CUDA device(s)"),
+        (["--skip-calibration", "--calib-out", "cal"], "--calib-out only apply to the calibration"),
+        (
+            ["--skip-calibration", "--reps", "2", "--shape", "small"],
+            "--shape, --reps only apply to the calib",
+        ),
+        (["--skip-speed", "--n", "500"], "--n only apply to the speed run, which --skip-speed skips"),
+    ],
+)
+def test_bench_simulate_refuses_bad_or_ignored_flags_before_any_work(args, msg, monkeypatch, capsys):
+    """`hf-ext bench simulate`: an unknown --shape or a --device with no CUDA device was a traceback from inside
+    the calibration; a flag of a skipped part (--calib-out with --skip-calibration) was silently ignored."""
+    import torch
+
+    from hf_ext import cli
+    from hf_ext.simulate import bench
+
+    def no_work(*a, **k):
+        raise AssertionError("bench ran")
+
+    monkeypatch.setattr(bench, "_calibration_rows", no_work)
+    monkeypatch.setattr(bench, "_speed_rows", no_work)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "simulate", *args])
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,16 +43,23 @@ def positive_float(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from hf_ext.simulate.calibrate import positive_int
+    from hf_ext.simulate.calibrate import SHAPES, positive_int
 
     ap = argparse.ArgumentParser(prog="hf-ext bench simulate", description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu", help="cpu or cuda: device of the calibration measurement")
     ap.add_argument(
-        "--shape", default=None, help="tiny | small | llama3.1-8b (default tiny on CPU, 8B on CUDA)"
+        "--device", default=None, help="cpu or cuda[:i]: device of the calibration measurement (default cpu)"
     )
-    ap.add_argument("--n", type=positive_int, default=100_000, help="requests in the speed run (>= 1)")
     ap.add_argument(
-        "--rate", type=positive_float, default=5.5, help="arrival rate of the speed run (req/s, finite, > 0)"
+        "--shape", default=None, choices=SHAPES, help="model shape (default tiny on CPU, llama3.1-8b on CUDA)"
+    )
+    ap.add_argument(
+        "--n", type=positive_int, default=None, help="requests in the speed run (>= 1, default 100000)"
+    )
+    ap.add_argument(
+        "--rate",
+        type=positive_float,
+        default=None,
+        help="arrival rate of the speed run (req/s, finite, > 0, default 5.5)",
     )
     ap.add_argument(
         "--reps",
@@ -66,9 +74,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calib-out", default=None, help="directory or .json path to save the fitted calibration"
     )
     args = ap.parse_args(list(argv) if argv is not None else None)
-    if args.device not in ("cpu",) and not args.device.startswith("cuda"):
+    # a flag of a part that is skipped would be ignored: say so instead of running without it
+    for skip, part, flags in (
+        (args.skip_calibration, "calibration", ("device", "shape", "reps", "calib_out")),
+        (args.skip_speed, "speed run", ("n", "rate")),
+    ):
+        given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+        if skip and given:
+            ap.error(f"{', '.join(given)} only apply to the {part}, which --skip-{part.split()[0]} skips")
+    args.device = args.device or "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         ap.error(f"--device must be cpu or cuda[:i], got {args.device!r}")
+    if args.device.startswith("cuda") and not args.skip_calibration:
+        import torch
+
+        index = int(args.device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     shape = args.shape or ("llama3.1-8b" if args.device.startswith("cuda") else "tiny")
+    args.n = 100_000 if args.n is None else args.n
+    args.rate = 5.5 if args.rate is None else args.rate
     if args.reps is None:
         args.reps = 2 if args.device.startswith("cuda") else 3
     if args.quick:
