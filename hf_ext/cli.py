@@ -3,7 +3,7 @@
 Example:
     $ hf-ext doctor
     $ hf-ext demo simulate sale
-    $ hf-ext bench sale -- --lengths 8192 16384
+    $ hf-ext bench sale --e2e --lengths 8192 16384
     $ hf-ext serve meta-llama/Llama-3.1-8B-Instruct --tie-predictor ./predictor --port 8000
     $ hf-ext tie-log lengths.jsonl --fit ./predictor
 """

@@ -378,3 +378,21 @@ def test_bench_simulate_refuses_bad_or_ignored_flags_before_any_work(args, msg, 
         cli.main(["bench", "simulate", *args])
     assert e.value.code == 2
     assert msg in capsys.readouterr().err
+
+
+def test_cli_docstring_bench_example_is_accepted_by_the_benchmark():
+    """hf_ext.cli's usage example `hf-ext bench sale -- --lengths ...` gave sale's 'one of the arguments --kernels
+    --e2e is required'."""
+    import shlex
+
+    from hf_ext import cli
+    from hf_ext.attention.sale import bench as sale_bench
+
+    lines = [
+        ln.strip()[2:] for ln in cli.__doc__.splitlines() if ln.strip().startswith("$ hf-ext bench sale")
+    ]
+    assert lines
+    for line in lines:
+        args = cli.build_parser().parse_args(shlex.split(line)[1:])
+        argv = cli._bench_argv(args.component, args.bench_args, under_all=False)
+        sale_bench._parser().parse_args(argv)  # SystemExit(2) on a usage error
