@@ -381,3 +381,43 @@ def test_git_commit_of_a_copy_that_another_repository_does_not_track_is_unknown(
     git("add", "-A")
     git("commit", "-q", "-m", "vendor hf-ext")
     assert load_copy().git_commit() == git("rev-parse", "--short", "HEAD")
+
+
+def test_timing_on_a_named_gpu_synchronises_and_measures_that_gpu(monkeypatch):
+    """time_interleaved(..., device="cuda:1") synchronised only the current GPU (cuda:0), and time_fn ran
+    do_bench on the current GPU, so work launched on cuda:1 was timed as its launch. Checked on CPU with
+    stand-ins for the CUDA calls."""
+    import contextlib
+
+    import torch
+    import triton.testing
+
+    from hf_ext.utils import bench
+
+    synced: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    bench.time_interleaved({"a": lambda: None, "b": lambda: None}, rounds=2, warmup=1, device="cuda:1")
+    assert len(synced) == 12
+    assert all(d is not None and torch.device(d) == torch.device("cuda:1") for d in synced), synced
+
+    current = ["cuda:0"]
+
+    @contextlib.contextmanager
+    def on_device(device):
+        before, current[0] = current[0], str(torch.device(device))
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    seen: list[str] = []
+
+    def do_bench(fn, warmup, rep, return_mode):
+        seen.append(current[0])
+        return 1.0
+
+    monkeypatch.setattr(torch.cuda, "device", on_device)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    assert bench.time_fn(lambda: None, device="cuda:1") == 1.0
+    assert bench.time_fn(lambda: None, device=torch.device("cuda", 1)) == 1.0
+    assert seen == ["cuda:1", "cuda:1"] and current == ["cuda:0"]

@@ -139,44 +139,46 @@ def git_commit() -> str:
         return "unknown"
 
 
-def time_fn(fn: Callable[[], object], *, warmup: int = 3, rep: int = 10, device: str | None = None) -> float:
+def time_fn(fn: Callable[[], object], *, warmup: int = 3, rep: int = 10, device: object = None) -> float:
     """Median time of ``fn()`` in milliseconds.
 
     On CUDA uses ``triton.testing.do_bench`` (``warmup``/``rep`` are then milliseconds of
-    warm-up and measurement, at least 25/100); elsewhere a wall-clock loop of ``warmup`` +
-    ``rep`` calls.
+    warm-up and measurement, at least 25/100) with ``device`` (``"cuda:1"``, a ``torch.device``) as the
+    current device, so its events and synchronisation are those of the GPU ``fn`` runs on; elsewhere a
+    wall-clock loop of ``warmup`` + ``rep`` calls.
     """
-    if device is None:
-        device = "cuda" if _cuda() else "cpu"
+    device = str(device) if device is not None else ("cuda" if _cuda() else "cpu")
     if device.startswith("cuda"):
+        import torch
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=max(25, warmup), rep=max(100, rep), return_mode="median"))
+        with torch.cuda.device(torch.device(device)):
+            return float(do_bench(fn, warmup=max(25, warmup), rep=max(100, rep), return_mode="median"))
     return time_interleaved({"fn": fn}, rounds=max(1, rep), warmup=max(0, warmup), device=device)["fn"]
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], *, rounds: int = 10, warmup: int = 1, device: str | None = None
+    fns: dict[str, Callable[[], object]], *, rounds: int = 10, warmup: int = 1, device: object = None
 ) -> dict[str, float]:
     """Median time in milliseconds of each ``fns[name]()``, the calls interleaved round by round in an order
     rotated every round (each name runs once in each position over ``len(fns)`` rounds).
 
     Timing one function after the other charges a slow spell of the machine to one of them, and a fixed
     interleaved order charges what the first call after a pause pays (on two H200s up to 2x for a CPU-launch-bound
-    step) to the first name. Each call is timed alone: on CUDA the device is synchronised before and after it.
-    ``warmup`` untimed rounds run first.
+    step) to the first name. Each call is timed alone: on CUDA ``device`` (``"cuda:1"``, a ``torch.device``; plain
+    ``"cuda"`` is the current one) is synchronised before and after it. ``warmup`` untimed rounds run first.
     """
     if not fns:
         raise ValueError("fns: give at least one function to time")
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
-    if device is None:
-        device = "cuda" if _cuda() else "cpu"
+    device = str(device) if device is not None else ("cuda" if _cuda() else "cpu")
     sync: Callable[[], None] = lambda: None  # noqa: E731
     if device.startswith("cuda"):
         import torch
 
-        sync = torch.cuda.synchronize
+        cuda_device = torch.device(device)
+        sync = lambda: torch.cuda.synchronize(cuda_device)  # noqa: E731 - the GPU the functions run on
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
