@@ -31,11 +31,13 @@ def doctor_report() -> dict[str, Any]:
     """Collect what ``hf-ext doctor`` prints: versions, devices, per-component readiness."""
     from importlib import metadata
 
+    import hf_ext
     from hf_ext.utils.imports import is_available
 
-    vers: dict[str, str] = {}
+    # the running package's own version: package metadata describes whatever distribution is installed, which
+    # is none when running from a checkout on PYTHONPATH, or another copy than the one imported
+    vers: dict[str, str] = {"hf-ext": hf_ext.__version__}
     for pkg in (
-        "hf-ext",
         "torch",
         "triton",
         "transformers",

@@ -421,3 +421,25 @@ def test_timing_on_a_named_gpu_synchronises_and_measures_that_gpu(monkeypatch):
     assert bench.time_fn(lambda: None, device="cuda:1") == 1.0
     assert bench.time_fn(lambda: None, device=torch.device("cuda", 1)) == 1.0
     assert seen == ["cuda:1", "cuda:1"] and current == ["cuda:0"]
+
+
+def test_doctor_reports_the_version_of_the_hf_ext_it_runs(monkeypatch):
+    """Run from a checkout on PYTHONPATH (as the README shows), doctor said hf-ext was 'not installed' (it read
+    the installed distribution's metadata, which may also be another copy than the one imported)."""
+    from importlib import metadata
+
+    import hf_ext
+    import hf_ext.cli as cli
+
+    real = metadata.version
+
+    def version(pkg: str) -> str:
+        if pkg.replace("_", "-") == "hf-ext":
+            raise metadata.PackageNotFoundError(pkg)
+        return real(pkg)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert cli.doctor_report()["versions"]["hf-ext"] == hf_ext.__version__
+    # the version the package reports is the one it is built with
+    text = (ROOT / "pyproject.toml").read_text()
+    assert f'\nversion = "{hf_ext.__version__}"\n' in text
