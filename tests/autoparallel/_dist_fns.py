@@ -409,3 +409,26 @@ def apply_refusals_unchanged(rank: int, world_size: int) -> dict[str, Any]:
             out[name] = (str(exc), before == _model_state(model) or (before, _model_state(model)))
     out["groups_left"] = len(dist.distributed_c10d._world.pg_map) - n0
     return out
+
+
+def eval_mode_checkpointing(rank: int, world_size: int) -> dict[str, Any]:
+    """An eval-mode model (as ``from_pretrained`` returns it) under a checkpointed plan: how often the first
+    layer's MLP runs in one train_step of one micro-batch (2 with checkpointing: forward and recompute), for an
+    FSDP and a DDP plan, and whether the model is in training mode after the step."""
+    import torch
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama
+
+    ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(0))
+    out: dict[str, Any] = {}
+    for dp_type in ("fsdp", "ddp"):
+        model = tiny_llama()  # eval mode
+        plan = Plan.uniform(model.config, gpus=1, dp_type=dp_type, ckpt=True, global_batch=2, seq_len=8)
+        calls: list[int] = []
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+        with apply_plan(model, plan, param_dtype=None) as runner:
+            runner.train_step(ids)
+        out[dp_type] = (len(calls), model.training)
+    return out

@@ -216,3 +216,11 @@ def test_apply_plan_refuses_unrunnable_plans_before_changing_the_model(run_distr
     assert "plan.num_micro_batches=1 must be at least plan.pp=2" in r["pp_one_micro_batch"][0], r
     assert "plan.tp=2 must divide the model's num_key_value_heads=1" in r["tp_kv_heads"][0], r
     assert r["groups_left"] == 0 and out[1] == r
+
+
+def test_train_step_checkpoints_a_model_given_in_eval_mode(run_distributed):
+    """transformers' layers checkpoint only in training mode, and from_pretrained returns an eval-mode model:
+    train_step used to run such a model as given, so a plan's checkpointed layers kept every activation (the MLP
+    ran once, not forward + recompute). It now switches the module to training mode, as Trainer does."""
+    (r,) = run_distributed(_dist_fns.eval_mode_checkpointing, 1)
+    assert r == {"fsdp": (2, True), "ddp": (2, True)}, r

@@ -210,6 +210,10 @@ class AppliedPlan:
         synchronised over the data-parallel group (DDP: once, on the last micro-batch; FSDP2:
         reduce-scattered every micro-batch, as the cost model assumes).
 
+        It puts the module in training mode first, as transformers' ``Trainer`` does every step: a model from
+        ``from_pretrained`` starts in eval mode, where transformers' layers skip activation checkpointing (and
+        dropout), so the plan's checkpointed layers would keep all their activations.
+
         Returns:
             The token-mean loss of the global batch (the same on every rank; the caller steps the
             optimizer). A batch without any target token gives 0 and zero gradients.
@@ -224,6 +228,7 @@ class AppliedPlan:
                 f"input_ids has {input_ids.shape[0]} rows; the plan's local batch is "
                 f"micro_batch*num_micro_batches = {want}"
             )
+        self.module.train()  # checkpointing (and dropout) act in training mode only
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         num_items = self._dp_sum((labels[:, 1:] != _IGNORE_INDEX).sum().reshape(1)).clamp_min(1)
         if self.schedule is not None:
