@@ -396,3 +396,13 @@ def test_cli_docstring_bench_example_is_accepted_by_the_benchmark():
         args = cli.build_parser().parse_args(shlex.split(line)[1:])
         argv = cli._bench_argv(args.component, args.bench_args, under_all=False)
         sale_bench._parser().parse_args(argv)  # SystemExit(2) on a usage error
+
+
+def test_is_available_of_a_submodule_whose_package_is_missing_is_false():
+    """is_available("pkg.sub") raised ModuleNotFoundError when pkg was not installed (find_spec imports the
+    parent), where a component's requirement check wants False."""
+    from hf_ext.utils.imports import is_available
+
+    assert is_available("json.decoder") and not is_available("json.no_such_module")
+    assert is_available("hf_ext_no_such_package.sub") is False
+    assert is_available("json.decoder.no_such") is False  # the parent is a module, not a package

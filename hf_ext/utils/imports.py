@@ -13,8 +13,15 @@ _DIRECT = {"triton"}
 
 
 def is_available(module: str) -> bool:
-    """True when ``module`` can be imported (without importing it)."""
-    return importlib.util.find_spec(module) is not None
+    """True when ``module`` can be imported (without importing it; a dotted name imports its parent packages).
+
+    False, not an exception, for a dotted name whose parent package is missing (``"diffusers.hooks"`` without
+    diffusers) or is a plain module.
+    """
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ModuleNotFoundError of a parent; ValueError: a __spec__ of None
+        return False
 
 
 def require(module: str, feature: str = "") -> ModuleType:
