@@ -406,3 +406,17 @@ def test_is_available_of_a_submodule_whose_package_is_missing_is_false():
     assert is_available("json.decoder") and not is_available("json.no_such_module")
     assert is_available("hf_ext_no_such_package.sub") is False
     assert is_available("json.decoder.no_such") is False  # the parent is a module, not a package
+
+
+def test_plot_results_of_a_csv_of_another_schema_names_the_missing_columns(tmp_path):
+    """plot_results on a CSV written by another tool (benchmarks/results/tie_refresh.csv) failed with
+    KeyError: 'case'; an empty file still gives the '(no finite ratios)' figure."""
+    from hf_ext.utils import bench
+
+    p = tmp_path / "tie_refresh.csv"
+    p.write_text("load,policy,per_token_mean_ms\n1,fcfs,2.0\n")
+    with pytest.raises(ValueError, match=r"tie_refresh\.csv is not a results CSV .*lacks case, metric"):
+        bench.plot_results("tie_refresh", p)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert bench.plot_results("empty", empty).exists()

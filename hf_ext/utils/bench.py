@@ -357,6 +357,14 @@ def plot_results(
             raise ValueError(f"plot_results: {name} must be an int >= 1, got {v!r}")
     path = path or results_dir() / f"{component}.csv"
     out = out or path.with_suffix(".png")
+    with path.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    needed = ("case", "metric", "baseline", "device", "ratio")
+    missing = [c for c in needed if c not in header]
+    if header and missing:
+        raise ValueError(
+            f"plot_results: {path} is not a results CSV of this schema (its header lacks {', '.join(missing)})"
+        )
     latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
     for r in read_rows(path):
         key = (r["case"], r["metric"], r["baseline"], r["device"])
