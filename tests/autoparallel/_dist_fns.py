@@ -432,3 +432,34 @@ def eval_mode_checkpointing(rank: int, world_size: int) -> dict[str, Any]:
             runner.train_step(ids)
         out[dp_type] = (len(calls), model.training)
     return out
+
+
+def batch_shape_checks(rank: int, world_size: int) -> dict[str, Any]:
+    """Batches of the wrong shape given to local_batch / train_step of a dp=2 DDP plan (2 micro-batches of 1 row
+    per rank): the error each raises (or ``ACCEPTED``) and whether any gradient was written."""
+    import torch
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama
+
+    model = tiny_llama().train()
+    plan = Plan.uniform(model.config, gpus=2, dp_type="ddp", global_batch=4, seq_len=8, micro_batch=1)
+    ids = torch.randint(3, 500, (5, 8), generator=torch.Generator().manual_seed(0))
+    local = ids[2 * rank : 2 * rank + 2]
+    cases = {
+        "local_batch_5_rows": lambda r: r.local_batch(ids),  # one row more than plan.global_batch = 4
+        "labels_fewer_rows": lambda r: r.train_step(local, local[:1]),
+        "labels_longer": lambda r: r.train_step(local, torch.cat([local, local], dim=1)),
+        "input_1d": lambda r: r.train_step(local[0]),
+    }
+    out: dict[str, Any] = {}
+    with apply_plan(model, plan, param_dtype=None) as runner:
+        for name, call in cases.items():
+            try:
+                call(runner)
+                out[name] = "ACCEPTED"
+            except ValueError as exc:
+                out[name] = str(exc)
+        out["grads"] = sum(p.grad is not None for p in runner.parameters())
+    return out

@@ -224,3 +224,17 @@ def test_train_step_checkpoints_a_model_given_in_eval_mode(run_distributed):
     ran once, not forward + recompute). It now switches the module to training mode, as Trainer does."""
     (r,) = run_distributed(_dist_fns.eval_mode_checkpointing, 1)
     assert r == {"fsdp": (2, True), "ddp": (2, True)}, r
+
+
+def test_batches_of_the_wrong_shape_are_refused_before_any_forward(run_distributed):
+    """local_batch of a batch with a row more than plan.global_batch used to drop that row silently (each of 2
+    ranks took 5 // 2 rows), and train_step with labels of fewer rows than input_ids trained on the micro-batches
+    the labels covered only (zip stopped at the shorter). Both now raise a ValueError naming the shapes, as do
+    labels of another length and 1-D input_ids, before any gradient is written."""
+    out = run_distributed(_dist_fns.batch_shape_checks, 2)
+    r = out[0]
+    assert "plan.global_batch=4 rows, got a tensor of shape (5, 8)" in r["local_batch_5_rows"], r
+    assert "labels must have the shape of input_ids (2, 8), got (1, 8)" in r["labels_fewer_rows"], r
+    assert "got (2, 16)" in r["labels_longer"], r
+    assert "input_ids must be a [rows, seq] tensor, got shape (8,)" in r["input_1d"], r
+    assert r["grads"] == 0 and out[1] == r

@@ -184,7 +184,17 @@ class AppliedPlan:
         return self.mesh["dp"].get_local_rank()
 
     def local_batch(self, global_batch: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a ``[global_batch, seq]`` tensor (split over the dp dimension)."""
+        """This rank's slice of a ``[global_batch, seq]`` tensor (split over the dp dimension).
+
+        Raises:
+            ValueError: ``global_batch`` does not have the plan's ``global_batch`` rows (a slice of another
+                batch size would drop rows or give ``train_step`` a batch the plan was not made for)."""
+        rows = global_batch.shape[0] if global_batch.dim() else None
+        if rows != self.plan.global_batch:
+            raise ValueError(
+                f"local_batch: global_batch must have plan.global_batch={self.plan.global_batch} rows, got a tensor "
+                f"of shape {tuple(global_batch.shape)}"
+            )
         per = global_batch.shape[0] // self.plan.dp
         return global_batch[self.dp_rank * per : (self.dp_rank + 1) * per]
 
@@ -217,10 +227,20 @@ class AppliedPlan:
         Returns:
             The token-mean loss of the global batch (the same on every rank; the caller steps the
             optimizer). A batch without any target token gives 0 and zero gradients.
+
+        Raises:
+            ValueError: ``input_ids`` is not ``[micro_batch * num_micro_batches, seq]``, or ``labels`` (when given)
+                has another shape (before any forward).
         """
         if self.closed:
             raise RuntimeError("this AppliedPlan was closed (its process groups are destroyed)")
         plan = self.plan
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [rows, seq] tensor, got shape {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+            )
         labels = input_ids if labels is None else labels
         want = plan.micro_batch * plan.num_micro_batches
         if input_ids.shape[0] != want:
