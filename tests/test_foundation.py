@@ -443,3 +443,43 @@ def test_doctor_reports_the_version_of_the_hf_ext_it_runs(monkeypatch):
     # the version the package reports is the one it is built with
     text = (ROOT / "pyproject.toml").read_text()
     assert f'\nversion = "{hf_ext.__version__}"\n' in text
+
+
+def test_git_commit_is_not_dirty_from_the_results_files_a_benchmark_appends_to(tmp_path, monkeypatch):
+    """A benchmark run on a clean checkout appends to a tracked benchmarks/results CSV, so every row written after
+    its first append (another batch, the next benchmark of `hf-ext bench all`) recorded the commit as +dirty."""
+    import importlib.util
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    monkeypatch.delenv("HF_EXT_COMMIT", raising=False)
+    repo = tmp_path / "hf-ext"
+    (repo / "hf_ext" / "utils").mkdir(parents=True)
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    shutil.copy(ROOT / "hf_ext" / "utils" / "bench.py", repo / "hf_ext" / "utils" / "bench.py")
+    shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
+    csv_path = repo / "benchmarks" / "results" / "demo.csv"
+    csv_path.write_text("component,case\r\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env["GIT_COMMITTER_EMAIL"] = "t@t"
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, env=env, check=True)
+        return res.stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "checkout")
+    spec = importlib.util.spec_from_file_location("checkout_bench", repo / "hf_ext/utils/bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "checkout_bench", mod)
+    spec.loader.exec_module(mod)
+    sha = git("rev-parse", "--short", "HEAD")
+    assert mod.git_commit() == sha
+    with csv_path.open("a") as f:  # what the benchmark's own append_rows does
+        f.write("demo,a\r\n")
+    assert mod.git_commit() == sha
+    with (repo / "pyproject.toml").open("a") as f:  # a change to the project itself still counts
+        f.write("\n")
+    assert mod.git_commit() == sha + "+dirty"

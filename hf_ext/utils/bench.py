@@ -115,7 +115,8 @@ def versions() -> str:
 
 
 def git_commit() -> str:
-    """Short commit of the checkout, ``+dirty`` when there are changes, or ``$HF_EXT_COMMIT``; ``unknown``
+    """Short commit of the checkout, ``+dirty`` when tracked files outside ``benchmarks/results`` have changes (a
+    benchmark's own appends to its results CSV do not count), or ``$HF_EXT_COMMIT``; ``unknown``
     outside a source checkout, and in a copy of the source that the enclosing git repository does not track
     (an exported tree put inside another project): that repository's commit says nothing about this code."""
     if os.environ.get("HF_EXT_COMMIT"):
@@ -133,7 +134,10 @@ def git_commit() -> str:
         sha = git("rev-parse", "--short", "HEAD")
         if sha.returncode != 0:
             return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip()
+        # changes to the code, not to the results files that benchmarks (this one included) append to
+        dirty = git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"
+        ).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
