@@ -463,3 +463,28 @@ def batch_shape_checks(rank: int, world_size: int) -> dict[str, Any]:
                 out[name] = str(exc)
         out["grads"] = sum(p.grad is not None for p in runner.parameters())
     return out
+
+
+def bad_param_dtype(rank: int, world_size: int) -> dict[str, Any]:
+    """apply_plan with a param_dtype that is not a floating compute dtype: the error, when it comes, and whether
+    the model was changed before it (checkpointing switched on by the plan)."""
+    import torch
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama
+
+    ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(0))
+    out: dict[str, Any] = {}
+    for name, dtype in (("string", "bf16"), ("int8", torch.int8)):
+        model = tiny_llama().train()
+        plan = Plan.uniform(model.config, gpus=1, dp_type="ddp", ckpt=True, global_batch=2, seq_len=8)
+        try:
+            with apply_plan(model, plan, param_dtype=dtype) as runner:
+                runner.train_step(ids)
+            out[name] = ("ACCEPTED", None)
+        except ValueError as exc:
+            out[name] = (str(exc), [bool(layer.gradient_checkpointing) for layer in model.model.layers])
+        except Exception as exc:  # the old code: a TypeError / RuntimeError inside the first step
+            out[name] = (f"{type(exc).__name__} in train_step: {exc}", None)
+    return out

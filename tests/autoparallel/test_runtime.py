@@ -238,3 +238,14 @@ def test_batches_of_the_wrong_shape_are_refused_before_any_forward(run_distribut
     assert "got (2, 16)" in r["labels_longer"], r
     assert "input_ids must be a [rows, seq] tensor, got shape (8,)" in r["input_1d"], r
     assert r["grads"] == 0 and out[1] == r
+
+
+def test_apply_plan_refuses_a_param_dtype_it_cannot_compute_in(run_distributed):
+    """param_dtype='bf16' (a string) or torch.int8 used to be accepted: the model was prepared and the first
+    train_step failed inside torch.autocast. apply_plan now raises a ValueError listing the allowed values before
+    it changes the model."""
+    (r,) = run_distributed(_dist_fns.bad_param_dtype, 1)
+    for name in ("string", "int8"):
+        msg, ckpt = r[name]
+        assert "param_dtype must be None, torch.bfloat16, torch.float16, torch.float32" in msg, r
+        assert ckpt == [False, False], r

@@ -529,6 +529,10 @@ def unsupported_reason(plan: Plan) -> str:
     return ""
 
 
+# compute dtypes apply_plan takes (autocast for ddp, FSDP2's param_dtype)
+_PARAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def apply_plan(
     model: torch.nn.Module,
     plan: Plan,
@@ -543,7 +547,8 @@ def apply_plan(
         plan: from :func:`~hf_ext.accelerate.autoparallel.search.search` or :meth:`Plan.uniform`;
             ``plan.gpus`` must equal the world size.
         device: where to run (default: ``cuda:<local rank>`` with NCCL, else ``cpu``).
-        param_dtype: compute dtype (bf16 autocast for ddp, FSDP2 ``param_dtype``); ``None`` keeps fp32.
+        param_dtype: compute dtype (bf16 autocast for ddp, FSDP2 ``param_dtype``): ``torch.bfloat16``,
+            ``torch.float16`` or ``torch.float32``; ``None`` keeps fp32.
 
     Returns:
         An :class:`AppliedPlan` (``.module``, ``.param_groups()`` for the optimizer, ``.train_step(ids)``;
@@ -552,6 +557,12 @@ def apply_plan(
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    if param_dtype is not None and param_dtype not in _PARAM_DTYPES:
+        raise ValueError(
+            "apply_plan: param_dtype must be None, "
+            + ", ".join(f"torch.{str(d).rpartition('.')[2]}" for d in _PARAM_DTYPES)
+            + f"; got {param_dtype!r}"
+        )
     if not dist.is_initialized():
         raise RuntimeError("apply_plan needs torch.distributed initialised (torchrun / accelerate launch)")
     world = dist.get_world_size()
