@@ -118,7 +118,8 @@ def tiny_qwen3(seed: int = 0, **overrides: Any) -> Any:
 def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:
     """A random tiny MoE causal LM: ``kind`` in ``{"qwen2_moe", "mixtral", "olmoe", "qwen3_moe"}``.
 
-    4 experts, top-2 routing, 2 layers, hidden 64.
+    4 experts, top-2 routing, 2 layers, hidden 64. ``overrides`` are config arguments, given to the config's
+    constructor (so fields derived from them, such as ``layer_types`` from ``num_hidden_layers``, follow).
     """
     import transformers as tf
 
@@ -127,8 +128,8 @@ def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:
     common = {k: v for k, v in TINY_LM_KWARGS.items() if k != "intermediate_size"}
     common["max_position_embeddings"] = 2048
     if kind == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(
-            **common,
+        config_cls, cls = tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM
+        own = dict(
             intermediate_size=128,
             moe_intermediate_size=32,
             shared_expert_intermediate_size=64,
@@ -136,10 +137,9 @@ def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:
             num_experts_per_tok=2,
             decoder_sparse_step=1,
         )
-        cls = tf.Qwen2MoeForCausalLM
     elif kind == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(
-            **common,
+        config_cls, cls = tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM
+        own = dict(
             intermediate_size=128,
             moe_intermediate_size=32,
             num_experts=4,
@@ -147,19 +147,17 @@ def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:
             decoder_sparse_step=1,
             head_dim=16,
         )
-        cls = tf.Qwen3MoeForCausalLM
     elif kind == "mixtral":
-        cfg = tf.MixtralConfig(**common, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
-        cls = tf.MixtralForCausalLM
+        config_cls, cls = tf.MixtralConfig, tf.MixtralForCausalLM
+        own = dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
     elif kind == "olmoe":
-        cfg = tf.OlmoeConfig(**common, intermediate_size=32, num_experts=4, num_experts_per_tok=2)
-        cls = tf.OlmoeForCausalLM
+        config_cls, cls = tf.OlmoeConfig, tf.OlmoeForCausalLM
+        own = dict(intermediate_size=32, num_experts=4, num_experts_per_tok=2)
     else:
         raise ValueError(
             f"kind={kind!r} is not supported; choose one of qwen2_moe, qwen3_moe, mixtral, olmoe"
         )
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
+    cfg = config_cls(**{**common, **own, **overrides})
     return cls(cfg).eval()
 
 

@@ -483,3 +483,21 @@ def test_git_commit_is_not_dirty_from_the_results_files_a_benchmark_appends_to(t
     with (repo / "pyproject.toml").open("a") as f:  # a change to the project itself still counts
         f.write("\n")
     assert mod.git_commit() == sha + "+dirty"
+
+
+def test_tiny_moe_overrides_reach_the_config_constructor():
+    """tiny_moe set overrides on the built config, so fields derived at construction went stale:
+    tiny_moe("qwen2_moe", num_hidden_layers=3) failed with IndexError (layer_types had 2 entries)."""
+    import torch
+
+    from hf_ext.testing import tiny_moe
+
+    ids = torch.tensor([[1, 5, 6, 7]])
+    for kind in ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe"):
+        model = tiny_moe(kind, num_hidden_layers=3)
+        assert (
+            len(model.model.layers) == 3 and len(getattr(model.config, "layer_types", None) or [0] * 3) == 3
+        )
+        with torch.no_grad():
+            assert model(ids).logits.shape == (1, 4, model.config.vocab_size), kind
+    assert tiny_moe("olmoe", num_experts=3).config.num_experts == 3
