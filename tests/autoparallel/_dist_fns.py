@@ -488,3 +488,40 @@ def bad_param_dtype(rank: int, world_size: int) -> dict[str, Any]:
         except Exception as exc:  # the old code: a TypeError / RuntimeError inside the first step
             out[name] = (f"{type(exc).__name__} in train_step: {exc}", None)
     return out
+
+
+def reapply_after_close_4(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
+    """The same dp=2 x tp=2 FSDP plan applied twice in one process on 4 ranks, closing the first runner before
+    the second is made (as the bench and the profiler do): each run's losses before / after one SGD step and,
+    on rank 0, the loss of the model it saved; or the first error a run raised."""
+    import torch
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama, tiny_llama_config
+
+    plan = Plan.uniform(
+        tiny_llama_config(), gpus=world_size, dp_type="fsdp", tp=2, global_batch=GLOBAL_BATCH, seq_len=SEQ
+    )
+    ids = _batch()
+    out: dict[str, Any] = {"layout": (plan.pp, plan.dp, plan.tp)}
+    for run in range(2):
+        model = tiny_llama(seed=0, attn_implementation="sdpa").train()
+        try:
+            with apply_plan(model, plan, param_dtype=None) as runner:
+                opt = torch.optim.SGD(runner.param_groups(), lr=0.5)
+                l0 = runner.train_step(runner.local_batch(ids))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                out[run] = (l0, runner.train_step(runner.local_batch(ids)))
+                runner.save_pretrained(f"{outdir}/run{run}")
+        except Exception as exc:  # the old code: a destroyed group of the first run, on every rank
+            out[run] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            break
+        if rank == 0:
+            from transformers import AutoModelForCausalLM
+
+            back = AutoModelForCausalLM.from_pretrained(f"{outdir}/run{run}")
+            with torch.no_grad():
+                out[f"{run}:saved"] = float(back(input_ids=ids, labels=ids).loss)
+    return out

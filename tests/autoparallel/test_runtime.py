@@ -249,3 +249,22 @@ def test_apply_plan_refuses_a_param_dtype_it_cannot_compute_in(run_distributed):
         msg, ckpt = r[name]
         assert "param_dtype must be None, torch.bfloat16, torch.float16, torch.float32" in msg, r
         assert ckpt == [False, False], r
+
+
+def test_a_plan_applied_again_after_close_trains_and_saves(run_distributed, tmp_path):
+    """A dp=2 x tp=2 FSDP plan on 4 gloo ranks, applied, trained, saved and closed twice in one process. The
+    second runner used to get DTensor specs cached by the first (a DeviceMesh compares by layout, not by its
+    groups), on the process groups close() had destroyed: its save_pretrained failed with "Could not resolve the
+    process group". close() now clears DTensor's sharding-propagation caches. Both runs reproduce single-process
+    training (loss before and after one SGD step, and the saved model's loss); this is also the first test of
+    FSDP over tp-sharded layers with dp > 1."""
+    ref0, ref1 = _dist_fns.reference_losses()
+    out = run_distributed(_dist_fns.reapply_after_close_4, 4, str(tmp_path))
+    r = out[0]
+    assert r["layout"] == (1, 2, 2)
+    for run in (0, 1):
+        assert not isinstance(r[run], str), r[run]
+        l0, l1 = r[run]
+        assert l0 == pytest.approx(ref0, rel=1e-5) and l1 == pytest.approx(ref1, rel=1e-4), (run, r[run])
+        assert r[f"{run}:saved"] == pytest.approx(ref1, rel=1e-4), run
+        assert all(o[run] == r[run] for o in out)

@@ -87,7 +87,9 @@ class AppliedPlan:
         """Destroy the process groups :func:`apply_plan` created for this runner (call on every rank).
 
         The runner cannot train afterwards; the module keeps its (sharded) parameters. Calling it again,
-        or after ``torch.distributed.destroy_process_group()``, does nothing."""
+        or after ``torch.distributed.destroy_process_group()``, does nothing. It also clears DTensor's
+        sharding-propagation caches, which would otherwise hand a later runner with the same mesh layout specs
+        on these destroyed groups."""
         groups, self._owned_groups, self.closed = self._owned_groups, [], True
         _destroy_groups(groups)
 
@@ -593,14 +595,37 @@ def apply_plan(
 
 
 def _destroy_groups(groups: list) -> None:
+    """Destroy ``groups`` (those still alive), then forget DTensor's cached sharding decisions.
+
+    DTensor caches sharding propagation by op schema, and a ``DeviceMesh`` hashes and compares by its layout and
+    dimension names only, not by its process groups. A later :func:`apply_plan` with the same mesh layout would
+    get cached output specs holding this mesh, whose groups are gone: its first collective on them (e.g.
+    ``save_pretrained``'s gather of a dp x tp plan) failed with "Could not resolve the process group"."""
     import torch.distributed as dist
 
     if not dist.is_initialized():  # destroy_process_group() already took every group
         return
     live = dist.distributed_c10d._world.pg_map
+    destroyed = False
     for g in groups:
         if g in live:
             dist.destroy_process_group(g)
+            destroyed = True
+    if destroyed:
+        _clear_dtensor_sharding_cache()
+
+
+def _clear_dtensor_sharding_cache() -> None:
+    """Clear DTensor's sharding-propagation caches (the Python LRU cache and the C++ fast-path cache)."""
+    from torch.distributed.tensor import DTensor
+
+    prop = DTensor._op_dispatcher.sharding_propagator
+    clear = getattr(prop.propagate_op_sharding, "cache_clear", None)
+    if clear is not None:
+        clear()
+    native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if native is not None:
+        native()
 
 
 def _apply_on_mesh(
