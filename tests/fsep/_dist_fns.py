@@ -367,9 +367,12 @@ def grads_with_replicas(rank: int, ws: int) -> dict[str, Any]:
     return out
 
 
-def checkpointed_training(rank: int, world_size: int, steps: int = 3) -> dict[str, Any]:
+def checkpointed_training(
+    rank: int, world_size: int, steps: int = 3, use_reentrant: bool = False
+) -> dict[str, Any]:
     """AdamW steps with HF activation checkpointing on the FSEP model (its MoE blocks are recomputed in
-    backward) vs single-process training; and the planner history length (one entry per step)."""
+    backward; ``use_reentrant``: the forward runs under no_grad and only the recompute builds the graph) vs
+    single-process training; and the planner history length (one entry per step)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from hf_ext.accelerate.fsep import FSEPConfig, fsep_full_state_dict, prepare_fsep
@@ -380,7 +383,7 @@ def checkpointed_training(rank: int, world_size: int, steps: int = 3) -> dict[st
     ref = copy.deepcopy(orig).train()
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     model = prepare_fsep(copy.deepcopy(orig).train(), FSEPConfig(history=10))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     ddp = DDP(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(steps):

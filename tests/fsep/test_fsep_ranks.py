@@ -42,6 +42,16 @@ def test_activation_checkpointing_trains_like_one_process_and_observes_each_step
         assert res["history_lengths"] and all(n == 3 for n in res["history_lengths"]), res
 
 
+def test_reentrant_activation_checkpointing_feeds_the_planner_once_per_step():
+    """Reentrant checkpointing runs the MoE blocks' forward under no_grad and builds the graph in the recompute;
+    the layer observed counts only in a forward with grad that was not a recompute, so the planner saw nothing
+    (history 0, the identity layout for ever). The recompute now observes what its forward could not."""
+    for res in run_distributed(checkpointed_training, 2, 3, True):
+        assert res["checkpointing"]
+        assert res["train_max_diff"] < 1e-4, res
+        assert res["history_lengths"] and all(n == 3 for n in res["history_lengths"]), res
+
+
 def test_deferred_schedule_starts_each_gradient_exchange_after_the_token_all_to_alls():
     for res in run_distributed(comm_schedules, 2):
         assert res["grad_diff"] == 0.0, res["grad_diff"]

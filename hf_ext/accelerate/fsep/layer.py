@@ -497,6 +497,9 @@ class FSEPExperts(nn.Module):
                 else None
             )
         self.last_counts: np.ndarray | None = None
+        # counts of a training-mode forward run without grad, for the recompute in backward to observe: reentrant
+        # activation checkpointing runs the forward under no_grad and builds the graph only in that recompute
+        self._unobserved_counts: np.ndarray | None = None
         self.last_compute_cpu_s = float("nan")
         self.last_tokens = 0
         # state dicts carry full experts under the HF keys (rank-independent; see _experts_state_dict_hook)
@@ -597,9 +600,17 @@ class FSEPExperts(nn.Module):
         _all_gather_single(gathered, local_counts, group=self.group)
         counts = gathered.view(n, e).cpu().numpy()
         self.last_counts = counts
-        # a recompute in backward: this step was already observed
-        if self.planner is not None and self.training and torch.is_grad_enabled() and not recompute:
-            self.planner.observe(counts)
+        if self.planner is not None and self.training:
+            if not torch.is_grad_enabled():
+                # no graph: reentrant checkpointing's forward (observed by its recompute) or a no_grad forward
+                self._unobserved_counts = None if recompute else counts
+            elif not recompute or (
+                self._unobserved_counts is not None and np.array_equal(self._unobserved_counts, counts)
+            ):
+                # a recompute in backward observes only what its forward could not (reentrant checkpointing);
+                # non-reentrant checkpointing's forward ran with grad and observed this step already
+                self.planner.observe(counts)
+                self._unobserved_counts = None
         shares = layout.token_shares(counts)  # [N(src), E, N(dst)]
         slot_of = torch.as_tensor(layout.slot_index(), device=dev)
         c_max = max(1, layout.max_slots)
