@@ -746,3 +746,36 @@ def planner_token_scale(rank: int, ws: int) -> dict[str, Any]:
         out[name] = lay.layout.replicas().tolist()
         out[f"{name}_tokens"] = lay.planner.last_tokens_per_rank
     return out
+
+
+def optimizer_hooks_for_later_experts(rank: int, world_size: int) -> dict[str, Any]:
+    """The shape of an FSEP expert parameter's Adam moment in ``optimizer.state_dict()`` (full experts ``[E, 3IH]``
+    when the hooks apply) for expert parameters that reach an optimizer after its first step
+    (``add_param_group``) and that ``load_state_dict(assign=True)`` put in place."""
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep
+    from hf_ext.accelerate.fsep.plugin import fsep_layers
+    from hf_ext.testing import tiny_moe
+
+    ids = _batch(5, 2 * world_size)[rank * 2 : (rank + 1) * 2]
+    out: dict[str, Any] = {}
+    model = prepare_fsep(tiny_moe("mixtral", seed=0).train(), FSEPConfig())
+    layer = fsep_layers(model)[0]
+    out["full_shape"] = (layer.num_experts, layer.expert_numel)
+    experts = [lay.expert_param for lay in fsep_layers(model)]
+    dense = [p for p in model.parameters() if all(p is not q for q in experts)]
+    opt = torch.optim.Adam(dense, lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    opt.step()  # the dense part alone
+    opt.add_param_group({"params": experts, "lr": 1e-3})
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    out["add_param_group"] = tuple(opt.state_dict()["state"][len(dense)]["exp_avg"].shape)
+
+    model = prepare_fsep(tiny_moe("mixtral", seed=0).train(), FSEPConfig())
+    model.load_state_dict(model.state_dict(), assign=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    pos = [i for i, p in enumerate(model.parameters()) if p is fsep_layers(model)[0].expert_param]
+    out["assign"] = tuple(opt.state_dict()["state"][pos[0]]["exp_avg"].shape)
+    return out

@@ -52,3 +52,15 @@ def test_generate_keeps_ranks_in_step_when_one_finishes_first(results):
     assert [r["gen_len"] for r in results][0] < results[1]["gen_len"]
     assert all(r["gen_equal"] for r in results)  # the same tokens as the plain model on each rank
     assert not any(r["generate_left"] for r in results)  # remove_fsep takes the wrapper away
+
+
+def test_optimizer_state_of_experts_added_later_or_assigned_is_saved_as_full_experts():
+    """An optimizer holding no expert parameter at its first step was marked as prepared without hooks, so
+    expert parameters added by add_param_group kept one rank's rows in its state dict (save_state writes rank 0's,
+    load_state gives them to every rank, unchecked); load_state_dict(assign=True) replaced the expert parameters
+    by ones the hooks did not know, with the same effect. Both now get the full experts."""
+    from tests.fsep._dist_fns import optimizer_hooks_for_later_experts
+
+    for r in run_distributed(optimizer_hooks_for_later_experts, 2):
+        assert r["add_param_group"] == r["full_shape"], r
+        assert r["assign"] == r["full_shape"], r

@@ -505,6 +505,7 @@ class FSEPExperts(nn.Module):
         # state dicts carry full experts under the HF keys (rank-independent; see _experts_state_dict_hook)
         self.register_state_dict_post_hook(_experts_state_dict_hook)
         self.register_load_state_dict_pre_hook(_experts_load_state_dict_pre_hook)
+        self.register_load_state_dict_post_hook(_experts_load_state_dict_post_hook)
         _register_expert_param(self)
 
     @property
@@ -842,6 +843,11 @@ def _experts_load_state_dict_pre_hook(
         module._prefetched = None
 
 
+def _experts_load_state_dict_post_hook(module: FSEPExperts, incompatible_keys: Any) -> None:
+    # load_state_dict(assign=True) put a new parameter in place: the optimizer hooks must know it
+    _register_expert_param(module)
+
+
 # expert parameter -> weakref to its layer (for the optimizer state-dict hooks)
 _EXPERT_PARAMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _STEP_HOOK: Any = None
@@ -935,22 +941,25 @@ def fsep_optimizer_load_state_dict_pre_hook(optimizer: torch.optim.Optimizer, st
 
 def prepare_fsep_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Register the FSEP state-dict hooks on ``optimizer`` (once; returns it). Done automatically before an
-    optimizer's first ``step``; a state loaded earlier is cut to this rank's rows at that step."""
+    optimizer's first ``step`` that holds an FSEP expert parameter (one added by ``add_param_group`` too); a
+    state loaded earlier is cut to this rank's rows at that step."""
     inner = getattr(optimizer, "optimizer", None)  # accelerate's AcceleratedOptimizer wraps one
     if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
         prepare_fsep_optimizer(inner)
         return optimizer
     if optimizer.__dict__.get("_fsep_hooked"):
         return optimizer
-    optimizer._fsep_hooked = True
     experts = [
         (p, layer)
         for g in optimizer.param_groups
         for p in g["params"]
         if (layer := _expert_layer(p)) is not None
     ]
-    if not experts:
+    if (
+        not experts
+    ):  # not marked: the step pre-hook looks again (expert parameters may come by add_param_group)
         return optimizer
+    optimizer._fsep_hooked = True
     optimizer.register_state_dict_post_hook(fsep_optimizer_state_dict_hook)
     optimizer.register_load_state_dict_pre_hook(fsep_optimizer_load_state_dict_pre_hook)
     for p, layer in experts:
