@@ -268,3 +268,26 @@ def test_a_plan_applied_again_after_close_trains_and_saves(run_distributed, tmp_
         assert l0 == pytest.approx(ref0, rel=1e-5) and l1 == pytest.approx(ref1, rel=1e-4), (run, r[run])
         assert r[f"{run}:saved"] == pytest.approx(ref1, rel=1e-4), run
         assert all(o[run] == r[run] for o in out)
+
+
+def test_plan_refuses_zero_stages_its_dp_type_does_not_run():
+    """A plan whose layers carry a zero stage the cost model never prices for its dp_type / dp: a JSON plan edited
+    to fsdp with dp=2 and zero 0 loaded fine, was predicted as replicated (DDP-like) layers and run as zero 3 by
+    apply_plan; a ddp plan with zero 3 loaded fine and ran replicated. Both are now refused when the plan is made,
+    naming the allowed stages; the search's and Plan.uniform's plans load unchanged."""
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama_config
+
+    cfg = tiny_llama_config()
+    for dp_type in ("fsdp", "ddp"):
+        for gpus in (1, 2):
+            plan = Plan.uniform(cfg, gpus=gpus, dp_type=dp_type, global_batch=4, seq_len=8)
+            assert Plan.from_json(plan.to_json()) == plan
+    fsdp = Plan.uniform(cfg, gpus=2, dp_type="fsdp", global_batch=4, seq_len=8).to_dict()
+    fsdp["layers"] = [{"zero": 0, "ckpt": False}, {"zero": 3, "ckpt": False}]
+    with pytest.raises(ValueError, match=r"zero \[0\] with dp_type='fsdp' and dp=2.*are \[2, 3\]"):
+        Plan.from_dict(fsdp)
+    ddp = Plan.uniform(cfg, gpus=2, dp_type="ddp", global_batch=4, seq_len=8).to_dict()
+    ddp["layers"] = [{"zero": 3, "ckpt": False}] * 2
+    with pytest.raises(ValueError, match=r"zero \[3\] with dp_type='ddp' and dp=2.*are \[0\]"):
+        Plan.from_dict(ddp)

@@ -82,7 +82,17 @@ class Plan:
             isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_int(i) for i in r) for r in self.stages
         ):
             raise ValueError(f"Plan.stages must be [start, end) pairs of ints, got {self.stages!r}")
-        self.config  # validates degrees  # noqa: B018
+        cfg = self.config  # validates degrees
+        # the zero stages the cost model prices for this config (and the search picks from): 0 for ddp and for a
+        # single data-parallel rank, 2 / 3 for fsdp; apply_plan would run another (fsdp zero 0 as zero 3, ddp
+        # ignoring zero 2 / 3) than the one the plan's prediction assumed
+        allowed = sorted({s.zero for s in cfg.layer_strategies()})
+        wrong = sorted({x["zero"] for x in self.layers} - set(allowed))
+        if wrong:
+            raise ValueError(
+                f"Plan.layers: zero {wrong} with dp_type={self.dp_type!r} and dp={self.dp}; the zero stages of "
+                f"such a plan are {allowed}"
+            )
         n = self.shape.num_layers
         if len(self.layers) != n:
             raise ValueError(f"Plan.layers has {len(self.layers)} entries, the model has {n} layers")
