@@ -779,3 +779,46 @@ def optimizer_hooks_for_later_experts(rank: int, world_size: int) -> dict[str, A
     pos = [i for i, p in enumerate(model.parameters()) if p is fsep_layers(model)[0].expert_param]
     out["assign"] = tuple(opt.state_dict()["state"][pos[0]]["exp_avg"].shape)
     return out
+
+
+def factored_optimizer_resume(rank: int, world_size: int) -> dict[str, Any]:
+    """``torch.optim.Adafactor`` on an FSEP model, its ``state_dict()`` written by rank 0 and loaded on every rank
+    (as ``accelerator.save_state`` / ``load_state`` do): the max difference between each rank's factored second
+    moments (``row_var`` / ``col_var``, computed from the rank's own rows) before and after; and the error for a
+    state saved by another number of ranks."""
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep
+    from hf_ext.accelerate.fsep.layer import prepare_fsep_optimizer
+    from hf_ext.accelerate.fsep.plugin import fsep_layers
+    from hf_ext.testing import tiny_moe
+
+    out: dict[str, Any] = {}
+    for mode in ("fsep", "static_ep"):
+        model = prepare_fsep(tiny_moe("mixtral", seed=0).train(), FSEPConfig(mode=mode))
+        ids = _batch(5, 2 * world_size)[rank * 2 : (rank + 1) * 2]
+        opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+        for _ in range(2):
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        saved = [opt.state_dict()]  # collective
+        dist.broadcast_object_list(saved, src=0)  # rank 0's file, loaded on every rank
+        fresh = prepare_fsep_optimizer(torch.optim.Adafactor(model.parameters(), lr=1e-2))
+        fresh.load_state_dict(saved[0])
+        experts = [lay.expert_param for lay in fsep_layers(model)]
+        out[f"{mode}_diff"] = max(
+            float((fresh.state[p][k] - opt.state[p][k]).abs().max())
+            for p in experts
+            for k in ("row_var", "col_var")
+        )
+        out[f"{mode}_differs_between_ranks"] = float(opt.state[experts[0]]["row_var"].sum())
+        bad = copy.deepcopy(saved[0])
+        for st in bad["state"].values():
+            for k, v in st.items():
+                if isinstance(v, dict):
+                    st[k] = {**v, "fsep_per_rank": torch.cat([v["fsep_per_rank"], v["fsep_per_rank"][:1]])}
+        try:
+            prepare_fsep_optimizer(torch.optim.Adafactor(model.parameters(), lr=1e-2)).load_state_dict(bad)
+            out[f"{mode}_other_world_size"] = "no error"
+        except RuntimeError as exc:
+            out[f"{mode}_other_world_size"] = str(exc)
+    return out

@@ -64,3 +64,20 @@ def test_optimizer_state_of_experts_added_later_or_assigned_is_saved_as_full_exp
     for r in run_distributed(optimizer_hooks_for_later_experts, 2):
         assert r["add_param_group"] == r["full_shape"], r
         assert r["assign"] == r["full_shape"], r
+
+
+def test_factored_optimizer_states_resume_each_rank_own_values():
+    """Adafactor's row_var / col_var of an expert parameter are computed from the rank's own rows, but have
+    neither the parameter's nor the full experts' shape, so optimizer.state_dict() kept rank 0's values and
+    load_state gave them to every rank, silently. They are now saved for every rank and each rank loads its own
+    (the same number of ranks and mode; otherwise an error)."""
+    from tests.fsep._dist_fns import factored_optimizer_resume
+
+    res = run_distributed(factored_optimizer_resume, 2)
+    for mode in ("fsep", "static_ep"):
+        # the ranks' moments differ, so rank 0's values on rank 1 would show
+        assert res[0][f"{mode}_differs_between_ranks"] != res[1][f"{mode}_differs_between_ranks"]
+        assert [r[f"{mode}_diff"] for r in res] == [0.0, 0.0], (mode, res)
+        for r in res:
+            assert "saved per rank" in r[f"{mode}_other_world_size"], (mode, r)
+            assert "by 3 ranks" in r[f"{mode}_other_world_size"], (mode, r)

@@ -910,32 +910,74 @@ def _map_expert_states(
     return state_dict
 
 
+# key of a saved optimizer state that only each rank's own value can restore (e.g. Adafactor's factored moments):
+# ``{PER_RANK_KEY: [N, *shape] every rank's value, STATIC_EP_KEY: 0 / 1}``
+PER_RANK_KEY = "fsep_per_rank"
+STATIC_EP_KEY = "fsep_static_ep"
+
+
+def _is_per_rank(value: Any, layer: FSEPExperts) -> bool:
+    """A non-scalar tensor state shaped neither like the parameter nor like the full experts: it is computed
+    from this rank's rows (Adafactor's ``row_var [E, 1]`` / ``col_var [1, S]``) and differs between ranks."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() > 0
+        and not _is_local(value, layer)
+        and not _is_full(value, layer)
+    )
+
+
 def _state_to_full(k: str, v: Any, layer: FSEPExperts) -> Any:
-    return layer.gather_flat(v) if _is_local(v, layer) else v
+    if _is_local(v, layer):
+        return layer.gather_flat(v)
+    if _is_per_rank(v, layer):  # no rank-independent form: every rank's value, stacked (collective)
+        v = v.detach().contiguous()
+        out = v.new_empty((layer.world_size * v.shape[0], *v.shape[1:]))  # concatenated: what gloo takes
+        _all_gather_single(out, v, group=layer.group)
+        return {
+            PER_RANK_KEY: out.view(layer.world_size, *v.shape),
+            STATIC_EP_KEY: int(layer.config.mode == "static_ep"),
+        }
+    return v
 
 
 def _state_to_local(k: str, v: Any, layer: FSEPExperts) -> Any:
     if _is_full(v, layer):
         return layer.local_from_flat(v)
-    if _is_local(v, layer):
+    if isinstance(v, dict) and PER_RANK_KEY in v:
+        stacked, static_ep = v[PER_RANK_KEY], bool(v.get(STATIC_EP_KEY, 0))
+        if stacked.shape[0] != layer.world_size or static_ep != (layer.config.mode == "static_ep"):
+            saved = "static_ep" if static_ep else "fsep"
+            raise RuntimeError(
+                f"optimizer load_state_dict: the state {k!r} of an FSEP expert parameter was saved per rank "
+                f"(it depends on each rank's rows, e.g. a factored second moment) by {stacked.shape[0]} ranks in "
+                f"mode {saved!r}; it can only be resumed on as many ranks in the same mode, not on "
+                f"{layer.world_size} in mode {layer.config.mode!r}"
+            )
+        return stacked[layer.rank].clone()
+    if _is_local(v, layer) or _is_per_rank(v, layer):
         raise RuntimeError(
             f"optimizer load_state_dict: the state {k!r} of an FSEP expert parameter holds one rank's "
             f"rows (shape {tuple(v.shape)}); every rank holds different ones, so loading it could hand "
             "one rank's rows to all. Save with optimizer.state_dict() on every rank after a step "
-            "(accelerator.save_state does): it writes the full experts."
+            "(accelerator.save_state does): it writes the full experts (states of other shapes: every "
+            "rank's own)."
         )
     return v
 
 
 def fsep_optimizer_state_dict_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
     """Optimizer ``state_dict`` post-hook (collective): the states of FSEP expert parameters shaped like the
-    parameter (e.g. Adam's ``exp_avg`` / ``exp_avg_sq``) become the full flattened experts ``[E, 3*I*H]``."""
+    parameter (e.g. Adam's ``exp_avg`` / ``exp_avg_sq``) become the full flattened experts ``[E, 3*I*H]``; other
+    non-scalar states (e.g. Adafactor's ``row_var`` / ``col_var``, computed from this rank's rows) become
+    ``{PER_RANK_KEY: [N, *shape], STATIC_EP_KEY: 0 / 1}``, every rank's own value."""
     return _map_expert_states(optimizer, state_dict, _state_to_full)
 
 
 def fsep_optimizer_load_state_dict_pre_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
     """Optimizer ``load_state_dict`` pre-hook: keep this rank's rows of the full expert states written by
-    :func:`fsep_optimizer_state_dict_hook`; a state with one rank's rows raises (it would be loaded on all)."""
+    :func:`fsep_optimizer_state_dict_hook` (and this rank's value of a per-rank state, which needs the same
+    world size and mode); a state with one rank's rows raises (it would be loaded on all)."""
     return _map_expert_states(optimizer, state_dict, _state_to_local)
 
 
@@ -965,8 +1007,8 @@ def prepare_fsep_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Opti
     for p, layer in experts:
         st = optimizer.state.get(p) or {}
         for k, v in list(st.items()):
-            if _is_full(v, layer):  # loaded before the hooks were there
-                st[k] = layer.local_from_flat(v)
+            if _is_full(v, layer) or (isinstance(v, dict) and PER_RANK_KEY in v):  # loaded before the hooks
+                st[k] = _state_to_local(k, v, layer)
     return optimizer
 
 
