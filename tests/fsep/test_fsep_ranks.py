@@ -34,6 +34,42 @@ def test_gather_option_is_validated():
         FSEPConfig(gather_p2p_min_bytes=-1)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"history": 2.5}, "history=2.5 must be an int"),
+        ({"capacity": 2.5}, "capacity=2.5 must be None or an integer"),
+        ({"capacity": True}, "capacity=True must be None or an integer"),
+        ({"extra_capacity": 0.5}, "extra_capacity=0.5 must be an int"),
+        ({"replan_interval": 1.5}, "replan_interval=1.5 must be an int"),
+        ({"num_perturbations": 1.5}, "num_perturbations=1.5 must be an int"),
+        ({"gather_p2p_min_bytes": 1.5}, "gather_p2p_min_bytes=1.5 must be an int"),
+        ({"history_decay": "0.5"}, "history_decay='0.5' must be a number"),
+        ({"average_grads": "False"}, "average_grads='False' must be True or False"),
+        ({"prefetch": "no"}, "prefetch='no' must be True or False"),
+        ({"async_grad_reduce": None}, "async_grad_reduce=None must be True or False"),
+        ({"broadcast_from_rank0": 0}, "broadcast_from_rank0=0 must be True or False"),
+    ],
+)
+def test_config_refuses_values_of_the_wrong_type(kwargs, match):
+    """Counts given as floats and flags given as strings were accepted: average_grads='False' averaged (a
+    non-empty string is true), capacity=2.5 became a capacity of 2.5 and history=2.5 failed inside the layer's
+    planner with a TypeError. Each is now a ValueError naming the field."""
+    from hf_ext.accelerate.fsep import FSEPConfig
+
+    with pytest.raises(ValueError, match=match):
+        FSEPConfig(**kwargs)
+
+
+def test_config_takes_numpy_integers():
+    import numpy as np
+
+    from hf_ext.accelerate.fsep import FSEPConfig
+
+    cfg = FSEPConfig(capacity=np.int64(3), history=np.int32(2), history_decay=1)
+    assert cfg.resolved_capacity(4, 2) == 3
+
+
 def test_activation_checkpointing_trains_like_one_process_and_observes_each_step_once():
     for res in run_distributed(checkpointed_training, 2):
         assert res["checkpointing"]

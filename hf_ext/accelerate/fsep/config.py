@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 MODES = ("fsep", "static_ep")
@@ -154,6 +155,28 @@ class FSEPConfig:
     )
 
     def __post_init__(self) -> None:
+        # types first: a float count or a string flag would be taken silently (``average_grads="False"`` is true)
+        # or fail deep inside the layer (``history=2.5``)
+        for name in (
+            "extra_capacity",
+            "history",
+            "replan_interval",
+            "num_perturbations",
+            "gather_p2p_min_bytes",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"FSEPConfig.{name}={v!r} must be an int")
+        if self.capacity is not None and (
+            isinstance(self.capacity, bool) or not isinstance(self.capacity, numbers.Integral)
+        ):
+            raise ValueError(f"FSEPConfig.capacity={self.capacity!r} must be None or an integer >= 1")
+        if isinstance(self.history_decay, bool) or not isinstance(self.history_decay, numbers.Real):
+            raise ValueError(f"FSEPConfig.history_decay={self.history_decay!r} must be a number in (0, 1]")
+        for name in ("prefetch", "async_grad_reduce", "average_grads", "broadcast_from_rank0"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"FSEPConfig.{name}={v!r} must be True or False")
         if self.mode not in MODES:
             raise ValueError(f"FSEPConfig.mode={self.mode!r} is not supported; choose one of {MODES}")
         if self.layout_policy not in LAYOUT_POLICIES:
