@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -821,4 +822,38 @@ def factored_optimizer_resume(rank: int, world_size: int) -> dict[str, Any]:
             out[f"{mode}_other_world_size"] = "no error"
         except RuntimeError as exc:
             out[f"{mode}_other_world_size"] = str(exc)
+    return out
+
+
+def copy_after_a_failed_forward(rank: int, world_size: int) -> dict[str, Any]:
+    """A training forward that raises in the second decoder layer (after the first MoE layer prefetched the second
+    one's experts), then ``copy.deepcopy`` and ``pickle`` of the model: the error text, if any, and the max
+    difference of the copy's logits from the original's."""
+    import pickle
+
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep
+    from hf_ext.testing import tiny_moe
+
+    model = prepare_fsep(tiny_moe("mixtral", seed=0).train(), FSEPConfig())
+    ids = _batch(5, 2 * world_size)[rank * 2 : (rank + 1) * 2]
+
+    def fail(*_: Any) -> None:
+        raise RuntimeError("simulated OOM")
+
+    handle = model.model.layers[1].self_attn.register_forward_pre_hook(fail)
+    with contextlib.suppress(RuntimeError):
+        model(ids, labels=ids)
+    handle.remove()
+    out: dict[str, Any] = {"left_prefetched": model.model.layers[1].mlp.experts._prefetched is not None}
+    try:
+        copied = copy.deepcopy(model)
+        pickle.dumps(model.model.layers[1].mlp.experts)
+        out["error"] = ""
+    except Exception as exc:  # the old code: "cannot pickle ... Work object"
+        out["error"] = repr(exc)
+        return out
+    model.eval()
+    copied.eval()
+    with torch.no_grad():
+        out["logits_diff"] = float((copied(ids).logits - model(ids).logits).abs().max())
     return out

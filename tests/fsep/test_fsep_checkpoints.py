@@ -81,3 +81,15 @@ def test_factored_optimizer_states_resume_each_rank_own_values():
         for r in res:
             assert "saved per rank" in r[f"{mode}_other_world_size"], (mode, r)
             assert "by 3 ranks" in r[f"{mode}_other_world_size"], (mode, r)
+
+
+def test_a_model_left_with_a_gather_in_flight_can_be_copied_and_pickled():
+    """A forward that raised after an FSEP layer had prefetched the next one's experts left that gather (its
+    communication handles) on the layer, and copy.deepcopy / pickle of the model then failed with 'cannot pickle
+    Work object'. A copy now leaves the gather behind and gathers its own experts."""
+    from tests.fsep._dist_fns import copy_after_a_failed_forward
+
+    for r in run_distributed(copy_after_a_failed_forward, 2):
+        assert r["left_prefetched"], r
+        assert r["error"] == "", r
+        assert r["logits_diff"] < 1e-6, r

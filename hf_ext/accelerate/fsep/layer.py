@@ -788,6 +788,13 @@ class FSEPExperts(nn.Module):
         self.expert_param.copy_(self.local_from_flat(self._join_flat(gate_up_proj, down_proj)))
         self._prefetched = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a gather in flight (left by a forward that raised after prefetching this layer) holds communication
+        # handles, which cannot be copied or pickled; a copy gathers its own experts
+        state = super().__getstate__()
+        state["_prefetched"] = None
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:  # copy.deepcopy: register the copy's parameter
         super().__setstate__(state)
         _register_expert_param(self)
