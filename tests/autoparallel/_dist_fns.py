@@ -525,3 +525,45 @@ def reapply_after_close_4(rank: int, world_size: int, outdir: str) -> dict[str, 
             with torch.no_grad():
                 out[f"{run}:saved"] = float(back(input_ids=ids, labels=ids).loss)
     return out
+
+
+def pipeline_other_stages_on_meta(rank: int, world_size: int, outdir: str) -> dict[str, Any]:
+    """A pp=2 FSDP plan on 2 ranks where each rank holds only its own stage's weights (the other stage's modules
+    are on the meta device, as a rank that materialised its stage only): losses before / after one SGD step, the
+    saved model's loss on rank 0 (or the error apply_plan raised), and the device of the other stage's layer."""
+    import torch
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+    from hf_ext.testing import tiny_llama
+
+    model = tiny_llama(seed=0, attn_implementation="sdpa").train()
+    plan = Plan.uniform(
+        model.config, gpus=2, dp_type="fsdp", pp=2, micro_batch=2, global_batch=GLOBAL_BATCH, seq_len=SEQ
+    )
+    inner = model.model
+    other = (
+        [inner.layers[1], inner.norm, model.lm_head] if rank == 0 else [inner.embed_tokens, inner.layers[0]]
+    )
+    for mod in other:
+        mod.to("meta")
+    ids = _batch()
+    try:
+        runner = apply_plan(model, plan, param_dtype=None)
+    except Exception as exc:  # the old code moved the whole model to the device
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    with runner:
+        opt = torch.optim.SGD(runner.param_groups(), lr=0.5)
+        l0 = runner.train_step(runner.local_batch(ids))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out: dict[str, Any] = {"losses": (l0, runner.train_step(runner.local_batch(ids)))}
+        runner.save_pretrained(f"{outdir}/pp2")
+    out["other_device"] = str(inner.layers[1 - rank].self_attn.q_proj.weight.device)
+    if rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        back = AutoModelForCausalLM.from_pretrained(f"{outdir}/pp2")
+        with torch.no_grad():
+            out["saved"] = float(back(input_ids=ids, labels=ids).loss)
+    return out

@@ -291,3 +291,19 @@ def test_plan_refuses_zero_stages_its_dp_type_does_not_run():
     ddp["layers"] = [{"zero": 3, "ckpt": False}] * 2
     with pytest.raises(ValueError, match=r"zero \[3\] with dp_type='ddp' and dp=2.*are \[0\]"):
         Plan.from_dict(ddp)
+
+
+def test_pipeline_moves_only_this_ranks_stage_to_the_device(run_distributed, tmp_path):
+    """apply_plan moved the whole model to the device on every pipeline rank (and tensor-parallelised every layer),
+    so on GPUs each stage held all the stages' weights, beyond the plan's memory. Only the stage is moved now:
+    with the other stage's modules on the meta device (which the old code failed to copy), a pp=2 plan still
+    reproduces single-process training and saves the whole model, and the other stage is left untouched."""
+    ref0, ref1 = _dist_fns.reference_losses()
+    out = run_distributed(_dist_fns.pipeline_other_stages_on_meta, 2, str(tmp_path))
+    r = out[0]
+    assert "error" not in r, r
+    l0, l1 = r["losses"]
+    assert l0 == pytest.approx(ref0, rel=1e-5) and l1 == pytest.approx(ref1, rel=1e-4), r
+    assert r["saved"] == pytest.approx(ref1, rel=1e-4)
+    assert r["other_device"] == out[1]["other_device"] == "meta"
+    assert out[1]["losses"] == r["losses"]

@@ -53,7 +53,7 @@ class AppliedPlan:
         plan: the plan.
         mesh: the ``DeviceMesh`` (dims ``pp``, ``dp``, ``tp``).
         model: the transformers model given to :func:`apply_plan` (with a pipeline plan it still holds every
-            layer, but this rank trains only its stage's).
+            layer, but this rank trains only its stage's, and only the stage was moved to the device).
         stage_layers: ``(start, end)``, the global decoder-layer range of this rank's pipeline stage
             (``None`` when ``plan.pp == 1``).
     """
@@ -637,8 +637,21 @@ def _apply_on_mesh(
     param_dtype: torch.dtype | None,
     owned: list,
 ) -> AppliedPlan:
-    model.to(device)
     strategies = plan.layer_strategies()
+    stage_module = None
+    stage_layers: tuple[int, int] | None = None
+    if plan.pp > 1:
+        # only this rank's stage goes to the device (and is tensor-parallelised): the other stages' layers, the
+        # embedding or the head stay where they are, so a stage holds what the plan's memory model counts
+        pp_rank = mesh["pp"].get_local_rank()
+        a, b = plan.stages[pp_rank]
+        stage_layers = (a, b)
+        stage_module = _PipelineStageModule(model, a, b, pp_rank == 0, pp_rank == plan.pp - 1)
+        stage_module.to(device)
+        tp_layers = list(stage_module.layers)
+    else:
+        model.to(device)
+        tp_layers = list(layers)
     _set_checkpointing(layers, [s.ckpt for s in strategies])
     if plan.tp > 1:
         if plan.sp:
@@ -647,18 +660,13 @@ def _apply_on_mesh(
                 "parallelism (activation memory will exceed the plan's prediction)",
                 stacklevel=3,
             )
-        _apply_tp(layers, mesh["tp"])
+        _apply_tp(tp_layers, mesh["tp"])
 
     autocast = None
-    schedule = stage_module = loss_fn = None
-    stage_layers: tuple[int, int] | None = None
-    if plan.pp > 1:
+    schedule = loss_fn = None
+    if stage_module is not None:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-        pp_rank = mesh["pp"].get_local_rank()
-        a, b = plan.stages[pp_rank]
-        stage_layers = (a, b)
-        stage_module = _PipelineStageModule(model, a, b, pp_rank == 0, pp_rank == plan.pp - 1)
         local_strats = strategies[a:b]
         _wrap_dp(stage_module, list(stage_module.layers), local_strats, plan, mesh, param_dtype)
         stage = PipelineStage(stage_module, pp_rank, plan.pp, device, group=mesh["pp"].get_group())
