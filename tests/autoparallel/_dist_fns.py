@@ -55,12 +55,41 @@ def _plans() -> dict[str, Any]:
     return plans
 
 
+def _step_losses(runner: Any, ids: Any, world_size: int) -> list[float]:
+    """``runner``'s loss on ``ids`` before and after one SGD step (lr 0.5), averaged over the ranks (tp / pp ranks
+    of one replica hold the same loss)."""
+    import torch
+    import torch.distributed as dist
+
+    # foreach=True as on CUDA: one group mixing DTensor and plain parameters would be refused
+    opt = torch.optim.SGD(runner.param_groups(), lr=0.5, foreach=True)
+    local = runner.local_batch(ids)
+    losses = []
+    for step in range(2):
+        loss = runner.train_step(local)
+        if step == 0:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t = torch.tensor([loss])
+        dist.all_reduce(t)
+        losses.append(float(t) / world_size)
+    return losses
+
+
+def _saved_loss(directory: str, ids: Any) -> float:
+    """Loss on ``ids`` of the model saved in ``directory``, loaded on this process."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        return float(back(input_ids=ids, labels=ids).loss)
+
+
 def apply_all(rank: int, world_size: int, outdir: str | None = None) -> dict[str, Any]:
     """Apply every plan on 2 ranks; return the dp-averaged loss before/after one SGD step (and, with ``outdir``,
     the loss of the model each plan saved with ``save_pretrained`` after its step, loaded on one process, and the
     tensor names in the saved safetensors files)."""
-    import torch
-    import torch.distributed as dist
 
     from hf_ext.accelerate.autoparallel.apply import apply_plan
     from hf_ext.accelerate.autoparallel.profiler import profile_collectives
@@ -71,31 +100,15 @@ def apply_all(rank: int, world_size: int, outdir: str | None = None) -> dict[str
     for name, plan in _plans().items():
         model = tiny_llama(seed=0, attn_implementation="sdpa").train()
         runner = apply_plan(model, plan, param_dtype=None)
-        # foreach=True as on CUDA: one group mixing DTensor and plain parameters would be refused
-        opt = torch.optim.SGD(runner.param_groups(), lr=0.5, foreach=True)
-        local = runner.local_batch(ids)
-        losses = []
-        for step in range(2):
-            loss = runner.train_step(local)
-            if step == 0:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            t = torch.tensor([loss])
-            dist.all_reduce(t)
-            losses.append(float(t) / world_size)  # tp / pp ranks of one replica hold the same loss
-        out[name] = losses
+        out[name] = _step_losses(runner, ids, world_size)
         if outdir is not None:
             runner.save_pretrained(f"{outdir}/{name}")
             if rank == 0:
-                from transformers import AutoModelForCausalLM
-
-                back = AutoModelForCausalLM.from_pretrained(f"{outdir}/{name}")
-                with torch.no_grad():
-                    out[name + ":saved"] = float(back(input_ids=ids, labels=ids).loss)
+                out[name + ":saved"] = _saved_loss(f"{outdir}/{name}", ids)
                 out[name + ":saved_keys"] = _saved_tensor_names(f"{outdir}/{name}")
         flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in model.model.layers]
         out[name + ":ckpt"] = flags
-        del runner, model, opt
+        del runner, model
     out["collectives"] = profile_collectives((1 << 12, 1 << 16), repeats=1)
     return out
 
@@ -326,8 +339,6 @@ def save_pipeline_4(rank: int, world_size: int, outdir: str, name: str) -> dict[
     FSDP, ``pp2_tp2``: pp=2 x tp=2): one SGD step, then ``AppliedPlan.save_pretrained``. Returns the rank-averaged
     losses and, on rank 0, the loss of the saved model loaded on one process and the tensor names in its
     safetensors files."""
-    import torch
-    import torch.distributed as dist
 
     from hf_ext.accelerate.autoparallel.apply import apply_plan
     from hf_ext.accelerate.autoparallel.plan import Plan
@@ -341,29 +352,14 @@ def save_pipeline_4(rank: int, world_size: int, outdir: str, name: str) -> dict[
     for plan in (plans[name],):
         model = tiny_llama(seed=0, attn_implementation="sdpa").train()
         runner = apply_plan(model, plan, param_dtype=None)
-        opt = torch.optim.SGD(runner.param_groups(), lr=0.5, foreach=True)
-        local = runner.local_batch(ids)
-        losses = []
-        for step in range(2):
-            loss = runner.train_step(local)
-            if step == 0:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            t = torch.tensor([loss])
-            dist.all_reduce(t)
-            losses.append(float(t) / world_size)  # every rank returns the global loss
-        out[name] = losses
+        out[name] = _step_losses(runner, ids, world_size)
         out[name + ":layout"] = (plan.pp, plan.dp, plan.tp, runner.stage_layers)
         runner.save_pretrained(f"{outdir}/{name}")
         if rank == 0:
-            from transformers import AutoModelForCausalLM
-
-            back = AutoModelForCausalLM.from_pretrained(f"{outdir}/{name}")
-            with torch.no_grad():
-                out[name + ":saved"] = float(back(input_ids=ids, labels=ids).loss)
+            out[name + ":saved"] = _saved_loss(f"{outdir}/{name}", ids)
             out[name + ":saved_keys"] = _saved_tensor_names(f"{outdir}/{name}")
         runner.close()
-        del runner, model, opt
+        del runner, model
     return out
 
 
@@ -519,11 +515,7 @@ def reapply_after_close_4(rank: int, world_size: int, outdir: str) -> dict[str, 
             out[run] = f"{type(exc).__name__}: {str(exc)[:200]}"
             break
         if rank == 0:
-            from transformers import AutoModelForCausalLM
-
-            back = AutoModelForCausalLM.from_pretrained(f"{outdir}/run{run}")
-            with torch.no_grad():
-                out[f"{run}:saved"] = float(back(input_ids=ids, labels=ids).loss)
+            out[f"{run}:saved"] = _saved_loss(f"{outdir}/run{run}", ids)
     return out
 
 
@@ -561,9 +553,5 @@ def pipeline_other_stages_on_meta(rank: int, world_size: int, outdir: str) -> di
         runner.save_pretrained(f"{outdir}/pp2")
     out["other_device"] = str(inner.layers[1 - rank].self_attn.q_proj.weight.device)
     if rank == 0:
-        from transformers import AutoModelForCausalLM
-
-        back = AutoModelForCausalLM.from_pretrained(f"{outdir}/pp2")
-        with torch.no_grad():
-            out["saved"] = float(back(input_ids=ids, labels=ids).loss)
+        out["saved"] = _saved_loss(f"{outdir}/pp2", ids)
     return out
