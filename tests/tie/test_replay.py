@@ -268,21 +268,29 @@ def test_key_and_hint_setters_validate():
     assert not CONTEXT.keys and not CONTEXT.rid_hints
 
 
-def test_priority_scheduler_without_a_key_fails_loudly(setup):
+def _priority_cb_config():
+    """A one-request-at-a-time continuous-batching config on the priority scheduler."""
     from transformers import ContinuousBatchingConfig
 
-    from hf_ext.generation.tie.cb import PRIORITY_SCHEDULER_NAME, clear_priority_keys, register
+    from hf_ext.generation.tie.cb import PRIORITY_SCHEDULER_NAME
 
-    model, gc, _ = setup
-    register()
-    clear_priority_keys()
-    cb = ContinuousBatchingConfig(
+    return ContinuousBatchingConfig(
         num_blocks=16,
         page_size=16,
         max_batch_tokens=64,
         max_requests_per_batch=1,
         scheduler_type=PRIORITY_SCHEDULER_NAME,
     )
+
+
+def test_priority_scheduler_without_a_key_fails_loudly(setup):
+
+    from hf_ext.generation.tie.cb import clear_priority_keys, register
+
+    model, gc, _ = setup
+    register()
+    clear_priority_keys()
+    cb = _priority_cb_config()
     mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
     mgr.add_request([3, 4, 5], request_id="nokey", max_new_tokens=2)
     mgr.start()
@@ -296,11 +304,9 @@ def test_priority_scheduler_without_a_key_fails_loudly(setup):
 def test_a_priority_key_by_request_id_ends_with_its_request(setup):
     """transformers reuses request ids (req_0, ... in every generate_batch): a key left over from an ended request
     used to order an unrelated later request under the same id, where a missing key must fail loudly."""
-    from transformers import ContinuousBatchingConfig
 
     from hf_ext.generation.tie.cb import (
         CONTEXT,
-        PRIORITY_SCHEDULER_NAME,
         clear_priority_keys,
         register,
         set_priority_keys,
@@ -309,13 +315,7 @@ def test_a_priority_key_by_request_id_ends_with_its_request(setup):
     model, gc, _ = setup
     register()
     clear_priority_keys()
-    cb = ContinuousBatchingConfig(
-        num_blocks=16,
-        page_size=16,
-        max_batch_tokens=64,
-        max_requests_per_batch=1,
-        scheduler_type=PRIORITY_SCHEDULER_NAME,
-    )
+    cb = _priority_cb_config()
     set_priority_keys([1.0, 2.0], request_ids=["same", "other"])
     errors = []
     try:
