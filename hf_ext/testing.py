@@ -115,6 +115,28 @@ def tiny_qwen3(seed: int = 0, **overrides: Any) -> Any:
     return Qwen3ForCausalLM(Qwen3Config(**{**TINY_LM_KWARGS, "head_dim": 16, **overrides})).eval()
 
 
+def tiny_llava(seed: int = 0, attn_implementation: str | dict[str, str] | None = None) -> Any:
+    """A random tiny ``LlavaForConditionalGeneration`` (a one-layer CLIP vision tower and the tiny Llama as its
+    text model; image token id 5), eval mode. ``attn_implementation``: passed to ``set_attn_implementation``
+    (e.g. ``{"": "eager", "text_config": "eager", "vision_config": "sdpa"}`` for sub-models on different ones)."""
+    import transformers as tf
+
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    cfg = tf.LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_index=5)
+    _seeded(seed)
+    model = tf.LlavaForConditionalGeneration(cfg).eval()
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+    return model
+
+
 def tiny_moe(kind: str = "qwen2_moe", seed: int = 0, **overrides: Any) -> Any:
     """A random tiny MoE causal LM: ``kind`` in ``{"qwen2_moe", "mixtral", "olmoe", "qwen3_moe"}``.
 

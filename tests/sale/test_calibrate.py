@@ -117,29 +117,19 @@ def test_an_all_padding_prompt_does_not_make_every_head_dense():
 
 
 def _tiny_llava() -> object:
-    """A tiny Llava (CLIP vision tower + Llama text model) whose sub-models run different implementations."""
-    import transformers as tf
+    """A tiny Llava whose sub-models run different implementations."""
+    from hf_ext.testing import tiny_llava
 
-    from hf_ext.testing import tiny_llama_config
-
-    vision = tf.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    cfg = tf.LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_index=5)
-    torch.manual_seed(0)
-    model = tf.LlavaForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation({"": "eager", "text_config": "eager", "vision_config": "sdpa"})
-    return model
+    return tiny_llava(attn_implementation=MIXED_IMPLS)
 
 
 def _impls(model) -> tuple[str, str, str]:
+    """(top-level, text, vision) attention implementations."""
     c = model.config
     return c._attn_implementation, c.text_config._attn_implementation, c.vision_config._attn_implementation
+
+
+MIXED_IMPLS = {"": "eager", "text_config": "eager", "vision_config": "sdpa"}
 
 
 def test_calibrate_restores_every_sub_models_implementation():

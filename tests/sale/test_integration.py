@@ -182,35 +182,16 @@ def test_disable_restores_every_sub_model_and_the_models_own_default():
     """disable_sale gives each sub-model back what it ran (a vision tower keeps sdpa while the text model was on
     eager); a model loaded with attn_implementation="sale" goes back to transformers' default for it (eager for
     Gemma2, which sdpa cannot run), not to sdpa unconditionally."""
-    import transformers as tf
+    from hf_ext.testing import tiny_llava
 
-    from hf_ext.testing import tiny_llama_config
+    from .test_calibrate import MIXED_IMPLS, _impls
 
-    vision = tf.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    cfg = tf.LlavaConfig(vision_config=vision, text_config=tiny_llama_config(), image_token_index=5)
-    model = tf.LlavaForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation({"": "eager", "text_config": "eager", "vision_config": "sdpa"})
-
-    def impls():
-        c = model.config
-        return (
-            c._attn_implementation,
-            c.text_config._attn_implementation,
-            c.vision_config._attn_implementation,
-        )
-
-    before = impls()
+    model = tiny_llava(attn_implementation=MIXED_IMPLS)
+    before = _impls(model)
     enable_sale(model, SPARSE)
-    assert impls() == ("sale", "sale", "sale")
+    assert _impls(model) == ("sale", "sale", "sale")
     disable_sale(model)
-    assert impls() == before == ("eager", "eager", "sdpa")
+    assert _impls(model) == before == ("eager", "eager", "sdpa")
 
 
 def test_disable_after_loading_with_sale_picks_the_models_default(tmp_path):
