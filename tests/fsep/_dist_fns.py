@@ -857,3 +857,46 @@ def copy_after_a_failed_forward(rank: int, world_size: int) -> dict[str, Any]:
     with torch.no_grad():
         out["logits_diff"] = float((copied(ids).logits - model(ids).logits).abs().max())
     return out
+
+
+def pinned_layout(rank: int, world_size: int) -> dict[str, Any]:
+    """A layout given to ``set_layout`` under ``layout_policy="planner"`` (and ``"identity"``), then training
+    steps (``FSEPState.begin_step`` + forward + backward) before and after ``release_layout``: per step, the slots
+    each forward ran with, whether the layout is pinned, and the planner's history length."""
+    from hf_ext.accelerate.fsep.config import FSEPConfig
+    from hf_ext.accelerate.fsep.layer import FSEPExperts, FSEPState
+    from hf_ext.accelerate.fsep.planner import Layout
+
+    e, h, i, t, k = 2 * world_size, 16, 24, 32, 2
+    g = torch.Generator().manual_seed(0)
+    gu = torch.randn(e, 2 * i, h, generator=g) * 0.1
+    dn = torch.randn(e, h, i, generator=g) * 0.1
+    mine = Layout.from_slots([[r, (r + 1) % e, (r + 2) % e] for r in range(e)][:world_size], e, "uniform")
+    out: dict[str, Any] = {}
+    for policy in ("planner", "identity"):
+        state = FSEPState()
+        layer = FSEPExperts(gu, dn, torch.nn.functional.silu, FSEPConfig(layout_policy=policy), state=state)
+        layer.train()
+        gx = torch.Generator().manual_seed(10 + rank)
+        steps = []
+        for step in range(5):
+            if step == 1:
+                layer.set_layout(mine)
+            if step == 3:
+                getattr(layer, "release_layout", lambda: None)()  # (absent from the old code)
+            state.begin_step()
+            x = torch.randn(t, h, generator=gx)
+            idx = torch.stack([torch.randperm(e, generator=gx)[:k] for _ in range(t)])
+            idx[: t // 2, 0] = 0  # skewed: the planner replicates expert 0
+            w = torch.softmax(torch.randn(t, k, generator=gx), -1)
+            layer(x, idx, w).square().sum().backward()
+            steps.append(
+                {
+                    "slots": [list(s) for s in layer.layout.slots],
+                    "pinned": getattr(layer, "layout_pinned", None),
+                    "history": len(layer.planner.history) if layer.planner is not None else None,
+                }
+            )
+        out[policy] = steps
+    out["mine"] = [list(s) for s in mine.slots]
+    return out

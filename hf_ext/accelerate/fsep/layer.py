@@ -496,6 +496,7 @@ class FSEPExperts(nn.Module):
                 if config.layout_policy == "planner"
                 else None
             )
+        self._layout_pinned = False  # set_layout pins a layout until release_layout
         self.last_counts: np.ndarray | None = None
         # counts of a training-mode forward run without grad, for the recompute in backward to observe: reentrant
         # activation checkpointing runs the forward under no_grad and builds the graph only in that recompute
@@ -521,7 +522,11 @@ class FSEPExperts(nn.Module):
 
     # ------------------------------------------------------------------ layout
     def set_layout(self, layout: Layout) -> None:
-        """Use ``layout`` from the next forward on (FSEP mode; all ranks must pass the same one)."""
+        """Use ``layout`` from the next forward on, and keep it (FSEP mode; all ranks must pass the same one).
+
+        The layout is pinned: under ``layout_policy="planner"`` the training steps that follow do not re-plan
+        this layer (the planner still records their token counts) until :meth:`release_layout` hands the
+        layout back to the planner."""
         if self.config.mode == "static_ep":
             raise ValueError("set_layout: static_ep keeps the identity layout; use mode='fsep'")
         if layout.num_experts != self.num_experts or layout.world_size != self.world_size:
@@ -531,11 +536,31 @@ class FSEPExperts(nn.Module):
             )
         layout.validate(max(self.capacity, layout.max_slots))
         self.layout = layout
+        self._layout_pinned = True
         self._prefetched = None
 
+    @property
+    def layout_pinned(self) -> bool:
+        """Whether the layout was set by :meth:`set_layout` and is kept until :meth:`release_layout`."""
+        return self._layout_pinned
+
+    def release_layout(self) -> None:
+        """Hand the layout set by :meth:`set_layout` back to ``FSEPConfig.layout_policy``: ``"planner"``
+        re-plans at its next re-plan step (the next training forward with ``replan_interval=1``), from the
+        counts it recorded meanwhile; ``"identity"`` / ``"fsdp"`` take their fixed layout from the next forward
+        on. A no-op when no layout is pinned."""
+        if not self._layout_pinned:
+            return
+        self._layout_pinned = False
+        if self.planner is None and self.config.mode == "fsep":
+            n, e = self.world_size, self.num_experts
+            self.layout = Layout.fsdp(e, n) if self.config.layout_policy == "fsdp" else Layout.identity(e, n)
+            self._prefetched = None
+
     def replan(self, step: int) -> None:
-        """Re-plan from the planner's history (called at the start of each training step)."""
-        if self.planner is None or not self.planner.history:
+        """Re-plan from the planner's history (called at the start of each training step); a layout pinned by
+        :meth:`set_layout` is kept."""
+        if self.planner is None or not self.planner.history or self._layout_pinned:
             return
         if step % self.config.replan_interval:
             return
@@ -796,6 +821,7 @@ class FSEPExperts(nn.Module):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # copy.deepcopy: register the copy's parameter
+        state.setdefault("_layout_pinned", False)  # pickled before layouts could be pinned
         super().__setstate__(state)
         _register_expert_param(self)
 
