@@ -4,7 +4,8 @@
 0.5 s budget of ``import hf_ext``. So :func:`install` registers at once when that module is already
 loaded, and otherwise registers through :func:`hf_ext.utils.import_hooks.when_imported` right after
 transformers finishes importing it — before any ``from_pretrained(..., attn_implementation="sale")``
-can look the name up. Nothing here imports torch, transformers or triton at module import time.
+can look the name up. An entry registered under ``"sale"`` by someone else is never replaced silently
+(:mod:`hf_ext.utils.name_clash`: kept with one warning at import, an error from an explicit call). Nothing here imports torch, transformers or triton at module import time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import threading
 
 from hf_ext.utils.import_hooks import when_imported
+from hf_ext.utils.name_clash import check_on_clash, may_register
 
 logger = logging.getLogger("hf_ext")
 
@@ -22,28 +24,57 @@ NAME = "sale"
 _TARGET = "transformers.modeling_utils"
 _LOCK = threading.Lock()
 _REGISTERED = False
+_FIX = "hf_ext.attention.sale.register_sale(overwrite=True)"
 
 
-def register_now() -> None:
+def register_now(*, overwrite: bool = False, on_clash: str = "raise") -> bool:
     """Register ``"sale"`` in ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent).
 
     Imports transformers' modeling utilities (slow the first time); :func:`install` defers this.
+
+    Args:
+        overwrite: replace an entry another library or the user registered under ``"sale"`` in either interface
+            (by default it is left in place: see ``on_clash``).
+        on_clash: what to do when such a foreign entry is there and ``overwrite`` is off: ``"raise"`` a
+            ``ValueError`` naming it (explicit calls, :func:`~hf_ext.attention.sale.enable_sale`), or ``"warn"``
+            once and register nothing (the automatic registration at ``import hf_ext``).
+
+    Returns:
+        ``True`` when ``"sale"`` is SALE's in both interfaces afterwards.
+
+    Example:
+        >>> from hf_ext.attention.sale import register_sale
+        >>> register_sale()
+        True
     """
     global _REGISTERED
+    check_on_clash(on_clash)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+    # imported before taking the lock: the first import of transformers.modeling_utils runs install()'s post-import
+    # hook, which calls this function again
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    from hf_ext.attention.sale.attention import sale_attention_forward, sale_mask
+
     with _LOCK:
-        if _REGISTERED:
-            return
-        from transformers.masking_utils import AttentionMaskInterface
-        from transformers.modeling_utils import AttentionInterface
-
-        from hf_ext.attention.sale.attention import sale_attention_forward, sale_mask
-
-        AttentionInterface.register(NAME, sale_attention_forward)
         # The mask builder matters: without it transformers silently drops padding masks for a new name.
         # sale_mask (the sdpa builder) gives None (pure causal, bottom-right, no padding) or a 4-D boolean mask we
         # can decode.
-        AttentionMaskInterface.register(NAME, sale_mask)
+        entries = (
+            ("transformers' AttentionInterface", AttentionInterface, sale_attention_forward),
+            ("transformers' AttentionMaskInterface", AttentionMaskInterface, sale_mask),
+        )
+        if not overwrite:  # both checked before either is written
+            for registry, iface, ours in entries:
+                current = iface._global_mapping.get(NAME)
+                if not may_register(registry, NAME, current, ours, fix=_FIX, on_clash=on_clash):
+                    return False
+        for _registry, iface, ours in entries:
+            iface.register(NAME, ours)
         _REGISTERED = True
+        return True
 
 
 def install() -> None:
@@ -51,8 +82,8 @@ def install() -> None:
     if _REGISTERED:
         return
     if _TARGET in sys.modules:
-        register_now()
+        register_now(on_clash="warn")
         return
     if importlib.util.find_spec("transformers") is None:  # transformers not installed: nothing to register
         return
-    when_imported(_TARGET, lambda _module: register_now())
+    when_imported(_TARGET, lambda _module: register_now(on_clash="warn"))

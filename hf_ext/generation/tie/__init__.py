@@ -103,7 +103,7 @@ def _register_now() -> None:
     try:
         from hf_ext.generation.tie.cb import register
 
-        register()
+        register(on_clash="warn")  # a scheduler someone else registered as "tie" is kept, with one warning
     except Exception as exc:  # pragma: no cover - depends on the installed transformers
         logger.warning("hf_ext: could not register the 'tie' continuous-batching scheduler: %s", exc)
 

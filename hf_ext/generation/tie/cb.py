@@ -55,6 +55,7 @@ from hf_ext.generation.tie.scheduler import (
     tie_components,
     validate_prompts,
 )
+from hf_ext.utils.name_clash import check_on_clash, is_ours, may_register
 
 logger = logging.getLogger("hf_ext")
 
@@ -442,19 +443,50 @@ class PriorityCBScheduler(_WaitingOrderScheduler):
 
 
 # ------------------------------------------------------------------------------------ public API
-def register() -> type[TIECBScheduler]:
+_REGISTRY = "transformers' continuous-batching SCHEDULER_MAPPING"
+_FIX = "hf_ext.generation.tie.cb.register(overwrite=True)"
+# foreign schedulers that register(overwrite=True) replaced, put back by unregister()
+_REPLACED: dict[str, Any] = {}
+
+
+def register(*, overwrite: bool = False, on_clash: str = "raise") -> type[TIECBScheduler]:
     """Add ``"tie"`` (and the comparison baseline ``"hf_ext_priority"``) to transformers' ``SCHEDULER_MAPPING``
-    (idempotent; :func:`unregister` removes both)."""
-    _cb_sched.SCHEDULER_MAPPING[SCHEDULER_NAME] = TIECBScheduler
-    _cb_sched.SCHEDULER_MAPPING[PRIORITY_SCHEDULER_NAME] = PriorityCBScheduler
+    (idempotent; :func:`unregister` removes both).
+
+    Args:
+        overwrite: replace a scheduler someone else registered under one of these names (:func:`unregister` puts
+            it back). By default such an entry is left in place: see ``on_clash``.
+        on_clash: what to do when a foreign entry holds one of the names and ``overwrite`` is off: ``"raise"`` a
+            ``ValueError`` naming it before anything is registered (explicit calls, :func:`enable_tie_scheduler`),
+            or ``"warn"`` once and register only the free names (the automatic registration at import).
+    """
+    check_on_clash(on_clash)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+    mapping = _cb_sched.SCHEDULER_MAPPING
+    entries = ((SCHEDULER_NAME, TIECBScheduler), (PRIORITY_SCHEDULER_NAME, PriorityCBScheduler))
+    free = {
+        name: overwrite or may_register(_REGISTRY, name, mapping.get(name), cls, fix=_FIX, on_clash=on_clash)
+        for name, cls in entries
+    }  # every name checked before any is written
+    for name, cls in entries:
+        if not free[name]:
+            continue
+        current = mapping.get(name)
+        if current is not None and not is_ours(current, cls):
+            _REPLACED[name] = current
+        mapping[name] = cls
     return TIECBScheduler
 
 
 def unregister() -> None:
-    """Remove the names :func:`register` added (only where they still point to our classes)."""
+    """Remove the names :func:`register` added (only where they still point to our classes), putting back a
+    scheduler that ``register(overwrite=True)`` replaced."""
     for name, cls in ((SCHEDULER_NAME, TIECBScheduler), (PRIORITY_SCHEDULER_NAME, PriorityCBScheduler)):
-        if _cb_sched.SCHEDULER_MAPPING.get(name) is cls:
+        if is_ours(_cb_sched.SCHEDULER_MAPPING.get(name), cls):
             del _cb_sched.SCHEDULER_MAPPING[name]
+            if name in _REPLACED:
+                _cb_sched.SCHEDULER_MAPPING[name] = _REPLACED.pop(name)
 
 
 def enable_tie_scheduler(
@@ -478,15 +510,19 @@ def enable_tie_scheduler(
         length_log: a :class:`~hf_ext.generation.tie.lengthlog.LengthLog`: every request our schedulers finish is
             recorded there (its prompt text, output length, whether that length is exact or cut, the law it was
             scored with), to train a predictor on your own traffic. Needs ``tokenizer`` or ``prompt_text``.
+
+    Raises ``ValueError`` (before anything is set) when another scheduler holds ``"tie"`` or ``"hf_ext_priority"``
+    in ``SCHEDULER_MAPPING``: it is never replaced silently (``register(overwrite=True)`` replaces it on purpose).
     """
     validate_predictor_args(predictor, tokenizer, prompt_text, length_log=length_log)
+    cls = register()  # a foreign "tie" scheduler raises here, before the context changes
     with CONTEXT.lock:
         CONTEXT.predictor = predictor
         CONTEXT.tokenizer = tokenizer
         CONTEXT.prompt_text = prompt_text
         CONTEXT.length_log = length_log
         CONTEXT.config = config or TIEConfig()
-    return register()
+    return cls
 
 
 def _reread(read: Callable[[], Any], tries: int = 3) -> Any:
@@ -815,4 +851,6 @@ def preserved_context() -> Iterator[None]:
                 table.update(old)
 
 
-register()  # importing this module means transformers' CB scheduler module is loaded: add "tie"
+# importing this module means transformers' CB scheduler module is loaded: add "tie" (a scheduler someone else
+# registered under one of our names is kept, with a warning)
+register(on_clash="warn")

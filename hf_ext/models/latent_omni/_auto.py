@@ -17,6 +17,10 @@ the LatentOmni config and model modules (and with them transformers' modeling ma
 
 The net effect: ``AutoConfig.from_pretrained(path)`` / ``AutoModelForMultimodalLM.from_pretrained(path)`` /
 ``AutoProcessor.from_pretrained(path)`` resolve ``model_type="latent_omni"`` after a plain ``import hf_ext``.
+
+An entry someone else registered under ``"latent_omni"`` (or for :class:`LatentOmniConfig`) before that is kept,
+with one warning (:mod:`hf_ext.utils.name_clash`); :func:`register_now` raises instead, or replaces it with
+``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hf_ext.utils.import_hooks import drop_stale_finders
+from hf_ext.utils.name_clash import check_on_clash, may_register
 
 logger = logging.getLogger("hf_ext")
 
@@ -38,43 +43,97 @@ _PROCESSING_AUTO = "transformers.models.auto.processing_auto"
 _AUTO_PREFIX = "transformers.models.auto."
 
 
-def _register_config() -> None:
-    from transformers.models.auto.configuration_auto import AutoConfig
+_FIX = "hf_ext.models.latent_omni.register_now(overwrite=True)"
+Writes = list[Callable[[], None]]
+
+
+def _entry(mapping: Any, key: Any) -> Any:
+    """What ``mapping`` (one of transformers' lazy auto mappings) holds under ``key`` now, or ``None``."""
+    try:
+        return mapping[key]
+    except (
+        KeyError,
+        ValueError,
+        AttributeError,
+        ImportError,
+    ):  # nothing there (or a native entry that won't load)
+        return None
+
+
+def _plan_config(overwrite: bool, on_clash: str) -> Writes:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 
     from .configuration_latent_omni import LatentOmniConfig
 
-    AutoConfig.register("latent_omni", LatentOmniConfig, exist_ok=True)
+    current = _entry(CONFIG_MAPPING, "latent_omni")
+    if overwrite or may_register(
+        "transformers' AutoConfig", "latent_omni", current, LatentOmniConfig, fix=_FIX, on_clash=on_clash
+    ):
+        return [lambda: AutoConfig.register("latent_omni", LatentOmniConfig, exist_ok=True)]
+    return []
 
 
-def _register_models() -> None:
+def _plan_models(overwrite: bool, on_clash: str) -> Writes:
     from transformers.models.auto import modeling_auto
 
     from .configuration_latent_omni import LatentOmniConfig
-    from .modeling_latent_omni import LatentOmniForConditionalGeneration
+    from .modeling_latent_omni import LatentOmniForConditionalGeneration as Model
 
+    writes: Writes = []
     for name in ("AutoModelForMultimodalLM", "AutoModelForImageTextToText"):
         auto_cls = getattr(modeling_auto, name, None)
-        if auto_cls is not None:
-            auto_cls.register(LatentOmniConfig, LatentOmniForConditionalGeneration, exist_ok=True)
+        if auto_cls is None:
+            continue
+        current = _entry(auto_cls._model_mapping, LatentOmniConfig)
+        if overwrite or may_register(
+            f"transformers' {name}", "LatentOmniConfig", current, Model, fix=_FIX, on_clash=on_clash
+        ):
+            writes.append(lambda a=auto_cls: a.register(LatentOmniConfig, Model, exist_ok=True))
+    return writes
 
 
-def _register_processor() -> None:
-    from transformers.models.auto.processing_auto import AutoProcessor
+def _plan_processor(overwrite: bool, on_clash: str) -> Writes:
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, AutoProcessor
 
     from .configuration_latent_omni import LatentOmniConfig
     from .processing_latent_omni import LatentOmniProcessor
 
-    AutoProcessor.register(LatentOmniConfig, LatentOmniProcessor, exist_ok=True)
+    current = _entry(PROCESSOR_MAPPING, LatentOmniConfig)
+    if overwrite or may_register(
+        "transformers' AutoProcessor",
+        "LatentOmniConfig",
+        current,
+        LatentOmniProcessor,
+        fix=_FIX,
+        on_clash=on_clash,
+    ):
+        return [lambda: AutoProcessor.register(LatentOmniConfig, LatentOmniProcessor, exist_ok=True)]
+    return []
+
+
+_PLANS: dict[str, Callable[[bool, str], Writes]] = {
+    _CONFIG_AUTO: _plan_config,
+    _MODELING_AUTO: _plan_models,
+    _PROCESSING_AUTO: _plan_processor,
+}
+
+
+def _automatic(name: str) -> Callable[[], None]:
+    """The registration run by the import hook for auto module ``name``: a foreign entry is kept, with a warning
+    (:mod:`hf_ext.utils.name_clash`)."""
+
+    def run() -> None:
+        for write in _PLANS[name](False, "warn"):
+            write()
+
+    run.__name__ = f"register_with_{name.rsplit('.', 1)[-1]}"
+    return run
 
 
 # Auto modules whose import has completed (only those are safe to register with).
 _LOADED: set[str] = set()
 
-_PENDING: dict[str, Callable[[], None]] = {
-    _CONFIG_AUTO: _register_config,
-    _MODELING_AUTO: _register_models,
-    _PROCESSING_AUTO: _register_processor,
-}
+_PENDING: dict[str, Callable[[], None]] = {name: _automatic(name) for name in _PLANS}
 
 
 def _auto_busy() -> bool:
@@ -192,12 +251,31 @@ def install() -> None:
         sys.meta_path.insert(0, _FINDER)
 
 
-def register_now() -> None:
-    """Import the three auto modules (and so register everything) immediately."""
-    install()
+def register_now(*, overwrite: bool = False, on_clash: str = "raise") -> None:
+    """Import the three auto modules and register LatentOmni with them now (idempotent).
+
+    Args:
+        overwrite: replace an entry someone else registered under ``model_type="latent_omni"`` (AutoConfig) or
+            for :class:`LatentOmniConfig` (AutoModel* / AutoProcessor). By default such an entry is left in place.
+        on_clash: what to do then: ``"raise"`` a ``ValueError`` naming it before anything is registered, or
+            ``"warn"`` once and register only where the name is free (what ``import hf_ext`` does).
+
+    Example:
+        >>> from hf_ext.models.latent_omni import register_now
+        >>> register_now()
+    """
+    check_on_clash(on_clash)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+    # the automatic (warn-and-keep) registration is not wanted any more: this call checks and registers all three
+    _PENDING.clear()
+    _uninstall()
+    drop_stale_finders(_FINDER)
     import transformers.models.auto.configuration_auto  # noqa: F401
     import transformers.models.auto.modeling_auto  # noqa: F401
     import transformers.models.auto.processing_auto  # noqa: F401
 
-    _LOADED.update(_PENDING)
-    retry()
+    _LOADED.update(_PLANS)
+    writes = [w for plan in _PLANS.values() for w in plan(overwrite, on_clash)]  # all checked, then written
+    for write in writes:
+        write()
