@@ -187,3 +187,32 @@ def test_empty_batch():
     q, k, v = torch.randn(0, 2, 40, 32), torch.randn(0, 1, 40, 32), torch.randn(0, 1, 40, 32)
     out, mask = sale_attention(q, k, v, tau=0.1, block_q=32, block_k=32, backend="torch", return_mask=True)
     assert mask.shape == (0, 2, 2, 2) and mask.dtype == torch.bool and out.shape == q.shape
+
+
+@pytest.mark.parametrize("bad", ["no", "False", None, 2, -1, 0.0, 1.5, torch.tensor(True)])
+def test_causal_must_be_a_bool(bad):
+    # `causal="no"` used to be truthy, i.e. causal; every entry point now refuses a non-bool before any work
+    import numpy as np
+
+    q, k, v = (torch.randn(1, 2, 48, 16) for _ in range(3))
+    mask = torch.ones(1, 2, 3, 3, dtype=torch.bool)
+    kw = dict(block_q=16, block_k=16, backend="torch")
+    calls = {
+        "sale_block_mask": lambda c: sale_block_mask(q, k, tau=0.0, causal=c, local_window=0, **kw),
+        "block_sparse_attention": lambda c: block_sparse_attention(q, k, v, mask, causal=c, **kw),
+        "sale_attention": lambda c: sale_attention(q, k, v, tau=0.0, causal=c, local_window=0, **kw),
+        "sale_block_mask_ref": lambda c: naive.sale_block_mask_ref(
+            q, k, tau=0.0, causal=c, block_q=16, block_k=16, local_window=0
+        ),
+        "block_sparse_attention_ref": lambda c: naive.block_sparse_attention_ref(
+            q, k, v, None, causal=c, block_q=16, block_k=16
+        ),
+        "dense_attention_ref": lambda c: naive.dense_attention_ref(q, k, v, causal=c),
+        "visibility": lambda c: naive.visibility(4, 4, causal=c),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="causal must be a bool"):
+            call(bad)
+        # accepted spellings agree with the bools
+        for good, same in ((np.bool_(False), False), (0, False), (1, True), (np.int64(1), True)):
+            torch.testing.assert_close(call(good), call(same), msg=name)

@@ -314,3 +314,17 @@ def test_training_paths_take_dense_attention_and_give_dense_gradients(case):
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for n in names:
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5)
+
+
+def test_is_causal_must_be_a_bool():
+    # is_causal="no" (or a module whose is_causal is "no") used to take the causal path
+    q, k, v = _qkv()
+    mod = _Mod(4, 2, SALEConfig(min_seq_len=32, tau=1e-9, **BLOCKS))
+    with pytest.raises(ValueError, match="is_causal must be a bool"):
+        sale_attention_forward(mod, q, k, v, None, scaling=16**-0.5, is_causal="no")
+    mod.is_causal = "no"
+    with pytest.raises(ValueError, match=r"_Mod.is_causal must be a bool"):
+        sale_attention_forward(mod, q, k, v, None, scaling=16**-0.5)
+    mod.is_causal = 1  # 0 / 1 are accepted
+    out, _ = sale_attention_forward(mod, q, k, v, None, scaling=16**-0.5)
+    torch.testing.assert_close(out, _sdpa(q, k, v), atol=2e-5, rtol=1e-4)

@@ -71,6 +71,11 @@ def reset_warnings() -> None:
     _WARNED.clear()
 
 
+def _check_causal(value: Any, name: str) -> bool:
+    """``value`` as a bool (bools, numpy bools, 0 / 1), else ``ValueError`` naming ``name`` (the kernels' rule)."""
+    return importlib.import_module("hf_ext_kernels.sparse_attn.naive").check_causal(value, name)
+
+
 def _ops() -> Any:
     """The kernel ops module, imported on first use (imports triton on CUDA machines)."""
     try:
@@ -581,6 +586,8 @@ def sale_attention_forward(
     Returns:
         ``(out [B, Sq, H, D], None)``.
     """
+    if is_causal is not None:  # "no" or None-like strings must not read as causal: bools / 0 / 1 only
+        is_causal = _check_causal(is_causal, "is_causal")
     sq = query.shape[2]
     layer_idx = getattr(module, "layer_idx", None)
     if kwargs.get("indices") is not None or kwargs.get("block_indices") is not None:
@@ -620,7 +627,10 @@ def sale_attention_forward(
 def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs, cfg):
     """Check a call for the sparse path: ``(key, value, key_padding_mask, causal)`` or a fallback kind."""
     reason = _unsupported_reason(module, query, key, value, dropout, kwargs, cfg)
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if is_causal is not None:
+        causal = _check_causal(is_causal, "is_causal")
+    else:
+        causal = _check_causal(getattr(module, "is_causal", True), f"{type(module).__name__}.is_causal")
     sq, sk = query.shape[2], key.shape[2]
     kpm = None
     if reason is None and attention_mask is not None:  # None: plain causal, bottom-right (see sale_mask)

@@ -45,11 +45,13 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 __all__ = [
     "block_sparse_attention_ref",
+    "check_causal",
     "dense_attention_ref",
     "forced_block_mask",
     "quantize_blocks",
@@ -65,10 +67,31 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def check_causal(causal: object, name: str = "causal") -> bool:
+    """``causal`` as a Python bool: accepts ``True``/``False``, numpy bools and the ints 0 / 1.
+
+    Anything else (a string such as ``"no"``, ``None``, a float, a tensor) raises ``ValueError`` naming ``name``:
+    a plain truth test would treat ``"no"`` as causal.
+
+    Example:
+        >>> check_causal(1), check_causal(False)
+        (True, False)
+    """
+    if isinstance(causal, bool):
+        return causal
+    kind = type(causal)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"):
+        return bool(causal)
+    if isinstance(causal, numbers.Integral) and causal in (0, 1):
+        return bool(causal)
+    raise ValueError(f"{name} must be a bool (True / False, or 0 / 1), got {causal!r} ({kind.__name__})")
+
+
 def visibility(
     sq: int, sk: int, *, causal: bool, key_padding_mask: torch.Tensor | None = None, device=None
 ) -> torch.Tensor:
     """Token-level visibility ``[B or 1, Sq, Sk]`` (bool): key padding and bottom-right causal."""
+    causal = check_causal(causal)
     if key_padding_mask is not None:
         device = key_padding_mask.device
     vis = torch.ones(1, sq, sk, dtype=torch.bool, device=device)
@@ -123,6 +146,7 @@ def forced_block_mask(
     device=None,
 ) -> torch.Tensor:
     """``[B, nQB, nKB]`` bool: sink blocks, local-window and diagonal blocks (before visibility)."""
+    causal = check_causal(causal)
     nqb, nkb = _cdiv(sq, block_q), _cdiv(sk, block_k)
     off = sk - sq
     qb = torch.arange(nqb, device=device)
@@ -233,6 +257,7 @@ def sale_block_mask_ref(
     """
     if mode not in ("online", "exact"):
         raise ValueError(f"mode must be 'online' or 'exact', got {mode!r}")
+    causal = check_causal(causal)
     bsz, h, sq, _ = q.shape
     sk = k.shape[2]
     dev = q.device
@@ -323,6 +348,7 @@ def block_sparse_attention_ref(
     ``block_mask`` ``[B, H, nQB, nKB]`` (broadcastable; None = all blocks). Rows with no allowed key
     return zeros.
     """
+    causal = check_causal(causal)
     bsz, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = h // hkv

@@ -211,7 +211,8 @@ def sale_block_mask(
         block_q, block_k: block sizes (16/32/64/128).
         sink_blocks: key blocks always kept from the first real key.
         local_window: keys before the aligned diagonal whose blocks are always kept.
-        causal: bottom-right causal masking.
+        causal: bottom-right causal masking: ``True`` / ``False`` (numpy bools and 0 / 1 too; anything else
+            raises ``ValueError``).
         scale: softmax scale (default ``D**-0.5``).
         bits: quantisation bits of the estimate (8, or 4 emulated in int8).
         key_padding_mask: ``[B, Sk]`` bool, True = real token.
@@ -222,6 +223,7 @@ def sale_block_mask(
     Always keeps the sink block(s), the local window and the diagonal blocks (where visible); blocks
     with no visible (query, key) pair are never kept.
     """
+    causal = naive.check_causal(causal)
     _check_qk(q, k, None, "torch")
     backend = _resolve_backend(backend, q.device)
     _check_qk(q, k, None, backend)
@@ -325,6 +327,7 @@ def block_sparse_attention(
     ``block_mask`` ``[B, H, ceil(Sq/block_q), ceil(Sk/block_k)]`` bool (B and H may be 1). Online
     softmax in fp32 (Triton) / fp32 math (torch); rows with no visible kept key return 0.
     """
+    causal = naive.check_causal(causal)
     _check_qk(q, k, v, "torch")
     backend = _resolve_backend(backend, q.device)
     _check_qk(q, k, v, backend)
@@ -410,6 +413,7 @@ def sale_attention(
     Returns ``out [B, H, Sq, D]`` (q's dtype), and ``mask [B, H, nQB, nKB]`` when ``return_mask``.
     Arguments as in :func:`sale_block_mask` and :func:`block_sparse_attention`.
     """
+    causal = naive.check_causal(causal)
     _check_qk(q, k, v, "torch")
     backend = _resolve_backend(backend, q.device)
     _check_qk(q, k, v, backend)
