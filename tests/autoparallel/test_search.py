@@ -342,3 +342,29 @@ def test_unusable_tp_sizes_name_the_cause():
         search("tiny", SearchConfig(gpus=6, tp_sizes=(4,), global_batch=12, seq_len=64))
     # a usable degree beside an unusable one still searches
     assert search("tiny", SearchConfig(gpus=6, tp_sizes=(2, 3), global_batch=12, seq_len=64)).best.tp == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ([1, 2], r"Plan.from_dict expects a dict .* got list"),  # was AttributeError: 'list' has no 'get'
+        ("plan.json", r"Plan.from_dict expects a dict .* got str"),
+        (None, r"Plan.from_dict expects a dict .* got NoneType"),
+        ({"version": "one"}, r"Plan.version must be an int >= 1 .* got 'one'"),  # was int()'s invalid literal
+        ({"version": None}, r"Plan.version must be an int >= 1 .* got None"),  # was a TypeError
+        ({"version": 1.5}, r"Plan.version must be an int >= 1 .* got 1.5"),  # was truncated to 1 and accepted
+        ({"version": "1"}, r"Plan.version must be an int >= 1 .* got '1'"),  # was accepted, kept as a string
+        ({"version": 0}, r"Plan.version must be an int >= 1"),
+        ({"version": 99}, r"plan version 99 is newer than supported \(1\)"),
+        ({"stages": 5}, r"Plan.stages must be \[start, end\) pairs of ints, got 5"),  # was a TypeError
+        ({"model": "tiny"}, r"Plan.model must be a dict"),
+    ],
+)
+def test_from_dict_names_what_is_wrong_with_its_input(value, match):
+    good = Plan.uniform("tiny", gpus=2, dp_type="fsdp", zero=3, global_batch=4, seq_len=8).to_dict()
+    d = {**good, **value} if isinstance(value, dict) else value
+    with pytest.raises(ValueError, match=match):
+        Plan.from_dict(d)
+    if isinstance(value, list):
+        with pytest.raises(ValueError, match="expects a dict"):
+            Plan.from_json("[1, 2]")

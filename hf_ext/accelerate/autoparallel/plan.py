@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +24,16 @@ PLAN_VERSION = 1
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_version(version: Any) -> None:
+    """A plan's ``version``: an int from 1 to :data:`PLAN_VERSION` (a newer plan needs a newer hf_ext)."""
+    if not _is_int(version) or version < 1:
+        raise ValueError(
+            f"Plan.version must be an int >= 1 (this hf_ext writes {PLAN_VERSION}), got {version!r}"
+        )
+    if version > PLAN_VERSION:
+        raise ValueError(f"plan version {version} is newer than supported ({PLAN_VERSION}); upgrade hf_ext")
 
 
 def _layer_ok(x: Any) -> bool:
@@ -68,6 +79,9 @@ class Plan:
 
     def __post_init__(self) -> None:
         # a JSON plan edited by hand: "false" is a true string, 2.0 is not a degree; refuse rather than coerce
+        _check_version(self.version)
+        if not isinstance(self.model, dict):
+            raise ValueError(f"Plan.model must be a dict of ModelShape fields, got {self.model!r:.80}")
         for name in ("gpus", "pp", "tp", "micro_batch", "num_micro_batches", "global_batch", "seq_len"):
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"Plan.{name} must be an int, got {getattr(self, name)!r}")
@@ -156,9 +170,15 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        if int(d.get("version", PLAN_VERSION)) > PLAN_VERSION:
-            raise ValueError(f"plan version {d['version']} is newer than supported ({PLAN_VERSION})")
+        """The plan :meth:`to_dict` wrote; a hand-edited one is checked key by key (``ValueError`` naming the
+        key), never coerced."""
         fields = set(cls.__dataclass_fields__)
+        if not isinstance(d, Mapping):
+            raise ValueError(
+                f"Plan.from_dict expects a dict (a plan's JSON object with keys {sorted(fields)}), "
+                f"got {type(d).__name__}: {d!r:.80}"
+            )
+        _check_version(d.get("version", PLAN_VERSION))
         unknown = sorted(set(d) - fields)
         if unknown:
             raise ValueError(f"plan: unknown key(s) {unknown}; a plan has {sorted(fields)}")
@@ -171,7 +191,8 @@ class Plan:
         if missing:
             raise ValueError(f"plan: missing key(s) {missing}")
         known = dict(d)
-        known["stages"] = [list(r) if isinstance(r, (list, tuple)) else r for r in known["stages"]]
+        if isinstance(known["stages"], (list, tuple)):  # anything else: __post_init__ names it
+            known["stages"] = [list(r) if isinstance(r, (list, tuple)) else r for r in known["stages"]]
         return cls(**known)
 
     @classmethod
