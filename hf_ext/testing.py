@@ -18,6 +18,7 @@ import functools
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -336,12 +337,16 @@ def run_distributed(
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes on CPU.
 
     ``fn`` must be importable (module level) and its return value picklable. Returns the per-rank
-    results in rank order; raises ``RuntimeError`` if any rank failed. A run in which a rank died from a
-    signal (a native abort, e.g. inside gloo; its peers then fail too) is retried up to ``retries`` times
-    with a warning; a run where every failing rank raised a Python exception is never retried.
+    results in rank order; raises ``RuntimeError`` if any rank failed, or if ranks are still running ``timeout``
+    seconds after the start (one deadline for the whole group; those ranks are killed and named, their stderr
+    quoted). A run in which a rank died from a signal (a native abort, e.g. inside gloo; its peers then fail
+    too) is retried up to ``retries`` times with a warning; a run where every failing rank raised a Python
+    exception, or a rank hung, is never retried.
     """
     import warnings
 
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     for attempt in range(retries + 1):
         try:
             return _run_distributed_once(fn, world_size, args, timeout)
@@ -366,17 +371,29 @@ def _run_distributed_once(fn: Callable[..., Any], world_size: int, args: tuple, 
         ]
         for p in procs:
             p.start()
+        deadline = time.monotonic() + timeout  # one deadline for the whole group, not one per rank
         for p in procs:
-            p.join(timeout)
+            p.join(max(0.0, deadline - time.monotonic()))
         timed_out = [i for i, p in enumerate(procs) if p.is_alive()]
-        bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        if bad:
-            msg = f"distributed ranks failed (rank, exitcode): {bad}" + "".join(
-                _log_tail(outdir, i) for i, _ in bad
-            )
+        for i in timed_out:
+            procs[i].kill()
+        for i in timed_out:
+            procs[i].join(10)
+        bad = [
+            (i, procs[i].exitcode) for i in range(world_size) if i not in timed_out and procs[i].exitcode != 0
+        ]
+        if bad or timed_out:
+            msg = ""
+            if timed_out:
+                done = [i for i in timed_out if os.path.exists(os.path.join(outdir, f"rank{i}.pkl"))]
+                msg = (
+                    f"distributed ranks {timed_out} hung: still running {timeout:g} s after the start (the "
+                    "timeout covers the whole group), killed"
+                    + (f"; ranks {done} had returned from fn and were waiting for the others" if done else "")
+                )
+            if bad:
+                msg += ("; " if msg else "") + f"distributed ranks failed (rank, exitcode): {bad}"
+            msg += "".join(_log_tail(outdir, i) for i in [*timed_out, *(i for i, _ in bad)])
             if not timed_out and any(code is not None and code < 0 for _, code in bad):
                 raise _RankCrashed(msg)
             raise RuntimeError(msg)

@@ -26,3 +26,11 @@ def raise_on_rank1(rank: int, world_size: int) -> int:
     if rank == 1:
         raise ValueError("boom")
     return rank
+
+
+def sleep_on_ranks(rank: int, world_size: int, seconds: float) -> int:
+    """Every rank sleeps ``seconds`` (a group that hangs), then returns its rank."""
+    import time
+
+    time.sleep(seconds)
+    return rank
