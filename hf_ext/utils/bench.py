@@ -82,16 +82,48 @@ def results_dir() -> Path:
     return d
 
 
-def device_name() -> str:
-    """GPU name when CUDA is available, else ``cpu-<machine>``."""
-    try:
+def device_name(device: object = None) -> str:
+    """Name of the GPU a benchmark runs on, else ``cpu-<machine>``.
+
+    Args:
+        device: ``None`` (the current CUDA device, the one ``torch.cuda.set_device`` / ``torch.cuda.device(...)``
+            picked, when CUDA is available; else the CPU), a ``torch.device`` or its string (``"cuda:1"``,
+            ``"cuda"`` = the current one, ``"cpu"``) or a CUDA device index.
+
+    Example:
+        >>> device_name("cpu").startswith("cpu-")
+        True
+    """
+    cpu = f"cpu-{platform.machine()}"
+    if device is None:
+        if not _cuda():
+            return cpu
         import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:  # pragma: no cover
-        pass
-    return f"cpu-{platform.machine()}"
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    import torch
+
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ValueError(
+            f"device must be None, a torch.device, a device string ('cuda:1', 'cpu') or a CUDA index, got {device!r}"
+        )
+    try:
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {device!r} ({exc})") from None
+    if dev.type == "cpu":
+        return cpu
+    if dev.type != "cuda":
+        raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
+    if not _cuda():
+        raise ValueError(f"device={device!r}: CUDA is not available here")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise ValueError(
+            f"device={device!r}: this machine has {count} CUDA device(s) (indices 0..{count - 1})"
+        )
+    return torch.cuda.get_device_name(index)
 
 
 def versions() -> str:
