@@ -900,3 +900,40 @@ def pinned_layout(rank: int, world_size: int) -> dict[str, Any]:
         out[policy] = steps
     out["mine"] = [list(s) for s in mine.slots]
     return out
+
+
+def checkpointed_replan_between_forwards(rank: int, world_size: int, comm_schedule: str) -> dict[str, Any]:
+    """Two training forwards of a tiny Mixtral under HF (non-reentrant) activation checkpointing before one
+    backward (gradient accumulation), the planner re-planning every layer between them (identity layout, then one
+    with replicas): the max relative difference of the gradients from the single-process model's, or the error
+    the backward raised, and every layer's slots in each forward."""
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep
+    from hf_ext.accelerate.fsep.plugin import average_dense_gradients, fsep_layers
+    from hf_ext.testing import tiny_moe
+
+    orig = tiny_moe("mixtral", seed=0)
+    ref = copy.deepcopy(orig).train()
+    batches = [_batch(300 + j, 2 * world_size) for j in range(2)]
+    shares = [ids[r * 2 : (r + 1) * 2] for ids in batches for r in range(world_size)]
+    (sum(ref(x, labels=x).loss for x in shares) / world_size).backward()
+    # costed as a large batch, so that the skewed routing of the first forward earns replicas
+    cfg = FSEPConfig(comm_schedule=comm_schedule, planner_tokens_per_rank=1 << 16, hardware="h100")
+    model = prepare_fsep(copy.deepcopy(orig).train(), cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    losses, slots = [], []
+    for ids in batches:
+        mine = ids[rank * 2 : (rank + 1) * 2]
+        losses.append(model(mine, labels=mine).loss)
+        slots.append([[list(s) for s in layer.layout.slots] for layer in fsep_layers(model)])
+    out: dict[str, Any] = {
+        "slots": slots,
+        "checkpointing": bool(model.model.layers[0].gradient_checkpointing),
+    }
+    try:
+        sum(losses).backward()
+    except Exception as exc:  # the old code: torch.utils.checkpoint's recomputed-tensor check
+        out["error"] = f"{type(exc).__name__}: {exc}"[:600]
+        return out
+    average_dense_gradients(model)
+    out["grad_diff"] = _compare_grads(ref, model)
+    return out

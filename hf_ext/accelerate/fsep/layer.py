@@ -28,6 +28,7 @@ and runs the same dispatch / compute / combine code.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import weakref
@@ -233,6 +234,49 @@ def _grouped_mm_unsupported(x: torch.Tensor, w: torch.Tensor, hidden: int, inter
     if hidden % 8 or inter % 8 or w.stride(0) % 8 or w.data_ptr() % 16 or x.data_ptr() % 16:
         return f"hidden ({hidden}), intermediate ({inter}) and the weight rows must be 16-byte aligned"
     return None
+
+
+# ------------------------------------------------------------------------------ activation checkpointing
+def _checkpoint_frame() -> tuple[Any, bool]:
+    """``(frame, replaying)`` of the non-reentrant ``torch.utils.checkpoint`` region this code runs in.
+
+    ``frame`` is the object a checkpointed forward and its recompute in backward share, found through the
+    saved-tensor hooks torch's checkpoint pushes around both; ``replaying``: this is the recompute. ``(None,
+    False)`` outside such a region, and where these torch internals are not recognised (a recompute then runs
+    the layer's current layout, as it did before layouts were kept per forward)."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top_hooks is None:
+        return None, False
+    try:
+        top = top_hooks(False)
+    except TypeError:  # a torch without the argument
+        top = top_hooks()
+    if not top:
+        return None, False
+    pack = inspect.unwrap(top[0])  # the recompute's hook is wrapped (dynamo disabled)
+    code, closure = getattr(pack, "__code__", None), getattr(pack, "__closure__", None)
+    if code is None or not closure or getattr(pack, "__module__", "") != "torch.utils.checkpoint":
+        return None, False
+    cells = dict(zip(code.co_freevars, closure))
+    name = pack.__qualname__
+    try:
+        if name.startswith("_checkpoint_hook.") and "frame" in cells:
+            return cells["frame"].cell_contents, False
+        if name.startswith("_recomputation_hook.") and "target_frame_ref" in cells:
+            return cells["target_frame_ref"].cell_contents(), True
+    except ValueError:  # an empty cell
+        pass
+    return None, False
+
+
+class _FrameLayouts:
+    """The layouts one layer's forwards ran inside one checkpoint frame (in call order), and where its recompute
+    (graph task ``task``) has got to in them."""
+
+    def __init__(self) -> None:
+        self.layouts: list[Layout] = []
+        self.task = -2
+        self.next = 0
 
 
 class _PendingGather:
@@ -497,6 +541,9 @@ class FSEPExperts(nn.Module):
                 else None
             )
         self._layout_pinned = False  # set_layout pins a layout until release_layout
+        # the layouts run by checkpointed forwards, per non-reentrant checkpoint frame (freed with its graph): the
+        # recompute in backward runs its forward's layout, even where the layer was re-planned in between
+        self._frame_layouts: weakref.WeakKeyDictionary[Any, _FrameLayouts] = weakref.WeakKeyDictionary()
         self.last_counts: np.ndarray | None = None
         # counts of a training-mode forward run without grad, for the recompute in backward to observe: reentrant
         # activation checkpointing runs the forward under no_grad and builds the graph only in that recompute
@@ -526,7 +573,8 @@ class FSEPExperts(nn.Module):
 
         The layout is pinned: under ``layout_policy="planner"`` the training steps that follow do not re-plan
         this layer (the planner still records their token counts) until :meth:`release_layout` hands the
-        layout back to the planner."""
+        layout back to the planner. A forward already run keeps the layout it ran: its backward and, under
+        non-reentrant activation checkpointing, its recompute use that one."""
         if self.config.mode == "static_ep":
             raise ValueError("set_layout: static_ep keeps the identity layout; use mode='fsep'")
         if layout.num_experts != self.num_experts or layout.world_size != self.world_size:
@@ -574,15 +622,36 @@ class FSEPExperts(nn.Module):
             return
         self._prefetched = _PendingGather(self, self.layout, async_op=True)
 
-    def _full_weights(self) -> torch.Tensor:
-        """``[C_me, 3*I*H]`` full weights of this rank's materialised experts (autograd-tracked)."""
+    def _full_weights(self, layout: Layout, pending: _PendingGather | None = None) -> torch.Tensor:
+        """``[C_me, 3*I*H]`` full weights of this rank's materialised experts under ``layout`` (autograd-tracked),
+        from ``pending`` or else the prefetched gather where it fits."""
         if self.config.mode == "static_ep":
             return _ScaleGrad.apply(self.expert_weights, self.grad_scale)
-        pending = self._prefetched
-        self._prefetched = None
-        if pending is None or not pending.valid_for(self.layout):
-            pending = _PendingGather(self, self.layout, async_op=False)
+        if pending is None:
+            pending, self._prefetched = self._prefetched, None
+        if pending is None or not pending.valid_for(layout):
+            pending = _PendingGather(self, layout, async_op=False)
         return _GatherExperts.apply(self.expert_shards, self, pending)
+
+    def _forward_layout(self, frame: Any, replaying: bool) -> Layout:
+        """The layout a forward runs: the current one (recorded for the recompute when inside checkpoint
+        ``frame``); in the recompute of ``frame`` (``replaying``), the one its forward ran."""
+        if frame is None:
+            return self.layout
+        rec = self._frame_layouts.get(frame)
+        if not replaying:
+            if rec is None:
+                rec = self._frame_layouts[frame] = _FrameLayouts()
+            rec.layouts.append(self.layout)
+            return self.layout
+        if rec is None or not rec.layouts:  # the forward ran outside this frame's records: nothing kept
+            return self.layout
+        task = torch._C._current_graph_task_id()
+        if task != rec.task:  # a new recompute (a second backward with retain_graph=True starts again)
+            rec.task, rec.next = task, 0
+        layout = rec.layouts[rec.next % len(rec.layouts)]
+        rec.next += 1
+        return layout
 
     def _after_a2a_backward(self, which: str) -> Callable[[], None]:
         """Hook run once the backward of this layer's ``which`` (dispatch / combine) all-to-all is queued:
@@ -609,13 +678,22 @@ class FSEPExperts(nn.Module):
         t, h = hidden_states.shape
         k = top_k_index.shape[1]
         dev = hidden_states.device
-        layout = self.layout
-        # inside backward = the recompute of activation checkpointing
-        recompute = torch._C._current_graph_task_id() != -1
+        # a non-reentrant checkpoint's recompute runs the layout its forward ran, which a re-plan between the two
+        # (two forwards before one backward, gradient accumulation) may have replaced since
+        frame, replaying = _checkpoint_frame() if torch.is_grad_enabled() else (None, False)
+        layout = self._forward_layout(frame, replaying)
+        # the recompute of activation checkpointing (in backward, or a non-reentrant one triggered outside)
+        recompute = replaying or torch._C._current_graph_task_id() != -1
         if not recompute:
             self._state.drop_stale()
-        if self.config.mode == "fsep" and self._prefetched is None:
-            self.prefetch()  # overlap the gather with the count exchange and token dispatch
+        pending = None
+        if self.config.mode == "fsep":
+            # overlap the gather with the count exchange and token dispatch; a recompute gathers its own layout's
+            # experts and leaves a gather prefetched for a coming forward alone
+            if replaying:
+                pending = _PendingGather(self, layout, async_op=True)
+            elif self._prefetched is None:
+                self.prefetch()
         flat_e = top_k_index.reshape(-1).long()
         pair_ids = torch.arange(flat_e.numel(), device=dev)
         valid = (flat_e >= 0) & (flat_e < e)
@@ -675,7 +753,7 @@ class FSEPExperts(nn.Module):
             self._next[0].prefetch()
 
         # ---- expert compute, one SwiGLU MLP per materialised expert
-        w = self._full_weights()  # [C_me, 3*I*H]
+        w = self._full_weights(layout, pending)  # [C_me, 3*I*H]
         per_slot = cnt.sum(axis=0).tolist()
         c0 = time.thread_time() if not xg.is_cuda else 0.0
         if self._use_grouped_mm(xg, w, per_slot):
@@ -818,10 +896,12 @@ class FSEPExperts(nn.Module):
         # handles, which cannot be copied or pickled; a copy gathers its own experts
         state = super().__getstate__()
         state["_prefetched"] = None
+        state["_frame_layouts"] = None  # the graphs whose recomputes these serve are not copied
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # copy.deepcopy: register the copy's parameter
         state.setdefault("_layout_pinned", False)  # pickled before layouts could be pinned
+        state["_frame_layouts"] = weakref.WeakKeyDictionary()
         super().__setstate__(state)
         _register_expert_param(self)
 
