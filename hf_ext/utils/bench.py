@@ -78,7 +78,18 @@ def results_dir() -> Path:
         d = Path(env)
     else:
         d = (CHECKOUT_ROOT if CHECKOUT_ROOT is not None else Path.cwd()) / "benchmarks" / "results"
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # it, or a folder above it, is a file (or a broken link)
+        if d.is_symlink() and not d.exists():
+            what = "is a broken symbolic link, not a folder"
+        elif d.exists():
+            what = "is a file, not a folder" if d.is_file() else "exists and is not a folder"
+        else:
+            what = "cannot be made a folder: a path above it is a file"
+        where = f"HF_EXT_RESULTS_DIR={env!r}" if env else f"the results folder {str(d)!r}"
+        fix = "point HF_EXT_RESULTS_DIR at a folder" if env else "move it away or set HF_EXT_RESULTS_DIR"
+        raise ValueError(f"{where} {what}; {fix} for the benchmark results") from None
     return d
 
 
