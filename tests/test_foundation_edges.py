@@ -3,6 +3,8 @@ component list."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 
@@ -25,3 +27,54 @@ def test_results_dir_that_is_a_file_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path / "new" / "results"))  # a folder still works
     assert bench.results_dir() == tmp_path / "new" / "results"
     assert (tmp_path / "new" / "results").is_dir()
+
+
+def test_tensor_and_numpy_values_are_written_as_plain_numbers(tmp_path):
+    import numpy as np
+    import torch
+
+    from hf_ext.utils.bench import Row, append_rows, print_rows, read_rows
+
+    fixed = dict(device="cpu-x", versions="v", date="d", commit="c", command="cmd")
+    row = Row.make(
+        "comp",
+        "case",
+        "ms",
+        torch.tensor(2.0),  # a 0-d tensor, and the ratio Row.make computes from it
+        "eager",
+        np.float64(4.0),
+        quality_name="max_err",
+        quality_value=torch.tensor(0.25, dtype=torch.float64),
+        **fixed,
+    )
+    ints = Row("comp", "ints", "tokens/s", np.int64(7), "eager", np.array(3.5), ratio=np.bool_(True), **fixed)
+    path = append_rows("comp", [row, ints], path=tmp_path / "comp.csv")
+    text = path.read_text()
+    assert "tensor" not in text and "np." not in text and "array" not in text, text
+    got = read_rows(path)
+    assert [(r["ours"], r["baseline_value"], r["ratio"], r["quality_value"]) for r in got] == [
+        ("2.0", "4.0", "2.0", "0.25"),
+        ("7", "3.5", "True", ""),
+    ]
+    print_rows([row, ints])  # the table shows the numbers too
+
+
+@pytest.mark.parametrize(
+    "field, kind, dims",
+    [("ours", "tensor", (2,)), ("baseline_value", "array", (1,)), ("quality_value", "tensor", (1, 1))],
+)
+def test_non_scalar_tensor_or_array_values_are_refused_naming_the_field(tmp_path, field, kind, dims):
+    import numpy as np
+    import torch
+
+    from hf_ext.utils.bench import Row, append_rows
+
+    kw: dict = dict(ours=1.0, baseline_value=2.0, quality_value="")
+    kw[field] = torch.ones(dims) if kind == "tensor" else np.ones(dims)
+    fixed = dict(device="cpu-x", versions="v", date="d", commit="c", command="cmd")
+    row = Row("comp", "case", "ms", baseline="eager", **kw, **fixed)
+    path = tmp_path / "comp.csv"
+    msg = rf"Row\.{field} must be a number or a string, got a {kind} of shape {re.escape(str(dims))}"
+    with pytest.raises(ValueError, match=msg):
+        append_rows("comp", [row], path=path)
+    assert not path.exists()  # refused before anything was written

@@ -311,7 +311,7 @@ def append_rows(component: str, rows: Sequence[Row], path: Path | None = None) -
     """
     path = path or results_dir() / f"{component}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    cells = [{k: _cell(v) for k, v in asdict(r).items() if k in COLUMNS} for r in rows]  # before the lock
+    cells = [{k: _cell(k, v) for k, v in asdict(r).items() if k in COLUMNS} for r in rows]  # before the lock
     with path.open("ab+") as f:
         _lock(f)
         try:
@@ -345,8 +345,29 @@ def append_rows(component: str, rows: Sequence[Row], path: Path | None = None) -
     return path
 
 
-def _cell(v: object) -> str:
-    """A CSV cell as ``csv`` writes it: ``None`` empty, anything else its ``str``."""
+def _plain(name: str, v: object) -> object:
+    """``v`` with a 0-d torch tensor, a numpy scalar or a 0-d numpy array made the plain Python number it holds
+    (``str`` of a tensor is ``tensor(1.5000)``); a tensor or array of more than one value is a ``ValueError``
+    naming the field ``name``. Anything else is returned as it is."""
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    np = sys.modules.get("numpy")
+    is_tensor = torch is not None and isinstance(v, torch.Tensor)
+    is_array = np is not None and isinstance(v, (np.ndarray, np.generic))
+    if not (is_tensor or is_array):
+        return v
+    if v.ndim != 0:  # type: ignore[union-attr]
+        kind = "tensor" if is_tensor else "array"
+        raise ValueError(
+            f"Row.{name} must be a number or a string, got a {kind} of shape {tuple(v.shape)}: "  # type: ignore[union-attr]
+            "give one value (a 0-d tensor or .item())"
+        )
+    return v.item()  # type: ignore[union-attr]
+
+
+def _cell(name: str, v: object) -> str:
+    """A CSV cell of field ``name`` as ``csv`` writes it: ``None`` empty, a 0-d tensor / numpy scalar the number
+    it holds, anything else its ``str``."""
+    v = _plain(name, v)
     return "" if v is None else str(v)
 
 
@@ -531,17 +552,18 @@ def print_rows(rows: Sequence[Row], title: str = "") -> None:
         t.add_row(
             r.case,
             r.metric,
-            _fmt(r.ours),
+            _fmt(r.ours, "ours"),
             r.baseline,
-            _fmt(r.baseline_value),
-            _fmt(r.ratio),
+            _fmt(r.baseline_value, "baseline_value"),
+            _fmt(r.ratio, "ratio"),
             r.quality_name,
-            _fmt(r.quality_value),
+            _fmt(r.quality_value, "quality_value"),
         )
     Console().print(t)
 
 
-def _fmt(v: object) -> str:
+def _fmt(v: object, name: str = "value") -> str:
+    v = _plain(name, v)
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
