@@ -78,3 +78,25 @@ def test_non_scalar_tensor_or_array_values_are_refused_naming_the_field(tmp_path
     with pytest.raises(ValueError, match=msg):
         append_rows("comp", [row], path=path)
     assert not path.exists()  # refused before anything was written
+
+
+def test_a_results_csv_with_a_byte_order_mark_is_appended_to_and_read(tmp_path):
+    from hf_ext.utils.bench import COLUMNS, Row, append_rows, plot_results, read_rows
+
+    fixed = dict(device="cpu-x", versions="v", date="d", commit="c", command="cmd")
+    path = tmp_path / "comp.csv"
+    first = ",".join(
+        ["comp", "old", "cpu-x", "ms", "1.0", "eager", "2.0", "2.0", "", "", "v", "d", "c", "cmd"]
+    )
+    path.write_bytes(
+        b"\xef\xbb\xbf" + (",".join(COLUMNS) + "\r\n" + first + "\r\n").encode()
+    )  # as Excel saves it
+    append_rows("comp", [Row.make("comp", "new", "ms", 1.0, "eager", 3.0, **fixed)], path=path)
+    data = path.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbf" + ",".join(COLUMNS).encode()) and data.count(b"component") == 1
+    rows = read_rows(path)
+    assert [(r["component"], r["case"], r["ratio"]) for r in rows] == [
+        ("comp", "old", "2.0"),
+        ("comp", "new", "3.0"),
+    ]
+    assert plot_results("comp", path=path).exists()

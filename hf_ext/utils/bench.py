@@ -318,7 +318,8 @@ def append_rows(component: str, rows: Sequence[Row], path: Path | None = None) -
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(0)
-            head = f.readline().decode("utf-8").strip("\r\n") if size else ""
+            # utf-8-sig: a file saved with a byte-order mark (spreadsheets do) still has "component" first
+            head = f.readline().decode("utf-8-sig").strip("\r\n") if size else ""
             if not head:  # a new or empty file (a blank first line: nothing parsable was there)
                 fieldnames, prefix = COLUMNS, ""
             else:
@@ -389,8 +390,8 @@ def _unlock(f: IO[bytes]) -> None:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of a results CSV as dicts."""
-    with path.open(newline="", encoding="utf-8") as f:
+    """Rows of a results CSV as dicts (a UTF-8 byte-order mark before the header is skipped)."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 
@@ -425,7 +426,7 @@ def plot_results(
             raise ValueError(f"plot_results: {name} must be an int >= 1, got {v!r}")
     path = path or results_dir() / f"{component}.csv"
     out = out or path.with_suffix(".png")
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f), [])
     needed = ("case", "metric", "baseline", "device", "ratio")
     missing = [c for c in needed if c not in header]
