@@ -284,9 +284,11 @@ def test_cli_builds_config_and_forwards_transformers_flags(monkeypatch, tmp_path
     from hf_ext.generation.tie.config import TIEConfig
 
     calls: list[tuple[list[str], bool]] = []
+    configs: list = []
 
     def fake_app(args, prog_name=None):
         calls.append((list(args), getattr(su.GenerationState, "_hf_ext_tie", False)))
+        configs.append(CONTEXT.config)  # what the server scores with (put back once it has ended)
         raise SystemExit(0)
 
     monkeypatch.setattr(tcli, "app", fake_app)
@@ -295,9 +297,9 @@ def test_cli_builds_config_and_forwards_transformers_flags(monkeypatch, tmp_path
     rc = main(["serve", "my/model", "--tie-config", str(cfg), "--tie-beta-max", "0.2", "--port", "9001"])
     assert rc == 0
     assert calls == [(["serve", "my/model", "--continuous-batching", "--port", "9001"], True)]
-    assert CONTEXT.config == TIEConfig(beta_max=0.2, aging="none")
+    assert configs[-1] == TIEConfig(beta_max=0.2, aging="none")
     assert main(["serve", "my/model", "--tie-score", "per_token_index"]) == 0
-    assert CONTEXT.config == TIEConfig(score="per_token_index")
+    assert configs[-1] == TIEConfig(score="per_token_index")
     assert not getattr(su.GenerationState, "_hf_ext_tie", False)
 
     cfg.write_text(json.dumps({"beta_maxx": 0.3}))
@@ -836,4 +838,57 @@ def test_a_server_that_fails_to_start_leaves_the_tie_context_as_it_was(monkeypat
         )
     after = (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.length_log, CONTEXT.config)
     assert all(a is b for a, b in zip(after, before))
+    assert _ACTIVE["refresher"] is None
+
+
+@pytest.mark.parametrize("how", ["serve_tie", "hf-ext serve"])
+def test_a_server_that_ends_normally_leaves_the_tie_context_as_it_was(monkeypatch, tmp_path, model_dir, how):
+    """A blocking ``serve_tie`` / ``hf-ext serve`` that ended without error used to leave its predictor, config,
+    ``prompt_text`` and its closed length log as the process-wide TIE settings: a later ``scheduler_type="tie"``
+    run in the process scored with them and logged into a closed file. The caller's settings now come back."""
+    import inspect
+
+    import transformers.cli.serve as serve_mod
+    import transformers.cli.transformers as tcli
+
+    from hf_ext.cli import main
+    from hf_ext.generation.tie.cb import CONTEXT, enable_tie_scheduler
+    from hf_ext.generation.tie.config import TIEConfig
+    from hf_ext.generation.tie.lengthlog import LengthLog
+    from hf_ext.generation.tie.serve import _ACTIVE, serve_tie
+
+    def settings():
+        return (CONTEXT.predictor, CONTEXT.tokenizer, CONTEXT.prompt_text, CONTEXT.length_log, CONTEXT.config)
+
+    mine = LengthLog()
+    enable_tie_scheduler(
+        StubPredictor(), prompt_text=lambda ids: "mine", config=TIEConfig(alpha=0.8), length_log=mine
+    )
+    before = settings()
+    seen = {}
+
+    class FakeServe:  # a server that serves, then stops normally
+        def __init__(self, **kwargs):
+            seen["during"] = settings()
+
+        def kill_server(self):
+            pass
+
+    def fake_app(args, prog_name=None):
+        seen["during"] = settings()
+        raise SystemExit(0)
+
+    path = tmp_path / "lengths.jsonl"
+    if how == "serve_tie":
+        FakeServe.__init__.__signature__ = inspect.signature(serve_mod.Serve.__init__)
+        monkeypatch.setattr(serve_mod, "Serve", FakeServe)
+        pred = StubPredictor()
+        serve_tie("m", pred, config=TIEConfig(beta_max=0.2), prompt_text=lambda ids: "x", length_log=path)
+    else:
+        monkeypatch.setattr(tcli, "app", fake_app)
+        assert main(["serve", model_dir, "--tie-beta-max", "0.2", "--tie-length-log", str(path)]) == 0
+    during = seen["during"]
+    assert during[4] == TIEConfig(beta_max=0.2) and during[3] is not mine and during[3].path == str(path)
+    assert during[3]._fh is None  # the server's log was closed when it ended
+    assert all(a is b for a, b in zip(settings(), before))  # not the server's (closed) log and config
     assert _ACTIVE["refresher"] is None

@@ -17,7 +17,8 @@ Requests reach the scheduler as token ids (after the chat template). With a ``pr
 request's ids are turned into text (``tokenizer.decode``, or your ``prompt_text(ids)``) and predicted in one batch
 per scheduling step; without one, TIE falls back to the prompt-length heuristic with a warning. Each request's
 own ``max_tokens`` is its cap ``M`` in the score (``TIEConfig.use_request_cap``). The predictor and config are
-the process-wide scheduler settings of :func:`~hf_ext.generation.tie.cb.enable_tie_scheduler`.
+the process-wide scheduler settings of :func:`~hf_ext.generation.tie.cb.enable_tie_scheduler` while the server
+runs; once a blocking server ends (normally or not), the settings the process had before it are put back.
 
 Needs transformers' serving extras: ``pip install "hf-ext[serve]"`` (``transformers[serving]``).
 
@@ -400,7 +401,10 @@ def serve_tie(
         _restore_scoring(saved)
         raise
     if blocking:
+        # the server has ended: its settings go with it, as when it fails (a later scheduler_type="tie" run in this
+        # process must not score with them or log into the log just closed)
         _stop_serving_extras(refresher, opened)
+        _restore_scoring(saved)
     server.tie_refresher = refresher
     if blocking:
         server.kill_server()  # and the model
@@ -571,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictor = _check_refit(refit, args.tie_predictor, args.tie_length_log)
     except ValueError as exc:
         raise SystemExit(f"hf-ext serve: --tie-refit-*: {exc}") from None
+    saved = _scoring_settings()
     opened = _enable_scoring(
         args.model,
         predictor,
@@ -580,18 +585,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.tie_length_log,
         report_every=args.tie_length_log_report,
     )
-    refresher = _start_refit(refit, predictor)
-    from transformers.cli.transformers import app
-
+    refresher = None
     code = 0
-    with tie_generation_state() as state_cls:
-        try:
-            app(["serve", args.model, "--continuous-batching", *rest], prog_name="hf-ext")
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        finally:
-            _shutdown(state_cls)  # see serve_tie
-            _stop_serving_extras(refresher, opened)
+    try:
+        refresher = _start_refit(refit, predictor)
+        from transformers.cli.transformers import app
+
+        with tie_generation_state() as state_cls:
+            try:
+                app(["serve", args.model, "--continuous-batching", *rest], prog_name="hf-ext")
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+            finally:
+                _shutdown(state_cls)  # see serve_tie
+    finally:
+        # however the server ended, its settings go with it (see serve_tie): the process's come back
+        _stop_serving_extras(refresher, opened)
+        _restore_scoring(saved)
     return code
 
 
