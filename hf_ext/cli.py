@@ -115,14 +115,16 @@ def _unknown_components(cmd: str, names: Sequence[str]) -> str | None:
 
 
 def run_demos(names: Sequence[str]) -> list[dict[str, Any]]:
-    """Run the demos of ``names`` (all when empty or ``["all"]``); returns one record per component.
+    """Run the demos of ``names`` (all when empty or ``["all"]``; a name given twice runs once, where it first
+    appears); returns one record per component.
 
     A planned component is recorded as ``"not built"``; a built one whose demo fails, or cannot even be
     imported (a missing dependency), as ``"FAIL"`` with the exception.
     """
     from rich.progress import Progress
 
-    if list(names) == ["all"]:
+    names = list(dict.fromkeys(names))  # `hf-ext demo sale sale` ran the same demo twice
+    if names == ["all"]:
         names = []
     comps = [registry.get(n) for n in names] if names else list(registry.COMPONENTS)
     out = []
@@ -151,6 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    args.components = list(dict.fromkeys(args.components))  # each component once, in the order given
     err = _unknown_components("demo", args.components)
     if err:
         print(err, file=sys.stderr)
@@ -291,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
     dm = sub.add_parser("demo", help="run components end-to-end on tiny CPU models")
     dm.add_argument(
-        "components", nargs="*", help=f"'all' or any of: {', '.join(registry.names())} (default: all)"
+        "components",
+        nargs="*",
+        help=f"'all' or any of: {', '.join(registry.names())} (default: all; a name given twice runs once)",
     )
     dm.set_defaults(func=cmd_demo)
     b = sub.add_parser(

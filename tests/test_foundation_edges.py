@@ -100,3 +100,31 @@ def test_a_results_csv_with_a_byte_order_mark_is_appended_to_and_read(tmp_path):
         ("comp", "new", "3.0"),
     ]
     assert plot_results("comp", path=path).exists()
+
+
+def test_demo_runs_a_component_named_twice_once(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from hf_ext import cli, registry
+
+    built = [c.name for c in registry.COMPONENTS if c.status == "built" and c.demo][:2]
+    assert len(built) == 2
+    ran: list[str] = []
+
+    def fake_resolve(target):
+        name = next(c.name for c in registry.COMPONENTS if c.demo == target)
+        return lambda: ran.append(name) or SimpleNamespace(what=f"{name} demo", key_figure="1x", passed=True)
+
+    monkeypatch.setattr(cli, "_resolve", fake_resolve)
+    a, b = built
+    assert cli.main(["demo", a, a]) == 0
+    assert ran == [a]
+    ran.clear()
+    assert cli.main(["demo", b, a, b, a]) == 0  # the order of first mention is kept
+    assert ran == [b, a]
+    assert [r["component"] for r in cli.run_demos([a, a])] == [a]
+    ran.clear()
+    assert cli.main(["demo", "all", "all"]) == 0  # 'all' twice is 'all', not "'all' cannot be combined"
+    assert ran == [c.name for c in registry.COMPONENTS if c.status == "built" and c.demo]  # each once
+    assert cli.main(["demo", "all", a]) == 2  # still refused
+    assert "'all' cannot be combined" in capsys.readouterr().err
