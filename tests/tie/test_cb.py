@@ -473,3 +473,58 @@ def test_tie_generate_batch_refuses_a_point_predictor_before_running_it(setup):
     with pytest.raises(ValueError, match="'logt' LengthPredictor, got kind='point'"):
         tie_generate_batch(model, PROMPTS[:2], tok, Point(), generation_config=gc)
     assert Point.calls == 0
+
+
+@pytest.mark.parametrize("case", ["model_generation_config_cap", "use_request_cap_false"])
+def test_tie_generate_batch_heuristic_uses_the_engines_cap(case):
+    """Without a predictor, ``tie_generate_batch`` made its prompt-length laws with the call's ``max_new_tokens``,
+    else ``TIEConfig.max_new_tokens``, while the engine's own fallback uses each request's effective cap (the
+    model's ``generation_config.max_new_tokens`` when the call sets none; ``TIEConfig.max_new_tokens`` when
+    ``use_request_cap=False``): the two admitted the same requests in different orders. Now they agree."""
+    from transformers import ContinuousBatchingConfig
+
+    from hf_ext.generation.tie import TIEConfig
+    from hf_ext.generation.tie.cb import CONTEXT, enable_tie_scheduler, preserved_context, tie_generate_batch
+    from hf_ext.generation.tie.lengthlog import LengthLog
+    from hf_ext.testing import tiny_llama, tiny_tokenizer
+
+    torch.set_num_threads(1)
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    model.generation_config.update(do_sample=False, eos_token_id=-1, pad_token_id=0)  # EOS off: full lengths
+    # 1, 44, 35, 26, 17 prompt tokens, which generate_batch queues in this order (it sorts them by their ids,
+    # descending): the first to arrive is first in every order below, as the engine may start before the rest
+    prompts = ["you"] + [" ".join(["word"] * k) for k in (15, 12, 9, 6)]
+    if case == "model_generation_config_cap":
+        # each request is capped at the model's 100 (the heuristic's mu spans up to log 50): by prompt length.
+        # The old call used TIEConfig's 20 (mu clipped to log 16 for all): arrival order
+        model.generation_config.max_new_tokens = 100
+        cfg, call = TIEConfig(max_new_tokens=20, aging="none"), {}
+        want = [0, 4, 3, 2, 1]
+    else:
+        # M is TIEConfig's 20 for every request (mu clipped to log 16 for all): arrival order. The old call used
+        # the request's 100: by prompt length
+        cfg, call = TIEConfig(max_new_tokens=20, use_request_cap=False, aging="none"), {"max_new_tokens": 100}
+        want = [0, 1, 2, 3, 4]
+    cb = ContinuousBatchingConfig(num_blocks=32, page_size=16, max_batch_tokens=64, max_requests_per_batch=1)
+    orders, laws = [], []
+    with preserved_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no predictor: the heuristic's warning
+        for engine in (False, True):
+            log = LengthLog()
+            if engine:  # the engine's own fallback: no hints, scheduler_type="tie"
+                enable_tie_scheduler(None, tok, cfg, length_log=log)
+                ids = [tok(p).input_ids for p in prompts]
+                cb.scheduler_type = "tie"
+                out = model.generate_batch(ids, continuous_batching_config=cb, **call)
+            else:
+                out = tie_generate_batch(
+                    model, prompts, tok, config=cfg, continuous_batching_config=cb, length_log=log, **call
+                )
+            assert {len(o.generated_tokens) for o in out.values()} == {100}
+            orders.append(list(CONTEXT.admission_order))
+            recs = {r["request_id"]: r for r in log.records}
+            assert {r["source"] for r in recs.values()} == {"heuristic"}
+            laws.append({k: (r["pred_mu"], r["pred_sigma"], r["pred_nu"]) for k, r in recs.items()})
+    assert orders[0] == orders[1] == [f"req_{i}" for i in want]
+    assert laws[0] == laws[1]

@@ -257,6 +257,14 @@ class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
             log._error("record", f"could not record request {rid!r}: {type(exc).__name__}: {exc}")
 
 
+def _score_cap(config: TIEConfig, max_new_tokens: Any) -> int:
+    """``M`` of a request whose generation is capped at ``max_new_tokens`` (``None``: none): that cap when
+    ``config.use_request_cap`` (the default), else ``config.max_new_tokens``. The engine scores and falls back to the
+    heuristic with it; :func:`tie_generate_batch`'s heuristic uses the same."""
+    m = max_new_tokens if config.use_request_cap else None
+    return int(m) if m is not None and m >= 1 else config.max_new_tokens
+
+
 class TIECBScheduler(_WaitingOrderScheduler):
     """FIFO for running requests, aged TIE order for waiting ones (see the module docstring).
 
@@ -384,8 +392,7 @@ class TIECBScheduler(_WaitingOrderScheduler):
         return idx
 
     def _cap(self, state: RequestState) -> int:
-        m = state.max_new_tokens if self.tie_config.use_request_cap else None
-        return int(m) if m is not None and m >= 1 else self.tie_config.max_new_tokens
+        return _score_cap(self.tie_config, state.max_new_tokens)
 
     def _key(self, rid: str, now: float) -> float:
         cfg = self.tie_config
@@ -791,6 +798,9 @@ def tie_generate_batch(
     mnt = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
     if mnt is not None and (not isinstance(mnt, int) or mnt <= 0):
         raise ValueError(f"max_new_tokens must be an int > 0, got {mnt!r}")
+    if mnt is None and generation_config is None:
+        # what generate_batch caps each request at then: the model's generation config's max_new_tokens
+        mnt = getattr(getattr(model, "generation_config", None), "max_new_tokens", None)
     ids = [tokenizer(p).input_ids for p in prompts]
     if predictor is not None:
         out = predictor.predict(list(prompts))
@@ -798,7 +808,8 @@ def tie_generate_batch(
             raise ValueError(f"predictor must be a 'logt' LengthPredictor, got kind={predictor.kind!r}")
     else:
         warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
-        out = heuristic_prediction([len(x) for x in ids], mnt or (config or TIEConfig()).max_new_tokens)
+        # the cap the engine's own fallback and score use for these requests (each request's effective cap)
+        out = heuristic_prediction([len(x) for x in ids], _score_cap(config or TIEConfig(), mnt))
     cb = (
         copy.deepcopy(continuous_batching_config)
         if continuous_batching_config is not None
