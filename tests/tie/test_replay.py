@@ -283,28 +283,31 @@ def _priority_cb_config():
     )
 
 
-def test_priority_scheduler_without_a_key_fails_loudly(setup):
+def _run_one_request(model, gc, cb, request_id: str):
+    """One 2-token request under continuous-batching config ``cb``; its result (``None`` if none came)."""
+    mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+    mgr.add_request([3, 4, 5], request_id=request_id, max_new_tokens=2)
+    mgr.start()
+    try:
+        return mgr.get_result(timeout=30)
+    finally:
+        mgr.stop(block=True)
 
+
+def test_priority_scheduler_without_a_key_fails_loudly(setup):
     from hf_ext.generation.tie.cb import clear_priority_keys, register
 
     model, gc, _ = setup
     register()
     clear_priority_keys()
     cb = _priority_cb_config()
-    mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
-    mgr.add_request([3, 4, 5], request_id="nokey", max_new_tokens=2)
-    mgr.start()
-    try:
-        r = mgr.get_result(timeout=30)
-    finally:
-        mgr.stop(block=True)
+    r = _run_one_request(model, gc, cb, "nokey")
     assert r is not None and r.error is not None and "no priority key" in r.error
 
 
 def test_a_priority_key_by_request_id_ends_with_its_request(setup):
     """transformers reuses request ids (req_0, ... in every generate_batch): a key left over from an ended request
     used to order an unrelated later request under the same id, where a missing key must fail loudly."""
-
     from hf_ext.generation.tie.cb import (
         CONTEXT,
         clear_priority_keys,
@@ -320,13 +323,7 @@ def test_a_priority_key_by_request_id_ends_with_its_request(setup):
     errors = []
     try:
         for _ in range(2):  # the second run sets no key for "same"
-            mgr = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
-            mgr.add_request([3, 4, 5], request_id="same", max_new_tokens=2)
-            mgr.start()
-            try:
-                r = mgr.get_result(timeout=30)
-            finally:
-                mgr.stop(block=True)
+            r = _run_one_request(model, gc, cb, "same")
             errors.append(None if r is None else r.error)
         assert CONTEXT.rid_keys == {"other": 2.0}  # the key of a request that has not run stays
     finally:
