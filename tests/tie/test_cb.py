@@ -528,3 +528,64 @@ def test_tie_generate_batch_heuristic_uses_the_engines_cap(case):
             laws.append({k: (r["pred_mu"], r["pred_sigma"], r["pred_nu"]) for k, r in recs.items()})
     assert orders[0] == orders[1] == [f"req_{i}" for i in want]
     assert laws[0] == laws[1]
+
+
+def test_a_prompt_whose_text_is_empty_is_scored_by_the_heuristic_not_the_predictor(
+    setup, caplog, monkeypatch
+):
+    """A request whose prompt decodes to no text (special tokens only, decoded with skip_special_tokens) was sent to
+    the predictor as the literal string "<empty>", an input it never saw, and scored (and logged) with that law. It
+    is now scored by the prompt-length heuristic, logged and kept in prediction_failures; the others as before."""
+    import logging
+
+    from hf_ext.generation.tie.cb import TIECBScheduler, enable_tie_scheduler, preserved_context
+    from hf_ext.generation.tie.lengthlog import LengthLog
+    from hf_ext.generation.tie.scheduler import heuristic_prediction
+
+    model, tok, ids, gc = setup
+    special = [tok.bos_token_id] * 3
+    assert tok.decode(special, skip_special_tokens=True) == ""
+    batch = [*ids[:3], special]
+
+    class Recording(FakePredictor):
+        seen: list[str] = []
+
+        def predict(self, prompts, batch_size=256):
+            Recording.seen.extend(prompts)
+            return super().predict(prompts)
+
+    live: list[TIECBScheduler] = []
+    real_reset = TIECBScheduler.reset
+
+    def spy(self):  # reset runs more than once per scheduler
+        real_reset(self)
+        if self not in live:
+            live.append(self)
+
+    monkeypatch.setattr(TIECBScheduler, "reset", spy)
+    log = LengthLog()
+    with preserved_context(), caplog.at_level(logging.WARNING, logger="hf_ext"):
+        enable_tie_scheduler(Recording(), tok, length_log=log)
+        out = model.generate_batch(batch, generation_config=gc, continuous_batching_config=_cb("tie"))
+    assert all(v.error is None for v in out.values()) and len(out) == len(batch)
+    recs = {r["request_id"]: r for r in log.records}
+    assert set(recs) == {f"req_{i}" for i in range(len(batch))}
+    # the empty one: the heuristic's law for its 3 tokens and its cap of 10, source "heuristic", its own (empty) text
+    h = heuristic_prediction([len(special)], gc.max_new_tokens)
+    rec = recs["req_3"]
+    assert (rec["source"], rec["prompt"]) == ("heuristic", "")
+    assert (rec["pred_mu"], rec["pred_sigma"], rec["pred_nu"]) == pytest.approx(
+        (h["mu"][0], h["sigma"][0], h["nu"][0])
+    )
+    # the others: the predictor's law for their text; the predictor never saw an empty or made-up prompt
+    for i in range(3):
+        text = tok.decode(ids[i], skip_special_tokens=True)
+        rec = recs[f"req_{i}"]
+        assert rec["source"] == "predictor"
+        assert (rec["pred_mu"], rec["pred_sigma"]) == pytest.approx((len(text) / 10, 0.5))
+    assert sorted(Recording.seen) == sorted(tok.decode(x, skip_special_tokens=True) for x in ids[:3])
+    (sched,) = live
+    assert list(sched.prediction_failures) == ["req_3"]
+    assert sched.prediction_failures["req_3"].startswith("empty prompt text")
+    msgs = [r.getMessage() for r in caplog.records if "length prediction failed" in r.getMessage()]
+    assert len(msgs) == 1 and "['req_3']" in msgs[0] and "empty prompt text" in msgs[0], caplog.text

@@ -131,6 +131,12 @@ def _ended(state: RequestState) -> str | None:
 # per-request records a scheduler keeps for inspection (admission_order, prediction_failures): the newest this many
 KEEP_RECENT = 100_000
 
+# why a request whose prompt text is empty or whitespace was not predicted (in prediction_failures and the log)
+EMPTY_PROMPT_TEXT = (
+    "empty prompt text (e.g. a prompt of special tokens only, decoded with skip_special_tokens): nothing for the "
+    "predictor to read"
+)
+
 
 class _WaitingOrderScheduler(_cb_sched.FIFOScheduler):
     """FIFO for running requests; *fresh waiting* requests offered for admission by ascending key.
@@ -275,7 +281,8 @@ class TIECBScheduler(_WaitingOrderScheduler):
     Attributes:
         admission_order: request ids in the order they left the waiting queue (for inspection/tests).
         scores: request id -> un-aged TIE score (while waiting).
-        prediction_failures: request id -> why its in-loop prediction failed (it was scored by the heuristic).
+        prediction_failures: request id -> why its in-loop prediction failed, or was not made because its prompt
+            text is empty (it was scored by the heuristic).
     """
 
     def reset(self) -> None:
@@ -355,27 +362,36 @@ class TIECBScheduler(_WaitingOrderScheduler):
         nu: np.ndarray,
     ) -> list[int]:
         """Predict requests ``new[i]`` for ``i in idx`` into ``mu/sigma/nu``; returns the ``i`` whose prediction
-        failed (the predictor raised, or gave a non-finite value or σ, ν <= 0).
+        failed (the predictor raised, or gave a non-finite value or σ, ν <= 0) or was not made: a request whose
+        prompt text is empty or whitespace (e.g. a prompt of special tokens only, decoded with
+        ``skip_special_tokens``) gives the predictor nothing to read, and is never sent to it.
 
         This runs inside the engine's generation thread, where an exception would fail every request in flight
         (and stop a server for good), so a failed prediction is logged (``logging`` "hf_ext", naming the request
         ids and why), kept in :attr:`prediction_failures`, and its request is scored by the prompt-length heuristic.
         """
+        empty: list[int] = []
         try:
             texts = [_prompt_text(self.ctx, _true_prompt(new[i])) for i in idx]
             if self.ctx.length_log is not None:
                 self._texts.update((new[i].request_id, t) for i, t in zip(idx, texts))
-            out = predictor.predict([t if t.strip() else "<empty>" for t in texts])
+            empty = [i for i, t in zip(idx, texts) if not t.strip()]
+            if empty:  # outside the engine an empty prompt is a ValueError; here, the heuristic (see above)
+                self._failed(new, empty, EMPTY_PROMPT_TEXT)
+                idx, texts = [i for i, t in zip(idx, texts) if t.strip()], [t for t in texts if t.strip()]
+                if not idx:
+                    return empty
+            out = predictor.predict(texts)
             got = [np.asarray(out[k], dtype=np.float64).reshape(-1) for k in ("mu", "sigma", "nu")]
             if any(a.shape != (len(idx),) for a in got):
                 raise ValueError(f"predictor returned {[a.shape for a in got]} for {len(idx)} prompts")
         except Exception as exc:  # noqa: BLE001 - reported per request, see the docstring
-            return self._failed(new, idx, f"the predictor raised {type(exc).__name__}: {exc}")
+            return empty + self._failed(new, idx, f"the predictor raised {type(exc).__name__}: {exc}")
         ok = np.isfinite(got[0]) & np.isfinite(got[1]) & np.isfinite(got[2]) & (got[1] > 0) & (got[2] > 0)
         good = [i for i, k in zip(idx, ok) if k]
         mu[good], sigma[good], nu[good] = got[0][ok], got[1][ok], got[2][ok]
         bad = [i for i, k in zip(idx, ok) if not k]
-        return self._failed(new, bad, "non-finite prediction or sigma/nu <= 0") if bad else []
+        return empty + (self._failed(new, bad, "non-finite prediction or sigma/nu <= 0") if bad else [])
 
     def _failed(self, new: list[RequestState], idx: list[int], why: str) -> list[int]:
         rids = [new[i].request_id for i in idx]
