@@ -83,3 +83,39 @@ def test_fsep_accelerate_save_state_resumes_every_rank_on_two_gpus(tmp_path):
             assert r[f"{mode}_inplace_diff"] == 0.0, r
             assert r[f"{mode}_fresh_diff"] < 1e-4 and r[f"{mode}_moved"] > 1e-3, r
             assert r[f"{mode}_hf_keys"] and "one rank's rows" in r[f"{mode}_per_rank_error"], r
+
+
+def test_autoparallel_runtime_plans_on_two_gpus(tmp_path):
+    """Every runtime plan of the gloo tests (DDP, FSDP2, checkpointing, tensor and pipeline parallel) on the GPUs
+    with NCCL, fp32: one SGD step reproduces the single-process losses, the saved model loads with the trained
+    weights, and a pipeline plan puts only this rank's stage on its GPU (the other stage stays on the CPU)."""
+    import json
+
+    import torch
+
+    from tests.autoparallel import _dist_fns
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "tests.autoparallel._nccl_plans", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = [json.loads(x.split("@@RESULT@@", 1)[1]) for x in proc.stdout.splitlines() if "@@RESULT@@" in x]
+    by_rank = {r["rank"]: r for r in res}
+    assert sorted(by_rank) == [0, 1]
+    ref0, ref1 = _dist_fns.reference_losses()
+    names = sorted(_dist_fns._plans())
+    for rank, r in by_rank.items():
+        for name in names:
+            p = r[name]
+            l0, l1 = p["losses"]
+            assert l0 == pytest.approx(ref0, rel=1e-4) and l1 == pytest.approx(ref1, rel=1e-3), (name, p)
+            if name.startswith("pp"):
+                assert p["own_devices"] == [f"cuda:{rank}"] and p["other_devices"] == ["cpu"], (name, p)
+                assert p["gpu_param_fraction"] < 0.9, (name, p)
+            else:
+                assert p["own_devices"] == [f"cuda:{rank}"], (name, p)
+    for name in names:
+        assert by_rank[0][name]["saved"] == pytest.approx(ref1, rel=1e-3), name
