@@ -34,6 +34,44 @@ def reference_losses() -> tuple[float, float]:
     return float(loss.detach()), float(loss1)
 
 
+# left padding of each row of the masked batch (pad id 0, attention_mask 0): rows differ in target tokens
+LEFT_PADS = (0, 5, 9, 14)
+
+
+def _left_padded_batch() -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)``: :func:`_batch` left-padded by ``LEFT_PADS`` (a tokenizer's
+    ``padding_side="left"`` batch; the mask is int64, as tokenizers return it)."""
+    import torch
+
+    ids = _batch().clone()
+    mask = torch.ones_like(ids)
+    for row, pads in enumerate(LEFT_PADS):
+        ids[row, :pads] = 0
+        mask[row, :pads] = 0
+    return ids, mask
+
+
+def masked_reference_losses(use_mask: bool = True) -> tuple[float, float]:
+    """Single-process loss of the left-padded batch before and after one SGD step (lr 0.5):
+    ``model(input_ids, attention_mask=mask, labels=input_ids with -100 at the pads)``; ``use_mask=False``: the same
+    labels without the mask (all the old ``train_step`` could do), to show the mask changes the losses."""
+    import torch
+
+    from hf_ext.testing import tiny_llama
+
+    model = tiny_llama(seed=0, attn_implementation="sdpa").train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids, mask = _left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    kw = {"attention_mask": mask} if use_mask else {}
+    loss = model(input_ids=ids, labels=labels, **kw).loss
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        loss1 = model(input_ids=ids, labels=labels, **kw).loss
+    return float(loss.detach()), float(loss1)
+
+
 def _plans() -> dict[str, Any]:
     from hf_ext.accelerate.autoparallel.plan import Plan
     from hf_ext.testing import tiny_llama_config
@@ -55,18 +93,19 @@ def _plans() -> dict[str, Any]:
     return plans
 
 
-def _step_losses(runner: Any, ids: Any, world_size: int) -> list[float]:
-    """``runner``'s loss on ``ids`` before and after one SGD step (lr 0.5), averaged over the ranks (tp / pp ranks
-    of one replica hold the same loss)."""
+def _step_losses(runner: Any, ids: Any, world_size: int, mask: Any = None) -> list[float]:
+    """``runner``'s loss on ``ids`` (with the global ``attention_mask`` ``mask``, labels left to train_step) before
+    and after one SGD step (lr 0.5), averaged over the ranks (tp / pp ranks of one replica hold the same loss)."""
     import torch
     import torch.distributed as dist
 
     # foreach=True as on CUDA: one group mixing DTensor and plain parameters would be refused
     opt = torch.optim.SGD(runner.param_groups(), lr=0.5, foreach=True)
     local = runner.local_batch(ids)
+    kw = {} if mask is None else {"attention_mask": runner.local_batch(mask)}
     losses = []
     for step in range(2):
-        loss = runner.train_step(local)
+        loss = runner.train_step(local, **kw)
         if step == 0:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -89,7 +128,9 @@ def _saved_loss(directory: str, ids: Any) -> float:
 def apply_all(rank: int, world_size: int, outdir: str | None = None) -> dict[str, Any]:
     """Apply every plan on 2 ranks; return the dp-averaged loss before/after one SGD step (and, with ``outdir``,
     the loss of the model each plan saved with ``save_pretrained`` after its step, loaded on one process, and the
-    tensor names in the saved safetensors files)."""
+    tensor names in the saved safetensors files). ``<plan>:masked``: the same on a fresh model and runner for the
+    left-padded batch with its attention mask (int64 for every other plan, bool for the rest; labels from
+    train_step's rule), or the error train_step raised."""
 
     from hf_ext.accelerate.autoparallel.apply import apply_plan
     from hf_ext.accelerate.autoparallel.profiler import profile_collectives
@@ -97,7 +138,8 @@ def apply_all(rank: int, world_size: int, outdir: str | None = None) -> dict[str
 
     out: dict[str, Any] = {}
     ids = _batch()
-    for name, plan in _plans().items():
+    padded, mask = _left_padded_batch()
+    for i, (name, plan) in enumerate(_plans().items()):
         model = tiny_llama(seed=0, attn_implementation="sdpa").train()
         runner = apply_plan(model, plan, param_dtype=None)
         out[name] = _step_losses(runner, ids, world_size)
@@ -109,6 +151,14 @@ def apply_all(rank: int, world_size: int, outdir: str | None = None) -> dict[str
         flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in model.model.layers]
         out[name + ":ckpt"] = flags
         del runner, model
+        model = tiny_llama(seed=0, attn_implementation="sdpa").train()
+        with apply_plan(model, plan, param_dtype=None) as runner:
+            try:
+                out[name + ":masked"] = _step_losses(
+                    runner, padded, world_size, mask.bool() if i % 2 else mask
+                )
+            except Exception as exc:  # the old code: train_step takes no attention_mask
+                out[name + ":masked"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     out["collectives"] = profile_collectives((1 << 12, 1 << 16), repeats=1)
     return out
 

@@ -43,12 +43,21 @@ def test_collective_time_model():
         hw.collective_ms("broadcast", n, 2)
 
 
-def test_apply_plan_two_gloo_ranks_reproduce_single_process(run_distributed, tmp_path):
+@pytest.fixture(scope="module")
+def apply_all_out(tmp_path_factory):
+    """One 2-rank gloo launch of ``_dist_fns.apply_all`` (every plan of ``_plans()``, unmasked and left-padded with
+    an attention mask), shared by the tests that read it (a launch costs 20-60 s)."""
+    from hf_ext.testing import run_distributed
+
+    return run_distributed(_dist_fns.apply_all, 2, str(tmp_path_factory.mktemp("apply_all")))
+
+
+def test_apply_plan_two_gloo_ranks_reproduce_single_process(apply_all_out):
     from hf_ext.testing import tiny_llama
 
     ref0, ref1 = _dist_fns.reference_losses()
     hf_names = sorted(tiny_llama().state_dict())
-    out = run_distributed(_dist_fns.apply_all, 2, str(tmp_path))
+    out = apply_all_out
     r0 = out[0]
     for name in ("ddp_m2", "fsdp_z3", "fsdp_ckpt", "fsdp_mixed", "tp2", "tp2_ddp", "pp2", "pp2_plain"):
         l0, l1 = r0[name]
@@ -66,6 +75,100 @@ def test_apply_plan_two_gloo_ranks_reproduce_single_process(run_distributed, tmp
     coll = r0["collectives"]
     assert set(coll) == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"}
     assert all(v["2"][1] > 0 for v in coll.values())
+
+
+def test_left_padded_batch_with_attention_mask_matches_single_process(apply_all_out):
+    """A left-padded batch (pads 0/5/9/14 of 16 tokens per row) trained through train_step(ids,
+    attention_mask=mask) under every plan of _plans() (DDP, FSDP zero2/3, checkpointing, TP, TP+DDP, PP with and
+    without FSDP) gives the losses before / after one SGD step of one process calling
+    model(ids, attention_mask=mask, labels=ids with -100 at the pads). train_step used to take no attention mask:
+    pads could only be dropped from the targets (-100 labels), and were still attended to."""
+    ref0, ref1 = _dist_fns.masked_reference_losses()
+    # the mask matters: the same -100 labels without it give other losses
+    unmasked0, unmasked1 = _dist_fns.masked_reference_losses(use_mask=False)
+    assert unmasked0 != pytest.approx(ref0, rel=1e-4) and unmasked1 != pytest.approx(ref1, rel=1e-4)
+    r0, r1 = apply_all_out
+    for name in _dist_fns._plans():
+        got = r0[name + ":masked"]
+        assert not isinstance(got, str), (name, got)
+        l0, l1 = got
+        assert l0 == pytest.approx(ref0, rel=1e-5), name
+        assert l1 == pytest.approx(ref1, rel=1e-4), name
+        assert r1[name + ":masked"] == got, name
+
+
+def _one_process_runner(model):
+    """An AppliedPlan over a plain model with a one-GPU plan, built without torch.distributed (train_step needs no
+    collective when dp = 1 and there is no pipeline)."""
+    import torch
+
+    from hf_ext.accelerate.autoparallel.apply import AppliedPlan
+    from hf_ext.accelerate.autoparallel.plan import Plan
+
+    plan = Plan.uniform(model.config, gpus=1, dp_type="ddp", global_batch=2, seq_len=8, micro_batch=1)
+    return AppliedPlan(model, plan, None, torch.device("cpu"), None)
+
+
+# each refused attention_mask (built in the test from a [2, 8] batch) and train_step's whole error message
+_BAD_MASKS = {
+    "list": "attention_mask must be None or a torch.Tensor of 0 / 1 (bool or integer), got list",
+    "short": "attention_mask must have the shape of input_ids (2, 8), got (2, 7)",
+    "one_row": "attention_mask must have the shape of input_ids (2, 8), got (8,)",
+    "float": "attention_mask must be a bool or integer tensor of 0 / 1 (1 = attend, 0 = padding), got torch.float32",
+    "twos": "attention_mask must hold only 0 (padding) and 1 (attend); got 2 other value(s), e.g. [-1, 2]",
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_MASKS))
+def test_attention_mask_is_refused_before_any_forward(tiny_llama, case):
+    """train_step refuses an attention_mask that is not a [rows, seq] 0 / 1 bool or integer tensor like input_ids
+    with a ValueError naming attention_mask and what it allows, before any forward (no gradient written)."""
+    import torch
+
+    ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones_like(ids)
+    bad = {
+        "list": ones.tolist(),
+        "short": ones[:, :7],
+        "one_row": ones[0],
+        "float": ones.float(),
+        "twos": ones.clone().index_put_((torch.tensor([0, 1]), torch.tensor([3, 5])), torch.tensor([2, -1])),
+    }[case]
+    calls = []
+    tiny_llama.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    runner = _one_process_runner(tiny_llama)
+    with pytest.raises(ValueError) as err:
+        runner.train_step(ids, attention_mask=bad)
+    assert str(err.value) == _BAD_MASKS[case]
+    assert calls == [] and all(p.grad is None for p in tiny_llama.parameters())
+
+
+def test_attention_mask_without_labels_makes_the_pads_no_targets(tiny_llama):
+    """train_step(ids, attention_mask=mask) on one process (int64 or bool mask) gives the loss and gradients of
+    model(ids, attention_mask=mask, labels=ids with -100 where mask == 0); given labels are used as they are."""
+    import torch
+
+    ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    ids[0, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    tiny_llama.train()
+    loss = tiny_llama(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    want = float(loss.detach())
+    grads = [p.grad.clone() for p in tiny_llama.parameters()]
+    runner = _one_process_runner(tiny_llama)
+    for m in (mask, mask.bool()):
+        tiny_llama.zero_grad(set_to_none=True)
+        assert runner.train_step(ids, attention_mask=m) == pytest.approx(want, rel=1e-6)
+        for g, p in zip(grads, tiny_llama.parameters()):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    # labels given: the mask does not change them (every token of row 0 is a target here)
+    tiny_llama.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        own = tiny_llama(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert runner.train_step(ids, ids, attention_mask=mask) == pytest.approx(float(own), rel=1e-6)
 
 
 def test_pipeline_stage_names_map_onto_the_model():

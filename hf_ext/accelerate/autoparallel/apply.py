@@ -186,7 +186,8 @@ class AppliedPlan:
         return self.mesh["dp"].get_local_rank()
 
     def local_batch(self, global_batch: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a ``[global_batch, seq]`` tensor (split over the dp dimension).
+        """This rank's slice of a ``[global_batch, seq]`` tensor (split over the dp dimension): the input ids, the
+        labels and the attention mask of one global batch are split the same way (contiguous blocks of rows).
 
         Raises:
             ValueError: ``global_batch`` does not have the plan's ``global_batch`` rows (a slice of another
@@ -210,8 +211,27 @@ class AppliedPlan:
             torch.distributed.all_reduce(t, group=self.mesh["dp"].get_group())
         return t
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+    def train_step(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> float:
         """Forward + backward of this rank's local batch ``[micro_batch * num_micro_batches, seq]``.
+
+        ``attention_mask`` (``[rows, seq]`` like ``input_ids``, bool or integer 0 / 1, 1 = attend; default ``None``:
+        every token attended) is what transformers models take: pad positions (0) are not attended to, so a
+        left-padded batch trains as ``model(input_ids, attention_mask=mask, labels=...)`` does on one process. Every
+        plan honours it: DDP / FSDP2 / tensor-parallel / checkpointed plans pass each micro-batch's rows of it to the
+        model, a pipeline plan gives it to every stage's ``step`` so the schedule splits it into the same
+        micro-batches as ``input_ids`` and each stage builds the layers' mask from it with transformers'
+        ``create_causal_mask``. Positions are ``0 .. seq-1`` in every row, as in the model's own forward without
+        ``position_ids``. Split a global mask with :meth:`local_batch`, as the ids.
+
+        Targets: with ``labels=None`` they are ``input_ids``, with ``-100`` where ``attention_mask == 0`` (pad tokens
+        are never targets), as transformers users expect. Given ``labels`` are used as they are: the mask changes
+        what is attended to, not which tokens are targets, so put ``-100`` at the pads yourself (as transformers'
+        ``DataCollatorForLanguageModeling`` does).
 
         The loss is the token mean over the *global* batch, as one process training on the whole batch
         computes it (and as transformers' ``num_items_in_batch`` does): the target tokens (``labels[:, 1:]``
@@ -226,13 +246,19 @@ class AppliedPlan:
         ``from_pretrained`` starts in eval mode, where transformers' layers skip activation checkpointing (and
         dropout), so the plan's checkpointed layers would keep all their activations.
 
+        Example (``runner`` from :func:`apply_plan`; ``batch`` from a tokenizer with ``padding_side="left"``):
+            >>> ids, mask = runner.local_batch(batch.input_ids), runner.local_batch(batch.attention_mask)  # doctest: +SKIP
+            >>> loss = runner.train_step(ids, attention_mask=mask)  # doctest: +SKIP
+
         Returns:
             The token-mean loss of the global batch (the same on every rank; the caller steps the
             optimizer). A batch without any target token gives 0 and zero gradients.
 
         Raises:
-            ValueError: ``input_ids`` is not ``[micro_batch * num_micro_batches, seq]``, or ``labels`` (when given)
-                has another shape (before any forward).
+            ValueError: ``input_ids`` is not ``[micro_batch * num_micro_batches, seq]``, ``labels`` (when given)
+                has another shape, or ``attention_mask`` (when given) is not a tensor of the shape of ``input_ids``
+                with a bool or integer dtype holding only 0 and 1 (checked on this rank before any forward or
+                collective).
         """
         if self.closed:
             raise RuntimeError("this AppliedPlan was closed (its process groups are destroyed)")
@@ -243,7 +269,7 @@ class AppliedPlan:
             raise ValueError(
                 f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
             )
-        labels = input_ids if labels is None else labels
+        _check_attention_mask(attention_mask, input_ids)
         want = plan.micro_batch * plan.num_micro_batches
         if input_ids.shape[0] != want:
             raise ValueError(
@@ -251,14 +277,22 @@ class AppliedPlan:
                 f"micro_batch*num_micro_batches = {want}"
             )
         self.module.train()  # checkpointing (and dropout) act in training mode only
-        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        input_ids = input_ids.to(self.device)
+        mask = None if attention_mask is None else attention_mask.to(self.device)
+        if labels is not None:
+            labels = labels.to(self.device)
+        elif mask is not None:  # pad positions are not targets
+            labels = input_ids.masked_fill(mask == 0, _IGNORE_INDEX)
+        else:
+            labels = input_ids
         num_items = self._dp_sum((labels[:, 1:] != _IGNORE_INDEX).sum().reshape(1)).clamp_min(1)
         if self.schedule is not None:
             self.pipeline_loss.num_items = num_items[0]
-            return self._pipeline_step(input_ids, labels)
+            return self._pipeline_step(input_ids, labels, mask)
         m = plan.num_micro_batches
+        masks = mask.chunk(m) if mask is not None else [None] * m
         total = torch.zeros(1, device=self.device)
-        for i, (x, y) in enumerate(zip(input_ids.chunk(m), labels.chunk(m))):
+        for i, (x, y, am) in enumerate(zip(input_ids.chunk(m), labels.chunk(m), masks)):
             last = i == m - 1
             ctx = (
                 self.module.no_sync()
@@ -269,31 +303,65 @@ class AppliedPlan:
                 with self._autocast():
                     if self._loss_kwargs:
                         loss = self.module(
-                            input_ids=x, labels=y, use_cache=False, num_items_in_batch=num_items[0]
+                            input_ids=x,
+                            attention_mask=am,
+                            labels=y,
+                            use_cache=False,
+                            num_items_in_batch=num_items[0],
                         ).loss
                     else:
-                        logits = self.module(input_ids=x, use_cache=False).logits
+                        logits = self.module(input_ids=x, attention_mask=am, use_cache=False).logits
                         loss = _causal_lm_loss_sum(logits, y) / num_items[0]
                 (loss * plan.dp).backward()
             total += loss.detach().float()
         return float(self._dp_sum(total).item())
 
-    def _pipeline_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
+    def _pipeline_step(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None
+    ) -> float:
         pp_rank = self.mesh["pp"].get_local_rank()
         losses: list[torch.Tensor] = []
+        # keyword inputs reach every stage's forward; the schedule splits them into the micro-batches of input_ids
+        extra = {} if mask is None else {"attention_mask": mask}
         with self._autocast():
             if pp_rank == 0:
-                self.schedule.step(input_ids, target=labels, losses=losses)
+                self.schedule.step(input_ids, target=labels, losses=losses, **extra)
             elif pp_rank == self.plan.pp - 1:
-                self.schedule.step(target=labels, losses=losses)
+                self.schedule.step(target=labels, losses=losses, **extra)
             else:
-                self.schedule.step()
+                self.schedule.step(**extra)
         t = torch.zeros(1, device=self.device)
         if losses:
             t += torch.stack([x.detach().float() for x in losses]).sum() / self.plan.dp
         # The last stage holds the loss: broadcast it along the pipeline, then sum over the replicas.
         torch.distributed.all_reduce(t, group=self.mesh["pp"].get_group())
         return float(self._dp_sum(t).item())
+
+
+def _check_attention_mask(mask: Any, input_ids: torch.Tensor) -> None:
+    """Refuse an ``attention_mask`` that is not a ``[rows, seq]`` 0 / 1 (bool or integer) tensor like ``input_ids``."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(
+            f"attention_mask must be None or a torch.Tensor of 0 / 1 (bool or integer), got {type(mask).__name__}"
+        )
+    if mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool and (mask.dtype.is_floating_point or mask.dtype.is_complex):
+        raise ValueError(
+            f"attention_mask must be a bool or integer tensor of 0 / 1 (1 = attend, 0 = padding), got {mask.dtype}"
+        )
+    if mask.dtype != torch.bool:
+        bad = mask[(mask != 0) & (mask != 1)]
+        if bad.numel():
+            shown = sorted({int(v) for v in bad.flatten()[:1000].tolist()})[:5]
+            raise ValueError(
+                f"attention_mask must hold only 0 (padding) and 1 (attend); got {bad.numel()} other value(s), e.g. "
+                f"{shown}"
+            )
 
 
 class _PipelineStageModule(torch.nn.Module):
@@ -307,17 +375,35 @@ class _PipelineStageModule(torch.nn.Module):
         self.rotary_emb = inner.rotary_emb
         self.norm = inner.norm if last else None
         self.lm_head = model.get_output_embeddings() if last else None
+        self.config = model.config
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: token ids ``[b, s]`` (first stage) or hidden states ``[b, s, h]``; ``attention_mask``: this
+        micro-batch's ``[b, s]`` padding mask (``None``: the kernel's causal masking alone)."""
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         pe = self.rotary_emb(h, pos)
+        mask = None if attention_mask is None else _causal_mask(self.config, h, attention_mask, pos)
         for layer in self.layers:
-            out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=False)
+            out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=False)
             h = out[0] if isinstance(out, tuple) else out
         if self.lm_head is not None:
             h = self.lm_head(self.norm(h))
         return h
+
+
+def _causal_mask(
+    config: Any, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> Any:
+    """The decoder layers' mask for a ``[b, s]`` padding mask, as the model's own forward builds it (transformers'
+    ``create_causal_mask`` for the config's attention implementation, no cache). The cache argument's name changed
+    between transformers 5 releases (``past_key_values`` -> ``cache``), so it is passed under the name there is."""
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "position_ids": position_ids}
+    kwargs.update({name: None for name in ("cache", "past_key_values") if name in params})
+    return create_causal_mask(config, embeds, **kwargs)
 
 
 def _pipeline_global_names(
@@ -439,7 +525,7 @@ def _tp_unsupported(layer: torch.nn.Module) -> str:
     return ""
 
 
-# attention kernels that mask causally without a mask tensor (the pipeline stages pass none)
+# attention kernels that mask causally without a mask tensor (the pipeline stages pass none without an attention_mask)
 _PIPELINE_ATTN = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 _SHAPE_FIELDS = (
@@ -494,8 +580,8 @@ def _check_model_for_plan(model: torch.nn.Module, plan: Plan, layers: Any) -> No
         attn = getattr(cfg, "_attn_implementation", "sdpa")
         if attn not in _PIPELINE_ATTN:
             raise ValueError(
-                f"pipeline plans need attn_implementation in {list(_PIPELINE_ATTN)} (the stages pass no attention "
-                f"mask and rely on the kernel's causal masking); the model has {attn!r}"
+                f"pipeline plans need attn_implementation in {list(_PIPELINE_ATTN)} (without an attention_mask the "
+                f"stages pass no mask and rely on the kernel's causal masking); the model has {attn!r}"
             )
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         if head is not None and emb is not None and head.weight is emb.weight:
