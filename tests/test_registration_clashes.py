@@ -182,3 +182,150 @@ def test_register_sale_before_transformers_is_imported_does_not_hang():
         """,
         timeout=120,
     )
+
+
+def test_unregister_sale_puts_back_the_users_entries_and_register_works_again():
+    # register_sale(overwrite=True) replaced the user's "sale" for the rest of the process: there was no undo
+    _run(
+        """
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+        def mine(*a, **k): return None
+        AttentionInterface.register("sale", mine)  # the user's attention; the mask name stays free
+        attn, mask = AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping
+        attn_before, mask_before = dict(attn), dict(mask)  # the user's registrations, without hf_ext
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the import's RegistrationClashWarning (tested above)
+            import hf_ext
+        from hf_ext.attention.sale import register_sale, unregister_sale
+        from hf_ext.attention.sale.attention import sale_attention_forward, sale_mask
+        assert attn == attn_before and mask == mask_before  # the import kept the user's entry, registered nothing
+        for _ in range(2):  # the round trip twice: each overwrite keeps what it replaced
+            assert register_sale(overwrite=True)
+            assert attn["sale"] is sale_attention_forward and mask["sale"] is sale_mask
+            unregister_sale()
+            assert attn["sale"] is mine and "sale" not in mask
+            assert attn == attn_before and mask == mask_before
+            unregister_sale()  # nothing of ours left: a no-op
+            assert attn == attn_before and mask == mask_before
+        with pytest.raises(ValueError, match="overwrite=True"):  # the user's entry is the user's again
+            register_sale()
+        # someone else's entry registered over ours is not ours to remove
+        assert register_sale(overwrite=True)
+        def theirs(*a, **k): return None
+        AttentionInterface.register("sale", theirs)
+        unregister_sale()
+        assert attn["sale"] is theirs and "sale" not in mask
+        print("ok")
+        """
+    )
+
+
+def test_unregister_sale_then_register_and_enable_again():
+    _run(
+        """
+        import hf_ext
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+        from hf_ext.attention.sale import disable_sale, enable_sale, register_sale, unregister_sale
+        from hf_ext.attention.sale.attention import sale_attention_forward, sale_mask
+        from hf_ext.testing import tiny_llama
+        attn, mask = AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping
+        assert attn["sale"] is sale_attention_forward  # the automatic registration of import hf_ext
+        unregister_sale()
+        assert "sale" not in attn and "sale" not in mask
+        assert register_sale()
+        assert attn["sale"] is sale_attention_forward and mask["sale"] is sale_mask
+        unregister_sale()
+        model = enable_sale(tiny_llama())  # enable_sale registers again
+        assert model.config._attn_implementation == "sale" and attn["sale"] is sale_attention_forward
+        disable_sale(model)
+        print("ok")
+        """
+    )
+
+
+def test_unregister_latent_omni_puts_back_the_users_entries_and_register_works_again():
+    # register_now(overwrite=True) replaced the user's Auto entries for the rest of the process: there was no undo
+    _run(
+        """
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
+        from transformers import PretrainedConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+        class Mine(PretrainedConfig):
+            model_type = "latent_omni"
+        AutoConfig.register("latent_omni", Mine)  # the user's config; the model / processor keys stay free
+        maps = [CONFIG_MAPPING, AutoModelForMultimodalLM._model_mapping, AutoModelForImageTextToText._model_mapping,
+                PROCESSOR_MAPPING]
+        before = [dict(m._extra_content) for m in maps]  # the user's registrations, without hf_ext
+        assert before[0]["latent_omni"] is Mine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the import's RegistrationClashWarning (tested above)
+            import hf_ext
+        from hf_ext.models.latent_omni import register_now, unregister
+        from hf_ext.models.latent_omni import LatentOmniConfig, LatentOmniForConditionalGeneration, LatentOmniProcessor
+        # the import kept the user's config and registered the free model / processor keys
+        assert CONFIG_MAPPING["latent_omni"] is Mine and LatentOmniConfig in AutoModelForMultimodalLM._model_mapping
+        for _ in range(2):  # the round trip twice: each overwrite keeps what it replaced
+            register_now(overwrite=True)
+            assert CONFIG_MAPPING["latent_omni"] is LatentOmniConfig
+            assert AutoModelForMultimodalLM._model_mapping[LatentOmniConfig] is LatentOmniForConditionalGeneration
+            assert PROCESSOR_MAPPING[LatentOmniConfig] is LatentOmniProcessor
+            unregister()
+            assert [dict(m._extra_content) for m in maps] == before
+            assert CONFIG_MAPPING["latent_omni"] is Mine and type(AutoConfig.for_model("latent_omni")) is Mine
+            assert LatentOmniConfig not in AutoModelForMultimodalLM._model_mapping
+            unregister()  # nothing of ours left: a no-op
+            assert [dict(m._extra_content) for m in maps] == before
+        with pytest.raises(ValueError, match="overwrite=True"):  # the user's entry is the user's again
+            register_now()
+        print("ok")
+        """
+    )
+
+
+def test_unregister_latent_omni_then_register_again():
+    _run(
+        """
+        import hf_ext
+        from transformers import AutoConfig, AutoModelForMultimodalLM, AutoProcessor  # noqa: F401
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from hf_ext.models.latent_omni import LatentOmniConfig, register_now, unregister
+        assert type(AutoConfig.for_model("latent_omni")) is LatentOmniConfig  # the automatic registration
+        unregister()
+        assert "latent_omni" not in CONFIG_MAPPING and LatentOmniConfig not in AutoModelForMultimodalLM._model_mapping
+        register_now()
+        assert type(AutoConfig.for_model("latent_omni")) is LatentOmniConfig
+        assert AutoModelForMultimodalLM._model_mapping[LatentOmniConfig].__name__ == "LatentOmniForConditionalGeneration"
+        print("ok")
+        """
+    )
+
+
+def test_import_stays_free_of_side_effects_and_unregister_before_transformers_imports_nothing():
+    # importing hf_ext (and its unregister functions) registers names only; unregistering before transformers is
+    # imported imports nothing, and withdraws the registrations import hf_ext had deferred to that import
+    _run(
+        """
+        import sys
+        import hf_ext
+        from hf_ext.attention.sale import register_sale, unregister_sale
+        from hf_ext.models.latent_omni import register_now, unregister
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "torch"))
+        assert not loaded, loaded
+        unregister_sale()
+        unregister()
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "torch"))
+        assert not loaded, loaded
+        from transformers import AttentionInterface, AutoConfig, AutoModelForMultimodalLM, AutoProcessor  # noqa: F401
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        assert "sale" not in AttentionInterface._global_mapping and "sale" not in AttentionMaskInterface._global_mapping
+        assert "latent_omni" not in CONFIG_MAPPING
+        assert register_sale() and "sale" in AttentionInterface._global_mapping
+        register_now()
+        assert type(AutoConfig.for_model("latent_omni")).__name__ == "LatentOmniConfig"
+        print("ok")
+        """
+    )

@@ -7,7 +7,8 @@ hf_ext never silently replaces an entry it did not make:
   warns once (:class:`RegistrationClashWarning`), naming the registry, the name, the entry found and the fix;
 * an explicit call (``enable_sale``, ``register_sale()``, ``enable_tie_scheduler``, ``tie.cb.register()``,
   ``latent_omni.register_now()``) raises a ``ValueError`` with the same text before it changes anything;
-* ``overwrite=True`` on those calls hands the name to hf_ext on purpose.
+* ``overwrite=True`` on those calls hands the name to hf_ext on purpose; the undo calls (``tie.cb.unregister()``,
+  ``sale.unregister_sale()``, ``latent_omni.unregister()``) remove hf_ext's entries and put the replaced one back.
 
 Registering our own object again (a second ``import hf_ext``, a reload that made fresh copies of our modules,
 enabling twice) is silent: an entry counts as ours when it is our object or has our object's module and

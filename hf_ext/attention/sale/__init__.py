@@ -26,6 +26,7 @@ _LAZY = {
     "sale_attention_forward": "hf_ext.attention.sale.attention",
     "sale_stats": "hf_ext.attention.sale.attention",
     "register_sale": "hf_ext.attention.sale._registration:register_now",
+    "unregister_sale": "hf_ext.attention.sale._registration:unregister",
 }
 
 __all__ = sorted(_LAZY)

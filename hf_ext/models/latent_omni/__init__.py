@@ -26,6 +26,7 @@ _LAZY = {
     "LatentOmniTrainer": "training",
     "LatentOmniLossLogger": "training",
     "register_now": "_auto",
+    "unregister": "_auto",
 }
 
 __all__ = sorted(_LAZY)

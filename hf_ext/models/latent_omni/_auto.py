@@ -20,7 +20,7 @@ The net effect: ``AutoConfig.from_pretrained(path)`` / ``AutoModelForMultimodalL
 
 An entry someone else registered under ``"latent_omni"`` (or for :class:`LatentOmniConfig`) before that is kept,
 with one warning (:mod:`hf_ext.utils.name_clash`); :func:`register_now` raises instead, or replaces it with
-``overwrite=True``.
+``overwrite=True``. :func:`unregister` removes LatentOmni's entries again and puts back any it replaced.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ import importlib.machinery
 import logging
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from hf_ext.utils.import_hooks import drop_stale_finders
-from hf_ext.utils.name_clash import check_on_clash, may_register
+from hf_ext.utils.name_clash import check_on_clash, is_ours, may_register
 
 logger = logging.getLogger("hf_ext")
 
@@ -45,6 +46,14 @@ _AUTO_PREFIX = "transformers.models.auto."
 
 _FIX = "hf_ext.models.latent_omni.register_now(overwrite=True)"
 Writes = list[Callable[[], None]]
+_AUTO_CONFIG = "transformers' AutoConfig"
+_AUTO_PROCESSOR = "transformers' AutoProcessor"
+_AUTO_MODELS = ("AutoModelForMultimodalLM", "AutoModelForImageTextToText")
+_CONFIG_MODULE = f"{__package__}.configuration_latent_omni"
+_MODEL_MODULE = f"{__package__}.modeling_latent_omni"
+_PROCESSOR_MODULE = f"{__package__}.processing_latent_omni"
+# registry -> the foreign entry a registration replaced under our key there (overwrite=True), put back by unregister()
+_REPLACED: dict[str, Any] = {}
 
 
 def _entry(mapping: Any, key: Any) -> Any:
@@ -60,6 +69,18 @@ def _entry(mapping: Any, key: Any) -> Any:
         return None
 
 
+def _write(registry: str, mapping: Any, register: Callable[..., None], key: Any, ours: Any) -> None:
+    """``register(key, ours, exist_ok=True)``, the Auto class's own registration, which stores ``ours`` under ``key``
+    in ``mapping._extra_content`` (where transformers keeps registered entries; its native ones live apart and are
+    never touched), first keeping the foreign entry it replaces there for :func:`unregister`."""
+    current = mapping._extra_content.get(key)
+    if current is None:
+        _REPLACED.pop(registry, None)
+    elif not is_ours(current, ours):
+        _REPLACED[registry] = current
+    register(key, ours, exist_ok=True)
+
+
 def _plan_config(overwrite: bool, on_clash: str) -> Writes:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 
@@ -67,9 +88,13 @@ def _plan_config(overwrite: bool, on_clash: str) -> Writes:
 
     current = _entry(CONFIG_MAPPING, "latent_omni")
     if overwrite or may_register(
-        "transformers' AutoConfig", "latent_omni", current, LatentOmniConfig, fix=_FIX, on_clash=on_clash
+        _AUTO_CONFIG, "latent_omni", current, LatentOmniConfig, fix=_FIX, on_clash=on_clash
     ):
-        return [lambda: AutoConfig.register("latent_omni", LatentOmniConfig, exist_ok=True)]
+        return [
+            partial(
+                _write, _AUTO_CONFIG, CONFIG_MAPPING, AutoConfig.register, "latent_omni", LatentOmniConfig
+            )
+        ]
     return []
 
 
@@ -80,7 +105,7 @@ def _plan_models(overwrite: bool, on_clash: str) -> Writes:
     from .modeling_latent_omni import LatentOmniForConditionalGeneration as Model
 
     writes: Writes = []
-    for name in ("AutoModelForMultimodalLM", "AutoModelForImageTextToText"):
+    for name in _AUTO_MODELS:
         auto_cls = getattr(modeling_auto, name, None)
         if auto_cls is None:
             continue
@@ -88,7 +113,10 @@ def _plan_models(overwrite: bool, on_clash: str) -> Writes:
         if overwrite or may_register(
             f"transformers' {name}", "LatentOmniConfig", current, Model, fix=_FIX, on_clash=on_clash
         ):
-            writes.append(lambda a=auto_cls: a.register(LatentOmniConfig, Model, exist_ok=True))
+            registry = f"transformers' {name}"
+            writes.append(
+                partial(_write, registry, auto_cls._model_mapping, auto_cls.register, LatentOmniConfig, Model)
+            )
     return writes
 
 
@@ -100,14 +128,19 @@ def _plan_processor(overwrite: bool, on_clash: str) -> Writes:
 
     current = _entry(PROCESSOR_MAPPING, LatentOmniConfig)
     if overwrite or may_register(
-        "transformers' AutoProcessor",
+        _AUTO_PROCESSOR,
         "LatentOmniConfig",
         current,
         LatentOmniProcessor,
         fix=_FIX,
         on_clash=on_clash,
     ):
-        return [lambda: AutoProcessor.register(LatentOmniConfig, LatentOmniProcessor, exist_ok=True)]
+        register = AutoProcessor.register
+        return [
+            partial(
+                _write, _AUTO_PROCESSOR, PROCESSOR_MAPPING, register, LatentOmniConfig, LatentOmniProcessor
+            )
+        ]
     return []
 
 
@@ -279,3 +312,55 @@ def register_now(*, overwrite: bool = False, on_clash: str = "raise") -> None:
     writes = [w for plan in _PLANS.values() for w in plan(overwrite, on_clash)]  # all checked, then written
     for write in writes:
         write()
+
+
+def _registered_entries() -> list[tuple[str, Any, Any, Any]]:
+    """``(registry, mapping, key, our entry)`` for every registry :func:`register_now` writes to, among those whose
+    transformers auto module and LatentOmni module are both imported already (imports nothing: where one is not,
+    nothing of ours can be registered)."""
+    mods = sys.modules
+    conf = getattr(mods.get(_CONFIG_MODULE), "LatentOmniConfig", None)
+    if conf is None:
+        return []
+    out: list[tuple[str, Any, Any, Any]] = []
+    config_auto = mods.get(_CONFIG_AUTO)
+    if config_auto is not None:
+        out.append((_AUTO_CONFIG, config_auto.CONFIG_MAPPING, "latent_omni", conf))
+    model = getattr(mods.get(_MODEL_MODULE), "LatentOmniForConditionalGeneration", None)
+    modeling_auto = mods.get(_MODELING_AUTO)
+    if model is not None and modeling_auto is not None:
+        for name in _AUTO_MODELS:
+            auto_cls = getattr(modeling_auto, name, None)
+            if auto_cls is not None:
+                out.append((f"transformers' {name}", auto_cls._model_mapping, conf, model))
+    processor = getattr(mods.get(_PROCESSOR_MODULE), "LatentOmniProcessor", None)
+    processing_auto = mods.get(_PROCESSING_AUTO)
+    if processor is not None and processing_auto is not None:
+        out.append((_AUTO_PROCESSOR, processing_auto.PROCESSOR_MAPPING, conf, processor))
+    return out
+
+
+def unregister() -> None:
+    """Remove LatentOmni from ``AutoConfig``, ``AutoModelForMultimodalLM``, ``AutoModelForImageTextToText`` and
+    ``AutoProcessor`` where the entry is still ours, putting back the entry :func:`register_now` with
+    ``overwrite=True`` replaced there (the very object).
+
+    A no-op where the entry is not ours (never registered, already unregistered, or re-registered by someone else
+    since). The automatic registration of ``import hf_ext`` still pending (transformers' auto modules not imported
+    yet) is withdrawn too; nothing is imported. :func:`register_now` registers again.
+
+    Example:
+        >>> from hf_ext.models.latent_omni import register_now, unregister
+        >>> unregister()
+        >>> register_now()
+    """
+    _PENDING.clear()  # the automatic registration is not wanted any more either
+    _uninstall()
+    drop_stale_finders(_FINDER)
+    for registry, mapping, key, ours in _registered_entries():
+        extra = mapping._extra_content
+        if not is_ours(extra.get(key), ours):
+            continue
+        del extra[key]
+        if registry in _REPLACED:
+            extra[key] = _REPLACED.pop(registry)
