@@ -509,6 +509,35 @@ def test_tie_log_cli_reports_and_fits(tmp_path, capsys):
     assert "log: no such file" in capsys.readouterr().err
 
 
+def test_tie_log_fit_leaves_out_rows_with_an_empty_prompt_text(tmp_path, capsys):
+    """The engine logs a request whose prompt text is empty (special tokens only; scored by the heuristic) with its
+    empty text. ``--fit`` gave all rows to ``LengthPredictor.fit``, which refuses empty prompts, so one such row made
+    the whole fit fail; they are now left out (as the refresher does), with a line saying how many."""
+    from hf_ext.cli import main
+    from hf_ext.generation.tie.data import generate_workload
+
+    path = tmp_path / "lengths.jsonl"
+    with LengthLog(path) as log:
+        for i, r in enumerate(generate_workload(40, seed=3)):
+            prompt = "" if i in (4, 17) else (" " if i == 30 else r["prompt"])
+            log.add(
+                prompt=prompt,
+                output_len=r["output_len"],
+                reason="eos",
+                max_new_tokens=1000,
+                prompt_tokens=8,
+                request_id=f"r{i}",
+                law=(4.0, 1.0, 3.5),
+                source="heuristic",
+            )
+    pred_dir = tmp_path / "pred"
+    assert main(["tie-log", str(path), "--fit", str(pred_dir), "--tiny", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 record(s) with an empty prompt text left out of the fit" in out
+    assert "held-out 4 of 37 requests" in out
+    assert (pred_dir / "config.json").exists() or any(pred_dir.iterdir())
+
+
 def test_offloaded_and_soft_reset_requests_are_recorded_once_in_full():
     """transformers evicts a request under memory pressure: offloaded to the CPU (PENDING) or soft-reset (its tokens
     so far appended to its prompt, FINISHED but not ended). Both come back under the same id; only the real end is

@@ -523,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     con.print(t)
     if args.fit is None:
         return 0
+    # a request whose prompt text is empty (e.g. special tokens only) was scored by the heuristic and has nothing
+    # a predictor could learn from; fit() refuses empty prompts, so such rows are left out (as the refresher does)
+    usable = [i for i, prompt in enumerate(ds["prompt"]) if str(prompt).strip()]
+    if len(usable) < n:
+        print(f"hf-ext tie-log: {n - len(usable)} record(s) with an empty prompt text left out of the fit")
+        ds, n = ds.select(usable), len(usable)
     if n < 20:
         print(f"hf-ext tie-log: {n} records are too few to train and score a predictor (need 20)")
         return 1
