@@ -87,7 +87,8 @@ def test_fsep_accelerate_save_state_resumes_every_rank_on_two_gpus(tmp_path):
 
 def test_autoparallel_runtime_plans_on_two_gpus(tmp_path):
     """Every runtime plan of the gloo tests (DDP, FSDP2, checkpointing, tensor and pipeline parallel) on the GPUs
-    with NCCL, fp32: one SGD step reproduces the single-process losses, the saved model loads with the trained
+    with NCCL, fp32: one SGD step reproduces the single-process losses (also for a left-padded batch with its
+    attention mask), the saved model loads with the trained
     weights, and a pipeline plan puts only this rank's stage on its GPU (the other stage stays on the CPU)."""
     import json
 
@@ -106,12 +107,14 @@ def test_autoparallel_runtime_plans_on_two_gpus(tmp_path):
     by_rank = {r["rank"]: r for r in res}
     assert sorted(by_rank) == [0, 1]
     ref0, ref1 = _dist_fns.reference_losses()
+    masked_ref = _dist_fns.masked_reference_losses()
     names = sorted(_dist_fns._plans())
     for rank, r in by_rank.items():
         for name in names:
             p = r[name]
             l0, l1 = p["losses"]
             assert l0 == pytest.approx(ref0, rel=1e-4) and l1 == pytest.approx(ref1, rel=1e-3), (name, p)
+            assert p["masked"] == pytest.approx(masked_ref, rel=1e-3), (name, p)
             if name.startswith("pp"):
                 assert p["own_devices"] == [f"cuda:{rank}"] and p["other_devices"] == ["cpu"], (name, p)
                 assert p["gpu_param_fraction"] < 0.9, (name, p)

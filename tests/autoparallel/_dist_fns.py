@@ -109,7 +109,7 @@ def _step_losses(runner: Any, ids: Any, world_size: int, mask: Any = None) -> li
         if step == 0:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        t = torch.tensor([loss])
+        t = torch.tensor([loss], device=runner.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(t)
         losses.append(float(t) / world_size)
     return losses
@@ -384,11 +384,12 @@ def apply_close(rank: int, world_size: int) -> dict[str, Any]:
     return out
 
 
-def save_pipeline_4(rank: int, world_size: int, outdir: str, name: str) -> dict[str, Any]:
-    """Pipeline plan ``name`` on 4 ranks with a second dimension inside the stages (``pp2_dp2``: pp=2 x dp=2
-    FSDP, ``pp2_tp2``: pp=2 x tp=2): one SGD step, then ``AppliedPlan.save_pretrained``. Returns the rank-averaged
-    losses and, on rank 0, the loss of the saved model loaded on one process and the tensor names in its
-    safetensors files."""
+def save_pipeline(rank: int, world_size: int, outdir: str, name: str) -> dict[str, Any]:
+    """Pipeline plan ``name`` with more dimensions inside the stages (4 ranks: ``pp2_dp2``, pp=2 x dp=2 FSDP, or
+    ``pp2_tp2``, pp=2 x tp=2; 8 ranks: ``pp2_dp2_tp2``, FSDP over dp=2 with tp=2 in each stage): one SGD step, then
+    ``AppliedPlan.save_pretrained``. Returns the rank-averaged losses and, on rank 0, the loss of the saved model
+    loaded on one process and the tensor names in its safetensors files; for ``pp2_dp2_tp2`` also
+    ``<name>:masked``, the losses of the left-padded batch with its attention mask on a fresh model."""
 
     from hf_ext.accelerate.autoparallel.apply import apply_plan
     from hf_ext.accelerate.autoparallel.plan import Plan
@@ -397,6 +398,7 @@ def save_pipeline_4(rank: int, world_size: int, outdir: str, name: str) -> dict[
     cfg = tiny_llama_config()
     kw = dict(gpus=world_size, dp_type="fsdp", pp=2, global_batch=GLOBAL_BATCH, seq_len=SEQ, micro_batch=1)
     plans = {"pp2_dp2": Plan.uniform(cfg, **kw), "pp2_tp2": Plan.uniform(cfg, tp=2, **kw)}
+    plans["pp2_dp2_tp2"] = plans["pp2_tp2"]  # with 8 ranks: dp=2
     ids = _batch()
     out: dict[str, Any] = {}
     for plan in (plans[name],):
@@ -410,6 +412,12 @@ def save_pipeline_4(rank: int, world_size: int, outdir: str, name: str) -> dict[
             out[name + ":saved_keys"] = _saved_tensor_names(f"{outdir}/{name}")
         runner.close()
         del runner, model
+    if name == "pp2_dp2_tp2":
+        padded, mask = _left_padded_batch()
+        with apply_plan(
+            tiny_llama(seed=0, attn_implementation="sdpa").train(), plans[name], param_dtype=None
+        ) as r:
+            out[name + ":masked"] = _step_losses(r, padded, world_size, mask)
     return out
 
 

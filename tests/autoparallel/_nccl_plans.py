@@ -3,7 +3,8 @@
 DIR``. Each rank prints its results as one ``@@RESULT@@`` JSON line.
 
 Per plan (fp32, ``param_dtype=None``): the loss before and after one SGD step (mean over the ranks), the loss of the
-model it saved (rank 0, loaded on the CPU), and where the parameters are. For a pipeline plan only this rank's stage
+model it saved (rank 0, loaded on the CPU), the same two losses for a left-padded batch with its attention mask
+(a fresh model), and where the parameters are. For a pipeline plan only this rank's stage
 may be on its GPU: the other stage's parameters must stay on the CPU and the GPU must hold less than the model."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
 
     from hf_ext.accelerate.autoparallel.apply import apply_plan
     from hf_ext.testing import tiny_llama
-    from tests.autoparallel._dist_fns import _batch, _plans, _saved_loss
+    from tests.autoparallel._dist_fns import _batch, _left_padded_batch, _plans, _saved_loss, _step_losses
 
     outdir = sys.argv[1]
     dist.init_process_group("nccl")
@@ -36,6 +37,7 @@ def main() -> None:
     torch.cuda.set_device(rank)
     torch.backends.cuda.matmul.allow_tf32 = False
     ids = _batch()
+    padded, mask = _left_padded_batch()
     out: dict[str, Any] = {"rank": rank}
     for name, plan in _plans().items():
         model = tiny_llama(seed=0, attn_implementation="sdpa").train()
@@ -45,26 +47,20 @@ def main() -> None:
         runner = apply_plan(model, plan, param_dtype=None)
         with runner:
             gpu_bytes = torch.cuda.memory_allocated(rank) - base
-            opt = torch.optim.SGD(runner.param_groups(), lr=0.5, foreach=True)
-            local = runner.local_batch(ids)
-            losses = []
-            for step in range(2):
-                loss = runner.train_step(local)
-                if step == 0:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                t = torch.tensor([loss], device="cuda")
-                dist.all_reduce(t)
-                losses.append(float(t) / world)
-            runner.save_pretrained(f"{outdir}/{name}")
             out[name] = {
-                "losses": losses,
+                "losses": _step_losses(runner, ids, world),
                 "gpu_param_fraction": gpu_bytes / model_bytes,
                 **_param_places(model, runner.stage_layers),
             }
+            runner.save_pretrained(f"{outdir}/{name}")
+        del runner, model
+        # the left-padded batch with its attention mask, on a fresh model
+        model = tiny_llama(seed=0, attn_implementation="sdpa").train()
+        with apply_plan(model, plan, param_dtype=None) as runner:
+            out[name]["masked"] = _step_losses(runner, padded, world, mask)
+        del runner, model
         if rank == 0:
             out[name]["saved"] = _saved_loss(f"{outdir}/{name}", ids)
-        del runner, model, opt
         torch.cuda.empty_cache()
         dist.barrier()
     dist.destroy_process_group()

@@ -281,26 +281,35 @@ def test_apply_plan_close_destroys_its_process_groups(run_distributed):
     assert out[1] == r
 
 
-@pytest.mark.parametrize("name", ["pp2_dp2", "pp2_tp2"])
+@pytest.mark.parametrize(
+    "name",
+    ["pp2_dp2", "pp2_tp2", pytest.param("pp2_dp2_tp2", marks=pytest.mark.slow, id="pp2_dp2_tp2-8ranks")],
+)
 def test_pipeline_save_pretrained_with_dp_or_tp_inside_the_stages(run_distributed, tmp_path, name):
     """AppliedPlan.save_pretrained of a pp=2 plan whose stages are also sharded over 2 ranks (FSDP dp=2, or
-    tp=2): 4 gloo processes train one SGD step and save; the saved model, loaded on one process, has exactly
+    tp=2): 4 gloo processes train one SGD step and save (``pp2_dp2_tp2``: FSDP over dp=2 with tp=2 inside each of
+    two stages, 8 processes, marked slow; it also trains the left-padded batch with its attention mask); the saved model, loaded on one process, has exactly
     the model's tensor names and the loss single-process training reaches after the same step. Each stage
     gathers its DTensors over its own ranks and only its dp/tp-rank-0 leader sends them to rank 0 (this was
     checked only by hand before)."""
     from hf_ext.testing import tiny_llama
 
     ref0, ref1 = _dist_fns.reference_losses()
-    out = run_distributed(_dist_fns.save_pipeline_4, 4, str(tmp_path), name)
+    world = 8 if name == "pp2_dp2_tp2" else 4
+    out = run_distributed(_dist_fns.save_pipeline, world, str(tmp_path), name)
     r0 = out[0]
     pp, dp, tp, _ = r0[name + ":layout"]
-    assert (pp, dp, tp) == ((2, 2, 1) if name == "pp2_dp2" else (2, 1, 2))
-    assert [r[name + ":layout"][3] for r in out] == [(0, 1), (0, 1), (1, 2), (1, 2)]  # stage-major ranks
+    assert (pp, dp, tp) == {"pp2_dp2": (2, 2, 1), "pp2_tp2": (2, 1, 2), "pp2_dp2_tp2": (2, 2, 2)}[name]
+    half = world // 2
+    assert [r[name + ":layout"][3] for r in out] == [(0, 1)] * half + [(1, 2)] * half  # stage-major ranks
     l0, l1 = r0[name]
     assert l0 == pytest.approx(ref0, rel=1e-5) and l1 == pytest.approx(ref1, rel=1e-4)
     assert all(r[name] == r0[name] for r in out)
     assert r0[name + ":saved_keys"] == sorted(tiny_llama().state_dict())
     assert r0[name + ":saved"] == pytest.approx(ref1, rel=1e-4)
+    if name == "pp2_dp2_tp2":  # FSDP with tp inside a pipeline stage and dp > 1 (slow: 8 processes)
+        assert r0[name + ":masked"] == pytest.approx(_dist_fns.masked_reference_losses(), rel=1e-4)
+        assert all(r[name + ":masked"] == r0[name + ":masked"] for r in out)
 
 
 def test_apply_plan_refuses_unrunnable_plans_before_changing_the_model(run_distributed):
