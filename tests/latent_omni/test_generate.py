@@ -252,3 +252,46 @@ def test_default_length_follows_transformers(model, cfg):
             assert model.generate(prompt, eos_token_id=[]).shape[1] == prompt.shape[1] + 7
     finally:
         text_cfg.max_position_embeddings = old
+
+
+def test_generation_config_is_merged_as_transformers_merges_it(model):
+    """A generation_config= takes its unset fields from model.generation_config (as transformers' generate does), its
+    own suppress_tokens count on the latent_reasoning=False path, and return_dict_in_generate / use_cache come from
+    the generation config unless passed; before, the latent path dropped the model's fields under a given config,
+    the plain path replaced the given suppress_tokens by the model's, and both ignored return_dict_in_generate."""
+    from transformers import GenerationConfig
+
+    prompt = torch.tensor([[1, 30, 31, 32, 33]])
+    first = int(model.generate(prompt, max_new_tokens=1, eos_token_id=[])[0, -1])
+    model.generation_config.suppress_tokens = [first]
+    try:
+        for latent in (True, False):
+            out = model.generate(
+                prompt, generation_config=GenerationConfig(max_new_tokens=3), latent_reasoning=latent
+            )
+            assert int(out[0, 5]) != first, latent  # the model's suppress_tokens still apply
+    finally:
+        model.generation_config.suppress_tokens = None
+    given = GenerationConfig(max_new_tokens=3, suppress_tokens=[first])
+    for latent in (True, False):
+        assert int(model.generate(prompt, generation_config=given, latent_reasoning=latent)[0, 5]) != first, (
+            latent
+        )
+    as_dict = GenerationConfig(max_new_tokens=2, return_dict_in_generate=True)
+    for latent in (True, False):
+        out = model.generate(prompt, generation_config=as_dict, latent_reasoning=latent)
+        assert isinstance(out.sequences, torch.Tensor) and out.sequences.shape == (1, 7), latent
+        plain = model.generate(
+            prompt, generation_config=as_dict, latent_reasoning=latent, return_dict_in_generate=False
+        )
+        assert isinstance(plain, torch.Tensor) and torch.equal(plain, out.sequences), latent
+    model.generation_config.return_dict_in_generate = True
+    model.generation_config.use_cache = False
+    try:
+        out = model.generate(prompt, max_new_tokens=2)
+        assert torch.equal(
+            out.sequences, model.generate(prompt, max_new_tokens=2, return_dict_in_generate=False)
+        )
+    finally:
+        model.generation_config.return_dict_in_generate = None
+        model.generation_config.use_cache = True

@@ -1164,11 +1164,11 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
-        use_cache: bool = True,
+        use_cache: bool | None = None,
         latent_reasoning: bool = True,
         max_latent_blocks: int | None = None,
         logits_processor: Any = None,
-        return_dict_in_generate: bool = False,
+        return_dict_in_generate: bool | None = None,
         output_latents: bool = False,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
@@ -1203,6 +1203,12 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             logits_processor: optional ``LogitsProcessorList`` applied at text steps; it sees the whole batch
                 (row i = sequence i), rows in a latent step with zero scores that are discarded.
             output_latents: with ``return_dict_in_generate``, also return the fed-back hidden states.
+            use_cache / return_dict_in_generate: ``None`` (default) takes the generation config's value (default
+                ``True`` / ``False``), as transformers' generate does.
+
+        The generation config is merged as transformers' generate merges it: a ``generation_config=`` replaces
+        ``model.generation_config`` but its unset (``None``) fields are taken from it (eos / pad ids, sampling,
+        penalties, ``suppress_tokens`` ...), and ``generate()`` arguments override both.
 
         Returns:
             ``[B, L + new]`` ids, or :class:`LatentOmniGenerateOutput`.
@@ -1243,8 +1249,15 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             ):
                 if v is not None:
                     passed[name] = v
-            # the latent tokens join whatever the caller or the generation config suppresses
+            for name, v in (("use_cache", use_cache), ("return_dict_in_generate", return_dict_in_generate)):
+                if v is not None:  # else the generation config's value, as in transformers
+                    passed[name] = v
+            # the latent tokens join whatever the caller or the generation config (a given one first, then the
+            # model's, as transformers merges them) suppresses
             user = kwargs.pop("suppress_tokens", None)
+            if user is None:
+                given = kwargs.get("generation_config")
+                user = getattr(given, "suppress_tokens", None) if given is not None else None
             if user is None:
                 user = self.generation_config.suppress_tokens
             latent_ids = [cfg.latent_start_token_id, cfg.latent_end_token_id, cfg.latent_pad_token_id]
@@ -1253,16 +1266,19 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 suppress_tokens=suppress,
-                use_cache=use_cache,
-                return_dict_in_generate=return_dict_in_generate,
                 **passed,
                 **kwargs,
             )
         if input_ids is None:
             raise ValueError("generate() needs input_ids")
-        given = kwargs.pop("generation_config", None)  # as transformers' generate: it replaces the model's
-        gc = copy.deepcopy(given if given is not None else self.generation_config)
-        unknown = gc.update(**kwargs)  # generation-config fields passed to generate() override it
+        # as transformers' generate (_prepare_generation_config): a given config replaces the model's, but its unset
+        # (None) fields come from the model's; generation-config fields passed to generate() override both
+        given = kwargs.pop("generation_config", None)
+        gc = copy.deepcopy(self.generation_config)
+        if given is not None:
+            gc = copy.deepcopy(given)
+            gc.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+        unknown = gc.update(**kwargs)
         if unknown:
             raise ValueError(
                 f"generate() with latent_reasoning=True got unknown arguments {sorted(unknown)}; it takes "
@@ -1291,6 +1307,10 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         ):
             raise ValueError(f"max_latent_blocks must be None or an int >= 0, got {max_latent_blocks!r}")
         do_sample = bool(gc.do_sample if do_sample is None else do_sample)
+        if use_cache is None:
+            use_cache = gc.use_cache is not False
+        if return_dict_in_generate is None:
+            return_dict_in_generate = bool(gc.return_dict_in_generate)
         if eos_token_id is None:
             eos_token_id = (
                 gc.eos_token_id if gc.eos_token_id is not None else cfg.get_text_config().eos_token_id
