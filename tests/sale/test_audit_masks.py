@@ -186,3 +186,41 @@ def test_no_mask_with_fewer_queries_than_keys_is_bottom_right_causal():
     for cfg in (SALEConfig(min_seq_len=32, tau=1e-9, **BLOCKS), SALEConfig(min_seq_len=4096)):
         out, _ = sale_attention_forward(_Mod(cfg), q, k, v, None, scaling=0.25)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_right_padded_batch_runs_sparse_and_matches_sdpa(cache):
+    """Every row padded at the end (batch of 1 with padding, ``pad_to_multiple_of``, a batch padded to a fixed
+    length): the trailing key columns no query sees were dropped as if they were unused static-cache slots, which
+    shifted the bottom-right alignment, so the mask check failed: a dense fallback blamed on "packed sequences or
+    a custom mask", and a ValueError with ``on_unsupported="error"``."""
+    from transformers import StaticCache
+
+    from tests.sale._models import tiny_family
+
+    model = tiny_family("llama")
+    ids = rand_ids(96, batch=2)
+    am = torch.ones_like(ids)
+    am[0, 70:] = 0
+    am[1, 88:] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am).logits
+    enable_sale(model, SALEConfig(min_seq_len=32, tau=1e-9, on_unsupported="error", **BLOCKS))
+    for rows in (slice(0, 2), slice(0, 1)):  # the batch, and its first row alone (batch of 1)
+        kw = {} if cache is None else {"past_key_values": StaticCache(config=model.config, max_cache_len=128)}
+        with torch.no_grad(), sale_stats() as st:
+            got = model(ids[rows], attention_mask=am[rows], **kw).logits
+        assert {c["path"] for c in st.calls} == {"sparse"}
+        # every position, the padded ones too: by the mask they see all the real tokens, as under sdpa
+        torch.testing.assert_close(got, ref[rows], atol=2e-5, rtol=1e-4)
+
+
+def test_rows_after_the_visible_keys_attend_to_all_of_them():
+    """A mask under which every query sees only the first 40 keys reads as right padding; the queries after them
+    are real tokens here, so they must get attention over those 40 keys, not the zeros of a padding row."""
+    q, k, v = _qkv(s=96)
+    mask = torch.ones(96, 96, dtype=torch.bool).tril()[None, None].clone()
+    mask[..., 40:] = False
+    for cfg in (SALEConfig(min_seq_len=32, tau=1e-9, **BLOCKS), SALEConfig(min_seq_len=4096)):
+        out, _ = sale_attention_forward(_Mod(cfg), q, k, v, mask, scaling=0.25)
+        torch.testing.assert_close(out, _sdpa(q, k, v, mask), atol=1e-5, rtol=1e-4)

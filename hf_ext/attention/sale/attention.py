@@ -17,8 +17,9 @@ mask and checked to be exactly ``causal & key_padding``; rows with one contiguou
 right padding) are computed on that run alone, so a left-padded batch gives the same result as unpadded
 single runs (the SALE block grid starts at the first real token). Any other structure (packed sequences,
 custom masks, sliding windows) cannot be honoured by the sparse kernel: the call falls back to dense
-attention with a one-time warning (or raises, with ``on_unsupported="error"``). Outputs at padded query
-positions are zeros on the sparse path.
+attention with a one-time warning (or raises, with ``on_unsupported="error"``). On the sparse path, query
+positions that see no key (left padding) get zeros; positions after a row's real tokens (right padding) attend to
+all of them, as the mask says.
 
 A model's learned sparse selection passed as ``indices`` / ``block_indices`` (DeepSeek-V3.2 DSA, MiniMax-M3) is
 folded into the mask first, as those models do for sdpa.
@@ -552,13 +553,16 @@ def _run_rows(
             continue  # a row without real keys: zeros
         if causal:  # query rows whose own token is real: positions [max(s, off), e)
             qs, qe = max(s - off, 0), e - off
-            if qe <= qs:
-                continue
         else:  # non-causal: every query row attends to the real keys
             qs, qe = 0, sq
-        out[i : i + 1, :, qs:qe] = one(
-            query[i : i + 1, :, qs:qe], key[i : i + 1, :, s:e], value[i : i + 1, :, s:e], None
-        )
+        k_run, v_run = key[i : i + 1, :, s:e], value[i : i + 1, :, s:e]
+        if qe > qs:
+            out[i : i + 1, :, qs:qe] = one(query[i : i + 1, :, qs:qe], k_run, v_run, None)
+        if qe < sq:
+            # rows after the run (right padding, or keys no query sees in a custom mask): the mask lets each of
+            # them see the whole run, so they get exactly that (dense; zeros would be wrong for a real token)
+            rest = query[i : i + 1, :, max(qe, 0) :]
+            out[i : i + 1, :, max(qe, 0) :] = _dense_slice(rest, k_run, v_run, scale, False)
     return out, recs
 
 
@@ -590,7 +594,8 @@ def sale_attention_forward(
         is_causal = _check_causal(is_causal, "is_causal")
     sq = query.shape[2]
     layer_idx = getattr(module, "layer_idx", None)
-    if kwargs.get("indices") is not None or kwargs.get("block_indices") is not None:
+    selection = kwargs.get("indices") is not None or kwargs.get("block_indices") is not None
+    if selection:
         attention_mask, kwargs = _fold_index_selection(module, query, key, attention_mask, kwargs)
     if sq == 1:  # decode step: dense, without touching the config
         _record(layer_idx=layer_idx, path="dense", q_len=sq)
@@ -605,7 +610,7 @@ def sale_attention_forward(
         _record(layer_idx=layer_idx, path="dense", q_len=sq)
         return _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
 
-    plan = _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs, cfg)
+    plan = _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs, cfg, selection)
     if isinstance(plan, str):
         _record(layer_idx=layer_idx, path=f"fallback:{plan}", q_len=sq)
         return _dense(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
@@ -624,8 +629,11 @@ def sale_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs, cfg):
-    """Check a call for the sparse path: ``(key, value, key_padding_mask, causal)`` or a fallback kind."""
+def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs, cfg, selection=False):
+    """Check a call for the sparse path: ``(key, value, key_padding_mask, causal)`` or a fallback kind.
+
+    ``selection``: the mask holds a model's learned index selection; the sparse path takes it only when it keeps
+    every visible key (a selection that looks like key padding is still a selection)."""
     reason = _unsupported_reason(module, query, key, value, dropout, kwargs, cfg)
     if is_causal is not None:
         causal = _check_causal(is_causal, "is_causal")
@@ -634,10 +642,15 @@ def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs,
     sq, sk = query.shape[2], key.shape[2]
     kpm = None
     if reason is None and attention_mask is not None:  # None: plain causal, bottom-right (see sale_mask)
-        used = _used_keys(attention_mask, sk) if causal else sk
+        # Never below sq: the queries are the last sq key positions, so trailing keys no query sees are either
+        # static-cache slots after the prompt or right padding of the prompt itself (every row of a batch padded at
+        # the end); dropping the latter would shift the bottom-right alignment and fail the mask check below.
+        used = max(_used_keys(attention_mask, sk), sq) if causal else sk
         if used < sk:  # unused static-cache slots after the prompt: no query sees them, drop them
             key, value, sk = key[:, :, :used], value[:, :, :used], used
         kpm, why = decode_mask(attention_mask, query.shape[0], sq, sk, causal)
+        if why is None and selection and kpm is not None:
+            why = "the model's learned index selection keeps only part of the keys"
         if why is not None:
             reason = ("mask", why)
     if reason is None:
