@@ -360,6 +360,33 @@ def test_config_validation_and_defaults():
     assert np.isclose(th.latent_loss_weight, 0.005)
 
 
+def test_latent_token_ids_must_be_ints_of_their_own():
+    """A latent token id that is a bool, or that is also a media placeholder / boundary id or the bos / eos / pad id,
+    is a ValueError naming both fields; before, it was accepted and the model misread the token (a pad-id trigger
+    made every left-padded prompt look like it held latent slots, an eos-id trigger ended generation instead of
+    opening a block, a video-id pad got video features scattered into it)."""
+    from hf_ext.models.latent_omni.tiny import tiny_latent_omni_config
+
+    c = tiny_latent_omni_config()
+    text = c.get_text_config()
+    for kw, match in (
+        (dict(latent_start_token_id=True), "latent_start_token_id=True is invalid"),
+        (dict(latent_pad_token_id=c.video_token_id), "latent_pad_token_id=.* is also video_token_id"),
+        (dict(latent_end_token_id=c.audio_token_id), "latent_end_token_id=.* is also audio_token_id"),
+        (dict(latent_end_token_id=c.vision_start_token_id), "is also vision_start_token_id"),
+        (dict(latent_start_token_id=text.eos_token_id), "latent_start_token_id=.* is also eos_token_id"),
+        (dict(latent_pad_token_id=text.pad_token_id), "latent_pad_token_id=.* is also pad_token_id"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            tiny_latent_omni_config(**kw)
+    c.text_config.eos_token_id = [
+        text.eos_token_id,
+        c.latent_start_token_id,
+    ]  # edited by hand: save checks it
+    with pytest.raises(ValueError, match="is also text_config.eos_token_id"):
+        c.validate()
+
+
 def test_forward_honours_output_options_and_refuses_unknown_arguments(model, cfg):
     """The latent path returns hidden states (and eager attentions) when asked, a tuple with return_dict=False,
     the last logits with logits_to_keep; an argument it does not use is an error, never dropped."""

@@ -175,10 +175,17 @@ class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
         }
         vocab = getattr(self.get_text_config(), "vocab_size", None)
         for name, v in ids.items():
-            if not isinstance(v, int) or v < 0 or (vocab is not None and v >= vocab):
+            if not _is_int(v) or v < 0 or (vocab is not None and v >= vocab):
                 raise ValueError(f"{name}={v!r} is invalid; expected an int in [0, vocab_size={vocab})")
         if len(set(ids.values())) != 3:
             raise ValueError(f"latent token ids must be distinct, got {ids}")
+        taken = self._other_special_ids()
+        for name, v in ids.items():
+            if v in taken:
+                raise ValueError(
+                    f"{name}={v} is invalid: it is also {taken[v]}; the latent tokens need ids of their own "
+                    "(add them to the tokenizer and set the ids with LatentOmniProcessor.update_config)"
+                )
         for name in ("latent_loss_weight", "sync_loss_weight"):
             v = getattr(self, name)
             if not _is_number(v) or not 0 <= v < math.inf:
@@ -213,6 +220,38 @@ class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
             )
         if not _is_int(self.max_latent_blocks) or self.max_latent_blocks < 0:
             raise ValueError(f"max_latent_blocks={self.max_latent_blocks!r} is invalid; expected an int >= 0")
+
+    def _other_special_ids(self) -> dict[int, str]:
+        """The media placeholder / boundary ids and the bos / eos / pad ids (top level and text config) that are
+        set, each with the field it comes from: a latent token sharing one would be taken for it (a media
+        placeholder gets features scattered in, an eos ends generation instead of opening a block, a pad id
+        makes every padded prompt look like it holds latent slots)."""
+        taken: dict[int, str] = {}
+        fields = [
+            (self, f)
+            for f in (
+                "image_token_id",
+                "video_token_id",
+                "audio_token_id",
+                "vision_start_token_id",
+                "vision_end_token_id",
+                "audio_start_token_id",
+                "audio_end_token_id",
+                "bos_token_id",
+                "eos_token_id",
+                "pad_token_id",
+            )
+        ]
+        text = self.get_text_config()
+        if text is not self:
+            fields += [(text, f) for f in ("bos_token_id", "eos_token_id", "pad_token_id")]
+        for obj, f in fields:
+            v = getattr(obj, f, None)
+            for t in v if isinstance(v, (list, tuple)) else [v]:
+                if _is_int(t):
+                    where = f if obj is self else f"text_config.{f}"
+                    taken.setdefault(t, where)
+        return taken
 
     @classmethod
     def from_thinker_config(cls, thinker_config: Any, **latent_kwargs: Any) -> LatentOmniConfig:
