@@ -30,3 +30,44 @@ def test_refused_enable_changes_nothing():
     assert model.config._attn_implementation == impl
     assert getattr(model.config, "sale_config", None) is None
     assert set(vars(model)) == set(before)
+
+
+def _impls(model) -> tuple:
+    c = model.config
+    subs = [getattr(c, k) for k in ("text_config", "vision_config") if hasattr(c, k)]
+    return (c._attn_implementation, *(s._attn_implementation for s in subs))
+
+
+def test_disable_leaves_a_model_that_is_not_on_sale_as_it_is():
+    """disable_sale on a model not running "sale" (never enabled, or disabled already) switched it to transformers'
+    default: an eager model became sdpa on a second disable_sale."""
+    from hf_ext.attention.sale import disable_sale
+    from hf_ext.testing import tiny_llama
+
+    model = tiny_llama()
+    model.set_attn_implementation("eager")
+    disable_sale(model)  # never enabled
+    assert _impls(model) == ("eager",)
+    enable_sale(model)
+    enable_sale(model, SALEConfig(min_seq_len=64))  # twice: still remembers eager
+    disable_sale(model)
+    assert _impls(model) == ("eager",)
+    disable_sale(model)  # again
+    assert _impls(model) == ("eager",)
+
+
+def test_disable_puts_back_sub_models_that_were_not_on_sale():
+    """Only the (sub-)models on "sale" go back to the default when the previous implementation is unknown or was
+    "sale": a vision tower on eager next to a text model on "sale" came back as sdpa."""
+    from hf_ext.attention.sale import disable_sale, register_sale
+    from hf_ext.testing import tiny_llava
+
+    register_sale()
+    model = tiny_llava(attn_implementation={"": "sdpa", "text_config": "sale", "vision_config": "eager"})
+    disable_sale(model)  # "sale" set by hand on the text model only
+    assert _impls(model) == ("sdpa", "sdpa", "eager")
+    model.set_attn_implementation({"": "sale", "text_config": "sale", "vision_config": "eager"})
+    enable_sale(model)  # switches the vision tower to "sale" too ...
+    assert _impls(model) == ("sale", "sale", "sale")
+    disable_sale(model)  # ... and puts its eager back
+    assert _impls(model) == ("sdpa", "sdpa", "eager")

@@ -42,6 +42,27 @@ def _impl_tree(config: Any, default: str) -> str | dict:
     return {"": own, **{k: _impl_tree(v, default) for k, v in subs.items()}}
 
 
+def _uses_sale(tree: str | dict) -> bool:
+    """Whether the model or any sub-model of an :func:`_impl_tree` runs ``"sale"``."""
+    if isinstance(tree, dict):
+        return any(_uses_sale(v) for v in tree.values())
+    return tree == "sale"
+
+
+def _all_sale(tree: str | dict) -> bool:
+    """Whether the model and every sub-model of an :func:`_impl_tree` run ``"sale"``."""
+    if isinstance(tree, dict):
+        return all(_all_sale(v) for v in tree.values())
+    return tree == "sale"
+
+
+def _without_sale(tree: str | dict, default: str) -> str | dict:
+    """``tree`` with every ``"sale"`` replaced by ``default`` (the other implementations kept)."""
+    if isinstance(tree, dict):
+        return {k: _without_sale(v, default) for k, v in tree.items()}
+    return default if tree == "sale" else tree
+
+
 def _default_impl(model: Any) -> str:
     """What transformers picks for ``model`` when nothing is requested: sdpa where it can, else eager."""
     pick = getattr(model, "get_correct_attn_implementation", None)
@@ -84,8 +105,9 @@ def enable_sale(model: Any, config: SALEConfig | dict | None = None) -> Any:
     if config is None:
         config = getattr(model.config, "sale_config", None)
     cfg = SALEConfig.from_dict(config)  # validate before changing anything
-    was_sale = getattr(model.config, "_attn_implementation", None) == "sale"
-    prev = None if was_sale else _impl_tree(model.config, _default_impl(model))  # each (sub-)model's
+    prev = _impl_tree(model.config, _default_impl(model))  # each (sub-)model's
+    if _all_sale(prev):  # already all "sale" (loaded with it, or enabled twice): keep what is remembered
+        prev = None
     model.set_attn_implementation("sale")
     if getattr(model.config, "_attn_implementation", None) != "sale":  # refused: leave the model as it was
         raise ValueError(
@@ -100,15 +122,20 @@ def enable_sale(model: Any, config: SALEConfig | dict | None = None) -> Any:
 
 def disable_sale(model: Any) -> Any:
     """Restore the attention implementations that were active before :func:`enable_sale`, the model's and each
-    sub-model's (e.g. a vision tower's); when unknown (the model was loaded with ``attn_implementation="sale"``),
-    transformers' default for the model: sdpa where it can, else eager.
+    sub-model's (e.g. a vision tower's); where unknown (the model was loaded with ``attn_implementation="sale"``),
+    each (sub-)model on ``"sale"`` gets transformers' default for the model (sdpa where it can, else eager) and the
+    others keep theirs. A model no (sub-)model of which runs ``"sale"`` (never enabled, already disabled, or switched
+    away by hand) is left as it is.
 
     The stored ``sale_config`` is kept, so calibrated thresholds survive a disable/enable cycle.
     """
     owner = _owner(model)
-    prev = vars(owner).get(_PREV_ATTR) or _default_impl(model)
-    model.set_attn_implementation(prev)
-    vars(owner).pop(_PREV_ATTR, None)
+    remembered = vars(owner).pop(_PREV_ATTR, None)
+    default = _default_impl(model)
+    current = _impl_tree(model.config, default)
+    if not _uses_sale(current):
+        return model
+    model.set_attn_implementation(_without_sale(remembered or current, default))
     return model
 
 
