@@ -373,6 +373,30 @@ def test_plain_trainer_rejects_weighter(tmp_path):
         t.train()
 
 
+@pytest.mark.parametrize("strategy", ["sequential", "group_by_length"])
+def test_a_sampling_strategy_dataflex_would_replace_is_refused_in_callback_mode(tmp_path, strategy):
+    """A plain Trainer + DataFlexCallback silently swapped its sampler over the user's train_sampling_strategy (a
+    sequential or length-grouped order became DataFlex's shuffled one; only DataFlexTrainer checked it). It is now a
+    ValueError at train begin naming the option and the allowed value, raised before the callback changes anything;
+    a DataFlexTrainer whose args were changed after construction is caught there too."""
+    cfg = {"selector": "random", "update_step": 2}
+    cb = DataFlexCallback(cfg, train_dataset=DATA)
+    t = Trainer(
+        model=tiny_model(),
+        args=args(str(tmp_path), max_steps=2, train_sampling_strategy=strategy, remove_unused_columns=False),
+        train_dataset=DATA,
+        data_collator=default_collate,
+        callbacks=[cb],
+    )
+    with pytest.raises(ValueError, match=rf"train_sampling_strategy='{strategy}' would be ignored.*'random'"):
+        t.train()
+    assert cb._model is None and cb.sampler.plan == {"kind": "uniform"} and cb.sampler.drawn == 0
+    dft = _trainer(str(tmp_path / "t"), cfg)
+    dft.args.train_sampling_strategy = strategy
+    with pytest.raises(ValueError, match=rf"train_sampling_strategy='{strategy}' would be ignored"):
+        dft.train()
+
+
 def test_trl_sft_mixin(tmp_path, tokenizer):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")

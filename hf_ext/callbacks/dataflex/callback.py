@@ -246,6 +246,18 @@ class DataFlexCallback(TrainerCallback):
     def on_train_begin(
         self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs
     ):
+        # options DataFlex would silently override are refused before anything changes
+        strategy = getattr(args, "train_sampling_strategy", "random")
+        if strategy != "random":
+            raise ValueError(
+                f"train_sampling_strategy={strategy!r} would be ignored: DataFlex replaces the training sampler with "
+                "its own (callback-only mode swaps it into the DataLoader); allowed: train_sampling_strategy='random'"
+            )
+        if not self.trainer_mode and self.weighter is not None:
+            raise ValueError(
+                f"weighter {self.config.weighter!r} needs per-sample losses: use DataFlexTrainer (or the SFT mixin) "
+                "instead of a plain Trainer with DataFlexCallback"
+            )
         # where a resumed run's data state is, settled first: a resume that cannot find it stops here
         path, self._resume_path = self._resume_path, None
         located = path is not None
@@ -270,14 +282,8 @@ class DataFlexCallback(TrainerCallback):
             if self.mixer is not None and self.domain_ids is None:
                 self.set_domains(train_dataloader.dataset)
             self.bind_dataset(train_dataloader.dataset)
-        if not self.trainer_mode:
-            if self.weighter is not None:
-                raise ValueError(
-                    f"weighter {self.config.weighter!r} needs per-sample losses: use DataFlexTrainer (or the SFT mixin) "
-                    "instead of a plain Trainer with DataFlexCallback"
-                )
-            if train_dataloader is not None:
-                install_sampler(train_dataloader, self.sampler)
+        if not self.trainer_mode and train_dataloader is not None:
+            install_sampler(train_dataloader, self.sampler)
         if self._obs_loss is None:
             d = max(1, len(self.domain_names))
             self._obs_loss, self._obs_count = np.zeros(d), np.zeros(d)
