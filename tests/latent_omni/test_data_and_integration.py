@@ -102,6 +102,25 @@ def test_processor_bad_input_and_roundtrip(processor, tmp_path):
     )
 
 
+def test_wav_audio_of_every_pcm_width_loads_centred_at_zero(tmp_path):
+    """8-bit WAV PCM is unsigned (silence = 128): it loads as (x - 128) / 128 like the signed widths, not as x / 256,
+    which put a +0.5 offset on every sample (a silent 8-bit clip came out as a constant 0.5)."""
+    from scipy.io import wavfile
+
+    from hf_ext.models.latent_omni.collator import _load_array
+
+    t = np.arange(1600) / 16000.0
+    wave = 0.5 * np.sin(2 * np.pi * 440.0 * t)
+    for dtype, raw in (
+        (np.uint8, np.round(wave * 128 + 128)),
+        (np.int16, np.round(wave * 32768)),
+        (np.int32, np.round(wave * 2**31)),
+    ):
+        wavfile.write(tmp_path / "a.wav", 16000, raw.astype(dtype))
+        got = _load_array("a.wav", tmp_path, "audio")
+        assert got.dtype == np.float32 and np.abs(got - wave).max() < 1.5 / 128, dtype
+
+
 def test_collator_jsonl_equals_in_memory_and_errors(processor, tmp_path):
     coll = LatentOmniDataCollator(processor)
     recs = load_jsonl(write_synthetic_jsonl(tmp_path, 2, seed=3))

@@ -71,7 +71,9 @@ def _load_array(value: Any, root: Path | None, what: str) -> np.ndarray:
 
         sr, raw = wavfile.read(path)
         data = raw.astype(np.float32)
-        if np.issubdtype(raw.dtype, np.integer):
+        if raw.dtype == np.uint8:  # 8-bit PCM is unsigned, silence at 128
+            data = (data - 128.0) / 128.0
+        elif np.issubdtype(raw.dtype, np.integer):
             data = data / float(np.iinfo(raw.dtype).max + 1)
         if data.ndim == 2:
             data = data.mean(1)
