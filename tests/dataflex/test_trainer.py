@@ -133,6 +133,41 @@ def test_eval_loss_without_num_items_is_not_divided_by_accumulation_steps(tmp_pa
     torch.testing.assert_close(t._dataflex_loss(out, batch["labels"]), s.sum() / c.sum() / 4)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [{"mixer": "odm", "update_step": 5}, {"weighter": "loss"}, {"weighter": "adapt"}],
+    ids=["odm", "loss", "adapt"],
+)
+def test_loss_hook_refuses_a_batch_whose_rows_are_not_the_samples(tmp_path, cfg):
+    """A padding-free collator (TRL SFTConfig(padding_free=True)) packs the batch's samples into one row: the hook gave
+    ODM that row's loss as the loss of every sample (rewards of all domains corrupted), the loss weighter weighed the
+    single row (weight 1: silently unweighted) and adapt failed with an IndexError. Now a ValueError explains it, and
+    padding_free=True with a weighter/ODM is refused at construction."""
+    t = _trainer(str(tmp_path), cfg)
+    items = [DATA[i] for i in (0, 30, 60, 61)]
+    packed = default_collate(
+        [{"input_ids": [t for d in items for t in d["input_ids"]]}]
+    )  # one row of 4 samples
+    model = t.model.train()
+    t._dataflex_batch_index = torch.tensor([0, 30, 60, 61])
+    out = model(input_ids=packed["input_ids"])
+    with pytest.raises(ValueError, match=r"one batch row per training sample.* 1 row\(s\) for 4 samples"):
+        t._dataflex_loss(out, packed["labels"], num_items_in_batch=torch.tensor(48))
+    targs = args(str(tmp_path / "pf"))
+    targs.padding_free = True  # what TRL's SFTConfig adds
+    with pytest.raises(ValueError, match="padding_free=True packs a batch's samples into one row"):
+        DataFlexTrainer(
+            model=tiny_model(), args=targs, train_dataset=DATA, data_collator=default_collate, dataflex=cfg
+        )
+    DataFlexTrainer(  # selectors and mixers without observations do not need per-sample losses
+        model=tiny_model(),
+        args=targs,
+        train_dataset=DATA,
+        data_collator=default_collate,
+        dataflex={"selector": "random"},
+    )
+
+
 def test_loss_hook_applies_label_smoothing_like_trainer(tmp_path):
     """label_smoothing_factor was silently dropped by the DataFlex loss hook (an audit found it): the hook
     bypasses Trainer's LabelSmoother, so it smooths each item itself and matches the stock Trainer's loss."""

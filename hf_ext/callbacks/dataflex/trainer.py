@@ -131,6 +131,11 @@ class DataFlexMixin:
                 f"train_sampling_strategy={strategy!r} / group_by_length would be ignored: DataFlex replaces the "
                 "training sampler with its own; leave train_sampling_strategy='random' (and group_by_length=False)"
             )
+        if cb.needs_loss_hook and getattr(targs, "padding_free", False):  # TRL's SFTConfig
+            raise ValueError(
+                f"padding_free=True packs a batch's samples into one row, so there are no per-sample losses for "
+                f"weighter={cb.config.weighter!r} / mixer={cb.config.mixer!r}; set padding_free=False"
+            )
         callbacks = list(kwargs.pop("callbacks", None) or [])
         super().__init__(*args, callbacks=[*callbacks, cb], **kwargs)  # type: ignore[call-arg]
         cb.trainer_mode = True
@@ -192,6 +197,12 @@ class DataFlexMixin:
             shift = loss_shifts_labels(self.model)  # type: ignore[attr-defined]
         loss_sum, count = sequence_loss_terms(logits, labels, label_smoothing=eps, shift=shift)  # [B], [B]
         idx = self._dataflex_batch_index
+        if idx is not None and idx.numel() != loss_sum.shape[0]:
+            raise ValueError(
+                f"DataFlex needs one batch row per training sample for per-sample losses (weighter/ODM), but the batch "
+                f"has {loss_sum.shape[0]} row(s) for {idx.numel()} samples: a padding-free or packing collator (e.g. "
+                "TRL's padding_free=True) merges samples into rows; use a collator that pads each sample to its own row"
+            )
         w = None
         if idx is not None and self.model.training:  # type: ignore[attr-defined]
             per = (loss_sum / count.clamp(min=1)).detach()
