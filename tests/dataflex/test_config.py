@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hf_ext.callbacks.dataflex.callback import DataFlexCallback
 from hf_ext.callbacks.dataflex.config import DataFlexConfig
@@ -218,3 +219,29 @@ def test_ignored_inputs_raise_or_warn(tmp_path):
         DataFlexCallback({"selector": "random"}, train_dataset=data, target_dataset=data)
     with pytest.warns(UserWarning, match="reference_model .* given but not used"):
         DataFlexCallback({"mixer": "odm"}, train_dataset=data, reference_model=tiny_model())
+
+
+@pytest.mark.parametrize("cfg", [{"selector": "random"}, {"mixer": "odm"}], ids=["selector", "mixer"])
+def test_an_iterable_training_dataset_is_a_clear_value_error(tmp_path, cfg):
+    """A torch IterableDataset given to DataFlexTrainer / DataFlexCallback failed while the domains were read, with
+    'TypeError: object of type ... has no len()'; it is now the ValueError explaining that DataFlex needs a map-style
+    dataset (the one datasets' IterableDataset already got), raised before the Trainer is built."""
+    from hf_ext.callbacks.dataflex.ops import default_collate
+    from hf_ext.callbacks.dataflex.synthetic import cpu_training_args, tiny_model
+    from hf_ext.callbacks.dataflex.trainer import DataFlexTrainer
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(DATA)
+
+    match = r"DataFlex needs a map-style training dataset .*not an IterableDataset\), got Stream"
+    with pytest.raises(ValueError, match=match):
+        DataFlexCallback(cfg, train_dataset=Stream())
+    with pytest.raises(ValueError, match=match):
+        DataFlexTrainer(
+            model=tiny_model(),
+            args=cpu_training_args(str(tmp_path), max_steps=1),
+            train_dataset=Stream(),
+            data_collator=default_collate,
+            dataflex=cfg,
+        )

@@ -53,6 +53,19 @@ DEFAULT_DOMAIN_COLUMN = "domain"
 INDEX_KEY = "dataflex_index"
 
 
+def require_map_style(dataset: Any) -> None:
+    """``ValueError`` unless ``dataset`` is map-style (``__len__`` and ``__getitem__``; not an ``IterableDataset``)."""
+    if (
+        isinstance(dataset, torch.utils.data.IterableDataset)
+        or not hasattr(dataset, "__len__")
+        or not hasattr(dataset, "__getitem__")
+    ):
+        raise ValueError(
+            f"DataFlex needs a map-style training dataset with __len__ and __getitem__ (not an IterableDataset), got "
+            f"{type(dataset).__name__}: its sampler picks samples by index"
+        )
+
+
 def read_domains(dataset: Any, column: str) -> tuple[np.ndarray, list[str]]:
     """Domain id per sample and the sorted domain names, from a dataset column.
 
@@ -181,6 +194,8 @@ class DataFlexCallback(TrainerCallback):
 
     def set_domains(self, dataset: Any = None, domains: list[Any] | None = None) -> None:
         """Read the domains (from ``domains`` or the dataset's ``domain_column``); mixers require them."""
+        if dataset is not None:
+            require_map_style(dataset)
         if domains is not None:
             self.domain_ids, self.domain_names = encode_domains(list(domains))
         elif dataset is not None:
@@ -202,10 +217,7 @@ class DataFlexCallback(TrainerCallback):
 
     def bind_dataset(self, dataset: Any) -> None:
         """Use ``dataset`` (indexable, items with ``input_ids``) for scoring and build the sampler."""
-        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-            raise ValueError(
-                "DataFlex needs a map-style training dataset with __len__ (not an IterableDataset)"
-            )
+        require_map_style(dataset)
         n = len(dataset)
         if self.domain_ids is not None and len(self.domain_ids) != n:
             raise ValueError(
