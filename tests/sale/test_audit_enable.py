@@ -71,3 +71,26 @@ def test_disable_puts_back_sub_models_that_were_not_on_sale():
     assert _impls(model) == ("sale", "sale", "sale")
     disable_sale(model)  # ... and puts its eager back
     assert _impls(model) == ("sdpa", "sdpa", "eager")
+
+
+def test_the_config_reaches_a_vision_tower_whose_attention_has_no_layer_idx():
+    """enable_sale wrote sale_config only to the configs of modules with a ``layer_idx``; Llava's CLIP vision tower has
+    none, so it ran "sale" with the default SALEConfig: the user's min_seq_len (and tau, backend, on_unsupported) was
+    ignored there."""
+    from hf_ext.attention.sale import sale_stats
+    from hf_ext.testing import tiny_llava
+
+    model = tiny_llava()
+    ids = torch.randint(6, 500, (1, 40), generator=torch.Generator().manual_seed(1))
+    ids[0, 4:20] = 5  # the 16 image tokens
+    pix = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pix).logits
+    cfg = SALEConfig(min_seq_len=16, tau=1e-9, block_q=16, block_k=16, local_window=16)
+    enable_sale(model, cfg)
+    assert model.config.vision_config.sale_config == cfg.to_dict()
+    with torch.no_grad(), sale_stats() as st:
+        out = model(input_ids=ids, pixel_values=pix).logits
+    vision = [c for c in st.calls if c["layer_idx"] is None]
+    assert [c["path"] for c in vision] == ["sparse"], st.calls  # 17 patch tokens >= min_seq_len: sparse
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

@@ -20,12 +20,16 @@ _PREV_ATTR = "_hf_ext_sale_previous_attn"
 
 
 def _attention_configs(model: Any) -> list[Any]:
-    """``model.config`` plus every distinct config object held by an attention module (sub-configs)."""
+    """``model.config`` plus every distinct config object held by an attention module or a sub-model (sub-configs,
+    e.g. a vision tower's, whose attention modules carry no ``layer_idx``), which is where the ``"sale"`` attention
+    function of each module reads its settings."""
     out = [model.config]
     seen = {id(model.config)}
     for mod in model.modules():
         cfg = getattr(mod, "config", None)
-        if cfg is not None and hasattr(mod, "layer_idx") and id(cfg) not in seen:
+        if cfg is None or id(cfg) in seen:
+            continue
+        if hasattr(mod, "layer_idx") or hasattr(cfg, "_attn_implementation"):
             seen.add(id(cfg))
             out.append(cfg)
     return out
