@@ -301,6 +301,13 @@ class _ReqState:
         self.answered = False
 
 
+def _context_to_prefill(rs: _ReqState) -> int:
+    """Tokens an admission prefills (before prefix-cache hits): the prompt plus what the branches still to run had
+    generated before a preemption. Finished or pruned branches are not restored: their KV was freed when they
+    ended."""
+    return rs.req.prompt_len + sum(p for p, s in zip(rs.progress, rs.status) if s == 0)
+
+
 # ----------------------------------------------------------------------------------- the engine
 class Simulator:
     """Continuous-batching serving engine simulator (see the module docstring).
@@ -558,7 +565,7 @@ class Simulator:
                         )
                     if self.n_slots + rs.status.count(0) > cfg.max_num_seqs:
                         break
-                    if not cfg.chunked_prefill and chunks and req.prompt_len + sum(rs.progress) > budget:
+                    if not cfg.chunked_prefill and chunks and _context_to_prefill(rs) > budget:
                         break  # whole prompt must fit this iteration's budget (one oversize prompt runs alone)
                     if not self._try_admit(rs, cap):
                         break
@@ -679,8 +686,7 @@ class Simulator:
     # --------------------------------------------------------------------------- admission
     def _try_admit(self, rs: _ReqState, cap: float) -> bool:
         """Reserve memory for ``rs`` (prefix hits pinned); False if it does not fit now."""
-        req = rs.req
-        prompt_total = req.prompt_len + sum(rs.progress)
+        prompt_total = _context_to_prefill(rs)
         hits: list[CacheEntry] = []
         hit_gpu = hit_cpu = 0
         evict_re = 0

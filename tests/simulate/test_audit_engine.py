@@ -128,3 +128,28 @@ def test_rollout_summary_of_an_empty_run_is_nan():
     out = Simulator(CostModel.constant(0.01), FCFS()).run([]).rollout_summary()
     assert math.isnan(out["makespan_s"]) and math.isnan(out["tail_share"])
     assert out["tokens_generated"] == 0.0
+
+
+def test_readmission_after_a_preemption_restores_only_the_branches_still_running():
+    """Hand-computed: capacity 20, constant 0.01 s steps. Request 0 (prompt 4, 12 tokens) and the two-branch request
+    1 (prompt 4, branches of 2 and 12 tokens) start together (KV 11); branch 0 finishes at 0.02 s and frees its 2
+    tokens; at 0.06 s memory is full (20) and request 1, admitted last, is preempted with its running branch at 6
+    tokens. After request 0 finishes (0.12 s) request 1 prefills prompt 4 + that branch's 6 tokens = 10 (its
+    finished branch's tokens were freed and are not restored) and holds 4 + 7 = 11 tokens; it finishes at 0.18 s
+    holding 4 + 12 = 16. Before, the finished branch was prefilled and held again: 12 recomputed, 13 and 18 KV."""
+    reqs = [
+        Request(id=0, arrival=0.0, prompt_len=4, output_len=12),
+        Request(id=1, arrival=0.0, prompt_len=4, output_len=12, meta={"branch_lens": [2, 12]}),
+    ]
+    res = Simulator(CostModel.constant(0.01), FCFS(), kv_capacity_tokens=20, max_num_batched_tokens=None).run(
+        reqs
+    )
+    c = res.cols
+    assert c["preemptions"].tolist() == [0, 1]
+    assert c["recomputed"].tolist() == [0, 10]
+    assert c["prefill_computed"].tolist() == [4, 4 + 10]
+    assert c["finish"].tolist() == pytest.approx([0.12, 0.18])
+    assert c["generated"].tolist() == [12, 14] and res.tokens_generated == 26
+    points = list(zip(res.timeline["time"].round(6).tolist(), res.timeline["kv_tokens"].tolist()))
+    assert (0.13, 11.0) in points and (0.18, 16.0) in points
+    assert res.counters["peak_kv_tokens"] == 20.0
