@@ -156,3 +156,25 @@ def test_calibrate_restores_implementations_and_config_when_it_raises():
     assert _impls(model) == before
     assert getattr(model.config, "sale_config", None) is None
     assert getattr(model.config.text_config, "sale_config", None) is None
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"tau_init": "0.01"}, "tau_init"),
+        ({"tau_init": None}, "tau_init"),
+        ({"tau_min": None}, "tau_min"),
+        ({"tau_min": "0"}, "tau_min"),
+        ({"theta": float("inf")}, "theta"),
+        ({"progress": "no"}, "progress"),
+    ],
+)
+def test_calibrate_argument_types_raise_value_errors_naming_them_before_any_change(kw, name):
+    """tau_init / tau_min of the wrong type raised a bare TypeError from a comparison ("'<' not supported between
+    instances of 'float' and 'str'"), theta=inf passed (no error budget: every head kept tau_init) and a truthy
+    string as progress turned the progress bar on; each is a ValueError naming the parameter, before the model is
+    touched."""
+    model = tiny_family("llama")
+    with pytest.raises(ValueError, match=name):
+        calibrate(model, rand_ids(64), **kw)
+    assert model.config._attn_implementation == "sdpa" and getattr(model.config, "sale_config", None) is None

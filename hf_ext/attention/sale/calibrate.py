@@ -27,6 +27,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import sys
 import types
 from collections.abc import Iterable, Iterator
@@ -178,7 +180,7 @@ def calibrate(
             ``sale_config``).
         inputs: token ids ``[B, S]``, a dict/``BatchEncoding`` with ``input_ids`` (+ ``attention_mask``), or a
             list of those (each one forward pass). Long, representative prompts give the best thresholds.
-        theta: error budget per token: a head passes when ``sum |sparse - dense| < theta * N`` (> 0).
+        theta: error budget per token: a head passes when ``sum |sparse - dense| < theta * N`` (> 0, finite).
         tau_init: starting threshold, in (0, 1) (the reference uses 0.008).
         tau_min: thresholds at or below this become 0 (dense head), in [0, tau_init).
         config: block sizes etc. to calibrate for (default: the model's stored config or the defaults);
@@ -189,12 +191,18 @@ def calibrate(
         The new :class:`SALEConfig`, with ``taus`` ``[num_layers][num_heads]``; also written to
         ``model.config.sale_config``.
     """
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise ValueError(f"theta={theta!r} is invalid: it must be a positive float (the reference uses 0.4)")
-    if not 0.0 < tau_init < 1.0:
-        raise ValueError(f"tau_init={tau_init!r} is invalid: it must be in (0, 1)")
-    if not 0.0 <= tau_min < tau_init:
-        raise ValueError(f"tau_min={tau_min!r} is invalid: it must be in [0, tau_init)")
+    if not _is_real(theta) or not 0 < float(theta) < math.inf:
+        raise ValueError(
+            f"theta={theta!r} is invalid: it must be a positive finite float (the reference uses 0.4)"
+        )
+    if not _is_real(tau_init) or not 0.0 < float(tau_init) < 1.0:
+        raise ValueError(
+            f"tau_init={tau_init!r} is invalid: it must be a float in (0, 1) (the reference uses 0.008)"
+        )
+    if not _is_real(tau_min) or not 0.0 <= float(tau_min) < float(tau_init):
+        raise ValueError(f"tau_min={tau_min!r} is invalid: it must be a float in [0, tau_init={tau_init!r})")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress={progress!r} is invalid: it must be True or False")
     if config is None:
         config = getattr(model.config, "sale_config", None)
     cfg = SALEConfig.from_dict(config)
@@ -253,6 +261,13 @@ def calibrate(
     new = replace(cfg, taus=table)
     set_sale_config(model, new)
     return new
+
+
+def _is_real(x: Any) -> bool:
+    """A real number (Python, numpy or 0-d torch scalar), not a bool (``tau_init=True`` is a mistake, not 1.0)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.dtype.is_complex and x.dtype != torch.bool
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 class _CallableModule(types.ModuleType):
