@@ -295,3 +295,24 @@ def test_generation_config_is_merged_as_transformers_merges_it(model):
     finally:
         model.generation_config.return_dict_in_generate = None
         model.generation_config.use_cache = True
+
+
+def test_output_latents_without_return_dict_in_generate_is_refused(model, cfg):
+    """output_latents=True asks for the fed-back latent states, which only LatentOmniGenerateOutput can carry: without
+    return_dict_in_generate=True (argument or generation config) it is a ValueError naming both before the model
+    runs; before, generate returned the bare ids and silently dropped the latents."""
+    prompt = torch.tensor([[1, 30, 31, 32, cfg.latent_start_token_id]])
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="output_latents=True needs return_dict_in_generate=True"):
+            model.generate(prompt, max_new_tokens=cfg.num_latents + 2, output_latents=True)
+    finally:
+        hook.remove()
+    assert not calls
+    model.generation_config.return_dict_in_generate = True  # from the generation config counts too
+    try:
+        out = model.generate(prompt, max_new_tokens=cfg.num_latents + 2, output_latents=True)
+    finally:
+        model.generation_config.return_dict_in_generate = None
+    assert out.latent_states[0].shape == (cfg.num_latents, cfg.get_text_config().hidden_size)

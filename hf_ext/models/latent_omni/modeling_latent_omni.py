@@ -1202,7 +1202,8 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 emit the trigger, and a prompt that ends with it is a ``ValueError``.
             logits_processor: optional ``LogitsProcessorList`` applied at text steps; it sees the whole batch
                 (row i = sequence i), rows in a latent step with zero scores that are discarded.
-            output_latents: with ``return_dict_in_generate``, also return the fed-back hidden states.
+            output_latents: with ``return_dict_in_generate``, also return the fed-back hidden states (without it,
+                a ``ValueError``).
             use_cache / return_dict_in_generate: ``None`` (default) takes the generation config's value (default
                 ``True`` / ``False``), as transformers' generate does.
 
@@ -1311,6 +1312,11 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             use_cache = gc.use_cache is not False
         if return_dict_in_generate is None:
             return_dict_in_generate = bool(gc.return_dict_in_generate)
+        if output_latents and not return_dict_in_generate:
+            raise ValueError(
+                "output_latents=True needs return_dict_in_generate=True: the latent states are returned in "
+                "LatentOmniGenerateOutput.latent_states, a bare tensor of ids has no place for them"
+            )
         if eos_token_id is None:
             eos_token_id = (
                 gc.eos_token_id if gc.eos_token_id is not None else cfg.get_text_config().eos_token_id
