@@ -99,3 +99,46 @@ def test_a_saleconfig_object_on_the_model_config_still_saves(tmp_path):
         model(rand_ids(64))
     model.save_pretrained(tmp_path)
     assert SALEConfig.from_dict(model.config.sale_config) == cfg
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    """tau=np.float32(0.01) was refused ("must be a float") while np.float64 and every numpy real in ``taus`` passed,
+    and a numpy integer block size was refused with "allowed values are ... [16, 32, 64, 128]" for 64 itself; they
+    are accepted and stored as Python numbers, so the config still serialises to config.json."""
+    import numpy as np
+
+    cfg = SALEConfig(
+        tau=np.float32(0.5),
+        block_q=np.int64(64),
+        block_k=np.int32(32),
+        sink_blocks=np.int64(2),
+        local_window=np.int16(64),
+        min_seq_len=np.int64(512),
+        bits=np.int8(4),
+    )
+    d = cfg.to_dict()
+    assert (
+        d["tau"],
+        d["block_q"],
+        d["block_k"],
+        d["sink_blocks"],
+        d["local_window"],
+        d["min_seq_len"],
+        d["bits"],
+    ) == (
+        0.5,
+        64,
+        32,
+        2,
+        64,
+        512,
+        4,
+    )
+    assert all(
+        type(d[k]) is int
+        for k in ("block_q", "block_k", "sink_blocks", "local_window", "min_seq_len", "bits")
+    )
+    assert type(d["tau"]) is float and SALEConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    for bad, name in ((dict(block_q=np.int64(48)), "block_q"), (dict(tau=np.float32(1.5)), "tau")):
+        with pytest.raises(ValueError, match=name):
+            SALEConfig(**bad)

@@ -27,6 +27,11 @@ _BITS = (4, 8)
 _BLOCKS = (16, 32, 64, 128)
 
 
+def _is_int(v: Any) -> bool:
+    """An integer (Python or numpy), not a bool and not a float such as 16.0."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 @dataclass
 class SALEConfig:
     """Settings of the ``"sale"`` attention implementation.
@@ -89,9 +94,10 @@ class SALEConfig:
     )
 
     def __post_init__(self) -> None:
+        # numpy / other real scalars are accepted and stored as Python numbers (config.json must serialise them)
         if (
             isinstance(self.tau, bool)
-            or not isinstance(self.tau, (int, float))
+            or not isinstance(self.tau, numbers.Real)
             or not 0.0 < float(self.tau) < 1.0
         ):
             raise ValueError(f"tau={self.tau!r} is invalid: it must be a float in the open interval (0, 1)")
@@ -102,16 +108,19 @@ class SALEConfig:
             v = getattr(self, name)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or v not in _BLOCKS:
+            if not _is_int(v) or int(v) not in _BLOCKS:
                 raise ValueError(
                     f"{name}={v!r} is invalid: allowed values are None (kernel default) or {list(_BLOCKS)}"
                 )
+            setattr(self, name, int(v))
         for name, lo in (("sink_blocks", 0), ("local_window", 0), ("min_seq_len", 2)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not _is_int(v) or int(v) < lo:
                 raise ValueError(f"{name}={v!r} is invalid: it must be an integer >= {lo}")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _BITS:
+            setattr(self, name, int(v))
+        if not _is_int(self.bits) or int(self.bits) not in _BITS:
             raise ValueError(f"bits={self.bits!r} is invalid: allowed values are {list(_BITS)}")
+        self.bits = int(self.bits)
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend={self.backend!r} is invalid: allowed values are {list(_BACKENDS)}")
         if self.on_unsupported not in _ON_UNSUPPORTED:
