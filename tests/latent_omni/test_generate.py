@@ -316,3 +316,66 @@ def test_output_latents_without_return_dict_in_generate_is_refused(model, cfg):
     finally:
         model.generation_config.return_dict_in_generate = None
     assert out.latent_states[0].shape == (cfg.num_latents, cfg.get_text_config().hidden_size)
+
+
+def test_latent_generate_takes_stopping_criteria_and_a_streamer_like_hf_generate(model, cfg):
+    """stopping_criteria and streamer work on the latent path as in transformers' generate: a criterion stops each
+    row where it says (later steps are pad ids, generation ends when every row is done, equal to
+    latent_reasoning=False on a prompt without latents), a latent step is checked too, and the streamer gets the
+    prompt, every step's ids (latent steps as pads) and one end(). Before, both were 'unknown arguments'."""
+    from transformers import StoppingCriteria
+    from transformers.generation.streamers import BaseStreamer
+
+    class StopAt(StoppingCriteria):
+        def __init__(self, prompt_len, per_row):
+            self.prompt_len, self.per_row = prompt_len, per_row
+
+        def __call__(self, input_ids, scores, **kwargs):
+            n = input_ids.shape[1] - self.prompt_len
+            return torch.tensor([n >= k for k in self.per_row], device=input_ids.device)
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ends = [], 0
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ends += 1
+
+    prompt = torch.tensor([[1, 30, 31, 32, 33], [0, 0, 1, 40, 41]])
+    am = (prompt != 0).long()
+    stop = [StopAt(5, [6, 3])]
+    ours = model.generate(
+        prompt, attention_mask=am, max_new_tokens=12, eos_token_id=[], stopping_criteria=stop
+    )
+    hf = model.generate(
+        prompt,
+        attention_mask=am,
+        max_new_tokens=12,
+        latent_reasoning=False,
+        eos_token_id=None,
+        min_new_tokens=12,
+        stopping_criteria=stop,
+    )
+    assert ours.shape == (2, 5 + 6) and torch.equal(ours, hf)
+    assert ours[1, 8:].tolist() == [model.generation_config.pad_token_id] * 3
+    k = cfg.num_latents
+    latent_prompt = torch.tensor([[1, 30, 31, 32, cfg.latent_start_token_id]])
+    streamer = Collect()
+    out = model.generate(
+        latent_prompt,
+        max_new_tokens=k + 8,
+        eos_token_id=[],
+        stopping_criteria=[StopAt(5, [3])],
+        streamer=streamer,
+    )
+    assert (
+        out.shape == (1, 5 + 3) and out[0, 5:].tolist() == [cfg.latent_pad_token_id] * 3
+    )  # stopped mid-block
+    streamer = Collect()
+    out = model.generate(latent_prompt, max_new_tokens=k + 3, eos_token_id=[], streamer=streamer)
+    assert streamer.ends == 1 and torch.equal(streamer.puts[0], latent_prompt)
+    assert torch.equal(torch.cat([p.reshape(1, -1) for p in streamer.puts], 1), out)
+    assert out[0, 5 : 5 + k].tolist() == [cfg.latent_pad_token_id] * k

@@ -1048,9 +1048,15 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         max_latent_blocks: int | None = None,
         collect_latents: bool = False,
         suppress_tokens: Sequence[int] = (),
+        stopping_criteria: Any = None,
+        streamer: Any = None,
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]] | None]:
         """Run ``max_new_tokens`` steps from ``state`` (mutated). Returns the new ids ``[B, n]`` and, when
-        ``collect_latents``, per row the hidden states fed back as latent inputs."""
+        ``collect_latents``, per row the hidden states fed back as latent inputs.
+
+        ``stopping_criteria`` (transformers' ``StoppingCriteriaList``) is called after every step with the
+        sequences so far and the step's scores (``[B, V]``, zero for rows that did not decode text); a row it marks
+        done produces ``pad_token_id`` from then on. ``streamer.put`` gets each step's ids ``[B]`` (CPU)."""
         cfg = self.config
         k = cfg.num_latents
         emb = self.get_input_embeddings()
@@ -1075,6 +1081,7 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             h = state.last_hidden
             text_rows = [b for b in range(bsz) if state.mode[b] == "text"]
             toks = [pad_token_id] * bsz
+            step_scores = None
             if text_rows:  # LM head + sampling only for rows decoding text
                 ridx = torch.tensor(text_rows, device=dev)
                 scores = self.lm_head(h[ridx]).float()
@@ -1097,6 +1104,9 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                     picked = torch.multinomial(F.softmax(scores, -1), 1).squeeze(1)
                 else:
                     picked = scores.argmax(-1)
+                if stopping_criteria is not None:
+                    step_scores = scores.new_zeros(bsz, scores.shape[-1], device=ids_dev)
+                    step_scores[rsel] = scores.to(ids_dev)
                 for b, t in zip(text_rows, picked.tolist()):
                     toks[b] = t
             step_pos = torch.empty(3, bsz, dtype=torch.long)
@@ -1148,6 +1158,15 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 hidden = self._run_text_model(state.embeds, state.positions, state.attention_mask)
             state.last_hidden = hidden[:, -1]
             new_tokens.append(tok_t)
+            if streamer is not None:
+                streamer.put(tok_t.cpu())
+            if stopping_criteria is not None:
+                if step_scores is None:  # a step without text rows: no scores, zeros as for latent rows
+                    vocab = int(self.lm_head.weight.shape[0])
+                    step_scores = torch.zeros(bsz, vocab, device=ids_dev)
+                done = stopping_criteria(state.sequences, step_scores)
+                for b in torch.as_tensor(done, device="cpu").reshape(-1).nonzero().flatten().tolist():
+                    state.mode[b] = "done"
         out = torch.stack(new_tokens, 1) if new_tokens else state.sequences.new_zeros(bsz, 0)
         return out, collected
 
@@ -1202,6 +1221,12 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 emit the trigger, and a prompt that ends with it is a ``ValueError``.
             logits_processor: optional ``LogitsProcessorList`` applied at text steps; it sees the whole batch
                 (row i = sequence i), rows in a latent step with zero scores that are discarded.
+            stopping_criteria: optional ``StoppingCriteriaList`` (or list of criteria), called after every step,
+                latent steps included, with the sequences so far and that step's scores (zero rows where no text
+                was decoded); a row it marks done gets ``pad_token_id`` from then on, and generation ends when
+                every row is done, as in transformers.
+            streamer: optional streamer (``TextStreamer`` ...): ``put`` gets the prompt, then each step's ids
+                (latent steps as ``<Unified_Latent_pad>``), and ``end()`` is called at the end.
             output_latents: with ``return_dict_in_generate``, also return the fed-back hidden states (without it,
                 a ``ValueError``).
             use_cache / return_dict_in_generate: ``None`` (default) takes the generation config's value (default
@@ -1275,6 +1300,12 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
         # as transformers' generate (_prepare_generation_config): a given config replaces the model's, but its unset
         # (None) fields come from the model's; generation-config fields passed to generate() override both
         given = kwargs.pop("generation_config", None)
+        stopping_criteria = kwargs.pop("stopping_criteria", None)
+        streamer = kwargs.pop("streamer", None)
+        if stopping_criteria is not None:
+            from transformers.generation.stopping_criteria import StoppingCriteriaList
+
+            stopping_criteria = StoppingCriteriaList(list(stopping_criteria))
         gc = copy.deepcopy(self.generation_config)
         if given is not None:
             gc = copy.deepcopy(given)
@@ -1284,8 +1315,8 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             raise ValueError(
                 f"generate() with latent_reasoning=True got unknown arguments {sorted(unknown)}; it takes "
                 "max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, use_cache, "
-                "max_latent_blocks, logits_processor, return_dict_in_generate, output_latents, the media inputs, "
-                "generation_config and the generation-config fields it applies"
+                "max_latent_blocks, logits_processor, stopping_criteria, streamer, return_dict_in_generate, "
+                "output_latents, the media inputs, generation_config and the generation-config fields it applies"
             )
         default_length = False
         if max_new_tokens is None:
@@ -1363,6 +1394,10 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 UserWarning,
                 stacklevel=3,
             )
+        if (
+            streamer is not None
+        ):  # as transformers' generate: the prompt first, then each step's ids, then end()
+            streamer.put(input_ids.cpu())
         new, collected = self._latent_decode(
             state,
             max_new_tokens,
@@ -1374,7 +1409,11 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             pad_token_id=int(pad_token_id),
             max_latent_blocks=max_blocks,
             collect_latents=output_latents,
+            stopping_criteria=stopping_criteria,
+            streamer=streamer,
         )
+        if streamer is not None:
+            streamer.end()
         sequences = torch.cat([input_ids, new], 1)
         if not return_dict_in_generate:
             return sequences
