@@ -178,3 +178,19 @@ def test_calibrate_argument_types_raise_value_errors_naming_them_before_any_chan
     with pytest.raises(ValueError, match=name):
         calibrate(model, rand_ids(64), **kw)
     assert model.config._attn_implementation == "sdpa" and getattr(model.config, "sale_config", None) is None
+
+
+def test_calibrate_passes_every_model_input_of_a_batch():
+    """A processor's batch for a vision-language model carries pixel_values next to input_ids; calibrate kept only
+    input_ids / attention_mask, so the image placeholders were calibrated as plain text tokens (no error)."""
+    from hf_ext.testing import tiny_llava
+
+    model = tiny_llava()
+    seen = []
+    model.model.vision_tower.register_forward_hook(lambda mod, args, out: seen.append(1))
+    ids = rand_ids(96)
+    ids[0, 4:20] = 5  # the 16 image tokens
+    pix = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    cfg = SALEConfig(block_q=16, block_k=16, local_window=16)
+    calibrate(model, {"input_ids": ids, "pixel_values": pix, "use_cache": True}, theta=0.4, config=cfg)
+    assert seen == [1]

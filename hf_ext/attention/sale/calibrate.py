@@ -140,14 +140,21 @@ def _batches(inputs: Any) -> list[dict[str, torch.Tensor]]:
                 )
             return {"input_ids": x}
         if hasattr(x, "keys") and "input_ids" in x:
-            out = one(x["input_ids"])
+            # every model input is kept (a processor's pixel_values, image_sizes, token_type_ids, ...): the
+            # thresholds must be fitted on the activations the model really sees
+            out = {
+                k: x[k]
+                for k in x
+                if k not in ("input_ids", "attention_mask", "use_cache") and x[k] is not None
+            }
+            out.update(one(x["input_ids"]))
             am = x.get("attention_mask")
             if am is not None:
                 out["attention_mask"] = am[None] if am.dim() == 1 else am
             return out
         raise ValueError(
             "inputs must be token ids (tensor [B, S]), a dict / BatchEncoding with 'input_ids' "
-            f"(and optional 'attention_mask'), or a list of those; got {type(x).__name__}"
+            f"(and optional 'attention_mask' and other model inputs), or a list of those; got {type(x).__name__}"
         )
 
     if isinstance(inputs, torch.Tensor) or (hasattr(inputs, "keys") and "input_ids" in inputs):
@@ -178,8 +185,9 @@ def calibrate(
             the previous implementation of the model and of each sub-model (``text_config``, ``vision_config``,
             ...) restored afterwards, also when the run raises; a run that raises also keeps the stored
             ``sale_config``).
-        inputs: token ids ``[B, S]``, a dict/``BatchEncoding`` with ``input_ids`` (+ ``attention_mask``), or a
-            list of those (each one forward pass). Long, representative prompts give the best thresholds.
+        inputs: token ids ``[B, S]``, a dict/``BatchEncoding`` with ``input_ids`` (+ ``attention_mask`` and any
+            other model input, e.g. a processor's ``pixel_values``: all are passed to the model), or a list of those
+            (each one forward pass). Long, representative prompts give the best thresholds.
         theta: error budget per token: a head passes when ``sum |sparse - dense| < theta * N`` (> 0, finite).
         tau_init: starting threshold, in (0, 1) (the reference uses 0.008).
         tau_min: thresholds at or below this become 0 (dense head), in [0, tau_init).
@@ -229,7 +237,10 @@ def calibrate(
             it = tqdm(batches, desc="SALE calibration")
         with calibrating(cal), torch.no_grad():
             for b in it:
-                model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
+                model(
+                    **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()},
+                    use_cache=False,
+                )
         ok = True
     finally:
         if prev != "sale":
