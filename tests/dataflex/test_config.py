@@ -58,7 +58,7 @@ def test_yaml_strings_and_wrong_types_are_converted_or_named(tmp_path):
     assert build("selector", "random", budget="0.5").budget == 0.5
     for kw, match in [
         ({"num_samples": 2.5}, "'num_samples' must be an int or None, got 2.5"),
-        ({"seed": "x"}, "'seed' must be an int, got the string 'x'"),
+        ({"seed": "x"}, "'seed' must be an int or None, got the string 'x'"),
         ({"ops_batch_size": True}, "'ops_batch_size' must be an int, got the boolean"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -98,6 +98,33 @@ def test_resume_continues_with_same_data_state(tmp_path, cfg):
         assert state["weighter"]["keys"]
 
 
+def test_the_trainers_seed_drives_the_data_order_unless_the_config_sets_one(tmp_path):
+    """DataFlex's sampler and methods used the config seed (42) whatever TrainingArguments(seed=..., data_seed=...)
+    said: runs with different Trainer seeds drew the same batches and selections (the bench passed a config seed per
+    run to get different data orders). With the config seed unset they now use the Trainer's data_seed, else its seed,
+    as a stock Trainer's sampler does; a config seed still wins, and a resumed run keeps the checkpoint's seed."""
+    cfg = {"selector": "random", "selector_args": {"budget": 0.25}, "warmup_step": 2, "update_step": 100}
+
+    def run(out, cfg=cfg, resume=None, **targs):
+        rec = Recorder()
+        t = _trainer(out, cfg, rec=rec, targs=dict(max_steps=6, **targs))
+        t.train(resume_from_checkpoint=resume)
+        return rec.batches, t.dataflex
+
+    a, cb_a = run(str(tmp_path / "a"), seed=1, save_strategy="steps", save_steps=3)
+    b, cb_b = run(str(tmp_path / "b"), seed=2)
+    assert a != b
+    assert cb_a.sampler.plan["indices"] != cb_b.sampler.plan["indices"]  # the selector's randomness too
+    assert (cb_a.seed, cb_b.seed) == (1, 2)
+    c, _ = run(str(tmp_path / "c"), seed=2, data_seed=1)
+    assert c == a  # data_seed before seed
+    d, _ = run(str(tmp_path / "d"), cfg={**cfg, "seed": 7}, seed=1)
+    e, _ = run(str(tmp_path / "e"), cfg={**cfg, "seed": 7}, seed=2)
+    assert d == e and d != a  # an explicit config seed wins
+    r, cb_r = run(str(tmp_path / "r"), seed=5, resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert cb_r.seed == 1 and all(r[s] == a[s] for s in (4, 5, 6))
+
+
 def test_weighted_loss_matches_manual(tmp_path):
     """The installed loss equals sum_i w_i * loss_sum_i / num_items with the weighter's weights."""
     t = _trainer(str(tmp_path), {"weighter": "loss", "weighter_args": {"temperature": 0.5}, "warmup_step": 0})

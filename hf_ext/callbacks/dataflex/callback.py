@@ -51,6 +51,7 @@ STATE_FILE = "dataflex_state.json"
 TARGET_SELECTORS = ("less", "nice", "near", "cluster_less")
 DEFAULT_DOMAIN_COLUMN = "domain"
 INDEX_KEY = "dataflex_index"
+DEFAULT_SEED = 42  # config seed None outside a Trainer (TrainingArguments' own default seed)
 
 
 def require_map_style(dataset: Any) -> None:
@@ -134,6 +135,7 @@ class DataFlexCallback(TrainerCallback):
         self.reference_model = reference_model
         self.reward_fn = reward_fn
         self.collate_fn = collate_fn
+        self.seed = c.seed if c.seed is not None else DEFAULT_SEED  # None: the Trainer's seed at train begin
         self.dataset: Any = None
         self.domain_ids: np.ndarray | None = None
         self.domain_names: list[str] = []
@@ -228,7 +230,7 @@ class DataFlexCallback(TrainerCallback):
         if self.sampler is None:
             self.sampler = DataFlexSampler(
                 self.config.num_samples or n,
-                seed=self.config.seed,
+                seed=self.seed,
                 domain_ids=self.domain_ids,
                 dataset_size=n,
             )
@@ -299,6 +301,11 @@ class DataFlexCallback(TrainerCallback):
         if self._obs_loss is None:
             d = max(1, len(self.domain_names))
             self._obs_loss, self._obs_count = np.zeros(d), np.zeros(d)
+        # config seed None: the Trainer's data seed, as its own sampler would use (a checkpoint's seed wins below)
+        if self.config.seed is None:
+            data_seed = getattr(args, "data_seed", None)
+            self.seed = int(data_seed if data_seed is not None else getattr(args, "seed", DEFAULT_SEED))
+            self.sampler.seed = self.seed  # its cache is cleared by the reset / load below
         if has_state:
             self.load_state(path)
             return
@@ -360,7 +367,7 @@ class DataFlexCallback(TrainerCallback):
             model=self._model,
             dataset=self.dataset,
             step=step,
-            seed=self.config.seed,
+            seed=self.seed,
             domain_ids=self.domain_ids,
             domain_names=self.domain_names,
             target_dataset=self.target_dataset,
@@ -462,6 +469,7 @@ class DataFlexCallback(TrainerCallback):
             "format": 1,
             "config": self.config.to_dict(),
             "updates_done": self.updates_done,
+            "seed": self.seed,
             "weights": None if self.weights is None else list(map(float, self.weights)),
             "domain_names": self.domain_names,
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
@@ -486,6 +494,8 @@ class DataFlexCallback(TrainerCallback):
                 f"checkpoint domains {state['domain_names']} differ from this run's {self.domain_names}"
             )
         self.updates_done = int(state.get("updates_done", 0))
+        if state.get("seed") is not None:  # the seed the checkpointed run used (also for the sampler, below)
+            self.seed = int(state["seed"])
         w = state.get("weights")
         self.weights = None if w is None else np.asarray(w, dtype=np.float64)
         if state.get("sampler") is not None and self.sampler is not None:

@@ -55,7 +55,13 @@ class DataFlexConfig:
         default=8,
         metadata={"help": "Batch size of the scoring passes (losses, embeddings; gradients use 1)."},
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the sampler and of the methods' randomness."})
+    seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the sampler and of the methods' randomness (None: the Trainer's data_seed, else its "
+            "seed, as a stock Trainer's sampler; 42 outside a Trainer)."
+        },
+    )
 
     def __post_init__(self) -> None:
         from hf_ext.callbacks.dataflex.registry import coerce_value, get_class
@@ -98,7 +104,7 @@ class DataFlexConfig:
             )
         if self.num_samples is not None and self.num_samples <= 0:
             raise ValueError(f"num_samples must be None or > 0, got {self.num_samples!r}")
-        if self.seed < 0:
+        if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.ops_batch_size <= 0:
             raise ValueError(f"ops_batch_size must be > 0, got {self.ops_batch_size!r}")
