@@ -194,3 +194,18 @@ def test_calibrate_passes_every_model_input_of_a_batch():
     cfg = SALEConfig(block_q=16, block_k=16, local_window=16)
     calibrate(model, {"input_ids": ids, "pixel_values": pix, "use_cache": True}, theta=0.4, config=cfg)
     assert seen == [1]
+
+
+def test_calibrate_a_model_left_in_training_mode():
+    """After Trainer.train() (or building a model from a config) the model is in training mode, where SALE takes
+    every layer dense: calibrate skipped such layers, which silently kept the default tau (here layer 0; with every
+    layer in training mode it raised "calibration observed no attention layer"). It now runs in eval mode, gives the
+    thresholds of the same model in eval mode, and puts each module's training flag back."""
+    ids = rand_ids(96)
+    ref = calibrate(tiny_family("llama"), ids, theta=0.05, config=CFG)
+    model = tiny_family("llama").train()
+    model.model.layers[1].eval()  # a mixed state is put back as it was
+    flags = [m.training for m in model.modules()]
+    got = calibrate(model, ids, theta=0.05, config=CFG)
+    assert got.taus == ref.taus
+    assert [m.training for m in model.modules()] == flags

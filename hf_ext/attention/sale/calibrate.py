@@ -181,7 +181,8 @@ def calibrate(
     """Calibrate per-(layer, head) SALE thresholds on ``inputs`` and store them on the model config.
 
     Args:
-        model: a transformers causal LM (any attention implementation; ``"sale"`` is used during the run and
+        model: a transformers causal LM (run in eval mode, each module's training flag put back afterwards;
+            any attention implementation; ``"sale"`` is used during the run and
             the previous implementation of the model and of each sub-model (``text_config``, ``vision_config``,
             ...) restored afterwards, also when the run raises; a run that raises also keeps the stored
             ``sale_config``).
@@ -227,7 +228,12 @@ def calibrate(
     device = next(model.parameters()).device
     set_sale_config(model, cfg)
     ok = False
+    # calibration is inference: a model left in training mode (after Trainer.train(), or built from a config) runs
+    # in eval mode (no dropout; SALE takes training-mode modules dense, so none would be calibrated), then each
+    # module's own flag is put back
+    training = [(m, m.training) for m in model.modules()]
     try:
+        model.eval()
         if prev != "sale":
             model.set_attn_implementation("sale")
         it = batches
@@ -243,6 +249,8 @@ def calibrate(
                 )
         ok = True
     finally:
+        for m, flag in training:
+            m.training = flag
         if prev != "sale":
             model.set_attn_implementation(prev)
         if not ok:  # a failed run leaves the stored SALE config as it was too
