@@ -94,3 +94,23 @@ def test_the_config_reaches_a_vision_tower_whose_attention_has_no_layer_idx():
     vision = [c for c in st.calls if c["layer_idx"] is None]
     assert [c["path"] for c in vision] == ["sparse"], st.calls  # 17 patch tokens >= min_seq_len: sparse
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("taus", [[[0.01] * 8] * 2, [[0.01] * 4]], ids=["other_head_count", "missing_layer"])
+def test_taus_that_do_not_fit_the_model_are_refused_before_any_change(taus):
+    """Per-layer thresholds calibrated for another model were accepted by enable_sale; the ValueError came only from
+    the first prompt long enough for the sparse path, mid-generation. Now enable_sale raises naming taus and leaves
+    the model as it was; calibrate still replaces such stored thresholds."""
+    from hf_ext.attention.sale import calibrate
+    from hf_ext.testing import tiny_llama
+
+    model = tiny_llama()  # 2 layers, 4 query heads
+    with pytest.raises(ValueError, match="taus"):
+        enable_sale(model, SALEConfig(taus=taus, min_seq_len=64))
+    assert model.config._attn_implementation == "sdpa" and getattr(model.config, "sale_config", None) is None
+    model.config.sale_config = SALEConfig(taus=taus, block_q=16, block_k=16, local_window=16).to_dict()
+    new = calibrate(
+        model, torch.randint(3, 500, (1, 64), generator=torch.Generator().manual_seed(0)), theta=0.4
+    )
+    assert len(new.taus) == 2 and all(len(r) == 4 for r in new.taus)
+    enable_sale(model)

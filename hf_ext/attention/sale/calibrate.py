@@ -226,7 +226,8 @@ def calibrate(
     prev_sale = [(c, vars(c).get("sale_config")) for c in _attention_configs(model)]
     cal = Calibrator(cfg, float(theta), float(tau_init), float(tau_min))
     device = next(model.parameters()).device
-    set_sale_config(model, cfg)
+    # the stored taus are not used while calibrating (and may be another model's: that is what re-calibrating fixes)
+    set_sale_config(model, replace(cfg, taus=None))
     ok = False
     # calibration is inference: a model left in training mode (after Trainer.train(), or built from a config) runs
     # in eval mode (no dropout; SALE takes training-mode modules dense, so none would be calibrated), then each

@@ -76,12 +76,30 @@ def _default_impl(model: Any) -> str:
         return "eager"
 
 
+def _check_taus_fit(model: Any, cfg: SALEConfig) -> None:
+    """``ValueError`` (naming ``taus``) when per-layer thresholds lack a row for an attention layer of ``model`` or
+    hold another number of heads than it: the attention function would raise only at the first long prompt."""
+    if cfg.taus is None:
+        return
+    for mod in model.modules():
+        layer = getattr(mod, "layer_idx", None)
+        if not isinstance(layer, int) or isinstance(layer, bool) or not hasattr(mod, "is_causal"):
+            continue  # attention modules carry both (decoder layers and linear-attention mixers do not)
+        heads = getattr(mod, "num_heads", None) or getattr(
+            getattr(mod, "config", None), "num_attention_heads", None
+        )
+        if isinstance(heads, int) and heads > 0:
+            cfg.tau_for(layer, heads)
+
+
 def set_sale_config(model: Any, config: SALEConfig | dict | None) -> SALEConfig:
     """Validate ``config`` and store it as a plain dict on ``model.config.sale_config`` (and sub-configs).
 
-    A plain dict survives ``save_pretrained`` / ``from_pretrained`` in ``config.json``.
+    A plain dict survives ``save_pretrained`` / ``from_pretrained`` in ``config.json``. Per-layer ``taus`` that do
+    not fit the model's attention layers (a missing layer, another head count) are a ``ValueError``.
     """
     cfg = SALEConfig.from_dict(config)
+    _check_taus_fit(model, cfg)
     for c in _attention_configs(model):
         c.sale_config = cfg.to_dict()
     return cfg
@@ -109,6 +127,7 @@ def enable_sale(model: Any, config: SALEConfig | dict | None = None) -> Any:
     if config is None:
         config = getattr(model.config, "sale_config", None)
     cfg = SALEConfig.from_dict(config)  # validate before changing anything
+    _check_taus_fit(model, cfg)
     prev = _impl_tree(model.config, _default_impl(model))  # each (sub-)model's
     if _all_sale(prev):  # already all "sale" (loaded with it, or enabled twice): keep what is remembered
         prev = None
