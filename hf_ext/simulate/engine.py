@@ -259,6 +259,7 @@ class _ReqState:
         "pins",
         "segments",
         "admitted_before",
+        "computed_upto",
         "order",
         "answered",
     )
@@ -297,6 +298,7 @@ class _ReqState:
         self.pins: list[CacheEntry] = []
         self.segments = req.meta.get("prefix_segments") or ()
         self.admitted_before = False
+        self.computed_upto = 0  # context offsets below this had their KV computed before a preemption
         self.order = 0
         self.answered = False
 
@@ -605,11 +607,12 @@ class Simulator:
                 self.step += 1
                 self.n_iterations += 1
                 for rs, n in chunks:
+                    # recomputed: the part of this chunk that had been computed before a preemption (a request
+                    # preempted mid-prefill had computed its chunks so far only)
+                    rs.recomputed += max(0, min(rs.prefill_off + n, rs.computed_upto) - rs.prefill_off)
                     rs.prefill_left -= n
                     rs.prefill_off += n
                     rs.prefill_computed += n
-                    if rs.admitted_before:
-                        rs.recomputed += n
                     if rs.prefill_left == 0:
                         self.prefilling.remove(rs)
                         self._join(rs)
@@ -962,10 +965,13 @@ class Simulator:
         for seq in rs.seqs:
             if seq is not None and seq.alive:
                 self._drop_seq(seq, pruned=False)
-        if rs in self.prefilling:
+        if rs in self.prefilling:  # its KV covers the chunks prefilled so far
             self.prefilling.remove(rs)
             self.n_slots -= rs.status.count(0)
             rs.prefill_left = 0
+            rs.computed_upto = max(rs.computed_upto, rs.prefill_off)
+        else:  # decoding: prompt and generated tokens were all computed
+            rs.computed_upto = max(rs.computed_upto, _context_to_prefill(rs))
         self.multi_running.discard(rs)
         self.running.pop(rs.idx, None)
         self.mem_base -= rs.priv

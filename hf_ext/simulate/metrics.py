@@ -10,7 +10,8 @@ Definitions (seconds):
 * cache hit rate = context tokens served from the prefix cache (both tiers) / context tokens needed at
   admissions (served + prefilled; a re-admission after a preemption counts again);
 * mean KV tokens = the integral of KV tokens in use over time / (end - first arrival);
-* recomputed tokens = prefill tokens computed again after a preemption; ``evict_recomputed`` = prompt tokens of
+* recomputed tokens = prefill tokens computed again after a preemption (those whose KV had been computed before
+  it: a request preempted mid-prefill had computed only its chunks so far); ``evict_recomputed`` = prompt tokens of
   segments that had been cached before but were evicted when needed again.
 
 Example:

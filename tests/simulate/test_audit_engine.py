@@ -153,3 +153,26 @@ def test_readmission_after_a_preemption_restores_only_the_branches_still_running
     points = list(zip(res.timeline["time"].round(6).tolist(), res.timeline["kv_tokens"].tolist()))
     assert (0.13, 11.0) in points and (0.18, 16.0) in points
     assert res.counters["peak_kv_tokens"] == 20.0
+
+
+def test_a_request_preempted_mid_prefill_counts_only_its_computed_chunks_as_recomputed():
+    """Hand-computed: capacity 26, 8 tokens per iteration, constant 0.01 s steps. Request 0 (prompt 4, 20 tokens)
+    and request 1 (prompt 20, 2 tokens) are admitted together (KV 5 + 21 = 26); the first iteration prefills
+    request 0 and the first 4 prompt tokens of request 1. The next step's growth does not fit, so request 1
+    (admitted last) is preempted with 4 of its 20 prompt tokens computed; it is re-admitted when request 0 finishes
+    (0.20 s) and prefills all 20 again: 4 of them recomputed (before: all 20, as if it had been decoding)."""
+    reqs = [
+        Request(id=0, arrival=0.0, prompt_len=4, output_len=20),
+        Request(id=1, arrival=0.0, prompt_len=20, output_len=2),
+    ]
+    res = Simulator(
+        CostModel.constant(0.01), FCFS(), kv_capacity_tokens=26, max_num_seqs=4, max_num_batched_tokens=8
+    ).run(reqs)
+    c = res.cols
+    assert c["preemptions"].tolist() == [0, 1]
+    assert c["prefill_computed"].tolist() == [4, 4 + 20]
+    assert c["recomputed"].tolist() == [0, 4]
+    # 20 prompt tokens at 8 a step after 0.20 s: chunks 8, 8, 4, the last yields the first token; one decode step
+    assert c["first_token"].tolist() == pytest.approx([0.01, 0.23])
+    assert c["finish"].tolist() == pytest.approx([0.20, 0.24])
+    assert res.summary()["recomputed_tokens"] == 4.0
