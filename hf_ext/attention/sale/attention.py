@@ -136,6 +136,9 @@ class SALEStats:
 def sale_stats() -> Iterator[SALEStats]:
     """Collect routing and kept-block density of every ``"sale"`` attention call inside the block.
 
+    Per thread: calls made by other threads (e.g. ``generate`` run in a thread for a ``TextIteratorStreamer``) are
+    not collected; enter the block in that thread.
+
     Example:
         >>> from hf_ext.attention.sale.attention import sale_stats
         >>> with sale_stats() as st:
