@@ -98,6 +98,26 @@ def test_resume_continues_with_same_data_state(tmp_path, cfg):
         assert state["weighter"]["keys"]
 
 
+def test_resume_replays_batches_prefetched_under_many_plans(tmp_path):
+    """The sampler kept only the plans of its last 4 plan switches, but a DataLoader with workers draws
+    num_workers x prefetch_factor batches ahead: with an update every step (ODM's setting) the batches drawn before a
+    checkpoint but trained after it used up to 8 plans here, the older ones were dropped, and the resumed run drew
+    those positions from the newest plan instead (steps 7-10 differed from the uninterrupted run). Plans now stay
+    while a position at or after the Trainer's resume point (what it skips on resume) uses them."""
+    cfg = {"mixer": "odm", "warmup_step": 1, "update_step": 1}
+    targs = dict(max_steps=10, dataloader_num_workers=1, dataloader_prefetch_factor=8)
+    rec_a, rec_b = Recorder(), Recorder()
+    a = _trainer(
+        str(tmp_path / "a"), cfg, rec=rec_a, targs=dict(save_strategy="steps", save_steps=6, **targs)
+    )
+    a.train()
+    b = _trainer(str(tmp_path / "b"), cfg, rec=rec_b, targs=targs)
+    b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    assert {s: rec_b.batches[s] for s in range(7, 11)} == {s: rec_a.batches[s] for s in range(7, 11)}
+    sampler = a.dataflex.sampler
+    assert sampler.trained == 40 and len(sampler.plans) <= 10  # the trained positions' plans are dropped
+
+
 def test_the_trainers_seed_drives_the_data_order_unless_the_config_sets_one(tmp_path):
     """DataFlex's sampler and methods used the config seed (42) whatever TrainingArguments(seed=..., data_seed=...)
     said: runs with different Trainer seeds drew the same batches and selections (the bench passed a config seed per

@@ -341,11 +341,17 @@ class DataFlexCallback(TrainerCallback):
         if self.sampler is not None:
             self.sampler.set_epoch(int(math.floor(state.epoch + 1e-9)) if state.epoch else 0)
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if model is not None:
             self._model = model
         if optimizer is not None:
             self._optimizer = optimizer
+        if (
+            self.sampler is not None
+        ):  # plans of drawn-ahead (prefetched) positions stay until they are trained
+            trained = _trained_positions(args, state, train_dataloader, self.sampler.num_samples)
+            if trained is not None:
+                self.sampler.set_trained(trained)
         if self.config.is_update_step(state.global_step, self.updates_done) and (
             self.selector is not None or self.mixer is not None
         ):
@@ -585,6 +591,31 @@ def _resume_checkpoint(args: Any, global_step: int, callback: Any = None) -> tup
         if os.path.exists(os.path.join(c, STATE_FILE)):
             return c, True
     return (folder, True) if found else (None, False)
+
+
+def _trained_positions(args: Any, state: Any, train_dataloader: Any, num_samples: int) -> int | None:
+    """Global sampler positions a Trainer resuming from ``state.global_step`` skips (None when unknown).
+
+    The Trainer's own rule: ``epochs = global_step // steps_per_epoch`` whole epochs, then
+    ``(global_step % steps_per_epoch) * gradient_accumulation_steps`` batches of the next one, each of the DataLoader's
+    total batch size (all ranks; accelerate's ``total_batch_size``). Positions from there on may still be trained by a
+    resumed run, drawn ahead by the uninterrupted one.
+    """
+    if train_dataloader is None:
+        return None
+    try:
+        n_batches = len(train_dataloader)
+    except TypeError:
+        return None
+    batch = getattr(train_dataloader, "total_batch_size", None) or getattr(
+        train_dataloader, "batch_size", None
+    )
+    if not n_batches or not batch:
+        return None
+    ga = max(1, int(getattr(args, "gradient_accumulation_steps", 1)))
+    per_epoch = max(n_batches // ga + int(n_batches % ga > 0), 1)
+    epochs, steps = divmod(int(state.global_step), per_epoch)
+    return epochs * num_samples + min(steps * ga * int(batch), num_samples)
 
 
 def _broadcast(obj: Any) -> Any:

@@ -65,6 +65,9 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
         self.current = 0
         self.history: list[tuple[int, int]] = [(0, 0)]  # (first global position, version)
         self.drawn = 0  # positions < drawn have been drawn (their version is in history)
+        self.trained = (
+            0  # positions < trained were trained (or are skipped on resume): their plans may be dropped
+        )
         self._domain_pools: list[np.ndarray] | None = None
         self._cache: OrderedDict = OrderedDict()
         self.set_domains(domain_ids)
@@ -83,7 +86,18 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
         self.current = 0
         self.history = [(0, 0)]
         self.drawn = 0
+        self.trained = 0
         self._cache.clear()
+
+    def set_trained(self, position: int) -> None:
+        """Positions below global position ``position`` have been trained (a resumed Trainer skips them).
+
+        Plans are kept while a drawn position at or after it uses them: the DataLoader (workers ×
+        ``prefetch_factor``), accelerate and gradient accumulation draw batches ahead, and a resumed run must replay
+        those with the plan they were drawn under. :class:`DataFlexCallback` sets it at every optimizer step.
+        """
+        self.trained = max(0, int(position))
+        self._prune()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -116,8 +130,12 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
     def plan(self) -> dict[str, Any]:
         return self.plans[self.current]
 
-    def _prune(self, keep: int = 4) -> None:
-        needed = {self.current} | {v for _, v in self.history[-keep:]}
+    def _prune(self) -> None:
+        """Drop plans no position at or after ``trained`` uses (the history keeps at most 64 plan switches)."""
+        needed = {self.current}
+        for i, (_, v) in enumerate(self.history):
+            if i + 1 == len(self.history) or self.history[i + 1][0] > self.trained:
+                needed.add(v)
         for v in list(self.plans):
             if v not in needed:
                 del self.plans[v]
@@ -215,6 +233,7 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
             "plans": {str(k): v for k, v in self.plans.items()},
             "history": [list(h) for h in self.history],
             "drawn": self.drawn,
+            "trained": self.trained,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -226,4 +245,5 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
         self.current = int(state["current"])
         self.history = [(int(a), int(b)) for a, b in state["history"]]
         self.drawn = int(state["drawn"])
+        self.trained = int(state.get("trained", 0))
         self._cache.clear()
