@@ -224,3 +224,27 @@ def test_rows_after_the_visible_keys_attend_to_all_of_them():
     for cfg in (SALEConfig(min_seq_len=32, tau=1e-9, **BLOCKS), SALEConfig(min_seq_len=4096)):
         out, _ = sale_attention_forward(_Mod(cfg), q, k, v, mask, scaling=0.25)
         torch.testing.assert_close(out, _sdpa(q, k, v, mask), atol=1e-5, rtol=1e-4)
+
+
+def test_right_padded_chunk_after_cached_tokens_runs_sparse_and_matches_sdpa():
+    """Chunked prefill into a DynamicCache whose last chunk is right-padded (the queries follow cached tokens): the
+    trailing padding was cut down to the last real key, which moved the queries' bottom-right alignment, so the mask
+    check failed (dense fallback; ValueError with on_unsupported="error")."""
+    from transformers import DynamicCache
+
+    from tests.sale._models import tiny_family
+
+    model = tiny_family("llama")
+    ids = rand_ids(160, batch=2)
+    am = torch.ones_like(ids)
+    am[0, 130:] = 0
+    am[1, 150:] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am).logits
+    enable_sale(model, SALEConfig(min_seq_len=32, tau=1e-9, on_unsupported="error", **BLOCKS))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), sale_stats() as st:
+        first = model(ids[:, :80], attention_mask=am[:, :80], past_key_values=cache).logits
+        second = model(ids[:, 80:], attention_mask=am, past_key_values=cache).logits
+    assert {c["path"] for c in st.calls} == {"sparse"}
+    torch.testing.assert_close(torch.cat([first, second], 1), ref, atol=2e-5, rtol=1e-4)

@@ -645,13 +645,15 @@ def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs,
     sq, sk = query.shape[2], key.shape[2]
     kpm = None
     if reason is None and attention_mask is not None:  # None: plain causal, bottom-right (see sale_mask)
-        # Never below sq: the queries are the last sq key positions, so trailing keys no query sees are either
-        # static-cache slots after the prompt or right padding of the prompt itself (every row of a batch padded at
-        # the end); dropping the latter would shift the bottom-right alignment and fail the mask check below.
-        used = max(_used_keys(attention_mask, sk), sq) if causal else sk
-        if used < sk:  # unused static-cache slots after the prompt: no query sees them, drop them
-            key, value, sk = key[:, :, :used], value[:, :, :used], used
         kpm, why = decode_mask(attention_mask, query.shape[0], sq, sk, causal)
+        # Trailing key columns no query sees are right padding (kept: the check above passes) or static-cache slots
+        # after the prompt (the queries are not the last key positions: the check fails on its first rows). Drop
+        # the latter, never below sq (a right-padded prompt prefilled into a static cache) and try again.
+        used = max(_used_keys(attention_mask, sk), sq) if why is not None and causal else sk
+        if used < sk:
+            kpm_used, why_used = decode_mask(attention_mask, query.shape[0], sq, used, causal)
+            if why_used is None:
+                key, value, sk, kpm, why = key[:, :, :used], value[:, :, :used], used, kpm_used, None
         if why is None and selection and kpm is not None:
             why = "the model's learned index selection keeps only part of the keys"
         if why is not None:
