@@ -442,6 +442,33 @@ def test_the_call_stack_lookup_finds_only_the_trainer_running_this_callback(tmp_
     assert _running_trainer_resume(cb) == (False, None)
 
 
+def test_a_trainer_takes_one_dataflex_callback_once(tmp_path):
+    """A DataFlexCallback registered twice (callbacks=[cb, cb], or passed both as dataflex= and in callbacks=) ran
+    every hook twice: two updates per update step (update steps 2 and 4 each logged twice here) and a second reset at
+    train begin; a second DataFlexCallback next to DataFlexTrainer's swapped its own sampler in, so the trainer's
+    selections had no effect. Both are now ValueErrors: at construction for DataFlexTrainer, else at train begin
+    before the callback changes anything."""
+    cfg = {"mixer": "odm", "update_step": 2}
+    cb = DataFlexCallback(cfg, train_dataset=DATA)
+    t = Trainer(
+        model=tiny_model(),
+        args=args(str(tmp_path), max_steps=4, remove_unused_columns=False),
+        train_dataset=DATA,
+        data_collator=default_collate,
+        callbacks=[cb, cb],
+    )
+    with pytest.raises(ValueError, match="holds this DataFlexCallback 2 times"):
+        t.train()
+    assert cb.log_history == [] and cb._model is None
+    with pytest.raises(ValueError, match="callbacks= holds a DataFlexCallback"):
+        _trainer(str(tmp_path / "t"), cb, rec=DataFlexCallback(cfg, train_dataset=DATA))
+    dft = _trainer(str(tmp_path / "t"), cfg)
+    dft.add_callback(DataFlexCallback(cfg, train_dataset=DATA))
+    with pytest.raises(ValueError, match="holds 2 DataFlexCallbacks"):
+        dft.train()
+    assert dft.dataflex.log_history == []
+
+
 def test_plain_trainer_rejects_weighter(tmp_path):
     cb = DataFlexCallback({"weighter": "loss"}, train_dataset=DATA)
     t = Trainer(

@@ -267,6 +267,22 @@ class DataFlexCallback(TrainerCallback):
                 f"train_sampling_strategy={strategy!r} would be ignored: DataFlex replaces the training sampler with "
                 "its own (callback-only mode swaps it into the DataLoader); allowed: train_sampling_strategy='random'"
             )
+        running = _running_trainer_callbacks(self)
+        if running is not None:
+            mine = sum(cb is self for cb in running)
+            others = [cb for cb in running if isinstance(cb, DataFlexCallback) and cb is not self]
+            if mine > 1 or others:
+                raise ValueError(
+                    "the Trainer holds "
+                    + (
+                        f"this DataFlexCallback {mine} times"
+                        if mine > 1
+                        else f"{len(others) + 1} DataFlexCallbacks"
+                    )
+                    + ": each would run every update (and install its own sampler), so a Trainer takes one "
+                    "DataFlexCallback, once (DataFlexTrainer adds the one given as dataflex=; do not also pass it "
+                    "in callbacks=)"
+                )
         if not self.trainer_mode and self.weighter is not None:
             raise ValueError(
                 f"weighter {self.config.weighter!r} needs per-sample losses: use DataFlexTrainer (or the SFT mixin) "
@@ -530,6 +546,28 @@ class DataFlexCallback(TrainerCallback):
         with open(path) as f:
             self.load_state_dict(json.load(f))
         self.resumed_from = path
+
+
+def _running_trainer_callbacks(callback: Any) -> list[Any] | None:
+    """The callback list of the ``Trainer`` running ``callback`` (innermost frame on the call stack whose ``self`` is
+    a transformers ``Trainer`` holding it), or None when no such Trainer is running."""
+    import inspect
+
+    trainer_cls = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
+    if trainer_cls is None:
+        return None
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, trainer_cls):
+                cbs = list(getattr(getattr(owner, "callback_handler", None), "callbacks", ()))
+                if any(cb is callback for cb in cbs):
+                    return cbs
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
 
 
 def _running_trainer_resume(callback: Any) -> tuple[bool, str | None]:

@@ -137,6 +137,11 @@ class DataFlexMixin:
                 f"weighter={cb.config.weighter!r} / mixer={cb.config.mixer!r}; set padding_free=False"
             )
         callbacks = list(kwargs.pop("callbacks", None) or [])
+        if any(isinstance(c, DataFlexCallback) for c in callbacks):
+            raise ValueError(
+                "callbacks= holds a DataFlexCallback, but DataFlexTrainer already runs the one given as dataflex= (two "
+                "would both update, and a plain one would swap its own sampler in); pass a ready callback as dataflex="
+            )
         super().__init__(*args, callbacks=[*callbacks, cb], **kwargs)  # type: ignore[call-arg]
         cb.trainer_mode = True
         cb.bind_dataset(self.train_dataset)  # type: ignore[attr-defined]
