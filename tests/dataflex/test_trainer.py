@@ -469,6 +469,30 @@ def test_a_trainer_takes_one_dataflex_callback_once(tmp_path):
     assert dft.dataflex.log_history == []
 
 
+def test_state_is_written_by_every_process_the_trainer_saves_with(tmp_path):
+    """on_save wrote dataflex_state.json on world rank 0 only, but with save_on_each_node=True the Trainer writes the
+    checkpoint on each node's local rank 0 (args.should_save): a node without shared storage resumed without the data
+    state, restarted its sampler and drew other batches than the ranks of node 0. It now follows args.should_save."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    cb = DataFlexCallback({"selector": "random"}, train_dataset=DATA)
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    node1_local0 = SimpleNamespace(output_dir=str(tmp_path), should_save=True)  # process_index 8, local 0
+    cb.on_save(node1_local0, TrainerState(global_step=3, is_world_process_zero=False), TrainerControl())
+    assert (folder / STATE_FILE).exists()
+    other = tmp_path / "checkpoint-4"
+    other.mkdir()
+    cb.on_save(
+        SimpleNamespace(output_dir=str(tmp_path), should_save=False),
+        TrainerState(global_step=4),
+        TrainerControl(),
+    )
+    assert not (other / STATE_FILE).exists()
+
+
 def test_plain_trainer_rejects_weighter(tmp_path):
     cb = DataFlexCallback({"weighter": "loss"}, train_dataset=DATA)
     t = Trainer(

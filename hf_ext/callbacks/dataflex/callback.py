@@ -375,7 +375,10 @@ class DataFlexCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         loss, count = self._reduced_observations()  # collective: every rank takes part
-        if not state.is_world_process_zero:
+        # the processes the Trainer writes checkpoints with: world rank 0, or each node's local rank 0 with
+        # save_on_each_node (a node without shared storage resumes from its own copy of the checkpoint)
+        should_save = getattr(args, "should_save", None)
+        if not (state.is_world_process_zero if should_save is None else should_save):
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
