@@ -153,12 +153,12 @@ def disable_sale(model: Any) -> Any:
     The stored ``sale_config`` is kept, so calibrated thresholds survive a disable/enable cycle.
     """
     owner = _owner(model)
-    remembered = vars(owner).pop(_PREV_ATTR, None)
+    remembered = vars(owner).get(_PREV_ATTR)
     default = _default_impl(model)
     current = _impl_tree(model.config, default)
-    if not _uses_sale(current):
-        return model
-    model.set_attn_implementation(_without_sale(remembered or current, default))
+    if _uses_sale(current):
+        model.set_attn_implementation(_without_sale(remembered or current, default))
+    vars(owner).pop(_PREV_ATTR, None)  # after the switch: a refused one keeps what enable_sale remembered
     return model
 
 
