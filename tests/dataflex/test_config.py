@@ -245,3 +245,28 @@ def test_an_iterable_training_dataset_is_a_clear_value_error(tmp_path, cfg):
             data_collator=default_collate,
             dataflex=cfg,
         )
+
+
+def test_dynamic_schedule_points_the_updates_cannot_apply_warn():
+    """The dynamic mixer's weights change only at update steps, so a 'step' schedule point off the update grid took
+    effect silently late (a switch at step 50 happened at step 100 with the default update_step) and points after the
+    last update (update_times) never did. Both now give a UserWarning at construction; points on the grid do not."""
+    import warnings
+
+    mixer = {
+        "name": "dynamic",
+        "interpolation": "step",
+        "schedule": [{"step": 0, "weights": [1, 0]}, {"step": 50, "weights": [0, 1]}],
+    }
+    with pytest.warns(
+        UserWarning, match=r"step\(s\) \[50\] take effect at the next update step .* 0 \+ k \* 100"
+    ):
+        DataFlexCallback({"mixer": mixer})
+    with pytest.warns(UserWarning, match=r"step\(s\) \[50\] come after the last update \(update_times=1\)"):
+        DataFlexCallback({"mixer": mixer, "update_step": 25, "update_times": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DataFlexCallback({"mixer": mixer, "update_step": 25})
+        DataFlexCallback(
+            {"mixer": {**mixer, "interpolation": "linear"}}
+        )  # linear: exact at every update step

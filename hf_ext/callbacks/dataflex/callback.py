@@ -152,6 +152,7 @@ class DataFlexCallback(TrainerCallback):
         self._obs_count: np.ndarray | None = None
         self._check_static_needs()
         self._warn_unused_inputs()
+        self._warn_off_schedule_points()
         if train_dataset is not None or domains is not None:
             self.set_domains(train_dataset, domains)
             if train_dataset is not None:
@@ -190,6 +191,40 @@ class DataFlexCallback(TrainerCallback):
             warnings.warn(
                 f"DataFlex: {'; '.join(unused)} given but not used with selector={c.selector!r}, "
                 f"mixer={c.mixer!r}, weighter={c.weighter!r}",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _warn_off_schedule_points(self) -> None:
+        """The ``dynamic`` mixer's weights change only at update steps: warn about schedule points that a
+        ``step`` schedule would apply late (not on the update grid) or never (after the last update)."""
+        c = self.config
+        if c.mixer != "dynamic":
+            return
+        late, never = [], []
+        last = None if c.update_times is None else c.warmup_step + (c.update_times - 1) * c.update_step
+        for p in self.mixer.schedule:
+            step = int(p["step"])
+            if step == 0:  # the starting weights
+                continue
+            if last is not None and step > last:
+                never.append(step)
+            elif self.mixer.interpolation == "step" and not c.is_update_step(step, 0):
+                late.append(step)
+        if late or never:
+            grid = f"warmup_step + k * update_step = {c.warmup_step} + k * {c.update_step}"
+            parts = []
+            if late:
+                parts.append(
+                    f"point(s) at step(s) {late} take effect at the next update step ({grid}), not at their step"
+                )
+            if never:
+                parts.append(
+                    f"point(s) at step(s) {never} come after the last update (update_times={c.update_times})"
+                )
+            warnings.warn(
+                f"DataFlex mixer 'dynamic' sets its weights at update steps only: schedule {'; '.join(parts)}. Put the "
+                "schedule points on the update grid (or set update_step / warmup_step / update_times to match)",
                 UserWarning,
                 stacklevel=3,
             )
