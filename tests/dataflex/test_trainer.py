@@ -493,6 +493,20 @@ def test_state_is_written_by_every_process_the_trainer_saves_with(tmp_path):
     assert not (other / STATE_FILE).exists()
 
 
+@pytest.mark.parametrize("name", ["near", "cluster_less"])
+def test_a_layer_the_model_does_not_have_is_refused_at_train_begin(tmp_path, name):
+    """near / cluster_less took any 'layer' and failed at the first update, mid-training, with 'IndexError: tuple index
+    out of range' in the embedding pass (here after 2 trained steps). It is now a ValueError at train begin naming the
+    field and the allowed range for the model's layer count, before any step."""
+    cfg = {"selector": name, "selector_args": {"layer": 5}, "warmup_step": 2, "update_step": 2}
+    t = _trainer(str(tmp_path), cfg, target_dataset=TARGET, targs=dict(max_steps=4))
+    with pytest.raises(
+        ValueError, match=r"field 'layer'=5 does not index .* 1 layers, so layer must be in \[-2, 1\]"
+    ):
+        t.train()
+    assert t.state.global_step == 0 and t.dataflex.log_history == []
+
+
 def test_plain_trainer_rejects_weighter(tmp_path):
     cb = DataFlexCallback({"weighter": "loss"}, train_dataset=DATA)
     t = Trainer(

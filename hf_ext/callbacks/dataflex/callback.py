@@ -195,6 +195,24 @@ class DataFlexCallback(TrainerCallback):
                 stacklevel=3,
             )
 
+    def _check_layer(self, model: Any) -> None:
+        """``layer`` of near / cluster_less must index the model's hidden states (checked at train begin, before the
+        first update would fail on it)."""
+        layer = getattr(self.selector, "layer", None)
+        if layer is None or model is None:
+            return
+        from hf_ext.callbacks.dataflex.ops import unwrap
+
+        cfg = getattr(unwrap(model), "config", None)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        n_layers = getattr(cfg, "num_hidden_layers", None)
+        if isinstance(n_layers, int) and not -(n_layers + 1) <= layer <= n_layers:
+            raise ValueError(
+                f"selector {self.config.selector!r} field 'layer'={layer} does not index the model's hidden states: "
+                f"the model has {n_layers} layers, so layer must be in [{-(n_layers + 1)}, {n_layers}] "
+                "(0: the embeddings, -1: the last layer)"
+            )
+
     def _warn_off_schedule_points(self) -> None:
         """The ``dynamic`` mixer's weights change only at update steps: warn about schedule points that a
         ``step`` schedule would apply late (not on the update grid) or never (after the last update)."""
@@ -302,6 +320,7 @@ class DataFlexCallback(TrainerCallback):
                 f"train_sampling_strategy={strategy!r} would be ignored: DataFlex replaces the training sampler with "
                 "its own (callback-only mode swaps it into the DataLoader); allowed: train_sampling_strategy='random'"
             )
+        self._check_layer(model)
         running = _running_trainer_callbacks(self)
         if running is not None:
             mine = sum(cb is self for cb in running)
