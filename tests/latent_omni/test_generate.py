@@ -379,3 +379,22 @@ def test_latent_generate_takes_stopping_criteria_and_a_streamer_like_hf_generate
     assert streamer.ends == 1 and torch.equal(streamer.puts[0], latent_prompt)
     assert torch.equal(torch.cat([p.reshape(1, -1) for p in streamer.puts], 1), out)
     assert out[0, 5 : 5 + k].tolist() == [cfg.latent_pad_token_id] * k
+
+
+def test_sampling_without_top_k_uses_transformers_default_top_k(model):
+    """transformers' generate samples with its global default top_k=50 when neither the call nor a generation config
+    sets top_k; the latent path does the same, so one seed gives the same tokens on both paths (before, it sampled
+    from the whole vocabulary and the paths drew different tokens). top_k=0 still turns the filter off."""
+    prompt = torch.tensor([[1, 30, 31, 32, 33]])
+    assert model.generation_config.top_k is None
+    outs = {}
+    for latent in (True, False):
+        torch.manual_seed(3)
+        kw = dict(eos_token_id=[]) if latent else dict(min_new_tokens=12)
+        outs[latent] = model.generate(
+            prompt, max_new_tokens=12, do_sample=True, latent_reasoning=latent, **kw
+        )
+    assert torch.equal(outs[True], outs[False])
+    torch.manual_seed(3)
+    off = model.generate(prompt, max_new_tokens=12, do_sample=True, top_k=0, eos_token_id=[])
+    assert not torch.equal(off, outs[True])

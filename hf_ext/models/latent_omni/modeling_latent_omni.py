@@ -402,6 +402,18 @@ _LATENT_GEN_UNSUPPORTED: dict[str, Any] = {
 }
 
 
+def _hf_generation_defaults() -> dict[str, Any]:
+    """transformers' global generation defaults (``GenerationConfig._get_default_generation_params``), which its
+    ``generate`` applies to fields that neither the call nor any generation config set; ``top_k`` = 50 is the one
+    that changes sampling."""
+    from transformers import GenerationConfig
+
+    get = getattr(GenerationConfig, "_get_default_generation_params", None)
+    out = dict(get()) if get is not None else {}
+    out.setdefault("top_k", 50)
+    return out
+
+
 class _KeepScore:
     """Run ``procs`` but keep token ``token``'s score: the generation config's repetition penalty and n-gram ban
     apply to text, while latent blocks (triggered by ``<Unified_Latent>``) are bounded by ``max_latent_blocks``."""
@@ -1229,6 +1241,9 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 (latent steps as ``<Unified_Latent_pad>``), and ``end()`` is called at the end.
             output_latents: with ``return_dict_in_generate``, also return the fed-back hidden states (without it,
                 a ``ValueError``).
+            do_sample / temperature / top_k / top_p: as in transformers, from the arguments, else the generation
+                config; sampling with ``top_k`` unset anywhere uses transformers' global default ``top_k=50``
+                (``top_k=0`` turns it off).
             use_cache / return_dict_in_generate: ``None`` (default) takes the generation config's value (default
                 ``True`` / ``False``), as transformers' generate does.
 
@@ -1373,6 +1388,10 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             if t is not None and t != 1.0:
                 warper.append(TemperatureLogitsWarper(t))
             tk = top_k if top_k is not None else gc.top_k
+            if (
+                tk is None
+            ):  # unset everywhere: transformers' generate samples with its global default (top_k=50)
+                tk = _hf_generation_defaults()["top_k"]
             if tk:
                 warper.append(TopKLogitsWarper(tk))
             tp = top_p if top_p is not None else gc.top_p
