@@ -507,6 +507,24 @@ def test_a_layer_the_model_does_not_have_is_refused_at_train_begin(tmp_path, nam
     assert t.state.global_step == 0 and t.dataflex.log_history == []
 
 
+def test_a_train_dataset_replaced_after_construction_is_refused(tmp_path):
+    """trainer.train_dataset = other after construction trained on the new dataset with the sampler and domains of
+    the old one: here only indices 0-15 of a 48-sample dataset were ever drawn, its third domain never, with no error.
+    It is now a ValueError when the training DataLoader is built, before any step."""
+    small = make_mixture({"clean": 8, "noisy": 8}, seed=0)
+    t = DataFlexTrainer(
+        model=tiny_model(),
+        args=args(str(tmp_path), max_steps=4),
+        train_dataset=small,
+        data_collator=default_collate,
+        dataflex={"mixer": "odm", "update_step": 2},
+    )
+    t.train_dataset = DATA
+    with pytest.raises(ValueError, match="train_dataset was replaced after the DataFlexTrainer was built"):
+        t.train()
+    assert t.state.global_step == 0 and t.dataflex.log_history == []
+
+
 def test_plain_trainer_rejects_weighter(tmp_path):
     cb = DataFlexCallback({"weighter": "loss"}, train_dataset=DATA)
     t = Trainer(

@@ -161,6 +161,12 @@ class DataFlexMixin:
 
     def get_train_dataloader(self) -> Any:
         ds, coll = self.train_dataset, self.data_collator  # type: ignore[has-type]
+        if ds is not self.dataflex.dataset:
+            raise ValueError(
+                "train_dataset was replaced after the DataFlexTrainer was built, but DataFlex read the domains and "
+                "built its sampler (indices, length) from the original one; build a new DataFlexTrainer with the new "
+                "train_dataset"
+            )
         self.train_dataset, self.data_collator = IndexedDataset(ds), IndexCollator(coll)
         try:
             return super().get_train_dataloader()  # type: ignore[misc]
