@@ -45,6 +45,26 @@ def _torchrun(module: str, args: list[str], results: Path, timeout: float) -> li
         return list(csv.DictReader(f))
 
 
+def _torchrun_results(module: str, outdir: Path, timeout: float) -> list[dict]:
+    """Run test script ``module`` on 2 GPUs with torchrun (argument: ``outdir``); the ``@@RESULT@@`` JSON line each
+    rank prints, by rank."""
+    import json
+
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run(
+        cmd + ["-m", module, str(outdir)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = [json.loads(x.split("@@RESULT@@", 1)[1]) for x in proc.stdout.splitlines() if "@@RESULT@@" in x]
+    assert sorted(r["rank"] for r in res) == [0, 1]
+    return sorted(res, key=lambda r: r["rank"])
+
+
 def test_fsep_layouts_on_two_gpus(tmp_path):
     rows = _torchrun("hf_ext.accelerate.fsep.bench", ["--torchrun", "--quick", "--no-plot"], tmp_path, 300)
     steps = [r for r in rows if r["metric"] == "step_time"]
@@ -65,19 +85,7 @@ def test_autoparallel_searched_plan_on_two_gpus(tmp_path):
 def test_fsep_accelerate_save_state_resumes_every_rank_on_two_gpus(tmp_path):
     """The save_state / load_state check of tests/fsep on the GPUs with NCCL (the experts are gathered on the GPU
     and saved from the CPU): each rank gets back its own expert rows and Adam moments."""
-    import json
-
-    import torch
-
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA GPUs")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "tests.fsep._nccl_resume", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = [json.loads(x.split("@@RESULT@@", 1)[1]) for x in proc.stdout.splitlines() if "@@RESULT@@" in x]
-    assert sorted(r["rank"] for r in res) == [0, 1]
+    res = _torchrun_results("tests.fsep._nccl_resume", tmp_path, 300)
     for r in res:
         for mode in ("fsep", "static_ep"):
             assert r[f"{mode}_inplace_diff"] == 0.0, r
@@ -88,24 +96,11 @@ def test_fsep_accelerate_save_state_resumes_every_rank_on_two_gpus(tmp_path):
 def test_autoparallel_runtime_plans_on_two_gpus(tmp_path):
     """Every runtime plan of the gloo tests (DDP, FSDP2, checkpointing, tensor and pipeline parallel) on the GPUs
     with NCCL, fp32: one SGD step reproduces the single-process losses (also for a left-padded batch with its
-    attention mask), the saved model loads with the trained
-    weights, and a pipeline plan puts only this rank's stage on its GPU (the other stage stays on the CPU)."""
-    import json
-
-    import torch
-
+    attention mask), the saved model loads with the trained weights, and a pipeline plan puts only this rank's
+    stage on its GPU (the other stage stays on the CPU)."""
     from tests.autoparallel import _dist_fns
 
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA GPUs")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "tests.autoparallel._nccl_plans", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = [json.loads(x.split("@@RESULT@@", 1)[1]) for x in proc.stdout.splitlines() if "@@RESULT@@" in x]
-    by_rank = {r["rank"]: r for r in res}
-    assert sorted(by_rank) == [0, 1]
+    by_rank = dict(enumerate(_torchrun_results("tests.autoparallel._nccl_plans", tmp_path, 600)))
     ref0, ref1 = _dist_fns.reference_losses()
     masked_ref = _dist_fns.masked_reference_losses()
     names = sorted(_dist_fns._plans())
