@@ -252,6 +252,58 @@ def test_loss_hook_applies_label_smoothing_like_trainer(tmp_path):
     torch.testing.assert_close(got, (s * w).sum() / 40)
 
 
+@pytest.mark.parametrize(
+    "problem_type,num_labels",
+    [("multi_label_classification", 4), ("regression", 1), ("single_label_classification", 3)],
+)
+def test_loss_hook_matches_the_stock_loss_of_every_sequence_classification_problem(
+    tmp_path, problem_type, num_labels
+):
+    """The hook scored [B, C] logits with cross-entropy whatever the labels were: multi-label targets ([B, C] floats)
+    became soft-label cross-entropy (silently, when C equals the batch size, as here; a shape error otherwise) instead
+    of the heads' binary cross-entropy, and regression failed ('expected target dtype to be Long'). It now follows the
+    heads' problem_type rule (C == 1: squared error; float labels: BCE per label), so ODM/weighters train the stock
+    loss (sum of the per-sample terms / num_items_in_batch, as Trainer counts it)."""
+    from transformers import LlamaForSequenceClassification
+
+    from hf_ext.testing import tiny_llama_config
+
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(
+        vocab_size=64,
+        num_labels=num_labels,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        pad_token_id=0,
+    )
+    model = LlamaForSequenceClassification(cfg).eval()
+    if problem_type == "multi_label_classification":
+        labels = torch.tensor(
+            [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
+        )
+    elif problem_type == "regression":
+        labels = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    else:
+        labels = torch.tensor([0, 2, 1, 2])
+    data = [{"input_ids": [1, 5 + i, 6, 7], "domain": "ab"[i % 2]} for i in range(4)]
+    batch = default_collate(data)
+    t = DataFlexTrainer(
+        model=model,
+        args=args(str(tmp_path)),
+        train_dataset=data,
+        data_collator=default_collate,
+        dataflex={"mixer": "odm"},
+    )
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        assert model.config.problem_type == problem_type
+        t._dataflex_batch_index = None
+        torch.testing.assert_close(t._dataflex_loss(out, labels), out.loss)
+        n = labels.ne(-100).sum()  # Trainer's num_items_in_batch (labels are not shifted for these heads)
+        torch.testing.assert_close(t._dataflex_loss(out, labels, num_items_in_batch=n), out.loss)
+
+
 def test_loss_hook_and_scoring_do_not_shift_token_classification_labels(tmp_path):
     """Only causal LMs shift labels (Trainer's rule); the hook shifted any [B, S, V] logits (an audit found it)."""
     from transformers import LlamaForTokenClassification

@@ -162,31 +162,58 @@ def loss_shifts_labels(model: torch.nn.Module) -> bool:
 
 
 def sequence_loss_terms(
-    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0, shift: bool = True
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    shift: bool = True,
+    problem_type: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss sum and item count.
 
     Args:
-        logits: ``[B, S, V]`` (per token) or ``[B, C]`` (sequence classification).
-        labels: ``[B, S]`` with -100 ignored, or ``[B]``.
+        logits: ``[B, S, V]`` (per token) or ``[B, C]`` (sequence classification / regression).
+        labels: ``[B, S]`` with -100 ignored, ``[B]`` (class ids; regression targets), or ``[B, C]`` (multi-label
+            targets; multi-output regression).
         shift: for ``[B, S, V]``: causal LM, position ``t`` predicts label ``t + 1`` (see
             :func:`loss_shifts_labels`); False for token classification / seq2seq.
         label_smoothing: ``eps``; each item's loss is ``(1 - eps) * nll + eps * mean_v(-log p_v)``,
             the per-item form of transformers' ``LabelSmoother`` (ignored items stay 0).
+        problem_type: for ``[B, C]`` logits, the model config's ``problem_type``; None infers it as transformers'
+            sequence-classification heads do (``C == 1``: regression, float labels: multi-label, else single-label).
 
     Returns:
         ``(loss_sum [B], count [B])`` in fp32; ``loss_sum / count`` is the token-mean loss.
     """
-    tok, mask = token_loss_terms(logits, labels, label_smoothing=label_smoothing, shift=shift)
+    tok, mask = token_loss_terms(
+        logits, labels, label_smoothing=label_smoothing, shift=shift, problem_type=problem_type
+    )
     return (tok * mask).sum(-1), mask.sum(-1)
 
 
 def token_loss_terms(
-    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0, shift: bool = True
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    shift: bool = True,
+    problem_type: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-item loss and mask (fp32): ``[B, S']`` for ``[B, S, V]`` logits (``S' = S - 1`` when ``shift``),
-    ``[B, 1]`` for ``[B, C]`` (sequence classification). Ignored items have loss 0 and mask 0."""
+    ``[B, 1]`` for ``[B, C]`` single-label classification, ``[B, C]`` for multi-label classification (binary
+    cross-entropy per label) and regression (squared error per output). Ignored items have loss 0 and mask 0."""
     if logits.dim() == 2:
+        if problem_type is None:  # transformers' rule (e.g. LlamaForSequenceClassification.forward)
+            if logits.shape[-1] == 1:
+                problem_type = "regression"
+            elif labels.is_floating_point():
+                problem_type = "multi_label_classification"
+        if problem_type == "regression":
+            err = (logits.float().reshape(len(logits), -1) - labels.float().reshape(len(labels), -1)) ** 2
+            return err, torch.ones_like(err)
+        if problem_type == "multi_label_classification":
+            bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+            return bce, torch.ones_like(bce)
         tok = F.cross_entropy(
             logits.float(),
             labels,

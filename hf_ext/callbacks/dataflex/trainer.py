@@ -30,7 +30,7 @@ from transformers import Trainer
 
 from hf_ext.callbacks.dataflex.callback import INDEX_KEY, DataFlexCallback
 from hf_ext.callbacks.dataflex.config import DataFlexConfig
-from hf_ext.callbacks.dataflex.ops import default_collate, loss_shifts_labels, sequence_loss_terms
+from hf_ext.callbacks.dataflex.ops import default_collate, loss_shifts_labels, sequence_loss_terms, unwrap
 
 __all__ = [
     "DataFlexMixin",
@@ -206,7 +206,10 @@ class DataFlexMixin:
         shift = getattr(self, "_loss_shifts_labels", None)
         if shift is None:
             shift = loss_shifts_labels(self.model)  # type: ignore[attr-defined]
-        loss_sum, count = sequence_loss_terms(logits, labels, label_smoothing=eps, shift=shift)  # [B], [B]
+        problem = getattr(getattr(unwrap(self.model), "config", None), "problem_type", None)  # type: ignore[attr-defined]
+        loss_sum, count = sequence_loss_terms(  # [B], [B]
+            logits, labels, label_smoothing=eps, shift=shift, problem_type=problem
+        )
         idx = self._dataflex_batch_index
         if idx is not None and idx.numel() != loss_sum.shape[0]:
             raise ValueError(
