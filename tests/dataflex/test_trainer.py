@@ -145,6 +145,28 @@ def test_the_trainers_seed_drives_the_data_order_unless_the_config_sets_one(tmp_
     assert cb_r.seed == 1 and all(r[s] == a[s] for s in (4, 5, 6))
 
 
+def test_resuming_with_a_training_dataset_of_another_size_is_refused(tmp_path):
+    """The checkpoint's sampler state (dataset size, positions per epoch) replaced the new run's without a check: a
+    one-epoch resume with 96 samples instead of 72 (uniform plan) drew only indices below 72 and stopped after 18 of
+    its 24 steps (the sampler's epoch had the old length); a smaller dataset fails with an IndexError. It is now a
+    ValueError at train begin naming both sizes."""
+    cfg = {"mixer": "odm", "warmup_step": 1, "update_step": 2}
+    _trainer(str(tmp_path / "a"), cfg, targs=dict(max_steps=2, save_strategy="steps", save_steps=2)).train()
+    bigger = DATA + make_mixture({"clean": 8, "noisy": 8, "hard": 8}, seed=5)
+    t = DataFlexTrainer(
+        model=tiny_model(),
+        args=args(str(tmp_path / "b"), max_steps=4),
+        train_dataset=bigger,
+        data_collator=default_collate,
+        dataflex=cfg,
+    )
+    with pytest.raises(
+        ValueError, match=r"training dataset of 72 samples \(72 .*\), but this run has 96 \(96\)"
+    ):
+        t.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert t.dataflex.updates_done == 0 and t.dataflex.sampler.dataset_size == 96
+
+
 def test_weighted_loss_matches_manual(tmp_path):
     """The installed loss equals sum_i w_i * loss_sum_i / num_items with the weighter's weights."""
     t = _trainer(str(tmp_path), {"weighter": "loss", "weighter_args": {"temperature": 0.5}, "warmup_step": 0})

@@ -572,6 +572,17 @@ class DataFlexCallback(TrainerCallback):
             raise ValueError(
                 f"checkpoint domains {state['domain_names']} differ from this run's {self.domain_names}"
             )
+        saved = state.get("sampler")
+        if saved is not None and self.sampler is not None:
+            # the sampler indexes the dataset it was built for, and the Trainer counted its steps from len(sampler)
+            was = (int(saved.get("dataset_size", saved["num_samples"])), int(saved["num_samples"]))
+            now = (self.sampler.dataset_size, self.sampler.num_samples)
+            if was != now:
+                raise ValueError(
+                    f"checkpoint DataFlex state was written for a training dataset of {was[0]} samples ({was[1]} "
+                    f"sampler positions per epoch), but this run has {now[0]} ({now[1]}): resume with the same "
+                    "train_dataset and num_samples"
+                )
         self.updates_done = int(state.get("updates_done", 0))
         if state.get("seed") is not None:  # the seed the checkpointed run used (also for the sampler, below)
             self.seed = int(state["seed"])
