@@ -147,3 +147,43 @@ def test_default_collate_labels():
     s, c = ops.sequence_loss_terms(torch.zeros(2, 3, 8), b["labels"])
     assert c.tolist() == [2.0, 1.0]
     np.testing.assert_allclose(s.numpy(), np.log(8) * np.array([2, 1]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("problem_type", ["regression", "multi_label_classification"])
+def test_scoring_losses_of_regression_and_multi_label_samples(problem_type):
+    """default_collate (the scoring passes' default) turned a float label into an int (regression target 0.75 scored
+    as 0: a wrong loss, silently) and read a multi-label vector [1.0, 0.0, 1.0] as token labels (a shape error). Float
+    labels now stay floats ([B] targets, [B, C] vectors) and per_sample_loss gives each sample's squared error / mean
+    binary cross-entropy, as the model's head defines its loss."""
+    from transformers import LlamaForSequenceClassification
+
+    from hf_ext.testing import tiny_llama_config
+
+    torch.manual_seed(0)
+    n_out = 1 if problem_type == "regression" else 3
+    cfg = tiny_llama_config(
+        vocab_size=64,
+        num_labels=n_out,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        pad_token_id=0,
+    )
+    model = LlamaForSequenceClassification(cfg).eval()
+    targets = (
+        [0.75, -1.5, 2.25]
+        if problem_type == "regression"
+        else [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    )
+    data = [{"input_ids": [1, 5 + i, 6, 7][: 3 + i % 2], "label": t} for i, t in enumerate(targets)]
+    got = ops.per_sample_loss(model, data, [0, 1, 2], batch_size=3)
+    for i, item in enumerate(data):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([item["input_ids"]])).logits[0].float()
+        t = torch.tensor(targets[i])
+        want = (
+            (logits[0] - t) ** 2
+            if problem_type == "regression"
+            else F.binary_cross_entropy_with_logits(logits, t)
+        )
+        torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)

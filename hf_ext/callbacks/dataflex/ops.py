@@ -111,7 +111,8 @@ def default_collate(features: Sequence[dict[str, Any]], pad_id: int = 0) -> dict
 
     ``labels`` come from the features when present (padded with -100); else from
     ``completion_mask`` (prompt tokens ignored) when present; else the input ids. A scalar
-    ``labels``/``label`` (classification) becomes a ``[B]`` tensor.
+    ``labels``/``label`` becomes a ``[B]`` tensor (integer: class ids; float: regression targets, kept as floats), a
+    float vector (multi-label targets, multi-output regression) a ``[B, C]`` float tensor.
     """
     ids = [list(map(int, f["input_ids"])) for f in features]
     length = max(1, max(len(x) for x in ids))
@@ -119,7 +120,7 @@ def default_collate(features: Sequence[dict[str, Any]], pad_id: int = 0) -> dict
     input_ids = torch.full((bsz, length), pad_id, dtype=torch.long)
     attn = torch.zeros((bsz, length), dtype=torch.long)
     labels = torch.full((bsz, length), IGNORE_INDEX, dtype=torch.long)
-    scalar_labels = None
+    rows: list[torch.Tensor] = []  # one label (vector) per sample: classification / regression
     for i, (f, x) in enumerate(zip(features, ids)):
         n = len(x)
         input_ids[i, :n] = torch.tensor(x, dtype=torch.long)
@@ -128,19 +129,25 @@ def default_collate(features: Sequence[dict[str, Any]], pad_id: int = 0) -> dict
         else:
             attn[i, :n] = 1
         lab = f.get("labels", f.get("label"))
-        if lab is not None and not hasattr(lab, "__len__"):
-            scalar_labels = scalar_labels if scalar_labels is not None else torch.zeros(bsz, dtype=torch.long)
-            scalar_labels[i] = int(lab)
-        elif lab is not None:
-            labels[i, :n] = torch.tensor(list(map(int, lab)), dtype=torch.long)[:n]
+        lab_t = None if lab is None else torch.as_tensor(lab)
+        if lab_t is not None and (lab_t.dim() == 0 or lab_t.is_floating_point()):
+            rows.append(lab_t)
+        elif lab_t is not None:
+            labels[i, :n] = lab_t.long()[:n]
         elif f.get("completion_mask") is not None:
             m = torch.tensor(list(f["completion_mask"]), dtype=torch.bool)[:n]
             labels[i, :n] = torch.where(m, input_ids[i, :n], IGNORE_INDEX)
         else:
             labels[i, :n] = torch.where(attn[i, :n].bool(), input_ids[i, :n], IGNORE_INDEX)
     out = {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
-    if scalar_labels is not None:
-        out["labels"] = scalar_labels
+    if rows:
+        if len(rows) != bsz or len({r.shape for r in rows}) != 1:
+            raise ValueError(
+                "default_collate: every sample of a batch needs a label of the same shape (a class id, a regression "
+                "target or a multi-label vector)"
+            )
+        lab = torch.stack(rows)
+        out["labels"] = lab.float() if lab.is_floating_point() else lab.long()
     return out
 
 
