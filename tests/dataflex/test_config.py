@@ -270,3 +270,25 @@ def test_dynamic_schedule_points_the_updates_cannot_apply_warn():
         DataFlexCallback(
             {"mixer": {**mixer, "interpolation": "linear"}}
         )  # linear: exact at every update step
+
+
+def test_initial_weights_can_name_their_domains():
+    """A mixer's initial_weights was a bare list applied in the order of the sorted domain names, which nothing said:
+    weights listed in dataset order ('web', 'code', 'books') silently went to other domains (web got books' 0.1). A
+    {domain: weight} mapping is now accepted (unknown names are a ValueError listing the domains), and the list order
+    is documented and named in the length error."""
+    import numpy as np
+
+    data = [{"input_ids": [1, 2], "domain": d} for d in ["web", "code", "books"] * 2]
+    cb = DataFlexCallback(
+        {"mixer": {"name": "odm", "initial_weights": {"web": 0.7, "code": 0.2, "books": 0.1}}},
+        train_dataset=data,
+    )
+    assert cb.domain_names == ["books", "code", "web"]
+    np.testing.assert_allclose(cb.weights, [0.1, 0.2, 0.7])
+    with pytest.raises(ValueError, match=r"initial_weights names unknown domain\(s\) \['news'\]"):
+        DataFlexCallback({"mixer": {"name": "odm", "initial_weights": {"news": 1.0}}}, train_dataset=data)
+    with pytest.raises(ValueError, match="a list follows the sorted domain names"):
+        DataFlexCallback({"mixer": {"name": "odm", "initial_weights": [1, 1]}}, train_dataset=data)
+    with pytest.raises(ValueError, match="initial_weights must be a {domain: weight} mapping or a list"):
+        build("mixer", "doremi", initial_weights={"web": -1.0})

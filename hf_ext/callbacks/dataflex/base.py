@@ -230,8 +230,12 @@ def top_k(candidates: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
 class Mixer(_Stateful):
     """Sets the domain sampling weights."""
 
-    initial_weights: list[float] | None = field(
-        default=None, metadata={"help": "Domain weights before the first update (None: uniform)."}
+    initial_weights: list[float] | dict[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": "Domain weights before the first update (None: uniform): {domain: weight} (missing domains 0), "
+            "or a list in the order of the sorted domain names (DataFlexCallback.domain_names)."
+        },
     )
 
     name = "mixer"
@@ -239,20 +243,42 @@ class Mixer(_Stateful):
 
     def __post_init__(self) -> None:
         if self.initial_weights is not None:
-            w = np.asarray(self.initial_weights, dtype=np.float64)
-            if w.ndim != 1 or (w < 0).any() or w.sum() <= 0:
+            iw = self.initial_weights
+            vals = list(iw.values()) if isinstance(iw, dict) else iw
+            try:
+                w = np.asarray(vals, dtype=np.float64)
+            except (TypeError, ValueError):
+                w = np.asarray([-1.0])
+            if w.ndim != 1 or len(w) == 0 or (w < 0).any() or w.sum() <= 0:
                 raise ValueError(
-                    f"initial_weights must be non-negative with a positive sum, got {self.initial_weights}"
+                    "initial_weights must be a {domain: weight} mapping or a list of weights, non-negative with a "
+                    f"positive sum, got {iw!r}"
                 )
 
     def init_weights(self, domain_names: list[str]) -> np.ndarray:
-        """Domain weights before the first update."""
+        """Domain weights before the first update (``[D]``, in the order of ``domain_names``)."""
         n_domains = len(domain_names)
         if self.initial_weights is None:
             return np.full(n_domains, 1.0 / n_domains)
+        if isinstance(self.initial_weights, dict):
+            unknown = sorted(set(map(str, self.initial_weights)) - set(domain_names))
+            if unknown:
+                raise ValueError(
+                    f"initial_weights names unknown domain(s) {unknown}; domains: {domain_names}"
+                )
+            by_name = {str(k): float(v) for k, v in self.initial_weights.items()}
+            w = np.array([by_name.get(n, 0.0) for n in domain_names])
+            if w.sum() <= 0:
+                raise ValueError(
+                    f"initial_weights {self.initial_weights!r} give every domain of {domain_names} weight 0"
+                )
+            return w / w.sum()
         w = np.asarray(self.initial_weights, dtype=np.float64)
         if len(w) != n_domains:
-            raise ValueError(f"initial_weights has {len(w)} entries but the dataset has {n_domains} domains")
+            raise ValueError(
+                f"initial_weights has {len(w)} entries but the dataset has {n_domains} domains {domain_names} (a list "
+                "follows the sorted domain names; a {domain: weight} mapping names them)"
+            )
         return w / w.sum()
 
     def update(self, ctx: UpdateContext, weights: np.ndarray) -> np.ndarray:
