@@ -23,7 +23,7 @@ class Request:
         prompt_len: prompt tokens.
         output_len: true output tokens the request will generate (hidden from non-oracle policies).
         prompt: optional prompt text (length predictors read it).
-        max_new_tokens: generation cap (``output_len`` never exceeds it).
+        max_new_tokens: generation cap, or ``None``; ``output_len`` above it is a ``ValueError``.
         meta: free-form per-request data for policies (e.g. ``pred_len``, ``pred_mu``, ``pred_sigma``,
             ``prefix_id``, ``workflow_id``, ``group_id``).
     """
@@ -35,6 +35,14 @@ class Request:
     prompt: str | None = None
     max_new_tokens: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # the engine runs a request for exactly output_len tokens: a cap below it would be silently exceeded
+        if self.max_new_tokens is not None and self.output_len > self.max_new_tokens:
+            raise ValueError(
+                f"Request {self.id!r}: output_len={self.output_len} exceeds max_new_tokens={self.max_new_tokens}; "
+                "a request generates at most max_new_tokens tokens (clip output_len to the cap, or give no cap)"
+            )
 
 
 @runtime_checkable

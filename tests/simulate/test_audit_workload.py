@@ -105,3 +105,22 @@ def test_trace_stats_empty_is_a_clear_value_error():
     with pytest.raises(ValueError, match="trace_stats needs reqs with at least one request"):
         W.trace_stats([])
     assert W.trace_stats(W.synthetic(5, seed=0))["n"] == 5.0
+
+
+def test_a_request_longer_than_its_cap_is_refused(tmp_path):
+    """``Request.max_new_tokens`` was documented as a cap ``output_len`` never exceeds, but nothing checked it: the
+    engine ran such a request for its whole ``output_len``, past the cap, silently. Now a ValueError names both, also
+    for a request read back from a JSONL workload."""
+    import json
+
+    from hf_ext.simulate import Request
+
+    with pytest.raises(ValueError, match="output_len=50 exceeds max_new_tokens=40"):
+        Request(id=3, arrival=0.0, prompt_len=8, output_len=50, max_new_tokens=40)
+    assert Request(id=0, arrival=0.0, prompt_len=8, output_len=40, max_new_tokens=40).output_len == 40
+    assert Request(id=1, arrival=0.0, prompt_len=8, output_len=10**6).max_new_tokens is None
+    path = tmp_path / "w.jsonl"
+    row = {"id": 0, "arrival": 0.0, "prompt_len": 8, "output_len": 50, "max_new_tokens": 40, "meta": {}}
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="exceeds max_new_tokens"):
+        W.load_jsonl(path)
