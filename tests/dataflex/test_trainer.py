@@ -666,3 +666,28 @@ def test_trl_sft_mixin(tmp_path, tokenizer):
     assert t.dataflex.updates_done == 4
     assert t.dataflex._obs_count is not None and t.dataflex.log_history[-1]["weights"]
     assert isinstance(t, trl.SFTTrainer)
+
+
+def test_state_is_saved_in_the_checkpoint_of_a_hyperparameter_search_trial(tmp_path, monkeypatch):
+    """Under Trainer.hyperparameter_search the Trainer saves a trial's checkpoints in
+    Trainer._get_output_dir(trial)/checkpoint-N (output_dir/run-<trial number> with optuna), but on_save wrote
+    dataflex_state.json to output_dir/checkpoint-N, a folder that does not exist, so no DataFlex state was saved with
+    the trial's checkpoint. No search backend is installed here: the trial is set up as hyperparameter_search does
+    (backend, hp_space) and passed to train(trial=...), so the real _save_checkpoint and on_save run."""
+    import transformers.integrations
+    from transformers.trainer_utils import HPSearchBackend
+
+    class Trial:  # what the Trainer reads of an optuna trial
+        number = 3
+        params: dict = {}
+
+    monkeypatch.setattr(transformers.integrations, "hp_params", lambda trial: {})  # optuna is not installed
+    cfg = {"selector": "random", "selector_args": {"budget": 0.5}, "warmup_step": 1, "update_step": 100}
+    t = _trainer(str(tmp_path), cfg, targs=dict(max_steps=2, save_strategy="steps", save_steps=2))
+    t.hp_search_backend, t.hp_space = HPSearchBackend.OPTUNA, lambda trial: {}
+    t.train(trial=Trial())
+    folder = tmp_path / "run-3" / "checkpoint-2"
+    assert (folder / "trainer_state.json").exists()  # where the Trainer saved the trial's checkpoint
+    state = json.loads((folder / STATE_FILE).read_text())
+    assert state["updates_done"] == 1 and state["sampler"]["current"] == 1
+    assert not (tmp_path / "checkpoint-2").exists()

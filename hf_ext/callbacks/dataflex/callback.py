@@ -434,9 +434,7 @@ class DataFlexCallback(TrainerCallback):
         should_save = getattr(args, "should_save", None)
         if not (state.is_world_process_zero if should_save is None else should_save):
             return
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = _checkpoint_folder(args, state.global_step, self)
         if os.path.isdir(folder):
             self.save_state(folder, observed=(loss, count))
 
@@ -638,6 +636,53 @@ def _running_trainer_callbacks(callback: Any) -> list[Any] | None:
     return None
 
 
+def _checkpoint_folder(args: Any, global_step: int, callback: Any = None) -> str:
+    """The folder the running ``Trainer`` writes this step's checkpoint to, computed as ``Trainer._save_checkpoint``
+    does: ``Trainer._get_output_dir(trial)/checkpoint-<global_step>``.
+
+    Under ``Trainer.hyperparameter_search`` that is ``output_dir/run-<trial id>`` (or ``hp_name(trial)``), not
+    ``output_dir``. The ``trial`` is the one the Trainer passes to ``_save_checkpoint``: the ``trial`` of the innermost
+    frame on the call stack whose ``self`` is the Trainer running ``callback`` (``_maybe_log_save_evaluate``), else
+    that Trainer's ``_trial``. Without a running Trainer (or one lacking ``_get_output_dir``): ``args.output_dir``.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    name = f"{PREFIX_CHECKPOINT_DIR}-{global_step}"
+    trainer, local = _running_trainer_frame(callback, "trial")
+    if trainer is None:
+        trainer, _ = _running_trainer_frame(callback)
+        trial = getattr(trainer, "_trial", None)
+    else:
+        trial = local["trial"]
+    get_output_dir = getattr(trainer, "_get_output_dir", None)
+    run_dir = get_output_dir(trial=trial) if callable(get_output_dir) else args.output_dir
+    return os.path.join(run_dir, name)
+
+
+def _running_trainer_frame(callback: Any, local: str | None = None) -> tuple[Any, dict[str, Any] | None]:
+    """``(trainer, frame locals)`` of the innermost frame on the call stack whose ``self`` is a transformers
+    ``Trainer`` holding ``callback`` (and, when ``local`` is given, that has that local variable); ``(None, None)``
+    when there is none."""
+    import inspect
+
+    trainer_cls = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
+    if trainer_cls is None or callback is None:
+        return None, None
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            found = frame.f_locals
+            owner = found.get("self")
+            if isinstance(owner, trainer_cls) and (local is None or local in found):
+                handler = getattr(owner, "callback_handler", None)
+                if any(cb is callback for cb in getattr(handler, "callbacks", ())):
+                    return owner, dict(found)
+            frame = frame.f_back
+    finally:
+        del frame
+    return None, None
+
+
 def _running_trainer_resume(callback: Any) -> tuple[bool, str | None]:
     """``(found, folder)``: the ``resume_from_checkpoint`` of the ``Trainer`` that is running ``callback``.
 
@@ -680,7 +725,9 @@ def _resume_checkpoint(args: Any, global_step: int, callback: Any = None) -> tup
     (loaded from the checkpoint, without its path) nor ``TrainingArguments`` records it, and ``ExportableState``
     rebuilds a callback from JSON arguments, which cannot carry datasets or reward functions. So, in order: the
     running Trainer's own ``resume_from_checkpoint`` (:func:`_running_trainer_resume`; a checkpoint outside
-    ``output_dir`` works), ``args.resume_from_checkpoint``, then ``<output_dir>/checkpoint-<global_step>``: the
+    ``output_dir`` works), ``args.resume_from_checkpoint``, then the Trainer's own checkpoint folder for ``global_step``
+    (:func:`_checkpoint_folder`: ``<output_dir>/run-<trial>/...`` under a hyperparameter search), then
+    ``<output_dir>/checkpoint-<global_step>``: the
     first that holds ``dataflex_state.json``. Without one, the folder is the Trainer's (``known`` True: that
     checkpoint has no DataFlex state) or, when the Trainer was not found, ``None`` with ``known`` False.
     """
@@ -692,6 +739,8 @@ def _resume_checkpoint(args: Any, global_step: int, callback: Any = None) -> tup
         candidates.append(folder)
     if isinstance(getattr(args, "resume_from_checkpoint", None), str):
         candidates.append(args.resume_from_checkpoint)
+    # the Trainer's checkpoint folder: a trial's output_dir/run-<id>/checkpoint-N under a hyperparameter search
+    candidates.append(_checkpoint_folder(args, global_step, callback))
     candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{global_step}"))
     for c in candidates:
         if os.path.exists(os.path.join(c, STATE_FILE)):
