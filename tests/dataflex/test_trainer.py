@@ -691,3 +691,39 @@ def test_state_is_saved_in_the_checkpoint_of_a_hyperparameter_search_trial(tmp_p
     state = json.loads((folder / STATE_FILE).read_text())
     assert state["updates_done"] == 1 and state["sampler"]["current"] == 1
     assert not (tmp_path / "checkpoint-2").exists()
+
+
+def test_pushed_checkpoint_folder_holds_the_dataflex_state(tmp_path, monkeypatch):
+    """With push_to_hub=True and hub_strategy='checkpoint', Trainer._save_checkpoint starts uploading the checkpoint
+    folder (_push_from_checkpoint, in the background) before the callbacks' on_save, where DataFlex wrote
+    dataflex_state.json, so the pushed folder could lack it. DataFlex now writes it from on_push_begin, which the
+    Trainer calls right before the upload. The upload is replaced by a recorder of the folder's files (no network)."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    import transformers.trainer
+
+    uploads: list[tuple[str | None, list[str]]] = []
+
+    class Api:
+        def create_repo(self, name, **kw):
+            return SimpleNamespace(repo_id=f"user/{name}")
+
+        def upload_folder(self, folder_path, path_in_repo=None, **kw):
+            # what an upload starting now sees
+            uploads.append((path_in_repo, sorted(os.listdir(folder_path))))
+            done = Future()
+            done.set_result(None)
+            return done
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", Api)
+    cfg = {"selector": "random", "selector_args": {"budget": 0.5}, "warmup_step": 1, "update_step": 100}
+    targs = dict(
+        max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True, hub_strategy="checkpoint"
+    )
+    t = _trainer(str(tmp_path), cfg, targs=targs)
+    t.train()
+    (pushed,) = [files for where, files in uploads if where == "last-checkpoint"]
+    assert "trainer_state.json" in pushed and STATE_FILE in pushed
+    state = json.loads((tmp_path / "checkpoint-2" / STATE_FILE).read_text())
+    assert state["updates_done"] == 1 and state["sampler"]["current"] == 1

@@ -150,6 +150,8 @@ class DataFlexCallback(TrainerCallback):
         self._optimizer: Any = None
         self._obs_loss: np.ndarray | None = None
         self._obs_count: np.ndarray | None = None
+        self._push_observed: tuple[Any, Any] | None = None  # rank-summed observations for on_push_begin (DDP)
+        self._written: tuple[str, int] | None = None  # (folder, step) on_push_begin wrote the state to
         self._check_static_needs()
         self._warn_unused_inputs()
         self._warn_off_schedule_points()
@@ -358,6 +360,7 @@ class DataFlexCallback(TrainerCallback):
                 "or use DataFlexTrainer"
             )
         self._model, self._optimizer = model, optimizer
+        self._written, self._push_observed = None, None
         if self.sampler is None:
             if train_dataloader is None:
                 raise ValueError(
@@ -426,6 +429,33 @@ class DataFlexCallback(TrainerCallback):
             self.selector is not None or self.mixer is not None
         ):
             self.update(state.global_step)
+        if dist_info()[1] > 1 and _pushes_checkpoints(args):
+            # on_push_begin runs on world rank 0 only and cannot sum the observations over ranks: it takes these
+            # (no training step runs between this step's end and the checkpoint it may save)
+            self._push_observed = self._reduced_observations()
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        """Write ``dataflex_state.json`` into the checkpoint folder the Trainer is about to push.
+
+        ``Trainer._save_checkpoint`` calls ``_push_from_checkpoint`` (``push_to_hub=True``), which starts the
+        upload of the checkpoint folder (``hub_strategy`` ``checkpoint`` / ``all_checkpoints``) in the background
+        *before* ``on_save`` runs; this hook runs right before that upload (world rank 0), so the pushed folder holds
+        the DataFlex state. ``on_save`` then leaves the file as it is.
+        """
+        if self.sampler is None or not _pushes_checkpoints(args):
+            return
+        _, local = _running_trainer_frame(self, "checkpoint_folder")
+        pushed = local.get("checkpoint_folder") if local is not None else None
+        folder = _checkpoint_folder(args, state.global_step, self)
+        if not isinstance(pushed, (str, os.PathLike)) or os.path.abspath(pushed) != os.path.abspath(folder):
+            return  # not the push of this step's checkpoint (e.g. Trainer.push_to_hub): on_save writes it
+        if not os.path.isdir(folder):
+            return
+        observed = self._push_observed if dist_info()[1] > 1 else self._reduced_observations()
+        if observed is None:
+            return
+        self.save_state(folder, observed=observed)
+        self._written = (os.path.abspath(folder), int(state.global_step))
 
     def on_save(self, args, state, control, **kwargs):
         loss, count = self._reduced_observations()  # collective: every rank takes part
@@ -435,6 +465,8 @@ class DataFlexCallback(TrainerCallback):
         if not (state.is_world_process_zero if should_save is None else should_save):
             return
         folder = _checkpoint_folder(args, state.global_step, self)
+        if self._written == (os.path.abspath(folder), int(state.global_step)):
+            return  # written before the push began (on_push_begin); the upload may be reading it now
         if os.path.isdir(folder):
             self.save_state(folder, observed=(loss, count))
 
@@ -634,6 +666,13 @@ def _running_trainer_callbacks(callback: Any) -> list[Any] | None:
     finally:
         del frame
     return None
+
+
+def _pushes_checkpoints(args: Any) -> bool:
+    """Whether the Trainer uploads its checkpoint folders (``push_to_hub`` with ``hub_strategy`` ``checkpoint`` or
+    ``all_checkpoints``; ``every_save`` uploads only the model files copied to ``output_dir``)."""
+    strategy = getattr(getattr(args, "hub_strategy", None), "value", getattr(args, "hub_strategy", None))
+    return bool(getattr(args, "push_to_hub", False)) and strategy in ("checkpoint", "all_checkpoints")
 
 
 def _checkpoint_folder(args: Any, global_step: int, callback: Any = None) -> str:
