@@ -334,3 +334,19 @@ def test_adapt_weighter_downweights_noisy_domain_in_training():
         opt.step()
     trends = [wt.trend(d) for d in range(3)]
     assert trends[2] < trends[0] and trends[2] < trends[1]
+
+
+def test_adapt_weighter_observes_a_sample_drawn_twice_in_a_batch_once():
+    """Per-sample mode moved a sample's loss averages once per row, so an index drawn twice in one batch (mixture
+    plans draw with replacement) took two EMA steps, and its two rows got different weights. Like a domain with
+    several rows, a sample now takes one step per batch with the mean of its losses, and its rows share one weight."""
+    dup = build("weighter", "adapt", beta=1.0)
+    ref = build("weighter", "adapt", beta=1.0)
+    dup.weights(torch.tensor([4.0, 2.0]), torch.tensor([5, 7]), None, 0)
+    ref.weights(torch.tensor([4.0, 2.0]), torch.tensor([5, 7]), None, 0)
+    w = dup.weights(torch.tensor([1.0, 3.0, 2.0]), torch.tensor([5, 5, 7]), None, 1)
+    w_ref = ref.weights(torch.tensor([2.0, 2.0]), torch.tensor([5, 7]), None, 1)  # sample 5's mean loss, once
+    assert dup.state_dict() == ref.state_dict()
+    assert dup.trend(-6) == ref.trend(-6) > 0  # sample 5: loss 4 -> 2, still falling
+    assert w[0] == w[1] and w[0] > w[2] and abs(float(w.mean()) - 1) < 1e-6
+    assert w_ref[0] > w_ref[1]

@@ -6,6 +6,10 @@ exponential moving averages of the training loss are kept, a fast one and a slow
 learned) and near zero once it plateaus — which is also what unlearnable, noisy-label data does
 from the start. Weights are ``B * softmax(beta * z)`` over the batch with ``z`` the standardised
 trends, so learnable groups get more weight than stalled ones.
+
+Each group's averages take one step per batch, with the mean loss of the group's rows in that batch: a sample
+index that appears twice in one batch (mixture plans draw with replacement; subsets cycle) is observed once, as a
+domain with several rows is, and every row of a group gets the same weight.
 """
 
 from __future__ import annotations
@@ -54,14 +58,15 @@ class AdaptWeighter(Weighter):
         b = losses.numel()
         ls = losses.detach().float().cpu()
         if domains is not None:
-            keys = domains.cpu().tolist()
-            for d in sorted(set(keys)):
-                m = [i for i, k in enumerate(keys) if k == d]
-                self._observe(int(d), float(ls[m].mean()))
-            t = torch.tensor([self.trend(int(k)) for k in keys])
+            keys = [int(k) for k in domains.cpu().tolist()]
         else:
             keys = [-1 - int(i) for i in indices.cpu().tolist()]  # negative keys: per-sample groups
-            t = torch.tensor([self._observe(k, float(v)) for k, v in zip(keys, ls.tolist())])
+        # one observation per group and batch (the mean of its losses): a domain with several samples in the batch,
+        # or a sample index drawn twice, moves its averages once, and all its rows get the same weight
+        for k in sorted(set(keys)):
+            m = [i for i, key in enumerate(keys) if key == k]
+            self._observe(k, float(ls[m].mean()))
+        t = torch.tensor([self.trend(k) for k in keys])
         sd = t.std(unbiased=False) if b > 1 else torch.tensor(0.0)
         z = (t - t.mean()) / sd if sd > 1e-12 else torch.zeros_like(t)
         return (torch.softmax(self.beta * z, 0) * b).to(losses.device)
