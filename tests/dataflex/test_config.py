@@ -292,3 +292,35 @@ def test_initial_weights_can_name_their_domains():
         DataFlexCallback({"mixer": {"name": "odm", "initial_weights": [1, 1]}}, train_dataset=data)
     with pytest.raises(ValueError, match="initial_weights must be a {domain: weight} mapping or a list"):
         build("mixer", "doremi", initial_weights={"web": -1.0})
+
+
+def _draw_under_switching_plans(s: DataFlexSampler, switches: int) -> list[int]:
+    """A new mixture plan before every drawn position (an update every step, drawn ahead), nothing trained."""
+    it, drawn = iter(s), []
+    for k in range(switches):
+        s.set_plan({"kind": "mixture", "weights": [1.0 + k % 7, 1.0 + k % 5]})
+        drawn.append(next(it))
+    return drawn
+
+
+def test_sampler_resume_is_exact_with_more_plan_switches_drawn_ahead_than_a_fixed_cap():
+    """The history kept only the last 64 plan switches, so positions drawn ahead of the trained point under an older
+    plan were replayed from another plan after a resume. Plans now stay while a position at or after the trained point
+    uses them, with no fixed cap, and go once those positions are trained."""
+    dom = [0] * 50 + [1] * 50
+    s = DataFlexSampler(1000, seed=1, domain_ids=dom)
+    drawn = _draw_under_switching_plans(s, 100)  # positions 0-99, each under its own plan
+    s.set_trained(10)  # the checkpoint: positions 0-9 trained, 10-99 drawn ahead
+    r = DataFlexSampler(1000, seed=1, domain_ids=dom)
+    r.load_state_dict(s.state_dict())
+    assert list(r)[10:100] == drawn[10:]
+    s.set_trained(95)  # memory follows the drawn-ahead window
+    assert len(s.history) == 5 and len(s.plans) == 5
+
+
+def test_sampler_warns_when_its_memory_bound_makes_resume_inexact():
+    dom = [0] * 50 + [1] * 50
+    s = DataFlexSampler(1000, seed=1, domain_ids=dom, max_pending=8)
+    with pytest.warns(UserWarning, match="resume inexact"):
+        _draw_under_switching_plans(s, 12)
+    assert len(s.history) == 8 and len(s.plans) == 8

@@ -13,7 +13,10 @@ position ``g`` (``epoch * num_samples + position``) depends only on ``(seed, ver
 records at which position each version was first used. The DataLoader and the Trainer fetch a
 few batches ahead, so a plan set at step ``s`` takes effect a few batches later; the history
 makes a resumed run replay exactly what the uninterrupted run drew, including batches already
-drawn (prefetched) before the checkpoint was written.
+drawn (prefetched) before the checkpoint was written. History entries and plans are kept while a
+position at or after the trained point (:meth:`DataFlexSampler.set_trained`) uses them, however many
+plan switches fall in the drawn-ahead window; only beyond ``max_pending`` such switches (a trained point
+that never moves) are the oldest dropped, with a warning that resume is then inexact.
 
 Example:
     >>> s = DataFlexSampler(6, seed=0)
@@ -28,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 
 BLOCK = 256  # positions drawn together for mixture plans
+MAX_PENDING_SWITCHES = 4096  # plan switches kept at or after the trained point before the oldest are dropped
 
 
 class DataFlexSampler(torch.utils.data.Sampler[int]):
@@ -46,6 +51,8 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
         seed: base seed (same on every rank: the accelerate shard wrapper splits one index stream).
         domain_ids: ``[N]`` domain of each sample (needed by mixture plans).
         dataset_size: ``N`` (default ``num_samples``).
+        max_pending: plan switches kept at or after the trained point (a memory bound: resume is exact while fewer
+            fall between the trained point and the last drawn position; dropping one warns).
     """
 
     def __init__(
@@ -54,9 +61,14 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
         seed: int = 0,
         domain_ids: np.ndarray | None = None,
         dataset_size: int | None = None,
+        max_pending: int = MAX_PENDING_SWITCHES,
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.max_pending = int(max_pending)
+        self._warned_inexact = False
         self.num_samples = int(num_samples)
         self.dataset_size = int(dataset_size or num_samples)
         self.seed = int(seed)
@@ -87,6 +99,7 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
         self.history = [(0, 0)]
         self.drawn = 0
         self.trained = 0
+        self._warned_inexact = False
         self._cache.clear()
 
     def set_trained(self, position: int) -> None:
@@ -131,11 +144,32 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
         return self.plans[self.current]
 
     def _prune(self) -> None:
-        """Drop plans no position at or after ``trained`` uses (the history keeps at most 64 plan switches)."""
-        needed = {self.current}
-        for i, (_, v) in enumerate(self.history):
-            if i + 1 == len(self.history) or self.history[i + 1][0] > self.trained:
-                needed.add(v)
+        """Drop the history entries and plans no position at or after ``trained`` uses.
+
+        The entries whose positions all lie before ``trained`` go (the entry covering ``trained`` stays), so memory
+        follows the plan switches inside the drawn-ahead window, with no fixed cap on them; only past
+        ``max_pending`` of them (``trained`` not moved, e.g. no :meth:`set_trained` calls) are the oldest dropped,
+        with a ``UserWarning``: a resume from a checkpoint in that window would draw their positions from a later
+        plan.
+        """
+        first = 0
+        while first + 1 < len(self.history) and self.history[first + 1][0] <= self.trained:
+            first += 1
+        if first:
+            self.history = self.history[first:]
+        if len(self.history) > self.max_pending:
+            if not self._warned_inexact:
+                self._warned_inexact = True
+                warnings.warn(
+                    f"DataFlexSampler: more than max_pending={self.max_pending} plan switches fall at or after the "
+                    f"trained position {self.trained}; the oldest are dropped, so a run resumed from a checkpoint in "
+                    "this window would draw those positions from a later plan (resume inexact). DataFlexCallback "
+                    "moves the trained position at every step (set_trained); raise max_pending if it cannot",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            self.history = self.history[-self.max_pending :]
+        needed = {self.current} | {v for _, v in self.history}
         for v in list(self.plans):
             if v not in needed:
                 del self.plans[v]
@@ -151,8 +185,7 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
             return v if v in self.plans else self.current  # pruned: only for skipped positions
         if self.history[-1][1] != self.current:
             self.history.append((g, self.current))
-            if len(self.history) > 64:
-                self.history = self.history[-64:]
+            self._prune()
         self.drawn = g + 1
         return self.current
 
