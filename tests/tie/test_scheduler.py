@@ -330,14 +330,19 @@ def test_a_bad_request_cap_fails_before_the_predictor_runs_or_the_fallback_warni
             return {"mu": np.full(n, 3.0), "sigma": np.ones(n), "nu": np.full(n, 3.5)}
 
     s = TIEScheduler(predictor=Counting())
-    bad = Request(id=0, arrival=0.0, prompt_len=4, output_len=3, prompt="hello", max_new_tokens=0)
+    # the caps are set after construction: a Request refuses an output_len above its cap itself, and the scheduler's
+    # own check guards requests changed later (or any object with these fields)
+    bad = Request(id=0, arrival=0.0, prompt_len=4, output_len=3, prompt="hello", max_new_tokens=64)
+    bad.max_new_tokens = 0
     with pytest.raises(ValueError, match="max_new_tokens must be a number >= 1"):
         s.add(bad, 0.0)
     assert Counting.calls == 0 and bad.meta == {} and len(s) == 0
 
     s = TIEScheduler()
+    negative = Request(id=1, arrival=0.0, prompt_len=4, output_len=3, max_new_tokens=64)
+    negative.max_new_tokens = -5
     with pytest.raises(ValueError, match="max_new_tokens"):
-        s.add(Request(id=1, arrival=0.0, prompt_len=4, output_len=3, max_new_tokens=-5), 0.0)
+        s.add(negative, 0.0)
     with pytest.warns(UserWarning, match="falling back to the prompt-length heuristic"):
         s.add(Request(id=2, arrival=0.0, prompt_len=4, output_len=3, max_new_tokens=64), 0.0)
     assert len(s) == 1
