@@ -732,27 +732,11 @@ def _running_trainer_resume(callback: Any) -> tuple[bool, str | None]:
     False when no such frame exists (e.g. ``on_train_begin`` called outside a ``Trainer``) or its
     ``resume_from_checkpoint`` is not a folder.
     """
-    import inspect
-
-    trainer_mod = sys.modules.get("transformers.trainer")
-    trainer_cls = getattr(trainer_mod, "Trainer", None)
-    if trainer_cls is None:  # transformers' Trainer never loaded: no Trainer can be running
-        return False, None
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            local = frame.f_locals
-            owner = local.get("self")
-            if isinstance(owner, trainer_cls) and "resume_from_checkpoint" in local:
-                handler = getattr(owner, "callback_handler", None)
-                if any(cb is callback for cb in getattr(handler, "callbacks", ())):
-                    found = local.get("resume_from_checkpoint")
-                    if isinstance(found, (str, os.PathLike)):
-                        return True, os.fspath(found)
-                    return False, None  # not a folder (None): the Trainer itself does not resume from a path
-            frame = frame.f_back
-    finally:
-        del frame
+    _, local = _running_trainer_frame(callback, "resume_from_checkpoint")
+    found = local.get("resume_from_checkpoint") if local is not None else None
+    if isinstance(found, (str, os.PathLike)):
+        return True, os.fspath(found)
+    # no such frame, or not a folder (None): the Trainer itself does not resume from a path
     return False, None
 
 
