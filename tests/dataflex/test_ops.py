@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from hf_ext.callbacks.dataflex import ops
 from hf_ext.callbacks.dataflex.synthetic import make_mixture, tiny_model
+from tests.dataflex._common import tiny_classifier
 
 DATA = make_mixture({"clean": 3, "noisy": 3}, seed=0)
 DATA[1] = {"input_ids": DATA[1]["input_ids"][:6], "domain": "clean"}  # ragged lengths
@@ -155,21 +156,7 @@ def test_scoring_losses_of_regression_and_multi_label_samples(problem_type):
     as 0: a wrong loss, silently) and read a multi-label vector [1.0, 0.0, 1.0] as token labels (a shape error). Float
     labels now stay floats ([B] targets, [B, C] vectors) and per_sample_loss gives each sample's squared error / mean
     binary cross-entropy, as the model's head defines its loss."""
-    from transformers import LlamaForSequenceClassification
-
-    from hf_ext.testing import tiny_llama_config
-
-    torch.manual_seed(0)
-    n_out = 1 if problem_type == "regression" else 3
-    cfg = tiny_llama_config(
-        vocab_size=64,
-        num_labels=n_out,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        pad_token_id=0,
-    )
-    model = LlamaForSequenceClassification(cfg).eval()
+    model = tiny_classifier("Sequence", 1 if problem_type == "regression" else 3, pad_token_id=0)
     targets = (
         [0.75, -1.5, 2.25]
         if problem_type == "regression"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from transformers import Trainer
 from hf_ext.callbacks.dataflex.callback import STATE_FILE, DataFlexCallback
 from hf_ext.callbacks.dataflex.ops import default_collate, sequence_loss_terms
 from hf_ext.callbacks.dataflex.trainer import DataFlexTrainer
-from tests.dataflex._common import Recorder, args, make_mixture, tiny_model
+from tests.dataflex._common import Recorder, args, make_mixture, tiny_classifier, tiny_model
 
 DATA = make_mixture({"clean": 24, "noisy": 24, "hard": 24}, seed=0)
 TARGET = make_mixture({"clean": 8}, seed=1)
@@ -274,6 +275,17 @@ def test_loss_hook_applies_label_smoothing_like_trainer(tmp_path):
     torch.testing.assert_close(got, (s * w).sum() / 40)
 
 
+def _odm_trainer(model: Any, data: list[dict], tmp_path: Any) -> DataFlexTrainer:
+    """A DataFlexTrainer with the ODM mixer over ``data`` (batched by ``default_collate``), for loss-hook checks."""
+    return DataFlexTrainer(
+        model=model,
+        args=args(str(tmp_path)),
+        train_dataset=data,
+        data_collator=default_collate,
+        dataflex={"mixer": "odm"},
+    )
+
+
 @pytest.mark.parametrize(
     "problem_type,num_labels",
     [("multi_label_classification", 4), ("regression", 1), ("single_label_classification", 3)],
@@ -286,20 +298,7 @@ def test_loss_hook_matches_the_stock_loss_of_every_sequence_classification_probl
     of the heads' binary cross-entropy, and regression failed ('expected target dtype to be Long'). It now follows the
     heads' problem_type rule (C == 1: squared error; float labels: BCE per label), so ODM/weighters train the stock
     loss (sum of the per-sample terms / num_items_in_batch, as Trainer counts it)."""
-    from transformers import LlamaForSequenceClassification
-
-    from hf_ext.testing import tiny_llama_config
-
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(
-        vocab_size=64,
-        num_labels=num_labels,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        pad_token_id=0,
-    )
-    model = LlamaForSequenceClassification(cfg).eval()
+    model = tiny_classifier("Sequence", num_labels, pad_token_id=0)
     if problem_type == "multi_label_classification":
         labels = torch.tensor(
             [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
@@ -310,13 +309,7 @@ def test_loss_hook_matches_the_stock_loss_of_every_sequence_classification_probl
         labels = torch.tensor([0, 2, 1, 2])
     data = [{"input_ids": [1, 5 + i, 6, 7], "domain": "ab"[i % 2]} for i in range(4)]
     batch = default_collate(data)
-    t = DataFlexTrainer(
-        model=model,
-        args=args(str(tmp_path)),
-        train_dataset=data,
-        data_collator=default_collate,
-        dataflex={"mixer": "odm"},
-    )
+    t = _odm_trainer(model, data, tmp_path)
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
         assert model.config.problem_type == problem_type
@@ -328,28 +321,15 @@ def test_loss_hook_matches_the_stock_loss_of_every_sequence_classification_probl
 
 def test_loss_hook_and_scoring_do_not_shift_token_classification_labels(tmp_path):
     """Only causal LMs shift labels (Trainer's rule); the hook shifted any [B, S, V] logits (an audit found it)."""
-    from transformers import LlamaForTokenClassification
-
     from hf_ext.callbacks.dataflex.ops import loss_shifts_labels, per_sample_loss
-    from hf_ext.testing import tiny_llama_config
 
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(
-        vocab_size=64, num_labels=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1
-    )
-    model = LlamaForTokenClassification(cfg).eval()
+    model = tiny_classifier("Token", 3)
     data = [
         {"input_ids": [1, 5, 6, 7, 8], "labels": [0, 1, 2, 0, 1], "domain": "a"},
         {"input_ids": [1, 9, 9, 4], "labels": [2, 2, 1, -100], "domain": "b"},
     ]
     batch = default_collate(data)
-    t = DataFlexTrainer(
-        model=model,
-        args=args(str(tmp_path)),
-        train_dataset=data,
-        data_collator=default_collate,
-        dataflex={"mixer": "odm"},
-    )
+    t = _odm_trainer(model, data, tmp_path)
     assert not loss_shifts_labels(model) and not t._loss_shifts_labels
     assert loss_shifts_labels(tiny_model())
     with torch.no_grad():
