@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -188,6 +189,22 @@ def test_no_mask_with_fewer_queries_than_keys_is_bottom_right_causal():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
+def _right_padded_llama_on_sale(length: int, ends: tuple[int, int]) -> tuple[Any, Any, Any, Any]:
+    """The tiny Llama, two rows of ``length`` random ids right-padded from ``ends`` on (the mask's zeros), the dense
+    logits of that batch, and the model then switched to SALE (sparse from 32 tokens, errors instead of fallbacks)."""
+    from tests.sale._models import tiny_family
+
+    model = tiny_family("llama")
+    ids = rand_ids(length, batch=2)
+    am = torch.ones_like(ids)
+    for row, end in enumerate(ends):
+        am[row, end:] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am).logits
+    enable_sale(model, SALEConfig(min_seq_len=32, tau=1e-9, on_unsupported="error", **BLOCKS))
+    return model, ids, am, ref
+
+
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_right_padded_batch_runs_sparse_and_matches_sdpa(cache):
     """Every row padded at the end (batch of 1 with padding, ``pad_to_multiple_of``, a batch padded to a fixed
@@ -196,16 +213,7 @@ def test_right_padded_batch_runs_sparse_and_matches_sdpa(cache):
     a custom mask", and a ValueError with ``on_unsupported="error"``."""
     from transformers import StaticCache
 
-    from tests.sale._models import tiny_family
-
-    model = tiny_family("llama")
-    ids = rand_ids(96, batch=2)
-    am = torch.ones_like(ids)
-    am[0, 70:] = 0
-    am[1, 88:] = 0
-    with torch.no_grad():
-        ref = model(ids, attention_mask=am).logits
-    enable_sale(model, SALEConfig(min_seq_len=32, tau=1e-9, on_unsupported="error", **BLOCKS))
+    model, ids, am, ref = _right_padded_llama_on_sale(96, ends=(70, 88))
     for rows in (slice(0, 2), slice(0, 1)):  # the batch, and its first row alone (batch of 1)
         kw = {} if cache is None else {"past_key_values": StaticCache(config=model.config, max_cache_len=128)}
         with torch.no_grad(), sale_stats() as st:
@@ -232,16 +240,7 @@ def test_right_padded_chunk_after_cached_tokens_runs_sparse_and_matches_sdpa():
     check failed (dense fallback; ValueError with on_unsupported="error")."""
     from transformers import DynamicCache
 
-    from tests.sale._models import tiny_family
-
-    model = tiny_family("llama")
-    ids = rand_ids(160, batch=2)
-    am = torch.ones_like(ids)
-    am[0, 130:] = 0
-    am[1, 150:] = 0
-    with torch.no_grad():
-        ref = model(ids, attention_mask=am).logits
-    enable_sale(model, SALEConfig(min_seq_len=32, tau=1e-9, on_unsupported="error", **BLOCKS))
+    model, ids, am, ref = _right_padded_llama_on_sale(160, ends=(130, 150))
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), sale_stats() as st:
         first = model(ids[:, :80], attention_mask=am[:, :80], past_key_values=cache).logits
