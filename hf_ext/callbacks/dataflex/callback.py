@@ -649,23 +649,10 @@ class DataFlexCallback(TrainerCallback):
 def _running_trainer_callbacks(callback: Any) -> list[Any] | None:
     """The callback list of the ``Trainer`` running ``callback`` (innermost frame on the call stack whose ``self`` is
     a transformers ``Trainer`` holding it), or None when no such Trainer is running."""
-    import inspect
-
-    trainer_cls = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
-    if trainer_cls is None:
+    trainer, _ = _running_trainer_frame(callback)
+    if trainer is None:
         return None
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, trainer_cls):
-                cbs = list(getattr(getattr(owner, "callback_handler", None), "callbacks", ()))
-                if any(cb is callback for cb in cbs):
-                    return cbs
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
+    return list(getattr(getattr(trainer, "callback_handler", None), "callbacks", ()))
 
 
 def _pushes_checkpoints(args: Any) -> bool:
