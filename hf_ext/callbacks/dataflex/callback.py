@@ -419,9 +419,8 @@ class DataFlexCallback(TrainerCallback):
             self._model = model
         if optimizer is not None:
             self._optimizer = optimizer
-        if (
-            self.sampler is not None
-        ):  # plans of drawn-ahead (prefetched) positions stay until they are trained
+        # plans of drawn-ahead (prefetched) positions stay until they are trained
+        if self.sampler is not None:
             trained = _trained_positions(args, state, train_dataloader, self.sampler.num_samples)
             if trained is not None:
                 self.sampler.set_trained(trained)
