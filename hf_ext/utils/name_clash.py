@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import MutableMapping
 from typing import Any
 
 ON_CLASH = ("raise", "warn")
@@ -92,3 +93,24 @@ def may_register(registry: str, name: str, current: Any, ours: Any, *, fix: str,
     if first:
         warnings.warn(msg, RegistrationClashWarning, stacklevel=3)
     return False
+
+
+def note_replaced(replaced: dict[str, Any], slot: str, current: Any, ours: Any) -> None:
+    """Before ``ours`` is written where ``current`` is: keep a foreign ``current`` in ``replaced[slot]`` for the undo
+    call, and forget what was kept there when the place is empty (a replaced entry someone deleted since is gone)."""
+    if current is None:
+        replaced.pop(slot, None)
+    elif not is_ours(current, ours):
+        replaced[slot] = current
+
+
+def remove_ours(
+    table: MutableMapping[Any, Any], key: Any, ours: Any, replaced: dict[str, Any], slot: str
+) -> None:
+    """The undo of a registration: delete ``table[key]`` where it is still ``ours`` and put back the entry kept in
+    ``replaced[slot]`` (taken out of ``replaced``); a no-op where the entry is not ours."""
+    if not is_ours(table.get(key), ours):
+        return
+    del table[key]
+    if slot in replaced:
+        table[key] = replaced.pop(slot)

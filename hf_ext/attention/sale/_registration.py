@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 from hf_ext.utils.import_hooks import when_imported
-from hf_ext.utils.name_clash import check_on_clash, is_ours, may_register
+from hf_ext.utils.name_clash import check_on_clash, may_register, note_replaced, remove_ours
 
 logger = logging.getLogger("hf_ext")
 
@@ -82,11 +82,7 @@ def register_now(*, overwrite: bool = False, on_clash: str = "raise") -> bool:
                 if not may_register(registry, NAME, current, ours, fix=_FIX, on_clash=on_clash):
                     return False
         for registry, iface, ours in entries:
-            current = iface._global_mapping.get(NAME)
-            if current is None:  # nothing to put back (a replaced entry someone has deleted since is gone)
-                _REPLACED.pop(registry, None)
-            elif not is_ours(current, ours):
-                _REPLACED[registry] = current
+            note_replaced(_REPLACED, registry, iface._global_mapping.get(NAME), ours)
             iface.register(NAME, ours)
         _REGISTERED = True
         return True
@@ -125,11 +121,8 @@ def unregister() -> None:
             (_MASK, None if masking is None else masking.AttentionMaskInterface, attention.sale_mask),
         )
         for registry, iface, ours in entries:
-            if iface is None or not is_ours(iface._global_mapping.get(NAME), ours):
-                continue
-            del iface._global_mapping[NAME]
-            if registry in _REPLACED:
-                iface._global_mapping[NAME] = _REPLACED.pop(registry)
+            if iface is not None:
+                remove_ours(iface._global_mapping, NAME, ours, _REPLACED, registry)
 
 
 def _automatic(_module: Any) -> None:

@@ -55,7 +55,7 @@ from hf_ext.generation.tie.scheduler import (
     tie_components,
     validate_prompts,
 )
-from hf_ext.utils.name_clash import check_on_clash, is_ours, may_register
+from hf_ext.utils.name_clash import check_on_clash, is_ours, may_register, remove_ours
 
 logger = logging.getLogger("hf_ext")
 
@@ -506,10 +506,7 @@ def unregister() -> None:
     """Remove the names :func:`register` added (only where they still point to our classes), putting back a
     scheduler that ``register(overwrite=True)`` replaced."""
     for name, cls in ((SCHEDULER_NAME, TIECBScheduler), (PRIORITY_SCHEDULER_NAME, PriorityCBScheduler)):
-        if is_ours(_cb_sched.SCHEDULER_MAPPING.get(name), cls):
-            del _cb_sched.SCHEDULER_MAPPING[name]
-            if name in _REPLACED:
-                _cb_sched.SCHEDULER_MAPPING[name] = _REPLACED.pop(name)
+        remove_ours(_cb_sched.SCHEDULER_MAPPING, name, cls, _REPLACED, name)
 
 
 def enable_tie_scheduler(

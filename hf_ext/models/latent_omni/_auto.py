@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any
 
 from hf_ext.utils.import_hooks import drop_stale_finders
-from hf_ext.utils.name_clash import check_on_clash, is_ours, may_register
+from hf_ext.utils.name_clash import check_on_clash, may_register, note_replaced, remove_ours
 
 logger = logging.getLogger("hf_ext")
 
@@ -73,11 +73,7 @@ def _write(registry: str, mapping: Any, register: Callable[..., None], key: Any,
     """``register(key, ours, exist_ok=True)``, the Auto class's own registration, which stores ``ours`` under ``key``
     in ``mapping._extra_content`` (where transformers keeps registered entries; its native ones live apart and are
     never touched), first keeping the foreign entry it replaces there for :func:`unregister`."""
-    current = mapping._extra_content.get(key)
-    if current is None:
-        _REPLACED.pop(registry, None)
-    elif not is_ours(current, ours):
-        _REPLACED[registry] = current
+    note_replaced(_REPLACED, registry, mapping._extra_content.get(key), ours)
     register(key, ours, exist_ok=True)
 
 
@@ -358,9 +354,4 @@ def unregister() -> None:
     _uninstall()
     drop_stale_finders(_FINDER)
     for registry, mapping, key, ours in _registered_entries():
-        extra = mapping._extra_content
-        if not is_ours(extra.get(key), ours):
-            continue
-        del extra[key]
-        if registry in _REPLACED:
-            extra[key] = _REPLACED.pop(registry)
+        remove_ours(mapping._extra_content, key, ours, _REPLACED, registry)
