@@ -60,12 +60,8 @@ def _entry(mapping: Any, key: Any) -> Any:
     """What ``mapping`` (one of transformers' lazy auto mappings) holds under ``key`` now, or ``None``."""
     try:
         return mapping[key]
-    except (
-        KeyError,
-        ValueError,
-        AttributeError,
-        ImportError,
-    ):  # nothing there (or a native entry that won't load)
+    # nothing there (or a native entry that won't load)
+    except (KeyError, ValueError, AttributeError, ImportError):
         return None
 
 

@@ -1388,9 +1388,8 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             if t is not None and t != 1.0:
                 warper.append(TemperatureLogitsWarper(t))
             tk = top_k if top_k is not None else gc.top_k
-            if (
-                tk is None
-            ):  # unset everywhere: transformers' generate samples with its global default (top_k=50)
+            # unset everywhere: transformers' generate samples with its global default (top_k=50)
+            if tk is None:
                 tk = _hf_generation_defaults()["top_k"]
             if tk:
                 warper.append(TopKLogitsWarper(tk))
@@ -1413,9 +1412,8 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
                 UserWarning,
                 stacklevel=3,
             )
-        if (
-            streamer is not None
-        ):  # as transformers' generate: the prompt first, then each step's ids, then end()
+        # as transformers' generate: the prompt first, then each step's ids, then end()
+        if streamer is not None:
             streamer.put(input_ids.cpu())
         new, collected = self._latent_decode(
             state,
