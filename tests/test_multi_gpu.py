@@ -20,14 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multi_gpu
 
 
+def _child_pythonpath() -> str:
+    """The checkout and its kernels first, then whatever this process was given (the device keeps its wheels there:
+    replacing it made the ranks import another transformers than the test's own)."""
+    return os.pathsep.join(
+        p for p in (str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")) if p
+    )
+
+
 def _torchrun(module: str, args: list[str], results: Path, timeout: float) -> list[dict[str, str]]:
     import torch
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
-    env = dict(
-        os.environ, HF_EXT_RESULTS_DIR=str(results), PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}"
-    )
+    env = dict(os.environ, HF_EXT_RESULTS_DIR=str(results), PYTHONPATH=_child_pythonpath())
     cmd = [
         sys.executable,
         "-m",
@@ -54,7 +60,7 @@ def _torchrun_results(module: str, outdir: Path, timeout: float) -> list[dict]:
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'kernels'}")
+    env = dict(os.environ, PYTHONPATH=_child_pythonpath())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = subprocess.run(
         cmd + ["-m", module, str(outdir)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
