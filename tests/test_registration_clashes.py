@@ -113,6 +113,29 @@ def test_tie_keeps_a_user_scheduler_registered_before_import_and_enable_refuses(
     )
 
 
+def test_tie_unregister_does_not_bring_back_a_replaced_scheduler_someone_deleted():
+    # register(overwrite=True) kept the user's scheduler; after the "tie" place was emptied and registered again,
+    # unregister() put back the scheduler that had been deleted (SALE and LatentOmni forget it)
+    _run(
+        """
+        from transformers.generation.continuous_batching import scheduler as S
+        class Mine(S.FIFOScheduler):
+            pass
+        S.SCHEDULER_MAPPING["tie"] = Mine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the import's RegistrationClashWarning (tested above)
+            from hf_ext.generation.tie import cb
+        cb.register(overwrite=True)
+        del S.SCHEDULER_MAPPING["tie"]  # the user removes the name (and with it their scheduler)
+        cb.register()
+        assert S.SCHEDULER_MAPPING["tie"] is cb.TIECBScheduler
+        cb.unregister()
+        assert "tie" not in S.SCHEDULER_MAPPING, S.SCHEDULER_MAPPING.get("tie")
+        print("ok")
+        """
+    )
+
+
 def test_latent_omni_keeps_a_user_config_registered_before_import_and_register_now_refuses():
     _run(
         """

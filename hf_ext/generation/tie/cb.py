@@ -55,7 +55,7 @@ from hf_ext.generation.tie.scheduler import (
     tie_components,
     validate_prompts,
 )
-from hf_ext.utils.name_clash import check_on_clash, is_ours, may_register, remove_ours
+from hf_ext.utils.name_clash import check_on_clash, may_register, note_replaced, remove_ours
 
 logger = logging.getLogger("hf_ext")
 
@@ -495,9 +495,7 @@ def register(*, overwrite: bool = False, on_clash: str = "raise") -> type[TIECBS
     for name, cls in entries:
         if not free[name]:
             continue
-        current = mapping.get(name)
-        if current is not None and not is_ours(current, cls):
-            _REPLACED[name] = current
+        note_replaced(_REPLACED, name, mapping.get(name), cls)
         mapping[name] = cls
     return TIECBScheduler
 
