@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-sizes", default="1,2,4,8", help="comma-separated micro-batch sizes to try")
     p.add_argument("--dp-types", default="ddp,fsdp", help="comma-separated subset of ddp,fsdp")
     p.add_argument("--no-ckpt", action="store_true", help="forbid activation checkpointing")
+    p.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        help="the model's attention kernel: sdpa (default), flash_attention_2, flash_attention_3 or "
+        "flex_attention; only sdpa gets dense [b, 1, s, s] masks, which the memory model counts",
+    )
+    p.add_argument(
+        "--padding-mask",
+        action="store_true",
+        help="training passes a padding attention_mask with pads (train_step(..., attention_mask=)): under sdpa "
+        "every layer then gets a dense mask",
+    )
     p.add_argument("--top-k", type=int, default=5, help="ranked plans to print")
     p.add_argument("--hardware", default=None, help="HardwareProfile JSON (default: H100 defaults)")
     p.add_argument(
@@ -85,6 +97,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"argument --dp-types: must be a comma-separated subset of ddp, fsdp (got {args.dp_types!r})"
         )
     args.dp_type_list = dps
+    from hf_ext.accelerate.autoparallel.cost_model import ATTN_IMPLEMENTATIONS
+
+    if args.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        parser.error(
+            f"argument --attn-implementation: must be one of {', '.join(ATTN_IMPLEMENTATIONS)} "
+            f"(got {args.attn_implementation!r})"
+        )
     for flag in ("hardware", "profile"):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
@@ -115,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             dp_types=args.dp_type_list,
             allow_ckpt=not args.no_ckpt,
             top_k=args.top_k,
+            attn_implementation=args.attn_implementation,
+            padding_mask=args.padding_mask,
         )
         loaded: dict[str, Any] = {}
         for flag, cls in (("hardware", HardwareProfile), ("profile", ModelProfile)):

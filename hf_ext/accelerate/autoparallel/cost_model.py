@@ -39,7 +39,10 @@ unsharded weights), activations of ``min(m, pp - i)`` in-flight micro-batches (a
 scaled by a profiled calibration; checkpointed layers keep only their input), and transients
 (one layer's full activations for recompute/backward, two unsharded FSDP layers, and the LM head + loss
 peak of ``logit_bytes`` = 12 bytes per logit: bf16 logits, their fp32 upcast and the fp32 log-softmax and
-its gradients). Measured step costs outside the layers (embedding, AdamW per parameter, autocast or FSDP2
+its gradients), and under sdpa the dense attention masks transformers builds (on sliding-window layers when
+``s >= w``, on every layer when ``TrainingSpec.padding_mask``): the boolean mask of each in-flight micro-batch
+and, per masked layer that is not checkpointed, the ``[b, 1, s, s]`` additive mask sdpa saves for the backward
+(:meth:`CostModel.layer_has_mask`). Measured step costs outside the layers (embedding, AdamW per parameter, autocast or FSDP2
 per-micro-batch weight handling, whole-model wrapper overhead; see :class:`ModelProfile`) are added when
 the profile has them; the per-micro-batch ones are affine in ``b`` (``m * (c0 + c1 * b)`` per step), so
 for ``pp = tp = dp = 1`` a measured profile predicts
@@ -62,11 +65,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, ModelProfile, analytic_layer_act_bytes
 from hf_ext.accelerate.autoparallel.shapes import ModelShape
 
 DP_TYPES = ("ddp", "fsdp")
+# Attention implementations the memory model knows. Only sdpa gets a dense [b, 1, s, s] mask from transformers;
+# flash-attention masks inside the kernel and flex builds a block mask of O((s / 128)^2) entries.
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass(frozen=True)
@@ -144,12 +151,39 @@ class TrainingSpec:
         default=80.0,
         metadata={"help": "HBM traffic of a foreach AdamW step per fp32 parameter when not profiled"},
     )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "the model's attention kernel (one of ATTN_IMPLEMENTATIONS); sdpa gets dense masks"
+        },
+    )
+    padding_mask: bool = field(
+        default=False,
+        metadata={
+            "help": "batches come with a padding attention_mask that has pads (train_step(attention_mask=))"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.global_batch < 1:
             raise ValueError(f"TrainingSpec.global_batch must be >= 1, got {self.global_batch}")
         if self.seq_len < 1:
             raise ValueError(f"TrainingSpec.seq_len must be >= 1, got {self.seq_len}")
+        check_attention_options(self.attn_implementation, self.padding_mask, "TrainingSpec")
+
+
+def check_attention_options(attn_implementation: Any, padding_mask: Any, owner: str) -> None:
+    """``ValueError`` naming ``{owner}.attn_implementation`` / ``{owner}.padding_mask`` and their allowed values."""
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"{owner}.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got "
+            f"{attn_implementation!r}"
+        )
+    if not isinstance(padding_mask, bool):
+        raise ValueError(
+            f"{owner}.padding_mask must be True (batches carry a padding attention_mask with pads) or False, "
+            f"got {padding_mask!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -291,11 +325,13 @@ class CostModel:
         hidden = min(comm, self.overlap * compute)
         return comm - hidden + self.overlap_penalty * hidden
 
-    def layer_act_bytes(self, cfg: ParallelConfig, ckpt: bool) -> float:
+    def layer_act_bytes(self, cfg: ParallelConfig, ckpt: bool, layer: int | None = None) -> float:
         """Saved activation bytes of one layer for one micro-batch under ``cfg``.
 
         ``ddp`` runs bf16 autocast over fp32 weights (fp32 residual stream, per-op casts): its activations
-        are scaled by the profiled ``autocast_act_ratio``; checkpointed layers keep only their input.
+        are scaled by the profiled ``autocast_act_ratio``; checkpointed layers keep only their input. A layer
+        that gets a dense sdpa mask (:meth:`layer_has_mask`; ``layer=None``: none) also keeps the additive
+        mask sdpa makes from it (:meth:`mask_bias_bytes`) unless it is checkpointed.
         """
         tokens = cfg.micro_batch * self.spec.seq_len
         ac = self.autocast_act if cfg.dp_type == "ddp" else 1.0
@@ -303,7 +339,48 @@ class CostModel:
             x = self.shape.hidden_size * tokens * self.spec.act_bytes_per_elem / (cfg.tp if cfg.sp else 1)
             return x * (2.0 if ac > 1.0 else 1.0)  # autocast keeps the residual stream in fp32
         rep, shd = analytic_layer_act_bytes(self.shape, tokens)
-        return ac * self.act_calibration * (rep / (cfg.tp if cfg.sp else 1) + shd / cfg.tp)
+        act = ac * self.act_calibration * (rep / (cfg.tp if cfg.sp else 1) + shd / cfg.tp)
+        if layer is not None and self.layer_has_mask(layer):
+            act += self.mask_bias_bytes(cfg)
+        return act
+
+    # ------------------------------------------------------------------------------ attention masks
+    def _sliding(self, layer: int) -> bool:
+        return self.shape.sliding_window is not None and layer in self.shape.sliding_layers
+
+    def layer_has_mask(self, layer: int) -> bool:
+        """Whether transformers gives decoder layer ``layer`` a dense ``[b, 1, s, s]`` mask for one micro-batch
+        (no cache, queries = keys = ``s``). Only under sdpa (``TrainingSpec.attn_implementation``), as
+        ``masking_utils.sdpa_mask`` decides: with a padding mask that has pads (``TrainingSpec.padding_mask``) on
+        every layer; without one on a sliding-window layer when ``s >= w``; otherwise sdpa runs with
+        ``is_causal=True`` and no mask tensor."""
+        if self.spec.attn_implementation != "sdpa":
+            return False
+        if self.spec.padding_mask:
+            return True
+        return self._sliding(layer) and self.spec.seq_len >= int(self.shape.sliding_window)
+
+    def mask_bool_bytes(self, cfg: ParallelConfig, stage_layers: list[int]) -> float:
+        """Bytes of the boolean masks built for one micro-batch's forward of a stage with ``stage_layers``.
+
+        One mask per kind of masked layer on the stage (full causal, sliding window), shared by all layers of
+        that kind, 1 byte per element. With a padding mask it is a real ``[b, 1, s, s]`` tensor. Without one
+        (a sliding-window mask) transformers builds ``[1, 1, s, s]`` and expands it over the batch (a view),
+        so it holds ``s * s`` bytes whatever ``b``. The pipeline stage module builds its own, per micro-batch,
+        with ``create_causal_mask``: counted on every stage the same way.
+        """
+        s = float(self.spec.seq_len)
+        kinds = {self._sliding(i) for i in stage_layers if self.layer_has_mask(i)}
+        rows = cfg.micro_batch if self.spec.padding_mask else 1
+        return len(kinds) * rows * s * s
+
+    def mask_bias_bytes(self, cfg: ParallelConfig) -> float:
+        """Bytes one masked layer keeps for the backward: torch's sdpa turns a boolean mask into an additive
+        one in the query's dtype (bf16 under the runtime's autocast and FSDP2 alike), ``[b, 1, s, s]``
+        materialised over the batch, and its fused kernels save it for the backward. Not split by ``tp`` or
+        ``sp`` (every rank attends over the whole sequence with the same mask)."""
+        s = float(self.spec.seq_len)
+        return cfg.micro_batch * s * s * self.spec.act_bytes_per_elem
 
     def mixed_precision_ms(
         self, cfg: ParallelConfig, params: float, unit_zero: int = 3, layer: bool = True
@@ -351,7 +428,7 @@ class CostModel:
         dp_cross = self._crosses(t * d)
         if strat.zero == 0:
             static = sp_.state_bytes_per_param * p_local
-            act = self.layer_act_bytes(cfg, strat.ckpt)
+            act = self.layer_act_bytes(cfg, strat.ckpt, layer)
             if not strat.ckpt and cfg.dp_type == "ddp":  # autocast keeps a bf16 copy of each weight
                 act += sp_.compute_bytes_per_param * p_local
             if d > 1:
@@ -361,7 +438,7 @@ class CostModel:
             static = sp_.state_bytes_per_param * p_local / d
             if strat.zero == 2:
                 static += sp_.compute_bytes_per_param * p_local
-            act = self.layer_act_bytes(cfg, strat.ckpt)
+            act = self.layer_act_bytes(cfg, strat.ckpt, layer)
             if d > 1:
                 ag = self.hw.collective_ms("all_gather", sp_.compute_bytes_per_param * p_local, d, dp_cross)
                 rs = self.hw.collective_ms("reduce_scatter", sp_.grad_reduce_bytes * p_local, d, dp_cross)
@@ -457,7 +534,10 @@ class CostModel:
             _add(parts, p2p=p2p)
         # Transients: one layer's full activations (recompute / backward), two unsharded FSDP layers.
         if stage_layers:
-            transient += self.layer_act_bytes(cfg, False)
+            transient += max(self.layer_act_bytes(cfg, False, i) for i in stage_layers)
+            # sdpa's boolean masks of each in-flight micro-batch: a checkpointed layer's recompute keeps them
+            # until its backward (counted whether or not a layer is checkpointed: the DP prices layers one by one)
+            transient += self.inflight(cfg, stage) * self.mask_bool_bytes(cfg, stage_layers)
             if cfg.dp_type == "fsdp":
                 pl = max(self.layer_params[i] for i in stage_layers) / t
                 transient += 2 * pl * (sp_.compute_bytes_per_param + sp_.grad_reduce_bytes)

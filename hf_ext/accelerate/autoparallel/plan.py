@@ -16,7 +16,12 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
-from hf_ext.accelerate.autoparallel.cost_model import DP_TYPES, LayerStrategy, ParallelConfig
+from hf_ext.accelerate.autoparallel.cost_model import (
+    DP_TYPES,
+    LayerStrategy,
+    ParallelConfig,
+    check_attention_options,
+)
 from hf_ext.accelerate.autoparallel.shapes import ModelShape, get_shape
 
 PLAN_VERSION = 1
@@ -59,6 +64,9 @@ class Plan:
         layers: per decoder layer ``{"zero": 0|2|3, "ckpt": bool}``.
         predicted: cost-model figures (``step_ms``, ``tokens_per_s``, ``mfu``, ``memory_gb`` per stage, ...).
         hardware: name and memory of the device the plan was made for.
+        attn_implementation, padding_mask: the attention kernel and whether the batches carry a padding
+            ``attention_mask`` with pads, as searched (:class:`SearchConfig`); they decide which dense sdpa
+            masks the memory model counts. A plan written before they existed loads with ``"sdpa"`` and ``False``.
     """
 
     model: dict[str, Any]
@@ -76,6 +84,8 @@ class Plan:
     predicted: dict[str, Any] = field(default_factory=dict)
     hardware: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    attn_implementation: str = "sdpa"
+    padding_mask: bool = False
 
     def __post_init__(self) -> None:
         # a JSON plan edited by hand: "false" is a true string, 2.0 is not a degree; refuse rather than coerce
@@ -87,6 +97,7 @@ class Plan:
                 raise ValueError(f"Plan.{name} must be an int, got {getattr(self, name)!r}")
         if not isinstance(self.sp, bool):
             raise ValueError(f"Plan.sp must be true or false, got {self.sp!r}")
+        check_attention_options(self.attn_implementation, self.padding_mask, "Plan")
         bad = [x for x in self.layers if not _layer_ok(x)] if isinstance(self.layers, list) else [self.layers]
         if bad:
             raise ValueError(
@@ -222,6 +233,8 @@ class Plan:
         seq_len: int,
         predicted: dict[str, Any] | None = None,
         hardware: dict[str, Any] | None = None,
+        attn_implementation: str = "sdpa",
+        padding_mask: bool = False,
     ) -> Plan:
         ranges, pos = [], 0
         for s in stages:
@@ -243,6 +256,8 @@ class Plan:
             layers,
             predicted or {},
             hardware or {},
+            attn_implementation=attn_implementation,
+            padding_mask=padding_mask,
         )
 
     @classmethod
@@ -260,8 +275,12 @@ class Plan:
         global_batch: int,
         seq_len: int,
         micro_batch: int | None = None,
+        attn_implementation: str = "sdpa",
+        padding_mask: bool = False,
     ) -> Plan:
         """A hand-written plan with the same strategy on every layer (e.g. the DDP / FSDP baselines).
+
+        ``attn_implementation`` / ``padding_mask``: see :class:`~hf_ext.accelerate.autoparallel.search.SearchConfig`.
 
         Raises:
             ValueError: a bad argument, named with the values it allows, before any arithmetic on it.
@@ -286,6 +305,7 @@ class Plan:
         for name, v in (("ckpt", ckpt), ("sp", sp)):
             if not isinstance(v, bool):
                 raise ValueError(f"Plan.uniform: {name} must be True or False, got {v!r}")
+        check_attention_options(attn_implementation, padding_mask, "Plan.uniform")
         if gpus % (pp * tp):
             raise ValueError(
                 f"Plan.uniform: gpus={gpus} must be a multiple of pp*tp={pp * tp} (pp={pp}, tp={tp})"
@@ -305,7 +325,15 @@ class Plan:
         n = shape.num_layers
         per = [n // pp + (1 if i < n % pp else 0) for i in range(pp)]
         stages = [[LayerStrategy(z, ckpt)] * k for k in per]
-        return cls.from_config(shape, cfg, stages, global_batch=global_batch, seq_len=seq_len)
+        return cls.from_config(
+            shape,
+            cfg,
+            stages,
+            global_batch=global_batch,
+            seq_len=seq_len,
+            attn_implementation=attn_implementation,
+            padding_mask=padding_mask,
+        )
 
     # ------------------------------------------------------------------------------- integration
     def to_parallelism_config(self) -> Any:

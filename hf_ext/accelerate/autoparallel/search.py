@@ -36,12 +36,14 @@ from typing import Any
 import numpy as np
 
 from hf_ext.accelerate.autoparallel.cost_model import (
+    ATTN_IMPLEMENTATIONS,
     DP_TYPES,
     CostModel,
     LayerStrategy,
     ParallelConfig,
     PlanCost,
     TrainingSpec,
+    check_attention_options,
 )
 from hf_ext.accelerate.autoparallel.plan import Plan
 from hf_ext.accelerate.autoparallel.profiler import HardwareProfile, ModelProfile
@@ -90,6 +92,19 @@ class SearchConfig:
         default=None,
         metadata={"help": "DP memory bucket (default: params*16/65536, at most 1% of the budget per layer)"},
     )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": f"the model's attention kernel: {', '.join(ATTN_IMPLEMENTATIONS)} (sdpa: dense masks)"
+        },
+    )
+    padding_mask: bool = field(
+        default=False,
+        metadata={
+            "help": "True when training passes a padding attention_mask with pads (train_step(attention_mask=)): "
+            "under sdpa every layer then gets a dense [b, 1, s, s] mask"
+        },
+    )
 
     def __post_init__(self) -> None:
         if int(self.gpus) < 1:
@@ -123,6 +138,7 @@ class SearchConfig:
                 )
         if self.top_k < 1:
             raise ValueError(f"SearchConfig.top_k must be >= 1, got {self.top_k}")
+        check_attention_options(self.attn_implementation, self.padding_mask, "SearchConfig")
 
 
 @dataclass
@@ -241,7 +257,12 @@ def search(
     hw = hardware or HardwareProfile.h100()
     if profile is not None:
         hw = profile.calibrate(hw)
-    spec = TrainingSpec(global_batch=int(config.global_batch), seq_len=int(config.seq_len))
+    spec = TrainingSpec(
+        global_batch=int(config.global_batch),
+        seq_len=int(config.seq_len),
+        attn_implementation=config.attn_implementation,
+        padding_mask=config.padding_mask,
+    )
     cm = CostModel(shape, hw, spec, profile, **(cost_kwargs or {}))
     n_layers, gpus = shape.num_layers, config.gpus
     usable = cm.usable_bytes(config.memory_gb)
@@ -351,12 +372,12 @@ def search(
 
 
 def _layer_terms(cm: CostModel, cfg: ParallelConfig, strats: list[LayerStrategy]) -> list[list[list[Any]]]:
-    """terms[layer][strategy] = [LayerTerms]; layers with equal parameter counts and attention spans (a
-    sliding-window layer attends to fewer keys) share entries."""
-    by_kind: dict[tuple[float, float], list[Any]] = {}
+    """terms[layer][strategy] = [LayerTerms]; layers with equal parameter counts, attention spans (a
+    sliding-window layer attends to fewer keys) and sdpa masks (a masked layer keeps its mask) share entries."""
+    by_kind: dict[tuple[float, float, bool], list[Any]] = {}
     out = []
     for li, p in enumerate(cm.layer_params):
-        key = (p, cm.shape.attended_keys(cm.spec.seq_len, li))
+        key = (p, cm.shape.attended_keys(cm.spec.seq_len, li), cm.layer_has_mask(li))
         if key not in by_kind:
             by_kind[key] = [[cm.layer_terms(cfg, s, li)] for s in strats]
         out.append(by_kind[key])
@@ -447,6 +468,8 @@ def _make_plan(
         seq_len=spec.seq_len,
         predicted=predicted,
         hardware=hardware,
+        attn_implementation=spec.attn_implementation,
+        padding_mask=spec.padding_mask,
     )
 
 
@@ -519,5 +542,10 @@ def _plan_cost_model(
     hw = hardware or HardwareProfile.h100()
     if profile is not None:
         hw = profile.calibrate(hw)
-    spec = TrainingSpec(global_batch=plan.global_batch, seq_len=plan.seq_len)
+    spec = TrainingSpec(
+        global_batch=plan.global_batch,
+        seq_len=plan.seq_len,
+        attn_implementation=plan.attn_implementation,
+        padding_mask=plan.padding_mask,
+    )
     return CostModel(plan.shape, hw, spec, profile, **(cost_kwargs or {}))

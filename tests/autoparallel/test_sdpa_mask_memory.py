@@ -1,0 +1,259 @@
+"""The dense attention masks of sdpa in the memory model (CPU, fast).
+
+transformers gives sdpa a dense boolean mask where ``is_causal`` cannot do: on sliding-window layers when
+``s >= w``, and on every layer when the batch has a padding ``attention_mask`` with pads. torch's sdpa turns it
+into an additive ``[b, 1, s, s]`` mask in the query's dtype and saves that for the backward, one per layer. The
+memory model used to count none of it, so a long-sequence plan of a small windowed model could be predicted to
+fit by hundreds of MiB too much.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from hf_ext.accelerate.autoparallel.cost_model import CostModel, LayerStrategy, ParallelConfig, TrainingSpec
+from hf_ext.accelerate.autoparallel.plan import Plan
+from hf_ext.accelerate.autoparallel.profiler import HardwareProfile
+from hf_ext.accelerate.autoparallel.search import NoFeasiblePlanError, SearchConfig, predict, search
+from hf_ext.accelerate.autoparallel.shapes import ModelShape, get_shape
+
+MiB = 2**20
+S = 4096
+# A small model at a long sequence: the masks dwarf its activations. Every layer windowed (Mistral-style).
+WIN = ModelShape("win", 2, 64, 128, 4, 2, 512, sliding_window=256, sliding_layers=(0, 1))
+FULL = ModelShape("full", 2, 64, 128, 4, 2, 512)
+
+
+def _mem(shape: ModelShape, **kw: Any) -> list[float]:
+    opts = {k: kw.pop(k) for k in ("attn_implementation", "padding_mask") if k in kw}
+    plan = Plan.uniform(shape, gpus=kw.pop("gpus", 1), seq_len=S, **kw, **opts)
+    return predict(plan, memory_gb=80).stage_memory_bytes
+
+
+def test_sliding_window_masks_are_in_the_predicted_memory():
+    """b = 2, s = 4096, both layers windowed (w = 256 <= s): each layer saves a bf16 additive mask of
+    2 * s^2 * 2 B = 64 MiB; one more lives while a layer runs its backward (the transient layer); the boolean
+    mask itself is [1, 1, s, s] expanded over the batch, s^2 = 16 MiB. Checkpointed layers save none."""
+    kw = dict(dp_type="fsdp", global_batch=2, micro_batch=2)
+    bias, boolean = 2 * S * S * 2, S * S
+    assert bias == 64 * MiB and boolean == 16 * MiB
+    d = _mem(WIN, ckpt=False, **kw)[0] - _mem(FULL, ckpt=False, **kw)[0]
+    assert d == 2 * bias + bias + boolean  # 208 MiB
+    d_ckpt = _mem(WIN, ckpt=True, **kw)[0] - _mem(FULL, ckpt=True, **kw)[0]
+    assert d_ckpt == bias + boolean  # 80 MiB
+    # a kernel that masks inside (flash-attention, flex) gets no dense mask
+    flash = dict(kw, attn_implementation="flash_attention_2")
+    assert _mem(WIN, ckpt=False, **flash) == _mem(FULL, ckpt=False, **flash)
+    # sequences within the window: sdpa runs is_causal, no mask
+    short = ModelShape.from_dict({**WIN.to_dict(), "sliding_window": S + 1})
+    assert _mem(short, ckpt=False, **kw) == _mem(FULL, ckpt=False, **kw)
+
+
+def test_padding_masks_are_in_the_predicted_memory_on_every_stage():
+    """With padded batches every layer gets a real [b, 1, s, s] boolean mask (b * s^2 bytes) and keeps its
+    additive copy. The pipeline stage module builds its own per micro-batch: stage i keeps those of its
+    min(m, pp - i) in-flight micro-batches."""
+    kw = dict(dp_type="fsdp", global_batch=2, micro_batch=2, ckpt=False)
+    bias, boolean = 2 * S * S * 2, 2 * S * S
+    d = _mem(FULL, padding_mask=True, **kw)[0] - _mem(FULL, **kw)[0]
+    assert d == 2 * bias + bias + boolean  # 224 MiB
+    assert _mem(FULL, padding_mask=True, attn_implementation="flash_attention_2", **kw) == _mem(FULL, **kw)
+    pipe = dict(dp_type="fsdp", gpus=2, pp=2, global_batch=4, micro_batch=1, ckpt=False)
+    bias1, bool1 = S * S * 2, S * S  # b = 1
+    d0, d1 = (a - b for a, b in zip(_mem(FULL, padding_mask=True, **pipe), _mem(FULL, **pipe)))
+    assert d0 == 2 * bias1 + bias1 + 2 * bool1  # 2 micro-batches in flight on stage 0, one layer
+    assert d1 == bias1 + bias1 + bool1
+
+
+def test_the_search_needs_the_mask_bytes_to_fit():
+    """The smallest memory any plan needs (b = 1, every layer checkpointed) grows by exactly one layer's
+    additive mask (s^2 * 2 B, while it runs its backward) and the boolean window mask (s^2 B); and a budget
+    the full-attention model fits without checkpointing (65 MiB predicted) makes the windowed one checkpoint
+    (without: 177 MiB)."""
+    sc = dict(gpus=1, global_batch=2, seq_len=S, micro_batch_sizes=(1, 2))
+    need = {}
+    for shape in (WIN, FULL):
+        with pytest.raises(NoFeasiblePlanError) as ei:
+            search(shape, SearchConfig(memory_gb=1.0, **sc))
+        need[shape.name] = ei.value.min_memory_gb
+    expected = (S * S * 2 + S * S) / 0.92 / 2**30
+    assert need["win"] - need["full"] == pytest.approx(expected, rel=1e-9)
+
+    # usable = 0.92 * memory - 1 GiB = 120 MiB
+    memory_gb = (120 / 1024 + 1) / 0.92
+    full = search(FULL, SearchConfig(memory_gb=memory_gb, **sc)).best
+    win = search(WIN, SearchConfig(memory_gb=memory_gb, **sc)).best
+    as_win = Plan.from_dict({**full.to_dict(), "model": WIN.to_dict()})
+    assert not predict(as_win).feasible  # the plan the full model gets does not fit the windowed one
+    assert win.describe() != full.describe()
+    assert sum(x["ckpt"] for x in win.layers) > sum(x["ckpt"] for x in full.layers)
+    assert max(win.predicted["memory_gb"]) <= win.predicted["usable_memory_gb"]
+    # padded batches: the full-attention model has to change its plan too
+    padded = search(FULL, SearchConfig(memory_gb=memory_gb, padding_mask=True, **sc)).best
+    assert padded.describe() != full.describe() and padded.padding_mask
+    assert predict(padded).stage_memory_bytes == pytest.approx(
+        [g * 2**30 for g in padded.predicted["memory_gb"]]
+    )
+
+
+def test_search_tells_masked_from_unmasked_layers_with_equal_spans():
+    """s == w: a windowed layer attends to as many keys as a full one (same time), but sdpa still gets a
+    dense mask for it (transformers builds one when s >= w). The search shares per-layer terms between layers
+    of one kind; keyed by parameters and span alone, the windowed layers got the full layers' memory, the DP
+    picked plans that did not fit and dropped them. The best plan must be the brute-force best."""
+    import itertools
+
+    shape = ModelShape("mixed", 4, 64, 128, 4, 2, 512, sliding_window=1024, sliding_layers=(2, 3))
+    s, gb = 1024, 2
+    memory_gb = (24 / 1024 + 1) / 0.92  # 24 MiB usable: some layers must be checkpointed
+    best = search(shape, SearchConfig(gpus=1, memory_gb=memory_gb, global_batch=gb, seq_len=s)).best
+    cm = CostModel(shape, HardwareProfile.h100(), TrainingSpec(global_batch=gb, seq_len=s))
+    brute = []
+    for dtype, b in itertools.product(("ddp", "fsdp"), (1, 2)):
+        pc = ParallelConfig(
+            gpus=1, pp=1, tp=1, sp=False, micro_batch=b, num_micro_batches=gb // b, dp_type=dtype
+        )
+        for ck in itertools.product((False, True), repeat=4):
+            c = cm.evaluate(pc, [[LayerStrategy(0, x) for x in ck]], memory_gb)
+            if c.feasible:
+                brute.append(c.step_ms)
+    assert brute and best.predicted["step_ms"] == pytest.approx(min(brute), rel=1e-9)
+    assert predict(best).stage_memory_bytes == pytest.approx([g * 2**30 for g in best.predicted["memory_gb"]])
+
+
+# ---------------------------------------------------------------------- the tensors transformers builds
+def _config(kind: str) -> Any:
+    import transformers as tf
+
+    base = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    cfg = {
+        "llama": lambda: tf.LlamaConfig(**base),
+        "mistral": lambda: tf.MistralConfig(**base, sliding_window=8),  # every layer windowed
+        "mistral_long_window": lambda: tf.MistralConfig(**base, sliding_window=64),  # s < w: no mask
+        # layers 1 and 2 windowed, layer 0 full: two boolean masks per forward
+        "qwen2": lambda: tf.Qwen2Config(
+            **base, use_sliding_window=True, sliding_window=8, max_window_layers=1
+        ),
+    }[kind]()
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "mistral_long_window", "qwen2"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_predicted_mask_bytes_match_what_transformers_and_torch_allocate(kind, padded, monkeypatch):
+    """A tiny random bf16 model on CPU (no download), b = 3, s = 32: the boolean masks transformers'
+    ``sdpa_mask`` returns (their storage: an expanded window mask holds s^2 bytes, a padded one b * s^2) and
+    the additive [b, 1, s, s] masks autograd saves for the backward (one per masked layer, bf16) are the bytes
+    the cost model predicts for that shape and batch."""
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    b, s = 3, 32
+    cfg = _config(kind)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).train()
+    built: list[torch.Tensor] = []
+    inner = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = inner(*args, **kwargs)
+        if out is not None:
+            built.append(out)
+        return out
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4 and t.shape[1] == 1 and tuple(t.shape[-2:]) == (s, s):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 100, (b, s))
+    mask = torch.ones(b, s, dtype=torch.long)
+    if padded:
+        mask[0, :5] = 0  # one left-padded row
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, attention_mask=mask if padded else None, labels=ids, use_cache=False)
+    out.loss.backward()
+
+    shape = get_shape(cfg)
+    cm = CostModel(shape, HardwareProfile.cpu(), TrainingSpec(global_batch=b, seq_len=s, padding_mask=padded))
+    pc = ParallelConfig(gpus=1, pp=1, tp=1, sp=False, micro_batch=b, num_micro_batches=1, dp_type="fsdp")
+    layers = list(range(shape.num_layers))
+    bool_bytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in built}.values())
+    assert all(t.dtype == torch.bool and tuple(t.shape) == (b, 1, s, s) for t in built)
+    assert cm.mask_bool_bytes(pc, layers) == bool_bytes
+    masked = sum(cm.layer_has_mask(i) for i in layers)
+    assert masked * cm.mask_bias_bytes(pc) == sum(saved.values())
+    expect_any = padded or kind in ("mistral", "qwen2")
+    assert (bool_bytes > 0) == expect_any and (masked > 0) == expect_any
+
+
+# ------------------------------------------------------------------------------------ the option itself
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"attn_implementation": "eager"}, r"SearchConfig\.attn_implementation must be one of sdpa, flash"),
+        ({"padding_mask": "yes"}, r"SearchConfig\.padding_mask must be True .* or False"),
+        ({"padding_mask": 1}, r"SearchConfig\.padding_mask"),
+    ],
+)
+def test_bad_mask_options_are_refused_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SearchConfig(gpus=1, **kw)
+    name = match.replace("SearchConfig", "Plan.uniform")
+    with pytest.raises(ValueError, match=name):
+        Plan.uniform("tiny", gpus=1, global_batch=2, seq_len=16, **kw)
+    good = Plan.uniform("tiny", gpus=1, global_batch=2, seq_len=16).to_dict()
+    with pytest.raises(ValueError, match=match.replace("SearchConfig", "Plan")):
+        Plan.from_dict({**good, **kw})
+    with pytest.raises(ValueError, match=match.replace("SearchConfig", "TrainingSpec")):
+        TrainingSpec(global_batch=2, seq_len=16, **kw)
+
+
+def test_plans_record_the_mask_options_and_older_plans_still_load():
+    res = search("tiny", SearchConfig(gpus=1, global_batch=2, seq_len=64, padding_mask=True))
+    p = Plan.from_json(res.best.to_json())
+    assert p.padding_mask is True and p.attn_implementation == "sdpa" and p == res.best
+    assert predict(p).stage_memory_bytes == pytest.approx([g * 2**30 for g in p.predicted["memory_gb"]])
+    old = {k: v for k, v in p.to_dict().items() if k not in ("padding_mask", "attn_implementation")}
+    before = Plan.from_dict(old)  # a plan written before the options existed
+    assert before.padding_mask is False and before.attn_implementation == "sdpa"
+
+
+def test_cli_passes_the_mask_options_and_refuses_unknown_kernels(monkeypatch, capsys, tmp_path):
+    from hf_ext.accelerate.autoparallel import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "tiny", "--gpus", "1", "--attn-implementation", "eager"])
+    assert "--attn-implementation: must be one of sdpa" in capsys.readouterr().err
+    seen = {}
+    import hf_ext.accelerate.autoparallel.search as search_mod
+
+    real = search_mod.search
+
+    def spy(model: Any, config: SearchConfig, **kw: Any) -> Any:
+        seen["config"] = config
+        return real(model, config, **kw)
+
+    monkeypatch.setattr(search_mod, "search", spy)
+    out = tmp_path / "plan.json"
+    args = ["--model", "tiny", "--gpus", "1", "--global-batch", "2", "--seq-len", "64", "--out", str(out)]
+    assert cli.main([*args, "--padding-mask", "--attn-implementation", "flash_attention_2"]) == 0
+    assert seen["config"].padding_mask is True
+    assert seen["config"].attn_implementation == "flash_attention_2"
+    assert Plan.load(str(out)).attn_implementation == "flash_attention_2"
+    assert cli.main(args) == 0
+    assert seen["config"].padding_mask is False and seen["config"].attn_implementation == "sdpa"
