@@ -98,3 +98,71 @@ def all_checks(rank: int, world_size: int, proj_dim: int = 32) -> dict:
     loss, count = cb2._reduced_observations()
     out["obs"] = (loss.tolist(), count.tolist())
     return out
+
+
+def ddp_trainer_runs(rank: int, world_size: int, out: str) -> dict:
+    """DataFlexTrainer (ODM mixer) under DDP on ``world_size`` gloo ranks, three runs in ``out``:
+
+    * ``plain``: 4 steps, checkpoints at steps 2 and 4 (``on_save`` writes the DataFlex state);
+    * ``pushed``: the same with ``push_to_hub=True, hub_strategy="checkpoint"``; the hub client is replaced by a
+      recorder that reads ``dataflex_state.json`` of the folder when its upload starts (rank 0 uploads);
+    * ``resumed``: resumes ``plain`` from its step-2 checkpoint.
+
+    Returns this rank's batch indices per step of each run, and (rank 0) the states on disk / as uploaded."""
+    import json
+    import os
+    from concurrent.futures import Future
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import transformers.trainer
+
+    from hf_ext.callbacks.dataflex.callback import STATE_FILE
+    from hf_ext.callbacks.dataflex.ops import default_collate
+    from hf_ext.callbacks.dataflex.trainer import DataFlexTrainer
+    from tests.dataflex._common import Recorder, args, make_mixture, tiny_model
+
+    uploads: list[tuple[str | None, dict | None]] = []
+
+    class Api:  # what Trainer reads of huggingface_hub's client: no network
+        def create_repo(self, name, **kw):
+            return SimpleNamespace(repo_id=f"user/{name}")
+
+        def upload_folder(self, folder_path, path_in_repo=None, **kw):
+            path = os.path.join(folder_path, STATE_FILE)
+            state = json.loads(Path(path).read_text()) if os.path.exists(path) else None
+            uploads.append((path_in_repo, state))
+            done = Future()
+            done.set_result(None)
+            return done
+
+    transformers.trainer.hf_api = Api
+    data = make_mixture({"clean": 16, "noisy": 16, "hard": 16}, seed=0)
+    cfg = {"mixer": "odm", "warmup_step": 1, "update_step": 2, "mixer_args": {"alpha": 0.5}}
+
+    def run(name: str, resume: str | None = None, **targs) -> dict[int, list[int]]:
+        rec = Recorder()
+        t = DataFlexTrainer(
+            model=tiny_model(),
+            args=args(os.path.join(out, name), max_steps=4, save_strategy="steps", save_steps=2, **targs),
+            train_dataset=data,
+            data_collator=default_collate,
+            dataflex=cfg,
+            callbacks=[rec],
+        )
+        rec.trainer = t
+        t.train(resume_from_checkpoint=resume)
+        return rec.batches
+
+    res: dict = {"rank": rank}
+    res["plain"] = run("plain")
+    res["pushed"] = run("pushed", push_to_hub=True, hub_strategy="checkpoint")
+    res["resumed"] = run("resumed", resume=os.path.join(out, "plain", "checkpoint-2"))
+    if rank == 0:
+        res["states"] = {
+            f"{name}-{step}": json.loads(Path(out, name, f"checkpoint-{step}", STATE_FILE).read_text())
+            for name in ("plain", "pushed")
+            for step in (2, 4)
+        }
+        res["uploads"] = uploads
+    return res
