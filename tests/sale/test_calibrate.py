@@ -209,3 +209,92 @@ def test_calibrate_a_model_left_in_training_mode():
     got = calibrate(model, ids, theta=0.05, config=CFG)
     assert got.taus == ref.taus
     assert [m.training for m in model.modules()] == flags
+
+
+class _AllCalls(Calibrator):
+    """Records every attention call's arguments (the model runs dense, as under calibrate)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.calls = []
+
+    def observe(self, module, *args):
+        self.calls.append((module, args))
+
+
+def _tower(module) -> str:
+    return "vision" if "Vision" in type(module).__name__ else "text"
+
+
+@pytest.mark.parametrize("vision_heads", [4, 2])
+def test_calibrated_taus_are_kept_per_sub_model_when_towers_share_layer_indices(vision_heads, tmp_path):
+    """Gemma4's vision tower numbers its attention layers 0, 1 like its text model. calibrate keyed thresholds by
+    layer_idx alone: with equal head counts the two towers' halvings were merged into one table that both read
+    (the text model ran on the vision tower's thresholds), with other head counts calibrate raised ValueError
+    ("tau must be ... 4 per-head values, got 2"). Each tower now gets the thresholds calibrated on its own
+    activations, reads them at run time, and keeps them through save_pretrained / from_pretrained."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    from hf_ext.attention.sale.attention import config_of
+    from tests.sale._models import gemma4_vl_batch, tiny_gemma4_vl
+
+    model = tiny_gemma4_vl(vision_heads)
+    batch = gemma4_vl_batch()
+    cfg = SALEConfig(block_q=16, block_k=16, local_window=16, min_seq_len=32)
+    theta = 0.003
+    calibrate(model, batch, theta=theta, config=cfg)
+
+    # the reference: the halving criterion run on each attention module's own inputs alone
+    rec = _AllCalls(cfg, theta, 0.008, 1e-4)
+    model.set_attn_implementation("sale")
+    with calibrating(rec), torch.no_grad():
+        model(**batch, use_cache=False)
+    want = {}
+    for module, args in rec.calls:
+        one = Calibrator(cfg, theta, 0.008, 1e-4)
+        one.observe(module, *args)
+        want[module] = [float(t) for t in next(iter(one.taus.values())).tolist()]
+    assert {_tower(m) for m in want} == {"vision", "text"} and len(want) == 4
+    by_tower = {t: [v for m, v in want.items() if _tower(m) == t] for t in ("vision", "text")}
+    assert by_tower["vision"] != by_tower["text"], want  # the towers need different thresholds here
+
+    def used(
+        mods: dict,
+    ) -> dict:  # {reference module: module to look up}: the thresholds the attention function uses
+        return {ref: config_of(m).tau_for(m.layer_idx, len(want[ref])) for ref, m in mods.items()}
+
+    assert used({m: m for m in want}) == want
+    with torch.no_grad(), sale_stats() as st:
+        model(**batch)
+    assert [c["path"] for c in st.calls] == ["sparse"] * 4, st.calls  # both towers run sparse on them
+
+    model.save_pretrained(tmp_path)
+    loaded = dict(
+        Gemma4ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sale").named_modules()
+    )
+    assert used({m: loaded[n] for n, m in model.named_modules() if m in want}) == want
+
+
+def test_thresholds_of_another_model_or_sub_model_are_refused_naming_them():
+    """sub_taus that do not fit a sub-model (head count, layers) or name one the model does not have are a
+    ValueError naming sub_taus, before the model changes; text-model taus that do not fit still name taus."""
+    from tests.sale._models import tiny_gemma4_vl
+
+    model = tiny_gemma4_vl(vision_heads=2)
+    good = {"taus": [[0.004] * 4] * 2, "sub_taus": {"vision_config": [[0.002] * 2] * 2}}
+    bad = [
+        ({"sub_taus": {"vision_config": [[0.002] * 4] * 2}}, r"sub_taus\['vision_config'\]\[0\] has 4 heads"),
+        ({"sub_taus": {"vision_config": [[0.002] * 2]}}, r"sub_taus\['vision_config'\] has 1 layers"),
+        ({"sub_taus": {"audio_config": [[0.002] * 2] * 2}}, r"sub_taus names \['audio_config'\]"),
+        ({"taus": [[0.004] * 2] * 2}, r"sale_config.taus\[0\] has 2 heads"),
+    ]
+    for change, match in bad:
+        with pytest.raises(ValueError, match=match):
+            enable_sale(model, SALEConfig(**{**good, **change}))
+        assert model.config._attn_implementation == "sdpa"
+        assert getattr(model.config.vision_config, "sale_config", None) is None
+    enable_sale(model, SALEConfig(**good))
+    assert model.config.sale_config["sub_taus"] == good["sub_taus"]
+    assert model.config.vision_config.sale_config["taus"] == good["sub_taus"]["vision_config"]
+    assert model.config.text_config.sale_config["taus"] == good["taus"]
+    assert "sub_taus" not in model.config.text_config.sale_config

@@ -142,3 +142,34 @@ def test_numpy_scalars_are_taken_as_python_numbers():
     for bad, name in ((dict(block_q=np.int64(48)), "block_q"), (dict(tau=np.float32(1.5)), "tau")):
         with pytest.raises(ValueError, match=name):
             SALEConfig(**bad)
+
+
+def test_sub_taus_validate_round_trip_and_leave_the_older_format_alone():
+    """Per-sub-model thresholds (``sub_taus``) are checked like ``taus`` and survive the dict round trip; a config
+    without them serialises exactly as before they existed (no ``sub_taus`` key), so older saved configs load and
+    single-tower configs do not change."""
+    old = {
+        "tau": 0.01,
+        "taus": [[0.008, 0.0]],
+        "block_q": 16,
+        "block_k": 16,
+        "sink_blocks": 1,
+        "local_window": 128,
+        "min_seq_len": 4096,
+        "bits": 8,
+        "backend": "auto",
+        "on_unsupported": "fallback",
+    }
+    assert SALEConfig.from_dict(old).to_dict() == old
+    cfg = SALEConfig(taus=[[0.008, 0.0]], sub_taus={"vision_config": [[0.004], [0.002]]})
+    assert SALEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.for_sub_model("vision_config") == SALEConfig(taus=[[0.004], [0.002]])
+    assert cfg.for_sub_model(None) == cfg.for_sub_model("audio_config") == SALEConfig(taus=[[0.008, 0.0]])
+    for bad, match in (
+        ({"vision_config": [[0.1, 1.5]]}, r"sub_taus\['vision_config'\]\[0\]\[1\]"),
+        ({"vision_config": []}, r"sub_taus\['vision_config'\]"),
+        ({"": [[0.1]]}, "sub_taus key"),
+        ([[0.1]], "sub_taus"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SALEConfig(sub_taus=bad)

@@ -11,7 +11,9 @@ final tau satisfies the criterion on the prompts it was tightened on. This follo
 The per-layer q/k/v are captured inside the ``"sale"`` attention function (after RoPE / q-k norms, exactly
 what the kernel sees); the model keeps running on the dense outputs so later layers see exact activations.
 The result is written to ``model.config.sale_config["taus"]`` (a nested list ``[num_layers][num_heads]``),
-so ``save_pretrained`` / ``from_pretrained`` keep it.
+so ``save_pretrained`` / ``from_pretrained`` keep it. Thresholds are kept per attention config: a sub-model whose
+attention layers number their own ``layer_idx`` from 0 (Gemma4's vision tower next to its text model) gets its own
+table, in ``sale_config["sub_taus"]["vision_config"]`` and as the ``taus`` of that sub-config's ``sale_config``.
 
 Example:
     >>> import torch
@@ -39,7 +41,14 @@ import torch
 
 from hf_ext.attention.sale import attention as _attn
 from hf_ext.attention.sale.config import SALEConfig
-from hf_ext.attention.sale.integration import _attention_configs, _default_impl, _impl_tree, set_sale_config
+from hf_ext.attention.sale.integration import (
+    _attention_configs,
+    _check_taus_fit,
+    _default_impl,
+    _impl_tree,
+    _sub_model_names,
+    set_sale_config,
+)
 
 __all__ = ["calibrate", "Calibrator"]
 
@@ -48,8 +57,11 @@ class Calibrator:
     """Collects per-(layer, head) thresholds while a model runs dense under :func:`calibrating`.
 
     Attributes:
-        taus: ``{layer_idx: tensor [H]}`` current thresholds.
-        skipped: ``{layer_idx: reason}`` for layers the sparse path cannot take (they stay dense at run time).
+        taus: ``{(id(module.config), layer_idx): tensor [H]}`` current thresholds. Keyed by the attention module's
+            config too: sub-models (a vision tower, the text model) each number their layers from 0.
+        configs: ``{id(config): config}`` of the keys of ``taus``.
+        skipped: ``{(id(module.config), layer_idx): reason}`` for layers the sparse path cannot take (they stay
+            dense at run time).
         steps: number of (layer, prompt) observations.
     """
 
@@ -58,8 +70,9 @@ class Calibrator:
         self.theta = theta
         self.tau_init = tau_init
         self.tau_min = tau_min
-        self.taus: dict[int, torch.Tensor] = {}
-        self.skipped: dict[int, str] = {}
+        self.taus: dict[tuple[int, int], torch.Tensor] = {}
+        self.configs: dict[int, Any] = {}
+        self.skipped: dict[tuple[int, int], str] = {}
         self.steps = 0
 
     @torch.no_grad()
@@ -76,13 +89,16 @@ class Calibrator:
         kwargs: dict,
         dropout: float,
     ) -> None:
-        """Tighten the thresholds of ``module.layer_idx`` on one prompt batch.
+        """Tighten the thresholds of ``module.layer_idx`` (of ``module.config``) on one prompt batch.
 
         ``query [B,H,Sq,D]``, ``key``/``value`` ``[B,Hkv,Sk,D]``, ``dense_out [B,Sq,H,D]`` (the dense result).
         """
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             return
+        conf = getattr(module, "config", None)
+        self.configs[id(conf)] = conf
+        slot = (id(conf), layer)
         reason = _attn._unsupported_reason(module, query, key, value, dropout, kwargs, self.cfg)
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         sq, sk = query.shape[2], key.shape[2]
@@ -92,10 +108,10 @@ class Calibrator:
             if why is not None:
                 reason = ("mask", why)
         if reason is not None:
-            self.skipped[layer] = reason[1]
+            self.skipped[slot] = reason[1]
             return
         h = query.shape[1]
-        taus = self.taus.setdefault(layer, torch.full((h,), float(self.tau_init), dtype=torch.float64))
+        taus = self.taus.setdefault(slot, torch.full((h,), float(self.tau_init), dtype=torch.float64))
         ref = dense_out.transpose(1, 2).float()  # [B,H,Sq,D]
         if kpm is None:
             valid = torch.ones(query.shape[0], sq, dtype=torch.bool, device=query.device)
@@ -197,8 +213,10 @@ def calibrate(
         progress: show a progress bar over the prompts.
 
     Returns:
-        The new :class:`SALEConfig`, with ``taus`` ``[num_layers][num_heads]``; also written to
-        ``model.config.sale_config``.
+        The new :class:`SALEConfig`, with ``taus`` ``[num_layers][num_heads]`` (the text model's) and, for a
+        sub-model whose attention layers number their own ``layer_idx`` (e.g. Gemma4's vision tower), that
+        sub-model's table in ``sub_taus`` (``{"vision_config": [num_layers][num_heads]}``); also written to
+        ``model.config.sale_config``, and each sub-model's table to its own config's ``sale_config``.
     """
     if not _is_real(theta) or not 0 < float(theta) < math.inf:
         raise ValueError(
@@ -227,7 +245,7 @@ def calibrate(
     cal = Calibrator(cfg, float(theta), float(tau_init), float(tau_min))
     device = next(model.parameters()).device
     # the stored taus are not used while calibrating (and may be another model's: that is what re-calibrating fixes)
-    set_sale_config(model, replace(cfg, taus=None))
+    set_sale_config(model, replace(cfg, taus=None, sub_taus=None))
     ok = False
     # calibration is inference: a model left in training mode (after Trainer.train(), or built from a config) runs
     # in eval mode (no dropout; SALE takes training-mode modules dense, so none would be calibrated), then each
@@ -267,20 +285,50 @@ def calibrate(
             f"(skipped: {cal.skipped or 'none'})"
         )
 
-    layers = [getattr(m, "layer_idx", None) for m in model.modules() if hasattr(m, "layer_idx")]
-    n_layers = max([i for i in layers if isinstance(i, int)] + list(cal.taus)) + 1
-    n_heads = len(next(iter(cal.taus.values())))
-    table: list[list[float]] = []
-    for li in range(n_layers):
-        if li in cal.taus:
-            table.append([float(t) for t in cal.taus[li].tolist()])
-        elif cfg.taus is not None and li < len(cfg.taus) and len(cfg.taus[li]) == n_heads:
-            table.append(list(cfg.taus[li]))
-        else:
-            table.append([cfg.tau] * n_heads)
-    new = replace(cfg, taus=table)
+    new = replace(cfg, **_tables(model, cal, cfg))
     set_sale_config(model, new)
     return new
+
+
+def _tables(model: Any, cal: Calibrator, cfg: SALEConfig) -> dict[str, Any]:
+    """``taus`` and ``sub_taus`` from a calibration run: one table per sub-model (``None``: the text model, which
+    reads ``taus``), as each attention module looks its thresholds up in its own config. Layers not observed keep
+    the stored row where it fits, else get ``tau``."""
+    subs = _sub_model_names(model)
+    observed: dict[str | None, dict[int, torch.Tensor]] = {}
+    for (cid, layer), t in cal.taus.items():
+        rows = observed.setdefault(subs.get(cid), {})
+        # two configs reading the same table (the text model's and an unnamed one): the tighter value meets both
+        rows[layer] = torch.minimum(rows[layer], t) if layer in rows and len(rows[layer]) == len(t) else t
+    layers: dict[str | None, list[int]] = {}
+    for m in model.modules():
+        li = getattr(m, "layer_idx", None)
+        if isinstance(li, int) and not isinstance(li, bool):
+            layers.setdefault(subs.get(id(getattr(m, "config", None))), []).append(li)
+    tables: dict[str | None, list[list[float]]] = {}
+    for name, rows in observed.items():
+        n_layers = max(layers.get(name, []) + list(rows)) + 1
+        n_heads = len(next(iter(rows.values())))
+        old = cfg.for_sub_model(name).taus
+        table: list[list[float]] = []
+        for li in range(n_layers):
+            if li in rows:
+                table.append([float(t) for t in rows[li].tolist()])
+            elif old is not None and li < len(old) and len(old[li]) == n_heads:
+                table.append(list(old[li]))
+            else:
+                table.append([cfg.tau] * n_heads)
+        tables[name] = table
+    sub_taus = {k: v for k, v in tables.items() if k is not None}
+    # a sub-model the prompts did not reach (text-only prompts: no vision tower) keeps its stored table if it fits
+    for name, old in (cfg.sub_taus or {}).items():
+        if name not in sub_taus:
+            try:
+                _check_taus_fit(model, SALEConfig(sub_taus={name: old}))
+            except ValueError:
+                continue
+            sub_taus[name] = old
+    return {"taus": tables.get(None), "sub_taus": sub_taus or None}
 
 
 def _is_real(x: Any) -> bool:

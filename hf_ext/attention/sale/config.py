@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -52,7 +52,16 @@ class SALEConfig:
         default=None,
         metadata={
             "help": "Per-layer, per-query-head thresholds [num_layers][num_heads] (written by "
-            "`calibrate`); each value in [0, 1), 0 keeps every block of that head (dense). None: use `tau`."
+            "`calibrate`) of the text model (the whole model when it has no sub-models); each value in [0, 1), 0 "
+            "keeps every block of that head (dense). None: use `tau`."
+        },
+    )
+    sub_taus: dict[str, list[list[float]]] | None = field(
+        default=None,
+        metadata={
+            "help": "Thresholds of other sub-models whose attention layers number their own `layer_idx` from 0 "
+            "(e.g. Gemma4's vision tower): {sub-config name, e.g. 'vision_config': [num_layers][num_heads]}, "
+            "written by `calibrate`. A sub-model not listed uses `taus`. None: none."
         },
     )
     block_q: int | None = field(
@@ -104,6 +113,8 @@ class SALEConfig:
         self.tau = float(self.tau)
         if self.taus is not None:
             self.taus = self._check_taus(self.taus)
+        if self.sub_taus is not None:
+            self.sub_taus = self._check_sub_taus(self.sub_taus)
         for name in ("block_q", "block_k"):
             v = getattr(self, name)
             if v is None:
@@ -129,23 +140,23 @@ class SALEConfig:
             )
 
     @staticmethod
-    def _check_taus(taus: Any) -> list[list[float]]:
+    def _check_taus(taus: Any, name: str = "taus") -> list[list[float]]:
         if not isinstance(taus, (list, tuple)) or not taus:
             raise ValueError(
-                "taus is invalid: it must be None or a non-empty nested list [num_layers][num_heads]"
+                f"{name} is invalid: it must be None or a non-empty nested list [num_layers][num_heads]"
             )
         out: list[list[float]] = []
         width = None
         for li, row in enumerate(taus):
             if not isinstance(row, (list, tuple)) or not row:
                 raise ValueError(
-                    f"taus[{li}] is invalid: each layer needs a non-empty list of per-head values"
+                    f"{name}[{li}] is invalid: each layer needs a non-empty list of per-head values"
                 )
             if width is None:
                 width = len(row)
             elif len(row) != width:
                 raise ValueError(
-                    f"taus[{li}] has {len(row)} heads but taus[0] has {width}: rows must be equal length"
+                    f"{name}[{li}] has {len(row)} heads but {name}[0] has {width}: rows must be equal length"
                 )
             vals = []
             for hi, t in enumerate(row):
@@ -155,12 +166,35 @@ class SALEConfig:
                     or math.isnan(float(t))
                     or not 0.0 <= float(t) < 1.0
                 ):
-                    raise ValueError(f"taus[{li}][{hi}]={t!r} is invalid: per-head tau must be in [0, 1)")
+                    raise ValueError(f"{name}[{li}][{hi}]={t!r} is invalid: per-head tau must be in [0, 1)")
                 vals.append(float(t))
             out.append(vals)
         return out
 
+    @classmethod
+    def _check_sub_taus(cls, sub_taus: Any) -> dict[str, list[list[float]]]:
+        if not isinstance(sub_taus, dict) or not sub_taus:
+            raise ValueError(
+                "sub_taus is invalid: it must be None or a non-empty dict {sub-config name: [num_layers][num_heads]}"
+            )
+        out: dict[str, list[list[float]]] = {}
+        for name, taus in sub_taus.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(
+                    f"sub_taus key {name!r} is invalid: keys are sub-config names such as 'vision_config'"
+                )
+            out[name] = cls._check_taus(taus, f"sub_taus[{name!r}]")
+        return out
+
     # ------------------------------------------------------------------------------ lookup
+    def for_sub_model(self, name: str | None) -> SALEConfig:
+        """The config the attention modules of sub-model ``name`` (a sub-config name such as ``"vision_config"``;
+        ``None``: the text model) read: ``taus`` replaced by ``sub_taus[name]`` where listed, without ``sub_taus``."""
+        taus = self.taus
+        if name is not None and self.sub_taus is not None and name in self.sub_taus:
+            taus = self.sub_taus[name]
+        return replace(self, taus=taus, sub_taus=None)
+
     def tau_for(self, layer_idx: int | None, num_heads: int) -> list[float]:
         """Per-query-head thresholds of one layer (``len == num_heads``).
 
@@ -188,6 +222,10 @@ class SALEConfig:
         d = asdict(self)
         if d["taus"] is not None:
             d["taus"] = [list(r) for r in d["taus"]]
+        if d["sub_taus"] is None:  # the format of configs saved before sub_taus existed
+            del d["sub_taus"]
+        else:
+            d["sub_taus"] = {k: [list(r) for r in v] for k, v in d["sub_taus"].items()}
         return d
 
     @classmethod

@@ -76,32 +76,98 @@ def _default_impl(model: Any) -> str:
         return "eager"
 
 
-def _check_taus_fit(model: Any, cfg: SALEConfig) -> None:
-    """``ValueError`` (naming ``taus``) when per-layer thresholds lack a row for an attention layer of ``model`` or
-    hold another number of heads than it: the attention function would raise only at the first long prompt."""
-    if cfg.taus is None:
-        return
+def _config_names(config: Any, prefix: str = "") -> dict[int, str]:
+    """``id(sub-config) -> name`` for every sub-config under ``config`` (``"vision_config"``; nested ones dotted,
+    ``"vision_config.sub"``): the keys of ``SALEConfig.sub_taus``. ``config`` itself is not listed."""
+    out: dict[int, str] = {}
+    for k in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, k, None)
+        if sub is None or sub is config or id(sub) in out:
+            continue
+        out[id(sub)] = prefix + k
+        for i, n in _config_names(sub, f"{prefix}{k}.").items():
+            out.setdefault(i, n)
+    return out
+
+
+def _attention_modules(model: Any) -> list[Any]:
+    """The attention modules that look thresholds up per layer: an integer ``layer_idx`` and an ``is_causal`` flag
+    (decoder layers and linear-attention mixers carry only the former)."""
+    out = []
     for mod in model.modules():
         layer = getattr(mod, "layer_idx", None)
-        if not isinstance(layer, int) or isinstance(layer, bool) or not hasattr(mod, "is_causal"):
-            continue  # attention modules carry both (decoder layers and linear-attention mixers do not)
-        heads = getattr(mod, "num_heads", None) or getattr(
-            getattr(mod, "config", None), "num_attention_heads", None
+        if isinstance(layer, int) and not isinstance(layer, bool) and hasattr(mod, "is_causal"):
+            out.append(mod)
+    return out
+
+
+def _sub_model_names(model: Any) -> dict[int, str | None]:
+    """``id(config) -> sub_taus key`` for the config of every attention module of ``model``: ``None`` for the text
+    model's config (``get_text_config()``, the whole model's config without sub-models) and for configs that are no
+    named sub-config (they read ``taus``), else the sub-config name (``"vision_config"``)."""
+    mods = _attention_modules(model)
+    get = getattr(model.config, "get_text_config", None)
+    try:
+        text = get() if callable(get) else model.config
+    except ValueError:  # several text configs (transformers cannot tell which): every one reads taus
+        text = model.config
+    if not any(getattr(m, "config", None) is text for m in mods):
+        text = model.config
+    names = _config_names(model.config)
+    out: dict[int, str | None] = {}
+    for m in mods:
+        c = getattr(m, "config", None)
+        out[id(c)] = None if c is text or c is model.config else names.get(id(c))
+    return out
+
+
+def _check_taus_fit(model: Any, cfg: SALEConfig) -> None:
+    """``ValueError`` (naming ``taus`` / ``sub_taus``) when per-layer thresholds lack a row for an attention layer of
+    ``model``, hold another number of heads than it, or name a sub-model it does not have: the attention function
+    would raise only at the first long prompt."""
+    if cfg.taus is None and cfg.sub_taus is None:
+        return
+    subs = _sub_model_names(model)
+    unknown = sorted(set(cfg.sub_taus or {}) - set(subs.values()))
+    if unknown:
+        have = sorted(n for n in subs.values() if n is not None)
+        raise ValueError(
+            f"sale_config.sub_taus names {unknown}, but this model has no such sub-model with attention layers of its "
+            f"own (it has {have or 'none'}); re-run calibrate() for this model or set sub_taus=None"
         )
-        if isinstance(heads, int) and heads > 0:
-            cfg.tau_for(layer, heads)
+    for mod in _attention_modules(model):
+        c = getattr(mod, "config", None)
+        heads = getattr(mod, "num_heads", None) or getattr(c, "num_attention_heads", None)
+        if not isinstance(heads, int) or heads <= 0:
+            continue
+        name = subs.get(id(c))
+        try:
+            cfg.for_sub_model(name).tau_for(mod.layer_idx, heads)
+        except ValueError as exc:
+            if name is None or name not in (cfg.sub_taus or {}):
+                raise
+            # name the table that does not fit: sub_taus['vision_config'], not taus
+            raise ValueError(
+                str(exc).replace("sale_config.taus", f"sale_config.sub_taus[{name!r}]")
+            ) from None
 
 
 def set_sale_config(model: Any, config: SALEConfig | dict | None) -> SALEConfig:
     """Validate ``config`` and store it as a plain dict on ``model.config.sale_config`` (and sub-configs).
 
-    A plain dict survives ``save_pretrained`` / ``from_pretrained`` in ``config.json``. Per-layer ``taus`` that do
-    not fit the model's attention layers (a missing layer, another head count) are a ``ValueError``.
+    A plain dict survives ``save_pretrained`` / ``from_pretrained`` in ``config.json``. Per-layer ``taus`` /
+    ``sub_taus`` that do not fit the model's attention layers (a missing layer, another head count, a sub-model the
+    model does not have) are a ``ValueError``.
+
+    ``model.config`` gets the whole config. The config of a sub-model listed in ``sub_taus`` (e.g. a vision tower
+    whose attention layers number their own ``layer_idx`` from 0) gets those thresholds as its ``taus``; every other
+    sub-config gets ``taus`` (the text model's). That is where each attention module looks its thresholds up.
     """
     cfg = SALEConfig.from_dict(config)
     _check_taus_fit(model, cfg)
+    subs = _sub_model_names(model)
     for c in _attention_configs(model):
-        c.sale_config = cfg.to_dict()
+        c.sale_config = (cfg if c is model.config else cfg.for_sub_model(subs.get(id(c)))).to_dict()
     return cfg
 
 
