@@ -35,15 +35,16 @@ def _mem(shape: ModelShape, **kw: Any) -> list[float]:
 
 def test_sliding_window_masks_are_in_the_predicted_memory():
     """b = 2, s = 4096, both layers windowed (w = 256 <= s): each layer saves a bf16 additive mask of
-    2 * s^2 * 2 B = 64 MiB; one more lives while a layer runs its backward (the transient layer); the boolean
-    mask itself is [1, 1, s, s] expanded over the batch, s^2 = 16 MiB. Checkpointed layers save none."""
+    2 * s^2 * 2 B = 64 MiB and k / v copied to all 4 query heads (2 more heads of 16 each: 2 * s * 2 * 32 * 2 B
+    = 1 MiB); one more of each lives while a layer runs its backward (the transient layer); the boolean mask
+    itself is [1, 1, s, s] expanded over the batch, s^2 = 16 MiB. Checkpointed layers save none."""
     kw = dict(dp_type="fsdp", global_batch=2, micro_batch=2)
-    bias, boolean = 2 * S * S * 2, S * S
-    assert bias == 64 * MiB and boolean == 16 * MiB
+    bias, kv, boolean = 2 * S * S * 2, 2 * S * 2 * (64 - 32) * 2, S * S
+    assert bias == 64 * MiB and kv == MiB and boolean == 16 * MiB
     d = _mem(WIN, ckpt=False, **kw)[0] - _mem(FULL, ckpt=False, **kw)[0]
-    assert d == 2 * bias + bias + boolean  # 208 MiB
+    assert d == 3 * (bias + kv) + boolean  # 211 MiB
     d_ckpt = _mem(WIN, ckpt=True, **kw)[0] - _mem(FULL, ckpt=True, **kw)[0]
-    assert d_ckpt == bias + boolean  # 80 MiB
+    assert d_ckpt == bias + kv + boolean  # 81 MiB
     # a kernel that masks inside (flash-attention, flex) gets no dense mask
     flash = dict(kw, attn_implementation="flash_attention_2")
     assert _mem(WIN, ckpt=False, **flash) == _mem(FULL, ckpt=False, **flash)
@@ -54,32 +55,33 @@ def test_sliding_window_masks_are_in_the_predicted_memory():
 
 def test_padding_masks_are_in_the_predicted_memory_on_every_stage():
     """With padded batches every layer gets a real [b, 1, s, s] boolean mask (b * s^2 bytes) and keeps its
-    additive copy. The pipeline stage module builds its own per micro-batch: stage i keeps those of its
-    min(m, pp - i) in-flight micro-batches."""
+    additive copy (and the k / v copies, see above). The pipeline stage module builds its own per micro-batch:
+    stage i keeps those of its min(m, pp - i) in-flight micro-batches."""
     kw = dict(dp_type="fsdp", global_batch=2, micro_batch=2, ckpt=False)
-    bias, boolean = 2 * S * S * 2, 2 * S * S
+    bias, kv, boolean = 2 * S * S * 2, 2 * S * 2 * 32 * 2, 2 * S * S
     d = _mem(FULL, padding_mask=True, **kw)[0] - _mem(FULL, **kw)[0]
-    assert d == 2 * bias + bias + boolean  # 224 MiB
+    assert d == 3 * (bias + kv) + boolean  # 227 MiB
     assert _mem(FULL, padding_mask=True, attn_implementation="flash_attention_2", **kw) == _mem(FULL, **kw)
     pipe = dict(dp_type="fsdp", gpus=2, pp=2, global_batch=4, micro_batch=1, ckpt=False)
-    bias1, bool1 = S * S * 2, S * S  # b = 1
+    lay1, bool1 = S * S * 2 + S * 2 * 32 * 2, S * S  # b = 1
     d0, d1 = (a - b for a, b in zip(_mem(FULL, padding_mask=True, **pipe), _mem(FULL, **pipe)))
-    assert d0 == 2 * bias1 + bias1 + 2 * bool1  # 2 micro-batches in flight on stage 0, one layer
-    assert d1 == bias1 + bias1 + bool1
+    assert d0 == 2 * lay1 + lay1 + 2 * bool1  # 2 micro-batches in flight on stage 0, one layer
+    assert d1 == lay1 + lay1 + bool1
 
 
 def test_the_search_needs_the_mask_bytes_to_fit():
     """The smallest memory any plan needs (b = 1, every layer checkpointed) grows by exactly one layer's
-    additive mask (s^2 * 2 B, while it runs its backward) and the boolean window mask (s^2 B); and a budget
+    additive mask and k / v copies (s^2 * 2 B + 0.5 MiB, while it runs its backward) and the boolean window
+    mask (s^2 B); and a budget
     the full-attention model fits without checkpointing (65 MiB predicted) makes the windowed one checkpoint
-    (without: 177 MiB)."""
+    (without: 178 MiB)."""
     sc = dict(gpus=1, global_batch=2, seq_len=S, micro_batch_sizes=(1, 2))
     need = {}
     for shape in (WIN, FULL):
         with pytest.raises(NoFeasiblePlanError) as ei:
             search(shape, SearchConfig(memory_gb=1.0, **sc))
         need[shape.name] = ei.value.min_memory_gb
-    expected = (S * S * 2 + S * S) / 0.92 / 2**30
+    expected = (S * S * 2 + S * 2 * 32 * 2 + S * S) / 0.92 / 2**30
     assert need["win"] - need["full"] == pytest.approx(expected, rel=1e-9)
 
     # usable = 0.92 * memory - 1 GiB = 120 MiB
@@ -149,20 +151,16 @@ def _config(kind: str) -> Any:
     return cfg
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "mistral_long_window", "qwen2"])
-@pytest.mark.parametrize("padded", [False, True])
-def test_predicted_mask_bytes_match_what_transformers_and_torch_allocate(kind, padded, monkeypatch):
-    """A tiny random bf16 model on CPU (no download), b = 3, s = 32: the boolean masks transformers'
-    ``sdpa_mask`` returns (their storage: an expanded window mask holds s^2 bytes, a padded one b * s^2) and
-    the additive [b, 1, s, s] masks autograd saves for the backward (one per masked layer, bf16) are the bytes
-    the cost model predicts for that shape and batch."""
+def _run(kind: str, padded: bool, b: int, s: int) -> tuple[Any, list[torch.Tensor], dict[int, int]]:
+    """Train step of a tiny random bf16 model: the masks ``sdpa_mask`` returns and the storages autograd saves
+    (parameters left out)."""
     from transformers import AutoModelForCausalLM
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    b, s = 3, 32
     cfg = _config(kind)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     built: list[torch.Tensor] = []
     inner = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
 
@@ -172,22 +170,38 @@ def test_predicted_mask_bytes_match_what_transformers_and_torch_allocate(kind, p
             built.append(out)
         return out
 
-    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 4 and t.shape[1] == 1 and tuple(t.shape[-2:]) == (s, s):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
         return t
 
+    torch.manual_seed(1)
     ids = torch.randint(0, 100, (b, s))
     mask = torch.ones(b, s, dtype=torch.long)
     if padded:
         mask[0, :5] = 0  # one left-padded row
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, attention_mask=mask if padded else None, labels=ids, use_cache=False)
-    out.loss.backward()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids, attention_mask=mask if padded else None, labels=ids, use_cache=False)
+        out.loss.backward()
+    return cfg, built, saved
 
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "mistral_long_window", "qwen2"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_predicted_mask_bytes_match_what_transformers_and_torch_allocate(kind, padded):
+    """A tiny random bf16 GQA model on CPU (no download), b = 3, s = 32, against the same-size Llama without a
+    mask: the boolean masks transformers' ``sdpa_mask`` returns (their storage: an expanded window mask holds
+    s^2 bytes, a padded one b * s^2) are the predicted boolean bytes, and everything autograd saves beyond the
+    unmasked Llama is, per masked layer, the additive [b, 1, s, s] bf16 mask plus the k / v copies for every
+    query head (transformers' repeat_kv instead of sdpa's enable_gqa when a mask is given)."""
+    b, s = 3, 32
+    cfg, built, saved = _run(kind, padded, b, s)
+    _, _, plain = _run("llama", False, b, s)
     shape = get_shape(cfg)
     cm = CostModel(shape, HardwareProfile.cpu(), TrainingSpec(global_batch=b, seq_len=s, padding_mask=padded))
     pc = ParallelConfig(gpus=1, pp=1, tp=1, sp=False, micro_batch=b, num_micro_batches=1, dp_type="fsdp")
@@ -196,7 +210,9 @@ def test_predicted_mask_bytes_match_what_transformers_and_torch_allocate(kind, p
     assert all(t.dtype == torch.bool and tuple(t.shape) == (b, 1, s, s) for t in built)
     assert cm.mask_bool_bytes(pc, layers) == bool_bytes
     masked = sum(cm.layer_has_mask(i) for i in layers)
-    assert masked * cm.mask_bias_bytes(pc) == sum(saved.values())
+    assert cm.mask_repeat_kv_bytes(pc) == b * s * 2 * (32 - 16) * 2 > 0
+    per_layer = cm.mask_bias_bytes(pc) + cm.mask_repeat_kv_bytes(pc)
+    assert sum(saved.values()) - sum(plain.values()) == masked * per_layer
     expect_any = padded or kind in ("mistral", "qwen2")
     assert (bool_bytes > 0) == expect_any and (masked > 0) == expect_any
 
@@ -257,3 +273,52 @@ def test_cli_passes_the_mask_options_and_refuses_unknown_kernels(monkeypatch, ca
     assert Plan.load(str(out)).attn_implementation == "flash_attention_2"
     assert cli.main(args) == 0
     assert seen["config"].padding_mask is False and seen["config"].attn_implementation == "sdpa"
+
+
+def test_profiling_a_windowed_model_leaves_the_masks_out_of_the_calibration():
+    """The profiler runs a decoder layer with the mask the model passes it: for a windowed model at s >= w the
+    layer saved the additive mask and the repeated k / v too, and the activation calibration took them in, on
+    top of the cost model's own mask terms. Mistral and Llama layers of one size now calibrate alike."""
+    import transformers as tf
+
+    from hf_ext.accelerate.autoparallel.profiler import profile_model
+
+    base = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    calib = {}
+    for name, cfg in (
+        ("llama", tf.LlamaConfig(**base)),
+        ("mistral", tf.MistralConfig(**base, sliding_window=8)),
+    ):
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+        prof = profile_model(
+            model,
+            seq_len=64,
+            micro_batches=(1, 2),
+            dtype=torch.bfloat16,
+            runtime_probe=False,
+            warmup=0,
+            repeats=1,
+        )
+        calib[name] = prof.act_calibration
+    assert calib["mistral"] == pytest.approx(calib["llama"], rel=1e-12)
+
+
+def test_the_profiler_tells_masks_from_rotary_tables_of_the_same_shape():
+    """head_dim == s makes the rotary tables [b, 1, s, s] too; they stay in the saved bytes."""
+    from hf_ext.accelerate.autoparallel.profiler import _is_attention_mask
+
+    s = 8
+    causal = torch.ones(s, s, dtype=torch.bool).tril()[None, None]
+    additive = torch.where(causal, 0.0, float("-inf")).to(torch.bfloat16).expand(3, 1, s, s)
+    assert _is_attention_mask(causal) and _is_attention_mask(additive)
+    cos = torch.cos(torch.arange(s * s, dtype=torch.float32).view(1, 1, s, s))
+    assert not _is_attention_mask(cos) and not _is_attention_mask(torch.zeros(2, 1, s, s + 1))

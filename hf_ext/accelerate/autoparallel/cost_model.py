@@ -42,6 +42,7 @@ peak of ``logit_bytes`` = 12 bytes per logit: bf16 logits, their fp32 upcast and
 its gradients), and under sdpa the dense attention masks transformers builds (on sliding-window layers when
 ``s >= w``, on every layer when ``TrainingSpec.padding_mask``): the boolean mask of each in-flight micro-batch
 and, per masked layer that is not checkpointed, the ``[b, 1, s, s]`` additive mask sdpa saves for the backward
+and the k / v copies transformers makes for every query head when a mask is given
 (:meth:`CostModel.layer_has_mask`). Measured step costs outside the layers (embedding, AdamW per parameter, autocast or FSDP2
 per-micro-batch weight handling, whole-model wrapper overhead; see :class:`ModelProfile`) are added when
 the profile has them; the per-micro-batch ones are affine in ``b`` (``m * (c0 + c1 * b)`` per step), so
@@ -331,7 +332,8 @@ class CostModel:
         ``ddp`` runs bf16 autocast over fp32 weights (fp32 residual stream, per-op casts): its activations
         are scaled by the profiled ``autocast_act_ratio``; checkpointed layers keep only their input. A layer
         that gets a dense sdpa mask (:meth:`layer_has_mask`; ``layer=None``: none) also keeps the additive
-        mask sdpa makes from it (:meth:`mask_bias_bytes`) unless it is checkpointed.
+        mask sdpa makes from it (:meth:`mask_bias_bytes`) and, for GQA, the k / v copies made for it
+        (:meth:`mask_repeat_kv_bytes`) unless it is checkpointed.
         """
         tokens = cfg.micro_batch * self.spec.seq_len
         ac = self.autocast_act if cfg.dp_type == "ddp" else 1.0
@@ -341,7 +343,7 @@ class CostModel:
         rep, shd = analytic_layer_act_bytes(self.shape, tokens)
         act = ac * self.act_calibration * (rep / (cfg.tp if cfg.sp else 1) + shd / cfg.tp)
         if layer is not None and self.layer_has_mask(layer):
-            act += self.mask_bias_bytes(cfg)
+            act += self.mask_bias_bytes(cfg) + self.mask_repeat_kv_bytes(cfg)
         return act
 
     # ------------------------------------------------------------------------------ attention masks
@@ -381,6 +383,14 @@ class CostModel:
         ``sp`` (every rank attends over the whole sequence with the same mask)."""
         s = float(self.spec.seq_len)
         return cfg.micro_batch * s * s * self.spec.act_bytes_per_elem
+
+    def mask_repeat_kv_bytes(self, cfg: ParallelConfig) -> float:
+        """Extra bytes one masked layer of a GQA model keeps: given a mask, transformers' sdpa path does not use
+        sdpa's ``enable_gqa`` (``use_gqa_in_sdpa`` needs ``attention_mask is None`` on CUDA) but copies k and v
+        to every query head (``repeat_kv``), and sdpa saves those copies: ``2 * (q_dim - kv_dim)`` more
+        elements per token than the analytic formula's k / v, split by ``tp`` like the heads."""
+        extra = 2.0 * (self.shape.q_dim - self.shape.kv_dim) * self.spec.act_bytes_per_elem
+        return cfg.micro_batch * self.spec.seq_len * extra / cfg.tp
 
     def mixed_precision_ms(
         self, cfg: ParallelConfig, params: float, unit_zero: int = 3, layer: bool = True

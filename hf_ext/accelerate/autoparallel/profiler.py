@@ -389,8 +389,25 @@ def _median_ms(fn: Any, device: Any, warmup: int, repeats: int) -> float:
     return float(statistics.median(ts))
 
 
+def _is_attention_mask(t: Any) -> bool:
+    """A ``[b, 1, s, s]`` attention mask: sdpa's boolean mask, or the additive copy (0 / -inf) it saves for the
+    backward. Told apart by its values from a rotary table ``[b, 1, s, head_dim]`` when ``head_dim == s``."""
+    import torch
+
+    if not (t.dim() == 4 and t.shape[1] == 1 and t.shape[-2] == t.shape[-1] > 1):
+        return False
+    if t.dtype == torch.bool:
+        return True
+    if not t.is_floating_point():
+        return False
+    return bool(((t == 0) | (t <= torch.finfo(t.dtype).min)).all())
+
+
 def _saved_bytes(fn: Any, exclude: set[int]) -> float:
-    """Bytes of distinct tensors autograd saves while ``fn()`` runs (parameters excluded)."""
+    """Bytes of distinct tensors autograd saves while ``fn()`` runs (parameters excluded).
+
+    Attention masks are left out: the cost model counts sdpa's masks on their own (``CostModel.layer_has_mask``),
+    so a windowed layer profiled at ``s >= w`` must not fold them into the activation calibration as well."""
     import torch
 
     seen: dict[int, int] = {}
@@ -398,7 +415,7 @@ def _saved_bytes(fn: Any, exclude: set[int]) -> float:
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
             ptr = t.untyped_storage().data_ptr()
-            if ptr not in exclude:
+            if ptr not in exclude and not _is_attention_mask(t):
                 seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
         except Exception:  # pragma: no cover - exotic tensor subclasses
             pass
@@ -612,7 +629,16 @@ def profile_model(
     achieved = flops / max((fwd_tot - overhead) * 1e-3, 1e-12) / 1e12
     ratio = max(1.0, (bwd_tot - bwd_overhead) / max(fwd_tot - overhead, 1e-12))
     rep, shd = analytic_layer_act_bytes(shape, seq_len)
-    calib = statistics.mean(p.act_bytes_per_sample for p in timed) / (rep + shd)
+    measured = statistics.mean(p.act_bytes_per_sample for p in timed)
+    if (
+        kwargs.get("attention_mask") is not None
+        and getattr(model.config, "_attn_implementation", "") == "sdpa"
+    ):
+        # given a mask (a windowed layer at s >= w), transformers copies k / v to every query head for sdpa (no
+        # enable_gqa) and sdpa saves the copies: the cost model adds those bytes on masked layers itself
+        # (CostModel.mask_repeat_kv_bytes), so they are not part of the calibration
+        measured -= 2.0 * (shape.q_dim - shape.kv_dim) * seq_len * dtype.itemsize
+    calib = measured / (rep + shd)
     prof = ModelProfile(
         shape,
         seq_len,
