@@ -234,16 +234,22 @@ def test_rows_after_the_visible_keys_attend_to_all_of_them():
         torch.testing.assert_close(out, _sdpa(q, k, v, mask), atol=1e-5, rtol=1e-4)
 
 
-def test_right_padded_chunk_after_cached_tokens_runs_sparse_and_matches_sdpa():
-    """Chunked prefill into a DynamicCache whose last chunk is right-padded (the queries follow cached tokens): the
-    trailing padding was cut down to the last real key, which moved the queries' bottom-right alignment, so the mask
-    check failed (dense fallback; ValueError with on_unsupported="error")."""
-    from transformers import DynamicCache
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_right_padded_chunk_after_cached_tokens_runs_sparse_and_matches_sdpa(cache):
+    """Chunked prefill whose last chunk is right-padded (the queries follow cached tokens). DynamicCache: the trailing
+    padding was cut down to the last real key, which moved the queries' bottom-right alignment, so the mask check
+    failed (dense fallback; ValueError with on_unsupported="error"). StaticCache (its unused slots after the chunk
+    are masked too): the cut stopped at the last real key or at the query length, never at the chunk's end, so the
+    same failure remained."""
+    from transformers import DynamicCache, StaticCache
 
     model, ids, am, ref = _right_padded_llama_on_sale(160, ends=(130, 150))
-    cache = DynamicCache(config=model.config)
+    if cache == "dynamic":
+        kv = DynamicCache(config=model.config)
+    else:
+        kv = StaticCache(config=model.config, max_cache_len=256)
     with torch.no_grad(), sale_stats() as st:
-        first = model(ids[:, :80], attention_mask=am[:, :80], past_key_values=cache).logits
-        second = model(ids[:, 80:], attention_mask=am, past_key_values=cache).logits
+        first = model(ids[:, :80], attention_mask=am[:, :80], past_key_values=kv).logits
+        second = model(ids[:, 80:], attention_mask=am, past_key_values=kv).logits
     assert {c["path"] for c in st.calls} == {"sparse"}
     torch.testing.assert_close(torch.cat([first, second], 1), ref, atol=2e-5, rtol=1e-4)

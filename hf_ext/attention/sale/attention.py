@@ -358,16 +358,29 @@ def decode_mask(
     return kpm, None
 
 
-def _used_keys(attention_mask: torch.Tensor, sk: int) -> int:
-    """``1 +`` the last key column any query may attend (``sk`` when the mask cannot be read as bool): a static
-    cache passes its whole length, with the slots after the prompt masked for every query."""
+def _queries_end(attention_mask: torch.Tensor, sq: int, sk: int, chunk_rows: int = 1024) -> int:
+    """``1 +`` the key position of the last query, read from a causal mask (``sk`` when it cannot be read as bool).
+
+    A static cache passes all its slots, masked for every query after the chunk; cached tokens (chunked prefill, a
+    second call appending to the cache) come before it. A query row whose own token is real may attend up to its own
+    position and no further, a padding row only to the real keys before it, so the largest ``last column a row may
+    attend - row`` over all rows is the position of query row 0. (Rows that all are padding give a smaller value,
+    which the caller's check then accepts only where it means the same attention.)
+    """
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
         return sk
     m = _bool_mask(attention_mask)
-    if m is None:
+    if m is None or m.shape[-2] != sq:
         return sk
-    cols = m[..., :sk].flatten(0, 2).any(0).nonzero()
-    return int(cols[-1]) + 1 if len(cols) else sk
+    m = m[..., :sk]
+    start = -1
+    for r0 in range(0, sq, chunk_rows):
+        part = m[..., r0 : r0 + chunk_rows, :]
+        last = (sk - 1) - part.flip(-1).to(torch.uint8).argmax(-1)  # last True column per row
+        rows = torch.arange(r0, r0 + part.shape[-2], device=m.device)
+        cand = torch.where(part.any(-1), last - rows, -1)
+        start = max(start, int(cand.max()))
+    return sk if start < 0 else min(start + sq, sk)
 
 
 def _spans(kpm: torch.Tensor) -> list[tuple[int, int]] | None:
@@ -647,9 +660,9 @@ def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs,
     if reason is None and attention_mask is not None:  # None: plain causal, bottom-right (see sale_mask)
         kpm, why = decode_mask(attention_mask, query.shape[0], sq, sk, causal)
         # Trailing key columns no query sees are right padding (kept: the check above passes) or static-cache slots
-        # after the prompt (the queries are not the last key positions: the check fails on its first rows). Drop
-        # the latter, never below sq (a right-padded prompt prefilled into a static cache) and try again.
-        used = max(_used_keys(attention_mask, sk), sq) if why is not None and causal else sk
+        # after the queries (the queries are not the last key positions: the check fails). Drop the latter, from the
+        # end of the queries on (read from the mask: after cached tokens, right padding included), and try again.
+        used = _queries_end(attention_mask, sq, sk) if why is not None and causal else sk
         if used < sk:
             kpm_used, why_used = decode_mask(attention_mask, query.shape[0], sq, used, causal)
             if why_used is None:
