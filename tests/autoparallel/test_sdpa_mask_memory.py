@@ -322,3 +322,72 @@ def test_the_profiler_tells_masks_from_rotary_tables_of_the_same_shape():
     assert _is_attention_mask(causal) and _is_attention_mask(additive)
     cos = torch.cos(torch.arange(s * s, dtype=torch.float32).view(1, 1, s, s))
     assert not _is_attention_mask(cos) and not _is_attention_mask(torch.zeros(2, 1, s, s + 1))
+
+
+# --------------------------------------------------------------------------------- the runtime tells the user
+def test_train_step_warns_once_about_pads_the_plan_did_not_count(tiny_llama):
+    """A plan searched with padding_mask=False trained on batches with pads (sdpa): one warning naming the
+    option; none for an all-ones mask, none for a plan searched with padding_mask=True."""
+    import warnings
+
+    from hf_ext.accelerate.autoparallel.apply import AppliedPlan
+
+    ids = torch.randint(3, 500, (2, 8), generator=torch.Generator().manual_seed(0))
+    ones, padded = torch.ones_like(ids), torch.ones_like(ids)
+    padded[0, :3] = 0
+    assert tiny_llama.config._attn_implementation == "sdpa"
+
+    def runner(pad: bool) -> AppliedPlan:
+        plan = Plan.uniform(
+            tiny_llama.config, gpus=1, dp_type="ddp", global_batch=2, seq_len=8, padding_mask=pad
+        )
+        return AppliedPlan(tiny_llama, plan, None, torch.device("cpu"), None)
+
+    r = runner(False)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        r.train_step(ids, attention_mask=ones)
+        r.train_step(ids)
+        assert got == []
+        r.train_step(ids, attention_mask=padded)
+        r.train_step(ids, attention_mask=padded)
+        runner(True).train_step(ids, attention_mask=padded)
+    msgs = [str(w.message) for w in got]
+    assert len(msgs) == 1 and "padding_mask=False" in msgs[0] and "--padding-mask" in msgs[0], msgs
+
+
+def test_apply_plan_warns_when_the_plan_was_searched_for_another_attention_kernel(tiny_llama):
+    import torch.distributed as dist
+
+    from hf_ext.accelerate.autoparallel.apply import apply_plan
+
+    if dist.is_initialized():
+        pytest.skip("needs a process group of its own")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for attn, warns in (("flash_attention_2", True), ("sdpa", False)):
+            plan = Plan.uniform(
+                tiny_llama.config, gpus=1, dp_type="ddp", global_batch=2, seq_len=8, attn_implementation=attn
+            )
+            with pytest.warns(UserWarning) if warns else _no_warning() as got:
+                runner = apply_plan(tiny_llama, plan, device="cpu")
+            runner.close()
+            if warns:
+                assert any("attn_implementation='flash_attention_2'" in str(w.message) for w in got)
+                assert any("runs 'sdpa'" in str(w.message) for w in got)
+    finally:
+        dist.destroy_process_group()
+
+
+class _no_warning:
+    def __enter__(self) -> list:
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=True)
+        self.got = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return self.got
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+        assert not [w for w in self.got if "attn_implementation" in str(w.message)]

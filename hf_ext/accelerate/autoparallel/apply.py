@@ -78,10 +78,25 @@ class AppliedPlan:
         self.pipeline_loss = pipeline_loss
         self._owned_groups = list(owned_groups or [])
         self.closed = False
+        self._padding_warned = False
         from torch.nn.parallel import DistributedDataParallel
 
         inner = module.module if isinstance(module, DistributedDataParallel) else module
         self._loss_kwargs = schedule is None and _accepts_loss_kwargs(inner)
+
+    def _warn_unplanned_padding(self, mask: torch.Tensor) -> None:
+        """Warn once when a plan searched without ``padding_mask`` trains on batches with pads under sdpa: every
+        layer then keeps a ``[b, 1, s, s]`` mask its memory prediction left out."""
+        attn = getattr(getattr(self.model or self.module, "config", None), "_attn_implementation", "sdpa")
+        if attn != "sdpa" or not bool((mask == 0).any()):
+            return
+        self._padding_warned = True
+        warnings.warn(
+            "train_step: attention_mask has pads, but the plan was searched with padding_mask=False; under sdpa "
+            "every layer then keeps a [micro_batch, 1, seq, seq] mask that the plan's memory prediction leaves out. "
+            "Search with padding_mask=True (hf-ext plan --padding-mask) to count it.",
+            stacklevel=3,
+        )
 
     def close(self) -> None:
         """Destroy the process groups :func:`apply_plan` created for this runner (call on every rank).
@@ -270,6 +285,8 @@ class AppliedPlan:
                 f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
             )
         _check_attention_mask(attention_mask, input_ids)
+        if attention_mask is not None and not plan.padding_mask and not self._padding_warned:
+            self._warn_unplanned_padding(attention_mask)
         want = plan.micro_batch * plan.num_micro_batches
         if input_ids.shape[0] != want:
             raise ValueError(
@@ -663,6 +680,14 @@ def apply_plan(
     if reason:
         raise NotImplementedError(reason)
     _check_model_for_plan(model, plan, layers)  # before any state change
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn is not None and attn != plan.attn_implementation:
+        warnings.warn(
+            f"apply_plan: the plan was searched for attn_implementation={plan.attn_implementation!r} but the model "
+            f"runs {attn!r}; its memory prediction counts dense attention masks for 'sdpa' only. Search with the "
+            "model's attn_implementation (hf-ext plan --attn-implementation).",
+            stacklevel=2,
+        )
     if device is None:
         if dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
