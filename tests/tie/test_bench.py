@@ -9,6 +9,20 @@ import pytest
 from tests.tie._scripts import load_script, stand_in_trace
 
 
+def test_azure_trace_is_found_through_hf_ext_data_dir(tmp_path, monkeypatch):
+    """The simulator reads the trace from ``$HF_EXT_DATA_DIR``; the TIE loader (bench tie, tie_regime.py, ...)
+    looked only at ``$HF_EXT_AZURE_TRACE`` and beside the checkout, so a user who set the former got a
+    FileNotFoundError from ``python -m hf_ext bench tie``."""
+    from hf_ext.generation.tie.data import load_azure_trace
+    from hf_ext.simulate.workload import azure_trace
+
+    stand_in_trace(tmp_path / "azure_llm_inference_2023_conv.csv", n=37)
+    monkeypatch.delenv("HF_EXT_AZURE_TRACE", raising=False)
+    monkeypatch.setenv("HF_EXT_DATA_DIR", str(tmp_path))
+    assert len(azure_trace()) == 37
+    assert len(load_azure_trace()["output_len"]) == 37
+
+
 @pytest.mark.slow
 def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
     from hf_ext.generation.tie.bench import OFFLINE_BUDGETS, main

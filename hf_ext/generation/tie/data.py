@@ -345,27 +345,32 @@ def load_azure_trace(path: str | None = None, limit: int | None = None) -> dict[
     """The Azure LLM inference 2023 conversation trace (CC-BY 4.0, Patel et al., Splitwise, ISCA 2024).
 
     Returns ``arrival`` (seconds from the first request), ``prompt_len`` and ``output_len`` arrays.
-    ``path`` defaults to the copy in ``shared/data`` beside the checkout (or ``$HF_EXT_AZURE_TRACE``).
+    ``path`` defaults to ``$HF_EXT_AZURE_TRACE`` (the CSV), else the copy in ``$HF_EXT_DATA_DIR`` (the folder the
+    simulator's :func:`hf_ext.simulate.workload.azure_trace` reads), ``benchmarks/data`` or ``shared/data`` beside
+    the checkout.
     """
     import csv
     import datetime as dt
     import os
     from pathlib import Path
 
+    name = "azure_llm_inference_2023_conv.csv"
     if path is None:
         path = os.environ.get("HF_EXT_AZURE_TRACE")
     if path is None:
         root = Path(__file__).resolve().parents[3]
+        data_dir = os.environ.get("HF_EXT_DATA_DIR")
         for cand in (
-            root / "benchmarks" / "data" / "azure_llm_inference_2023_conv.csv",
-            root.parent / "shared" / "data" / "azure_llm_inference_2023_conv.csv",
+            *([Path(data_dir) / name] if data_dir else []),
+            root / "benchmarks" / "data" / name,
+            root.parent / "shared" / "data" / name,
         ):
             if cand.exists():
                 path = str(cand)
                 break
     if path is None or not Path(path).exists():
         raise FileNotFoundError(
-            "azure_llm_inference_2023_conv.csv not found; pass path= or set HF_EXT_AZURE_TRACE "
+            f"{name} not found; pass path=, set HF_EXT_AZURE_TRACE to the CSV or HF_EXT_DATA_DIR to its folder "
             "(download: Azure Public Dataset, AzureLLMInferenceTrace_conv.csv)"
         )
     ts, pl, ol = [], [], []
