@@ -23,6 +23,20 @@ def test_azure_trace_is_found_through_hf_ext_data_dir(tmp_path, monkeypatch):
     assert len(load_azure_trace()["output_len"]) == 37
 
 
+def test_quick_run_does_not_overwrite_the_headline_files():
+    """``bench tie --quick`` (the docs' ~30 s smoke run) wrote tie_details.json, tie_policies.png and
+    tie_calibration.png, replacing the headline run's files the docs cite; it now tags them ``_quick``."""
+    from hf_ext.generation.tie.bench import _file_tag, _parser
+
+    h100 = "nvidia-h100-80gb-hbm3-llama3.1-8b"
+    cb = "transformers_cb-nvidia-h100-80gb-hbm3-llama3.1-8b"
+    assert _file_tag(_parser().parse_args([]), h100) == ""
+    assert _file_tag(_parser().parse_args(["--quick"]), h100) == "_quick"
+    assert _file_tag(_parser().parse_args([]), cb) == "_transformers_cb"
+    assert _file_tag(_parser().parse_args(["--quick"]), cb) == "_transformers_cb_quick"
+    assert _file_tag(_parser().parse_args(["--quick", "--tag", "qa"]), h100) == "_qa"
+
+
 @pytest.mark.slow
 def test_bench_quick_runs_every_section(tmp_path, capsys, monkeypatch):
     from hf_ext.generation.tie.bench import OFFLINE_BUDGETS, main

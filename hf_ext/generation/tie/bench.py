@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         "--tag",
         default=None,
         help="suffix of this run's figures and details JSON (tie_policies_TAG.png, ...); default: none, or "
-        "'transformers_cb' with such a calibration, so that it never overwrites the headline run's files",
+        "'transformers_cb' with such a calibration and 'quick' with --quick, so that such runs never overwrite "
+        "the headline run's files",
     )
     p.add_argument(
         "--export-replay", default=None, help="also write the trace window with predictions to this JSON"
@@ -1004,10 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[1/4] predictors (same encoder; cached)")
     preds = train_predictors(train, cfg_kw, _cache_dir(args.cache_dir))
     rdir = results_dir()
-    from hf_ext.simulate.cb_steps import CALIBRATION_PREFIX, is_cb_calibration
-
-    tag = args.tag if args.tag is not None else (CALIBRATION_PREFIX if is_cb_calibration(cm.name) else "")
-    tag = f"_{tag}" if tag else ""
+    tag = _file_tag(args, cm.name)
     png = (
         rdir / f"tie_calibration{tag}.png"
         if not args.no_write
@@ -1125,6 +1123,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"TIE bench done in {time.perf_counter() - t_start:.0f}s")
     return 0
+
+
+def _file_tag(args: argparse.Namespace, cost_model_name: str) -> str:
+    """Suffix of the run's figures and details JSON: ``_<--tag>``; by default none for the headline run,
+    ``_transformers_cb`` with such a calibration and ``_quick`` (also) with ``--quick``."""
+    from hf_ext.simulate.cb_steps import CALIBRATION_PREFIX, is_cb_calibration
+
+    if args.tag is not None:
+        return f"_{args.tag}" if args.tag else ""
+    parts = [CALIBRATION_PREFIX] if is_cb_calibration(cost_model_name) else []
+    if args.quick:
+        parts.append("quick")
+    return "".join(f"_{p}" for p in parts)
 
 
 def _print_tables(
