@@ -1,10 +1,10 @@
 """Generate with LatentOmni: text decoding interleaved with K audio-visual latent steps.
 
 Runs as-is on CPU with a tiny random model and a synthetic clip (the output text is gibberish, the
-mechanics are real): the prompt ends with ``<Unified_Latent>`` (``--force-latent``, default on) so the
-model first runs K = 32 visual + 8 audio latent steps (last hidden state fed back, OSPE positions, no LM
-head), then ``</Unified_Latent>`` is forced and text continues; without the flag the model decides itself
-whether to emit ``<Unified_Latent>``.
+mechanics are real): the prompt ends with ``<Unified_Latent>`` (by default) so the model first runs K latent
+steps, K = 32 visual + 8 audio (8 + 2 in the tiny model) (last hidden state fed back, OSPE positions, no LM
+head), then ``</Unified_Latent>`` is forced and text continues; with ``--no-force-latent`` the model decides
+itself whether to emit ``<Unified_Latent>``.
 
     python examples/latent_omni_generate.py
     python examples/latent_omni_generate.py --model path/to/latent-omni --video frames.npy --audio clip.wav \\
