@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_ext_kernels.sparse_attn import block_sparse_attention, naive, sale_attention, sale_block_mask
+from hf_ext_kernels.sparse_attn import block_sparse_attention, naive, ops, sale_attention, sale_block_mask
 from hf_ext_kernels.sparse_attn.inputs import structured_qkv
 
 
@@ -147,10 +147,44 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         sale_attention(q64, k64, v64, tau=0.0, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ops, "interpreter_problem", lambda: None)  # the versions installed here do not matter
     with pytest.raises(ValueError, match="head_dim 32 .*supported: \\(64, 128\\)"):
         sale_attention(q, k, v, tau=0.0, backend="triton")  # raised before any Triton work
     with pytest.raises(ValueError, match="row_stride"):
         sale_block_mask(q, k, tau=0.0, row_stride=3, backend="torch")
+
+
+@pytest.mark.parametrize(
+    ("triton_version", "numpy_version", "broken"),
+    [
+        ("3.6.0", "2.4.0", True),
+        ("3.6.1+cu130", "2.5.2", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.0", "2.5.2", False),
+    ],
+)
+def test_interpreter_problem_names_the_broken_version_pair(triton_version, numpy_version, broken):
+    """Triton 3.6's interpreter fails with numpy >= 2.4 (seen on the device: triton 3.6.0, numpy 2.5.2, an opaque
+    InterpreterError from the first runtime loop bound)."""
+    problem = ops.interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == broken
+    if broken:
+        assert f"triton {triton_version}" in problem and "triton>=3.7" in problem and "numpy<2.4" in problem
+
+
+def test_triton_backend_on_cpu_with_a_broken_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(
+        ops, "interpreter_problem", lambda: "Triton's CPU interpreter fails with triton 3.6.0"
+    )
+    q, k, v = (torch.randn(1, h, 64, 64) for h in (4, 2, 2))
+    for call in (
+        lambda: sale_attention(q, k, v, tau=0.0, backend="triton"),
+        lambda: sale_block_mask(q, k, tau=0.0, backend="triton"),
+        lambda: block_sparse_attention(q, k, v, torch.ones(1, 4, 1, 1, dtype=torch.bool), backend="triton"),
+    ):
+        with pytest.raises(RuntimeError, match="interpreter fails with triton 3.6.0"):
+            call()
 
 
 @pytest.mark.parametrize("sq,sk", [(10, 0), (0, 5)])

@@ -253,6 +253,10 @@ def test_triton_backend_through_the_model_matches_torch_reference():
     import subprocess
     import sys
 
+    from hf_ext_kernels.sparse_attn.ops import interpreter_problem
+
+    if (problem := interpreter_problem()) is not None:
+        pytest.skip(problem)
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
         [sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=600

@@ -253,3 +253,27 @@ def test_right_padded_chunk_after_cached_tokens_runs_sparse_and_matches_sdpa(cac
         second = model(ids[:, 80:], attention_mask=am, past_key_values=kv).logits
     assert {c["path"] for c in st.calls} == {"sparse"}
     torch.testing.assert_close(torch.cat([first, second], 1), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_triton_backend_on_cpu_with_a_broken_interpreter_is_named_not_an_interpreter_error(monkeypatch):
+    """backend="triton" on CPU under TRITON_INTERPRET=1 with triton 3.6 and numpy >= 2.4 failed inside Triton's
+    interpreter with an opaque InterpreterError (seen on the device); SALE now names the version pair: a ValueError
+    with on_unsupported="error", else the dense fallback with that reason."""
+    from hf_ext_kernels.sparse_attn import ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(
+        ops, "interpreter_problem", lambda: "Triton's CPU interpreter fails with triton 3.6.0"
+    )
+    q, k, v = _qkv()
+    causal = torch.ones(96, 96, dtype=torch.bool).tril()[None, None]
+    strict = _Mod(SALEConfig(min_seq_len=32, backend="triton", on_unsupported="error", **BLOCKS))
+    with pytest.raises(ValueError, match="interpreter fails with triton 3.6.0"):
+        sale_attention_forward(strict, q, k, v, causal, scaling=0.25)
+    reset_warnings()
+    with pytest.warns(UserWarning, match="interpreter fails with triton 3.6.0"), sale_stats() as st:
+        out, _ = sale_attention_forward(
+            _Mod(SALEConfig(min_seq_len=32, backend="triton", **BLOCKS)), q, k, v, causal, scaling=0.25
+        )
+    torch.testing.assert_close(out, _sdpa(q, k, v, causal), atol=1e-5, rtol=1e-4)
+    assert st.sparse_calls == 0

@@ -453,6 +453,8 @@ def _unsupported_reason(
             f"backend='triton' needs a CUDA tensor, got device {dev!r} (use backend='auto' or 'torch')",
         )
     ops = _ops()
+    if backend == "triton" and dev != "cuda" and (problem := ops.interpreter_problem()) is not None:
+        return "device", problem
     if query.dtype not in ops.SUPPORTED_DTYPES:
         return (
             "dtype",

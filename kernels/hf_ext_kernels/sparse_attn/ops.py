@@ -33,6 +33,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "TRITON_HEAD_DIMS",
     "block_sparse_attention",
+    "interpreter_problem",
     "sale_attention",
     "sale_block_mask",
 ]
@@ -47,16 +48,57 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 # ------------------------------------------------------------------------------------- validation
+def _release(version: str) -> tuple[int, ...]:
+    """``"3.6.0+git1"`` -> ``(3, 6, 0)``: the leading numbers of a version string."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def interpreter_problem(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """Why Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run these kernels here, or ``None``.
+
+    Triton 3.6's interpreter turns loop bounds into Python ints with ``int()`` of a 1-element array, which numpy
+    2.4 made an error: every kernel with a runtime loop bound fails inside the interpreter with an opaque
+    ``InterpreterError``. Triton 3.7 and numpy < 2.4 both work. The versions default to the installed ones.
+    """
+    if triton_version is None or numpy_version is None:
+        from importlib import metadata
+
+        import numpy
+
+        try:
+            triton_version = triton_version or metadata.version("triton")
+        except metadata.PackageNotFoundError:
+            return None  # no triton: the caller's import fails with its own message
+        numpy_version = numpy_version or numpy.__version__
+    if _release(triton_version)[:2] < (3, 7) and _release(numpy_version)[:2] >= (2, 4):
+        return (
+            f"Triton's CPU interpreter (TRITON_INTERPRET=1) fails with triton {triton_version} and numpy "
+            f"{numpy_version} (triton < 3.7 cannot run loops under numpy >= 2.4): install triton>=3.7 or "
+            "numpy<2.4, or use backend='torch' / 'auto' on CPU"
+        )
+    return None
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got device {device}) or TRITON_INTERPRET=1; "
-            "use backend='torch' or 'auto' on CPU"
-        )
+    if backend == "triton" and device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got device {device}) or TRITON_INTERPRET=1; "
+                "use backend='torch' or 'auto' on CPU"
+            )
+        problem = interpreter_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
     return backend
 
 
