@@ -151,15 +151,17 @@ def _config(kind: str) -> Any:
     return cfg
 
 
-def _run(kind: str, padded: bool, b: int, s: int) -> tuple[Any, list[torch.Tensor], dict[int, int]]:
-    """Train step of a tiny random bf16 model: the masks ``sdpa_mask`` returns and the storages autograd saves
-    (parameters left out)."""
+def _run(
+    kind: str, padded: bool, b: int, s: int, device: str = "cpu"
+) -> tuple[Any, list[torch.Tensor], dict[int, int]]:
+    """Train step of a tiny random bf16 model on ``device``: the masks ``sdpa_mask`` returns and the storages
+    autograd saves (parameters left out)."""
     from transformers import AutoModelForCausalLM
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     cfg = _config(kind)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).train()
+    model = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=torch.bfloat16).train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     built: list[torch.Tensor] = []
     inner = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
@@ -179,8 +181,8 @@ def _run(kind: str, padded: bool, b: int, s: int) -> tuple[Any, list[torch.Tenso
         return t
 
     torch.manual_seed(1)
-    ids = torch.randint(0, 100, (b, s))
-    mask = torch.ones(b, s, dtype=torch.long)
+    ids = torch.randint(0, 100, (b, s)).to(device)
+    mask = torch.ones(b, s, dtype=torch.long, device=device)
     if padded:
         mask[0, :5] = 0  # one left-padded row
     with pytest.MonkeyPatch.context() as mp:
@@ -199,9 +201,25 @@ def test_predicted_mask_bytes_match_what_transformers_and_torch_allocate(kind, p
     s^2 bytes, a padded one b * s^2) are the predicted boolean bytes, and everything autograd saves beyond the
     unmasked Llama is, per masked layer, the additive [b, 1, s, s] bf16 mask plus the k / v copies for every
     query head (transformers' repeat_kv instead of sdpa's enable_gqa when a mask is given)."""
-    b, s = 3, 32
-    cfg, built, saved = _run(kind, padded, b, s)
-    _, _, plain = _run("llama", False, b, s)
+    _check_mask_bytes(kind, padded, b=3, s=32, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_predicted_mask_bytes_match_what_cuda_sdpa_saves(kind, padded):
+    """The CPU check on a GPU, where sdpa picks its CUDA kernels (flash without a mask, memory-efficient or cuDNN
+    with one), with a sequence length the memory-efficient kernel needs no mask padding for."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _check_mask_bytes(kind, padded, b=3, s=64, device="cuda")
+
+
+def _check_mask_bytes(kind: str, padded: bool, *, b: int, s: int, device: str) -> None:
+    """The mask check of a tiny random bf16 GQA model of ``kind`` (see the CPU test) at ``b`` x ``s`` on
+    ``device``."""
+    cfg, built, saved = _run(kind, padded, b, s, device)
+    _, _, plain = _run("llama", False, b, s, device)
     shape = get_shape(cfg)
     cm = CostModel(shape, HardwareProfile.cpu(), TrainingSpec(global_batch=b, seq_len=s, padding_mask=padded))
     pc = ParallelConfig(gpus=1, pp=1, tp=1, sp=False, micro_batch=b, num_micro_batches=1, dp_type="fsdp")
