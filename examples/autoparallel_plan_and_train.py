@@ -9,7 +9,7 @@ GPUs (random ~1B Llama, bf16, NCCL):
         --global-batch 32 --gpu-memory 80GB
 Planning only, at scale:
     python examples/autoparallel_plan_and_train.py --plan-only --model llama3-70b --gpus 1024 --seq-len 8192
-Every run writes the searched plan to ``autoparallel_plan.json`` in the current directory.
+The training runs (not --plan-only) write the searched plan to ``autoparallel_plan.json`` in the current directory.
 """
 
 from __future__ import annotations
