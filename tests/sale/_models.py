@@ -104,3 +104,33 @@ def gemma4_vl_batch(seed: int = 0) -> dict[str, torch.Tensor]:
         "pixel_values": torch.rand(1, 256, 48, generator=g),
         "image_position_ids": grid.reshape(1, 256, 2),
     }
+
+
+def tiny_bart(encoder_heads: int = 4, decoder_heads: int = 4, seed: int = 0) -> Any:
+    """A random tiny ``BartForConditionalGeneration``: 2 encoder and 2 decoder layers on one config. Encoder
+    self-attention (non-causal), decoder self-attention (causal) and decoder cross-attention modules all carry that
+    config and ``layer_idx`` 0 and 1."""
+    import transformers as tf
+
+    cfg = tf.BartConfig(
+        vocab_size=500,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=encoder_heads,
+        decoder_attention_heads=decoder_heads,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(seed)
+    return tf.BartForConditionalGeneration(cfg).eval()
+
+
+def bart_batch(enc_len: int = 160, dec_len: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs of :func:`tiny_bart`: ``enc_len`` encoder tokens, ``dec_len`` decoder tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(3, 500, (1, enc_len), generator=g),
+        "decoder_input_ids": torch.randint(3, 500, (1, dec_len), generator=g),
+    }

@@ -298,3 +298,119 @@ def test_thresholds_of_another_model_or_sub_model_are_refused_naming_them():
     assert model.config.vision_config.sale_config["taus"] == good["sub_taus"]["vision_config"]
     assert model.config.text_config.sale_config["taus"] == good["taus"]
     assert "sub_taus" not in model.config.text_config.sale_config
+
+
+def _kernel_taus(model, batch, monkeypatch) -> tuple[list, list]:
+    """Run ``model`` on ``batch`` under "sale": (the per-head thresholds each sparse call handed the kernel, in call
+    order; every call's record from sale_stats)."""
+    from hf_ext.attention.sale import attention as attn
+
+    seen = []
+    orig = attn._run_rows
+
+    def rec(query, key, value, kpm, taus, *a, **k):
+        seen.append(taus.float().tolist())
+        return orig(query, key, value, kpm, taus, *a, **k)
+
+    with monkeypatch.context() as mp, torch.no_grad(), sale_stats() as st:
+        mp.setattr(attn, "_run_rows", rec)
+        model(**batch)
+    return seen, st.calls
+
+
+@pytest.mark.parametrize("decoder_heads", [4, 2])
+def test_encoder_decoder_thresholds_are_kept_per_attention_kind(decoder_heads, tmp_path, monkeypatch):
+    """BART (like Whisper, Marian, M2M100, Moonshine) keeps encoder self-attention (non-causal), decoder
+    self-attention (causal) and decoder cross-attention modules on one config with the same layer_idx values 0, 1.
+    calibrate keyed thresholds by (config, layer_idx): the three kinds' halvings went into one table that all three
+    read (with other head counts in encoder and decoder: ValueError). Now encoder self-attention gets its own table
+    (encoder_taus), decoder self-attention keeps taus, and cross-attention runs dense (it is left out of
+    calibration). Each module reads the thresholds calibrated on its own activations, also after
+    save_pretrained / from_pretrained."""
+    from transformers import BartForConditionalGeneration
+
+    from tests.sale._models import bart_batch, tiny_bart
+
+    model = tiny_bart(encoder_heads=4, decoder_heads=decoder_heads)
+    batch = bart_batch()
+    cfg = SALEConfig(block_q=16, block_k=16, local_window=16, min_seq_len=32)
+    theta = 0.003
+    calibrate(model, batch, theta=theta, config=cfg)
+
+    # the reference: the halving criterion run on each self-attention module's own inputs alone, in call order
+    rec = _AllCalls(cfg, theta, 0.008, 1e-4)
+    model.set_attn_implementation("sale")
+    with calibrating(rec), torch.no_grad():
+        model(**batch, use_cache=False)
+    names = {m: n for n, m in model.named_modules()}
+    want, kinds = [], []
+    for module, args in rec.calls:
+        kinds.append(names[module].split(".")[-1] if "decoder" in names[module] else "encoder")
+        if "encoder_attn" in names[module]:
+            continue  # cross-attention: dense
+        one = Calibrator(cfg, theta, 0.008, 1e-4)
+        one.observe(module, *args)
+        want.append(next(iter(one.taus.values())).float().tolist())  # float32, as handed to the kernel
+    assert kinds == ["encoder"] * 2 + ["self_attn", "encoder_attn"] * 2
+    assert want[:2] != want[2:], want  # encoder and decoder self-attention need different thresholds here
+
+    got, calls = _kernel_taus(model, batch, monkeypatch)
+    assert got == want
+    paths = [c["path"] for c in calls]
+    assert paths == ["sparse"] * 3 + ["fallback:cross_attention", "sparse", "fallback:cross_attention"], calls
+
+    model.save_pretrained(tmp_path)
+    loaded = BartForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sale").eval()
+    assert _kernel_taus(loaded, batch, monkeypatch)[0] == want
+
+    # the thresholds drive the kernel: all-zero (dense) heads reproduce sdpa
+    ref = tiny_bart(encoder_heads=4, decoder_heads=decoder_heads)
+    with torch.no_grad():
+        want_logits = ref(**batch).logits
+    zero = {"taus": [[0.0] * decoder_heads] * 2, "encoder_taus": [[0.0] * 4] * 2, "tau": 0.5}
+    enable_sale(loaded, SALEConfig.from_dict({**loaded.config.sale_config, **zero}))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, want_logits, atol=2e-5, rtol=1e-4)
+
+
+def test_encoder_decoder_cross_attention_runs_dense_and_foreign_encoder_taus_are_refused():
+    """Cross-attention (decoder queries over encoder states) shares config and layer_idx with decoder self-attention
+    and its queries and keys share no positions: SALE runs it dense, with one warning, or raises a ValueError with
+    on_unsupported='error' (the old code ran it sparse on the decoder's thresholds). Encoder thresholds that do not fit
+    the encoder, or given to a model without an encoder, are refused naming encoder_taus."""
+    import warnings
+
+    from hf_ext.attention.sale.attention import reset_warnings
+    from tests.sale._models import bart_batch, tiny_bart
+
+    model = tiny_bart(encoder_heads=4, decoder_heads=2)
+    batch = bart_batch()
+    with torch.no_grad():
+        want = model(**batch).logits
+    blocks = dict(block_q=16, block_k=16, local_window=16, min_seq_len=32)
+    # all-zero thresholds (every block kept) and dense cross-attention reproduce sdpa
+    zero = dict(taus=[[0.0] * 2] * 2, encoder_taus=[[0.0] * 4] * 2, tau=0.5)
+    enable_sale(model, SALEConfig(**blocks, **zero))
+    reset_warnings()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), sale_stats() as st:
+        warnings.simplefilter("always")
+        got = model(**batch).logits
+        model(**batch)
+    assert [c["path"] for c in st.calls].count("fallback:cross_attention") == 4, st.calls
+    assert st.sparse_calls == 8  # encoder and decoder self-attention stay sparse
+    cross = [w for w in caught if "cross-attention" in str(w.message)]
+    assert len(cross) == 1, [str(w.message) for w in caught]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    enable_sale(model, SALEConfig(**blocks, on_unsupported="error"))
+    with pytest.raises(ValueError, match="cross-attention"), torch.no_grad():
+        model(**batch)
+
+    for bad, match in (
+        ({"encoder_taus": [[0.004] * 2] * 2}, r"sale_config.encoder_taus\[0\] has 2 heads"),
+        ({"encoder_taus": [[0.004] * 4]}, r"sale_config.encoder_taus has 1 layers"),
+        ({"taus": [[0.004] * 4] * 2}, r"sale_config.taus\[0\] has 4 heads"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            enable_sale(model, SALEConfig(**bad))
+    with pytest.raises(ValueError, match="encoder_taus is set, but"):
+        enable_sale(tiny_family("llama"), SALEConfig(encoder_taus=[[0.004] * 4] * 2))

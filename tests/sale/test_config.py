@@ -173,3 +173,33 @@ def test_sub_taus_validate_round_trip_and_leave_the_older_format_alone():
     ):
         with pytest.raises(ValueError, match=match):
             SALEConfig(sub_taus=bad)
+
+
+def test_encoder_taus_validate_round_trip_and_leave_the_older_formats_alone():
+    """The encoder self-attention thresholds of an encoder-decoder model (``encoder_taus``) are checked like
+    ``taus``, survive the dict round trip, are read by non-causal layers only (``tau_for(..., encoder=True)``, else
+    ``taus``), and stay with the text model (a sub-model's config gets none). A config without them serialises as
+    before they existed (no ``encoder_taus`` key): decoder-only and ``sub_taus`` configs do not change."""
+    cfg = SALEConfig(taus=[[0.008, 0.0]], encoder_taus=[[0.004] * 3, [0.002] * 3])
+    assert SALEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.tau_for(0, 2) == [0.008, 0.0] and cfg.tau_for(1, 3, encoder=True) == [0.002] * 3
+    assert SALEConfig(taus=[[0.008, 0.0]]).tau_for(0, 2, encoder=True) == [0.008, 0.0]  # unset: taus
+    with pytest.raises(ValueError, match=r"sale_config.encoder_taus\[0\] has 3 heads"):
+        cfg.tau_for(0, 2, encoder=True)
+    with pytest.raises(ValueError, match=r"sale_config.encoder_taus has 2 layers"):
+        cfg.tau_for(2, 3, encoder=True)
+    assert cfg.for_sub_model(None) == cfg
+    assert cfg.for_sub_model("vision_config") == SALEConfig(taus=[[0.008, 0.0]])
+    for bad, match in (
+        ([[0.1, 1.5]], r"encoder_taus\[0\]\[1\]"),
+        ([], "encoder_taus"),
+        ([[0.1], [0.1, 0.2]], "encoder_taus\\[1\\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SALEConfig(encoder_taus=bad)
+    for old in (
+        SALEConfig(taus=[[0.008, 0.0]]),
+        SALEConfig(taus=[[0.008, 0.0]], sub_taus={"vision_config": [[0.004], [0.002]]}),
+    ):
+        assert "encoder_taus" not in old.to_dict()
+        assert SALEConfig.from_dict(old.to_dict()) == old

@@ -401,6 +401,33 @@ def _spans(kpm: torch.Tensor) -> list[tuple[int, int]] | None:
 
 
 # ----------------------------------------------------------------------------------- sparse path
+def attention_kind(module: Any) -> str:
+    """What an attention module computes, from its own attributes: ``"causal"`` (decoder self-attention),
+    ``"bidirectional"`` (non-causal self-attention: an encoder, a vision tower) or ``"cross"`` (a decoder's
+    cross-attention to encoder states).
+
+    Cross-attention: an ``is_cross_attention`` flag (BERT-like decoders), a class named ``*Cross*``, or a non-causal
+    module of a decoder (``is_decoder``: BART family, Whisper, T5). Encoder-decoder models keep all three kinds on one
+    config with the same ``layer_idx`` values, so thresholds are looked up per kind (``encoder_taus`` for the
+    bidirectional ones); cross-attention runs dense (see :func:`_unsupported_reason`).
+    """
+    if getattr(module, "is_cross_attention", False) is True or "cross" in type(module).__name__.lower():
+        return "cross"
+    if getattr(module, "is_causal", True):
+        return "causal"
+    if getattr(module, "is_decoder", False) is True:
+        return "cross"
+    return "bidirectional"
+
+
+def _is_cross(module: Any, query: torch.Tensor, key: torch.Tensor) -> bool:
+    """A cross-attention call: a cross-attention module (:func:`attention_kind`), or a non-causal module whose
+    queries and keys differ in length (self-attention without a cache has equal lengths; this catches
+    cross-attention modules that carry no flag saying so, e.g. Moonshine's)."""
+    kind = attention_kind(module)
+    return kind == "cross" or (kind == "bidirectional" and query.shape[2] != key.shape[2])
+
+
 def _unsupported_reason(
     module: Any,
     query: torch.Tensor,
@@ -421,6 +448,13 @@ def _unsupported_reason(
         return "bias", (
             "attention biases / sink logits (position_bias, s_aux) are not supported by SALE (the model's eager "
             "attention takes such calls)"
+        )
+    if _is_cross(module, query, key):
+        return "cross_attention", (
+            "cross-attention (decoder queries over encoder states) is not supported by SALE: its queries and keys "
+            "share no positions, so the blocks SALE always keeps (the local window around the aligned diagonal, "
+            "the sink) mean nothing there, and it shares config and layer_idx with decoder self-attention (no "
+            "thresholds of its own)"
         )
     sw = kwargs.get("sliding_window")
     if sw is not None and key.shape[2] > int(sw):
@@ -639,7 +673,8 @@ def sale_attention_forward(
             "SALE does not compute attention weights: output_attentions=True gets None for its layers "
             "(use attn_implementation='eager' to inspect them)",
         )
-    taus = torch.tensor(cfg.tau_for(layer_idx, query.shape[1]), dtype=torch.float32)
+    encoder = attention_kind(module) == "bidirectional"  # encoder self-attention reads encoder_taus where set
+    taus = torch.tensor(cfg.tau_for(layer_idx, query.shape[1], encoder=encoder), dtype=torch.float32)
     want_mask = getattr(_STATE, "stats", None) is not None
     out, recs = _run_rows(query, key, value, kpm, taus, cfg, scaling, causal, want_mask)
     for r in recs:

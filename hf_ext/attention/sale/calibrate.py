@@ -14,6 +14,10 @@ The result is written to ``model.config.sale_config["taus"]`` (a nested list ``[
 so ``save_pretrained`` / ``from_pretrained`` keep it. Thresholds are kept per attention config: a sub-model whose
 attention layers number their own ``layer_idx`` from 0 (Gemma4's vision tower next to its text model) gets its own
 table, in ``sale_config["sub_taus"]["vision_config"]`` and as the ``taus`` of that sub-config's ``sale_config``.
+Thresholds are kept per kind of attention too: an encoder-decoder model (BART, Whisper) keeps encoder
+self-attention, decoder self-attention and cross-attention on one config with the same ``layer_idx`` values; the
+encoder's table goes to ``sale_config["encoder_taus"]``, the decoder's to ``taus``, and cross-attention runs dense
+(not calibrated).
 
 Example:
     >>> import torch
@@ -43,6 +47,7 @@ from hf_ext.attention.sale import attention as _attn
 from hf_ext.attention.sale.config import SALEConfig
 from hf_ext.attention.sale.integration import (
     _attention_configs,
+    _attention_modules,
     _check_taus_fit,
     _default_impl,
     _impl_tree,
@@ -57,11 +62,13 @@ class Calibrator:
     """Collects per-(layer, head) thresholds while a model runs dense under :func:`calibrating`.
 
     Attributes:
-        taus: ``{(id(module.config), layer_idx): tensor [H]}`` current thresholds. Keyed by the attention module's
-            config too: sub-models (a vision tower, the text model) each number their layers from 0.
+        taus: ``{(id(module.config), layer_idx, kind): tensor [H]}`` current thresholds. Keyed by the attention
+            module's config too (sub-models, a vision tower and the text model, each number their layers from 0)
+            and by its kind (``attention.attention_kind``: ``"causal"`` or ``"bidirectional"``; an encoder-decoder
+            model's encoder and decoder self-attention share config and layer_idx values).
         configs: ``{id(config): config}`` of the keys of ``taus``.
-        skipped: ``{(id(module.config), layer_idx): reason}`` for layers the sparse path cannot take (they stay
-            dense at run time).
+        skipped: ``{(id(module.config), layer_idx, kind): reason}`` for layers the sparse path cannot take (they
+            stay dense at run time; cross-attention among them).
         steps: number of (layer, prompt) observations.
     """
 
@@ -89,7 +96,7 @@ class Calibrator:
         kwargs: dict,
         dropout: float,
     ) -> None:
-        """Tighten the thresholds of ``module.layer_idx`` (of ``module.config``) on one prompt batch.
+        """Tighten the thresholds of ``module.layer_idx`` (of ``module.config``, of its kind) on one prompt batch.
 
         ``query [B,H,Sq,D]``, ``key``/``value`` ``[B,Hkv,Sk,D]``, ``dense_out [B,Sq,H,D]`` (the dense result).
         """
@@ -98,7 +105,9 @@ class Calibrator:
             return
         conf = getattr(module, "config", None)
         self.configs[id(conf)] = conf
-        slot = (id(conf), layer)
+        # encoder self-attention, decoder self-attention and cross-attention may share config and layer_idx
+        # (BART, Whisper): each kind gets its own slot (cross-attention runs dense: _unsupported_reason skips it)
+        slot = (id(conf), layer, _attn.attention_kind(module))
         reason = _attn._unsupported_reason(module, query, key, value, dropout, kwargs, self.cfg)
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         sq, sk = query.shape[2], key.shape[2]
@@ -215,8 +224,14 @@ def calibrate(
     Returns:
         The new :class:`SALEConfig`, with ``taus`` ``[num_layers][num_heads]`` (the text model's) and, for a
         sub-model whose attention layers number their own ``layer_idx`` (e.g. Gemma4's vision tower), that
-        sub-model's table in ``sub_taus`` (``{"vision_config": [num_layers][num_heads]}``); also written to
-        ``model.config.sale_config``, and each sub-model's table to its own config's ``sale_config``.
+        sub-model's table in ``sub_taus`` (``{"vision_config": [num_layers][num_heads]}``); for an
+        encoder-decoder model (BART, Whisper), the encoder self-attention's table in ``encoder_taus`` (``taus``:
+        the decoder self-attention's; cross-attention runs dense); also written to ``model.config.sale_config``,
+        and each sub-model's table to its own config's ``sale_config``.
+
+    Raises:
+        ValueError: a sub-model other than the text model holds both causal and non-causal self-attention layers
+            with the same ``layer_idx`` values (only the text model has an ``encoder_taus``).
     """
     if not _is_real(theta) or not 0 < float(theta) < math.inf:
         raise ValueError(
@@ -245,7 +260,7 @@ def calibrate(
     cal = Calibrator(cfg, float(theta), float(tau_init), float(tau_min))
     device = next(model.parameters()).device
     # the stored taus are not used while calibrating (and may be another model's: that is what re-calibrating fixes)
-    set_sale_config(model, replace(cfg, taus=None, sub_taus=None))
+    set_sale_config(model, replace(cfg, taus=None, encoder_taus=None, sub_taus=None))
     ok = False
     # calibration is inference: a model left in training mode (after Trainer.train(), or built from a config) runs
     # in eval mode (no dropout; SALE takes training-mode modules dense, so none would be calibrated), then each
@@ -291,25 +306,45 @@ def calibrate(
 
 
 def _tables(model: Any, cal: Calibrator, cfg: SALEConfig) -> dict[str, Any]:
-    """``taus`` and ``sub_taus`` from a calibration run: one table per sub-model (``None``: the text model, which
-    reads ``taus``), as each attention module looks its thresholds up in its own config. Layers not observed keep
-    the stored row where it fits, else get ``tau``."""
+    """``taus``, ``encoder_taus`` and ``sub_taus`` from a calibration run: one table per sub-model (``None``: the text
+    model, which reads ``taus``), as each attention module looks its thresholds up in its own config; where the text
+    model holds both causal and non-causal self-attention (an encoder-decoder model: BART, Whisper), the non-causal
+    (encoder) layers get their own table, ``encoder_taus``. Layers not observed keep the stored row where it fits,
+    else get ``tau``."""
     subs = _sub_model_names(model)
-    observed: dict[str | None, dict[int, torch.Tensor]] = {}
-    for (cid, layer), t in cal.taus.items():
-        rows = observed.setdefault(subs.get(cid), {})
+    kinds: dict[str | None, set[str]] = {}
+    for m in _attention_modules(model):
+        kinds.setdefault(subs.get(id(getattr(m, "config", None))), set()).add(_attn.attention_kind(m))
+
+    def table_of(name: str | None, kind: str) -> tuple[str | None, str]:
+        """(sub-model, ``"main"`` or ``"encoder"``): the table a module of that sub-model and kind reads."""
+        mixed = {"causal", "bidirectional"} <= kinds.get(name, set())
+        return (name, "encoder" if kind == "bidirectional" and mixed else "main")
+
+    observed: dict[tuple[str | None, str], dict[int, torch.Tensor]] = {}
+    for (cid, layer, kind), t in cal.taus.items():
+        rows = observed.setdefault(table_of(subs.get(cid), kind), {})
         # two configs reading the same table (the text model's and an unnamed one): the tighter value meets both
         rows[layer] = torch.minimum(rows[layer], t) if layer in rows and len(rows[layer]) == len(t) else t
-    layers: dict[str | None, list[int]] = {}
+    odd = sorted(name for name, which in observed if which == "encoder" and name is not None)
+    if odd:
+        raise ValueError(
+            f"sub-model(s) {odd} hold both causal and non-causal self-attention layers with the same layer_idx "
+            "values; SALE keeps separate encoder thresholds (encoder_taus) for the text model only. Calibrate with "
+            "prompts that do not reach them, or run them on another attention implementation"
+        )
+    layers: dict[tuple[str | None, str], list[int]] = {}
     for m in model.modules():
         li = getattr(m, "layer_idx", None)
-        if isinstance(li, int) and not isinstance(li, bool):
-            layers.setdefault(subs.get(id(getattr(m, "config", None))), []).append(li)
-    tables: dict[str | None, list[list[float]]] = {}
-    for name, rows in observed.items():
-        n_layers = max(layers.get(name, []) + list(rows)) + 1
+        kind = _attn.attention_kind(m)
+        if isinstance(li, int) and not isinstance(li, bool) and kind != "cross":
+            layers.setdefault(table_of(subs.get(id(getattr(m, "config", None))), kind), []).append(li)
+    tables: dict[tuple[str | None, str], list[list[float]]] = {}
+    for key, rows in observed.items():
+        n_layers = max(layers.get(key, []) + list(rows)) + 1
         n_heads = len(next(iter(rows.values())))
-        old = cfg.for_sub_model(name).taus
+        stored = cfg.for_sub_model(key[0])
+        old = stored.encoder_taus if key[1] == "encoder" else stored.taus
         table: list[list[float]] = []
         for li in range(n_layers):
             if li in rows:
@@ -318,8 +353,8 @@ def _tables(model: Any, cal: Calibrator, cfg: SALEConfig) -> dict[str, Any]:
                 table.append(list(old[li]))
             else:
                 table.append([cfg.tau] * n_heads)
-        tables[name] = table
-    sub_taus = {k: v for k, v in tables.items() if k is not None}
+        tables[key] = table
+    sub_taus = {name: v for (name, _), v in tables.items() if name is not None}
     # a sub-model the prompts did not reach (text-only prompts: no vision tower) keeps its stored table if it fits
     for name, old in (cfg.sub_taus or {}).items():
         if name not in sub_taus:
@@ -328,7 +363,11 @@ def _tables(model: Any, cal: Calibrator, cfg: SALEConfig) -> dict[str, Any]:
             except ValueError:
                 continue
             sub_taus[name] = old
-    return {"taus": tables.get(None), "sub_taus": sub_taus or None}
+    return {
+        "taus": tables.get((None, "main")),
+        "encoder_taus": tables.get((None, "encoder")),
+        "sub_taus": sub_taus or None,
+    }
 
 
 def _is_real(x: Any) -> bool:

@@ -56,6 +56,15 @@ class SALEConfig:
             "keeps every block of that head (dense). None: use `tau`."
         },
     )
+    encoder_taus: list[list[float]] | None = field(
+        default=None,
+        metadata={
+            "help": "Thresholds [num_encoder_layers][num_heads] of the text model's non-causal (encoder) "
+            "self-attention, where it shares its config and layer_idx values with causal decoder self-attention "
+            "(BART, Moonshine); written by `calibrate`. Those encoder layers read it, the "
+            "decoder layers read `taus`. None: the encoder layers read `taus` too."
+        },
+    )
     sub_taus: dict[str, list[list[float]]] | None = field(
         default=None,
         metadata={
@@ -113,6 +122,8 @@ class SALEConfig:
         self.tau = float(self.tau)
         if self.taus is not None:
             self.taus = self._check_taus(self.taus)
+        if self.encoder_taus is not None:
+            self.encoder_taus = self._check_taus(self.encoder_taus, "encoder_taus")
         if self.sub_taus is not None:
             self.sub_taus = self._check_sub_taus(self.sub_taus)
         for name in ("block_q", "block_k"):
@@ -189,30 +200,39 @@ class SALEConfig:
     # ------------------------------------------------------------------------------ lookup
     def for_sub_model(self, name: str | None) -> SALEConfig:
         """The config the attention modules of sub-model ``name`` (a sub-config name such as ``"vision_config"``;
-        ``None``: the text model) read: ``taus`` replaced by ``sub_taus[name]`` where listed, without ``sub_taus``."""
+        ``None``: the text model) read: ``taus`` replaced by ``sub_taus[name]`` where listed, without ``sub_taus``;
+        ``encoder_taus`` only for the text model."""
+        if name is None:
+            return replace(self, sub_taus=None)
         taus = self.taus
-        if name is not None and self.sub_taus is not None and name in self.sub_taus:
+        if self.sub_taus is not None and name in self.sub_taus:
             taus = self.sub_taus[name]
-        return replace(self, taus=taus, sub_taus=None)
+        return replace(self, taus=taus, encoder_taus=None, sub_taus=None)
 
-    def tau_for(self, layer_idx: int | None, num_heads: int) -> list[float]:
+    def tau_for(self, layer_idx: int | None, num_heads: int, *, encoder: bool = False) -> list[float]:
         """Per-query-head thresholds of one layer (``len == num_heads``).
 
-        Raises ``ValueError`` when ``taus`` was calibrated for a different head count or has no row for
-        ``layer_idx``.
+        ``encoder``: the layer is non-causal (encoder) self-attention; it reads ``encoder_taus`` where set, else
+        ``taus``.
+
+        Raises ``ValueError`` (naming the table) when that table was calibrated for a different head count or has
+        no row for ``layer_idx``.
         """
-        if self.taus is None or layer_idx is None:
+        name, taus = "taus", self.taus
+        if encoder and self.encoder_taus is not None:
+            name, taus = "encoder_taus", self.encoder_taus
+        if taus is None or layer_idx is None:
             return [self.tau] * num_heads
-        if not 0 <= layer_idx < len(self.taus):
+        if not 0 <= layer_idx < len(taus):
             raise ValueError(
-                f"sale_config.taus has {len(self.taus)} layers but layer_idx={layer_idx} was requested; "
-                "re-run calibrate() for this model or set taus=None"
+                f"sale_config.{name} has {len(taus)} layers but layer_idx={layer_idx} was requested; "
+                f"re-run calibrate() for this model or set {name}=None"
             )
-        row = self.taus[layer_idx]
+        row = taus[layer_idx]
         if len(row) != num_heads:
             raise ValueError(
-                f"sale_config.taus[{layer_idx}] has {len(row)} heads but the layer has {num_heads} query heads; "
-                "re-run calibrate() for this model or set taus=None"
+                f"sale_config.{name}[{layer_idx}] has {len(row)} heads but the layer has {num_heads} query heads; "
+                f"re-run calibrate() for this model or set {name}=None"
             )
         return list(row)
 
@@ -222,6 +242,10 @@ class SALEConfig:
         d = asdict(self)
         if d["taus"] is not None:
             d["taus"] = [list(r) for r in d["taus"]]
+        if d["encoder_taus"] is None:  # the format of configs saved before encoder_taus existed
+            del d["encoder_taus"]
+        else:
+            d["encoder_taus"] = [list(r) for r in d["encoder_taus"]]
         if d["sub_taus"] is None:  # the format of configs saved before sub_taus existed
             del d["sub_taus"]
         else:

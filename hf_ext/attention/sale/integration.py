@@ -122,10 +122,11 @@ def _sub_model_names(model: Any) -> dict[int, str | None]:
 
 
 def _check_taus_fit(model: Any, cfg: SALEConfig) -> None:
-    """``ValueError`` (naming ``taus`` / ``sub_taus``) when per-layer thresholds lack a row for an attention layer of
-    ``model``, hold another number of heads than it, or name a sub-model it does not have: the attention function
-    would raise only at the first long prompt."""
-    if cfg.taus is None and cfg.sub_taus is None:
+    """``ValueError`` (naming ``taus`` / ``encoder_taus`` / ``sub_taus``) when per-layer thresholds lack a row for an
+    attention layer of ``model``, hold another number of heads than it, name a sub-model it does not have, or are
+    encoder thresholds for a model without encoder self-attention: the attention function would raise only at the
+    first long prompt. Cross-attention layers read no thresholds (they run dense)."""
+    if cfg.taus is None and cfg.encoder_taus is None and cfg.sub_taus is None:
         return
     subs = _sub_model_names(model)
     unknown = sorted(set(cfg.sub_taus or {}) - set(subs.values()))
@@ -135,14 +136,27 @@ def _check_taus_fit(model: Any, cfg: SALEConfig) -> None:
             f"sale_config.sub_taus names {unknown}, but this model has no such sub-model with attention layers of its "
             f"own (it has {have or 'none'}); re-run calibrate() for this model or set sub_taus=None"
         )
-    for mod in _attention_modules(model):
+    from hf_ext.attention.sale.attention import attention_kind
+
+    # cross-attention runs dense: it reads no thresholds
+    mods = [m for m in _attention_modules(model) if attention_kind(m) != "cross"]
+    if cfg.encoder_taus is not None:
+        text = [attention_kind(m) for m in mods if subs.get(id(getattr(m, "config", None))) is None]
+        if "bidirectional" not in text:
+            raise ValueError(
+                "sale_config.encoder_taus is set, but this model's text model has no non-causal (encoder) "
+                "self-attention layers that would read it; re-run calibrate() for this model or set encoder_taus=None"
+            )
+    for mod in mods:
         c = getattr(mod, "config", None)
         heads = getattr(mod, "num_heads", None) or getattr(c, "num_attention_heads", None)
         if not isinstance(heads, int) or heads <= 0:
             continue
         name = subs.get(id(c))
         try:
-            cfg.for_sub_model(name).tau_for(mod.layer_idx, heads)
+            cfg.for_sub_model(name).tau_for(
+                mod.layer_idx, heads, encoder=attention_kind(mod) == "bidirectional"
+            )
         except ValueError as exc:
             if name is None or name not in (cfg.sub_taus or {}):
                 raise
