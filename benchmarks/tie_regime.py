@@ -234,7 +234,7 @@ def run_cap(
                     for k, v in res.items()
                 )
             )
-            if "gap_vs_ssjf" in res["tie"]:
+            if "gap_vs_ssjf" in res.get("tie", {}):
                 print(
                     "    TIE - SSJF per-token gap (ms) by predicted spread: "
                     + "; ".join(

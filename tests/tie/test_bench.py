@@ -374,6 +374,22 @@ def test_regime_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys
     assert "true law: vs SSJF" in out and "synthetic-cap1000_kv180k_load1.3" in out  # the summary table
 
 
+def test_regime_script_true_law_only_runs(tmp_path, monkeypatch, capsys):
+    """``tie_regime.py --true-law-only`` (no trained predictors, so no ``tie`` policy) crashed with KeyError: 'tie'
+    after the first case, where it looked up TIE's gap to SSJF."""
+    import json
+
+    mod = load_script("tie_regime")
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_EXT_AZURE_TRACE", str(stand_in_trace(tmp_path / "trace.csv")))
+    argv = ["--caps", "1000", "--kv-tokens", "180000", "--loads", "1,1.3", "--n", "200", "--offline-n", "0"]
+    assert mod.main([*argv, "--true-law-only"]) == 0
+    cases = json.loads((tmp_path / "tie_regime.json").read_text())["cases"]
+    assert len(cases) == 2
+    assert all("tie_true_dist" in c and "tie" not in c for c in cases.values())
+    assert "synthetic-cap1000_kv180k_load1.3" in capsys.readouterr().out
+
+
 def test_offline_plan_script_writes_rows_figure_and_json(tmp_path, monkeypatch, capsys):
     """benchmarks/tie_offline_plan.py on a small job: both cases per seed become rows, TIE's plan is reported
     with the bucket counts, and bad arguments are refused before any work."""
