@@ -226,6 +226,26 @@ def _tower(module) -> str:
     return "vision" if "Vision" in type(module).__name__ else "text"
 
 
+def _calibrate_and_record_calls(model, batch) -> list:
+    """``calibrate`` ``model`` on ``batch`` (theta 0.003, 16-token blocks), then record one forward under ``"sale"``.
+    Returns ``[(module, args, taus), ...]`` in call order: each attention call's module and arguments, and the
+    thresholds the halving criterion gives on that call's inputs alone (the reference; ``None`` for a call the
+    Calibrator does not calibrate, e.g. cross-attention)."""
+    cfg = SALEConfig(block_q=16, block_k=16, local_window=16, min_seq_len=32)
+    theta = 0.003
+    calibrate(model, batch, theta=theta, config=cfg)
+    rec = _AllCalls(cfg, theta, 0.008, 1e-4)
+    model.set_attn_implementation("sale")
+    with calibrating(rec), torch.no_grad():
+        model(**batch, use_cache=False)
+    out = []
+    for module, args in rec.calls:
+        one = Calibrator(cfg, theta, 0.008, 1e-4)
+        one.observe(module, *args)
+        out.append((module, args, next(iter(one.taus.values())) if one.taus else None))
+    return out
+
+
 @pytest.mark.parametrize("vision_heads", [4, 2])
 def test_calibrated_taus_are_kept_per_sub_model_when_towers_share_layer_indices(vision_heads, tmp_path):
     """Gemma4's vision tower numbers its attention layers 0, 1 like its text model. calibrate keyed thresholds by
@@ -240,20 +260,8 @@ def test_calibrated_taus_are_kept_per_sub_model_when_towers_share_layer_indices(
 
     model = tiny_gemma4_vl(vision_heads)
     batch = gemma4_vl_batch()
-    cfg = SALEConfig(block_q=16, block_k=16, local_window=16, min_seq_len=32)
-    theta = 0.003
-    calibrate(model, batch, theta=theta, config=cfg)
-
     # the reference: the halving criterion run on each attention module's own inputs alone
-    rec = _AllCalls(cfg, theta, 0.008, 1e-4)
-    model.set_attn_implementation("sale")
-    with calibrating(rec), torch.no_grad():
-        model(**batch, use_cache=False)
-    want = {}
-    for module, args in rec.calls:
-        one = Calibrator(cfg, theta, 0.008, 1e-4)
-        one.observe(module, *args)
-        want[module] = [float(t) for t in next(iter(one.taus.values())).tolist()]
+    want = {m: [float(t) for t in taus.tolist()] for m, _, taus in _calibrate_and_record_calls(model, batch)}
     assert {_tower(m) for m in want} == {"vision", "text"} and len(want) == 4
     by_tower = {t: [v for m, v in want.items() if _tower(m) == t] for t in ("vision", "text")}
     assert by_tower["vision"] != by_tower["text"], want  # the towers need different thresholds here
@@ -333,24 +341,14 @@ def test_encoder_decoder_thresholds_are_kept_per_attention_kind(decoder_heads, t
 
     model = tiny_bart(encoder_heads=4, decoder_heads=decoder_heads)
     batch = bart_batch()
-    cfg = SALEConfig(block_q=16, block_k=16, local_window=16, min_seq_len=32)
-    theta = 0.003
-    calibrate(model, batch, theta=theta, config=cfg)
-
     # the reference: the halving criterion run on each self-attention module's own inputs alone, in call order
-    rec = _AllCalls(cfg, theta, 0.008, 1e-4)
-    model.set_attn_implementation("sale")
-    with calibrating(rec), torch.no_grad():
-        model(**batch, use_cache=False)
     names = {m: n for n, m in model.named_modules()}
     want, kinds = [], []
-    for module, args in rec.calls:
+    for module, _, taus in _calibrate_and_record_calls(model, batch):
         kinds.append(names[module].split(".")[-1] if "decoder" in names[module] else "encoder")
         if "encoder_attn" in names[module]:
             continue  # cross-attention: dense
-        one = Calibrator(cfg, theta, 0.008, 1e-4)
-        one.observe(module, *args)
-        want.append(next(iter(one.taus.values())).float().tolist())  # float32, as handed to the kernel
+        want.append(taus.float().tolist())  # float32, as handed to the kernel
     assert kinds == ["encoder"] * 2 + ["self_attn", "encoder_attn"] * 2
     assert want[:2] != want[2:], want  # encoder and decoder self-attention need different thresholds here
 
