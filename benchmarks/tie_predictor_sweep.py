@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train with lengths at this cap right-censored (PredictorConfig.censor_at; the workload's cap is 1000)",
     )
-    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/tie_predictor_sweep)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output stem (default tie_predictor_sweep in benchmarks/results or $HF_EXT_RESULTS_DIR)",
+    )
     args = p.parse_args(argv)
     sizes = _sizes(args.sizes)
     if args.epochs < 1 or args.val_n < 100:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_ext.generation.tie.config import PredictorConfig
     from hf_ext.generation.tie.data import generate_workload, length_pairs
     from hf_ext.generation.tie.predictor import LengthPredictor
-    from hf_ext.utils.bench import git_commit
+    from hf_ext.utils.bench import git_commit, results_dir
 
     torch.set_num_threads(2)
     m_val = 1000
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  n={n}: NLL {ev['nll']:.4f}, CRPS {ev['crps_tokens']:.1f} tok, Spearman {ev['spearman']:.3f}"
         )
     cmd = "python benchmarks/tie_predictor_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    stem = Path(args.out) if args.out else _ROOT / "benchmarks" / "results" / "tie_predictor_sweep"
+    stem = Path(args.out) if args.out else results_dir() / "tie_predictor_sweep"
     stem.parent.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
     with stem.with_suffix(".csv").open("w", newline="") as f:

@@ -23,7 +23,8 @@ retraining on the server's own length log while serving.
 4. **Report.** Mean / p99 per-token latency and TTFT per load for FCFS, SSJF (stale), SJF-oracle, TIE with the
    stale predictor, with the refresher, and with the oracle predictor; the served laws' NLL per 200 requests.
 
-Writes ``benchmarks/results/tie_refresh.csv`` / ``.png`` and rows in ``tie.csv`` (cases ``refresh_drift_...``)::
+Writes ``benchmarks/results/tie_refresh.csv`` / ``.png`` (or under ``$HF_EXT_RESULTS_DIR``) and rows in ``tie.csv``
+(cases ``refresh_drift_...``)::
 
     python benchmarks/tie_refresh.py                   # ~10 min on the 2-core CPU
     python benchmarks/tie_refresh.py --quick --no-write  # smoke: tiny predictors, a few seconds
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     from hf_ext.generation.tie.bench import load_cost_model, with_true_distribution
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.data import generate_workload
-    from hf_ext.utils.bench import Row, append_rows, git_commit
+    from hf_ext.utils.bench import Row, append_rows, git_commit, results_dir
 
     torch.set_num_threads(2)
     tie_cfg = TIEConfig(max_new_tokens=MAX_NEW_TOKENS)
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r.case:<48} vs {r.baseline:<11} {r.ratio:6.3f}")
     if args.no_write:
         return 0
-    stem = _ROOT / "benchmarks" / "results" / f"tie_refresh{tag}"
+    stem = results_dir() / f"tie_refresh{tag}"
     commit = git_commit()
     with stem.with_suffix(".csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)

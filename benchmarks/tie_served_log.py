@@ -20,8 +20,9 @@ A :class:`~hf_ext.generation.tie.lengthlog.LengthLog` records what a server saw:
    texts in ``tie_azure_replay_prompts.json``) in the shared simulator at ``--loads`` times the trace's rate, with the
    bench's cost model and engine (256 running, 450k KV tokens), each predictor annotating the same requests.
 
-Writes ``benchmarks/results/tie_served_log.csv`` / ``.png`` and rows in ``tie.csv`` (cases
-``servedlog_caps<mix>_...``: TIE trained with censoring against FCFS and the better of the two SSJF variants)::
+Writes ``benchmarks/results/tie_served_log.csv`` / ``.png`` (or under ``$HF_EXT_RESULTS_DIR``) and rows in
+``tie.csv`` (cases ``servedlog_caps<mix>_...``: TIE trained with censoring against FCFS and the better of the two
+SSJF variants)::
 
     python benchmarks/tie_served_log.py                       # ~20 min on the 2-core CPU (trains 13 predictors)
     python benchmarks/tie_served_log.py --quick --no-write    # smoke: tiny predictors, a few seconds
@@ -257,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     tag = f"_seed{args.seed}" if args.seed else ""
-    stem = _ROOT / "benchmarks" / "results" / f"tie_served_log{tag}"
+    from hf_ext.utils.bench import results_dir
+
+    stem = results_dir() / f"tie_served_log{tag}"
     if args.replot:
         with stem.with_suffix(".csv").open(newline="") as f:
             got = list(csv.DictReader(f))

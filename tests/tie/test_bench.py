@@ -263,6 +263,19 @@ def test_true_distribution_ceiling_feeds_every_policy_the_generator_parameters()
     assert ceil[0].meta["tie_expect"] > 100 > reqs[0].meta["tie_expect"]  # re-scored from the true law
 
 
+def test_served_log_script_honours_hf_ext_results_dir(tmp_path, monkeypatch):
+    """tie_served_log.py (like tie_refresh.py and tie_predictor_sweep.py) wrote its CSV / PNG under the checkout's
+    benchmarks/results even with $HF_EXT_RESULTS_DIR set, while its tie.csv rows went there."""
+    import shutil
+
+    from tests.tie._scripts import ROOT
+
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    shutil.copy(ROOT / "benchmarks" / "results" / "tie_served_log.csv", tmp_path / "tie_served_log.csv")
+    assert load_script("tie_served_log").main(["--replot"]) == 0
+    assert (tmp_path / "tie_served_log.png").stat().st_size > 0
+
+
 def test_predictor_sweep_script_writes_csv_and_plot(tmp_path):
     """benchmarks/tie_predictor_sweep.py on tiny sizes: one row per size plus the constant and true-law references,
     the true law scoring better than the constant; bad sizes are refused before any work."""
