@@ -181,8 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--fit-static-match",
-        default="",
-        help="with --fit-static: only runs whose note or versions contain this text (default: every run)",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="with --fit-static: only runs whose note or versions contain this text (default: every run); give it "
+        "again to take the runs that match any of the texts",
     )
     p.add_argument("--calibration", default=None, help="simulator cost model (default: bench tie's choice)")
     p.add_argument(
@@ -476,10 +479,11 @@ def fit_static_details(args: argparse.Namespace, cmd: str) -> int:
     from hf_ext.utils.bench import results_dir
 
     data = json.loads(Path(args.fit_static).read_text())
+    matches = args.fit_static_match or [""]
     runs = [
         r
         for r in data.get("runs", [data])
-        if args.fit_static_match in f"{r.get('note', '')} {r.get('versions', '')}"
+        if any(m in f"{r.get('note', '')} {r.get('versions', '')}" for m in matches)
     ]
     groups: dict[str, list[list[float]]] = {}  # "<run>:<plan>" -> [rows, width, steps, seconds] per batch
     for i, run in enumerate(runs):
@@ -491,7 +495,8 @@ def fit_static_details(args: argparse.Namespace, cmd: str) -> int:
     if len(groups) < 2 or len(devices) != 1:
         raise ValueError(
             f"--fit-static needs at least two plans with batch_shapes from one device in the runs of {args.fit_static}"
-            f" matching --fit-static-match {args.fit_static_match!r}; got {len(groups)} plan(s), devices {devices}"
+            f" matching --fit-static-match {' or '.join(map(repr, matches))}; got {len(groups)} plan(s), devices"
+            f" {devices}"
         )
     name = f"{name_slug(devices[0])}-{args.shape}{STATIC_SUFFIX}"
     batches = [b for shapes in groups.values() for b in shapes]

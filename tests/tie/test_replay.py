@@ -1118,6 +1118,30 @@ def test_fit_static_fits_the_matching_runs_batches_and_leaves_each_plan_out(tmp_
         mod.main([*argv[:3], "nothing matches", "--no-write"])
 
 
+def test_fit_static_reproduces_the_shipped_padded_calibration(tmp_path, monkeypatch):
+    """The documented --fit-static commands (docs/tie_results.md) stopped working once the details file also held
+    H200 runs whose notes contain "one round" / "off cuDNN" (ValueError: more than one device), and the shipped
+    calibration came from two runs no single --fit-static-match selects. --fit-static-match can be repeated (a run
+    matching any text is used): the doc's command refits exactly the shipped calibration."""
+    import json
+
+    from tests.tie._scripts import ROOT
+
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    mod = load_script("tie_real_cb")
+    details = str(ROOT / "benchmarks" / "results" / "tie_real_static_details.json")
+    argv = ["--fit-static", details, "--fit-static-match", "SDPA kept off cuDNN"]
+    argv += ["--fit-static-match", "SDPA off cuDNN; two rounds", "--shape", "llama3.1-8b", "--no-write"]
+    assert mod.main(argv) == 0
+    name = "nvidia-h100-80gb-hbm3-llama3.1-8b-generate-padded.json"
+    got = json.loads((tmp_path / name).read_text())
+    shipped = json.loads((ROOT / "hf_ext" / "simulate" / "calibrations" / name).read_text())
+    assert len(got["extra"]["batches"]) == 77
+    for key, value in shipped.items():
+        if key != "extra":
+            assert got[key] == pytest.approx(value) if isinstance(value, float) else got[key] == value, key
+
+
 def test_no_cudnn_sdpa_runs_each_replay_off_cudnn_under_its_own_case_names(tmp_path, monkeypatch, capsys):
     """--no-cudnn-sdpa: every continuous-batching replay runs with SDPA off cuDNN's kernel (restored after), and
     its cases end in _nocudnn; with a static job it is refused before any work."""
