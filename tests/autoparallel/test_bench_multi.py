@@ -66,3 +66,26 @@ def test_unsupported_plans_are_named():
         unsupported_reason(Plan.uniform("tiny", gpus=2, dp_type="ddp", pp=2, global_batch=4, seq_len=8)) == ""
     )
     assert unsupported_reason(Plan.uniform("tiny", tp=2, **{**kw, "dp_type": "fsdp"})) == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--quick", "--predict-gpus", "8"], r"--global-batch 4 must be divisible by --predict-gpus 8 x"),
+        (["--quick", "--predict-gpus", "3"], r"--predict-gpus 3 x --hand-micro-batch 1 = 3"),
+        (["--hand-micro-batch", "0"], r"--hand-micro-batch must be at least 1"),
+    ],
+)
+def test_bench_refuses_batches_the_hand_configs_cannot_split_before_profiling(
+    tmp_path, monkeypatch, argv, match
+):
+    """`hf-ext bench autoparallel --quick --predict-gpus 8` profiled, measured every configuration and only then
+    failed with `ValueError: global_batch=4 must be divisible by dp*micro_batch=8` (a docs audit found it); the
+    sizes are now checked first, naming the flags, and nothing is written."""
+    from hf_ext.accelerate.autoparallel import bench
+
+    monkeypatch.setenv("HF_EXT_RESULTS_DIR", str(tmp_path))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit, match=match):
+        bench.main(argv)
+    assert not list(tmp_path.iterdir())

@@ -313,6 +313,24 @@ def _measure(
     return float(statistics.median(vals[: args.steps])), peak, note
 
 
+def _check_hand_batches(gb: int, hb: int, world: int, predict_gpus: int, *, quick: bool) -> None:
+    """Refuse, before any profiling, sizes the hand configurations cannot split: every rank of ``g`` GPUs (the world
+    size, and ``predict_gpus`` where it is predicted) runs micro-batches of ``hb`` sequences (``gb // g`` for the
+    checkpointed one)."""
+    if hb < 1:
+        raise SystemExit(f"--hand-micro-batch must be at least 1, got {hb}")
+    counts = [("the world size", world)]
+    if predict_gpus > 1 and predict_gpus != world:
+        counts.append(("--predict-gpus", predict_gpus))
+    for what, g in counts:
+        if gb % (g * hb):
+            fixed = " (--quick sets --global-batch 4 and --hand-micro-batch 1)" if quick else ""
+            raise SystemExit(
+                f"--global-batch {gb} must be divisible by {what} {g} x --hand-micro-batch {hb} = {g * hb}: "
+                f"the hand configurations give every GPU micro-batches of {hb} sequences{fixed}"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (see the module docstring) on every rank; returns 0 on success."""
     import torch
@@ -369,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     world = dist.get_world_size() if not owns_pg else int(os.environ.get("WORLD_SIZE", "1"))
     if gb % world:
         raise SystemExit(f"--global-batch {gb} must be divisible by the world size {world}")
+    _check_hand_batches(gb, args.hand_micro_batch, world, args.predict_gpus, quick=args.quick)
 
     # 1. profile (bf16 on GPU) on rank 0 ------------------------------------------------------------
     t0 = time.perf_counter()
