@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
     b = sub.add_parser(
         "bench",
-        help="run a component's benchmark (GPU machine)",
+        help="run a component's benchmark (on a GPU where it has one; --quick / CPU modes where the component has them)",
         usage="hf-ext bench [-h] component [bench_args ...]",
     )
     # optional here so that a missing one is reported alone (a REMAINDER counts as required in argparse's message)
