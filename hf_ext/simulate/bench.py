@@ -28,6 +28,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from hf_ext.utils.bench import bench_main, mark_quick_run
+
 COMPONENT = "simulator"
 
 
@@ -42,6 +44,7 @@ def positive_float(text: str) -> float:
     return v
 
 
+@bench_main
 def main(argv: Sequence[str] | None = None) -> int:
     from hf_ext.simulate.calibrate import SHAPES, positive_int
 
@@ -74,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--calib-out", default=None, help="directory or .json path to save the fitted calibration"
     )
     args = ap.parse_args(list(argv) if argv is not None else None)
+    mark_quick_run(args.quick)
     # a flag of a part that is skipped would be ignored: say so instead of running without it
     for skip, part, flags in (
         (args.skip_calibration, "calibration", ("device", "shape", "reps", "calib_out")),

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 COLUMNS = [
     "component",
@@ -70,14 +70,44 @@ def checkout_root(root: Path = REPO_ROOT) -> Path | None:
 CHECKOUT_ROOT = checkout_root()
 
 
+QUICK_SUBDIR = "quick"
+_QUICK_RUN = [False]  # set by mark_quick_run() for the benchmark main running now (see bench_main)
+
+
+def mark_quick_run(quick: bool) -> None:
+    """Say whether the running benchmark is a ``--quick`` smoke run: :func:`results_dir` then puts its files in
+    ``quick/`` under the default folder (git-ignored), so that a smoke run never appends rows to, or redraws, the
+    committed results the docs cite. ``$HF_EXT_RESULTS_DIR``, where set, is used as it is. Call it from a main that
+    :func:`bench_main` wraps (which restores the previous state when the main returns)."""
+    _QUICK_RUN[0] = bool(quick)
+
+
+def bench_main(fn: Callable[..., int]) -> Callable[..., int]:
+    """Decorator of a benchmark's ``main``: whatever it passes to :func:`mark_quick_run` holds until it returns."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        before = _QUICK_RUN[0]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _QUICK_RUN[0] = before
+
+    return wrapper
+
+
 def results_dir() -> Path:
     """``$HF_EXT_RESULTS_DIR``, else ``benchmarks/results`` of the source checkout, else (an installed
-    package) ``./benchmarks/results`` under the current directory."""
+    package) ``./benchmarks/results`` under the current directory; in a ``--quick`` run (:func:`mark_quick_run`)
+    the default folder's ``quick/`` subfolder."""
     env = os.environ.get("HF_EXT_RESULTS_DIR")
     if env:
         d = Path(env)
     else:
         d = (CHECKOUT_ROOT if CHECKOUT_ROOT is not None else Path.cwd()) / "benchmarks" / "results"
+        if _QUICK_RUN[0]:
+            d = d / QUICK_SUBDIR
     try:
         d.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # it, or a folder above it, is a file (or a broken link)

@@ -48,6 +48,8 @@ import statistics
 import time
 from typing import Any
 
+from hf_ext.utils.bench import bench_main, mark_quick_run
+
 COMPONENT = "autoparallel"
 # What apply_plan runs, told to the cost model: tensor parallelism shards the decoder layers only (the
 # embedding / LM head stay whole on every tp rank) and sequence parallelism is not applied.
@@ -331,6 +333,7 @@ def _check_hand_batches(gb: int, hb: int, world: int, predict_gpus: int, *, quic
             )
 
 
+@bench_main
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (see the module docstring) on every rank; returns 0 on success."""
     import torch
@@ -367,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         help="second micro-batch size of the whole-runtime probe (with b=1; 1: b=1 only); --quick: 2",
     )
     args = ap.parse_args(argv)
+    mark_quick_run(args.quick)
     # Big transient blocks (fp32 logits of several GiB) fragment the caching allocator; expandable
     # segments (same setting for every configuration) keep the measured peak close to what is allocated.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

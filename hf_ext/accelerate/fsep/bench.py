@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from hf_ext.utils.bench import bench_main, mark_quick_run
+
 COMPONENT = "fsep"
 
 # name: (hidden, expert intermediate, experts, top_k, layers, attention q/k/v/o params per layer)
@@ -632,6 +634,7 @@ def torchrun_main(args: argparse.Namespace, cmd: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------- main
+@bench_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hf-ext bench fsep", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny gloo run and fewer predictions (CI smoke)")
@@ -697,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         help="--torchrun: also run FSEP with comm_schedule='eager' (rows with baseline 'fsep_eager')",
     )
     args = p.parse_args(argv)
+    mark_quick_run(args.quick)
     if args.torchrun:
         given = sys.argv[1:] if argv is None else argv
         return torchrun_main(args, "torchrun -m hf_ext.accelerate.fsep.bench " + " ".join(given))

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from hf_ext.utils.bench import bench_main, mark_quick_run
+
 OVERHEAD_METHODS = {
     "random": {"selector": "random", "selector_args": {"budget": 0.5}},
     "loss": {"selector": "loss", "selector_args": {"budget": 0.5}},
@@ -156,6 +158,7 @@ def _run(
     return model, float(np.median(dts)) * 1e3 + upd_ms / update_step, upd_ms
 
 
+@bench_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hf-ext bench dataflex", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:  # `hf-ext bench dataflex -- --device cuda`
         argv = argv[1:]
     a = p.parse_args(argv)
+    mark_quick_run(a.quick)
     if a.methods is not None:  # before any training: the reference run alone takes a while
         unknown = [m for m in a.methods if m not in OVERHEAD_METHODS]
         if unknown or not a.methods:

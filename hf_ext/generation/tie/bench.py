@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from hf_ext.generation.tie.config import ABLATION_SETTINGS, ablation_config
+from hf_ext.utils.bench import bench_main, mark_quick_run
 
 COMPONENT = "tie"
 # policies simulated with the trained predictors
@@ -977,12 +978,14 @@ def real_cb_rows(real: dict[str, dict], device: str, cmd: str) -> list[Any]:
 
 
 # -------------------------------------------------------------------------------------------- main
+@bench_main
 def main(argv: list[str] | None = None) -> int:
     from hf_ext.generation.tie.config import TIEConfig
     from hf_ext.generation.tie.data import generate_workload, length_pairs
     from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows, results_dir
 
     args = _parser().parse_args(argv or [])
+    mark_quick_run(args.quick)
     if args.quick:
         args.n_train, args.epochs, args.minutes, args.offline_n = 1500, 3, 5.0, 600
     for name in ("n_train", "epochs", "max_num_seqs", "kv_tokens", "offline_n", "offline_kv_tokens"):
