@@ -412,3 +412,19 @@ def test_encoder_decoder_cross_attention_runs_dense_and_foreign_encoder_taus_are
             enable_sale(model, SALEConfig(**bad))
     with pytest.raises(ValueError, match="encoder_taus is set, but"):
         enable_sale(tiny_family("llama"), SALEConfig(encoder_taus=[[0.004] * 4] * 2))
+
+
+@pytest.mark.parametrize("vision_heads", [4, 2])
+def test_text_only_prompts_give_an_unreached_sub_model_the_flat_tau(vision_heads):
+    """Text-only calibration prompts to a vision-language model never reach the vision tower. Its modules must not
+    read the text model's thresholds: with another head count set_sale_config refused them after the whole run
+    (ValueError), with the same count the vision tower ran on the text model's thresholds."""
+    from tests.sale._models import tiny_gemma4_vl
+
+    model = tiny_gemma4_vl(vision_heads)
+    cfg = SALEConfig(block_q=16, block_k=16, min_seq_len=16)
+    new = calibrate(model, rand_ids(192, seed=3), config=cfg)
+    assert len(new.taus) == 2 and all(len(r) == 4 for r in new.taus)
+    assert new.sub_taus == {"vision_config": [[cfg.tau] * vision_heads] * 2}
+    assert model.config.vision_config.sale_config["taus"] == [[cfg.tau] * vision_heads] * 2
+    assert model.config.text_config.sale_config["taus"] == new.taus

@@ -363,6 +363,21 @@ def _tables(model: Any, cal: Calibrator, cfg: SALEConfig) -> dict[str, Any]:
             except ValueError:
                 continue
             sub_taus[name] = old
+    # a sub-model with attention layers of its own that the prompts did not reach and no stored table that fits
+    # (text-only prompts to a vision-language model): the flat tau. Left out, its modules would read taus, the
+    # text model's thresholds (and set_sale_config refuses them after the whole run when the head counts differ)
+    unreached: dict[str, dict[int, int]] = {}
+    for m in _attention_modules(model):
+        c = getattr(m, "config", None)
+        name = subs.get(id(c))
+        heads = getattr(m, "num_heads", None) or getattr(c, "num_attention_heads", None)
+        if name is None or name in sub_taus or _attn.attention_kind(m) == "cross":
+            continue
+        if isinstance(heads, int) and heads > 0:
+            unreached.setdefault(name, {})[m.layer_idx] = heads
+    for name, heads_of in unreached.items():
+        width = max(heads_of.values())
+        sub_taus[name] = [[cfg.tau] * heads_of.get(li, width) for li in range(max(heads_of) + 1)]
     return {
         "taus": tables.get((None, "main")),
         "encoder_taus": tables.get((None, "encoder")),
