@@ -203,3 +203,14 @@ def test_encoder_taus_validate_round_trip_and_leave_the_older_formats_alone():
     ):
         assert "encoder_taus" not in old.to_dict()
         assert SALEConfig.from_dict(old.to_dict()) == old
+
+
+def test_positional_arguments_keep_their_meaning_after_the_new_threshold_tables():
+    """encoder_taus / sub_taus were inserted after taus: SALEConfig(tau, taus, block_q, block_k, ...) written for the
+    older field order handed block_q to encoder_taus (ValueError). They are keyword-only now."""
+    cfg = SALEConfig(0.002, [[0.1, 0.2]], 32, 64, 2, 256, 1024, 4, "torch", "error")
+    assert (cfg.tau, cfg.taus, cfg.block_q, cfg.block_k) == (0.002, [[0.1, 0.2]], 32, 64)
+    assert (cfg.sink_blocks, cfg.local_window, cfg.min_seq_len, cfg.bits) == (2, 256, 1024, 4)
+    assert (cfg.backend, cfg.on_unsupported, cfg.encoder_taus, cfg.sub_taus) == ("torch", "error", None, None)
+    both = SALEConfig(encoder_taus=[[0.1]], sub_taus={"vision_config": [[0.2]]})
+    assert SALEConfig.from_dict(both.to_dict()) == both

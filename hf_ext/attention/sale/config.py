@@ -58,6 +58,7 @@ class SALEConfig:
     )
     encoder_taus: list[list[float]] | None = field(
         default=None,
+        kw_only=True,  # added after block_q...: positional arguments keep their old meaning
         metadata={
             "help": "Thresholds [num_encoder_layers][num_heads] of the text model's non-causal (encoder) "
             "self-attention, where it shares its config and layer_idx values with causal decoder self-attention "
@@ -67,6 +68,7 @@ class SALEConfig:
     )
     sub_taus: dict[str, list[list[float]]] | None = field(
         default=None,
+        kw_only=True,  # added after block_q...: positional arguments keep their old meaning
         metadata={
             "help": "Thresholds of other sub-models whose attention layers number their own `layer_idx` from 0 "
             "(e.g. Gemma4's vision tower): {sub-config name, e.g. 'vision_config': [num_layers][num_heads]}, "
