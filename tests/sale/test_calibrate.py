@@ -428,3 +428,30 @@ def test_text_only_prompts_give_an_unreached_sub_model_the_flat_tau(vision_heads
     assert new.sub_taus == {"vision_config": [[cfg.tau] * vision_heads] * 2}
     assert model.config.vision_config.sale_config["taus"] == [[cfg.tau] * vision_heads] * 2
     assert model.config.text_config.sale_config["taus"] == new.taus
+
+
+@pytest.mark.parametrize("failure", ["no_layer_observed", "table_refused"])
+def test_a_calibration_that_fails_after_the_run_keeps_the_stored_thresholds(monkeypatch, failure):
+    """calibrate clears the stored thresholds for its run and puts them back when the run raises. The checks after
+    the run (no layer observed: RuntimeError; a table _tables cannot build or set_sale_config refuses: ValueError)
+    raised after that restore had been skipped, so the model was left with taus=None."""
+    import sys
+
+    cal_mod = sys.modules["hf_ext.attention.sale.calibrate"]
+    model = tiny_family("llama")
+    calibrate(model, rand_ids(256, seed=2), config=SALEConfig(block_q=16, block_k=16, min_seq_len=16))
+    before = dict(model.config.sale_config)
+    assert before["taus"] is not None
+    if failure == "no_layer_observed":
+        monkeypatch.setattr(cal_mod._attn, "_unsupported_reason", lambda *a, **k: ("forced", "forced"))
+        error = RuntimeError
+    else:
+
+        def refuse(*a, **k):
+            raise ValueError("refused")
+
+        monkeypatch.setattr(cal_mod, "_tables", refuse)
+        error = ValueError
+    with pytest.raises(error):
+        calibrate(model, rand_ids(256, seed=3))
+    assert model.config.sale_config == before

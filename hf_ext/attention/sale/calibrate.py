@@ -281,6 +281,15 @@ def calibrate(
                     **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()},
                     use_cache=False,
                 )
+        if not cal.taus:
+            raise RuntimeError(
+                "calibration observed no attention layer: the model does not dispatch through transformers' "
+                "AttentionInterface, or every layer is unsupported by SALE "
+                f"(skipped: {cal.skipped or 'none'})"
+            )
+        # inside the try: a table that cannot be built or stored (ValueError) keeps the stored config too
+        new = replace(cfg, **_tables(model, cal, cfg))
+        set_sale_config(model, new)
         ok = True
     finally:
         for m, flag in training:
@@ -293,15 +302,6 @@ def calibrate(
                     vars(c).pop("sale_config", None)
                 else:
                     c.sale_config = old
-    if not cal.taus:
-        raise RuntimeError(
-            "calibration observed no attention layer: the model does not dispatch through transformers' "
-            "AttentionInterface, or every layer is unsupported by SALE "
-            f"(skipped: {cal.skipped or 'none'})"
-        )
-
-    new = replace(cfg, **_tables(model, cal, cfg))
-    set_sale_config(model, new)
     return new
 
 
