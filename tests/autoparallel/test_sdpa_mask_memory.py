@@ -393,7 +393,14 @@ def test_apply_plan_warns_when_the_plan_was_searched_for_another_attention_kerne
             if warns:
                 assert any("attn_implementation='flash_attention_2'" in str(w.message) for w in got)
                 assert any("runs 'sdpa'" in str(w.message) for w in got)
+        # a kernel the search does not know: no advice to search with it (hf-ext plan refuses 'eager')
+        tiny_llama.set_attn_implementation("eager")
+        plan = Plan.uniform(tiny_llama.config, gpus=1, dp_type="ddp", global_batch=2, seq_len=8)
+        with pytest.warns(UserWarning, match=r"knows sdpa, .* only, not 'eager'") as got:
+            apply_plan(tiny_llama, plan, device="cpu").close()
+        assert not any("--attn-implementation" in str(w.message) for w in got)
     finally:
+        tiny_llama.set_attn_implementation("sdpa")
         dist.destroy_process_group()
 
 

@@ -682,10 +682,18 @@ def apply_plan(
     _check_model_for_plan(model, plan, layers)  # before any state change
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if attn is not None and attn != plan.attn_implementation:
+        from hf_ext.accelerate.autoparallel.cost_model import ATTN_IMPLEMENTATIONS
+
+        if attn in ATTN_IMPLEMENTATIONS:
+            fix = "Search with the model's attn_implementation (hf-ext plan --attn-implementation)."
+        else:  # eager, sale, ...: nothing to search with
+            fix = (
+                f"The memory model knows {', '.join(ATTN_IMPLEMENTATIONS)} only, not {attn!r}: its prediction may be "
+                "off for this model."
+            )
         warnings.warn(
             f"apply_plan: the plan was searched for attn_implementation={plan.attn_implementation!r} but the model "
-            f"runs {attn!r}; its memory prediction counts dense attention masks for 'sdpa' only. Search with the "
-            "model's attn_implementation (hf-ext plan --attn-implementation).",
+            f"runs {attn!r}; its memory prediction counts dense attention masks for 'sdpa' only. {fix}",
             stacklevel=2,
         )
     if device is None:
