@@ -51,6 +51,7 @@ from hf_ext.attention.sale.integration import (
     _check_taus_fit,
     _default_impl,
     _impl_tree,
+    _query_heads,
     _sub_model_names,
     set_sale_config,
 )
@@ -368,12 +369,11 @@ def _tables(model: Any, cal: Calibrator, cfg: SALEConfig) -> dict[str, Any]:
     # text model's thresholds (and set_sale_config refuses them after the whole run when the head counts differ)
     unreached: dict[str, dict[int, int]] = {}
     for m in _attention_modules(model):
-        c = getattr(m, "config", None)
-        name = subs.get(id(c))
-        heads = getattr(m, "num_heads", None) or getattr(c, "num_attention_heads", None)
+        name = subs.get(id(getattr(m, "config", None)))
+        heads = _query_heads(m)
         if name is None or name in sub_taus or _attn.attention_kind(m) == "cross":
             continue
-        if isinstance(heads, int) and heads > 0:
+        if heads is not None:
             unreached.setdefault(name, {})[m.layer_idx] = heads
     for name, heads_of in unreached.items():
         width = max(heads_of.values())

@@ -101,6 +101,15 @@ def _attention_modules(model: Any) -> list[Any]:
     return out
 
 
+def _query_heads(mod: Any) -> int | None:
+    """The number of query heads of attention module ``mod`` (its ``num_heads``, else its config's
+    ``num_attention_heads``); ``None`` where neither is a positive int."""
+    heads = getattr(mod, "num_heads", None) or getattr(
+        getattr(mod, "config", None), "num_attention_heads", None
+    )
+    return heads if isinstance(heads, int) and heads > 0 else None
+
+
 def _sub_model_names(model: Any) -> dict[int, str | None]:
     """``id(config) -> sub_taus key`` for the config of every attention module of ``model``: ``None`` for the text
     model's config (``get_text_config()``, the whole model's config without sub-models) and for configs that are no
@@ -148,11 +157,10 @@ def _check_taus_fit(model: Any, cfg: SALEConfig) -> None:
                 "self-attention layers that would read it; re-run calibrate() for this model or set encoder_taus=None"
             )
     for mod in mods:
-        c = getattr(mod, "config", None)
-        heads = getattr(mod, "num_heads", None) or getattr(c, "num_attention_heads", None)
-        if not isinstance(heads, int) or heads <= 0:
+        heads = _query_heads(mod)
+        if heads is None:
             continue
-        name = subs.get(id(c))
+        name = subs.get(id(getattr(mod, "config", None)))
         try:
             cfg.for_sub_model(name).tau_for(
                 mod.layer_idx, heads, encoder=attention_kind(mod) == "bidirectional"
