@@ -267,6 +267,20 @@ def test_plans_record_the_mask_options_and_older_plans_still_load():
     assert before.padding_mask is False and before.attn_implementation == "sdpa"
 
 
+def test_a_plan_with_the_default_mask_options_writes_the_format_older_versions_read():
+    """An hf_ext older than the two options refuses unknown keys: a plan that keeps their defaults must not
+    write them, and one that changes them writes them (an older version then refuses it, as it should)."""
+    p = Plan.uniform("tiny", gpus=1, global_batch=2, seq_len=16)
+    d = p.to_dict()
+    assert "padding_mask" not in d and "attn_implementation" not in d
+    assert Plan.from_json(p.to_json()) == p
+    for kw in ({"padding_mask": True}, {"attn_implementation": "flash_attention_2"}):
+        q = Plan.uniform("tiny", gpus=1, global_batch=2, seq_len=16, **kw)
+        ((name, value),) = kw.items()
+        assert q.to_dict()[name] == value
+        assert Plan.from_json(q.to_json()) == q
+
+
 def test_cli_passes_the_mask_options_and_refuses_unknown_kernels(monkeypatch, capsys, tmp_path):
     from hf_ext.accelerate.autoparallel import cli
 

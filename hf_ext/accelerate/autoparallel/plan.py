@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from hf_ext.accelerate.autoparallel.cost_model import (
     DP_TYPES,
@@ -173,8 +173,16 @@ class Plan:
         )
 
     # -------------------------------------------------------------------------------------- json
+    # Fields added after the first plan format: written only when they differ from their default, so a
+    # plan that does not use them still loads in an hf_ext older than them (which refuses unknown keys).
+    _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("attn_implementation", "padding_mask")
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for name in self._OPTIONAL_FIELDS:
+            if d[name] == self.__dataclass_fields__[name].default:
+                del d[name]
+        return d
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
