@@ -137,24 +137,34 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
     templates: dict[str, nn.Module] = {}
     ignore: list[str] = []
     top_k = _top_k(model.config)
-    for qname, parent, attr, mod in found:
-        gu, dn = mod.gate_up_proj.detach(), mod.down_proj.detach()
-        if config.broadcast_from_rank0:
-            src = dist.get_global_rank(group, 0) if group is not None else 0
-            gu, dn = gu.contiguous().clone(), dn.contiguous().clone()
-            dist.broadcast(gu, src, group=group)
-            dist.broadcast(dn, src, group=group)
-        layer = FSEPExperts(gu, dn, mod.act_fn, config, group=group, state=state, top_k=top_k)
-        layer.to(gu.device)
-        layer.expert_param.requires_grad_(mod.gate_up_proj.requires_grad)  # frozen experts stay frozen
-        layer.train(mod.training)
-        if layers:
-            layers[-1]._next.append(layer)
-        layers.append(layer)
-        templates[qname] = copy.deepcopy(mod).to("meta")
-        setattr(parent, attr, layer)
-        pname = "expert_weights" if config.mode == "static_ep" else "expert_shards"
-        ignore.append(f"{qname}.{pname}")
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for qname, parent, attr, mod in found:
+            gu, dn = mod.gate_up_proj.detach(), mod.down_proj.detach()
+            if config.broadcast_from_rank0:
+                src = dist.get_global_rank(group, 0) if group is not None else 0
+                gu, dn = gu.contiguous().clone(), dn.contiguous().clone()
+                dist.broadcast(gu, src, group=group)
+                dist.broadcast(dn, src, group=group)
+            layer = FSEPExperts(gu, dn, mod.act_fn, config, group=group, state=state, top_k=top_k)
+            layers.append(layer)
+            layer.to(gu.device)
+            layer.expert_param.requires_grad_(mod.gate_up_proj.requires_grad)  # frozen experts stay frozen
+            layer.train(mod.training)
+            if len(layers) > 1:
+                layers[-2]._next.append(layer)
+            templates[qname] = copy.deepcopy(mod).to("meta")
+            setattr(parent, attr, layer)
+            swapped.append((parent, attr, mod))
+            pname = "expert_weights" if config.mode == "static_ep" else "expert_shards"
+            ignore.append(f"{qname}.{pname}")
+    except BaseException:
+        # a block that fails half-way (out of memory, a failed broadcast): put the original experts modules back and
+        # forget the layers built so far, so the model is as it was (nothing else has been changed yet)
+        for parent, attr, mod in swapped:
+            setattr(parent, attr, mod)
+        _unregister_expert_params(layers)
+        raise
     hook = model.register_forward_pre_hook(_begin_step_hook)
     model._fsep_state = state
     model._fsep_templates = templates

@@ -1,0 +1,63 @@
+"""Distributed helpers of ``test_revert_sweep.py`` (module level: run_distributed spawns processes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 500, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+def failed_prepare(rank: int, world_size: int) -> dict[str, Any]:
+    """``prepare_fsep`` raising while it converts the second MoE block (as an out-of-memory error there would):
+    the model must be left as it was (the first block's original experts back, no FSEP attributes, no
+    process-wide optimizer hook)."""
+    from hf_ext.accelerate.fsep import FSEPConfig, plugin, prepare_fsep
+    from hf_ext.accelerate.fsep import layer as fsep_layer
+    from hf_ext.testing import tiny_moe
+
+    model = tiny_moe("mixtral", seed=0).eval()
+    modules = {n: m for n, m in model.named_modules()}
+    params = {n: p for n, p in model.named_parameters()}
+    attrs = set(vars(model))
+    with torch.no_grad():
+        ref = model(_ids()).logits
+    real = plugin.FSEPExperts
+    built = [0]
+
+    class FailsOnTheSecond(real):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built[0] += 1
+            if built[0] == 2:
+                raise RuntimeError("out of memory (simulated)")
+            super().__init__(*args, **kwargs)
+
+    plugin.FSEPExperts = FailsOnTheSecond
+    err = ""
+    try:
+        prepare_fsep(model, FSEPConfig())
+    except RuntimeError as exc:
+        err = str(exc)
+    finally:
+        plugin.FSEPExperts = real
+    with torch.no_grad():
+        out = model(_ids()).logits
+    return {
+        "error": err,
+        "modules_same": {n: m for n, m in model.named_modules()} == modules,
+        "params_same": {n: id(p) for n, p in model.named_parameters()}
+        == {n: id(p) for n, p in params.items()},
+        "new_attrs": sorted(set(vars(model)) - attrs),
+        "step_hook": fsep_layer._STEP_HOOK is not None,
+        "outputs_equal": bool(torch.equal(out, ref)),
+    }
+
+
+def revert_suite(rank: int, world_size: int) -> dict[str, Any]:
+    """All of the above in one spawn."""
+    return {
+        "failed_prepare": failed_prepare(rank, world_size),
+    }

@@ -1,0 +1,26 @@
+"""prepare_fsep / remove_fsep revert edge cases (2 gloo processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_ext.testing import run_distributed
+from tests.fsep._dist_revert_fns import revert_suite
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(revert_suite, 2)
+
+
+def test_a_prepare_that_fails_half_way_leaves_the_model_as_it_was(results):
+    """The second MoE block's conversion raising (an out-of-memory error, say) left the first block's experts
+    replaced by an FSEP layer with no ``_fsep_state`` to undo it (remove_fsep: AttributeError), and the
+    process-wide optimizer step hook registered."""
+    for r in results:
+        res = r["failed_prepare"]
+        assert "out of memory" in res["error"], res
+        assert res["modules_same"] and res["params_same"], res
+        assert res["new_attrs"] == [], res
+        assert res["step_hook"] is False, res
+        assert res["outputs_equal"], res
