@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -56,8 +57,28 @@ def failed_prepare(rank: int, world_size: int) -> dict[str, Any]:
     }
 
 
+def remove_keeps_the_current_dtype(rank: int, world_size: int) -> dict[str, Any]:
+    """``model.to(torch.bfloat16)`` between ``prepare_fsep`` and ``remove_fsep``: the experts come back in the dtype
+    of the FSEP layer (and of the rest of the model), as the device and requires_grad already did."""
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep, remove_fsep
+    from hf_ext.testing import tiny_moe
+
+    base = tiny_moe("mixtral", seed=0).eval()
+    model = prepare_fsep(copy.deepcopy(base), FSEPConfig())
+    model.to(torch.bfloat16)
+    remove_fsep(model)
+    ref = copy.deepcopy(base).to(torch.bfloat16)
+    with torch.no_grad():
+        diff = float((model(_ids()).logits - ref(_ids()).logits).abs().max())
+    return {
+        "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        "fwd_diff": diff,
+    }
+
+
 def revert_suite(rank: int, world_size: int) -> dict[str, Any]:
     """All of the above in one spawn."""
     return {
         "failed_prepare": failed_prepare(rank, world_size),
+        "dtype": remove_keeps_the_current_dtype(rank, world_size),
     }

@@ -24,3 +24,11 @@ def test_a_prepare_that_fails_half_way_leaves_the_model_as_it_was(results):
         assert res["new_attrs"] == [], res
         assert res["step_hook"] is False, res
         assert res["outputs_equal"], res
+
+
+def test_remove_gives_the_experts_the_dtype_the_model_has_now(results):
+    """remove_fsep rebuilt the experts from the template taken at prepare time: after model.to(bfloat16) they came
+    back in float32 next to a bfloat16 model."""
+    for r in results:
+        assert r["dtype"]["dtypes"] == ["torch.bfloat16"], r["dtype"]
+        assert r["dtype"]["fwd_diff"] == 0.0, r["dtype"]

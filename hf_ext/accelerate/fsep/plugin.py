@@ -374,7 +374,8 @@ def load_fsep_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
 
 
 def remove_fsep(model: nn.Module) -> nn.Module:
-    """Collective: undo :func:`prepare_fsep` (original HF experts modules with the full weights)."""
+    """Collective: undo :func:`prepare_fsep` (original HF experts modules with the full weights, on the device and in
+    the dtype the FSEP layers have now, with their ``requires_grad`` and train / eval mode)."""
     full = fsep_full_state_dict(model)
     removed = [model.get_submodule(q) for q in model._fsep_templates]
     for qname in model._fsep_templates:
@@ -382,8 +383,11 @@ def remove_fsep(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         tmpl = model._fsep_templates[qname]
         layer = getattr(parent, attr)
-        # the device of the shards (the gathered experts of a state dict may be on the CPU)
-        orig = copy.deepcopy(tmpl).to_empty(device=layer.expert_param.device)
+        # the device and dtype of the shards (the gathered experts of a state dict may be on the CPU; the template
+        # keeps the dtype of prepare_fsep's time, and the model may have been cast since)
+        orig = (
+            copy.deepcopy(tmpl).to(dtype=layer.expert_param.dtype).to_empty(device=layer.expert_param.device)
+        )
         with torch.no_grad():
             orig.gate_up_proj.copy_(full[f"{qname}.gate_up_proj"])
             orig.down_proj.copy_(full[f"{qname}.down_proj"])
