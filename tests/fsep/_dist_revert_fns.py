@@ -76,9 +76,28 @@ def remove_keeps_the_current_dtype(rank: int, world_size: int) -> dict[str, Any]
     }
 
 
+def remove_unprepared(rank: int, world_size: int) -> dict[str, Any]:
+    """``remove_fsep`` on a model never prepared, and a second time after a first remove."""
+    from hf_ext.accelerate.fsep import FSEPConfig, prepare_fsep, remove_fsep
+    from hf_ext.testing import tiny_moe
+
+    out: dict[str, Any] = {}
+    for case in ("never", "twice"):
+        model = tiny_moe("mixtral", seed=0)
+        if case == "twice":
+            remove_fsep(prepare_fsep(model, FSEPConfig()))
+        try:
+            remove_fsep(model)
+            out[case] = "no error"
+        except Exception as exc:  # noqa: BLE001 - the type is the point of the test
+            out[case] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def revert_suite(rank: int, world_size: int) -> dict[str, Any]:
     """All of the above in one spawn."""
     return {
         "failed_prepare": failed_prepare(rank, world_size),
         "dtype": remove_keeps_the_current_dtype(rank, world_size),
+        "unprepared": remove_unprepared(rank, world_size),
     }

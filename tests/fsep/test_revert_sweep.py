@@ -32,3 +32,13 @@ def test_remove_gives_the_experts_the_dtype_the_model_has_now(results):
     for r in results:
         assert r["dtype"]["dtypes"] == ["torch.bfloat16"], r["dtype"]
         assert r["dtype"]["fwd_diff"] == 0.0, r["dtype"]
+
+
+def test_remove_on_a_model_that_is_not_prepared_says_so(results):
+    """remove_fsep on a model never prepared (or removed already) ran a collective state_dict and then failed with
+    AttributeError: 'MixtralForCausalLM' object has no attribute '_fsep_templates'."""
+    for r in results:
+        for case in ("never", "twice"):
+            assert (
+                r["unprepared"][case].startswith("ValueError") and "prepare_fsep" in r["unprepared"][case]
+            ), r

@@ -375,7 +375,15 @@ def load_fsep_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
 
 def remove_fsep(model: nn.Module) -> nn.Module:
     """Collective: undo :func:`prepare_fsep` (original HF experts modules with the full weights, on the device and in
-    the dtype the FSEP layers have now, with their ``requires_grad`` and train / eval mode)."""
+    the dtype the FSEP layers have now, with their ``requires_grad`` and train / eval mode).
+
+    Raises:
+        ValueError: ``model`` is not prepared (never, or removed already); nothing is changed.
+    """
+    if getattr(model, "_fsep_state", None) is None:
+        raise ValueError(
+            "remove_fsep: model has no FSEP layers (prepare_fsep was never called on it, or remove_fsep already undid it)"
+        )
     full = fsep_full_state_dict(model)
     removed = [model.get_submodule(q) for q in model._fsep_templates]
     for qname in model._fsep_templates:
