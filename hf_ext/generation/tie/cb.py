@@ -46,7 +46,7 @@ import numpy as np
 from transformers.generation.continuous_batching import scheduler as _cb_sched
 from transformers.generation.continuous_batching.requests import RequestState, RequestStatus
 
-from hf_ext.generation.tie.config import TIEConfig
+from hf_ext.generation.tie.config import TIEConfig, tie_config_or_default
 from hf_ext.generation.tie.metrics import ADMISSION_WAITS
 from hf_ext.generation.tie.scheduler import (
     FALLBACK_WARNING,
@@ -532,6 +532,7 @@ def enable_tie_scheduler(
     Raises ``ValueError`` (before anything is set) when another scheduler holds ``"tie"`` or ``"hf_ext_priority"``
     in ``SCHEDULER_MAPPING``: it is never replaced silently (``register(overwrite=True)`` replaces it on purpose).
     """
+    config = tie_config_or_default(config)
     validate_predictor_args(predictor, tokenizer, prompt_text, length_log=length_log)
     cls = register()  # a foreign "tie" scheduler raises here, before the context changes
     with CONTEXT.lock:
@@ -539,7 +540,7 @@ def enable_tie_scheduler(
         CONTEXT.tokenizer = tokenizer
         CONTEXT.prompt_text = prompt_text
         CONTEXT.length_log = length_log
-        CONTEXT.config = config or TIEConfig()
+        CONTEXT.config = config
     return cls
 
 
@@ -794,6 +795,7 @@ def tie_generate_batch(
     if isinstance(prompts, str):
         raise ValueError("prompts must be a non-empty list of strings")
     prompts = validate_prompts(prompts, non_empty=True)
+    config = tie_config_or_default(config)
     # the predictor's kind too: a point predictor is refused before it runs
     validate_predictor_args(predictor, tokenizer, None, length_log=length_log)
     if kwargs.get("persistent_manager"):
@@ -820,7 +822,7 @@ def tie_generate_batch(
     else:
         warnings.warn(FALLBACK_WARNING, UserWarning, stacklevel=2)
         # the cap the engine's own fallback and score use for these requests (each request's effective cap)
-        out = heuristic_prediction([len(x) for x in ids], _score_cap(config or TIEConfig(), mnt))
+        out = heuristic_prediction([len(x) for x in ids], _score_cap(config, mnt))
     cb = (
         copy.deepcopy(continuous_batching_config)
         if continuous_batching_config is not None
@@ -829,7 +831,7 @@ def tie_generate_batch(
     # a private context and a scheduler name of its own for this call: a TIE server or manager running in this
     # process keeps its predictor, log and hints (they used to be swapped out for the length of the call)
     ctx = _Context()
-    ctx.config = config or TIEConfig()
+    ctx.config = config
     if length_log is not None:  # the log records each request under the caller's own prompt text
         texts = {tuple(x): p for x, p in zip(ids, prompts)}
         ctx.tokenizer = tokenizer

@@ -153,6 +153,19 @@ ABLATION_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+def tie_config_or_default(config: Any, name: str = "config") -> TIEConfig:
+    """``config`` itself, or the default :class:`TIEConfig` for ``None``; anything else (a dict of fields, a
+    string) is a ``ValueError`` naming ``name``: it would be kept and fail mid-scheduling, or be dropped."""
+    if config is None:
+        return TIEConfig()
+    if not isinstance(config, TIEConfig):
+        raise ValueError(
+            f"{name} must be a TIEConfig or None, got {type(config).__name__} {config!r}; "
+            "build one with TIEConfig(**fields)"
+        )
+    return config
+
+
 def ablation_config(config: TIEConfig, name: str) -> TIEConfig:
     """``config`` with the settings of TIE variant ``name`` (``"tie"`` or a key of :data:`ABLATION_SETTINGS`).
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_ext.generation.tie.config import TIEConfig, _check_int
+from hf_ext.generation.tie.config import TIEConfig, _check_int, tie_config_or_default
 from hf_ext.generation.tie.scheduler import order_batch, predict_laws, validate_prompts
 from hf_ext.utils.sdpa import check_sdpa_cudnn, sdpa_without_cudnn
 
@@ -48,6 +48,7 @@ def policy_order(policy: str, requests: Sequence[Any], config: TIEConfig | None 
     """
     if policy not in OFFLINE_POLICIES:
         raise ValueError(f"policy must be one of {OFFLINE_POLICIES}, got {policy!r}")
+    cfg = tie_config_or_default(config)
     reqs = list(requests)
     if policy == "fcfs":
         key = np.asarray([float(r.arrival) for r in reqs], dtype=np.float64)
@@ -56,7 +57,6 @@ def policy_order(policy: str, requests: Sequence[Any], config: TIEConfig | None 
     elif policy == "tie":
         from hf_ext.generation.tie.scheduler import TIEScheduler
 
-        cfg = config or TIEConfig()
         sched = TIEScheduler(cfg)
         key = np.asarray([sched.score_of(r, len(reqs)) for r in reqs], dtype=np.float64)
     else:
@@ -565,6 +565,7 @@ def tie_batched_generate(
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError("prompts must be a non-empty list of strings")
     prompts = validate_prompts(prompts, non_empty=True)
+    cfg = tie_config_or_default(config)
     _check_sizing(batch_size, kv_tokens)
     if batch_size is not None:
         _check_int("batch_size", batch_size)
@@ -579,7 +580,6 @@ def tie_batched_generate(
         _check_int("prompt_buckets", prompt_buckets)
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
-    cfg = config or TIEConfig()
     gen_cap = generate_kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
     max_length = generate_kwargs.get("max_length", getattr(generation_config, "max_length", None))
     if (

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_ext.generation.tie.config import ABLATION_SETTINGS, ablation_config
+from hf_ext.generation.tie.config import ABLATION_SETTINGS, ablation_config, tie_config_or_default
 
 TIE_POLICIES = ("tie", *ABLATION_SETTINGS)
 POLICIES = ("fcfs", "sjf_oracle", "ssjf", "ltr", *TIE_POLICIES)
@@ -113,6 +113,8 @@ def validate_replay(
     """Raise ``ValueError`` (naming the field and request) on anything :func:`run_cb_replay` cannot honour."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if tie_config is not None:
+        tie_config_or_default(tie_config, "tie_config")
     if policy in TIE_POLICIES and tie_config is not None and tie_config.use_request_cap:
         raise ValueError(
             "tie_config.use_request_cap must be False in a replay: each request's max_new_tokens is set to its "

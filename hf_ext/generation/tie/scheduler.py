@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_ext.generation.tie.config import TIEConfig
+from hf_ext.generation.tie.config import TIEConfig, tie_config_or_default
 from hf_ext.generation.tie.distribution import cvar_length, expected_length, per_token_index
 
 FALLBACK_WARNING = (
@@ -200,7 +200,7 @@ class TIEScheduler:
     """
 
     def __init__(self, config: TIEConfig | None = None, predictor: Any = None, name: str = "tie") -> None:
-        self.config = config or TIEConfig()
+        self.config = tie_config_or_default(config)
         if predictor is not None and getattr(predictor, "kind", "logt") != "logt":
             raise ValueError(
                 f"predictor must be a 'logt' LengthPredictor for TIE, got kind={predictor.kind!r}"
@@ -366,7 +366,7 @@ def order_batch(
         >>> order_batch(["Write a detailed essay about Rome.", "Hi"], max_new_tokens=256)  # doctest: +SKIP
         [1, 0]
     """
-    cfg = config or TIEConfig()
+    cfg = tie_config_or_default(config)
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     cap = max_new_tokens or cfg.max_new_tokens

@@ -1,0 +1,51 @@
+"""Input sweep of TIE's public entry points: bad input is refused, naming the parameter, before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_ext.generation.tie import cb
+from hf_ext.generation.tie.cb import enable_tie_scheduler, tie_generate_batch
+from hf_ext.generation.tie.offline import policy_order, tie_batched_generate
+from hf_ext.generation.tie.scheduler import TIEScheduler, order_batch
+from hf_ext.simulate import Request
+from hf_ext.testing import tiny_tokenizer
+
+
+class _Untouchable:
+    """A model no refused call may use."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the model was used ({name}) before the bad config was refused")
+
+
+@pytest.mark.parametrize("bad", [{"alpha": 0.8}, {}, "tie"], ids=["dict", "empty_dict", "str"])
+def test_a_config_that_is_not_a_tieconfig_is_refused_before_any_work(bad):
+    """A dict such as {"alpha": 0.8} was kept as the process-wide config by enable_tie_scheduler (the CB engine
+    then failed with AttributeError mid-serving), an empty dict was silently replaced by the defaults, and
+    TIEScheduler / order_batch / policy_order accepted it or failed with AttributeError."""
+    saved = cb.CONTEXT.config
+    with pytest.raises(ValueError, match=r"config must be a TIEConfig"):
+        enable_tie_scheduler(config=bad)
+    assert cb.CONTEXT.config is saved
+    with pytest.raises(ValueError, match=r"config must be a TIEConfig"):
+        TIEScheduler(config=bad)
+    with pytest.raises(ValueError, match=r"config must be a TIEConfig"):
+        order_batch(["a b c", "d"], config=bad, prompt_tokens=[3, 1])
+    req = Request(id=0, arrival=0.0, prompt_len=5, output_len=5, meta={"pred_mu": 1.0, "pred_sigma": 1.0})
+    with pytest.raises(ValueError, match=r"config must be a TIEConfig"):
+        policy_order("tie", [req], config=bad)
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match=r"config must be a TIEConfig"):
+        tie_generate_batch(_Untouchable(), ["a b", "c"], tok, config=bad)
+    with pytest.raises(ValueError, match=r"config must be a TIEConfig"):
+        tie_batched_generate(_Untouchable(), tok, ["a b", "c"], batch_size=2, config=bad)
+
+
+def test_a_replay_tie_config_that_is_not_a_tieconfig_is_refused():
+    """validate_replay (run_cb_replay's check before any work) read tie_config.use_request_cap: AttributeError."""
+    from hf_ext.generation.tie.replay import ReplayRequest, validate_replay
+
+    req = ReplayRequest(request_id="r0", prompt_ids=[1, 2], output_len=3, arrival=0.0)
+    with pytest.raises(ValueError, match=r"tie_config must be a TIEConfig"):
+        validate_replay([req], "tie", tie_config={"use_request_cap": False})
