@@ -29,6 +29,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,26 @@ class NoFeasiblePlanError(ValueError):
             f"that fits any plan in the search space is {min_memory_gb:.2f} GB"
         )
         super().__init__(msg + (f" ({detail})" if detail else ""))
+
+
+def _is_real(v: Any) -> bool:
+    """A real number (numpy scalars included) that is not a ``bool`` or a string."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_int_field(name: str, v: Any, allowed: str = "an int >= 1") -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"SearchConfig.{name} must be {allowed}, got {v!r}")
+
+
+def _check_sizes_field(name: str, sizes: Any, what: str) -> None:
+    ok = (
+        isinstance(sizes, (tuple, list))
+        and len(sizes) > 0
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in sizes)
+    )
+    if not ok:
+        raise ValueError(f"SearchConfig.{name} must be {what}: a non-empty tuple of ints >= 1, got {sizes!r}")
 
 
 @dataclass
@@ -107,16 +128,16 @@ class SearchConfig:
     )
 
     def __post_init__(self) -> None:
-        if int(self.gpus) < 1:
-            raise ValueError(f"SearchConfig.gpus must be >= 1, got {self.gpus!r}")
-        if not self.memory_gb > 0:
-            raise ValueError(f"SearchConfig.memory_gb must be > 0, got {self.memory_gb!r}")
+        # types first: int() / truthiness used to turn 2.5 into 2, "false" into True and 0 into the default
+        _check_int_field("gpus", self.gpus)
+        if not (_is_real(self.memory_gb) and math.isfinite(self.memory_gb) and self.memory_gb > 0):
+            raise ValueError(
+                f"SearchConfig.memory_gb must be a finite number of GiB > 0, got {self.memory_gb!r}"
+            )
         if self.global_batch is None:
             self.global_batch = max(64, self.gpus)
-        if int(self.global_batch) < 1:
-            raise ValueError(f"SearchConfig.global_batch must be >= 1, got {self.global_batch!r}")
-        if int(self.seq_len) < 1:
-            raise ValueError(f"SearchConfig.seq_len must be >= 1, got {self.seq_len!r}")
+        _check_int_field("global_batch", self.global_batch, "None (max(64, gpus)) or an int >= 1")
+        _check_int_field("seq_len", self.seq_len)
         bad = [d for d in self.dp_types if d not in DP_TYPES]
         if bad or not self.dp_types:
             raise ValueError(
@@ -126,18 +147,21 @@ class SearchConfig:
             raise ValueError(
                 f"SearchConfig.sequence_parallel must be auto, on, off or both, got {self.sequence_parallel!r}"
             )
-        if not self.micro_batch_sizes or any(int(b) < 1 for b in self.micro_batch_sizes):
-            raise ValueError(
-                f"SearchConfig.micro_batch_sizes must be positive, got {self.micro_batch_sizes!r}"
-            )
+        _check_sizes_field("micro_batch_sizes", self.micro_batch_sizes, "the micro-batch sizes to try")
         for name in ("tp_sizes", "pp_sizes"):
             sizes = getattr(self, name)
-            if sizes is not None and (not sizes or any(int(v) < 1 for v in sizes)):
-                raise ValueError(
-                    f"SearchConfig.{name} must be positive degrees (or None for auto), got {sizes!r}"
-                )
-        if self.top_k < 1:
-            raise ValueError(f"SearchConfig.top_k must be >= 1, got {self.top_k}")
+            if sizes is not None:
+                _check_sizes_field(name, sizes, "None (auto) or the degrees to try")
+        for name in ("allow_ckpt", "exhaustive_partitions"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SearchConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        _check_int_field("top_k", self.top_k)
+        g = self.granularity_bytes
+        if g is not None and not (_is_real(g) and math.isfinite(g) and g > 0):
+            raise ValueError(
+                f"SearchConfig.granularity_bytes must be None (the default bucket) or a finite number of bytes "
+                f"> 0, got {g!r}"
+            )
         check_attention_options(self.attn_implementation, self.padding_mask, "SearchConfig")
 
 

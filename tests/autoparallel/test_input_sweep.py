@@ -1,0 +1,56 @@
+"""Input sweep of autoparallel's public config: bad values are refused, naming the field, before any search."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from hf_ext.accelerate.autoparallel import SearchConfig
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("gpus", 2.5),  # int() made it 2 ... and a 'tp does not divide gpus=2.5' error
+        ("gpus", True),
+        ("memory_gb", math.inf),  # OverflowError in the search
+        ("memory_gb", "80"),
+        ("global_batch", "64"),  # searched as 64, recorded as the string
+        ("global_batch", 64.5),
+        ("seq_len", 4096.5),  # searched with a fractional sequence length
+        ("seq_len", True),
+        ("micro_batch_sizes", "12"),  # TypeError in the search
+        ("micro_batch_sizes", (1.5,)),
+        ("micro_batch_sizes", ()),
+        ("tp_sizes", (2.5,)),  # silently searched as tp=2
+        ("pp_sizes", ("2",)),
+        ("pp_sizes", ()),
+        ("allow_ckpt", "false"),  # a truthy string: checkpointing was allowed
+        ("exhaustive_partitions", "no"),  # a truthy string: the exhaustive (very slow) partition search ran
+        ("top_k", math.nan),  # IndexError in the search
+        ("top_k", 2.5),
+        ("granularity_bytes", 0),  # falsy: silently replaced by the default bucket
+        ("granularity_bytes", -5.0),  # NoFeasiblePlanError
+        ("granularity_bytes", math.nan),
+        ("granularity_bytes", "1e6"),
+    ],
+)
+def test_search_config_refuses_values_of_the_wrong_type_or_range(field, value):
+    with pytest.raises(ValueError, match=rf"SearchConfig\.{field} must be"):
+        SearchConfig(**{"gpus": 8, field: value})
+
+
+def test_search_config_still_takes_numpy_ints_and_lists():
+    cfg = SearchConfig(
+        gpus=np.int64(8),
+        memory_gb=np.float32(40.0),
+        global_batch=np.int64(64),
+        seq_len=1024,
+        micro_batch_sizes=[1, np.int64(2)],
+        tp_sizes=[1, 2],
+        granularity_bytes=1e6,
+        top_k=3,
+    )
+    assert cfg.gpus == 8 and cfg.micro_batch_sizes == [1, 2]
