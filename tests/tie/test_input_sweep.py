@@ -49,3 +49,27 @@ def test_a_replay_tie_config_that_is_not_a_tieconfig_is_refused():
     req = ReplayRequest(request_id="r0", prompt_ids=[1, 2], output_len=3, arrival=0.0)
     with pytest.raises(ValueError, match=r"tie_config must be a TIEConfig"):
         validate_replay([req], "tie", tie_config={"use_request_cap": False})
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, True, None, "3"])
+def test_predictor_config_seed_must_be_a_non_negative_int(seed):
+    """PredictorConfig checked every field but seed: "3" / 2.5 / True were turned into 3 / 2 / 1 by
+    torch.manual_seed, None failed in LengthPredictor() with a TypeError, -1 in fit() with numpy's 'expected
+    non-negative integer'."""
+    from hf_ext.generation.tie.config import PredictorConfig
+
+    with pytest.raises(ValueError, match=r"seed must be an int >= 0"):
+        PredictorConfig(seed=seed)
+
+
+def test_tie_log_refuses_a_negative_seed_before_reading_the_log(tmp_path, capsys):
+    """hf-ext tie-log LOG --fit DIR --seed -1 printed the summary, then crashed in the train / held-out split with
+    numpy's 'ValueError: expected non-negative integer' (no flag named)."""
+    from hf_ext.generation.tie.lengthlog import main
+
+    out = tmp_path / "predictor"
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "log.jsonl"), "--fit", str(out), "--seed", "-1"])
+    assert exc.value.code == 2
+    assert "--seed must be >= 0" in capsys.readouterr().err
+    assert not out.exists()

@@ -243,6 +243,7 @@ class PredictorConfig:
             "batch_size",
         ):
             _check_int(name, getattr(self, name))
+        _check_int("seed", self.seed, low=0)
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"

@@ -485,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--held-out must be in (0, 1), got {args.held_out}")
     if args.epochs < 1:
         p.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
     import os
 
     if not os.path.isfile(args.log):
