@@ -658,6 +658,10 @@ def apply_plan(
     Returns:
         An :class:`AppliedPlan` (``.module``, ``.param_groups()`` for the optimizer, ``.train_step(ids)``;
         ``.close()`` or ``with`` destroys the process groups this call created).
+
+    A call that raises destroys the process groups it created and puts the layers' activation checkpointing back
+    as it was (a model already moved to ``device`` stays there, and FSDP2 / tensor-parallel sharding applied before
+    the error is not undone).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -706,11 +710,40 @@ def apply_plan(
     mesh = init_device_mesh(device.type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
     # the groups this call created (a dimension spanning the whole world reuses the default group)
     owned = [g for g in dist.distributed_c10d._world.pg_map if g not in before]
+    checkpointing = _checkpointing_state(layers)
     try:
         return _apply_on_mesh(model, plan, layers, mesh, device, param_dtype, owned)
     except BaseException:
         _destroy_groups(owned)
+        # a plan that failed to apply (e.g. DDP refusing a model without trainable parameters) leaves the layers'
+        # activation checkpointing as it was
+        _restore_checkpointing(layers, checkpointing)
         raise
+
+
+_MISSING = object()
+
+
+def _checkpointing_state(layers: Any) -> list[tuple[Any, Any]]:
+    """Each layer's own ``gradient_checkpointing`` and ``_gradient_checkpointing_func`` (``_MISSING`` where the
+    layer's ``__dict__`` has none), as :func:`_set_checkpointing` will change them."""
+    return [
+        (
+            vars(layer).get("gradient_checkpointing", _MISSING),
+            vars(layer).get("_gradient_checkpointing_func", _MISSING),
+        )
+        for layer in layers
+    ]
+
+
+def _restore_checkpointing(layers: Any, state: list[tuple[Any, Any]]) -> None:
+    """Put back what :func:`_checkpointing_state` read."""
+    for layer, values in zip(layers, state):
+        for name, value in zip(("gradient_checkpointing", "_gradient_checkpointing_func"), values):
+            if value is _MISSING:
+                vars(layer).pop(name, None)
+            else:
+                vars(layer)[name] = value
 
 
 def _destroy_groups(groups: list) -> None:
