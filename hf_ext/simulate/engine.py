@@ -66,7 +66,10 @@ class SimConfig:
         metadata={"help": "GPU KV capacity in tokens (None: from kv_capacity_bytes, else unlimited)"},
     )
     kv_capacity_bytes: float | None = field(
-        default=None, metadata={"help": "GPU KV capacity in bytes (uses CostModel.kv_bytes_per_token)"}
+        default=None,
+        metadata={
+            "help": "GPU KV capacity in bytes (uses CostModel.kv_bytes_per_token; not with kv_capacity_tokens)"
+        },
     )
     chunked_prefill: bool = field(default=True, metadata={"help": "split long prefills across iterations"})
     admission_watermark: float = field(
@@ -104,6 +107,11 @@ class SimConfig:
             )
         _check_number("kv_capacity_tokens", self.kv_capacity_tokens, integer=True, low=1, none_ok=True)
         _check_number("kv_capacity_bytes", self.kv_capacity_bytes, low=0, low_open=True, none_ok=True)
+        if self.kv_capacity_tokens is not None and self.kv_capacity_bytes is not None:
+            raise ValueError(
+                f"give one of kv_capacity_tokens and kv_capacity_bytes (the GPU KV capacity), got both "
+                f"({self.kv_capacity_tokens!r} tokens, {self.kv_capacity_bytes!r} bytes)"
+            )
         _check_number("admission_watermark", self.admission_watermark, low=0)
         if not self.admission_watermark < 1.0:
             raise ValueError(f"admission_watermark must be in [0, 1), got {self.admission_watermark!r}")
