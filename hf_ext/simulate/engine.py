@@ -349,6 +349,11 @@ class Simulator:
         for m in ("add", "peek_next", "pop_next", "__len__"):
             if not callable(getattr(scheduler, m, None)):
                 raise ValueError(f"scheduler must implement the Scheduler protocol (missing {m!r})")
+        if config is not None and not isinstance(config, SimConfig):
+            raise ValueError(
+                f"config must be a SimConfig or None, got {type(config).__name__} {config!r}; pass SimConfig(...) "
+                "or its fields as keywords (Simulator(cost_model, scheduler, max_num_seqs=...))"
+            )
         if config is None:
             config = SimConfig(**kw)
         elif kw:

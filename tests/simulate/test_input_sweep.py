@@ -19,3 +19,10 @@ def test_kv_capacity_in_tokens_and_in_bytes_together_are_refused():
             kv_capacity_bytes=1e9,
         )
     assert SimConfig(kv_capacity_bytes=1e9).kv_capacity_tokens is None
+
+
+@pytest.mark.parametrize("config", [{"max_num_seqs": 4}, "fcfs"], ids=["dict", "str"])
+def test_a_config_that_is_not_a_simconfig_is_refused(config):
+    """A dict was kept as the config: AttributeError ('dict' object has no attribute 'cpu_capacity_tokens')."""
+    with pytest.raises(ValueError, match=r"config must be a SimConfig or None, got"):
+        Simulator(CostModel(), make_scheduler("fcfs"), config)
