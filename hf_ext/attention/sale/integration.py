@@ -219,8 +219,16 @@ def enable_sale(model: Any, config: SALEConfig | dict | None = None) -> Any:
     prev = _impl_tree(model.config, _default_impl(model))  # each (sub-)model's
     if _all_sale(prev):  # already all "sale" (loaded with it, or enabled twice): keep what is remembered
         prev = None
+    internal = [(c, vars(c).get(_INTERNAL, _MISSING)) for c in _config_tree(model)]
     model.set_attn_implementation("sale")
     if getattr(model.config, "_attn_implementation", None) != "sale":  # refused: leave the model as it was
+        # transformers only warns for a model it cannot switch, and still switches the sub-models it can (GOT-OCR2's
+        # text model): put every config's implementation back
+        for c, value in internal:
+            if value is _MISSING:
+                vars(c).pop(_INTERNAL, None)
+            else:
+                vars(c)[_INTERNAL] = value
         raise ValueError(
             f"{type(model).__name__} refused attn_implementation='sale' (it does not dispatch through "
             "transformers' AttentionInterface); SALE supports models that do (Llama, Qwen2/3, Mistral, Gemma, ...)"
@@ -248,6 +256,26 @@ def disable_sale(model: Any) -> Any:
         model.set_attn_implementation(_without_sale(remembered or current, default))
     vars(owner).pop(_PREV_ATTR, None)  # after the switch: a refused one keeps what enable_sale remembered
     return model
+
+
+# where transformers' set_attn_implementation writes, on each config
+_INTERNAL = "_attn_implementation_internal"
+_MISSING = object()
+
+
+def _config_tree(model: Any) -> list[Any]:
+    """``model.config``, the config of every module and every sub-config under those (each once)."""
+    out: list[Any] = []
+    seen: set[int] = set()
+    stack = [model.config, *(getattr(m, "config", None) for m in model.modules())]
+    while stack:
+        c = stack.pop()
+        if c is None or id(c) in seen or not hasattr(c, "sub_configs"):
+            continue
+        seen.add(id(c))
+        out.append(c)
+        stack.extend(getattr(c, k, None) for k in c.sub_configs or {})
+    return out
 
 
 def _owner(model: Any) -> Any:
