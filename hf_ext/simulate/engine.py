@@ -360,6 +360,22 @@ class Simulator:
             from dataclasses import replace
 
             config = replace(config, **kw)
+        hooks = [h for h in ("on_check", "on_branch_finish") if callable(getattr(branch_policy, h, None))]
+        if branch_policy is not None and not hooks:
+            raise ValueError(
+                f"branch_policy {type(branch_policy).__name__} has neither on_check nor on_branch_finish: it would "
+                "never be called"
+            )
+        if "on_check" in hooks and not config.check_every:
+            raise ValueError(
+                "branch_policy.on_check runs every SimConfig.check_every steps, but check_every=0 (never); set "
+                "check_every to N >= 1"
+            )
+        if config.check_every and "on_check" not in hooks:
+            raise ValueError(
+                f"check_every={config.check_every} calls branch_policy.on_check every N steps, but no branch_policy "
+                "with on_check is given; pass one or leave check_every=0"
+            )
         self.cost = cost_model
         self.scheduler = scheduler
         self.config = config

@@ -26,3 +26,28 @@ def test_a_config_that_is_not_a_simconfig_is_refused(config):
     """A dict was kept as the config: AttributeError ('dict' object has no attribute 'cpu_capacity_tokens')."""
     with pytest.raises(ValueError, match=r"config must be a SimConfig or None, got"):
         Simulator(CostModel(), make_scheduler("fcfs"), config)
+
+
+class _OnCheck:
+    def on_check(self, req, states, now):
+        return []
+
+
+class _NoHooks:
+    pass
+
+
+@pytest.mark.parametrize(
+    "branch_policy, kw, match",
+    [
+        (_OnCheck(), {}, r"check_every=0"),  # on_check never ran
+        (None, {"check_every": 5}, r"check_every=5 .*branch_policy"),  # no policy to call
+        (_NoHooks(), {"check_every": 5}, r"branch_policy .*on_check.*on_branch_finish"),  # no hook to call
+    ],
+    ids=["on_check_without_check_every", "check_every_without_policy", "policy_without_hooks"],
+)
+def test_a_branch_policy_or_check_every_that_would_never_be_used_is_refused(branch_policy, kw, match):
+    """A branch policy's on_check ran only every SimConfig.check_every steps, and the default 0 meant never: the
+    policy was silently ignored; check_every without a policy with on_check, and a policy with neither hook, too."""
+    with pytest.raises(ValueError, match=match):
+        Simulator(CostModel(), make_scheduler("fcfs"), branch_policy=branch_policy, **kw)
