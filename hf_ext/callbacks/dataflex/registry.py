@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,8 @@ def coerce_value(owner: str, field_name: str, annotation: Any, value: Any) -> An
     """Check/convert ``value`` for a field annotated ``float``/``int``/``bool`` (optionally ``| None``).
 
     Strings that parse as the number are converted (YAML reads ``1e-3`` as a string); anything else
-    of the wrong type is a ``ValueError`` naming ``owner``'s field. Other annotations pass unchanged.
+    of the wrong type, and a NaN or infinite float, is a ``ValueError`` naming ``owner``'s field. Other
+    annotations pass unchanged.
     """
     ann = str(annotation).replace(" ", "")
     optional = ann.endswith("|None") or ann.startswith("None|")
@@ -99,6 +101,10 @@ def coerce_value(owner: str, field_name: str, annotation: Any, value: Any) -> An
                 f"{owner} field {field_name!r} must be {want}, got the string {value!r}"
             ) from None
     if base == "float" and isinstance(value, (int, float)):
+        if not math.isfinite(value):  # NaN passes every range check (`nan <= 0` is False)
+            raise ValueError(
+                f"{owner} field {field_name!r} must be a finite float{' or None' if optional else ''}, got {value!r}"
+            )
         return float(value)
     if base == "int":
         if isinstance(value, int):
