@@ -156,12 +156,16 @@ class LatentOmniProcessor(ProcessorMixin):
         return self._id(LATENT_PAD_TOKEN)
 
     def update_config(self, config: Any) -> Any:
-        """Write this tokenizer's latent and media token ids and K into a ``LatentOmniConfig`` (in place)."""
-        config.latent_start_token_id = self.latent_start_token_id
-        config.latent_end_token_id = self.latent_end_token_id
-        config.latent_pad_token_id = self.latent_pad_token_id
-        config.num_visual_latents = self.num_visual_latents
-        config.num_audio_latents = self.num_audio_latents
+        """Write this tokenizer's latent and media token ids and K into a ``LatentOmniConfig`` (in place).
+
+        The new values are validated on the config; a ``ValueError`` leaves the config as it was."""
+        new = {
+            "latent_start_token_id": self.latent_start_token_id,
+            "latent_end_token_id": self.latent_end_token_id,
+            "latent_pad_token_id": self.latent_pad_token_id,
+            "num_visual_latents": self.num_visual_latents,
+            "num_audio_latents": self.num_audio_latents,
+        }
         vocab = self.tokenizer.get_vocab()
         for attr, tok in (
             ("video_token_id", VIDEO_TOKEN),
@@ -173,8 +177,20 @@ class LatentOmniProcessor(ProcessorMixin):
             ("audio_end_token_id", AUDIO_EOS),
         ):
             if tok in vocab:
-                setattr(config, attr, vocab[tok])
-        config._validate_latent_fields()
+                new[attr] = vocab[tok]
+        missing = object()
+        old = {attr: getattr(config, attr, missing) for attr in new}
+        for attr, value in new.items():
+            setattr(config, attr, value)
+        try:
+            config._validate_latent_fields()
+        except BaseException:  # a refused update: the config keeps what it had
+            for attr, value in old.items():
+                if value is missing:
+                    delattr(config, attr)
+                else:
+                    setattr(config, attr, value)
+            raise
         return config
 
     # -------------------------------------------------------------------------------- text
