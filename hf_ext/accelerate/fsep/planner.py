@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import heapq
+import numbers
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -348,12 +349,18 @@ class LoadPlanner:
             raise ValueError(
                 f"LoadPlanner: routing_policy={routing_policy!r} is not supported; choose one of {ROUTING_POLICIES}"
             )
-        if history < 1:
-            raise ValueError(f"LoadPlanner: history={history} must be >= 1")
+        for name, value, low in (
+            ("num_experts", num_experts, 1),
+            ("world_size", world_size, 1),
+            ("capacity", capacity, 1),
+            ("history", history, 1),
+            ("num_perturbations", num_perturbations, 0),
+            ("seed", seed, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"LoadPlanner: {name}={value!r} must be an int >= {low}")
         if not 0.0 < history_decay <= 1.0:
             raise ValueError(f"LoadPlanner: history_decay={history_decay} must be in (0, 1]")
-        if num_perturbations < 0:
-            raise ValueError(f"LoadPlanner: num_perturbations={num_perturbations} must be >= 0")
         if tokens_per_rank is not None and (
             isinstance(tokens_per_rank, bool) or not isinstance(tokens_per_rank, int) or tokens_per_rank < 1
         ):
