@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import field
 from typing import Any
@@ -262,6 +263,15 @@ class LatentOmniConfig(Qwen2_5OmniThinkerConfig):
         d = thinker_config.to_dict()
         for k in ("model_type", "architectures", "transformers_version", "auto_map"):
             d.pop(k, None)
+        # an unknown key would be kept as a stray attribute and the field meant (a typo) left at its default
+        params = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(latent_kwargs) - params - set(d))
+        if unknown:
+            own = sorted(params - set(inspect.signature(Qwen2_5OmniThinkerConfig.__init__).parameters))
+            raise ValueError(
+                f"from_thinker_config got unknown field(s) {unknown}; the LatentOmni fields are {own} "
+                "(a field of the thinker config may be given too)"
+            )
         d.update(latent_kwargs)
         return cls(**d)
 

@@ -1,0 +1,21 @@
+"""Input sweep of LatentOmni's public config helpers: what a user gives is used or refused, never dropped."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_from_thinker_config_refuses_a_latent_kwarg_it_does_not_know():
+    """from_thinker_config(thinker, num_visual_latent=16) (a typo of num_visual_latents) kept K=32 and stored the
+    unknown key as a stray attribute: the setting was silently dropped."""
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniThinkerConfig
+
+    from hf_ext.models.latent_omni import LatentOmniConfig
+
+    thinker = Qwen2_5OmniThinkerConfig()
+    with pytest.raises(ValueError, match=r"num_visual_latent\b.*num_visual_latents"):
+        LatentOmniConfig.from_thinker_config(thinker, num_visual_latent=16)
+    cfg = LatentOmniConfig.from_thinker_config(
+        thinker, num_visual_latents=16, num_audio_latents=4, tie_word_embeddings=False
+    )
+    assert cfg.num_visual_latents == 16
