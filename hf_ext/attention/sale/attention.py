@@ -588,11 +588,14 @@ def _run_rows(
         out, mask = sparse_attention(
             q, k, v, taus, cfg, scale=scale, causal=causal, key_padding_mask=pad, want_mask=want_mask
         )
-        rec: dict[str, Any] = {"path": "sparse", "q_len": n}
-        if mask is not None:
-            rec["kept"] = int(mask.sum())
-            rec["valid"] = _valid_blocks(n, k.shape[2], bq, bk, causal) * q.shape[0] * q.shape[1]
-        recs.append(rec)
+        # one dict built at once, after int(mask.sum()) (a graph break under torch.compile): a dict built before it
+        # and filled after came back from dynamic-shape graphs without its "path" / "q_len" keys
+        if mask is None:
+            recs.append({"path": "sparse", "q_len": n})
+        else:
+            kept = int(mask.sum())
+            valid = _valid_blocks(n, k.shape[2], bq, bk, causal) * q.shape[0] * q.shape[1]
+            recs.append({"path": "sparse", "q_len": n, "kept": kept, "valid": valid})
         return out
 
     spans = None if kpm is None else _spans(kpm)

@@ -1,0 +1,63 @@
+"""SALE under ``torch.compile`` (CPU): a model loaded with ``attn_implementation="sale"`` and compiled, on prompts
+long enough for the sparse path (torch reference kernels on CPU), against the same model run eagerly.
+
+Most tests use dynamo's ``"eager"`` / ``"aot_eager"`` backends (the graph capture, guards and graph breaks are those
+of inductor; a first inductor compile of the sparse path takes minutes on a 2-core CPU); one slow test runs
+inductor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_ext.attention.sale.attention import sale_stats
+from hf_ext.attention.sale.config import SALEConfig
+from hf_ext.testing import tiny_llama_config
+
+CFG = SALEConfig(min_seq_len=64, block_q=16, block_k=16, tau=1e-3)
+
+
+def _model(layers: int = 2, family: str = "llama"):
+    from transformers import AutoModelForCausalLM
+
+    if family == "llama":
+        cfg = tiny_llama_config(num_hidden_layers=layers)
+    else:
+        from transformers import Qwen2Config
+
+        from hf_ext.testing import TINY_LM_KWARGS
+
+        cfg = Qwen2Config(**{**TINY_LM_KWARGS, "num_hidden_layers": layers})
+    cfg.sale_config = CFG.to_dict()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sale").eval()
+
+
+def _ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # ~45 s on the 2-core CPU (dynamo traces the sparse path with symbolic shapes)
+def test_dynamic_shape_compile_keeps_sale_stats_records_whole():
+    """With ``dynamic=True`` the records ``sale_stats`` collected on the sparse path lost their ``path`` and
+    ``q_len`` keys (the record dict was built before ``int(mask.sum())``, a graph break, and came back without
+    them), so ``st.sparse_calls`` raised ``KeyError: 'path'``."""
+    model = _model(layers=1)
+    compiled = torch.compile(model, backend="eager", dynamic=True)
+    for n in (100,):
+        x = _ids(n)
+        with torch.no_grad():
+            with sale_stats() as ref_st:
+                ref = model(x).logits
+            with sale_stats() as st:
+                out = compiled(x).logits
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        assert st.calls == ref_st.calls, n
+        assert st.sparse_calls == (1 if n >= CFG.min_seq_len else 0)
