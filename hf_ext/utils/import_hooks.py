@@ -28,6 +28,7 @@ from typing import Any
 logger = logging.getLogger("hf_ext")
 
 _LOCK = threading.RLock()
+_NONE = object()
 _PENDING: dict[str, list[Callable[[ModuleType], None]]] = {}
 
 
@@ -65,10 +66,15 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
             return spec
         loader = spec.loader
         original_exec = loader.exec_module
+        own = vars(loader).get("exec_module", _NONE) if hasattr(loader, "__dict__") else _NONE
 
         def exec_module(module: ModuleType) -> None:
             original_exec(module)
-            loader.exec_module = original_exec
+            # the loader as it was: its class's exec_module (no attribute of its own), or the one it had
+            if own is _NONE:
+                vars(loader).pop("exec_module", None)
+            else:
+                loader.exec_module = own
             with _LOCK:
                 callbacks = _PENDING.pop(fullname, [])
                 if not _PENDING:
