@@ -54,3 +54,31 @@ def test_search_config_still_takes_numpy_ints_and_lists():
         top_k=3,
     )
     assert cfg.gpus == 8 and cfg.micro_batch_sizes == [1, 2]
+
+
+class _Untouchable:
+    """A model no refused call may use."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the model was used ({name}) before the bad argument was refused")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"repeats": 0}, r"repeats=0"),  # StatisticsError after the model was moved and put in train mode
+        ({"repeats": 2.5}, r"repeats=2.5"),
+        ({"warmup": -1}, r"warmup=-1"),
+        ({"max_layers": 0}, r"max_layers=0"),  # silently profiled 1 layer
+        ({"seq_len": 16.5}, r"seq_len=16.5"),  # randint TypeError after the model was put in train mode
+        ({"micro_batches": (1.5,)}, r"micro_batches=\(1.5,\)"),  # run with b=1, fitted at b=1.5
+        ({"runtime_micro_batches": (2.5,)}, r"runtime_micro_batches=\(2.5,\)"),
+        ({"runtime_probe": "no"}, r"runtime_probe='no'"),  # a truthy string: the probe ran
+        ({"ckpt_probe": None}, r"ckpt_probe=None"),
+    ],
+)
+def test_profile_model_refuses_bad_arguments_before_touching_the_model(kwargs, match):
+    from hf_ext.accelerate.autoparallel import profile_model
+
+    with pytest.raises(ValueError, match=match):
+        profile_model(_Untouchable(), **kwargs)

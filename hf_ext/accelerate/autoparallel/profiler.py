@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import statistics
 import time
@@ -479,14 +480,29 @@ def profile_model(
     """
     import torch
 
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    if not micro_batches or any(int(b) <= 0 for b in micro_batches):
-        raise ValueError(f"micro_batches must be positive integers, got {micro_batches!r}")
+    # all checked before the model is touched (it is moved, cast and put in train mode below)
+    def is_int(v: Any, low: int) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+
+    for name, value, low in (("seq_len", seq_len, 1), ("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if not is_int(value, low):
+            raise ValueError(f"profile_model: {name}={value!r} must be an int >= {low}")
+    if max_layers is not None and not is_int(max_layers, 1):
+        raise ValueError(
+            f"profile_model: max_layers={max_layers!r} must be None (every layer) or an int >= 1"
+        )
+    for name, sizes in (("micro_batches", micro_batches), ("runtime_micro_batches", runtime_micro_batches)):
+        if name == "runtime_micro_batches" and sizes is None:
+            continue
+        if not isinstance(sizes, (tuple, list)) or not sizes or not all(is_int(b, 1) for b in sizes):
+            raise ValueError(
+                f"profile_model: {name}={sizes!r} must be a non-empty tuple of positive integers (micro-batch sizes)"
+            )
+    for name, flag in (("runtime_probe", runtime_probe), ("ckpt_probe", ckpt_probe)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"profile_model: {name}={flag!r} must be True or False")
     if runtime_micro_batches is None:
         runtime_micro_batches = (1, max(int(b) for b in micro_batches))
-    if not runtime_micro_batches or any(int(b) <= 0 for b in runtime_micro_batches):
-        raise ValueError(f"runtime_micro_batches must be positive integers, got {runtime_micro_batches!r}")
     rt_sizes = sorted({int(b) for b in runtime_micro_batches})
     shape = shape or get_shape(model.config)
     p0 = next(model.parameters())
