@@ -82,3 +82,14 @@ def test_profile_model_refuses_bad_arguments_before_touching_the_model(kwargs, m
 
     with pytest.raises(ValueError, match=match):
         profile_model(_Untouchable(), **kwargs)
+
+
+@pytest.mark.parametrize("memory_gb", [-1, 0, math.nan, math.inf, "80", True])
+def test_predict_refuses_a_memory_budget_that_is_not_a_positive_number(memory_gb):
+    """predict(plan, memory_gb=-1 / nan) silently reported the plan infeasible; '80' raised a TypeError."""
+    from hf_ext.accelerate.autoparallel import Plan, predict
+
+    plan = Plan.uniform("tiny", gpus=2, dp_type="fsdp", global_batch=8, seq_len=64, micro_batch=1)
+    with pytest.raises(ValueError, match=r"memory_gb must be None or a finite number of GiB > 0"):
+        predict(plan, memory_gb=memory_gb)
+    assert predict(plan, memory_gb=80).feasible

@@ -531,6 +531,9 @@ def predict(
     hand-written :meth:`Plan.uniform` plan records none). A searched plan therefore predicts exactly its
     ``predicted`` figures, ``usable_memory_gb`` included.
     """
+    if memory_gb is not None and not (_is_real(memory_gb) and math.isfinite(memory_gb) and memory_gb > 0):
+        # -1 / NaN made every plan infeasible without a word
+        raise ValueError(f"predict: memory_gb must be None or a finite number of GiB > 0, got {memory_gb!r}")
     cm = _plan_cost_model(plan, hardware, profile, cost_kwargs)
     if memory_gb is None:
         memory_gb = plan.hardware.get("memory_gb") if isinstance(plan.hardware, dict) else None
