@@ -48,3 +48,10 @@ def test_when_imported_leaves_no_exec_module_on_the_loaders_it_wrapped(leftovers
     the loaders of ``transformers.modeling_utils`` and of the continuous-batching scheduler module kept an
     attribute of their own (a side effect of ``import hf_ext`` beyond registering names)."""
     assert [x for x in leftovers if "exec_module" in x] == []
+
+
+def test_latent_omni_registration_leaves_no_loader_of_its_own_on_transformers_auto_modules(leftovers):
+    """LatentOmni's deferred Auto registration wraps the loader of every ``transformers.models.auto.*`` module
+    imported while it waits; the wrapper (``_RegisteringLoader``) stayed those modules' ``__loader__`` and
+    ``__spec__.loader`` for good, also after the registration was done and its finder gone."""
+    assert [x for x in leftovers if "_RegisteringLoader" in x] == []

@@ -220,11 +220,18 @@ class _RegisteringLoader(importlib.abc.Loader):
         return self._inner.create_module(spec)
 
     def exec_module(self, module: Any) -> None:
-        self._inner.exec_module(module)
+        spec = getattr(module, "__spec__", None)
+        try:
+            self._inner.exec_module(module)
+        finally:
+            # the module keeps its real loader, not this wrapper (import hf_ext registers names, nothing else)
+            if getattr(module, "__loader__", None) is self:
+                module.__loader__ = self._inner
+            if spec is not None and spec.loader is self:
+                spec.loader = self._inner
         if self._name in _PENDING:
             _LOADED.add(self._name)
         # our own spec is still flagged as initialising here: clear it for the busy check
-        spec = getattr(module, "__spec__", None)
         if spec is not None:
             spec._initializing = False
         retry()
