@@ -73,3 +73,29 @@ def test_tie_log_refuses_a_negative_seed_before_reading_the_log(tmp_path, capsys
     assert exc.value.code == 2
     assert "--seed must be >= 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"isolate": "no"},
+            r"isolate must be True or False, got 'no'",
+        ),  # truthy: trained in a worker process
+        (
+            {"isolate": None},
+            r"isolate must be True or False, got None",
+        ),  # falsy: trained in the serving process
+        (
+            {"warm_start": "no"},
+            r"warm_start must be None, True or False, got 'no'",
+        ),  # told 'warm_start=True needs'
+        ({"warm_start": 0}, r"warm_start must be None, True or False, got 0"),
+    ],
+)
+def test_refresher_flags_must_be_booleans(tmp_path, kwargs, match):
+    from hf_ext.generation.tie.lengthlog import LengthLog
+    from hf_ext.generation.tie.refresh import PredictorRefresher
+
+    with pytest.raises(ValueError, match=match):
+        PredictorRefresher(LengthLog(tmp_path / "log.jsonl"), **kwargs)

@@ -181,6 +181,10 @@ class PredictorRefresher:
             raise ValueError(
                 "config: the served predictor has no PredictorConfig to train new ones with; give config="
             )
+        if warm_start is not None and not isinstance(warm_start, bool):
+            raise ValueError(f"warm_start must be None, True or False, got {warm_start!r}")
+        if not isinstance(isolate, bool):
+            raise ValueError(f"isolate must be True or False, got {isolate!r}")
         tunable = hasattr(predictor, "model") and hasattr(predictor, "save_pretrained")  # a LengthPredictor
         if warm_start and not tunable:
             raise ValueError("warm_start=True needs the served LengthPredictor (predictor=) to start from")
