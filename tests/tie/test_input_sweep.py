@@ -99,3 +99,40 @@ def test_refresher_flags_must_be_booleans(tmp_path, kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         PredictorRefresher(LengthLog(tmp_path / "log.jsonl"), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda: _data().generate_workload(3, seed=-1),
+            r"seed must be an int >= 0, got -1",
+        ),  # numpy's message
+        (
+            lambda: _data().generate_workload(3, seed=None),
+            r"seed must be an int >= 0, got None",
+        ),  # a random run
+        (
+            lambda: _data().generate_workload(3, task_weights=(float("nan"),) + (0.1,) * 10),
+            r"task_weights must be 11 finite non-negative weights",  # numpy's 'Probabilities contain NaN'
+        ),
+        (
+            lambda: _data().match_to_lengths([3], _data().generate_workload(4), chunk=0),
+            r"chunk must be an int >= 1",
+        ),
+        (
+            lambda: _data().match_to_lengths([3], _data().generate_workload(4), seed=-1),
+            r"seed must be an int >= 0",
+        ),
+    ],
+    ids=["seed_neg", "seed_none", "weights_nan", "chunk_zero", "match_seed_neg"],
+)
+def test_workload_generators_name_their_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def _data():
+    from hf_ext.generation.tie import data
+
+    return data

@@ -302,6 +302,12 @@ def _one(rng: np.random.Generator, task: str) -> dict[str, Any]:
     }
 
 
+def _check_seed(seed: Any) -> None:
+    """numpy's generator refuses a negative seed with 'expected non-negative integer' and takes None as 'random'."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
 def generate_workload(
     n: int, seed: int = 0, max_new_tokens: int = 1000, task_weights: Sequence[float] = TASK_WEIGHTS
 ) -> list[dict[str, Any]]:
@@ -315,9 +321,10 @@ def generate_workload(
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    _check_seed(seed)
     w = np.asarray(task_weights, dtype=np.float64)
-    if w.shape != (len(TASKS),) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"task_weights must be {len(TASKS)} non-negative weights for {TASKS}")
+    if w.shape != (len(TASKS),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"task_weights must be {len(TASKS)} finite non-negative weights for {TASKS}")
     rng = np.random.default_rng(seed)
     tasks = rng.choice(TASKS, size=n, p=w / w.sum())
     rows = [_one(rng, str(t)) for t in tasks]
@@ -403,6 +410,9 @@ def match_to_lengths(
         raise ValueError("lengths must be a non-empty 1-D sequence of numbers >= 1")
     if not pool:
         raise ValueError("pool must contain at least one prompt row")
+    _check_seed(seed)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1 (lengths matched per step), got {chunk!r}")
     mu = np.asarray([r["mu"] for r in pool])
     sigma = np.asarray([r["sigma"] for r in pool])
     nu = np.asarray([r["nu"] for r in pool])
