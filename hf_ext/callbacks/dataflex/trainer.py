@@ -156,7 +156,15 @@ class DataFlexMixin:
             self.compute_loss_func = self._dataflex_loss
 
     # ------------------------------------------------------------------------------ data
+    def _dataflex_active(self) -> bool:
+        """Whether the DataFlex callback is still in this trainer: ``trainer.remove_callback(trainer.dataflex)``
+        switches DataFlex off (the stock sampler, no observations or weights) until it is added back."""
+        handler = getattr(self, "callback_handler", None)
+        return handler is None or any(cb is self.dataflex for cb in handler.callbacks)
+
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        if not self._dataflex_active():
+            return super()._get_train_sampler(train_dataset)  # type: ignore[misc]
         return self.dataflex.sampler
 
     def get_train_dataloader(self) -> Any:
@@ -185,7 +193,8 @@ class DataFlexMixin:
             from transformers.trainer_utils import get_last_checkpoint
 
             path = get_last_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
-        self.dataflex.resume_from(path if isinstance(path, str) else None)
+        if self._dataflex_active():
+            self.dataflex.resume_from(path if isinstance(path, str) else None)
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     # ------------------------------------------------------------------------------ loss
@@ -218,7 +227,7 @@ class DataFlexMixin:
                 "TRL's padding_free=True) merges samples into rows; use a collator that pads each sample to its own row"
             )
         w = None
-        if idx is not None and self.model.training:  # type: ignore[attr-defined]
+        if idx is not None and self.model.training and self._dataflex_active():  # type: ignore[attr-defined]
             per = (loss_sum / count.clamp(min=1)).detach()
             self.dataflex.observe(idx, per)
             w = self.dataflex.weigh(per, idx, self.state.global_step)  # type: ignore[attr-defined]
