@@ -1,8 +1,11 @@
-"""Input sweep of FSEP's public planner API: bad arguments are refused, naming the argument, at construction."""
+"""Input sweep of FSEP's public API: bad arguments are refused, naming the argument, before any work."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from hf_ext.accelerate.fsep import LoadPlanner
 
@@ -24,3 +27,26 @@ from hf_ext.accelerate.fsep import LoadPlanner
 def test_load_planner_sizes_and_seed_must_be_ints(args, kwargs, match):
     with pytest.raises(ValueError, match=rf"LoadPlanner: {match}"):
         LoadPlanner(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_norm": -1.0}, r"max_norm=-1.0"),  # a negative clip coefficient flipped every gradient's sign
+        ({"max_norm": math.nan}, r"max_norm=nan"),  # NaN gradients
+        ({"max_norm": "1.0"}, r"max_norm='1.0'"),
+        ({"max_norm": 1.0, "norm_type": 0}, r"norm_type=0"),  # a 0-norm, then total ** (1 / 0)
+        ({"max_norm": 1.0, "norm_type": -2.0}, r"norm_type=-2.0"),
+        ({"max_norm": 1.0, "norm_type": "fro"}, r"norm_type='fro'"),  # float('fro') deep inside
+        ({"max_norm": 1.0, "error_if_nonfinite": "yes"}, r"error_if_nonfinite='yes'"),
+    ],
+)
+def test_clip_grad_norm_refuses_bad_arguments_before_any_collective(kwargs, match):
+    from hf_ext.accelerate.fsep import fsep_clip_grad_norm_
+
+    model = torch.nn.Linear(2, 2)
+    model(torch.ones(1, 2)).sum().backward()
+    before = model.weight.grad.clone()
+    with pytest.raises(ValueError, match=rf"fsep_clip_grad_norm_: {match}"):
+        fsep_clip_grad_norm_(model, **kwargs)
+    assert torch.equal(model.weight.grad, before)

@@ -244,6 +244,22 @@ def fsep_clip_grad_norm_(
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.experimental import implicit_replication
 
+    # checked before any collective (every rank gets the same arguments, so every rank raises)
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+    if not number(max_norm) or max_norm < 0:
+        raise ValueError(
+            f"fsep_clip_grad_norm_: max_norm={max_norm!r} must be a number >= 0 (inf: only compute the norm)"
+        )
+    if not (number(norm_type) or norm_type == "inf") or not float(norm_type) > 0:
+        raise ValueError(f"fsep_clip_grad_norm_: norm_type={norm_type!r} must be a number > 0 or inf")
+    if not isinstance(error_if_nonfinite, bool):
+        raise ValueError(
+            f"fsep_clip_grad_norm_: error_if_nonfinite={error_if_nonfinite!r} must be True or False"
+        )
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(f"fsep_clip_grad_norm_: foreach={foreach!r} must be None, True or False")
     layers = fsep_layers(model)
     experts = [p for layer in layers for p in layer.parameters() if p.grad is not None]
     skip = {id(p) for layer in layers for p in layer.parameters()}
