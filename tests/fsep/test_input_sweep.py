@@ -50,3 +50,16 @@ def test_clip_grad_norm_refuses_bad_arguments_before_any_collective(kwargs, matc
     with pytest.raises(ValueError, match=rf"fsep_clip_grad_norm_: {match}"):
         fsep_clip_grad_norm_(model, **kwargs)
     assert torch.equal(model.weight.grad, before)
+
+
+@pytest.mark.parametrize("config", [{"mode": "static_ep"}, {}, "fsep"], ids=["dict", "empty_dict", "str"])
+def test_a_config_that_is_not_an_fsepconfig_is_refused(config):
+    """FSEPPlugin kept a dict as its config (prepare_model then failed later), and prepare_fsep turned an empty
+    dict into the defaults ('config or FSEPConfig()') and a non-empty one into a later AttributeError."""
+    from hf_ext.accelerate.fsep import FSEPPlugin, prepare_fsep
+    from hf_ext.testing import tiny_moe
+
+    with pytest.raises(ValueError, match=r"config must be an FSEPConfig or None, got"):
+        FSEPPlugin(config)
+    with pytest.raises(ValueError, match=r"prepare_fsep: config must be an FSEPConfig or None, got"):
+        prepare_fsep(tiny_moe(), config)

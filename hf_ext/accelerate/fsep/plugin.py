@@ -103,6 +103,11 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
     Raises:
         ValueError: unknown architecture, world size 1, expert count not divisible as required.
     """
+    if config is not None and not isinstance(config, FSEPConfig):
+        raise ValueError(
+            f"prepare_fsep: config must be an FSEPConfig or None, got {type(config).__name__} {config!r}; build one "
+            "with FSEPConfig(**fields)"
+        )
     config = config or FSEPConfig()
     if getattr(model, "_fsep_state", None) is not None:
         raise ValueError("prepare_fsep: model is already prepared (call remove_fsep first)")
@@ -445,6 +450,15 @@ class FSEPPlugin:
     """
 
     config: FSEPConfig = field(default_factory=FSEPConfig)
+
+    def __post_init__(self) -> None:
+        if self.config is None:
+            self.config = FSEPConfig()
+        elif not isinstance(self.config, FSEPConfig):
+            raise ValueError(
+                f"FSEPPlugin: config must be an FSEPConfig or None, got {type(self.config).__name__} "
+                f"{self.config!r}; build one with FSEPConfig(**fields)"
+            )
 
     def prepare_model(self, model: nn.Module, accelerator: Any = None, group: Any = None) -> nn.Module:
         """:func:`prepare_fsep` (DDP launched by ``accelerator.prepare`` will skip the expert params); with
