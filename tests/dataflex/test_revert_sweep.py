@@ -84,3 +84,24 @@ def test_removing_the_callback_from_a_dataflex_trainer_gives_the_stock_trainer(t
     assert DataFlexSampler.__name__ not in rec.samplers, rec.samplers
     assert rec.rows == ref.rows
     assert weighed == [] and (cb._obs_count == observed).all()
+
+
+def test_the_scoring_ops_give_every_module_its_own_training_flag_back():
+    """The shared scoring ops ran the model in eval mode and then called model.train(was_training): a model in
+    training mode with a sub-module kept in eval mode (a frozen tower, a dropout switched off) came back with every
+    module in training mode (and a reference model likewise)."""
+    from hf_ext.callbacks.dataflex import ops
+
+    model = tiny_model().train()
+    model.model.layers[0].mlp.eval()
+    ref = tiny_model(seed=1).train()
+    ref.model.norm.eval()
+    flags = [m.training for m in model.modules()]
+    ref_flags = [m.training for m in ref.modules()]
+    data = DATA[:4]
+    ops.per_sample_loss(model, data, [0, 1, 2, 3], batch_size=2)
+    ops.embeddings(model, data, [0, 1], batch_size=2)
+    ops.per_sample_excess_loss(model, ref, data, [0, 1], batch_size=2)
+    ops.grad_features(model, data, [0, 1], proj_dim=8)
+    assert [m.training for m in model.modules()] == flags
+    assert [m.training for m in ref.modules()] == ref_flags

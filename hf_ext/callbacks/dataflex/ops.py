@@ -289,6 +289,17 @@ def _gather_rows(local: torch.Tensor, n: int, chunk: int, dev: torch.device) -> 
     return torch.cat(parts, 0)[:n].cpu()
 
 
+def _training_flags(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """Every module's own ``training`` flag (a model in training mode may hold sub-modules kept in eval mode)."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_training(flags: list[tuple[torch.nn.Module, bool]]) -> None:
+    """Put back what :func:`_training_flags` read (``model.train(was_training)`` would set every module alike)."""
+    for m, flag in flags:
+        m.training = flag
+
+
 @torch.no_grad()
 def _map_forward(
     model: torch.nn.Module,
@@ -310,14 +321,14 @@ def _map_forward(
     dev = model_device(model)
     collate = collate_fn or (lambda feats: default_collate(feats, _pad_id(model)))
     outs = []
-    was_training = model.training
+    flags = _training_flags(model)
     model.eval()
     try:
         for s in range(0, len(mine), batch_size):
             batch = _to_device(collate(_get_items(dataset, mine[s : s + batch_size])), dev)
             outs.append(fn(batch).float().cpu())
     finally:
-        model.train(was_training)
+        _restore_training(flags)
         reshard(model)
     if not outs:  # n == 0 or an empty shard: shape from a probe is unknown; return empty
         probe = None
@@ -375,12 +386,12 @@ def per_sample_excess_loss(
         excess = ((tok - ref_tok.to(tok.device)).clamp(min=0) * mask).sum(-1)
         return torch.stack([excess, mask.sum(-1)], -1)
 
-    ref_training = reference_model.training
+    ref_flags = _training_flags(reference_model)
     reference_model.eval()
     try:
         return _map_forward(model, dataset, indices, fn, collate_fn=collate_fn, batch_size=batch_size)
     finally:
-        reference_model.train(ref_training)
+        _restore_training(ref_flags)
         reshard(reference_model)
 
 
@@ -630,7 +641,7 @@ def grad_features(
         mine, chunk = list(indices), n
 
     saved = [p.grad for p in params]
-    was_training = model.training
+    flags = _training_flags(model)
     model.eval()
     no_sync = getattr(model, "no_sync", None) if (world > 1 and not sharded) else None
     rows = []
@@ -680,7 +691,7 @@ def grad_features(
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-        model.train(was_training)
+        _restore_training(flags)
     if world > 1 and not sharded:
         while len(rows) < chunk:
             rows.append(torch.zeros(proj.k, device=proj.device))
