@@ -198,6 +198,8 @@ def test_cpu_model_under_nccl_is_refused_and_prepare_model_moves_to_the_accelera
             return self
 
     monkeypatch.setattr(fsep_plugin, "prepare_fsep", lambda model, config, group=None: model)
+    # prepare_model runs prepare_fsep's checks before the move (a refused model is not moved): a stand-in model here
+    monkeypatch.setattr(fsep_plugin, "_check", lambda model, config, group=None, device_check=True: None)
     acc = type("Acc", (), {"device": torch.device("cuda", 1)})()
     FSEPPlugin(FSEPConfig()).prepare_model(Model(), accelerator=acc)
     assert moved == [torch.device("cuda", 1)]

@@ -42,3 +42,22 @@ def test_remove_on_a_model_that_is_not_prepared_says_so(results):
             assert (
                 r["unprepared"][case].startswith("ValueError") and "prepare_fsep" in r["unprepared"][case]
             ), r
+
+
+@pytest.mark.parametrize("case", ["unsupported_model", "no_process_group"])
+def test_prepare_model_moves_nothing_when_prepare_fsep_would_refuse(case):
+    """FSEPPlugin.prepare_model(model, accelerator) moved the model to accelerator.device first and only then let
+    prepare_fsep check it: a model refused (not an MoE architecture, no torch.distributed) was left moved. Here the
+    device is "meta", where a move loses the weights."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hf_ext.accelerate.fsep import FSEPConfig, FSEPPlugin
+    from hf_ext.testing import tiny_llama, tiny_moe
+
+    model = tiny_llama() if case == "unsupported_model" else tiny_moe("mixtral", seed=0)
+    accelerator = SimpleNamespace(device=torch.device("meta"))
+    with pytest.raises((ValueError, RuntimeError), match="model_type|torch.distributed"):
+        FSEPPlugin(FSEPConfig()).prepare_model(model, accelerator=accelerator)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}

@@ -56,7 +56,7 @@ def _top_k(config: Any) -> int:
     return int(getattr(config, "num_experts_per_tok", 2) or 2)
 
 
-def _validate(model: nn.Module, config: FSEPConfig, group: Any) -> tuple[str, int]:
+def _validate(model: nn.Module, config: FSEPConfig, group: Any, device_check: bool = True) -> tuple[str, int]:
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -80,7 +80,7 @@ def _validate(model: nn.Module, config: FSEPConfig, group: Any) -> tuple[str, in
             "inside data-parallel replicas) is not supported: the expert gradients would only be averaged inside "
             "each group and the replicas would drift apart. Use the default group (all ranks)"
         )
-    param = next(model.parameters(), None)
+    param = next(model.parameters(), None) if device_check else None
     if param is not None and param.device.type == "cpu" and dist.get_backend(group) == "nccl":
         raise ValueError(
             "prepare_fsep: the model is on the CPU but the process group's backend is nccl, which only moves "
@@ -90,19 +90,11 @@ def _validate(model: nn.Module, config: FSEPConfig, group: Any) -> tuple[str, in
     return mt, ws
 
 
-def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any = None) -> nn.Module:
-    """Replace the experts of every MoE block of ``model`` by FSEP layers (in place; returns ``model``).
-
-    Args:
-        model: a transformers Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3 model (any head),
-            with the same weights on every rank (or ``config.broadcast_from_rank0``).
-        config: :class:`FSEPConfig` (``mode="static_ep"`` gives the static expert-parallel baseline).
-        group: expert-parallel process group: all ranks (default: WORLD); a sub-group is refused (its expert
-            gradients would not be synchronised across the groups).
-
-    Raises:
-        ValueError: unknown architecture, world size 1, expert count not divisible as required.
-    """
+def _check(
+    model: nn.Module, config: FSEPConfig | None, group: Any, device_check: bool = True
+) -> tuple[FSEPConfig, list[tuple[str, nn.Module, str, nn.Module]]]:
+    """Every check of :func:`prepare_fsep` (``device_check=False``: all but the one on where the model is), before
+    anything is changed: the config and the experts modules found."""
     if config is not None and not isinstance(config, FSEPConfig):
         raise ValueError(
             f"prepare_fsep: config must be an FSEPConfig or None, got {type(config).__name__} {config!r}; build one "
@@ -111,7 +103,7 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
     config = config or FSEPConfig()
     if getattr(model, "_fsep_state", None) is not None:
         raise ValueError("prepare_fsep: model is already prepared (call remove_fsep first)")
-    mt, ws = _validate(model, config, group)
+    mt, ws = _validate(model, config, group, device_check)
     found = _find_experts(model, SUPPORTED_MODEL_TYPES[mt])
     if not found:
         raise ValueError(f"prepare_fsep: no {SUPPORTED_MODEL_TYPES[mt]} modules found in the {mt} model")
@@ -137,6 +129,23 @@ def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any 
                 "== 0 or world_size % num_experts == 0"
             )
         config.resolved_capacity(e, ws)  # a capacity too small for the layout: before any collective
+    return config, found
+
+
+def prepare_fsep(model: nn.Module, config: FSEPConfig | None = None, group: Any = None) -> nn.Module:
+    """Replace the experts of every MoE block of ``model`` by FSEP layers (in place; returns ``model``).
+
+    Args:
+        model: a transformers Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3 model (any head),
+            with the same weights on every rank (or ``config.broadcast_from_rank0``).
+        config: :class:`FSEPConfig` (``mode="static_ep"`` gives the static expert-parallel baseline).
+        group: expert-parallel process group: all ranks (default: WORLD); a sub-group is refused (its expert
+            gradients would not be synchronised across the groups).
+
+    Raises:
+        ValueError: unknown architecture, world size 1, expert count not divisible as required.
+    """
+    config, found = _check(model, config, group)
     state = FSEPState()
     layers: list[FSEPExperts] = []
     templates: dict[str, nn.Module] = {}
@@ -464,6 +473,9 @@ class FSEPPlugin:
         """:func:`prepare_fsep` (DDP launched by ``accelerator.prepare`` will skip the expert params); with
         ``accelerator``, the model is first moved to ``accelerator.device`` (the experts are sharded there)."""
         if accelerator is not None:
+            _check(
+                model, self.config, group, device_check=False
+            )  # a model that would be refused is not moved
             model = model.to(accelerator.device)
         return prepare_fsep(model, self.config, group=group)
 
