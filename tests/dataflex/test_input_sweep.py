@@ -25,3 +25,44 @@ def test_method_float_fields_must_be_finite(kind, name, field, value):
         build(kind, name, **{field: value})
     with pytest.raises(ValueError, match=rf"field {field!r} must be a finite float"):
         DataFlexCallback({kind: name, f"{kind}_args": {field: value}})
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--steps", "0"], "--steps"),  # 'a.steps or default': silently the default step count
+        (["--steps", "-5"], "--steps"),  # handed to the Trainer as max_steps=-5
+        (["--seeds", "0"], "--seeds"),  # silently 3 seeds
+        (["--update-step", "0"], "--update-step"),  # failed after the reference run
+    ],
+)
+def test_bench_refuses_non_positive_counts_before_any_training(argv, flag, capsys):
+    from hf_ext.callbacks.dataflex import bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*argv, "--no-write", "--quick"])
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_quick_keeps_an_explicit_update_step(monkeypatch):
+    """--quick replaced --update-step N by 10 without a word."""
+    from hf_ext.callbacks.dataflex import bench, synthetic
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_run(cfg, **common):
+        seen["update_step"] = common["update_step"]
+        raise Stop
+
+    monkeypatch.setattr(synthetic, "train_steps", lambda *a, **k: __import__("torch").zeros(1))
+    monkeypatch.setattr(bench, "_run", fake_run)
+    with pytest.raises(Stop):
+        bench.main(["--quick", "--no-write", "--update-step", "7"])
+    assert seen["update_step"] == 7
+    with pytest.raises(Stop):
+        bench.main(["--quick", "--no-write"])
+    assert seen["update_step"] == 10

@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         help="model size (default tiny on CPU, small on CUDA)",
     )
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
-    p.add_argument("--update-step", type=int, default=20, help="steps between updates")
+    p.add_argument(
+        "--update-step", type=int, default=None, help="steps between updates (default 20, 10 with --quick)"
+    )
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods")
     p.add_argument("--skip-quality", action="store_true", help="only the overhead measurement")
     p.add_argument(
@@ -181,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:  # `hf-ext bench dataflex -- --device cuda`
         argv = argv[1:]
     a = p.parse_args(argv)
+    for flag in (
+        "steps",
+        "seeds",
+        "update_step",
+    ):  # 0 used to mean the default ('or'), -5 reached the Trainer
+        v = getattr(a, flag)
+        if v is not None and v < 1:
+            p.error(f"argument --{flag.replace('_', '-')}: must be >= 1 (got {v})")
     mark_quick_run(a.quick)
     if a.methods is not None:  # before any training: the reference run alone takes a while
         unknown = [m for m in a.methods if m not in OVERHEAD_METHODS]
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         device=a.device,
         batch=batch,
         lr=lr,
-        update_step=a.update_step if not a.quick else 10,
+        update_step=a.update_step if a.update_step is not None else (10 if a.quick else 20),
         warmup=5,
     )
 
