@@ -229,7 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     if "--kernels" in argv:
         i = argv.index("--kernels")
         return run_kernels(argv[:i] + argv[i + 1 :])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # before the model is built; 0 used to mean the default ('or') or one timed run (max(1, rep))
+    for flag, low in (("rep", 1), ("warmup", 0), ("layers", 1), ("min_seq_len", 2)):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be >= {low} (got {v})")
+    if args.lengths is not None and min(args.lengths) < 1:
+        parser.error(f"argument --lengths: must be >= 1 (got {' '.join(map(str, args.lengths))})")
     return run_e2e(args)
 
 
