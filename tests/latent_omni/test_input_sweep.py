@@ -19,3 +19,27 @@ def test_from_thinker_config_refuses_a_latent_kwarg_it_does_not_know():
         thinker, num_visual_latents=16, num_audio_latents=4, tie_word_embeddings=False
     )
     assert cfg.num_visual_latents == 16
+
+
+@pytest.mark.parametrize(
+    "argv, flag, low",
+    [
+        (["--steps", "0"], "--steps", 1),  # 'steps or K': silently K steps
+        (["--steps", "-3"], "--steps", 1),
+        (["--prompt-len", "0"], "--prompt-len", 1),  # 'or default': silently 128 tokens
+        (["--layers", "0"], "--layers", 1),
+        (["--batch", "1", "0"], "--batch", 1),  # failed inside the first run
+        (["--visual-latents", "-1"], "--visual-latents", 0),
+    ],
+)
+def test_bench_refuses_out_of_range_counts_before_building_a_model(argv, flag, low, capsys, monkeypatch):
+    from hf_ext.models.latent_omni import bench
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built before the bad flag was refused")
+
+    monkeypatch.setattr(bench, "_build", no_model)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--mode", "cpu", "--no-write", *argv])
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be >= {low}" in capsys.readouterr().err

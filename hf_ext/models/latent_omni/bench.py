@@ -199,6 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-write", action="store_true", help="print only; do not append to the CSV")
     args = p.parse_args(argv)
+    # before any model is built; 0 used to mean the default ('or')
+    for flag, low in (
+        ("steps", 1),
+        ("prompt_len", 1),
+        ("visual_latents", 0),
+        ("audio_latents", 0),
+    ):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            p.error(f"argument --{flag.replace('_', '-')}: must be >= {low} (got {v})")
+    for flag in ("layers", "batch"):
+        v = getattr(args, flag)
+        if v is not None and min(v) < 1:
+            p.error(f"argument --{flag}: must be >= 1 (got {' '.join(map(str, v))})")
+    if args.visual_latents + args.audio_latents < 1:
+        p.error("arguments --visual-latents / --audio-latents: K = visual + audio latents must be >= 1")
 
     from rich.progress import track
 
