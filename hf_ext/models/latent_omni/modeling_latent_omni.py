@@ -464,6 +464,21 @@ def _latent_text_processors(gc: Any, prompt_len: int, eos: list[int], device: An
     return procs, [int(t) for t in (gc.suppress_tokens or [])]
 
 
+def _warn_uncompiled_latent_loop(gc: Any) -> None:
+    """Warn when ``gc`` asks for transformers' compiled / static-cache decoding, which the latent loop does not apply
+    (it runs the decoder as it is, on a ``DynamicCache``)."""
+    asked = [f for f in ("compile_config", "cache_implementation") if getattr(gc, f, None) is not None]
+    if asked:
+        warnings.warn(
+            f"generate() with latent_reasoning=True does not apply {' / '.join(asked)}: the latent loop runs the "
+            "thinker's decoder as it is, with a DynamicCache (nothing is compiled for it). To compile it, compile the "
+            "decoder in place once (model.model.language_model.compile(), or .compile() on model.model where it has "
+            "no language_model); latent_reasoning=False runs transformers' generate, which applies both",
+            UserWarning,
+            stacklevel=4,  # the caller of generate (under torch.no_grad's wrapper)
+        )
+
+
 class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGeneration):
     """Qwen2.5-Omni thinker with interleaved audio-visual latent reasoning (see module docstring).
 
@@ -1404,6 +1419,7 @@ class LatentOmniForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenerat
             logits_processor = LogitsProcessorList([*(logits_processor or []), kept])
         max_blocks = cfg.max_latent_blocks if max_latent_blocks is None else max_latent_blocks
         state = self._latent_prefill(input_ids, attention_mask, use_cache, media, max_blocks)
+        _warn_uncompiled_latent_loop(gc)  # after every input check, as the warning below
         if default_length:  # after every input check: a refused call gets its ValueError only
             warnings.warn(
                 f"generate() got neither max_new_tokens nor max_length: it generates at most {max_new_tokens} new "
