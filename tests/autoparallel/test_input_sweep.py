@@ -93,3 +93,93 @@ def test_predict_refuses_a_memory_budget_that_is_not_a_positive_number(memory_gb
     with pytest.raises(ValueError, match=r"memory_gb must be None or a finite number of GiB > 0"):
         predict(plan, memory_gb=memory_gb)
     assert predict(plan, memory_gb=80).feasible
+
+
+class _Stop(Exception):
+    pass
+
+
+def _bench_args(monkeypatch, argv):
+    """The arguments bench autoparallel's main runs with (stopped before any model is built)."""
+    from hf_ext.accelerate.autoparallel import bench
+
+    seen = {}
+
+    def capture(args):
+        seen.update(vars(args))
+        raise _Stop
+
+    monkeypatch.setattr(bench, "_model_config", capture)
+    with pytest.raises(_Stop):
+        bench.main(argv)
+    return seen
+
+
+def test_bench_quick_keeps_the_flags_given(monkeypatch):
+    """--quick overwrote --seq-len, --global-batch, --steps, --warmup, --hand-micro-batch (and capped
+    --runtime-micro-batch at 2) without a word; now it only sets the ones not given."""
+    got = _bench_args(
+        monkeypatch,
+        [
+            "--quick",
+            "--steps",
+            "3",
+            "--warmup",
+            "0",
+            "--seq-len",
+            "32",
+            "--global-batch",
+            "8",
+            "--runtime-micro-batch",
+            "4",
+        ],
+    )
+    assert (got["steps"], got["warmup"], got["seq_len"], got["global_batch"], got["runtime_micro_batch"]) == (
+        3,
+        0,
+        32,
+        8,
+        4,
+    )
+    got = _bench_args(monkeypatch, ["--quick"])
+    assert (got["seq_len"], got["global_batch"], got["steps"], got["warmup"], got["hand_micro_batch"]) == (
+        64,
+        4,
+        2,
+        1,
+        1,
+    )
+    assert got["runtime_micro_batch"] == 2
+    got = _bench_args(monkeypatch, [])
+    assert (got["seq_len"], got["global_batch"], got["steps"], got["warmup"], got["hand_micro_batch"]) == (
+        2048,
+        8,
+        4,
+        2,
+        2,
+    )
+    assert got["runtime_micro_batch"] == 4
+
+
+@pytest.mark.parametrize(
+    "argv, flag, low",
+    [
+        (["--steps", "0"], "--steps", 1),  # statistics' 'no median for empty data' after profiling
+        (["--warmup", "-1"], "--warmup", 0),
+        (["--seq-len", "0"], "--seq-len", 1),
+        (["--global-batch", "0"], "--global-batch", 1),
+        (["--predict-gpus", "0"], "--predict-gpus", 1),
+        (["--runtime-micro-batch", "0"], "--runtime-micro-batch", 1),
+    ],
+)
+def test_bench_refuses_out_of_range_counts_before_any_work(argv, flag, low, monkeypatch, capsys):
+    from hf_ext.accelerate.autoparallel import bench
+
+    def no_model(args):
+        raise AssertionError("the benchmark started before the bad flag was refused")
+
+    monkeypatch.setattr(bench, "_model_config", no_model)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick", *argv])
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be >= {low}" in capsys.readouterr().err

@@ -326,7 +326,7 @@ def _check_hand_batches(gb: int, hb: int, world: int, predict_gpus: int, *, quic
         counts.append(("--predict-gpus", predict_gpus))
     for what, g in counts:
         if gb % (g * hb):
-            fixed = " (--quick sets --global-batch 4 and --hand-micro-batch 1)" if quick else ""
+            fixed = " (--quick's defaults: --global-batch 4, --hand-micro-batch 1)" if quick else ""
             raise SystemExit(
                 f"--global-batch {gb} must be divisible by {what} {g} x --hand-micro-batch {hb} = {g * hb}: "
                 f"the hand configurations give every GPU micro-batches of {hb} sequences{fixed}"
@@ -351,32 +351,62 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="hf-ext bench autoparallel", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3.2-1b", help="built-in shape to build randomly (GPU mode)")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--global-batch", type=int, default=8, help="sequences per step (all ranks)")
     ap.add_argument(
-        "--hand-micro-batch", type=int, default=2, help="micro-batch of the DDP / FSDP hand configs"
+        "--seq-len", type=int, default=None, help="tokens per sequence (default 2048; --quick: 64)"
     )
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--global-batch", type=int, default=None, help="sequences per step, all ranks (default 8; --quick: 4)"
+    )
+    ap.add_argument(
+        "--hand-micro-batch",
+        type=int,
+        default=None,
+        help="micro-batch of the DDP / FSDP hand configs (default 2; --quick: 1)",
+    )
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 4; --quick: 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; --quick: 1)")
     ap.add_argument(
         "--predict-gpus", type=int, default=2, help="also predict this many GPUs (cost model only)"
     )
-    ap.add_argument("--quick", action="store_true", help="tiny model on CPU (seconds)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model on CPU (seconds); smaller defaults for the flags not given",
+    )
     ap.add_argument("--cache-dir", default=None, help="profile JSON cache directory")
     ap.add_argument(
         "--runtime-micro-batch",
         type=int,
-        default=4,
-        help="second micro-batch size of the whole-runtime probe (with b=1; 1: b=1 only); --quick: 2",
+        default=None,
+        help="second micro-batch size of the whole-runtime probe (with b=1; 1: b=1 only; default 4, --quick: 2)",
     )
     args = ap.parse_args(argv)
+    # --quick used to overwrite these even when given; it now fills in only the ones left out
+    defaults = dict(
+        seq_len=2048, global_batch=8, steps=4, warmup=2, hand_micro_batch=2, runtime_micro_batch=4
+    )
+    if args.quick:
+        defaults.update(
+            seq_len=64, global_batch=4, steps=2, warmup=1, hand_micro_batch=1, runtime_micro_batch=2
+        )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, low in (
+        ("steps", 1),
+        ("warmup", 0),
+        ("seq_len", 1),
+        ("global_batch", 1),
+        ("predict_gpus", 1),
+        ("runtime_micro_batch", 1),
+    ):
+        if getattr(args, name) < low:
+            ap.error(f"argument --{name.replace('_', '-')}: must be >= {low} (got {getattr(args, name)})")
     mark_quick_run(args.quick)
     # Big transient blocks (fp32 logits of several GiB) fragment the caching allocator; expandable
     # segments (same setting for every configuration) keep the measured peak close to what is allocated.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.quick:
-        args.seq_len, args.global_batch, args.steps, args.warmup, args.hand_micro_batch = 64, 4, 2, 1, 1
-        args.runtime_micro_batch = min(args.runtime_micro_batch, 2)
         torch.set_num_threads(min(2, torch.get_num_threads()))
     cuda = torch.cuda.is_available() and not args.quick
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
