@@ -136,3 +136,76 @@ def _data():
     from hf_ext.generation.tie import data
 
     return data
+
+
+class _Stop(Exception):
+    pass
+
+
+def _tie_bench_args(monkeypatch, argv):
+    """The arguments bench tie's main runs with (stopped before any work)."""
+    from hf_ext.generation.tie import bench
+
+    seen = {}
+
+    def capture(name):
+        raise _Stop
+
+    real_parser = bench._parser
+
+    def spy_parser():
+        p = real_parser()
+        parse = p.parse_args
+
+        def parse_args(a=None, ns=None):
+            args = parse(a, ns)
+            seen["args"] = args
+            return args
+
+        p.parse_args = parse_args
+        return p
+
+    monkeypatch.setattr(bench, "_parser", spy_parser)
+    monkeypatch.setattr(bench, "load_cost_model", capture)
+    with pytest.raises(_Stop):
+        bench.main(argv)
+    return vars(seen["args"])
+
+
+def test_tie_bench_quick_keeps_the_flags_given(monkeypatch):
+    """--quick overwrote --n-train, --epochs, --minutes and --offline-n even when given, so --quick --epochs 0
+    also passed the checks and ran."""
+    got = _tie_bench_args(monkeypatch, ["--quick", "--epochs", "1", "--minutes", "2", "--n-train", "100"])
+    assert (got["epochs"], got["minutes"], got["n_train"], got["offline_n"]) == (1, 2.0, 100, 600)
+    got = _tie_bench_args(monkeypatch, ["--quick"])
+    assert (got["n_train"], got["epochs"], got["minutes"], got["offline_n"]) == (1500, 3, 5.0, 600)
+    got = _tie_bench_args(monkeypatch, [])
+    assert (got["n_train"], got["epochs"], got["minutes"], got["offline_n"]) == (40000, 4, 20.0, 2000)
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (
+            ["--quick", "--epochs", "0"],
+            r"--epochs must be >= 1",
+        ),  # --quick reset the value given to 3: it ran
+        (["--quick", "--n-train", "0"], r"--n-train must be >= 1"),
+        (["--quick", "--minutes", "0"], r"--minutes must be > 0"),
+        (["--loads", "0"], r"--loads must be comma-separated finite numbers > 0"),  # a division by zero load
+        (
+            ["--loads", "2,x"],
+            r"--loads must be comma-separated finite numbers > 0",
+        ),  # ValueError after training
+        (["--seed", "-1"], r"--seed must be >= 0"),  # numpy's error after the cost model loaded
+    ],
+)
+def test_tie_bench_refuses_bad_flags_before_any_work(argv, match, monkeypatch):
+    from hf_ext.generation.tie import bench
+
+    def no_work(name):
+        raise AssertionError("the benchmark started before the bad flag was refused")
+
+    monkeypatch.setattr(bench, "load_cost_model", no_work)
+    with pytest.raises(ValueError, match=match):
+        bench.main([*argv, "--no-write"])

@@ -95,7 +95,11 @@ ATTRIBUTION = (
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-ext bench tie", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small, fast settings (smoke test)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small, fast settings (smoke test): --n-train 1500 --epochs 3 --minutes 5 --offline-n 600 unless given",
+    )
     p.add_argument(
         "--n-train",
         type=int,
@@ -984,15 +988,29 @@ def main(argv: list[str] | None = None) -> int:
     from hf_ext.generation.tie.data import generate_workload, length_pairs
     from hf_ext.utils.bench import Row, append_rows, plot_results, print_rows, results_dir
 
-    args = _parser().parse_args(argv or [])
+    parser = _parser()
+    quick_defaults = dict(n_train=1500, epochs=3, minutes=5.0, offline_n=600)
+    full_defaults = {name: parser.get_default(name) for name in quick_defaults}
+    # --quick used to overwrite these even when given; it now fills in only the ones left out
+    parser.set_defaults(**dict.fromkeys(quick_defaults))
+    args = parser.parse_args(argv or [])
+    for name, value in (quick_defaults if args.quick else full_defaults).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     mark_quick_run(args.quick)
-    if args.quick:
-        args.n_train, args.epochs, args.minutes, args.offline_n = 1500, 3, 5.0, 600
     for name in ("n_train", "epochs", "max_num_seqs", "kv_tokens", "offline_n", "offline_kv_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.minutes <= 0:
+    if not (math.isfinite(args.minutes) and args.minutes > 0):
         raise ValueError("--minutes must be > 0")
+    try:
+        loads = [float(x) for x in args.loads.split(",")]
+    except ValueError:
+        loads = []
+    if not loads or not all(math.isfinite(x) and x > 0 for x in loads):
+        raise ValueError(f"--loads must be comma-separated finite numbers > 0, got {args.loads!r}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     import torch
 
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // 2)))
