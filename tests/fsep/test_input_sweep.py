@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -63,3 +64,53 @@ def test_a_config_that_is_not_an_fsepconfig_is_refused(config):
         FSEPPlugin(config)
     with pytest.raises(ValueError, match=r"prepare_fsep: config must be an FSEPConfig or None, got"):
         prepare_fsep(tiny_moe(), config)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def fsep_bench(monkeypatch):
+    """The FSEP benchmark with its planner timing stubbed and its first prediction recorded, then stopped."""
+    from hf_ext.accelerate.fsep import bench
+
+    seen = []
+
+    def first_prediction(model, n, *a, **k):
+        seen.append(n)
+        raise _Stop
+
+    monkeypatch.setattr(bench, "planner_time_ms", lambda **k: (1.0, 1.0))
+    monkeypatch.setattr(bench, "predict", first_prediction)
+    return bench, seen
+
+
+def test_bench_quick_keeps_the_gpu_counts_given(fsep_bench):
+    """--quick replaced --gpus by [2, 8] without a word."""
+    bench, seen = fsep_bench
+    with pytest.raises(_Stop):
+        bench.main(["--quick", "--skip-gloo", "--no-plot", "--gpus", "4"])
+    with pytest.raises(_Stop):
+        bench.main(["--quick", "--skip-gloo", "--no-plot"])
+    assert seen == [4, 2]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--experts", "16"], r"--experts only applies? with --torchrun"),  # silently ignored
+        (["--attention", "--seq", "128"], r"--attention, --seq only apply with --torchrun"),
+        (["--torchrun", "--gpus", "8"], r"--gpus only applies? without --torchrun"),  # silently ignored
+        (["--gpus", "0"], r"argument --gpus: must be >= 1"),  # predicted a 0-GPU layout
+        (["--alphas", "nan"], r"argument --alphas: must be finite numbers >= 0"),  # numpy error after work
+        (["--alphas", "-1"], r"argument --alphas: must be finite numbers >= 0"),
+    ],
+)
+def test_bench_refuses_flags_it_would_ignore_or_cannot_use(argv, match, fsep_bench, capsys):
+    bench, seen = fsep_bench
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--skip-gloo", "--no-plot", *argv] if "--torchrun" not in argv else argv)
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not seen

@@ -644,13 +644,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure expert compute at real shapes on this device (GPU) and use it for predictions",
     )
-    p.add_argument("--gpus", type=int, nargs="+", default=[2, 8, 32, 128], help="GPU counts to predict")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 1.5], help="Zipf skews")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        nargs="+",
+        default=None,
+        help="GPU counts to predict (default 2 8 32 128; --quick: 2 8)",
+    )
+    p.add_argument("--alphas", type=float, nargs="+", default=None, help="Zipf skews (default 0.5 1.0 1.5)")
     p.add_argument(
         "--hardware",
-        default="h100",
+        default=None,
         choices=["h100", "h100_2gpu_fit", "a100_ref"],
-        help="cost-model preset (h100_2gpu_fit: fitted to the measured 2 x H100 runs)",
+        help="cost-model preset (default h100; h100_2gpu_fit: fitted to the measured 2 x H100 runs)",
     )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
@@ -659,16 +665,16 @@ def main(argv: list[str] | None = None) -> int:
         help="measure FSEP vs static EP vs FSDP on the launched ranks (NCCL on GPUs, gloo on CPU); run "
         "under `torchrun --nproc-per-node N`; only the measured rows are written",
     )
-    p.add_argument("--models", nargs="+", default=list(MEASURE_SPECS), help="shapes measured by --torchrun")
+    p.add_argument("--models", nargs="+", default=None, help="shapes measured by --torchrun (default: all)")
     p.add_argument(
-        "--tokens", type=int, default=0, help="--torchrun: tokens per rank (default: MEASURE_SPECS' 8192)"
+        "--tokens", type=int, default=None, help="--torchrun: tokens per rank (default: MEASURE_SPECS' 8192)"
     )
     p.add_argument(
         "--profile", action="store_true", help="--torchrun: print a torch.profiler table of one step per mode"
     )
     p.add_argument(
         "--profile-case",
-        default="skew_colocated",
+        default=None,
         help="--profile: the case profiled, a regime (every alpha) or one case such as skew_a1 (default: skew_colocated)",
     )
     p.add_argument(
@@ -677,21 +683,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--experts",
         type=int,
-        default=0,
+        default=None,
         help="--torchrun: experts per MoE layer instead of the model's (cases get '_E<n>'; default: the model's)",
     )
-    p.add_argument("--layers", type=int, default=0, help="--torchrun: MoE layers per stack (default: 2)")
+    p.add_argument("--layers", type=int, default=None, help="--torchrun: MoE layers per stack (default: 2)")
     p.add_argument(
         "--attention",
         action="store_true",
         help="--torchrun: a causal GQA self-attention block (the model's heads) before every MoE layer "
         "(cases get '_attn<seq>')",
     )
-    p.add_argument("--seq", type=int, default=4096, help="--torchrun --attention: tokens per sequence")
+    p.add_argument(
+        "--seq", type=int, default=None, help="--torchrun --attention: tokens per sequence (default 4096)"
+    )
     p.add_argument(
         "--expert-compute",
         choices=("auto", "loop", "grouped_mm"),
-        default="auto",
+        default=None,
         help="--torchrun: FSEPConfig.expert_compute of every layout (case names get '_gmm' for grouped GEMMs)",
     )
     p.add_argument(
@@ -700,6 +708,38 @@ def main(argv: list[str] | None = None) -> int:
         help="--torchrun: also run FSEP with comm_schedule='eager' (rows with baseline 'fsep_eager')",
     )
     args = p.parse_args(argv)
+    # a flag of the other path was silently ignored: the measured path (--torchrun) and the predictions each
+    # read their own flags only
+    measured = {"models": list(MEASURE_SPECS), "tokens": 0, "profile_case": "skew_colocated", "experts": 0}
+    measured.update(layers=0, seq=4096, expert_compute="auto", profile_dir=None)
+    predicted = {
+        "gpus": [2, 8] if args.quick else [2, 8, 32, 128],
+        "alphas": [0.5, 1.0, 1.5],
+        "hardware": "h100",
+    }
+    given = {name for name in (*measured, *predicted) if getattr(args, name) is not None}
+    given |= {
+        name for name in ("profile", "attention", "eager", "calibrate", "skip_gloo") if getattr(args, name)
+    }
+    foreign = (
+        sorted(given - set(measured) - {"profile", "attention", "eager"})
+        if args.torchrun
+        else sorted(given & (set(measured) | {"profile", "attention", "eager"}))
+    )
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        verb = "applies" if len(foreign) == 1 else "apply"
+        p.error(f"{flags} only {verb} {'without' if args.torchrun else 'with'} --torchrun")
+    for name, value in (*measured.items(), *predicted.items()):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if min(args.gpus) < 1:
+        p.error(f"argument --gpus: must be >= 1 (got {' '.join(map(str, args.gpus))})")
+    if not all(math.isfinite(a) and a >= 0 for a in args.alphas):
+        p.error(f"argument --alphas: must be finite numbers >= 0 (got {' '.join(map(str, args.alphas))})")
+    for name in ("tokens", "experts", "layers", "seq"):
+        if getattr(args, name) < 0 or (name == "seq" and args.seq < 1):
+            p.error(f"argument --{name}: must be >= {1 if name == 'seq' else 0} (got {getattr(args, name)})")
     mark_quick_run(args.quick)
     if args.torchrun:
         given = sys.argv[1:] if argv is None else argv
@@ -812,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4) predictions (cost model)
     models = list(MODEL_SHAPES) if not args.quick else ["mixtral8x7b"]
-    gpus = args.gpus if not args.quick else [2, 8]
+    gpus = args.gpus
     regimes = [("balanced", 0.0, 0.0)] + [("skew", a, 0.0) for a in args.alphas] + [("skew_drift", 1.0, 0.3)]
     todo = [(m, n, r) for m in models for n in gpus for r in regimes]
     pdev = f"{hw.name}-costmodel"
