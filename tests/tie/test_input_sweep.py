@@ -209,3 +209,20 @@ def test_tie_bench_refuses_bad_flags_before_any_work(argv, match, monkeypatch):
     monkeypatch.setattr(bench, "load_cost_model", no_work)
     with pytest.raises(ValueError, match=match):
         bench.main([*argv, "--no-write"])
+
+
+@pytest.mark.parametrize("nodes", [0, 2.5, True, "24"])
+@pytest.mark.parametrize("fn", ["expected_length", "per_token_index", "expected_inverse_length"])
+def test_law_integrals_name_a_bad_node_count(fn, nodes):
+    """nodes=0 / 2.5 failed in numpy ('deg must be a positive integer', 'deg must be an integer'), True ran one node."""
+    from hf_ext.generation.tie import distribution
+
+    with pytest.raises(ValueError, match=r"nodes must be an int >= 1"):
+        getattr(distribution, fn)(1.0, 1.0, 3.5, 100, nodes=nodes)
+
+
+def test_cvar_names_a_bad_node_count():
+    from hf_ext.generation.tie.distribution import cvar_length
+
+    with pytest.raises(ValueError, match=r"nodes must be an int >= 1"):
+        cvar_length(1.0, 1.0, 3.5, 0.9, 100, nodes=0)

@@ -81,6 +81,8 @@ _GL_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # numpy's 'deg must be ...' named no argument
+        raise ValueError(f"nodes must be an int >= 1 (Gauss-Legendre nodes per piece), got {n!r}")
     if n not in _GL_CACHE:
         _GL_CACHE[n] = np.polynomial.legendre.leggauss(n)
     return _GL_CACHE[n]
