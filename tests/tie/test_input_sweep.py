@@ -226,3 +226,21 @@ def test_cvar_names_a_bad_node_count():
 
     with pytest.raises(ValueError, match=r"nodes must be an int >= 1"):
         cvar_length(1.0, 1.0, 3.5, 0.9, 100, nodes=0)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--tie-refit-min", "100"], ["--tie-refit-window", "1000"], ["--tie-refit-dir", "predictors"]],
+    ids=["min", "window", "dir"],
+)
+def test_serve_refuses_refit_settings_without_refit_every(flags, monkeypatch):
+    """hf-ext serve MODEL --tie-refit-min / --tie-refit-window / --tie-refit-dir without --tie-refit-every served
+    with no retraining at all: the settings were silently dropped."""
+    from hf_ext.generation.tie import serve
+
+    def no_serving():
+        raise AssertionError("serving started before the flags were refused")
+
+    monkeypatch.setattr(serve, "require_serving", no_serving)
+    with pytest.raises(SystemExit, match=r"--tie-refit-\w+ needs? --tie-refit-every N"):
+        serve.main(["some-model", "--tie-length-log", "log.jsonl", *flags])

@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     refit.add_argument(
         "--tie-refit-min",
         type=int,
-        default=500,
+        default=None,
         metavar="N",
         help="no retraining before N logged requests (500)",
     )
@@ -561,12 +561,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tie_length_log_report is not None and (not args.tie_length_log or args.tie_length_log_report < 1):
         raise SystemExit("hf-ext serve: --tie-length-log-report N needs --tie-length-log FILE and N >= 1")
     refit = None
+    settings = [f for f in ("min", "window", "dir") if getattr(args, f"tie_refit_{f}") is not None]
+    if settings and args.tie_refit_every is None:  # served without any retraining: the settings were dropped
+        flags = ", ".join(f"--tie-refit-{f}" for f in settings)
+        raise SystemExit(
+            f"hf-ext serve: {flags} {'needs' if len(settings) == 1 else 'need'} --tie-refit-every N (they set how "
+            "the predictor is retrained; without it nothing is)"
+        )
     if args.tie_refit_every is not None:
         if not args.tie_length_log:
             raise SystemExit("hf-ext serve: --tie-refit-every N needs --tie-length-log FILE to learn from")
         refit = {
             "every": args.tie_refit_every,
-            "min_records": args.tie_refit_min,
+            "min_records": 500 if args.tie_refit_min is None else args.tie_refit_min,
             "window": args.tie_refit_window,
         }
         refit["save_dir"] = args.tie_refit_dir
