@@ -43,3 +43,23 @@ def test_bench_refuses_out_of_range_counts_before_building_a_model(argv, flag, l
         bench.main(["--mode", "cpu", "--no-write", *argv])
     assert exc.value.code == 2
     assert f"argument {flag}: must be >= {low}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"max_length": 0},
+            r"max_length=0 is invalid; expected None or an int >= 1",
+        ),  # refused at the 1st batch
+        ({"max_length": 2.5}, r"max_length=2.5 is invalid"),
+        ({"sampling_rate": 0}, r"sampling_rate=0 is invalid; expected an int >= 1"),  # empty audio segments
+        ({"sampling_rate": -16000}, r"sampling_rate=-16000 is invalid"),
+        ({"system_prompt": None}, r"system_prompt=None is invalid; expected a string"),
+    ],
+)
+def test_collator_checks_its_arguments_at_construction(kwargs, match, processor):
+    from hf_ext.models.latent_omni import LatentOmniDataCollator
+
+    with pytest.raises(ValueError, match=match):
+        LatentOmniDataCollator(processor, **kwargs)

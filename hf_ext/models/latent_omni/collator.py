@@ -116,6 +116,8 @@ class LatentOmniDataCollator:
         fps: frame rate of question videos when a record gives none.
         system_prompt: used when a record has no ``system``.
         max_length: longer samples raise a ``ValueError`` (no silent truncation of media/latent blocks).
+        sampling_rate: samples per second of the records' audio, used to cut a segment's audio by its
+            ``start`` / ``end`` seconds.
 
     Returns (``__call__``): a dict with ``input_ids``, ``attention_mask``, ``labels`` (-100 on the prompt,
     the latent pads, ``</Unified_Latent>`` and padding), question media and the ``segment_*`` targets.
@@ -131,6 +133,15 @@ class LatentOmniDataCollator:
     ) -> None:
         if not fps > 0:
             raise ValueError(f"fps={fps!r} is invalid; expected a float > 0")
+        # checked here, not at the first batch (max_length) or never (sampling_rate cuts the segments' audio)
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+        ):
+            raise ValueError(f"max_length={max_length!r} is invalid; expected None or an int >= 1")
+        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int) or sampling_rate < 1:
+            raise ValueError(f"sampling_rate={sampling_rate!r} is invalid; expected an int >= 1 (Hz)")
+        if not isinstance(system_prompt, str):
+            raise ValueError(f"system_prompt={system_prompt!r} is invalid; expected a string")
         self.processor = processor
         self.fps = float(fps)
         self.system_prompt = system_prompt
