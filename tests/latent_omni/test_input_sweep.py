@@ -63,3 +63,41 @@ def test_collator_checks_its_arguments_at_construction(kwargs, match, processor)
 
     with pytest.raises(ValueError, match=match):
         LatentOmniDataCollator(processor, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n": 0}, r"n=0 is invalid; expected an int >= 1"),  # an empty list
+        ({"n": -1}, r"n=-1 is invalid"),
+        ({"n": 2, "fps": 0}, r"fps=0 is invalid; expected a finite float > 0"),  # ZeroDivisionError
+        (
+            {"n": 2, "seed": -1},
+            r"seed=-1 is invalid; expected an int >= 0",
+        ),  # numpy's 'expected non-negative integer'
+        ({"n": 2, "frames": 0}, r"frames=0 is invalid; expected an int >= 2"),  # clips without frames
+        ({"n": 2, "size": 0}, r"size=0 is invalid; expected an int >= 1"),
+        (
+            {"n": 2, "seconds_audio": -1.0},
+            r"seconds_audio=-1.0 is invalid; expected None or a finite float > 0",
+        ),
+    ],
+)
+def test_synthetic_records_check_their_arguments(kwargs, match):
+    from hf_ext.models.latent_omni import make_synthetic_records
+
+    with pytest.raises(ValueError, match=match):
+        make_synthetic_records(**kwargs)
+
+
+def test_write_synthetic_jsonl_refuses_bad_arguments_before_touching_the_folder(tmp_path):
+    """The folder was created and an existing train.jsonl truncated before the records were made."""
+    from hf_ext.models.latent_omni.collator import write_synthetic_jsonl
+
+    (tmp_path / "train.jsonl").write_text("kept\n")
+    with pytest.raises(ValueError, match=r"n=0 is invalid"):
+        write_synthetic_jsonl(tmp_path, 0)
+    with pytest.raises(ValueError, match=r"fps=0 is invalid"):
+        write_synthetic_jsonl(tmp_path / "new", 2, fps=0)
+    assert (tmp_path / "train.jsonl").read_text() == "kept\n"
+    assert not (tmp_path / "media").exists() and not (tmp_path / "new").exists()

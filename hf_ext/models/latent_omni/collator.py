@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -279,6 +280,20 @@ def make_synthetic_records(
     The second half of each clip shows one colour while a low or high tone plays; the answer reasons
     ``... <Unified_Latent></Unified_Latent> ...`` over that half (its segment) and names colour and tone.
     """
+
+    def is_int(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def is_pos(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    for name, value, low in (("n", n, 1), ("seed", seed, 0), ("frames", frames, 2), ("size", size, 1)):
+        if not is_int(value, low):
+            raise ValueError(f"{name}={value!r} is invalid; expected an int >= {low}")
+    if not is_pos(fps):
+        raise ValueError(f"fps={fps!r} is invalid; expected a finite float > 0")
+    if seconds_audio is not None and not is_pos(seconds_audio):
+        raise ValueError(f"seconds_audio={seconds_audio!r} is invalid; expected None or a finite float > 0")
     rng = np.random.default_rng(seed)
     sr = 16000
     dur = seconds_audio if seconds_audio is not None else frames / fps
@@ -315,11 +330,14 @@ def write_synthetic_jsonl(folder: str | os.PathLike, n: int, seed: int = 0, **kw
     """Write :func:`make_synthetic_records` as ``folder/train.jsonl`` plus ``.npy`` frames and ``.wav`` audio."""
     from scipy.io import wavfile
 
+    records = make_synthetic_records(
+        n, seed=seed, **kwargs
+    )  # its argument errors come before any file is touched
     folder = Path(folder)
     (folder / "media").mkdir(parents=True, exist_ok=True)
     path = folder / "train.jsonl"
     with path.open("w") as f:
-        for rec in make_synthetic_records(n, seed=seed, **kwargs):
+        for rec in records:
             vid = f"media/{rec['id']}.npy"
             aud = f"media/{rec['id']}.wav"
             np.save(folder / vid, rec["video"])
