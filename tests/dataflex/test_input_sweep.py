@@ -66,3 +66,23 @@ def test_bench_quick_keeps_an_explicit_update_step(monkeypatch):
     with pytest.raises(Stop):
         bench.main(["--quick", "--no-write"])
     assert seen["update_step"] == 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_samples": 2.5}, r"num_samples must be an int >= 1, got 2.5"),  # drew 2 samples
+        ({"num_samples": 4, "seed": 1.5}, r"seed must be an int, got 1.5"),  # seeded with 1
+        (
+            {"num_samples": 4, "dataset_size": 0},
+            r"dataset_size must be None or an int >= 1, got 0",
+        ),  # 'or': 4
+        ({"num_samples": 4, "dataset_size": -3}, r"dataset_size must be None or an int >= 1, got -3"),
+        ({"num_samples": 4, "max_pending": 1.5}, r"max_pending must be an int >= 1, got 1.5"),
+    ],
+)
+def test_sampler_checks_its_arguments(kwargs, match):
+    from hf_ext.callbacks.dataflex import DataFlexSampler
+
+    with pytest.raises(ValueError, match=match):
+        DataFlexSampler(**kwargs)

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -63,14 +64,21 @@ class DataFlexSampler(torch.utils.data.Sampler[int]):
         dataset_size: int | None = None,
         max_pending: int = MAX_PENDING_SWITCHES,
     ) -> None:
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be > 0, got {num_samples}")
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        def is_int(v: Any) -> bool:  # int() turned 2.5 into 2 and `or` a dataset_size of 0 into num_samples
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        if not is_int(num_samples) or num_samples <= 0:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if not is_int(max_pending) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        if not is_int(seed):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if dataset_size is not None and (not is_int(dataset_size) or dataset_size < 1):
+            raise ValueError(f"dataset_size must be None or an int >= 1, got {dataset_size!r}")
         self.max_pending = int(max_pending)
         self._warned_inexact = False
         self.num_samples = int(num_samples)
-        self.dataset_size = int(dataset_size or num_samples)
+        self.dataset_size = int(num_samples if dataset_size is None else dataset_size)
         self.seed = int(seed)
         self.epoch = 0
         self.plans: dict[int, dict[str, Any]] = {0: {"kind": "uniform"}}
