@@ -122,3 +122,44 @@ def test_inductor_compiled_forward_matches_eager():
             out = compiled(x).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert st.calls == ref_st.calls and st.sparse_calls == 1
+
+
+@pytest.mark.slow  # ~21 s on the 2-core CPU
+def test_compiled_forward_of_a_left_padded_batch_matches_eager():
+    """A left-padded batch whose rows' real lengths are whole blocks (80 and 64 tokens, 16-token blocks): each row runs
+    the sparse path on its own slice of q / k / v. Under aot_eager the second row recompiled with dynamic shapes and
+    the graph failed with ``RuntimeError: view size is not compatible with input tensor's size and stride`` (the
+    reference kernels reshape the non-contiguous row slices; eager and the first graph take them as views)."""
+    model = _model(layers=1)
+    x = _ids(80, batch=2)
+    am = torch.ones_like(x)
+    am[1, :16] = 0
+    with torch.no_grad():
+        with sale_stats() as ref_st:
+            ref = model(x, attention_mask=am).logits
+        with sale_stats() as st:
+            out = torch.compile(model, backend="aot_eager")(x, attention_mask=am).logits
+    real = am.bool()
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
+    assert st.calls == ref_st.calls and st.sparse_calls == 2  # each row's run took the sparse path
+
+
+@pytest.mark.slow  # ~25 s on the 2-core CPU
+def test_compiled_forward_in_static_cache_generate_of_a_left_padded_batch_matches_eager():
+    """``model.forward = torch.compile(model.forward)`` and a static-cache ``generate`` of a left-padded batch: the
+    prefill (sparse, the padding mask decoded and the empty cache slots dropped) and the dense decode steps run
+    compiled and give the eager tokens."""
+    model = _model(layers=1)
+    x = _ids(96, batch=2)
+    am = torch.ones_like(x)
+    am[1, :16] = 0
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with sale_stats() as ref_st:
+        ref = model.generate(x, attention_mask=am, **kw)
+    torch._dynamo.utils.counters.clear()
+    model.forward = torch.compile(model.forward, backend="aot_eager")
+    with sale_stats() as st:
+        out = model.generate(x, attention_mask=am, **kw)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert torch.equal(out, ref)
+    assert st.calls == ref_st.calls and st.sparse_calls == 2  # both rows' prefill took the sparse path

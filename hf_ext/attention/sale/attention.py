@@ -582,6 +582,11 @@ def _run_rows(
 
     def one(q, k, v, pad):
         n = q.shape[2]
+        if torch.compiler.is_compiling():
+            # a row's slice of a padded batch is not contiguous; graphs recompiled with dynamic shapes (the next row)
+            # failed in the reference kernels' reshapes ("view size is not compatible with input tensor's size and
+            # stride"), which eager takes as views. Eager calls keep the slices as they are (no copies).
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if not force_sparse and n < cfg.min_seq_len:
             recs.append({"path": "dense", "q_len": n})
             return _dense_slice(q, k, v, scale, causal)
