@@ -183,3 +183,47 @@ def test_bench_refuses_out_of_range_counts_before_any_work(argv, flag, low, monk
         bench.main(["--quick", *argv])
     assert exc.value.code == 2
     assert f"argument {flag}: must be >= {low}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"global_batch": 8.5}, r"TrainingSpec\.global_batch must be an int >= 1, got 8.5"),
+        ({"seq_len": math.nan}, r"TrainingSpec\.seq_len must be an int >= 1, got nan"),  # `nan < 1` is False
+        (
+            {"state_bytes_per_param": -16.0},
+            r"TrainingSpec\.state_bytes_per_param must be a finite number >= 0",
+        ),
+        ({"logit_bytes": math.nan}, r"TrainingSpec\.logit_bytes must be a finite number >= 0"),
+        ({"act_bytes_per_elem": "2"}, r"TrainingSpec\.act_bytes_per_elem must be a finite number >= 0"),
+    ],
+)
+def test_training_spec_refuses_values_of_the_wrong_type_or_range(kwargs, match):
+    from hf_ext.accelerate.autoparallel import TrainingSpec
+
+    with pytest.raises(ValueError, match=match):
+        TrainingSpec(**{"global_batch": 8, "seq_len": 128, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (
+            "LayerStrategy",
+            {"ckpt": "no"},
+            r"LayerStrategy\.ckpt must be True or False",
+        ),  # truthy: checkpointed
+        ("LayerStrategy", {"zero": False}, r"LayerStrategy\.zero must be one of 0, 2, 3"),  # False == 0
+        ("ParallelConfig", {"sp": "no"}, r"ParallelConfig\.sp must be True or False"),
+        ("ParallelConfig", {"micro_batch": 1.5}, r"ParallelConfig\.micro_batch must be an int >= 1"),
+        ("ParallelConfig", {"tp": True}, r"ParallelConfig\.tp must be an int >= 1"),
+    ],
+)
+def test_plan_dataclasses_refuse_values_of_the_wrong_type(cls, kwargs, match):
+    from hf_ext.accelerate import autoparallel
+
+    base = {}
+    if cls == "ParallelConfig":
+        base = dict(gpus=2, pp=1, tp=1, sp=False, micro_batch=1, num_micro_batches=1, dp_type="fsdp")
+    with pytest.raises(ValueError, match=match):
+        getattr(autoparallel, cls)(**{**base, **kwargs})

@@ -65,6 +65,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,11 @@ DP_TYPES = ("ddp", "fsdp")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
+def _is_int(v: Any) -> bool:
+    """An int (numpy ints included), not a ``bool``."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class LayerStrategy:
     """Per-layer choice: ZeRO stage (0, 2 or 3) and activation checkpointing."""
@@ -85,8 +91,10 @@ class LayerStrategy:
     ckpt: bool = False
 
     def __post_init__(self) -> None:
-        if self.zero not in (0, 2, 3):
+        if isinstance(self.zero, bool) or self.zero not in (0, 2, 3):
             raise ValueError(f"LayerStrategy.zero must be one of 0, 2, 3, got {self.zero!r}")
+        if not isinstance(self.ckpt, bool):
+            raise ValueError(f"LayerStrategy.ckpt must be True or False, got {self.ckpt!r}")
 
     @property
     def label(self) -> str:
@@ -107,8 +115,10 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         for f in ("gpus", "pp", "tp", "micro_batch", "num_micro_batches"):
-            if int(getattr(self, f)) < 1:
-                raise ValueError(f"ParallelConfig.{f} must be >= 1, got {getattr(self, f)!r}")
+            if not _is_int(getattr(self, f)) or getattr(self, f) < 1:  # int() took 1.5 as 1
+                raise ValueError(f"ParallelConfig.{f} must be an int >= 1, got {getattr(self, f)!r}")
+        if not isinstance(self.sp, bool):
+            raise ValueError(f"ParallelConfig.sp must be True or False, got {self.sp!r}")
         if self.gpus % (self.pp * self.tp):
             raise ValueError(
                 f"ParallelConfig: gpus={self.gpus} must be divisible by pp*tp={self.pp * self.tp}"
@@ -166,10 +176,20 @@ class TrainingSpec:
     )
 
     def __post_init__(self) -> None:
-        if self.global_batch < 1:
-            raise ValueError(f"TrainingSpec.global_batch must be >= 1, got {self.global_batch}")
-        if self.seq_len < 1:
-            raise ValueError(f"TrainingSpec.seq_len must be >= 1, got {self.seq_len}")
+        for f in ("global_batch", "seq_len"):
+            if not _is_int(getattr(self, f)) or getattr(self, f) < 1:
+                raise ValueError(f"TrainingSpec.{f} must be an int >= 1, got {getattr(self, f)!r}")
+        for f in (
+            "state_bytes_per_param",
+            "compute_bytes_per_param",
+            "grad_reduce_bytes",
+            "act_bytes_per_elem",
+            "logit_bytes",
+            "optimizer_bytes_per_param",
+        ):
+            v = getattr(self, f)
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"TrainingSpec.{f} must be a finite number >= 0 (bytes), got {v!r}")
         check_attention_options(self.attn_implementation, self.padding_mask, "TrainingSpec")
 
 
