@@ -101,3 +101,41 @@ def test_write_synthetic_jsonl_refuses_bad_arguments_before_touching_the_folder(
         write_synthetic_jsonl(tmp_path / "new", 2, fps=0)
     assert (tmp_path / "train.jsonl").read_text() == "kept\n"
     assert not (tmp_path / "media").exists() and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_slots": 2.5}, r"energy_pool: num_slots=2.5 must be an int >= 1"),  # torch's TypeError
+        ({"num_slots": True}, r"energy_pool: num_slots=True must be an int >= 1"),
+        ({"num_slots": 2, "eps": -1.0}, r"energy_pool: eps=-1.0 must be a finite float >= 0"),  # weights <= 0
+        (
+            {"num_slots": 2, "eps": float("nan")},
+            r"energy_pool: eps=nan must be a finite float >= 0",
+        ),  # NaN slots
+    ],
+)
+def test_energy_pool_checks_its_arguments(kwargs, match):
+    import torch
+
+    from hf_ext.models.latent_omni import energy_pool
+
+    with pytest.raises(ValueError, match=match):
+        energy_pool(torch.randn(1, 6, 4), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"use_ospe": "no"}, r"ospe_position_ids: use_ospe='no' must be True or False"),  # truthy: OSPE used
+        ({"audio_time_stride": 0}, r"ospe_position_ids: audio_time_stride=0 must be an int >= 1"),  # all at B
+        ({"num_visual": -1}, r"ospe_position_ids: num_visual=-1 must be an int >= 0"),  # torch's RuntimeError
+        ({"num_audio": 1.5}, r"ospe_position_ids: num_audio=1.5 must be an int >= 0"),
+    ],
+)
+def test_ospe_position_ids_checks_its_arguments(kwargs, match):
+    from hf_ext.models.latent_omni import ospe_position_ids
+
+    args = {"num_visual": 8, "num_audio": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ospe_position_ids(5, args.pop("num_visual"), args.pop("num_audio"), **args)

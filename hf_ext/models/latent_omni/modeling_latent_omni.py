@@ -93,8 +93,10 @@ def energy_pool(x: torch.Tensor, num_slots: int, eps: float = 1e-6) -> torch.Ten
     """
     if x.shape[-2] < 1:
         raise ValueError("energy_pool: x has 0 tokens; a segment needs at least one feature row")
-    if num_slots < 1:
-        raise ValueError(f"energy_pool: num_slots={num_slots} must be >= 1")
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+        raise ValueError(f"energy_pool: num_slots={num_slots!r} must be an int >= 1")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"energy_pool: eps={eps!r} must be a finite float >= 0 (NaN / negative weights)")
     lead, (n, d) = x.shape[:-2], x.shape[-2:]
     xf = x.reshape(-1, n, d).float()
     if n == num_slots:
@@ -129,6 +131,13 @@ def ospe_position_ids(
     audio latent j → (B + stride·j, 0, 0). Without OSPE: slot k → (B+k, B+k, B+k). Text after the block
     resumes at B + K in both cases.
     """
+    for name, value, low in (("num_visual", num_visual, 0), ("num_audio", num_audio, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"ospe_position_ids: {name}={value!r} must be an int >= {low}")
+    if isinstance(audio_time_stride, bool) or not isinstance(audio_time_stride, int) or audio_time_stride < 1:
+        raise ValueError(f"ospe_position_ids: audio_time_stride={audio_time_stride!r} must be an int >= 1")
+    if not isinstance(use_ospe, bool):
+        raise ValueError(f"ospe_position_ids: use_ospe={use_ospe!r} must be True or False")
     k = num_visual + num_audio
     base_t = torch.as_tensor(base, device=device).long().reshape(())
     if not use_ospe:
