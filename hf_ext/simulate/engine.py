@@ -241,6 +241,13 @@ class _Seq:
         self.alive = True
 
 
+def _whole(v: Any) -> bool:
+    """A whole number (``5`` or ``5.0``; numpy scalars too), not a ``bool``: token counts are whole."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(v) and float(v).is_integer()
+
+
 class _ReqState:
     __slots__ = (
         "req",
@@ -279,6 +286,14 @@ class _ReqState:
         if bl is not None and len(bl) == 0:
             raise ValueError(
                 f"request {req.id}: meta['branch_lens'] must list at least one branch length, got []"
+            )
+        if bl is not None and not all(_whole(x) for x in bl):  # int() cut 2.5 to 2
+            raise ValueError(
+                f"request {req.id}: meta['branch_lens'] must be whole numbers of tokens, got {bl!r}"
+            )
+        if bl is None and not _whole(req.output_len):
+            raise ValueError(
+                f"request {req.id}: output_len must be a whole number of tokens >= 1, got {req.output_len!r}"
             )
         self.targets = [int(x) for x in bl] if bl is not None else [int(req.output_len)]
         n = len(self.targets)
@@ -417,6 +432,10 @@ class Simulator:
 
     def _new_state(self, r: Request) -> _ReqState:
         cfg = self.config
+        if not _whole(r.prompt_len) or r.prompt_len < 1:  # a fractional prompt ran as fractional tokens
+            raise ValueError(
+                f"request {r.id}: prompt_len must be a whole number of tokens >= 1, got {r.prompt_len!r}"
+            )
         rs = _ReqState(r, len(self._states), cfg.stop_after)
         if r.prompt_len < 1 or any(t < 1 for t in rs.targets):
             raise ValueError(f"request {r.id}: prompt_len and output lengths must be >= 1")
@@ -468,6 +487,11 @@ class Simulator:
         from hf_ext.simulate.metrics import SimResult
 
         cfg = self.config
+        for r in requests:  # before the sort, which compared a string arrival with a TypeError
+            if isinstance(r.arrival, bool) or not isinstance(
+                r.arrival, (int, float, np.integer, np.floating)
+            ):
+                raise ValueError(f"request {r.id}: arrival must be a finite time >= 0, got {r.arrival!r}")
         reqs = sorted(requests, key=lambda r: (r.arrival, r.id))
         self._states: list[_ReqState] = []
         self._by_req: dict[int, _ReqState] = {}

@@ -51,3 +51,27 @@ def test_a_branch_policy_or_check_every_that_would_never_be_used_is_refused(bran
     policy was silently ignored; check_every without a policy with on_check, and a policy with neither hook, too."""
     with pytest.raises(ValueError, match=match):
         Simulator(CostModel(), make_scheduler("fcfs"), branch_policy=branch_policy, **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prompt_len": 5.5}, r"request 0: prompt_len must be a whole number of tokens >= 1, got 5.5"),  # ran
+        (
+            {"output_len": 4.5},
+            r"request 0: output_len must be a whole number of tokens >= 1, got 4.5",
+        ),  # int(): 4
+        (
+            {"arrival": "1"},
+            r"request 0: arrival must be a finite time >= 0, got '1'",
+        ),  # TypeError in the sort
+        ({"meta": {"branch_lens": [3, 2.5]}}, r"request 0: meta\['branch_lens'\] must be whole numbers"),
+    ],
+)
+def test_requests_with_fractional_or_non_numeric_fields_are_refused(kwargs, match):
+    from hf_ext.simulate import Request
+
+    req = Request(**{"id": 0, "arrival": 0.0, "prompt_len": 5, "output_len": 5, **kwargs})
+    ok = Request(id=1, arrival=0.0, prompt_len=5, output_len=5)
+    with pytest.raises(ValueError, match=match):
+        Simulator(CostModel(base_s=0.01), make_scheduler("fcfs")).run([ok, req])
