@@ -91,7 +91,8 @@ def test_compiled_forward_matches_eager_on_the_sparse_path_and_follows_config_ch
 
 def test_static_cache_generate_with_transformers_compile_config_matches_eager():
     """``generate(cache_implementation="static", compile_config=...)``: transformers compiles the decode steps (dense
-    for SALE); the prefill takes the sparse path. The tokens equal those of the eager static-cache generate."""
+    for SALE; even with ``fullgraph=True``); the prefill takes the sparse path. The tokens equal those of the eager
+    static-cache generate."""
     from transformers.generation.configuration_utils import CompileConfig
 
     model = _model(layers=1)
@@ -99,7 +100,8 @@ def test_static_cache_generate_with_transformers_compile_config_matches_eager():
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
     with sale_stats() as ref_st:
         ref = model.generate(x, **kw)
-    cc = CompileConfig(backend="aot_eager", mode=None)
+    # fullgraph=True holds for the decode steps (dense); the sparse prefill runs uncompiled in transformers' generate
+    cc = CompileConfig(backend="aot_eager", mode=None, fullgraph=True)
     cc._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless this is set
     torch._dynamo.utils.counters.clear()
     with sale_stats() as st:
