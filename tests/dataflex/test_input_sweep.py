@@ -86,3 +86,15 @@ def test_sampler_checks_its_arguments(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         DataFlexSampler(**kwargs)
+
+
+@pytest.mark.parametrize("value", [None, "", 3, ["domain"]], ids=["none", "empty", "int", "list"])
+def test_config_domain_column_must_be_a_column_name(value):
+    """domain_column accepted anything (a YAML 'domain_column:' left empty is None); the error came only when the
+    training dataset was read ('domain_column=None is not a column of the training dataset')."""
+    from hf_ext.callbacks.dataflex import DataFlexConfig
+
+    with pytest.raises(
+        ValueError, match=r"domain_column must be a non-empty string \(a dataset column name\)"
+    ):
+        DataFlexConfig(selector="loss", domain_column=value)

@@ -104,6 +104,10 @@ class DataFlexConfig:
             )
         if self.num_samples is not None and self.num_samples <= 0:
             raise ValueError(f"num_samples must be None or > 0, got {self.num_samples!r}")
+        if not isinstance(self.domain_column, str) or not self.domain_column:
+            raise ValueError(
+                f"domain_column must be a non-empty string (a dataset column name), got {self.domain_column!r}"
+            )
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.ops_batch_size <= 0:
