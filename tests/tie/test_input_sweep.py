@@ -244,3 +244,14 @@ def test_serve_refuses_refit_settings_without_refit_every(flags, monkeypatch):
     monkeypatch.setattr(serve, "require_serving", no_serving)
     with pytest.raises(SystemExit, match=r"--tie-refit-\w+ needs? --tie-refit-every N"):
         serve.main(["some-model", "--tie-length-log", "log.jsonl", *flags])
+
+
+@pytest.mark.parametrize("predictor", [None, "predictor_dir"], ids=["none", "str"])
+def test_annotate_requests_names_a_missing_predictor(predictor):
+    """annotate_requests(requests, None) failed with AttributeError: 'NoneType' object has no attribute 'predict'."""
+    from hf_ext.generation.tie.scheduler import annotate_requests
+
+    req = Request(id=0, arrival=0.0, prompt_len=5, output_len=5, prompt="hi there")
+    with pytest.raises(ValueError, match=r"predictor must be a LengthPredictor \(an object with \.predict\)"):
+        annotate_requests([req], predictor)
+    assert req.meta == {}

@@ -123,6 +123,11 @@ def annotate_requests(requests: Sequence[Any], predictor: Any, batch_size: int =
     request list can carry all three predictors' outputs, in any order of calls: the point predictor's μ̂ never
     replaces the log-t law's ``pred_mu``, which TIE scores with.
     """
+    if not callable(getattr(predictor, "predict", None)):
+        raise ValueError(
+            f"predictor must be a LengthPredictor (an object with .predict), got {type(predictor).__name__}; "
+            "load one with LengthPredictor.from_pretrained(path)"
+        )
     prompts = [r.prompt for r in requests]
     for r, p in zip(requests, prompts):
         if not isinstance(p, str) or not p.strip():
