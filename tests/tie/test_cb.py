@@ -18,9 +18,13 @@ PROMPTS = [
 ]
 
 
-def _cb(scheduler_type: str):
+def _cb(scheduler_type: str, compiled: bool = False):
     from transformers import ContinuousBatchingConfig
+    from transformers.generation.configuration_utils import CompileConfig
 
+    kw = {}
+    if compiled:  # CB compiles its varlen (prefill) path; its fast decode path is not available on CPU
+        kw["varlen_compile_config"] = CompileConfig(backend="aot_eager", mode=None, dynamic=True)
     # CPU: a small paged cache and 2 requests per batch so that the admission order matters
     return ContinuousBatchingConfig(
         num_blocks=16,
@@ -28,6 +32,7 @@ def _cb(scheduler_type: str):
         max_batch_tokens=64,
         max_requests_per_batch=2,
         scheduler_type=scheduler_type,
+        **kw,
     )
 
 
@@ -589,3 +594,39 @@ def test_a_prompt_whose_text_is_empty_is_scored_by_the_heuristic_not_the_predict
     assert sched.prediction_failures["req_3"].startswith("empty prompt text")
     msgs = [r.getMessage() for r in caplog.records if "length prediction failed" in r.getMessage()]
     assert len(msgs) == 1 and "['req_3']" in msgs[0] and "empty prompt text" in msgs[0], caplog.text
+
+
+# ------------------------------------------------------------------ under CB compile options
+def test_tie_with_cb_compile_config_gives_fifo_tokens_in_tie_order(setup):
+    """``varlen_compile_config`` set: the forward runs compiled, TIE admits in its order and the tokens equal those of
+    the eager FIFO engine."""
+    from hf_ext.generation.tie.cb import (
+        CONTEXT,
+        TIECBScheduler,
+        clear_length_hints,
+        enable_tie_scheduler,
+        set_length_hints,
+    )
+
+    model, _, ids, gc = setup
+    fifo = model.generate_batch(ids, generation_config=gc, continuous_batching_config=_cb("fifo"))
+    enable_tie_scheduler()
+    mu = [6.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    set_length_hints(ids, mu, [0.5] * len(ids))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CB's own notes on compiling on CPU
+            out = model.generate_batch(
+                ids, generation_config=gc, continuous_batching_config=_cb("tie", compiled=True)
+            )
+    finally:
+        clear_length_hints()
+        torch._dynamo.reset()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward was compiled
+    assert CONTEXT.last_scheduler_type is TIECBScheduler
+    assert [r.error for r in out.values()] == [None] * len(ids)
+    assert {k: v.generated_tokens for k, v in out.items()} == {k: v.generated_tokens for k, v in fifo.items()}
+    # shortest predicted first (request i is req_i)
+    assert CONTEXT.admission_order == [f"req_{i}" for i in np.argsort(mu)]
