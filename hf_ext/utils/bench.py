@@ -97,6 +97,16 @@ def bench_main(fn: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
+def check_flag_minimums(parser: Any, args: Any, minimums: dict[str, int]) -> None:
+    """``parser.error`` (exit 2, naming the flag) for the first of ``minimums`` (``{dest: lowest allowed}``) whose
+    parsed value is below its minimum; a flag left at ``None`` (not given, no default) passes. Call it right after
+    ``parse_args``, before any work."""
+    for dest, low in minimums.items():
+        v = getattr(args, dest)
+        if v is not None and v < low:
+            parser.error(f"argument --{dest.replace('_', '-')}: must be >= {low} (got {v})")
+
+
 def results_dir() -> Path:
     """``$HF_EXT_RESULTS_DIR``, else ``benchmarks/results`` of the source checkout, else (an installed
     package) ``./benchmarks/results`` under the current directory; in a ``--quick`` run (:func:`mark_quick_run`)

@@ -48,7 +48,7 @@ import statistics
 import time
 from typing import Any
 
-from hf_ext.utils.bench import bench_main, mark_quick_run
+from hf_ext.utils.bench import bench_main, check_flag_minimums, mark_quick_run
 
 COMPONENT = "autoparallel"
 # What apply_plan runs, told to the cost model: tensor parallelism shards the decoder layers only (the
@@ -392,16 +392,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name, low in (
-        ("steps", 1),
-        ("warmup", 0),
-        ("seq_len", 1),
-        ("global_batch", 1),
-        ("predict_gpus", 1),
-        ("runtime_micro_batch", 1),
-    ):
-        if getattr(args, name) < low:
-            ap.error(f"argument --{name.replace('_', '-')}: must be >= {low} (got {getattr(args, name)})")
+    check_flag_minimums(
+        ap,
+        args,
+        {
+            "steps": 1,
+            "warmup": 0,
+            "seq_len": 1,
+            "global_batch": 1,
+            "predict_gpus": 1,
+            "runtime_micro_batch": 1,
+        },
+    )
     mark_quick_run(args.quick)
     # Big transient blocks (fp32 logits of several GiB) fragment the caching allocator; expandable
     # segments (same setting for every configuration) keep the measured peak close to what is allocated.

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from hf_ext.utils.bench import check_flag_minimums
+
 
 def parse_memory(text: str) -> float:
     """``"80GB"``, ``"80GiB"``, ``"80G"``, ``"80"`` -> 80.0; ``"512MB"`` -> 0.5 (GiB units)."""
@@ -74,12 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The planner's arguments, checked before any search (argparse errors name the flag)."""
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
-    if args.top_k < 1:
-        parser.error(f"argument --top-k: must be >= 1 (got {args.top_k})")
-    for flag in ("gpus", "seq_len", "global_batch"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1 (got {v})")
+    check_flag_minimums(parser, args, {"top_k": 1, "gpus": 1, "seq_len": 1, "global_batch": 1})
     try:
         args.memory_gb = parse_memory(args.gpu_memory)
     except ValueError as exc:

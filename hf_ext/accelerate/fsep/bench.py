@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_ext.utils.bench import bench_main, mark_quick_run
+from hf_ext.utils.bench import bench_main, check_flag_minimums, mark_quick_run
 
 COMPONENT = "fsep"
 
@@ -737,9 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"argument --gpus: must be >= 1 (got {' '.join(map(str, args.gpus))})")
     if not all(math.isfinite(a) and a >= 0 for a in args.alphas):
         p.error(f"argument --alphas: must be finite numbers >= 0 (got {' '.join(map(str, args.alphas))})")
-    for name in ("tokens", "experts", "layers", "seq"):
-        if getattr(args, name) < 0 or (name == "seq" and args.seq < 1):
-            p.error(f"argument --{name}: must be >= {1 if name == 'seq' else 0} (got {getattr(args, name)})")
+    check_flag_minimums(p, args, {"tokens": 0, "experts": 0, "layers": 0, "seq": 1})
     mark_quick_run(args.quick)
     if args.torchrun:
         given = sys.argv[1:] if argv is None else argv

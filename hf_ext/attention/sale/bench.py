@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from hf_ext.utils.bench import check_flag_minimums
+
 COMPONENT = "sale"
 _KERNEL_BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "sale_kernels.py"
 
@@ -232,10 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # before the model is built; 0 used to mean the default ('or') or one timed run (max(1, rep))
-    for flag, low in (("rep", 1), ("warmup", 0), ("layers", 1), ("min_seq_len", 2)):
-        v = getattr(args, flag)
-        if v is not None and v < low:
-            parser.error(f"argument --{flag.replace('_', '-')}: must be >= {low} (got {v})")
+    check_flag_minimums(parser, args, {"rep": 1, "warmup": 0, "layers": 1, "min_seq_len": 2})
     if args.lengths is not None and min(args.lengths) < 1:
         parser.error(f"argument --lengths: must be >= 1 (got {' '.join(map(str, args.lengths))})")
     return run_e2e(args)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_ext.utils.bench import bench_main, mark_quick_run
+from hf_ext.utils.bench import bench_main, check_flag_minimums, mark_quick_run
 
 OVERHEAD_METHODS = {
     "random": {"selector": "random", "selector_args": {"budget": 0.5}},
@@ -183,14 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:  # `hf-ext bench dataflex -- --device cuda`
         argv = argv[1:]
     a = p.parse_args(argv)
-    for flag in (
-        "steps",
-        "seeds",
-        "update_step",
-    ):  # 0 used to mean the default ('or'), -5 reached the Trainer
-        v = getattr(a, flag)
-        if v is not None and v < 1:
-            p.error(f"argument --{flag.replace('_', '-')}: must be >= 1 (got {v})")
+    # 0 used to mean the default ('or'), -5 reached the Trainer
+    check_flag_minimums(p, a, {"steps": 1, "seeds": 1, "update_step": 1})
     mark_quick_run(a.quick)
     if a.methods is not None:  # before any training: the reference run alone takes a while
         unknown = [m for m in a.methods if m not in OVERHEAD_METHODS]

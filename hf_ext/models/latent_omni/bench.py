@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from hf_ext.utils.bench import check_flag_minimums
+
 COMPONENT = "latent_omni"
 
 
@@ -200,15 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="print only; do not append to the CSV")
     args = p.parse_args(argv)
     # before any model is built; 0 used to mean the default ('or')
-    for flag, low in (
-        ("steps", 1),
-        ("prompt_len", 1),
-        ("visual_latents", 0),
-        ("audio_latents", 0),
-    ):
-        v = getattr(args, flag)
-        if v is not None and v < low:
-            p.error(f"argument --{flag.replace('_', '-')}: must be >= {low} (got {v})")
+    check_flag_minimums(p, args, {"steps": 1, "prompt_len": 1, "visual_latents": 0, "audio_latents": 0})
     for flag in ("layers", "batch"):
         v = getattr(args, flag)
         if v is not None and min(v) < 1:
