@@ -227,3 +227,19 @@ def test_plan_dataclasses_refuse_values_of_the_wrong_type(cls, kwargs, match):
         base = dict(gpus=2, pp=1, tp=1, sp=False, micro_batch=1, num_micro_batches=1, dp_type="fsdp")
     with pytest.raises(ValueError, match=match):
         getattr(autoparallel, cls)(**{**base, **kwargs})
+
+
+def test_profile_model_puts_the_training_mode_back_when_a_probe_raises(monkeypatch):
+    """profile_model switches the model to train mode; a probe that raised left it there."""
+    from hf_ext.accelerate.autoparallel import profiler
+    from hf_ext.testing import tiny_llama
+
+    model = tiny_llama().eval()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(profiler, "_time_embedding", boom)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        profiler.profile_model(model, seq_len=16, micro_batches=(1,), repeats=1, runtime_probe=False)
+    assert not any(m.training for m in model.modules())

@@ -477,6 +477,9 @@ def profile_model(
             one size alone gives per-micro-batch constants (``*_per_sample = 0``).
         ckpt_probe: with the runtime probe, also train with every layer checkpointed at the largest
             runtime size (one micro-batch) to measure ``recompute_fwd_ratio``.
+
+    The model is moved / cast to ``device`` / ``dtype`` in place (``model.to``) and stays there; its
+    training mode is put back on return, also when profiling raises.
     """
     import torch
 
@@ -533,178 +536,188 @@ def profile_model(
     model.to(device=device, dtype=dtype)
     was_training = model.training
     model.train()
-    captured: dict[str, Any] = {}
-
-    def grab(mod: Any, args: tuple, kwargs: dict) -> None:
-        captured.setdefault("args", args)
-        captured.setdefault("kwargs", kwargs)
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.no_grad():
-            ids = torch.randint(0, shape.vocab_size, (1, seq_len), device=device)
-            model(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
-    kwargs = {
-        k: v
-        for k, v in captured["kwargs"].items()
-        if k not in ("hidden_states", "past_key_values", "past_key_value")
-    }
-    kwargs["use_cache"] = False
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        captured: dict[str, Any] = {}
 
-    def run_block(block: Any, b: int, head: bool = False) -> tuple[float, float, float]:
-        x = torch.randn(b, seq_len, shape.hidden_size, device=device, dtype=dtype, requires_grad=True)
-        labels = torch.randint(0, shape.vocab_size, (b, seq_len), device=device)
+        def grab(mod: Any, args: tuple, kwargs: dict) -> None:
+            captured.setdefault("args", args)
+            captured.setdefault("kwargs", kwargs)
 
-        def fwd() -> Any:
-            if head:
-                logits = block(x).float()
-                return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
-            out = block(x, **kwargs)
-            return out[0] if isinstance(out, tuple) else out
+        handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                ids = torch.randint(0, shape.vocab_size, (1, seq_len), device=device)
+                model(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+        kwargs = {
+            k: v
+            for k, v in captured["kwargs"].items()
+            if k not in ("hidden_states", "past_key_values", "past_key_value")
+        }
+        kwargs["use_cache"] = False
+        param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-        def fwd_bwd() -> None:
-            out = fwd()
-            if head:
-                out.backward()
-            else:
-                out.backward(torch.ones_like(out))
-            x.grad = None
-            block.zero_grad(set_to_none=True)
+        def run_block(block: Any, b: int, head: bool = False) -> tuple[float, float, float]:
+            x = torch.randn(b, seq_len, shape.hidden_size, device=device, dtype=dtype, requires_grad=True)
+            labels = torch.randint(0, shape.vocab_size, (b, seq_len), device=device)
 
-        t_f = _median_ms(fwd, device, warmup, repeats)
-        t_fb = _median_ms(fwd_bwd, device, warmup, repeats)
-        act = _saved_bytes(fwd, param_ptrs) / b
-        return t_f, max(t_fb - t_f, 0.0), act
+            def fwd() -> Any:
+                if head:
+                    logits = block(x).float()
+                    return torch.nn.functional.cross_entropy(
+                        logits.view(-1, logits.shape[-1]), labels.view(-1)
+                    )
+                out = block(x, **kwargs)
+                return out[0] if isinstance(out, tuple) else out
 
-    n_prof = len(layers) if max_layers is None else max(1, min(max_layers, len(layers)))
-    profs: list[LayerProfile] = []
-    for i in range(n_prof):
-        fs, bs_, acts = [], [], []
-        for b in micro_batches:
-            f, bw, a = run_block(layers[i], int(b))
-            fs.append(f)
-            bs_.append(bw)
-            acts.append(a)
-        ff, fs_ = _fit(list(micro_batches), fs)
-        bf, bsl = _fit(list(micro_batches), bs_)
-        lp = sum(p.numel() for p in layers[i].parameters())
-        profs.append(LayerProfile(f"layer{i}", lp, ff, fs_, bf, bsl, float(statistics.mean(acts))))
-    for i in range(n_prof, len(layers)):
-        src = profs[i % n_prof]
-        profs.append(
-            LayerProfile(
-                f"layer{i}",
-                src.params,
-                src.fwd_fixed_ms,
-                src.fwd_ms_per_sample,
-                src.bwd_fixed_ms,
-                src.bwd_ms_per_sample,
-                src.act_bytes_per_sample,
+            def fwd_bwd() -> None:
+                out = fwd()
+                if head:
+                    out.backward()
+                else:
+                    out.backward(torch.ones_like(out))
+                x.grad = None
+                block.zero_grad(set_to_none=True)
+
+            t_f = _median_ms(fwd, device, warmup, repeats)
+            t_fb = _median_ms(fwd_bwd, device, warmup, repeats)
+            act = _saved_bytes(fwd, param_ptrs) / b
+            return t_f, max(t_fb - t_f, 0.0), act
+
+        n_prof = len(layers) if max_layers is None else max(1, min(max_layers, len(layers)))
+        profs: list[LayerProfile] = []
+        for i in range(n_prof):
+            fs, bs_, acts = [], [], []
+            for b in micro_batches:
+                f, bw, a = run_block(layers[i], int(b))
+                fs.append(f)
+                bs_.append(bw)
+                acts.append(a)
+            ff, fs_ = _fit(list(micro_batches), fs)
+            bf, bsl = _fit(list(micro_batches), bs_)
+            lp = sum(p.numel() for p in layers[i].parameters())
+            profs.append(LayerProfile(f"layer{i}", lp, ff, fs_, bf, bsl, float(statistics.mean(acts))))
+        for i in range(n_prof, len(layers)):
+            src = profs[i % n_prof]
+            profs.append(
+                LayerProfile(
+                    f"layer{i}",
+                    src.params,
+                    src.fwd_fixed_ms,
+                    src.fwd_ms_per_sample,
+                    src.bwd_fixed_ms,
+                    src.bwd_ms_per_sample,
+                    src.act_bytes_per_sample,
+                )
             )
+
+        norm = getattr(getattr(model, "model", model), "norm", None)
+        lm_head = model.get_output_embeddings()
+        head_mod = torch.nn.Sequential(norm, lm_head) if norm is not None else torch.nn.Sequential(lm_head)
+        hf, hb, ha = [], [], []
+        for b in micro_batches:
+            f, bw, a = run_block(head_mod, int(b), head=True)
+            hf.append(f)
+            hb.append(bw)
+            ha.append(a)
+        hff, hfs = _fit(list(micro_batches), hf)
+        hbf, hbs = _fit(list(micro_batches), hb)
+        head = LayerProfile(
+            "head",
+            sum(p.numel() for p in head_mod.parameters()),
+            hff,
+            hfs,
+            hbf,
+            hbs,
+            float(statistics.mean(ha)),
+        )
+        emb_mod = model.get_input_embeddings()
+        ef, eb = [], []
+        for b in micro_batches:
+            f, bw = _time_embedding(emb_mod, int(b), seq_len, shape.vocab_size, device, warmup, repeats)
+            ef.append(f)
+            eb.append(bw)
+        eff, efs = _fit(list(micro_batches), ef)
+        ebf, ebs = _fit(list(micro_batches), eb)
+        embed = LayerProfile("embed", sum(p.numel() for p in emb_mod.parameters()), eff, efs, ebf, ebs, 0.0)
+        # Layer compute as the cost model sees it (HardwareProfile.layer_ms after calibrate): forward line
+        # overhead + compute(b), backward line bwd_overhead + ratio * compute(b), exact at the fitted lines.
+        timed = profs[:n_prof]
+        bmax = max(int(b) for b in micro_batches)
+        flops = statistics.mean(shape.layer_flops_fwd(bmax * seq_len, seq_len, i) for i in range(n_prof))
+        fwd_tot = statistics.mean(p.fwd_ms(bmax) for p in timed)
+        bwd_tot = statistics.mean(p.bwd_ms(bmax) for p in timed)
+        overhead = statistics.mean(p.fwd_fixed_ms for p in timed)
+        bwd_overhead = statistics.mean(p.bwd_fixed_ms for p in timed)
+        if overhead > 0.5 * fwd_tot:  # noisy fit (tiny model): attribute everything to compute
+            overhead = 0.0
+        if bwd_overhead > 0.5 * bwd_tot:
+            bwd_overhead = 0.0
+        achieved = flops / max((fwd_tot - overhead) * 1e-3, 1e-12) / 1e12
+        ratio = max(1.0, (bwd_tot - bwd_overhead) / max(fwd_tot - overhead, 1e-12))
+        rep, shd = analytic_layer_act_bytes(shape, seq_len)
+        measured = statistics.mean(p.act_bytes_per_sample for p in timed)
+        if (
+            kwargs.get("attention_mask") is not None
+            and getattr(model.config, "_attn_implementation", "") == "sdpa"
+        ):
+            # given a mask (a windowed layer at s >= w), transformers copies k / v to every query head for sdpa (no
+            # enable_gqa) and sdpa saves the copies: the cost model adds those bytes on masked layers itself
+            # (CostModel.mask_repeat_kv_bytes), so they are not part of the calibration
+            measured -= 2.0 * (shape.q_dim - shape.kv_dim) * seq_len * dtype.itemsize
+        calib = measured / (rep + shd)
+        prof = ModelProfile(
+            shape,
+            seq_len,
+            [int(b) for b in micro_batches],
+            dev_name,
+            str(dtype).replace("torch.", ""),
+            profs,
+            head,
+            float(achieved),
+            float(ratio),
+            float(calib),
+            float(overhead),
+            embed,
+            bwd_overhead_ms=float(bwd_overhead),
         )
 
-    norm = getattr(getattr(model, "model", model), "norm", None)
-    lm_head = model.get_output_embeddings()
-    head_mod = torch.nn.Sequential(norm, lm_head) if norm is not None else torch.nn.Sequential(lm_head)
-    hf, hb, ha = [], [], []
-    for b in micro_batches:
-        f, bw, a = run_block(head_mod, int(b), head=True)
-        hf.append(f)
-        hb.append(bw)
-        ha.append(a)
-    hff, hfs = _fit(list(micro_batches), hf)
-    hbf, hbs = _fit(list(micro_batches), hb)
-    head = LayerProfile(
-        "head", sum(p.numel() for p in head_mod.parameters()), hff, hfs, hbf, hbs, float(statistics.mean(ha))
-    )
-    emb_mod = model.get_input_embeddings()
-    ef, eb = [], []
-    for b in micro_batches:
-        f, bw = _time_embedding(emb_mod, int(b), seq_len, shape.vocab_size, device, warmup, repeats)
-        ef.append(f)
-        eb.append(bw)
-    eff, efs = _fit(list(micro_batches), ef)
-    ebf, ebs = _fit(list(micro_batches), eb)
-    embed = LayerProfile("embed", sum(p.numel() for p in emb_mod.parameters()), eff, efs, ebf, ebs, 0.0)
-    # Layer compute as the cost model sees it (HardwareProfile.layer_ms after calibrate): forward line
-    # overhead + compute(b), backward line bwd_overhead + ratio * compute(b), exact at the fitted lines.
-    timed = profs[:n_prof]
-    bmax = max(int(b) for b in micro_batches)
-    flops = statistics.mean(shape.layer_flops_fwd(bmax * seq_len, seq_len, i) for i in range(n_prof))
-    fwd_tot = statistics.mean(p.fwd_ms(bmax) for p in timed)
-    bwd_tot = statistics.mean(p.bwd_ms(bmax) for p in timed)
-    overhead = statistics.mean(p.fwd_fixed_ms for p in timed)
-    bwd_overhead = statistics.mean(p.bwd_fixed_ms for p in timed)
-    if overhead > 0.5 * fwd_tot:  # noisy fit (tiny model): attribute everything to compute
-        overhead = 0.0
-    if bwd_overhead > 0.5 * bwd_tot:
-        bwd_overhead = 0.0
-    achieved = flops / max((fwd_tot - overhead) * 1e-3, 1e-12) / 1e12
-    ratio = max(1.0, (bwd_tot - bwd_overhead) / max(fwd_tot - overhead, 1e-12))
-    rep, shd = analytic_layer_act_bytes(shape, seq_len)
-    measured = statistics.mean(p.act_bytes_per_sample for p in timed)
-    if (
-        kwargs.get("attention_mask") is not None
-        and getattr(model.config, "_attn_implementation", "") == "sdpa"
-    ):
-        # given a mask (a windowed layer at s >= w), transformers copies k / v to every query head for sdpa (no
-        # enable_gqa) and sdpa saves the copies: the cost model adds those bytes on masked layers itself
-        # (CostModel.mask_repeat_kv_bytes), so they are not part of the calibration
-        measured -= 2.0 * (shape.q_dim - shape.kv_dim) * seq_len * dtype.itemsize
-    calib = measured / (rep + shd)
-    prof = ModelProfile(
-        shape,
-        seq_len,
-        [int(b) for b in micro_batches],
-        dev_name,
-        str(dtype).replace("torch.", ""),
-        profs,
-        head,
-        float(achieved),
-        float(ratio),
-        float(calib),
-        float(overhead),
-        embed,
-        bwd_overhead_ms=float(bwd_overhead),
-    )
+        plain_b1 = profs[0].fwd_ms(1) + profs[0].bwd_ms(1)
+        notes: dict[str, str] = {}
+        extras: dict[str, Any] = _measure_step_extras(
+            layers[0], kwargs, shape, seq_len, device, dtype, warmup, repeats, plain_b1, param_ptrs, notes
+        )
+        # Whole plain model at each runtime size; its excess over the modelled parts is a line in b.
+        t_full: dict[int, float] = {}
+        for b in rt_sizes:
+            ids_b = torch.randint(0, shape.vocab_size, (b, seq_len), device=device)
 
-    plain_b1 = profs[0].fwd_ms(1) + profs[0].bwd_ms(1)
-    notes: dict[str, str] = {}
-    extras: dict[str, Any] = _measure_step_extras(
-        layers[0], kwargs, shape, seq_len, device, dtype, warmup, repeats, plain_b1, param_ptrs, notes
-    )
-    # Whole plain model at each runtime size; its excess over the modelled parts is a line in b.
-    t_full: dict[int, float] = {}
-    for b in rt_sizes:
-        ids_b = torch.randint(0, shape.vocab_size, (b, seq_len), device=device)
+            def full_step(ids_b: Any = ids_b) -> None:
+                model(input_ids=ids_b, labels=ids_b, use_cache=False).loss.backward()
 
-        def full_step(ids_b: Any = ids_b) -> None:
-            model(input_ids=ids_b, labels=ids_b, use_cache=False).loss.backward()
-
-        try:
-            t_full[b] = _median_ms(full_step, device, max(1, warmup), repeats)
-        except Exception as exc:  # best effort (e.g. out of memory at the larger size)
-            key = "whole_model" if b == rt_sizes[0] else f"whole_model_b{b}"
-            _note(notes, key, f"failed: {type(exc).__name__}: {str(exc)[:200]}")
-            if b == rt_sizes[0]:
-                break
-        finally:
-            del ids_b
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    if t_full:
-        w0, w1 = _wrapper_line(prof, t_full)
-        extras["micro_batch_overhead_ms"] = w0
-        extras["micro_batch_overhead_ms_per_sample"] = w1
-        extras["runtime_micro_batches"] = sorted(t_full)
-    if runtime_probe and t_full:
-        _runtime_extras(model, prof, device, dtype, warmup, repeats, t_full, extras, notes, ckpt_probe)
-    extras["probe_notes"] = notes
-    model.train(was_training)
+            try:
+                t_full[b] = _median_ms(full_step, device, max(1, warmup), repeats)
+            except Exception as exc:  # best effort (e.g. out of memory at the larger size)
+                key = "whole_model" if b == rt_sizes[0] else f"whole_model_b{b}"
+                _note(notes, key, f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+                if b == rt_sizes[0]:
+                    break
+            finally:
+                del ids_b
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if t_full:
+            w0, w1 = _wrapper_line(prof, t_full)
+            extras["micro_batch_overhead_ms"] = w0
+            extras["micro_batch_overhead_ms_per_sample"] = w1
+            extras["runtime_micro_batches"] = sorted(t_full)
+        if runtime_probe and t_full:
+            _runtime_extras(model, prof, device, dtype, warmup, repeats, t_full, extras, notes, ckpt_probe)
+        extras["probe_notes"] = notes
+    finally:  # also when a probe raises: the caller's mode back
+        model.train(was_training)
     for k, v in extras.items():
         setattr(prof, k, v)
     if cache_path:
