@@ -180,15 +180,27 @@ class DataFlexConfig:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write as YAML or JSON (by extension)."""
-        path = os.fspath(path)
-        with open(path, "w") as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
+        """Write as YAML or JSON (by extension: ``.yaml`` / ``.yml`` / ``.json``, what :meth:`from_file` reads).
 
-                yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-            else:
-                json.dump(self.to_dict(), f, indent=2)
+        numpy scalars are written as Python numbers and tuples as lists; a value neither format can hold raises
+        before anything is written, and the file is replaced whole (a failed save leaves the old one)."""
+        from hf_ext.utils.atomic import atomic_write_text
+        from hf_ext.utils.jsonable import to_jsonable
+
+        path = os.fspath(path)
+        if not path.endswith((".yaml", ".yml", ".json")):
+            raise ValueError(f"config path must end in .yaml, .yml or .json, got {path!r}")
+        data = to_jsonable(self.to_dict())
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            try:
+                text = yaml.safe_dump(data, sort_keys=False)
+            except yaml.representer.RepresenterError as exc:
+                raise TypeError(f"DataFlexConfig.save: {exc.args[1]!r} cannot be written to YAML") from exc
+        else:
+            text = json.dumps(data, indent=2) + "\n"
+        atomic_write_text(path, text)
 
     # ------------------------------------------------------------------------------- schedule
     def is_update_step(self, step: int, updates_done: int) -> bool:

@@ -1,0 +1,39 @@
+"""Round trips of what DataFlex saves: DataFlexConfig.save / from_file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hf_ext.callbacks.dataflex.config import DataFlexConfig
+
+
+@pytest.mark.parametrize("ext", ["yaml", "json"])
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float64(0.5)], ids=["float32", "float64"])
+def test_config_with_numpy_scalars_saves_and_loads(tmp_path, ext, value):
+    cfg = DataFlexConfig(selector="random", selector_args={"budget": value}, seed=7, update_times=2)
+    path = tmp_path / f"dätä cfg.{ext}"
+    cfg.save(path)
+    back = DataFlexConfig.from_file(path)
+    assert back == cfg
+    assert type(back.selector_args["budget"]) is float
+    before = path.read_bytes()
+    back.save(path)
+    assert path.read_bytes() == before
+
+
+def test_a_failed_save_leaves_the_existing_file_alone(tmp_path):
+    path = tmp_path / "cfg.json"
+    DataFlexConfig(selector="random").save(path)
+    before = path.read_bytes()
+    cfg = DataFlexConfig(selector="random", selector_args={"budget": object()})
+    with pytest.raises(TypeError):
+        cfg.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json"]
+
+
+def test_save_refuses_an_extension_from_file_cannot_read(tmp_path):
+    with pytest.raises(ValueError, match=r"must end in \.yaml, \.yml or \.json"):
+        DataFlexConfig(selector="random").save(tmp_path / "cfg.txt")
+    assert not (tmp_path / "cfg.txt").exists()
