@@ -12,7 +12,9 @@ polynomial, ``e^y`` is not), so TIE works on the length on a bounded support ``[
 ``E[X̃]`` and ``CVaR_α[X̃] = E[X̃ | X̃ >= VaR_α]`` reduce to ``∫ e^y f(y) dy`` over sub-ranges of
 ``[0, log M]`` plus point masses; the integral is computed by Gauss–Legendre quadrature split at
 ``μ ± 4σ`` (so narrow and wide distributions are both resolved), fully vectorised over requests.
-All functions broadcast ``mu``, ``sigma``, ``nu`` (any shape ``S``) and return arrays of shape ``S``.
+All functions broadcast ``mu``, ``sigma``, ``nu`` (any shape ``S``) and return float64 arrays of shape ``S``;
+they take numbers, numpy arrays and torch tensors of any float dtype (e.g. a bfloat16 predictor's outputs, detached
+and converted to float64 first).
 
 Example:
     >>> d = LogT(mu=4.0, sigma=0.8, nu=3.5)
@@ -31,11 +33,22 @@ from scipy import special
 ArrayLike = float | np.ndarray
 
 
+def _f64(a: object) -> np.ndarray:
+    """``a`` as a float64 array. Torch tensors (any float dtype, on any device, attached to a graph or not) are
+    detached and converted first: ``np.asarray`` refuses bfloat16 tensors ('unsupported ScalarType BFloat16') and
+    tensors that require grad."""
+    if hasattr(a, "detach") and hasattr(a, "numpy"):  # a torch.Tensor, without importing torch here
+        import torch
+
+        a = a.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
 def _as_params(mu: ArrayLike, sigma: ArrayLike, nu: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mu_a, sigma_a, nu_a = np.broadcast_arrays(
-        np.asarray(mu, dtype=np.float64),
-        np.asarray(sigma, dtype=np.float64),
-        np.asarray(nu, dtype=np.float64),
+        _f64(mu),
+        _f64(sigma),
+        _f64(nu),
     )
     for name, arr in (("mu", mu_a), ("sigma", sigma_a), ("nu", nu_a)):
         if not np.all(np.isfinite(arr)):
@@ -69,12 +82,12 @@ def t_logpdf(z: np.ndarray, nu: np.ndarray) -> np.ndarray:
 
 def log_cdf_y(y: ArrayLike, mu: ArrayLike, sigma: ArrayLike, nu: ArrayLike) -> np.ndarray:
     """``P(Y <= y)`` for ``Y = log X``."""
-    return special.stdtr(nu, (np.asarray(y, dtype=np.float64) - mu) / sigma)
+    return special.stdtr(nu, (_f64(y) - mu) / sigma)
 
 
 def log_ppf_y(p: ArrayLike, mu: ArrayLike, sigma: ArrayLike, nu: ArrayLike) -> np.ndarray:
     """Quantile of ``Y = log X``."""
-    return mu + sigma * special.stdtrit(nu, np.asarray(p, dtype=np.float64))
+    return mu + sigma * special.stdtrit(nu, _f64(p))
 
 
 _GL_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -131,7 +144,7 @@ class LogT:
     # ------------------------------------------------------------------ density / cdf / quantiles
     def logpdf(self, x: ArrayLike) -> np.ndarray:
         """Log density of ``X`` at ``x > 0`` (``-inf`` elsewhere)."""
-        x = np.asarray(x, dtype=np.float64)
+        x = _f64(x)
         with np.errstate(divide="ignore", invalid="ignore"):
             y = np.log(x)
             out = t_logpdf((y - self.mu) / self.sigma, self.nu) - np.log(self.sigma) - y
@@ -143,14 +156,14 @@ class LogT:
 
     def cdf(self, x: ArrayLike) -> np.ndarray:
         """``P(X <= x)``."""
-        x = np.asarray(x, dtype=np.float64)
+        x = _f64(x)
         with np.errstate(divide="ignore"):
             y = np.log(np.maximum(x, 0.0))
         return np.where(x > 0, log_cdf_y(y, self.mu, self.sigma, self.nu), 0.0)
 
     def ppf(self, q: ArrayLike) -> np.ndarray:
         """Quantile of ``X`` at probability ``q`` in [0, 1]."""
-        q = np.asarray(q, dtype=np.float64)
+        q = _f64(q)
         if np.any((q < 0) | (q > 1)) or not np.all(np.isfinite(q)):
             raise ValueError("q must be in [0, 1]")
         return np.exp(log_ppf_y(q, self.mu, self.sigma, self.nu))
@@ -198,7 +211,7 @@ class LogT:
                 isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v) and v > 0
             ):
                 raise ValueError(f"{name} must be None or a finite number > 0, got {v!r}")
-        x = np.asarray(samples, dtype=np.float64).ravel()
+        x = _f64(samples).ravel()
         if x.size < 3:
             raise ValueError(f"samples needs at least 3 values, got {x.size}")
         if not np.all(np.isfinite(x)) or np.any(x <= 0):
@@ -230,7 +243,7 @@ class LogT:
 
     def nll(self, samples: ArrayLike) -> float:
         """Mean negative log-likelihood of ``log X`` (nats per sample; the Jacobian term is excluded)."""
-        y = np.log(np.asarray(samples, dtype=np.float64))
+        y = np.log(_f64(samples))
         return float(-np.mean(t_logpdf((y - self.mu) / self.sigma, self.nu) - np.log(self.sigma)))
 
 
@@ -320,6 +333,7 @@ def cvar_length(
     _check_support(support)
     if not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    alpha = float(alpha)  # a torch / numpy scalar would otherwise meet the float64 arrays below
     m_val = _check_max_value(max_value)
     mu, sigma, nu = _as_params(mu, sigma, nu)
     a, b = 0.0, math.log(m_val)
@@ -354,7 +368,7 @@ def tie_score(
     """TIE score ``E[X̃] + β·CVaR_α[X̃]`` (lower runs first)."""
     e = expected_length(mu, sigma, nu, max_value, support, nodes)
     c = cvar_length(mu, sigma, nu, alpha, max_value, support, nodes)
-    return e + np.asarray(beta, dtype=np.float64) * c
+    return e + _f64(beta) * c
 
 
 def pit(
@@ -370,7 +384,7 @@ def pit(
     Calibrated predictions give PIT values uniform on [0, 1].
     """
     mu, sigma, nu = _as_params(mu, sigma, nu)
-    x = np.asarray(x, dtype=np.float64)
+    x = _f64(x)
     hi = log_cdf_y(np.log(np.maximum(x, 1e-12)), mu, sigma, nu)
     if not discrete:
         return hi
@@ -390,7 +404,7 @@ def crps_log(y: ArrayLike, mu: ArrayLike, sigma: ArrayLike, nu: ArrayLike) -> np
     mu, sigma, nu = _as_params(mu, sigma, nu)
     if np.any(nu <= 1.0):
         raise ValueError("nu must be > 1 for a finite CRPS of the t law")
-    z = (np.asarray(y, dtype=np.float64) - mu) / sigma
+    z = (_f64(y) - mu) / sigma
     cdf = special.stdtr(nu, z)
     pdf = np.exp(t_logpdf(z, nu))
     spread = 2.0 * np.sqrt(nu) * special.beta(0.5, nu - 0.5) / ((nu - 1.0) * special.beta(0.5, nu / 2.0) ** 2)
@@ -408,7 +422,7 @@ def crps_length(
     """
     m_val = _check_max_value(max_value)
     mu, sigma, nu = _as_params(mu, sigma, nu)
-    xc = np.clip(np.asarray(x, dtype=np.float64), 1.0, m_val)
+    xc = np.clip(_f64(x), 1.0, m_val)
     mu, sigma, nu, xc = np.broadcast_arrays(mu, sigma, nu, xc)
     b = math.log(m_val)
     ux = np.log(xc)
@@ -430,7 +444,7 @@ def interval_coverage(x: ArrayLike, mu: ArrayLike, sigma: ArrayLike, nu: ArrayLi
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     mu, sigma, nu = _as_params(mu, sigma, nu)
-    y = np.log(np.asarray(x, dtype=np.float64))
+    y = np.log(_f64(x))
     lo = log_ppf_y((1 - level) / 2, mu, sigma, nu)
     hi = log_ppf_y((1 + level) / 2, mu, sigma, nu)
     return float(np.mean((y >= lo) & (y <= hi)))
