@@ -360,25 +360,32 @@ def trace_stats(reqs: Sequence[Request]) -> dict[str, float]:
 
 # -------------------------------------------------------------------------------------- JSONL
 def save_jsonl(reqs: Sequence[Request], path: str | Path) -> Path:
-    """One JSON object per request (``id, arrival, prompt_len, output_len, prompt, max_new_tokens, meta``)."""
+    """One JSON object per request (``id, arrival, prompt_len, output_len, prompt, max_new_tokens, meta``).
+
+    numpy scalars are written as Python numbers. Every line is made before the file is touched and the file is
+    replaced whole, so a value JSON cannot hold raises ``TypeError`` and leaves no partial workload behind."""
+    from hf_ext.utils.atomic import atomic_write_text
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w") as f:
-        for r in reqs:
-            f.write(
-                json.dumps(
-                    {
-                        "id": r.id,
-                        "arrival": r.arrival,
-                        "prompt_len": r.prompt_len,
-                        "output_len": r.output_len,
-                        "prompt": r.prompt,
-                        "max_new_tokens": r.max_new_tokens,
-                        "meta": to_jsonable(r.meta),
-                    }
-                )
-                + "\n"
+    lines = [
+        json.dumps(
+            to_jsonable(
+                {
+                    "id": r.id,
+                    "arrival": r.arrival,
+                    "prompt_len": r.prompt_len,
+                    "output_len": r.output_len,
+                    "prompt": r.prompt,
+                    "max_new_tokens": r.max_new_tokens,
+                    "meta": r.meta,
+                }
             )
+        )
+        + "\n"
+        for r in reqs
+    ]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, "".join(lines))
     return p
 
 
