@@ -178,7 +178,10 @@ class Plan:
     _OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("attn_implementation", "padding_mask")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """Plain JSON values (numpy scalars as Python numbers, tuples as lists)."""
+        from hf_ext.utils.jsonable import to_jsonable
+
+        d = to_jsonable(asdict(self))
         for name in self._OPTIONAL_FIELDS:
             if d[name] == self.__dataclass_fields__[name].default:
                 del d[name]
@@ -219,9 +222,13 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str) -> str:
+        """Write :meth:`to_json`; the text is made first and the file replaced whole, so a value JSON cannot hold
+        raises ``TypeError`` and leaves the previous file."""
+        from hf_ext.utils.atomic import atomic_write_text
+
+        text = self.to_json()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(self.to_json())
+        atomic_write_text(path, text)
         return path
 
     @classmethod
