@@ -229,8 +229,19 @@ class DataFlexMixin:
         w = None
         if idx is not None and self.model.training and self._dataflex_active():  # type: ignore[attr-defined]
             per = (loss_sum / count.clamp(min=1)).detach()
-            self.dataflex.observe(idx, per)
-            w = self.dataflex.weigh(per, idx, self.state.global_step)  # type: ignore[attr-defined]
+            # a row without a target token (labels all -100: e.g. a completion cut off by truncation) has no loss:
+            # it is neither an observation (ODM / adapt would record a loss of 0) nor weighed (the loss weighter
+            # gave it a share of the batch's weights, inflating the others' by up to B / (B - empty rows))
+            has = (count > 0).to(idx.device)
+            if bool(has.all()):
+                self.dataflex.observe(idx, per)
+                w = self.dataflex.weigh(per, idx, self.state.global_step)  # type: ignore[attr-defined]
+            elif bool(has.any()):
+                rows = has.nonzero().squeeze(1)
+                self.dataflex.observe(idx[rows], per[rows.to(per.device)])
+                wk = self.dataflex.weigh(per[rows.to(per.device)], idx[rows], self.state.global_step)  # type: ignore[attr-defined]
+                if wk is not None:
+                    w = torch.zeros_like(per).index_copy(0, rows.to(per.device), wk.to(per.dtype))
         total = (loss_sum * w).sum() if w is not None else loss_sum.sum()
         if num_items_in_batch is not None:
             denom = torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
