@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -113,8 +114,12 @@ class LatentOmniProcessor(ProcessorMixin):
         self.fps = float(fps)
         self.max_pixels = int(max_pixels)
         self.sampling_rate = sampling_rate
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
+        # plain floats: numpy values (an np.float32 mean computed from data) cannot be written to processor_config.json
+        for name, seq in (("image_mean", image_mean), ("image_std", image_std)):
+            vals = list(seq)
+            if not vals or any(isinstance(x, bool) or not isinstance(x, numbers.Real) for x in vals):
+                raise ValueError(f"{name}={seq!r} is invalid; expected a non-empty sequence of numbers")
+            setattr(self, name, [float(x) for x in vals])
         missing = [
             t
             for t in (LATENT_START_TOKEN, LATENT_END_TOKEN, LATENT_PAD_TOKEN)
