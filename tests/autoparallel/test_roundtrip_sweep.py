@@ -1,11 +1,14 @@
-"""Round trips of what autoparallel saves: Plan JSON."""
+"""Round trips of what autoparallel saves: Plan and profile JSON."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
 from hf_ext.accelerate.autoparallel.plan import Plan
+from hf_ext.accelerate.autoparallel.profiler import HardwareProfile
 from hf_ext.accelerate.autoparallel.search import search_plan
 
 
@@ -32,3 +35,26 @@ def test_a_failed_plan_save_leaves_the_previous_file(tmp_path):
         plan.save(str(path))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_a_hardware_profile_with_numpy_values_saves_and_loads(tmp_path):
+    hw = dataclasses.replace(
+        HardwareProfile.h100(), memory_gb=np.float32(80.0), peak_tflops=np.float64(989.0)
+    )
+    path = tmp_path / "hw.json"
+    hw.save(str(path))
+    back = HardwareProfile.load(str(path))
+    assert back == hw
+    before = path.read_bytes()
+    back.save(str(path))
+    assert path.read_bytes() == before
+
+
+def test_a_failed_profile_save_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = tmp_path / "hw.json"
+    HardwareProfile.h100().save(str(path))
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        dataclasses.replace(HardwareProfile.h100(), notes=object()).save(str(path))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hw.json"]

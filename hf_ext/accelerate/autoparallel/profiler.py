@@ -344,11 +344,14 @@ def analytic_layer_act_bytes(shape: ModelShape, tokens: int) -> tuple[float, flo
 
 
 def _write_json(path: str, obj: Any) -> None:
+    """numpy scalars as numbers; the text is made before the file is touched and replaced whole (no ``.tmp`` left
+    behind by a value JSON cannot hold)."""
+    from hf_ext.utils.atomic import atomic_write_text
+    from hf_ext.utils.jsonable import to_jsonable
+
+    text = json.dumps(to_jsonable(obj), indent=1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _find_layers(model: Any) -> Any:
