@@ -62,3 +62,25 @@ def test_fit_takes_bfloat16_lengths():
     want = D.LogT.fit(lengths)
     got = D.LogT.fit(torch.tensor(lengths, dtype=torch.bfloat16))  # these values are exact in bfloat16
     np.testing.assert_allclose([got.mu, got.sigma, got.nu], [want.mu, want.sigma, want.nu], rtol=1e-9)
+
+
+def test_predictor_fit_refuses_float16_parameters_before_any_change():
+    """fit on a float16 predictor turned its weights NaN at the first AdamW step (eps 1e-8 is 0 in float16) and
+    returned {'loss': [1.54, nan, nan]} without an error: the predictor was marked fitted and predict then failed."""
+    from hf_ext.generation.tie.predictor import LengthPredictor, PredictorConfig
+
+    data = {
+        "prompt": [f"hello {'world ' * i}" for i in range(1, 9)],
+        "output_len": [10, 20, 40, 80, 160, 320, 640, 1280],
+    }
+    p = LengthPredictor(PredictorConfig.tiny(kind="logt"))
+    p.model.half()
+    before = {k: v.clone() for k, v in p.model.state_dict().items()}
+    y_mean = p.model.config.y_mean
+    with pytest.raises(ValueError, match="cannot train float16 parameters"):
+        p.fit(data)
+    assert not p.fitted and p.model.config.y_mean == y_mean
+    assert all(torch.equal(before[k], v) for k, v in p.model.state_dict().items())
+    p.model.to(torch.bfloat16)  # bfloat16 trains (finite weights and predictions)
+    history = p.fit(data)["loss"]
+    assert np.all(np.isfinite(history)) and np.all(np.isfinite(p.predict(data["prompt"])["mu"]))

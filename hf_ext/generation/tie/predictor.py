@@ -310,6 +310,13 @@ class LengthPredictor:
                 f"censored_column={censored_column!r} has {int(cens_all.sum())} censored rows, but a kind="
                 f"{self.kind!r} predictor cannot use a lower bound; train kind='logt', or drop the censored rows"
             )
+        if any(q.requires_grad and q.dtype == torch.float16 for q in self.model.parameters()):
+            # AdamW's eps (1e-8) is 0 in float16: every parameter with a zero gradient (unused embedding rows) became
+            # 0/0 = NaN at the first step, and fit returned a NaN predictor without a word
+            raise ValueError(
+                "LengthPredictor.fit cannot train float16 parameters (AdamW's eps of 1e-8 is 0 in float16: the weights "
+                "turn NaN at the first step); train in float32 or bfloat16 (predictor.model.float()) and cast afterwards"
+            )
         c = self.config
         y_all = np.log(lengths)
         mcfg = self.model.config
