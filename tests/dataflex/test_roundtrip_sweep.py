@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -37,3 +39,41 @@ def test_save_refuses_an_extension_from_file_cannot_read(tmp_path):
     with pytest.raises(ValueError, match=r"must end in \.yaml, \.yml or \.json"):
         DataFlexConfig(selector="random").save(tmp_path / "cfg.txt")
     assert not (tmp_path / "cfg.txt").exists()
+
+
+def _loss_callback():
+    from datasets import Dataset
+
+    from hf_ext.callbacks.dataflex.callback import DataFlexCallback
+    from hf_ext.callbacks.dataflex.synthetic import make_mixture
+
+    ds = Dataset.from_list(make_mixture({"clean": 8, "noisy": 8}))
+    return DataFlexCallback({"selector": "delta_loss"}, train_dataset=ds)
+
+
+def test_checkpoint_state_with_numpy_values_of_a_custom_method_saves_and_loads(tmp_path):
+    # a registered method keeping numpy scalars in its state_dict (its docstring asks for JSON-able state)
+    cb = _loss_callback()
+    cb.selector.state_dict = lambda: {
+        "prev_index": [np.int64(3)],
+        "prev_loss": [np.float32(0.5)],
+        "prev_step": 2,
+    }
+    path = cb.save_state(str(tmp_path))
+    again = _loss_callback()
+    again.load_state(str(tmp_path))
+    assert again.selector._prev == {3: 0.5} and again.selector._prev_step == 2
+    before = Path(path).read_bytes()
+    cb.save_state(str(tmp_path))
+    assert Path(path).read_bytes() == before
+
+
+def test_a_failed_checkpoint_state_save_leaves_the_previous_file(tmp_path):
+    cb = _loss_callback()
+    path = cb.save_state(str(tmp_path))
+    before = Path(path).read_bytes()
+    cb.selector.state_dict = lambda: {"memo": object()}
+    with pytest.raises(TypeError):
+        cb.save_state(str(tmp_path))
+    assert Path(path).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataflex_state.json"]

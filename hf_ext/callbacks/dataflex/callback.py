@@ -631,9 +631,14 @@ class DataFlexCallback(TrainerCallback):
             self._obs_count = np.asarray(state["observed_count"], dtype=np.float64) * keep
 
     def save_state(self, folder: str, observed: tuple[Any, Any] | None = None) -> str:
+        """Write ``dataflex_state.json`` into ``folder``: numpy scalars (e.g. in a custom method's state) as
+        numbers; the text is made first and the file replaced whole, so a state JSON cannot hold raises
+        ``TypeError`` and leaves the previous file."""
+        from hf_ext.utils.atomic import atomic_write_text
+        from hf_ext.utils.jsonable import to_jsonable
+
         path = os.path.join(folder, STATE_FILE)
-        with open(path, "w") as f:
-            json.dump(self.state_dict(observed), f)
+        atomic_write_text(path, json.dumps(to_jsonable(self.state_dict(observed))))
         return path
 
     def load_state(self, folder_or_file: str) -> None:
