@@ -99,7 +99,8 @@ class Calibrator:
     ) -> None:
         """Tighten the thresholds of ``module.layer_idx`` (of ``module.config``, of its kind) on one prompt batch.
 
-        ``query [B,H,Sq,D]``, ``key``/``value`` ``[B,Hkv,Sk,D]``, ``dense_out [B,Sq,H,D]`` (the dense result).
+        ``query [B,H,Sq,D]``, ``key``/``value`` ``[B,Hkv,Sk,D]``, ``dense_out [B,Sq,H,D]`` (the dense result, which the
+        model keeps; each head's error is measured against the SALE kernel run with every visible block kept).
         """
         layer = getattr(module, "layer_idx", None)
         if layer is None:
@@ -122,7 +123,23 @@ class Calibrator:
             return
         h = query.shape[1]
         taus = self.taus.setdefault(slot, torch.full((h,), float(self.tau_init), dtype=torch.float64))
-        ref = dense_out.transpose(1, 2).float()  # [B,H,Sq,D]
+        # the reference is the same kernel keeping every visible block (tau 0), not the model's dense output: in
+        # bfloat16 the two round differently, and that rounding floor alone (~1 ulp of |out| per element, summed over
+        # head_dim) passed theta * N where outputs are large (mean |out| ~5 at head_dim 128), so every head came out
+        # dense while float32 calibrated tau 0.002; the criterion now measures only what the dropped blocks change
+        ref, _ = _attn._run_rows(
+            query,
+            key,
+            value,
+            kpm,
+            torch.zeros_like(taus),
+            self.cfg,
+            scaling,
+            causal,
+            False,
+            force_sparse=True,
+        )
+        ref = ref.float()  # [B,H,Sq,D]
         if kpm is None:
             valid = torch.ones(query.shape[0], sq, dtype=torch.bool, device=query.device)
         else:
