@@ -18,7 +18,7 @@ mix of tasks shifts, or it was trained on another workload in the first place. T
    ``in_flight_held_out``, also the same share of the running requests, then not trained on).
 4. If the new NLL is lower by more than ``margin`` nats, it installs the new predictor (default:
    :func:`~hf_ext.generation.tie.cb.set_tie_predictor`, the running TIE scheduler scores the next requests with it)
-   and saves it to ``save_dir/v{version}`` when given. Otherwise the served predictor stays.
+   and saves it to ``save_dir/v<N>`` when given (numbered after the highest ``v<N>`` already there). Otherwise the served predictor stays.
 
 Every refit appends a report to :attr:`PredictorRefresher.history` and logs a line on logger ``hf_ext``. A refit
 that fails is logged and counted in :attr:`PredictorRefresher.errors`; serving never stops for it.
@@ -97,8 +97,9 @@ class PredictorRefresher:
         min_exact: skip a refit when fewer than this share of the rows it would use ended on their own (EOS, exact
             lengths). Rows cut at ``max_tokens`` only say "at least": on them alone a predictor that over-estimates
             every length scores best, so the comparison that guards installs means nothing. ``0``: never skip.
-        save_dir: save each installed predictor to ``save_dir/v{version}`` (``LengthPredictor.from_pretrained``;
-            ``hf-ext serve --tie-predictor`` after a restart).
+        save_dir: save each installed predictor to ``save_dir/v<N>`` (``LengthPredictor.from_pretrained``;
+            ``hf-ext serve --tie-predictor`` after a restart), ``N`` one more than the highest ``v<N>`` already there
+            (``version`` in a new folder), so a restarted server never overwrites an earlier run's predictors.
         install: called with each accepted predictor (default :func:`~hf_ext.generation.tie.cb.set_tie_predictor`,
             the running TIE scheduler's predictor).
         isolate: train in a worker process (spawned at the first refit, kept until :meth:`stop`; a new one at the
@@ -358,7 +359,7 @@ class PredictorRefresher:
                 self.predictor = cand
                 self.version += 1
                 if self.save_dir is not None:
-                    saved_to = os.path.join(self.save_dir, f"v{self.version}")
+                    saved_to = os.path.join(self.save_dir, f"v{self._next_save_number()}")
                     cand.save_pretrained(saved_to)
             rep: dict[str, Any] = {
                 "version": self.version,
@@ -438,6 +439,15 @@ class PredictorRefresher:
             return LengthPredictor.from_pretrained(tmp), fit_s
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _next_save_number(self) -> int:
+        """One more than the highest ``v<N>`` folder in ``save_dir`` (1 in a new folder): a restarted server
+        continues the numbering instead of overwriting the predictors an earlier run saved."""
+        try:
+            names = os.listdir(self.save_dir)
+        except FileNotFoundError:
+            names = []
+        return 1 + max((int(n[1:]) for n in names if n[:1] == "v" and n[1:].isdigit()), default=0)
 
     def _new_predictor(self) -> Any:
         from hf_ext.generation.tie.config import PredictorConfig
