@@ -1,4 +1,4 @@
-"""Round trips of what DataFlex saves: DataFlexConfig.save / from_file."""
+"""Round trips of what DataFlex saves: DataFlexConfig.save / from_file and the checkpoint state."""
 
 from __future__ import annotations
 
@@ -77,3 +77,21 @@ def test_a_failed_checkpoint_state_save_leaves_the_previous_file(tmp_path):
         cb.save_state(str(tmp_path))
     assert Path(path).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataflex_state.json"]
+
+
+@pytest.mark.parametrize("ext", ["yaml", "json"])
+def test_a_dynamic_schedule_keyed_by_integer_domain_labels_works_before_and_after_a_save(tmp_path, ext):
+    # domain labels 0 / 1 (an int column) become the names '0' / '1'; a YAML `weights: {0: 0.9, 1: 0.1}` has int
+    # keys, which a saved file turns into strings: both must give the same weights
+    from datasets import Dataset
+
+    from hf_ext.callbacks.dataflex.callback import DataFlexCallback
+    from hf_ext.callbacks.dataflex.synthetic import make_mixture
+
+    ds = Dataset.from_list(make_mixture({"clean": 8, "noisy": 8}))
+    cfg = DataFlexConfig(mixer="dynamic", mixer_args={"schedule": [{"step": 0, "weights": {0: 0.9, 1: 0.1}}]})
+    path = tmp_path / f"cfg.{ext}"
+    cfg.save(path)
+    for c in (cfg, DataFlexConfig.from_file(path)):
+        cb = DataFlexCallback(c, train_dataset=ds, domains=[0] * 8 + [1] * 8)
+        np.testing.assert_allclose(cb.mixer.init_weights(cb.domain_names), [0.9, 0.1])

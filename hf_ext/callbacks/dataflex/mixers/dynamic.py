@@ -54,6 +54,9 @@ class DynamicMixer(Mixer):
 
     def _vec(self, w: Any, names: list[str]) -> np.ndarray:
         if isinstance(w, dict):
+            # domain names are the labels as strings (encode_domains): a YAML key 0 names the domain '0', as the
+            # key '0' of the same schedule saved to JSON does
+            w = {str(k): v for k, v in w.items()}
             unknown = sorted(set(w) - set(names))
             if unknown:
                 raise ValueError(f"schedule names unknown domain(s) {unknown}; domains: {names}")
