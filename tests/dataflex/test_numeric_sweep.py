@@ -65,3 +65,26 @@ def test_a_row_without_targets_is_not_observed(tmp_path, cfg):
         assert t.dataflex._obs_count.sum() == 3
     else:
         assert dom not in t.dataflex.weighter._fast
+
+
+def test_odm_probe_does_not_inflate_a_domain_of_weight_zero():
+    """Without training observations (a plain Trainer + DataFlexCallback) ODM probes every domain with the same number
+    of samples, but still divided each probe loss by the domain's weight: a domain given weight 0 scored loss / 1e-12
+    and went from 0 to 0.62 of the mixture at the first update although every domain had the same loss."""
+    from types import SimpleNamespace
+
+    from hf_ext.callbacks.dataflex.registry import build
+
+    mx = build("mixer", "odm", initial_weights=[0.0, 0.5, 0.5])
+    ctx = SimpleNamespace(
+        n_domains=3,
+        domain_names=["a", "b", "c"],
+        observed_count=None,
+        observed_loss=None,
+        step=10,
+        rng=lambda k: np.random.default_rng(k),
+        domain_indices=lambda: [np.arange(0, 5), np.arange(5, 10), np.arange(10, 15)],
+        losses=lambda idx: np.full(len(idx), 2.0),
+    )
+    w = mx.update(ctx, mx.init_weights(ctx.domain_names))
+    np.testing.assert_allclose(w, [1 / 3] * 3)  # equal losses: equal weights

@@ -69,7 +69,12 @@ class ODMMixer(Mixer):
         if weights is None:
             weights = self.init_weights(ctx.domain_names)
         loss, seen = self.observed_losses(ctx)
-        x = loss / np.maximum(weights, 1e-12)
+        if ctx.observed_count is not None and ctx.observed_count.sum() > 0:
+            x = loss / np.maximum(weights, 1e-12)  # training losses: domain d was drawn with probability pi_d
+        else:
+            # a probe scores every domain alike, whatever its weight: no importance correction (dividing by pi made a
+            # domain of weight 0 score loss / 1e-12 and take most of the mixture at the first update)
+            x = loss
         self._reward = np.where(seen, self.alpha * self._reward + (1 - self.alpha) * x, self._reward)
         t = max(1, int(ctx.step))
         self._t = t
