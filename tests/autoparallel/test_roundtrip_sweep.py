@@ -58,3 +58,29 @@ def test_a_failed_profile_save_leaves_the_previous_file_and_no_temporary(tmp_pat
         dataclasses.replace(HardwareProfile.h100(), notes=object()).save(str(path))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hw.json"]
+
+
+def test_a_search_with_numpy_sizes_gives_a_plan_that_saves_and_loads(tmp_path):
+    """SearchConfig accepted numpy integers (gpus=np.int64(2)) but kept them, and Plan (which wants Python ints)
+    refused the plans the search built from them: 'Plan.gpus must be an int, got np.int64(2)'."""
+    import numpy as np
+
+    from hf_ext.accelerate.autoparallel import Plan, SearchConfig, search_plan
+
+    cfg = SearchConfig(
+        gpus=np.int64(2), global_batch=np.int64(8), seq_len=np.int64(64), tp_sizes=[np.int64(1)]
+    )
+    assert type(cfg.gpus) is int and type(cfg.global_batch) is int and cfg.tp_sizes == [1]
+    assert type(cfg.tp_sizes[0]) is int
+    plan = search_plan(
+        "tiny",
+        np.int64(2),
+        np.float32(80.0),
+        global_batch=np.int64(8),
+        seq_len=np.int64(64),
+        micro_batch_sizes=(np.int64(1), np.int64(2)),
+    )
+    assert type(plan.gpus) is int and type(plan.micro_batch) is int
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    assert Plan.load(str(path)) == plan

@@ -68,12 +68,14 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _check_int_field(name: str, v: Any, allowed: str = "an int >= 1") -> None:
+def _check_int_field(name: str, v: Any, allowed: str = "an int >= 1") -> int:
+    """``v`` as a Python int (a numpy integer is taken, and the plans built from it stay plain JSON)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"SearchConfig.{name} must be {allowed}, got {v!r}")
+    return int(v)
 
 
-def _check_sizes_field(name: str, sizes: Any, what: str) -> None:
+def _check_sizes_field(name: str, sizes: Any, what: str) -> Any:
     ok = (
         isinstance(sizes, (tuple, list))
         and len(sizes) > 0
@@ -81,6 +83,7 @@ def _check_sizes_field(name: str, sizes: Any, what: str) -> None:
     )
     if not ok:
         raise ValueError(f"SearchConfig.{name} must be {what}: a non-empty tuple of ints >= 1, got {sizes!r}")
+    return type(sizes)(int(v) for v in sizes)  # Python ints, in the container given
 
 
 @dataclass
@@ -129,15 +132,18 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         # types first: int() / truthiness used to turn 2.5 into 2, "false" into True and 0 into the default
-        _check_int_field("gpus", self.gpus)
+        self.gpus = _check_int_field("gpus", self.gpus)
         if not (_is_real(self.memory_gb) and math.isfinite(self.memory_gb) and self.memory_gb > 0):
             raise ValueError(
                 f"SearchConfig.memory_gb must be a finite number of GiB > 0, got {self.memory_gb!r}"
             )
+        self.memory_gb = float(self.memory_gb)
         if self.global_batch is None:
             self.global_batch = max(64, self.gpus)
-        _check_int_field("global_batch", self.global_batch, "None (max(64, gpus)) or an int >= 1")
-        _check_int_field("seq_len", self.seq_len)
+        self.global_batch = _check_int_field(
+            "global_batch", self.global_batch, "None (max(64, gpus)) or an int >= 1"
+        )
+        self.seq_len = _check_int_field("seq_len", self.seq_len)
         bad = [d for d in self.dp_types if d not in DP_TYPES]
         if bad or not self.dp_types:
             raise ValueError(
@@ -147,15 +153,17 @@ class SearchConfig:
             raise ValueError(
                 f"SearchConfig.sequence_parallel must be auto, on, off or both, got {self.sequence_parallel!r}"
             )
-        _check_sizes_field("micro_batch_sizes", self.micro_batch_sizes, "the micro-batch sizes to try")
+        self.micro_batch_sizes = _check_sizes_field(
+            "micro_batch_sizes", self.micro_batch_sizes, "the micro-batch sizes to try"
+        )
         for name in ("tp_sizes", "pp_sizes"):
             sizes = getattr(self, name)
             if sizes is not None:
-                _check_sizes_field(name, sizes, "None (auto) or the degrees to try")
+                setattr(self, name, _check_sizes_field(name, sizes, "None (auto) or the degrees to try"))
         for name in ("allow_ckpt", "exhaustive_partitions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SearchConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        _check_int_field("top_k", self.top_k)
+        self.top_k = _check_int_field("top_k", self.top_k)
         g = self.granularity_bytes
         if g is not None and not (_is_real(g) and math.isfinite(g) and g > 0):
             raise ValueError(
