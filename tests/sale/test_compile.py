@@ -37,6 +37,17 @@ def _ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
+def _eager_and_compiled(model, compiled, x: torch.Tensor, **kw):
+    """``(ref, ref_stats, out, stats)``: the logits and ``sale_stats`` records of ``model`` and of ``compiled`` on
+    ``x`` (no grad)."""
+    with torch.no_grad():
+        with sale_stats() as ref_st:
+            ref = model(x, **kw).logits
+        with sale_stats() as st:
+            out = compiled(x, **kw).logits
+    return ref, ref_st, out, st
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
@@ -51,16 +62,10 @@ def test_dynamic_shape_compile_keeps_sale_stats_records_whole():
     them), so ``st.sparse_calls`` raised ``KeyError: 'path'``."""
     model = _model(layers=1)
     compiled = torch.compile(model, backend="eager", dynamic=True)
-    for n in (100,):
-        x = _ids(n)
-        with torch.no_grad():
-            with sale_stats() as ref_st:
-                ref = model(x).logits
-            with sale_stats() as st:
-                out = compiled(x).logits
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-        assert st.calls == ref_st.calls, n
-        assert st.sparse_calls == (1 if n >= CFG.min_seq_len else 0)
+    ref, ref_st, out, st = _eager_and_compiled(model, compiled, _ids(100))  # 100 >= min_seq_len: sparse
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert st.calls == ref_st.calls
+    assert st.sparse_calls == 1
 
 
 @pytest.mark.slow  # ~30 s on the 2-core CPU
@@ -71,22 +76,15 @@ def test_compiled_forward_matches_eager_on_the_sparse_path_and_follows_config_ch
     model = _model(layers=1)
     compiled = torch.compile(model, backend="aot_eager")
     x = _ids(160)
-    with torch.no_grad():
-        with sale_stats() as ref_st:
-            ref = model(x).logits
-        with sale_stats() as st:
-            out = compiled(x).logits
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        assert st.calls == ref_st.calls and st.sparse_calls == 1
-        model.config.sale_config = {**CFG.to_dict(), "tau": 0.5}
-        with sale_stats() as ref_st2:
-            ref2 = model(x).logits
-        # the new tau keeps fewer blocks and changes the result
-        assert ref_st2.density < ref_st.density and (ref2 - ref).abs().max() > 1e-3
-        with sale_stats() as st2:
-            out2 = compiled(x).logits
-        torch.testing.assert_close(out2, ref2, rtol=1e-5, atol=1e-5)
-        assert st2.calls == ref_st2.calls
+    ref, ref_st, out, st = _eager_and_compiled(model, compiled, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert st.calls == ref_st.calls and st.sparse_calls == 1
+    model.config.sale_config = {**CFG.to_dict(), "tau": 0.5}
+    ref2, ref_st2, out2, st2 = _eager_and_compiled(model, compiled, x)
+    # the new tau keeps fewer blocks and changes the result
+    assert ref_st2.density < ref_st.density and (ref2 - ref).abs().max() > 1e-3
+    torch.testing.assert_close(out2, ref2, rtol=1e-5, atol=1e-5)
+    assert st2.calls == ref_st2.calls
 
 
 def test_static_cache_generate_with_transformers_compile_config_matches_eager():
@@ -115,13 +113,7 @@ def test_static_cache_generate_with_transformers_compile_config_matches_eager():
 def test_inductor_compiled_forward_matches_eager():
     """The default backend (inductor, C++ on CPU) on a sparse-path prompt: equal to eager within float32 rounding."""
     model = _model(layers=1, family="qwen2")
-    compiled = torch.compile(model)
-    x = _ids(100)
-    with torch.no_grad():
-        with sale_stats() as ref_st:
-            ref = model(x).logits
-        with sale_stats() as st:
-            out = compiled(x).logits
+    ref, ref_st, out, st = _eager_and_compiled(model, torch.compile(model), _ids(100))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert st.calls == ref_st.calls and st.sparse_calls == 1
 
@@ -136,11 +128,9 @@ def test_compiled_forward_of_a_left_padded_batch_matches_eager():
     x = _ids(80, batch=2)
     am = torch.ones_like(x)
     am[1, :16] = 0
-    with torch.no_grad():
-        with sale_stats() as ref_st:
-            ref = model(x, attention_mask=am).logits
-        with sale_stats() as st:
-            out = torch.compile(model, backend="aot_eager")(x, attention_mask=am).logits
+    ref, ref_st, out, st = _eager_and_compiled(
+        model, torch.compile(model, backend="aot_eager"), x, attention_mask=am
+    )
     real = am.bool()
     torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
     assert st.calls == ref_st.calls and st.sparse_calls == 2  # each row's run took the sparse path
