@@ -7,8 +7,7 @@ import warnings
 import pytest
 import torch
 
-from .conftest import block_ids
-from .test_model import _segments
+from .test_model import _padded_training_batch
 
 
 @pytest.fixture(autouse=True)
@@ -25,17 +24,7 @@ def _prompt(cfg):
 def test_compiled_training_forward_matches_eager(model, cfg):
     """``torch.compile(model)`` on the teacher-forced forward (all three losses): the same losses and gradients; the
     forward graph-breaks (``Tensor.item`` in the latent-block bookkeeping) but runs."""
-    ids = torch.cat([block_ids(cfg), block_ids(cfg, prefix=(1, 50), suffix=(60, 2, 0, 0, 0))])
-    am = torch.ones_like(ids)
-    am[1, -3:] = 0
-    vis, aud = _segments(cfg, 2)
-    kw = dict(
-        input_ids=ids,
-        attention_mask=am,
-        labels=ids.masked_fill(am == 0, -100),
-        segment_visual_features=vis,
-        segment_audio_features=aud,
-    )
+    kw = _padded_training_batch(cfg)
     model.train()
     ref = model(**kw)
     ref.loss.backward()

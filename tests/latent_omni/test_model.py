@@ -26,6 +26,22 @@ def _segments(cfg, n=1, seed=0):
     return vis, aud
 
 
+def _padded_training_batch(cfg) -> dict:
+    """Forward kwargs of a two-row teacher-forced batch: a latent block each, the second row with a text prefix,
+    a suffix and three right pads (labels -100 there), and one visual / audio segment per row."""
+    ids = torch.cat([block_ids(cfg), block_ids(cfg, prefix=(1, 50), suffix=(60, 2, 0, 0, 0))])
+    am = torch.ones_like(ids)
+    am[1, -3:] = 0
+    vis, aud = _segments(cfg, 2)
+    return dict(
+        input_ids=ids,
+        attention_mask=am,
+        labels=ids.masked_fill(am == 0, -100),
+        segment_visual_features=vis,
+        segment_audio_features=aud,
+    )
+
+
 class _Capture:
     """Records the kwargs the decoder receives and the hidden states it returns."""
 
@@ -85,18 +101,11 @@ def test_ospe_ids_formula():
 # --------------------------------------------------------------------------------- forward / losses
 def test_forward_backward_all_losses(model, cfg):
     model.train()
-    ids = torch.cat([block_ids(cfg), block_ids(cfg, prefix=(1, 50), suffix=(60, 2, 0, 0, 0))])
-    am = torch.ones_like(ids)
-    am[1, -3:] = 0
-    vis, aud = _segments(cfg, 2)
+    batch = _padded_training_batch(cfg)
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    vis, aud = batch["segment_visual_features"], batch["segment_audio_features"]
     cap = _Capture(model._text_model())
-    out = model(
-        input_ids=ids,
-        attention_mask=am,
-        labels=ids.masked_fill(am == 0, -100),
-        segment_visual_features=vis,
-        segment_audio_features=aud,
-    )
+    out = model(**batch)
     cap.remove()
     for name in ("loss", "text_loss", "latent_loss", "sync_loss"):
         v = getattr(out, name)
